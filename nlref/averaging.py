@@ -1,0 +1,89 @@
+r"""Chapter one: averaging N noisy copies of an image.
+
+With independent Gaussian noise of standard deviation :math:`\sigma`,
+
+.. math::
+
+    v_k = u + n_k,\quad n_k \sim \mathcal N(0, \sigma^2 I),\qquad
+    \bar v_N = \frac1N \sum_{k=1}^N v_k = u + \frac1N \sum_k n_k,
+
+so the residual :math:`\bar v_N - u` is Gaussian with variance
+:math:`\sigma^2 / N`: every doubling of the copies halves the noise variance,
+a straight line of slope -1 on a log-log plot. NL-means is the same average
+taken over *similar pixels of one image* instead of over copies.
+"""
+
+from __future__ import annotations
+
+from .backend import array_namespace, normal
+
+__all__ = ["add_gaussian_noise", "noisy_copies", "average", "residual_variance", "averaging_curve"]
+
+
+def _float_dtype(xp, x):
+    return x.dtype if xp.isdtype(x.dtype, "real floating") else xp.float32
+
+
+def add_gaussian_noise(image, sigma, *, seed=None):
+    """``image + sigma * n`` with ``n`` standard normal (seeded).
+
+    Parameters
+    ----------
+    image : array
+        Any shape; integer images are converted to float32 (values unchanged).
+    sigma : float
+        Noise standard deviation (>= 0), in image units.
+    seed : int, numpy.random.Generator or None
+        The same seed gives the same noise on every backend.
+
+    Returns
+    -------
+    noisy : array, same shape, library and device as ``image``; floating point.
+    """
+    xp = array_namespace(image, names=["image"])
+    if not (isinstance(sigma, (int, float)) and not isinstance(sigma, bool)) or not sigma >= 0:
+        raise ValueError(f"sigma must be a real number >= 0; got {sigma!r}")
+    dtype = _float_dtype(xp, image)
+    noise = normal(image.shape, seed=seed, like=image)
+    return xp.astype(image, dtype) + sigma * xp.astype(noise, dtype)
+
+
+def noisy_copies(image, sigma, n, *, seed=None):
+    """``n`` independent noisy copies of ``image``, stacked: shape ``(n, *image.shape)``."""
+    xp = array_namespace(image, names=["image"])
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int; got {n!r}")
+    dtype = _float_dtype(xp, image)
+    noise = xp.astype(normal((n,) + tuple(image.shape), seed=seed, like=image), dtype)
+    return xp.astype(image, dtype)[None, ...] + sigma * noise
+
+
+def average(copies, *, axis=0):
+    """The pixel-wise mean of a stack of copies along ``axis``."""
+    xp = array_namespace(copies, names=["copies"])
+    return xp.mean(copies, axis=axis)
+
+
+def residual_variance(estimate, clean):
+    """Mean squared difference ``mean((estimate - clean)**2)`` as a Python float."""
+    xp = array_namespace(estimate, clean, names=["estimate", "clean"])
+    d = estimate - xp.astype(clean, estimate.dtype)
+    return float(xp.mean(d * d))
+
+
+def averaging_curve(image, sigma, counts, *, seed=0):
+    """Measured residual variance of the average of N copies, for each N in ``counts``.
+
+    The copies are drawn once (``max(counts)`` of them) and the first N are
+    averaged, so the curve is one experiment, as in a lab.
+
+    Returns
+    -------
+    variances : list of float
+        ``variances[i]`` belongs to ``counts[i]``; compare with ``sigma**2 / N``.
+    """
+    counts = [int(c) for c in counts]
+    if not counts or min(counts) < 1:
+        raise ValueError(f"counts must be positive ints; got {counts!r}")
+    copies = noisy_copies(image, sigma, max(counts), seed=seed)
+    return [residual_variance(average(copies[:n, ...]), image) for n in counts]

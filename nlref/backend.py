@@ -1,0 +1,221 @@
+"""Array namespaces, moves between host and device, reflect padding, random numbers.
+
+nlref writes every algorithm once, against the Python array API standard, and
+runs it on whatever library the caller's arrays come from: NumPy on the CPU,
+CuPy on a CUDA GPU, PyTorch tensors, or ``array_api_strict`` (the CPU stand-in
+the tests use to prove that nothing non-portable slipped in).
+
+The standard has a few gaps that this module fills, each with one small helper:
+
+* :func:`reflect_pad` -- the standard has no ``pad``; reflection is an index
+  map, so it is one :func:`take` per axis.
+* :func:`normal` -- the standard has no random numbers; nlref draws them on the
+  host with NumPy's PCG64 and moves them to the caller's device, so the same
+  seed gives the same numbers on every backend.
+* :func:`to_numpy` / :func:`asarray` -- explicit moves to and from the host
+  (nlref never moves an array silently).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import array_api_compat
+
+__all__ = [
+    "array_namespace",
+    "compat_namespace",
+    "asarray",
+    "device",
+    "is_numpy",
+    "is_cupy",
+    "supports_out",
+    "to_numpy",
+    "reflect_pad",
+    "normal",
+]
+
+
+def _library(x) -> str:
+    """Short name of the library an array comes from (for error messages)."""
+    module = type(x).__module__.split(".")[0]
+    return {"array_api_strict": "array-api-strict"}.get(module, module)
+
+
+def array_namespace(*arrays, names=None):
+    """The array-API namespace shared by ``arrays``.
+
+    Parameters
+    ----------
+    *arrays : arrays
+        Arrays from one library (NumPy, CuPy, PyTorch, array-api-strict, ...).
+    names : sequence of str, optional
+        The argument names of ``arrays``, used in error messages.
+
+    Returns
+    -------
+    xp : module
+        The array-API compatible namespace (``array_api_compat`` wraps NumPy,
+        CuPy and PyTorch; ``array_api_strict`` is its own namespace).
+
+    Raises
+    ------
+    TypeError
+        If an argument is not an array (a list, a scalar, ``None``), or if the
+        arrays come from different libraries.
+    """
+    names = list(names) if names is not None else [f"argument {i}" for i in range(len(arrays))]
+    for name, x in zip(names, arrays):
+        if not array_api_compat.is_array_api_obj(x) or isinstance(x, (bool, int, float, complex)):
+            raise TypeError(
+                f"{name} must be an array (NumPy, CuPy, PyTorch or any array-API library); "
+                f"got {type(x).__name__}. Convert it first, e.g. numpy.asarray({name})."
+            )
+    libraries = {_library(x) for x in arrays}
+    if len(libraries) > 1:
+        described = ", ".join(f"{n}: {_library(x)}" for n, x in zip(names, arrays))
+        raise TypeError(
+            f"arrays from different libraries cannot be mixed in one call ({described}); "
+            "move them to one library first (nlref.backend.asarray(x, like=y))."
+        )
+    return array_api_compat.array_namespace(*arrays)
+
+
+def device(x):
+    """The device ``x`` lives on (``array_api_compat.device``)."""
+    return array_api_compat.device(x)
+
+
+def is_numpy(xp) -> bool:
+    """True if ``xp`` is the (wrapped) NumPy namespace."""
+    return array_api_compat.is_numpy_namespace(xp)
+
+
+def is_cupy(xp) -> bool:
+    """True if ``xp`` is the (wrapped) CuPy namespace."""
+    return array_api_compat.is_cupy_namespace(xp)
+
+
+def supports_out(xp) -> bool:
+    """True if ``xp``'s ufuncs accept ``out=`` and views can be written in place.
+
+    NumPy and CuPy do; fast paths use this to reuse preallocated buffers. Every
+    other library gets the same arithmetic with fresh arrays.
+    """
+    return is_numpy(xp) or is_cupy(xp)
+
+
+def to_numpy(x) -> np.ndarray:
+    """Copy ``x`` to the host as a NumPy array (an explicit device-to-host move)."""
+    if isinstance(x, np.ndarray):
+        return x
+    if hasattr(x, "get") and _library(x) == "cupy":
+        return x.get()
+    if _library(x) == "torch":
+        return x.detach().cpu().numpy()
+    return np.from_dlpack(x)
+
+
+def asarray(a, *, like=None, xp=None, dtype=None):
+    """Move host data ``a`` into the library (and onto the device) of ``like``.
+
+    Parameters
+    ----------
+    a : array_like
+        Host data (a NumPy array, a list, a scalar).
+    like : array, optional
+        An array whose library and device the result should share.
+    xp : namespace or module, optional
+        The target library when no ``like`` array is at hand (``numpy``,
+        ``cupy``, ``array_api_strict`` ...). Exactly one of ``like`` and ``xp``.
+    dtype : dtype, optional
+        Target dtype in the target namespace.
+    """
+    if (like is None) == (xp is None):
+        raise TypeError("asarray needs exactly one of like= (an array) or xp= (a namespace)")
+    if like is not None:
+        xp = array_namespace(like, names=["like"])
+        return xp.asarray(a, dtype=dtype, device=device(like))
+    return compat_namespace(xp).asarray(a, dtype=dtype)
+
+
+def compat_namespace(xp):
+    """The array-API namespace for a library module: ``numpy`` -> ``array_api_compat.numpy``.
+
+    Namespaces that already follow the standard (``array_api_strict``, or a
+    wrapped one) are returned unchanged.
+    """
+    name = getattr(xp, "__name__", "")
+    if name in ("numpy", "cupy", "torch"):
+        return importlib.import_module(f"array_api_compat.{name}")
+    return xp
+
+
+def _reflect_indices(n: int, before: int, after: int) -> np.ndarray:
+    """Indices into an axis of length ``n`` for reflect padding (edge not repeated).
+
+    Position ``i`` of the padded axis (``-before <= i < n + after`` in the
+    original coordinates) reads sample ``m`` where ``m = i mod 2(n-1)`` folded
+    back into ``[0, n)``: the mirror image about the first and last sample,
+    repeated as often as needed, exactly as ``numpy.pad(mode="reflect")``.
+    """
+    i = np.arange(-before, n + after)
+    if n == 1:
+        return np.zeros_like(i)
+    period = 2 * (n - 1)
+    m = np.mod(i, period)
+    return np.where(m < n, m, period - m)
+
+
+def reflect_pad(x, widths):
+    """Pad ``x`` by reflection about its edge samples, like ``numpy.pad(mode="reflect")``.
+
+    Parameters
+    ----------
+    x : array, shape (n_0, ..., n_{d-1})
+    widths : sequence of (int, int)
+        ``(before, after)`` for every axis of ``x``; widths may exceed the axis
+        length (the reflection repeats).
+
+    Returns
+    -------
+    padded : array, shape (n_0 + before_0 + after_0, ...)
+        Same library, device and dtype as ``x``.
+    """
+    xp = array_namespace(x, names=["x"])
+    if len(widths) != x.ndim:
+        raise ValueError(f"widths must give (before, after) for each of the {x.ndim} axes of x; got {len(widths)}")
+    for axis, (before, after) in enumerate(widths):
+        if before < 0 or after < 0:
+            raise ValueError(f"widths must be non-negative; got {widths[axis]} for axis {axis}")
+        if before == 0 and after == 0:
+            continue
+        idx = xp.asarray(_reflect_indices(x.shape[axis], before, after), device=device(x))
+        x = xp.take(x, idx, axis=axis)
+    return x
+
+
+def normal(shape, *, seed=None, like=None, xp=None, dtype=None):
+    """Standard normal samples, drawn on the host with NumPy's PCG64 and moved.
+
+    The same ``seed`` gives bit-identical numbers on every backend, which makes
+    results comparable across NumPy, CuPy and PyTorch. ``seed`` may be an int,
+    ``None`` (fresh entropy) or a ``numpy.random.Generator``.
+    """
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    host_dtype = np.float64 if dtype is None else np.dtype(_dtype_name(dtype))
+    samples = rng.standard_normal(tuple(shape), dtype=np.float64).astype(host_dtype)
+    return asarray(samples, like=like, xp=xp)
+
+
+def _dtype_name(dtype) -> str:
+    """``'float32'`` for any spelling of float32 (NumPy, strict, torch, str)."""
+    if isinstance(dtype, str):
+        return dtype
+    text = str(dtype)
+    for name in ("float16", "float32", "float64", "uint8", "uint16", "uint32", "uint64",
+                 "int8", "int16", "int32", "int64", "bool", "complex64", "complex128"):
+        if text.endswith(name):
+            return name
+    return np.dtype(dtype).name

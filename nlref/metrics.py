@@ -1,0 +1,31 @@
+"""Image quality: mean squared error and PSNR (array-agnostic)."""
+
+from __future__ import annotations
+
+import math
+
+from .backend import array_namespace
+
+__all__ = ["mse", "psnr"]
+
+
+def mse(reference, estimate):
+    """Mean squared error as a Python float (computed in float64 on the device)."""
+    xp = array_namespace(reference, estimate, names=["reference", "estimate"])
+    if tuple(reference.shape) != tuple(estimate.shape):
+        raise ValueError(f"reference and estimate must have one shape; got {reference.shape} and {estimate.shape}")
+    d = xp.astype(reference, xp.float64) - xp.astype(estimate, xp.float64)
+    return float(xp.mean(d * d))
+
+
+def psnr(reference, estimate, *, data_range=None):
+    """Peak signal-to-noise ratio ``10 log10(data_range**2 / mse)`` in dB.
+
+    ``data_range`` defaults to 255 for uint8 references, 65535 for uint16 and
+    1.0 for floating point (images in [0, 1]).
+    """
+    xp = array_namespace(reference, estimate, names=["reference", "estimate"])
+    if data_range is None:
+        data_range = {"uint8": 255.0, "uint16": 65535.0}.get(str(reference.dtype).split(".")[-1], 1.0)
+    err = mse(reference, estimate)
+    return math.inf if err == 0 else 10.0 * math.log10(data_range**2 / err)

@@ -1,0 +1,14 @@
+"""Classical non-local means (Buades, Coll & Morel, 2005): reference, fast, presets.
+
+* :func:`nl_means` -- the public entry point (grey, colour, volumes, video).
+* :func:`nl_means_weights` -- the weights of one pixel (a picture of "attention").
+* :func:`estimate_sigma` -- the noise level of an image.
+* :mod:`.naive` (the specification), :mod:`.fast` (the offset loop),
+  :mod:`.presets` (parameters from sigma).
+"""
+
+from .api import NAIVE_COMPARISON_LIMIT, WORKING_MEMORY_LIMIT, nl_means, nl_means_weights, resolve_parameters
+from .noise import estimate_sigma
+
+__all__ = ["nl_means", "nl_means_weights", "resolve_parameters", "estimate_sigma",
+           "WORKING_MEMORY_LIMIT", "NAIVE_COMPARISON_LIMIT"]

@@ -1,0 +1,361 @@
+r"""NL-means by looping over offsets instead of pixels (the "fast" method).
+
+The naive method (:mod:`nlref.nlmeans.naive`) visits every pixel ``p`` and every
+offset ``o`` of the search window and compares two patches. Here the two loops
+are exchanged: for one offset ``o`` at a time, the patch distance of *every*
+pixel to its partner ``p + o`` is one box filter of the image of squared
+differences,
+
+.. math::
+
+    d_o^2(p) = \frac{1}{C|P|} \sum_{k \in P} D_o(p + k),
+    \qquad D_o(x) = \sum_c \big(v_c(x) - v_c(x + o)\big)^2,
+
+so the cost per offset is a handful of whole-image array operations, independent
+of the patch area. Three further tricks, each exact:
+
+* **Symmetry.** ``d_o(p) = d_{-o}(p + o)``: one weight map serves the offsets
+  ``o`` and ``-o``, so only half of the search window is computed.
+* **Flat offsets.** The padded image is flattened in C order; an N-d offset
+  ``o`` becomes one integer shift ``delta = sum_a o_a * stride_a`` and every
+  shifted image is a contiguous 1-D slice. Positions near the row ends mix two
+  rows, but they are never read back as results (their numbers are finite
+  garbage, multiplied by zero or sliced away).
+* **Buffers.** On NumPy and CuPy every step writes into preallocated buffers
+  (``out=``) and, on NumPy, the offsets are shared among threads (ufuncs release
+  the GIL). Other array libraries run the same steps with fresh arrays.
+
+Patch-wise aggregation needs each patch's normaliser ``Z(p)`` before its
+estimate can be spread over the pixels it covers, so it makes two passes over
+the offsets: the first sums the weights, the second spreads
+``w_o(p) / Z(p)`` over the patch (another box filter) and accumulates.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from itertools import product
+
+from ..backend import array_namespace, device, is_numpy, reflect_pad, supports_out
+
+__all__ = ["nl_means_fast", "working_memory"]
+
+# exp(x) of float32 is denormal below about -87.3 and denormals are slow; the
+# weights are clamped there (a weight below 1e-38 next to the centre weight 1
+# changes nothing representable).
+_EXP_FLOOR = {4: -87.0, 8: -708.0}
+
+
+def _c_strides(shape):
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= n
+    return tuple(reversed(strides))
+
+
+def _native(xp):
+    """The plain NumPy or CuPy module behind a wrapped namespace (for ``out=``)."""
+    if is_numpy(xp):
+        import numpy
+
+        return numpy
+    import cupy
+
+    return cupy
+
+
+class _Steps:
+    """The elementwise steps of the offset loop, in place where the library allows.
+
+    With ``out=`` support every method writes into the buffer it is given and
+    returns it; otherwise it returns a fresh array and ignores the buffer.
+    """
+
+    def __init__(self, xp, dtype):
+        self.xp = xp
+        self.dtype = dtype
+        self.np = _native(xp) if supports_out(xp) else None
+
+    def buffer(self, n):
+        return self.np.empty(n, dtype=self.dtype) if self.np is not None else None
+
+    @staticmethod
+    def head(buf, n):
+        return buf[:n] if buf is not None else None
+
+    def sqdiff_sum(self, pairs, out, tmp):
+        """sum over pairs (a, b) of (a - b)**2."""
+        if self.np is None:
+            total = None
+            for a, b in pairs:
+                d = a - b
+                total = d * d if total is None else total + d * d
+            return total
+        for i, (a, b) in enumerate(pairs):
+            target = out if i == 0 else tmp
+            self.np.subtract(a, b, out=target)
+            self.np.multiply(target, target, out=target)
+            if i:
+                self.np.add(out, tmp, out=out)
+        return out
+
+    def box(self, src, width, step, out):
+        """out[i] = sum_{k < width} src[i + k*step]; length len(src) - (width-1)*step."""
+        n = src.shape[0] - (width - 1) * step
+        if width == 1:
+            return src
+        if self.np is None:
+            total = src[0:n]
+            for k in range(1, width):
+                total = total + src[k * step : k * step + n]
+            return total
+        out = out[:n]
+        self.np.add(src[0:n], src[step : step + n], out=out)
+        for k in range(2, width):
+            self.np.add(out, src[k * step : k * step + n], out=out)
+        return out
+
+    def weight(self, dist_sum, coef, bias, floor, out):
+        """exp(clip(coef * dist_sum + bias, floor, 0))."""
+        if self.np is None:
+            return self.xp.exp(self.xp.clip(dist_sum * coef + bias, min=floor, max=0.0))
+        self.np.multiply(dist_sum, coef, out=out)
+        self.np.add(out, bias, out=out)
+        self.np.clip(out, floor, 0.0, out=out)
+        return self.np.exp(out, out=out)
+
+    def mul(self, a, b, out):
+        return a * b if self.np is None else self.np.multiply(a, b, out=out)
+
+    def accumulate(self, acc, value):
+        """acc + value, written into acc where possible."""
+        return acc + value if self.np is None else self.np.add(acc, value, out=acc)
+
+    def accumulate_product(self, acc, a, b, tmp):
+        """acc + a * b."""
+        if self.np is None:
+            return acc + a * b
+        self.np.multiply(a, b, out=tmp)
+        return self.np.add(acc, tmp, out=acc)
+
+
+class _Geometry:
+    """Sizes, strides and flat ranges of the padded, flattened image."""
+
+    def __init__(self, shape, patch_size, search_size, aggregation):
+        self.shape = tuple(shape)
+        self.patch_size = tuple(patch_size)
+        rp = [p // 2 for p in patch_size]
+        rs = [s // 2 for s in search_size]
+        # patch-wise reads weights up to one patch radius beyond the image
+        reach = 2 if aggregation == "patch" else 1
+        self.margin = tuple(s + reach * p for s, p in zip(rs, rp))
+        self.padded_shape = tuple(n + 2 * m for n, m in zip(shape, self.margin))
+        self.strides = _c_strides(self.padded_shape)
+        self.length = math.prod(self.padded_shape)
+        self.start = sum(m * s for m, s in zip(self.margin, self.strides))
+        self.stop = sum((m + n - 1) * s for m, n, s in zip(self.margin, shape, self.strides)) + 1
+        self.span = self.stop - self.start
+        self.reach = sum(r * s for r, s in zip(rp, self.strides))  # K: half a patch, flat
+        self.deltas = [
+            d
+            for d in (sum(o * s for o, s in zip(off, self.strides)) for off in product(*(range(-r, r + 1) for r in rs)))
+            if d > 0
+        ]
+
+
+def working_memory(shape, channels, patch_size, search_size, aggregation, itemsize, workers=1):
+    """Bytes of working memory the fast method needs (an upper estimate).
+
+    Counts the padded image, the accumulators of every worker and its scratch
+    buffers; used to refuse requests that would not fit before any work starts.
+    """
+    geo = _Geometry(shape, patch_size, search_size, aggregation)
+    per_worker = (channels + 1) + 8
+    shared = 2 * channels + (3 if aggregation == "patch" else 1)
+    return itemsize * geo.length * (shared + workers * per_worker)
+
+
+def nl_means_fast(v, *, h, sigma, patch_size, search_size, aggregation="pixel", workers=1, progress=None):
+    """NL-means by the offset loop; equal to :func:`~nlref.nlmeans.naive.nl_means_naive`.
+
+    Parameters
+    ----------
+    v : array, shape (C, n_0, ..., n_{d-1})
+        Channel-first noisy image, floating point (the working dtype).
+    h, sigma : float
+        Filter strength (> 0) and noise level (>= 0), in image units.
+    patch_size, search_size : tuple of int
+        Odd full widths per spatial axis.
+    aggregation : {"pixel", "patch"}
+    workers : int
+        Threads sharing the offsets (NumPy only; other libraries use 1).
+    progress : callable, optional
+        Called with the number of offsets just finished.
+
+    Returns
+    -------
+    u : array, shape (C, n_0, ..., n_{d-1}), same library, device and dtype as ``v``.
+    """
+    xp = array_namespace(v, names=["image"])
+    channels = v.shape[0]
+    geo = _Geometry(v.shape[1:], patch_size, search_size, aggregation)
+    padded = reflect_pad(v, [(0, 0)] + [(m, m) for m in geo.margin])
+    flat = xp.reshape(padded, (channels, geo.length))
+    rows = [flat[c, :] for c in range(channels)]
+    steps = _Steps(xp, v.dtype)
+    workers = max(1, int(workers)) if is_numpy(xp) else 1
+
+    coef = -1.0 / (channels * math.prod(patch_size) * h**2)
+    bias = 2.0 * sigma**2 / h**2
+    floor = _EXP_FLOOR[8 if v.dtype == xp.float64 else 4]
+    a, b, n = geo.start, geo.stop, geo.span
+    K = geo.reach
+    # box along the axis with the largest stride first: it shrinks the array most
+    box_axes = [(p, s) for p, s in zip(geo.patch_size, geo.strides)]
+
+    def weights(delta, lo, hi, buf):
+        """w(x, x + delta) for flat positions lo <= x < hi."""
+        size = hi - lo + 2 * K
+        base = lo - K
+        dist = steps.sqdiff_sum(
+            [(r[base : base + size], r[base + delta : base + delta + size]) for r in rows],
+            steps.head(buf["d"], size),
+            steps.head(buf["t"], size),
+        )
+        src, spare = dist, ("b1", "b2")
+        for i, (width, step) in enumerate(box_axes):
+            src = steps.box(src, width, step, buf[spare[i % 2]])
+        return steps.weight(src, coef, bias, floor, steps.head(buf["w"], hi - lo))
+
+    def new_buffers(size):
+        return {k: steps.buffer(size) for k in ("d", "t", "b1", "b2", "w", "tmp", "a1", "a2")}
+
+    def run_parallel(task, deltas):
+        """Apply task(deltas_subset) on `workers` threads; return the list of results."""
+        if workers == 1 or len(deltas) < 2:
+            return [task(deltas)]
+        parts = [deltas[i::workers] for i in range(workers)]
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            return list(pool.map(task, parts))
+
+    lock = threading.Lock()
+
+    def tick():
+        if progress is not None:
+            with lock:
+                progress(1)
+
+    def zeros(size):
+        return xp.zeros((size,), dtype=v.dtype, device=device(v))
+
+    # ---- pass 1: the normaliser Z(p), and for pixel-wise the numerator too ----
+    want_num = aggregation == "pixel"
+
+    def pixel_pass(deltas):
+        buf = new_buffers(geo.length)
+        num = [zeros(n) for _ in range(channels)] if want_num else None
+        den = zeros(n)
+        for delta in deltas:
+            w = weights(delta, a - delta, b, buf)
+            w_fwd, w_bwd = w[delta : delta + n], w[0:n]  # weight of p -> p+delta, and of p -> p-delta
+            den = steps.accumulate(den, w_fwd)
+            den = steps.accumulate(den, w_bwd)
+            if want_num:
+                tmp = steps.head(buf["tmp"], n)
+                for c, r in enumerate(rows):
+                    num[c] = steps.accumulate_product(num[c], w_fwd, r[a + delta : b + delta], tmp)
+                    num[c] = steps.accumulate_product(num[c], w_bwd, r[a - delta : b - delta], tmp)
+            tick()
+        return num, den
+
+    results = run_parallel(pixel_pass, geo.deltas)
+    den = 1.0 + _sum([r[1] for r in results])  # the centre offset has weight exp(0) = 1
+    if want_num:
+        num = [rows[c][a:b] + _sum([r[0][c] for r in results]) for c in range(channels)]
+        estimate = [num[c] / den for c in range(channels)]
+        return _unflatten(xp, estimate, geo, v)
+
+    # ---- pass 2 (patch-wise): spread w_o(p) / Z(p) over the patch around p ----
+    mask = _image_mask(xp, geo, v)  # 1 on image pixels, 0 on padding (flat, length L)
+    inv_z = mask[a - K : b + K] / _embed(xp, den, K, v)  # over [a - K, b + K)
+    count = _box_all(steps, mask[a - 2 * K : b + 2 * K], box_axes)[K : K + n]  # patches covering x
+
+    def patch_pass(deltas):
+        buf = new_buffers(geo.length)
+        num = [zeros(n) for _ in range(channels)]
+        m = n + 2 * K
+        for delta in deltas:
+            w = weights(delta, a - K - delta, b + K, buf)
+            share_fwd = steps.mul(w[delta : delta + m], inv_z, steps.head(buf["a1"], m))
+            share_bwd = steps.mul(w[0:m], inv_z, steps.head(buf["a2"], m))
+            spread_fwd = _box_all(steps, share_fwd, box_axes, buf["b1"], buf["b2"])
+            for c, r in enumerate(rows):
+                num[c] = steps.accumulate_product(num[c], spread_fwd, r[a + delta : b + delta], steps.head(buf["tmp"], n))
+            spread_bwd = _box_all(steps, share_bwd, box_axes, buf["b1"], buf["b2"])
+            for c, r in enumerate(rows):
+                num[c] = steps.accumulate_product(num[c], spread_bwd, r[a - delta : b - delta], steps.head(buf["tmp"], n))
+            tick()
+        return num
+
+    results = run_parallel(patch_pass, geo.deltas)
+    centre = _box_all(steps, inv_z, box_axes)
+    safe_count = xp.where(count > 0, count, xp.ones_like(count))
+    estimate = [(rows[c][a:b] * centre + _sum([r[c] for r in results])) / safe_count for c in range(channels)]
+    return _unflatten(xp, estimate, geo, v)
+
+
+def _sum(arrays):
+    total = arrays[0]
+    for x in arrays[1:]:
+        total = total + x
+    return total
+
+
+def _box_all(steps, src, box_axes, buf1=None, buf2=None):
+    """Box-sum ``src`` along every axis (flat form), alternating two buffers.
+
+    The result may live in ``buf1`` or ``buf2``: use it before the next call
+    that is given the same buffers. Without buffers, fresh ones are made.
+    """
+    if buf1 is None:
+        buf1, buf2 = steps.buffer(src.shape[0]), steps.buffer(src.shape[0])
+    for i, (width, step) in enumerate(box_axes):
+        src = steps.box(src, width, step, buf1 if i % 2 == 0 else buf2)
+    return src
+
+
+def _image_mask(xp, geo, like):
+    """Flat indicator of the image pixels inside the padded array."""
+    ones = xp.ones(geo.shape, dtype=like.dtype, device=device(like))
+    zeros_pad = [(m, m) for m in geo.margin]
+    mask = ones
+    for axis, (before, after) in enumerate(zeros_pad):
+        shape_b = list(mask.shape)
+        shape_b[axis] = before
+        z = xp.zeros(tuple(shape_b), dtype=like.dtype, device=device(like))
+        mask = xp.concat([z, mask, z], axis=axis)
+    return xp.reshape(mask, (geo.length,))
+
+
+def _embed(xp, span_values, K, like):
+    """Values on [a, b) extended to [a - K, b + K) with ones (safe divisors)."""
+    pad = xp.ones((K,), dtype=like.dtype, device=device(like))
+    return xp.concat([pad, span_values, pad]) if K else span_values
+
+
+def _unflatten(xp, estimate, geo, like):
+    """Flat per-channel estimates on [a, b) -> array (C, n_0, ..., n_{d-1})."""
+    L, a, b = geo.length, geo.start, geo.stop
+    dev = device(like)
+    channels = []
+    for e in estimate:
+        full = xp.concat(
+            [xp.zeros((a,), dtype=like.dtype, device=dev), e, xp.zeros((L - b,), dtype=like.dtype, device=dev)]
+        )
+        full = xp.reshape(full, geo.padded_shape)
+        channels.append(full[tuple(slice(m, m + n) for m, n in zip(geo.margin, geo.shape))])
+    return xp.stack(channels, axis=0)
