@@ -1,0 +1,78 @@
+"""Calibrate nlref's h / sigma factors for the preset table (IPOL 2011 sizes).
+
+For every row of IPOL's grey and colour tables and both aggregations, denoise
+several bundled images at a noise level inside that row's sigma bracket, sweep
+h = factor * sigma and report the factor with the best mean PSNR. The result
+is what ``nlref.nlmeans.presets.H_FACTORS`` holds; docs/nlmeans.md shows the
+table this script prints.
+
+    python benchmarks/calibrate_presets.py            # about 5 minutes on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+from skimage import data
+
+import nlref
+from nlref.nlmeans import presets
+
+GREY = {"camera": data.camera, "moon": data.moon, "coins": data.coins, "brick": data.brick}
+COLOUR = {"astronaut": data.astronaut, "coffee": data.coffee, "chelsea": data.chelsea}
+# one noise level inside each bracket, 0..255 scale
+GREY_SIGMAS = (10, 20, 35, 60, 90)
+COLOUR_SIGMAS = (15, 40, 70)
+FACTORS = np.round(np.arange(0.30, 1.31, 0.05), 2)
+
+
+def crops(loaders, size):
+    out = {}
+    for name, load in loaders.items():
+        img = load().astype(np.float32) / 255.0
+        r0, c0 = (img.shape[0] - size) // 2, (img.shape[1] - size) // 2
+        out[name] = img[r0 : r0 + size, c0 : c0 + size]
+    return out
+
+
+def sweep(images, sigma255, colour, aggregation, seed):
+    sigma = sigma255 / 255.0
+    noisy = {k: nlref.add_gaussian_noise(v, sigma, seed=seed + i) for i, (k, v) in enumerate(images.items())}
+    channel_axis = -1 if colour else None
+    scores = []
+    for f in FACTORS:
+        psnrs = [
+            nlref.psnr(images[k], nlref.nl_means(noisy[k], sigma=sigma, h=float(f) * sigma,
+                                                 channel_axis=channel_axis, aggregation=aggregation))
+            for k in images
+        ]
+        scores.append(float(np.mean(psnrs)))
+    best = int(np.argmax(scores))
+    return FACTORS[best], scores[best], scores
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=256, help="central crop size (default 256)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    t0 = time.perf_counter()
+    print(f"crops {args.size}x{args.size}; factors {FACTORS[0]}..{FACTORS[-1]} step 0.05; mean PSNR over images")
+    print("| table | aggregation | sigma | patch | search | IPOL factor | best factor | PSNR at best | PSNR at IPOL factor |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for colour, loaders, sigmas, table in ((False, GREY, GREY_SIGMAS, presets.IPOL_GREY),
+                                           (True, COLOUR, COLOUR_SIGMAS, presets.IPOL_COLOUR)):
+        images = crops(loaders, args.size)
+        for sigma255, row in zip(sigmas, table):
+            for aggregation in ("pixel", "patch"):
+                best, score, scores = sweep(images, sigma255, colour, aggregation, args.seed)
+                at_ipol = scores[int(np.argmin(np.abs(FACTORS - row.ipol_factor)))]
+                print(f"| {'colour' if colour else 'grey'} | {aggregation} | {sigma255} | {row.patch} | {row.search} "
+                      f"| {row.ipol_factor:.2f} | {best:.2f} | {score:.2f} | {at_ipol:.2f} |", flush=True)
+    print(f"total {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""Shared fixtures: every public function runs on each available array library.
+
+``xp`` is parametrised over NumPy and array-api-strict (always), PyTorch CPU
+tensors (when torch is importable) and CuPy (when a CUDA device works; those
+cases carry the ``gpu`` marker). Tests build inputs on the host with NumPy
+and move them with :func:`nlref.backend.asarray`.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import pytest
+
+import nlref.backend as B
+
+
+def _cupy_usable():
+    try:
+        cupy = importlib.import_module("cupy")
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+def _backend_params():
+    params = [pytest.param("numpy", id="numpy"), pytest.param("array_api_strict", id="strict")]
+    try:
+        importlib.import_module("torch")
+        params.append(pytest.param("torch", id="torch"))
+    except ImportError:
+        params.append(pytest.param("torch", id="torch", marks=pytest.mark.skip(reason="PyTorch not installed")))
+    gpu_marks = [pytest.mark.gpu]
+    if not _cupy_usable():
+        gpu_marks.append(pytest.mark.skip(reason="CuPy with a CUDA device not available"))
+    params.append(pytest.param("cupy", id="cupy", marks=gpu_marks))
+    return params
+
+
+@pytest.fixture(params=_backend_params())
+def xp(request):
+    """The array library module under test (numpy, array_api_strict, torch or cupy)."""
+    return importlib.import_module(request.param)
+
+
+@pytest.fixture(params=[p for p in _backend_params() if p.id in ("numpy", "strict")])
+def xp_cpu(request):
+    """NumPy and array-api-strict only (for tests too slow to repeat everywhere)."""
+    return importlib.import_module(request.param)
+
+
+@pytest.fixture
+def to_xp(xp):
+    """Move a NumPy array into the library under test."""
+    return lambda a: B.asarray(np.asarray(a), xp=xp)
+
+
+def assert_same_library(result, like):
+    """The result must come back from the library (and device) it was given."""
+    assert type(result) is type(like), f"{type(result)} is not {type(like)}"
+    assert B.device(result) == B.device(like)

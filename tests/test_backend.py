@@ -1,0 +1,68 @@
+import numpy as np
+import pytest
+
+import nlref.backend as B
+from conftest import assert_same_library
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7])
+@pytest.mark.parametrize("before,after", [(0, 0), (1, 2), (3, 3), (6, 0), (13, 20)])
+def test_reflect_pad_matches_numpy_pad(xp, n, before, after):
+    host = np.arange(n * 4, dtype=np.float64).reshape(n, 4)
+    x = B.asarray(host, xp=xp)
+    out = B.reflect_pad(x, [(before, after), (2, 1)])
+    assert_same_library(out, x)
+    np.testing.assert_array_equal(B.to_numpy(out), np.pad(host, [(before, after), (2, 1)], mode="reflect"))
+
+
+def test_reflect_pad_rejects_bad_widths():
+    x = np.zeros((3, 3))
+    with pytest.raises(ValueError, match="widths must give"):
+        B.reflect_pad(x, [(1, 1)])
+    with pytest.raises(ValueError, match="non-negative"):
+        B.reflect_pad(x, [(1, 1), (-1, 0)])
+
+
+def test_mixing_libraries_is_a_type_error():
+    import array_api_strict as xs
+
+    a = np.zeros(3)
+    b = B.asarray(np.zeros(3), xp=xs)
+    with pytest.raises(TypeError, match="different libraries.*x: numpy.*y: array-api-strict"):
+        B.array_namespace(a, b, names=["x", "y"])
+
+
+@pytest.mark.parametrize("bad", [[1.0, 2.0], 3.0, None, "image"])
+def test_non_arrays_are_a_type_error(bad):
+    with pytest.raises(TypeError, match="image must be an array"):
+        B.array_namespace(bad, names=["image"])
+
+
+def test_normal_is_identical_on_every_backend(xp):
+    a = B.to_numpy(B.normal((4, 5), seed=7, xp=xp))
+    b = B.to_numpy(B.normal((4, 5), seed=7, xp=np))
+    c = B.to_numpy(B.normal((4, 5), seed=8, xp=np))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(b, c)
+
+
+def test_normal_keeps_library_and_dtype(xp):
+    like = B.asarray(np.zeros(2, dtype=np.float32), xp=xp)
+    x = B.normal((3,), seed=0, like=like, dtype="float32")
+    assert_same_library(x, like)
+    assert "float32" in str(x.dtype)
+
+
+def test_to_numpy_roundtrip(xp):
+    host = np.arange(6.0).reshape(2, 3)
+    x = B.asarray(host, xp=xp)
+    back = B.to_numpy(x)
+    assert isinstance(back, np.ndarray)
+    np.testing.assert_array_equal(back, host)
+
+
+def test_asarray_needs_exactly_one_target():
+    with pytest.raises(TypeError, match="exactly one"):
+        B.asarray([1.0])
+    with pytest.raises(TypeError, match="exactly one"):
+        B.asarray([1.0], like=np.zeros(1), xp=np)

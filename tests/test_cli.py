@@ -1,0 +1,62 @@
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from skimage import io
+
+import nlref
+from nlref.cli import main
+
+
+def test_demo_quick_writes_figures_and_table(tmp_path, capsys):
+    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for name in ("averaging_curve", "averaging_images", "nlmeans_camera", "nlmeans_weights", "nlmeans_astronaut"):
+        assert (tmp_path / f"{name}.png").stat().st_size > 1000
+    rows = [line for line in out.splitlines() if "camera" in line and not line.startswith("nlref")]
+    psnr = {line[:26].strip(): float(line.split()[-2]) for line in rows}
+    assert psnr["NL-means, pixel-wise"] > psnr["noisy (one copy)"] + 4
+    assert psnr["NL-means, patch-wise"] > psnr["noisy (one copy)"] + 4
+    assert psnr["average of 16 copies"] > psnr["average of 1 copies"] + 11  # 10 log10(16) = 12 dB
+
+
+def test_denoise_a_user_file(tmp_path, capsys):
+    clean = (nlref.data.camera()[100:164, 200:264] * 255).round().astype(np.uint8)
+    noisy = np.clip(clean + np.random.default_rng(0).normal(0, 15, clean.shape), 0, 255).round().astype(np.uint8)
+    src, dst = tmp_path / "noisy.png", tmp_path / "clean.png"
+    io.imsave(src, noisy, check_contrast=False)
+    assert main(["denoise", str(src), "--sigma", "15", "--out", str(dst)]) == 0
+    result = io.imread(dst)
+    assert result.shape == noisy.shape and result.dtype == np.uint8
+    assert nlref.psnr(clean, result) > nlref.psnr(clean, noisy) + 3
+    assert "patch (3, 3)" in capsys.readouterr().out
+
+
+def test_denoise_colour_with_alpha(tmp_path):
+    rgba = np.dstack([(nlref.data.astronaut()[:40, :40] * 255).astype(np.uint8), np.full((40, 40), 200, np.uint8)])
+    src, dst = tmp_path / "rgba.png", tmp_path / "out.png"
+    io.imsave(src, rgba, check_contrast=False)
+    assert main(["denoise", str(src), "--sigma", "10", "--out", str(dst)]) == 0
+    out = io.imread(dst)
+    assert out.shape == (40, 40, 4)
+    np.testing.assert_array_equal(out[..., 3], 200)
+
+
+def test_denoise_default_image_reports_psnr(tmp_path, capsys):
+    assert main(["denoise", "--search-size", "5", "--out", str(tmp_path / "c.png")]) == 0
+    assert "PSNR" in capsys.readouterr().out
+
+
+def test_denoise_bad_arguments(tmp_path, capsys):
+    assert main(["denoise", "--patch-size", "4", "--out", str(tmp_path / "x.png")]) == 2
+    assert "patch_size=4" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="is not a file"):
+        main(["denoise", str(tmp_path / "missing.png")])
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(["denoise", "--search-size", "3", "--out", str(tmp_path / "no" / "such" / "x.png")])
+
+
+def test_console_script_is_installed():
+    result = subprocess.run([sys.executable, "-m", "nlref.cli", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "demo" in result.stdout

@@ -1,0 +1,307 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import nlref
+import nlref.backend as B
+from nlref.nlmeans import api, presets
+from conftest import assert_same_library
+
+RNG = np.random.default_rng(1234)
+
+# (image shape, channel_axis, patch_size, search_size): every dimensionality
+CASES = [
+    pytest.param((17,), None, 3, 7, id="1d"),
+    pytest.param((9, 11), None, 3, 5, id="grey"),
+    pytest.param((8, 9, 3), -1, (3, 5), (5, 3), id="colour-last"),
+    pytest.param((2, 7, 8), 0, 3, 3, id="colour-first"),
+    pytest.param((4, 5, 6), None, 3, (3, 3, 5), id="volume"),
+    pytest.param((3, 5, 6, 2), 3, (1, 3, 3), (3, 3, 3), id="video-channels"),
+]
+
+
+def _noisy(shape, dtype):
+    return (RNG.random(shape) + 0.1 * RNG.standard_normal(shape)).astype(dtype)
+
+
+@pytest.mark.parametrize("aggregation", ["pixel", "patch"])
+@pytest.mark.parametrize("shape,channel_axis,patch,search", CASES)
+def test_fast_equals_naive_float64(xp, shape, channel_axis, patch, search, aggregation):
+    host = _noisy(shape, np.float64)
+    x = B.asarray(host, xp=xp)
+    kw = dict(sigma=0.1, h=0.25, patch_size=patch, search_size=search, channel_axis=channel_axis,
+              aggregation=aggregation)
+    fast = nlref.nl_means(x, method="fast", **kw)
+    naive = nlref.nl_means(x, method="naive", **kw)
+    assert_same_library(fast, x)
+    assert_same_library(naive, x)
+    assert fast.shape == x.shape and fast.dtype == x.dtype
+    f, n = B.to_numpy(fast), B.to_numpy(naive)
+    np.testing.assert_allclose(f, n, rtol=1e-12, atol=1e-13)
+    assert np.abs(f - host).max() > 1e-3  # it did something
+
+
+@pytest.mark.parametrize("aggregation", ["pixel", "patch"])
+@pytest.mark.parametrize("shape,channel_axis,patch,search", CASES)
+def test_fast_equals_naive_float32(xp_cpu, shape, channel_axis, patch, search, aggregation):
+    x = B.asarray(_noisy(shape, np.float32), xp=xp_cpu)
+    kw = dict(sigma=0.1, h=0.25, patch_size=patch, search_size=search, channel_axis=channel_axis,
+              aggregation=aggregation)
+    fast, naive = nlref.nl_means(x, **kw), nlref.nl_means(x, method="naive", **kw)
+    assert "float32" in str(fast.dtype)
+    np.testing.assert_allclose(B.to_numpy(fast), B.to_numpy(naive), rtol=1e-5, atol=1e-6)
+
+
+def test_threads_do_not_change_the_result():
+    x = _noisy((40, 50), np.float64)
+    one = nlref.nl_means(x, sigma=0.1, h=0.2, patch_size=5, search_size=9, workers=1)
+    two = nlref.nl_means(x, sigma=0.1, h=0.2, patch_size=5, search_size=9, workers=3)
+    np.testing.assert_allclose(one, two, rtol=1e-13)
+
+
+def test_huge_h_is_the_search_window_mean():
+    """With h -> infinity every weight is 1: pixel-wise NL-means is a box mean of the reflected image."""
+    x = _noisy((12, 13), np.float64)
+    out = nlref.nl_means(x, h=1e9, patch_size=3, search_size=5)
+    padded = np.pad(x, 2, mode="reflect")
+    box = sum(padded[i : i + 12, j : j + 13] for i in range(5) for j in range(5)) / 25
+    np.testing.assert_allclose(out, box, rtol=1e-12)
+
+
+def test_tiny_h_keeps_the_image():
+    """With h -> 0 only the centre weight (exactly 1) survives on random data."""
+    x = _noisy((10, 10), np.float64)
+    np.testing.assert_allclose(nlref.nl_means(x, h=1e-6, patch_size=3, search_size=5), x, rtol=0, atol=1e-12)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    value=st.floats(-50, 50, allow_nan=False),
+    shape=st.sampled_from([(6, 7), (5, 5, 4), (9,)]),
+    h=st.floats(0.01, 10),
+    aggregation=st.sampled_from(["pixel", "patch"]),
+)
+def test_constant_image_stays_constant(value, shape, h, aggregation):
+    x = np.full(shape, value, dtype=np.float64)
+    out = nlref.nl_means(x, h=h, sigma=0.0, patch_size=3, search_size=3, aggregation=aggregation)
+    np.testing.assert_allclose(out, value, rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 2**31),
+    h=st.floats(0.01, 5),
+    sigma=st.floats(0, 1),
+    aggregation=st.sampled_from(["pixel", "patch"]),
+    dtype=st.sampled_from([np.float32, np.float64]),
+)
+def test_output_is_a_convex_combination(seed, h, sigma, aggregation, dtype):
+    x = np.random.default_rng(seed).normal(size=(9, 8)).astype(dtype)
+    out = nlref.nl_means(x, h=h, sigma=sigma, patch_size=3, search_size=5, aggregation=aggregation)
+    eps = 1e-5 if dtype == np.float32 else 1e-12
+    assert out.min() >= x.min() - eps and out.max() <= x.max() + eps
+    assert np.all(np.isfinite(out))
+
+
+def test_affine_equivariance():
+    x = _noisy((15, 16), np.float64)
+    kw = dict(patch_size=3, search_size=7, aggregation="patch")
+    base = nlref.nl_means(x, sigma=0.1, h=0.2, **kw)
+    moved = nlref.nl_means(255.0 * x + 17.0, sigma=25.5, h=51.0, **kw)
+    np.testing.assert_allclose(moved, 255.0 * base + 17.0, rtol=1e-11)
+
+
+def test_presets_are_scale_equivariant():
+    x = nlref.add_gaussian_noise(nlref.data.camera()[:64, :64], 0.08, seed=0)
+    p1 = api.resolve_parameters(x, sigma=0.08)
+    p255 = api.resolve_parameters(255.0 * x, sigma=0.08 * 255)
+    assert p1["patch_size"] == p255["patch_size"] and p1["search_size"] == p255["search_size"]
+    assert p255["h"] == pytest.approx(255 * p1["h"])
+    np.testing.assert_allclose(nlref.nl_means(255.0 * x, sigma=0.08 * 255),
+                               255.0 * nlref.nl_means(x, sigma=0.08), rtol=2e-5, atol=2e-4)
+
+
+def test_nl_means_denoises():
+    clean = nlref.data.camera()[96:224, 160:288]
+    noisy = nlref.add_gaussian_noise(clean, 20 / 255, seed=5)
+    before = nlref.psnr(clean, noisy)
+    for aggregation in ("pixel", "patch"):
+        assert nlref.psnr(clean, nlref.nl_means(noisy, sigma=20 / 255, aggregation=aggregation)) > before + 5
+    assert nlref.psnr(clean, nlref.nl_means(noisy)) > before + 5  # sigma estimated
+
+
+# ---- dtypes and the integer rule ----
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_float_dtype_is_kept(xp, dtype):
+    x = B.asarray(_noisy((10, 12), dtype), xp=xp)
+    out = nlref.nl_means(x, sigma=0.1)
+    assert_same_library(out, x)
+    assert out.dtype == x.dtype
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16])
+def test_integer_images_are_denoised_in_their_own_units(xp_cpu, dtype):
+    info = np.iinfo(dtype)
+    host = np.clip(RNG.normal(info.max / 2, info.max / 10, size=(16, 17)), info.min, info.max).astype(dtype)
+    x = B.asarray(host, xp=xp_cpu)
+    sigma = float(info.max) / 12
+    out = nlref.nl_means(x, sigma=sigma)
+    assert out.dtype == x.dtype
+    span = float(info.max) - min(float(info.min), 0.0)  # the integer image's default data_range
+    as_float = B.to_numpy(nlref.nl_means(B.asarray(host.astype(np.float32), xp=xp_cpu), sigma=sigma, data_range=span))
+    expected = np.clip(np.round(as_float), info.min, info.max).astype(dtype)
+    np.testing.assert_array_equal(B.to_numpy(out), expected)
+
+
+def test_uint8_saturates_instead_of_wrapping():
+    host = np.full((8, 8), 255, dtype=np.uint8)
+    host[::2, ::2] = 250
+    out = nlref.nl_means(host, h=1e6, patch_size=3, search_size=3)
+    assert out.dtype == np.uint8 and out.min() >= 250
+
+
+# ---- presets and noise estimation ----
+
+@pytest.mark.parametrize("sigma255,patch,search,row", [(5, 3, 21, 0), (15, 3, 21, 0), (20, 5, 21, 1),
+                                                       (40, 7, 35, 2), (60, 9, 35, 3), (99, 11, 35, 4)])
+def test_grey_presets_follow_the_ipol_table(sigma255, patch, search, row):
+    x = np.zeros((64, 64), dtype=np.float32)
+    p = api.resolve_parameters(x, sigma=sigma255 / 255)
+    assert p["patch_size"] == (patch, patch)
+    assert p["search_size"] == (search, search)
+    assert p["h"] == pytest.approx(presets.H_FACTORS[(False, "pixel")][row] * sigma255 / 255)
+    assert p["preset"] is presets.IPOL_GREY[row]
+
+
+def test_colour_presets_and_uint8_range():
+    x = np.zeros((64, 64, 3), dtype=np.uint8)
+    p = api.resolve_parameters(x, sigma=30, channel_axis=-1, aggregation="patch")
+    assert p["patch_size"] == (5, 5) and p["search_size"] == (35, 35)
+    assert p["h"] == pytest.approx(presets.H_FACTORS[(True, "patch")][1] * 30)
+
+
+def test_video_presets_use_the_table_in_the_plane_only():
+    x = np.zeros((8, 40, 40), dtype=np.float32)
+    p = api.resolve_parameters(x, sigma=20 / 255)
+    assert p["patch_size"] == (3, 5, 5) and p["search_size"] == (5, 21, 21)
+    small = api.resolve_parameters(np.zeros((2, 10, 12), dtype=np.float32), sigma=50 / 255)
+    assert small["patch_size"] == (1, 9, 9) and small["search_size"] == (1, 9, 11)
+
+
+def test_explicit_arguments_win_over_presets():
+    x = np.zeros((30, 30), dtype=np.float32)
+    p = api.resolve_parameters(x, sigma=0.1, h=0.3, patch_size=(3, 5), search_size=9)
+    assert (p["h"], p["patch_size"], p["search_size"], p["preset"]) == (0.3, (3, 5), (9, 9), None)
+
+
+def test_h_alone_means_no_noise_correction():
+    x = nlref.add_gaussian_noise(np.full((32, 32), 0.5, dtype=np.float32), 0.1, seed=0)
+    p = api.resolve_parameters(x, h=0.05)
+    assert p["sigma"] == 0.0 and p["sigma_source"] == "estimated"
+
+
+def test_sigma_is_estimated_when_nothing_is_given():
+    x = nlref.add_gaussian_noise(nlref.data.camera(), 20 / 255, seed=2)
+    p = api.resolve_parameters(x)
+    assert p["sigma_source"] == "estimated"
+    assert p["sigma"] == pytest.approx(20 / 255, rel=0.1)
+
+
+@pytest.mark.parametrize("shape", [(4000,), (200, 200), (30, 40, 50)])
+def test_estimate_sigma_on_pure_noise(xp, shape):
+    noise = B.normal(shape, seed=11, xp=xp) * 0.3
+    assert nlref.estimate_sigma(noise) == pytest.approx(0.3, rel=0.05)
+
+
+def test_estimate_sigma_colour_and_clean_images():
+    noisy = nlref.add_gaussian_noise(nlref.data.astronaut(), 0.05, seed=1)
+    assert nlref.estimate_sigma(noisy, channel_axis=-1) == pytest.approx(0.05, rel=0.15)
+    assert nlref.estimate_sigma(np.full((20, 20), 3.0)) == 0.0
+    with pytest.raises(ValueError, match="at least 3 samples"):
+        nlref.estimate_sigma(np.zeros((2, 2)))
+
+
+def test_zero_noise_without_h_is_an_error():
+    with pytest.raises(ValueError, match="cannot choose h"):
+        nlref.nl_means(np.full((10, 10), 0.5))
+
+
+# ---- the weights of one pixel ----
+
+def test_weights_of_one_pixel(xp_cpu):
+    host = _noisy((12, 14), np.float64)
+    x = B.asarray(host, xp=xp_cpu)
+    w = B.to_numpy(nlref.nl_means_weights(x, (5, 6), sigma=0.1, h=0.3, patch_size=3, search_size=5))
+    assert w.shape == (5, 5) and w[2, 2] == 1.0
+    p = np.pad(host, 3, mode="reflect")
+    ref = p[3 + 5 - 1 : 3 + 5 + 2, 3 + 6 - 1 : 3 + 6 + 2]
+    for dy in range(-2, 3):
+        for dx in range(-2, 3):
+            q = p[3 + 5 + dy - 1 : 3 + 5 + dy + 2, 3 + 6 + dx - 1 : 3 + 6 + dx + 2]
+            d2 = np.mean((ref - q) ** 2)
+            assert w[dy + 2, dx + 2] == pytest.approx(np.exp(-max(d2 - 0.02, 0) / 0.09), rel=1e-12)
+    with pytest.raises(ValueError, match="index must give"):
+        nlref.nl_means_weights(x, (12, 0), sigma=0.1)
+
+
+def test_progress_bar_runs(capsys):
+    x = _noisy((20, 20), np.float32)
+    out = nlref.nl_means(x, sigma=0.1, progress=True, aggregation="patch")
+    assert out.shape == x.shape
+    assert "nl_means" in capsys.readouterr().err
+
+
+# ---- bad input: clear errors before any heavy work ----
+
+@pytest.mark.parametrize(
+    "image,kwargs,error,match",
+    [
+        (np.array([[0.0, np.nan], [1.0, 2.0]]), {}, ValueError, "NaN or Inf"),
+        (np.array([[0.0, np.inf], [1.0, 2.0]]), {}, ValueError, "NaN or Inf"),
+        (np.zeros((0, 5)), {}, ValueError, "empty"),
+        (np.array(3.0), {}, ValueError, "1 to 4 spatial axes"),
+        (np.zeros((3,) * 5), {}, ValueError, "1 to 4 spatial axes"),
+        (np.zeros((5, 5)), {"channel_axis": 2}, ValueError, "channel_axis=2 is out of range"),
+        (np.zeros((5, 5)), {"channel_axis": 1.0}, TypeError, "channel_axis must be an int"),
+        (np.zeros((9, 9)), {"h": 1, "patch_size": 4}, ValueError, "patch_size=4: sizes are full odd widths"),
+        (np.zeros((9, 9)), {"h": 1, "patch_size": 0}, ValueError, "full odd widths"),
+        (np.zeros((9, 9)), {"h": 1, "search_size": -3}, ValueError, "search_size=-3"),
+        (np.zeros((9, 9)), {"h": 1, "search_size": (3, 3, 3)}, ValueError, "one size per spatial axis"),
+        (np.zeros((9, 9)), {"h": 1, "patch_size": 2.5}, TypeError, "patch_size must be an odd int"),
+        (np.zeros((4, 9)), {"h": 1, "patch_size": 5, "search_size": 3}, ValueError, "larger than the image"),
+        (np.zeros((9, 9)), {"h": 0}, ValueError, "h must be finite and > 0"),
+        (np.zeros((9, 9)), {"h": -1}, ValueError, "h must be finite and > 0"),
+        (np.zeros((9, 9)), {"h": float("nan")}, ValueError, "h must be finite"),
+        (np.zeros((9, 9)), {"sigma": -0.1}, ValueError, "sigma must be finite and >= 0"),
+        (np.zeros((9, 9)), {"sigma": "0.1"}, TypeError, "sigma must be a real number"),
+        (np.zeros((9, 9)), {"h": 1, "aggregation": "mean"}, ValueError, "aggregation must be one of"),
+        (np.zeros((9, 9)), {"h": 1, "method": "slow"}, ValueError, "method must be one of"),
+        (np.zeros((9, 9)), {"h": 1, "workers": 0}, ValueError, "workers must be a positive int"),
+        (np.zeros((9, 9), dtype=bool), {"h": 1}, TypeError, "real numbers"),
+        (np.zeros((9, 9), dtype=complex), {"h": 1}, TypeError, "real numbers"),
+        ([[0.0, 1.0], [1.0, 0.0]], {"h": 1}, TypeError, "image must be an array"),
+    ],
+)
+def test_bad_input_is_a_clear_error(image, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        nlref.nl_means(image, **kwargs)
+
+
+def test_mixed_libraries_are_rejected_in_metrics():
+    import array_api_strict as xs
+
+    with pytest.raises(TypeError, match="different libraries"):
+        nlref.psnr(np.zeros(3), B.asarray(np.zeros(3), xp=xs))
+
+
+def test_memory_limit_is_checked_before_work(monkeypatch):
+    monkeypatch.setattr(api, "WORKING_MEMORY_LIMIT", 2**20)
+    with pytest.raises(ValueError, match=r"needs about .* GiB of working memory, above the limit"):
+        nlref.nl_means(np.zeros((512, 512), dtype=np.float32), h=0.1)
+
+
+def test_naive_refuses_large_inputs():
+    with pytest.raises(ValueError, match="method='naive' would make .* patch comparisons"):
+        nlref.nl_means(np.zeros((512, 512), dtype=np.float32), h=0.1, method="naive")
