@@ -48,10 +48,10 @@ IPOL_COLOUR = (
 # nlref's calibrated h / sigma, per (colour, aggregation), one per table row;
 # measured by benchmarks/calibrate_presets.py (see docs/nlmeans.md).
 H_FACTORS = {
-    (False, "pixel"): (0.40, 0.40, 0.35, 0.35, 0.30),
-    (False, "patch"): (0.40, 0.40, 0.35, 0.35, 0.30),
-    (True, "pixel"): (0.55, 0.40, 0.35),
-    (True, "patch"): (0.55, 0.40, 0.35),
+    (False, "pixel"): (0.90, 0.75, 0.55, 0.40, 0.35),
+    (False, "patch"): (0.85, 0.70, 0.45, 0.35, 0.30),
+    (True, "pixel"): (0.75, 0.50, 0.35),
+    (True, "patch"): (0.65, 0.40, 0.30),
 }
 
 LEADING_AXIS_PATCH = 3
