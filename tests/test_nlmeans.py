@@ -305,3 +305,11 @@ def test_memory_limit_is_checked_before_work(monkeypatch):
 def test_naive_refuses_large_inputs():
     with pytest.raises(ValueError, match="method='naive' would make .* patch comparisons"):
         nlref.nl_means(np.zeros((512, 512), dtype=np.float32), h=0.1, method="naive")
+
+
+def test_resolve_parameters_on_every_backend(xp):
+    host = nlref.add_gaussian_noise(nlref.data.camera()[:64, :64], 20 / 255, seed=4)
+    ref = api.resolve_parameters(host)
+    got = api.resolve_parameters(B.asarray(host, xp=xp))
+    assert got["patch_size"] == ref["patch_size"] and got["search_size"] == ref["search_size"]
+    assert got["sigma"] == pytest.approx(ref["sigma"], rel=1e-6)
