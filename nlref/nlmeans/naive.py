@@ -118,17 +118,21 @@ def nl_means_naive(v, *, h, sigma, patch_size, search_size, aggregation="pixel")
     def to_padded(pixel):
         return _shift(pixel, margin)
 
+    def weighted_mean(p, value_at):
+        """sum_q w(p, q) value_at(q) / sum_q w(p, q) over the search window of p."""
+        num, den = 0.0, 0.0
+        for o in offsets:
+            q = _shift(p, o)
+            w = _weight(xp, padded, p, q, rp, h, sigma)
+            num = num + w * value_at(q)
+            den = den + w
+        return num / den
+
     if aggregation == "pixel":
-        estimates = []
-        for pixel in pixels:
-            p = to_padded(pixel)
-            num, den = 0.0, 0.0
-            for o in offsets:
-                q = _shift(p, o)
-                w = _weight(xp, padded, p, q, rp, h, sigma)
-                num = num + w * padded[(slice(None),) + q]  # (C,)
-                den = den + w
-            estimates.append(num / den)
+        def pixel_value(q):
+            return padded[(slice(None),) + q]  # (C,)
+
+        estimates = [weighted_mean(to_padded(pixel), pixel_value) for pixel in pixels]
         out = xp.stack(estimates, axis=1)  # (C, n_pixels)
         return xp.reshape(out, (v.shape[0],) + shape)
 
@@ -136,15 +140,11 @@ def nl_means_naive(v, *, h, sigma, patch_size, search_size, aggregation="pixel")
     # estimates that cover each pixel.
     covering = {pixel: [] for pixel in pixels}
     patch_offsets = _window(rp)
+    def patch_value(q):
+        return _patch(padded, q, rp)  # (C, *patch_size)
+
     for pixel in pixels:
-        p = to_padded(pixel)
-        num, den = 0.0, 0.0
-        for o in offsets:
-            q = _shift(p, o)
-            w = _weight(xp, padded, p, q, rp, h, sigma)
-            num = num + w * _patch(padded, q, rp)  # (C, *patch_size)
-            den = den + w
-        patch_estimate = num / den
+        patch_estimate = weighted_mean(to_padded(pixel), patch_value)
         for k in patch_offsets:
             target = _shift(pixel, k)
             if target in covering:
