@@ -293,6 +293,13 @@ def opencv_peer(cv2, noisy, sigma, *, colour=False, factors=()):
 # ---------------------------------------------------------------------------
 
 
+def load_average():
+    try:
+        return "{:.2f} / {:.2f} / {:.2f} (1 / 5 / 15 min)".format(*os.getloadavg())
+    except (AttributeError, OSError):
+        return "unknown"
+
+
 def header(cv2):
     cpu = platform.processor() or platform.machine()
     try:
@@ -309,7 +316,8 @@ def header(cv2):
         f"- command: `{shlex.join(['python'] + sys.argv)}`",
         f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
         f"- machine: {cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, "
-        f"Python {platform.python_version()}",
+        f"Python {platform.python_version()}; load average at start {load_average()} "
+        "(another busy process slows every timing)",
         f"- versions: nlref {nlref.__version__}, numpy {np.__version__}, scikit-image {skimage.__version__}, "
         f"opencv {cv_version}",
         f"- threads: nlref workers = {default_workers()} by default; OpenCV cv2.getNumThreads() = {cv_threads}; "
