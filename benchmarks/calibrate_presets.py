@@ -6,7 +6,13 @@ h = factor * sigma and report the factor with the best mean PSNR. The result
 is what ``nlref.nlmeans.presets.H_FACTORS`` holds; docs/nlmeans.md shows the
 table this script prints.
 
-    python benchmarks/calibrate_presets.py            # about 5 minutes on 2 cores
+For three or more spatial axes (volumes, videos) the search window holds more
+candidates, so the best h is smaller. The second part sweeps a multiplier on the
+2-D factor on nlref's volume and video at three noise levels each and reports
+the multiplier with the best mean PSNR over all six (``presets.LEADING_AXES_H_SCALE``).
+
+    python benchmarks/calibrate_presets.py             # both parts, about 8 minutes on 2 cores
+    python benchmarks/calibrate_presets.py --part 3d   # only the volume/video multiplier
 """
 
 from __future__ import annotations
@@ -26,6 +32,10 @@ COLOUR = {"astronaut": data.astronaut, "coffee": data.coffee, "chelsea": data.ch
 GREY_SIGMAS = (10, 20, 35, 60, 90)
 COLOUR_SIGMAS = (15, 40, 70)
 FACTORS = np.round(np.arange(0.30, 1.31, 0.05), 2)
+MULTIPLIERS = np.round(np.arange(0.40, 1.01, 0.05), 2)
+# (name, clean signal, noise levels on the 0..255 scale)
+SIGNALS_3D = (("volume 48x64x64", nlref.data.volume, (10, 25, 40)),
+              ("video 8x128x128", nlref.data.video, (10, 20, 35)))
 
 
 def crops(loaders, size):
@@ -53,12 +63,7 @@ def sweep(images, sigma255, colour, aggregation, seed):
     return FACTORS[best], scores[best], scores
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", type=int, default=256, help="central crop size (default 256)")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    t0 = time.perf_counter()
+def calibrate_2d(args):
     print(f"crops {args.size}x{args.size}; factors {FACTORS[0]}..{FACTORS[-1]} step 0.05; mean PSNR over images")
     print("| table | aggregation | sigma | patch | search | IPOL factor | best factor | PSNR at best | PSNR at IPOL factor |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -71,6 +76,43 @@ def main():
                 at_ipol = scores[int(np.argmin(np.abs(FACTORS - row.ipol_factor)))]
                 print(f"| {'colour' if colour else 'grey'} | {aggregation} | {sigma255} | {row.patch} | {row.search} "
                       f"| {row.ipol_factor:.2f} | {best:.2f} | {score:.2f} | {at_ipol:.2f} |", flush=True)
+
+
+def calibrate_3d(args):
+    print(f"\nvolumes and videos: h = multiplier x (2-D preset h); multipliers {MULTIPLIERS[0]}..{MULTIPLIERS[-1]}")
+    print("| aggregation | signal | sigma | patch | search | best multiplier | PSNR at best | PSNR at 1.00 |")
+    print("|---|---|---|---|---|---|---|---|")
+    for aggregation in ("pixel", "patch"):
+        table = []
+        for name, load, sigmas in SIGNALS_3D:
+            clean = load()
+            for i, sigma255 in enumerate(sigmas):
+                sigma = sigma255 / 255.0
+                noisy = nlref.add_gaussian_noise(clean, sigma, seed=args.seed + i)
+                params = nlref.resolve_parameters(noisy, sigma=sigma, aggregation=aggregation)
+                h_2d = params["h"] / presets.LEADING_AXES_H_SCALE[aggregation]
+                scores = [nlref.psnr(clean, nlref.nl_means(noisy, sigma=sigma, h=float(m) * h_2d, aggregation=aggregation))
+                          for m in MULTIPLIERS]
+                table.append(scores)
+                best = int(np.argmax(scores))
+                print(f"| {aggregation} | {name} | {sigma255} | {params['patch_size']} | {params['search_size']} "
+                      f"| {MULTIPLIERS[best]:.2f} | {scores[best]:.2f} | {scores[-1]:.2f} |", flush=True)
+        mean = np.mean(table, axis=0)
+        best = int(np.argmax(mean))
+        print(f"| {aggregation} | **mean of the six** | | | | **{MULTIPLIERS[best]:.2f}** | {mean[best]:.2f} | {mean[-1]:.2f} |")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=256, help="central crop size (default 256)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--part", choices=("2d", "3d", "all"), default="all")
+    args = parser.parse_args()
+    t0 = time.perf_counter()
+    if args.part in ("2d", "all"):
+        calibrate_2d(args)
+    if args.part in ("3d", "all"):
+        calibrate_3d(args)
     print(f"total {time.perf_counter() - t0:.0f} s")
 
 

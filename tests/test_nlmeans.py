@@ -186,6 +186,8 @@ def test_video_presets_use_the_table_in_the_plane_only():
     x = np.zeros((8, 40, 40), dtype=np.float32)
     p = api.resolve_parameters(x, sigma=20 / 255)
     assert p["patch_size"] == (3, 5, 5) and p["search_size"] == (5, 21, 21)
+    grey = api.resolve_parameters(np.zeros((40, 40), dtype=np.float32), sigma=20 / 255)
+    assert p["h"] == pytest.approx(presets.LEADING_AXES_H_SCALE["pixel"] * grey["h"])
     small = api.resolve_parameters(np.zeros((2, 10, 12), dtype=np.float32), sigma=50 / 255)
     assert small["patch_size"] == (1, 9, 9) and small["search_size"] == (1, 9, 11)
 

@@ -56,6 +56,10 @@ H_FACTORS = {
 
 LEADING_AXIS_PATCH = 3
 LEADING_AXIS_SEARCH = 5
+# With three or more spatial axes h is this multiple of the 2-D value (more
+# candidates per window: less smoothing per candidate is needed); measured by
+# benchmarks/calibrate_presets.py --part 3d.
+LEADING_AXES_H_SCALE = {"pixel": 0.90, "patch": 0.85}
 
 
 def _largest_odd_at_most(n: int, value: int) -> int:
@@ -92,4 +96,7 @@ def preset_for(sigma_255, *, colour, aggregation, shape):
         leading = axis < plane
         patch.append(_largest_odd_at_most(n, LEADING_AXIS_PATCH if leading else row.patch))
         search.append(_largest_odd_at_most(n, LEADING_AXIS_SEARCH if leading else row.search))
-    return tuple(patch), tuple(search), H_FACTORS[(colour, aggregation)][index], row
+    factor = H_FACTORS[(colour, aggregation)][index]
+    if plane > 0:
+        factor *= LEADING_AXES_H_SCALE[aggregation]
+    return tuple(patch), tuple(search), factor, row
