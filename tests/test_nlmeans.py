@@ -182,6 +182,14 @@ def test_colour_presets_and_uint8_range():
     assert p["h"] == pytest.approx(presets.H_FACTORS[(True, "patch")][1] * 30)
 
 
+def test_a_single_channel_uses_the_grey_table():
+    grey = api.resolve_parameters(np.zeros((40, 40), dtype=np.float32), sigma=20 / 255)
+    one = api.resolve_parameters(np.zeros((40, 40, 1), dtype=np.float32), sigma=20 / 255, channel_axis=-1)
+    rgb = api.resolve_parameters(np.zeros((40, 40, 3), dtype=np.float32), sigma=20 / 255, channel_axis=-1)
+    assert one["preset"] is grey["preset"] and one["h"] == grey["h"]
+    assert rgb["preset"] is presets.IPOL_COLOUR[0]
+
+
 def test_video_presets_use_the_table_in_the_plane_only():
     x = np.zeros((8, 40, 40), dtype=np.float32)
     p = api.resolve_parameters(x, sigma=20 / 255)

@@ -147,7 +147,8 @@ def _resolve(xp, image, spatial, *, sigma, h, patch_size, search_size, channel_a
     if h is None or patch_size is None or search_size is None:
         scale = 255.0 / (data_range if data_range is not None else _default_data_range(xp, image))
         p, s, factor, row = presets.preset_for(
-            noise * scale, colour=channel_axis is not None, aggregation=aggregation, shape=spatial
+            noise * scale, colour=channel_axis is not None and image.shape[channel_axis] > 1,
+            aggregation=aggregation, shape=spatial
         )
         patch_size = patch_size or p
         search_size = search_size or s

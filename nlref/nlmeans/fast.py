@@ -255,7 +255,7 @@ def nl_means_fast(v, *, h, sigma, patch_size, search_size, aggregation="pixel", 
     # ---- pass 1: the normaliser Z(p), and for pixel-wise the numerator too ----
     want_num = aggregation == "pixel"
 
-    def pixel_pass(deltas):
+    def first_pass(deltas):
         buf = new_buffers(geo.length)
         num = [zeros(n) for _ in range(channels)] if want_num else None
         den = zeros(n)
@@ -272,7 +272,7 @@ def nl_means_fast(v, *, h, sigma, patch_size, search_size, aggregation="pixel", 
             tick()
         return num, den
 
-    results = run_parallel(pixel_pass, geo.deltas)
+    results = run_parallel(first_pass, geo.deltas)
     den = 1.0 + _sum([r[1] for r in results])  # the centre offset has weight exp(0) = 1
     if want_num:
         num = [rows[c][a:b] + _sum([r[0][c] for r in results]) for c in range(channels)]
