@@ -28,6 +28,7 @@ __all__ = [
     "compat_namespace",
     "asarray",
     "device",
+    "dtype_name",
     "is_numpy",
     "is_cupy",
     "supports_out",
@@ -204,13 +205,14 @@ def normal(shape, *, seed=None, like=None, xp=None, dtype=None):
     ``None`` (fresh entropy) or a ``numpy.random.Generator``.
     """
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-    host_dtype = np.float64 if dtype is None else np.dtype(_dtype_name(dtype))
+    host_dtype = np.float64 if dtype is None else np.dtype(dtype_name(dtype))
     samples = rng.standard_normal(tuple(shape), dtype=np.float64).astype(host_dtype)
     return asarray(samples, like=like, xp=xp)
 
 
-def _dtype_name(dtype) -> str:
-    """``'float32'`` for any spelling of float32 (NumPy, strict, torch, str)."""
+def dtype_name(dtype) -> str:
+    """The standard name of a dtype of any library: ``'float32'`` for NumPy's, CuPy's,
+    PyTorch's and array-api-strict's float32 alike (and for the string)."""
     if isinstance(dtype, str):
         return dtype
     text = str(dtype)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from .backend import array_namespace
+from .backend import array_namespace, dtype_name
 
 __all__ = ["mse", "psnr"]
 
@@ -26,6 +26,6 @@ def psnr(reference, estimate, *, data_range=None):
     """
     xp = array_namespace(reference, estimate, names=["reference", "estimate"])
     if data_range is None:
-        data_range = {"uint8": 255.0, "uint16": 65535.0}.get(str(reference.dtype).split(".")[-1], 1.0)
+        data_range = {"uint8": 255.0, "uint16": 65535.0}.get(dtype_name(reference.dtype), 1.0)
     err = mse(reference, estimate)
     return math.inf if err == 0 else 10.0 * math.log10(data_range**2 / err)

@@ -63,3 +63,10 @@ def test_bad_counts():
         nlref.noisy_copies(np.zeros(3), 0.1, 0)
     with pytest.raises(ValueError, match="counts must be positive"):
         nlref.averaging_curve(np.zeros(3), 0.1, [0, 2])
+
+
+def test_psnr_default_range_follows_the_dtype(xp_cpu):
+    a = B.asarray(np.zeros((4, 4), dtype=np.uint8), xp=xp_cpu)
+    b = B.asarray(np.full((4, 4), 51, dtype=np.uint8), xp=xp_cpu)
+    assert nlref.psnr(a, b) == pytest.approx(20 * math.log10(255 / 51))
+    assert nlref.psnr(a, b, data_range=510.0) == pytest.approx(20 * math.log10(510 / 51))

@@ -6,7 +6,9 @@ import math
 import numbers
 import os
 
-from ..backend import array_namespace
+import numpy as np
+
+from ..backend import array_namespace, dtype_name
 from . import presets
 from .fast import nl_means_fast, working_memory
 from .naive import nl_means_naive, patch_weights
@@ -32,11 +34,7 @@ def _is_integer_dtype(xp, dtype):
 
 
 def _integer_range(dtype):
-    import numpy as np
-
-    from ..backend import _dtype_name
-
-    info = np.iinfo(_dtype_name(dtype))
+    info = np.iinfo(dtype_name(dtype))
     return float(info.min), float(info.max)
 
 
