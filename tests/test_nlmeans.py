@@ -323,3 +323,27 @@ def test_resolve_parameters_on_every_backend(xp):
     got = api.resolve_parameters(B.asarray(host, xp=xp))
     assert got["patch_size"] == ref["patch_size"] and got["search_size"] == ref["search_size"]
     assert got["sigma"] == pytest.approx(ref["sigma"], rel=1e-6)
+
+
+@pytest.mark.parametrize("shape,channel_axis,aggregation,workers", [
+    ((300, 280), None, "pixel", 2), ((300, 280), None, "patch", 2),
+    ((160, 150, 3), -1, "patch", 1), ((6, 90, 100), None, "patch", 2),
+])
+def test_working_memory_estimate_bounds_the_measured_peak(shape, channel_axis, aggregation, workers):
+    import tracemalloc
+
+    from nlref.nlmeans.fast import working_memory
+
+    x = RNG.random(shape).astype(np.float32)
+    p = api.resolve_parameters(x, sigma=0.08, channel_axis=channel_axis)
+    spatial = shape if channel_axis is None else shape[:-1]
+    channels = 1 if channel_axis is None else shape[-1]
+    estimate = working_memory(spatial, channels, p["patch_size"], p["search_size"], aggregation, 4, workers)
+    tracemalloc.start()
+    try:
+        nlref.nl_means(x, sigma=0.08, channel_axis=channel_axis, aggregation=aggregation, workers=workers)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak <= estimate
+    assert peak >= 0.5 * estimate  # and it is not a wild over-estimate

@@ -174,8 +174,9 @@ def working_memory(shape, channels, patch_size, search_size, aggregation, itemsi
     buffers; used to refuse requests that would not fit before any work starts.
     """
     geo = _Geometry(shape, patch_size, search_size, aggregation)
-    per_worker = (channels + 1) + 8
-    shared = 2 * channels + (3 if aggregation == "patch" else 1)
+    per_worker = (channels + 1) + 8  # accumulators + scratch buffers
+    # padded image and working copy; patch-wise adds mask, 1/Z, counts, centre term, estimate
+    shared = 2 * channels + (channels + 5 if aggregation == "patch" else 1)
     return itemsize * geo.length * (shared + workers * per_worker)
 
 
