@@ -347,3 +347,20 @@ def test_working_memory_estimate_bounds_the_measured_peak(shape, channel_axis, a
         tracemalloc.stop()
     assert peak <= estimate
     assert peak >= 0.5 * estimate  # and it is not a wild over-estimate
+
+
+@pytest.mark.parametrize("aggregation", ["pixel", "patch"])
+def test_input_is_never_modified(aggregation):
+    x = _noisy((20, 21, 3), np.float32)
+    before = x.copy()
+    x.setflags(write=False)  # any write would raise
+    nlref.nl_means(x, sigma=0.1, channel_axis=-1, aggregation=aggregation)
+    np.testing.assert_array_equal(x, before)
+
+
+def test_non_contiguous_views_match_contiguous_copies():
+    base = _noisy((40, 42, 3), np.float64)
+    for view, axis in [(base[::2, ::-1, 0], None), (base[:, :, 1:], -1), (base.transpose(2, 0, 1)[:, 5:30, :], 0)]:
+        kw = dict(sigma=0.1, h=0.2, patch_size=3, search_size=7, channel_axis=axis)
+        np.testing.assert_allclose(nlref.nl_means(view, **kw), nlref.nl_means(np.ascontiguousarray(view), **kw),
+                                   rtol=1e-13)
