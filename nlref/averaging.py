@@ -15,6 +15,9 @@ taken over *similar pixels of one image* instead of over copies.
 
 from __future__ import annotations
 
+import math
+import numbers
+
 from .backend import array_namespace, normal
 
 __all__ = ["add_gaussian_noise", "noisy_copies", "average", "residual_variance", "averaging_curve"]
@@ -22,6 +25,12 @@ __all__ = ["add_gaussian_noise", "noisy_copies", "average", "residual_variance",
 
 def _float_dtype(xp, x):
     return x.dtype if xp.isdtype(x.dtype, "real floating") else xp.float32
+
+
+def _check_sigma(sigma):
+    if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not math.isfinite(sigma) or sigma < 0:
+        raise ValueError(f"sigma must be a finite real number >= 0; got {sigma!r}")
+    return float(sigma)
 
 
 def add_gaussian_noise(image, sigma, *, seed=None):
@@ -39,18 +48,15 @@ def add_gaussian_noise(image, sigma, *, seed=None):
     Returns
     -------
     noisy : array, same shape, library and device as ``image``; floating point.
+        The first of ``noisy_copies(image, sigma, n, seed=seed)``, for any ``n``.
     """
-    xp = array_namespace(image, names=["image"])
-    if not (isinstance(sigma, (int, float)) and not isinstance(sigma, bool)) or not sigma >= 0:
-        raise ValueError(f"sigma must be a real number >= 0; got {sigma!r}")
-    dtype = _float_dtype(xp, image)
-    noise = normal(image.shape, seed=seed, like=image)
-    return xp.astype(image, dtype) + sigma * xp.astype(noise, dtype)
+    return noisy_copies(image, sigma, 1, seed=seed)[0, ...]
 
 
 def noisy_copies(image, sigma, n, *, seed=None):
     """``n`` independent noisy copies of ``image``, stacked: shape ``(n, *image.shape)``."""
     xp = array_namespace(image, names=["image"])
+    sigma = _check_sigma(sigma)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int; got {n!r}")
     dtype = _float_dtype(xp, image)

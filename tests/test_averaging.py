@@ -52,10 +52,18 @@ def test_psnr_and_mse_definitions(to_xp):
         nlref.mse(a, to_xp(np.zeros((4, 3))))
 
 
-@pytest.mark.parametrize("bad", [-0.1, float("nan"), "0.1"])
+@pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf"), "0.1", True])
 def test_bad_sigma(bad):
-    with pytest.raises(ValueError, match="sigma must be"):
+    with pytest.raises(ValueError, match="sigma must be a finite real number >= 0"):
         nlref.add_gaussian_noise(np.zeros(3), bad)
+    with pytest.raises(ValueError, match="sigma must be a finite real number >= 0"):
+        nlref.noisy_copies(np.zeros(3), bad, 2)
+
+
+def test_numpy_scalar_sigma_and_first_copy():
+    clean = np.zeros((5, 6), dtype=np.float32)
+    a = nlref.add_gaussian_noise(clean, np.float32(0.1), seed=4)
+    np.testing.assert_array_equal(a, nlref.noisy_copies(clean, 0.1, 3, seed=4)[0])
 
 
 def test_bad_counts():

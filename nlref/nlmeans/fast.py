@@ -227,10 +227,8 @@ def nl_means_fast(v, *, h, sigma, patch_size, search_size, aggregation="pixel", 
             steps.head(buf["d"], size),
             steps.head(buf["t"], size),
         )
-        src, spare = dist, ("b1", "b2")
-        for i, (width, step) in enumerate(box_axes):
-            src = steps.box(src, width, step, buf[spare[i % 2]])
-        return steps.weight(src, coef, bias, floor, steps.head(buf["w"], hi - lo))
+        box = _box_all(steps, dist, box_axes, buf["b1"], buf["b2"])
+        return steps.weight(box, coef, bias, floor, steps.head(buf["w"], hi - lo))
 
     def new_buffers(size):
         return {k: steps.buffer(size) for k in ("d", "t", "b1", "b2", "w", "tmp", "a1", "a2")}
@@ -293,12 +291,13 @@ def nl_means_fast(v, *, h, sigma, patch_size, search_size, aggregation="pixel", 
             w = weights(delta, a - K - delta, b + K, buf)
             share_fwd = steps.mul(w[delta : delta + m], inv_z, steps.head(buf["a1"], m))
             share_bwd = steps.mul(w[0:m], inv_z, steps.head(buf["a2"], m))
+            tmp = steps.head(buf["tmp"], n)
             spread_fwd = _box_all(steps, share_fwd, box_axes, buf["b1"], buf["b2"])
             for c, r in enumerate(rows):
-                num[c] = steps.accumulate_product(num[c], spread_fwd, r[a + delta : b + delta], steps.head(buf["tmp"], n))
+                num[c] = steps.accumulate_product(num[c], spread_fwd, r[a + delta : b + delta], tmp)
             spread_bwd = _box_all(steps, share_bwd, box_axes, buf["b1"], buf["b2"])
             for c, r in enumerate(rows):
-                num[c] = steps.accumulate_product(num[c], spread_bwd, r[a - delta : b - delta], steps.head(buf["tmp"], n))
+                num[c] = steps.accumulate_product(num[c], spread_bwd, r[a - delta : b - delta], tmp)
             tick()
         return num
 
