@@ -32,6 +32,7 @@ __all__ = [
     "is_numpy",
     "is_cupy",
     "supports_out",
+    "native_namespace",
     "to_numpy",
     "reflect_pad",
     "normal",
@@ -105,6 +106,18 @@ def supports_out(xp) -> bool:
     other library gets the same arithmetic with fresh arrays.
     """
     return is_numpy(xp) or is_cupy(xp)
+
+
+def native_namespace(xp):
+    """The plain NumPy or CuPy module behind a wrapped namespace (for ``out=`` calls).
+
+    Only meaningful where :func:`supports_out` is true; raises otherwise.
+    """
+    if is_numpy(xp):
+        return np
+    if is_cupy(xp):
+        return importlib.import_module("cupy")
+    raise TypeError(f"native_namespace: {getattr(xp, '__name__', xp)!r} has no out= ufuncs")
 
 
 def to_numpy(x) -> np.ndarray:

@@ -38,7 +38,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from itertools import product
 
-from ..backend import array_namespace, device, is_numpy, reflect_pad, supports_out
+from ..backend import array_namespace, device, is_numpy, native_namespace, reflect_pad, supports_out
 
 __all__ = ["nl_means_fast", "working_memory"]
 
@@ -56,17 +56,6 @@ def _c_strides(shape):
     return tuple(reversed(strides))
 
 
-def _native(xp):
-    """The plain NumPy or CuPy module behind a wrapped namespace (for ``out=``)."""
-    if is_numpy(xp):
-        import numpy
-
-        return numpy
-    import cupy
-
-    return cupy
-
-
 class _Steps:
     """The elementwise steps of the offset loop, in place where the library allows.
 
@@ -77,7 +66,7 @@ class _Steps:
     def __init__(self, xp, dtype):
         self.xp = xp
         self.dtype = dtype
-        self.np = _native(xp) if supports_out(xp) else None
+        self.np = native_namespace(xp) if supports_out(xp) else None
 
     def buffer(self, n):
         return self.np.empty(n, dtype=self.dtype) if self.np is not None else None
