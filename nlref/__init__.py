@@ -4,10 +4,11 @@ The same functions run on NumPy, CuPy, PyTorch tensors and any array-API
 library; results come back in the library, device and dtype they were given.
 """
 
-from . import averaging, backend, data, metrics, viz
+from . import averaging, backend, data, metrics, nn, viz
 from .averaging import add_gaussian_noise, average, averaging_curve, noisy_copies
 from .metrics import mse, psnr
 from .nlmeans import estimate_sigma, nl_means, nl_means_weights, resolve_parameters
+from .nn import NonLocalBlock, gradcheck, layer_gradcheck
 
 __version__ = "0.1.0"
 
@@ -15,4 +16,5 @@ __all__ = [
     "nl_means", "nl_means_weights", "resolve_parameters", "estimate_sigma",
     "add_gaussian_noise", "noisy_copies", "average", "averaging_curve",
     "mse", "psnr", "backend", "data", "averaging", "metrics", "viz",
+    "NonLocalBlock", "gradcheck", "layer_gradcheck", "nn",
 ]

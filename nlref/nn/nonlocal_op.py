@@ -1,0 +1,300 @@
+r"""The non-local operation, Eq. (1) of Wang et al. (CVPR 2018), forward and backward.
+
+.. math:: y_i = \frac{1}{\mathcal C(x)} \sum_j f(x_i, x_j)\, g(x_j)
+
+Query ``i`` runs over the ``N`` positions of ``theta`` and key ``j`` over the
+``M`` positions of ``phi`` and ``g`` (``M = N``, or fewer when the keys are
+subsampled). The four pairwise functions of the paper, with their normalisers:
+
+================== ================================== ===============================
+mode               f(x_i, x_j)                        C(x)
+================== ================================== ===============================
+gaussian           exp(x_i^T x_j)  (raw input)        sum_j f  -> a softmax over j
+embedded_gaussian  exp(theta_i^T phi_j)               sum_j f  -> a softmax over j
+dot_product        theta_i^T phi_j                    M (the number of keys)
+concatenation      ReLU(w_f^T [theta_i; phi_j])       M
+================== ================================== ===============================
+
+For ``gaussian`` the caller passes the input itself as ``theta`` and ``phi``.
+The softmax modes accept ``scale`` (``1/sqrt(d)`` in the official Caffe2 code
+and mmcv, 1 in the paper) multiplying the logits.
+
+Arrays are flattened feature maps: ``theta`` (B, d, N), ``phi`` (B, d, M),
+``g`` (B, d_g, M); the output ``y`` is (B, d_g, N); the attention matrix
+``A = f / C`` is (B, N, M) and ``y = g A^T``.
+
+Two implementations of the same function:
+
+* the **full** form builds ``A`` (``B * N * M`` numbers) and keeps it for the
+  backward pass: the textbook form, and the fastest while it fits in memory;
+* the **chunked** form (``chunk_size=c``) walks over blocks of ``c`` keys with an
+  online softmax (running maximum and running sum, rescaling the partial output
+  when the maximum grows) and recomputes each block of ``A`` in the backward
+  pass. It never holds more than ``B * N * c`` attention values, so its memory
+  grows linearly in ``N`` for a fixed ``c``; outputs and gradients equal the
+  full form's to rounding.
+
+:func:`nonlocal_reference` is the specification: a loop over queries that
+reads like Eq. (1). The tests hold both forms to it.
+"""
+
+from __future__ import annotations
+
+import math
+
+from ..backend import array_namespace, device
+from .functional import (
+    _exp_inplace,
+    concat_pairwise_backward,
+    concat_pairwise_forward,
+    dot_pairwise_backward,
+    dot_pairwise_forward,
+)
+
+__all__ = ["MODES", "SOFTMAX_MODES", "nonlocal_forward", "nonlocal_backward", "attention_map",
+           "nonlocal_reference", "check_mode", "cached_attention"]
+
+MODES = ("gaussian", "embedded_gaussian", "dot_product", "concatenation")
+SOFTMAX_MODES = ("gaussian", "embedded_gaussian")
+
+
+def check_mode(mode):
+    """Raise a ValueError naming the allowed modes unless ``mode`` is one of :data:`MODES`."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}; got {mode!r}")
+
+
+def _check(theta, phi, g, mode, scale, w_f, chunk_size):
+    check_mode(mode)
+    for name, a in (("theta", theta), ("phi", phi), ("g", g)):
+        if a is not None and a.ndim != 3:
+            raise ValueError(f"{name} must have shape (B, channels, positions), got {tuple(a.shape)}")
+    if phi.shape[:2] != theta.shape[:2]:
+        raise ValueError(f"phi {tuple(phi.shape)} must match theta {tuple(theta.shape)} in batch and channels")
+    if g is not None and (g.shape[0] != phi.shape[0] or g.shape[2] != phi.shape[2]):
+        raise ValueError(f"g {tuple(g.shape)} must match phi {tuple(phi.shape)} in batch and positions")
+    if (mode == "concatenation") != (w_f is not None):
+        raise ValueError("w_f (shape (2d,)) is required by mode='concatenation' and only by it")
+    if scale != 1.0 and mode not in SOFTMAX_MODES:
+        raise ValueError(f"scale applies to the softmax modes {SOFTMAX_MODES}; mode={mode!r} needs scale=1")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+
+
+def _pairwise(theta, phi, mode, scale, w_f):
+    """f (or its logits, for the softmax modes) for all queries against the keys in ``phi``."""
+    if mode == "concatenation":
+        return concat_pairwise_forward(theta, phi, w_f)
+    return dot_pairwise_forward(theta, phi, scale)
+
+
+def _pairwise_backward(df, cache, mode):
+    """(dtheta, dphi, dw_f); dw_f is None except for the concatenation."""
+    if mode == "concatenation":
+        return concat_pairwise_backward(df, cache)
+    return dot_pairwise_backward(df, cache) + (None,)
+
+
+def _softmax_rows_inplace(xp, s):
+    """Softmax over the last axis of a fresh temporary ``s``, reusing its memory."""
+    s -= xp.max(s, axis=-1, keepdims=True)
+    s = _exp_inplace(xp, s)
+    s /= xp.sum(s, axis=-1, keepdims=True)
+    return s
+
+
+def attention_map(theta, phi, *, mode, scale=1.0, w_f=None):
+    """The normalised pairwise matrix ``A = f / C``, shape (B, N, M); rows sum to 1 for the softmax modes."""
+    _check(theta, phi, None, mode, scale, w_f, None)
+    xp = array_namespace(theta, phi)
+    f, _ = _pairwise(theta, phi, mode, scale, w_f)
+    if mode in SOFTMAX_MODES:
+        return _softmax_rows_inplace(xp, f)
+    f /= phi.shape[2]
+    return f
+
+
+def cached_attention(cache):
+    """The attention matrix kept by a full-form forward pass, or None for the chunked form."""
+    return cache[4] if cache[0] == "full" else None
+
+
+def nonlocal_forward(theta, phi, g, *, mode, scale=1.0, w_f=None, chunk_size=None):
+    r"""y = g A^T with A = f / C: the non-local operation for every query at once.
+
+    Parameters
+    ----------
+    theta : array, shape (B, d, N)
+        Queries (the input itself for ``mode="gaussian"``).
+    phi : array, shape (B, d, M)
+        Keys (the input, or the subsampled input, for ``mode="gaussian"``).
+    g : array, shape (B, d_g, M)
+        Values.
+    mode : {"gaussian", "embedded_gaussian", "dot_product", "concatenation"}
+    scale : float
+        Multiplies the logits of the softmax modes; must be 1 for the others.
+    w_f : array, shape (2d,), only for ``mode="concatenation"``
+    chunk_size : int, optional
+        Process keys in blocks of this many (the memory-efficient form).
+
+    Returns
+    -------
+    y : array, shape (B, d_g, N)
+    cache : tuple, for :func:`nonlocal_backward`
+    """
+    _check(theta, phi, g, mode, scale, w_f, chunk_size)
+    if chunk_size is None:
+        return _forward_full(theta, phi, g, mode, scale, w_f)
+    return _forward_chunked(theta, phi, g, mode, scale, w_f, chunk_size)
+
+
+def nonlocal_backward(dy, cache):
+    r"""Gradients of :func:`nonlocal_forward`.
+
+    .. math::
+        dg = dy\,A, \qquad dA = dy^\top g, \qquad
+        df_{ij} = A_{ij}\,(dA_{ij} - dy_i^\top y_i) \ \text{(softmax)}, \qquad
+        df = dA / M \ \text{(dot, concatenation)}
+
+    then back through the pairwise function to ``theta``, ``phi`` (and ``w_f``).
+    The softmax row sum :math:`\sum_j dA_{ij} A_{ij}` equals :math:`dy_i^\top y_i`
+    (substitute :math:`dA_{ij} = dy_i^\top g_j` and :math:`y_i = \sum_j A_{ij} g_j`),
+    which costs ``O(N d_g)`` instead of ``O(N M)`` and lets the chunked form
+    compute it before visiting any block.
+
+    Returns
+    -------
+    dtheta : array, shape (B, d, N)
+    dphi : array, shape (B, d, M)
+    dg : array, shape (B, d_g, M)
+    dw_f : array, shape (2d,), or None unless ``mode="concatenation"``
+    """
+    if cache[0] == "full":
+        return _backward_full(dy, cache)
+    return _backward_chunked(dy, cache)
+
+
+# --------------------------------------------------------------------------- full form
+def _forward_full(theta, phi, g, mode, scale, w_f):
+    xp = array_namespace(theta, phi, g)
+    f, f_cache = _pairwise(theta, phi, mode, scale, w_f)
+    if mode in SOFTMAX_MODES:
+        a = _softmax_rows_inplace(xp, f)
+    else:
+        f /= phi.shape[2]
+        a = f
+    y = xp.matmul(g, xp.matrix_transpose(a))  # (B, d_g, M) @ (B, M, N)
+    return y, ("full", mode, f_cache, g, a, y)
+
+
+def _backward_full(dy, cache):
+    _, mode, f_cache, g, a, y = cache
+    xp = array_namespace(dy, g)
+    dg = xp.matmul(dy, a)  # (B, d_g, N) @ (B, N, M)
+    da = xp.matmul(xp.matrix_transpose(dy), g)  # (B, N, d_g) @ (B, d_g, M)
+    if mode in SOFTMAX_MODES:
+        da -= xp.sum(dy * y, axis=1)[:, :, None]
+        da *= a
+    else:
+        da /= a.shape[2]
+    dtheta, dphi, dw_f = _pairwise_backward(da, f_cache, mode)
+    return dtheta, dphi, dg, dw_f
+
+
+# --------------------------------------------------------------------------- chunked form
+def _blocks(m, chunk_size):
+    return [slice(j, min(j + chunk_size, m)) for j in range(0, m, chunk_size)]
+
+
+def _keys(a, block):
+    return a[:, :, block]
+
+
+def _forward_chunked(theta, phi, g, mode, scale, w_f, chunk_size):
+    xp = array_namespace(theta, phi, g)
+    b, _, n = theta.shape
+    m = phi.shape[2]
+    dev = device(theta)
+    acc = xp.zeros((b, g.shape[1], n), dtype=theta.dtype, device=dev)
+    if mode in SOFTMAX_MODES:
+        run_max = xp.full((b, n), -math.inf, dtype=theta.dtype, device=dev)
+        run_sum = xp.zeros((b, n), dtype=theta.dtype, device=dev)
+    for block in _blocks(m, chunk_size):
+        f, _ = _pairwise(theta, _keys(phi, block), mode, scale, w_f)  # (B, N, c)
+        if mode in SOFTMAX_MODES:
+            new_max = xp.maximum(run_max, xp.max(f, axis=2))
+            f -= new_max[:, :, None]
+            p = _exp_inplace(xp, f)
+            rescale = xp.exp(run_max - new_max)  # how much the old terms shrink
+            run_sum = run_sum * rescale + xp.sum(p, axis=2)
+            acc = acc * rescale[:, None, :] + xp.matmul(_keys(g, block), xp.matrix_transpose(p))
+            run_max = new_max
+        else:
+            acc += xp.matmul(_keys(g, block), xp.matrix_transpose(f))
+    if mode in SOFTMAX_MODES:
+        y = acc / run_sum[:, None, :]
+        log_norm = run_max + xp.log(run_sum)  # log C_i, so that A_ij = exp(logit_ij - log C_i)
+    else:
+        y = acc / m
+        log_norm = None
+    return y, ("chunked", mode, scale, w_f, chunk_size, theta, phi, g, y, log_norm)
+
+
+def _backward_chunked(dy, cache):
+    _, mode, scale, w_f, chunk_size, theta, phi, g, y, log_norm = cache
+    xp = array_namespace(dy, theta)
+    m = phi.shape[2]
+    softmax = mode in SOFTMAX_MODES
+    if softmax:
+        row_dot = xp.sum(dy * y, axis=1)[:, :, None]  # sum_j dA_ij A_ij, for every block at once
+    dtheta = xp.zeros(theta.shape, dtype=theta.dtype, device=device(theta))
+    dw_f = None
+    dphi_blocks, dg_blocks = [], []
+    for block in _blocks(m, chunk_size):
+        f, f_cache = _pairwise(theta, _keys(phi, block), mode, scale, w_f)  # recomputed
+        if softmax:
+            f -= log_norm[:, :, None]
+            a = _exp_inplace(xp, f)
+        else:
+            f /= m
+            a = f
+        dg_blocks.append(xp.matmul(dy, a))
+        da = xp.matmul(xp.matrix_transpose(dy), _keys(g, block))
+        if softmax:
+            da -= row_dot
+            da *= a
+        else:
+            da /= m
+        dtheta_b, dphi_b, dw_f_b = _pairwise_backward(da, f_cache, mode)
+        dtheta += dtheta_b
+        dphi_blocks.append(dphi_b)
+        if dw_f_b is not None:
+            dw_f = dw_f_b if dw_f is None else dw_f + dw_f_b
+    return dtheta, xp.concat(dphi_blocks, axis=2), xp.concat(dg_blocks, axis=2), dw_f
+
+
+# --------------------------------------------------------------------------- specification
+def nonlocal_reference(theta, phi, g, *, mode, scale=1.0, w_f=None):
+    r"""Eq. (1) query by query: the slow, obviously correct definition.
+
+    For each query position ``i``: evaluate ``f(x_i, x_j)`` against every key,
+    divide by ``C(x)``, and average the values ``g(x_j)`` with those weights.
+    """
+    _check(theta, phi, g, mode, scale, w_f, None)
+    xp = array_namespace(theta, phi, g)
+    d, m = theta.shape[1], phi.shape[2]
+    columns = []
+    for i in range(theta.shape[2]):
+        q = theta[:, :, i:i + 1]  # (B, d, 1)
+        if mode == "concatenation":
+            pre = xp.sum(w_f[:d][None, :, None] * q, axis=1) + xp.sum(w_f[d:][None, :, None] * phi, axis=1)
+            f = xp.where(pre > 0, pre, xp.zeros_like(pre))  # (B, M)
+        else:
+            f = scale * xp.sum(q * phi, axis=1)  # (B, M)
+        if mode in SOFTMAX_MODES:
+            f = xp.exp(f - xp.max(f, axis=1, keepdims=True))  # exp(s_ij) up to a factor that C cancels
+            c = xp.sum(f, axis=1, keepdims=True)
+        else:
+            c = m
+        columns.append(xp.sum((f / c)[:, None, :] * g, axis=2))  # (B, d_g)
+    return xp.stack(columns, axis=2)

@@ -1,0 +1,333 @@
+"""NonLocalBlock: gradient checks over every option, the PyTorch oracle, identity at start,
+equivariance, stability, chunked == full, AlexHex7 weight interchange, bad input."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+import nlref
+import nlref.backend as B
+from nlref.nn import NonLocalBlock, layer_gradcheck
+from nlref.nn.nonlocal_op import MODES, SOFTMAX_MODES
+from conftest import assert_same_library
+
+SHAPES = {1: (2, 4, 6), 2: (2, 4, 4, 4), 3: (2, 4, 2, 4, 4)}
+
+
+def _configs():
+    """Every mode x sub_sample x bn_layer x pool x scale (scale only where it applies)."""
+    for mode, sub, bn, pool in itertools.product(MODES, (True, False), (True, False), ("after", "before")):
+        for scale in ((False, True) if mode in SOFTMAX_MODES else (False,)):
+            yield dict(mode=mode, sub_sample=sub, bn_layer=bn, pool=pool, scale=scale)
+
+
+CONFIGS = list(_configs())
+CONFIG_IDS = ["-".join(f"{k}={v}" for k, v in c.items()) for c in CONFIGS]
+
+
+def _margins_ok(block, x):
+    """No pooled window within 1e-4 of a tie and no concatenation pre-activation within 1e-4 of 0."""
+    from nlref.nn import functional as F
+
+    xp = block.xp
+    checks = []
+    keys = x
+    if block.sub_sample and block.pool == "before":
+        checks.append(keys)
+        keys, _ = F.maxpool_forward(x, block.kernel)
+    for name in ("phi", "g"):
+        if name == "phi" and block.mode == "gaussian":
+            h = keys
+        else:
+            h, _ = F.conv1x1_forward(keys, block.params[f"{name}.weight"], block.params[f"{name}.bias"])
+        if block.sub_sample and block.pool == "after":
+            checks.append(h)
+    for h in checks:
+        w = np.sort(B.to_numpy(F._windows(h, block.kernel)), axis=-1)
+        if np.min(w[..., -1] - w[..., -2]) < 1e-4:
+            return False
+    if block.mode == "concatenation":
+        theta, _ = F.conv1x1_forward(x, block.params["theta.weight"], block.params["theta.bias"])
+        phi = F.conv1x1_forward(keys, block.params["phi.weight"], block.params["phi.bias"])[0]
+        if block.sub_sample and block.pool == "after":
+            phi, _ = F.maxpool_forward(phi, block.kernel)
+        d = block.inter_channels
+        wf = B.to_numpy(block.params["w_f"])
+        a = np.einsum("c,bc...->b...", wf[:d], B.to_numpy(theta)).reshape(x.shape[0], -1)
+        b = np.einsum("c,bc...->b...", wf[d:], B.to_numpy(phi)).reshape(x.shape[0], -1)
+        if np.abs(a[:, :, None] + b[:, None, :]).min() < 1e-4:
+            return False
+    del xp
+    return True
+
+
+def _random_block(xp, dims, config, *, dtype="float64"):
+    """A block with every parameter and buffer random (gamma != 0) and an input away from kinks."""
+    for seed in range(50):
+        rng = np.random.default_rng(seed)
+        block = NonLocalBlock(4, dims=dims, dtype=dtype, seed=seed, xp=xp, **config)
+        for k, v in block.params.items():
+            block.params[k] = B.asarray(rng.standard_normal(tuple(v.shape)), like=v, dtype=v.dtype)
+        for k, v in block.buffers.items():
+            host = rng.uniform(0.5, 2.0, tuple(v.shape)) if k.endswith("var") else rng.standard_normal(tuple(v.shape))
+            block.buffers[k] = B.asarray(host, like=v, dtype=v.dtype)
+        x = B.asarray(rng.standard_normal(SHAPES[dims]), xp=xp, dtype=block.dtype)
+        if _margins_ok(block, x):
+            return block, x
+    raise AssertionError("no seed gave inputs away from the kinks")
+
+
+# --------------------------------------------------------------------------- gradient checks
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
+def test_block_gradcheck(xp_cpu, dims, config):
+    """Centred differences on NumPy; on array-api-strict (10x slower per call) random directions."""
+    block, x = _random_block(xp_cpu, dims, config)
+    method = "centred" if B.is_numpy(block.xp) else "random"
+    result = layer_gradcheck(block, x, method=method, directions=3)
+    assert result.passed, str(result)
+    assert set(result.errors) == {"x"} | set(block.params)
+
+
+def test_block_gradcheck_eval_mode_and_random_directions(xp_cpu):
+    block, x = _random_block(xp_cpu, 2, dict(mode="embedded_gaussian"))
+    block.eval()
+    assert layer_gradcheck(block, x).passed
+    assert layer_gradcheck(block, x, method="random", directions=2).passed
+
+
+# --------------------------------------------------------------------------- PyTorch oracle
+try:
+    import torch
+
+    from torch_oracle import TorchNonLocal, load_nlref_params, nlref_grads
+except ImportError:
+    torch = None
+needs_torch = pytest.mark.skipif(torch is None, reason="PyTorch (the optional oracle) is not installed")
+
+
+def _oracle_for(block):
+    module = TorchNonLocal(block.in_channels, mode=block.mode, inter=block.inter_channels, dims=block.dims,
+                           sub_sample=block.sub_sample, bn_layer=block.bn_layer, scale=block.scale,
+                           pool=block.pool).double()
+    conv = load_nlref_params(module, block.state_dict(), block.state_dict())
+    return module, conv
+
+
+@needs_torch
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
+def test_block_matches_torch_oracle(xp_cpu, dims, config):
+    for training in (True, False):
+        block, x = _random_block(xp_cpu, dims, config)
+        module, conv = _oracle_for(block)
+        block.train() if training else block.eval()
+        module.train(training)
+        z = block.forward(x)
+        dz_host = np.random.default_rng(5).standard_normal(SHAPES[dims])
+        dx = block.backward(B.asarray(dz_host, like=x))
+
+        tx = torch.tensor(B.to_numpy(x), requires_grad=True)
+        tz = module(tx)
+        (tz * torch.from_numpy(dz_host)).sum().backward()
+        np.testing.assert_allclose(B.to_numpy(z), tz.detach().numpy(), rtol=1e-10, atol=1e-10)
+        np.testing.assert_allclose(B.to_numpy(dx), tx.grad.numpy(), rtol=1e-10, atol=1e-10)
+        theirs = nlref_grads(module, conv)
+        assert set(theirs) == set(block.grads)
+        for k, v in theirs.items():
+            np.testing.assert_allclose(B.to_numpy(block.grads[k]), v, rtol=1e-10, atol=1e-10, err_msg=k)
+        if block.bn_layer:
+            for k in ("running_mean", "running_var"):
+                np.testing.assert_allclose(B.to_numpy(block.buffers[f"bn.{k}"]),
+                                           getattr(module.W[1], k).numpy(), rtol=1e-12, atol=1e-14)
+
+
+@needs_torch
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("bn_layer", [True, False])
+@pytest.mark.parametrize("sub_sample", [True, False])
+def test_alexhex7_layout_round_trip(mode, bn_layer, sub_sample):
+    """Our export loads into a module with the port's layout (strict keys), and its weights load back."""
+    block, x = _random_block(np, 3, dict(mode=mode, bn_layer=bn_layer, sub_sample=sub_sample))
+    block.forward(x)  # one training step: running stats and the batch counter move
+    module = TorchNonLocal(4, mode=mode, inter=2, dims=3, sub_sample=sub_sample, bn_layer=bn_layer).double()
+    exported = block.state_dict(layout="alexhex7")
+    module.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in exported.items()}, strict=True)
+    block.eval()
+    module.eval()
+    np.testing.assert_allclose(block.forward(x), module(torch.from_numpy(x)).detach().numpy(), rtol=1e-12, atol=1e-12)
+
+    fresh = TorchNonLocal(4, mode=mode, inter=2, dims=3, sub_sample=sub_sample, bn_layer=bn_layer).double()
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.normal_()
+    fresh.eval()
+    other = NonLocalBlock(4, mode=mode, dims=3, sub_sample=sub_sample, bn_layer=bn_layer, dtype="float64").eval()
+    other.load_state_dict(fresh.state_dict())  # torch tensors, the port's keys: recognised automatically
+    np.testing.assert_allclose(other.forward(x), fresh(torch.from_numpy(x)).detach().numpy(), rtol=1e-12, atol=1e-12)
+    if bn_layer:
+        assert other.num_batches_tracked == 0 and exported["W.1.num_batches_tracked"] == 1
+
+
+def test_alexhex7_keys_documented_example():
+    block = NonLocalBlock(8, dims=3, mode="concatenation")
+    keys = {k: v.shape for k, v in block.state_dict(layout="alexhex7").items()}
+    assert keys == {
+        "g.0.weight": (4, 8, 1, 1, 1), "g.0.bias": (4,), "theta.weight": (4, 8, 1, 1, 1), "theta.bias": (4,),
+        "phi.0.weight": (4, 8, 1, 1, 1), "phi.0.bias": (4,), "concat_project.0.weight": (1, 8, 1, 1),
+        "W.0.weight": (8, 4, 1, 1, 1), "W.0.bias": (8,), "W.1.weight": (8,), "W.1.bias": (8,),
+        "W.1.running_mean": (8,), "W.1.running_var": (8,), "W.1.num_batches_tracked": (),
+    }
+
+
+# --------------------------------------------------------------------------- properties
+@pytest.mark.parametrize("bn_layer", [True, False])
+@pytest.mark.parametrize("mode", MODES)
+def test_identity_at_start(xp, mode, bn_layer):
+    block = NonLocalBlock(4, mode=mode, dims=2, bn_layer=bn_layer, dtype="float64", xp=xp)
+    x = B.asarray(np.random.default_rng(0).standard_normal((2, 4, 6, 6)), xp=xp)
+    for training in (True, False):
+        block.train() if training else block.eval()
+        z = block.forward(x)
+        assert_same_library(z, x)
+        np.testing.assert_array_equal(B.to_numpy(z), B.to_numpy(x))
+        dx = block.backward(B.asarray(np.random.default_rng(1).standard_normal((2, 4, 6, 6)), like=x))
+        np.testing.assert_array_equal(B.to_numpy(dx), np.random.default_rng(1).standard_normal((2, 4, 6, 6)))
+        for name, grad in block.grads.items():
+            if name.split(".")[0] in ("theta", "phi", "g", "w_f"):
+                assert np.all(B.to_numpy(grad) == 0), name
+        learning = ["bn.gamma"] if bn_layer else ["W_z.weight"]
+        assert all(np.any(B.to_numpy(block.grads[k]) != 0) for k in learning)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_permutation_equivariance_without_subsampling(xp_cpu, mode):
+    block, x = _random_block(xp_cpu, 2, dict(mode=mode, sub_sample=False))
+    perm = np.random.default_rng(2).permutation(16)
+    host = B.to_numpy(x)
+    shuffled = host.reshape(2, 4, 16)[:, :, perm].reshape(host.shape)
+    z = B.to_numpy(block.forward(x)).reshape(2, 4, 16)
+    z_perm = B.to_numpy(block.forward(B.asarray(shuffled, like=x))).reshape(2, 4, 16)
+    np.testing.assert_allclose(z_perm, z[:, :, perm], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", SOFTMAX_MODES)
+def test_huge_inputs_stay_finite(xp_cpu, mode):
+    block, x = _random_block(xp_cpu, 2, dict(mode=mode))
+    x = x * 1e4
+    z = block.forward(x)
+    dx = block.backward(B.asarray(np.ones(tuple(x.shape)), like=x))
+    assert np.all(np.isfinite(B.to_numpy(z))) and np.all(np.isfinite(B.to_numpy(dx)))
+    assert all(np.all(np.isfinite(B.to_numpy(g))) for g in block.grads.values())
+
+
+@pytest.mark.parametrize("dtype,tol", [("float64", 1e-12), ("float32", 1e-5)])
+@pytest.mark.parametrize("mode", MODES)
+def test_chunked_block_equals_full(xp_cpu, mode, dtype, tol):
+    full, x = _random_block(xp_cpu, 3, dict(mode=mode), dtype=dtype)
+    chunked = NonLocalBlock(4, mode=mode, dims=3, dtype=dtype, chunk_size=3, xp=xp_cpu)
+    chunked.params, chunked.buffers = dict(full.params), dict(full.buffers)
+    dz = B.asarray(np.random.default_rng(4).standard_normal(SHAPES[3]), like=x, dtype=x.dtype)
+    z_full, a_full = full.forward(x, return_attention=True)
+    z_chunk, a_chunk = chunked.forward(x, return_attention=True)
+    np.testing.assert_allclose(B.to_numpy(z_chunk), B.to_numpy(z_full), rtol=tol, atol=tol)
+    np.testing.assert_allclose(B.to_numpy(a_chunk), B.to_numpy(a_full), rtol=tol, atol=tol)
+    pairs = [(full.backward(dz), chunked.backward(dz))] + [(full.grads[k], chunked.grads[k]) for k in full.grads]
+    pairs = [(B.to_numpy(f), B.to_numpy(c)) for f, c in pairs]
+    biggest = max(np.linalg.norm(f) for f, _ in pairs)
+    for f, c in pairs:  # gradients that are zero in exact arithmetic are compared on the scale of the rest
+        assert np.linalg.norm(c - f) <= tol * max(np.linalg.norm(f), 0.1 * biggest)
+
+
+@pytest.mark.parametrize("dims,sub,keys", [(1, True, 3), (2, True, 4), (3, True, 8), (2, False, 16)])
+def test_attention_map_shape(dims, sub, keys):
+    shape = {1: (2, 4, 6), 2: (2, 4, 4, 4), 3: (2, 4, 2, 4, 4)}[dims]
+    block = NonLocalBlock(4, dims=dims, sub_sample=sub, dtype="float64")
+    z, a = block.forward(np.random.default_rng(0).standard_normal(shape), return_attention=True)
+    assert a.shape == (2, int(np.prod(shape[2:])), keys)
+    np.testing.assert_allclose(a.sum(axis=2), 1.0, rtol=1e-12)
+
+
+def test_state_dict_round_trip_and_library(xp):
+    block = NonLocalBlock(6, mode="concatenation", dims=1, dtype="float64", seed=3, xp=xp)
+    state = block.state_dict()
+    assert all(isinstance(v, np.ndarray) for v in state.values())
+    other = NonLocalBlock(6, mode="concatenation", dims=1, dtype="float64", seed=99, xp=xp).load_state_dict(state)
+    for k, v in block.params.items():
+        assert_same_library(other.params[k], v)
+        np.testing.assert_array_equal(B.to_numpy(other.params[k]), B.to_numpy(v))
+    state["g.weight"][0, 0] += 1  # a copy: the block is untouched
+    assert B.to_numpy(block.params["g.weight"])[0, 0] != state["g.weight"][0, 0]
+
+
+def test_top_level_exports():
+    assert nlref.NonLocalBlock is NonLocalBlock
+    assert callable(nlref.gradcheck)
+
+
+# --------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(mode="cosine"), "mode must be one of"),
+    (dict(pool="middle"), "pool must be 'after' or 'before'"),
+    (dict(inter_channels=0), "inter_channels must be an int >= 1"),
+    (dict(dims=4), "dims must be 1, 2 or 3"),
+    (dict(chunk_size=0), "chunk_size must be an int >= 1"),
+    (dict(mode="dot_product", scale=True), "scale=True applies to the softmax modes"),
+    (dict(dtype="float16"), "dtype must be 'float32' or 'float64'"),
+    (dict(sub_sample="yes"), "sub_sample must be True or False"),
+])
+def test_constructor_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        NonLocalBlock(4, **kwargs)
+    with pytest.raises(ValueError, match="in_channels must be an int >= 1"):
+        NonLocalBlock(0)
+
+
+def test_forward_backward_errors():
+    import array_api_strict
+
+    block = NonLocalBlock(4, dims=2)
+    with pytest.raises(RuntimeError, match="backward\\(\\) called before forward\\(\\)"):
+        block.backward(np.zeros((1, 4, 4, 4), np.float32))
+    with pytest.raises(ValueError, match="x has 3 channels .* in_channels=4"):
+        block.forward(np.zeros((1, 3, 4, 4), np.float32))
+    with pytest.raises(ValueError, match=r"x must have shape \(B, C, H, W\) for dims=2"):
+        block.forward(np.zeros((1, 4, 4), np.float32))
+    with pytest.raises(TypeError, match="x has dtype float64 but the block's parameters are float32"):
+        block.forward(np.zeros((1, 4, 4, 4)))
+    with pytest.raises(TypeError, match="x comes from array_api_strict"):
+        block.forward(array_api_strict.zeros((1, 4, 4, 4), dtype=array_api_strict.float32))
+    with pytest.raises(TypeError):
+        block.forward([[1.0]])
+    with pytest.raises(ValueError, match="smaller than the sub-sampling kernel"):
+        block.forward(np.zeros((2, 4, 1, 4), np.float32))
+    z = block.forward(np.ones((2, 4, 4, 4), np.float32))
+    with pytest.raises(ValueError, match="dz must have the shape of z"):
+        block.backward(np.zeros((2, 4, 4), np.float32))
+    with pytest.raises(TypeError, match="dz must be a float32 array of the block's library"):
+        block.backward(np.zeros((2, 4, 4, 4)))
+    block.backward(np.zeros_like(z))
+    with pytest.raises(RuntimeError, match="or twice"):
+        block.backward(np.zeros_like(z))
+
+
+def test_load_state_dict_errors_leave_block_intact():
+    block = NonLocalBlock(4, dims=2, seed=1)
+    before = block.state_dict()
+    bad = dict(before)
+    bad.pop("theta.weight")
+    bad["extra"] = np.zeros(1)
+    with pytest.raises(ValueError, match=r"missing keys \['theta.weight'\], unexpected keys \['extra'\]"):
+        block.load_state_dict(bad)
+    wrong = dict(before, **{"g.weight": np.zeros((3, 4)), "bn.gamma": np.ones(4) * 5})
+    with pytest.raises(ValueError, match=r"state\['g.weight'\] has shape \(3, 4\), expected \(2, 4\)"):
+        block.load_state_dict(wrong)
+    with pytest.raises(ValueError, match="NaN"):
+        block.load_state_dict(dict(before, **{"phi.bias": np.array([np.nan, 0.0])}))
+    after = block.state_dict()
+    assert all(np.array_equal(before[k], after[k]) for k in before)  # nothing half-loaded
+    with pytest.raises(ValueError, match="layout must be"):
+        block.load_state_dict(before, layout="caffe2")
+    with pytest.raises(ValueError, match="AlexHex7 port pools after the convolutions"):
+        NonLocalBlock(4, pool="before").state_dict(layout="alexhex7")

@@ -1,0 +1,346 @@
+"""Forward/backward pairs of nlref.nn.functional: gradient checks, PyTorch as oracle, errors."""
+
+import numpy as np
+import pytest
+
+import nlref.backend as B
+from nlref.nn import functional as F
+from nlref.nn import gradcheck
+from conftest import assert_same_library
+
+RNG = np.random.default_rng(7)
+
+
+def _x(shape, xp, *, away_from=None, margin=1e-2):
+    """float64 normal samples in ``xp``; with ``away_from``, no sample within ``margin`` of it."""
+    host = RNG.standard_normal(shape)
+    if away_from is not None:
+        close = np.abs(host - away_from) < margin
+        host[close] += np.sign(host[close] - away_from + 1e-300) * 2 * margin
+    return B.asarray(host, xp=xp)
+
+
+def _distinct(shape, xp):
+    """Samples whose gaps are all at least 1e-3 (no ties at a max-pool kink)."""
+    n = int(np.prod(shape))
+    host = (RNG.permutation(n) * 1e-2 + RNG.uniform(0, 1e-3, n)).reshape(shape)
+    return B.asarray(host - host.mean(), xp=xp)
+
+
+def _check(forward, backward, inputs, **kw):
+    result = gradcheck(forward, backward, inputs, **kw)
+    assert result.passed, str(result)
+    return result
+
+
+# --------------------------------------------------------------------------- gradient checks
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(2, 3, 5), (2, 3, 2, 3), (2, 3, 2, 2, 3)], ids=["1d", "2d", "3d"])
+def test_conv1x1_gradcheck(xp_cpu, shape, bias):
+    inputs = {"x": _x(shape, xp_cpu), "w": _x((4, 3), xp_cpu)}
+    if bias:
+        inputs["b"] = _x((4,), xp_cpu)
+    cache = {}
+
+    def forward(**kw):
+        out, cache["c"] = F.conv1x1_forward(**kw)
+        return out
+
+    def backward(dout):
+        dx, dw, db = F.conv1x1_backward(dout, cache["c"])
+        assert (db is None) == (not bias)
+        return {"x": dx, "w": dw, "b": db} if bias else {"x": dx, "w": dw}
+
+    _check(forward, backward, inputs)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape", [(3, 2, 4), (2, 3, 2, 3), (2, 2, 2, 2, 3)], ids=["1d", "2d", "3d"])
+def test_batchnorm_gradcheck(xp_cpu, shape, training):
+    c = shape[1]
+    state0 = {"running_mean": _x((c,), xp_cpu), "running_var": B.asarray(RNG.uniform(0.5, 2, c), xp=xp_cpu)}
+    inputs = {"x": _x(shape, xp_cpu), "gamma": _x((c,), xp_cpu), "beta": _x((c,), xp_cpu)}
+    cache = {}
+
+    def forward(x, gamma, beta):
+        out, cache["c"] = F.batchnorm_forward(x, gamma, beta, dict(state0), training=training)
+        return out
+
+    def backward(dout):
+        dx, dgamma, dbeta = F.batchnorm_backward(dout, cache["c"])
+        return {"x": dx, "gamma": dgamma, "beta": dbeta}
+
+    _check(forward, backward, inputs)
+
+
+def test_relu_gradcheck(xp_cpu):
+    cache = {}
+
+    def forward(x):
+        out, cache["c"] = F.relu_forward(x)
+        return out
+
+    _check(forward, lambda d: {"x": F.relu_backward(d, cache["c"])}, {"x": _x((3, 4, 5), xp_cpu, away_from=0.0)})
+
+
+@pytest.mark.parametrize("shape,kernel", [((2, 3, 9), (2,)), ((2, 2, 5, 6), (2, 2)), ((1, 2, 3, 5, 4), (1, 2, 2)),
+                                          ((1, 2, 4, 4), (3, 1))], ids=["1d-odd", "2d-odd", "3d", "2d-3x1"])
+def test_maxpool_gradcheck(xp_cpu, shape, kernel):
+    cache = {}
+
+    def forward(x):
+        out, cache["c"] = F.maxpool_forward(x, kernel)
+        return out
+
+    _check(forward, lambda d: {"x": F.maxpool_backward(d, cache["c"])}, {"x": _distinct(shape, xp_cpu)})
+
+
+@pytest.mark.parametrize("axis", [-1, 1])
+def test_softmax_gradcheck(xp_cpu, axis):
+    cache = {}
+
+    def forward(s):
+        out, cache["c"] = F.softmax_forward(s, axis=axis)
+        return out
+
+    _check(forward, lambda d: {"s": F.softmax_backward(d, cache["c"])}, {"s": _x((2, 3, 4), xp_cpu)})
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_dot_pairwise_gradcheck(xp_cpu, scale):
+    cache = {}
+
+    def forward(theta, phi):
+        out, cache["c"] = F.dot_pairwise_forward(theta, phi, scale)
+        return out
+
+    def backward(d):
+        dtheta, dphi = F.dot_pairwise_backward(d, cache["c"])
+        return {"theta": dtheta, "phi": dphi}
+
+    _check(forward, backward, {"theta": _x((2, 3, 5), xp_cpu), "phi": _x((2, 3, 4), xp_cpu)})
+
+
+def _concat_inputs(xp, d=3, n=5, m=4):
+    """theta, phi, w_f with every a_i + b_j at least 1e-2 away from the ReLU kink."""
+    for seed in range(100):
+        rng = np.random.default_rng(seed)
+        theta, phi, w = rng.standard_normal((2, d, n)), rng.standard_normal((2, d, m)), rng.standard_normal(2 * d)
+        pre = np.einsum("c,bcn->bn", w[:d], theta)[:, :, None] + np.einsum("c,bcm->bm", w[d:], phi)[:, None, :]
+        if np.abs(pre).min() > 1e-2 and (pre > 0).any() and (pre < 0).any():
+            return {k: B.asarray(v, xp=xp) for k, v in (("theta", theta), ("phi", phi), ("w_f", w))}
+    raise AssertionError("no seed gave inputs away from the kink")
+
+
+def test_concat_pairwise_gradcheck(xp_cpu):
+    cache = {}
+
+    def forward(theta, phi, w_f):
+        out, cache["c"] = F.concat_pairwise_forward(theta, phi, w_f)
+        return out
+
+    def backward(d):
+        dtheta, dphi, dw_f = F.concat_pairwise_backward(d, cache["c"])
+        return {"theta": dtheta, "phi": dphi, "w_f": dw_f}
+
+    _check(forward, backward, _concat_inputs(xp_cpu))
+
+
+def test_random_direction_gradcheck_agrees(xp_cpu):
+    cache = {}
+
+    def forward(theta, phi):
+        out, cache["c"] = F.dot_pairwise_forward(theta, phi, 0.3)
+        return out
+
+    def backward(d):
+        dtheta, dphi = F.dot_pairwise_backward(d, cache["c"])
+        return {"theta": dtheta, "phi": dphi}
+
+    inputs = {"theta": _x((2, 8, 40), xp_cpu), "phi": _x((2, 8, 30), xp_cpu)}
+    result = _check(forward, backward, inputs, method="random", directions=4)
+    assert set(result.errors) == {"theta", "phi"} and result.method == "random"
+
+
+def test_gradcheck_catches_a_wrong_backward(xp_cpu):
+    """The checker itself can fail: a backward that is off by 1% must be caught."""
+    cache = {}
+
+    def forward(s):
+        out, cache["c"] = F.softmax_forward(s)
+        return out
+
+    def wrong(d):
+        return {"s": 1.01 * F.softmax_backward(d, cache["c"])}
+
+    for method in ("centred", "random"):
+        result = gradcheck(forward, wrong, {"s": _x((2, 5), xp_cpu)}, method=method)
+        assert not result.passed and 5e-3 < result.max_error < 2e-2
+        assert "too large" in str(result)
+
+
+def test_gradcheck_reports_structural_zeros(xp_cpu):
+    """A bias followed by training-mode batch norm has an exactly zero gradient."""
+    cache = {}
+
+    def forward(x, b):
+        y, cache["conv"] = F.conv1x1_forward(x, w, b)
+        out, cache["bn"] = F.batchnorm_forward(y, gamma, beta, dict(state), training=True)
+        return out
+
+    def backward(d):
+        dy, _, _ = F.batchnorm_backward(d, cache["bn"])
+        dx, _, db = F.conv1x1_backward(dy, cache["conv"])
+        return {"x": dx, "b": db}
+
+    w, gamma, beta = _x((3, 3), xp_cpu), _x((3,), xp_cpu), _x((3,), xp_cpu)
+    state = {"running_mean": _x((3,), xp_cpu), "running_var": _x((3,), xp_cpu)}
+    result = _check(forward, backward, {"x": _x((2, 3, 6), xp_cpu), "b": _x((3,), xp_cpu)})
+    assert result.zero == ["b"] and "x" not in result.zero
+
+
+def test_gradcheck_errors():
+    x = np.ones((2, 3), dtype=np.float32)
+    with pytest.raises(TypeError, match="float64"):
+        gradcheck(lambda x: x, lambda d: {"x": d}, {"x": x})
+    with pytest.raises(ValueError, match="method"):
+        gradcheck(lambda x: x, lambda d: {"x": d}, {"x": x.astype(np.float64)}, method="forward")
+    with pytest.raises(ValueError, match="wrt"):
+        gradcheck(lambda x: x, lambda d: {"x": d}, {"x": x.astype(np.float64)}, wrt=["y"])
+
+
+# --------------------------------------------------------------------------- every library
+def test_functional_keeps_library(xp):
+    x = _x((2, 4, 3, 4), xp)
+    out, _ = F.conv1x1_forward(x, _x((2, 4), xp), _x((2,), xp))
+    assert_same_library(out, x)
+    out, cache = F.maxpool_forward(x, (2, 2))
+    assert_same_library(F.maxpool_backward(out, cache), x)
+    state = {"running_mean": _x((4,), xp), "running_var": _x((4,), xp)}
+    out, cache = F.batchnorm_forward(x, _x((4,), xp), _x((4,), xp), state, training=True)
+    assert_same_library(F.batchnorm_backward(out, cache)[0], x)
+    assert_same_library(state["running_var"], x)
+    p, cache = F.softmax_forward(x)
+    assert_same_library(F.softmax_backward(p, cache), x)
+
+
+# --------------------------------------------------------------------------- PyTorch oracle
+try:
+    import torch
+
+    TF = torch.nn.functional
+except ImportError:  # the oracle is optional
+    torch = None
+needs_torch = pytest.mark.skipif(torch is None, reason="PyTorch (the optional oracle) is not installed")
+
+
+def _t(a):
+    return torch.tensor(B.to_numpy(a), dtype=torch.float64, requires_grad=True)
+
+
+def _close(ours, theirs, tol=1e-12):
+    np.testing.assert_allclose(B.to_numpy(ours), theirs.detach().numpy(), rtol=tol, atol=tol)
+
+
+@needs_torch
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_conv1x1_and_maxpool_match_torch(xp_cpu, dims):
+    shape = {1: (2, 3, 7), 2: (2, 3, 5, 7), 3: (2, 3, 3, 5, 5)}[dims]
+    x, w, b = _distinct(shape, xp_cpu), _x((4, 3), xp_cpu), _x((4,), xp_cpu)
+    kernel = F.pool_kernel(dims)
+    y, c1 = F.conv1x1_forward(x, w, b)
+    out, c2 = F.maxpool_forward(y, kernel)
+    dout = _x(tuple(out.shape), xp_cpu)
+    dy = F.maxpool_backward(dout, c2)
+    dx, dw, db = F.conv1x1_backward(dy, c1)
+
+    tx, tw, tb = _t(x), _t(w), _t(b)
+    conv = getattr(TF, f"conv{dims}d")
+    pool = getattr(TF, f"max_pool{dims}d")
+    tout = pool(conv(tx, tw.reshape(4, 3, *(1,) * dims), tb), kernel)
+    (tout * torch.tensor(B.to_numpy(dout))).sum().backward()
+    assert tuple(out.shape) == tuple(tout.shape)  # odd sizes floored as PyTorch does
+    _close(out, tout)
+    for ours, theirs in ((dx, tx), (dw, tw), (db, tb)):
+        _close(ours, theirs.grad)
+
+
+@needs_torch
+def test_maxpool_ties_route_to_first_like_torch(xp_cpu):
+    x = B.asarray(np.ones((1, 1, 4, 4)), xp=xp_cpu)
+    out, cache = F.maxpool_forward(x, (2, 2))
+    dx = F.maxpool_backward(B.asarray(np.ones((1, 1, 2, 2)), xp=xp_cpu), cache)
+    tx = _t(x)
+    TF.max_pool2d(tx, 2).sum().backward()
+    _close(dx, tx.grad, 0)
+    assert float(B.to_numpy(dx).sum()) == 4.0
+
+
+@needs_torch
+@pytest.mark.parametrize("training", [True, False])
+def test_batchnorm_matches_torch_including_running_stats(xp_cpu, training):
+    x, gamma, beta = _x((4, 3, 2, 5), xp_cpu), _x((3,), xp_cpu), _x((3,), xp_cpu)
+    rm, rv = _x((3,), xp_cpu), B.asarray(RNG.uniform(0.5, 2, 3), xp=xp_cpu)
+    state = {"running_mean": rm, "running_var": rv}
+    out, cache = F.batchnorm_forward(x, gamma, beta, state, training=training)
+    dout = _x(tuple(out.shape), xp_cpu)
+    dx, dgamma, dbeta = F.batchnorm_backward(dout, cache)
+
+    trm, trv = torch.tensor(B.to_numpy(rm)), torch.tensor(B.to_numpy(rv))
+    tx, tg, tb = _t(x), _t(gamma), _t(beta)
+    tout = TF.batch_norm(tx, trm, trv, tg, tb, training=training, momentum=0.1, eps=1e-5)
+    (tout * torch.tensor(B.to_numpy(dout))).sum().backward()
+    _close(out, tout)
+    _close(state["running_mean"], trm)
+    _close(state["running_var"], trv)
+    for ours, theirs in ((dx, tx), (dgamma, tg), (dbeta, tb)):
+        _close(ours, theirs.grad)
+    if not training:  # eval mode must leave the running statistics alone
+        assert state["running_mean"] is rm and state["running_var"] is rv
+
+
+@needs_torch
+def test_softmax_matches_torch_with_huge_logits(xp_cpu):
+    s = B.asarray(RNG.standard_normal((2, 3, 6)) * 1e4, xp=xp_cpu)
+    p, cache = F.softmax_forward(s)
+    dp = _x(tuple(p.shape), xp_cpu)
+    ds = F.softmax_backward(dp, cache)
+    assert np.all(np.isfinite(B.to_numpy(p))) and np.all(np.isfinite(B.to_numpy(ds)))
+    ts = _t(s)
+    tp = torch.softmax(ts, -1)
+    (tp * torch.tensor(B.to_numpy(dp))).sum().backward()
+    _close(p, tp)
+    _close(ds, ts.grad)
+
+
+@needs_torch
+def test_concat_pairwise_matches_explicit_concatenation(xp_cpu):
+    """ReLU(w_f^T [theta_i; phi_j]) built the expensive way, with the (B, N, M, 2d) tensor, in torch."""
+    inp = _concat_inputs(xp_cpu)
+    f, cache = F.concat_pairwise_forward(inp["theta"], inp["phi"], inp["w_f"])
+    df = _x(tuple(f.shape), xp_cpu)
+    grads = F.concat_pairwise_backward(df, cache)
+    th, ph, w = (_t(inp[k]) for k in ("theta", "phi", "w_f"))
+    n, m = th.shape[2], ph.shape[2]
+    pairs = torch.cat([th[:, :, :, None].expand(-1, -1, n, m), ph[:, :, None, :].expand(-1, -1, n, m)], dim=1)
+    tf = torch.relu(torch.einsum("c,bcnm->bnm", w, pairs))
+    (tf * torch.tensor(B.to_numpy(df))).sum().backward()
+    _close(f, tf)
+    for ours, theirs in zip(grads, (th, ph, w)):
+        _close(ours, theirs.grad)
+
+
+# --------------------------------------------------------------------------- errors
+def test_functional_errors():
+    x = np.zeros((1, 2, 3, 3))
+    with pytest.raises(ValueError, match="kernel must hold one positive size per spatial axis"):
+        F.maxpool_forward(x, (2,))
+    with pytest.raises(ValueError, match="smaller than the kernel"):
+        F.maxpool_forward(np.zeros((1, 2, 1, 3)), (2, 2))
+    with pytest.raises(ValueError, match="more than one value per channel"):
+        F.batchnorm_forward(np.zeros((1, 2, 1)), np.ones(2), np.zeros(2),
+                            {"running_mean": np.zeros(2), "running_var": np.ones(2)}, training=True)
+    with pytest.raises(ValueError, match=r"w_f must have shape \(4,\)"):
+        F.concat_pairwise_forward(np.zeros((1, 2, 3)), np.zeros((1, 2, 3)), np.zeros(3))
+    with pytest.raises(ValueError, match="dims must be 1, 2 or 3"):
+        F.pool_kernel(4)

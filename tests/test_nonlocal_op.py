@@ -1,0 +1,182 @@
+"""The non-local operation: the spec, the full form, the chunked form, gradients, stability, memory."""
+
+import tracemalloc
+
+import numpy as np
+import pytest
+
+import nlref.backend as B
+from nlref.nn import gradcheck
+from nlref.nn.nonlocal_op import (
+    MODES, SOFTMAX_MODES, attention_map, nonlocal_backward, nonlocal_forward, nonlocal_reference,
+)
+from conftest import assert_same_library
+
+
+def _inputs(xp, mode, *, b=2, d=3, n=7, m=5, dg=4, dtype=np.float64, seed=0):
+    """theta, phi, g (and w_f with every a_i + b_j away from the ReLU kink) in ``xp``."""
+    for s in range(seed, seed + 100):
+        rng = np.random.default_rng(s)
+        host = {"theta": rng.standard_normal((b, d, n)), "phi": rng.standard_normal((b, d, m)),
+                "g": rng.standard_normal((b, dg, m))}
+        if mode == "concatenation":
+            w = rng.standard_normal(2 * d)
+            host["w_f"] = w
+            pre = (w[:d] @ host["theta"])[:, :, None] + (w[d:] @ host["phi"])[:, None, :]
+            if np.abs(pre).min() < 1e-2:
+                continue
+        return {k: B.asarray(v.astype(dtype), xp=xp) for k, v in host.items()}
+    raise AssertionError("no seed gave inputs away from the kink")
+
+
+def _kw(mode, inputs, scale=None):
+    if scale is None:
+        scale = 0.6 if mode in SOFTMAX_MODES else 1.0
+    return dict(mode=mode, scale=scale, w_f=inputs.get("w_f"))
+
+
+def _args(inputs):
+    return inputs["theta"], inputs["phi"], inputs["g"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_full_equals_reference(xp, mode):
+    inp = _inputs(xp, mode)
+    y, _ = nonlocal_forward(*_args(inp), **_kw(mode, inp))
+    ref = nonlocal_reference(*_args(inp), **_kw(mode, inp))
+    assert_same_library(y, inp["theta"])
+    assert tuple(y.shape) == (2, 4, 7)
+    np.testing.assert_allclose(B.to_numpy(y), B.to_numpy(ref), rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_attention_is_normalised(xp_cpu, mode):
+    inp = _inputs(xp_cpu, mode)
+    a = B.to_numpy(attention_map(inp["theta"], inp["phi"], **_kw(mode, inp)))
+    assert a.shape == (2, 7, 5)
+    if mode in SOFTMAX_MODES:
+        np.testing.assert_allclose(a.sum(axis=2), 1.0, rtol=1e-14)
+        assert a.min() > 0
+    else:  # f / M: the sum of f over keys divided by their number
+        y, _ = nonlocal_forward(*_args(inp), **_kw(mode, inp))
+        np.testing.assert_allclose(np.einsum("bdm,bnm->bdn", B.to_numpy(inp["g"]), a), B.to_numpy(y), rtol=1e-12)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gradcheck(xp_cpu, mode):
+    inp = _inputs(xp_cpu, mode)
+    cache = {}
+    kw = _kw(mode, inp)
+    kw.pop("w_f")
+
+    def forward(theta, phi, g, w_f=None):
+        y, cache["c"] = nonlocal_forward(theta, phi, g, w_f=w_f, **kw)
+        return y
+
+    def backward(dy):
+        dtheta, dphi, dg, dw_f = nonlocal_backward(dy, cache["c"])
+        out = {"theta": dtheta, "phi": dphi, "g": dg}
+        if dw_f is not None:
+            out["w_f"] = dw_f
+        return out
+
+    result = gradcheck(forward, backward, inp)
+    assert result.passed, str(result)
+    assert set(result.errors) == set(inp)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 5, 64])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-12), (np.float32, 1e-5)])
+def test_chunked_equals_full(xp, mode, chunk, dtype, tol):
+    inp = _inputs(xp, mode, n=9, m=6, dtype=dtype)
+    kw = _kw(mode, inp)
+    y_full, c_full = nonlocal_forward(*_args(inp), **kw)
+    y_chunk, c_chunk = nonlocal_forward(*_args(inp), chunk_size=chunk, **kw)
+    assert_same_library(y_chunk, inp["theta"])
+    assert y_chunk.dtype == inp["theta"].dtype
+    dy = B.asarray(np.random.default_rng(1).standard_normal(tuple(y_full.shape)).astype(dtype), like=y_full)
+    np.testing.assert_allclose(B.to_numpy(y_chunk), B.to_numpy(y_full), rtol=tol, atol=tol)
+    for full, chunked in zip(nonlocal_backward(dy, c_full), nonlocal_backward(dy, c_chunk)):
+        if full is None:
+            assert chunked is None
+            continue
+        f, c = B.to_numpy(full), B.to_numpy(chunked)
+        assert np.linalg.norm(c - f) <= tol * np.linalg.norm(f)
+
+
+@pytest.mark.parametrize("chunk", [None, 3])
+@pytest.mark.parametrize("mode", SOFTMAX_MODES)
+def test_huge_logits_stay_finite(xp_cpu, mode, chunk):
+    """Logits of order 1e6: no overflow, no NaN; the softmax becomes a hard arg-max."""
+    inp = _inputs(xp_cpu, mode)
+    theta = inp["theta"] * 1e3
+    phi = inp["phi"] * 1e3
+    y, cache = nonlocal_forward(theta, phi, inp["g"], mode=mode, chunk_size=chunk)
+    grads = nonlocal_backward(B.asarray(np.ones(tuple(y.shape)), like=y), cache)
+    assert np.all(np.isfinite(B.to_numpy(y)))
+    assert all(np.all(np.isfinite(B.to_numpy(gr))) for gr in grads if gr is not None)
+    logits = np.einsum("bdn,bdm->bnm", B.to_numpy(theta), B.to_numpy(phi))
+    winner = np.take_along_axis(B.to_numpy(inp["g"])[:, :, None, :], logits.argmax(-1)[:, None, :, None], 3)[..., 0]
+    np.testing.assert_allclose(B.to_numpy(y), winner, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["embedded_gaussian", "concatenation"])
+def test_permutation_equivariance(xp_cpu, mode):
+    """Permuting queries permutes y; permuting keys and values together changes nothing."""
+    inp = _inputs(xp_cpu, mode, n=6, m=6)
+    rng = np.random.default_rng(3)
+    qp, kp = rng.permutation(6), rng.permutation(6)
+    y, _ = nonlocal_forward(*_args(inp), **_kw(mode, inp))
+    take = lambda a, p: B.asarray(B.to_numpy(a)[:, :, p], like=a)  # noqa: E731
+    y2, _ = nonlocal_forward(take(inp["theta"], qp), take(inp["phi"], kp), take(inp["g"], kp), **_kw(mode, inp))
+    np.testing.assert_allclose(B.to_numpy(y2), B.to_numpy(y)[:, :, qp], rtol=1e-12, atol=1e-14)
+
+
+def _peak(mode, n, chunk):
+    rng = np.random.default_rng(0)
+    d, b = 8, 1
+    m = n // 4
+    theta, phi, g = (rng.standard_normal(s).astype(np.float32) for s in ((b, d, n), (b, d, m), (b, d, m)))
+    w_f = rng.standard_normal(2 * d).astype(np.float32) if mode == "concatenation" else None
+    tracemalloc.start()
+    y, cache = nonlocal_forward(theta, phi, g, mode=mode, w_f=w_f, chunk_size=chunk)
+    nonlocal_backward(np.ones_like(y), cache)
+    del cache
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return peak
+
+
+@pytest.mark.parametrize("mode", ["embedded_gaussian", "concatenation"])
+def test_chunked_memory_grows_linearly(mode):
+    """Doubling N (and M = N/4 with it): the full form's peak grows ~4x, the chunked form's ~2x."""
+    n = 2048
+    full = [_peak(mode, n, None), _peak(mode, 2 * n, None)]
+    chunked = [_peak(mode, n, 64), _peak(mode, 2 * n, 64)]
+    assert 3.5 < full[1] / full[0] < 4.5
+    assert 1.6 < chunked[1] / chunked[0] < 2.4
+    attention_bytes = 4 * (2 * n) * (2 * n // 4)  # one float32 attention matrix at the larger size
+    assert full[1] > 2 * attention_bytes
+    assert chunked[1] < full[1] / 8
+
+
+def test_errors():
+    z = np.zeros((1, 2, 3))
+    with pytest.raises(ValueError, match="mode must be one of"):
+        nonlocal_forward(z, z, z, mode="cosine")
+    with pytest.raises(ValueError, match="theta must have shape"):
+        nonlocal_forward(np.zeros((2, 3)), z, z, mode="dot_product")
+    with pytest.raises(ValueError, match="phi .* must match theta"):
+        nonlocal_forward(z, np.zeros((1, 3, 3)), z, mode="dot_product")
+    with pytest.raises(ValueError, match="g .* must match phi"):
+        nonlocal_forward(z, z, np.zeros((1, 2, 4)), mode="dot_product")
+    with pytest.raises(ValueError, match="w_f"):
+        nonlocal_forward(z, z, z, mode="concatenation")
+    with pytest.raises(ValueError, match="w_f"):
+        nonlocal_forward(z, z, z, mode="dot_product", w_f=np.zeros(4))
+    with pytest.raises(ValueError, match="scale applies to the softmax modes"):
+        nonlocal_forward(z, z, z, mode="dot_product", scale=0.5)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+            nonlocal_forward(z, z, z, mode="dot_product", chunk_size=bad)
