@@ -1,4 +1,4 @@
-"""Matplotlib helpers for the course: image grids, the 1/N curve, weight maps.
+"""Matplotlib helpers for the course: image grids, the 1/N curve, weight maps, attention maps.
 
 Each takes arrays of any library (they are copied to the host for drawing)
 and returns the matplotlib Figure, so notebooks show it and scripts save it.
@@ -10,7 +10,7 @@ import numpy as np
 
 from .backend import to_numpy
 
-__all__ = ["image_grid", "averaging_plot", "weights_plot"]
+__all__ = ["image_grid", "averaging_plot", "weights_plot", "attention_plot"]
 
 
 def _plt():
@@ -74,6 +74,49 @@ def weights_plot(image, positions, weight_maps, *, search_size):
                                         fill=False, ec=colour, lw=1))
         axes[i + 1].imshow(to_numpy(w), cmap="magma", interpolation="nearest")
         axes[i + 1].set_title(f"weights of pixel ({r}, {c})", fontsize=9)
+    for ax in axes:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def attention_plot(image, attention, queries, *, query_shape, key_shape, titles=None):
+    """Where each query position attends: the image with the queries marked, then one map per query.
+
+    Parameters
+    ----------
+    image : array, (H, W) or (H, W, 3)
+        Shown underneath; query and key grids are stretched over its extent.
+    attention : array, shape (N, M)
+        One batch element of a non-local block's attention (``return_attention=True``),
+        ``N = prod(query_shape)`` queries by ``M = prod(key_shape)`` keys.
+    queries : list of (row, col)
+        Query positions on the ``query_shape`` grid.
+    query_shape, key_shape : (rows, cols)
+        The 2-D grids of the queries and of the (possibly subsampled) keys.
+    """
+    plt = _plt()
+    a = np.asarray(to_numpy(attention), dtype=np.float64)
+    qh, qw = query_shape
+    if a.shape != (qh * qw, int(np.prod(key_shape))):
+        raise ValueError(f"attention must have shape ({qh * qw}, {int(np.prod(key_shape))}) for query_shape "
+                         f"{tuple(query_shape)} and key_shape {tuple(key_shape)}, got {a.shape}")
+    image = _display(image)
+    h, w = image.shape[:2]
+    n = len(queries)
+    fig, axes = plt.subplots(1, n + 1, figsize=(3.0 * (n + 1), 3.0))
+    axes[0].imshow(image, cmap="gray", vmin=0, vmax=1)
+    axes[0].set_title("queries", fontsize=9)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (r, c) in enumerate(queries):
+        y, x = (r + 0.5) * h / qh - 0.5, (c + 0.5) * w / qw - 0.5
+        colour = colours[i % len(colours)]
+        axes[0].plot(x, y, "o", color=colour, ms=6)
+        axes[i + 1].imshow(image, cmap="gray", vmin=0, vmax=1)
+        axes[i + 1].imshow(a[r * qw + c].reshape(key_shape), cmap="magma", alpha=0.75,
+                           extent=(-0.5, w - 0.5, h - 0.5, -0.5), interpolation="nearest")
+        axes[i + 1].plot(x, y, "o", color=colour, ms=5, mec="white")
+        axes[i + 1].set_title(titles[i] if titles else f"query ({r}, {c})", fontsize=9)
     for ax in axes:
         ax.axis("off")
     fig.tight_layout()

@@ -17,3 +17,18 @@ def test_figures_accept_any_array_library(xp_cpu):
     import matplotlib.pyplot as plt
 
     plt.close("all")
+
+
+def test_attention_plot(xp_cpu):
+    import matplotlib.pyplot as plt
+    import pytest
+
+    img = B.asarray(nlref.data.camera()[:32, :32], xp=xp_cpu)
+    a = np.zeros((16, 4))
+    a[5, 2] = 1.0  # query (1, 1) on the 4x4 grid attends to key (1, 0) of the 2x2 grid
+    fig = nlref.viz.attention_plot(img, B.asarray(a, xp=xp_cpu), [(1, 1)], query_shape=(4, 4), key_shape=(2, 2))
+    shown = fig.axes[1].images[1].get_array()
+    np.testing.assert_array_equal(np.asarray(shown), [[0, 0], [1, 0]])
+    with pytest.raises(ValueError, match=r"attention must have shape \(16, 4\)"):
+        nlref.viz.attention_plot(img, a[:, :3], [(0, 0)], query_shape=(4, 4), key_shape=(2, 2))
+    plt.close("all")
