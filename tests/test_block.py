@@ -44,7 +44,8 @@ def _margins_ok(block, x):
         if block.sub_sample and block.pool == "after":
             checks.append(h)
     for h in checks:
-        w = np.sort(B.to_numpy(F._windows(h, block.kernel)), axis=-1)
+        host = B.to_numpy(h)
+        w = np.sort(np.stack([host[i] for i in F._window_samples(host.shape, block.kernel)], axis=-1), axis=-1)
         if np.min(w[..., -1] - w[..., -2]) < 1e-4:
             return False
     if block.mode == "concatenation":
@@ -331,3 +332,13 @@ def test_load_state_dict_errors_leave_block_intact():
         block.load_state_dict(before, layout="caffe2")
     with pytest.raises(ValueError, match="AlexHex7 port pools after the convolutions"):
         NonLocalBlock(4, pool="before").state_dict(layout="alexhex7")
+
+
+def test_returned_attention_survives_the_next_call():
+    """On NumPy the block reuses scratch memory between calls; what it returns must not change."""
+    block = NonLocalBlock(4, dims=2, dtype="float64")
+    rng = np.random.default_rng(0)
+    _, a1 = block.forward(rng.standard_normal((2, 4, 4, 4)), return_attention=True)
+    kept = a1.copy()
+    block.forward(rng.standard_normal((2, 4, 4, 4)))
+    np.testing.assert_array_equal(a1, kept)

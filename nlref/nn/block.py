@@ -130,6 +130,7 @@ class NonLocalBlock:
         self.training = True
         self.num_batches_tracked = 0
         self._cache = None
+        self._workspace = {} if B.is_numpy(self.xp) else None  # reused (B, N, N') scratch (see nonlocal_op)
         self.params = self._init_params(seed)
         self.buffers = {}
         if self.bn_layer:
@@ -249,7 +250,8 @@ class NonLocalBlock:
 
         flat = F._flat
         op_args = dict(mode=self.mode, scale=self._logit_scale(x), w_f=self.params.get("w_f"))
-        y, cache["op"] = nonlocal_forward(flat(theta), flat(phi), flat(g), chunk_size=self.chunk_size, **op_args)
+        y, cache["op"] = nonlocal_forward(flat(theta), flat(phi), flat(g), chunk_size=self.chunk_size,
+                                          workspace=self._workspace, **op_args)
         y = xp.reshape(y, (x.shape[0], self.inter_channels) + tuple(x.shape[2:]))
         wy, cache["W_z"] = self._conv("W_z", y)
         if self.bn_layer:
@@ -266,6 +268,8 @@ class NonLocalBlock:
         attention = cached_attention(cache["op"])
         if attention is None:
             attention = _attention_map(flat(theta), flat(phi), **op_args)
+        elif self._workspace is not None:
+            attention = xp.asarray(attention, copy=True)  # the workspace is overwritten by the next call
         return z, attention
 
     # ------------------------------------------------------------------ backward

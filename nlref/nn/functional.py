@@ -19,6 +19,7 @@ holds query ``i`` against every key ``j``.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 from ..backend import array_namespace, device, native_namespace, supports_out
@@ -208,27 +209,26 @@ def pool_kernel(dims):
     return kernels[dims]
 
 
-def _windows(x, kernel):
-    """(B, C, *S) -> (B, C, *S_out, K): every pooling window laid out along the last axis.
+def _window_samples(shape, kernel):
+    """Index tuples, one per position inside a pooling window (row-major), each selecting that
+    sample of every window: ``x[index]`` has the pooled shape (B, C, *(S // kernel)).
 
-    Trailing samples that do not fill a window are dropped (``S_out = S // k``, as
-    PyTorch floors). ``K = prod(kernel)``; window samples are in row-major order.
+    Trailing samples that do not fill a window are never selected (``S_out = S // k``,
+    as PyTorch floors).
     """
-    xp = _xp(x)
-    b, c, *s = x.shape
-    out_s = [n // k for n, k in zip(s, kernel)]
-    crop = x[(slice(None), slice(None)) + tuple(slice(0, o * k) for o, k in zip(out_s, kernel))]
-    split = (b, c) + tuple(v for o, k in zip(out_s, kernel) for v in (o, k))
-    d = len(s)
-    order = (0, 1) + tuple(2 + 2 * i for i in range(d)) + tuple(3 + 2 * i for i in range(d))
-    w = xp.permute_dims(xp.reshape(crop, split), order)
-    return xp.reshape(w, (b, c) + tuple(out_s) + (math.prod(kernel),))
+    out_s = [n // k for n, k in zip(shape[2:], kernel)]
+    for offsets in itertools.product(*(range(k) for k in kernel)):
+        yield (slice(None), slice(None)) + tuple(
+            slice(o, o + (n - 1) * k + 1, k) for o, n, k in zip(offsets, out_s, kernel))
 
 
 def maxpool_forward(x, kernel):
     r"""Max pooling with stride equal to the kernel, no padding.
 
     .. math:: \mathrm{out}[b, c, p] = \max_{q \in \mathrm{window}(p)} x[b, c, q]
+
+    Computed as the elementwise maximum of ``prod(kernel)`` strided views of ``x``,
+    one per position inside the window.
 
     Parameters
     ----------
@@ -238,8 +238,7 @@ def maxpool_forward(x, kernel):
     Returns
     -------
     out : array, shape (B, C, *(S // kernel))
-    cache : tuple (the position of each window's maximum; ties go to the first
-        sample in row-major order, as in PyTorch)
+    cache : tuple
     """
     xp = _xp(x)
     kernel = tuple(int(k) for k in kernel)
@@ -247,39 +246,37 @@ def maxpool_forward(x, kernel):
         raise ValueError(f"kernel must hold one positive size per spatial axis of x (shape {tuple(x.shape)}), got {kernel}")
     if any(n < k for n, k in zip(x.shape[2:], kernel)):
         raise ValueError(f"maxpool_forward: spatial shape {tuple(x.shape[2:])} is smaller than the kernel {kernel}")
-    w = _windows(x, kernel)
-    arg = xp.argmax(w, axis=-1)
-    out = xp.max(w, axis=-1)
-    return out, (arg, tuple(x.shape), kernel, x.dtype)
+    out = None
+    for index in _window_samples(x.shape, kernel):
+        out = xp.asarray(x[index], copy=True) if out is None else xp.maximum(out, x[index])
+    return out, (x, out, kernel)
 
 
 def maxpool_backward(dout, cache):
-    """Route each output gradient to the input sample that was the window's maximum.
+    """Route each output gradient to the input sample that was its window's maximum.
+
+    Ties go to the first maximal sample in row-major order, as in PyTorch: the
+    window positions are visited in that order and a window stops accepting once
+    it has been served.
 
     Returns
     -------
     dx : array, the input's shape; zero everywhere except at the maxima (and zero
         on trailing samples that fell outside every window).
     """
-    arg, shape, kernel, dtype = cache
-    xp = _xp(dout, arg)
-    b, c, *s = shape
-    d = len(s)
-    out_s = tuple(dout.shape[2:])
-    k_total = math.prod(kernel)
-    onehot = xp.astype(xp.reshape(xp.arange(k_total, dtype=arg.dtype), (1,) * arg.ndim + (k_total,))
-                       == arg[..., None], dtype)
-    dw = xp.reshape(dout[..., None] * onehot, (b, c) + out_s + tuple(kernel))
-    order = [0, 1]
-    for i in range(d):
-        order += [2 + i, 2 + d + i]
-    dx = xp.reshape(xp.permute_dims(dw, tuple(order)), (b, c) + tuple(o * k for o, k in zip(out_s, kernel)))
-    for axis in range(d):  # trailing samples outside every window get zero gradient
-        missing = s[axis] - dx.shape[2 + axis]
-        if missing:
-            pad_shape = list(dx.shape)
-            pad_shape[2 + axis] = missing
-            dx = xp.concat([dx, xp.zeros(tuple(pad_shape), dtype=dtype, device=device(dx))], axis=2 + axis)
+    x, out, kernel = cache
+    xp = _xp(dout, x)
+    dx = xp.zeros(x.shape, dtype=dout.dtype, device=device(x))
+    zero = xp.zeros((), dtype=dout.dtype, device=device(x))
+    served = None
+    for index in _window_samples(x.shape, kernel):
+        hit = x[index] == out
+        if served is None:
+            served = hit
+        else:
+            hit = hit & ~served
+            served = served | hit
+        dx[index] = xp.where(hit, dout, zero)
     return dx
 
 
@@ -317,7 +314,7 @@ def softmax_backward(dp, cache):
 
 
 # --------------------------------------------------------------------------- pairwise functions
-def dot_pairwise_forward(theta, phi, scale=1.0):
+def dot_pairwise_forward(theta, phi, scale=1.0, *, out=None):
     r"""Scaled dot products of every query with every key.
 
     .. math:: s_{ij} = \mathrm{scale}\cdot \theta_i^\top \phi_j
@@ -330,6 +327,8 @@ def dot_pairwise_forward(theta, phi, scale=1.0):
     theta : array, shape (B, d, N)   queries
     phi : array, shape (B, d, M)     keys
     scale : float
+    out : array, shape (B, N, M), optional
+        NumPy or CuPy only: write the result here instead of a fresh array.
 
     Returns
     -------
@@ -337,7 +336,10 @@ def dot_pairwise_forward(theta, phi, scale=1.0):
     cache : tuple
     """
     xp = _xp(theta, phi)
-    s = xp.matmul(xp.matrix_transpose(theta), phi)
+    if out is None:
+        s = xp.matmul(xp.matrix_transpose(theta), phi)
+    else:
+        s = native_namespace(xp).matmul(xp.matrix_transpose(theta), phi, out=out)
     if scale != 1.0:
         s *= scale
     return s, (theta, phi, scale)
@@ -352,14 +354,15 @@ def dot_pairwise_backward(ds, cache):
     """
     theta, phi, scale = cache
     xp = _xp(ds, theta)
-    if scale != 1.0:
-        ds = ds * scale
     dtheta = xp.matmul(phi, xp.matrix_transpose(ds))
     dphi = xp.matmul(theta, ds)
+    if scale != 1.0:  # on the small results, not on the (B, N, M) ds
+        dtheta *= scale
+        dphi *= scale
     return dtheta, dphi
 
 
-def concat_pairwise_forward(theta, phi, w_f):
+def concat_pairwise_forward(theta, phi, w_f, *, out=None):
     r"""The concatenation pairwise function, without building the concatenation.
 
     .. math::
@@ -375,11 +378,17 @@ def concat_pairwise_forward(theta, phi, w_f):
     theta : array, shape (B, d, N)
     phi : array, shape (B, d, M)
     w_f : array, shape (2d,)
+    out : array, shape (B, N, M), optional
+        NumPy or CuPy only: write the result here instead of a fresh array.
 
     Returns
     -------
     f : array, shape (B, N, M)
     cache : tuple
+        Keeps ``f`` itself: the ReLU is active exactly where ``f > 0``, so the
+        backward pass needs no separate pre-activation. (Scaling ``f`` in place
+        by a positive number, as the non-local operation's ``1/M`` does, keeps
+        that true.)
     """
     xp = _xp(theta, phi, w_f)
     d = theta.shape[1]
@@ -387,25 +396,36 @@ def concat_pairwise_forward(theta, phi, w_f):
         raise ValueError(f"w_f must have shape ({2 * d},) for {d} channels, got {tuple(w_f.shape)}")
     a = xp.matmul(w_f[:d], theta)  # (B, N)
     b = xp.matmul(w_f[d:], phi)  # (B, M)
-    pre = a[:, :, None] + b[:, None, :]
-    f, relu_cache = relu_forward(pre)
-    return f, (theta, phi, w_f, relu_cache)
+    if out is None:
+        f, _ = relu_forward(a[:, :, None] + b[:, None, :])
+    else:
+        nat = native_namespace(xp)
+        f = nat.add(a[:, :, None], b[:, None, :], out=out)
+        nat.maximum(f, 0, out=f)
+    return f, (theta, phi, w_f, f)
 
 
-def concat_pairwise_backward(df, cache):
+def concat_pairwise_backward(df, cache, *, overwrite_df=False):
     r"""Gradients of :func:`concat_pairwise_forward`.
 
-    With :math:`dp = df \odot [a_i + b_j > 0]`:
+    With :math:`dp = df \odot [f > 0]` (the ReLU's routing):
     :math:`da_i = \sum_j dp_{ij}`, :math:`db_j = \sum_i dp_{ij}`,
     :math:`d\theta = w_\theta\, da^\top`, :math:`d\phi = w_\phi\, db^\top`,
     :math:`dw_\theta = \sum_{b,i} \theta_i\, da_i`, :math:`dw_\phi = \sum_{b,j} \phi_j\, db_j`.
 
+    ``overwrite_df=True`` (NumPy/CuPy) lets the function mask ``df`` in place
+    instead of allocating another (B, N, M) array.
+
     Returns ``dtheta`` (B, d, N), ``dphi`` (B, d, M), ``dw_f`` (2d,).
     """
-    theta, phi, w_f, relu_cache = cache
+    theta, phi, w_f, f = cache
     xp = _xp(df, theta)
     d = theta.shape[1]
-    dpre = relu_backward(df, relu_cache)
+    if overwrite_df and supports_out(xp):
+        dpre = df
+        dpre[f <= 0] = 0
+    else:
+        dpre = relu_backward(df, f)
     da = xp.sum(dpre, axis=2)  # (B, N)
     db = xp.sum(dpre, axis=1)  # (B, M)
     dtheta = w_f[:d][None, :, None] * da[:, None, :]

@@ -90,7 +90,8 @@ def gradcheck(forward, backward, inputs, *, wrt=None, method="centred", eps=1e-6
     inputs : dict of arrays
         The point at which to check, float64, any array library.
     wrt : list of str, optional
-        The inputs to check; default every input that ``backward`` returns.
+        The inputs to check; default every input for which ``backward``
+        returns a gradient (entries that are None are skipped).
     method : {"centred", "random"}
     eps : float
         Step of the finite differences.
@@ -120,7 +121,7 @@ def gradcheck(forward, backward, inputs, *, wrt=None, method="centred", eps=1e-6
     dout = B.normal(tuple(out.shape), seed=seed, like=out, dtype=out.dtype)
     dout_host = B.to_numpy(dout)
     analytic = backward(dout)
-    names = list(analytic) if wrt is None else list(wrt)
+    names = [n for n, v in analytic.items() if v is not None] if wrt is None else list(wrt)
     unknown = [n for n in names if n not in inputs or n not in analytic or analytic[n] is None]
     if unknown:
         raise ValueError(f"wrt names {unknown} are not both inputs and gradients returned by backward")

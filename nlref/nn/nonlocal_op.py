@@ -42,7 +42,9 @@ from __future__ import annotations
 
 import math
 
-from ..backend import array_namespace, device
+import numpy as np
+
+from ..backend import array_namespace, device, is_numpy
 from .functional import (
     _exp_inplace,
     concat_pairwise_backward,
@@ -81,18 +83,34 @@ def _check(theta, phi, g, mode, scale, w_f, chunk_size):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
 
-def _pairwise(theta, phi, mode, scale, w_f):
+def _pairwise(theta, phi, mode, scale, w_f, out=None):
     """f (or its logits, for the softmax modes) for all queries against the keys in ``phi``."""
     if mode == "concatenation":
-        return concat_pairwise_forward(theta, phi, w_f)
-    return dot_pairwise_forward(theta, phi, scale)
+        return concat_pairwise_forward(theta, phi, w_f, out=out)
+    return dot_pairwise_forward(theta, phi, scale, out=out)
 
 
 def _pairwise_backward(df, cache, mode):
-    """(dtheta, dphi, dw_f); dw_f is None except for the concatenation."""
+    """(dtheta, dphi, dw_f); dw_f is None except for the concatenation. ``df`` may be overwritten."""
     if mode == "concatenation":
-        return concat_pairwise_backward(df, cache)
+        return concat_pairwise_backward(df, cache, overwrite_df=True)
     return dot_pairwise_backward(df, cache) + (None,)
+
+
+def _scratch(workspace, name, shape, dtype):
+    """A reusable NumPy scratch array of ``shape`` from ``workspace``, or None (allocate as usual).
+
+    Fresh (B, N, M) arrays are costly on the CPU: every call maps new pages and
+    the kernel zeroes them, which can take longer than the arithmetic. A
+    workspace keeps one buffer per name and hands out views of it.
+    """
+    if workspace is None:
+        return None
+    size = math.prod(shape)
+    buf = workspace.get(name)
+    if buf is None or buf.size < size or buf.dtype != dtype:
+        buf = workspace[name] = np.empty(size, dtype=dtype)
+    return buf[:size].reshape(shape)
 
 
 def _softmax_rows_inplace(xp, s):
@@ -119,7 +137,7 @@ def cached_attention(cache):
     return cache[4] if cache[0] == "full" else None
 
 
-def nonlocal_forward(theta, phi, g, *, mode, scale=1.0, w_f=None, chunk_size=None):
+def nonlocal_forward(theta, phi, g, *, mode, scale=1.0, w_f=None, chunk_size=None, workspace=None):
     r"""y = g A^T with A = f / C: the non-local operation for every query at once.
 
     Parameters
@@ -136,6 +154,10 @@ def nonlocal_forward(theta, phi, g, *, mode, scale=1.0, w_f=None, chunk_size=Non
     w_f : array, shape (2d,), only for ``mode="concatenation"``
     chunk_size : int, optional
         Process keys in blocks of this many (the memory-efficient form).
+    workspace : dict, optional
+        NumPy only (ignored otherwise): scratch buffers reused across calls for
+        the (B, N, M) (or (B, N, chunk)) intermediates. The cache then points
+        into the workspace, so it is valid until the next call that shares it.
 
     Returns
     -------
@@ -143,9 +165,11 @@ def nonlocal_forward(theta, phi, g, *, mode, scale=1.0, w_f=None, chunk_size=Non
     cache : tuple, for :func:`nonlocal_backward`
     """
     _check(theta, phi, g, mode, scale, w_f, chunk_size)
+    if workspace is not None and not is_numpy(array_namespace(theta)):
+        workspace = None
     if chunk_size is None:
-        return _forward_full(theta, phi, g, mode, scale, w_f)
-    return _forward_chunked(theta, phi, g, mode, scale, w_f, chunk_size)
+        return _forward_full(theta, phi, g, mode, scale, w_f, workspace)
+    return _forward_chunked(theta, phi, g, mode, scale, w_f, chunk_size, workspace)
 
 
 def nonlocal_backward(dy, cache):
@@ -175,23 +199,30 @@ def nonlocal_backward(dy, cache):
 
 
 # --------------------------------------------------------------------------- full form
-def _forward_full(theta, phi, g, mode, scale, w_f):
+def _forward_full(theta, phi, g, mode, scale, w_f, workspace):
     xp = array_namespace(theta, phi, g)
-    f, f_cache = _pairwise(theta, phi, mode, scale, w_f)
+    shape = (theta.shape[0], theta.shape[2], phi.shape[2])
+    f, f_cache = _pairwise(theta, phi, mode, scale, w_f, out=_scratch(workspace, "scores", shape, theta.dtype))
     if mode in SOFTMAX_MODES:
         a = _softmax_rows_inplace(xp, f)
     else:
         f /= phi.shape[2]
         a = f
     y = xp.matmul(g, xp.matrix_transpose(a))  # (B, d_g, M) @ (B, M, N)
-    return y, ("full", mode, f_cache, g, a, y)
+    return y, ("full", mode, f_cache, g, a, y, workspace)
+
+
+def _matmul(xp, a, b, out):
+    if out is None:
+        return xp.matmul(a, b)
+    return np.matmul(a, b, out=out)
 
 
 def _backward_full(dy, cache):
-    _, mode, f_cache, g, a, y = cache
+    _, mode, f_cache, g, a, y, workspace = cache
     xp = array_namespace(dy, g)
     dg = xp.matmul(dy, a)  # (B, d_g, N) @ (B, N, M)
-    da = xp.matmul(xp.matrix_transpose(dy), g)  # (B, N, d_g) @ (B, d_g, M)
+    da = _matmul(xp, xp.matrix_transpose(dy), g, _scratch(workspace, "dscores", a.shape, a.dtype))  # (B, N, M)
     if mode in SOFTMAX_MODES:
         da -= xp.sum(dy * y, axis=1)[:, :, None]
         da *= a
@@ -210,17 +241,20 @@ def _keys(a, block):
     return a[:, :, block]
 
 
-def _forward_chunked(theta, phi, g, mode, scale, w_f, chunk_size):
+def _forward_chunked(theta, phi, g, mode, scale, w_f, chunk_size, workspace):
     xp = array_namespace(theta, phi, g)
     b, _, n = theta.shape
     m = phi.shape[2]
+    dtype = theta.dtype
     dev = device(theta)
     acc = xp.zeros((b, g.shape[1], n), dtype=theta.dtype, device=dev)
     if mode in SOFTMAX_MODES:
         run_max = xp.full((b, n), -math.inf, dtype=theta.dtype, device=dev)
         run_sum = xp.zeros((b, n), dtype=theta.dtype, device=dev)
     for block in _blocks(m, chunk_size):
-        f, _ = _pairwise(theta, _keys(phi, block), mode, scale, w_f)  # (B, N, c)
+        c = block.stop - block.start
+        f, _ = _pairwise(theta, _keys(phi, block), mode, scale, w_f,
+                         out=_scratch(workspace, "scores", (b, n, c), dtype))  # (B, N, c)
         if mode in SOFTMAX_MODES:
             new_max = xp.maximum(run_max, xp.max(f, axis=2))
             f -= new_max[:, :, None]
@@ -237,11 +271,12 @@ def _forward_chunked(theta, phi, g, mode, scale, w_f, chunk_size):
     else:
         y = acc / m
         log_norm = None
-    return y, ("chunked", mode, scale, w_f, chunk_size, theta, phi, g, y, log_norm)
+    return y, ("chunked", mode, scale, w_f, chunk_size, theta, phi, g, y, log_norm, workspace)
 
 
 def _backward_chunked(dy, cache):
-    _, mode, scale, w_f, chunk_size, theta, phi, g, y, log_norm = cache
+    _, mode, scale, w_f, chunk_size, theta, phi, g, y, log_norm, workspace = cache
+    b, n = theta.shape[0], theta.shape[2]
     xp = array_namespace(dy, theta)
     m = phi.shape[2]
     softmax = mode in SOFTMAX_MODES
@@ -251,7 +286,9 @@ def _backward_chunked(dy, cache):
     dw_f = None
     dphi_blocks, dg_blocks = [], []
     for block in _blocks(m, chunk_size):
-        f, f_cache = _pairwise(theta, _keys(phi, block), mode, scale, w_f)  # recomputed
+        c = block.stop - block.start
+        f, f_cache = _pairwise(theta, _keys(phi, block), mode, scale, w_f,
+                               out=_scratch(workspace, "scores", (b, n, c), theta.dtype))  # recomputed
         if softmax:
             f -= log_norm[:, :, None]
             a = _exp_inplace(xp, f)
@@ -259,7 +296,7 @@ def _backward_chunked(dy, cache):
             f /= m
             a = f
         dg_blocks.append(xp.matmul(dy, a))
-        da = xp.matmul(xp.matrix_transpose(dy), _keys(g, block))
+        da = _matmul(xp, xp.matrix_transpose(dy), _keys(g, block), _scratch(workspace, "dscores", (b, n, c), a.dtype))
         if softmax:
             da -= row_dot
             da *= a
