@@ -268,8 +268,6 @@ class NonLocalBlock:
         attention = cached_attention(cache["op"])
         if attention is None:
             attention = _attention_map(flat(theta), flat(phi), **op_args)
-        elif self._workspace is not None:
-            attention = xp.asarray(attention, copy=True)  # the workspace is overwritten by the next call
         return z, attention
 
     # ------------------------------------------------------------------ backward

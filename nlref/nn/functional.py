@@ -99,7 +99,7 @@ def conv1x1_backward(dout, cache):
     xp = _xp(dout, w)
     d3 = _flat(dout)
     dx = xp.reshape(xp.matmul(xp.matrix_transpose(w), d3), x.shape)
-    dw = xp.tensordot(d3, _flat(x), axes=([0, 2], [0, 2]))
+    dw = xp.sum(xp.matmul(d3, xp.matrix_transpose(_flat(x))), axis=0)  # B small products, then a sum
     db = xp.sum(d3, axis=(0, 2)) if has_bias else None
     return dx, dw, db
 
@@ -115,6 +115,9 @@ def batchnorm_forward(x, gamma, beta, state, *, training, momentum=0.1, eps=1e-5
     PyTorch does: ``running = (1 - momentum) * running + momentum * batch``, with
     the *unbiased* variance ``sigma^2 * M / (M - 1)``. Eval mode uses the running
     statistics.
+
+    Computed as ``out = (x - mu) * k + beta`` with the per-channel factor
+    ``k = gamma / sqrt(sigma^2 + eps)``: two passes over ``x`` after the statistics.
 
     Parameters
     ----------
@@ -133,21 +136,23 @@ def batchnorm_forward(x, gamma, beta, state, *, training, momentum=0.1, eps=1e-5
     cache : tuple
     """
     xp = _xp(x, gamma, beta)
-    axes = (0,) + tuple(range(2, x.ndim))
+    x3 = _flat(x)
     if training:
-        m = x.shape[0] * math.prod(x.shape[2:])
+        m = x3.shape[0] * x3.shape[2]
         if m < 2:
             raise ValueError(f"batchnorm_forward: training needs more than one value per channel, got x of shape {tuple(x.shape)}")
-        mean = xp.mean(x, axis=axes)
-        var = xp.var(x, axis=axes)
+        mean = xp.mean(x3, axis=(0, 2))
+        centred = x3 - mean[:, None]
+        var = xp.sum(centred * centred, axis=(0, 2)) / m
         state["running_mean"] = (1 - momentum) * state["running_mean"] + momentum * mean
         state["running_var"] = (1 - momentum) * state["running_var"] + momentum * (var * (m / (m - 1)))
     else:
         mean, var = state["running_mean"], state["running_var"]
+        centred = x3 - mean[:, None]
     inv_std = 1.0 / xp.sqrt(var + eps)
-    xhat = (x - _per_channel(mean, x.ndim)) * _per_channel(inv_std, x.ndim)
-    out = _per_channel(gamma, x.ndim) * xhat + _per_channel(beta, x.ndim)
-    return out, (xhat, gamma, inv_std, training)
+    out = centred * (gamma * inv_std)[:, None]
+    out += beta[:, None]
+    return xp.reshape(out, x.shape), (centred, gamma, inv_std, training)
 
 
 def batchnorm_backward(dout, cache):
@@ -164,26 +169,29 @@ def batchnorm_backward(dout, cache):
 
     .. math:: d\gamma = \sum d\mathrm{out}\,\hat x, \qquad d\beta = \sum d\mathrm{out}
 
-    With ``gamma == 0`` every term of ``dx`` is an exact zero.
+    In training mode ``dx`` is evaluated as ``k1 * dout + k2 * (x - mu) + k3`` with
+    per-channel factors ``k1 = gamma / s``, ``k2 = -gamma dgamma / (M s^2)``,
+    ``k3 = -gamma dbeta / (M s)`` (``s = sqrt(sigma^2 + eps)``): the same
+    formula, three passes. With ``gamma == 0`` every factor is 0 and ``dx`` is an
+    exact zero.
 
     Returns
     -------
     dx : array, shape (B, C, *S)
     dgamma, dbeta : arrays, shape (C,)
     """
-    xhat, gamma, inv_std, training = cache
-    xp = _xp(dout, xhat)
-    axes = (0,) + tuple(range(2, dout.ndim))
-    dgamma = xp.sum(dout * xhat, axis=axes)
-    dbeta = xp.sum(dout, axis=axes)
-    dxhat = dout * _per_channel(gamma, dout.ndim)
+    centred, gamma, inv_std, training = cache
+    xp = _xp(dout, centred)
+    d3 = _flat(dout)
+    m = d3.shape[0] * d3.shape[2]
+    dbeta = xp.sum(d3, axis=(0, 2))
+    dgamma = xp.sum(d3 * centred, axis=(0, 2)) * inv_std
+    k1 = gamma * inv_std
+    dx = d3 * k1[:, None]
     if training:
-        m = dout.shape[0] * math.prod(dout.shape[2:])
-        mean_dxhat = _per_channel(xp.sum(dxhat, axis=axes) / m, dout.ndim)
-        mean_dxhat_xhat = _per_channel(xp.sum(dxhat * xhat, axis=axes) / m, dout.ndim)
-        dxhat = dxhat - mean_dxhat - xhat * mean_dxhat_xhat
-    dx = dxhat * _per_channel(inv_std, dout.ndim)
-    return dx, dgamma, dbeta
+        dx += centred * (-k1 * inv_std * dgamma / m)[:, None]
+        dx += (-k1 * dbeta / m)[:, None]
+    return xp.reshape(dx, dout.shape), dgamma, dbeta
 
 
 # --------------------------------------------------------------------------- ReLU
@@ -430,6 +438,6 @@ def concat_pairwise_backward(df, cache, *, overwrite_df=False):
     db = xp.sum(dpre, axis=1)  # (B, M)
     dtheta = w_f[:d][None, :, None] * da[:, None, :]
     dphi = w_f[d:][None, :, None] * db[:, None, :]
-    dw_f = xp.concat([xp.tensordot(theta, da, axes=([0, 2], [0, 1])),
-                      xp.tensordot(phi, db, axes=([0, 2], [0, 1]))])
+    dw_f = xp.concat([xp.sum(xp.matmul(theta, da[:, :, None])[:, :, 0], axis=0),
+                      xp.sum(xp.matmul(phi, db[:, :, None])[:, :, 0], axis=0)])
     return dtheta, dphi, dw_f

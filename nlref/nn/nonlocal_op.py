@@ -133,8 +133,11 @@ def attention_map(theta, phi, *, mode, scale=1.0, w_f=None):
 
 
 def cached_attention(cache):
-    """The attention matrix kept by a full-form forward pass, or None for the chunked form."""
-    return cache[4] if cache[0] == "full" else None
+    """A new array holding the attention matrix of a full-form forward pass, or None for the chunked form."""
+    if cache[0] != "full":
+        return None
+    e, norm = cache[4], cache[5]
+    return e / (norm if isinstance(norm, int) else array_namespace(e).matrix_transpose(norm))
 
 
 def nonlocal_forward(theta, phi, g, *, mode, scale=1.0, w_f=None, chunk_size=None, workspace=None):
@@ -199,17 +202,25 @@ def nonlocal_backward(dy, cache):
 
 
 # --------------------------------------------------------------------------- full form
+#
+# Both forms keep the *unnormalised* weights e (B, N, M) -- e = exp(s - max_j s) for
+# the softmax modes, e = f otherwise -- and apply C to the small arrays instead:
+# A = e / C, so y = (g e^T) / C and, with dy' = dy / C, dg = dy' e and
+# dA / C = dy'^T g. This spares two passes over the (B, N, M) matrix.
+
 def _forward_full(theta, phi, g, mode, scale, w_f, workspace):
     xp = array_namespace(theta, phi, g)
     shape = (theta.shape[0], theta.shape[2], phi.shape[2])
     f, f_cache = _pairwise(theta, phi, mode, scale, w_f, out=_scratch(workspace, "scores", shape, theta.dtype))
     if mode in SOFTMAX_MODES:
-        a = _softmax_rows_inplace(xp, f)
+        f -= xp.max(f, axis=2, keepdims=True)
+        e = _exp_inplace(xp, f)
+        norm = xp.sum(e, axis=2)[:, None, :]  # C_i, shaped (B, 1, N) to scale y's columns
     else:
-        f /= phi.shape[2]
-        a = f
-    y = xp.matmul(g, xp.matrix_transpose(a))  # (B, d_g, M) @ (B, M, N)
-    return y, ("full", mode, f_cache, g, a, y, workspace)
+        e = f
+        norm = phi.shape[2]
+    y = xp.matmul(g, xp.matrix_transpose(e)) / norm  # (B, d_g, M) @ (B, M, N)
+    return y, ("full", mode, f_cache, g, e, norm, y, workspace)
 
 
 def _matmul(xp, a, b, out):
@@ -219,16 +230,15 @@ def _matmul(xp, a, b, out):
 
 
 def _backward_full(dy, cache):
-    _, mode, f_cache, g, a, y, workspace = cache
+    _, mode, f_cache, g, e, norm, y, workspace = cache
     xp = array_namespace(dy, g)
-    dg = xp.matmul(dy, a)  # (B, d_g, N) @ (B, N, M)
-    da = _matmul(xp, xp.matrix_transpose(dy), g, _scratch(workspace, "dscores", a.shape, a.dtype))  # (B, N, M)
-    if mode in SOFTMAX_MODES:
-        da -= xp.sum(dy * y, axis=1)[:, :, None]
-        da *= a
-    else:
-        da /= a.shape[2]
-    dtheta, dphi, dw_f = _pairwise_backward(da, f_cache, mode)
+    dy_c = dy / norm  # dy_i / C_i
+    dg = xp.matmul(dy_c, e)  # (B, d_g, N) @ (B, N, M) = dy A
+    de = _matmul(xp, xp.matrix_transpose(dy_c), g, _scratch(workspace, "dscores", e.shape, e.dtype))  # dA / C
+    if mode in SOFTMAX_MODES:  # ds = A (dA - dy_i . y_i) = e (dA / C - dy_i . y_i / C)
+        de -= xp.matrix_transpose(xp.sum(dy_c * y, axis=1, keepdims=True))
+        de *= e
+    dtheta, dphi, dw_f = _pairwise_backward(de, f_cache, mode)
     return dtheta, dphi, dg, dw_f
 
 

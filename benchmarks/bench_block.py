@@ -1,0 +1,297 @@
+"""The non-local block: nlref's hand-written backprop against PyTorch autograd on the CPU.
+
+Both peers run in this one process on the same float32 input, with the same
+weights (copied from the nlref block into the PyTorch module), in training
+mode (batch norm on batch statistics), as one forward + backward pass
+(``dz`` fixed and random). The PyTorch peer is written here with autograd and
+the same semantics (paper defaults: no scale, max-pool after phi and g); its
+concatenation uses the same split ``ReLU(a_i + b_j)`` as nlref, so neither
+builds the (B, 2d, N, N') tensor. Timings: two rounds of [nlref: a pause,
+0.3 s of untimed runs, ``--repeats`` timed runs; then PyTorch the same way];
+the table shows the medians of the timed runs and their ratio.
+
+FLOPs count the multiply-adds of the matrix products (2 per multiply-add):
+forward = the four 1x1 convolutions + the pairwise products (not for the
+concatenation) + y = g A^T; backward = twice the forward. Elementwise work
+(softmax, batch norm, pooling) is not counted, so the GFLOP/s column is a
+lower bound of the work done per second.
+
+The memory section measures the chunked form against the full form with
+``tracemalloc`` (NumPy reports its allocations to it; the Python-side peak of
+one forward + backward, after a warm-up) at N = 8 x 28 x 28.
+
+    python benchmarks/bench_block.py              # the full table (a few minutes on 2 cores)
+    python benchmarks/bench_block.py --quick      # smoke test: the small shape only, 2 repeats
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+import tracemalloc
+
+import numpy as np
+
+import nlref
+from nlref.nn import NonLocalBlock
+
+MODES = ("embedded_gaussian", "gaussian", "dot_product", "concatenation")
+SHAPES = ((8, 64, 4, 14, 14), (4, 64, 8, 28, 28))
+
+
+def torch_block(torch, block):
+    """A PyTorch autograd module with the block's semantics and a copy of its weights."""
+    nn, F = torch.nn, torch.nn.functional
+    c, d, mode = block.in_channels, block.inter_channels, block.mode
+
+    class Peer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            conv = lambda i, o: nn.Conv3d(i, o, 1)  # noqa: E731
+            self.g, self.W = conv(c, d), conv(d, c)
+            if mode != "gaussian":
+                self.theta, self.phi = conv(c, d), conv(c, d)
+            if mode == "concatenation":
+                self.w_f = nn.Parameter(torch.zeros(2 * d))
+            self.bn = nn.BatchNorm3d(c)
+
+        def keys(self, h):
+            return F.max_pool3d(h, (1, 2, 2)) if block.sub_sample else h
+
+        def forward(self, x):
+            b = x.shape[0]
+            g = self.keys(self.g(x)).flatten(2)  # (B, d, M)
+            if mode == "gaussian":
+                theta, phi = x.flatten(2), self.keys(x).flatten(2)
+            else:
+                theta, phi = self.theta(x).flatten(2), self.keys(self.phi(x)).flatten(2)
+            m = phi.shape[2]
+            if mode == "concatenation":
+                a = torch.einsum("c,bcn->bn", self.w_f[:d], theta)
+                k = torch.einsum("c,bcm->bm", self.w_f[d:], phi)
+                attention = F.relu(a[:, :, None] + k[:, None, :]) / m
+            else:
+                f = theta.transpose(1, 2) @ phi
+                attention = F.softmax(f, dim=-1) if mode in ("gaussian", "embedded_gaussian") else f / m
+            y = (g @ attention.transpose(1, 2)).reshape(b, d, *x.shape[2:])
+            return self.bn(self.W(y)) + x
+
+    peer = Peer()
+    p = {k: torch.from_numpy(np.asarray(v)) for k, v in block.state_dict().items()}
+    with torch.no_grad():
+        for name in ("theta", "phi", "g"):
+            if f"{name}.weight" in p:
+                getattr(peer, name).weight.copy_(p[f"{name}.weight"].reshape(d, c, 1, 1, 1))
+                getattr(peer, name).bias.copy_(p[f"{name}.bias"])
+        peer.W.weight.copy_(p["W_z.weight"].reshape(c, d, 1, 1, 1))
+        peer.W.bias.copy_(p["W_z.bias"])
+        peer.bn.weight.copy_(p["bn.gamma"])
+        peer.bn.bias.copy_(p["bn.beta"])
+        if mode == "concatenation":
+            peer.w_f.copy_(p["w_f"])
+    return peer.train()
+
+
+def random_block(mode, sub_sample, c, seed=0, **kw):
+    """A float32 block with random weights and gamma = 1 (so every gradient is non-zero)."""
+    block = NonLocalBlock(c, mode=mode, dims=3, sub_sample=sub_sample, seed=seed, **kw)
+    rng = np.random.default_rng(seed)
+    for k, v in block.params.items():
+        block.params[k] = (rng.standard_normal(v.shape) * 0.2).astype(np.float32)
+    block.params["bn.gamma"] = np.ones(c, np.float32)
+    return block
+
+
+def matmul_flops(mode, shape, sub_sample):
+    b, c, t, h, w = shape
+    d = c // 2
+    n = t * h * w
+    m = t * (h // 2) * (w // 2) if sub_sample else n
+    convs = 2 * b * n * c * d * 4  # theta, phi, g, W_z (phi and g before pooling)
+    if mode == "gaussian":
+        convs = 2 * b * n * c * d * 2
+        pairwise = 2 * b * n * m * c
+    elif mode == "concatenation":
+        pairwise = 2 * b * (n + m) * d
+    else:
+        pairwise = 2 * b * n * m * d
+    forward = convs + pairwise + 2 * b * n * m * d
+    return 3 * forward
+
+
+def _settle(run, seconds=0.3):
+    """Untimed runs for at least ``seconds`` (at least one)."""
+    t_end = time.perf_counter() + seconds
+    run()
+    while time.perf_counter() < t_end:
+        run()
+
+
+def time_pair(run_a, run_b, repeats, rounds=2):
+    """Medians of ``rounds`` x ``repeats`` timed runs of each peer, in blocks: A...A B...B A...A B...B.
+
+    Blocks, not strict alternation, and each block starts with a pause and
+    0.3 s of untimed runs: both libraries keep worker threads spinning for a
+    while after a call, and on this 2-core machine the first runs after a
+    switch ran up to twice as slow against the other library's threads.
+    """
+    ta, tb = [], []
+    for _ in range(rounds):
+        for run, times in ((run_a, ta), (run_b, tb)):
+            time.sleep(0.2)
+            _settle(run)
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                run()
+                times.append(time.perf_counter() - t0)
+    return statistics.median(ta), statistics.median(tb)
+
+
+def speed_rows(torch, shapes, repeats):
+    rows = []
+    for shape in shapes:
+        for sub_sample in (True, False):
+            for mode in MODES:
+                block = random_block(mode, sub_sample, shape[1])
+                rng = np.random.default_rng(1)
+                x = rng.standard_normal(shape).astype(np.float32)
+                dz = rng.standard_normal(shape).astype(np.float32)
+                peer = torch_block(torch, block)
+                tx, tdz = torch.from_numpy(x).requires_grad_(), torch.from_numpy(dz)
+
+                def ours():
+                    block.forward(x)
+                    block.backward(dz)
+
+                def theirs():
+                    peer.zero_grad(set_to_none=True)
+                    tx.grad = None
+                    peer(tx).backward(tdz)
+
+                # the same numbers first (float32: relative norm error below 1e-4), then the clock
+                z, dx = block.forward(x), block.backward(dz)
+                peer.zero_grad(set_to_none=True)
+                tz = peer(tx)
+                tz.backward(tdz)
+                pairs = [(z, tz.detach().numpy()), (dx, tx.grad.numpy()),
+                         (block.grads["g.weight"], peer.g.weight.grad.numpy().reshape(block.grads["g.weight"].shape)),
+                         (block.grads["W_z.weight"], peer.W.weight.grad.numpy().reshape(block.grads["W_z.weight"].shape))]
+                ok = all(np.linalg.norm(a - b) <= 1e-4 * np.linalg.norm(b) for a, b in pairs)
+                t_ours, t_theirs = time_pair(ours, theirs, repeats)
+                flops = matmul_flops(mode, shape, sub_sample)
+                rows.append((shape, sub_sample, mode, t_ours, t_theirs, flops, ok))
+                print(f"  {shape} sub_sample={sub_sample} {mode}: nlref {t_ours * 1e3:.1f} ms, "
+                      f"torch {t_theirs * 1e3:.1f} ms", file=sys.stderr, flush=True)
+    return rows
+
+
+def peak_of(run):
+    run()  # warm-up: the workspace exists before the measurement, as in training
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    run()
+    elapsed = time.perf_counter() - t0
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return peak, elapsed
+
+
+def memory_rows(shape, chunks, repeats):
+    rows = []
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal(shape).astype(np.float32)
+    dz = rng.standard_normal(shape).astype(np.float32)
+    for sub_sample in (True, False):
+        for chunk in (None,) + tuple(chunks):
+            block = random_block("embedded_gaussian", sub_sample, shape[1], chunk_size=chunk)
+
+            def run(block=block):
+                block.forward(x)
+                block.backward(dz)
+
+            peak, _ = peak_of(run)
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                run()
+                times.append(time.perf_counter() - t0)
+            rows.append((sub_sample, chunk, peak, statistics.median(times)))
+            print(f"  memory sub_sample={sub_sample} chunk={chunk}: {peak / 2**20:.0f} MiB",
+                  file=sys.stderr, flush=True)
+    return rows
+
+
+def header(torch):
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor() or platform.machine()
+    try:
+        load = "{:.2f} / {:.2f} / {:.2f}".format(*os.getloadavg())
+    except OSError:
+        load = "unknown"
+    return [
+        "# Non-local block benchmark: nlref (hand-written backprop) vs PyTorch autograd, CPU",
+        "",
+        f"- command: `{shlex.join(['python'] + sys.argv)}`",
+        f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
+        f"- machine: {cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, "
+        f"Python {platform.python_version()}; load average at start {load} (1 / 5 / 15 min)",
+        f"- versions: nlref {nlref.__version__}, numpy {np.__version__}, torch {torch.__version__}",
+        f"- threads: torch.get_num_threads() = {torch.get_num_threads()}; NumPy's BLAS with its default "
+        f"(OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}); NumPy ufuncs single-threaded",
+        "- float32, training mode, forward + backward with a fixed random dz; block: C = 64, d = 32, 3-D, "
+        "BN after W_z, no scale, pool after",
+    ]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="small shape only, 2 repeats, no memory section")
+    args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    repeats = 2 if args.quick else args.repeats
+    shapes = SHAPES[:1] if args.quick else SHAPES
+    lines = header(torch)
+    rows = speed_rows(torch, shapes, repeats)
+    lines += ["", f"## Speed: forward + backward, median of 2 x {repeats} runs per peer", "",
+              "| input (B, C, T, H, W) | sub-sample | mode | nlref ms | PyTorch ms | nlref / PyTorch "
+              "| nlref GFLOP/s | grads agree |",
+              "|---|---|---|---:|---:|---:|---:|---|"]
+    for shape, sub, mode, t_ours, t_theirs, flops, ok in rows:
+        lines.append(f"| {shape} | {'yes' if sub else 'no'} | {mode} | {t_ours * 1e3:.1f} | {t_theirs * 1e3:.1f} "
+                     f"| {t_ours / t_theirs:.2f} | {flops / t_ours / 1e9:.1f} | {'yes' if ok else 'NO'} |")
+    ratios = [r[3] / r[4] for r in rows]
+    lines += ["", f"Median ratio over the {len(rows)} cases: {statistics.median(ratios):.2f} "
+              f"(range {min(ratios):.2f} to {max(ratios):.2f}); target <= 1.0."]
+    if not args.quick:
+        shape = SHAPES[1]
+        n = math.prod(shape[2:])
+        mem = memory_rows(shape, (256, 512), repeats)
+        lines += ["", f"## Memory: chunked vs full, embedded Gaussian, input {shape} (N = {n})", "",
+                  "| sub-sample (N') | chunk_size | peak MiB (tracemalloc) | peak / full | time ms | time / full |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        full = {}
+        for sub, chunk, peak, t in mem:
+            if chunk is None:
+                full[sub] = (peak, t)
+            keys = n // 4 if sub else n
+            lines.append(f"| {'yes' if sub else 'no'} ({keys}) | {chunk or 'full'} | {peak / 2**20:.0f} "
+                         f"| {peak / full[sub][0]:.3f} | {t * 1e3:.0f} | {t / full[sub][1]:.2f} |")
+        lines += ["", "Targets at N = 8 x 28 x 28: chunked peak <= 1/8 of the full form's, time <= 1.5x."]
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
