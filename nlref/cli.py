@@ -82,14 +82,86 @@ def run_demo(out_dir, *, quick=False, seed=0):
     ]
     _save(viz.image_grid([astro, noisy_rgb, rgb], ["clean", "noisy", "NL-means"]), out / "nlmeans_astronaut.png")
 
+    block_lines = _demo_block(out, nlref.data.camera(), seed=seed)
+
     size = "x".join(map(str, camera.shape))
     print(f"nlref demo: sigma = 20/255, camera {size}, estimated sigma {estimated * 255:.1f}/255")
     print(f"{'step':<26} {'image':<10} {'PSNR dB':>8} {'time s':>7}")
     for name, image, value, seconds in rows:
         timing = "-" if seconds is None else f"{seconds:.2f}"
         print(f"{name:<26} {image:<10} {value:8.2f} {timing:>7}")
+    print()
+    print("\n".join(block_lines))
     print(f"figures written to {out.resolve()}")
     return rows
+
+
+def _nlmeans_block(image, *, grid=32, radius=1, h=0.15):
+    """An embedded-Gaussian block whose hand-set theta and phi compute NL-means weights.
+
+    The input has, at each position of the image shrunk to grid x grid, the
+    (2r+1)^2 values P of its neighbourhood, |P|^2 and a constant 1. With
+    theta = [2 P / h^2; 1] and phi = [P; -|P|^2 / h^2] (1x1 convolutions with
+    0/1 weights), theta_i . phi_j = -(|P_i - P_j|^2 - |P_i|^2) / h^2, and the
+    softmax over j drops the constant |P_i|^2: the weights of NL-means with
+    whole-image search windows (chapter 3 of the notebooks).
+    """
+    import nlref
+
+    rows, cols = image.shape
+    small = image[: rows - rows % grid, : cols - cols % grid]
+    small = small.reshape(grid, rows // grid, grid, cols // grid).astype(np.float64).mean(axis=(1, 3))
+    padded = np.pad(small, radius, mode="reflect")
+    k = 2 * radius + 1
+    patches = np.stack([padded[i:i + grid, j:j + grid] for i in range(k) for j in range(k)])
+    x = np.concatenate([patches, (patches**2).sum(axis=0, keepdims=True), np.ones((1, grid, grid))])
+    n = k * k
+    block = nlref.NonLocalBlock(n + 2, inter_channels=n + 1, mode="embedded_gaussian", sub_sample=False,
+                                dtype="float64")
+    w_theta, w_phi = np.zeros((n + 1, n + 2)), np.zeros((n + 1, n + 2))
+    w_theta[:n, :n] = 2 / h**2 * np.eye(n)
+    w_theta[n, n + 1] = 1.0
+    w_phi[:n, :n] = np.eye(n)
+    w_phi[n, n] = -1 / h**2
+    block.params.update({"theta.weight": w_theta, "theta.bias": np.zeros(n + 1),
+                         "phi.weight": w_phi, "phi.bias": np.zeros(n + 1)})
+    return block, x[None], small, patches.reshape(n, -1)
+
+
+def _demo_block(out, image, *, seed=0):
+    """The non-local block: gradient checks of every mode, identity at start, an attention figure."""
+    import nlref
+    from nlref import viz
+
+    rng = np.random.default_rng(seed)
+    lines = ["non-local block: float64 gradient check of forward + backward (centred differences)",
+             f"{'mode':<20} {'max relative error':>19} {'result':>7}"]
+    for mode in nlref.nn.nonlocal_op.MODES:
+        block = nlref.NonLocalBlock(4, mode=mode, dims=2, dtype="float64", seed=seed)
+        for name, value in block.params.items():
+            block.params[name] = rng.standard_normal(value.shape)
+        result = nlref.layer_gradcheck(block, rng.standard_normal((2, 4, 4, 4)))
+        lines.append(f"{mode:<20} {result.max_error:19.1e} {'passed' if result.passed else 'FAILED':>7}")
+
+    block = nlref.NonLocalBlock(64, dims=3)  # a fresh block: BN gamma = 0
+    x = rng.standard_normal((2, 64, 4, 14, 14)).astype(np.float32)
+    (z, seconds) = _timed(lambda: block.forward(x))
+    _, seconds_back = _timed(lambda: block.backward(np.ones_like(z)))
+    lines.append(f"fresh block on (2, 64, 4, 14, 14): z == x exactly: {bool(np.array_equal(z, x))}; "
+                 f"forward {seconds * 1e3:.0f} ms, backward {seconds_back * 1e3:.0f} ms")
+
+    h = 0.15
+    block, x, small, patches = _nlmeans_block(image, h=h)
+    _, attention = block.forward(x, return_attention=True)
+    d2 = ((patches[:, :, None] - patches[:, None, :]) ** 2).sum(axis=0)  # |P_i - P_j|^2 for all pairs
+    weights = np.exp(-(d2 - d2.min(axis=1, keepdims=True)) / h**2)
+    gap = float(np.abs(attention[0] - weights / weights.sum(axis=1, keepdims=True)).max())
+    lines.append(f"embedded-Gaussian block with hand-set theta, phi on 3x3 patches: attention == NL-means weights "
+                 f"(max difference {gap:.1e})")
+    queries = [(4, 28), (20, 24), (18, 6)]  # sky, grass, coat
+    _save(viz.attention_plot(small, attention[0], queries, query_shape=(32, 32), key_shape=(32, 32),
+                             titles=[f"attention of {q}" for q in queries]), out / "nonlocal_attention.png")
+    return lines
 
 
 def run_denoise(args):

@@ -12,8 +12,15 @@ from nlref.cli import main
 def test_demo_quick_writes_figures_and_table(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    for name in ("averaging_curve", "averaging_images", "nlmeans_camera", "nlmeans_weights", "nlmeans_astronaut"):
+    for name in ("averaging_curve", "averaging_images", "nlmeans_camera", "nlmeans_weights", "nlmeans_astronaut",
+                 "nonlocal_attention"):
         assert (tmp_path / f"{name}.png").stat().st_size > 1000
+    checks = [line.split() for line in out.splitlines() if line.split()[:1] and line.split()[0] in nlref.nn.nonlocal_op.MODES]
+    assert [c[0] for c in checks] == list(nlref.nn.nonlocal_op.MODES)
+    assert all(c[-1] == "passed" and float(c[1]) <= 1e-6 for c in checks)
+    assert "z == x exactly: True" in out
+    line = next(line for line in out.splitlines() if "attention == NL-means weights" in line)
+    assert float(line.split("max difference ")[1].rstrip(")")) < 1e-10
     rows = [line for line in out.splitlines() if "camera" in line and not line.startswith("nlref")]
     psnr = {line[:26].strip(): float(line.split()[-2]) for line in rows}
     assert psnr["NL-means, pixel-wise"] > psnr["noisy (one copy)"] + 4
