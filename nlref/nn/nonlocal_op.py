@@ -270,8 +270,10 @@ def _forward_chunked(theta, phi, g, mode, scale, w_f, chunk_size, workspace):
             f -= new_max[:, :, None]
             p = _exp_inplace(xp, f)
             rescale = xp.exp(run_max - new_max)  # how much the old terms shrink
-            run_sum = run_sum * rescale + xp.sum(p, axis=2)
-            acc = acc * rescale[:, None, :] + xp.matmul(_keys(g, block), xp.matrix_transpose(p))
+            run_sum *= rescale
+            run_sum += xp.sum(p, axis=2)
+            acc *= rescale[:, None, :]
+            acc += xp.matmul(_keys(g, block), xp.matrix_transpose(p))
             run_max = new_max
         else:
             acc += xp.matmul(_keys(g, block), xp.matrix_transpose(f))
@@ -292,6 +294,8 @@ def _backward_chunked(dy, cache):
     softmax = mode in SOFTMAX_MODES
     if softmax:
         row_dot = xp.sum(dy * y, axis=1)[:, :, None]  # sum_j dA_ij A_ij, for every block at once
+    else:
+        dy = dy / m  # A = f / M: fold the constant into the small array
     dtheta = xp.zeros(theta.shape, dtype=theta.dtype, device=device(theta))
     dw_f = None
     dphi_blocks, dg_blocks = [], []
@@ -301,17 +305,14 @@ def _backward_chunked(dy, cache):
                                out=_scratch(workspace, "scores", (b, n, c), theta.dtype))  # recomputed
         if softmax:
             f -= log_norm[:, :, None]
-            a = _exp_inplace(xp, f)
+            a = _exp_inplace(xp, f)  # the block of A
         else:
-            f /= m
-            a = f
+            a = f  # the block of f = M A
         dg_blocks.append(xp.matmul(dy, a))
         da = _matmul(xp, xp.matrix_transpose(dy), _keys(g, block), _scratch(workspace, "dscores", (b, n, c), a.dtype))
         if softmax:
             da -= row_dot
             da *= a
-        else:
-            da /= m
         dtheta_b, dphi_b, dw_f_b = _pairwise_backward(da, f_cache, mode)
         dtheta += dtheta_b
         dphi_blocks.append(dphi_b)
