@@ -246,7 +246,8 @@ class NonLocalBlock:
             theta, cache["theta"] = self._conv("theta", x)
         phi = self._key_branch("phi", keys_in, cache)
         g = self._key_branch("g", keys_in, cache)
-        cache["theta_shape"], cache["key_shape"] = tuple(theta.shape), tuple(phi.shape)
+        cache["x_shape"], cache["theta_shape"] = tuple(x.shape), tuple(theta.shape)
+        cache["key_shape"] = tuple(phi.shape)
 
         flat = F._flat
         op_args = dict(mode=self.mode, scale=self._logit_scale(x), w_f=self.params.get("w_f"))
@@ -258,7 +259,8 @@ class NonLocalBlock:
             stats = {"running_mean": self.buffers["bn.running_mean"], "running_var": self.buffers["bn.running_var"]}
             wy, cache["bn"] = F.batchnorm_forward(wy, self.params["bn.gamma"], self.params["bn.beta"],
                                                   stats, training=self.training)
-            self.buffers["bn.running_mean"], self.buffers["bn.running_var"] = stats["running_mean"], stats["running_var"]
+            self.buffers["bn.running_mean"] = stats["running_mean"]
+            self.buffers["bn.running_var"] = stats["running_var"]
             if self.training:
                 self.num_batches_tracked += 1
         z = wy + x
@@ -289,9 +291,8 @@ class NonLocalBlock:
         if B.array_namespace(dz, names=["dz"]) is not xp or B.dtype_name(dz.dtype) != self.dtype_name:
             raise TypeError(f"dz must be a {self.dtype_name} array of the block's library, like x; "
                             f"got {B.dtype_name(dz.dtype)} from {type(dz).__module__}")
-        shape = cache["W_z"][0].shape[:1] + (self.in_channels,) + cache["W_z"][0].shape[2:]
-        if tuple(dz.shape) != tuple(shape):
-            raise ValueError(f"dz must have the shape of z, {tuple(shape)}; got {tuple(dz.shape)}")
+        if tuple(dz.shape) != cache["x_shape"]:
+            raise ValueError(f"dz must have the shape of z, {cache['x_shape']}; got {tuple(dz.shape)}")
         grads = {}
         dx = dz  # the residual path
         dwy = dz

@@ -140,7 +140,8 @@ def batchnorm_forward(x, gamma, beta, state, *, training, momentum=0.1, eps=1e-5
     if training:
         m = x3.shape[0] * x3.shape[2]
         if m < 2:
-            raise ValueError(f"batchnorm_forward: training needs more than one value per channel, got x of shape {tuple(x.shape)}")
+            raise ValueError("batchnorm_forward: training needs more than one value per channel, "
+                             f"got x of shape {tuple(x.shape)}")
         mean = xp.mean(x3, axis=(0, 2))
         centred = x3 - mean[:, None]
         var = xp.sum(centred * centred, axis=(0, 2)) / m
@@ -251,7 +252,8 @@ def maxpool_forward(x, kernel):
     xp = _xp(x)
     kernel = tuple(int(k) for k in kernel)
     if len(kernel) != x.ndim - 2 or min(kernel) < 1:
-        raise ValueError(f"kernel must hold one positive size per spatial axis of x (shape {tuple(x.shape)}), got {kernel}")
+        raise ValueError(f"kernel must hold one positive size per spatial axis of x (shape {tuple(x.shape)}), "
+                         f"got {kernel}")
     if any(n < k for n, k in zip(x.shape[2:], kernel)):
         raise ValueError(f"maxpool_forward: spatial shape {tuple(x.shape[2:])} is smaller than the kernel {kernel}")
     out = None

@@ -286,36 +286,48 @@ def _forward_chunked(theta, phi, g, mode, scale, w_f, chunk_size, workspace):
     return y, ("chunked", mode, scale, w_f, chunk_size, theta, phi, g, y, log_norm, workspace)
 
 
+def _with_row(a, row):
+    """(B, k, n) with ``row`` (B, n) appended as channel k: (B, k + 1, n)."""
+    xp = array_namespace(a, row)
+    return xp.concat([a, row[:, None, :]], axis=1)
+
+
 def _backward_chunked(dy, cache):
     _, mode, scale, w_f, chunk_size, theta, phi, g, y, log_norm, workspace = cache
-    b, n = theta.shape[0], theta.shape[2]
+    b, d, n = theta.shape
     xp = array_namespace(dy, theta)
     m = phi.shape[2]
     softmax = mode in SOFTMAX_MODES
     if softmax:
-        row_dot = xp.sum(dy * y, axis=1)[:, :, None]  # sum_j dA_ij A_ij, for every block at once
+        # Each recomputed block needs s_ij - log C_i and dA_ij - dy_i . y_i. Both subtractions ride
+        # along in the matrix products as one extra channel: [theta_i; -log C_i / scale] . [phi_j; 1]
+        # and [dy_i; -dy_i . y_i] . [g_j; 1]; that spares two passes over every (B, N, c) block.
+        queries = _with_row(theta, -log_norm / scale)
+        dy_aug = _with_row(dy, -xp.sum(dy * y, axis=1))
+        ones = xp.ones((b, 1, min(chunk_size, m)), dtype=theta.dtype, device=device(theta))
     else:
-        dy = dy / m  # A = f / M: fold the constant into the small array
+        queries = theta
+        dy_aug = dy / m  # A = f / M: fold the constant into the small array
     dtheta = xp.zeros(theta.shape, dtype=theta.dtype, device=device(theta))
     dw_f = None
     dphi_blocks, dg_blocks = [], []
     for block in _blocks(m, chunk_size):
         c = block.stop - block.start
-        f, f_cache = _pairwise(theta, _keys(phi, block), mode, scale, w_f,
+        keys, values = _keys(phi, block), _keys(g, block)
+        if softmax:
+            keys = xp.concat([keys, ones[:, :, :c]], axis=1)
+            values = xp.concat([values, ones[:, :, :c]], axis=1)
+        f, f_cache = _pairwise(queries, keys, mode, scale, w_f,
                                out=_scratch(workspace, "scores", (b, n, c), theta.dtype))  # recomputed
+        a = _exp_inplace(xp, f) if softmax else f  # the block of A (softmax) or of f = M A
+        dg_blocks.append(xp.matmul(dy_aug, a)[:, :g.shape[1], :])
+        da = _matmul(xp, xp.matrix_transpose(dy_aug), values,
+                     _scratch(workspace, "dscores", (b, n, c), a.dtype))  # dA (- dy_i . y_i)
         if softmax:
-            f -= log_norm[:, :, None]
-            a = _exp_inplace(xp, f)  # the block of A
-        else:
-            a = f  # the block of f = M A
-        dg_blocks.append(xp.matmul(dy, a))
-        da = _matmul(xp, xp.matrix_transpose(dy), _keys(g, block), _scratch(workspace, "dscores", (b, n, c), a.dtype))
-        if softmax:
-            da -= row_dot
             da *= a
         dtheta_b, dphi_b, dw_f_b = _pairwise_backward(da, f_cache, mode)
-        dtheta += dtheta_b
-        dphi_blocks.append(dphi_b)
+        dtheta += dtheta_b[:, :d, :]
+        dphi_blocks.append(dphi_b[:, :d, :])
         if dw_f_b is not None:
             dw_f = dw_f_b if dw_f is None else dw_f + dw_f_b
     return dtheta, xp.concat(dphi_blocks, axis=2), xp.concat(dg_blocks, axis=2), dw_f
