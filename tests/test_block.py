@@ -283,6 +283,8 @@ def test_constructor_errors(kwargs, match):
         NonLocalBlock(4, **kwargs)
     with pytest.raises(ValueError, match="in_channels must be an int >= 1"):
         NonLocalBlock(0)
+    with pytest.raises(TypeError, match="xp must be an array library module"):
+        NonLocalBlock(4, xp="numpy")
 
 
 def test_forward_backward_errors():

@@ -175,6 +175,8 @@ def test_errors():
         nonlocal_forward(z, z, z, mode="concatenation")
     with pytest.raises(ValueError, match="w_f"):
         nonlocal_forward(z, z, z, mode="dot_product", w_f=np.zeros(4))
+    with pytest.raises(TypeError, match="must share one dtype"):
+        nonlocal_forward(z, z.astype(np.float32), z, mode="dot_product")
     with pytest.raises(ValueError, match="scale applies to the softmax modes"):
         nonlocal_forward(z, z, z, mode="dot_product", scale=0.5)
     for bad in (0, -1, 2.5, True):

@@ -44,7 +44,7 @@ import math
 
 import numpy as np
 
-from ..backend import array_namespace, device, is_numpy
+from ..backend import array_namespace, device, dtype_name, is_numpy
 from .functional import (
     _exp_inplace,
     concat_pairwise_backward,
@@ -71,6 +71,10 @@ def _check(theta, phi, g, mode, scale, w_f, chunk_size):
     for name, a in (("theta", theta), ("phi", phi), ("g", g)):
         if a is not None and a.ndim != 3:
             raise ValueError(f"{name} must have shape (B, channels, positions), got {tuple(a.shape)}")
+    named = [(k, a) for k, a in (("theta", theta), ("phi", phi), ("g", g), ("w_f", w_f)) if a is not None]
+    dtypes = {k: dtype_name(a.dtype) for k, a in named}
+    if len(set(dtypes.values())) > 1:
+        raise TypeError(f"theta, phi, g (and w_f) must share one dtype, got {dtypes}")
     if phi.shape[:2] != theta.shape[:2]:
         raise ValueError(f"phi {tuple(phi.shape)} must match theta {tuple(theta.shape)} in batch and channels")
     if g is not None and (g.shape[0] != phi.shape[0] or g.shape[2] != phi.shape[2]):
