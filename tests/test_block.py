@@ -342,5 +342,10 @@ def test_returned_attention_survives_the_next_call():
     rng = np.random.default_rng(0)
     _, a1 = block.forward(rng.standard_normal((2, 4, 4, 4)), return_attention=True)
     kept = a1.copy()
-    block.forward(rng.standard_normal((2, 4, 4, 4)))
+    x2 = rng.standard_normal((2, 4, 4, 4))
+    z2 = block.forward(x2)
     np.testing.assert_array_equal(a1, kept)
+    assert block._workspace  # scratch kept between calls ...
+    block.free_scratch()
+    assert not block._workspace  # ... until freed; the next call rebuilds it
+    np.testing.assert_array_equal(block.forward(x2), z2)

@@ -95,6 +95,13 @@ class NonLocalBlock:
         ``bn.running_mean`` and ``bn.running_var`` when ``bn_layer``.
     training : bool
         Batch statistics (True, the initial state) or running statistics.
+
+    Notes
+    -----
+    On NumPy the block keeps its (B, N, N') scratch buffers between calls
+    (fresh arrays that size cost more than the arithmetic on Linux; see
+    ``nonlocal_forward``'s ``workspace``). :meth:`free_scratch` returns them.
+    Like a PyTorch module, one block is not meant to run in several threads at once.
     """
 
     def __init__(self, in_channels, *, mode="embedded_gaussian", inter_channels=None, dims=2,
@@ -168,6 +175,12 @@ class NonLocalBlock:
             params["W_z.weight"] = self._array(np.zeros((c, d)))
             params["W_z.bias"] = self._array(np.zeros(c))
         return params
+
+    def free_scratch(self):
+        """Drop the reusable scratch buffers (they are rebuilt by the next call). Returns self."""
+        if self._workspace is not None:
+            self._workspace.clear()
+        return self
 
     def train(self):
         """Use batch statistics in BN and update the running ones. Returns self."""
