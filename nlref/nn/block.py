@@ -308,33 +308,35 @@ class NonLocalBlock:
                             f"got {B.dtype_name(dz.dtype)} from {type(dz).__module__}")
         if tuple(dz.shape) != cache["x_shape"]:
             raise ValueError(f"dz must have the shape of z, {cache['x_shape']}; got {tuple(dz.shape)}")
+        self._cache = None  # entries are dropped as they are used, so memory is returned early
         grads = {}
-        dx = dz  # the residual path
-        dwy = dz
+        dwy = dz  # dx gets dz too, through the residual path (added last)
         if self.bn_layer:
-            dwy, grads["bn.gamma"], grads["bn.beta"] = F.batchnorm_backward(dz, cache["bn"])
-        dy, grads["W_z.weight"], grads["W_z.bias"] = F.conv1x1_backward(dwy, cache["W_z"])
+            dwy, grads["bn.gamma"], grads["bn.beta"] = F.batchnorm_backward(dz, cache.pop("bn"))
+        dy, grads["W_z.weight"], grads["W_z.bias"] = F.conv1x1_backward(dwy, cache.pop("W_z"))
+        del dwy
         dy = xp.reshape(dy, (dy.shape[0], dy.shape[1], math.prod(dy.shape[2:])))
-        dtheta, dphi, dg, dw_f = nonlocal_backward(dy, cache["op"])
+        dtheta, dphi, dg, dw_f = nonlocal_backward(dy, cache.pop("op"))
+        del dy
         if dw_f is not None:
             grads["w_f"] = dw_f
         dkeys = None
         for name, dh in (("phi", dphi), ("g", dg)):
             dh = xp.reshape(dh, dh.shape[:2] + cache["key_shape"][2:])
             if self.sub_sample and self.pool == "after":
-                dh = F.maxpool_backward(dh, cache[f"pool_{name}"])
+                dh = F.maxpool_backward(dh, cache.pop(f"pool_{name}"))
             if name in cache:
-                dh, grads[f"{name}.weight"], grads[f"{name}.bias"] = F.conv1x1_backward(dh, cache[name])
+                dh, grads[f"{name}.weight"], grads[f"{name}.bias"] = F.conv1x1_backward(dh, cache.pop(name))
             dkeys = dh if dkeys is None else dkeys + dh
+        del dphi, dg
         if self.sub_sample and self.pool == "before":
-            dkeys = F.maxpool_backward(dkeys, cache["pool_x"])
-        dx = dx + dkeys
+            dkeys = F.maxpool_backward(dkeys, cache.pop("pool_x"))
         dtheta = xp.reshape(dtheta, cache["theta_shape"])
         if "theta" in cache:
-            dtheta, grads["theta.weight"], grads["theta.bias"] = F.conv1x1_backward(dtheta, cache["theta"])
-        dx = dx + dtheta
+            dtheta, grads["theta.weight"], grads["theta.bias"] = F.conv1x1_backward(dtheta, cache.pop("theta"))
+        dx = dtheta + dkeys
+        dx += dz
         self.grads = {k: grads[k] for k in self.params}
-        self._cache = None
         return dx
 
     # ------------------------------------------------------------------ state
