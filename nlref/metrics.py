@@ -24,7 +24,7 @@ def psnr(reference, estimate, *, data_range=None):
     ``data_range`` defaults to 255 for uint8 references, 65535 for uint16 and
     1.0 for floating point (images in [0, 1]).
     """
-    xp = array_namespace(reference, estimate, names=["reference", "estimate"])
+    array_namespace(reference, estimate, names=["reference", "estimate"])  # a clear error for bad input
     if data_range is None:
         data_range = {"uint8": 255.0, "uint16": 65535.0}.get(dtype_name(reference.dtype), 1.0)
     err = mse(reference, estimate)

@@ -30,7 +30,6 @@ def _margins_ok(block, x):
     """No pooled window within 1e-4 of a tie and no concatenation pre-activation within 1e-4 of 0."""
     from nlref.nn import functional as F
 
-    xp = block.xp
     checks = []
     keys = x
     if block.sub_sample and block.pool == "before":
@@ -59,7 +58,6 @@ def _margins_ok(block, x):
         b = np.einsum("c,bc...->b...", wf[d:], B.to_numpy(phi)).reshape(x.shape[0], -1)
         if np.abs(a[:, :, None] + b[:, None, :]).min() < 1e-4:
             return False
-    del xp
     return True
 
 
