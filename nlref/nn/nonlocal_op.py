@@ -25,8 +25,9 @@ Arrays are flattened feature maps: ``theta`` (B, d, N), ``phi`` (B, d, M),
 
 Two implementations of the same function:
 
-* the **full** form builds ``A`` (``B * N * M`` numbers) and keeps it for the
-  backward pass: the textbook form, and the fastest while it fits in memory;
+* the **full** form builds the (B, N, M) matrix of weights and keeps it for the
+  backward pass: the textbook form, and the fastest while it fits in memory
+  (it keeps ``f`` unnormalised and divides the small arrays by ``C``);
 * the **chunked** form (``chunk_size=c``) walks over blocks of ``c`` keys with an
   online softmax (running maximum and running sum, rescaling the partial output
   when the maximum grows) and recomputes each block of ``A`` in the backward
@@ -35,7 +36,9 @@ Two implementations of the same function:
   full form's to rounding.
 
 :func:`nonlocal_reference` is the specification: a loop over queries that
-reads like Eq. (1). The tests hold both forms to it.
+reads like Eq. (1). The tests hold both forms to it. The softmax, dot-product
+and ReLU pieces are the pairs of :mod:`nlref.nn.functional`; notebook 04
+derives every step of the backward pass.
 """
 
 from __future__ import annotations
