@@ -127,7 +127,7 @@ def gradcheck(forward, backward, inputs, *, wrt=None, method="centred", eps=1e-6
         raise ValueError(f"wrt names {unknown} are not both inputs and gradients returned by backward")
     if atol is None:
         atol = 64 * np.finfo(np.float64).eps * float(np.sum(np.abs(B.to_numpy(out) * dout_host))) / eps
-    hosts = {n: B.to_numpy(v).astype(np.float64, copy=True) for n, v in inputs.items()}
+    hosts = {n: B.to_numpy(inputs[n]).astype(np.float64, copy=True) for n in names}
     ana = {n: B.to_numpy(analytic[n]) for n in names}
 
     def loss(changed):

@@ -54,6 +54,7 @@ from .functional import (
     concat_pairwise_forward,
     dot_pairwise_backward,
     dot_pairwise_forward,
+    softmax_forward,
 )
 
 __all__ = ["MODES", "SOFTMAX_MODES", "nonlocal_forward", "nonlocal_backward", "attention_map",
@@ -120,21 +121,12 @@ def _scratch(workspace, name, shape, dtype):
     return buf[:size].reshape(shape)
 
 
-def _softmax_rows_inplace(xp, s):
-    """Softmax over the last axis of a fresh temporary ``s``, reusing its memory."""
-    s -= xp.max(s, axis=-1, keepdims=True)
-    s = _exp_inplace(xp, s)
-    s /= xp.sum(s, axis=-1, keepdims=True)
-    return s
-
-
 def attention_map(theta, phi, *, mode, scale=1.0, w_f=None):
     """The normalised pairwise matrix ``A = f / C``, shape (B, N, M); rows sum to 1 for the softmax modes."""
     _check(theta, phi, None, mode, scale, w_f, None)
-    xp = array_namespace(theta, phi)
     f, _ = _pairwise(theta, phi, mode, scale, w_f)
     if mode in SOFTMAX_MODES:
-        return _softmax_rows_inplace(xp, f)
+        return softmax_forward(f)[0]
     f /= phi.shape[2]
     return f
 
