@@ -21,8 +21,12 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
+import operator
 
-from ..backend import array_namespace, device, native_namespace, supports_out
+import numpy as np
+
+from ..backend import array_namespace, asarray, device, dtype_name, is_numpy, native_namespace, supports_out
 
 __all__ = [
     "conv1x1_forward", "conv1x1_backward",
@@ -32,6 +36,13 @@ __all__ = [
     "softmax_forward", "softmax_backward",
     "dot_pairwise_forward", "dot_pairwise_backward",
     "concat_pairwise_forward", "concat_pairwise_backward",
+    "conv3d_forward", "conv3d_backward",
+    "avgpool3d_forward", "avgpool3d_backward",
+    "maxpool3d_forward", "maxpool3d_backward",
+    "global_avgpool_forward", "global_avgpool_backward",
+    "dropout_forward", "dropout_backward",
+    "linear_forward", "linear_backward",
+    "softmax_cross_entropy_forward", "softmax_cross_entropy_backward",
 ]
 
 
@@ -443,3 +454,774 @@ def concat_pairwise_backward(df, cache, *, overwrite_df=False):
     dw_f = xp.concat([xp.sum(xp.matmul(theta, da[:, :, None])[:, :, 0], axis=0),
                       xp.sum(xp.matmul(phi, db[:, :, None])[:, :, 0], axis=0)])
     return dtheta, dphi, dw_f
+
+
+# =========================================================================== network layers
+# The layers below build whole video networks: 3-D convolution, average and max
+# pooling with any stride and padding, global average pooling, dropout, the
+# fully connected layer and the softmax cross-entropy loss. They take 5-D
+# activations (B, C, T, H, W) and PyTorch's weight layouts, so that a trained
+# PyTorch model's ``state_dict`` maps onto them one to one.
+
+
+def _dtype_name(a):
+    return dtype_name(a.dtype)
+
+
+def _check_float(func, xp, **arrays):
+    """Every array in ``arrays`` real floating and all of one dtype (TypeError otherwise)."""
+    dtypes = {}
+    for name, a in arrays.items():
+        if a is None:
+            continue
+        if not xp.isdtype(a.dtype, "real floating"):
+            raise TypeError(f"{func}: {name} must be a float32 or float64 array, got dtype {_dtype_name(a)}")
+        dtypes[name] = _dtype_name(a)
+    if len(set(dtypes.values())) > 1:
+        described = ", ".join(f"{n}: {d}" for n, d in dtypes.items())
+        raise TypeError(f"{func}: arrays must share one dtype ({described}); convert them first")
+
+
+def _triple(value, name, func, *, minimum):
+    """An int or a 3-sequence of ints, each >= ``minimum`` -> a tuple of 3 Python ints."""
+    items = (value,) * 3 if not isinstance(value, (tuple, list)) else tuple(value)
+    ok = len(items) == 3 and all(
+        not isinstance(v, bool) and hasattr(v, "__index__") and operator.index(v) >= minimum for v in items)
+    if not ok:
+        kind = "positive" if minimum == 1 else "non-negative"
+        raise ValueError(f"{func}: {name} must be a {kind} int or a 3-tuple of {kind} ints, got {value!r}")
+    return tuple(operator.index(v) for v in items)
+
+
+def _check_5d(func, x, name="x"):
+    if x.ndim != 5:
+        raise ValueError(f"{func}: {name} must have shape (B, C, T, H, W) (5 axes), got shape {tuple(x.shape)}")
+
+
+def _out_size(func, spatial, kernel, stride, padding):
+    """PyTorch's output size, ``floor((n + 2p - k) / s) + 1`` per axis; ValueError if it is < 1."""
+    size = tuple((n + 2 * p - k) // s + 1 for n, k, s, p in zip(spatial, kernel, stride, padding))
+    if min(size) < 1:
+        padded = tuple(n + 2 * p for n, p in zip(spatial, padding))
+        raise ValueError(f"{func}: the padded input's spatial shape {padded} is smaller than the kernel {kernel}")
+    return size
+
+
+def _window_offsets(kernel):
+    """The ``prod(kernel)`` offsets inside a window, in row-major order."""
+    return list(itertools.product(*(range(k) for k in kernel)))
+
+
+def _strided(offset, out_size, stride):
+    """Index selecting, for one offset inside the window, that sample of every window:
+    ``xpad[_strided(...)]`` has shape (B, C, *out_size)."""
+    return (slice(None), slice(None)) + tuple(
+        slice(o, o + (n - 1) * s + 1, s) for o, n, s in zip(offset, out_size, stride))
+
+
+def _interior(spatial, padding):
+    """Index of the unpadded input inside the padded array."""
+    return (slice(None), slice(None)) + tuple(slice(p, p + n) for n, p in zip(spatial, padding))
+
+
+def _pad(xp, x, padding, value=0.0):
+    """x (B, C, T, H, W) padded by ``padding`` on both sides of each spatial axis with ``value``."""
+    if not any(padding):
+        return x
+    shape = tuple(x.shape[:2]) + tuple(n + 2 * p for n, p in zip(x.shape[2:], padding))
+    xpad = xp.full(shape, value, dtype=x.dtype, device=device(x))
+    xpad[_interior(x.shape[2:], padding)] = x
+    return xpad
+
+
+# --------------------------------------------------------------------------- 3-D convolution
+#: Bytes of column matrix built per chunk of the batch on NumPy: small enough to stay in
+#: the CPU caches between the copy that builds it and the matrix product that reads it.
+CONV_CHUNK_BYTES = 2 << 20
+
+
+def conv3d_forward(x, w, b=None, *, stride=1, padding=0):
+    r"""3-D convolution (cross-correlation, as in every deep-learning library), zero padding.
+
+    .. math::
+        \mathrm{out}[b, o, t, h, w] = \mathrm{b}[o] + \sum_{c, i, j, k}
+            w[o, c, i, j, k]\; x_\mathrm{pad}[b, c,\ s_t t + i,\ s_h h + j,\ s_w w + k]
+
+    Computed by *im2col*: the ``K = kt * kh * kw`` input samples under every window
+    are copied into a column matrix ``cols`` of shape (C K, N'), one strided slice of
+    the zero-padded input per offset inside the window (row ``c K + k`` holds offset
+    ``k`` of channel ``c``), and the convolution becomes one matrix product per sample,
+
+    .. math:: \mathrm{out}_b = w_{(O,\, C K)}\ \mathrm{cols}_b .
+
+    Two refinements make this fast on the CPU; neither changes the numbers:
+
+    * **whole rows** -- with stride 1 along H and W, each padded plane is read as one
+      flat row of length ``Hp * Wp``: window offset ``(j, k)`` is then *one contiguous
+      slice* of it, starting at ``j * Wp + k``. The matrix product runs on the padded
+      grid (T', H', Wp) and the ``Wp - W'`` columns that straddle the right border are
+      dropped afterwards (a spare zero row below each plane keeps the last slice in bounds).
+    * **chunks** -- on NumPy the batch is processed a few samples at a time
+      (:data:`CONV_CHUNK_BYTES` of columns each), so the copy and the product that
+      reads it stay in the cache.
+
+    A 1x1x1 kernel with stride 1 and no padding needs no copy at all
+    (it is :func:`conv1x1_forward`).
+
+    Parameters
+    ----------
+    x : array, shape (B, C, T, H, W)
+    w : array, shape (O, C, kt, kh, kw)
+        PyTorch's layout (``torch.nn.Conv3d.weight``).
+    b : array, shape (O,), optional
+    stride, padding : int or 3-tuple of int
+        Per axis (T, H, W); padding adds that many zeros on both sides.
+
+    Returns
+    -------
+    out : array, shape (B, O, T', H', W')
+        PyTorch's sizes: ``T' = floor((T + 2 p_t - kt) / s_t) + 1``, and so on.
+    cache : tuple
+        Keeps ``x`` and ``w``, not the column matrix (``K`` times the size of ``x``):
+        the backward pass rebuilds the columns chunk by chunk.
+    """
+    func = "conv3d_forward"
+    xp = array_namespace(*((x, w) if b is None else (x, w, b)), names=["x", "w", "b"][:2 + (b is not None)])
+    _check_5d(func, x)
+    _check_float(func, xp, x=x, w=w, b=b)
+    if w.ndim != 5 or w.shape[1] != x.shape[1]:
+        raise ValueError(f"{func}: w must have shape (O, C, kt, kh, kw) with C = x.shape[1] = {x.shape[1]}, "
+                         f"got shape {tuple(w.shape)}")
+    if b is not None and tuple(b.shape) != (w.shape[0],):
+        raise ValueError(f"{func}: b must have shape ({w.shape[0]},) (one bias per output channel), "
+                         f"got shape {tuple(b.shape)}")
+    stride = _triple(stride, "stride", func, minimum=1)
+    padding = _triple(padding, "padding", func, minimum=0)
+    kernel = tuple(int(k) for k in w.shape[2:])
+    if min(kernel) < 1:
+        raise ValueError(f"{func}: w has an empty kernel {kernel}")
+    out_size = _out_size(func, tuple(x.shape[2:]), kernel, stride, padding)
+    w2 = xp.reshape(w, (w.shape[0], math.prod(w.shape[1:])))
+    if _pointwise(kernel, stride, padding):
+        out = xp.matmul(w2, _flat(x))  # (O, C) @ (B, C, N) -> (B, O, N)
+        out = xp.reshape(out, (x.shape[0], w.shape[0]) + out_size)
+    else:
+        out = _conv_by_columns(xp, x, w2, kernel, stride, padding, out_size)
+    if b is not None:
+        out = _add_bias(xp, out, b)
+    return out, (x, w, b is not None, stride, padding)
+
+
+def conv3d_backward(dout, cache):
+    r"""Gradients of :func:`conv3d_forward`.
+
+    With ``d_b`` the output gradient of sample ``b`` flattened to (O, N') and
+    ``cols_b`` its column matrix (C K, N'):
+
+    .. math::
+        dw = \sum_b d_b\, \mathrm{cols}_b^\top, \qquad
+        db = \sum_{b, n} d[b, :, n], \qquad
+        dx = \mathrm{col2im}\big(w^\top d_b\big)
+
+    *col2im* is the adjoint of the im2col copy: every offset inside the window adds
+    its rows of ``w^T d`` back onto the strided slice of the zero-padded gradient it
+    was copied from (samples shared by overlapping windows collect one term per
+    window), and the padding is cut off. With stride 1 (and ``padding <= kernel - 1``)
+    the same sum is the *full* correlation of ``dout`` with the flipped kernel,
+
+    .. math:: dx = \mathrm{conv3d}\big(d\mathrm{out},\ \tilde w,\ \mathrm{padding} = k - 1 - p\big),
+              \qquad \tilde w[c, o, i, j, k] = w[o, c, k_t - 1 - i, k_h - 1 - j, k_w - 1 - k],
+
+    which is how it is computed then (the forward's fast copy instead of scattered adds).
+
+    Returns
+    -------
+    dx : array, shape (B, C, T, H, W)
+    dw : array, shape (O, C, kt, kh, kw)
+    db : array, shape (O,), or None when the layer has no bias
+    """
+    x, w, has_bias, stride, padding = cache
+    xp = array_namespace(dout, w, names=["dout", "w"])
+    kernel = tuple(w.shape[2:])
+    o, c = w.shape[0], w.shape[1]
+    w2 = xp.reshape(w, (o, c * math.prod(kernel)))
+    db = xp.sum(dout, axis=(0, 2, 3, 4)) if has_bias else None
+    if _pointwise(kernel, stride, padding):
+        d3 = _flat(dout)
+        dx = xp.reshape(xp.matmul(xp.matrix_transpose(w2), d3), x.shape)
+        dw = xp.sum(xp.matmul(d3, xp.matrix_transpose(_flat(x))), axis=0)
+        return dx, xp.reshape(dw, w.shape), db
+    flipped = stride == (1, 1, 1) and all(p <= k - 1 for p, k in zip(padding, kernel))
+    dw, dx = _conv_grads_by_columns(xp, x, dout, w2, kernel, stride, padding, with_dx=not flipped)
+    if flipped:
+        w_flip = xp.permute_dims(xp.flip(w, axis=(2, 3, 4)), (1, 0, 2, 3, 4))  # (C, O, kt, kh, kw)
+        w_flip = xp.reshape(w_flip, (c, o * math.prod(kernel)))
+        full = tuple(k - 1 - p for k, p in zip(kernel, padding))
+        dx = _conv_by_columns(xp, dout, w_flip, kernel, (1, 1, 1), full, tuple(x.shape[2:]))
+    return dx, xp.reshape(dw, w.shape), db
+
+
+def _pointwise(kernel, stride, padding):
+    """A 1x1x1 kernel with stride 1 and no padding: the input is its own column matrix."""
+    return kernel == (1, 1, 1) and stride == (1, 1, 1) and padding == (0, 0, 0)
+
+
+def _add_bias(xp, out, b):
+    """out (B, O, ...) + b[o], in place where the library allows (``out`` is a fresh product)."""
+    if supports_out(xp):
+        out += xp.reshape(b, (1, b.shape[0], 1, 1, 1))
+        return out
+    return out + xp.reshape(b, (1, b.shape[0], 1, 1, 1))
+
+
+class _Windows:
+    """Where im2col reads, for one (shape, kernel, stride, padding).
+
+    The padded input is held as an array of shape (B, C) + ``flat`` (a reshape of
+    (B, C) + ``padded``); ``index[k]`` selects offset ``k`` of every window from it,
+    giving (B, C) + ``piece``; the matrix product then runs on the output ``grid``
+    (whose last axis is cropped to ``width`` afterwards).
+    """
+
+    def __init__(self, spatial, kernel, stride, padding, out_size):
+        self.spatial, self.kernel, self.stride, self.padding = spatial, kernel, stride, padding
+        self.out_size, self.width = out_size, out_size[2]
+        (tp, hp, wp), (to, ho, _) = (n + 2 * p for n, p in zip(spatial, padding)), out_size
+        offsets = _window_offsets(kernel)
+        if stride[1] == 1 and stride[2] == 1:  # whole rows: one contiguous slice per (j, k)
+            spare = 1 if kernel[2] > 1 else 0  # the last slice runs kw - 1 samples past the plane
+            self.padded, self.flat = (tp, hp + spare, wp), (tp, (hp + spare) * wp)
+            length, st = ho * wp, stride[0]
+            self.index = [(slice(None), slice(None), slice(i, i + (to - 1) * st + 1, st),
+                           slice(j * wp + k, j * wp + k + length)) for i, j, k in offsets]
+            self.piece, self.grid = (to, length), (to, ho, wp)
+        else:
+            self.padded = self.flat = (tp, hp, wp)
+            self.index = [_strided(offset, out_size, stride) for offset in offsets]
+            self.piece = self.grid = out_size
+        self.positions = math.prod(self.grid)
+
+    def chunk(self, xp, batch, channels, itemsize):
+        """Samples per chunk: the whole batch except on NumPy (see :data:`CONV_CHUNK_BYTES`)."""
+        if not is_numpy(xp):
+            return batch
+        per_sample = channels * len(self.index) * self.positions * itemsize
+        return max(1, min(batch, CONV_CHUNK_BYTES // per_sample))
+
+
+def _columns(xp, x, win, buffers):
+    """im2col of ``x`` (n, C, T, H, W): the column matrix (n, C K, M), M = prod(win.grid).
+
+    On NumPy/CuPy the padded copy and the columns go into ``buffers`` (reused from
+    chunk to chunk, the padding written once); elsewhere they are fresh arrays.
+    """
+    n, c = x.shape[:2]
+    shape = (n, c * len(win.index), win.positions)
+    inner = _interior(win.spatial, win.padding)
+    if supports_out(xp):
+        nat = native_namespace(xp)
+        if "cols" not in buffers:
+            buffers["cols"] = nat.empty((n, c, len(win.index)) + win.piece, dtype=x.dtype)
+            if win.padded != win.spatial:
+                buffers["pad"] = nat.zeros((n, c) + win.padded, dtype=x.dtype)
+        cols = buffers["cols"][:n]
+        if win.padded == win.spatial:  # nothing to pad: read x itself
+            xflat = nat.reshape(x, (n, c) + win.flat)
+        else:
+            xpad = buffers["pad"][:n]
+            xpad[inner] = x
+            xflat = nat.reshape(xpad, (n, c) + win.flat)
+        for k, index in enumerate(win.index):
+            cols[:, :, k] = xflat[index]
+        return nat.reshape(cols, shape)
+    xpad = xp.zeros((n, c) + win.padded, dtype=x.dtype, device=device(x))
+    xpad[inner] = x
+    xflat = xp.reshape(xpad, (n, c) + win.flat)
+    return xp.reshape(xp.stack([xflat[index] for index in win.index], axis=2), shape)
+
+
+def _crop(xp, grid_values, win):
+    """(n, O, M) on the product grid -> (n, O, T', H', W'): drop the border-straddling columns."""
+    n, o = grid_values.shape[:2]
+    full = xp.reshape(grid_values, (n, o) + win.grid)
+    return full if win.grid[2] == win.width else full[..., :win.width]
+
+
+def _uncrop(xp, d, win, buffers):
+    """(n, O, T', H', W') -> (n, O, M) on the product grid, zeros in the dropped columns."""
+    n, o = d.shape[:2]
+    if win.grid[2] == win.width:
+        return xp.reshape(d, (n, o, win.positions))
+    if supports_out(xp):
+        if "grid" not in buffers:
+            buffers["grid"] = native_namespace(xp).zeros((n, o) + win.grid, dtype=d.dtype)
+        grid = buffers["grid"][:n]
+        grid[..., :win.width] = d
+    else:
+        pad = xp.zeros(tuple(d.shape[:4]) + (win.grid[2] - win.width,), dtype=d.dtype, device=device(d))
+        grid = xp.concat([d, pad], axis=4)
+    return xp.reshape(grid, (n, o, win.positions))
+
+
+def _conv_by_columns(xp, x, w2, kernel, stride, padding, out_size):
+    """out (B, O, *out_size) = w2 (O, C K) @ im2col(x), chunk by chunk."""
+    bsz, c = x.shape[:2]
+    win = _Windows(tuple(x.shape[2:]), kernel, stride, padding, out_size)
+    step = win.chunk(xp, bsz, c, _itemsize(x))
+    if step == bsz:
+        out = _crop(xp, xp.matmul(w2, _columns(xp, x, win, {})), win)
+        return out if win.grid[2] == win.width else xp.asarray(out, copy=True)
+    nat, buffers = native_namespace(xp), {}
+    out = nat.empty((bsz, w2.shape[0]) + out_size, dtype=x.dtype)
+    product = nat.empty((step, w2.shape[0], win.positions), dtype=x.dtype)
+    for b0 in range(0, bsz, step):
+        n = min(step, bsz - b0)
+        cols = _columns(xp, x[b0:b0 + n, ...], win, buffers)
+        out[b0:b0 + n, ...] = _crop(xp, nat.matmul(w2, cols, out=product[:n]), win)
+    return out
+
+
+def _conv_grads_by_columns(xp, x, dout, w2, kernel, stride, padding, *, with_dx):
+    """dw (O, C K) = sum_b d_b cols_b^T, and (``with_dx``) dx = col2im(w2^T d), chunk by chunk."""
+    bsz, c = x.shape[:2]
+    win = _Windows(tuple(x.shape[2:]), kernel, stride, padding, tuple(dout.shape[2:]))
+    step = win.chunk(xp, bsz, c, _itemsize(x))
+    buffers, dw_t, dx = {}, None, None
+    if with_dx and step < bsz:
+        dx = native_namespace(xp).empty(x.shape, dtype=x.dtype)
+    for b0 in range(0, bsz, step):
+        n = min(step, bsz - b0)
+        cols = _columns(xp, x[b0:b0 + n, ...], win, buffers)  # rebuilt: the forward kept only x
+        d = _uncrop(xp, dout[b0:b0 + n, ...], win, buffers)  # (n, O, M)
+        part = xp.sum(xp.matmul(cols, xp.matrix_transpose(d)), axis=0)  # (C K, O): B products, then a sum
+        dw_t = part if dw_t is None else dw_t + part
+        if with_dx:
+            dx_chunk = _col2im(xp, xp.matmul(xp.matrix_transpose(w2), d), win, c, buffers)
+            if step == bsz:
+                dx = dx_chunk
+            else:
+                dx[b0:b0 + n, ...] = dx_chunk
+    return xp.matrix_transpose(dw_t), dx
+
+
+def _col2im(xp, dcols, win, c, buffers):
+    """Adjoint of :func:`_columns`: (n, C K, M) -> dx (n, C, T, H, W), overlapping windows summed."""
+    n = dcols.shape[0]
+    dcols = xp.reshape(dcols, (n, c, len(win.index)) + win.piece)
+    if supports_out(xp):
+        nat = native_namespace(xp)
+        if "dpad" not in buffers:
+            buffers["dpad"] = nat.empty((n, c) + win.flat, dtype=dcols.dtype)
+        dflat = buffers["dpad"][:n]
+        dflat[...] = 0
+        for k, index in enumerate(win.index):
+            view = dflat[index]
+            nat.add(view, dcols[:, :, k], out=view)
+    else:
+        dflat = xp.zeros((n, c) + win.flat, dtype=dcols.dtype, device=device(dcols))
+        for k, index in enumerate(win.index):
+            dflat[index] = dflat[index] + dcols[:, :, k, ...]
+    dpad = xp.reshape(dflat, (n, c) + win.padded)
+    return xp.asarray(dpad[_interior(win.spatial, win.padding)], copy=True)
+
+
+def _itemsize(x):
+    return 8 if _dtype_name(x) == "float64" else 4
+
+
+# --------------------------------------------------------------------------- 3-D average and max pooling
+def _pool_params(func, x, kernel, stride, padding):
+    """Validated (kernel, stride, padding, out_size) for a (B, C, T, H, W) pool, PyTorch's rules."""
+    _check_5d(func, x)
+    kernel = _triple(kernel, "kernel", func, minimum=1)
+    stride = kernel if stride is None else _triple(stride, "stride", func, minimum=1)
+    padding = _triple(padding, "padding", func, minimum=0)
+    if any(2 * p > k for p, k in zip(padding, kernel)):
+        raise ValueError(f"{func}: padding {padding} must be at most half the kernel {kernel} on every axis "
+                         "(PyTorch's rule: every window must overlap the input)")
+    return kernel, stride, padding, _out_size(func, tuple(x.shape[2:]), kernel, stride, padding)
+
+
+def avgpool3d_forward(x, kernel, stride=None, padding=0):
+    r"""3-D average pooling, PyTorch semantics (``count_include_pad=True``, floor mode).
+
+    .. math::
+        \mathrm{out}[b, c, p] = \frac{1}{k_t k_h k_w}
+            \sum_{q \in \mathrm{window}(p)} x_\mathrm{pad}[b, c, q]
+
+    The zeros of the padding count in the divisor, which is always the full
+    window size. Computed as the sum of ``prod(kernel)`` strided slices of the
+    padded input, one per offset inside the window.
+
+    Parameters
+    ----------
+    x : array, shape (B, C, T, H, W)
+    kernel : int or 3-tuple of int
+    stride : int or 3-tuple of int, optional
+        Defaults to ``kernel`` (non-overlapping windows).
+    padding : int or 3-tuple of int
+        At most half the kernel on each axis.
+
+    Returns
+    -------
+    out : array, shape (B, C, T', H', W')
+        ``T' = floor((T + 2 p_t - k_t) / s_t) + 1`` and so on.
+    cache : tuple
+    """
+    func = "avgpool3d_forward"
+    xp = array_namespace(x, names=["x"])
+    _check_float(func, xp, x=x)
+    kernel, stride, padding, out_size = _pool_params(func, x, kernel, stride, padding)
+    xpad = _pad(xp, x, padding)
+    out = None
+    for offset in _window_offsets(kernel):
+        sample = xpad[_strided(offset, out_size, stride)]
+        if out is None:
+            out = xp.asarray(sample, copy=True)
+        elif supports_out(xp):
+            out += sample
+        else:
+            out = out + sample
+    out = _scale(xp, out, 1.0 / math.prod(kernel))
+    return out, (tuple(x.shape), kernel, stride, padding)
+
+
+def avgpool3d_backward(dout, cache):
+    r"""Gradient of :func:`avgpool3d_forward`: every input sample receives
+    ``dout / prod(kernel)`` from each window that covers it (overlapping windows add up).
+
+    Returns
+    -------
+    dx : array, shape (B, C, T, H, W)
+    """
+    x_shape, kernel, stride, padding = cache
+    xp = array_namespace(dout, names=["dout"])
+    share = dout * (1.0 / math.prod(kernel))
+    if supports_out(xp):
+        nat = native_namespace(xp)
+        return _scatter_windows(xp, lambda k, view: nat.add(view, share, out=view), x_shape, kernel, stride,
+                                padding, dout)
+    return _scatter_windows(xp, lambda k: share, x_shape, kernel, stride, padding, dout)
+
+
+def _scale(xp, a, factor):
+    """a * factor, in place where the library allows (``a`` must be a fresh array)."""
+    if supports_out(xp):
+        a *= factor
+        return a
+    return a * factor
+
+
+def _scatter_windows(xp, part, x_shape, kernel, stride, padding, dout):
+    """The adjoint of reading one strided slice of the padded input per window offset.
+
+    Offset ``k`` contributes ``part(k)`` (shape of ``dout``: (B, C, *out_size)) to its strided
+    slice of a zero padded array; on NumPy/CuPy ``part(k, view)`` adds it into ``view`` itself.
+    Returns the unpadded (B, C, T, H, W) part.
+    """
+    out_size = tuple(dout.shape[2:])
+    padded = tuple(x_shape[:2]) + tuple(n + 2 * p for n, p in zip(x_shape[2:], padding))
+    dxpad = xp.zeros(padded, dtype=dout.dtype, device=device(dout))
+    for k, offset in enumerate(_window_offsets(kernel)):
+        index = _strided(offset, out_size, stride)
+        if supports_out(xp):
+            part(k, dxpad[index])
+        else:
+            dxpad[index] = dxpad[index] + part(k)
+    if not any(padding):
+        return dxpad
+    return xp.asarray(dxpad[_interior(x_shape[2:], padding)], copy=True)
+
+
+def maxpool3d_forward(x, kernel, stride=None, padding=0):
+    r"""3-D max pooling, PyTorch semantics (any stride, padding that acts as :math:`-\infty`, floor mode).
+
+    .. math:: \mathrm{out}[b, c, p] = \max_{q \in \mathrm{window}(p)} x_\mathrm{pad}[b, c, q]
+
+    Visits the ``prod(kernel)`` offsets inside the window in row-major order and
+    keeps, per window, the running maximum and the offset it came from; a sample
+    replaces the maximum only when it is strictly larger (or NaN), so ties keep
+    the *first* maximal sample and NaN propagates, exactly as PyTorch's CPU kernel.
+
+    Parameters
+    ----------
+    x : array, shape (B, C, T, H, W)
+    kernel : int or 3-tuple of int
+    stride : int or 3-tuple of int, optional
+        Defaults to ``kernel``.
+    padding : int or 3-tuple of int
+        At most half the kernel on each axis.
+
+    Returns
+    -------
+    out : array, shape (B, C, T', H', W')
+    cache : tuple
+        Keeps the winning offset of every window (int16/int32 array of ``out``'s shape).
+    """
+    func = "maxpool3d_forward"
+    xp = array_namespace(x, names=["x"])
+    _check_float(func, xp, x=x)
+    kernel, stride, padding, out_size = _pool_params(func, x, kernel, stride, padding)
+    xpad = _pad(xp, x, padding, value=-math.inf)
+    offsets = _window_offsets(kernel)
+    arg_dtype = xp.int16 if len(offsets) <= 2**15 - 1 else xp.int32
+    out = xp.asarray(xpad[_strided(offsets[0], out_size, stride)], copy=True)
+    arg = xp.zeros(out.shape, dtype=arg_dtype, device=device(x))
+    if supports_out(xp):
+        # The same steps as branch-free arithmetic into preallocated buffers (masked copies
+        # are ~40x slower): offsets come in increasing order, so "arg = k where better" is
+        # arg = max(arg, k * better), and the new maximum is max(out, sample).
+        nat = native_namespace(xp)
+        has_nan = bool(nat.any(nat.isnan(x)))  # one pass over x instead of one per offset
+        better = nat.empty(out.shape, dtype=bool)
+        candidate = nat.empty(out.shape, dtype=arg.dtype)
+        for k, offset in enumerate(offsets[1:], start=1):
+            sample = xpad[_strided(offset, out_size, stride)]
+            nat.greater(sample, out, out=better)
+            if has_nan:
+                better |= nat.isnan(sample)
+            nat.multiply(better, k, out=candidate)
+            nat.maximum(arg, candidate, out=arg)
+            nat.maximum(out, sample, out=out)  # NaN propagates, as in PyTorch
+    else:
+        for k, offset in enumerate(offsets[1:], start=1):
+            sample = xpad[_strided(offset, out_size, stride)]
+            better = (sample > out) | xp.isnan(sample)
+            out = xp.where(better, sample, out)
+            arg = xp.where(better, xp.asarray(k, dtype=arg_dtype, device=device(x)), arg)
+    return out, (tuple(x.shape), kernel, stride, padding, arg)
+
+
+def maxpool3d_backward(dout, cache):
+    r"""Gradient of :func:`maxpool3d_forward`: each window's ``dout`` goes to the sample
+    that won it (the first maximum); a sample that wins several overlapping windows
+    collects all their gradients.
+
+    Returns
+    -------
+    dx : array, shape (B, C, T, H, W)
+    """
+    x_shape, kernel, stride, padding, arg = cache
+    xp = array_namespace(dout, arg, names=["dout", "arg"])
+    nat = native_namespace(xp) if supports_out(xp) else None
+    if nat is not None and bool(nat.all(nat.isfinite(dout))):  # dout * (arg == k) into reused buffers
+        won, part = nat.empty(arg.shape, dtype=bool), nat.empty(dout.shape, dtype=dout.dtype)
+
+        def add_winners(k, view):
+            nat.equal(arg, k, out=won)
+            nat.multiply(dout, won, out=part)
+            nat.add(view, part, out=view)
+
+        return _scatter_windows(xp, add_winners, x_shape, kernel, stride, padding, dout)
+    zero = xp.zeros((), dtype=dout.dtype, device=device(dout))
+    if nat is not None:  # an inf or NaN in dout: where(), so that inf * 0 puts no NaN beside the winner
+
+        def add_where(k, view):
+            nat.add(view, nat.where(arg == k, dout, zero), out=view)
+
+        return _scatter_windows(xp, add_where, x_shape, kernel, stride, padding, dout)
+    return _scatter_windows(xp, lambda k: xp.where(arg == k, dout, zero), x_shape, kernel, stride, padding, dout)
+
+
+# --------------------------------------------------------------------------- global average pooling
+def global_avgpool_forward(x):
+    r"""Mean over every spatial axis: (B, C, \*S) -> (B, C).
+
+    .. math:: \mathrm{out}[b, c] = \frac{1}{N} \sum_{n} x[b, c, n], \qquad N = \prod S
+
+    Returns
+    -------
+    out : array, shape (B, C)
+    cache : tuple
+    """
+    xp = array_namespace(x, names=["x"])
+    if x.ndim < 3:
+        raise ValueError(f"global_avgpool_forward: x must have shape (B, C, *S) with at least one spatial axis, "
+                         f"got shape {tuple(x.shape)}")
+    _check_float("global_avgpool_forward", xp, x=x)
+    return xp.mean(_flat(x), axis=2), tuple(x.shape)
+
+
+def global_avgpool_backward(dout, cache):
+    r"""Gradient of :func:`global_avgpool_forward`: :math:`dx[b, c, n] = d\mathrm{out}[b, c] / N`.
+
+    Returns
+    -------
+    dx : array, shape (B, C, \*S) (a fresh array, not a broadcast view)
+    """
+    x_shape = cache
+    xp = array_namespace(dout, names=["dout"])
+    n = math.prod(x_shape[2:])
+    dx = xp.zeros((x_shape[0], x_shape[1], n), dtype=dout.dtype, device=device(dout))
+    dx = dx + (dout / n)[:, :, None]
+    return xp.reshape(dx, x_shape)
+
+
+# --------------------------------------------------------------------------- dropout
+def dropout_forward(x, p, *, training, seed=None):
+    r"""Inverted dropout: zero each value with probability ``p``, scale the rest by ``1/(1-p)``.
+
+    .. math:: \mathrm{out} = x \odot m / (1 - p), \qquad m_i \sim \mathrm{Bernoulli}(1 - p)
+
+    so that :math:`E[\mathrm{out}] = x` and evaluation needs no rescaling. The
+    keep-mask is drawn on the host with ``numpy.random.default_rng(seed)``
+    (``keep = u >= p`` for uniform ``u``) and moved to ``x``'s library and
+    device, so one seed gives the same mask on every backend.
+
+    Parameters
+    ----------
+    x : array, any shape
+    p : float
+        Drop probability, ``0 <= p < 1``.
+    training : bool
+        ``False`` (evaluation) or ``p == 0``: the identity, ``out`` is ``x`` itself.
+    seed : int
+        Seeds the mask; required when training with ``p > 0``.
+
+    Returns
+    -------
+    out : array, the shape of ``x``
+    cache : array or None
+        The scaled mask ``m / (1 - p)``, or None for the identity.
+    """
+    xp = array_namespace(x, names=["x"])
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 <= p < 1:
+        raise ValueError(f"dropout_forward: p must be a probability in [0, 1), got {p!r}")
+    _check_float("dropout_forward", xp, x=x)
+    if not training or p == 0:
+        return x, None
+    if isinstance(seed, bool) or not hasattr(seed, "__index__"):
+        raise TypeError(f"dropout_forward: seed must be an int when training with p > 0, got {seed!r}")
+    keep = np.random.default_rng(operator.index(seed)).random(tuple(x.shape)) >= p
+    mask = keep.astype(_dtype_name(x)) * np.asarray(1.0 / (1.0 - p), dtype=_dtype_name(x))
+    mask = asarray(mask, like=x)
+    return x * mask, mask
+
+
+def dropout_backward(dout, cache):
+    r"""Gradient of :func:`dropout_forward`: :math:`dx = d\mathrm{out} \odot m / (1 - p)`
+    (``dout`` itself for the identity)."""
+    mask = cache
+    if mask is None:
+        return dout
+    return dout * mask
+
+
+# --------------------------------------------------------------------------- fully connected
+def linear_forward(x, w, b=None):
+    r"""Fully connected layer, :math:`\mathrm{out} = x\, w^\top + b`.
+
+    Parameters
+    ----------
+    x : array, shape (B, F)
+    w : array, shape (O, F)
+        PyTorch's layout (``torch.nn.Linear.weight``).
+    b : array, shape (O,), optional
+
+    Returns
+    -------
+    out : array, shape (B, O)
+    cache : tuple
+    """
+    func = "linear_forward"
+    xp = array_namespace(*((x, w) if b is None else (x, w, b)), names=["x", "w", "b"][:2 + (b is not None)])
+    _check_float(func, xp, x=x, w=w, b=b)
+    if x.ndim != 2:
+        raise ValueError(f"{func}: x must have shape (B, F), got shape {tuple(x.shape)}")
+    if w.ndim != 2 or w.shape[1] != x.shape[1]:
+        raise ValueError(f"{func}: w must have shape (O, F) with F = x.shape[1] = {x.shape[1]}, "
+                         f"got shape {tuple(w.shape)}")
+    if b is not None and tuple(b.shape) != (w.shape[0],):
+        raise ValueError(f"{func}: b must have shape ({w.shape[0]},), got shape {tuple(b.shape)}")
+    out = xp.matmul(x, xp.matrix_transpose(w))
+    if b is not None:
+        out = out + b
+    return out, (x, w, b is not None)
+
+
+def linear_backward(dout, cache):
+    r"""Gradients of :func:`linear_forward`.
+
+    .. math:: dx = d\mathrm{out}\, w, \qquad dw = d\mathrm{out}^\top x, \qquad db = \sum_b d\mathrm{out}[b, :]
+
+    Returns
+    -------
+    dx : array, shape (B, F)
+    dw : array, shape (O, F)
+    db : array, shape (O,), or None when the layer has no bias
+    """
+    x, w, has_bias = cache
+    xp = array_namespace(dout, x, names=["dout", "x"])
+    dx = xp.matmul(dout, w)
+    dw = xp.matmul(xp.matrix_transpose(dout), x)
+    db = xp.sum(dout, axis=0) if has_bias else None
+    return dx, dw, db
+
+
+# --------------------------------------------------------------------------- softmax cross-entropy
+def softmax_cross_entropy_forward(logits, labels):
+    r"""Mean cross-entropy of the softmax of ``logits`` against integer class labels.
+
+    .. math::
+        L = \frac{1}{B} \sum_b \Big( \log \sum_k e^{z_{bk} - m_b} - (z_{b y_b} - m_b) \Big),
+        \qquad m_b = \max_k z_{bk}
+
+    which is :math:`-\frac1B \sum_b \log \mathrm{softmax}(z_b)_{y_b}`, computed with
+    the log-sum-exp shifted by the row maximum so that no logit overflows.
+
+    Parameters
+    ----------
+    logits : array, shape (B, K), float32 or float64
+    labels : array, shape (B,), integer dtype
+        Class indices in ``[0, K)``, from the same library as ``logits``.
+
+    Returns
+    -------
+    loss : array, shape ()
+        A 0-d array of the logits' library, device and dtype.
+    cache : tuple
+        Keeps the softmax probabilities (B, K) and the one-hot labels.
+    """
+    func = "softmax_cross_entropy_forward"
+    xp = array_namespace(logits, labels, names=["logits", "labels"])
+    _check_float(func, xp, logits=logits)
+    if logits.ndim != 2 or logits.shape[0] < 1 or logits.shape[1] < 1:
+        raise ValueError(f"{func}: logits must have shape (B, K) with B, K >= 1, got shape {tuple(logits.shape)}")
+    bsz, k = logits.shape
+    if tuple(labels.shape) != (bsz,):
+        raise ValueError(f"{func}: labels must have shape ({bsz},) (one class index per row of logits), "
+                         f"got shape {tuple(labels.shape)}")
+    if not xp.isdtype(labels.dtype, "integral"):
+        raise ValueError(f"{func}: labels must be integer class indices, got dtype {_dtype_name(labels)}")
+    low, high = int(xp.min(labels)), int(xp.max(labels))
+    if low < 0 or high >= k:
+        bad = low if low < 0 else high
+        raise ValueError(f"{func}: labels must lie in [0, {k}) for {k} classes, got {bad}")
+    z = logits - xp.max(logits, axis=1, keepdims=True)
+    e = xp.exp(z)
+    total = xp.sum(e, axis=1, keepdims=True)
+    classes = xp.arange(k, dtype=xp.int64, device=device(labels))
+    onehot = xp.astype(xp.astype(labels, xp.int64)[:, None] == classes[None, :], logits.dtype)
+    picked = xp.sum(z * onehot, axis=1)
+    loss = xp.asarray(xp.mean(xp.log(total[:, 0]) - picked))
+    return loss, (e / total, onehot)
+
+
+def softmax_cross_entropy_backward(dloss, cache):
+    r"""Gradient of :func:`softmax_cross_entropy_forward`.
+
+    .. math:: d\mathrm{logits} = d\mathrm{loss}\cdot\frac{\mathrm{softmax}(z) - \mathrm{onehot}(y)}{B}
+
+    Parameters
+    ----------
+    dloss : float or 0-d array (1.0 when the loss is the final objective)
+
+    Returns
+    -------
+    dlogits : array, shape (B, K)
+    """
+    p, onehot = cache
+    dlogits = (p - onehot) * (dloss / p.shape[0])
+    if dlogits.dtype != p.dtype:  # a float64 dloss must not promote float32 logits
+        dlogits = array_namespace(p).astype(dlogits, p.dtype)
+    return dlogits

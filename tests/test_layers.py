@@ -1,0 +1,507 @@
+"""The network layers of nlref.nn.functional: conv3d, 3-D average/max pooling, global average
+pooling, dropout, linear, softmax cross-entropy. Gradient checks, PyTorch as oracle, errors."""
+
+import numpy as np
+import pytest
+
+import nlref.backend as B
+from nlref.nn import functional as F
+from nlref.nn import gradcheck
+from conftest import assert_same_library
+
+try:
+    import torch
+
+    TF = torch.nn.functional
+except ImportError:  # the oracle is optional
+    torch = None
+needs_torch = pytest.mark.skipif(torch is None, reason="PyTorch (the optional oracle) is not installed")
+
+RNG = np.random.default_rng(11)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _torch_single_thread():
+    """The oracle's tensors are tiny: one torch thread is far faster than waking a pool (restored after)."""
+    if torch is None:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _x(shape, xp, dtype="float64"):
+    return B.asarray(RNG.standard_normal(shape).astype(dtype), xp=xp)
+
+
+def _distinct(shape, xp):
+    """Samples whose gaps are all at least 1e-3 (no ties at a max-pool kink)."""
+    n = int(np.prod(shape))
+    host = (RNG.permutation(n) * 1e-2 + RNG.uniform(0, 1e-3, n)).reshape(shape)
+    return B.asarray(host - host.mean(), xp=xp)
+
+
+def _check(forward, backward, inputs, **kw):
+    result = gradcheck(forward, backward, inputs, **kw)
+    assert result.passed, str(result)
+    return result
+
+
+# array-api-strict runs the portable code path about ten times slower than NumPy: there the
+# centred differences (2 forward calls per input element) check a representative case of each
+# code path, and random directions (6 calls per input) check the others. NumPy runs every
+# case with centred differences, and the PyTorch oracle below pins both libraries to 1e-10.
+STRICT_CENTRED = {"1x3x3-pad011", "1x3x3-s122-pad011", "3x2x3-s211-pad1", "2x3x3-s1-pad011"}
+
+
+def _method(xp, case, bias=True):
+    return "centred" if xp is np or (case in STRICT_CENTRED and bias) else "random"
+
+
+def _labels(values, xp):
+    return B.asarray(np.asarray(values, dtype=np.int64), xp=xp)
+
+
+# conv3d cases: (x shape, w shape, stride, padding), covering both im2col layouts (whole rows
+# with stride 1 along H and W, strided slices otherwise) and both ways to dx (flipped kernel, col2im)
+CONV_CASES = {
+    "1x3x3-pad011": ((2, 2, 2, 3, 3), (2, 2, 1, 3, 3), 1, (0, 1, 1)),
+    "3x3x3-s2-pad1": ((1, 2, 3, 3, 4), (2, 2, 3, 3, 3), 2, 1),
+    "3x1x1": ((2, 2, 4, 2, 3), (3, 2, 3, 1, 1), 1, 0),
+    "1x1x1": ((2, 3, 2, 2, 3), (2, 3, 1, 1, 1), 1, 0),
+    "1x3x3-s122-pad011": ((1, 2, 2, 5, 4), (2, 2, 1, 3, 3), (1, 2, 2), (0, 1, 1)),
+    "1x1x1-s122": ((1, 2, 2, 5, 4), (3, 2, 1, 1, 1), (1, 2, 2), 0),
+    "2x3x2-s312-pad101": ((1, 2, 4, 3, 5), (2, 2, 2, 3, 2), (3, 1, 2), (1, 0, 1)),
+    "3x2x3-s211-pad1": ((1, 2, 4, 3, 3), (2, 2, 3, 2, 3), (2, 1, 1), 1),  # whole rows, dx by col2im
+    "1x1x1-pad011": ((1, 2, 2, 2, 3), (2, 2, 1, 1, 1), 1, (0, 1, 1)),  # padding > kernel - 1
+}
+
+# pool cases: (x shape, kernel, stride, padding): non-overlapping, overlapping, padded, odd sizes
+POOL_CASES = {
+    "2x2x2": ((1, 2, 4, 4, 5), 2, None, 0),
+    "1x2x2": ((2, 1, 2, 5, 4), (1, 2, 2), None, 0),
+    "3x3x3-s2-pad1": ((1, 1, 3, 4, 3), 3, 2, 1),
+    "2x3x3-s1-pad011": ((1, 1, 3, 3, 4), (2, 3, 3), 1, (0, 1, 1)),
+    "3x2x3-s212-pad101": ((1, 1, 5, 3, 5), (3, 2, 3), (2, 1, 2), (1, 0, 1)),
+}
+
+
+def _conv_inputs(xp, case, bias):
+    xs, ws, _, _ = CONV_CASES[case]
+    inputs = {"x": _x(xs, xp), "w": _x(ws, xp)}
+    if bias:
+        inputs["b"] = _x((ws[0],), xp)
+    return inputs
+
+
+# --------------------------------------------------------------------------- gradient checks
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("case", list(CONV_CASES))
+def test_conv3d_gradcheck(xp_cpu, case, bias):
+    _, _, stride, padding = CONV_CASES[case]
+    cache = {}
+
+    def forward(**kw):
+        out, cache["c"] = F.conv3d_forward(**kw, stride=stride, padding=padding)
+        return out
+
+    def backward(dout):
+        dx, dw, db = F.conv3d_backward(dout, cache["c"])
+        assert (db is None) == (not bias)
+        return {"x": dx, "w": dw, "b": db}
+
+    _check(forward, backward, _conv_inputs(xp_cpu, case, bias), method=_method(xp_cpu, case, bias))
+
+
+@pytest.mark.parametrize("pool", ["avg", "max"])
+@pytest.mark.parametrize("case", list(POOL_CASES))
+def test_pool3d_gradcheck(xp_cpu, case, pool):
+    shape, kernel, stride, padding = POOL_CASES[case]
+    fwd, bwd = {"avg": (F.avgpool3d_forward, F.avgpool3d_backward),
+                "max": (F.maxpool3d_forward, F.maxpool3d_backward)}[pool]
+    cache = {}
+
+    def forward(x):
+        out, cache["c"] = fwd(x, kernel, stride, padding)
+        return out
+
+    _check(forward, lambda d: {"x": bwd(d, cache["c"])}, {"x": _distinct(shape, xp_cpu)}, method=_method(xp_cpu, case))
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4), (2, 3, 2, 3), (2, 2, 2, 3, 2)], ids=["1d", "2d", "3d"])
+def test_global_avgpool_gradcheck(xp_cpu, shape):
+    cache = {}
+
+    def forward(x):
+        out, cache["c"] = F.global_avgpool_forward(x)
+        return out
+
+    _check(forward, lambda d: {"x": F.global_avgpool_backward(d, cache["c"])}, {"x": _x(shape, xp_cpu)})
+
+
+def test_dropout_gradcheck(xp_cpu):
+    cache = {}
+
+    def forward(x):
+        out, cache["c"] = F.dropout_forward(x, 0.4, training=True, seed=5)
+        return out
+
+    _check(forward, lambda d: {"x": F.dropout_backward(d, cache["c"])}, {"x": _x((3, 2, 5), xp_cpu)})
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_linear_gradcheck(xp_cpu, bias):
+    inputs = {"x": _x((3, 5), xp_cpu), "w": _x((4, 5), xp_cpu)}
+    if bias:
+        inputs["b"] = _x((4,), xp_cpu)
+    cache = {}
+
+    def forward(**kw):
+        out, cache["c"] = F.linear_forward(**kw)
+        return out
+
+    def backward(dout):
+        dx, dw, db = F.linear_backward(dout, cache["c"])
+        return {"x": dx, "w": dw, "b": db}
+
+    _check(forward, backward, inputs)
+
+
+def test_softmax_cross_entropy_gradcheck(xp_cpu):
+    labels = _labels([0, 3, 3, 1], xp_cpu)
+    cache = {}
+
+    def forward(logits):
+        loss, cache["c"] = F.softmax_cross_entropy_forward(logits, labels)
+        return loss
+
+    _check(forward, lambda d: {"logits": F.softmax_cross_entropy_backward(d, cache["c"])},
+           {"logits": _x((4, 5), xp_cpu)})
+
+
+@pytest.mark.parametrize("case", ["1x3x3-pad011", "3x3x3-s2-pad1", "3x2x3-s211-pad1", "1x3x3-s122-pad011"])
+def test_conv3d_chunks_agree(monkeypatch, case):
+    """NumPy processes big batches a few samples at a time; one sample per chunk gives the same numbers."""
+    inputs = _conv_inputs(np, case, True)
+    inputs["x"] = np.concatenate([inputs["x"]] * 3)
+    _, _, stride, padding = CONV_CASES[case]
+    out, cache = F.conv3d_forward(**inputs, stride=stride, padding=padding)
+    dout = RNG.standard_normal(out.shape)
+    grads = F.conv3d_backward(dout, cache)
+    monkeypatch.setattr(F, "CONV_CHUNK_BYTES", 1)
+    out1, cache1 = F.conv3d_forward(**inputs, stride=stride, padding=padding)
+    np.testing.assert_allclose(out1, out, rtol=1e-12, atol=1e-12)
+    for g1, g in zip(F.conv3d_backward(dout, cache1), grads):
+        np.testing.assert_allclose(g1, g, rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- every library, both float dtypes
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_layers_keep_library_and_dtype(xp, dtype):
+    x = _x((2, 3, 2, 4, 4), xp, dtype)
+
+    def same(a):
+        assert_same_library(a, x)
+        assert B.dtype_name(a.dtype) == dtype
+
+    for stride, padding in ((1, (0, 1, 1)), ((1, 2, 2), 0), (1, 0)):
+        w = _x((2, 3, 1, 3, 3) if padding else (2, 3, 1, 1, 1), xp, dtype)
+        out, cache = F.conv3d_forward(x, w, _x((2,), xp, dtype), stride=stride, padding=padding)
+        same(out)
+        for g in F.conv3d_backward(out, cache):
+            same(g)
+    for fwd, bwd in ((F.avgpool3d_forward, F.avgpool3d_backward), (F.maxpool3d_forward, F.maxpool3d_backward)):
+        out, cache = fwd(x, (1, 3, 3), (1, 2, 2), (0, 1, 1))
+        same(out)
+        same(bwd(out, cache))
+    out, cache = F.global_avgpool_forward(x)
+    same(out)
+    same(F.global_avgpool_backward(out, cache))
+    out, cache = F.dropout_forward(x, 0.5, training=True, seed=0)
+    same(out)
+    same(F.dropout_backward(out, cache))
+    feats = _x((4, 6), xp, dtype)
+    logits, cache_fc = F.linear_forward(feats, _x((3, 6), xp, dtype), _x((3,), xp, dtype))
+    same(logits)
+    loss, cache_ce = F.softmax_cross_entropy_forward(logits, _labels([0, 2, 1, 2], xp))
+    same(loss)
+    assert tuple(loss.shape) == ()
+    dlogits = F.softmax_cross_entropy_backward(1.0, cache_ce)
+    same(dlogits)
+    same(F.softmax_cross_entropy_backward(B.asarray(np.asarray(2.0), xp=xp), cache_ce))  # a float64 0-d dloss
+    for g in F.linear_backward(dlogits, cache_fc):
+        same(g)
+
+
+def test_float32_agrees_with_float64():
+    """The same layers in float32 and float64: equal to float32 rounding."""
+    x64, w64 = RNG.standard_normal((2, 3, 3, 6, 6)), RNG.standard_normal((4, 3, 3, 3, 3))
+    results = {}
+    for dtype in ("float32", "float64"):
+        x, w = x64.astype(dtype), w64.astype(dtype)
+        y, c1 = F.conv3d_forward(x, w, stride=(1, 2, 2), padding=1)
+        z, c2 = F.maxpool3d_forward(y, (1, 2, 2), 1)
+        v, c3 = F.avgpool3d_forward(z, 2, padding=1)
+        dx, dw, _ = F.conv3d_backward(F.maxpool3d_backward(F.avgpool3d_backward(np.ones_like(v), c3), c2), c1)
+        assert v.dtype == dx.dtype == dw.dtype == np.dtype(dtype)
+        results[dtype] = (v, dx, dw)
+    for a32, a64 in zip(results["float32"], results["float64"]):
+        np.testing.assert_allclose(a32, a64, rtol=1e-4, atol=1e-4 * np.abs(a64).max())
+
+
+def test_inputs_are_not_written():
+    x, w, b = RNG.standard_normal((2, 3, 2, 5, 5)), RNG.standard_normal((4, 3, 1, 3, 3)), RNG.standard_normal(4)
+    saved = [a.copy() for a in (x, w, b)]
+    out, cache = F.conv3d_forward(x, w, b, stride=(1, 2, 2), padding=(0, 1, 1))
+    dout = np.ones_like(out)
+    F.conv3d_backward(dout, cache)
+    for fwd, bwd in ((F.avgpool3d_forward, F.avgpool3d_backward), (F.maxpool3d_forward, F.maxpool3d_backward)):
+        out, cache = fwd(x, 3, 2, 1)
+        d = np.ones_like(out)
+        bwd(d, cache)
+        assert np.all(d == 1)
+    out, cache = F.global_avgpool_forward(x)
+    F.global_avgpool_backward(np.ones_like(out), cache)
+    out, cache = F.dropout_forward(x, 0.3, training=True, seed=1)
+    F.dropout_backward(np.ones_like(out), cache)
+    logits, labels = RNG.standard_normal((3, 4)), np.array([0, 1, 3])
+    saved_ce = (logits.copy(), labels.copy())
+    loss, cache = F.softmax_cross_entropy_forward(logits, labels)
+    F.softmax_cross_entropy_backward(1.0, cache)
+    for a, s in zip((x, w, b, dout, logits, labels), saved + [np.ones_like(dout)] + list(saved_ce)):
+        np.testing.assert_array_equal(a, s)
+
+
+# --------------------------------------------------------------------------- dropout
+def test_dropout_same_mask_on_every_library(xp):
+    x = np.ones((4, 5, 6))
+    out, _ = F.dropout_forward(B.asarray(x, xp=xp), 0.3, training=True, seed=42)
+    ref, _ = F.dropout_forward(x, 0.3, training=True, seed=42)
+    np.testing.assert_array_equal(B.to_numpy(out), ref)
+    other, _ = F.dropout_forward(x, 0.3, training=True, seed=43)
+    assert not np.array_equal(other, ref)
+
+
+def test_dropout_scaling_and_eval_identity():
+    p = 0.25
+    x = np.ones((200, 500))
+    out, mask = F.dropout_forward(x, p, training=True, seed=0)
+    kept = out != 0
+    np.testing.assert_allclose(out[kept], 1 / (1 - p))
+    assert abs(kept.mean() - (1 - p)) < 5e-3  # 100000 Bernoulli draws: sd ~1.4e-3
+    assert abs(out.mean() - 1) < 7e-3  # inverted dropout keeps the mean
+    np.testing.assert_array_equal(F.dropout_backward(np.full_like(x, 2.0), mask), 2 * out)
+    for kwargs in ({"training": False, "seed": 0}, {"training": False}, {"training": True, "seed": None}):
+        q = p if not kwargs["training"] else 0.0
+        same, cache = F.dropout_forward(x, q, **kwargs)
+        assert same is x and cache is None
+        dout = np.full_like(x, 3.0)
+        assert F.dropout_backward(dout, cache) is dout
+
+
+# --------------------------------------------------------------------------- PyTorch oracle
+
+def _t(a):
+    return torch.tensor(B.to_numpy(a), dtype=torch.float64, requires_grad=True)
+
+
+def _close(ours, theirs, tol=1e-10):
+    np.testing.assert_allclose(B.to_numpy(ours), theirs.detach().numpy(), rtol=tol, atol=tol)
+
+
+def _against_torch(ours_out, torch_out, xp):
+    """Backpropagate a random dout through torch; returns dout (in xp) after comparing the outputs."""
+    assert tuple(ours_out.shape) == tuple(torch_out.shape)
+    _close(ours_out, torch_out)
+    dout = RNG.standard_normal(tuple(torch_out.shape))
+    (torch_out * torch.tensor(dout)).sum().backward()
+    return B.asarray(dout, xp=xp)
+
+
+@needs_torch
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("case", list(CONV_CASES))
+def test_conv3d_matches_torch(xp_cpu, case, bias):
+    _, _, stride, padding = CONV_CASES[case]
+    inp = _conv_inputs(xp_cpu, case, bias)
+    out, cache = F.conv3d_forward(**inp, stride=stride, padding=padding)
+    t = {k: _t(v) for k, v in inp.items()}
+    tout = TF.conv3d(t["x"], t["w"], t.get("b"), stride=stride, padding=padding)
+    dout = _against_torch(out, tout, xp_cpu)
+    dx, dw, db = F.conv3d_backward(dout, cache)
+    _close(dx, t["x"].grad)
+    _close(dw, t["w"].grad)
+    if bias:
+        _close(db, t["b"].grad)
+
+
+@needs_torch
+@pytest.mark.parametrize("pool", ["avg", "max"])
+@pytest.mark.parametrize("case", list(POOL_CASES))
+def test_pool3d_matches_torch(xp_cpu, case, pool):
+    shape, kernel, stride, padding = POOL_CASES[case]
+    x = _distinct(shape, xp_cpu)
+    fwd, bwd = {"avg": (F.avgpool3d_forward, F.avgpool3d_backward),
+                "max": (F.maxpool3d_forward, F.maxpool3d_backward)}[pool]
+    out, cache = fwd(x, kernel, stride, padding)
+    tx = _t(x)
+    tpool = {"avg": TF.avg_pool3d, "max": TF.max_pool3d}[pool]
+    dout = _against_torch(out, tpool(tx, kernel, stride, padding), xp_cpu)
+    _close(bwd(dout, cache), tx.grad)
+
+
+@needs_torch
+@pytest.mark.parametrize("kernel,stride,padding", [(2, None, 0), (3, 1, 1), ((1, 3, 3), (1, 2, 2), (0, 1, 1))],
+                         ids=["2x2x2", "3x3x3-s1-pad1", "1x3x3-s122-pad011"])
+def test_maxpool3d_ties_route_like_torch(xp_cpu, kernel, stride, padding):
+    """Plateaus of equal values: every window's gradient goes to its first maximum (row-major),
+    overlapping windows that share a winner add up, exactly as in PyTorch."""
+    host = np.round(RNG.uniform(-1, 1, (2, 2, 3, 5, 6)))  # values in {-1, 0, 1}: ties everywhere
+    x = B.asarray(host, xp=xp_cpu)
+    out, cache = F.maxpool3d_forward(x, kernel, stride, padding)
+    tx = _t(x)
+    dout = _against_torch(out, TF.max_pool3d(tx, kernel, stride, padding), xp_cpu)
+    dx = B.to_numpy(F.maxpool3d_backward(dout, cache))
+    np.testing.assert_array_equal(dx != 0, tx.grad.numpy() != 0)  # the same winners
+    _close(dx, tx.grad, 1e-12)  # overlapping windows may add in another order
+
+
+@needs_torch
+def test_maxpool3d_nan_and_inf_like_torch(xp_cpu):
+    """A NaN input wins its windows (the last NaN in window order, as PyTorch's kernel);
+    an infinite dout reaches the winner only, with exact zeros beside it."""
+    host = RNG.standard_normal((1, 2, 3, 6, 5))
+    host[0, 0, 1, 2, 2] = host[0, 1, 0, 0, 0] = host[0, 1, 0, 0, 1] = np.nan
+    x = B.asarray(host, xp=xp_cpu)
+    out, cache = F.maxpool3d_forward(x, (1, 3, 3), (1, 2, 2), (0, 1, 1))
+    tx = _t(x)
+    tout = TF.max_pool3d(tx, (1, 3, 3), (1, 2, 2), (0, 1, 1))
+    np.testing.assert_array_equal(B.to_numpy(out), tout.detach().numpy())  # NaN where PyTorch has NaN
+    dout = RNG.standard_normal(tuple(out.shape))
+    dout[0, 0, 2, 1, 1] = np.inf
+    tout.backward(torch.tensor(dout))
+    dx = B.to_numpy(F.maxpool3d_backward(B.asarray(dout, xp=xp_cpu), cache))
+    np.testing.assert_array_equal(np.isinf(dx), np.isinf(tx.grad.numpy()))
+    np.testing.assert_allclose(dx, tx.grad.numpy(), rtol=1e-12, atol=1e-12)  # exact zeros beside the inf
+
+
+@needs_torch
+@pytest.mark.parametrize("shape", [(2, 3, 7), (2, 3, 4, 5), (2, 3, 2, 4, 3)], ids=["1d", "2d", "3d"])
+def test_global_avgpool_matches_torch(xp_cpu, shape):
+    x = _x(shape, xp_cpu)
+    out, cache = F.global_avgpool_forward(x)
+    tx = _t(x)
+    adaptive = {3: TF.adaptive_avg_pool1d, 4: TF.adaptive_avg_pool2d, 5: TF.adaptive_avg_pool3d}[len(shape)]
+    tout = adaptive(tx, 1).reshape(shape[:2])
+    _close(out, tx.mean(dim=tuple(range(2, len(shape)))))
+    dout = _against_torch(out, tout, xp_cpu)
+    _close(F.global_avgpool_backward(dout, cache), tx.grad)
+
+
+@needs_torch
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_linear_matches_torch(xp_cpu, bias):
+    x, w, b = _x((5, 7), xp_cpu), _x((3, 7), xp_cpu), (_x((3,), xp_cpu) if bias else None)
+    out, cache = F.linear_forward(x, w, b)
+    tx, tw, tb = _t(x), _t(w), (_t(b) if bias else None)
+    dout = _against_torch(out, TF.linear(tx, tw, tb), xp_cpu)
+    dx, dw, db = F.linear_backward(dout, cache)
+    _close(dx, tx.grad)
+    _close(dw, tw.grad)
+    if bias:
+        _close(db, tb.grad)
+    else:
+        assert db is None
+
+
+@needs_torch
+@pytest.mark.parametrize("scale", [1.0, 1e4], ids=["plain", "huge-logits"])
+def test_softmax_cross_entropy_matches_torch(xp_cpu, scale):
+    host_labels = np.array([0, 4, 2, 2, 1, 4])
+    logits = B.asarray(RNG.standard_normal((6, 5)) * scale, xp=xp_cpu)
+    loss, cache = F.softmax_cross_entropy_forward(logits, _labels(host_labels, xp_cpu))
+    dlogits = F.softmax_cross_entropy_backward(B.asarray(np.asarray(0.7), xp=xp_cpu), cache)
+    assert np.isfinite(B.to_numpy(loss)) and np.all(np.isfinite(B.to_numpy(dlogits)))
+    tl = _t(logits)
+    tloss = TF.cross_entropy(tl, torch.tensor(host_labels))
+    (0.7 * tloss).backward()
+    _close(loss, tloss, 1e-10 * scale)
+    _close(dlogits, tl.grad)
+
+
+# --------------------------------------------------------------------------- errors
+def test_conv3d_errors():
+    x, w = np.zeros((1, 2, 3, 4, 4)), np.zeros((3, 2, 1, 3, 3))
+    with pytest.raises(ValueError, match=r"x must have shape \(B, C, T, H, W\) \(5 axes\), got shape \(2, 3, 4, 4\)"):
+        F.conv3d_forward(x[0], w)
+    with pytest.raises(ValueError, match=r"w must have shape \(O, C, kt, kh, kw\) with C = x.shape\[1\] = 2"):
+        F.conv3d_forward(x, np.zeros((3, 4, 1, 3, 3)))
+    with pytest.raises(ValueError, match=r"b must have shape \(3,\)"):
+        F.conv3d_forward(x, w, np.zeros(2))
+    with pytest.raises(ValueError, match=r"stride must be a positive int or a 3-tuple of positive ints, got \(1, 2\)"):
+        F.conv3d_forward(x, w, stride=(1, 2))
+    with pytest.raises(ValueError, match="stride must be a positive int.*got 0"):
+        F.conv3d_forward(x, w, stride=0)
+    with pytest.raises(ValueError, match="padding must be a non-negative int.*got -1"):
+        F.conv3d_forward(x, w, padding=-1)
+    with pytest.raises(ValueError, match="padding must be a non-negative int.*got 1.5"):
+        F.conv3d_forward(x, w, padding=1.5)
+    with pytest.raises(ValueError, match=r"spatial shape \(3, 2, 2\) is smaller than the kernel \(1, 3, 3\)"):
+        F.conv3d_forward(np.zeros((1, 2, 3, 2, 2)), w)
+    with pytest.raises(TypeError, match="arrays must share one dtype .*x: float64, w: float32"):
+        F.conv3d_forward(x, w.astype(np.float32))
+    with pytest.raises(TypeError, match="x must be a float32 or float64 array, got dtype int64"):
+        F.conv3d_forward(x.astype(np.int64), w)
+    with pytest.raises(TypeError, match="w must be an array"):
+        F.conv3d_forward(x, [[1.0]])
+
+
+def test_pool_errors():
+    x = np.zeros((1, 2, 3, 4, 4))
+    for fwd in (F.avgpool3d_forward, F.maxpool3d_forward):
+        name = fwd.__name__
+        with pytest.raises(ValueError, match=rf"{name}: x must have shape \(B, C, T, H, W\)"):
+            fwd(np.zeros((1, 2, 4, 4)), 2)
+        with pytest.raises(ValueError, match=rf"{name}: kernel must be a positive int.*got \(2, 2\)"):
+            fwd(x, (2, 2))
+        with pytest.raises(ValueError, match=r"padding \(0, 2, 2\) must be at most half the kernel \(1, 3, 3\)"):
+            fwd(x, (1, 3, 3), 1, (0, 2, 2))
+        with pytest.raises(ValueError, match=r"spatial shape \(3, 4, 4\) is smaller than the kernel \(4, 2, 2\)"):
+            fwd(x, (4, 2, 2))
+        with pytest.raises(TypeError, match="x must be a float32 or float64 array"):
+            fwd(x.astype(np.int32), 2)
+    with pytest.raises(ValueError, match=r"at least one spatial axis, got shape \(2, 3\)"):
+        F.global_avgpool_forward(np.zeros((2, 3)))
+
+
+def test_dropout_linear_cross_entropy_errors():
+    x = np.ones((2, 3))
+    for p in (1.0, -0.1, 1.5, "0.5", None):
+        with pytest.raises(ValueError, match=rf"p must be a probability in \[0, 1\), got {p!r}"):
+            F.dropout_forward(x, p, training=True, seed=0)
+    with pytest.raises(TypeError, match="seed must be an int when training with p > 0, got None"):
+        F.dropout_forward(x, 0.5, training=True)
+    with pytest.raises(TypeError, match="seed must be an int.*got 0.5"):
+        F.dropout_forward(x, 0.5, training=True, seed=0.5)
+    with pytest.raises(ValueError, match=r"x must have shape \(B, F\), got shape \(2, 3, 1\)"):
+        F.linear_forward(np.ones((2, 3, 1)), np.ones((4, 3)))
+    with pytest.raises(ValueError, match=r"w must have shape \(O, F\) with F = x.shape\[1\] = 3, got shape \(4, 2\)"):
+        F.linear_forward(x, np.ones((4, 2)))
+    with pytest.raises(ValueError, match=r"b must have shape \(4,\), got shape \(3,\)"):
+        F.linear_forward(x, np.ones((4, 3)), np.ones(3))
+    logits = np.zeros((3, 4))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 4\) for 4 classes, got 4"):
+        F.softmax_cross_entropy_forward(logits, np.array([0, 4, 1]))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 4\) for 4 classes, got -1"):
+        F.softmax_cross_entropy_forward(logits, np.array([0, -1, 1]))
+    with pytest.raises(ValueError, match=r"labels must have shape \(3,\) .* got shape \(3, 1\)"):
+        F.softmax_cross_entropy_forward(logits, np.zeros((3, 1), dtype=np.int64))
+    with pytest.raises(ValueError, match="labels must be integer class indices, got dtype float64"):
+        F.softmax_cross_entropy_forward(logits, np.array([0.0, 1.0, 2.0]))
+    with pytest.raises(ValueError, match=r"logits must have shape \(B, K\)"):
+        F.softmax_cross_entropy_forward(np.zeros(3), np.array([0, 1, 2]))
+    with pytest.raises(TypeError, match="different libraries"):
+        import array_api_strict as strict
+        F.softmax_cross_entropy_forward(B.asarray(logits, xp=strict), np.array([0, 1, 2]))
