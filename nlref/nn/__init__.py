@@ -1,14 +1,19 @@
 """Neural-network layers with hand-written backward passes (no autograd).
 
 * :mod:`nlref.nn.functional` -- forward/backward pairs: 1x1 conv, batch norm,
-  ReLU, max pooling, softmax, the pairwise functions.
+  ReLU, max pooling, softmax, the pairwise functions; for networks: conv3d,
+  avg/max pool3d, global average pool, dropout, linear, softmax cross-entropy.
 * :mod:`nlref.nn.nonlocal_op` -- the non-local operation (full and chunked).
 * :mod:`nlref.nn.block` -- :class:`NonLocalBlock`.
+* :mod:`nlref.nn.models` -- :class:`VideoNet`, small C2D / I3D networks with NL blocks.
+* :mod:`nlref.nn.optim` -- SGD with momentum, Adam, the step schedule.
 * :mod:`nlref.nn.gradcheck` -- finite-difference gradient checks.
 """
 
-from . import functional, nonlocal_op
+from . import functional, models, nonlocal_op, optim
 from .block import NonLocalBlock
 from .gradcheck import GradcheckResult, gradcheck, layer_gradcheck
+from .models import VideoNet
 
-__all__ = ["functional", "nonlocal_op", "NonLocalBlock", "gradcheck", "layer_gradcheck", "GradcheckResult"]
+__all__ = ["functional", "nonlocal_op", "models", "optim", "NonLocalBlock", "VideoNet",
+           "gradcheck", "layer_gradcheck", "GradcheckResult"]

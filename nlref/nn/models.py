@@ -1,0 +1,510 @@
+"""Small C2D / I3D video networks with non-local blocks, trained by hand-written backprop.
+
+The network is a miniature of the ResNet video models of Wang et al. (2018),
+Table 1: a stem, three residual stages, global average pooling, dropout and a
+fully connected classifier. Every layer is a thin object over the
+forward/backward pairs of :mod:`nlref.nn.functional`::
+
+    stem   conv 1x3x3, stride (1, 2, 2) -> BN -> ReLU           (B, w0, T, H/2, W/2)
+    res2   blocks[0] residual blocks, width w0                  (B, w0, T, H/2, W/2)
+    res3   blocks[1] residual blocks, width w1, first stride 2  (B, w1, T, H/4, W/4)
+    res4   blocks[2] residual blocks, width w2, first stride 2  (B, w2, T, H/8, W/8)
+    head   global average pool -> dropout -> fully connected    (B, classes)
+
+A residual block is ``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))``
+with a 1x1x1 convolution + BN shortcut where the shape changes. ``conv2`` is
+always 1x3x3. ``conv1`` is 1x3x3 in the C2D flavour (no temporal mixing at
+all before the head, like the paper's C2D baseline) and is inflated in every
+other block (the first, third, ... of each stage) in the I3D flavours: to
+3x3x3 (``"i3d"``) or to a temporal 3x1x1 (``"i3d_3x1x1"``).
+
+Non-local blocks are placed as in the paper: one block goes right before the
+last residual block of a stage (``res3`` by default, the second-to-last
+stage, as res4 is in the paper's ResNet-50); several blocks fill the slots
+``(res3, 1), (res4, 1), (res3, 0), (res4, 0)`` in that order, where
+``(stage, j)`` means "before residual block ``j`` of ``stage``". With two
+blocks per stage that is one block in every residual block of res3 and res4
+at 4 blocks (the paper's 5- and 10-block models use every other block of a
+deeper network).
+
+Parameters, gradients and buffers of the whole network are flat dicts with
+dotted names (``"res3.1.conv1.conv.weight"``, ``"res3.nl1.theta.weight"``,
+``"fc.weight"``) in :attr:`VideoNet.params`, :attr:`VideoNet.grads` and
+:attr:`VideoNet.buffers`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .. import backend as B
+from . import functional as F
+from .block import NonLocalBlock
+from .nonlocal_op import MODES
+
+__all__ = ["VideoNet", "FLAVOURS", "EXTENTS", "STAGES", "nonlocal_slots"]
+
+FLAVOURS = ("c2d", "i3d", "i3d_3x1x1")
+#: Which positions a non-local block relates: all of space-time, the same frame, or the same place.
+EXTENTS = ("spacetime", "space", "time")
+STAGES = ("res2", "res3", "res4")
+_MANY = (("res3", 1), ("res4", 1), ("res3", 0), ("res4", 0))
+
+
+# --------------------------------------------------------------------------- layers
+class Layer:
+    """A node of the network: ``params``/``grads``/``buffers`` dicts, ``forward``/``backward``."""
+
+    def __init__(self):
+        self.params, self.grads, self.buffers = {}, {}, {}
+        self.training = True
+        self._cache = None
+
+    def children(self):
+        return []
+
+    def _pop_cache(self):
+        if self._cache is None:
+            raise RuntimeError(f"{type(self).__name__}.backward called without a forward pass before it")
+        cache, self._cache = self._cache, None
+        return cache
+
+
+class Conv3d(Layer):
+    """3-D convolution, weight (out, in, kt, kh, kw), PyTorch's default init (uniform +-1/sqrt(fan_in))."""
+
+    def __init__(self, c_in, c_out, kernel, *, stride=1, padding=0, rng, make):
+        super().__init__()
+        fan_in = c_in * math.prod(kernel)
+        self.params["weight"] = make(rng.uniform(-1, 1, (c_out, c_in) + tuple(kernel)) / math.sqrt(fan_in))
+        self.stride, self.padding = stride, padding
+
+    def forward(self, x):
+        out, self._cache = F.conv3d_forward(x, self.params["weight"], stride=self.stride, padding=self.padding)
+        return out
+
+    def backward(self, dout):
+        dx, self.grads["weight"], _ = F.conv3d_backward(dout, self._pop_cache())
+        return dx
+
+
+class BatchNorm(Layer):
+    """Batch norm over (B, *S) per channel, gamma = 1, beta = 0 at start (or gamma = 0 when ``zero``)."""
+
+    def __init__(self, channels, *, make):
+        super().__init__()
+        self.params["gamma"] = make(np.ones(channels))
+        self.params["beta"] = make(np.zeros(channels))
+        self.buffers["running_mean"] = make(np.zeros(channels))
+        self.buffers["running_var"] = make(np.ones(channels))
+
+    def forward(self, x):
+        out, self._cache = F.batchnorm_forward(x, self.params["gamma"], self.params["beta"], self.buffers,
+                                               training=self.training)
+        return out
+
+    def backward(self, dout):
+        dx, self.grads["gamma"], self.grads["beta"] = F.batchnorm_backward(dout, self._pop_cache())
+        return dx
+
+
+class ConvBN(Layer):
+    """conv -> BN (-> ReLU): the unit every stage is built from."""
+
+    def __init__(self, c_in, c_out, kernel, *, stride=1, relu=True, rng, make):
+        super().__init__()
+        padding = tuple(k // 2 for k in kernel)
+        self.conv = Conv3d(c_in, c_out, kernel, stride=stride, padding=padding, rng=rng, make=make)
+        self.bn = BatchNorm(c_out, make=make)
+        self.relu = relu
+
+    def children(self):
+        return [("conv", self.conv), ("bn", self.bn)]
+
+    def forward(self, x):
+        h = self.bn.forward(self.conv.forward(x))
+        if self.relu:
+            h, self._cache = F.relu_forward(h)
+        return h
+
+    def backward(self, dout):
+        if self.relu:
+            dout = F.relu_backward(dout, self._pop_cache())
+        return self.conv.backward(self.bn.backward(dout))
+
+
+class ResidualBlock(Layer):
+    """``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))``."""
+
+    def __init__(self, c_in, c_out, *, kernel1, stride, rng, make):
+        super().__init__()
+        self.unit1 = ConvBN(c_in, c_out, kernel1, stride=(1, stride, stride), rng=rng, make=make)
+        self.unit2 = ConvBN(c_out, c_out, (1, 3, 3), relu=False, rng=rng, make=make)
+        self.shortcut = None
+        if stride != 1 or c_in != c_out:
+            self.shortcut = ConvBN(c_in, c_out, (1, 1, 1), stride=(1, stride, stride), relu=False,
+                                   rng=rng, make=make)
+
+    def children(self):
+        kids = [("conv1", self.unit1), ("conv2", self.unit2)]
+        return kids + ([("shortcut", self.shortcut)] if self.shortcut is not None else [])
+
+    def forward(self, x):
+        h = self.unit2.forward(self.unit1.forward(x))
+        s = x if self.shortcut is None else self.shortcut.forward(x)
+        out, self._cache = F.relu_forward(h + s)
+        return out
+
+    def backward(self, dout):
+        d = F.relu_backward(dout, self._pop_cache())
+        dx = self.unit1.backward(self.unit2.backward(d))
+        return dx + (d if self.shortcut is None else self.shortcut.backward(d))
+
+
+class NonLocal(Layer):
+    """A :class:`~nlref.nn.NonLocalBlock` on (B, C, T, H, W) with a chosen attention extent.
+
+    ``"spacetime"`` relates all T*H*W positions (a 3-D block). ``"space"`` folds
+    time into the batch, so positions only see their own frame (a 2-D block on
+    (B*T, C, H, W)); ``"time"`` folds space into the batch, so a position only
+    sees the same pixel in other frames (a 1-D block on (B*H*W, C, T), without
+    subsampling). Batch-norm statistics are the same in all three, because the
+    set of values per channel is.
+    """
+
+    def __init__(self, channels, *, extent, options, seed, make_xp):
+        self.training, self._cache = True, None
+        if extent not in EXTENTS:
+            raise ValueError(f"extent must be one of {EXTENTS}, got {extent!r}")
+        self.extent = extent
+        dims = {"spacetime": 3, "space": 2, "time": 1}[extent]
+        options = dict(options)
+        if extent == "time":
+            options["sub_sample"] = False
+        self.block = NonLocalBlock(channels, dims=dims, seed=seed, xp=make_xp, **options)
+
+    # the block's own dicts (it replaces ``grads`` on every backward)
+    params = property(lambda self: self.block.params)
+    grads = property(lambda self: self.block.grads)
+    buffers = property(lambda self: self.block.buffers)
+
+    def _fold(self, x):
+        xp = B.array_namespace(x)
+        b, c, t, h, w = x.shape
+        if self.extent == "space":
+            return xp.reshape(xp.permute_dims(x, (0, 2, 1, 3, 4)), (b * t, c, h, w))
+        if self.extent == "time":
+            return xp.reshape(xp.permute_dims(x, (0, 3, 4, 1, 2)), (b * h * w, c, t))
+        return x
+
+    def _unfold(self, y, shape):
+        xp = B.array_namespace(y)
+        b, c, t, h, w = shape
+        if self.extent == "space":
+            return xp.permute_dims(xp.reshape(y, (b, t, c, h, w)), (0, 2, 1, 3, 4))
+        if self.extent == "time":
+            return xp.permute_dims(xp.reshape(y, (b, h, w, c, t)), (0, 3, 4, 1, 2))
+        return y
+
+    def forward(self, x, *, return_attention=False):
+        self.block.training = self.training
+        self._cache = tuple(x.shape)
+        out = self.block.forward(self._fold(x), return_attention=return_attention)
+        if return_attention:
+            z, attention = out
+            return self._unfold(z, x.shape), attention
+        return self._unfold(out, x.shape)
+
+    def backward(self, dout):
+        shape = self._pop_cache()
+        return self._unfold(self.block.backward(self._fold(dout)), shape)
+
+
+# --------------------------------------------------------------------------- the network
+def nonlocal_slots(count, *, stage="res3", blocks=(1, 2, 2)):
+    """Where ``count`` non-local blocks go: a list of ``(stage, j)`` = "before residual block j".
+
+    One block goes before the last residual block of ``stage``; more blocks fill
+    ``(res3, 1), (res4, 1), (res3, 0), (res4, 0)`` (see the module docstring).
+    """
+    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 0:
+        raise ValueError(f"nonlocal count must be an integer >= 0, got {count!r}")
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    if count == 0:
+        return []
+    if count == 1:
+        return [(stage, blocks[STAGES.index(stage)] - 1)]
+    slots = [s for s in _MANY if s[1] < blocks[STAGES.index(s[0])]]
+    if count > len(slots):
+        raise ValueError(f"nonlocal count must be at most {len(slots)} for blocks={tuple(blocks)}, got {count}")
+    return slots[:count]
+
+
+class VideoNet:
+    """A small ResNet video classifier (C2D or I3D) with optional non-local blocks.
+
+    Parameters
+    ----------
+    flavour : {"c2d", "i3d", "i3d_3x1x1"}
+        C2D: every convolution is 1xkxk (frames are processed independently up to
+        the global pool). I3D: the first convolution of every other residual block
+        is inflated to 3x3x3, or to 3x1x1.
+    nonlocal_blocks : int
+        How many non-local blocks (0 for the baseline); placed by :func:`nonlocal_slots`.
+    stage : {"res2", "res3", "res4"}
+        The stage of a single non-local block.
+    mode : str
+        Pairwise function of the non-local blocks (:data:`nlref.nn.nonlocal_op.MODES`).
+    extent : {"spacetime", "space", "time"}
+        What each non-local block attends over (see :class:`NonLocal`).
+    nonlocal_options : dict, optional
+        Passed to :class:`~nlref.nn.NonLocalBlock`: ``sub_sample``, ``bn_layer``,
+        ``scale``, ``pool``, ``inter_channels``, ``chunk_size``.
+    in_channels, num_classes : int
+    widths : 3 ints
+        Channels of res2, res3, res4 (the stem has ``widths[0]``).
+    blocks : 3 ints
+        Residual blocks per stage.
+    dropout : float
+        Dropout probability before the classifier (0.5 in the paper).
+    dtype : {"float32", "float64"}
+    seed : int
+        Seeds every initial weight (and the dropout masks when ``forward`` gets no seed).
+    xp : module, optional
+        Array library of the parameters (numpy by default).
+    """
+
+    def __init__(self, flavour="c2d", *, nonlocal_blocks=0, stage="res3", mode="embedded_gaussian",
+                 extent="spacetime", nonlocal_options=None, in_channels=1, num_classes=2,
+                 widths=(16, 32, 64), blocks=(1, 2, 2), dropout=0.5, dtype="float32", seed=0, xp=None):
+        if flavour not in FLAVOURS:
+            raise ValueError(f"flavour must be one of {FLAVOURS}, got {flavour!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if extent not in EXTENTS:
+            raise ValueError(f"extent must be one of {EXTENTS}, got {extent!r}")
+        widths, blocks = tuple(widths), tuple(blocks)
+        for name, value in (("widths", widths), ("blocks", blocks)):
+            if len(value) != 3 or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1
+                                          for v in value):
+                raise ValueError(f"{name} must be 3 positive integers, got {value!r}")
+        for name, value in (("in_channels", in_channels), ("num_classes", num_classes)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not (isinstance(dropout, (int, float)) and 0 <= dropout < 1):
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        dtype = dtype if isinstance(dtype, str) else B.dtype_name(dtype)
+        if dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+        options = dict(nonlocal_options or {})
+        allowed = {"sub_sample", "bn_layer", "scale", "pool", "inter_channels", "chunk_size"}
+        if set(options) - allowed:
+            raise ValueError(f"nonlocal_options may hold {sorted(allowed)}, got unknown {sorted(set(options) - allowed)}")
+        self.slots = nonlocal_slots(nonlocal_blocks, stage=stage, blocks=blocks)  # validates the count first
+        self.config = {"flavour": flavour, "nonlocal_blocks": int(nonlocal_blocks), "stage": stage, "mode": mode,
+                       "extent": extent, "nonlocal_options": options, "in_channels": int(in_channels),
+                       "num_classes": int(num_classes), "widths": list(widths), "blocks": list(blocks),
+                       "dropout": float(dropout), "dtype": dtype}
+        self.xp = B.compat_namespace(np if xp is None else xp)
+        self.dtype = dtype
+        self.dropout = float(dropout)
+        self.training = True
+        rng = np.random.default_rng(seed)
+        self._dropout_rng = np.random.default_rng(rng.integers(2**63))
+
+        def make(host):
+            return B.asarray(np.asarray(host), xp=self.xp, dtype=getattr(self.xp, dtype))
+
+        kernel1 = {"c2d": (1, 3, 3), "i3d": (3, 3, 3), "i3d_3x1x1": (3, 1, 1)}[flavour]
+        self.stem = ConvBN(in_channels, widths[0], (1, 3, 3), stride=(1, 2, 2), rng=rng, make=make)
+        self.layers = [("stem", self.stem)]
+        c_in = widths[0]
+        for s, (name, width, count) in enumerate(zip(STAGES, widths, blocks)):
+            for j in range(count):
+                if (name, j) in self.slots:
+                    nl = NonLocal(c_in, extent=extent, options={"mode": mode, "dtype": dtype, **options},
+                                  seed=int(rng.integers(2**31)), make_xp=xp if xp is not None else np)
+                    self.layers.append((f"{name}.nl{j}", nl))
+                k1 = kernel1 if (flavour != "c2d" and j % 2 == 0) else (1, 3, 3)
+                stride = 2 if (j == 0 and s > 0) else 1
+                self.layers.append((f"{name}.{j}", ResidualBlock(c_in, width, kernel1=k1, stride=stride,
+                                                                 rng=rng, make=make)))
+                c_in = width
+        self.fc = Layer()
+        bound = 1.0 / math.sqrt(c_in)
+        self.fc.params = {"weight": make(rng.uniform(-bound, bound, (num_classes, c_in))),
+                          "bias": make(rng.uniform(-bound, bound, num_classes))}
+        self.layers.append(("fc", self.fc))
+        self._head_cache = None
+        self._leaves = dict(self._walk())
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _walk(self):
+        """(dotted name, leaf layer) for every layer that owns parameters."""
+        def visit(prefix, layer):
+            kids = layer.children()
+            if not kids:
+                yield prefix, layer
+            for name, kid in kids:
+                yield from visit(f"{prefix}.{name}", kid)
+        for name, layer in self.layers:
+            yield from visit(name, layer)
+
+    def _collect(self, attr):
+        return {f"{name}.{key}": value for name, leaf in self._leaves.items()
+                for key, value in getattr(leaf, attr).items()}
+
+    @property
+    def params(self):
+        """Every parameter, by dotted name (the arrays themselves, not copies)."""
+        return self._collect("params")
+
+    @property
+    def grads(self):
+        """dL/d(parameter) from the last :meth:`backward`, same keys as :attr:`params`."""
+        return self._collect("grads")
+
+    @property
+    def buffers(self):
+        """Batch-norm running statistics, by dotted name."""
+        return self._collect("buffers")
+
+    def _owner(self, key):
+        name, _, leaf_key = key.rpartition(".")
+        while name and name not in self._leaves:
+            name, _, head = name.rpartition(".")
+            leaf_key = f"{head}.{leaf_key}"
+        if name not in self._leaves:
+            raise KeyError(key)
+        return self._leaves[name], leaf_key
+
+    def set_param(self, key, value):
+        """Replace parameter ``key`` (used by the optimiser; works for immutable array libraries)."""
+        leaf, leaf_key = self._owner(key)
+        leaf.params[leaf_key] = value
+
+    def no_decay(self, key):
+        """True for parameters that get no weight decay: batch-norm gamma/beta and biases."""
+        leaf_key = key.rsplit(".", 1)[-1]
+        return leaf_key in ("gamma", "beta", "bias")
+
+    def num_params(self):
+        return int(sum(math.prod(v.shape) for v in self.params.values()))
+
+    def train(self):
+        self.training = True
+        for leaf in list(self._leaves.values()) + [layer for _, layer in self.layers]:
+            leaf.training = True
+        return self
+
+    def eval(self):
+        self.training = False
+        for leaf in list(self._leaves.values()) + [layer for _, layer in self.layers]:
+            leaf.training = False
+        return self
+
+    # ------------------------------------------------------------------ passes
+    def _check_input(self, x):
+        xp = B.array_namespace(x, names=["x"])
+        c = self.config["in_channels"]
+        if x.ndim != 5 or x.shape[1] != c:
+            raise ValueError(f"x must have shape (B, {c}, T, H, W), got {tuple(x.shape)}")
+        if B.dtype_name(x.dtype) != self.dtype:
+            raise TypeError(f"x must be {self.dtype} like the network, got {B.dtype_name(x.dtype)}")
+        if B.compat_namespace(xp) is not self.xp and not (B.is_numpy(xp) and B.is_numpy(self.xp)):
+            raise TypeError(f"x is a {getattr(xp, '__name__', xp)} array but the network lives in "
+                            f"{getattr(self.xp, '__name__', self.xp)}")
+        return xp
+
+    def forward(self, x, *, dropout_seed=None, return_attention=False):
+        """Logits for a batch of clips.
+
+        Parameters
+        ----------
+        x : array, shape (B, in_channels, T, H, W)
+        dropout_seed : int, optional
+            Seeds this step's dropout mask (the trainer passes one per step so a
+            resumed run draws the same masks); drawn from the network's own
+            generator when omitted.
+        return_attention : bool
+            Also return ``{layer name: (B', N, N') attention}`` of every non-local block.
+
+        Returns
+        -------
+        logits : array, shape (B, num_classes)
+        """
+        xp = self._check_input(x)
+        if dropout_seed is not None and (isinstance(dropout_seed, bool)
+                                         or not isinstance(dropout_seed, (int, np.integer))):
+            raise TypeError(f"dropout_seed must be an int or None, got {dropout_seed!r}")
+        attention = {}
+        h = x
+        for name, layer in self.layers[:-1]:
+            if return_attention and isinstance(layer, NonLocal):
+                h, attention[name] = layer.forward(h, return_attention=True)
+            else:
+                h = layer.forward(h)
+        pooled, pool_cache = F.global_avgpool_forward(h)
+        if self.training and self.dropout > 0:
+            seed = int(self._dropout_rng.integers(2**63)) if dropout_seed is None else int(dropout_seed)
+            pooled, drop_cache = F.dropout_forward(pooled, self.dropout, training=True, seed=seed)
+        else:
+            drop_cache = None
+        logits, fc_cache = F.linear_forward(pooled, self.fc.params["weight"], self.fc.params["bias"])
+        self._head_cache = (pool_cache, drop_cache, fc_cache)
+        del xp
+        return (logits, attention) if return_attention else logits
+
+    def backward(self, dlogits):
+        """Back-propagate dL/dlogits through the network; sets :attr:`grads`, returns dL/dx."""
+        if self._head_cache is None:
+            raise RuntimeError("VideoNet.backward needs a forward pass before it (and runs once per forward)")
+        pool_cache, drop_cache, fc_cache = self._head_cache
+        self._head_cache = None
+        d, self.fc.grads["weight"], self.fc.grads["bias"] = F.linear_backward(dlogits, fc_cache)
+        if drop_cache is not None:
+            d = F.dropout_backward(d, drop_cache)
+        d = F.global_avgpool_backward(d, pool_cache)
+        for _, layer in reversed(self.layers[:-1]):
+            d = layer.backward(d)
+        return d
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self):
+        """Host NumPy copies of every parameter and buffer, by dotted name."""
+        return {k: np.array(B.to_numpy(v)) for k, v in {**self.params, **self.buffers}.items()}
+
+    def load_state_dict(self, state):
+        """Load parameters and buffers; the whole dict is validated before anything changes.
+
+        Raises
+        ------
+        ValueError
+            Missing or unexpected keys, a wrong shape, or non-finite values (the key is named).
+        """
+        own = {**self.params, **self.buffers}
+        missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or extra:
+            raise ValueError(f"state dict does not fit this network: missing {missing[:5]}, unexpected {extra[:5]}")
+        host = {}
+        for key, ref in own.items():
+            value = np.array(B.to_numpy(state[key]) if not isinstance(state[key], np.ndarray) else state[key])
+            if value.shape != tuple(ref.shape):
+                raise ValueError(f"state dict entry {key!r} has shape {value.shape}, expected {tuple(ref.shape)}")
+            if not np.all(np.isfinite(value)):
+                raise ValueError(f"state dict entry {key!r} holds non-finite values")
+            host[key] = value
+        for key, value in host.items():
+            array = B.asarray(value, xp=self.xp, dtype=getattr(self.xp, self.dtype))
+            leaf, leaf_key = self._owner(key)
+            (leaf.params if leaf_key in leaf.params else leaf.buffers)[leaf_key] = array
+        return self
+
+    def __repr__(self):
+        c = self.config
+        return (f"VideoNet({c['flavour']!r}, nonlocal_blocks={c['nonlocal_blocks']}, slots={self.slots}, "
+                f"mode={c['mode']!r}, extent={c['extent']!r}, widths={tuple(c['widths'])}, "
+                f"blocks={tuple(c['blocks'])}, params={self.num_params()})")

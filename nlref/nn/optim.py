@@ -1,0 +1,181 @@
+"""Optimisers and the learning-rate schedule, written out (PyTorch's update rules).
+
+:class:`SGD` is the paper's optimiser (momentum 0.9, weight decay 1e-4, none on
+batch-norm parameters and biases). :class:`Adam` is offered because, on the
+miniature task of :mod:`nlref.data.sprites`, SGD does not find the relation
+within a 5-minute budget while Adam does (see ``docs/training.md``).
+:class:`StepSchedule` is the paper's schedule scaled down: the learning rate is
+divided by 10 at fixed fractions of training.
+
+An optimiser works on any object with ``params`` / ``grads`` dicts (same keys),
+``set_param(key, value)`` and ``no_decay(key)`` -- a
+:class:`~nlref.nn.models.VideoNet`. Updates make new arrays and hand them to
+``set_param``, so they work for every array library.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .. import backend as B
+
+__all__ = ["SGD", "Adam", "StepSchedule"]
+
+
+def _number(name, value, *, low=0.0, high=math.inf, low_open=False):
+    ok = isinstance(value, (int, float, np.floating)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and value < high
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low}, {high})"
+        raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
+    return float(value)
+
+
+class StepSchedule:
+    """``lr(step) = base_lr * 0.1 ** (number of milestones passed)``, with an optional linear warm-up.
+
+    Parameters
+    ----------
+    base_lr : float
+    total_steps : int
+        Length of training in optimiser steps.
+    milestones : tuple of float
+        Fractions of ``total_steps`` at which the rate is divided by ``1/factor``.
+        The paper (Kinetics, 400k iterations) divides by 10 at 150k and 300k,
+        i.e. at 0.375 and 0.75; nlref's default ``(0.6, 0.85)`` suits short runs.
+    factor : float
+        0.1, the paper's.
+    warmup : int
+        Steps of linear warm-up from ``base_lr / warmup`` (0: none).
+    """
+
+    def __init__(self, base_lr, total_steps, *, milestones=(0.6, 0.85), factor=0.1, warmup=0):
+        self.base_lr = _number("base_lr", base_lr, low=0.0, low_open=True)
+        if isinstance(total_steps, bool) or not isinstance(total_steps, (int, np.integer)) or total_steps < 1:
+            raise ValueError(f"total_steps must be a positive integer, got {total_steps!r}")
+        self.total_steps = int(total_steps)
+        for m in milestones:
+            _number("milestones", m, low=0.0, high=1.0, low_open=True)
+        self.milestones = tuple(sorted(float(m) for m in milestones))
+        self.factor = _number("factor", factor, low=0.0, high=1.0, low_open=True)
+        if isinstance(warmup, bool) or not isinstance(warmup, (int, np.integer)) or warmup < 0:
+            raise ValueError(f"warmup must be an integer >= 0, got {warmup!r}")
+        self.warmup = int(warmup)
+        # floor(m * total_steps), but 0.7 * 90 is 62.99999999999999 in floating point: round first
+        self.milestone_steps = tuple(math.floor(round(m * self.total_steps, 9)) for m in self.milestones)
+
+    def __call__(self, step):
+        passed = sum(step >= s for s in self.milestone_steps)
+        lr = self.base_lr * self.factor ** passed
+        if step < self.warmup:
+            lr *= (step + 1) / self.warmup
+        return lr
+
+
+class _Optimiser:
+    def __init__(self, model, *, lr, weight_decay):
+        if not all(hasattr(model, a) for a in ("params", "grads", "set_param", "no_decay")):
+            raise TypeError("model must have params, grads, set_param and no_decay (a VideoNet)")
+        self.model = model
+        self.lr = _number("lr", lr, low=0.0, low_open=True)
+        self.weight_decay = _number("weight_decay", weight_decay)
+        self.state = {}
+        self.steps = 0
+
+    def _gradient(self, key, p, g):
+        if g is None:
+            raise RuntimeError(f"no gradient for {key!r}: call model.backward before step()")
+        if self.weight_decay and not self.model.no_decay(key):
+            g = g + self.weight_decay * p
+        return g
+
+    def state_dict(self):
+        """Host copies of the optimiser state (for checkpoints)."""
+        return {"steps": self.steps, "state": {k: {n: np.array(B.to_numpy(a)) for n, a in slots.items()}
+                                               for k, slots in self.state.items()}}
+
+    def load_state_dict(self, state):
+        if not isinstance(state, dict) or set(state) != {"steps", "state"}:
+            raise ValueError("optimiser state must be a dict with 'steps' and 'state' (from state_dict())")
+        params = self.model.params
+        unknown = sorted(set(state["state"]) - set(params))
+        if unknown:
+            raise ValueError(f"optimiser state names parameters this model lacks: {unknown[:5]}")
+        loaded = {}
+        for key, slots in state["state"].items():
+            loaded[key] = {}
+            if set(slots) != set(self._SLOTS):
+                raise ValueError(f"optimiser state {key!r} holds {sorted(slots)}, but {type(self).__name__} "
+                                 f"keeps {sorted(self._SLOTS)}")
+            for name, host in slots.items():
+                host = np.array(host)  # a copy: the caller may go on using its arrays
+                if host.shape != tuple(params[key].shape):
+                    raise ValueError(f"optimiser state {key!r}/{name} has shape {host.shape}, "
+                                     f"expected {tuple(params[key].shape)}")
+                loaded[key][name] = B.asarray(host, like=params[key], dtype=params[key].dtype)
+        self.state, self.steps = loaded, int(state["steps"])
+        return self
+
+
+class SGD(_Optimiser):
+    r"""Stochastic gradient descent with momentum, as ``torch.optim.SGD``.
+
+    .. math::
+        g \leftarrow \nabla_p L + \lambda p \ (\text{not for BN parameters and biases}), \quad
+        v \leftarrow \mu v + g \ (v = g \text{ at the first step}), \quad
+        p \leftarrow p - \eta v
+    """
+
+    _SLOTS = ("momentum",)
+
+    def __init__(self, model, *, lr=0.1, momentum=0.9, weight_decay=1e-4):
+        super().__init__(model, lr=lr, weight_decay=weight_decay)
+        self.momentum = _number("momentum", momentum, high=1.0)
+
+    def step(self, lr=None):
+        lr = self.lr if lr is None else lr
+        grads = self.model.grads
+        for key, p in self.model.params.items():
+            g = self._gradient(key, p, grads.get(key))
+            if self.momentum:
+                v = g if key not in self.state else self.momentum * self.state[key]["momentum"] + g
+                self.state[key] = {"momentum": v}
+                g = v
+            self.model.set_param(key, p - lr * g)
+        self.steps += 1
+
+
+class Adam(_Optimiser):
+    r"""Adam (Kingma & Ba), as ``torch.optim.Adam`` (L2 weight decay added to the gradient).
+
+    .. math::
+        m \leftarrow \beta_1 m + (1-\beta_1) g, \quad v \leftarrow \beta_2 v + (1-\beta_2) g^2, \quad
+        p \leftarrow p - \eta\,\frac{m / (1-\beta_1^t)}{\sqrt{v / (1-\beta_2^t)} + \epsilon}
+    """
+
+    _SLOTS = ("m", "v")
+
+    def __init__(self, model, *, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        super().__init__(model, lr=lr, weight_decay=weight_decay)
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"betas must be a pair of numbers in [0, 1), got {betas!r}")
+        self.betas = (_number("betas[0]", betas[0], high=1.0), _number("betas[1]", betas[1], high=1.0))
+        self.eps = _number("eps", eps, low=0.0, low_open=True)
+
+    def step(self, lr=None):
+        lr = self.lr if lr is None else lr
+        b1, b2 = self.betas
+        t = self.steps + 1
+        grads = self.model.grads
+        for key, p in self.model.params.items():
+            xp = B.array_namespace(p)
+            g = self._gradient(key, p, grads.get(key))
+            slots = self.state.get(key) or {"m": xp.zeros_like(p), "v": xp.zeros_like(p)}
+            m = b1 * slots["m"] + (1 - b1) * g
+            v = b2 * slots["v"] + (1 - b2) * (g * g)
+            self.state[key] = {"m": m, "v": v}
+            step = (lr / (1 - b1 ** t)) * m / (xp.sqrt(v / (1 - b2 ** t)) + self.eps)
+            self.model.set_param(key, p - step)
+        self.steps += 1
