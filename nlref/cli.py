@@ -1,4 +1,4 @@
-"""The ``nlref`` command: ``nlref demo`` (the teaching walk) and ``nlref denoise``."""
+"""The ``nlref`` command: ``nlref demo`` (the teaching walk), ``nlref denoise`` and ``nlref train``."""
 
 from __future__ import annotations
 
@@ -83,6 +83,7 @@ def run_demo(out_dir, *, quick=False, seed=0):
     _save(viz.image_grid([astro, noisy_rgb, rgb], ["clean", "noisy", "NL-means"]), out / "nlmeans_astronaut.png")
 
     block_lines = _demo_block(out, nlref.data.camera(), seed=seed)
+    training_lines = _demo_training(out, quick=quick, seed=seed)
 
     size = "x".join(map(str, camera.shape))
     print(f"nlref demo: sigma = 20/255, camera {size}, estimated sigma {estimated * 255:.1f}/255")
@@ -92,6 +93,8 @@ def run_demo(out_dir, *, quick=False, seed=0):
         print(f"{name:<26} {image:<10} {value:8.2f} {timing:>7}")
     print()
     print("\n".join(block_lines))
+    print()
+    print("\n".join(training_lines))
     print(f"figures written to {out.resolve()}")
     return rows
 
@@ -164,6 +167,62 @@ def _demo_block(out, image, *, seed=0):
     return lines
 
 
+def _demo_training(out, *, quick, seed):
+    """Train the C2D baseline and the NL C2D briefly on the two-sprite task; curves and an attention figure.
+
+    The teaching schedule of notebook 6 (3 brightness kinds, 1000 clips, 4 epochs, widths 8-16-32,
+    no dropout, Adam 3e-3: well under a minute on 2 cores); ``quick`` trains a tiny network for
+    the tests. Writes ``training_curves.png`` and ``training_attention.png`` (the attention of
+    a query at sprite 1 of a validation clip) and returns the lines to print.
+    """
+    from nlref import viz
+    from nlref.backend import to_numpy
+    from nlref.data.sprites import additive_ceiling
+    from nlref.train import TrainConfig, build_data, train
+
+    schedule = (dict(n_train=64, n_val=32, epochs=2, batch_size=16, widths=(4, 6, 8)) if quick
+                else dict(n_train=1000, n_val=300, epochs=4, widths=(8, 16, 32)))
+    base = dict(kinds=3, frames=8, size=16, dropout=0.0, lr=3e-3, seed=seed, **schedule)
+    runs = {label: train(TrainConfig(**base, nonlocal_blocks=blocks), progress=False, log=None)
+            for label, blocks in (("C2D", 0), ("NL C2D", 1))}
+    _save(viz.training_curves({label: r["history"] for label, r in runs.items()}), out / "training_curves.png")
+
+    config, net = runs["NL C2D"]["config"], runs["NL C2D"]["model"]
+    _, val = build_data(config)
+    _, attention = net.eval().forward(val.video, return_attention=True)
+    (layer, a), = attention.items()
+    a = to_numpy(a)
+    q_shape = (config.frames, config.size // 4, config.size // 4)     # res3 grid of queries
+    k_shape = (config.frames, config.size // 8, config.size // 8)     # keys max-pooled by (1, 2, 2)
+    meta, duration = val.meta, 3                                      # sprite_clips' default duration
+
+    def cell(i, s, step, size):                                       # (t, row, col) of a sprite's centre
+        r, c = meta["origin"][i, s] + meta["velocity"][i, s] * step + 2
+        return int(meta["start"][i, s] + step), int(r // size), int(c // size)
+
+    def index(t, y, x, shape):
+        return (t * shape[1] + y) * shape[2] + x
+
+    mass = []                                                         # sprite-1 query's weight on sprite 2's cells
+    for i in range(len(val)):
+        row = a[i, index(*cell(i, 0, 1, 4), q_shape)]                 # query: sprite 1's middle frame, res3 grid
+        mass.append(row[[index(*cell(i, 1, k, 8), k_shape) for k in range(duration)]].sum())
+    i = int(np.argmax(meta["kind"][:, 1] > meta["kind"][:, 0]))      # first clip whose sprite 2 is brighter
+    query = cell(i, 0, 1, 4)
+    _save(viz.spacetime_attention_plot(val.video[i], a[i, index(*query, q_shape)], query, key_shape=k_shape,
+                                       query_shape=q_shape, title=f"{layer}: attention of the query at sprite 1 "
+                                       f"(validation clip {i}, sprite 2 brighter)"), out / "training_attention.png")
+    ceiling = additive_ceiling(config.kinds)
+    lines = [f"training on the two-sprite task ({config.kinds} brightness kinds, {config.n_train} clips x "
+             f"{config.epochs} epochs, {config.n_val} validation clips; additive ceiling {ceiling:.3f})",
+             f"{'network':<26} {'val accuracy':>12} {'clips/s':>8}"]
+    for label, r in runs.items():
+        lines.append(f"{label:<26} {r['val_accuracy']:12.3f} {r['clips_per_second']:8.0f}")
+    lines.append(f"attention of a sprite-1 query on sprite 2's cells: {float(np.mean(mass)):.3f} "
+                 f"(uniform {duration / np.prod(k_shape):.3f})")
+    return lines
+
+
 def run_denoise(args):
     import nlref
 
@@ -208,6 +267,32 @@ def run_denoise(args):
     print(line)
 
 
+def run_train(args):
+    """``nlref train``: the options map one to one onto :class:`nlref.train.TrainConfig`."""
+    from nlref.train import TrainConfig, train
+
+    xp = None
+    if args.backend == "cupy":
+        import cupy as xp  # noqa: F401  (a clear ImportError when CuPy is missing)
+    fields = {"model": args.model, "nonlocal_blocks": args.nonlocal_blocks, "stage": args.stage, "mode": args.mode,
+              "extent": args.extent, "sub_sample": not args.no_sub_sample, "bn_layer": not args.no_bn,
+              "scale": args.scale, "pool": args.pool, "epochs": args.epochs, "batch_size": args.batch_size,
+              "optimizer": args.optimizer, "n_train": args.n_train, "n_val": args.n_val, "seed": args.seed,
+              "relation": args.relation, "kinds": args.kinds, "size": args.size, "dtype": args.dtype}
+    if args.lr is not None:
+        fields["lr"] = args.lr
+    elif args.optimizer == "sgd":
+        fields["lr"] = 0.1
+    config = TrainConfig(**fields)
+    print(f"nlref train: {config.model} with {config.nonlocal_blocks} non-local block(s) "
+          f"({config.mode}, {config.extent}), {config.epochs} epochs, {config.optimizer} lr {config.lr:g}, "
+          f"{config.n_train} clips of {config.frames}x{config.size}x{config.size} -> {args.out}")
+    result = train(config, args.out, xp=xp, resume=args.resume, progress=not args.no_progress)
+    print(f"val accuracy {result['val_accuracy']:.3f} after {len(result['history'])} epochs; "
+          f"{result['seconds']:.0f} s of training at {result['clips_per_second']:.0f} clips/s")
+    return result
+
+
 def _size(text):
     parts = [int(p) for p in text.split(",")]
     return parts[0] if len(parts) == 1 else tuple(parts)
@@ -233,6 +318,39 @@ def build_parser():
     den.add_argument("--noise", type=float, default=20.0, help="noise added to the default image (grey levels)")
     den.add_argument("--seed", type=int, default=0)
     den.add_argument("--out", default="denoised.png", help="output file (default: denoised.png)")
+
+    from nlref.data.sprites import RELATIONS
+    from nlref.nn.models import EXTENTS, FLAVOURS, STAGES
+    from nlref.nn.nonlocal_op import MODES
+    from nlref.train import OPTIMISERS, TrainConfig
+
+    d = TrainConfig()
+    tr = sub.add_parser("train", help="train a small (non-local) video network on the two-sprite task")
+    tr.add_argument("--model", choices=FLAVOURS, default=d.model)
+    tr.add_argument("--nonlocal", dest="nonlocal_blocks", type=int, default=d.nonlocal_blocks,
+                    help="number of non-local blocks (0: the baseline; default %(default)s)")
+    tr.add_argument("--stage", choices=STAGES, default=d.stage, help="stage of a single block")
+    tr.add_argument("--mode", choices=MODES, default=d.mode)
+    tr.add_argument("--extent", choices=EXTENTS, default=d.extent, help="what a block attends over")
+    tr.add_argument("--no-sub-sample", action="store_true", help="no max-pooling of the keys and values")
+    tr.add_argument("--no-bn", action="store_true", help="no BN after W_z (W_z starts at 0 instead)")
+    tr.add_argument("--scale", action="store_true", help="1/sqrt(d) on the softmax logits")
+    tr.add_argument("--pool", choices=("after", "before"), default=d.pool)
+    tr.add_argument("--epochs", type=int, default=d.epochs)
+    tr.add_argument("--batch-size", type=int, default=d.batch_size)
+    tr.add_argument("--optimizer", choices=OPTIMISERS, default=d.optimizer)
+    tr.add_argument("--lr", type=float, help=f"learning rate (default {d.lr:g} for adam, 0.1 for sgd)")
+    tr.add_argument("--n-train", type=int, default=d.n_train)
+    tr.add_argument("--n-val", type=int, default=d.n_val)
+    tr.add_argument("--relation", choices=RELATIONS, default=d.relation)
+    tr.add_argument("--kinds", type=int, default=d.kinds)
+    tr.add_argument("--size", type=int, default=d.size, help="frame height and width")
+    tr.add_argument("--dtype", choices=("float32", "float64"), default=d.dtype)
+    tr.add_argument("--seed", type=int, default=d.seed)
+    tr.add_argument("--backend", choices=("numpy", "cupy"), default="numpy")
+    tr.add_argument("--out", default="nlref-train", help="folder for checkpoint and metrics (default: ./nlref-train)")
+    tr.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
+    tr.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
@@ -244,6 +362,8 @@ def main(argv=None):
     try:
         if args.command == "demo":
             run_demo(args.out, quick=args.quick, seed=args.seed)
+        elif args.command == "train":
+            run_train(args)
         else:
             run_denoise(args)
     except (ValueError, TypeError) as err:

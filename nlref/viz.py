@@ -1,4 +1,4 @@
-"""Matplotlib helpers for the course: image grids, the 1/N curve, weight maps, attention maps.
+"""Matplotlib helpers for the course: image grids, the 1/N curve, weight maps, attention maps, clips, curves.
 
 Each takes arrays of any library (they are copied to the host for drawing)
 and returns the matplotlib Figure, so notebooks show it and scripts save it.
@@ -10,7 +10,8 @@ import numpy as np
 
 from .backend import to_numpy
 
-__all__ = ["image_grid", "averaging_plot", "weights_plot", "attention_plot"]
+__all__ = ["image_grid", "averaging_plot", "weights_plot", "attention_plot", "clip_grid", "training_curves",
+           "spacetime_attention_plot"]
 
 
 def _plt():
@@ -121,3 +122,184 @@ def attention_plot(image, attention, queries, *, query_shape, key_shape, titles=
         ax.axis("off")
     fig.tight_layout()
     return fig
+
+
+# --------------------------------------------------------------------------- video clips and training
+def _frames(video, name="video"):
+    """A clip as host frames (T, H, W) or (T, H, W, 3), from (C, T, H, W) with C in {1, 3} or (T, H, W)."""
+    v = np.asarray(to_numpy(video), dtype=np.float64)
+    if v.ndim == 3:
+        return v
+    if v.ndim == 4 and v.shape[0] in (1, 3):
+        return v[0] if v.shape[0] == 1 else np.moveaxis(v, 0, -1)
+    raise ValueError(f"{name} must have shape (C, T, H, W) with C = 1 or 3, or (T, H, W), got {v.shape}")
+
+
+def clip_grid(video, *, titles=None, title=None, size=1.6):
+    """Show one clip as a row of frames.
+
+    Parameters
+    ----------
+    video : array, shape (C, T, H, W) with C = 1 or 3, or (T, H, W)
+        One clip (for example ``clips.video[i]`` of :func:`nlref.data.sprites.sprite_clips`).
+    titles : list of T str, optional
+        One title per frame (default ``"t = 0"``, ``"t = 1"``, ...).
+    title : str, optional
+        A title for the whole row (the label, say).
+    size : float
+        Width and height of one frame in inches.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        With one axis per frame.
+    """
+    plt = _plt()
+    frames = _frames(video)
+    t = frames.shape[0]
+    if titles is not None and len(titles) != t:
+        raise ValueError(f"titles must hold one title per frame ({t}), got {len(titles)}")
+    fig, axes = plt.subplots(1, t, figsize=(size * t, size * 1.1 + (0.3 if title else 0)), squeeze=False)
+    for i, ax in enumerate(axes[0]):
+        ax.imshow(_display(frames[i]), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_title(titles[i] if titles is not None else f"t = {i}", fontsize=8)
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def training_curves(histories, *, metric="val_accuracy"):
+    """Loss and ``metric`` per epoch for several runs: train dashed, validation solid, one colour per run.
+
+    Parameters
+    ----------
+    histories : dict of label -> list of dict
+        Each value is ``train(...)["history"]``: one row per epoch with ``epoch``,
+        ``train_loss``, ``val_loss``, ``train_accuracy``, ``val_accuracy``, ...
+    metric : str
+        The key of the second panel. When it starts with ``val_`` and the rows
+        also hold the ``train_`` counterpart, that is drawn too (dashed). A
+        chance line at 0.5 is drawn for accuracies (balanced two-class task).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Two axes: the losses and ``metric`` (one axis when ``metric`` is itself a loss).
+    """
+    plt = _plt()
+    if not isinstance(histories, dict) or not histories:
+        raise ValueError(f"histories must be a non-empty dict of label -> list of per-epoch dicts, got {histories!r}")
+    for label, rows in histories.items():
+        if not isinstance(rows, (list, tuple)) or not rows or not all(isinstance(r, dict) for r in rows):
+            raise ValueError(f"histories[{label!r}] must be a non-empty list of per-epoch dicts")
+        if metric not in rows[0]:
+            raise ValueError(f"metric {metric!r} is not in the history of {label!r}; it holds {sorted(rows[0])}")
+    quantity = metric[len("val_"):] if metric.startswith("val_") else metric
+    panels = [("loss", ("train_loss", "val_loss"))]
+    if quantity != "loss":
+        panels.append((metric, (f"train_{quantity}", metric) if metric.startswith("val_") else (metric,)))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.4), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (name, keys) in zip(axes[0], panels):
+        for i, (label, rows) in enumerate(histories.items()):
+            epochs = [row.get("epoch", n + 1) for n, row in enumerate(rows)]
+            for key in keys:
+                if key not in rows[0]:
+                    continue
+                part = "train" if key.startswith("train_") else "val"
+                ax.plot(epochs, [row[key] for row in rows], "--" if part == "train" else "o-",
+                        color=colours[i % len(colours)], label=f"{label} ({part})", ms=4)
+        if "accuracy" in name:
+            ax.axhline(0.5, color="grey", lw=1, ls=":", label="chance")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(name.replace("val_", "").replace("_", " "))
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def spacetime_attention_plot(clip, attention_row, query, *, key_shape, query_shape=None, title=None, size=1.6):
+    """Where one query position attends across the frames of a clip (as in Fig. 1 and 3 of Wang et al.).
+
+    The top row shows the frames with the query marked on its own frame; under
+    each frame, that frame's slice of the attention row, reshaped to
+    ``key_shape = (T', H', W')`` and stretched over the frame (drawn over a faint
+    copy of it), on one colour scale for all frames. Each lower title gives the
+    attention mass on that frame.
+
+    Parameters
+    ----------
+    clip : array, shape (C, T, H, W) with C = 1 or 3, or (T, H, W)
+    attention_row : array, shape (T' * H' * W',)
+        One query's row of a block's attention, ``attention[b, i]`` of
+        ``forward(x, return_attention=True)``, keys ordered (t, y, x) row-major.
+    query : (t, y, x)
+        The query position: on the grid ``query_shape`` when given (for example
+        the res3 grid (T, H/4, W/4)), else in the clip's frames and pixels.
+    key_shape : (T', H', W')
+        The key grid (subsampled by (1, 2, 2) in the usual block); ``T`` must be a
+        multiple of ``T'`` (frame ``t`` shows key frame ``t * T' // T``).
+    query_shape : (Tq, Hq, Wq), optional
+    title : str, optional
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        With ``2 T`` axes: the frames, then the attention slices.
+    """
+    plt = _plt()
+    frames = _frames(clip, "clip")
+    t_len, h, w = frames.shape[:3]
+    key_shape = _shape3("key_shape", key_shape)
+    a = np.asarray(to_numpy(attention_row), dtype=np.float64)
+    if a.shape != (int(np.prod(key_shape)),):
+        raise ValueError(f"attention_row must have shape ({int(np.prod(key_shape))},) for key_shape {key_shape}, "
+                         f"got {a.shape}")
+    if not np.all(np.isfinite(a)):
+        raise ValueError("attention_row holds non-finite values")
+    if t_len % key_shape[0]:
+        raise ValueError(f"the clip's {t_len} frames must be a multiple of key_shape[0] = {key_shape[0]}")
+    grid = (t_len, h, w) if query_shape is None else _shape3("query_shape", query_shape)
+    if grid[0] != t_len:
+        raise ValueError(f"query_shape[0] must equal the clip's number of frames {t_len}, got {grid[0]}")
+    if len(query) != 3 or not all(0 <= int(q) < n for q, n in zip(query, grid)):
+        raise ValueError(f"query must be (t, y, x) inside {grid}, got {tuple(query)!r}")
+    qt, qy, qx = (int(q) for q in query)
+    py, px = (qy + 0.5) * h / grid[1] - 0.5, (qx + 0.5) * w / grid[2] - 0.5   # the query's centre in pixels
+    maps = a.reshape(key_shape)
+    vmax = float(maps.max()) if maps.max() > 0 else 1.0
+    fig, axes = plt.subplots(2, t_len, figsize=(size * t_len, 2 * size * 1.15 + (0.3 if title else 0)),
+                             squeeze=False)
+    extent = (-0.5, w - 0.5, h - 0.5, -0.5)
+    for t in range(t_len):
+        frame = _display(frames[t])
+        key_t = t * key_shape[0] // t_len
+        top, bottom = axes[0, t], axes[1, t]
+        top.imshow(frame, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        top.set_title(f"t = {t}" + (" (query)" if t == qt else ""), fontsize=8)
+        if t == qt:
+            top.plot(px, py, "o", ms=7, mfc="none", mec="tab:red", mew=2)
+        bottom.imshow(frame, cmap="gray", vmin=0, vmax=1, interpolation="nearest", alpha=0.5)
+        bottom.imshow(maps[key_t], cmap="magma", vmin=0, vmax=vmax, alpha=0.8, extent=extent,
+                      interpolation="nearest")
+        mass = float(maps[key_t].sum()) * key_shape[0] / t_len
+        bottom.set_title(f"mass {mass:.2f}", fontsize=8)
+        for ax in (top, bottom):
+            ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _shape3(name, shape):
+    try:
+        shape = tuple(int(s) for s in shape)
+    except TypeError:
+        raise ValueError(f"{name} must be 3 positive integers (T, H, W), got {shape!r}") from None
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"{name} must be 3 positive integers (T, H, W), got {shape!r}")
+    return shape

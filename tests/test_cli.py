@@ -13,7 +13,7 @@ def test_demo_quick_writes_figures_and_table(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     for name in ("averaging_curve", "averaging_images", "nlmeans_camera", "nlmeans_weights", "nlmeans_astronaut",
-                 "nonlocal_attention"):
+                 "nonlocal_attention", "training_curves", "training_attention"):
         assert (tmp_path / f"{name}.png").stat().st_size > 1000
     checks = [line.split() for line in out.splitlines() if line.split()[:1] and line.split()[0] in nlref.nn.nonlocal_op.MODES]
     assert [c[0] for c in checks] == list(nlref.nn.nonlocal_op.MODES)
@@ -27,6 +27,15 @@ def test_demo_quick_writes_figures_and_table(tmp_path, capsys):
     assert psnr["NL-means, patch-wise"] > psnr["noisy (one copy)"] + 4
     assert psnr["mean of 16 noisy copies"] > psnr["noisy (one copy)"] + 11  # 10 log10(16) = 12 dB
     assert psnr["mean of 16 noisy copies"] > psnr["mean of 4 noisy copies"] + 5  # 10 log10(4) = 6 dB
+    # the training step: both networks trained (tiny in --quick mode, so no accuracy gap is expected)
+    assert "training on the two-sprite task (3 brightness kinds" in out and "additive ceiling 0.667" in out
+    trained = {line[:26].strip(): line.split()[-2:] for line in out.splitlines()
+               if line.startswith(("C2D ", "NL C2D "))}
+    assert sorted(trained) == ["C2D", "NL C2D"]
+    for accuracy, clips_per_second in trained.values():
+        assert 0 <= float(accuracy) <= 1 and float(clips_per_second) > 0
+    line = next(line for line in out.splitlines() if line.startswith("attention of a sprite-1 query"))
+    assert 0 <= float(line.split("cells: ")[1].split()[0]) <= 1 and "(uniform 0.094)" in line
 
 
 def test_denoise_a_user_file(tmp_path, capsys):

@@ -2,6 +2,7 @@ import numpy as np
 
 import nlref
 import nlref.backend as B
+from nlref.data.sprites import sprite_clips
 
 
 def test_figures_accept_any_array_library(xp_cpu):
@@ -31,4 +32,101 @@ def test_attention_plot(xp_cpu):
     np.testing.assert_array_equal(np.asarray(shown), [[0, 0], [1, 0]])
     with pytest.raises(ValueError, match=r"attention must have shape \(16, 4\)"):
         nlref.viz.attention_plot(img, a[:, :3], [(0, 0)], query_shape=(4, 4), key_shape=(2, 2))
+    plt.close("all")
+
+
+def _agg():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def test_clip_grid(xp_cpu):
+    import pytest
+
+    plt = _agg()
+    clips = sprite_clips(2, frames=6, size=16, xp=xp_cpu)
+    fig = nlref.viz.clip_grid(clips.video[0, ...], title="label 1")
+    assert len(fig.axes) == 6 and fig.axes[2].get_title() == "t = 2"
+    np.testing.assert_allclose(np.asarray(fig.axes[4].images[0].get_array()),
+                               np.clip(B.to_numpy(clips.video)[0, 0, 4], 0, 1), atol=1e-6)
+    rgb = sprite_clips(1, frames=6, size=16, channels=3).video[0]
+    fig = nlref.viz.clip_grid(rgb)
+    assert fig.axes[0].images[0].get_array().shape == (16, 16, 3)
+    fig = nlref.viz.clip_grid(np.zeros((3, 8, 8)), titles=["a", "b", "c"])  # (T, H, W)
+    assert [ax.get_title() for ax in fig.axes] == ["a", "b", "c"]
+    with pytest.raises(ValueError, match=r"video must have shape \(C, T, H, W\) with C = 1 or 3.*\(2, 3, 8, 8\)"):
+        nlref.viz.clip_grid(np.zeros((2, 3, 8, 8)))
+    with pytest.raises(ValueError, match=r"one title per frame \(3\), got 2"):
+        nlref.viz.clip_grid(np.zeros((3, 8, 8)), titles=["a", "b"])
+    plt.close("all")
+
+
+def _history(accs):
+    return [{"epoch": i + 1, "train_loss": 0.7 - 0.01 * i, "val_loss": 0.69, "train_accuracy": a - 0.01,
+             "val_accuracy": a} for i, a in enumerate(accs)]
+
+
+def test_training_curves():
+    import pytest
+
+    plt = _agg()
+    fig = nlref.viz.training_curves({"C2D": _history([0.5, 0.52, 0.55]), "NL C2D": _history([0.5, 0.6, 0.7])})
+    loss, acc = fig.axes
+    assert len(fig.axes) == 2
+    assert len(loss.lines) == 4                               # train and val loss of two runs
+    assert len(acc.lines) == 5                                # train and val accuracy of two runs + chance
+    val_nl = next(line for line in acc.lines if line.get_label() == "NL C2D (val)")
+    np.testing.assert_allclose(val_nl.get_ydata(), [0.5, 0.6, 0.7])
+    np.testing.assert_allclose(val_nl.get_xdata(), [1, 2, 3])
+    chance = next(line for line in acc.lines if line.get_label() == "chance")
+    np.testing.assert_allclose(chance.get_ydata(), [0.5, 0.5])
+    assert len(nlref.viz.training_curves({"a": _history([0.5])}, metric="val_loss").axes) == 1
+    with pytest.raises(ValueError, match=r"metric 'val_top5' is not in the history of 'a'"):
+        nlref.viz.training_curves({"a": _history([0.5])}, metric="val_top5")
+    with pytest.raises(ValueError, match="histories must be a non-empty dict"):
+        nlref.viz.training_curves({})
+    with pytest.raises(ValueError, match=r"histories\['a'\] must be a non-empty list"):
+        nlref.viz.training_curves({"a": []})
+    plt.close("all")
+
+
+def test_spacetime_attention_plot(xp_cpu):
+    import pytest
+
+    plt = _agg()
+    clip = B.asarray(np.random.default_rng(0).random((1, 4, 16, 16)), xp=xp_cpu)
+    key_shape = (4, 2, 2)
+    row = np.zeros(16)
+    row[2 * 4 + 1 * 2 + 0] = 0.75                             # frame 2, key cell (1, 0)
+    row[3 * 4 + 0 * 2 + 1] = 0.25                             # frame 3, key cell (0, 1)
+    fig = nlref.viz.spacetime_attention_plot(clip, B.asarray(row, xp=xp_cpu), (0, 3, 3), key_shape=key_shape,
+                                             query_shape=(4, 4, 4), title="where it looks")
+    assert len(fig.axes) == 8                                 # 4 frames over 4 attention maps
+    shown = np.asarray(fig.axes[4 + 2].images[1].get_array())  # the lower row, frame 2: the attention slice
+    np.testing.assert_array_equal(shown, [[0, 0], [0.75, 0]])
+    assert fig.axes[4 + 2].images[1].get_extent() == [-0.5, 15.5, 15.5, -0.5]   # stretched over the frame
+    assert [ax.get_title() for ax in fig.axes[4:]] == ["mass 0.00", "mass 0.00", "mass 0.75", "mass 0.25"]
+    marker = fig.axes[0].lines[0]                             # the query, on its own frame only
+    np.testing.assert_allclose([marker.get_xdata()[0], marker.get_ydata()[0]], [13.5, 13.5])
+    assert not fig.axes[1].lines and "query" in fig.axes[0].get_title()
+    # query in pixels; keys pooled in time too: frames 0, 1 share key frame 0
+    fig = nlref.viz.spacetime_attention_plot(clip[0, ...], np.full(8, 1 / 8), (1, 5, 6), key_shape=(2, 2, 2))
+    assert [ax.get_title() for ax in fig.axes[4:]] == ["mass 0.25"] * 4
+    np.testing.assert_allclose(fig.axes[1].lines[0].get_xydata(), [[6, 5]])
+    bad = [((row[:15],), {}, r"attention_row must have shape \(16,\) for key_shape \(4, 2, 2\), got \(15,\)"),
+           ((row,), {"key_shape": (4, 2)}, r"key_shape must be 3 positive integers"),
+           ((row,), {"query_shape": (4, 4, 4), "query": (0, 4, 0)}, r"query must be \(t, y, x\) inside \(4, 4, 4\)"),
+           ((row,), {"query_shape": (2, 4, 4)}, "query_shape\\[0\\] must equal the clip's number of frames 4"),
+           ((np.full(16, np.nan),), {}, "non-finite"),
+           ((np.ones(12),), {"key_shape": (3, 2, 2)}, r"4 frames must be a multiple of key_shape\[0\] = 3")]
+    for args, kw, message in bad:
+        kw = {"key_shape": key_shape, "query": (0, 0, 0), **kw}
+        with pytest.raises(ValueError, match=message):
+            nlref.viz.spacetime_attention_plot(clip, *args, kw.pop("query"), **kw)
+    with pytest.raises(ValueError, match=r"clip must have shape \(C, T, H, W\)"):
+        nlref.viz.spacetime_attention_plot(np.zeros((16, 16)), row, (0, 0, 0), key_shape=key_shape)
     plt.close("all")
