@@ -273,7 +273,10 @@ def run_train(args):
 
     xp = None
     if args.backend == "cupy":
-        import cupy as xp  # noqa: F401  (a clear ImportError when CuPy is missing)
+        try:
+            import cupy as xp
+        except ImportError as err:
+            raise ValueError(f"--backend cupy needs CuPy with a CUDA device ({err})") from err
     fields = {"model": args.model, "nonlocal_blocks": args.nonlocal_blocks, "stage": args.stage, "mode": args.mode,
               "extent": args.extent, "sub_sample": not args.no_sub_sample, "bn_layer": not args.no_bn,
               "scale": args.scale, "pool": args.pool, "epochs": args.epochs, "batch_size": args.batch_size,

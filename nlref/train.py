@@ -56,7 +56,7 @@ class TrainConfig:
     """Everything that defines a training run (and must match to resume one).
 
     The defaults are the issue's default configuration: a C2D network with one
-    embedded-Gaussian non-local block in res3, trained with Adam for 12 epochs
+    embedded-Gaussian non-local block in res3, trained with Adam for 10 epochs
     on 4000 clips of 8 x 16 x 16 (about 3-4 minutes on 2 CPU cores).
     """
 
@@ -72,7 +72,7 @@ class TrainConfig:
     widths: tuple = (16, 32, 64)
     blocks: tuple = (1, 2, 2)
     dropout: float = 0.5
-    epochs: int = 12
+    epochs: int = 10
     batch_size: int = 32
     optimizer: str = "adam"
     lr: float = 1e-3
