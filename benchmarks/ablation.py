@@ -1,0 +1,104 @@
+"""Table 2 of Wang et al. (2018) in miniature: ablations of the non-local block on the sprite task.
+
+Every row trains a network from scratch with ``nlref.train`` (hand-written
+backprop, NumPy) for each seed and reports the validation accuracy as
+mean +- std over the seeds:
+
+  2a  baseline C2D vs one block of each pairwise function (in res3)
+  2b  the stage of a single embedded-Gaussian block: res2, res3, res4
+  2c  1, 2 and 4 blocks
+  2d  space-only, time-only and space-time attention
+  2e  C2D, I3D, NL C2D, NL I3D
+  optimiser  Adam (nlref's default) vs SGD with momentum (the paper's)
+
+Usage::
+
+    python benchmarks/ablation.py                     # 3 seeds, the ablation schedule below
+    python benchmarks/ablation.py --seeds 0 --only 2a # a quick look
+    python benchmarks/ablation.py --json results.json # also keep the raw numbers
+
+The ablation schedule is shorter than ``nlref train``'s default (1500 clips,
+5 epochs, 400 validation clips instead of 4000, 10 and 1000) so that the 15
+distinct configurations x 3 seeds fit in about 45 minutes on 2 cores; the
+default run is the "NL C2D, 1 block" row trained longer. Results and their
+discussion: ``docs/training.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+from nlref.train import TrainConfig, train
+
+SCHEDULE = dict(n_train=1500, n_val=400, epochs=5)
+
+ROWS = {
+    "2a": [("C2D baseline", dict(nonlocal_blocks=0)),
+           ("Gaussian", dict(mode="gaussian")),
+           ("Gaussian, embed", dict(mode="embedded_gaussian")),
+           ("dot-product", dict(mode="dot_product")),
+           ("concatenation", dict(mode="concatenation"))],
+    "2b": [("res2", dict(stage="res2")),
+           ("res3", dict(stage="res3")),
+           ("res4", dict(stage="res4"))],
+    "2c": [("1-block", dict(nonlocal_blocks=1)),
+           ("2-block", dict(nonlocal_blocks=2)),
+           ("4-block", dict(nonlocal_blocks=4))],
+    "2d": [("space-only", dict(extent="space")),
+           ("time-only", dict(extent="time")),
+           ("spacetime", dict(extent="spacetime"))],
+    "2e": [("C2D", dict(nonlocal_blocks=0)),
+           ("I3D", dict(model="i3d", nonlocal_blocks=0)),
+           ("NL C2D, 1 block", dict(nonlocal_blocks=1)),
+           ("NL I3D, 1 block", dict(model="i3d", nonlocal_blocks=1))],
+    "optimiser": [("NL C2D, Adam lr 1e-3 (nlref default)", dict()),
+                  ("NL C2D, SGD lr 0.1 (the paper's optimiser)", dict(optimizer="sgd", lr=0.1)),
+                  ("NL C2D, SGD lr 0.01", dict(optimizer="sgd", lr=0.01))],
+}
+
+
+def run(overrides, seed, schedule):
+    config = TrainConfig(**{**schedule, **overrides, "seed": seed})
+    t0 = time.perf_counter()
+    result = train(config, None, progress=False, log=None)
+    return {"val_accuracy": result["val_accuracy"], "seconds": time.perf_counter() - t0,
+            "clips_per_second": result["clips_per_second"], "params": result["model"].num_params()}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--only", nargs="+", choices=sorted(ROWS), help="tables to run (default: all)")
+    parser.add_argument("--n-train", type=int, default=SCHEDULE["n_train"])
+    parser.add_argument("--epochs", type=int, default=SCHEDULE["epochs"])
+    parser.add_argument("--json", help="write the raw results to this file")
+    args = parser.parse_args()
+    schedule = {**SCHEDULE, "n_train": args.n_train, "epochs": args.epochs}
+    print(f"# nlref ablation: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+          f"schedule {schedule}, seeds {args.seeds}")
+    cache, results = {}, {}
+    for table in args.only or sorted(ROWS):
+        print(f"\n## Table {table}\n\n| model | val accuracy (%) | params | s / run |\n|---|---|---|---|")
+        for label, overrides in ROWS[table]:
+            key = json.dumps(TrainConfig(**{**schedule, **overrides}).as_dict(), sort_keys=True)
+            if key not in cache:                      # rows shared between tables are trained once
+                cache[key] = [run(overrides, seed, schedule) for seed in args.seeds]
+            runs = cache[key]
+            accs = [100 * r["val_accuracy"] for r in runs]
+            spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
+            seconds = statistics.median(r["seconds"] for r in runs)
+            print(f"| {label} | {statistics.mean(accs):.1f} +- {spread:.1f} | {runs[0]['params']:,} | "
+                  f"{seconds:.0f} |", flush=True)
+            results.setdefault(table, []).append({"label": label, "overrides": overrides, "runs": runs})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"schedule": schedule, "seeds": args.seeds, "tables": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""Training throughput: nlref's hand-written backprop vs PyTorch autograd, same network, same process.
+
+One training step = forward, softmax cross-entropy, backward, Adam update, on a
+batch of clips of the default task (8 x 16 x 16, one channel, float32). The
+PyTorch peer is ``tests/torch_oracle.py``'s ``TorchVideoNet``, an independent
+autograd version of the same architecture loaded with the same weights, trained
+with ``torch.optim.Adam`` on the same batches.
+
+Usage::
+
+    python benchmarks/bench_train.py            # 3 networks, 7 timed blocks of 10 steps each
+    python benchmarks/bench_train.py --quick    # 1 network, 3 blocks
+    python benchmarks/bench_train.py --device cuda --backend cupy   # on a GPU
+
+Both peers get the same threads (NumPy's BLAS and ``torch.set_num_threads``).
+Blocks alternate between the peers after a warm-up, with a short pause, and
+the reported figure is the median over blocks of clips per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+import nlref.backend as B  # noqa: E402
+from nlref.data.sprites import sprite_clips  # noqa: E402
+from nlref.nn import functional as F  # noqa: E402
+from nlref.nn.optim import Adam  # noqa: E402
+from nlref.train import TrainConfig, build_model  # noqa: E402
+
+NETWORKS = {
+    "NL C2D (default)": dict(),
+    "C2D baseline": dict(nonlocal_blocks=0),
+    "NL I3D": dict(model="i3d"),
+}
+
+
+def nlref_steps(net, optimiser, batches):
+    for x, y in batches:
+        logits = net.forward(x, dropout_seed=0)
+        _, cache = F.softmax_cross_entropy_forward(logits, y)
+        net.backward(F.softmax_cross_entropy_backward(1.0, cache))
+        optimiser.step()
+
+
+def torch_steps(torch, tnet, optimiser, batches):
+    for x, y in batches:
+        optimiser.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(tnet(x), y)
+        loss.backward()
+        optimiser.step()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--blocks", type=int, default=7, help="timed blocks per peer")
+    parser.add_argument("--steps", type=int, default=10, help="training steps per block")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--backend", choices=("numpy", "cupy"), default="numpy")
+    parser.add_argument("--device", default="cpu", help="PyTorch device (cpu or cuda)")
+    args = parser.parse_args()
+
+    import torch
+    from torch_oracle import TorchVideoNet, load_videonet_params
+
+    torch.set_num_threads(args.threads)
+    xp = np
+    if args.backend == "cupy":
+        import cupy as xp
+    blocks = 3 if args.quick else args.blocks
+    networks = dict(list(NETWORKS.items())[:1]) if args.quick else NETWORKS
+    print(f"# training throughput: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+          f"{args.threads} threads, numpy {np.__version__}, torch {torch.__version__}, float32, "
+          f"batch {args.batch_size}, clips 1x8x16x16, {blocks} blocks of {args.steps} steps, median")
+    print("\n| network | params | nlref clips/s | PyTorch clips/s | ratio (nlref / PyTorch) |\n|---|---|---|---|---|")
+    clips = sprite_clips(args.batch_size * args.steps, seed=0, size=16)
+    for label, overrides in networks.items():
+        config = TrainConfig(**overrides, dropout=0.0)        # no dropout: both peers do identical work
+        net = build_model(config, xp=None if xp is np else xp)
+        tnet = TorchVideoNet(net).to(args.device).float()
+        load_videonet_params(tnet, net)
+        tnet.train()
+        net.train()
+        opt = Adam(net, lr=config.lr, weight_decay=config.weight_decay)
+        decay = [p for n, p in tnet.named_parameters() if not net.no_decay(n)]
+        rest = [p for n, p in tnet.named_parameters() if net.no_decay(n)]
+        topt = torch.optim.Adam([{"params": decay, "weight_decay": config.weight_decay},
+                                 {"params": rest, "weight_decay": 0.0}], lr=config.lr)
+        ours, theirs = [], []
+        for i in range(args.steps):
+            sl = slice(i * args.batch_size, (i + 1) * args.batch_size)
+            x, y = clips.video[sl], clips.labels[sl]
+            ours.append((B.asarray(x, xp=xp), B.asarray(y, xp=xp)))
+            theirs.append((torch.from_numpy(x).to(args.device), torch.from_numpy(y).to(args.device)))
+
+        def sync():
+            if args.device != "cpu":
+                torch.cuda.synchronize()
+            if xp is not np:
+                xp.cuda.Device().synchronize()
+
+        nlref_steps(net, opt, ours[:3])
+        torch_steps(torch, tnet, topt, theirs[:3])
+        rates = {"nlref": [], "torch": []}
+        for _ in range(blocks):
+            for peer in ("nlref", "torch"):
+                time.sleep(0.2)
+                sync()
+                t0 = time.perf_counter()
+                if peer == "nlref":
+                    nlref_steps(net, opt, ours)
+                else:
+                    torch_steps(torch, tnet, topt, theirs)
+                sync()
+                rates[peer].append(args.steps * args.batch_size / (time.perf_counter() - t0))
+        a, b = statistics.median(rates["nlref"]), statistics.median(rates["torch"])
+        ratios = [r / t for r, t in zip(rates["nlref"], rates["torch"])]
+        print(f"| {label} | {net.num_params():,} | {a:.0f} | {b:.0f} | {a / b:.2f} "
+              f"(blocks {min(ratios):.2f}-{max(ratios):.2f}) |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
