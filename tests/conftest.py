@@ -60,3 +60,17 @@ def assert_same_library(result, like):
     """The result must come back from the library (and device) it was given."""
     assert type(result) is type(like), f"{type(result)} is not {type(like)}"
     assert B.device(result) == B.device(like)
+
+
+@pytest.fixture(scope="module")
+def torch_single_thread():
+    """One torch thread for a module of tiny oracle tensors (far faster than waking a pool); restored after."""
+    try:
+        torch = importlib.import_module("torch")
+    except ImportError:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

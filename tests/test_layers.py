@@ -20,16 +20,7 @@ needs_torch = pytest.mark.skipif(torch is None, reason="PyTorch (the optional or
 RNG = np.random.default_rng(11)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _torch_single_thread():
-    """The oracle's tensors are tiny: one torch thread is far faster than waking a pool (restored after)."""
-    if torch is None:
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 
 def _x(shape, xp, dtype="float64"):

@@ -28,16 +28,7 @@ TINY = dict(widths=(4, 6, 8), blocks=(1, 2, 2), dtype="float64", dropout=0.0)
 X_SHAPE = (3, 1, 4, 12, 12)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _torch_single_thread():
-    """The oracle's tensors are tiny: one torch thread is far faster than waking a pool (restored after)."""
-    if torch is None:
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 
 def _net(xp=np, seed=1, **config):

@@ -24,16 +24,7 @@ TINY = dict(widths=(4, 6, 8), blocks=(1, 2, 2), dtype="float64")
 BATCH = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _torch_single_thread():
-    """The tensors are tiny: one torch thread is far faster than waking a pool (restored after)."""
-    if torch is None:
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 
 def _net(xp=np, seed=3, dropout=0.5):
