@@ -28,7 +28,7 @@ import os
 import tempfile
 import time
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -90,7 +90,6 @@ class TrainConfig:
     noise: float = 0.05
     dtype: str = "float32"
     seed: int = 0
-    extra: dict = field(default_factory=dict)
 
     def validate(self):
         """Raise ValueError naming the first bad field (before any heavy work)."""
@@ -163,6 +162,11 @@ def _take(xp, a, idx):
     return xp.take(a, B.asarray(idx, like=a), axis=0)
 
 
+def _correct(xp, logits, labels):
+    """How many arg-max predictions equal the labels (a host int)."""
+    return int(xp.sum(xp.astype(xp.argmax(logits, axis=1) == labels, xp.int64)))
+
+
 def evaluate(model, clips, *, batch_size=100):
     """Mean loss and accuracy of ``model`` (in eval mode) on ``clips``; the model is left in eval mode."""
     model.eval()
@@ -175,7 +179,7 @@ def evaluate(model, clips, *, batch_size=100):
         logits = model.forward(x)
         loss, _ = F.softmax_cross_entropy_forward(logits, y)
         total_loss += float(loss) * idx.size
-        correct += int(xp.sum(xp.astype(xp.argmax(logits, axis=1) == y, xp.int64)))
+        correct += _correct(xp, logits, y)
     return total_loss / n, correct / n
 
 
@@ -356,7 +360,7 @@ def train(config=None, out_dir=None, *, xp=None, resume=False, progress=True, lo
                 raise FloatingPointError(f"the training loss became {loss_value} at epoch {epoch + 1}, "
                                          f"step {step}; lower lr (now {config.lr})")
             loss_sum += loss_value
-            correct += int(data_xp.sum(data_xp.astype(data_xp.argmax(logits, axis=1) == y, data_xp.int64)))
+            correct += _correct(data_xp, logits, y)
             if bar_factory:
                 bar.set_postfix(loss=f"{loss_sum / (step + 1):.3f}")
         seconds = time.perf_counter() - t0
@@ -377,7 +381,7 @@ def train(config=None, out_dir=None, *, xp=None, resume=False, progress=True, lo
                 f"{seconds:.1f} s ({row['clips_per_second']:.0f} clips/s)")
         if callback is not None:
             callback(epoch + 1, row, model)
-    seen = sum(steps_per_epoch * config.batch_size for _ in history)
+    seen = len(history) * steps_per_epoch * config.batch_size
     return {"history": history, "model": model, "config": config,
             "val_accuracy": history[-1]["val_accuracy"] if history else float("nan"),
             "seconds": train_seconds, "clips_per_second": seen / train_seconds if train_seconds else float("nan")}

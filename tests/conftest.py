@@ -74,3 +74,19 @@ def torch_single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def distinct_samples(shape, xp, rng):
+    """Zero-mean samples whose gaps are all at least 1e-3 (no ties at a max-pool kink)."""
+    n = int(np.prod(shape))
+    host = (rng.permutation(n) * 1e-2 + rng.uniform(0, 1e-3, n)).reshape(shape)
+    return B.asarray(host - host.mean(), xp=xp)
+
+
+def assert_gradcheck(forward, backward, inputs, **options):
+    """Run :func:`nlref.gradcheck` and fail with its table when it does not pass."""
+    from nlref.nn import gradcheck
+
+    result = gradcheck(forward, backward, inputs, **options)
+    assert result.passed, str(result)
+    return result

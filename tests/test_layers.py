@@ -6,8 +6,7 @@ import pytest
 
 import nlref.backend as B
 from nlref.nn import functional as F
-from nlref.nn import gradcheck
-from conftest import assert_same_library
+from conftest import assert_gradcheck, assert_same_library, distinct_samples
 
 try:
     import torch
@@ -25,19 +24,6 @@ pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 def _x(shape, xp, dtype="float64"):
     return B.asarray(RNG.standard_normal(shape).astype(dtype), xp=xp)
-
-
-def _distinct(shape, xp):
-    """Samples whose gaps are all at least 1e-3 (no ties at a max-pool kink)."""
-    n = int(np.prod(shape))
-    host = (RNG.permutation(n) * 1e-2 + RNG.uniform(0, 1e-3, n)).reshape(shape)
-    return B.asarray(host - host.mean(), xp=xp)
-
-
-def _check(forward, backward, inputs, **kw):
-    result = gradcheck(forward, backward, inputs, **kw)
-    assert result.passed, str(result)
-    return result
 
 
 # array-api-strict runs the portable code path about ten times slower than NumPy: there the
@@ -103,7 +89,7 @@ def test_conv3d_gradcheck(xp_cpu, case, bias):
         assert (db is None) == (not bias)
         return {"x": dx, "w": dw, "b": db}
 
-    _check(forward, backward, _conv_inputs(xp_cpu, case, bias), method=_method(xp_cpu, case, bias))
+    assert_gradcheck(forward, backward, _conv_inputs(xp_cpu, case, bias), method=_method(xp_cpu, case, bias))
 
 
 @pytest.mark.parametrize("pool", ["avg", "max"])
@@ -118,7 +104,7 @@ def test_pool3d_gradcheck(xp_cpu, case, pool):
         out, cache["c"] = fwd(x, kernel, stride, padding)
         return out
 
-    _check(forward, lambda d: {"x": bwd(d, cache["c"])}, {"x": _distinct(shape, xp_cpu)}, method=_method(xp_cpu, case))
+    assert_gradcheck(forward, lambda d: {"x": bwd(d, cache["c"])}, {"x": distinct_samples(shape, xp_cpu, RNG)}, method=_method(xp_cpu, case))
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 4), (2, 3, 2, 3), (2, 2, 2, 3, 2)], ids=["1d", "2d", "3d"])
@@ -129,7 +115,7 @@ def test_global_avgpool_gradcheck(xp_cpu, shape):
         out, cache["c"] = F.global_avgpool_forward(x)
         return out
 
-    _check(forward, lambda d: {"x": F.global_avgpool_backward(d, cache["c"])}, {"x": _x(shape, xp_cpu)})
+    assert_gradcheck(forward, lambda d: {"x": F.global_avgpool_backward(d, cache["c"])}, {"x": _x(shape, xp_cpu)})
 
 
 def test_dropout_gradcheck(xp_cpu):
@@ -139,7 +125,7 @@ def test_dropout_gradcheck(xp_cpu):
         out, cache["c"] = F.dropout_forward(x, 0.4, training=True, seed=5)
         return out
 
-    _check(forward, lambda d: {"x": F.dropout_backward(d, cache["c"])}, {"x": _x((3, 2, 5), xp_cpu)})
+    assert_gradcheck(forward, lambda d: {"x": F.dropout_backward(d, cache["c"])}, {"x": _x((3, 2, 5), xp_cpu)})
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
@@ -157,7 +143,7 @@ def test_linear_gradcheck(xp_cpu, bias):
         dx, dw, db = F.linear_backward(dout, cache["c"])
         return {"x": dx, "w": dw, "b": db}
 
-    _check(forward, backward, inputs)
+    assert_gradcheck(forward, backward, inputs)
 
 
 def test_softmax_cross_entropy_gradcheck(xp_cpu):
@@ -168,7 +154,7 @@ def test_softmax_cross_entropy_gradcheck(xp_cpu):
         loss, cache["c"] = F.softmax_cross_entropy_forward(logits, labels)
         return loss
 
-    _check(forward, lambda d: {"logits": F.softmax_cross_entropy_backward(d, cache["c"])},
+    assert_gradcheck(forward, lambda d: {"logits": F.softmax_cross_entropy_backward(d, cache["c"])},
            {"logits": _x((4, 5), xp_cpu)})
 
 
@@ -333,7 +319,7 @@ def test_conv3d_matches_torch(xp_cpu, case, bias):
 @pytest.mark.parametrize("case", list(POOL_CASES))
 def test_pool3d_matches_torch(xp_cpu, case, pool):
     shape, kernel, stride, padding = POOL_CASES[case]
-    x = _distinct(shape, xp_cpu)
+    x = distinct_samples(shape, xp_cpu, RNG)
     fwd, bwd = {"avg": (F.avgpool3d_forward, F.avgpool3d_backward),
                 "max": (F.maxpool3d_forward, F.maxpool3d_backward)}[pool]
     out, cache = fwd(x, kernel, stride, padding)

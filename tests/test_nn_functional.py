@@ -6,7 +6,7 @@ import pytest
 import nlref.backend as B
 from nlref.nn import functional as F
 from nlref.nn import gradcheck
-from conftest import assert_same_library
+from conftest import assert_gradcheck, assert_same_library, distinct_samples
 
 RNG = np.random.default_rng(7)
 
@@ -18,19 +18,6 @@ def _x(shape, xp, *, away_from=None, margin=1e-2):
         close = np.abs(host - away_from) < margin
         host[close] += np.sign(host[close] - away_from + 1e-300) * 2 * margin
     return B.asarray(host, xp=xp)
-
-
-def _distinct(shape, xp):
-    """Samples whose gaps are all at least 1e-3 (no ties at a max-pool kink)."""
-    n = int(np.prod(shape))
-    host = (RNG.permutation(n) * 1e-2 + RNG.uniform(0, 1e-3, n)).reshape(shape)
-    return B.asarray(host - host.mean(), xp=xp)
-
-
-def _check(forward, backward, inputs, **kw):
-    result = gradcheck(forward, backward, inputs, **kw)
-    assert result.passed, str(result)
-    return result
 
 
 # --------------------------------------------------------------------------- gradient checks
@@ -51,7 +38,7 @@ def test_conv1x1_gradcheck(xp_cpu, shape, bias):
         assert (db is None) == (not bias)
         return {"x": dx, "w": dw, "b": db} if bias else {"x": dx, "w": dw}
 
-    _check(forward, backward, inputs)
+    assert_gradcheck(forward, backward, inputs)
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -70,7 +57,7 @@ def test_batchnorm_gradcheck(xp_cpu, shape, training):
         dx, dgamma, dbeta = F.batchnorm_backward(dout, cache["c"])
         return {"x": dx, "gamma": dgamma, "beta": dbeta}
 
-    _check(forward, backward, inputs)
+    assert_gradcheck(forward, backward, inputs)
 
 
 def test_relu_gradcheck(xp_cpu):
@@ -80,7 +67,7 @@ def test_relu_gradcheck(xp_cpu):
         out, cache["c"] = F.relu_forward(x)
         return out
 
-    _check(forward, lambda d: {"x": F.relu_backward(d, cache["c"])}, {"x": _x((3, 4, 5), xp_cpu, away_from=0.0)})
+    assert_gradcheck(forward, lambda d: {"x": F.relu_backward(d, cache["c"])}, {"x": _x((3, 4, 5), xp_cpu, away_from=0.0)})
 
 
 @pytest.mark.parametrize("shape,kernel", [((2, 3, 9), (2,)), ((2, 2, 5, 6), (2, 2)), ((1, 2, 3, 5, 4), (1, 2, 2)),
@@ -92,7 +79,7 @@ def test_maxpool_gradcheck(xp_cpu, shape, kernel):
         out, cache["c"] = F.maxpool_forward(x, kernel)
         return out
 
-    _check(forward, lambda d: {"x": F.maxpool_backward(d, cache["c"])}, {"x": _distinct(shape, xp_cpu)})
+    assert_gradcheck(forward, lambda d: {"x": F.maxpool_backward(d, cache["c"])}, {"x": distinct_samples(shape, xp_cpu, RNG)})
 
 
 @pytest.mark.parametrize("axis", [-1, 1])
@@ -103,7 +90,7 @@ def test_softmax_gradcheck(xp_cpu, axis):
         out, cache["c"] = F.softmax_forward(s, axis=axis)
         return out
 
-    _check(forward, lambda d: {"s": F.softmax_backward(d, cache["c"])}, {"s": _x((2, 3, 4), xp_cpu)})
+    assert_gradcheck(forward, lambda d: {"s": F.softmax_backward(d, cache["c"])}, {"s": _x((2, 3, 4), xp_cpu)})
 
 
 @pytest.mark.parametrize("scale", [1.0, 0.5])
@@ -118,7 +105,7 @@ def test_dot_pairwise_gradcheck(xp_cpu, scale):
         dtheta, dphi = F.dot_pairwise_backward(d, cache["c"])
         return {"theta": dtheta, "phi": dphi}
 
-    _check(forward, backward, {"theta": _x((2, 3, 5), xp_cpu), "phi": _x((2, 3, 4), xp_cpu)})
+    assert_gradcheck(forward, backward, {"theta": _x((2, 3, 5), xp_cpu), "phi": _x((2, 3, 4), xp_cpu)})
 
 
 def _concat_inputs(xp, d=3, n=5, m=4):
@@ -143,7 +130,7 @@ def test_concat_pairwise_gradcheck(xp_cpu):
         dtheta, dphi, dw_f = F.concat_pairwise_backward(d, cache["c"])
         return {"theta": dtheta, "phi": dphi, "w_f": dw_f}
 
-    _check(forward, backward, _concat_inputs(xp_cpu))
+    assert_gradcheck(forward, backward, _concat_inputs(xp_cpu))
 
 
 def test_random_direction_gradcheck_agrees(xp_cpu):
@@ -158,7 +145,7 @@ def test_random_direction_gradcheck_agrees(xp_cpu):
         return {"theta": dtheta, "phi": dphi}
 
     inputs = {"theta": _x((2, 8, 40), xp_cpu), "phi": _x((2, 8, 30), xp_cpu)}
-    result = _check(forward, backward, inputs, method="random", directions=4)
+    result = assert_gradcheck(forward, backward, inputs, method="random", directions=4)
     assert set(result.errors) == {"theta", "phi"} and result.method == "random"
 
 
@@ -195,7 +182,7 @@ def test_gradcheck_reports_structural_zeros(xp_cpu):
 
     w, gamma, beta = _x((3, 3), xp_cpu), _x((3,), xp_cpu), _x((3,), xp_cpu)
     state = {"running_mean": _x((3,), xp_cpu), "running_var": _x((3,), xp_cpu)}
-    result = _check(forward, backward, {"x": _x((2, 3, 6), xp_cpu), "b": _x((3,), xp_cpu)})
+    result = assert_gradcheck(forward, backward, {"x": _x((2, 3, 6), xp_cpu), "b": _x((3,), xp_cpu)})
     assert result.zero == ["b"] and "x" not in result.zero
 
 
@@ -246,7 +233,7 @@ def _close(ours, theirs, tol=1e-12):
 @pytest.mark.parametrize("dims", [1, 2, 3])
 def test_conv1x1_and_maxpool_match_torch(xp_cpu, dims):
     shape = {1: (2, 3, 7), 2: (2, 3, 5, 7), 3: (2, 3, 3, 5, 5)}[dims]
-    x, w, b = _distinct(shape, xp_cpu), _x((4, 3), xp_cpu), _x((4,), xp_cpu)
+    x, w, b = distinct_samples(shape, xp_cpu, RNG), _x((4, 3), xp_cpu), _x((4,), xp_cpu)
     kernel = F.pool_kernel(dims)
     y, c1 = F.conv1x1_forward(x, w, b)
     out, c2 = F.maxpool_forward(y, kernel)

@@ -394,17 +394,19 @@ class VideoNet:
     def num_params(self):
         return int(sum(math.prod(v.shape) for v in self.params.values()))
 
-    def train(self):
-        self.training = True
-        for leaf in list(self._leaves.values()) + [layer for _, layer in self.layers]:
-            leaf.training = True
+    def _set_training(self, flag):
+        self.training = flag
+        for layer in list(self._leaves.values()) + [layer for _, layer in self.layers]:
+            layer.training = flag
         return self
 
+    def train(self):
+        """Batch statistics in BN (and their running averages updated), dropout on. Returns self."""
+        return self._set_training(True)
+
     def eval(self):
-        self.training = False
-        for leaf in list(self._leaves.values()) + [layer for _, layer in self.layers]:
-            leaf.training = False
-        return self
+        """BN's running statistics, no dropout. Returns self."""
+        return self._set_training(False)
 
     # ------------------------------------------------------------------ passes
     def _check_input(self, x):
@@ -436,7 +438,7 @@ class VideoNet:
         -------
         logits : array, shape (B, num_classes)
         """
-        xp = self._check_input(x)
+        self._check_input(x)
         if dropout_seed is not None and (isinstance(dropout_seed, bool)
                                          or not isinstance(dropout_seed, (int, np.integer))):
             raise TypeError(f"dropout_seed must be an int or None, got {dropout_seed!r}")
@@ -455,7 +457,6 @@ class VideoNet:
             drop_cache = None
         logits, fc_cache = F.linear_forward(pooled, self.fc.params["weight"], self.fc.params["bias"])
         self._head_cache = (pool_cache, drop_cache, fc_cache)
-        del xp
         return (logits, attention) if return_attention else logits
 
     def backward(self, dlogits):
@@ -491,7 +492,7 @@ class VideoNet:
             raise ValueError(f"state dict does not fit this network: missing {missing[:5]}, unexpected {extra[:5]}")
         host = {}
         for key, ref in own.items():
-            value = np.array(B.to_numpy(state[key]) if not isinstance(state[key], np.ndarray) else state[key])
+            value = np.array(B.to_numpy(state[key]))  # a copy: later changes to the caller's dict do not leak in
             if value.shape != tuple(ref.shape):
                 raise ValueError(f"state dict entry {key!r} has shape {value.shape}, expected {tuple(ref.shape)}")
             if not np.all(np.isfinite(value)):
