@@ -75,6 +75,7 @@ def main():
     from torch_oracle import TorchVideoNet, load_videonet_params
 
     torch.set_num_threads(args.threads)
+    retained = B.retain_freed_memory()  # both peers run in this process, under the same allocator settings
     xp = np
     if args.backend == "cupy":
         import cupy as xp
@@ -82,7 +83,8 @@ def main():
     networks = dict(list(NETWORKS.items())[:1]) if args.quick else NETWORKS
     print(f"# training throughput: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"{args.threads} threads, numpy {np.__version__}, torch {torch.__version__}, float32, "
-          f"batch {args.batch_size}, clips 1x8x16x16, {blocks} blocks of {args.steps} steps, median")
+          f"batch {args.batch_size}, clips 1x8x16x16, {blocks} blocks of {args.steps} steps, median, "
+          f"glibc keeps freed memory: {retained}")
     print("\n| network | params | nlref clips/s | PyTorch clips/s | ratio (nlref / PyTorch) |\n|---|---|---|---|---|")
     clips = sprite_clips(args.batch_size * args.steps, seed=0, size=16)
     for label, overrides in networks.items():

@@ -22,6 +22,7 @@ import importlib
 
 import numpy as np
 import array_api_compat
+import array_api_compat.numpy as _compat_numpy
 
 __all__ = [
     "array_namespace",
@@ -36,6 +37,7 @@ __all__ = [
     "to_numpy",
     "reflect_pad",
     "normal",
+    "retain_freed_memory",
 ]
 
 
@@ -67,6 +69,8 @@ def array_namespace(*arrays, names=None):
         If an argument is not an array (a list, a scalar, ``None``), or if the
         arrays come from different libraries.
     """
+    if arrays and all(type(x) is np.ndarray for x in arrays):  # the common case, without the checks below
+        return _compat_numpy
     names = list(names) if names is not None else [f"argument {i}" for i in range(len(arrays))]
     for name, x in zip(names, arrays):
         if not array_api_compat.is_array_api_obj(x) or isinstance(x, (bool, int, float, complex)):
@@ -234,3 +238,33 @@ def dtype_name(dtype) -> str:
         if text.endswith(name):
             return name
     return np.dtype(dtype).name
+
+
+def retain_freed_memory() -> bool:
+    """Make glibc's ``malloc`` keep freed memory for reuse instead of handing it back to the OS.
+
+    A training step allocates and frees the same few dozen arrays of up to a few
+    MiB every time. By default glibc serves blocks above a (dynamic) threshold
+    with fresh ``mmap`` pages and unmaps them on ``free``, so each step pays a
+    page fault on every 4 KiB of them again; on the 2-core test machine that was
+    about half of a NumPy training step, and it varied by 2x from run to run.
+    This sets ``M_MMAP_THRESHOLD`` to glibc's maximum (32 MiB: smaller blocks come
+    from the heap and are reused) and ``M_TRIM_THRESHOLD`` to 1 GiB (the heap is
+    not shrunk below that). It is the same remedy as running with
+    ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` set, or with another
+    allocator preloaded, as is commonly advised for CPU training.
+
+    Process-wide and not undone; ``nlref train`` and ``benchmarks/bench_train.py``
+    call it. Returns True when applied, False where the C library is not glibc
+    (macOS, Windows, musl), where nothing changes.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # present in glibc only
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's <malloc.h>
+    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))

@@ -269,6 +269,7 @@ def run_denoise(args):
 
 def run_train(args):
     """``nlref train``: the options map one to one onto :class:`nlref.train.TrainConfig`."""
+    from nlref.backend import retain_freed_memory
     from nlref.train import TrainConfig, train
 
     xp = None
@@ -287,6 +288,7 @@ def run_train(args):
     elif args.optimizer == "sgd":
         fields["lr"] = 0.1
     config = TrainConfig(**fields)
+    retain_freed_memory()  # this process is ours: reuse freed memory rather than page-fault it back in
     print(f"nlref train: {config.model} with {config.nonlocal_blocks} non-local block(s) "
           f"({config.mode}, {config.extent}), {config.epochs} epochs, {config.optimizer} lr {config.lr:g}, "
           f"{config.n_train} clips of {config.frames}x{config.size}x{config.size} -> {args.out}")

@@ -66,3 +66,12 @@ def test_asarray_needs_exactly_one_target():
         B.asarray([1.0])
     with pytest.raises(TypeError, match="exactly one"):
         B.asarray([1.0], like=np.zeros(1), xp=np)
+
+
+def test_retain_freed_memory_applies_on_glibc():
+    import platform
+
+    applied = B.retain_freed_memory()
+    assert applied is (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
+    assert B.retain_freed_memory() is applied  # idempotent
+    np.testing.assert_array_equal(np.ones(1 << 20).sum(), 1 << 20)  # allocation still works

@@ -1,6 +1,8 @@
 """The network layers of nlref.nn.functional: conv3d, 3-D average/max pooling, global average
 pooling, dropout, linear, softmax cross-entropy. Gradient checks, PyTorch as oracle, errors."""
 
+import math
+
 import numpy as np
 import pytest
 
@@ -41,8 +43,7 @@ def _labels(values, xp):
     return B.asarray(np.asarray(values, dtype=np.int64), xp=xp)
 
 
-# conv3d cases: (x shape, w shape, stride, padding), covering both im2col layouts (whole rows
-# with stride 1 along H and W, strided slices otherwise) and both ways to dx (flipped kernel, col2im)
+# conv3d cases: (x shape, w shape, stride, padding), covering both ways to dx (flipped kernel, col2im)
 CONV_CASES = {
     "1x3x3-pad011": ((2, 2, 2, 3, 3), (2, 2, 1, 3, 3), 1, (0, 1, 1)),
     "3x3x3-s2-pad1": ((1, 2, 3, 3, 4), (2, 2, 3, 3, 3), 2, 1),
@@ -65,6 +66,27 @@ POOL_CASES = {
 }
 
 
+def _dense_applies(case):
+    """Whether the case can take the dense per-frame path (kernel 1 x kh x kw, no temporal stride/padding)."""
+    _, ws, stride, padding = CONV_CASES[case]
+    stride, padding = (F._triple(v, "", "", minimum=0) for v in (stride, padding))
+    return ws[2] == 1 and stride[0] == 1 and padding[0] == 0
+
+
+# every case by im2col, and by the dense per-frame product where that applies
+CONV_PATHS = [(case, "im2col") for case in CONV_CASES] + [(case, "dense") for case in CONV_CASES
+                                                            if _dense_applies(case)]
+
+
+@pytest.fixture
+def conv_path(monkeypatch, request, xp_cpu):
+    """Force one of the two ways conv3d computes: im2col, or the dense product where it applies."""
+    if request.param == "dense" and xp_cpu is not np:
+        pytest.skip("the dense per-frame product is a NumPy/CuPy path (it writes through integer indices)")
+    monkeypatch.setattr(F, "DENSE_MAX_RATIO", math.inf if request.param == "dense" else 0)
+    return request.param
+
+
 def _conv_inputs(xp, case, bias):
     xs, ws, _, _ = CONV_CASES[case]
     inputs = {"x": _x(xs, xp), "w": _x(ws, xp)}
@@ -75,8 +97,8 @@ def _conv_inputs(xp, case, bias):
 
 # --------------------------------------------------------------------------- gradient checks
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
-@pytest.mark.parametrize("case", list(CONV_CASES))
-def test_conv3d_gradcheck(xp_cpu, case, bias):
+@pytest.mark.parametrize("case,conv_path", CONV_PATHS, indirect=["conv_path"])
+def test_conv3d_gradcheck(xp_cpu, case, conv_path, bias):
     _, _, stride, padding = CONV_CASES[case]
     cache = {}
 
@@ -158,16 +180,22 @@ def test_softmax_cross_entropy_gradcheck(xp_cpu):
            {"logits": _x((4, 5), xp_cpu)})
 
 
+@pytest.mark.parametrize("setting", [dict(CONV_CHUNK_BYTES=1), dict(CONV_KEEP_BYTES=0),
+                                     dict(CONV_CHUNK_BYTES=1, CONV_KEEP_BYTES=0)],
+                         ids=["chunks-kept", "whole-rebuilt", "chunks-rebuilt"])
 @pytest.mark.parametrize("case", ["1x3x3-pad011", "3x3x3-s2-pad1", "3x2x3-s211-pad1", "1x3x3-s122-pad011"])
-def test_conv3d_chunks_agree(monkeypatch, case):
-    """NumPy processes big batches a few samples at a time; one sample per chunk gives the same numbers."""
+def test_conv3d_chunks_agree(monkeypatch, case, setting):
+    """NumPy builds the columns a few samples at a time and keeps them for the backward pass, or rebuilds
+    them there; one sample per chunk, or rebuilt columns, give the same numbers as the whole batch at once."""
+    monkeypatch.setattr(F, "DENSE_MAX_RATIO", 0)
     inputs = _conv_inputs(np, case, True)
     inputs["x"] = np.concatenate([inputs["x"]] * 3)
     _, _, stride, padding = CONV_CASES[case]
     out, cache = F.conv3d_forward(**inputs, stride=stride, padding=padding)
     dout = RNG.standard_normal(out.shape)
     grads = F.conv3d_backward(dout, cache)
-    monkeypatch.setattr(F, "CONV_CHUNK_BYTES", 1)
+    for name, value in setting.items():
+        monkeypatch.setattr(F, name, value)
     out1, cache1 = F.conv3d_forward(**inputs, stride=stride, padding=padding)
     np.testing.assert_allclose(out1, out, rtol=1e-12, atol=1e-12)
     for g1, g in zip(F.conv3d_backward(dout, cache1), grads):
@@ -251,6 +279,52 @@ def test_inputs_are_not_written():
         np.testing.assert_array_equal(a, s)
 
 
+def _stored_channels_last(x):
+    """The same values as x (B, C, *S), stored as a transposed view of a (B, *S, C) array."""
+    order = (0,) + tuple(range(2, x.ndim)) + (1,)
+    return np.ascontiguousarray(x.transpose(order)).transpose(np.argsort(order))
+
+
+def test_storage_order_does_not_change_values():
+    """conv3d, batch norm, ReLU and global pooling give the same numbers for an input stored channels-last
+    (as every conv3d output is) and one stored the usual way; conv3d and pooling to the bit. Outputs of
+    conv3d and of batch norm on a channels-last input are stored channels-last; no input is written."""
+    x = RNG.standard_normal((2, 3, 2, 5, 5))
+    x_cl = _stored_channels_last(x)
+    assert x_cl.strides != x.strides and not x_cl.flags.c_contiguous
+    w = RNG.standard_normal((4, 3, 1, 3, 3))
+    outs = {}
+    for name, a in (("nc", x), ("cl", x_cl)):
+        out, cache = F.conv3d_forward(a, w, stride=1, padding=(0, 1, 1))
+        assert F._stored_channels_last(out)
+        dout = RNG.standard_normal(out.shape) if name == "nc" else _stored_channels_last(outs["nc"][1])
+        dx, dw, _ = F.conv3d_backward(dout, cache)
+        state = {"running_mean": np.zeros(3), "running_var": np.ones(3)}
+        bn, bn_cache = F.batchnorm_forward(a, np.full(3, 1.5), np.full(3, 0.2), state, training=True)
+        assert F._stored_channels_last(bn) == (name == "cl")
+        bn_dx, dgamma, dbeta = F.batchnorm_backward(_stored_channels_last(dout[:, :3]) if name == "cl"
+                                                    else np.ascontiguousarray(dout[:, :3]), bn_cache)
+        pooled, pool_cache = F.global_avgpool_forward(a)
+        relu, relu_cache = F.relu_forward(a)
+        relu_dx = F.relu_backward(a, relu_cache)
+        outs[name] = (out, dout, dx, dw, bn, bn_dx, dgamma, dbeta, state["running_var"], pooled,
+                      F.global_avgpool_backward(pooled, pool_cache), relu, relu_dx)
+    np.testing.assert_array_equal(x_cl, x)
+    for i, (nc, cl) in enumerate(zip(outs["nc"], outs["cl"])):
+        if i in (4, 5, 6, 7, 8):  # batch norm: per-channel sums in another order
+            np.testing.assert_allclose(cl, nc, rtol=1e-12, atol=1e-12)
+        else:
+            np.testing.assert_array_equal(cl, nc)
+
+
+@needs_torch
+def test_relu_nan_and_kink_like_torch():
+    x = np.array([np.nan, -1.0, -0.0, 0.0, 2.0, np.inf, -np.inf])
+    out, cache = F.relu_forward(x)
+    np.testing.assert_array_equal(out, torch.relu(torch.tensor(x)).numpy())
+    np.testing.assert_array_equal(F.relu_backward(np.ones_like(x), cache), [0, 0, 0, 0, 1, 1, 0])
+
+
 # --------------------------------------------------------------------------- dropout
 def test_dropout_same_mask_on_every_library(xp):
     x = np.ones((4, 5, 6))
@@ -299,8 +373,8 @@ def _against_torch(ours_out, torch_out, xp):
 
 @needs_torch
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
-@pytest.mark.parametrize("case", list(CONV_CASES))
-def test_conv3d_matches_torch(xp_cpu, case, bias):
+@pytest.mark.parametrize("case,conv_path", CONV_PATHS, indirect=["conv_path"])
+def test_conv3d_matches_torch(xp_cpu, case, conv_path, bias):
     _, _, stride, padding = CONV_CASES[case]
     inp = _conv_inputs(xp_cpu, case, bias)
     out, cache = F.conv3d_forward(**inp, stride=stride, padding=padding)
@@ -482,3 +556,23 @@ def test_dropout_linear_cross_entropy_errors():
     with pytest.raises(TypeError, match="different libraries"):
         import array_api_strict as strict
         F.softmax_cross_entropy_forward(B.asarray(logits, xp=strict), np.array([0, 1, 2]))
+
+
+def test_conv3d_dense_path_where_it_pays(monkeypatch):
+    """Frames of at most DENSE_MAX_RATIO * kh * kw positions take the dense product, larger ones im2col;
+    both give the same numbers (values, dx, dw) on a case with several channels, stride 2 and padding."""
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((6, 5, 1, 3, 3))
+    for size, stride, dense in [(2, 1, True), (4, 1, True), (4, 2, True), (5, 1, False), (8, 2, False)]:
+        x = rng.standard_normal((3, 5, 2, size, size))
+        out, cache = F.conv3d_forward(x, w, stride=(1, stride, stride), padding=(0, 1, 1))
+        assert (cache[2] is not None) == dense, (size, stride)
+        dout = rng.standard_normal(out.shape)
+        grads = F.conv3d_backward(dout, cache)
+        monkeypatch.setattr(F, "DENSE_MAX_RATIO", 0 if dense else math.inf)
+        out2, cache2 = F.conv3d_forward(x, w, stride=(1, stride, stride), padding=(0, 1, 1))
+        assert (cache2[2] is None) == dense
+        np.testing.assert_allclose(out2, out, rtol=1e-12, atol=1e-12)
+        for g2, g in zip(F.conv3d_backward(dout, cache2)[:2], grads[:2]):
+            np.testing.assert_allclose(g2, g, rtol=1e-12, atol=1e-12)
+        monkeypatch.undo()

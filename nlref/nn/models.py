@@ -210,16 +210,30 @@ class NonLocal(Layer):
 
     def forward(self, x, *, return_attention=False):
         self.block.training = self.training
-        self._cache = tuple(x.shape)
-        out = self.block.forward(self._fold(x), return_attention=return_attention)
-        if return_attention:
-            z, attention = out
-            return self._unfold(z, x.shape), attention
-        return self._unfold(out, x.shape)
+        self._cache = (tuple(x.shape), F._stored_channels_last(x))
+        out = self.block.forward(self._fold(_contiguous(x)), return_attention=return_attention)
+        z, attention = out if return_attention else (out, None)
+        z = _store_like(self._unfold(z, x.shape), self._cache[1])
+        return (z, attention) if return_attention else z
 
     def backward(self, dout):
-        shape = self._pop_cache()
-        return self._unfold(self.block.backward(self._fold(dout)), shape)
+        shape, channels_last = self._pop_cache()
+        return _store_like(self._unfold(self.block.backward(self._fold(_contiguous(dout))), shape), channels_last)
+
+
+def _contiguous(x):
+    """x stored the usual (row-major) way, which the block's flattening reads without a copy."""
+    xp = B.array_namespace(x)
+    return B.native_namespace(xp).ascontiguousarray(x) if B.supports_out(xp) else x
+
+
+def _store_like(z, channels_last):
+    """z stored channels-last when the block's input was (as convolution outputs are), so that
+    the elementwise layers after it see operands of one storage order (mixed orders are slow)."""
+    if not channels_last:
+        return z
+    xp = B.array_namespace(z)
+    return F._channels_first(xp, F._channels_last(z))
 
 
 # --------------------------------------------------------------------------- the network
