@@ -48,7 +48,7 @@ def nlref_steps(net, optimiser, batches):
     for x, y in batches:
         logits = net.forward(x, dropout_seed=0)
         _, cache = F.softmax_cross_entropy_forward(logits, y)
-        net.backward(F.softmax_cross_entropy_backward(1.0, cache))
+        net.backward(F.softmax_cross_entropy_backward(1.0, cache), input_grad=False)
         optimiser.step()
 
 

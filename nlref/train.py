@@ -353,7 +353,7 @@ def train(config=None, out_dir=None, *, xp=None, resume=False, progress=True, lo
             x, y = _take(data_xp, train_set.video, idx), _take(data_xp, train_set.labels, idx)
             logits = model.forward(x, dropout_seed=_step_seed(config.seed, epoch, step))
             loss, cache = F.softmax_cross_entropy_forward(logits, y)
-            model.backward(F.softmax_cross_entropy_backward(1.0, cache))
+            model.backward(F.softmax_cross_entropy_backward(1.0, cache), input_grad=False)
             optimiser.step(lr=schedule(epoch * steps_per_epoch + step))
             loss_value = float(loss)
             if not math.isfinite(loss_value):

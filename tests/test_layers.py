@@ -79,10 +79,8 @@ CONV_PATHS = [(case, "im2col") for case in CONV_CASES] + [(case, "dense") for ca
 
 
 @pytest.fixture
-def conv_path(monkeypatch, request, xp_cpu):
+def conv_path(monkeypatch, request):
     """Force one of the two ways conv3d computes: im2col, or the dense product where it applies."""
-    if request.param == "dense" and xp_cpu is not np:
-        pytest.skip("the dense per-frame product is a NumPy/CuPy path (it writes through integer indices)")
     monkeypatch.setattr(F, "DENSE_MAX_RATIO", math.inf if request.param == "dense" else 0)
     return request.param
 
@@ -576,3 +574,18 @@ def test_conv3d_dense_path_where_it_pays(monkeypatch):
         for g2, g in zip(F.conv3d_backward(dout, cache2)[:2], grads[:2]):
             np.testing.assert_allclose(g2, g, rtol=1e-12, atol=1e-12)
         monkeypatch.undo()
+
+
+@pytest.mark.parametrize("case,conv_path", [("1x3x3-pad011", "im2col"), ("1x3x3-pad011", "dense"),
+                                            ("1x3x3-s122-pad011", "im2col"), ("1x1x1", "im2col")],
+                         indirect=["conv_path"])
+def test_conv3d_backward_without_input_grad(case, conv_path):
+    inputs = _conv_inputs(np, case, True)
+    _, _, stride, padding = CONV_CASES[case]
+    out, cache = F.conv3d_forward(**inputs, stride=stride, padding=padding)
+    dout = RNG.standard_normal(out.shape)
+    dx, dw, db = F.conv3d_backward(dout, cache)
+    none, dw2, db2 = F.conv3d_backward(dout, cache, input_grad=False)
+    assert none is None and dx is not None
+    np.testing.assert_array_equal(dw2, dw)
+    np.testing.assert_array_equal(db2, db)

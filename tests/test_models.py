@@ -471,6 +471,19 @@ def test_constructor_errors(kwargs, match):
         VideoNet(**{**TINY, **kwargs})
 
 
+def test_backward_without_input_grad_gives_the_same_parameter_gradients():
+    net = _randomise(_net(nonlocal_blocks=1, dropout=0.5))
+    dlogits = np.random.default_rng(2).standard_normal((X_SHAPE[0], 2))
+    net.forward(_x(), dropout_seed=4)
+    assert net.backward(dlogits).shape == X_SHAPE
+    grads = {k: v.copy() for k, v in net.grads.items()}
+    net.forward(_x(), dropout_seed=4)
+    assert net.backward(dlogits, input_grad=False) is None
+    assert net.grads.keys() == grads.keys()
+    for k, v in grads.items():
+        np.testing.assert_array_equal(net.grads[k], v, err_msg=k)
+
+
 def test_forward_backward_errors():
     import array_api_strict as xs
 

@@ -19,6 +19,7 @@ holds query ``i`` against every key ``j``.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import numbers
@@ -654,7 +655,7 @@ def conv3d_forward(x, w, b=None, *, stride=1, padding=0):
     return _channels_first(xp, out), (x_cl, kept, plan, w, b is not None, stride, padding)
 
 
-def conv3d_backward(dout, cache):
+def conv3d_backward(dout, cache, *, input_grad=True):
     r"""Gradients of :func:`conv3d_forward`.
 
     With ``d`` the output gradient as a channels-last (B T' H' W', O) matrix and
@@ -677,9 +678,16 @@ def conv3d_backward(dout, cache):
     which is how it is computed then (the forward's fast copy instead of scattered adds).
     ``dx`` is returned stored channels-last, like the forward's output.
 
+    Parameters
+    ----------
+    dout : array, shape (B, O, T', H', W')
+    cache : tuple, from :func:`conv3d_forward`
+    input_grad : bool
+        False skips ``dx`` (a network's first layer needs only ``dw``), returning None for it.
+
     Returns
     -------
-    dx : array, shape (B, C, T, H, W)
+    dx : array, shape (B, C, T, H, W), or None
     dw : array, shape (O, C, kt, kh, kw)
     db : array, shape (O,), or None when the layer has no bias
     """
@@ -693,13 +701,15 @@ def conv3d_backward(dout, cache):
     db = _channel_sums(d2) if has_bias else None
     spatial = tuple(x_cl.shape[1:4])
     if plan is not None:
-        dx, dw = _conv_dense_backward(xp, x_cl, d_cl, kept, plan)
-        return _channels_first(xp, dx), _weight_from_matrix(xp, dw, kernel, c, o), db
+        dx, dw = _conv_dense_backward(xp, x_cl, d_cl, kept, plan, input_grad=input_grad)
+        return None if dx is None else _channels_first(xp, dx), _weight_from_matrix(xp, dw, kernel, c, o), db
     if kept is not None:  # dw (K C, O)
         dw = xp.matmul(xp.matrix_transpose(kept), d2)
     else:
         dw = _weight_grad(xp, x_cl, d2, kernel, stride, padding, out_size)
     dw = _weight_from_matrix(xp, dw, kernel, c, o)
+    if not input_grad:
+        return None, dw, db
     if stride == (1, 1, 1) and all(p <= k - 1 for p, k in zip(padding, kernel)):
         w_flip = xp.permute_dims(xp.flip(w, axis=(2, 3, 4)), (2, 3, 4, 0, 1))  # (kt, kh, kw, O, C)
         full = tuple(k - 1 - p for k, p in zip(kernel, padding))
@@ -854,65 +864,63 @@ def _conv_cl(xp, x_cl, w2, kernel, stride, padding, out_size, *, keep=False):
 DENSE_MAX_RATIO = 2
 
 
-class _DensePlan:
-    """Which (input position, output position, kernel tap) triples of a frame are connected."""
-
-    def __init__(self, xp, spatial, kernel, stride, padding):
-        (_, h, w), (_, kh, kw), (_, sh, sw), (_, ph, pw) = spatial, kernel, stride, padding
-        self.size_in, self.taps = h * w, kh * kw
-        self.ho, self.wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
-        triples = [(hi * w + wi, i * self.wo + j, a * kw + b)
-                   for i in range(self.ho) for j in range(self.wo) for a in range(kh) for b in range(kw)
-                   for hi, wi in [(i * sh + a - ph, j * sw + b - pw)] if 0 <= hi < h and 0 <= wi < w]
-        ins, outs, taps = (np.asarray(v) for v in zip(*triples))
-        hot = np.zeros((self.taps, len(taps)))
-        hot[taps, np.arange(len(taps))] = 1.0
-        self.ins, self.outs, self.tap = (asarray(v, xp=xp) for v in (ins, outs, taps))
-        self.one_hot = asarray(hot, xp=xp)
+@functools.lru_cache(maxsize=64)
+def _connections(frame, kernel, stride, padding):
+    """0/1 matrix (H W * H' W', kh kw): row (input position, output position), column the tap joining them."""
+    (h, w), (kh, kw), (sh, sw), (ph, pw) = frame, kernel, stride, padding
+    ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    joined = np.zeros((h * w, ho * wo, kh * kw))
+    for i, j, a, b in itertools.product(range(ho), range(wo), range(kh), range(kw)):
+        hi, wi = i * sh + a - ph, j * sw + b - pw
+        if 0 <= hi < h and 0 <= wi < w:
+            joined[hi * w + wi, i * wo + j, a * kw + b] = 1.0
+    return joined.reshape(h * w * ho * wo, kh * kw), (ho, wo)
 
 
 def _dense_plan(xp, spatial, kernel, stride, padding):
-    r"""A :class:`_DensePlan` where the dense form pays, else None.
+    r"""The connection matrix and output frame size where the dense form pays, else None.
 
     A 1 x kh x kw convolution is the same linear map on every frame: with the frame
     of one sample flattened channels-last to a row of ``H W C`` values, the output
     frame is that row times a block-sparse matrix ``Wbig`` of shape (H W C, H' W' O),
     whose block (input position, output position) is the (C, O) slice of ``w`` at
-    the tap that connects them (zero where none does). That is one product over all
+    the tap that joins them (zero where none does). That is one product over all
     ``B T`` frames with no column copy at all, for ``H W / (kh kw)`` times the
-    multiply-adds of im2col; it is chosen on NumPy and CuPy when that factor is at
-    most :data:`DENSE_MAX_RATIO` (measured on the 2-core test machine: 3 x faster
-    than im2col at 2 x 2, level at 4 x 4, 2 x slower at 8 x 8, with 32 to 64 channels).
+    multiply-adds of im2col; it is chosen when that factor is at most
+    :data:`DENSE_MAX_RATIO` (measured on the 2-core test machine: 3 x faster than
+    im2col at 2 x 2, level at 4 x 4, 2 x slower at 8 x 8, with 32 to 64 channels).
+    ``Wbig`` is itself a small product, of the 0/1 connection matrix with ``w``.
     """
-    if not supports_out(xp) or kernel[0] != 1 or stride[0] != 1 or padding[0] != 0:
+    if kernel[0] != 1 or stride[0] != 1 or padding[0] != 0:
         return None
     if spatial[1] * spatial[2] > DENSE_MAX_RATIO * kernel[1] * kernel[2]:
         return None
-    return _DensePlan(xp, spatial, kernel, stride, padding)
+    return _connections(tuple(spatial[1:]), tuple(kernel[1:]), tuple(stride[1:]), tuple(padding[1:]))
 
 
 def _conv_dense(xp, x_cl, w, plan):
     """out (B, T, H', W', O) = frames of x_cl @ Wbig; returns it and Wbig (H W C, H' W' O)."""
-    o, c = w.shape[0], w.shape[1]
-    taps = xp.reshape(xp.permute_dims(w[:, :, 0, ...], (2, 3, 1, 0)), (plan.taps, c, o))
-    big = xp.zeros((plan.size_in, c, plan.ho * plan.wo, o), dtype=w.dtype, device=device(w))
-    big[plan.ins, :, plan.outs, :] = xp.take(taps, plan.tap, axis=0)
-    big = xp.reshape(big, (plan.size_in * c, plan.ho * plan.wo * o))
+    joined, (ho, wo) = plan
+    o, c, size_in = w.shape[0], w.shape[1], x_cl.shape[2] * x_cl.shape[3]
+    taps = xp.reshape(xp.permute_dims(w[:, :, 0, ...], (2, 3, 1, 0)), (-1, c * o))  # (kh kw, C O)
+    big = xp.matmul(asarray(joined, like=w, dtype=w.dtype), taps)  # (H W, H' W', C, O) flattened
+    big = xp.permute_dims(xp.reshape(big, (size_in, ho * wo, c, o)), (0, 2, 1, 3))
+    big = xp.reshape(big, (size_in * c, ho * wo * o))
     frames = xp.reshape(x_cl, (x_cl.shape[0] * x_cl.shape[1], -1))
-    out = xp.matmul(frames, big)
-    return xp.reshape(out, tuple(x_cl.shape[:2]) + (plan.ho, plan.wo, o)), big
+    return xp.reshape(xp.matmul(frames, big), tuple(x_cl.shape[:2]) + (ho, wo, o)), big
 
 
-def _conv_dense_backward(xp, x_cl, d_cl, big, plan):
-    """dx_cl = frames of d @ Wbig^T, and dw (kh kw C, O) summed from dWbig = frames^T d, tap by tap."""
-    c, o = x_cl.shape[4], d_cl.shape[4]
+def _conv_dense_backward(xp, x_cl, d_cl, big, plan, *, input_grad):
+    """dx_cl = frames of d @ Wbig^T; dw (kh kw C, O) = connections^T @ dWbig, dWbig = frames^T d."""
+    joined, _ = plan
+    c, o, size_in = x_cl.shape[4], d_cl.shape[4], x_cl.shape[2] * x_cl.shape[3]
     d = xp.reshape(d_cl, (d_cl.shape[0] * d_cl.shape[1], -1))
     frames = xp.reshape(x_cl, (x_cl.shape[0] * x_cl.shape[1], -1))
-    dx = xp.reshape(xp.matmul(d, xp.matrix_transpose(big)), x_cl.shape)
-    dbig = xp.reshape(xp.matmul(xp.matrix_transpose(frames), d), (plan.size_in, c, plan.ho * plan.wo, o))
-    connected = xp.reshape(dbig[plan.ins, :, plan.outs, :], (plan.one_hot.shape[1], c * o))
-    dw = xp.matmul(xp.astype(plan.one_hot, d.dtype), connected)  # sum over the connections of each tap
-    return dx, xp.reshape(dw, (plan.taps * c, o))
+    dx = xp.reshape(xp.matmul(d, xp.matrix_transpose(big)), x_cl.shape) if input_grad else None
+    dbig = xp.reshape(xp.matmul(xp.matrix_transpose(frames), d), (size_in, c, -1, o))
+    dbig = xp.reshape(xp.permute_dims(dbig, (0, 2, 1, 3)), (joined.shape[0], c * o))
+    dw = xp.matmul(xp.matrix_transpose(asarray(joined, like=d, dtype=d.dtype)), dbig)  # each tap: the sum over its connections
+    return dx, xp.reshape(dw, (-1, o))
 
 
 def _weight_grad(xp, x_cl, d2, kernel, stride, padding, out_size):

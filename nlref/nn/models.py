@@ -85,8 +85,8 @@ class Conv3d(Layer):
         out, self._cache = F.conv3d_forward(x, self.params["weight"], stride=self.stride, padding=self.padding)
         return out
 
-    def backward(self, dout):
-        dx, self.grads["weight"], _ = F.conv3d_backward(dout, self._pop_cache())
+    def backward(self, dout, *, input_grad=True):
+        dx, self.grads["weight"], _ = F.conv3d_backward(dout, self._pop_cache(), input_grad=input_grad)
         return dx
 
 
@@ -126,13 +126,13 @@ class ConvBN(Layer):
     def forward(self, x):
         h = self.bn.forward(self.conv.forward(x))
         if self.relu:
-            h, self._cache = F.relu_forward(h)
+            h = self._cache = _relu_owned(h)
         return h
 
-    def backward(self, dout):
+    def backward(self, dout, *, input_grad=True):
         if self.relu:
-            dout = F.relu_backward(dout, self._pop_cache())
-        return self.conv.backward(self.bn.backward(dout))
+            dout = F.relu_backward(dout, self._pop_cache())  # out > 0 exactly where the input was
+        return self.conv.backward(self.bn.backward(dout), input_grad=input_grad)
 
 
 class ResidualBlock(Layer):
@@ -154,13 +154,26 @@ class ResidualBlock(Layer):
     def forward(self, x):
         h = self.unit2.forward(self.unit1.forward(x))
         s = x if self.shortcut is None else self.shortcut.forward(x)
-        out, self._cache = F.relu_forward(h + s)
+        xp = B.array_namespace(h, s)
+        if B.supports_out(xp):
+            h = B.native_namespace(xp).add(h, s, out=h)  # h is unit2's fresh BN output
+        else:
+            h = h + s
+        self._cache = out = _relu_owned(h)
         return out
 
     def backward(self, dout):
         d = F.relu_backward(dout, self._pop_cache())
         dx = self.unit1.backward(self.unit2.backward(d))
         return dx + (d if self.shortcut is None else self.shortcut.backward(d))
+
+
+def _relu_owned(h):
+    """ReLU of an array no one else holds (a fresh BN output): in place on NumPy and CuPy."""
+    xp = B.array_namespace(h)
+    if B.supports_out(xp):
+        return B.native_namespace(xp).maximum(h, 0, out=h)
+    return F.relu_forward(h)[0]
 
 
 class NonLocal(Layer):
@@ -473,8 +486,12 @@ class VideoNet:
         self._head_cache = (pool_cache, drop_cache, fc_cache)
         return (logits, attention) if return_attention else logits
 
-    def backward(self, dlogits):
-        """Back-propagate dL/dlogits through the network; sets :attr:`grads`, returns dL/dx."""
+    def backward(self, dlogits, *, input_grad=True):
+        """Back-propagate dL/dlogits through the network; sets :attr:`grads`, returns dL/dx.
+
+        With ``input_grad=False`` the gradient with respect to the clips is not
+        computed (training needs only the parameters' gradients) and None is returned.
+        """
         if self._head_cache is None:
             raise RuntimeError("VideoNet.backward needs a forward pass before it (and runs once per forward)")
         pool_cache, drop_cache, fc_cache = self._head_cache
@@ -483,8 +500,9 @@ class VideoNet:
         if drop_cache is not None:
             d = F.dropout_backward(d, drop_cache)
         d = F.global_avgpool_backward(d, pool_cache)
-        for _, layer in reversed(self.layers[:-1]):
+        for _, layer in reversed(self.layers[1:-1]):
             d = layer.backward(d)
+        d = self.stem.backward(d, input_grad=input_grad)
         return d
 
     # ------------------------------------------------------------------ state
