@@ -126,8 +126,9 @@ def batchnorm_forward(x, gamma, beta, state, *, training, momentum=0.1, eps=1e-5
     Computed as ``out = (x - mu) * k + beta`` with the per-channel factor
     ``k = gamma / sqrt(sigma^2 + eps)``: two passes over ``x`` after the statistics.
     An ``x`` stored channels-last (as :func:`conv3d_forward` returns it) is worked
-    on as its (M, C) matrix, its sums taken as products with a vector of ones, and
-    ``out`` is stored channels-last too; otherwise as (B, C, N).
+    on as its (M, C) matrix (a few positions to a row, see :func:`_row_fold`), its
+    sums taken as products with a vector of ones, and ``out`` is stored
+    channels-last too; otherwise as (B, C, N).
 
     Parameters
     ----------
@@ -146,10 +147,10 @@ def batchnorm_forward(x, gamma, beta, state, *, training, momentum=0.1, eps=1e-5
     cache : tuple
     """
     xp = _xp(x, gamma, beta)
-    layout = _stored_channels_last(x)
+    layout = _row_fold(x)
     x2 = _channel_matrix(x, layout)
     if training:
-        m = x2.shape[0] * (1 if layout else x2.shape[2])
+        m = _count(x2, layout)
         if m < 2:
             raise ValueError("batchnorm_forward: training needs more than one value per channel, "
                              f"got x of shape {tuple(x.shape)}")
@@ -195,7 +196,7 @@ def batchnorm_backward(dout, cache):
     centred, gamma, inv_std, training, layout = cache
     _xp(dout, centred)  # one library for both
     d2 = _channel_matrix(dout, layout)
-    m = d2.shape[0] * (1 if layout else d2.shape[2])
+    m = _count(d2, layout)
     dbeta = _sums(d2, layout)
     dgamma = _sums(d2 * centred, layout) * inv_std
     k1 = gamma * inv_std
@@ -214,28 +215,52 @@ def _stored_channels_last(x):
     return _xp(x).permute_dims(x, (0,) + tuple(range(2, x.ndim)) + (1,)).flags.c_contiguous
 
 
-def _channel_matrix(x, channels_last):
-    """x (B, C, *S) as a matrix (M, C) when ``channels_last``, else as (B, C, N); views where the storage allows."""
+def _row_fold(x):
+    """How :func:`_channel_matrix` lays ``x`` out: 0 for (B, C, N); for an ``x`` stored
+    channels-last, ``r`` >= 1 positions per row of an (M / r, r C) matrix.
+
+    Folding ``r`` positions into a row makes every broadcast of a per-channel value a
+    long inner loop (``r C``, up to 1024 values, instead of ``C``): on NumPy that halves
+    the time of the batch norm's elementwise passes for 16 channels.
+    """
+    if not _stored_channels_last(x):
+        return 0
+    c = x.shape[1]
+    positions = math.prod(x.shape) // c if c else 0
+    return next(r for r in range(max(1, 1024 // max(c, 1)), 0, -1) if positions % r == 0)
+
+
+def _channel_matrix(x, layout):
+    """x (B, C, *S) as an (M / r, r C) matrix for ``layout = r`` >= 1, else as (B, C, N) (see
+    :func:`_row_fold`); views where the storage allows."""
     xp = _xp(x)
-    if channels_last:
-        return xp.reshape(_channels_last(x), (-1, x.shape[1]))
+    if layout:
+        return xp.reshape(_channels_last(x), (-1, layout * x.shape[1]))
     return _flat(x)
 
 
-def _along(v, channels_last):
+def _count(a, layout):
+    """Values per channel in :func:`_channel_matrix`'s matrix."""
+    return a.shape[0] * layout if layout else a.shape[0] * a.shape[2]
+
+
+def _along(v, layout):
     """Per-channel (C,) values broadcast against :func:`_channel_matrix`'s matrix."""
-    return v if channels_last else v[:, None]
+    return _xp(v).tile(v, (layout,)) if layout else v[:, None]
 
 
-def _sums(a, channels_last):
+def _sums(a, layout):
     """Per-channel sums of :func:`_channel_matrix`'s matrix."""
-    return _channel_sums(a) if channels_last else _xp(a).sum(a, axis=(0, 2))
+    xp = _xp(a)
+    if layout:
+        return xp.sum(xp.reshape(_channel_sums(a), (layout, -1)), axis=0)
+    return xp.sum(a, axis=(0, 2))
 
 
-def _unflatten(a, shape, channels_last):
+def _unflatten(a, shape, layout):
     """Inverse of :func:`_channel_matrix`: back to (B, C, *S), stored as the input was."""
     xp = _xp(a)
-    if channels_last:
+    if layout:
         return _channels_first(xp, xp.reshape(a, (shape[0],) + tuple(shape[2:]) + (shape[1],)))
     return xp.reshape(a, shape)
 
@@ -317,7 +342,8 @@ def maxpool_backward(dout, cache):
 
     Ties go to the first maximal sample in row-major order, as in PyTorch: the
     window positions are visited in that order and a window stops accepting once
-    it has been served.
+    it has been served. (As in :func:`relu_backward`, the routing is a product with
+    a 0/1 mask, so an infinite ``dout`` leaves NaN at the window's other samples.)
 
     Returns
     -------
@@ -327,7 +353,6 @@ def maxpool_backward(dout, cache):
     x, out, kernel = cache
     xp = _xp(dout, x)
     dx = xp.zeros(x.shape, dtype=dout.dtype, device=device(x))
-    zero = xp.zeros((), dtype=dout.dtype, device=device(x))
     served = None
     for index in _window_samples(x.shape, kernel):
         hit = x[index] == out
@@ -336,7 +361,7 @@ def maxpool_backward(dout, cache):
         else:
             hit = hit & ~served
             served = served | hit
-        dx[index] = xp.where(hit, dout, zero)
+        dx[index] = dout * xp.astype(hit, dout.dtype)  # a product with the 0/1 mask: branch-free, see relu_backward
     return dx
 
 
@@ -1181,7 +1206,7 @@ def global_avgpool_backward(dout, cache):
     n = math.prod(x_shape[2:])
     dx = xp.zeros((x_shape[0] * n, x_shape[1]), dtype=dout.dtype, device=device(dout))
     dx = xp.reshape(dx, (x_shape[0], n, x_shape[1])) + (dout / n)[:, None, :]
-    return _unflatten(dx, x_shape, True)
+    return _unflatten(dx, x_shape, 1)
 
 
 # --------------------------------------------------------------------------- dropout
