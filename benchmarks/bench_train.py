@@ -69,6 +69,7 @@ def main():
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--backend", choices=("numpy", "cupy"), default="numpy")
     parser.add_argument("--device", default="cpu", help="PyTorch device (cpu or cuda)")
+    parser.add_argument("--per-block", action="store_true", help="also print every block's clips/s")
     args = parser.parse_args()
 
     import torch
@@ -126,6 +127,9 @@ def main():
                     torch_steps(torch, tnet, topt, theirs)
                 sync()
                 rates[peer].append(args.steps * args.batch_size / (time.perf_counter() - t0))
+        if args.per_block:
+            print(f"<!-- {label}: nlref {[round(r) for r in rates['nlref']]}, "
+                  f"PyTorch {[round(r) for r in rates['torch']]} -->")
         a, b = statistics.median(rates["nlref"]), statistics.median(rates["torch"])
         ratios = [r / t for r, t in zip(rates["nlref"], rates["torch"])]
         print(f"| {label} | {net.num_params():,} | {a:.0f} | {b:.0f} | {a / b:.2f} "

@@ -561,7 +561,7 @@ def test_conv3d_dense_path_where_it_pays(monkeypatch):
     both give the same numbers (values, dx, dw) on a case with several channels, stride 2 and padding."""
     rng = np.random.default_rng(5)
     w = rng.standard_normal((6, 5, 1, 3, 3))
-    for size, stride, dense in [(2, 1, True), (4, 1, True), (4, 2, True), (5, 1, False), (8, 2, False)]:
+    for size, stride, dense in [(2, 1, True), (3, 1, True), (3, 2, True), (4, 1, False), (8, 2, False)]:
         x = rng.standard_normal((3, 5, 2, size, size))
         out, cache = F.conv3d_forward(x, w, stride=(1, stride, stride), padding=(0, 1, 1))
         assert (cache[2] is not None) == dense, (size, stride)

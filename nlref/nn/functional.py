@@ -885,8 +885,9 @@ def _conv_cl(xp, x_cl, w2, kernel, stride, padding, out_size, *, keep=False):
 
 
 #: A frame-by-frame convolution (kernel 1 x kh x kw) on maps of at most this many times
-#: ``kh * kw`` positions is done as one dense matrix product (see :func:`_dense_plan`).
-DENSE_MAX_RATIO = 2
+#: ``kh * kw`` positions is done as one dense matrix product (see :func:`_dense_plan`):
+#: 1, where that takes no more multiply-adds than im2col.
+DENSE_MAX_RATIO = 1
 
 
 @functools.lru_cache(maxsize=64)
@@ -912,8 +913,8 @@ def _dense_plan(xp, spatial, kernel, stride, padding):
     the tap that joins them (zero where none does). That is one product over all
     ``B T`` frames with no column copy at all, for ``H W / (kh kw)`` times the
     multiply-adds of im2col; it is chosen when that factor is at most
-    :data:`DENSE_MAX_RATIO` (measured on the 2-core test machine: 3 x faster than
-    im2col at 2 x 2, level at 4 x 4, 2 x slower at 8 x 8, with 32 to 64 channels).
+    :data:`DENSE_MAX_RATIO` (on the 2-core test machine, with 32 to 64 channels:
+    3 x faster than im2col at 2 x 2, level at 4 x 4, 2 x slower at 8 x 8).
     ``Wbig`` is itself a small product, of the 0/1 connection matrix with ``w``.
     """
     if kernel[0] != 1 or stride[0] != 1 or padding[0] != 0:
