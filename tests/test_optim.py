@@ -120,6 +120,33 @@ def test_adam_matches_torch(xp_cpu, weight_decay):
             np.testing.assert_allclose(B.to_numpy(slots["v"]), theirs["exp_avg_sq"].numpy(), rtol=1e-12, atol=1e-20)
 
 
+def test_adam_flat_update_equals_the_per_parameter_update(monkeypatch):
+    """On NumPy Adam updates all parameters as one flat vector; it gives, to the bit, what the
+    parameter-by-parameter update (the path of the other libraries) gives, through a reload too."""
+    import nlref.nn.optim as optim
+
+    nets = [_net(), _net()]
+    opts = [Adam(n, lr=1e-2, weight_decay=1e-3) for n in nets]
+    for step in range(4):
+        for i, (net, opt) in enumerate(zip(nets, opts)):
+            _backward(net, step, np)
+            with monkeypatch.context() as m:
+                if i == 1:
+                    m.setattr(optim.B, "supports_out", lambda xp: False)
+                opt.step()
+        if step == 1:  # load other moments in the middle: the flat buffers must be rebuilt from them
+            state = opts[1].state_dict()
+            for slots in state["state"].values():
+                slots["m"] *= 2.0
+            for opt in opts:
+                opt.load_state_dict(state)
+        assert opts[0]._flat is not None and opts[1]._flat is None
+        for k in nets[0].params:
+            np.testing.assert_array_equal(nets[0].params[k], nets[1].params[k], err_msg=f"step {step} {k}")
+            for slot in ("m", "v"):
+                np.testing.assert_array_equal(opts[0].state[k][slot], opts[1].state[k][slot])
+
+
 class _ZeroGrads:
     """The network with every gradient zero (what the optimiser sees of a model)."""
 
