@@ -57,7 +57,7 @@ class TrainConfig:
 
     The defaults are the issue's default configuration: a C2D network with one
     embedded-Gaussian non-local block in res3, trained with Adam for 10 epochs
-    on 4000 clips of 8 x 16 x 16 (about 3-4 minutes on 2 CPU cores).
+    on 4000 clips of 8 x 16 x 16 (about a minute on 2 CPU cores with NumPy).
     """
 
     model: str = "c2d"

@@ -315,6 +315,27 @@ def test_storage_order_does_not_change_values():
             np.testing.assert_array_equal(cl, nc)
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5, 5), (1, 4, 1, 1, 1031), (3, 70, 2, 3, 1)],
+                         ids=["folded", "prime-positions", "many-channels"])
+def test_batchnorm_channels_last_rows_fold(shape):
+    """Batch norm on a channels-last input folds r positions into a row (r = 1 when the count of
+    positions is prime or the channels are many) and matches the channels-first computation."""
+    x = RNG.standard_normal(shape) * 3 + 1
+    x_cl = _stored_channels_last(x)
+    c = shape[1]
+    fold = F._row_fold(x_cl)
+    assert fold >= 1 and (math.prod(shape) // c) % fold == 0 and fold * c <= max(1024, c)
+    assert F._row_fold(x) == 0
+    gamma, beta, dout = RNG.standard_normal(c), RNG.standard_normal(c), RNG.standard_normal(shape)
+    results = []
+    for a, d in ((x, dout), (x_cl, _stored_channels_last(dout))):
+        state = {"running_mean": np.zeros(c), "running_var": np.ones(c)}
+        out, cache = F.batchnorm_forward(a, gamma, beta, state, training=True)
+        results.append((out, *F.batchnorm_backward(d, cache), state["running_mean"], state["running_var"]))
+    for cl, nc in zip(results[1], results[0]):
+        np.testing.assert_allclose(cl, nc, rtol=1e-11, atol=1e-12)
+
+
 @needs_torch
 def test_relu_nan_and_kink_like_torch():
     x = np.array([np.nan, -1.0, -0.0, 0.0, 2.0, np.inf, -np.inf])

@@ -15,6 +15,12 @@ Shapes use ``B`` (batch), ``C`` (channels), ``S`` (spatial shape: ``(L,)``,
 functions work on flattened feature maps ``(B, d, N)`` for queries and
 ``(B, d, M)`` for keys; they return ``(B, N, M)`` matrices whose row ``i``
 holds query ``i`` against every key ``j``.
+
+Shapes are always channels-first, but on NumPy and CuPy :func:`conv3d_forward`
+*stores* its output channels-last (a transposed view of a (B, T, H, W, C) array,
+as PyTorch's ``channels_last_3d`` memory format does), because that is the order
+its next call reads fastest. Batch norm, ReLU and the pooling layers accept either
+storage order and give the same values; batch norm keeps the order it is given.
 """
 
 from __future__ import annotations
