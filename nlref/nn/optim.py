@@ -195,11 +195,12 @@ class Adam(_Optimiser):
                 self.state.get(k, {}).get("m") is not flat["views"][k] for k in keys):
             flat = self._flat = self._flatten(params)
         nat = B.native_namespace(B.array_namespace(*params.values()))
-        g = nat.concatenate([grads[k].reshape(-1) for k in keys])
-        p = nat.concatenate([params[k].reshape(-1) for k in keys])  # the new parameters' storage
+        g = nat.concatenate([grads[k].reshape(-1) for k in flat["order"]])
+        p = nat.concatenate([params[k].reshape(-1) for k in flat["order"]])  # the new parameters' storage
         m, v, tmp = flat["m"], flat["v"], flat["tmp"]
-        if self.weight_decay:
-            g += nat.multiply(flat["decay"], p, out=tmp)
+        if self.weight_decay:  # the decayed parameters come first
+            decayed = slice(0, flat["decayed"])
+            g[decayed] += nat.multiply(p[decayed], self.weight_decay, out=tmp[decayed])
         m *= b1
         m += nat.multiply(g, 1 - b1, out=tmp)
         v *= b2
@@ -213,16 +214,17 @@ class Adam(_Optimiser):
         """Flat moment buffers (filled from :attr:`state` where it has them) and the views :attr:`state` keeps."""
         nat = B.native_namespace(B.array_namespace(*params.values()))
         first = next(iter(params.values()))
-        spans, start = {}, 0
-        for key, p in params.items():
-            spans[key] = (start, start + math.prod(p.shape), tuple(p.shape))
-            start += math.prod(p.shape)
-        flat = {"keys": list(params), "spans": spans, "views": {},
+        order = sorted(params, key=self.model.no_decay)  # weight-decayed parameters first (a stable sort)
+        spans, start, decayed = {}, 0, 0
+        for key in order:
+            spans[key] = (start, start + math.prod(params[key].shape), tuple(params[key].shape))
+            start += math.prod(params[key].shape)
+            decayed = start if not self.model.no_decay(key) else decayed
+        flat = {"keys": list(params), "order": order, "spans": spans, "views": {}, "decayed": decayed,
                 "m": nat.zeros(start, dtype=first.dtype), "v": nat.zeros(start, dtype=first.dtype),
-                "decay": nat.zeros(start, dtype=first.dtype), "tmp": nat.empty(start, dtype=first.dtype)}
-        for key, (lo, hi, shape) in spans.items():
-            if not self.model.no_decay(key):
-                flat["decay"][lo:hi] = self.weight_decay
+                "tmp": nat.empty(start, dtype=first.dtype)}
+        for key in params:  # state in the parameters' order, as the per-parameter update keeps it
+            lo, hi, shape = spans[key]
             slots = {}
             for name in ("m", "v"):
                 view = nat.reshape(flat[name][lo:hi], shape)
