@@ -162,14 +162,16 @@ def batchnorm_forward(x, gamma, beta, state, *, training, momentum=0.1, eps=1e-5
                              f"got x of shape {tuple(x.shape)}")
         mean = _sums(x2, layout) / m
         centred = x2 - _along(mean, layout)
-        var = _sums(centred * centred, layout) / m
+        scratch = centred * centred
+        var = _sums(scratch, layout) / m
         state["running_mean"] = (1 - momentum) * state["running_mean"] + momentum * mean
         state["running_var"] = (1 - momentum) * state["running_var"] + momentum * (var * (m / (m - 1)))
     else:
         mean, var = state["running_mean"], state["running_var"]
         centred = x2 - _along(mean, layout)
+        scratch = None
     inv_std = 1.0 / xp.sqrt(var + eps)
-    out = centred * _along(gamma * inv_std, layout)
+    out = _times(centred, _along(gamma * inv_std, layout), scratch)  # the squares are not needed any more
     out += _along(beta, layout)
     return _unflatten(out, x.shape, layout), (centred, gamma, inv_std, training, layout)
 
@@ -204,13 +206,22 @@ def batchnorm_backward(dout, cache):
     d2 = _channel_matrix(dout, layout)
     m = _count(d2, layout)
     dbeta = _sums(d2, layout)
-    dgamma = _sums(d2 * centred, layout) * inv_std
+    scratch = d2 * centred
+    dgamma = _sums(scratch, layout) * inv_std
     k1 = gamma * inv_std
     dx = d2 * _along(k1, layout)
     if training:
-        dx += centred * _along(-k1 * inv_std * dgamma / m, layout)
+        dx += _times(centred, _along(-k1 * inv_std * dgamma / m, layout), scratch)
         dx += _along(-k1 * dbeta / m, layout)
     return _unflatten(dx, dout.shape, layout), dgamma, dbeta
+
+
+def _times(a, b, scratch):
+    """a * b, written into ``scratch`` (a fresh temporary of the result's shape) where the library allows."""
+    xp = _xp(a)
+    if scratch is not None and supports_out(xp):
+        return native_namespace(xp).multiply(a, b, out=scratch)
+    return a * b
 
 
 def _stored_channels_last(x):
@@ -803,8 +814,19 @@ def _pad_cl(xp, x_cl, padding):
     if not any(padding):
         return x_cl
     shape = (x_cl.shape[0],) + tuple(n + 2 * p for n, p in zip(x_cl.shape[1:4], padding)) + (x_cl.shape[4],)
-    xpad = xp.zeros(shape, dtype=x_cl.dtype, device=device(x_cl))
-    xpad[_interior_cl(x_cl.shape[1:4], padding)] = x_cl
+    interior = _interior_cl(x_cl.shape[1:4], padding)
+    if not supports_out(xp):
+        xpad = xp.zeros(shape, dtype=x_cl.dtype, device=device(x_cl))
+        xpad[interior] = x_cl
+        return xpad
+    xpad = native_namespace(xp).empty(shape, dtype=x_cl.dtype)  # zeros written on the border only
+    for axis, p in enumerate(padding, start=1):
+        if p:
+            edge = [slice(None)] * 5
+            for part in (slice(0, p), slice(shape[axis] - p, shape[axis])):
+                edge[axis] = part
+                xpad[tuple(edge)] = 0
+    xpad[interior] = x_cl
     return xpad
 
 

@@ -165,7 +165,9 @@ class ResidualBlock(Layer):
     def backward(self, dout):
         d = F.relu_backward(dout, self._pop_cache())
         dx = self.unit1.backward(self.unit2.backward(d))
-        return dx + (d if self.shortcut is None else self.shortcut.backward(d))
+        ds = d if self.shortcut is None else self.shortcut.backward(d)
+        xp = B.array_namespace(dx, ds)
+        return B.native_namespace(xp).add(dx, ds, out=dx) if B.supports_out(xp) else dx + ds  # dx is fresh
 
 
 def _relu_owned(h):
