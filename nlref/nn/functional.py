@@ -229,7 +229,7 @@ def _stored_channels_last(x):
     xp = _xp(x)
     if not supports_out(xp) or x.ndim < 3 or x.flags.c_contiguous:
         return False
-    return _xp(x).permute_dims(x, (0,) + tuple(range(2, x.ndim)) + (1,)).flags.c_contiguous
+    return xp.permute_dims(x, (0,) + tuple(range(2, x.ndim)) + (1,)).flags.c_contiguous
 
 
 def _row_fold(x):
@@ -593,16 +593,23 @@ def _window_offsets(kernel):
     return list(itertools.product(*(range(k) for k in kernel)))
 
 
-def _strided(offset, out_size, stride):
+def _strided(offset, out_size, stride, *, channels_last=False):
     """Index selecting, for one offset inside the window, that sample of every window:
-    ``xpad[_strided(...)]`` has shape (B, C, *out_size)."""
-    return (slice(None), slice(None)) + tuple(
-        slice(o, o + (n - 1) * s + 1, s) for o, n, s in zip(offset, out_size, stride))
+    ``xpad[_strided(...)]`` has shape (B, C, *out_size), or (B, *out_size, C) ``channels_last``."""
+    return _full_index(tuple(slice(o, o + (n - 1) * s + 1, s) for o, n, s in zip(offset, out_size, stride)),
+                       channels_last)
 
 
-def _interior(spatial, padding):
+def _interior(spatial, padding, *, channels_last=False):
     """Index of the unpadded input inside the padded array."""
-    return (slice(None), slice(None)) + tuple(slice(p, p + n) for n, p in zip(spatial, padding))
+    return _full_index(tuple(slice(p, p + n) for n, p in zip(spatial, padding)), channels_last)
+
+
+def _full_index(spatial_index, channels_last):
+    """Slices of the spatial axes -> an index of the whole array: after (B, C), or between B and C."""
+    if channels_last:
+        return (slice(None),) + spatial_index + (slice(None),)
+    return (slice(None), slice(None)) + spatial_index
 
 
 def _pad(xp, x, padding, value=0.0):
@@ -814,7 +821,7 @@ def _pad_cl(xp, x_cl, padding):
     if not any(padding):
         return x_cl
     shape = (x_cl.shape[0],) + tuple(n + 2 * p for n, p in zip(x_cl.shape[1:4], padding)) + (x_cl.shape[4],)
-    interior = _interior_cl(x_cl.shape[1:4], padding)
+    interior = _interior(x_cl.shape[1:4], padding, channels_last=True)
     if not supports_out(xp):
         xpad = xp.zeros(shape, dtype=x_cl.dtype, device=device(x_cl))
         xpad[interior] = x_cl
@@ -828,16 +835,6 @@ def _pad_cl(xp, x_cl, padding):
                 xpad[tuple(edge)] = 0
     xpad[interior] = x_cl
     return xpad
-
-
-def _interior_cl(spatial, padding):
-    return (slice(None),) + tuple(slice(p, p + n) for n, p in zip(spatial, padding)) + (slice(None),)
-
-
-def _offset_cl(offset, out_size, stride):
-    """Index of one offset inside the window, in every window: (B, *out_size, C) of the padded input."""
-    return (slice(None),) + tuple(slice(o, o + (n - 1) * s + 1, s)
-                                  for o, n, s in zip(offset, out_size, stride)) + (slice(None),)
 
 
 def _window_view(nat, xpad, kernel, stride, out_size):
@@ -880,7 +877,7 @@ class _Columns:
             if self.pointwise:  # the input is its own column matrix
                 cols = xp.reshape(self.xpad, (n_all, self.width))
             else:
-                pieces = [self.xpad[_offset_cl(offset, self.out_size, self.stride)]
+                pieces = [self.xpad[_strided(offset, self.out_size, self.stride, channels_last=True)]
                           for offset in _window_offsets(self.kernel)]
                 cols = xp.reshape(xp.stack(pieces, axis=4), (n_all, self.width))
             yield slice(0, n_all), cols
@@ -995,7 +992,7 @@ def _col2im(xp, dcols, spatial, kernel, stride, padding, out_size):
     padded = tuple(n + 2 * p for n, p in zip(spatial, padding))
     dpad = xp.zeros((bsz,) + padded + (c,), dtype=dcols.dtype, device=device(dcols))
     for i, offset in enumerate(_window_offsets(kernel)):
-        index = _offset_cl(offset, out_size, stride)
+        index = _strided(offset, out_size, stride, channels_last=True)
         if supports_out(xp):
             view = dpad[index]
             native_namespace(xp).add(view, dcols[..., i, :], out=view)
@@ -1003,7 +1000,7 @@ def _col2im(xp, dcols, spatial, kernel, stride, padding, out_size):
             dpad[index] = dpad[index] + dcols[..., i, :]
     if padded == tuple(spatial):
         return dpad
-    return _channels_last(_channels_first(xp, dpad[_interior_cl(spatial, padding)]))
+    return xp.asarray(dpad[_interior(spatial, padding, channels_last=True)], copy=True)
 
 
 # --------------------------------------------------------------------------- 3-D average and max pooling

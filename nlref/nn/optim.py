@@ -84,9 +84,13 @@ class _Optimiser:
         self.state = {}
         self.steps = 0
 
-    def _gradient(self, key, p, g):
+    @staticmethod
+    def _check_gradient(key, g):
         if g is None:
             raise RuntimeError(f"no gradient for {key!r}: call model.backward before step()")
+
+    def _gradient(self, key, p, g):
+        self._check_gradient(key, g)
         if self.weight_decay and not self.model.no_decay(key):
             g = g + self.weight_decay * p
         return g
@@ -188,8 +192,7 @@ class Adam(_Optimiser):
         t = self.steps + 1
         keys = list(params)
         for key in keys:
-            if grads.get(key) is None:
-                raise RuntimeError(f"no gradient for {key!r}: call model.backward before step()")
+            self._check_gradient(key, grads.get(key))
         flat = self._flat
         if flat is None or flat["keys"] != keys or any(
                 self.state.get(k, {}).get("m") is not flat["views"][k] for k in keys):
