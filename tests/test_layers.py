@@ -601,6 +601,8 @@ def test_conv3d_dense_path_where_it_pays(monkeypatch):
                                             ("1x3x3-s122-pad011", "im2col"), ("1x1x1", "im2col")],
                          indirect=["conv_path"])
 def test_conv3d_backward_without_input_grad(case, conv_path):
+    """input_grad=False skips dx. With stride 1 the full backward takes dw from the output gradient's
+    columns and this one from x's (rebuilt: the forward keeps none then), so they agree to rounding."""
     inputs = _conv_inputs(np, case, True)
     _, _, stride, padding = CONV_CASES[case]
     out, cache = F.conv3d_forward(**inputs, stride=stride, padding=padding)
@@ -608,5 +610,17 @@ def test_conv3d_backward_without_input_grad(case, conv_path):
     dx, dw, db = F.conv3d_backward(dout, cache)
     none, dw2, db2 = F.conv3d_backward(dout, cache, input_grad=False)
     assert none is None and dx is not None
-    np.testing.assert_array_equal(dw2, dw)
+    np.testing.assert_allclose(dw2, dw, rtol=1e-12, atol=1e-12)
     np.testing.assert_array_equal(db2, db)
+
+
+@pytest.mark.parametrize("case", list(CONV_CASES))
+def test_conv3d_keeps_columns_only_for_strided_backward(monkeypatch, case):
+    """The forward keeps x's column matrix only where the backward will use it: not with stride 1 and
+    padding <= kernel - 1, whose dx and dw both come from the output gradient's column matrix."""
+    monkeypatch.setattr(F, "DENSE_MAX_RATIO", 0)
+    _, ws, stride, padding = CONV_CASES[case]
+    stride, padding = (F._triple(v, "", "", minimum=0) for v in (stride, padding))
+    flips = stride == (1, 1, 1) and all(p <= k - 1 for p, k in zip(padding, ws[2:]))
+    _, cache = F.conv3d_forward(**_conv_inputs(np, case, False), stride=stride, padding=padding)
+    assert (cache[1] is None) == flips

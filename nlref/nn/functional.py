@@ -626,8 +626,9 @@ def _pad(xp, x, padding, value=0.0):
 #: Bytes of column matrix built per chunk of the batch on NumPy: small enough to stay in
 #: the CPU caches between the copy that builds it and the matrix product that reads it.
 CONV_CHUNK_BYTES = 2 << 20
-#: Column matrices up to this size are kept from the forward pass for the backward pass
-#: (which otherwise rebuilds them chunk by chunk): memory traded for one copy of them.
+#: Column matrices up to this size are kept from the forward pass for the backward pass of a
+#: strided convolution (which otherwise rebuilds them chunk by chunk): memory traded for one
+#: copy of them.
 CONV_KEEP_BYTES = 64 << 20
 
 
@@ -673,9 +674,11 @@ def conv3d_forward(x, w, b=None, *, stride=1, padding=0):
     out : array, shape (B, O, T', H', W')
         PyTorch's sizes: ``T' = floor((T + 2 p_t - kt) / s_t) + 1``, and so on.
     cache : tuple
-        Keeps ``x`` (channels-last), ``w`` and, up to :data:`CONV_KEEP_BYTES`, the
-        column matrix (``K`` times the size of ``x``); larger column matrices are
-        rebuilt chunk by chunk in the backward pass.
+        Keeps ``x`` (channels-last) and ``w``. With a stride other than 1 (or
+        ``padding > kernel - 1``) also, up to :data:`CONV_KEEP_BYTES`, the column
+        matrix (``K`` times the size of ``x``); larger ones are rebuilt chunk by
+        chunk in the backward pass. With stride 1 the backward pass needs no
+        columns of ``x`` (see :func:`conv3d_backward`).
     """
     func = "conv3d_forward"
     xp = array_namespace(*((x, w) if b is None else (x, w, b)), names=["x", "w", "b"][:2 + (b is not None)])
@@ -698,7 +701,8 @@ def conv3d_forward(x, w, b=None, *, stride=1, padding=0):
     if plan is not None:
         out, kept = _conv_dense(xp, x_cl, w, plan)
     else:
-        out, kept = _conv_cl(xp, x_cl, _weight_matrix(xp, w), kernel, stride, padding, out_size, keep=True)
+        keep = not _flips(kernel, stride, padding)  # else the backward needs only the output gradient's columns
+        out, kept = _conv_cl(xp, x_cl, _weight_matrix(xp, w), kernel, stride, padding, out_size, keep=keep)
     if b is not None:
         out = _add_bias(xp, out, b)
     return _channels_first(xp, out), (x_cl, kept, plan, w, b is not None, stride, padding)
@@ -724,7 +728,13 @@ def conv3d_backward(dout, cache, *, input_grad=True):
     .. math:: dx = \mathrm{conv3d}\big(d\mathrm{out},\ \tilde w,\ \mathrm{padding} = k - 1 - p\big),
               \qquad \tilde w[c, o, i, j, k] = w[o, c, k_t - 1 - i, k_h - 1 - j, k_w - 1 - k],
 
-    which is how it is computed then (the forward's fast copy instead of scattered adds).
+    which is how it is computed then (the forward's fast copy instead of scattered adds):
+    with ``D`` the column matrix of ``dout`` zero-padded by ``k - 1 - p`` (one row per
+    *input* position, (B T H W, K O)), :math:`dx = D\, \tilde w_{(K O,\ C)}`. The same
+    ``D`` gives the weight gradient, :math:`d\tilde w_{(K O,\ C)} = D^\top x_{(B T H W,\ C)}`
+    (column block ``k`` of ``D`` is tap ``K - 1 - k`` of the forward's window, seen from
+    the input side), so both products read each chunk of ``D`` while it is in the cache,
+    and the forward pass keeps no columns of ``x``.
     ``dx`` is returned stored channels-last, like the forward's output.
 
     Parameters
@@ -752,6 +762,9 @@ def conv3d_backward(dout, cache, *, input_grad=True):
     if plan is not None:
         dx, dw = _conv_dense_backward(xp, x_cl, d_cl, kept, plan, input_grad=input_grad)
         return None if dx is None else _channels_first(xp, dx), _weight_from_matrix(xp, dw, kernel, c, o), db
+    if input_grad and _flips(kernel, stride, padding):
+        dx, dw = _flipped_backward(xp, x_cl, d_cl, w, padding)
+        return _channels_first(xp, dx), dw, db
     if kept is not None:  # dw (K C, O)
         dw = xp.matmul(xp.matrix_transpose(kept), d2)
     else:
@@ -759,14 +772,38 @@ def conv3d_backward(dout, cache, *, input_grad=True):
     dw = _weight_from_matrix(xp, dw, kernel, c, o)
     if not input_grad:
         return None, dw, db
-    if stride == (1, 1, 1) and all(p <= k - 1 for p, k in zip(padding, kernel)):
-        w_flip = xp.permute_dims(xp.flip(w, axis=(2, 3, 4)), (2, 3, 4, 0, 1))  # (kt, kh, kw, O, C)
-        full = tuple(k - 1 - p for k, p in zip(kernel, padding))
-        dx, _ = _conv_cl(xp, d_cl, xp.reshape(w_flip, (-1, c)), kernel, (1, 1, 1), full, spatial)
-    else:
-        dx = _col2im(xp, xp.matmul(d2, xp.matrix_transpose(_weight_matrix(xp, w))), spatial, kernel, stride,
-                     padding, out_size)
+    dx = _col2im(xp, xp.matmul(d2, xp.matrix_transpose(_weight_matrix(xp, w))), spatial, kernel, stride,
+                 padding, out_size)
     return _channels_first(xp, dx), dw, db
+
+
+def _flips(kernel, stride, padding):
+    """Stride 1 and ``padding <= kernel - 1``: the input gradient is a convolution of the output
+    gradient with the flipped kernel (see :func:`conv3d_backward`)."""
+    return stride == (1, 1, 1) and all(p <= k - 1 for p, k in zip(padding, kernel))
+
+
+def _flipped_backward(xp, x_cl, d_cl, w, padding):
+    """dx_cl = D w_flip and dw (from dw_flip = D^T x), D the column matrix of the output gradient
+    zero-padded by ``kernel - 1 - padding``; both products chunk by chunk of D."""
+    o, c, kernel = w.shape[0], w.shape[1], tuple(w.shape[2:])
+    full = tuple(k - 1 - p for k, p in zip(kernel, padding))
+    w_flip = xp.reshape(xp.permute_dims(xp.flip(w, axis=(2, 3, 4)), (2, 3, 4, 0, 1)), (-1, c))  # (K O, C)
+    x2 = xp.reshape(x_cl, (-1, c))
+    columns = _Columns(xp, d_cl, kernel, (1, 1, 1), full, tuple(x_cl.shape[1:4]))
+    dx, dw_flip = None, None
+    for rows, cols in columns:
+        if rows.stop - rows.start == x2.shape[0]:
+            dx = xp.matmul(cols, w_flip)
+        else:
+            if dx is None:
+                dx = native_namespace(xp).empty(x2.shape, dtype=x2.dtype)
+            native_namespace(xp).matmul(cols, w_flip, out=dx[rows])
+        part = xp.matmul(xp.matrix_transpose(cols), x2[rows, ...])  # in chunk order
+        dw_flip = part if dw_flip is None else dw_flip + part
+    taps = math.prod(kernel)  # row k' of dw_flip is tap K - 1 - k' (all three kernel axes flipped)
+    dw = xp.take(xp.reshape(dw_flip, (taps, o, c)), xp.arange(taps - 1, -1, -1, device=device(dw_flip)), axis=0)
+    return xp.reshape(dx, x_cl.shape), xp.reshape(xp.permute_dims(dw, (1, 2, 0)), (o, c) + kernel)
 
 
 def _channels_last(x):
