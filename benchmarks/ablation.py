@@ -33,8 +33,10 @@ import platform
 import statistics
 import time
 
-from nlref.backend import retain_freed_memory
-from nlref.train import TrainConfig, train
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # before NumPy loads OpenBLAS: see bench_train.py
+
+from nlref.backend import retain_freed_memory  # noqa: E402
+from nlref.train import TrainConfig, train  # noqa: E402
 
 _DEFAULT = TrainConfig()
 SCHEDULE = dict(n_train=_DEFAULT.n_train, n_val=_DEFAULT.n_val, epochs=_DEFAULT.epochs)

@@ -27,7 +27,14 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
+# OpenBLAS (NumPy's BLAS) keeps its worker threads spinning for about 2^28 cycles after every
+# product, which in a training step means always. On the 2-core test VM that made nlref's
+# step about 2x slower for minutes at a time, at random (the spinning core ran slowly, see
+# docs/benchmarks.md); with the workers going to sleep right after each product (2^4
+# cycles) that slow mode did not occur. OpenBLAS reads this when NumPy loads it.
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
@@ -85,7 +92,7 @@ def main():
     print(f"# training throughput: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"{args.threads} threads, numpy {np.__version__}, torch {torch.__version__}, float32, "
           f"batch {args.batch_size}, clips 1x8x16x16, {blocks} blocks of {args.steps} steps, median, "
-          f"glibc keeps freed memory: {retained}")
+          f"glibc keeps freed memory: {retained}, OPENBLAS_THREAD_TIMEOUT={os.environ['OPENBLAS_THREAD_TIMEOUT']}")
     print("\n| network | params | nlref clips/s | PyTorch clips/s | ratio (nlref / PyTorch) |\n|---|---|---|---|---|")
     clips = sprite_clips(args.batch_size * args.steps, seed=0, size=16)
     for label, overrides in networks.items():
