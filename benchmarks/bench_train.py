@@ -11,10 +11,16 @@ Usage::
     python benchmarks/bench_train.py            # 3 networks, 7 timed blocks of 10 steps each
     python benchmarks/bench_train.py --quick    # 1 network, 3 blocks
     python benchmarks/bench_train.py --device cuda --backend cupy   # on a GPU
+    python benchmarks/bench_train.py --layers   # the default network layer by layer (CPU)
 
 Both peers get the same threads (NumPy's BLAS and ``torch.set_num_threads``).
 Blocks alternate between the peers after a warm-up, with a short pause, and
 the reported figure is the median over blocks of clips per second.
+
+``--layers`` instead times every convolution, batch norm and non-local block of
+the default network on its own (forward + backward, on the input it gets in a
+training step and a random output gradient), alternating the peers, to show
+where the time of a step goes.
 """
 
 from __future__ import annotations
@@ -67,6 +73,69 @@ def torch_steps(torch, tnet, optimiser, batches):
         optimiser.step()
 
 
+def _leaves(net, tnet):
+    """(name, nlref layer, torch module) for every conv, batch norm and non-local block, in network order."""
+    from nlref.nn import models as M
+    from torch_oracle import TorchConvBN, TorchResidualBlock
+
+    out = []
+    for (name, layer), unit in zip(net.layers[:-1], tnet.units):
+        if isinstance(layer, M.NonLocal):
+            out.append((name, layer, unit))
+            continue
+        pairs = [(name, layer, unit)] if isinstance(unit, TorchConvBN) else [
+            (f"{name}.{sub}", nl_unit, t_unit) for (sub, nl_unit), (_, t_unit) in zip(layer.children(), unit.units())]
+        assert isinstance(unit, (TorchConvBN, TorchResidualBlock))
+        for prefix, nl_unit, t_unit in pairs:
+            out += [(f"{prefix}.conv", nl_unit.conv, t_unit.conv), (f"{prefix}.bn", nl_unit.bn, t_unit.bn)]
+    return out
+
+
+def layer_table(torch, net, tnet, x, repeats):
+    """Markdown rows: forward + backward of every leaf layer alone, nlref vs PyTorch, median ms."""
+    leaves = _leaves(net, tnet)
+    inputs = {}
+    for name, layer, _ in leaves:  # record what each layer gets in a training step
+        def record(h, _forward=layer.forward, _name=name):
+            inputs[_name] = h
+            return _forward(h)
+        layer.forward = record
+    net.forward(x, dropout_seed=0)
+    for _, layer, _ in leaves:
+        del layer.forward
+    rng = np.random.default_rng(0)
+    rows, totals = [], [0.0, 0.0]
+    for name, layer, module in leaves:
+        h = inputs[name]
+        out = layer.forward(h)
+        d = np.empty_like(out)  # the output's storage order, as a network's gradient has it
+        d[...] = rng.standard_normal(out.shape)
+        layer.backward(d, **({"input_grad": False} if name == "stem.conv" else {}))
+        th = torch.from_numpy(np.ascontiguousarray(h)).requires_grad_(name != "stem.conv")
+        td = torch.from_numpy(np.ascontiguousarray(d))
+
+        def ours():
+            layer.forward(h)
+            layer.backward(d, **({"input_grad": False} if name == "stem.conv" else {}))
+
+        def theirs():
+            module(th).backward(td)
+
+        times = {ours: [], theirs: []}
+        for _ in range(repeats):
+            for f in (ours, theirs):
+                t0 = time.perf_counter()
+                f()
+                times[f].append(time.perf_counter() - t0)
+        a, b = (statistics.median(times[f]) * 1e3 for f in (ours, theirs))
+        totals[0] += a
+        totals[1] += b
+        shape = "x".join(str(n) for n in h.shape)
+        rows.append(f"| {name} | {shape} | {a:.3f} | {b:.3f} | {a / b:.2f} |")
+    rows.append(f"| all of the above | | {totals[0]:.2f} | {totals[1]:.2f} | {totals[0] / totals[1]:.2f} |")
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
@@ -77,6 +146,7 @@ def main():
     parser.add_argument("--backend", choices=("numpy", "cupy"), default="numpy")
     parser.add_argument("--device", default="cpu", help="PyTorch device (cpu or cuda)")
     parser.add_argument("--per-block", action="store_true", help="also print every block's clips/s")
+    parser.add_argument("--layers", action="store_true", help="time the default network's layers one by one")
     args = parser.parse_args()
 
     import torch
@@ -93,8 +163,17 @@ def main():
           f"{args.threads} threads, numpy {np.__version__}, torch {torch.__version__}, float32, "
           f"batch {args.batch_size}, clips 1x8x16x16, {blocks} blocks of {args.steps} steps, median, "
           f"glibc keeps freed memory: {retained}, OPENBLAS_THREAD_TIMEOUT={os.environ['OPENBLAS_THREAD_TIMEOUT']}")
-    print("\n| network | params | nlref clips/s | PyTorch clips/s | ratio (nlref / PyTorch) |\n|---|---|---|---|---|")
     clips = sprite_clips(args.batch_size * args.steps, seed=0, size=16)
+    if args.layers:
+        if xp is not np or args.device != "cpu":
+            parser.error("--layers times the NumPy and PyTorch CPU peers only")
+        net = build_model(TrainConfig(dropout=0.0))
+        tnet = load_videonet_params(TorchVideoNet(net).float(), net)
+        print(f"\nforward + backward of each layer alone, median of {5 if args.quick else 21} alternating runs, "
+              "ms\n\n| layer | input | nlref | PyTorch | ratio (nlref / PyTorch time) |\n|---|---|---|---|---|")
+        print("\n".join(layer_table(torch, net, tnet, clips.video[:args.batch_size], 5 if args.quick else 21)))
+        return
+    print("\n| network | params | nlref clips/s | PyTorch clips/s | ratio (nlref / PyTorch) |\n|---|---|---|---|---|")
     for label, overrides in networks.items():
         config = TrainConfig(**overrides, dropout=0.0)        # no dropout: both peers do identical work
         net = build_model(config, xp=None if xp is np else xp)
