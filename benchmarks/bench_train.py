@@ -110,13 +110,14 @@ def layer_table(torch, net, tnet, x, repeats):
         out = layer.forward(h)
         d = np.empty_like(out)  # the output's storage order, as a network's gradient has it
         d[...] = rng.standard_normal(out.shape)
-        layer.backward(d, **({"input_grad": False} if name == "stem.conv" else {}))
-        th = torch.from_numpy(np.ascontiguousarray(h)).requires_grad_(name != "stem.conv")
+        first = {"input_grad": False} if name == "stem.conv" else {}  # as in training: no gradient for the clips
+        layer.backward(d, **first)
+        th = torch.from_numpy(np.ascontiguousarray(h)).requires_grad_(not first)
         td = torch.from_numpy(np.ascontiguousarray(d))
 
         def ours():
             layer.forward(h)
-            layer.backward(d, **({"input_grad": False} if name == "stem.conv" else {}))
+            layer.backward(d, **first)
 
         def theirs():
             module(th).backward(td)
