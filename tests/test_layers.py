@@ -54,6 +54,10 @@ CONV_CASES = {
     "2x3x2-s312-pad101": ((1, 2, 4, 3, 5), (2, 2, 2, 3, 2), (3, 1, 2), (1, 0, 1)),
     "3x2x3-s211-pad1": ((1, 2, 4, 3, 3), (2, 2, 3, 2, 3), (2, 1, 1), 1),  # whole rows, dx by col2im
     "1x1x1-pad011": ((1, 2, 2, 2, 3), (2, 2, 1, 1, 1), 1, (0, 1, 1)),  # padding > kernel - 1
+    # stride 1, kw > 1, even W and W': output columns can be computed in pairs
+    "1x3x3-pad011-evenW": ((2, 2, 2, 3, 4), (3, 2, 1, 3, 3), 1, (0, 1, 1)),
+    "3x3x3-pad1-evenW": ((1, 2, 3, 3, 4), (2, 2, 3, 3, 3), 1, 1),
+    "2x2x3-evenW": ((1, 3, 3, 3, 6), (2, 3, 2, 2, 3), 1, 0),
 }
 
 # pool cases: (x shape, kernel, stride, padding): non-overlapping, overlapping, padded, odd sizes
@@ -73,15 +77,26 @@ def _dense_applies(case):
     return ws[2] == 1 and stride[0] == 1 and padding[0] == 0
 
 
-# every case by im2col, and by the dense per-frame product where that applies
-CONV_PATHS = [(case, "im2col") for case in CONV_CASES] + [(case, "dense") for case in CONV_CASES
-                                                            if _dense_applies(case)]
+def _pairs_apply(case):
+    """Whether the case can compute its output columns in pairs (stride 1, kw > 1, even W and W')."""
+    xs, ws, stride, padding = CONV_CASES[case]
+    stride, padding = (F._triple(v, "", "", minimum=0) for v in (stride, padding))
+    w_out = xs[4] + 2 * padding[2] - ws[4] + 1
+    return F._flips(tuple(ws[2:]), stride, padding) and ws[4] > 1 and xs[4] % 2 == 0 and w_out % 2 == 0
+
+
+# every case by plain im2col, by the dense per-frame product and by paired im2col where those apply
+CONV_PATHS = ([(case, "im2col") for case in CONV_CASES]
+              + [(case, "dense") for case in CONV_CASES if _dense_applies(case)]
+              + [(case, "paired") for case in CONV_CASES if _pairs_apply(case)])
 
 
 @pytest.fixture
 def conv_path(monkeypatch, request):
-    """Force one of the two ways conv3d computes: im2col, or the dense product where it applies."""
+    """Force one of the three ways conv3d computes: im2col, the dense product, or im2col with paired
+    output columns (the last two where they apply)."""
     monkeypatch.setattr(F, "DENSE_MAX_RATIO", math.inf if request.param == "dense" else 0)
+    monkeypatch.setattr(F, "CONV_PAIR_CHANNELS", math.inf if request.param == "paired" else 0)
     return request.param
 
 
@@ -181,7 +196,8 @@ def test_softmax_cross_entropy_gradcheck(xp_cpu):
 @pytest.mark.parametrize("setting", [dict(CONV_CHUNK_BYTES=1), dict(CONV_KEEP_BYTES=0),
                                      dict(CONV_CHUNK_BYTES=1, CONV_KEEP_BYTES=0)],
                          ids=["chunks-kept", "whole-rebuilt", "chunks-rebuilt"])
-@pytest.mark.parametrize("case", ["1x3x3-pad011", "3x3x3-s2-pad1", "3x2x3-s211-pad1", "1x3x3-s122-pad011"])
+@pytest.mark.parametrize("case", ["1x3x3-pad011", "3x3x3-s2-pad1", "3x2x3-s211-pad1", "1x3x3-s122-pad011",
+                                  "3x3x3-pad1-evenW"])
 def test_conv3d_chunks_agree(monkeypatch, case, setting):
     """NumPy builds the columns a few samples at a time and keeps them for the backward pass, or rebuilds
     them there; one sample per chunk, or rebuilt columns, give the same numbers as the whole batch at once."""
@@ -598,12 +614,12 @@ def test_conv3d_dense_path_where_it_pays(monkeypatch):
 
 
 @pytest.mark.parametrize("case,conv_path", [("1x3x3-pad011", "im2col"), ("1x3x3-pad011", "dense"),
-                                            ("1x3x3-s122-pad011", "im2col"), ("1x1x1", "im2col")],
+                                            ("1x3x3-s122-pad011", "im2col"), ("1x1x1", "im2col"),
+                                            ("1x3x3-pad011-evenW", "paired")],
                          indirect=["conv_path"])
 def test_conv3d_backward_without_input_grad(case, conv_path):
-    """input_grad=False skips dx and leaves dw and db as they were. With stride 1 the full backward
-    takes dw from the output gradient's columns and this one from x's (rebuilt: the forward keeps
-    none then): the same products, summed in the same order, so the same bits."""
+    """input_grad=False skips dx and leaves dw and db as they were, to the bit (the same products,
+    summed in the same order)."""
     inputs = _conv_inputs(np, case, True)
     _, _, stride, padding = CONV_CASES[case]
     out, cache = F.conv3d_forward(**inputs, stride=stride, padding=padding)
@@ -613,6 +629,41 @@ def test_conv3d_backward_without_input_grad(case, conv_path):
     assert none is None and dx is not None
     np.testing.assert_array_equal(dw2, dw)
     np.testing.assert_array_equal(db2, db)
+
+
+def test_conv3d_pairs_where_it_pays(monkeypatch):
+    """Stride-1 convolutions with at most CONV_PAIR_CHANNELS channels, kw > 1 and even W and W' pair
+    their output columns, the others do not; where pairing is possible at all, paired and plain give
+    the same numbers (values, dx, dw)."""
+    rng = np.random.default_rng(6)
+    monkeypatch.setattr(F, "DENSE_MAX_RATIO", 0)
+    wide = F.CONV_PAIR_CHANNELS + 1
+    cases = [  # (x shape, w shape, stride, padding, paired by default, paired with any channel count)
+        ((3, 5, 2, 4, 6), (6, 5, 1, 3, 3), 1, (0, 1, 1), True, True),
+        ((2, 4, 3, 4, 4), (3, 4, 3, 3, 3), 1, 1, True, True),
+        ((2, 4, 2, 3, 6), (3, 4, 2, 2, 3), 1, 0, True, True),  # W' = 4
+        ((1, wide, 1, 2, 4), (2, wide, 1, 3, 3), 1, (0, 1, 1), False, True),  # many input channels
+        ((1, 2, 1, 2, 4), (wide, 2, 1, 3, 3), 1, (0, 1, 1), False, True),  # many output channels
+        ((2, 4, 2, 4, 5), (3, 4, 1, 3, 3), 1, (0, 1, 1), False, False),  # odd W
+        ((2, 4, 2, 4, 6), (3, 4, 1, 3, 2), 1, (0, 0, 1), False, False),  # odd W' = 7
+        ((2, 4, 3, 4, 6), (3, 4, 3, 1, 1), 1, 0, False, False),  # kw = 1: no window to share
+        ((2, 4, 2, 4, 8), (3, 4, 1, 3, 3), (1, 2, 2), (0, 1, 1), False, False),  # strided
+    ]
+    default = F.CONV_PAIR_CHANNELS
+    for xs, ws, stride, padding, paired, possible in cases:
+        x, w = rng.standard_normal(xs), rng.standard_normal(ws)
+        dout = None
+        runs = {}
+        for channels in (default, 0, math.inf):  # as shipped, never paired, paired wherever possible
+            monkeypatch.setattr(F, "CONV_PAIR_CHANNELS", channels)
+            out, cache = F.conv3d_forward(x, w, stride=stride, padding=padding)
+            dout = rng.standard_normal(out.shape) if dout is None else dout
+            runs[channels] = (cache[-1], out) + F.conv3d_backward(dout, cache)[:2]
+        assert runs[default][0] == (2 if paired else 1), (xs, ws)
+        assert runs[0][0] == 1 and runs[math.inf][0] == (2 if possible else 1), (xs, ws)
+        for channels in (default, math.inf):
+            for a, b in zip(runs[channels][1:], runs[0][1:]):
+                np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("case", list(CONV_CASES))
