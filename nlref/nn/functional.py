@@ -866,11 +866,9 @@ def _flipped_backward(xp, x_cl, d_cl, w, padding, pairs, *, input_grad=True):
     columns = _Columns(xp, d_cl, _wide(kernel, pairs), (1, 1, pairs), full, spatial[:2] + (spatial[2] // pairs,))
     dx, dw_flip = None, None
     for rows, cols in columns:
-        if not input_grad:
-            pass
-        elif rows.stop - rows.start == x2.shape[0]:
+        if input_grad and rows.stop - rows.start == x2.shape[0]:
             dx = xp.matmul(cols, w_flip)
-        else:
+        elif input_grad:
             if dx is None:
                 dx = native_namespace(xp).empty(x2.shape, dtype=x2.dtype)
             native_namespace(xp).matmul(cols, w_flip, out=dx[rows])
