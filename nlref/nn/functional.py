@@ -719,7 +719,7 @@ def conv3d_forward(x, w, b=None, *, stride=1, padding=0):
         keep = not _flips(kernel, stride, padding)  # else the backward needs only the output gradient's columns
         pairs = _pairs(kernel, stride, padding, tuple(x.shape[2:]), out_size, w.shape[1], w.shape[0])
         out, kept = _conv_cl(xp, x_cl, _widen(xp, _weight_matrix(xp, w), kernel, pairs), _wide(kernel, pairs),
-                             (1, 1, pairs) if pairs > 1 else stride, padding, out_size[:2] + (out_size[2] // pairs,),
+                             stride[:2] + (stride[2] * pairs,), padding, out_size[:2] + (out_size[2] // pairs,),
                              keep=keep)
         out = xp.reshape(out, (x.shape[0],) + out_size + (w.shape[0],))
     if b is not None:
