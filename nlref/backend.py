@@ -232,6 +232,21 @@ def dtype_name(dtype) -> str:
     PyTorch's and array-api-strict's float32 alike (and for the string)."""
     if isinstance(dtype, str):
         return dtype
+    try:  # remembered: a layer asks this on every call, and ``str`` of a NumPy dtype is slow Python
+        return _DTYPE_NAMES[dtype]
+    except (KeyError, TypeError):  # new, or not hashable
+        name = _find_dtype_name(dtype)
+    try:
+        _DTYPE_NAMES[dtype] = name
+    except TypeError:
+        pass
+    return name
+
+
+_DTYPE_NAMES = {}
+
+
+def _find_dtype_name(dtype):
     text = str(dtype)
     for name in ("float16", "float32", "float64", "uint8", "uint16", "uint32", "uint64",
                  "int8", "int16", "int32", "int64", "bool", "complex64", "complex128"):

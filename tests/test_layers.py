@@ -676,3 +676,56 @@ def test_conv3d_keeps_columns_only_for_strided_backward(monkeypatch, case):
     flips = stride == (1, 1, 1) and all(p <= k - 1 for p, k in zip(padding, ws[2:]))
     _, cache = F.conv3d_forward(**_conv_inputs(np, case, False), stride=stride, padding=padding)
     assert (cache[1] is None) == flips
+
+
+def test_conv3d_spare_padded_buffers(monkeypatch):
+    """NumPy reuses the zero-bordered buffer a padded convolution copied its input into: another input
+    of the same shape, a different padding of the same padded shape, and convolutions running in two
+    threads at once all give exactly what freshly zeroed buffers give."""
+    rng = np.random.default_rng(8)
+    monkeypatch.setattr(F, "DENSE_MAX_RATIO", 0)
+    calls = [  # the second pads its 2 x 2 maps by 2, to the 6 x 6 the first pads its 4 x 4 maps to
+        (rng.standard_normal((2, 3, 2, 4, 4)), rng.standard_normal((4, 3, 1, 3, 3)), 1, (0, 1, 1)),
+        (rng.standard_normal((2, 3, 2, 2, 2)), rng.standard_normal((4, 3, 1, 5, 5)), 1, (0, 2, 2)),
+        (rng.standard_normal((2, 3, 2, 4, 4)), rng.standard_normal((4, 3, 1, 3, 3)), (1, 2, 2), (0, 1, 1)),
+        (rng.standard_normal((2, 3, 2, 4, 4)) * 3, rng.standard_normal((4, 3, 1, 3, 3)), 1, (0, 1, 1)),
+    ]
+
+    def run(x, w, stride, padding):
+        out, cache = F.conv3d_forward(x, w, stride=stride, padding=padding)
+        return (out,) + F.conv3d_backward(np.cos(out), cache)[:2]
+
+    monkeypatch.setattr(F._SpareBorders, "limit", 0)  # nothing kept: every buffer freshly zeroed
+    fresh = [run(*call) for call in calls]
+    assert not F._SPARE.free
+    monkeypatch.setattr(F._SpareBorders, "limit", 16)
+    for _ in range(2):
+        for call, expected in zip(calls, fresh):
+            for a, b in zip(run(*call), expected):
+                np.testing.assert_array_equal(a, b)
+    assert F._SPARE.free  # buffers were kept, and their borders are still zero
+    for (shape, _, padding), xpad in F._SPARE.free.items():
+        border = xpad.copy()
+        border[F._interior(tuple(n - 2 * p for n, p in zip(shape[1:4], padding)), padding, channels_last=True)] = 0
+        assert not border.any()
+
+    import threading
+
+    results, errors = {}, []
+
+    def worker(k):
+        try:
+            results[k] = [run(*calls[(k + i) % len(calls)]) for i in range(20)]
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for k, runs in results.items():
+        for i, got in enumerate(runs):
+            for a, b in zip(got, fresh[(k + i) % len(calls)]):
+                np.testing.assert_array_equal(a, b)

@@ -30,6 +30,7 @@ import itertools
 import math
 import numbers
 import operator
+import threading
 
 import numpy as np
 
@@ -263,14 +264,21 @@ def _count(a, layout):
 
 def _along(v, layout):
     """Per-channel (C,) values broadcast against :func:`_channel_matrix`'s matrix."""
-    return _xp(v).tile(v, (layout,)) if layout else v[:, None]
+    if not layout:
+        return v[:, None]
+    if supports_out(_xp(v)):  # NumPy/CuPy: the same values as ``tile``, without its Python overhead
+        return v[None].repeat(layout, axis=0).reshape(-1)
+    return _xp(v).tile(v, (layout,))
 
 
 def _sums(a, layout):
     """Per-channel sums of :func:`_channel_matrix`'s matrix."""
     xp = _xp(a)
     if layout:
-        return xp.sum(xp.reshape(_channel_sums(a), (layout, -1)), axis=0)
+        sums = _channel_sums(a)
+        if type(sums) is np.ndarray:  # NumPy without the wrappers: the same sum
+            return sums.reshape(layout, -1).sum(axis=0)
+        return xp.sum(xp.reshape(sums, (layout, -1)), axis=0)
     return xp.sum(a, axis=(0, 2))
 
 
@@ -555,7 +563,7 @@ def _check_float(func, xp, **arrays):
     for name, a in arrays.items():
         if a is None:
             continue
-        if not xp.isdtype(a.dtype, "real floating"):
+        if _dtype_name(a) not in ("float32", "float64") and not xp.isdtype(a.dtype, "real floating"):
             raise TypeError(f"{func}: {name} must be a float32 or float64 array, got dtype {_dtype_name(a)}")
         dtypes[name] = _dtype_name(a)
     if len(set(dtypes.values())) > 1:
@@ -883,14 +891,18 @@ def _flipped_backward(xp, x_cl, d_cl, w, padding, pairs, *, input_grad=True):
 
 def _channels_last(x):
     """x (B, C, *S) -> (B, *S, C) contiguous: a view when x is stored channels-last, a copy otherwise."""
+    perm = (0,) + tuple(range(2, x.ndim)) + (1,)
+    if type(x) is np.ndarray:  # the common case, without the wrappers' overhead
+        return np.ascontiguousarray(x.transpose(perm))
     xp = _xp(x)
-    perm = xp.permute_dims(x, (0,) + tuple(range(2, x.ndim)) + (1,))
+    perm = xp.permute_dims(x, perm)
     return native_namespace(xp).ascontiguousarray(perm) if supports_out(xp) else perm
 
 
 def _channels_first(xp, a):
     """(B, *S, C) -> the (B, C, *S) view of it."""
-    return xp.permute_dims(a, (0, a.ndim - 1) + tuple(range(1, a.ndim - 1)))
+    perm = (0, a.ndim - 1) + tuple(range(1, a.ndim - 1))
+    return a.transpose(perm) if type(a) is np.ndarray else xp.permute_dims(a, perm)
 
 
 def _channel_sums(a):
@@ -902,6 +914,8 @@ def _channel_sums(a):
     xp = _xp(a)
     if not supports_out(xp):
         return xp.sum(a, axis=0)
+    if isinstance(a, np.ndarray):  # the same product, without the wrappers' overhead
+        return np.matmul(np.ones(a.shape[0], dtype=a.dtype), a)
     return xp.matmul(xp.ones(a.shape[0], dtype=a.dtype, device=device(a)), a)
 
 
@@ -928,8 +942,38 @@ def _pointwise(kernel, stride, padding):
     return kernel == (1, 1, 1) and stride == (1, 1, 1) and padding == (0, 0, 0)
 
 
+class _SpareBorders(threading.local):
+    """Padded NumPy buffers handed back by :func:`_pad_cl`'s callers, by (shape, dtype, padding),
+    at most :attr:`limit` of them (per thread). Their borders are still zero, so the next
+    padding of that shape only copies the interior: writing the zero borders runs along
+    thousands of short rows (one per position of H and T), which took about as long as
+    copying the interior."""
+
+    limit = 16
+
+    def __init__(self):
+        self.free = {}
+
+    def take(self, key):
+        return self.free.pop(key, None)
+
+    def give_back(self, key, xpad):
+        self.free.pop(key, None)
+        while self.free and len(self.free) >= self.limit:
+            self.free.pop(next(iter(self.free)))  # the oldest
+        if self.limit > 0:
+            self.free[key] = xpad
+
+
+_SPARE = _SpareBorders()
+
+
 def _pad_cl(xp, x_cl, padding):
-    """x_cl (B, T, H, W, C) with ``padding`` zeros on both sides of T, H and W."""
+    """x_cl (B, T, H, W, C) with ``padding`` zeros on both sides of T, H and W.
+
+    On NumPy the result may be a spare buffer; a caller done with it may hand it back
+    with :func:`_unpad_cl` (and must not write its border).
+    """
     if not any(padding):
         return x_cl
     shape = (x_cl.shape[0],) + tuple(n + 2 * p for n, p in zip(x_cl.shape[1:4], padding)) + (x_cl.shape[4],)
@@ -938,15 +982,23 @@ def _pad_cl(xp, x_cl, padding):
         xpad = xp.zeros(shape, dtype=x_cl.dtype, device=device(x_cl))
         xpad[interior] = x_cl
         return xpad
-    xpad = native_namespace(xp).empty(shape, dtype=x_cl.dtype)  # zeros written on the border only
-    for axis, p in enumerate(padding, start=1):
-        if p:
-            edge = [slice(None)] * 5
-            for part in (slice(0, p), slice(shape[axis] - p, shape[axis])):
-                edge[axis] = part
-                xpad[tuple(edge)] = 0
+    xpad = _SPARE.take((shape, x_cl.dtype, padding)) if type(x_cl) is np.ndarray else None
+    if xpad is None:
+        xpad = native_namespace(xp).empty(shape, dtype=x_cl.dtype)  # zeros written on the border only
+        for axis, p in enumerate(padding, start=1):
+            if p:
+                edge = [slice(None)] * 5
+                for part in (slice(0, p), slice(shape[axis] - p, shape[axis])):
+                    edge[axis] = part
+                    xpad[tuple(edge)] = 0
     xpad[interior] = x_cl
     return xpad
+
+
+def _unpad_cl(xpad, padding):
+    """Hand a buffer from :func:`_pad_cl` back for reuse (NumPy; anything else is left alone)."""
+    if any(padding) and type(xpad) is np.ndarray:
+        _SPARE.give_back((tuple(xpad.shape), xpad.dtype, padding), xpad)
 
 
 def _window_view(nat, xpad, kernel, stride, out_size):
@@ -954,6 +1006,8 @@ def _window_view(nat, xpad, kernel, stride, out_size):
     st = xpad.strides
     shape = (xpad.shape[0],) + tuple(out_size) + tuple(kernel) + (xpad.shape[4],)
     strides = (st[0],) + tuple(a * s for a, s in zip(st[1:4], stride)) + tuple(st[1:4]) + (st[4],)
+    if nat is np and xpad.flags.c_contiguous:  # the same view, without as_strided's slow Python
+        return np.ndarray(shape, xpad.dtype, buffer=xpad, strides=strides)
     return nat.lib.stride_tricks.as_strided(xpad, shape, strides)
 
 
@@ -973,7 +1027,7 @@ class _Columns:
     """
 
     def __init__(self, xp, x_cl, kernel, stride, padding, out_size, *, keep=False):
-        self.xp, self.kernel, self.stride, self.out_size = xp, kernel, stride, out_size
+        self.xp, self.kernel, self.stride, self.padding, self.out_size = xp, kernel, stride, padding, out_size
         self.batch, self.per = x_cl.shape[0], math.prod(out_size)
         self.width = math.prod(kernel) * x_cl.shape[4]
         self.pointwise = _pointwise(kernel, stride, padding)
@@ -1005,6 +1059,8 @@ class _Columns:
             nat.copyto(cols.reshape(part.shape), part)
             yield rows, cols
         self.kept = buffer if self.keep else None
+        _unpad_cl(self.xpad, self.padding)  # its columns are all copied
+        self.xpad = None
 
 
 def _conv_cl(xp, x_cl, w2, kernel, stride, padding, out_size, *, keep=False):
