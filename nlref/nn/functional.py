@@ -847,18 +847,46 @@ def _widen(xp, w2, kernel, pairs):
     return xp.reshape(wide, (kt * kh * m * c, pairs * o))
 
 
-def _narrow(xp, wide, kernel, pairs):
-    """Adjoint of :func:`_widen`: (kt kh (kw + pairs - 1) C, pairs O) -> (kt kh kw C, O), each tap
-    summed over its ``pairs`` copies."""
-    if pairs == 1:
-        return wide
-    (kt, kh, kw), m = kernel, kernel[2] + pairs - 1
-    o = wide.shape[1] // pairs
-    c = wide.shape[0] // (kt * kh * m)
-    wide = xp.permute_dims(xp.reshape(wide, (kt * kh, m, c, pairs, o)), (0, 1, 3, 2, 4))
-    shifts = asarray(_shifts(kernel[2], pairs), like=wide, dtype=wide.dtype)
-    taps = xp.matmul(xp.matrix_transpose(shifts), xp.reshape(wide, (kt * kh, m * pairs, c * o)))
-    return xp.reshape(taps, (kt * kh * kw * c, o))
+@functools.lru_cache(maxsize=64)
+def _flip_plan(o, c, kernel, pairs):
+    """Index arrays for :func:`_flipped_backward`: ``gather`` (kt kh (kw + pairs - 1) O, pairs C),
+    where its weight matrix (the flipped kernel, widened for ``pairs`` by :func:`_widen`) takes
+    each entry from w's flat values (``w.size`` for a zero), and ``fold`` (pairs, w.size), where
+    each entry of w's gradient finds its ``pairs`` terms in that matrix's flat gradient.
+
+    Found by running the transforms on the numbers 1, 2, ... in w's place; a gather then gives
+    their values in a few calls instead of a dozen, the same numbers to the bit.
+    """
+    size = o * c * math.prod(kernel)
+    ids = np.arange(1.0, size + 1.0).reshape((o, c) + tuple(kernel))
+    xp = _xp(ids)
+    wide = _widen(xp, _weight_matrix(xp, xp.permute_dims(xp.flip(ids, axis=(2, 3, 4)), (1, 0, 2, 3, 4))),
+                  kernel, pairs)
+    gather = np.rint(wide).astype(np.int64) - 1
+    gather[gather < 0] = size
+    order = np.argsort(gather, axis=None, kind="stable")  # positions grouped by the entry of w they hold
+    counts = np.bincount(gather.reshape(-1), minlength=size + 1)
+    if not np.all(counts[:size] == pairs):
+        raise AssertionError(f"_flip_plan: every tap should appear {pairs} times")
+    return gather, order[:size * pairs].reshape(size, pairs).T
+
+
+def _take(xp, flat, index):
+    """A 1-D array's values at the host integer array ``index``, in its shape."""
+    if type(flat) is np.ndarray:
+        return flat[index]
+    return xp.reshape(xp.take(flat, asarray(index.reshape(-1), like=flat)), index.shape)
+
+
+def _take_flat(xp, a, index):
+    """``a``'s flat values, with a zero after them, at the host integer array ``index`` (its shape)."""
+    if type(a) is np.ndarray:
+        flat = np.empty(a.size + 1, dtype=a.dtype)
+        flat[:-1] = a.reshape(-1)
+        flat[-1] = 0
+    else:
+        flat = xp.concat([xp.reshape(a, (-1,)), xp.zeros(1, dtype=a.dtype, device=device(a))])
+    return _take(xp, flat, index)
 
 
 def _flipped_backward(xp, x_cl, d_cl, w, padding, pairs, *, input_grad=True):
@@ -867,8 +895,8 @@ def _flipped_backward(xp, x_cl, d_cl, w, padding, pairs, *, input_grad=True):
     chunk by chunk of D. ``input_grad=False`` skips dx (None)."""
     o, c, kernel = w.shape[0], w.shape[1], tuple(w.shape[2:])
     full = tuple(k - 1 - p for k, p in zip(kernel, padding))
-    w_flip = _weight_matrix(xp, xp.permute_dims(xp.flip(w, axis=(2, 3, 4)), (1, 0, 2, 3, 4)))  # (K O, C)
-    w_flip = _widen(xp, w_flip, kernel, pairs)
+    gather, fold = _flip_plan(o, c, kernel, pairs)
+    w_flip = _take_flat(xp, w, gather)  # the flipped kernel's (K O, C) matrix, widened for pairs
     x2 = xp.reshape(x_cl, (-1, pairs * c))
     spatial = tuple(x_cl.shape[1:4])
     columns = _Columns(xp, d_cl, _wide(kernel, pairs), (1, 1, pairs), full, spatial[:2] + (spatial[2] // pairs,))
@@ -882,11 +910,13 @@ def _flipped_backward(xp, x_cl, d_cl, w, padding, pairs, *, input_grad=True):
             native_namespace(xp).matmul(cols, w_flip, out=dx[rows])
         part = xp.matmul(xp.matrix_transpose(cols), x2[rows, ...])  # in chunk order
         dw_flip = part if dw_flip is None else dw_flip + part
-    taps = math.prod(kernel)  # row k' of dw_flip is tap K - 1 - k' (all three kernel axes flipped)
-    dw_flip = xp.reshape(_narrow(xp, dw_flip, kernel, pairs), (taps, o, c))
-    dw = xp.take(dw_flip, xp.arange(taps - 1, -1, -1, device=device(dw_flip)), axis=0)
+    dw_flip = xp.reshape(dw_flip, (-1,))
+    dw = None
+    for terms in fold:  # each tap's copies, summed in the order of the matrix's rows
+        part = _take(xp, dw_flip, terms)
+        dw = part if dw is None else dw + part
     dx = None if dx is None else xp.reshape(dx, x_cl.shape)
-    return dx, xp.reshape(xp.permute_dims(dw, (1, 2, 0)), (o, c) + kernel)
+    return dx, xp.reshape(dw, (o, c) + kernel)
 
 
 def _channels_last(x):
