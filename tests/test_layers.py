@@ -695,8 +695,15 @@ def test_conv3d_spare_padded_buffers(monkeypatch):
         out, cache = F.conv3d_forward(x, w, stride=stride, padding=padding)
         return (out,) + F.conv3d_backward(np.cos(out), cache)[:2]
 
-    monkeypatch.setattr(F._SpareBorders, "limit", 0)  # nothing kept: every buffer freshly zeroed
+    F._SPARE.free.clear()
+    monkeypatch.setattr(F._SpareBorders, "max_bytes", 0)  # nothing kept: every buffer freshly zeroed
     fresh = [run(*call) for call in calls]
+    assert not F._SPARE.free
+    monkeypatch.setattr(F._SpareBorders, "max_bytes", 16 << 20)
+    monkeypatch.setattr(F._SpareBorders, "limit", 0)  # nor with no room
+    for call, expected in zip(calls, fresh):
+        for a, b in zip(run(*call), expected):
+            np.testing.assert_array_equal(a, b)
     assert not F._SPARE.free
     monkeypatch.setattr(F._SpareBorders, "limit", 16)
     for _ in range(2):
@@ -704,6 +711,7 @@ def test_conv3d_spare_padded_buffers(monkeypatch):
             for a, b in zip(run(*call), expected):
                 np.testing.assert_array_equal(a, b)
     assert F._SPARE.free  # buffers were kept, and their borders are still zero
+    assert all(xpad.nbytes <= F._SpareBorders.max_bytes for xpad in F._SPARE.free.values())
     for (shape, _, padding), xpad in F._SPARE.free.items():
         border = xpad.copy()
         border[F._interior(tuple(n - 2 * p for n, p in zip(shape[1:4], padding)), padding, channels_last=True)] = 0

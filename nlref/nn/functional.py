@@ -921,12 +921,12 @@ def _flipped_backward(xp, x_cl, d_cl, w, padding, pairs, *, input_grad=True):
 
 def _channels_last(x):
     """x (B, C, *S) -> (B, *S, C) contiguous: a view when x is stored channels-last, a copy otherwise."""
-    perm = (0,) + tuple(range(2, x.ndim)) + (1,)
+    axes = (0,) + tuple(range(2, x.ndim)) + (1,)
     if type(x) is np.ndarray:  # the common case, without the wrappers' overhead
-        return np.ascontiguousarray(x.transpose(perm))
+        return np.ascontiguousarray(x.transpose(axes))
     xp = _xp(x)
-    perm = xp.permute_dims(x, perm)
-    return native_namespace(xp).ascontiguousarray(perm) if supports_out(xp) else perm
+    view = xp.permute_dims(x, axes)
+    return native_namespace(xp).ascontiguousarray(view) if supports_out(xp) else view
 
 
 def _channels_first(xp, a):
@@ -974,12 +974,14 @@ def _pointwise(kernel, stride, padding):
 
 class _SpareBorders(threading.local):
     """Padded NumPy buffers handed back by :func:`_pad_cl`'s callers, by (shape, dtype, padding),
-    at most :attr:`limit` of them (per thread). Their borders are still zero, so the next
+    at most :attr:`limit` of them (per thread), each of at most :attr:`max_bytes` (larger ones
+    are left to the allocator). Their borders are still zero, so the next
     padding of that shape only copies the interior: writing the zero borders runs along
     thousands of short rows (one per position of H and T), which took about as long as
     copying the interior."""
 
     limit = 16
+    max_bytes = 16 << 20
 
     def __init__(self):
         self.free = {}
@@ -989,6 +991,8 @@ class _SpareBorders(threading.local):
 
     def give_back(self, key, xpad):
         self.free.pop(key, None)
+        if xpad.nbytes > self.max_bytes:
+            return
         while self.free and len(self.free) >= self.limit:
             self.free.pop(next(iter(self.free)))  # the oldest
         if self.limit > 0:
