@@ -1006,7 +1006,7 @@ def _pad_cl(xp, x_cl, padding):
     """x_cl (B, T, H, W, C) with ``padding`` zeros on both sides of T, H and W.
 
     On NumPy the result may be a spare buffer; a caller done with it may hand it back
-    with :func:`_unpad_cl` (and must not write its border).
+    with :func:`_give_back_padded` (and must not write its border).
     """
     if not any(padding):
         return x_cl
@@ -1029,7 +1029,7 @@ def _pad_cl(xp, x_cl, padding):
     return xpad
 
 
-def _unpad_cl(xpad, padding):
+def _give_back_padded(xpad, padding):
     """Hand a buffer from :func:`_pad_cl` back for reuse (NumPy; anything else is left alone)."""
     if any(padding) and type(xpad) is np.ndarray:
         _SPARE.give_back((tuple(xpad.shape), xpad.dtype, padding), xpad)
@@ -1093,7 +1093,7 @@ class _Columns:
             nat.copyto(cols.reshape(part.shape), part)
             yield rows, cols
         self.kept = buffer if self.keep else None
-        _unpad_cl(self.xpad, self.padding)  # its columns are all copied
+        _give_back_padded(self.xpad, self.padding)  # its columns are all copied
         self.xpad = None
 
 
