@@ -232,12 +232,16 @@ def dtype_name(dtype) -> str:
     PyTorch's and array-api-strict's float32 alike (and for the string)."""
     if isinstance(dtype, str):
         return dtype
-    try:  # remembered: a layer asks this on every call, and ``str`` of a NumPy dtype is slow Python
-        return _DTYPE_NAMES[dtype]
+    # Remembered: a layer asks this on every call, and ``str`` of a NumPy dtype is slow
+    # Python. The key leads with the dtype's type, so that a lookup never compares dtypes
+    # of two libraries (array-api-strict warns when its float32 is compared with NumPy's).
+    key = (type(dtype), dtype)
+    try:
+        return _DTYPE_NAMES[key]
     except (KeyError, TypeError):  # new, or not hashable
         name = _find_dtype_name(dtype)
     try:
-        _DTYPE_NAMES[dtype] = name
+        _DTYPE_NAMES[key] = name
     except TypeError:
         pass
     return name

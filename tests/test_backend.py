@@ -75,3 +75,24 @@ def test_retain_freed_memory_applies_on_glibc():
     assert applied is (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
     assert B.retain_freed_memory() is applied  # idempotent
     np.testing.assert_array_equal(np.ones(1 << 20).sum(), 1 << 20)  # allocation still works
+
+
+def test_dtype_name_never_compares_dtypes_of_two_libraries(recwarn):
+    """Issue 18: the name cache held NumPy and array-api-strict dtypes as keys of one dict, and a hash
+    collision made the lookup compare them, which array-api-strict answers with a UserWarning (321 of them
+    in one run of the suite)."""
+    import warnings
+
+    import array_api_strict as xs
+
+    names = ("float32", "float64", "uint8", "uint16", "int16", "int32", "int64", "bool")
+    B._DTYPE_NAMES.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for name in names:                                  # NumPy's first, as a training step would
+            assert B.dtype_name(np.dtype(name)) == name
+        for name in names:                                  # then array-api-strict's, twice (cached)
+            assert B.dtype_name(getattr(xs, name)) == name
+            assert B.dtype_name(getattr(xs, name)) == name
+        for name in names:
+            assert B.dtype_name(np.dtype(name)) == name
