@@ -26,6 +26,7 @@ import array_api_compat.numpy as _compat_numpy
 
 __all__ = [
     "array_namespace",
+    "require_real",
     "compat_namespace",
     "asarray",
     "device",
@@ -86,6 +87,33 @@ def array_namespace(*arrays, names=None):
             "move them to one library first (nlref.backend.asarray(x, like=y))."
         )
     return array_api_compat.array_namespace(*arrays)
+
+
+def require_real(x, name="x"):
+    """The namespace of ``x``, after checking that ``x`` holds real numbers (integers or floats).
+
+    Raises
+    ------
+    TypeError
+        If ``x`` is not an array, or its dtype is bool, complex, object, string or
+        another non-numeric type; the message names ``name``, the dtype and a way out.
+    """
+    xp = array_namespace(x, names=[name])
+    try:
+        real = bool(xp.isdtype(x.dtype, ("integral", "real floating")))
+    except Exception:  # dtypes outside the standard (object, str, datetime) are not even classified
+        real = False
+    if not real:
+        kind = str(x.dtype)
+        hint = {"bool": f"convert it first, e.g. {name}.astype(float)",
+                "complex": "denoise the real and imaginary parts (or the magnitude) separately",
+                "object": "object arrays often come from lists of unequal length or mixed types; "
+                          f"make a numeric array, e.g. numpy.asarray({name}, dtype=float)"}
+        advice = next((text for key, text in hint.items() if key in kind),
+                      f"convert it first, e.g. numpy.asarray({name}, dtype=float)")
+        raise TypeError(f"{name} must hold real numbers (an integer or floating-point dtype); got dtype {kind}: "
+                        f"{advice}")
+    return xp
 
 
 def device(x):

@@ -5,10 +5,11 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import warnings
 
 import numpy as np
 
-from ..backend import array_namespace, dtype_name
+from ..backend import array_namespace, dtype_name, require_real
 from . import presets
 from .fast import nl_means_fast, working_memory
 from .naive import nl_means_naive, patch_weights
@@ -40,10 +41,8 @@ def _integer_range(dtype):
 
 def _check_image(image, channel_axis):
     """Validate the image and channel axis; return (xp, channel_axis, spatial_shape)."""
-    xp = array_namespace(image, names=["image"])
+    xp = require_real(image, "image")
     dtype = image.dtype
-    if dtype == xp.bool or xp.isdtype(dtype, "complex floating"):
-        raise TypeError(f"image must hold real numbers (integer or floating point); got dtype {dtype}")
     if channel_axis is not None:
         if isinstance(channel_axis, bool) or not isinstance(channel_axis, numbers.Integral):
             raise TypeError(f"channel_axis must be an int or None; got {channel_axis!r}")
@@ -52,7 +51,7 @@ def _check_image(image, channel_axis):
                 f"channel_axis={channel_axis} is out of range for an image with {image.ndim} axes "
                 f"(allowed: {-image.ndim} .. {image.ndim - 1}, or None)"
             )
-        channel_axis = int(channel_axis) % image.ndim
+        given, channel_axis = channel_axis, int(channel_axis) % image.ndim
     spatial = tuple(n for i, n in enumerate(image.shape) if i != channel_axis)
     if not 1 <= len(spatial) <= _MAX_SPATIAL_DIMS:
         raise ValueError(
@@ -63,7 +62,69 @@ def _check_image(image, channel_axis):
         raise ValueError(f"image is empty (shape {tuple(image.shape)})")
     if not _is_integer_dtype(xp, dtype) and not bool(xp.all(xp.isfinite(image))):
         raise ValueError("image contains NaN or Inf values; NL-means needs finite input (replace or mask them first)")
+    layout = _layout_doubt(tuple(image.shape), channel_axis, None if channel_axis is None else given)
+    if layout:
+        warnings.warn(layout, UserWarning, stacklevel=3)
     return xp, channel_axis, spatial
+
+
+def _layout_doubt(shape, channel_axis, given):
+    """A message when the shape suggests that ``channel_axis`` is missing or points at the wrong axis.
+
+    * ``(H, W, C)`` or ``(T, H, W, C)`` with C <= 4 and no ``channel_axis``: most likely a colour
+      (or grey + alpha) image, which would be denoised as a volume of C slices;
+    * a ``channel_axis`` with more than 4 entries while a spatial axis has at most 4
+      (e.g. -1 on a channel-first ``(3, H, W)``), or more than 16 on a 2-D array (e.g. -1 on
+      a grey ``(H, W)``, which would become W channels of a 1-D signal).
+    """
+    if channel_axis is None:
+        if len(shape) in (3, 4) and shape[-1] <= 4 and min(shape[-3], shape[-2]) >= 16:
+            return (f"image has shape {shape} and no channel_axis, so it is denoised as a volume with "
+                    f"{shape[-1]} slice(s) along its last axis. For a colour image pass channel_axis=-1 "
+                    "(and split off an alpha channel first: image[..., :-1]); for a volume, put the short "
+                    "axis first (numpy.moveaxis(image, -1, 0)) and this warning goes away.")
+        return None
+    channels = shape[channel_axis]
+    spatial = [(axis, n) for axis, n in enumerate(shape) if axis != channel_axis]
+    short = [axis for axis, n in spatial if n <= 4]
+    if channels > 4 and short:
+        return (f"channel_axis={given} gives {channels} channels of shape {shape}, while axis {short[0]} "
+                f"has only {shape[short[0]]} entries: did you mean channel_axis={short[0]}?")
+    if channels > 16 and len(shape) == 2:
+        return (f"channel_axis={given} on a 2-D array of shape {shape} makes it {channels} channels of a "
+                f"1-D signal; a grey image takes channel_axis=None (the default).")
+    return None
+
+
+def _units_doubt(name, value, image, xp, data_range):
+    """A message when ``value`` (sigma or h) is far outside the image's value range.
+
+    NL-means takes sigma and h in the units of the image values. ``sigma=20`` on an
+    image in 0..1 (noise larger than the whole signal range) blurs it flat; ``sigma=0.08``
+    on an image in 0..255 (a tenth of a grey level) leaves it unchanged. Both are the
+    0..255 versus 0..1 mix-up. The range is ``data_range`` when given, else the one
+    :func:`_default_data_range` reads from the dtype and values (1 for floats within
+    [-4, 4], 255 for larger floats, the dtype's maximum for integers).
+    """
+    if value <= 0:
+        return None
+    span = data_range if data_range is not None else _default_data_range(xp, image)
+    if data_range is not None:
+        scale = f"data_range={data_range:g}"
+    elif _is_integer_dtype(xp, image.dtype):
+        scale = f"{dtype_name(image.dtype)}, 0..{span:g}"
+    else:
+        scale = "float values within [-4, 4], read as 0..1" if span == 1 else "float values beyond [-4, 4], read as 0..255"
+    limit = span if name == "sigma" else 2 * span
+    if value > limit:
+        return (f"{name}={value:g} is larger than the whole value range of the image ({scale}): NL-means would "
+                f"blur the image flat. {name} is in the image's units: if it is in grey levels (0..255) and the "
+                f"image in 0..1, pass {name}={value / 255:.4g}.")
+    if span >= 255 and value < 0.5:
+        return (f"{name}={value:.4g} is less than half a unit of an image in grey levels ({scale}): NL-means "
+                f"would leave the image almost unchanged. {name} is in the image's units: if it is in 0..1 units "
+                f"and the image in 0..255, pass {name}={value * 255:.4g}.")
+    return None
 
 
 def _sizes(name, value, spatial):
@@ -131,6 +192,10 @@ def _resolve(xp, image, spatial, *, sigma, h, patch_size, search_size, channel_a
         search_size = _sizes("search_size", search_size, spatial)
     if data_range is not None:
         data_range = _positive("data_range", data_range, allow_zero=False)
+    for name, value in (("sigma", sigma), ("h", h)):
+        doubt = None if value is None else _units_doubt(name, value, image, xp, data_range)
+        if doubt:
+            warnings.warn(doubt, UserWarning, stacklevel=3)
 
     source = "given"
     noise = sigma

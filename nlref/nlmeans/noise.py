@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 
-from ..backend import array_namespace
+from ..backend import array_namespace, require_real
 
 __all__ = ["estimate_sigma"]
 
@@ -65,7 +65,7 @@ def estimate_sigma(image, *, channel_axis=None):
     smooth content gives values near 0; strong texture biases the estimate
     upwards (as for every single-image estimator).
     """
-    xp = array_namespace(image, names=["image"])
+    xp = require_real(image, "image")
     x = image if xp.isdtype(image.dtype, "real floating") else xp.astype(image, xp.float64)
     if channel_axis is not None:
         x = xp.moveaxis(x, channel_axis, 0)
