@@ -1,8 +1,14 @@
-"""The ``nlref`` command: ``nlref demo`` (the teaching walk), ``nlref denoise`` and ``nlref train``."""
+"""The ``nlref`` command: ``nlref demo`` (the teaching walk), ``nlref denoise`` and ``nlref train``.
+
+Every problem with the user's files or options is reported as one line naming the
+file or option and what is wrong (exit status 2), checked before the work where it
+can be; Ctrl-C and SIGTERM stop with one line (exit status 130 / 143).
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -223,7 +229,135 @@ def _demo_training(out, *, quick, seed):
     return lines
 
 
+class CommandError(Exception):
+    """A problem with the files or options of a command: reported as one line, without a traceback."""
+
+
+class _Terminated(BaseException):
+    """Raised in the main thread when SIGTERM arrives (as KeyboardInterrupt is for SIGINT)."""
+
+
+#: What each output format can hold: (name, dtypes, channel counts; None: anything, 0: no channel axis).
+_WRITERS = {
+    ".png": ("PNG", ("uint8", "uint16"), (0, 2, 3, 4)),
+    ".tif": ("TIFF", None, None),
+    ".tiff": ("TIFF", None, None),
+    ".jpg": ("JPEG", ("uint8",), (0, 3)),
+    ".jpeg": ("JPEG", ("uint8",), (0, 3)),
+    ".bmp": ("BMP", ("uint8",), (0, 3)),
+    ".webp": ("WebP", ("uint8",), (0, 3, 4)),
+}
+_JPEG = (".jpg", ".jpeg")
+
+
+def _count(n, word):
+    """``1 epoch``, ``2 epochs``."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _read_image(path):
+    """Read an image file; any failure becomes one CommandError line naming the file and the problem."""
+    from skimage import io
+
+    if not path.exists():
+        raise CommandError(f"IMAGE {str(path)!r} does not exist")
+    if path.is_dir():
+        raise CommandError(f"IMAGE {str(path)!r} is a folder, not an image file")
+    if not path.is_file():
+        raise CommandError(f"IMAGE {str(path)!r} is not a regular file")
+    if path.stat().st_size == 0:
+        raise CommandError(f"cannot read IMAGE {str(path)!r}: the file is empty")
+    try:
+        image = np.asarray(io.imread(path))
+    except PermissionError:
+        raise CommandError(f"cannot read IMAGE {str(path)!r}: permission denied") from None
+    except Exception as err:  # imageio's plugins raise OSError, ValueError, struct.error, SyntaxError ...
+        reason = ("the image data is truncated (an incomplete copy or download?)" if "truncated" in str(err).lower()
+                  else "it is not an image in a format the reader knows (PNG, JPEG, TIFF, BMP, GIF, WebP, ...), "
+                       "or it is damaged")
+        raise CommandError(f"cannot read IMAGE {str(path)!r}: {reason}") from None
+    if image.dtype.kind not in "uif" or image.size == 0:
+        raise CommandError(f"cannot denoise IMAGE {str(path)!r}: it holds {image.size} values of dtype {image.dtype}")
+    return image
+
+
+def _layout(image):
+    """How an image as read is denoised: (description, the array to denoise, channel_axis, alpha or None)."""
+    if image.ndim == 3 and image.shape[-1] == 1:
+        return "grey (one channel)", image[..., 0], None, None
+    if image.ndim == 3 and image.shape[-1] == 2:
+        return "grey + alpha: the grey channel is denoised, alpha kept as it is", image[..., :1], -1, image[..., 1:]
+    if image.ndim == 3 and image.shape[-1] == 3:
+        return "colour (RGB)", image, -1, None
+    if image.ndim == 3 and image.shape[-1] == 4:
+        return "colour + alpha (RGBA): the colour channels are denoised, alpha kept as it is", image[..., :3], -1, \
+            image[..., 3:]
+    if image.ndim == 2:
+        return "grey", image, None, None
+    return f"{image.ndim}-D, denoised as a volume", image, None, None
+
+
+def _check_output(out, *, image_path, dtype, shape):
+    """Everything about ``--out`` that can be checked before the work: folder, extension, what the format holds."""
+    suffix = out.suffix.lower()
+    if suffix not in _WRITERS:
+        raise CommandError(f"--out {str(out)!r}: the extension {suffix or '(none)'!r} names no image format nlref "
+                           f"writes; use one of {', '.join(_WRITERS)}")
+    folder = out.parent
+    if not folder.is_dir():
+        raise CommandError(f"the folder of --out ({str(folder)!r}) does not exist; create it first")
+    if not os.access(folder, os.W_OK):
+        raise CommandError(f"the folder of --out ({str(folder)!r}) is not writable")
+    if out.is_dir():
+        raise CommandError(f"--out {str(out)!r} is a folder; give a file name such as {str(out / 'denoised.png')!r}")
+    if image_path is not None and out.exists() and out.samefile(image_path):
+        raise CommandError(f"--out {str(out)!r} is IMAGE itself: it would overwrite the input; choose another name")
+    name, dtypes, channels = _WRITERS[suffix]
+    n = 0 if len(shape) == 2 else shape[-1]
+    if dtypes is not None and str(dtype) not in dtypes:
+        raise CommandError(f"--out {str(out)!r}: {name} cannot hold {dtype} values (it holds {', '.join(dtypes)}); "
+                           "use .tif")
+    if channels is not None and (len(shape) not in (2, 3) or n not in channels):
+        held = {0: "grey", 2: "grey + alpha", 3: "RGB", 4: "RGBA"}
+        what = f"a {len(shape)}-D array" if len(shape) not in (2, 3) else held.get(n, f"{n} channels")
+        raise CommandError(f"--out {str(out)!r}: {name} cannot hold {what} (it holds "
+                           f"{', '.join(held[c] for c in channels)}); use .png or .tif")
+
+
+def _write_image(out, image):
+    """Write through a temporary file in the same folder, renamed into place: never a half-written file."""
+    import tempfile
+
+    from skimage import io
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=out.suffix, dir=out.parent)
+    os.close(fd)
+    try:
+        io.imsave(tmp, image, check_contrast=False)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)                   # mkstemp makes 0600; give it the usual mode
+        os.replace(tmp, out)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _warned(f):
+    """Run ``f``, printing each distinct warning of nlref as one line on stderr (not Python's two-line form)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        result = f()
+    for message in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, UserWarning)):
+        print(f"nlref denoise: warning: {message}", file=sys.stderr)
+    return result
+
+
 def run_denoise(args):
+    """``nlref denoise``: read, check everything, then denoise and write the result atomically."""
     import nlref
 
     if args.image is None:
@@ -232,45 +366,78 @@ def run_denoise(args):
         clean = data.camera()
         image = np.clip(np.round(clean + args.noise * np.random.default_rng(args.seed).standard_normal(clean.shape)),
                         0, 255).astype(np.uint8)
+        path = None
         print(f"no IMAGE given: the bundled camera image with Gaussian noise of {args.noise} grey levels")
     else:
-        from skimage import io
-
         path = Path(args.image)
-        if not path.is_file():
-            raise SystemExit(f"nlref denoise: IMAGE {str(path)!r} is not a file")
-        image = io.imread(path)
+        image = _read_image(path)
         clean = None
-    channel_axis = -1 if image.ndim == 3 and image.shape[-1] in (3, 4) else None
-    alpha = None
-    if channel_axis is not None and image.shape[-1] == 4:
-        image, alpha = image[..., :3], image[..., 3:]
-    params = nlref.resolve_parameters(image, sigma=args.sigma, h=args.h, patch_size=args.patch_size,
-                                      search_size=args.search_size, channel_axis=channel_axis,
-                                      aggregation=args.aggregation)
+    what, work, channel_axis, alpha = _layout(image)
+    result_shape = image.shape[:2] if image.ndim == 3 and image.shape[-1] == 1 else image.shape
+    out = Path(args.out)
+    _check_output(out, image_path=path, dtype=image.dtype, shape=result_shape)
+    print(f"read {'the camera image' if path is None else path.name}: {tuple(image.shape)} {image.dtype}, {what}")
+    params = _warned(lambda: nlref.resolve_parameters(
+        work, sigma=args.sigma, h=args.h, patch_size=args.patch_size, search_size=args.search_size,
+        channel_axis=channel_axis, aggregation=args.aggregation))
     print(f"sigma {params['sigma']:.3g} ({params['sigma_source']}), h {params['h']:.3g}, "
           f"patch {params['patch_size']}, search {params['search_size']}, {args.aggregation}-wise")
-    result, seconds = _timed(lambda: nlref.nl_means(
-        image, sigma=args.sigma, h=args.h, patch_size=args.patch_size, search_size=args.search_size,
-        channel_axis=channel_axis, aggregation=args.aggregation, method=args.method, progress=True))
+    if path is not None and path.suffix.lower() in _JPEG and args.sigma is None:
+        print("note: JPEG compression removes part of the noise, so this estimate is unreliable and mostly low; "
+              "if you know the noise level, pass it with --sigma (in grey levels for 8-bit files)")
+    progress = not args.no_progress and sys.stderr.isatty()
+    result, seconds = _timed(lambda: _warned(lambda: nlref.nl_means(
+        work, sigma=args.sigma, h=args.h, patch_size=args.patch_size, search_size=args.search_size,
+        channel_axis=channel_axis, aggregation=args.aggregation, method=args.method, progress=progress)))
     if alpha is not None:
         result = np.concatenate([result, alpha], axis=-1)
-    out = Path(args.out)
-    if out.parent and not out.parent.exists():
-        raise SystemExit(f"nlref denoise: the folder of --out ({out.parent}) does not exist")
-    from skimage import io
-
-    io.imsave(out, result, check_contrast=False)
-    line = f"denoised {image.shape} {image.dtype} in {seconds:.2f} s -> {out}"
-    if args.image is None:
+    _write_image(out, result)
+    line = f"denoised {tuple(image.shape)} {image.dtype} in {seconds:.2f} s -> {out}"
+    if path is None:
         line += f" (PSNR {nlref.psnr(clean, image):.2f} -> {nlref.psnr(clean, result):.2f} dB)"
     print(line)
+
+
+def _train_command(args):
+    """The ``nlref train`` command line that continues the run of ``args`` (``--resume``, no ``--overwrite``)."""
+    import shlex
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    words = ["nlref", "train"]
+    for action in sub.choices["train"]._actions:
+        if not action.option_strings or action.dest in ("help", "resume", "overwrite"):
+            continue
+        value = getattr(args, action.dest)
+        if isinstance(action, argparse._StoreTrueAction):
+            words += [action.option_strings[0]] if value else []
+        elif value != action.default or action.dest == "out":
+            words += [action.option_strings[0], str(value)]
+    return shlex.join(words + ["--resume"])
+
+
+def _train_interrupted(args, signame):
+    """One line: the epoch whose checkpoint is intact, and the command that continues from it."""
+    from nlref.train import CHECKPOINT, CheckpointError, load_checkpoint
+
+    path = Path(args.out) / CHECKPOINT
+    try:
+        epoch = load_checkpoint(path)[0]["epoch"] if path.is_file() else 0
+    except CheckpointError:
+        epoch = None
+    if epoch is None:
+        return f"nlref train: stopped by {signame}; the checkpoint {path} cannot be read"
+    if epoch == 0:
+        return (f"nlref train: stopped by {signame} before the first epoch was complete; nothing was saved: "
+                f"run the same command again to start")
+    return (f"nlref train: stopped by {signame} after epoch {epoch} of {args.epochs} (checkpoint {path} is "
+            f"complete); to continue: {_train_command(args)}")
 
 
 def run_train(args):
     """``nlref train``: the options map one to one onto :class:`nlref.train.TrainConfig`."""
     from nlref.backend import retain_freed_memory
-    from nlref.train import TrainConfig, train
+    from nlref.train import CHECKPOINT, RUN_FILES, TrainConfig, train
 
     xp = None
     if args.backend == "cupy":
@@ -287,42 +454,110 @@ def run_train(args):
         fields["lr"] = args.lr
     elif args.optimizer == "sgd":
         fields["lr"] = 0.1
-    config = TrainConfig(**fields)
+    config = TrainConfig(**fields).validate()
+    out = Path(args.out)
+    existing = [name for name in RUN_FILES if (out / name).exists()]
+    if args.resume and not (out / CHECKPOINT).is_file():
+        raise CommandError(f"--resume: there is no run to resume in {str(out)!r} (no {CHECKPOINT} there); "
+                           "start a new run without --resume")
+    if existing and not (args.resume or args.overwrite):
+        raise CommandError(f"--out {str(out)!r} already holds a training run ({', '.join(existing)}): add --resume "
+                           "to continue it, --overwrite to start it over (deleting those files), or choose another "
+                           "--out")
     retain_freed_memory()  # this process is ours: reuse freed memory rather than page-fault it back in
-    print(f"nlref train: {config.model} with {config.nonlocal_blocks} non-local block(s) "
-          f"({config.mode}, {config.extent}), {config.epochs} epochs, {config.optimizer} lr {config.lr:g}, "
-          f"{config.n_train} clips of {config.frames}x{config.size}x{config.size} -> {args.out}")
-    result = train(config, args.out, xp=xp, resume=args.resume, progress=not args.no_progress)
-    print(f"val accuracy {result['val_accuracy']:.3f} after {len(result['history'])} epochs; "
+    steps = " and ".join(f"{m:.0%}" for m in config.milestones)
+    print(f"nlref train: {config.model} with {_count(config.nonlocal_blocks, 'non-local block')} "
+          f"({config.mode}, {config.extent}), {_count(config.epochs, 'epoch')}, {config.optimizer} lr "
+          f"{config.lr:.12g} (x0.1 after {steps} of the steps), {config.n_train} clips of "
+          f"{config.frames}x{config.size}x{config.size} -> {args.out}", flush=True)
+    result = train(config, args.out, xp=xp, resume=args.resume, overwrite=args.overwrite,
+                   progress=not args.no_progress and sys.stderr.isatty(), log=lambda line: print(line, flush=True))
+    print(f"val accuracy {result['val_accuracy']:.3f} after {_count(len(result['history']), 'epoch')}; "
           f"{result['seconds']:.0f} s of training at {result['clips_per_second']:.0f} clips/s")
     return result
 
 
 def _size(text):
-    parts = [int(p) for p in text.split(",")]
+    try:
+        parts = [int(p) for p in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an odd int or comma-separated odd ints (e.g. 7 or 3,7,7)")
     return parts[0] if len(parts) == 1 else tuple(parts)
 
 
+_DESCRIPTION = """\
+nlref: non-local means denoising and the non-local neural block, a readable reference.
+  nlref demo      the teaching walk, with figures and tables
+  nlref denoise   NL-means on an image file
+  nlref train     train a small non-local video network on the two-sprite task
+Run 'nlref COMMAND --help' for the options of a command."""
+
+_DEMO = """\
+The teaching walk, on the bundled images: averaging noisy copies (the variance falls as
+1/N); NL-means pixel-wise and patch-wise on the grey camera image and in colour, with the
+weights of three pixels; the non-local block (a float64 gradient check of every pairwise
+function, the identity at the start, an embedded-Gaussian block whose attention equals
+NL-means weights); and a short training run of a C2D network with and without a
+non-local block on the two-sprite task (under a minute on 2 cores), with its curves and
+where the trained block attends. Writes the figures to OUT and prints tables of PSNR,
+time and accuracy."""
+
+_DENOISE = """\
+sigma and h are in the units of the image's values: grey levels (0..255) for 8-bit
+files, 0..65535 for 16-bit ones. Without --sigma the noise level is estimated. JPEG
+input: compression removes part of the noise, so the estimate is unreliable and mostly
+reads low (8.3 where 20 grey levels were added to the colour astronaut image saved at
+quality 75; see docs/nlmeans.md): pass the noise level with --sigma when you know it,
+e.g. --sigma 20. Alpha channels (grey + alpha, RGBA) are kept as they are; the
+grey or colour channels are denoised. The output is written only after the work is
+done, through a temporary file, so a failed or interrupted run never leaves half a file."""
+
+_TRAIN = """\
+Writes OUT/checkpoint.npz, metrics.json and metrics.csv after every epoch (atomically).
+An OUT that already holds a run is refused unless --resume (continue it) or --overwrite
+(start it over). Ctrl-C or SIGTERM stops the run cleanly: the last complete
+checkpoint stays valid, and the command that continues it is printed."""
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(prog="nlref", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    from nlref import __version__
 
-    demo = sub.add_parser("demo", help="run the teaching walk (averaging, NL-means) and write its figures")
-    demo.add_argument("--out", default="nlref-demo", help="folder for the figures (default: ./nlref-demo)")
-    demo.add_argument("--quick", action="store_true", help="128x128 crops (a few seconds; used by the tests)")
-    demo.add_argument("--seed", type=int, default=0)
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="nlref", description=_DESCRIPTION, formatter_class=fmt)
+    parser.add_argument("--version", action="version", version=f"nlref {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    den = sub.add_parser("denoise", help="NL-means denoise an image file")
-    den.add_argument("image", nargs="?", help="image file (default: the bundled camera image, with added noise)")
-    den.add_argument("--sigma", type=float, help="noise std in the image's units (0..255 for 8-bit); default: estimated")
-    den.add_argument("--h", type=float, help="filter strength; default from the preset for sigma")
-    den.add_argument("--patch-size", type=_size, help="odd patch width, or comma-separated per axis")
-    den.add_argument("--search-size", type=_size, help="odd search width, or comma-separated per axis")
-    den.add_argument("--aggregation", choices=("pixel", "patch"), default="pixel")
-    den.add_argument("--method", choices=("fast", "naive"), default="fast")
-    den.add_argument("--noise", type=float, default=20.0, help="noise added to the default image (grey levels)")
-    den.add_argument("--seed", type=int, default=0)
-    den.add_argument("--out", default="denoised.png", help="output file (default: denoised.png)")
+    demo = sub.add_parser("demo", help="the teaching walk: averaging, NL-means, the non-local block, a short training",
+                          description=_DEMO, formatter_class=fmt)
+    demo.add_argument("--out", default="nlref-demo", help="folder for the figures (default: %(default)s)")
+    demo.add_argument("--quick", action="store_true",
+                      help="128x128 crops and a tiny network (a few seconds; used by the tests) (default: off)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the noise and the networks (default: %(default)s)")
+
+    den = sub.add_parser("denoise", help="NL-means denoise an image file", description=_DENOISE, formatter_class=fmt)
+    den.add_argument("image", nargs="?", metavar="IMAGE",
+                     help="image file: PNG, TIFF, JPEG, BMP, ... (default: the bundled camera image, with added noise)")
+    den.add_argument("--sigma", type=float,
+                     help="noise std in the image's units (0..255 for 8-bit files) (default: estimated; reads low "
+                          "on JPEG files)")
+    den.add_argument("--h", type=float, help="filter strength, in the image's units (default: from the preset for sigma)")
+    den.add_argument("--patch-size", type=_size,
+                     help="odd patch width, or comma-separated per axis (default: from the preset for sigma)")
+    den.add_argument("--search-size", type=_size,
+                     help="odd search width, or comma-separated per axis (default: from the preset for sigma)")
+    den.add_argument("--aggregation", choices=("pixel", "patch"), default="pixel",
+                     help="pixel-wise or patch-wise estimates (default: %(default)s)")
+    den.add_argument("--method", choices=("fast", "naive"), default="fast",
+                     help="the offset loop, or the definition for small images (default: %(default)s)")
+    den.add_argument("--noise", type=float, default=20.0,
+                     help="noise added to the bundled image when no IMAGE is given, in grey levels (default: "
+                          "%(default)s)")
+    den.add_argument("--seed", type=int, default=0, help="seed of that noise (default: %(default)s)")
+    den.add_argument("--out", default="denoised.png",
+                     help="output file; its extension picks the format: .png, .tif, .jpg, .bmp, .webp "
+                          "(default: %(default)s)")
+    den.add_argument("--no-progress", action="store_true",
+                     help="no progress bar (default: a bar when stderr is a terminal, none otherwise)")
 
     from nlref.data.sprites import RELATIONS
     from nlref.nn.models import EXTENTS, FLAVOURS, STAGES
@@ -330,40 +565,64 @@ def build_parser():
     from nlref.train import OPTIMISERS, TrainConfig
 
     d = TrainConfig()
-    tr = sub.add_parser("train", help="train a small (non-local) video network on the two-sprite task")
-    tr.add_argument("--model", choices=FLAVOURS, default=d.model)
+    tr = sub.add_parser("train", help="train a small (non-local) video network on the two-sprite task",
+                        description=_TRAIN, formatter_class=fmt)
+    dflt = " (default: %(default)s)"
+    tr.add_argument("--model", choices=FLAVOURS, default=d.model, help="network: 2-D or inflated 3-D convs" + dflt)
     tr.add_argument("--nonlocal", dest="nonlocal_blocks", type=int, default=d.nonlocal_blocks,
-                    help="number of non-local blocks (0: the baseline; default %(default)s)")
-    tr.add_argument("--stage", choices=STAGES, default=d.stage, help="stage of a single block")
-    tr.add_argument("--mode", choices=MODES, default=d.mode)
-    tr.add_argument("--extent", choices=EXTENTS, default=d.extent, help="what a block attends over")
-    tr.add_argument("--no-sub-sample", action="store_true", help="no max-pooling of the keys and values")
-    tr.add_argument("--no-bn", action="store_true", help="no BN after W_z (W_z starts at 0 instead)")
-    tr.add_argument("--scale", action="store_true", help="1/sqrt(d) on the softmax logits")
-    tr.add_argument("--pool", choices=("after", "before"), default=d.pool)
-    tr.add_argument("--epochs", type=int, default=d.epochs)
-    tr.add_argument("--batch-size", type=int, default=d.batch_size)
-    tr.add_argument("--optimizer", choices=OPTIMISERS, default=d.optimizer)
-    tr.add_argument("--lr", type=float, help=f"learning rate (default {d.lr:g} for adam, 0.1 for sgd)")
-    tr.add_argument("--n-train", type=int, default=d.n_train)
-    tr.add_argument("--n-val", type=int, default=d.n_val)
-    tr.add_argument("--relation", choices=RELATIONS, default=d.relation)
-    tr.add_argument("--kinds", type=int, default=d.kinds)
-    tr.add_argument("--size", type=int, default=d.size, help="frame height and width")
-    tr.add_argument("--dtype", choices=("float32", "float64"), default=d.dtype)
-    tr.add_argument("--seed", type=int, default=d.seed)
-    tr.add_argument("--backend", choices=("numpy", "cupy"), default="numpy")
-    tr.add_argument("--out", default="nlref-train", help="folder for checkpoint and metrics (default: ./nlref-train)")
-    tr.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
-    tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+                    help="number of non-local blocks, 0 for the baseline" + dflt)
+    tr.add_argument("--stage", choices=STAGES, default=d.stage, help="stage of a single block" + dflt)
+    tr.add_argument("--mode", choices=MODES, default=d.mode, help="pairwise function of the blocks" + dflt)
+    tr.add_argument("--extent", choices=EXTENTS, default=d.extent, help="what a block attends over" + dflt)
+    tr.add_argument("--no-sub-sample", action="store_true",
+                    help="no max-pooling of the keys and values (default: off, they are pooled)")
+    tr.add_argument("--no-bn", action="store_true",
+                    help="no BN after W_z, W_z starts at 0 instead (default: off, BN with gamma 0)")
+    tr.add_argument("--scale", action="store_true", help="1/sqrt(d) on the softmax logits (default: off)")
+    tr.add_argument("--pool", choices=("after", "before"), default=d.pool,
+                    help="max-pool after phi and g, or x before them" + dflt)
+    tr.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training clips" + dflt)
+    tr.add_argument("--batch-size", type=int, default=d.batch_size, help="clips per step" + dflt)
+    tr.add_argument("--optimizer", choices=OPTIMISERS, default=d.optimizer, help="optimiser" + dflt)
+    tr.add_argument("--lr", type=float,
+                    help=f"base learning rate, x0.1 after 60%% and 85%% of the steps (default: {d.lr:g} for adam, "
+                         "0.1 for sgd)")
+    tr.add_argument("--n-train", type=int, default=d.n_train, help="training clips" + dflt)
+    tr.add_argument("--n-val", type=int, default=d.n_val, help="validation clips" + dflt)
+    tr.add_argument("--relation", choices=RELATIONS, default=d.relation,
+                    help="what the two sprites are compared on" + dflt)
+    tr.add_argument("--kinds", type=int, default=d.kinds, help="kinds of sprite (brightness levels)" + dflt)
+    tr.add_argument("--size", type=int, default=d.size, help="frame height and width" + dflt)
+    tr.add_argument("--dtype", choices=("float32", "float64"), default=d.dtype, help="floating-point type" + dflt)
+    tr.add_argument("--seed", type=int, default=d.seed, help="seed of the data, weights and shuffles" + dflt)
+    tr.add_argument("--backend", choices=("numpy", "cupy"), default="numpy", help="array library" + dflt)
+    tr.add_argument("--out", default="nlref-train", help="folder for checkpoint and metrics" + dflt)
+    again = tr.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue the run in OUT from its checkpoint (default: off)")
+    again.add_argument("--overwrite", action="store_true",
+                       help="start over in an OUT that holds a run, deleting its checkpoint and metrics (default: off)")
+    tr.add_argument("--no-progress", action="store_true",
+                    help="no progress bar (default: a bar when stderr is a terminal, none otherwise)")
     return parser
 
 
+def _raise_terminated(signum, frame):
+    raise _Terminated(signum)
+
+
 def main(argv=None):
+    """Run the ``nlref`` command; returns the exit status (0; 1 for a failure during the work; 2 for bad
+    input; 130 / 143 when stopped by SIGINT / SIGTERM)."""
+    import signal
+    import threading
+
     import matplotlib
 
     matplotlib.use("Agg")
     args = build_parser().parse_args(argv)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
     try:
         if args.command == "demo":
             run_demo(args.out, quick=args.quick, seed=args.seed)
@@ -371,9 +630,25 @@ def main(argv=None):
             run_train(args)
         else:
             run_denoise(args)
-    except (ValueError, TypeError) as err:
+    except (CommandError, ValueError, TypeError) as err:
         print(f"nlref {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except (OSError, FloatingPointError) as err:
+        print(f"nlref {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except (KeyboardInterrupt, _Terminated) as err:
+        signum = err.args[0] if isinstance(err, _Terminated) else signal.SIGINT
+        signame = signal.Signals(signum).name
+        if args.command == "train":
+            print(_train_interrupted(args, signame), file=sys.stderr)
+        elif args.command == "denoise":
+            print(f"nlref denoise: stopped by {signame}; nothing was written", file=sys.stderr)
+        else:
+            print(f"nlref demo: stopped by {signame}; the figures written so far are in {args.out}", file=sys.stderr)
+        return 128 + signum
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

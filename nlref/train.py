@@ -18,6 +18,7 @@ uninterrupted run and ends with bit-identical weights (on the same backend).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -25,7 +26,9 @@ import io
 import json
 import math
 import os
+import signal
 import tempfile
+import threading
 import time
 import zipfile
 from dataclasses import dataclass
@@ -43,6 +46,7 @@ from .nn.optim import SGD, Adam, StepSchedule
 __all__ = ["TrainConfig", "train", "load_checkpoint", "evaluate", "CheckpointError"]
 
 CHECKPOINT = "checkpoint.npz"
+RUN_FILES = (CHECKPOINT, "metrics.json", "metrics.csv")
 OPTIMISERS = ("adam", "sgd")
 _FORMAT = "nlref-checkpoint-1"
 
@@ -236,18 +240,29 @@ def load_checkpoint(path):
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
+    what_to_do = ("it cannot be resumed: restore it from a copy, or start the run over (discarding it: "
+                  "overwrite=True, or --overwrite on the command line)")
+    # The reasons NumPy and zipfile give are not passed on: for a file that is not a zip archive NumPy
+    # suggests loading it with allow_pickle=True, which would run whatever code a damaged or foreign
+    # file holds, and is never the fix for a checkpoint.
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"checkpoint {path} is corrupted or truncated (not a readable .npz archive); "
+                              + what_to_do)
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: np.array(data[k]) for k in data.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as err:
-        raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupted?): {err}") from err
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zipfile.LargeZipFile, KeyError) as err:
+        raise CheckpointError(f"checkpoint {path} is corrupted or truncated ({type(err).__name__} while "
+                              f"reading its arrays); " + what_to_do) from None
     try:
         meta = json.loads(arrays.pop("meta").tobytes().decode())
         assert meta["format"] == _FORMAT
     except Exception as err:
-        raise CheckpointError(f"{path} is not an nlref checkpoint ({_FORMAT})") from err
+        raise CheckpointError(f"{path} is not an nlref checkpoint ({_FORMAT}): it holds no nlref metadata; "
+                              "point out_dir (--out) at the folder of an nlref run") from err
     if _digest(arrays) != meta["sha256"]:
-        raise CheckpointError(f"checkpoint {path} is corrupted: its contents do not match the stored checksum")
+        raise CheckpointError(f"checkpoint {path} is corrupted: its contents do not match the stored checksum; "
+                              + what_to_do)
     model_state = {k[len("model/"):]: v for k, v in arrays.items() if k.startswith("model/")}
     opt_state = {"steps": meta["optim_steps"], "state": {}}
     for k, v in arrays.items():
@@ -267,6 +282,36 @@ def _write_metrics(out_dir, history):
     _atomic_write(out_dir / "metrics.csv", lambda f: f.write(text.getvalue().encode()))
 
 
+@contextlib.contextmanager
+def _signals_held():
+    """Hold SIGINT and SIGTERM while the block runs, then deliver them.
+
+    Wraps the writing of one epoch's checkpoint and metrics, so that an interruption
+    (Ctrl-C, ``kill``) never lands between the two files: after it, ``metrics.json``
+    and ``metrics.csv`` describe exactly the epochs in ``checkpoint.npz``. Each file
+    is written atomically in any case. Signal handlers can only be set in the main
+    thread; elsewhere (and where a handler was installed outside Python) this does nothing.
+    """
+    names = [s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None)) if s is not None]
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in names}
+    if any(h is None for h in previous.values()):
+        yield
+        return
+    caught = []
+    for s in names:
+        signal.signal(s, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for signum in caught[:1]:
+            signal.raise_signal(signum)
+
+
 def _prepare_out_dir(out_dir):
     out_dir = Path(out_dir)
     try:
@@ -279,7 +324,8 @@ def _prepare_out_dir(out_dir):
 
 
 # --------------------------------------------------------------------------- the loop
-def train(config=None, out_dir=None, *, xp=None, resume=False, progress=True, log=print, callback=None):
+def train(config=None, out_dir=None, *, xp=None, resume=False, overwrite=False, progress=True, log=print,
+          callback=None):
     """Train a :class:`VideoNet` on the sprite task.
 
     Parameters
@@ -293,7 +339,11 @@ def train(config=None, out_dir=None, *, xp=None, resume=False, progress=True, lo
         Array library for data and weights (numpy by default; ``cupy`` on a GPU).
     resume : bool
         Continue from ``out_dir/checkpoint.npz``; its configuration must equal ``config``.
-        Without a checkpoint the run starts from scratch.
+        An ``out_dir`` without a checkpoint is an error (nothing to resume).
+    overwrite : bool
+        Start from scratch in an ``out_dir`` that holds a run (its checkpoint and metrics
+        files are deleted first). Without it (or ``resume``) such an ``out_dir`` is refused,
+        so that a finished run is never replaced by accident.
     progress : bool
         Show a tqdm bar per epoch.
     log : callable
@@ -304,30 +354,56 @@ def train(config=None, out_dir=None, *, xp=None, resume=False, progress=True, lo
     Returns
     -------
     dict
-        ``history`` (one dict per epoch), ``model`` (the trained :class:`VideoNet`),
+        ``history`` (one dict per epoch, whose ``lr`` is the learning rate of the
+        epoch's first step), ``model`` (the trained :class:`VideoNet`),
         ``val_accuracy``, ``seconds`` and ``clips_per_second`` (training throughput).
+
+    Raises
+    ------
+    ValueError
+        A bad configuration; ``resume`` and ``overwrite`` together; ``out_dir`` holds a
+        run and neither ``resume`` nor ``overwrite`` is given; ``out_dir`` cannot be written.
+    CheckpointError
+        ``resume`` without a checkpoint in ``out_dir``, or with one that is corrupted or
+        from another configuration.
     """
     config = (config or TrainConfig()).validate()
     if resume and out_dir is None:
         raise ValueError("resume=True needs out_dir (where the checkpoint is)")
+    if resume and overwrite:
+        raise ValueError("resume=True continues the run in out_dir and overwrite=True discards it: pass one of them")
+    if out_dir is not None:
+        existing = [name for name in RUN_FILES if (Path(out_dir) / name).exists()]
+        if resume and not (Path(out_dir) / CHECKPOINT).is_file():
+            raise CheckpointError(f"nothing to resume in {str(out_dir)!r}: it holds no {CHECKPOINT}; "
+                                  "start a new run there without resume (--resume)")
+        if existing and not (resume or overwrite):
+            raise ValueError(f"{str(out_dir)!r} already holds a training run ({', '.join(existing)}); "
+                             "continue it with resume=True (--resume), start it over with overwrite=True "
+                             "(--overwrite, which deletes those files), or choose another out_dir (--out)")
     out_dir = _prepare_out_dir(out_dir) if out_dir is not None else None
+    if overwrite and out_dir is not None:
+        for name in RUN_FILES:
+            (out_dir / name).unlink(missing_ok=True)
     model = build_model(config, xp)
     optimiser = _optimiser(config, model)
     history, first_epoch = [], 0
-    if resume and (out_dir / CHECKPOINT).exists():
+    if resume:
         meta, model_state, opt_state = load_checkpoint(out_dir / CHECKPOINT)
         saved = TrainConfig.from_dict(meta["config"]).as_dict()
         diffs = [f"{k}: checkpoint {saved[k]!r}, requested {v!r}" for k, v in config.as_dict().items()
                  if saved.get(k) != v]
         if diffs:
             raise CheckpointError(f"checkpoint {out_dir / CHECKPOINT} is from a different configuration ("
-                                  + "; ".join(diffs) + ")")
+                                  + "; ".join(diffs) + "); resume with the options the run was started with")
         try:
             model.load_state_dict(model_state)
             optimiser.load_state_dict(opt_state)
         except ValueError as err:
             raise CheckpointError(f"checkpoint {out_dir / CHECKPOINT} does not fit the network: {err}") from err
         history, first_epoch = meta["history"], meta["epoch"]
+        with _signals_held():  # metrics written by a run stopped between its two writes catch up
+            _write_metrics(out_dir, history)
         if log:
             log(f"resumed from {out_dir / CHECKPOINT} after epoch {first_epoch}")
 
@@ -367,14 +443,17 @@ def train(config=None, out_dir=None, *, xp=None, resume=False, progress=True, lo
         train_seconds += seconds
         val_loss, val_acc = evaluate(model, val_set)
         seen = steps_per_epoch * config.batch_size
-        row = {"epoch": epoch + 1, "lr": schedule((epoch + 1) * steps_per_epoch - 1),
+        # the epoch's learning rate: that of its first step, without the float noise of base * 0.1 ** k
+        # (1.0000000000000003e-05), so that it reads as the banner and the configuration state it
+        row = {"epoch": epoch + 1, "lr": float(f"{schedule(epoch * steps_per_epoch):.12g}"),
                "train_loss": loss_sum / steps_per_epoch, "train_accuracy": correct / seen,
                "val_loss": val_loss, "val_accuracy": val_acc, "seconds": seconds, "clips_per_second": seen / seconds}
         history.append(row)
         if out_dir is not None:
-            save_checkpoint(out_dir / CHECKPOINT, config=config, model=model, optimiser=optimiser,
-                            epoch=epoch + 1, history=history)
-            _write_metrics(out_dir, history)
+            with _signals_held():
+                save_checkpoint(out_dir / CHECKPOINT, config=config, model=model, optimiser=optimiser,
+                                epoch=epoch + 1, history=history)
+                _write_metrics(out_dir, history)
         if log:
             log(f"epoch {epoch + 1:2d}/{config.epochs}  train loss {row['train_loss']:.3f} "
                 f"acc {row['train_accuracy']:.3f}  val loss {val_loss:.3f} acc {val_acc:.3f}  "
