@@ -245,7 +245,7 @@ _WRITERS = {
     ".jpg": ("JPEG", ("uint8",), (0, 3)),
     ".jpeg": ("JPEG", ("uint8",), (0, 3)),
     ".bmp": ("BMP", ("uint8",), (0, 3)),
-    ".webp": ("WebP", ("uint8",), (0, 3, 4)),
+    ".webp": ("WebP", ("uint8",), (3, 4)),       # Pillow writes grey as RGB and grey + alpha as RGBA
 }
 _JPEG = (".jpg", ".jpeg")
 
@@ -257,6 +257,8 @@ def _count(n, word):
 
 def _read_image(path):
     """Read an image file; any failure becomes one CommandError line naming the file and the problem."""
+    import warnings
+
     from skimage import io
 
     if not path.exists():
@@ -268,7 +270,9 @@ def _read_image(path):
     if path.stat().st_size == 0:
         raise CommandError(f"cannot read IMAGE {str(path)!r}: the file is empty")
     try:
-        image = np.asarray(io.imread(path))
+        with warnings.catch_warnings():  # imageio's plugins, tried one by one on a file no plugin reads
+            warnings.simplefilter("ignore", DeprecationWarning)
+            image = np.asarray(io.imread(path))
     except PermissionError:
         raise CommandError(f"cannot read IMAGE {str(path)!r}: permission denied") from None
     except Exception as err:  # imageio's plugins raise OSError, ValueError, struct.error, SyntaxError ...
@@ -299,17 +303,17 @@ def _layout(image):
 
 def _check_output(out, *, image_path, dtype, shape):
     """Everything about ``--out`` that can be checked before the work: folder, extension, what the format holds."""
-    suffix = out.suffix.lower()
-    if suffix not in _WRITERS:
-        raise CommandError(f"--out {str(out)!r}: the extension {suffix or '(none)'!r} names no image format nlref "
-                           f"writes; use one of {', '.join(_WRITERS)}")
+    if out.is_dir():
+        raise CommandError(f"--out {str(out)!r} is a folder; give a file name such as {str(out / 'denoised.png')!r}")
     folder = out.parent
     if not folder.is_dir():
         raise CommandError(f"the folder of --out ({str(folder)!r}) does not exist; create it first")
     if not os.access(folder, os.W_OK):
         raise CommandError(f"the folder of --out ({str(folder)!r}) is not writable")
-    if out.is_dir():
-        raise CommandError(f"--out {str(out)!r} is a folder; give a file name such as {str(out / 'denoised.png')!r}")
+    suffix = out.suffix.lower()
+    if suffix not in _WRITERS:
+        raise CommandError(f"--out {str(out)!r}: the extension {suffix or '(none)'!r} names no image format nlref "
+                           f"writes; use one of {', '.join(_WRITERS)}")
     if image_path is not None and out.exists() and out.samefile(image_path):
         raise CommandError(f"--out {str(out)!r} is IMAGE itself: it would overwrite the input; choose another name")
     name, dtypes, channels = _WRITERS[suffix]
@@ -344,15 +348,17 @@ def _write_image(out, image):
         raise
 
 
-def _warned(f):
-    """Run ``f``, printing each distinct warning of nlref as one line on stderr (not Python's two-line form)."""
+def _warned(f, shown):
+    """Run ``f``, printing each warning not in ``shown`` as one line on stderr (not Python's two-line form)."""
     import warnings
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         result = f()
     for message in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, UserWarning)):
-        print(f"nlref denoise: warning: {message}", file=sys.stderr)
+        if message not in shown:
+            shown.add(message)
+            print(f"nlref denoise: warning: {message}", file=sys.stderr)
     return result
 
 
@@ -377,9 +383,10 @@ def run_denoise(args):
     out = Path(args.out)
     _check_output(out, image_path=path, dtype=image.dtype, shape=result_shape)
     print(f"read {'the camera image' if path is None else path.name}: {tuple(image.shape)} {image.dtype}, {what}")
+    shown = set()
     params = _warned(lambda: nlref.resolve_parameters(
         work, sigma=args.sigma, h=args.h, patch_size=args.patch_size, search_size=args.search_size,
-        channel_axis=channel_axis, aggregation=args.aggregation))
+        channel_axis=channel_axis, aggregation=args.aggregation), shown)
     print(f"sigma {params['sigma']:.3g} ({params['sigma_source']}), h {params['h']:.3g}, "
           f"patch {params['patch_size']}, search {params['search_size']}, {args.aggregation}-wise")
     if path is not None and path.suffix.lower() in _JPEG and args.sigma is None:
@@ -388,7 +395,7 @@ def run_denoise(args):
     progress = not args.no_progress and sys.stderr.isatty()
     result, seconds = _timed(lambda: _warned(lambda: nlref.nl_means(
         work, sigma=args.sigma, h=args.h, patch_size=args.patch_size, search_size=args.search_size,
-        channel_axis=channel_axis, aggregation=args.aggregation, method=args.method, progress=progress)))
+        channel_axis=channel_axis, aggregation=args.aggregation, method=args.method, progress=progress), shown))
     if alpha is not None:
         result = np.concatenate([result, alpha], axis=-1)
     _write_image(out, result)

@@ -68,12 +68,289 @@ def test_denoise_default_image_reports_psnr(tmp_path, capsys):
 def test_denoise_bad_arguments(tmp_path, capsys):
     assert main(["denoise", "--patch-size", "4", "--out", str(tmp_path / "x.png")]) == 2
     assert "patch_size=4" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="is not a file"):
-        main(["denoise", str(tmp_path / "missing.png")])
-    with pytest.raises(SystemExit, match="does not exist"):
-        main(["denoise", "--search-size", "3", "--out", str(tmp_path / "no" / "such" / "x.png")])
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_console_script_is_installed():
     result = subprocess.run([sys.executable, "-m", "nlref.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "demo" in result.stdout
+
+
+# ---- issue 18: nothing a newcomer does loses work or shows a traceback ----
+
+def _noisy_grey(n=48, sigma=15, seed=0):
+    clean = (nlref.data.camera()[100:100 + n, 200:200 + n] * 255).round().astype(np.uint8)
+    noisy = np.clip(clean + np.random.default_rng(seed).normal(0, sigma, clean.shape), 0, 255).round().astype(np.uint8)
+    return clean, noisy
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fail the test if NL-means runs: the checks must come before the work."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("nl_means ran although the command should have stopped before the work")
+    monkeypatch.setattr(nlref, "nl_means", refuse)
+
+
+def _one_line_error(capsys, *fragments):
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert "Traceback" not in captured.err and "pip install" not in captured.err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def _png_bytes(tmp_path):
+    _, noisy = _noisy_grey(16)
+    io.imsave(tmp_path / "ok.png", noisy, check_contrast=False)
+    data = (tmp_path / "ok.png").read_bytes()
+    (tmp_path / "ok.png").unlink()
+    return data
+
+
+@pytest.mark.parametrize("name, content, problem", [
+    ("notes.png", b"this is a text file, not a picture\n", "not an image in a format the reader knows"),
+    ("empty.png", b"", "the file is empty"),
+    ("half.png", "truncate", "truncated"),
+    ("data.foo", b"\x00\x01\x02", "not an image in a format the reader knows"),
+    ("scan.jpg", b"\xff\xd8\xff\xe0 a JPEG header, then nothing", "the image data is truncated"),
+])
+def test_unreadable_image_is_one_line_naming_the_file(tmp_path, capsys, no_work, name, content, problem):
+    src = tmp_path / name
+    src.write_bytes(_png_bytes(tmp_path)[:150] if content == "truncate" else content)
+    out = tmp_path / "out.png"
+    assert main(["denoise", str(src), "--out", str(out)]) == 2
+    _one_line_error(capsys, "nlref denoise: error:", str(src), problem)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+def test_missing_image_and_folder_as_image(tmp_path, capsys, no_work):
+    assert main(["denoise", str(tmp_path / "missing.png"), "--out", str(tmp_path / "o.png")]) == 2
+    _one_line_error(capsys, "missing.png' does not exist")
+    assert main(["denoise", str(tmp_path), "--out", str(tmp_path / "o.png")]) == 2
+    _one_line_error(capsys, "is a folder, not an image file")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unreadable_image_from_the_console_has_no_traceback(tmp_path):
+    """The installed command as a user runs it: one line on stderr, exit status 2."""
+    (tmp_path / "notes.png").write_text("hello\n")
+    result = subprocess.run([sys.executable, "-m", "nlref.cli", "denoise", str(tmp_path / "notes.png"),
+                             "--out", str(tmp_path / "o.png")], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"nlref denoise: error: cannot read IMAGE '{tmp_path / 'notes.png'}': it is not an image in a format the "
+        "reader knows (PNG, JPEG, TIFF, BMP, GIF, WebP, ...), or it is damaged"]
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_grey_plus_alpha_is_denoised_in_its_grey_channel(tmp_path, capsys):
+    clean, noisy = _noisy_grey(64, sigma=20)
+    alpha = np.tile(np.arange(64, dtype=np.uint8) * 4, (64, 1))
+    src, dst = tmp_path / "la.png", tmp_path / "out.png"
+    io.imsave(src, np.dstack([noisy, alpha]), check_contrast=False)
+    assert main(["denoise", str(src), "--out", str(dst)]) == 0          # no --sigma: estimated from the grey
+    out = capsys.readouterr().out
+    assert "(64, 64, 2) uint8, grey + alpha" in out
+    sigma = float(out.split("sigma ")[1].split()[0])
+    assert sigma == pytest.approx(nlref.estimate_sigma(noisy), rel=5e-3) and 12 < sigma < 30
+    result = io.imread(dst)
+    assert result.shape == (64, 64, 2) and result.dtype == np.uint8
+    np.testing.assert_array_equal(result[..., 1], alpha)
+    assert nlref.psnr(clean, result[..., 0]) > nlref.psnr(clean, noisy) + 3
+
+
+def test_rgba_reports_its_shape_and_estimates_sigma_from_the_colour(tmp_path, capsys):
+    rgb = (nlref.data.astronaut()[:48, :48] * 255).round()
+    noisy = np.clip(rgb + np.random.default_rng(1).normal(0, 15, rgb.shape), 0, 255).round().astype(np.uint8)
+    alpha = np.zeros((48, 48), np.uint8)                                  # fully transparent: a sigma of 0 if mixed in
+    src, dst = tmp_path / "rgba.png", tmp_path / "out.png"
+    io.imsave(src, np.dstack([noisy, alpha]), check_contrast=False)
+    assert main(["denoise", str(src), "--out", str(dst)]) == 0
+    out = capsys.readouterr().out
+    assert "(48, 48, 4) uint8, colour + alpha (RGBA)" in out and "denoised (48, 48, 4) uint8" in out
+    sigma = float(out.split("sigma ")[1].split()[0])
+    assert sigma == pytest.approx(nlref.estimate_sigma(noisy, channel_axis=-1), rel=5e-3)
+    result = io.imread(dst)
+    assert result.shape == (48, 48, 4)
+    np.testing.assert_array_equal(result[..., 3], 0)
+    assert not np.array_equal(result[..., :3], noisy)
+
+
+@pytest.mark.parametrize("out_name, image, fragment", [
+    ("out.xyz", "grey", "the extension '.xyz' names no image format"),
+    ("out", "grey", "the extension '(none)' names no image format"),
+    ("no/such/folder/out.png", "grey", "does not exist; create it first"),
+    ("sub", "grey", "is a folder; give a file name"),
+    ("out.jpg", "rgba", "JPEG cannot hold RGBA"),
+    ("out.bmp", "rgba", "BMP cannot hold RGBA"),
+    ("out.jpg", "uint16", "JPEG cannot hold uint16 values"),
+    ("out.png", "float32", "PNG cannot hold float32 values"),
+    ("out.webp", "grey", "WebP cannot hold grey"),
+])
+def test_output_is_checked_before_the_work(tmp_path, capsys, no_work, out_name, image, fragment):
+    _, noisy = _noisy_grey(16)
+    arrays = {"grey": noisy, "rgba": np.dstack([noisy] * 4), "uint16": noisy.astype(np.uint16) * 200,
+              "float32": noisy.astype(np.float32) / 255}
+    src = tmp_path / ("in.tif" if image in ("float32", "uint16") else "in.png")
+    io.imsave(src, arrays[image], check_contrast=False)
+    (tmp_path / "sub").mkdir()
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    assert main(["denoise", str(src), "--out", str(tmp_path / out_name)]) == 2
+    _one_line_error(capsys, "nlref denoise: error:", fragment)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_output_must_not_be_the_input(tmp_path, capsys, no_work):
+    _, noisy = _noisy_grey(16)
+    src = tmp_path / "photo.png"
+    io.imsave(src, noisy, check_contrast=False)
+    before = src.read_bytes()
+    assert main(["denoise", str(src), "--out", str(tmp_path / "." / "photo.png")]) == 2
+    _one_line_error(capsys, "is IMAGE itself: it would overwrite the input")
+    assert src.read_bytes() == before
+
+
+@pytest.mark.parametrize("suffix", [".tif", ".jpg", ".bmp", ".webp"])
+def test_every_accepted_extension_is_written_in_its_format(tmp_path, suffix):
+    _, grey = _noisy_grey(32)
+    noisy = np.dstack([grey, grey[::-1], grey[:, ::-1]])
+    src, dst = tmp_path / "in.png", tmp_path / f"out{suffix}"
+    io.imsave(src, noisy, check_contrast=False)
+    assert main(["denoise", str(src), "--sigma", "15", "--search-size", "5", "--out", str(dst)]) == 0
+    magic = {".tif": (b"II*\x00", b"MM\x00*"), ".jpg": (b"\xff\xd8\xff",), ".bmp": (b"BM",), ".webp": (b"RIFF",)}
+    assert dst.read_bytes().startswith(magic[suffix])
+    assert io.imread(dst).shape == noisy.shape
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["in.png", dst.name])   # no temporary left
+
+
+def test_a_failed_write_leaves_the_old_output_and_no_temporary(tmp_path, capsys, monkeypatch):
+    from skimage import io as skio
+
+    _, noisy = _noisy_grey(16)
+    src, dst = tmp_path / "in.png", tmp_path / "out.png"
+    io.imsave(src, noisy, check_contrast=False)
+    dst.write_bytes(b"yesterday's result")
+
+    def half_write(path, image, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"\x89PNG half")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(skio, "imsave", half_write)
+    assert main(["denoise", str(src), "--sigma", "15", "--search-size", "3", "--out", str(dst)]) == 1
+    _one_line_error(capsys, "nlref denoise: error: No space left on device")
+    assert dst.read_bytes() == b"yesterday's result"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png", "out.png"]
+
+
+def test_ctrl_c_during_denoise_writes_nothing(tmp_path, capsys, monkeypatch):
+    _, noisy = _noisy_grey(16)
+    src, dst = tmp_path / "in.png", tmp_path / "out.png"
+    io.imsave(src, noisy, check_contrast=False)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(nlref, "nl_means", interrupted)
+    assert main(["denoise", str(src), "--sigma", "15", "--out", str(dst)]) == 130
+    _one_line_error(capsys, "nlref denoise: stopped by SIGINT; nothing was written")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png"]
+
+
+def test_jpeg_input_notes_the_low_estimate(tmp_path, capsys):
+    _, noisy = _noisy_grey(32)
+    src = tmp_path / "photo.jpg"
+    io.imsave(src, noisy, check_contrast=False)
+    assert main(["denoise", str(src), "--search-size", "5", "--out", str(tmp_path / "o.png")]) == 0
+    assert "note: JPEG compression removes part of the noise" in capsys.readouterr().out
+    assert main(["denoise", str(src), "--sigma", "15", "--search-size", "5", "--out", str(tmp_path / "p.png")]) == 0
+    assert "JPEG" not in capsys.readouterr().out                      # the noise level was given: no note
+    text = _help(["denoise"])
+    assert "JPEG" in text and "--sigma 20" in text and "reads low" in text
+
+
+def test_units_mixup_on_the_command_line_is_one_warning_line(tmp_path, capsys):
+    _, noisy = _noisy_grey(32)
+    src = tmp_path / "in.png"
+    io.imsave(src, noisy, check_contrast=False)
+    assert main(["denoise", str(src), "--sigma", "0.06", "--search-size", "3", "--out", str(tmp_path / "o.png")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("nlref denoise: warning: sigma=0.06 is less than half a unit")
+    assert "UserWarning" not in err
+
+
+@pytest.mark.parametrize("flag, tty, shown", [([], False, False), ([], True, True), (["--no-progress"], True, False)])
+def test_progress_bar_only_on_a_terminal(tmp_path, monkeypatch, flag, tty, shown):
+    seen = []
+    real = nlref.nl_means
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["progress"])
+        return real(*args, **{**kwargs, "progress": False})
+
+    monkeypatch.setattr(nlref, "nl_means", spy)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: tty, raising=False)
+    assert main(["denoise", "--search-size", "3", "--out", str(tmp_path / "o.png"), *flag]) == 0
+    assert seen == [shown]
+
+
+def test_piped_denoise_prints_no_progress_frames(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "nlref.cli", "denoise", "--search-size", "5",
+                             "--out", str(tmp_path / "o.png")], capture_output=True, text=True)
+    assert result.returncode == 0
+    assert "\r" not in result.stderr + result.stdout and "offset" not in result.stderr
+
+
+# ---- the command line as a whole ----
+
+def _help(words):
+    import contextlib
+    import io as text_io
+
+    buffer = text_io.StringIO()
+    with contextlib.redirect_stdout(buffer), pytest.raises(SystemExit) as exit_:
+        main([*words, "--help"])
+    assert exit_.value.code == 0
+    return buffer.getvalue()
+
+
+def test_every_flag_of_every_command_shows_its_default():
+    import argparse
+
+    from nlref.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert sorted(commands) == ["demo", "denoise", "train"]
+    for name, sub in commands.items():
+        for action in sub._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help and "default" in action.help, f"{name} {action.option_strings}"
+        text = _help([name])
+        assert text.count("default") >= len([a for a in sub._actions if a.option_strings]) - 1
+
+
+def test_version_and_plain_description(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"nlref {nlref.__version__}"
+    text = _help([])
+    assert "``" not in text and ":func:" not in text
+    assert "nlref demo" in text and "nlref denoise" in text and "nlref train" in text
+
+
+def test_demo_help_says_what_the_demo_runs():
+    text = " ".join(_help(["demo"]).split())
+    for part in ("averaging", "NL-means", "gradient check", "non-local block", "training run", "C2D"):
+        assert part in text, part
+
+
+def test_bad_size_is_an_argparse_message(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["denoise", "--patch-size", "seven"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "'seven' is not an odd int" in err and "Traceback" not in err

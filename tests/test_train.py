@@ -58,9 +58,12 @@ def test_resume_of_a_finished_run_changes_nothing(tmp_path):
         np.testing.assert_array_equal(value, again["model"].state_dict()[key])
 
 
-def test_resume_without_checkpoint_starts_fresh(tmp_path):
-    result = train(TrainConfig(**{**TINY, "epochs": 1}), tmp_path, resume=True, progress=False, log=None)
-    assert len(result["history"]) == 1
+def test_resume_without_checkpoint_is_an_error_naming_the_folder(tmp_path):
+    """Issue 18: it used to start from scratch without a word."""
+    for folder in (tmp_path, tmp_path / "never-made"):
+        with pytest.raises(CheckpointError, match=rf"nothing to resume in '{folder}': it holds no checkpoint.npz"):
+            train(TrainConfig(**{**TINY, "epochs": 1}), folder, resume=True, progress=False, log=None)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_checkpoint_from_another_configuration_is_refused(tmp_path):
@@ -78,19 +81,21 @@ def test_truncated_or_corrupted_checkpoints_are_refused(tmp_path):
     path = tmp_path / "checkpoint.npz"
     good = path.read_bytes()
     path.write_bytes(good[: len(good) // 2])
-    with pytest.raises(CheckpointError, match="unreadable"):
+    with pytest.raises(CheckpointError, match="corrupted or truncated") as error:
         train(TrainConfig(**{**TINY, "epochs": 1}), tmp_path, resume=True, progress=False, log=None)
+    assert "allow_pickle" not in str(error.value) and "start the run over" in str(error.value)
     # one flipped bit inside a stored array: zip's CRC or nlref's checksum catches it
     arrays = dict(np.load(_write(tmp_path / "ok.npz", good)))
     key = "model/fc.weight"
     arrays[key] = arrays[key].copy()
     arrays[key].flat[0] += 1.0
     np.savez(tmp_path / "bad.npz", **arrays)
-    with pytest.raises(CheckpointError, match="checksum"):
+    with pytest.raises(CheckpointError, match="checksum; it cannot be resumed: restore it from a copy"):
         load_checkpoint(tmp_path / "bad.npz")
     (tmp_path / "junk.npz").write_bytes(b"not a zip file at all")
-    with pytest.raises(CheckpointError, match="unreadable"):
+    with pytest.raises(CheckpointError, match="corrupted or truncated") as error:
         load_checkpoint(tmp_path / "junk.npz")
+    assert "allow_pickle" not in str(error.value)                  # NumPy's advice, which must not be passed on
     np.savez(tmp_path / "other.npz", a=np.zeros(3))
     with pytest.raises(CheckpointError, match="not an nlref checkpoint"):
         load_checkpoint(tmp_path / "other.npz")
@@ -104,7 +109,8 @@ def _write(path, data):
 
 
 def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
-    _run(tmp_path, epochs=1)
+    with pytest.raises(_Stop):
+        train(TrainConfig(**{**TINY, "epochs": 2}), tmp_path, progress=False, log=None, callback=_stop_after(1))
     path = tmp_path / "checkpoint.npz"
     before = path.read_bytes()
 
@@ -114,7 +120,7 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(T.np, "savez", broken_savez)
     with pytest.raises(OSError, match="disk full"):
-        train(TrainConfig(**{**TINY, "epochs": 2}), tmp_path, progress=False, log=None)
+        train(TrainConfig(**{**TINY, "epochs": 2}), tmp_path, resume=True, progress=False, log=None)
     assert path.read_bytes() == before
     assert load_checkpoint(path)[0]["epoch"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.npz", "metrics.csv", "metrics.json"]
@@ -193,3 +199,157 @@ def test_cli_train(tmp_path, capsys):
     assert "different configuration" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train", "--model", "resnet"])
+
+
+# ---- issue 18: a run is never lost, by accident or by interruption ----
+
+def _files(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_a_finished_run_is_never_overwritten_by_accident(tmp_path, capsys):
+    _run(tmp_path, epochs=1)
+    before = _files(tmp_path)
+    with pytest.raises(ValueError, match=r"already holds a training run \(checkpoint.npz, metrics.json, metrics.csv\)"):
+        _run(tmp_path, epochs=1, seed=1)
+    assert _files(tmp_path) == before
+    args = ["train", "--epochs", "1", "--n-train", "32", "--n-val", "16", "--batch-size", "16", "--seed", "1",
+            "--no-progress", "--out", str(tmp_path)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"nlref train: error: --out '{tmp_path}' already holds a training run" in err
+    assert "add --resume to continue it, --overwrite to start it over" in err
+    assert _files(tmp_path) == before
+    (tmp_path / "checkpoint.npz").unlink()                          # metrics alone are a run's record too
+    assert main(args) == 2 and "(metrics.json, metrics.csv)" in capsys.readouterr().err
+
+
+def test_overwrite_starts_over(tmp_path, capsys):
+    first = _run(tmp_path, epochs=2)
+    again = train(TrainConfig(**{**TINY, "epochs": 1, "seed": 3}), tmp_path, overwrite=True, progress=False, log=None)
+    meta = load_checkpoint(tmp_path / "checkpoint.npz")[0]
+    assert meta["epoch"] == 1 and meta["config"]["seed"] == 3
+    assert len(json.loads((tmp_path / "metrics.json").read_text())) == 1
+    assert again["history"][0]["train_loss"] != first["history"][0]["train_loss"]
+    with pytest.raises(ValueError, match="pass one of them"):
+        train(TrainConfig(**TINY), tmp_path, resume=True, overwrite=True, progress=False, log=None)
+    with pytest.raises(SystemExit):                                 # argparse: not allowed together
+        main(["train", "--resume", "--overwrite", "--out", str(tmp_path)])
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_cli_resume_without_a_run_names_the_folder(tmp_path, capsys):
+    folder = tmp_path / "runA"
+    assert main(["train", "--resume", "--epochs", "1", "--out", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == (f"nlref train: error: --resume: there is no run to resume in '{folder}' (no checkpoint.npz "
+                           "there); start a new run without --resume")
+    assert not folder.exists()
+
+
+def test_cli_corrupted_checkpoint_says_what_to_do(tmp_path, capsys):
+    _run(tmp_path, epochs=1)
+    path = tmp_path / "checkpoint.npz"
+    path.write_bytes(b"garbage" * 100)
+    before = _files(tmp_path)
+    args = ["train", "--epochs", "1", "--n-train", "48", "--n-val", "24", "--batch-size", "16", "--no-progress",
+            "--resume", "--out", str(tmp_path)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is corrupted or truncated" in err and "--overwrite" in err
+    assert "allow_pickle" not in err and "Traceback" not in err
+    assert _files(tmp_path) == before
+
+
+def test_lr_column_is_the_epochs_lr_as_the_banner_states_it(tmp_path, capsys):
+    args = ["train", "--epochs", "1", "--n-train", "32", "--n-val", "16", "--batch-size", "16", "--no-progress",
+            "--out", str(tmp_path)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert ", 1 epoch, adam lr 0.001 (x0.1 after 60% and 85% of the steps)" in out
+    assert "with 1 non-local block (" in out and "after 1 epoch;" in out
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert rows[0].split(",")[1] == "lr" and rows[1].split(",")[1] == "0.001"
+    # over a longer schedule the column steps down by exact tenths, without float noise
+    history = _run(tmp_path / "long", epochs=5, lr=0.003)["history"]
+    assert [r["lr"] for r in history] == [0.003, 0.003, 0.003, 0.0003, 3e-05]   # 3 steps an epoch: 9 and 12
+
+
+def test_metrics_catch_up_with_the_checkpoint_on_resume(tmp_path):
+    """A run stopped between its checkpoint and its metrics (a power cut) gets them back on --resume."""
+    _run(tmp_path, epochs=2)
+    full = (tmp_path / "metrics.json").read_text()
+    (tmp_path / "metrics.json").write_text(json.dumps(json.loads(full)[:1]))
+    (tmp_path / "metrics.csv").write_text("epoch\n1\n")
+    train(TrainConfig(**{**TINY, "epochs": 2}), tmp_path, resume=True, progress=False, log=None)
+    assert (tmp_path / "metrics.json").read_text() == full
+    assert len((tmp_path / "metrics.csv").read_text().splitlines()) == 3
+
+
+def test_signals_are_held_while_a_checkpoint_is_written():
+    import signal
+
+    reached = []
+    with pytest.raises(KeyboardInterrupt):
+        with T._signals_held():
+            signal.raise_signal(signal.SIGINT)
+            reached.append("the rest of the block ran")
+    assert reached == ["the rest of the block ran"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_diverging_run_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(T.F, "softmax_cross_entropy_forward",
+                        lambda logits, y: (float("nan"), None))
+    monkeypatch.setattr(T.F, "softmax_cross_entropy_backward", lambda d, cache: None)
+    monkeypatch.setattr(T.VideoNet, "backward", lambda self, *a, **k: None)
+    monkeypatch.setattr(T.Adam, "step", lambda self, lr: None)
+    assert main(["train", "--epochs", "1", "--n-train", "32", "--n-val", "16", "--batch-size", "16",
+                 "--no-progress", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the training loss became nan at epoch 1" in err and "lower lr" in err
+    assert not (tmp_path / "checkpoint.npz").exists()
+
+
+@pytest.mark.parametrize("signame, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_signal_stops_cleanly_and_the_printed_command_resumes(tmp_path, signame, code):
+    """Run `nlref train` as a user does, stop it after its first epoch line, and continue with the command it
+    prints: the final weights equal those of an uninterrupted run, bit for bit."""
+    import shlex
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    options = ["--epochs", "5", "--n-train", "32", "--n-val", "16", "--batch-size", "16", "--out", str(out)]
+    command = [sys.executable, "-m", "nlref.cli", "train", *options]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:                                     # lines arrive as they are printed (flushed)
+        if line.startswith("epoch  1/5"):
+            process.send_signal(getattr(signal, signame))
+            break
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == code, stderr
+    assert "Traceback" not in stderr and "\r" not in stderr        # no traceback, no progress frames in a pipe
+    (message,) = stderr.strip().splitlines()
+    epoch = load_checkpoint(out / "checkpoint.npz")[0]["epoch"]    # valid: it loads and its checksum matches
+    assert 1 <= epoch < 5
+    assert message.startswith(f"nlref train: stopped by {signame} after epoch {epoch} of 5 (checkpoint ")
+    assert len(json.loads((out / "metrics.json").read_text())) == epoch
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.npz", "metrics.csv", "metrics.json"]
+    resume = shlex.split(message.split("to continue: ")[1])
+    assert resume[:2] == ["nlref", "train"] and resume[-1] == "--resume"
+    result = subprocess.run([sys.executable, "-m", "nlref.cli", *resume[1:]], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert f"resumed from {out / 'checkpoint.npz'} after epoch {epoch}" in result.stdout
+    resumed = T.build_model(TrainConfig(**{**_cli_config(), "epochs": 5}))
+    resumed.load_state_dict(load_checkpoint(out / "checkpoint.npz")[1])
+    full = train(TrainConfig(**{**_cli_config(), "epochs": 5}), None, progress=False, log=None)["model"]
+    for key, value in full.state_dict().items():
+        np.testing.assert_array_equal(resumed.state_dict()[key], value, err_msg=key)
+
+
+def _cli_config():
+    return dict(n_train=32, n_val=16, batch_size=16)
