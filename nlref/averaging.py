@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 
 from .backend import array_namespace, normal
 
@@ -49,14 +50,41 @@ def add_gaussian_noise(image, sigma, *, seed=None):
     -------
     noisy : array, same shape, library and device as ``image``; floating point.
         The first of ``noisy_copies(image, sigma, n, seed=seed)``, for any ``n``.
+
+    Warns (``UserWarning``) when ``sigma`` looks like the 0..255 versus 0..1 mix-up.
     """
-    return noisy_copies(image, sigma, 1, seed=seed)[0, ...]
+    return _noisy_copies(image, sigma, 1, seed)[0, ...]
+
+
+def _units_doubt(xp, image, sigma):
+    """A message when ``sigma`` is in 0..255 units on a 0..1 image, or in 0..1 units on a 0..255 one."""
+    if sigma == 0 or math.prod(image.shape) == 0:
+        return None
+    peak = float(xp.max(xp.abs(xp.astype(image, xp.float64))))
+    if peak <= 4 and sigma > 4:
+        return (f"sigma={sigma:g} on an image whose values lie within [-4, 4] (0..1 units): the noise would drown "
+                f"the image; sigma is in the image's units, so 20 grey levels on a 0..1 image is sigma=20/255")
+    if peak > 4 and not xp.isdtype(image.dtype, "real floating") and sigma < 0.5:
+        return (f"sigma={sigma:g} on an integer image with values up to {peak:g} is less than half a unit; sigma is "
+                f"in the image's units, so 20 grey levels on a uint8 image is sigma=20, not 20/255")
+    return None
 
 
 def noisy_copies(image, sigma, n, *, seed=None):
-    """``n`` independent noisy copies of ``image``, stacked: shape ``(n, *image.shape)``."""
+    """``n`` independent noisy copies of ``image``, stacked: shape ``(n, *image.shape)``.
+
+    Warns (``UserWarning``) when ``sigma`` looks like the 0..255 versus 0..1 mix-up.
+    """
+    return _noisy_copies(image, sigma, n, seed)
+
+
+def _noisy_copies(image, sigma, n, seed):
+    """noisy_copies, with its warning pointed at the public function's caller."""
     xp = array_namespace(image, names=["image"])
     sigma = _check_sigma(sigma)
+    doubt = _units_doubt(xp, image, sigma)
+    if doubt:
+        warnings.warn(doubt, UserWarning, stacklevel=3)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int; got {n!r}")
     dtype = _float_dtype(xp, image)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 from .backend import array_namespace, dtype_name
 
@@ -24,7 +25,13 @@ def psnr(reference, estimate, *, data_range=None):
     ``data_range`` defaults to 255 for uint8 references, 65535 for uint16 and
     1.0 for floating point (images in [0, 1]).
     """
-    array_namespace(reference, estimate, names=["reference", "estimate"])  # a clear error for bad input
+    xp = array_namespace(reference, estimate, names=["reference", "estimate"])  # a clear error for bad input
+    if data_range is None and tuple(reference.shape) == tuple(estimate.shape) and math.prod(reference.shape):
+        peaks = [float(xp.max(xp.abs(xp.astype(a, xp.float64)))) for a in (reference, estimate)]
+        if min(peaks) > 0 and max(peaks) > 32 and min(peaks) <= 4:
+            warnings.warn(f"reference (values up to {peaks[0]:g}) and estimate (values up to {peaks[1]:g}) look like "
+                          "images in different units (0..255 and 0..1): convert one first, e.g. multiply the 0..1 "
+                          "one by 255", UserWarning, stacklevel=2)
     if data_range is None:
         data_range = {"uint8": 255.0, "uint16": 65535.0}.get(dtype_name(reference.dtype), 1.0)
     err = mse(reference, estimate)

@@ -118,3 +118,28 @@ def test_non_real_dtypes_on_array_api_strict():
     for dtype in (xs.bool, xs.complex64):
         with pytest.raises(TypeError, match="image must hold real numbers"):
             nlref.nl_means(xs.zeros((8, 8), dtype=dtype), sigma=0.1)
+
+
+def test_noise_in_the_wrong_units_warns():
+    camera = nlref.data.camera()[:32, :32]
+    with pytest.warns(UserWarning, match=r"sigma=20 on an image whose values lie within \[-4, 4\]") as record:
+        nlref.add_gaussian_noise(camera, 20, seed=0)
+    assert record[0].filename == __file__
+    u8 = (camera * 255).astype(np.uint8)
+    with pytest.warns(UserWarning, match=r"less than half a unit; .* is sigma=20, not 20/255") as record:
+        nlref.noisy_copies(u8, 20 / 255, 2, seed=0)
+    assert record[0].filename == __file__
+    _no_warning(lambda: nlref.add_gaussian_noise(camera, 20 / 255, seed=0))
+    _no_warning(lambda: nlref.noisy_copies(u8, 20, 2, seed=0))
+
+
+def test_psnr_of_images_in_different_units_warns():
+    camera = nlref.data.camera()[:32, :32]
+    u8 = (camera * 255).round().astype(np.uint8)
+    with pytest.warns(UserWarning, match=r"different units \(0\.\.255 and 0\.\.1\)"):
+        nlref.psnr(u8, camera)
+    with pytest.warns(UserWarning, match="different units"):
+        nlref.psnr(camera, u8.astype(np.float32))
+    assert _no_warning(lambda: nlref.psnr(u8, u8)) == np.inf
+    _no_warning(lambda: nlref.psnr(camera, camera * 0.9))
+    _no_warning(lambda: nlref.psnr(camera, camera * 255, data_range=255))   # an explicit range: the caller knows

@@ -76,6 +76,7 @@ def test_tiny_h_keeps_the_image():
     np.testing.assert_allclose(nlref.nl_means(x, h=1e-6, patch_size=3, search_size=5), x, rtol=0, atol=1e-12)
 
 
+@pytest.mark.filterwarnings("ignore:h=:UserWarning")  # any h on any range, on purpose: no units advice
 @settings(max_examples=25, deadline=None)
 @given(
     value=st.floats(-50, 50, allow_nan=False),
@@ -89,6 +90,7 @@ def test_constant_image_stays_constant(value, shape, h, aggregation):
     np.testing.assert_allclose(out, value, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.filterwarnings("ignore:h=:UserWarning")  # any h on any range, on purpose: no units advice
 @settings(max_examples=25, deadline=None)
 @given(
     seed=st.integers(0, 2**31),
