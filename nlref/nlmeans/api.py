@@ -329,6 +329,13 @@ def nl_means(image, *, sigma=None, h=None, patch_size=None, search_size=None, ch
         non-positive sizes, a patch larger than the image, ``h <= 0``,
         ``sigma < 0``, unknown method or aggregation, and requests above the
         memory (fast) or size (naive) limits.
+
+    Warns
+    -----
+    UserWarning
+        ``sigma`` or ``h`` far outside the image's value range (the 0..255 versus
+        0..1 mix-up: ``sigma=20`` on an image in 0..1), or a shape that suggests a
+        missing or misplaced ``channel_axis`` (``(H, W, 3)`` without it).
     """
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}; got {method!r}")
