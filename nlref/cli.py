@@ -654,7 +654,7 @@ def main(argv=None):
             print(f"nlref demo: stopped by {signame}; the figures written so far are in {args.out}", file=sys.stderr)
         return 128 + signum
     finally:
-        if main_thread:
+        if main_thread and previous is not None:  # None: a handler set outside Python, which cannot be restored
             signal.signal(signal.SIGTERM, previous)
     return 0
 
