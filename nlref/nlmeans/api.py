@@ -9,7 +9,7 @@ import warnings
 
 import numpy as np
 
-from ..backend import array_namespace, dtype_name, require_real
+from ..backend import dtype_name, require_real
 from . import presets
 from .fast import nl_means_fast, working_memory
 from .naive import nl_means_naive, patch_weights

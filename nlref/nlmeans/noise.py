@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 
-from ..backend import array_namespace, require_real
+from ..backend import require_real
 
 __all__ = ["estimate_sigma"]
 
