@@ -8,6 +8,7 @@ work) and builds the slices that pick one offset of every window out of a padded
 from __future__ import annotations
 
 import itertools
+import numbers
 import operator
 
 from ..backend import device, dtype_name
@@ -74,6 +75,64 @@ def conv_params(func, xp, x, w, b, stride, padding):
     if min(kernel) < 1:
         raise ValueError(f"{func}: w has an empty kernel {kernel}")
     return kernel, stride, padding, output_size(func, tuple(x.shape[2:]), kernel, stride, padding)
+
+
+def check_linear(func, xp, x, w, b):
+    """x (B, F), w (O, F), b (O,) or None, all of one float dtype (ValueError / TypeError otherwise)."""
+    check_float(func, xp, x=x, w=w, b=b)
+    if x.ndim != 2:
+        raise ValueError(f"{func}: x must have shape (B, F), got shape {tuple(x.shape)}")
+    if w.ndim != 2 or w.shape[1] != x.shape[1]:
+        raise ValueError(f"{func}: w must have shape (O, F) with F = x.shape[1] = {x.shape[1]}, "
+                         f"got shape {tuple(w.shape)}")
+    if b is not None and tuple(b.shape) != (w.shape[0],):
+        raise ValueError(f"{func}: b must have shape ({w.shape[0]},), got shape {tuple(b.shape)}")
+
+
+def check_labels(func, xp, logits, labels):
+    """Float logits (B, K) and integer labels (B,) in [0, K) (ValueError / TypeError otherwise)."""
+    check_float(func, xp, logits=logits)
+    if logits.ndim != 2 or logits.shape[0] < 1 or logits.shape[1] < 1:
+        raise ValueError(f"{func}: logits must have shape (B, K) with B, K >= 1, got shape {tuple(logits.shape)}")
+    bsz, k = logits.shape
+    if tuple(labels.shape) != (bsz,):
+        raise ValueError(f"{func}: labels must have shape ({bsz},) (one class index per row of logits), "
+                         f"got shape {tuple(labels.shape)}")
+    if not xp.isdtype(labels.dtype, "integral"):
+        raise ValueError(f"{func}: labels must be integer class indices, got dtype {dtype_of(labels)}")
+    low, high = int(xp.min(labels)), int(xp.max(labels))
+    if low < 0 or high >= k:
+        bad = low if low < 0 else high
+        raise ValueError(f"{func}: labels must lie in [0, {k}) for {k} classes, got {bad}")
+
+
+def check_pool_kernel(x, kernel):
+    """The non-local block's pooling kernel, one positive size per spatial axis of x and no larger
+    than it, as a tuple of ints (ValueError otherwise)."""
+    kernel = tuple(int(k) for k in kernel)
+    if len(kernel) != x.ndim - 2 or min(kernel) < 1:
+        raise ValueError(f"kernel must hold one positive size per spatial axis of x (shape {tuple(x.shape)}), "
+                         f"got {kernel}")
+    if any(n < k for n, k in zip(x.shape[2:], kernel)):
+        raise ValueError(f"maxpool_forward: spatial shape {tuple(x.shape[2:])} is smaller than the kernel {kernel}")
+    return kernel
+
+
+def check_spatial(func, xp, x):
+    """A float ``x`` of shape (B, C, *S) with at least one spatial axis (ValueError / TypeError otherwise)."""
+    if x.ndim < 3:
+        raise ValueError(f"{func}: x must have shape (B, C, *S) with at least one spatial axis, "
+                         f"got shape {tuple(x.shape)}")
+    check_float(func, xp, x=x)
+
+
+def check_dropout(xp, x, p, seed, training):
+    """A probability ``p`` in [0, 1), a float ``x``, and an int ``seed`` when training with p > 0."""
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 <= p < 1:
+        raise ValueError(f"dropout_forward: p must be a probability in [0, 1), got {p!r}")
+    check_float("dropout_forward", xp, x=x)
+    if training and p != 0 and (isinstance(seed, bool) or not hasattr(seed, "__index__")):
+        raise TypeError(f"dropout_forward: seed must be an int when training with p > 0, got {seed!r}")
 
 
 def pool_params(func, x, kernel, stride, padding):

@@ -16,29 +16,26 @@ functions work on flattened feature maps ``(B, d, N)`` for queries and
 ``(B, d, M)`` for keys; they return ``(B, N, M)`` matrices whose row ``i``
 holds query ``i`` against every key ``j``.
 
-Each function here reads like its equation. Where speed needed more (storage orders,
-column plans, buffer reuse, chunking), the function calls :mod:`nlref.nn.engine`, the one
-seam to the tuned paths, which compute the same numbers: the 3-D convolution's fast path
-is held to :func:`conv3d_reference`, a loop over the kernel's offsets, and the pools' in-place
-loops to the portable loops written here. One consequence shows: on NumPy and CuPy
-:func:`conv3d_forward` *stores* its output channels-last (a transposed view of a
-(B, T, H, W, C) array, as PyTorch's ``channels_last_3d`` memory format does), because that
-is the order its next call reads fastest; batch norm, ReLU and the pools accept either
-storage order and give the same values, and batch norm keeps the order it is given.
+Each function reads like its equation. Where speed needed more (storage orders, column
+plans, buffer reuse, chunking) it calls :mod:`nlref.nn.engine`, the one seam to the tuned
+paths, which compute the same numbers: the fast convolution is held to
+:func:`conv3d_reference`, a loop over the kernel's offsets. One consequence shows: on NumPy
+and CuPy :func:`conv3d_forward` *stores* its output channels-last (like PyTorch's
+``channels_last_3d``); the other layers accept either storage order, with the same values.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-import numbers
 import operator
 
 import numpy as np
 
 from ..backend import array_namespace, asarray, device, native_namespace, supports_out
 from . import engine
-from ._shapes import check_float, conv_params, dtype_of, pad, pool_params, strided, window_offsets
+from ._shapes import (check_dropout, check_float, check_labels, check_linear, check_pool_kernel, check_spatial,
+                      conv_params, dtype_of, pad, pool_params, strided, window_offsets)
 from .engine import exp_inplace as _exp_inplace  # noqa: F401  (nlref.nn.nonlocal_op imports it from here)
 
 __all__ = [
@@ -61,11 +58,7 @@ __all__ = [
 
 def _flat(x):
     """(B, C, *S) -> (B, C, N), a view for contiguous arrays."""
-    return _xp(x).reshape(x, (x.shape[0], x.shape[1], math.prod(x.shape[2:])))
-
-
-def _xp(*arrays):
-    return array_namespace(*arrays)
+    return array_namespace(x).reshape(x, (x.shape[0], x.shape[1], math.prod(x.shape[2:])))
 
 
 # --------------------------------------------------------------------------- 1x1 conv
@@ -85,7 +78,7 @@ def conv1x1_forward(x, w, b=None):
     out : array, shape (B, C_out, *S)
     cache : tuple
     """
-    xp = _xp(x, w)
+    xp = array_namespace(x, w)
     out = xp.matmul(w, _flat(x))  # (C_out, C_in) @ (B, C_in, N) -> (B, C_out, N)
     if b is not None:
         out = out + xp.reshape(b, (1, b.shape[0], 1))
@@ -108,7 +101,7 @@ def conv1x1_backward(dout, cache):
     db : array, shape (C_out,) or None when the layer has no bias
     """
     x, w, has_bias = cache
-    xp = _xp(dout, w)
+    xp = array_namespace(dout, w)
     d3 = _flat(dout)
     dx = xp.reshape(xp.matmul(xp.matrix_transpose(w), d3), x.shape)
     dw = xp.sum(xp.matmul(d3, xp.matrix_transpose(_flat(x))), axis=0)  # B small products, then a sum
@@ -128,13 +121,10 @@ def batchnorm_forward(x, gamma, beta, state, *, training, momentum=0.1, eps=1e-5
     the *unbiased* variance ``sigma^2 * M / (M - 1)``. Eval mode uses the running
     statistics.
 
-    Computed as ``out = (x - mu) * k + beta`` with the per-channel factor
-    ``k = gamma / sqrt(sigma^2 + eps)``: two passes over ``x`` after the statistics.
-    ``x`` is worked on as a matrix whose columns each belong to one channel
-    (:class:`nlref.nn.engine.ChannelRows`: the (B, C, N) view, or for an ``x`` stored
-    channels-last its (M, C) storage with a few positions to a row); ``rows.sums`` sums
-    each channel's values, ``rows.spread`` broadcasts a per-channel vector against the
-    matrix, and ``out`` is stored as ``x`` was.
+    Computed as ``out = (x - mu) * k + beta`` with ``k = gamma / sqrt(sigma^2 + eps)``,
+    on ``x`` as a matrix whose columns each belong to one channel (``rows``, a
+    :class:`nlref.nn.engine.ChannelRows`): ``rows.sums`` sums each channel's values,
+    ``rows.spread`` broadcasts a per-channel (C,) vector against the matrix.
 
     Parameters
     ----------
@@ -152,7 +142,7 @@ def batchnorm_forward(x, gamma, beta, state, *, training, momentum=0.1, eps=1e-5
     out : array, shape (B, C, *S)
     cache : tuple
     """
-    xp = _xp(x, gamma, beta)
+    xp = array_namespace(x, gamma, beta)
     rows = engine.ChannelRows(x)
     x2 = rows.matrix(x)
     if training:
@@ -202,7 +192,7 @@ def batchnorm_backward(dout, cache):
     dgamma, dbeta : arrays, shape (C,)
     """
     centred, gamma, inv_std, training, rows = cache
-    _xp(dout, centred)  # one library for both
+    array_namespace(dout, centred)  # one library for both
     d2 = rows.matrix(dout)
     m = rows.count
     dbeta = rows.sums(d2)
@@ -219,7 +209,7 @@ def batchnorm_backward(dout, cache):
 # --------------------------------------------------------------------------- ReLU
 def relu_forward(x):
     r"""Rectified linear unit, :math:`\max(x, 0)`, elementwise. Any shape; NaN stays NaN, as in PyTorch."""
-    xp = _xp(x)
+    xp = array_namespace(x)
     return xp.maximum(x, xp.zeros((), dtype=x.dtype, device=device(x))), x
 
 
@@ -231,7 +221,7 @@ def relu_backward(dout, cache):
     infinite ``dout`` where ``x <= 0`` gives NaN, not 0.)
     """
     x = cache
-    xp = _xp(dout, x)
+    xp = array_namespace(dout, x)
     return dout * xp.astype(x > 0, dout.dtype)
 
 
@@ -275,13 +265,8 @@ def maxpool_forward(x, kernel):
     out : array, shape (B, C, *(S // kernel))
     cache : tuple
     """
-    xp = _xp(x)
-    kernel = tuple(int(k) for k in kernel)
-    if len(kernel) != x.ndim - 2 or min(kernel) < 1:
-        raise ValueError(f"kernel must hold one positive size per spatial axis of x (shape {tuple(x.shape)}), "
-                         f"got {kernel}")
-    if any(n < k for n, k in zip(x.shape[2:], kernel)):
-        raise ValueError(f"maxpool_forward: spatial shape {tuple(x.shape[2:])} is smaller than the kernel {kernel}")
+    xp = array_namespace(x)
+    kernel = check_pool_kernel(x, kernel)
     out = None
     for index in _window_samples(x.shape, kernel):
         out = xp.asarray(x[index], copy=True) if out is None else xp.maximum(out, x[index])
@@ -302,7 +287,7 @@ def maxpool_backward(dout, cache):
         on trailing samples that fell outside every window).
     """
     x, out, kernel = cache
-    xp = _xp(dout, x)
+    xp = array_namespace(dout, x)
     dx = xp.zeros(x.shape, dtype=dout.dtype, device=device(x))
     served = None
     for index in _window_samples(x.shape, kernel):
@@ -330,7 +315,7 @@ def softmax_forward(s, axis=-1):
     p : array, the shape of ``s``
     cache : tuple
     """
-    xp = _xp(s)
+    xp = array_namespace(s)
     p = s - xp.max(s, axis=axis, keepdims=True)
     p = _exp_inplace(xp, p)
     p /= xp.sum(p, axis=axis, keepdims=True)
@@ -343,7 +328,7 @@ def softmax_backward(dp, cache):
     .. math:: ds_{ij} = p_{ij}\Big(dp_{ij} - \sum_k dp_{ik}\, p_{ik}\Big)
     """
     p, axis = cache
-    xp = _xp(dp, p)
+    xp = array_namespace(dp, p)
     ds = dp * p
     ds -= p * xp.sum(ds, axis=axis, keepdims=True)
     return ds
@@ -371,7 +356,7 @@ def dot_pairwise_forward(theta, phi, scale=1.0, *, out=None):
     s : array, shape (B, N, M)
     cache : tuple
     """
-    xp = _xp(theta, phi)
+    xp = array_namespace(theta, phi)
     if out is None:
         s = xp.matmul(xp.matrix_transpose(theta), phi)
     else:
@@ -389,7 +374,7 @@ def dot_pairwise_backward(ds, cache):
     Returns ``dtheta`` (B, d, N) and ``dphi`` (B, d, M).
     """
     theta, phi, scale = cache
-    xp = _xp(ds, theta)
+    xp = array_namespace(ds, theta)
     dtheta = xp.matmul(phi, xp.matrix_transpose(ds))
     dphi = xp.matmul(theta, ds)
     if scale != 1.0:  # on the small results, not on the (B, N, M) ds
@@ -426,7 +411,7 @@ def concat_pairwise_forward(theta, phi, w_f, *, out=None):
         by a positive number, as the non-local operation's ``1/M`` does, keeps
         that true.)
     """
-    xp = _xp(theta, phi, w_f)
+    xp = array_namespace(theta, phi, w_f)
     d = theta.shape[1]
     if w_f.shape != (2 * d,):
         raise ValueError(f"w_f must have shape ({2 * d},) for {d} channels, got {tuple(w_f.shape)}")
@@ -455,7 +440,7 @@ def concat_pairwise_backward(df, cache, *, overwrite_df=False):
     Returns ``dtheta`` (B, d, N), ``dphi`` (B, d, M), ``dw_f`` (2d,).
     """
     theta, phi, w_f, f = cache
-    xp = _xp(df, theta)
+    xp = array_namespace(df, theta)
     d = theta.shape[1]
     if overwrite_df and supports_out(xp):
         dpre = df
@@ -472,11 +457,7 @@ def concat_pairwise_backward(df, cache, *, overwrite_df=False):
 
 
 # =========================================================================== network layers
-# The layers below build whole video networks: 3-D convolution, average and max
-# pooling with any stride and padding, global average pooling, dropout, the
-# fully connected layer and the softmax cross-entropy loss. They take 5-D
-# activations (B, C, T, H, W) and PyTorch's weight layouts, so that a trained
-# PyTorch model's ``state_dict`` maps onto them one to one.
+# For whole video networks: (B, C, T, H, W) activations, PyTorch's weight layouts.
 
 
 # --------------------------------------------------------------------------- 3-D convolution
@@ -569,24 +550,15 @@ def conv3d_reference_backward(dout, cache):
 
 
 def conv3d_forward(x, w, b=None, *, stride=1, padding=0):
-    r"""3-D convolution (cross-correlation, as in every deep-learning library), zero padding. Fast.
+    r"""3-D convolution, fast: the numbers of :func:`conv3d_reference` (up to the order of the sums).
 
-    .. math::
-        \mathrm{out}[b, o, t, h, w] = \mathrm{b}[o] + \sum_{c, i, j, k}
-            w[o, c, i, j, k]\; x_\mathrm{pad}[b, c,\ s_t t + i,\ s_h h + j,\ s_w w + k]
-
-    The same numbers as :func:`conv3d_reference` (up to the order of the sums), computed
-    by *im2col*: the ``K = kt kh kw`` samples under every window are copied into one row
-    of a column matrix ``cols`` (B T' H' W', K C), and the whole convolution becomes one
-    matrix product
-
-    .. math:: \mathrm{out}_{(B T' H' W',\ O)} = \mathrm{cols}\ w_{(K C,\ O)} .
-
-    :func:`nlref.nn.engine.conv3d_forward` does that channels-last, in cache-sized
-    chunks, with the other tricks of :mod:`nlref.nn.engine.conv` (each with its measured
-    gain). The output is returned *stored* channels-last on NumPy and CuPy (a transposed
-    view of a contiguous (B, T', H', W', O) array), which the next convolution reads
-    without a copy; its values do not depend on this.
+    Computed by *im2col*: the ``K = kt kh kw`` samples under every window are copied into
+    one row of a column matrix ``cols`` (B T' H' W', K C), and the whole convolution is one
+    matrix product, :math:`\mathrm{out}_{(B T' H' W',\ O)} = \mathrm{cols}\ w_{(K C,\ O)}`.
+    :func:`nlref.nn.engine.conv3d_forward` does that channels-last, in cache-sized chunks,
+    with the other tricks of :mod:`nlref.nn.engine.conv`. On NumPy and CuPy the output is
+    *stored* channels-last (a transposed view of a (B, T', H', W', O) array), which the
+    next convolution reads without a copy; its values do not depend on this.
 
     Parameters
     ----------
@@ -602,8 +574,8 @@ def conv3d_forward(x, w, b=None, *, stride=1, padding=0):
     out : array, shape (B, O, T', H', W')
         PyTorch's sizes: ``T' = floor((T + 2 p_t - kt) / s_t) + 1``, and so on.
     cache : tuple
-        Keeps ``x`` (channels-last), ``w`` and whatever the engine's backward pass needs
-        (for strided convolutions, up to 64 MiB of the column matrix).
+        The engine's context (``x`` channels-last, ``w``, and for strided convolutions up
+        to 64 MiB of the column matrix) and whether there is a bias.
     """
     func = "conv3d_forward"
     xp = array_namespace(*((x, w) if b is None else (x, w, b)), names=["x", "w", "b"][:2 + (b is not None)])
@@ -615,25 +587,13 @@ def conv3d_forward(x, w, b=None, *, stride=1, padding=0):
 
 
 def conv3d_backward(dout, cache, *, input_grad=True):
-    r"""Gradients of :func:`conv3d_forward` (the same as :func:`conv3d_reference_backward`). Fast.
+    r"""Gradients of :func:`conv3d_forward`, fast: those of :func:`conv3d_reference_backward`.
 
-    With ``d`` the output gradient as a (B T' H' W', O) matrix and ``cols`` the forward's
-    column matrix (B T' H' W', K C):
-
-    .. math::
-        dw_{(K C,\ O)} = \mathrm{cols}^\top d, \qquad
-        db = \textstyle\sum_r d[r, :], \qquad
-        dx = \mathrm{col2im}\big(d\, w_{(K C,\ O)}^\top\big)
-
-    *col2im* is the adjoint of the im2col copy: every offset inside the window adds its
-    columns of ``d w^T`` back onto the strided slice of the zero-padded gradient it was
-    copied from, and the padding is cut off. With stride 1 (and ``padding <= kernel - 1``)
-    that sum is the *full* correlation of ``dout`` with the flipped kernel,
-
-    .. math:: dx = \mathrm{conv3d}\big(d\mathrm{out},\ \tilde w,\ \mathrm{padding} = k - 1 - p\big),
-              \qquad \tilde w[c, o, i, j, k] = w[o, c, k_t - 1 - i, k_h - 1 - j, k_w - 1 - k],
-
-    and the engine computes it that way (:func:`nlref.nn.engine.conv3d_backward`).
+    With ``d`` the output gradient as a (B T' H' W', O) matrix, :math:`dw = \mathrm{cols}^\top d`,
+    :math:`db = \sum_r d[r, :]` and :math:`dx = \mathrm{col2im}(d\, w^\top)`, col2im adding
+    each offset's columns back onto the slice of the padded gradient they were copied
+    from. With stride 1 the engine computes ``dx`` as the full correlation of ``dout`` with
+    the flipped kernel instead (:func:`nlref.nn.engine.conv3d_backward`; notebook 07).
     ``dx`` is returned stored channels-last, like the forward's output.
 
     Parameters
@@ -734,8 +694,6 @@ def maxpool3d_forward(x, kernel, stride=None, padding=0):
     keeps, per window, the running maximum and the offset it came from; a sample
     replaces the maximum only when it is strictly larger (or NaN), so ties keep
     the *first* maximal sample and NaN propagates, exactly as PyTorch's CPU kernel.
-    (On NumPy and CuPy, :func:`nlref.nn.engine.running_max` takes the same steps
-    branch-free in place.)
 
     Parameters
     ----------
@@ -759,7 +717,7 @@ def maxpool3d_forward(x, kernel, stride=None, padding=0):
     xpad = pad(xp, x, padding, value=-math.inf)
     offsets = window_offsets(kernel)
     arg_dtype = xp.int16 if len(offsets) <= 2**15 - 1 else xp.int32
-    if supports_out(xp):
+    if supports_out(xp):  # NumPy, CuPy: the same steps, branch-free, in place
         out, arg = engine.running_max(x, xpad, offsets, out_size, stride, arg_dtype)
         return out, (tuple(x.shape), kernel, stride, padding, arg)
     out = xp.asarray(xpad[strided(offsets[0], out_size, stride)], copy=True)
@@ -809,10 +767,7 @@ def global_avgpool_forward(x):
     cache : tuple
     """
     xp = array_namespace(x, names=["x"])
-    if x.ndim < 3:
-        raise ValueError(f"global_avgpool_forward: x must have shape (B, C, *S) with at least one spatial axis, "
-                         f"got shape {tuple(x.shape)}")
-    check_float("global_avgpool_forward", xp, x=x)
+    check_spatial("global_avgpool_forward", xp, x)
     x3 = xp.reshape(engine.channels_last(x), (x.shape[0], -1, x.shape[1]))
     return xp.mean(x3, axis=1), tuple(x.shape)
 
@@ -860,13 +815,9 @@ def dropout_forward(x, p, *, training, seed=None):
         The scaled mask ``m / (1 - p)``, or None for the identity.
     """
     xp = array_namespace(x, names=["x"])
-    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 <= p < 1:
-        raise ValueError(f"dropout_forward: p must be a probability in [0, 1), got {p!r}")
-    check_float("dropout_forward", xp, x=x)
+    check_dropout(xp, x, p, seed, training)
     if not training or p == 0:
         return x, None
-    if isinstance(seed, bool) or not hasattr(seed, "__index__"):
-        raise TypeError(f"dropout_forward: seed must be an int when training with p > 0, got {seed!r}")
     keep = np.random.default_rng(operator.index(seed)).random(tuple(x.shape)) >= p
     mask = keep.astype(dtype_of(x)) * np.asarray(1.0 / (1.0 - p), dtype=dtype_of(x))
     mask = asarray(mask, like=x)
@@ -900,14 +851,7 @@ def linear_forward(x, w, b=None):
     """
     func = "linear_forward"
     xp = array_namespace(*((x, w) if b is None else (x, w, b)), names=["x", "w", "b"][:2 + (b is not None)])
-    check_float(func, xp, x=x, w=w, b=b)
-    if x.ndim != 2:
-        raise ValueError(f"{func}: x must have shape (B, F), got shape {tuple(x.shape)}")
-    if w.ndim != 2 or w.shape[1] != x.shape[1]:
-        raise ValueError(f"{func}: w must have shape (O, F) with F = x.shape[1] = {x.shape[1]}, "
-                         f"got shape {tuple(w.shape)}")
-    if b is not None and tuple(b.shape) != (w.shape[0],):
-        raise ValueError(f"{func}: b must have shape ({w.shape[0]},), got shape {tuple(b.shape)}")
+    check_linear(func, xp, x, w, b)
     out = xp.matmul(x, xp.matrix_transpose(w))
     if b is not None:
         out = out + b
@@ -959,19 +903,8 @@ def softmax_cross_entropy_forward(logits, labels):
     """
     func = "softmax_cross_entropy_forward"
     xp = array_namespace(logits, labels, names=["logits", "labels"])
-    check_float(func, xp, logits=logits)
-    if logits.ndim != 2 or logits.shape[0] < 1 or logits.shape[1] < 1:
-        raise ValueError(f"{func}: logits must have shape (B, K) with B, K >= 1, got shape {tuple(logits.shape)}")
-    bsz, k = logits.shape
-    if tuple(labels.shape) != (bsz,):
-        raise ValueError(f"{func}: labels must have shape ({bsz},) (one class index per row of logits), "
-                         f"got shape {tuple(labels.shape)}")
-    if not xp.isdtype(labels.dtype, "integral"):
-        raise ValueError(f"{func}: labels must be integer class indices, got dtype {dtype_of(labels)}")
-    low, high = int(xp.min(labels)), int(xp.max(labels))
-    if low < 0 or high >= k:
-        bad = low if low < 0 else high
-        raise ValueError(f"{func}: labels must lie in [0, {k}) for {k} classes, got {bad}")
+    check_labels(func, xp, logits, labels)
+    k = logits.shape[1]
     z = logits - xp.max(logits, axis=1, keepdims=True)
     e = xp.exp(z)
     total = xp.sum(e, axis=1, keepdims=True)
