@@ -462,7 +462,8 @@ def _conv_dense_backward(xp, x_cl, d_cl, big, plan, *, input_grad):
     dx = xp.reshape(xp.matmul(d, xp.matrix_transpose(big)), x_cl.shape) if input_grad else None
     dbig = xp.reshape(xp.matmul(xp.matrix_transpose(frames), d), (size_in, c, -1, o))
     dbig = xp.reshape(xp.permute_dims(dbig, (0, 2, 1, 3)), (joined.shape[0], c * o))
-    dw = xp.matmul(xp.matrix_transpose(asarray(joined, like=d, dtype=d.dtype)), dbig)  # each tap: the sum over its connections
+    # each tap: the sum over its connections
+    dw = xp.matmul(xp.matrix_transpose(asarray(joined, like=d, dtype=d.dtype)), dbig)
     return dx, xp.reshape(dw, (-1, o))
 
 
