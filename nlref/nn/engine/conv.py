@@ -183,7 +183,8 @@ def _flip_plan(o, c, kernel, pairs):
     each entry of w's gradient finds its ``pairs`` terms in that matrix's flat gradient.
 
     Found by running the transforms on the numbers 1, 2, ... in w's place; a gather then gives
-    their values in a few calls instead of a dozen, the same numbers to the bit.
+    their values in a few calls instead of a dozen, the same numbers to the bit (part of the
+    per-call work of commit 47c39eb: a step at batch 1 from 6.7-7.9 ms to 5.2-6.8 ms).
     """
     size = o * c * math.prod(kernel)
     ids = np.arange(1.0, size + 1.0).reshape((o, c) + tuple(kernel))
@@ -268,7 +269,8 @@ class _SpareBorders(threading.local):
     are left to the allocator). Their borders are still zero, so the next
     padding of that shape only copies the interior: writing the zero borders runs along
     thousands of short rows (one per position of H and T), which took about as long as
-    copying the interior."""
+    copying the interior. (With the other per-call work of commit 47c39eb: whole training
+    steps 1.053x faster, 30 pairs.)"""
 
     limit = 16
     max_bytes = 16 << 20
@@ -330,7 +332,7 @@ def _window_view(nat, xpad, kernel, stride, out_size):
     st = xpad.strides
     shape = (xpad.shape[0],) + tuple(out_size) + tuple(kernel) + (xpad.shape[4],)
     strides = (st[0],) + tuple(a * s for a, s in zip(st[1:4], stride)) + tuple(st[1:4]) + (st[4],)
-    if nat is np and xpad.flags.c_contiguous:  # the same view, without as_strided's slow Python
+    if nat is np and xpad.flags.c_contiguous:  # the same view, without as_strided's slow Python (commit 47c39eb)
         return np.ndarray(shape, xpad.dtype, buffer=xpad, strides=strides)
     return nat.lib.stride_tricks.as_strided(xpad, shape, strides)
 
