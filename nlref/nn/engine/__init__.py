@@ -8,17 +8,16 @@ never what it computes: each path is tested equal to the textbook's definition
 (:func:`~nlref.nn.functional.conv3d_reference` for the convolution, the portable loops for
 the pools) and the same training run gives the same weights to the bit.
 
-Modules
--------
-:mod:`~nlref.nn.engine.conv`
-    The 3-D convolution: channels-last im2col in cache-sized chunks, paired output columns,
-    the flipped stride-1 backward, the dense per-frame product, spare padded buffers.
-:mod:`~nlref.nn.engine.layout`
-    Channels-last storage and batch norm's per-channel matrix (positions folded into rows).
-:mod:`~nlref.nn.engine.pool`
-    Max pooling's running maximum and gradient routing, and in-place adds, branch-free.
-:mod:`~nlref.nn.engine.adam`
-    Adam's update on all parameters as one flat vector.
+Its modules:
+
+* :mod:`nlref.nn.engine.conv`: the 3-D convolution: channels-last im2col in cache-sized
+  chunks, paired output columns, the flipped stride-1 backward, the dense per-frame
+  product, spare padded buffers.
+* :mod:`nlref.nn.engine.layout`: channels-last storage and batch norm's per-channel matrix
+  (positions folded into rows).
+* :mod:`nlref.nn.engine.pool`: max pooling's running maximum and gradient routing, and
+  in-place adds, branch-free.
+* :mod:`nlref.nn.engine.adam`: Adam's update on all parameters as one flat vector.
 
 Every trick carries a comment with the figure it bought, measured on the project's 2-core
 test machine (see ``docs/engine.md``).

@@ -85,11 +85,22 @@ CONV_PAIR_CHANNELS = 16
 
 
 def conv3d_forward(xp, x, w, kernel, stride, padding, out_size):
-    """The convolution of x (B, C, T, H, W) by w (O, C, kt, kh, kw), without bias, by the fastest path.
+    """The convolution of x by w, without bias, by the fastest path that applies.
 
-    Arguments are checked by the caller (:func:`nlref.nn.functional.conv3d_forward`).
-    Returns ``out`` (B, O, T', H', W') stored channels-last and the context
-    :func:`conv3d_backward` needs.
+    Parameters
+    ----------
+    xp : namespace
+        The array-API namespace of ``x`` and ``w``.
+    x : array, shape (B, C, T, H, W)
+    w : array, shape (O, C, kt, kh, kw)
+    kernel, stride, padding, out_size : tuples of 3 ints
+        Checked by the caller (:func:`nlref.nn.functional.conv3d_forward`).
+
+    Returns
+    -------
+    out : array, shape (B, O, T', H', W'), stored channels-last on NumPy and CuPy
+    context : tuple
+        What :func:`conv3d_backward` needs.
     """
     x_cl = channels_last(x)
     plan = _dense_plan(xp, tuple(x.shape[2:]), kernel, stride, padding)
@@ -107,8 +118,24 @@ def conv3d_forward(xp, x, w, kernel, stride, padding, out_size):
 
 
 def conv3d_backward(xp, dout, context, *, input_grad=True, bias=False):
-    """Gradients ``dx`` (or None without ``input_grad``), ``dw`` and ``db`` (or None without
-    ``bias``) of :func:`conv3d_forward`, from its context; ``dx`` stored channels-last."""
+    """Gradients of :func:`conv3d_forward`, from its context.
+
+    Parameters
+    ----------
+    xp : namespace
+    dout : array, shape (B, O, T', H', W')
+    context : tuple, from :func:`conv3d_forward`
+    input_grad : bool
+        False skips ``dx``.
+    bias : bool
+        Whether to return ``db``.
+
+    Returns
+    -------
+    dx : array, shape (B, C, T, H, W), stored channels-last, or None without ``input_grad``
+    dw : array, shape (O, C, kt, kh, kw)
+    db : array, shape (O,), or None without ``bias``
+    """
     x_cl, kept, plan, w, stride, padding, pairs = context
     kernel = tuple(w.shape[2:])
     o, c = w.shape[0], w.shape[1]
