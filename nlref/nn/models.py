@@ -155,7 +155,7 @@ class ResidualBlock(Layer):
     def forward(self, x):
         h = self.unit2.forward(self.unit1.forward(x))
         s = x if self.shortcut is None else self.shortcut.forward(x)
-        self._cache = out = _relu_owned(engine.add_owned(h, s))  # h + s written into h, unit2's fresh BN output
+        self._cache = out = _relu_owned(engine.add_owned(h, s))  # relu(h + s), written into h (fresh)
         return out
 
     def backward(self, dout):
