@@ -7,7 +7,10 @@ import numpy as np
 import pytest
 
 import nlref.backend as B
+from nlref.nn import _shapes
 from nlref.nn import functional as F
+from nlref.nn.engine import conv as EC
+from nlref.nn.engine import layout as EL
 from conftest import assert_gradcheck, assert_same_library, distinct_samples
 
 try:
@@ -73,16 +76,16 @@ POOL_CASES = {
 def _dense_applies(case):
     """Whether the case can take the dense per-frame path (kernel 1 x kh x kw, no temporal stride/padding)."""
     _, ws, stride, padding = CONV_CASES[case]
-    stride, padding = (F._triple(v, "", "", minimum=0) for v in (stride, padding))
+    stride, padding = (_shapes.triple(v, "", "", minimum=0) for v in (stride, padding))
     return ws[2] == 1 and stride[0] == 1 and padding[0] == 0
 
 
 def _pairs_apply(case):
     """Whether the case can compute its output columns in pairs (stride 1, kw > 1, even W and W')."""
     xs, ws, stride, padding = CONV_CASES[case]
-    stride, padding = (F._triple(v, "", "", minimum=0) for v in (stride, padding))
+    stride, padding = (_shapes.triple(v, "", "", minimum=0) for v in (stride, padding))
     w_out = xs[4] + 2 * padding[2] - ws[4] + 1
-    return F._flips(tuple(ws[2:]), stride, padding) and ws[4] > 1 and xs[4] % 2 == 0 and w_out % 2 == 0
+    return EC._flips(tuple(ws[2:]), stride, padding) and ws[4] > 1 and xs[4] % 2 == 0 and w_out % 2 == 0
 
 
 # every case by plain im2col, by the dense per-frame product and by paired im2col where those apply
@@ -95,8 +98,8 @@ CONV_PATHS = ([(case, "im2col") for case in CONV_CASES]
 def conv_path(monkeypatch, request):
     """Force one of the three ways conv3d computes: im2col, the dense product, or im2col with paired
     output columns (the last two where they apply)."""
-    monkeypatch.setattr(F, "DENSE_MAX_RATIO", math.inf if request.param == "dense" else 0)
-    monkeypatch.setattr(F, "CONV_PAIR_CHANNELS", math.inf if request.param == "paired" else 0)
+    monkeypatch.setattr(EC, "DENSE_MAX_RATIO", math.inf if request.param == "dense" else 0)
+    monkeypatch.setattr(EC, "CONV_PAIR_CHANNELS", math.inf if request.param == "paired" else 0)
     return request.param
 
 
@@ -201,7 +204,7 @@ def test_softmax_cross_entropy_gradcheck(xp_cpu):
 def test_conv3d_chunks_agree(monkeypatch, case, setting):
     """NumPy builds the columns a few samples at a time and keeps them for the backward pass, or rebuilds
     them there; one sample per chunk, or rebuilt columns, give the same numbers as the whole batch at once."""
-    monkeypatch.setattr(F, "DENSE_MAX_RATIO", 0)
+    monkeypatch.setattr(EC, "DENSE_MAX_RATIO", 0)
     inputs = _conv_inputs(np, case, True)
     inputs["x"] = np.concatenate([inputs["x"]] * 3)
     _, _, stride, padding = CONV_CASES[case]
@@ -209,7 +212,7 @@ def test_conv3d_chunks_agree(monkeypatch, case, setting):
     dout = RNG.standard_normal(out.shape)
     grads = F.conv3d_backward(dout, cache)
     for name, value in setting.items():
-        monkeypatch.setattr(F, name, value)
+        monkeypatch.setattr(EC, name, value)
     out1, cache1 = F.conv3d_forward(**inputs, stride=stride, padding=padding)
     np.testing.assert_allclose(out1, out, rtol=1e-12, atol=1e-12)
     for g1, g in zip(F.conv3d_backward(dout, cache1), grads):
@@ -310,12 +313,12 @@ def test_storage_order_does_not_change_values():
     outs = {}
     for name, a in (("nc", x), ("cl", x_cl)):
         out, cache = F.conv3d_forward(a, w, stride=1, padding=(0, 1, 1))
-        assert F._stored_channels_last(out)
+        assert EL.stored_channels_last(out)
         dout = RNG.standard_normal(out.shape) if name == "nc" else _stored_channels_last(outs["nc"][1])
         dx, dw, _ = F.conv3d_backward(dout, cache)
         state = {"running_mean": np.zeros(3), "running_var": np.ones(3)}
         bn, bn_cache = F.batchnorm_forward(a, np.full(3, 1.5), np.full(3, 0.2), state, training=True)
-        assert F._stored_channels_last(bn) == (name == "cl")
+        assert EL.stored_channels_last(bn) == (name == "cl")
         bn_dx, dgamma, dbeta = F.batchnorm_backward(_stored_channels_last(dout[:, :3]) if name == "cl"
                                                     else np.ascontiguousarray(dout[:, :3]), bn_cache)
         pooled, pool_cache = F.global_avgpool_forward(a)
@@ -339,9 +342,9 @@ def test_batchnorm_channels_last_rows_fold(shape):
     x = RNG.standard_normal(shape) * 3 + 1
     x_cl = _stored_channels_last(x)
     c = shape[1]
-    fold = F._row_fold(x_cl)
+    fold = EL.row_fold(x_cl)
     assert fold >= 1 and (math.prod(shape) // c) % fold == 0 and fold * c <= max(1024, c)
-    assert F._row_fold(x) == 0
+    assert EL.row_fold(x) == 0
     gamma, beta, dout = RNG.standard_normal(c), RNG.standard_normal(c), RNG.standard_normal(shape)
     results = []
     for a, d in ((x, dout), (x_cl, _stored_channels_last(dout))):
@@ -601,12 +604,12 @@ def test_conv3d_dense_path_where_it_pays(monkeypatch):
     for size, stride, dense in [(2, 1, True), (3, 1, True), (3, 2, True), (4, 1, False), (8, 2, False)]:
         x = rng.standard_normal((3, 5, 2, size, size))
         out, cache = F.conv3d_forward(x, w, stride=(1, stride, stride), padding=(0, 1, 1))
-        assert (cache[2] is not None) == dense, (size, stride)
+        assert (cache[0][2] is not None) == dense  # the engine context: (x_cl, kept, plan, ...), (size, stride)
         dout = rng.standard_normal(out.shape)
         grads = F.conv3d_backward(dout, cache)
-        monkeypatch.setattr(F, "DENSE_MAX_RATIO", 0 if dense else math.inf)
+        monkeypatch.setattr(EC, "DENSE_MAX_RATIO", 0 if dense else math.inf)
         out2, cache2 = F.conv3d_forward(x, w, stride=(1, stride, stride), padding=(0, 1, 1))
-        assert (cache2[2] is None) == dense
+        assert (cache2[0][2] is None) == dense
         np.testing.assert_allclose(out2, out, rtol=1e-12, atol=1e-12)
         for g2, g in zip(F.conv3d_backward(dout, cache2)[:2], grads[:2]):
             np.testing.assert_allclose(g2, g, rtol=1e-12, atol=1e-12)
@@ -636,8 +639,8 @@ def test_conv3d_pairs_where_it_pays(monkeypatch):
     their output columns, the others do not; where pairing is possible at all, paired and plain give
     the same numbers (values, dx, dw)."""
     rng = np.random.default_rng(6)
-    monkeypatch.setattr(F, "DENSE_MAX_RATIO", 0)
-    wide = F.CONV_PAIR_CHANNELS + 1
+    monkeypatch.setattr(EC, "DENSE_MAX_RATIO", 0)
+    wide = EC.CONV_PAIR_CHANNELS + 1
     cases = [  # (x shape, w shape, stride, padding, paired by default, paired with any channel count)
         ((3, 5, 2, 4, 6), (6, 5, 1, 3, 3), 1, (0, 1, 1), True, True),
         ((2, 4, 3, 4, 4), (3, 4, 3, 3, 3), 1, 1, True, True),
@@ -649,16 +652,16 @@ def test_conv3d_pairs_where_it_pays(monkeypatch):
         ((2, 4, 3, 4, 6), (3, 4, 3, 1, 1), 1, 0, False, False),  # kw = 1: no window to share
         ((2, 4, 2, 4, 8), (3, 4, 1, 3, 3), (1, 2, 2), (0, 1, 1), False, False),  # strided
     ]
-    default = F.CONV_PAIR_CHANNELS
+    default = EC.CONV_PAIR_CHANNELS
     for xs, ws, stride, padding, paired, possible in cases:
         x, w = rng.standard_normal(xs), rng.standard_normal(ws)
         dout = None
         runs = {}
         for channels in (default, 0, math.inf):  # as shipped, never paired, paired wherever possible
-            monkeypatch.setattr(F, "CONV_PAIR_CHANNELS", channels)
+            monkeypatch.setattr(EC, "CONV_PAIR_CHANNELS", channels)
             out, cache = F.conv3d_forward(x, w, stride=stride, padding=padding)
             dout = rng.standard_normal(out.shape) if dout is None else dout
-            runs[channels] = (cache[-1], out) + F.conv3d_backward(dout, cache)[:2]
+            runs[channels] = (cache[0][-1], out) + F.conv3d_backward(dout, cache)[:2]
         assert runs[default][0] == (2 if paired else 1), (xs, ws)
         assert runs[0][0] == 1 and runs[math.inf][0] == (2 if possible else 1), (xs, ws)
         for channels in (default, math.inf):
@@ -670,12 +673,12 @@ def test_conv3d_pairs_where_it_pays(monkeypatch):
 def test_conv3d_keeps_columns_only_for_strided_backward(monkeypatch, case):
     """The forward keeps x's column matrix only where the backward will use it: not with stride 1 and
     padding <= kernel - 1, whose dx and dw both come from the output gradient's column matrix."""
-    monkeypatch.setattr(F, "DENSE_MAX_RATIO", 0)
+    monkeypatch.setattr(EC, "DENSE_MAX_RATIO", 0)
     _, ws, stride, padding = CONV_CASES[case]
-    stride, padding = (F._triple(v, "", "", minimum=0) for v in (stride, padding))
+    stride, padding = (_shapes.triple(v, "", "", minimum=0) for v in (stride, padding))
     flips = stride == (1, 1, 1) and all(p <= k - 1 for p, k in zip(padding, ws[2:]))
     _, cache = F.conv3d_forward(**_conv_inputs(np, case, False), stride=stride, padding=padding)
-    assert (cache[1] is None) == flips
+    assert (cache[0][1] is None) == flips
 
 
 def test_conv3d_spare_padded_buffers(monkeypatch):
@@ -683,7 +686,7 @@ def test_conv3d_spare_padded_buffers(monkeypatch):
     of the same shape, a different padding of the same padded shape, and convolutions running in two
     threads at once all give exactly what freshly zeroed buffers give."""
     rng = np.random.default_rng(8)
-    monkeypatch.setattr(F, "DENSE_MAX_RATIO", 0)
+    monkeypatch.setattr(EC, "DENSE_MAX_RATIO", 0)
     calls = [  # the second pads its 2 x 2 maps by 2, to the 6 x 6 the first pads its 4 x 4 maps to
         (rng.standard_normal((2, 3, 2, 4, 4)), rng.standard_normal((4, 3, 1, 3, 3)), 1, (0, 1, 1)),
         (rng.standard_normal((2, 3, 2, 2, 2)), rng.standard_normal((4, 3, 1, 5, 5)), 1, (0, 2, 2)),
@@ -695,26 +698,26 @@ def test_conv3d_spare_padded_buffers(monkeypatch):
         out, cache = F.conv3d_forward(x, w, stride=stride, padding=padding)
         return (out,) + F.conv3d_backward(np.cos(out), cache)[:2]
 
-    F._SPARE.free.clear()
-    monkeypatch.setattr(F._SpareBorders, "max_bytes", 0)  # nothing kept: every buffer freshly zeroed
+    EC._SPARE.free.clear()
+    monkeypatch.setattr(EC._SpareBorders, "max_bytes", 0)  # nothing kept: every buffer freshly zeroed
     fresh = [run(*call) for call in calls]
-    assert not F._SPARE.free
-    monkeypatch.setattr(F._SpareBorders, "max_bytes", 16 << 20)
-    monkeypatch.setattr(F._SpareBorders, "limit", 0)  # nor with no room
+    assert not EC._SPARE.free
+    monkeypatch.setattr(EC._SpareBorders, "max_bytes", 16 << 20)
+    monkeypatch.setattr(EC._SpareBorders, "limit", 0)  # nor with no room
     for call, expected in zip(calls, fresh):
         for a, b in zip(run(*call), expected):
             np.testing.assert_array_equal(a, b)
-    assert not F._SPARE.free
-    monkeypatch.setattr(F._SpareBorders, "limit", 16)
+    assert not EC._SPARE.free
+    monkeypatch.setattr(EC._SpareBorders, "limit", 16)
     for _ in range(2):
         for call, expected in zip(calls, fresh):
             for a, b in zip(run(*call), expected):
                 np.testing.assert_array_equal(a, b)
-    assert F._SPARE.free  # buffers were kept, and their borders are still zero
-    assert all(xpad.nbytes <= F._SpareBorders.max_bytes for xpad in F._SPARE.free.values())
-    for (shape, _, padding), xpad in F._SPARE.free.items():
+    assert EC._SPARE.free  # buffers were kept, and their borders are still zero
+    assert all(xpad.nbytes <= EC._SpareBorders.max_bytes for xpad in EC._SPARE.free.values())
+    for (shape, _, padding), xpad in EC._SPARE.free.items():
         border = xpad.copy()
-        border[F._interior(tuple(n - 2 * p for n, p in zip(shape[1:4], padding)), padding, channels_last=True)] = 0
+        border[_shapes.interior(tuple(n - 2 * p for n, p in zip(shape[1:4], padding)), padding, channels_last=True)] = 0
         assert not border.any()
 
     import threading

@@ -1,8 +1,12 @@
 """Neural-network layers with hand-written backward passes (no autograd).
 
-* :mod:`nlref.nn.functional` -- forward/backward pairs: 1x1 conv, batch norm,
-  ReLU, max pooling, softmax, the pairwise functions; for networks: conv3d,
-  avg/max pool3d, global average pool, dropout, linear, softmax cross-entropy.
+* :mod:`nlref.nn.functional` -- the textbook: forward/backward pairs: 1x1 conv, batch
+  norm, ReLU, max pooling, softmax, the pairwise functions; for networks: conv3d (and
+  its loop definition, ``conv3d_reference``), avg/max pool3d, global average pool,
+  dropout, linear, softmax cross-entropy.
+* :mod:`nlref.nn.engine` -- the tuned paths the textbook calls through one seam:
+  channels-last im2col convolution, batch norm's per-channel rows, in-place pooling
+  loops, Adam's flat update. Same numbers, faster (see ``docs/engine.md``).
 * :mod:`nlref.nn.nonlocal_op` -- the non-local operation (full and chunked).
 * :mod:`nlref.nn.block` -- :class:`NonLocalBlock`.
 * :mod:`nlref.nn.models` -- :class:`VideoNet`, small C2D / I3D networks with NL blocks.
@@ -10,10 +14,10 @@
 * :mod:`nlref.nn.gradcheck` -- finite-difference gradient checks.
 """
 
-from . import functional, models, nonlocal_op, optim
+from . import engine, functional, models, nonlocal_op, optim
 from .block import NonLocalBlock
 from .gradcheck import GradcheckResult, gradcheck, layer_gradcheck
 from .models import VideoNet
 
-__all__ = ["functional", "nonlocal_op", "models", "optim", "NonLocalBlock", "VideoNet",
+__all__ = ["functional", "engine", "nonlocal_op", "models", "optim", "NonLocalBlock", "VideoNet",
            "gradcheck", "layer_gradcheck", "GradcheckResult"]

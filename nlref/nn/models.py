@@ -40,6 +40,7 @@ import math
 import numpy as np
 
 from .. import backend as B
+from . import engine
 from . import functional as F
 from .block import NonLocalBlock
 from .nonlocal_op import MODES
@@ -154,27 +155,20 @@ class ResidualBlock(Layer):
     def forward(self, x):
         h = self.unit2.forward(self.unit1.forward(x))
         s = x if self.shortcut is None else self.shortcut.forward(x)
-        xp = B.array_namespace(h, s)
-        if B.supports_out(xp):
-            h = B.native_namespace(xp).add(h, s, out=h)  # h is unit2's fresh BN output
-        else:
-            h = h + s
-        self._cache = out = _relu_owned(h)
+        self._cache = out = _relu_owned(engine.add_owned(h, s))  # relu(h + s), written into h (fresh)
         return out
 
     def backward(self, dout):
         d = F.relu_backward(dout, self._pop_cache())
         dx = self.unit1.backward(self.unit2.backward(d))
         ds = d if self.shortcut is None else self.shortcut.backward(d)
-        xp = B.array_namespace(dx, ds)
-        return B.native_namespace(xp).add(dx, ds, out=dx) if B.supports_out(xp) else dx + ds  # dx is fresh
+        return engine.add_owned(dx, ds)  # dx + ds, in dx (fresh)
 
 
 def _relu_owned(h):
     """ReLU of an array no one else holds (a fresh BN output): in place on NumPy and CuPy."""
-    xp = B.array_namespace(h)
-    if B.supports_out(xp):
-        return B.native_namespace(xp).maximum(h, 0, out=h)
+    if B.supports_out(B.array_namespace(h)):
+        return engine.relu_owned(h)
     return F.relu_forward(h)[0]
 
 
@@ -225,7 +219,7 @@ class NonLocal(Layer):
 
     def forward(self, x, *, return_attention=False):
         self.block.training = self.training
-        self._cache = (tuple(x.shape), F._stored_channels_last(x))
+        self._cache = (tuple(x.shape), engine.stored_channels_last(x))
         out = self.block.forward(self._fold(_contiguous(x)), return_attention=return_attention)
         z, attention = out if return_attention else (out, None)
         z = _store_like(self._unfold(z, x.shape), self._cache[1])
@@ -248,7 +242,7 @@ def _store_like(z, channels_last):
     if not channels_last:
         return z
     xp = B.array_namespace(z)
-    return F._channels_first(xp, F._channels_last(z))
+    return engine.channels_first(xp, engine.channels_last(z))
 
 
 # --------------------------------------------------------------------------- the network

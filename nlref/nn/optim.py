@@ -20,6 +20,7 @@ import math
 import numpy as np
 
 from .. import backend as B
+from . import engine
 
 __all__ = ["SGD", "Adam", "StepSchedule"]
 
@@ -172,71 +173,11 @@ class Adam(_Optimiser):
     def step(self, lr=None):
         lr = self.lr if lr is None else lr
         params, grads = self.model.params, self.model.grads
-        dtype = next(iter(params.values())).dtype
-        if all(p.dtype == dtype for p in params.values()) and B.supports_out(B.array_namespace(*params.values())):
-            self._step_flat(params, grads, lr)
+        if engine.flat_adam_applies(params):
+            engine.adam_step_flat(self, params, grads, lr)  # the same update on one flat vector: fewer calls
         else:
             self._step_each(params, grads, lr)
         self.steps += 1
-
-    def _step_flat(self, params, grads, lr):
-        """The same update on all parameters at once, as one flat vector (NumPy and CuPy).
-
-        About 60 small arrays cost 15 library calls each when updated one by one;
-        flattened, a step is a dozen calls, the same arithmetic in the same order (so
-        the same numbers to the bit), with one scratch buffer. The moments live in two
-        flat buffers, and :attr:`state` holds views of them, so checkpoints see the
-        usual layout.
-        """
-        b1, b2 = self.betas
-        t = self.steps + 1
-        keys = list(params)
-        for key in keys:
-            self._check_gradient(key, grads.get(key))
-        flat = self._flat
-        if flat is None or flat["keys"] != keys or any(
-                self.state.get(k, {}).get("m") is not flat["views"][k] for k in keys):
-            flat = self._flat = self._flatten(params)
-        nat = B.native_namespace(B.array_namespace(*params.values()))
-        g = nat.concatenate([grads[k].reshape(-1) for k in flat["order"]])
-        p = nat.concatenate([params[k].reshape(-1) for k in flat["order"]])  # the new parameters' storage
-        m, v, tmp = flat["m"], flat["v"], flat["tmp"]
-        if self.weight_decay:  # the decayed parameters come first
-            decayed = slice(0, flat["decayed"])
-            g[decayed] += nat.multiply(p[decayed], self.weight_decay, out=tmp[decayed])
-        m *= b1
-        m += nat.multiply(g, 1 - b1, out=tmp)
-        v *= b2
-        v += nat.multiply(nat.multiply(g, g, out=tmp), 1 - b2, out=tmp)
-        denominator = nat.add(nat.sqrt(nat.divide(v, 1 - b2 ** t, out=tmp), out=tmp), self.eps, out=tmp)
-        p -= nat.divide(nat.multiply(m, lr / (1 - b1 ** t), out=g), denominator, out=g)
-        for key, (start, stop, shape) in flat["spans"].items():
-            self.model.set_param(key, p[start:stop].reshape(shape))
-
-    def _flatten(self, params):
-        """Flat moment buffers (filled from :attr:`state` where it has them) and the views :attr:`state` keeps."""
-        nat = B.native_namespace(B.array_namespace(*params.values()))
-        first = next(iter(params.values()))
-        order = sorted(params, key=self.model.no_decay)  # weight-decayed parameters first (a stable sort)
-        spans, start, decayed = {}, 0, 0
-        for key in order:
-            spans[key] = (start, start + math.prod(params[key].shape), tuple(params[key].shape))
-            start += math.prod(params[key].shape)
-            decayed = start if not self.model.no_decay(key) else decayed
-        flat = {"keys": list(params), "order": order, "spans": spans, "views": {}, "decayed": decayed,
-                "m": nat.zeros(start, dtype=first.dtype), "v": nat.zeros(start, dtype=first.dtype),
-                "tmp": nat.empty(start, dtype=first.dtype)}
-        for key in params:  # state in the parameters' order, as the per-parameter update keeps it
-            lo, hi, shape = spans[key]
-            slots = {}
-            for name in ("m", "v"):
-                view = nat.reshape(flat[name][lo:hi], shape)
-                if key in self.state:
-                    view[...] = self.state[key][name]
-                slots[name] = view
-            self.state[key] = slots
-            flat["views"][key] = slots["m"]
-        return flat
 
     def _step_each(self, params, grads, lr):
         """Parameter by parameter, with new arrays (every array library)."""

@@ -1,0 +1,98 @@
+"""Checks for the exercises of chapter 7, the convolution's backward pass (notebook 07).
+
+Each ``exK(answer)`` computes the expected value with nlref itself and reports through
+:mod:`nlref.exercises`: ``None`` while the answer is the placeholder ``None``, ``True`` when
+it is right, ``False`` (with one line saying what is wrong) otherwise. A function given
+as an answer is called on fresh random inputs; if it raises, that is a wrong answer too.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import check_close, check_true, not_answered
+from ..nn import functional as F
+
+__all__ = ["EX1", "EX3", "ex1", "ex2", "ex3", "ex4"]
+
+#: Exercise 1's convolution: input shape, weight shape, stride, padding.
+EX1 = {"x": (2, 3, 5, 10, 9), "w": (4, 3, 3, 3, 2), "stride": (1, 2, 3), "padding": (1, 1, 2)}
+#: Exercise 3's layer (res2 of the default network in a training step): input (B, C, T, H, W), O, kernel.
+EX3 = {"x": (32, 16, 8, 8, 8), "out_channels": 16, "kernel": (1, 3, 3)}
+
+
+def ex1(answer):
+    """The output shape (B, O, T', H', W') of :data:`EX1`'s convolution, as a tuple of 5 ints."""
+    x = np.zeros(EX1["x"])
+    w = np.zeros(EX1["w"])
+    out, _ = F.conv3d_reference(x, w, stride=EX1["stride"], padding=EX1["padding"])
+    if not_answered("ex1", answer):
+        return None
+    try:
+        shape = tuple(int(n) for n in answer)
+    except (TypeError, ValueError):
+        return check_true("ex1", answer, False, f"expected a tuple of 5 ints, got {answer!r}")
+    return check_true("ex1", answer, shape == tuple(out.shape),
+                      f"shape {shape} is not the output's; recall floor((n + 2p - k) / s) + 1 per axis")
+
+
+def _call(fn, *args):
+    """``fn(*args)`` as a float64 NumPy array, or the reason it is not one."""
+    if not callable(fn):
+        return None, f"expected a function, got {type(fn).__name__}"
+    try:
+        return np.asarray(fn(*args), dtype=np.float64), None
+    except Exception as error:  # a wrong answer, never a crash of the check
+        return None, f"calling it raised {type(error).__name__}: {error}"
+
+
+def ex2(answer):
+    """``dw(x, dout, kernel, stride, padding)``: the weight gradient (O, C, kt, kh, kw), checked
+    against :func:`nlref.nn.functional.conv3d_reference_backward` on two random convolutions."""
+    if not_answered("ex2", answer):
+        return None
+    rng = np.random.default_rng(72)
+    got, expected = [], []
+    for xs, ws, stride, padding in [((2, 3, 3, 5, 6), (4, 3, 2, 3, 2), (1, 2, 1), (0, 1, 1)),
+                                    ((1, 2, 2, 4, 4), (3, 2, 1, 3, 3), 1, (0, 1, 1))]:
+        x, w = rng.standard_normal(xs), rng.standard_normal(ws)
+        out, cache = F.conv3d_reference(x, w, stride=stride, padding=padding)
+        dout = rng.standard_normal(out.shape)
+        dw, why = _call(answer, x, dout, tuple(ws[2:]), stride, padding)
+        if dw is None or dw.shape != ws:
+            why = why or f"shape {dw.shape}, expected (O, C, kt, kh, kw) = {ws}"
+            return check_true("ex2", answer, False, why)
+        got.append(dw.reshape(-1))
+        expected.append(F.conv3d_reference_backward(dout, cache)[1].reshape(-1))
+    return check_close("ex2", np.concatenate(got), np.concatenate(expected), rtol=1e-9, atol=1e-9)
+
+
+def ex3(answer):
+    """The number of bytes of :data:`EX3`'s float32 column matrix (B T' H' W' rows, kt kh kw C columns)."""
+    b, c, t, h, w = EX3["x"]
+    kt, kh, kw = EX3["kernel"]
+    rows = b * t * h * w  # padding k // 2, stride 1: the maps keep their size
+    return check_close("ex3", answer, rows * kt * kh * kw * c * 4, rtol=0)
+
+
+def ex4(answer):
+    """``flip(w)``: the kernel (C, O, kt, kh, kw) with which the stride-1 input gradient is a full
+    correlation, ``dx = conv3d_reference(dout, flip(w), padding=k - 1 - p)``, checked on two cases."""
+    if not_answered("ex4", answer):
+        return None
+    rng = np.random.default_rng(74)
+    got, expected = [], []
+    for xs, ws, padding in [((2, 3, 3, 5, 6), (4, 3, 2, 3, 2), (0, 1, 1)),
+                            ((1, 2, 4, 4, 4), (3, 2, 3, 3, 3), (1, 1, 1))]:
+        x, w = rng.standard_normal(xs), rng.standard_normal(ws)
+        out, cache = F.conv3d_reference(x, w, padding=padding)
+        dout = rng.standard_normal(out.shape)
+        flipped, why = _call(answer, w)
+        wanted = (ws[1], ws[0]) + tuple(ws[2:])
+        if flipped is None or flipped.shape != wanted:
+            why = why or f"shape {flipped.shape}, expected (C, O, kt, kh, kw) = {wanted}"
+            return check_true("ex4", answer, False, why)
+        full = tuple(k - 1 - p for k, p in zip(ws[2:], padding))
+        got.append(F.conv3d_reference(dout, flipped, padding=full)[0].reshape(-1))
+        expected.append(F.conv3d_reference_backward(dout, cache)[0].reshape(-1))
+    return check_close("ex4", np.concatenate(got), np.concatenate(expected), rtol=1e-9, atol=1e-9)

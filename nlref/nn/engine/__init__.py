@@ -1,0 +1,37 @@
+"""The engine: the tuned paths behind :mod:`nlref.nn.functional`, reached through one seam.
+
+:mod:`nlref.nn.functional` is the textbook: every layer written as its equation, with a
+portable (array-API) body. Where speed needed storage orders, column plans, buffer reuse
+or chunking, the textbook calls one of the functions below instead, and the names listed
+in ``__all__`` are the whole seam. Everything behind it changes how fast a layer runs,
+never what it computes: each path is tested equal to the textbook's definition
+(:func:`~nlref.nn.functional.conv3d_reference` for the convolution, the portable loops for
+the pools) and the same training run gives the same weights to the bit.
+
+Its modules:
+
+* :mod:`nlref.nn.engine.conv`: the 3-D convolution: channels-last im2col in cache-sized
+  chunks, paired output columns, the flipped stride-1 backward, the dense per-frame
+  product, spare padded buffers.
+* :mod:`nlref.nn.engine.layout`: channels-last storage and batch norm's per-channel matrix
+  (positions folded into rows).
+* :mod:`nlref.nn.engine.pool`: max pooling's running maximum and gradient routing, and
+  in-place adds, branch-free.
+* :mod:`nlref.nn.engine.adam`: Adam's update on all parameters as one flat vector.
+
+Every trick carries a comment with the figure it bought, measured on the project's 2-core
+test machine (see ``docs/engine.md``).
+"""
+
+from .adam import adam_step_flat, flat_adam_applies
+from .conv import conv3d_backward, conv3d_forward
+from .layout import (ChannelRows, channel_sums, channels_first, channels_last, exp_inplace, multiply,
+                     stored_channels_last)
+from .pool import add_at, add_owned, relu_owned, running_max, winner_gradients
+
+__all__ = [
+    "conv3d_forward", "conv3d_backward",
+    "ChannelRows", "multiply", "channels_last", "channels_first", "stored_channels_last", "channel_sums",
+    "exp_inplace", "add_owned", "add_at", "relu_owned", "running_max", "winner_gradients",
+    "adam_step_flat", "flat_adam_applies",
+]
