@@ -254,3 +254,26 @@ def test_compare_block_errors():
     with pytest.raises(ValueError, match="pass mode="):
         nlref.compare_block(module, _x((1, 4, 2, 2)))
     assert nlref.compare_block(module, _x((2, 4, 2, 2)), verbose=False, mode="dot_product").agree
+    # the port's file name says the mode: lib/non_local_dot_product.py (and non_local_gaussian is not
+    # read in non_local_embedded_gaussian)
+    for mode in ("dot_product", "embedded_gaussian", "gaussian"):
+        port = type("NONLocalBlock2D", (_ModeInFileName,), {"__module__": f"lib.non_local_{mode}"})
+        module = _randomize(port(4, mode=mode, inter=2, dims=2, sub_sample=True, bn_layer=True))
+        assert not hasattr(module, "mode")
+        result = nlref.compare_block(module, _x((2, 4, 4, 4)), verbose=False)
+        assert result.options["mode"] == mode and result.agree
+
+
+class _ModeInFileName(TorchNonLocal):
+    """A module with the port's layout and no ``mode`` attribute, like the port's classes."""
+
+    def __init__(self, *args, mode, **kwargs):
+        super().__init__(*args, mode=mode, **kwargs)
+        self._which = self.__dict__.pop("mode")
+
+    def forward(self, x):
+        self.__dict__["mode"] = self._which
+        try:
+            return super().forward(x)
+        finally:
+            del self.__dict__["mode"]

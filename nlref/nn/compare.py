@@ -114,7 +114,7 @@ def _infer_options(module, state, layout):
         elif "concat_project.0.weight" in keys:
             mode = "concatenation"
         elif mode not in MODES:  # the port has one file per mode: non_local_dot_product.py, ...
-            found = [m for m in MODES if m in type(module).__module__]
+            found = [m for m in MODES if f"non_local_{m}" in type(module).__module__]
             mode = found[0] if len(found) == 1 else None
         scale = getattr(module, "scale", False)
         pool = getattr(module, "pool", "after")
