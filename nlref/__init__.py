@@ -9,6 +9,7 @@ from .averaging import add_gaussian_noise, average, averaging_curve, noisy_copie
 from .metrics import mse, psnr
 from .nlmeans import estimate_sigma, nl_means, nl_means_weights, resolve_parameters
 from .nn import NonLocalBlock, gradcheck, layer_gradcheck
+from .nn.compare import compare_block
 
 __version__ = "0.1.0"
 
@@ -16,5 +17,5 @@ __all__ = [
     "nl_means", "nl_means_weights", "resolve_parameters", "estimate_sigma",
     "add_gaussian_noise", "noisy_copies", "average", "averaging_curve",
     "mse", "psnr", "backend", "data", "averaging", "metrics", "viz",
-    "NonLocalBlock", "gradcheck", "layer_gradcheck", "nn",
+    "NonLocalBlock", "gradcheck", "layer_gradcheck", "nn", "compare_block",
 ]

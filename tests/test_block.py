@@ -1,7 +1,9 @@
 """NonLocalBlock: gradient checks over every option, the PyTorch oracle, identity at start,
 equivariance, stability, chunked == full, AlexHex7 weight interchange, bad input."""
 
+import importlib
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -275,6 +277,15 @@ def test_top_level_exports():
     (dict(mode="dot_product", scale=True), "scale=True applies to the softmax modes"),
     (dict(dtype="float16"), "dtype must be 'float32' or 'float64'"),
     (dict(sub_sample="yes"), "sub_sample must be True or False"),
+    (dict(scale=-1.0), "scale must be True, False or a positive finite number"),
+    (dict(scale="yes"), "scale must be True, False or a positive finite number"),
+    (dict(mode="concatenation", scale=0.5), "scale=0.5 applies to the softmax modes"),
+    (dict(pool_kernel=(2, 2, 2)), r"pool_kernel must be an int or a tuple of 2 ints"),
+    (dict(pool_stride=(0, 1)), "pool_stride must be an int >= 1"),
+    (dict(sub_sample=False, pool_kernel=2), "need sub_sample=True"),
+    (dict(W_z_bias=0), "W_z_bias must be True or False"),
+    (dict(bn_eps=0.0), "bn_eps must be positive"),
+    (dict(bn_momentum=1.5), r"bn_momentum must be a number in \[0, 1\]"),
 ])
 def test_constructor_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -319,8 +330,11 @@ def test_load_state_dict_errors_leave_block_intact():
     bad = dict(before)
     bad.pop("theta.weight")
     bad["extra"] = np.zeros(1)
-    with pytest.raises(ValueError, match=r"missing keys \['theta.weight'\], unexpected keys \['extra'\]"):
+    with pytest.raises(ValueError, match=r"closest is 'nlref', with unmatched keys \['extra'\] and missing keys "
+                                         r"\['theta.weight'\]"):
         block.load_state_dict(bad)
+    with pytest.raises(ValueError, match=r"unmatched keys \['extra'\], missing keys \['theta.weight'\]"):
+        block.load_state_dict(bad, layout="nlref")
     wrong = dict(before, **{"g.weight": np.zeros((3, 4)), "bn.gamma": np.ones(4) * 5})
     with pytest.raises(ValueError, match=r"state\['g.weight'\] has shape \(3, 4\), expected \(2, 4\)"):
         block.load_state_dict(wrong)
@@ -330,7 +344,7 @@ def test_load_state_dict_errors_leave_block_intact():
     assert all(np.array_equal(before[k], after[k]) for k in before)  # nothing half-loaded
     with pytest.raises(ValueError, match="layout must be"):
         block.load_state_dict(before, layout="caffe2")
-    with pytest.raises(ValueError, match="AlexHex7 port pools after the convolutions"):
+    with pytest.raises(ValueError, match="alexhex7 layout cannot express .*pool='before'"):
         NonLocalBlock(4, pool="before").state_dict(layout="alexhex7")
 
 
@@ -347,3 +361,89 @@ def test_returned_attention_survives_the_next_call():
     block.free_scratch()
     assert not block._workspace  # ... until freed; the next call rebuilds it
     np.testing.assert_array_equal(block.forward(x2), z2)
+
+
+# --------------------------------------------------------------------------- options the peers need
+@pytest.mark.parametrize("dims,options", [
+    (1, dict(pool_kernel=3)), (2, dict(pool_kernel=(3, 3), pool_stride=(2, 1))),
+    (3, dict(pool="before", pool_kernel=(2, 2, 2))), (3, dict(pool_kernel=(1, 3, 3), pool_stride=(1, 2, 2))),
+    (2, dict(W_z_bias=False)), (2, dict(bn_eps=1e-2, bn_momentum=0.3)), (1, dict(scale=0.37)),
+    (2, dict(mode="gaussian", scale=0.2, pool="before", pool_kernel=(1, 2), W_z_bias=False)),
+])
+def test_peer_options_gradcheck(dims, options):
+    config = dict(dict(mode="embedded_gaussian"), **options)
+    block, x = _random_block(np, dims, config)
+    if config.get("pool_kernel") is not None:  # a larger input, so that the pool has room
+        x = np.random.default_rng(0).standard_normal(SHAPES[dims][:2] + (7,) * dims)
+    result = layer_gradcheck(block, x, method="centred", directions=3)
+    assert result.passed, str(result)
+    assert ("W_z.bias" in block.params) == config.get("W_z_bias", True)
+
+
+@needs_torch
+@pytest.mark.parametrize("dims,kernel,stride", [(1, (3,), (2,)), (2, (3, 2), (1, 2)), (3, (1, 3, 3), (1, 2, 2)),
+                                                (3, (2, 2, 2), (2, 2, 2))])
+def test_pool_kernel_and_stride_match_torch(dims, kernel, stride):
+    block = NonLocalBlock(4, dims=dims, pool_kernel=kernel, pool_stride=stride, dtype="float64")
+    x = np.random.default_rng(1).standard_normal((2, 4) + (7,) * dims)
+    out, cache = block._pool(x)
+    tx = torch.tensor(x, requires_grad=True)
+    tout = getattr(torch.nn.functional, f"max_pool{dims}d")(tx, kernel, stride)
+    np.testing.assert_array_equal(out, tout.detach().numpy())
+    dout = np.random.default_rng(2).standard_normal(out.shape)
+    tout.backward(torch.from_numpy(dout))
+    np.testing.assert_allclose(block._unpool(dout, cache), tx.grad.numpy(), rtol=1e-14, atol=1e-15)
+
+
+def test_defaults_unchanged_and_scale_forms_agree():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 4, 4, 4))
+    dz = rng.standard_normal(x.shape)
+    plain = NonLocalBlock(4, dtype="float64", seed=3)
+    assert (plain.scale, plain.kernel, plain.stride, plain.W_z_bias, plain.bn_eps, plain.bn_momentum) == (
+        False, (2, 2), (2, 2), True, 1e-5, 0.1)
+    explicit = NonLocalBlock(4, dtype="float64", seed=3, scale=False, pool_kernel=(2, 2), pool_stride=2,
+                             W_z_bias=True, bn_eps=1e-5, bn_momentum=0.1)
+    for blk in (plain, explicit):
+        blk.params["bn.gamma"] = np.ones(4)
+    np.testing.assert_array_equal(plain.forward(x), explicit.forward(x))
+    np.testing.assert_array_equal(plain.backward(dz), explicit.backward(dz))
+    a = NonLocalBlock(4, dtype="float64", seed=3, scale=True)
+    b = NonLocalBlock(4, dtype="float64", seed=3, scale=1 / math.sqrt(2))  # inter_channels = 2
+    assert a.logit_scale == b.logit_scale == 1 / math.sqrt(2)
+    a.params["bn.gamma"] = b.params["bn.gamma"] = np.ones(4)
+    np.testing.assert_array_equal(a.forward(x), b.forward(x))
+    no_bias = NonLocalBlock(4, dtype="float64", seed=3, W_z_bias=False)
+    assert np.array_equal(no_bias.params["W_z.weight"], plain.params["W_z.weight"]) and "W_z.bias" not in no_bias.grads
+    assert "bn_eps=0.01" in repr(NonLocalBlock(4, bn_eps=0.01)) and "W_z_bias=False" in repr(no_bias)
+
+
+# --------------------------------------------------------------------------- load_state_dict copies
+def _sources():
+    yield "numpy", lambda block: {k: v.copy() for k, v in block.state_dict().items()}
+    if torch is not None:
+        yield "torch", lambda block: {k: torch.from_numpy(v.copy()) for k, v in block.state_dict().items()}
+
+
+@pytest.mark.parametrize("xp_name", ["numpy", "torch"])
+@pytest.mark.parametrize("source", [s for s, _ in _sources()])
+def test_load_state_dict_copies_both_directions(xp_name, source):
+    """Changing the source after loading leaves the block alone, and updating the block in place (as an
+    optimiser does) leaves the source alone: for every same-dtype source, where sharing memory was possible."""
+    if xp_name == "torch" and torch is None:
+        pytest.skip("PyTorch not installed")
+    xp = importlib.import_module(xp_name)
+    make = dict(_sources())[source]
+    origin = NonLocalBlock(4, dims=2, dtype="float64", seed=1)
+    for layout in ("nlref", "alexhex7"):
+        state = make(origin) if layout == "nlref" else {
+            k: (torch.from_numpy(v) if source == "torch" else v) for k, v in origin.state_dict(layout).items()}
+        kept = {k: np.array(B.to_numpy(v)) for k, v in state.items()}
+        block = NonLocalBlock(4, dims=2, dtype="float64", seed=2, xp=xp).load_state_dict(state, layout=layout)
+        for v in state.values():  # the source changes ...
+            v[...] = 7
+        after = block.state_dict(layout)
+        assert all(np.array_equal(after[k], kept[k]) for k in kept), "the block changed with its source"
+        for k, v in block.params.items():  # ... and the block is trained in place
+            v += 1.0
+        assert all((B.to_numpy(state[k]) == 7).all() for k in state), "training the block changed the source"

@@ -13,11 +13,17 @@ max-pooled ((1, 2, 2) in 3-D, (2, 2) in 2-D, 2 in 1-D): after the ``phi`` and
 or on ``x`` before them (``pool="before"``, the official Caffe2 code). BN's
 gamma starts at 0 (or ``W_z`` at 0 when ``bn_layer=False``), so a new block is
 exactly the identity and can be inserted into a trained network.
+
+The block reads and writes the weight layouts of four PyTorch peers (see
+:meth:`NonLocalBlock.load_state_dict` and ``docs/nonlocal_block.md``), and has
+the options those peers need: a numeric logit scale, the pool's kernel and
+stride, ``W_z`` without a bias, BN's eps and momentum.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 
@@ -29,7 +35,8 @@ from .nonlocal_op import attention_map as _attention_map
 __all__ = ["NonLocalBlock"]
 
 POOLS = ("after", "before")
-LAYOUTS = ("nlref", "alexhex7")
+#: The weight layouts :meth:`NonLocalBlock.state_dict` writes and :meth:`NonLocalBlock.load_state_dict` reads.
+LAYOUTS = ("nlref", "alexhex7", "mmcv", "slowfast", "timm")
 
 
 def _positive_int(name, value, minimum=1):
@@ -43,6 +50,22 @@ def _host(a):
     if isinstance(a, (np.ndarray, np.generic, int, float, list, tuple)):
         return np.asarray(a)
     return B.to_numpy(a)
+
+
+def _scale_option(value):
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, numbers.Real) and math.isfinite(value) and value > 0:
+        return float(value)
+    raise ValueError(f"scale must be True, False or a positive finite number, got {value!r}")
+
+
+def _kernel_option(name, value, dims):
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        value = (value,) * dims
+    if not isinstance(value, (tuple, list)) or len(value) != dims:
+        raise ValueError(f"{name} must be an int or a tuple of {dims} ints (one per spatial axis), got {value!r}")
+    return tuple(_positive_int(name, v) for v in value)
 
 
 def _flag(name, value):
@@ -68,11 +91,24 @@ class NonLocalBlock:
         Max-pool the keys and values (N' = N / 2, N / 4 or N / 4 for 1, 2, 3 dims).
     bn_layer : bool
         Batch norm after W_z (gamma = 0 at start); without it W_z starts at 0.
-    scale : bool
-        Multiply the softmax logits by ``1/sqrt(d)`` (Caffe2, mmcv); only for the
-        softmax modes. The paper has no scale.
+    scale : bool or float
+        Multiply the softmax logits: ``True`` by ``1/sqrt(d)`` (Caffe2, mmcv,
+        SlowFast; ``d = inter_channels``, or ``C`` in Gaussian mode), a number by
+        that number (timm: ``in_channels ** -0.5``), ``False`` by 1 (the paper).
+        Only for the softmax modes.
     pool : {"after", "before"}
         Where subsampling happens (see the module docstring).
+    pool_kernel : int or tuple of int, optional
+        The max-pool window, one size per spatial axis (SlowFast's ``pool_size``,
+        e.g. (1, 2, 2), (2, 2, 2), (1, 3, 3)). Default: 2, (2, 2) or (1, 2, 2).
+        Only with ``sub_sample``.
+    pool_stride : int or tuple of int, optional
+        The pool's stride; default the kernel (non-overlapping windows, as every peer).
+    W_z_bias : bool
+        Give ``W_z`` a bias (default). mmcv drops it when a norm follows ``W_z``.
+    bn_eps, bn_momentum : float
+        Batch norm's epsilon and running-statistics momentum (PyTorch's defaults,
+        1e-5 and 0.1; mmcv and SlowFast configs set others).
     chunk_size : int, optional
         Use the chunked (memory-efficient) non-local operation with this many keys per block.
     dtype : {"float32", "float64"}
@@ -87,14 +123,18 @@ class NonLocalBlock:
     ----------
     params : dict of arrays
         ``theta.weight`` (d, C), ``theta.bias`` (d,), ``phi.*``, ``g.*``,
-        ``W_z.weight`` (C, d), ``W_z.bias`` (C,), ``bn.gamma``, ``bn.beta`` (C,),
-        ``w_f`` (2d,) for the concatenation. Gaussian mode has no theta and phi.
+        ``W_z.weight`` (C, d), ``W_z.bias`` (C,) (unless ``W_z_bias=False``),
+        ``bn.gamma``, ``bn.beta`` (C,), ``w_f`` (2d,) for the concatenation.
+        Gaussian mode has no theta and phi.
     grads : dict of arrays
         Same keys; set (not accumulated) by :meth:`backward`.
     buffers : dict of arrays
         ``bn.running_mean`` and ``bn.running_var`` when ``bn_layer``.
     training : bool
         Batch statistics (True, the initial state) or running statistics.
+    loaded_layout : str or None
+        The layout the last :meth:`load_state_dict` read (the detected one when
+        it was not named); None before any load.
 
     Notes
     -----
@@ -105,7 +145,8 @@ class NonLocalBlock:
     """
 
     def __init__(self, in_channels, *, mode="embedded_gaussian", inter_channels=None, dims=2,
-                 sub_sample=True, bn_layer=True, scale=False, pool="after", chunk_size=None,
+                 sub_sample=True, bn_layer=True, scale=False, pool="after", pool_kernel=None,
+                 pool_stride=None, W_z_bias=True, bn_eps=1e-5, bn_momentum=0.1, chunk_size=None,
                  dtype="float32", seed=0, xp=None):
         self.in_channels = _positive_int("in_channels", in_channels)
         check_mode(mode)
@@ -118,12 +159,26 @@ class NonLocalBlock:
         self.dims = int(dims)
         self.sub_sample = _flag("sub_sample", sub_sample)
         self.bn_layer = _flag("bn_layer", bn_layer)
-        self.scale = _flag("scale", scale)
-        if self.scale and mode not in SOFTMAX_MODES:
-            raise ValueError(f"scale=True applies to the softmax modes {SOFTMAX_MODES}, not mode={mode!r}")
+        self.scale = _scale_option(scale)
+        if self.scale is not False and mode not in SOFTMAX_MODES:
+            raise ValueError(f"scale={scale!r} applies to the softmax modes {SOFTMAX_MODES}, not mode={mode!r}")
         if pool not in POOLS:
             raise ValueError(f"pool must be 'after' or 'before', got {pool!r}")
         self.pool = pool
+        if not self.sub_sample and (pool_kernel is not None or pool_stride is not None):
+            raise ValueError(f"pool_kernel={pool_kernel!r} and pool_stride={pool_stride!r} need sub_sample=True")
+        self.kernel = self.stride = None  # the pool's window and stride, one entry per spatial axis
+        if self.sub_sample:
+            self.kernel = (F.pool_kernel(self.dims) if pool_kernel is None
+                           else _kernel_option("pool_kernel", pool_kernel, self.dims))
+            self.stride = self.kernel if pool_stride is None else _kernel_option("pool_stride", pool_stride, self.dims)
+        self.W_z_bias = _flag("W_z_bias", W_z_bias)
+        for name, value in (("bn_eps", bn_eps), ("bn_momentum", bn_momentum)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= 1:
+                raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+        if bn_eps <= 0:
+            raise ValueError(f"bn_eps must be positive, got {bn_eps!r}")
+        self.bn_eps, self.bn_momentum = float(bn_eps), float(bn_momentum)
         if chunk_size is not None:
             chunk_size = _positive_int("chunk_size", chunk_size)
         self.chunk_size = chunk_size
@@ -135,8 +190,8 @@ class NonLocalBlock:
         if not all(hasattr(self.xp, f) for f in ("asarray", "matmul", "float32")):
             raise TypeError(f"xp must be an array library module (numpy, cupy, array_api_strict, torch), got {xp!r}")
         self.dtype = getattr(self.xp, name)
-        self.kernel = F.pool_kernel(self.dims) if self.sub_sample else None
         self.training = True
+        self.loaded_layout = None
         self.num_batches_tracked = 0
         self._cache = None
         self._workspace = {} if B.is_numpy(self.xp) else None  # reused (B, N, N') scratch (see nonlocal_op)
@@ -168,12 +223,14 @@ class NonLocalBlock:
             params["w_f"] = uniform((2 * d,), 2 * d)
         if self.bn_layer:
             params["W_z.weight"] = uniform((c, d), d)
-            params["W_z.bias"] = uniform((c,), d)
+            params["W_z.bias"] = uniform((c,), d)  # drawn either way: the same weight without it
             params["bn.gamma"] = self._array(np.zeros(c))
             params["bn.beta"] = self._array(np.zeros(c))
         else:
             params["W_z.weight"] = self._array(np.zeros((c, d)))
             params["W_z.bias"] = self._array(np.zeros(c))
+        if not self.W_z_bias:
+            del params["W_z.bias"]
         return params
 
     def free_scratch(self):
@@ -194,8 +251,14 @@ class NonLocalBlock:
 
     def __repr__(self):
         opts = [f"mode={self.mode!r}", f"inter_channels={self.inter_channels}", f"dims={self.dims}",
-                f"sub_sample={self.sub_sample}", f"bn_layer={self.bn_layer}", f"scale={self.scale}",
+                f"sub_sample={self.sub_sample}", f"bn_layer={self.bn_layer}", f"scale={self.scale!r}",
                 f"pool={self.pool!r}", f"chunk_size={self.chunk_size}", f"dtype={self.dtype_name!r}"]
+        if self.sub_sample and (self.kernel != F.pool_kernel(self.dims) or self.stride != self.kernel):
+            opts += [f"pool_kernel={self.kernel}", f"pool_stride={self.stride}"]
+        if not self.W_z_bias:
+            opts.append("W_z_bias=False")
+        if (self.bn_eps, self.bn_momentum) != (1e-5, 0.1):
+            opts += [f"bn_eps={self.bn_eps:g}", f"bn_momentum={self.bn_momentum:g}"]
         return f"NonLocalBlock({self.in_channels}, {', '.join(opts)})"
 
     # ------------------------------------------------------------------ forward
@@ -216,7 +279,27 @@ class NonLocalBlock:
                              f"{self.kernel}; use sub_sample=False or a larger input")
 
     def _conv(self, name, x):
-        return F.conv1x1_forward(x, self.params[f"{name}.weight"], self.params[f"{name}.bias"])
+        return F.conv1x1_forward(x, self.params[f"{name}.weight"], self.params.get(f"{name}.bias"))
+
+    def _pool(self, x):
+        """Max-pool the key positions: (B, C, *S) -> (B, C, *S'), and the cache for :meth:`_unpool`."""
+        if self.stride == self.kernel:
+            out, cache = F.maxpool_forward(x, self.kernel)
+            return out, (None, cache)
+        xp = B.array_namespace(x)
+        ones = (1,) * (3 - self.dims)  # any stride: the 3-D pool on a (B, C, 1.., *S) view
+        out, cache = F.maxpool3d_forward(xp.reshape(x, tuple(x.shape[:2]) + ones + tuple(x.shape[2:])),
+                                         ones + self.kernel, ones + self.stride)
+        return xp.reshape(out, tuple(out.shape[:2]) + tuple(out.shape[5 - self.dims:])), (tuple(x.shape), cache)
+
+    def _unpool(self, dout, cache):
+        x_shape, cache = cache
+        if x_shape is None:
+            return F.maxpool_backward(dout, cache)
+        xp = B.array_namespace(dout)
+        ones = (1,) * (3 - self.dims)
+        dx = F.maxpool3d_backward(xp.reshape(dout, tuple(dout.shape[:2]) + ones + tuple(dout.shape[2:])), cache)
+        return xp.reshape(dx, x_shape)
 
     def _key_branch(self, name, keys_in, cache):
         """phi or g of the key positions, pooled afterwards if pool='after'."""
@@ -225,14 +308,17 @@ class NonLocalBlock:
         else:
             h, cache[name] = self._conv(name, keys_in)
         if self.sub_sample and self.pool == "after":
-            h, cache[f"pool_{name}"] = F.maxpool_forward(h, self.kernel)
+            h, cache[f"pool_{name}"] = self._pool(h)
         return h
 
-    def _logit_scale(self, x):
-        if not self.scale:
+    @property
+    def logit_scale(self):
+        """The number the softmax logits are multiplied by (1.0 without ``scale``)."""
+        if self.scale is False:
             return 1.0
-        d = x.shape[1] if self.mode == "gaussian" else self.inter_channels
-        return 1.0 / math.sqrt(d)
+        if self.scale is True:
+            return 1.0 / math.sqrt(self.in_channels if self.mode == "gaussian" else self.inter_channels)
+        return self.scale
 
     def forward(self, x, *, return_attention=False):
         """z = BN(W_z y) + x.
@@ -254,7 +340,7 @@ class NonLocalBlock:
         cache = {}
         keys_in = x
         if self.sub_sample and self.pool == "before":
-            keys_in, cache["pool_x"] = F.maxpool_forward(x, self.kernel)
+            keys_in, cache["pool_x"] = self._pool(x)
         if self.mode == "gaussian":
             theta = x
         else:
@@ -265,15 +351,15 @@ class NonLocalBlock:
         cache["key_shape"] = tuple(phi.shape)
 
         flat = F._flat
-        op_args = dict(mode=self.mode, scale=self._logit_scale(x), w_f=self.params.get("w_f"))
+        op_args = dict(mode=self.mode, scale=self.logit_scale, w_f=self.params.get("w_f"))
         y, cache["op"] = nonlocal_forward(flat(theta), flat(phi), flat(g), chunk_size=self.chunk_size,
                                           workspace=self._workspace, **op_args)
         y = xp.reshape(y, (x.shape[0], self.inter_channels) + tuple(x.shape[2:]))
         wy, cache["W_z"] = self._conv("W_z", y)
         if self.bn_layer:
             stats = {"running_mean": self.buffers["bn.running_mean"], "running_var": self.buffers["bn.running_var"]}
-            wy, cache["bn"] = F.batchnorm_forward(wy, self.params["bn.gamma"], self.params["bn.beta"],
-                                                  stats, training=self.training)
+            wy, cache["bn"] = F.batchnorm_forward(wy, self.params["bn.gamma"], self.params["bn.beta"], stats,
+                                                  training=self.training, momentum=self.bn_momentum, eps=self.bn_eps)
             self.buffers["bn.running_mean"] = stats["running_mean"]
             self.buffers["bn.running_var"] = stats["running_var"]
             if self.training:
@@ -324,103 +410,220 @@ class NonLocalBlock:
         for name, dh in (("phi", dphi), ("g", dg)):
             dh = xp.reshape(dh, dh.shape[:2] + cache["key_shape"][2:])
             if self.sub_sample and self.pool == "after":
-                dh = F.maxpool_backward(dh, cache.pop(f"pool_{name}"))
+                dh = self._unpool(dh, cache.pop(f"pool_{name}"))
             if name in cache:
                 dh, grads[f"{name}.weight"], grads[f"{name}.bias"] = F.conv1x1_backward(dh, cache.pop(name))
             dkeys = dh if dkeys is None else dkeys + dh
         del dphi, dg
         if self.sub_sample and self.pool == "before":
-            dkeys = F.maxpool_backward(dkeys, cache.pop("pool_x"))
+            dkeys = self._unpool(dkeys, cache.pop("pool_x"))
         dtheta = xp.reshape(dtheta, cache["theta_shape"])
         if "theta" in cache:
             dtheta, grads["theta.weight"], grads["theta.bias"] = F.conv1x1_backward(dtheta, cache.pop("theta"))
         dx = dtheta + dkeys
         dx += dz
-        self.grads = {k: grads[k] for k in self.params}
+        self.grads = {k: grads[k] for k in self.params}  # (no W_z.bias entry without the bias)
         return dx
 
     # ------------------------------------------------------------------ state
     def state_dict(self, layout="nlref"):
-        """Parameters and running statistics as host NumPy copies.
+        """Parameters and running statistics as host NumPy copies, in nlref's or a peer's layout.
 
-        ``layout="nlref"``: the keys of :attr:`params` and :attr:`buffers`.
-        ``layout="alexhex7"``: the keys and shapes of AlexHex7/Non-local_pytorch
-        (``g.0.weight`` (d, C, 1, 1), ``W.1.running_var``, ...; see
-        ``docs/nonlocal_block.md``), ready for ``torch.from_numpy``.
+        Parameters
+        ----------
+        layout : {"nlref", "alexhex7", "mmcv", "slowfast", "timm"}
+            ``"nlref"``: the keys of :attr:`params` and :attr:`buffers`, nlref's
+            shapes. A peer's name: that peer's keys and PyTorch shapes (conv
+            weights (out, in, 1, ..., 1), BN's ``num_batches_tracked`` included),
+            ready for ``torch.from_numpy`` and the peer's
+            ``load_state_dict(..., strict=True)``; the table in
+            ``docs/nonlocal_block.md`` lists them.
+
+        Returns
+        -------
+        dict of str to numpy.ndarray
+
+        Raises
+        ------
+        ValueError
+            An unknown layout, or a block whose options the peer cannot express
+            (its weights would mean something else there); the message names the option.
         """
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-        state = {k: B.to_numpy(v).copy() for k, v in {**self.params, **self.buffers}.items()}
+        state = {k: np.array(B.to_numpy(v)) for k, v in {**self.params, **self.buffers}.items()}
         if layout == "nlref":
             return state
-        out = {}
-        for key, (torch_key, torch_shape) in self._alexhex7_map().items():
-            out[torch_key] = state[key].reshape(torch_shape)
+        self._check_peer(layout)
+        out = {peer_key: state[key].reshape(shape) for key, (peer_key, shape) in self._peer_map(layout).items()}
         if self.bn_layer:
-            out["W.1.num_batches_tracked"] = np.asarray(self.num_batches_tracked, dtype=np.int64)
+            out[self._counter_key(layout)] = np.asarray(self.num_batches_tracked, dtype=np.int64)
         return out
 
-    def load_state_dict(self, state, layout="auto"):
-        """Load parameters and running statistics from host arrays (NumPy, or anything ``numpy.asarray`` takes).
+    def load_state_dict(self, state, layout=None):
+        """Load parameters and running statistics, in nlref's or a peer's layout; the values are copied.
 
-        ``layout="auto"`` recognises the AlexHex7 layout by its ``W.`` keys.
-        Every expected key must be present with the expected shape; unknown keys
-        are an error. Values are copied into the block's library and dtype.
+        Parameters
+        ----------
+        state : dict of str to array
+            NumPy arrays, PyTorch tensors (a peer module's ``state_dict()``), or
+            anything ``numpy.asarray`` takes. Every expected key must be there with
+            the expected shape; unknown keys are an error (BN's
+            ``num_batches_tracked`` is optional). The values are copied into the
+            block's library and dtype: changing ``state`` afterwards does not change
+            the block, and training the block does not change ``state``.
+        layout : {None, "nlref", "alexhex7", "mmcv", "slowfast", "timm"}
+            None (or ``"auto"``): the layout whose keys for this block's options
+            match ``state`` exactly; :attr:`loaded_layout` says which was read.
+
+        Returns
+        -------
+        self
+
+        Raises
+        ------
+        ValueError
+            An unknown layout; a state that fits no layout (the message names,
+            for the closest layout, the unmatched and the missing keys); a wrong
+            shape; NaN or infinite values; or block options the peer cannot
+            express. The block is unchanged when anything is wrong.
+        TypeError
+            ``state`` is not a dict.
         """
-        if layout not in LAYOUTS + ("auto",):
-            raise ValueError(f"layout must be 'auto', 'nlref' or 'alexhex7', got {layout!r}")
+        if layout not in LAYOUTS + (None, "auto"):
+            raise ValueError(f"layout must be None (detect) or one of {LAYOUTS}, got {layout!r}")
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict of arrays, got {type(state).__name__}")
-        if layout == "auto":
-            layout = "alexhex7" if any(k.startswith("W.") for k in state) else "nlref"
-        if layout == "nlref":
-            expected = {k: (k, tuple(v.shape)) for k, v in {**self.params, **self.buffers}.items()}
-            extra = set()
-        else:
-            expected = self._alexhex7_map()
-            extra = {"W.1.num_batches_tracked"} if self.bn_layer else set()
-        wanted = {tk for tk, _ in expected.values()}
+        if layout in (None, "auto"):
+            layout = self._detect_layout(state)
+        expected = self._peer_map(layout)
+        counter = self._counter_key(layout)
+        wanted = {peer_key for peer_key, _ in expected.values()}
         missing = sorted(wanted - set(state))
-        unexpected = sorted(set(state) - wanted - extra)
+        unexpected = sorted(set(state) - wanted - {counter})
         if missing or unexpected:
-            raise ValueError(f"state dict ({layout} layout) does not match this block: "
-                             f"missing keys {missing}, unexpected keys {unexpected}")
+            raise ValueError(f"state dict ({layout} layout) does not match {self!r}: "
+                             f"unmatched keys {unexpected}, missing keys {missing}")
+        if layout != "nlref":
+            self._check_peer(layout)
         new = {}
-        for key, (torch_key, shape) in expected.items():
-            host = _host(state[torch_key])
+        for key, (peer_key, shape) in expected.items():
+            host = np.array(_host(state[peer_key]))  # a copy, never a view of the caller's memory
             if tuple(host.shape) != tuple(shape):
-                raise ValueError(f"state[{torch_key!r}] has shape {tuple(host.shape)}, expected {tuple(shape)}")
+                raise ValueError(f"state[{peer_key!r}] has shape {tuple(host.shape)}, expected {tuple(shape)}")
             if not np.all(np.isfinite(host)):
-                raise ValueError(f"state[{torch_key!r}] holds NaN or infinite values")
+                raise ValueError(f"state[{peer_key!r}] holds NaN or infinite values")
             new[key] = self._array(host.reshape(self._native_shape(key)))
         for key, value in new.items():  # only after every entry has been checked
             (self.params if key in self.params else self.buffers)[key] = value
-        if "W.1.num_batches_tracked" in state:
-            self.num_batches_tracked = int(_host(state["W.1.num_batches_tracked"]))
+        if counter in state:
+            self.num_batches_tracked = int(_host(state[counter]))
+        self.loaded_layout = layout
         return self
 
     def _native_shape(self, key):
         return tuple(({**self.params, **self.buffers})[key].shape)
 
-    def _alexhex7_map(self):
-        """nlref key -> (AlexHex7 key, AlexHex7 shape)."""
-        if self.pool != "after" or self.scale:
-            raise ValueError("the AlexHex7 port pools after the convolutions and has no scale; this block has "
-                             f"pool={self.pool!r}, scale={self.scale}, so its weights would mean something else there")
-        ones = (1,) * self.dims
-        wrap = ".0" if self.sub_sample else ""
-        c, d = self.in_channels, self.inter_channels
-        names = {"g": f"g{wrap}", "theta": "theta", "phi": f"phi{wrap}", "W_z": "W.0" if self.bn_layer else "W"}
+    def _detect_layout(self, state):
+        """The layout whose keys for this block are exactly those of ``state`` (counters aside)."""
+        best = None
+        for layout in LAYOUTS:
+            wanted = {peer_key for peer_key, _ in self._peer_map(layout).values()}
+            keys = set(state) - {self._counter_key(layout)}
+            if keys == wanted:
+                return layout
+            score = len(keys & wanted)
+            if best is None or score > best[0]:
+                best = (score, layout, sorted(keys - wanted), sorted(wanted - keys))
+        _, layout, unmatched, missing = best
+        raise ValueError(f"state dict fits none of the layouts {LAYOUTS} for {self!r}; the closest is {layout!r}, "
+                         f"with unmatched keys {unmatched} and missing keys {missing}")
+
+    def _counter_key(self, layout):
+        """The peer's BN ``num_batches_tracked`` key (None for nlref or without BN)."""
+        if layout == "nlref" or not self.bn_layer:
+            return None
+        bn = {"alexhex7": "W.1", "mmcv": "conv_out.bn", "slowfast": "norm", "timm": "norm"}[layout]
+        return f"{bn}.num_batches_tracked"
+
+    def _peer_map(self, layout):
+        """nlref key -> (the layout's key, the layout's shape), for this block's parameters and buffers."""
+        native = {k: tuple(v.shape) for k, v in {**self.params, **self.buffers}.items()}
+        if layout == "nlref":
+            return {k: (k, shape) for k, shape in native.items()}
+        wrap = ".0" if self.sub_sample else ""  # alexhex7 and mmcv: Sequential(conv, pool) when pooling after
+        names = {
+            "alexhex7": {"theta": "theta", "phi": f"phi{wrap}", "g": f"g{wrap}", "W_z": "W.0" if self.bn_layer else "W",
+                         "bn": "W.1", "w_f": ("concat_project.0.weight", 2)},
+            "mmcv": {"theta": "theta.conv", "phi": f"phi{wrap}.conv", "g": f"g{wrap}.conv", "W_z": "conv_out.conv",
+                     "bn": "conv_out.bn", "w_f": ("concat_project.conv.weight", 2)},
+            "slowfast": {"theta": "conv_theta", "phi": "conv_phi", "g": "conv_g", "W_z": "conv_out", "bn": "norm"},
+            "timm": {"theta": "t", "phi": "p", "g": "g", "W_z": "z", "bn": "norm"},
+        }[layout]
+        bn_names = {"gamma": "weight", "beta": "bias", "running_mean": "running_mean", "running_var": "running_var"}
         out = {}
-        for key, value in self.params.items():
+        for key, shape in native.items():
             if key == "w_f":
-                out[key] = ("concat_project.0.weight", (1, 2 * d, 1, 1))
-            elif key.startswith("bn."):
-                out[key] = ({"bn.gamma": "W.1.weight", "bn.beta": "W.1.bias"}[key], (c,))
+                if "w_f" not in names:
+                    raise ValueError(f"the {layout} layout has no concatenation mode")
+                name, conv_dims = names["w_f"]  # a 1 x 2d x 1 x 1 conv (always 2-D in these ports)
+                out[key] = (name, (1,) + shape + (1,) * conv_dims)
+                continue
+            module, kind = key.split(".")
+            if module == "bn":
+                out[key] = (f"{names['bn']}.{bn_names[kind]}", shape)
             else:
-                module, kind = key.split(".")
-                shape = tuple(value.shape) + ones if kind == "weight" else tuple(value.shape)
-                out[key] = (f"{names[module]}.{kind}", shape)
-        for key in self.buffers:
-            out[key] = ("W.1." + key.split(".")[1], (c,))
+                out[key] = (f"{names[module]}.{kind}", shape + (1,) * self.dims if kind == "weight" else shape)
         return out
+
+    def _check_peer(self, layout):
+        """Raise unless the peer computes exactly this block (else its weights would mean something else)."""
+        default_pool = not self.sub_sample or (self.kernel == F.pool_kernel(self.dims) and self.stride == self.kernel)
+        scale = self.logit_scale
+        problems = []
+        if layout == "alexhex7":
+            if self.sub_sample and self.pool != "after":
+                problems.append(f"pool={self.pool!r} (the port pools after phi and g)")
+            if not default_pool:
+                problems.append(f"pool_kernel={self.kernel}, pool_stride={self.stride} (the port's are fixed)")
+            if scale != 1.0:
+                problems.append(f"scale={self.scale!r} (the port has no scale)")
+            if not self.W_z_bias:
+                problems.append("W_z_bias=False (the port's W has a bias)")
+        elif layout == "mmcv":
+            if self.sub_sample and self.pool != "after":
+                problems.append(f"pool={self.pool!r} (mmcv pools after phi and g)")
+            if not default_pool:
+                problems.append(f"pool_kernel={self.kernel}, pool_stride={self.stride} (mmcv's are fixed)")
+            if self.W_z_bias == self.bn_layer:
+                problems.append(f"W_z_bias={self.W_z_bias} with bn_layer={self.bn_layer} (mmcv's conv_out has a "
+                                "bias exactly when no norm follows)")
+            if not (scale == 1.0 or (self.mode == "embedded_gaussian" and self.scale is True)):
+                problems.append(f"scale={self.scale!r} (mmcv's use_scale is 1/sqrt(inter_channels), embedded "
+                                "Gaussian only)")
+        elif layout == "slowfast":
+            if self.dims != 3:
+                problems.append(f"dims={self.dims} (SlowFast's Nonlocal is 3-D)")
+            if self.mode not in ("embedded_gaussian", "dot_product"):
+                problems.append(f"mode={self.mode!r} (SlowFast has 'softmax' = embedded_gaussian and dot_product)")
+            if self.sub_sample and self.pool != "before":
+                problems.append(f"pool={self.pool!r} (SlowFast pools x before phi and g)")
+            if self.sub_sample and self.stride != self.kernel:
+                problems.append(f"pool_stride={self.stride} (SlowFast's stride is its pool_size)")
+            if self.mode == "embedded_gaussian" and self.scale is not True:
+                problems.append(f"scale={self.scale!r} (SlowFast's softmax scales by dim_inner ** -0.5: scale=True)")
+            if not self.W_z_bias:
+                problems.append("W_z_bias=False (SlowFast's conv_out has a bias)")
+        elif layout == "timm":
+            if self.dims != 2 or self.mode != "embedded_gaussian" or self.sub_sample or not self.bn_layer:
+                problems.append(f"dims={self.dims}, mode={self.mode!r}, sub_sample={self.sub_sample}, "
+                                f"bn_layer={self.bn_layer} (timm's NonLocalAttn: 2-D, embedded Gaussian, no "
+                                "subsampling, BN)")
+            if not (scale == 1.0 or math.isclose(scale, self.in_channels ** -0.5, rel_tol=1e-12)):
+                problems.append(f"scale={self.scale!r} (timm multiplies by in_channels ** -0.5 = "
+                                f"{self.in_channels ** -0.5!r}, or by 1 with use_scale=False)")
+            if not self.W_z_bias:
+                problems.append("W_z_bias=False (timm's z has a bias)")
+        if problems:
+            raise ValueError(f"the {layout} layout cannot express this block's options: {'; '.join(problems)}; "
+                             "its weights would mean something else there")

@@ -278,11 +278,11 @@ def _forward_chunked(theta, phi, g, mode, scale, w_f, chunk_size, workspace):
             acc += xp.matmul(_keys(g, block), xp.matrix_transpose(f))
     if mode in SOFTMAX_MODES:
         y = acc / run_sum[:, None, :]
-        log_norm = run_max + xp.log(run_sum)  # log C_i, so that A_ij = exp(logit_ij - log C_i)
+        rows = (run_max, run_sum)  # m_i and l_i: A_ij = exp(s_ij - m_i) / l_i
     else:
         y = acc / m
-        log_norm = None
-    return y, ("chunked", mode, scale, w_f, chunk_size, theta, phi, g, y, log_norm, workspace)
+        rows = None
+    return y, ("chunked", mode, scale, w_f, chunk_size, theta, phi, g, y, rows, workspace)
 
 
 def _with_row(a, row):
@@ -292,41 +292,46 @@ def _with_row(a, row):
 
 
 def _backward_chunked(dy, cache):
-    _, mode, scale, w_f, chunk_size, theta, phi, g, y, log_norm, workspace = cache
-    b, d, n = theta.shape
+    _, mode, scale, w_f, chunk_size, theta, phi, g, y, rows, workspace = cache
+    b, _, n = theta.shape
     xp = array_namespace(dy, theta)
     m = phi.shape[2]
     softmax = mode in SOFTMAX_MODES
     if softmax:
-        # Each recomputed block needs s_ij - log C_i and dA_ij - dy_i . y_i. Both subtractions ride
-        # along in the matrix products as one extra channel: [theta_i; -log C_i / scale] . [phi_j; 1]
-        # and [dy_i; -dy_i . y_i] . [g_j; 1]; that spares two passes over every (B, N, c) block.
-        queries = _with_row(theta, -log_norm / scale)
-        dy_aug = _with_row(dy, -xp.sum(dy * y, axis=1))
+        # Each block of A is recomputed exactly as the forward pass made it: the logits s_ij from the
+        # same product, then exp(s_ij - m_i) / l_i with the saved row maximum m_i and row sum l_i.
+        # (Folding -log C_i into the product as an extra channel would save the subtraction, but in
+        # float32 the sum of s_ij ~ 1e4 and -log C_i ~ -1e4 keeps only the leading digits: dg was
+        # off by 1e-4 relative at logits of 1e4.) 1 / l_i is applied to the small dy, as in the full
+        # form, and dA_ij - dy_i . y_i rides along in one product as an extra channel:
+        # [dy_i / l_i; -dy_i . y_i / l_i] . [g_j; 1].
+        run_max, run_sum = rows
+        dy_c = dy / run_sum[:, None, :]
+        dy_aug = _with_row(dy_c, -xp.sum(dy_c * y, axis=1))
         ones = xp.ones((b, 1, min(chunk_size, m)), dtype=theta.dtype, device=device(theta))
     else:
-        queries = theta
-        dy_aug = dy / m  # A = f / M: fold the constant into the small array
+        dy_c = dy_aug = dy / m  # A = f / M: fold the constant into the small array
     dtheta = xp.zeros(theta.shape, dtype=theta.dtype, device=device(theta))
     dw_f = None
     dphi_blocks, dg_blocks = [], []
     for block in _blocks(m, chunk_size):
         c = block.stop - block.start
-        keys, values = _keys(phi, block), _keys(g, block)
+        values = _keys(g, block)
         if softmax:
-            keys = xp.concat([keys, ones[:, :, :c]], axis=1)
             values = xp.concat([values, ones[:, :, :c]], axis=1)
-        f, f_cache = _pairwise(queries, keys, mode, scale, w_f,
+        f, f_cache = _pairwise(theta, _keys(phi, block), mode, scale, w_f,
                                out=_scratch(workspace, "scores", (b, n, c), theta.dtype))  # recomputed
-        a = _exp_inplace(xp, f) if softmax else f  # the block of A (softmax) or of f = M A
-        dg_blocks.append(xp.matmul(dy_aug, a)[:, :g.shape[1], :])
-        da = _matmul(xp, xp.matrix_transpose(dy_aug), values,
-                     _scratch(workspace, "dscores", (b, n, c), a.dtype))  # dA (- dy_i . y_i)
         if softmax:
-            da *= a
+            f -= run_max[:, :, None]
+            f = _exp_inplace(xp, f)  # l_i A_ij for this block
+        dg_blocks.append(xp.matmul(dy_c, f))  # dy A
+        da = _matmul(xp, xp.matrix_transpose(dy_aug), values,
+                     _scratch(workspace, "dscores", (b, n, c), f.dtype))  # dA (- dy_i . y_i), over l_i
+        if softmax:
+            da *= f  # A_ij (dA_ij - dy_i . y_i)
         dtheta_b, dphi_b, dw_f_b = _pairwise_backward(da, f_cache, mode)
-        dtheta += dtheta_b[:, :d, :]
-        dphi_blocks.append(dphi_b[:, :d, :])
+        dtheta += dtheta_b
+        dphi_blocks.append(dphi_b)
         if dw_f_b is not None:
             dw_f = dw_f_b if dw_f is None else dw_f + dw_f_b
     return dtheta, xp.concat(dphi_blocks, axis=2), xp.concat(dg_blocks, axis=2), dw_f
