@@ -226,9 +226,9 @@ def _demo_training(out, *, quick, seed):
              f"{'network':<26} {'val accuracy':>12} {'clips/s':>8}"]
     for label, r in runs.items():
         lines.append(f"{label:<26} {r['val_accuracy']:12.3f} {r['clips_per_second']:8.0f}")
-    lines.append(f"attention of a sprite-1 query on sprite 2's cells, mean over the {len(val)} validation clips: "
-                 f"{float(np.mean(mass)):.3f} (uniform {duration / np.prod(k_shape):.3f}; training_attention.png "
-                 f"draws clip {i}, where it is {float(mass[i]):.3f})")
+    lines.append(f"attention of a sprite-1 query on sprite 2's cells: {float(np.mean(mass)):.3f} "
+                 f"(uniform {duration / np.prod(k_shape):.3f}), the mean over the {len(val)} validation clips; "
+                 f"training_attention.png draws clip {i}, where it is {float(mass[i]):.3f}")
     return lines
 
 
