@@ -105,6 +105,7 @@ def averaging_plot(counts, variances, sigma):
     ax.loglog(counts, sigma**2 / counts, "-", label=r"$\sigma^2 / N$")
     ax.set_xlabel("number of copies N")
     ax.set_ylabel("variance of the residual")
+    ax.set_title("averaging N noisy copies: the variance falls as 1/N", fontsize=10)
     ax.legend()
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
