@@ -12,7 +12,7 @@ import numpy as np
 
 from . import _report, check_close, check_true, not_answered
 
-__all__ = ["ex1", "ex2", "ex3", "ex4", "ex5"]
+__all__ = ["ex1", "ex2", "ex3", "ex4", "ex5", "correlated_variance", "median_loss_db", "noisy_oracle_psnr"]
 
 COUNTS = (1, 2, 4, 8, 16, 32, 64)
 

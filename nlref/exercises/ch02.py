@@ -12,7 +12,7 @@ import numpy as np
 from . import _report, check_close, check_true, not_answered
 from ._student import call
 
-__all__ = ["ex1", "ex2", "ex3", "ex4", "ex5"]
+__all__ = ["ex1", "ex2", "ex3", "ex4", "ex5", "uncorrected_sweep", "flat_gain", "video_psnrs"]
 
 SIGMA = 0.08
 FACTORS = (0.5, 1.0, 1.5, 2.0, 3.0)

@@ -12,7 +12,7 @@ import numpy as np
 from . import _report, check_close, check_true, not_answered
 from ._student import call
 
-__all__ = ["ex1", "ex2", "ex3", "ex4", "patch_vectors", "feature_map"]
+__all__ = ["ex1", "ex2", "ex3", "ex4", "patch_vectors", "feature_map", "dot_output_ratio"]
 
 SIGMA, K = 0.08, 5
 H_FILTER = 0.4 * SIGMA
@@ -32,7 +32,7 @@ def patch_vectors():
 def ex1(answer):
     """The missing factor of section 3, as its logarithm: one number per key j, shape (N,).
 
-    The `gaussian` mode on the features ``sqrt(2) P / (k h)`` has logits
+    The ``gaussian`` mode on the features ``sqrt(2) P / (k h)`` has logits
     ``2 P_i . P_j / (k h)^2``; NL-means at ``sigma = 0`` has ``-|P_i - P_j|^2 / (k h)^2``.
     Adding ``log m_j`` to every row must turn the first into the second up to a
     constant per row, that is ``log m_j = -|P_j|^2 / (k h)^2 + c``. The check accepts
@@ -82,7 +82,7 @@ def feature_map(shrink=16):
     """The feature map of section 4 built from the camera image shrunk by ``shrink``: ``(x, img)``.
 
     ``x`` has shape (1, 5, 512 / shrink, 512 / shrink) (intensity, d/dx, d/dy,
-    |gradient|, 3x3 blur, each standardised), ``img`` is the thumbnail.
+    ``|gradient|``, 3x3 blur, each standardised), ``img`` is the thumbnail.
     """
     import nlref
 

@@ -12,7 +12,8 @@ import numpy as np
 from . import _report, check_close, check_true, not_answered
 from ._student import as_names, call
 
-__all__ = ["ex1", "ex2", "ex3", "ex4", "ex5", "ex6", "randomise", "chapter_input"]
+__all__ = ["ex1", "ex2", "ex3", "ex4", "ex5", "ex6", "randomise", "chapter_input", "bn_jacobian_reference",
+           "near_tie_results"]
 
 
 def randomise(block, seed):
