@@ -20,25 +20,78 @@ def _plt():
     return plt
 
 
+def _colorbar(fig, mappable, ax, label):
+    """A colour bar for ``mappable`` beside ``ax`` (or a list of axes), labelled with what the colour means."""
+    bar = fig.colorbar(mappable, ax=ax, fraction=0.046, pad=0.03)
+    bar.set_label(label, fontsize=8)
+    bar.ax.tick_params(labelsize=7)
+    return bar
+
+
+def _frame_norm():
+    """Grey levels of sprite clips on a square-root scale: a dim sprite (0.3) shows at 55 % grey, not 30 %."""
+    from matplotlib.colors import PowerNorm
+
+    return PowerNorm(gamma=0.5, vmin=0.0, vmax=1.0)
+
+
 def _display(a):
     a = np.asarray(to_numpy(a), dtype=np.float64)
     return np.clip(a, 0.0, 1.0) if a.min() >= -0.5 and a.max() <= 1.5 else a
 
 
-def image_grid(images, titles=None, *, ncols=None, size=3.0, cmap="gray"):
-    """Show images side by side (grey 2-D or colour H x W x 3), values clipped to [0, 1]."""
+def image_grid(images, titles=None, *, ncols=None, size=3.0, cmap="gray", limits=None, colorbars=None, title=None):
+    """Show images side by side (grey 2-D or colour H x W x 3).
+
+    Parameters
+    ----------
+    images : list of arrays, (H, W) or (H, W, 3)
+        Shown with values clipped to [0, 1] (0 black, 1 white), unless ``limits`` says otherwise.
+    titles : list of str, optional
+    ncols : int, optional
+        Images per row (default: all in one row).
+    size : float
+        Width and height of one panel in inches.
+    cmap : str
+        Colour map of the grey images.
+    limits : list of (vmin, vmax) or None, optional
+        Per image: draw the values unclipped on this range (for a signed image such as
+        a method noise), or None for the [0, 1] default.
+    colorbars : list of str or None, optional
+        Per image: the label of a colour bar to draw beside it, or None for none.
+    title : str, optional
+        A title over the whole grid.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        One axis per image (plus one per colour bar).
+    """
     plt = _plt()
     images = list(images)
+    for name, per in (("titles", titles), ("limits", limits), ("colorbars", colorbars)):
+        if per is not None and len(per) != len(images):
+            raise ValueError(f"{name} must hold one entry per image ({len(images)}), got {len(per)}")
     ncols = ncols or len(images)
     nrows = -(-len(images) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols + 0.6 * bool(colorbars), size * nrows + 0.3 * bool(title)),
+                             squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     for i, img in enumerate(images):
         ax = axes.ravel()[i]
-        ax.imshow(_display(img), cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+        lim = limits[i] if limits is not None else None
+        if lim is None:
+            shown = ax.imshow(_display(img), cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+        else:
+            shown = ax.imshow(np.asarray(to_numpy(img), dtype=np.float64), cmap=cmap, vmin=lim[0], vmax=lim[1],
+                              interpolation="nearest")
         if titles is not None:
             ax.set_title(titles[i], fontsize=9)
+        if colorbars is not None and colorbars[i]:
+            _colorbar(fig, shown, ax, colorbars[i])
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -52,32 +105,61 @@ def averaging_plot(counts, variances, sigma):
     ax.loglog(counts, sigma**2 / counts, "-", label=r"$\sigma^2 / N$")
     ax.set_xlabel("number of copies N")
     ax.set_ylabel("variance of the residual")
+    ax.set_title("averaging N noisy copies: the variance falls as 1/N", fontsize=10)
     ax.legend()
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     return fig
 
 
-def weights_plot(image, positions, weight_maps, *, search_size):
-    """The image with query pixels marked, and each pixel's weights over its search window."""
+def weights_plot(image, positions, weight_maps, *, search_size, title=None):
+    """The image with query pixels and their search windows, then each pixel's weights over its window.
+
+    Parameters
+    ----------
+    image : array, (H, W)
+        The (noisy) image the weights were computed on.
+    positions : list of (row, col)
+        The query pixels.
+    weight_maps : list of arrays, each of shape ``search_size``
+        ``nl_means_weights`` of each pixel: ``w(p, q)`` for ``q`` in the search window of ``p``.
+    search_size : (rows, cols)
+    title : str, optional
+        A title over the figure (default: says what the squares and the maps are).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        The image, one map per pixel on one shared [0, 1] scale, and the colour bar of the weights.
+        Each map's title gives the share of its weights equal to 1 (patches closer than
+        the noise level: ``d^2 <= 2 sigma^2``).
+    """
     plt = _plt()
     image = _display(image)
     n = len(positions)
-    fig, axes = plt.subplots(1, n + 1, figsize=(3.2 * (n + 1), 3.2))
+    fig, axes = plt.subplots(1, n + 1, figsize=(3.2 * (n + 1) + 0.8, 3.7), layout="constrained")
     axes[0].imshow(image, cmap="gray", vmin=0, vmax=1)
-    axes[0].set_title("query pixels", fontsize=9)
+    axes[0].set_title("query pixels (dots) and\ntheir search windows (squares)", fontsize=9)
+    axes[0].axis("off")
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     half = [s // 2 for s in search_size]
+    extent = (-half[1] - 0.5, half[1] + 0.5, half[0] + 0.5, -half[0] - 0.5)
     for i, ((r, c), w) in enumerate(zip(positions, weight_maps)):
         colour = colours[i % len(colours)]
+        w = np.asarray(to_numpy(w), dtype=np.float64)
         axes[0].plot(c, r, "o", color=colour, ms=6)
-        axes[0].add_patch(plt.Rectangle((c - half[1], r - half[0]), search_size[1], search_size[0],
-                                        fill=False, ec=colour, lw=1))
-        axes[i + 1].imshow(to_numpy(w), cmap="magma", interpolation="nearest")
-        axes[i + 1].set_title(f"weights of pixel ({r}, {c})", fontsize=9)
-    for ax in axes:
-        ax.axis("off")
-    fig.tight_layout()
+        axes[0].add_patch(plt.Rectangle((c - half[1] - 0.5, r - half[0] - 0.5), search_size[1], search_size[0],
+                                        fill=False, ec=colour, lw=1.5))
+        shown = axes[i + 1].imshow(w, cmap="magma", vmin=0, vmax=1, interpolation="nearest", extent=extent)
+        axes[i + 1].plot(0, 0, "o", ms=5, mfc="none", mec=colour, mew=1.5)
+        axes[i + 1].set_title(f"weights of pixel ({r}, {c})\n{np.mean(w >= 1):.0%} of them equal 1", fontsize=9,
+                              color=colour)
+        axes[i + 1].set_xlabel("column offset q - p", fontsize=8)
+        axes[i + 1].set_ylabel("row offset q - p", fontsize=8)
+        axes[i + 1].tick_params(labelsize=7)
+    _colorbar(fig, shown, list(axes[1:]), "weight w(p, q)")
+    fig.suptitle(title or f"NL-means weights over each pixel's {search_size[0]}x{search_size[1]} search window",
+                 fontsize=10)
     return fig
 
 
@@ -105,22 +187,25 @@ def attention_plot(image, attention, queries, *, query_shape, key_shape, titles=
     image = _display(image)
     h, w = image.shape[:2]
     n = len(queries)
-    fig, axes = plt.subplots(1, n + 1, figsize=(3.0 * (n + 1), 3.0))
+    rows = [a[r * qw + c].reshape(key_shape) for r, c in queries]
+    vmax = max(float(m.max()) for m in rows) or 1.0          # one scale for all queries
+    fig, axes = plt.subplots(1, n + 1, figsize=(3.0 * (n + 1) + 0.8, 3.4), layout="constrained")
     axes[0].imshow(image, cmap="gray", vmin=0, vmax=1)
     axes[0].set_title("queries", fontsize=9)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, (r, c) in enumerate(queries):
+    for i, ((r, c), m) in enumerate(zip(queries, rows)):
         y, x = (r + 0.5) * h / qh - 0.5, (c + 0.5) * w / qw - 0.5
         colour = colours[i % len(colours)]
         axes[0].plot(x, y, "o", color=colour, ms=6)
         axes[i + 1].imshow(image, cmap="gray", vmin=0, vmax=1)
-        axes[i + 1].imshow(a[r * qw + c].reshape(key_shape), cmap="magma", alpha=0.75,
-                           extent=(-0.5, w - 0.5, h - 0.5, -0.5), interpolation="nearest")
+        # keys with under 2 % of the largest weight are left clear, so the image shows through
+        shown = axes[i + 1].imshow(np.ma.masked_less(m, 0.02 * vmax), cmap="magma", vmin=0, vmax=vmax, alpha=0.8,
+                                   extent=(-0.5, w - 0.5, h - 0.5, -0.5), interpolation="nearest")
         axes[i + 1].plot(x, y, "o", color=colour, ms=5, mec="white")
         axes[i + 1].set_title(titles[i] if titles else f"query ({r}, {c})", fontsize=9)
     for ax in axes:
         ax.axis("off")
-    fig.tight_layout()
+    _colorbar(fig, shown, list(axes[1:]), "attention weight (one scale)")
     return fig
 
 
@@ -152,25 +237,27 @@ def clip_grid(video, *, titles=None, title=None, size=1.6):
     Returns
     -------
     matplotlib.figure.Figure
-        With one axis per frame.
+        With one axis per frame, then the colour bar of the brightness. Frames are
+        drawn on a square-root grey scale from 0 to 1, so that a dim sprite stays visible.
     """
     plt = _plt()
     frames = _frames(video)
     t = frames.shape[0]
     if titles is not None and len(titles) != t:
         raise ValueError(f"titles must hold one title per frame ({t}), got {len(titles)}")
-    fig, axes = plt.subplots(1, t, figsize=(size * t, size * 1.1 + (0.3 if title else 0)), squeeze=False)
+    fig, axes = plt.subplots(1, t, figsize=(size * t + 0.7, size * 1.1 + (0.3 if title else 0)), squeeze=False,
+                             layout="constrained")
     for i, ax in enumerate(axes[0]):
-        ax.imshow(_display(frames[i]), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        shown = ax.imshow(_display(frames[i]), cmap="gray", norm=_frame_norm(), interpolation="nearest")
         ax.set_title(titles[i] if titles is not None else f"t = {i}", fontsize=8)
         ax.axis("off")
+    _colorbar(fig, shown, list(axes[0]), "brightness (square-root scale)")
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
     return fig
 
 
-def training_curves(histories, *, metric="val_accuracy"):
+def training_curves(histories, *, metric="val_accuracy", title=None):
     """Loss and ``metric`` per epoch for several runs: train dashed, validation solid, one colour per run.
 
     Parameters
@@ -182,6 +269,8 @@ def training_curves(histories, *, metric="val_accuracy"):
         The key of the second panel. When it starts with ``val_`` and the rows
         also hold the ``train_`` counterpart, that is drawn too (dashed). A
         chance line at 0.5 is drawn for accuracies (balanced two-class task).
+    title : str, optional
+        The figure's title (default: the runs' labels and "per epoch").
 
     Returns
     -------
@@ -200,7 +289,9 @@ def training_curves(histories, *, metric="val_accuracy"):
     panels = [("loss", ("train_loss", "val_loss"))]
     if quantity != "loss":
         panels.append((metric, (f"train_{quantity}", metric) if metric.startswith("val_") else (metric,)))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.4), squeeze=False)
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.7), squeeze=False)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (name, keys) in zip(axes[0], panels):
         for i, (label, rows) in enumerate(histories.items()):
@@ -214,9 +305,12 @@ def training_curves(histories, *, metric="val_accuracy"):
         if "accuracy" in name:
             ax.axhline(0.5, color="grey", lw=1, ls=":", label="chance")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))     # epochs are whole numbers
         ax.set_ylabel(name.replace("val_", "").replace("_", " "))
+        ax.set_title(f"{name.replace('val_', '').replace('_', ' ')} per epoch", fontsize=9)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
+    fig.suptitle(title or "training curves: " + ", ".join(histories) + " (train dashed, validation solid)", fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -226,9 +320,9 @@ def spacetime_attention_plot(clip, attention_row, query, *, key_shape, query_sha
 
     The top row shows the frames with the query marked on its own frame; under
     each frame, that frame's slice of the attention row, reshaped to
-    ``key_shape = (T', H', W')`` and stretched over the frame (drawn over a faint
-    copy of it), on one colour scale for all frames. Each lower title gives the
-    attention mass on that frame.
+    ``key_shape = (T', H', W')`` and stretched over the frame (drawn over
+    it), on one colour scale for all frames. Each lower title gives the
+    attention mass on that frame (the sum of its weights: the row sums to 1 over all frames).
 
     Parameters
     ----------
@@ -248,7 +342,9 @@ def spacetime_attention_plot(clip, attention_row, query, *, key_shape, query_sha
     Returns
     -------
     matplotlib.figure.Figure
-        With ``2 T`` axes: the frames, then the attention slices.
+        With ``2 T`` axes (the frames, then the attention slices) and two colour bars:
+        the frames' brightness (square-root scale) and the attention weight (one scale
+        for all frames; keys under 2 % of the largest weight are drawn clear).
     """
     plt = _plt()
     frames = _frames(clip, "clip")
@@ -270,28 +366,30 @@ def spacetime_attention_plot(clip, attention_row, query, *, key_shape, query_sha
     qt, qy, qx = (int(q) for q in query)
     py, px = (qy + 0.5) * h / grid[1] - 0.5, (qx + 0.5) * w / grid[2] - 0.5   # the query's centre in pixels
     maps = a.reshape(key_shape)
-    vmax = float(maps.max()) if maps.max() > 0 else 1.0
-    fig, axes = plt.subplots(2, t_len, figsize=(size * t_len, 2 * size * 1.15 + (0.3 if title else 0)),
-                             squeeze=False)
+    vmax = float(maps.max()) if maps.max() > 0 else 1.0        # one scale for all frames
+    fig, axes = plt.subplots(2, t_len, figsize=(size * t_len + 0.9, 2 * size * 1.15 + (0.3 if title else 0)),
+                             squeeze=False, layout="constrained")
     extent = (-0.5, w - 0.5, h - 0.5, -0.5)
     for t in range(t_len):
         frame = _display(frames[t])
         key_t = t * key_shape[0] // t_len
         top, bottom = axes[0, t], axes[1, t]
-        top.imshow(frame, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        bright = top.imshow(frame, cmap="gray", norm=_frame_norm(), interpolation="nearest")
         top.set_title(f"t = {t}" + (" (query)" if t == qt else ""), fontsize=8)
         if t == qt:
             top.plot(px, py, "o", ms=7, mfc="none", mec="tab:red", mew=2)
-        bottom.imshow(frame, cmap="gray", vmin=0, vmax=1, interpolation="nearest", alpha=0.5)
-        bottom.imshow(maps[key_t], cmap="magma", vmin=0, vmax=vmax, alpha=0.8, extent=extent,
-                      interpolation="nearest")
+        bottom.imshow(frame, cmap="gray", norm=_frame_norm(), interpolation="nearest")
+        # keys with under 2 % of the largest weight are left clear, so that the frame shows through
+        shown = bottom.imshow(np.ma.masked_less(maps[key_t], 0.02 * vmax), cmap="magma", vmin=0, vmax=vmax,
+                              alpha=0.8, extent=extent, interpolation="nearest")
         mass = float(maps[key_t].sum()) * key_shape[0] / t_len
         bottom.set_title(f"mass {mass:.2f}", fontsize=8)
         for ax in (top, bottom):
             ax.axis("off")
+    _colorbar(fig, bright, list(axes[0]), "brightness (sqrt scale)")
+    _colorbar(fig, shown, list(axes[1]), "attention weight")
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
     return fig
 
 

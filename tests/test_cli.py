@@ -36,6 +36,7 @@ def test_demo_quick_writes_figures_and_table(tmp_path, capsys):
         assert 0 <= float(accuracy) <= 1 and float(clips_per_second) > 0
     line = next(line for line in out.splitlines() if line.startswith("attention of a sprite-1 query"))
     assert 0 <= float(line.split("cells: ")[1].split()[0]) <= 1 and "(uniform 0.094)" in line
+    assert "the mean over the 32 validation clips" in line and "training_attention.png draws clip" in line
 
 
 def test_denoise_a_user_file(tmp_path, capsys):

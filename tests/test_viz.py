@@ -14,7 +14,7 @@ def test_figures_accept_any_array_library(xp_cpu):
     np.testing.assert_allclose(line.get_ydata(), [0.01, 0.005, 0.0025])  # the sigma^2 / N law
     w = nlref.nl_means_weights(img, (10, 12), sigma=0.05, search_size=9, patch_size=3)
     fig = nlref.viz.weights_plot(img, [(10, 12)], [w], search_size=(9, 9))
-    assert len(fig.axes) == 2
+    assert len(fig.axes) == 3                                  # the image, the weights, their colour bar
     import matplotlib.pyplot as plt
 
     plt.close("all")
@@ -29,7 +29,9 @@ def test_attention_plot(xp_cpu):
     a[5, 2] = 1.0  # query (1, 1) on the 4x4 grid attends to key (1, 0) of the 2x2 grid
     fig = nlref.viz.attention_plot(img, B.asarray(a, xp=xp_cpu), [(1, 1)], query_shape=(4, 4), key_shape=(2, 2))
     shown = fig.axes[1].images[1].get_array()
-    np.testing.assert_array_equal(np.asarray(shown), [[0, 0], [1, 0]])
+    np.testing.assert_array_equal(np.ma.filled(shown, 0), [[0, 0], [1, 0]])
+    np.testing.assert_array_equal(np.ma.getmaskarray(shown), [[1, 1], [0, 1]])   # weights near 0 left clear
+    assert len(fig.axes) == 3 and fig.axes[2].get_ylabel().startswith("attention weight")   # its colour bar
     with pytest.raises(ValueError, match=r"attention must have shape \(16, 4\)"):
         nlref.viz.attention_plot(img, a[:, :3], [(0, 0)], query_shape=(4, 4), key_shape=(2, 2))
     plt.close("all")
@@ -50,14 +52,15 @@ def test_clip_grid(xp_cpu):
     plt = _agg()
     clips = sprite_clips(2, frames=6, size=16, xp=xp_cpu)
     fig = nlref.viz.clip_grid(clips.video[0, ...], title="label 1")
-    assert len(fig.axes) == 6 and fig.axes[2].get_title() == "t = 2"
+    assert len(fig.axes) == 7 and fig.axes[2].get_title() == "t = 2"    # 6 frames and the brightness bar
+    assert fig.axes[6].get_ylabel().startswith("brightness")
     np.testing.assert_allclose(np.asarray(fig.axes[4].images[0].get_array()),
                                np.clip(B.to_numpy(clips.video)[0, 0, 4], 0, 1), atol=1e-6)
     rgb = sprite_clips(1, frames=6, size=16, channels=3).video[0]
     fig = nlref.viz.clip_grid(rgb)
     assert fig.axes[0].images[0].get_array().shape == (16, 16, 3)
     fig = nlref.viz.clip_grid(np.zeros((3, 8, 8)), titles=["a", "b", "c"])  # (T, H, W)
-    assert [ax.get_title() for ax in fig.axes] == ["a", "b", "c"]
+    assert [ax.get_title() for ax in fig.axes[:3]] == ["a", "b", "c"]
     with pytest.raises(ValueError, match=r"video must have shape \(C, T, H, W\) with C = 1 or 3.*\(2, 3, 8, 8\)"):
         nlref.viz.clip_grid(np.zeros((2, 3, 8, 8)))
     with pytest.raises(ValueError, match=r"one title per frame \(3\), got 2"):
@@ -76,6 +79,10 @@ def test_training_curves():
     plt = _agg()
     fig = nlref.viz.training_curves({"C2D": _history([0.5, 0.52, 0.55]), "NL C2D": _history([0.5, 0.6, 0.7])})
     loss, acc = fig.axes
+    assert "C2D, NL C2D" in fig._suptitle.get_text() and acc.get_title() == "accuracy per epoch"
+    fig.canvas.draw()
+    ticks = [t for t in loss.get_xticks() if 1 <= t <= 3]
+    assert ticks and all(float(t).is_integer() for t in ticks)     # whole epochs only, never 1.5
     assert len(fig.axes) == 2
     assert len(loss.lines) == 4                               # train and val loss of two runs
     assert len(acc.lines) == 5                                # train and val accuracy of two runs + chance
@@ -105,17 +112,19 @@ def test_spacetime_attention_plot(xp_cpu):
     row[3 * 4 + 0 * 2 + 1] = 0.25                             # frame 3, key cell (0, 1)
     fig = nlref.viz.spacetime_attention_plot(clip, B.asarray(row, xp=xp_cpu), (0, 3, 3), key_shape=key_shape,
                                              query_shape=(4, 4, 4), title="where it looks")
-    assert len(fig.axes) == 8                                 # 4 frames over 4 attention maps
-    shown = np.asarray(fig.axes[4 + 2].images[1].get_array())  # the lower row, frame 2: the attention slice
-    np.testing.assert_array_equal(shown, [[0, 0], [0.75, 0]])
+    assert len(fig.axes) == 10                                # 4 frames over 4 attention maps, 2 colour bars
+    assert [ax.get_ylabel() for ax in fig.axes[8:]] == ["brightness (sqrt scale)", "attention weight"]
+    shown = fig.axes[4 + 2].images[1]                         # the lower row, frame 2: the attention slice
+    np.testing.assert_array_equal(np.ma.filled(shown.get_array(), 0), [[0, 0], [0.75, 0]])
+    assert shown.get_clim() == fig.axes[4 + 3].images[1].get_clim() == (0, 0.75)   # one scale for all frames
     assert fig.axes[4 + 2].images[1].get_extent() == [-0.5, 15.5, 15.5, -0.5]   # stretched over the frame
-    assert [ax.get_title() for ax in fig.axes[4:]] == ["mass 0.00", "mass 0.00", "mass 0.75", "mass 0.25"]
+    assert [ax.get_title() for ax in fig.axes[4:8]] == ["mass 0.00", "mass 0.00", "mass 0.75", "mass 0.25"]
     marker = fig.axes[0].lines[0]                             # the query, on its own frame only
     np.testing.assert_allclose([marker.get_xdata()[0], marker.get_ydata()[0]], [13.5, 13.5])
     assert not fig.axes[1].lines and "query" in fig.axes[0].get_title()
     # query in pixels; keys pooled in time too: frames 0, 1 share key frame 0
     fig = nlref.viz.spacetime_attention_plot(clip[0, ...], np.full(8, 1 / 8), (1, 5, 6), key_shape=(2, 2, 2))
-    assert [ax.get_title() for ax in fig.axes[4:]] == ["mass 0.25"] * 4
+    assert [ax.get_title() for ax in fig.axes[4:8]] == ["mass 0.25"] * 4
     np.testing.assert_allclose(fig.axes[1].lines[0].get_xydata(), [[6, 5]])
     bad = [((row[:15],), {}, r"attention_row must have shape \(16,\) for key_shape \(4, 2, 2\), got \(15,\)"),
            ((row,), {"key_shape": (4, 2)}, r"key_shape must be 3 positive integers"),
@@ -129,4 +138,31 @@ def test_spacetime_attention_plot(xp_cpu):
             nlref.viz.spacetime_attention_plot(clip, *args, kw.pop("query"), **kw)
     with pytest.raises(ValueError, match=r"clip must have shape \(C, T, H, W\)"):
         nlref.viz.spacetime_attention_plot(np.zeros((16, 16)), row, (0, 0, 0), key_shape=key_shape)
+    plt.close("all")
+
+
+def test_image_grid_signed_panel_with_colour_bar():
+    import pytest
+
+    plt = _agg()
+    img = np.linspace(-0.2, 0.2, 16).reshape(4, 4)
+    fig = nlref.viz.image_grid([img + 0.5, img], ["image", "residual"], limits=[None, (-0.3, 0.3)],
+                               colorbars=[None, "residual"], title="t")
+    assert len(fig.axes) == 3 and fig.axes[2].get_ylabel() == "residual"
+    np.testing.assert_allclose(np.asarray(fig.axes[1].images[0].get_array()), img)   # not clipped to [0, 1]
+    assert fig.axes[1].images[0].get_clim() == (-0.3, 0.3)
+    with pytest.raises(ValueError, match=r"limits must hold one entry per image \(2\), got 1"):
+        nlref.viz.image_grid([img, img], limits=[None])
+    plt.close("all")
+
+
+def test_weights_plot_shares_one_scale_and_marks_search_windows():
+    plt = _agg()
+    img = nlref.data.camera()[:40, :40]
+    maps = [nlref.nl_means_weights(img, p, sigma=0.05, search_size=9, patch_size=3) for p in [(10, 12), (30, 30)]]
+    fig = nlref.viz.weights_plot(img, [(10, 12), (30, 30)], maps, search_size=(9, 9))
+    assert [ax.images[0].get_clim() for ax in fig.axes[1:3]] == [(0, 1), (0, 1)]
+    assert fig.axes[3].get_ylabel() == "weight w(p, q)"
+    assert "search windows" in fig.axes[0].get_title() and len(fig.axes[0].patches) == 2
+    assert fig.axes[1].images[0].get_extent() == [-4.5, 4.5, 4.5, -4.5]            # offsets q - p, centred on 0
     plt.close("all")

@@ -71,7 +71,9 @@ def check_close(name: str, answer, expected, *, rtol: float = 1e-6, atol: float 
     if not np.all(np.isfinite(a)):
         return _report(name, False, "the answer holds NaN or infinity")
     ok = bool(np.all(np.abs(a - e) <= atol + rtol * np.abs(e)))
-    return _report(name, ok, f"relative error {rel_error(a, e):.2e} (allowed {rtol:g})")
+    allowed = f"rtol {rtol:g}" + (f", atol {atol:g}" if atol else "")
+    return _report(name, ok, f"relative error {rel_error(a, e):.2e}, largest difference "
+                             f"{float(np.max(np.abs(a - e))):.2e} (allowed {allowed})")
 
 
 def check_true(name: str, answer, condition: bool, detail: str):

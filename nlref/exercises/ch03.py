@@ -1,0 +1,139 @@
+"""Checks for the exercises of chapter 3, the non-local operation.
+
+The chapter's setup: a 33x33 crop of the camera image (rows 134-166, columns
+54-86) with noise ``sigma = 0.08`` (seed 0), 5x5 patches, ``h = 0.4 sigma``; and
+the 32x32 feature map of section 4 with its random embeddings (seed 0).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _report, check_close, check_true, not_answered
+from ._student import call
+
+__all__ = ["ex1", "ex2", "ex3", "ex4", "patch_vectors", "feature_map", "dot_output_ratio"]
+
+SIGMA, K = 0.08, 5
+H_FILTER = 0.4 * SIGMA
+
+
+def patch_vectors():
+    """``(P, v)``: the (N, k^2) patch vectors of section 1 (row i = the patch of pixel i) and the noisy crop."""
+    import nlref
+
+    clean = nlref.data.camera().astype(np.float64)
+    v = nlref.add_gaussian_noise(clean[134:167, 54:87], SIGMA, seed=0)
+    pad = np.pad(v, K // 2, mode="reflect")
+    P = np.lib.stride_tricks.sliding_window_view(pad, (K, K)).reshape(v.size, K * K)
+    return P, v
+
+
+def ex1(answer):
+    """The missing factor of section 3, as its logarithm: one number per key j, shape (N,).
+
+    The ``gaussian`` mode on the features ``sqrt(2) P / (k h)`` has logits
+    ``2 P_i . P_j / (k h)^2``; NL-means at ``sigma = 0`` has ``-|P_i - P_j|^2 / (k h)^2``.
+    Adding ``log m_j`` to every row must turn the first into the second up to a
+    constant per row, that is ``log m_j = -|P_j|^2 / (k h)^2 + c``. The check accepts
+    any constant ``c`` (a softmax ignores it): the spread of ``answer + |P_j|^2 / (k h)^2``
+    must be below ``1e-9`` of the size of the logits (float64 rounding).
+    """
+    name = "ch03 ex1"
+    if not_answered(name, answer):
+        return None
+    P, _ = patch_vectors()
+    try:
+        a = np.asarray(answer, dtype=np.float64)
+    except (TypeError, ValueError):
+        return _report(name, False, f"expected an array of shape ({len(P)},), got {type(answer).__name__}")
+    if a.shape != (len(P),):
+        return _report(name, False, f"shape {a.shape}, expected ({len(P)},): one number per key")
+    target = -np.sum(P**2, axis=1) / (K * H_FILTER) ** 2
+    spread = float(np.ptp(a - target)) if np.all(np.isfinite(a)) else np.inf
+    return check_true(name, answer, spread <= 1e-9 * np.abs(target).max(),
+                      f"answer - (-|P_j|^2 / (k h)^2) varies by {spread:.3g} over j (it must be a constant)")
+
+
+def ex2(answer, *, seed=0):
+    """A student's ``euclid_attention(x)``: ``(B, d, N) -> (B, N, N)``, rows ``exp(-|x_i - x_j|^2)`` normalised.
+
+    The check calls it on random features of shape (2, 3, 7) and compares with
+    nlref's embedded Gaussian with the hand-made embedding of section 3,
+    ``theta = [2 x; 1]``, ``phi = [x; -|x|^2]`` (``rtol=1e-9``, ``atol=1e-12``).
+    """
+    from ..nn.nonlocal_op import attention_map
+
+    name = "ch03 ex2"
+    if not_answered(name, answer):
+        return None
+    x = np.random.default_rng(seed).standard_normal((2, 3, 7))
+    ok, mine = call(name, answer, x.copy())
+    if not ok:
+        return False
+    ones = np.ones((2, 1, 7))
+    expected = attention_map(np.concatenate([2 * x, ones], axis=1),
+                             np.concatenate([x, -np.sum(x**2, axis=1, keepdims=True)], axis=1),
+                             mode="embedded_gaussian")
+    return check_close(name, mine, expected, rtol=1e-9, atol=1e-12)
+
+
+def feature_map(shrink=16):
+    """The feature map of section 4 built from the camera image shrunk by ``shrink``: ``(x, img)``.
+
+    ``x`` has shape (1, 5, 512 / shrink, 512 / shrink) (intensity, d/dx, d/dy,
+    ``|gradient|``, 3x3 blur, each standardised), ``img`` is the thumbnail.
+    """
+    import nlref
+
+    n = 512 // shrink
+    img = nlref.data.camera().astype(np.float64).reshape(n, shrink, n, shrink).mean(axis=(1, 3))
+    gy, gx = np.gradient(img)
+    p1 = np.pad(img, 1, mode="reflect")
+    blur = sum(p1[a:a + n, b:b + n] for a in range(3) for b in range(3)) / 9
+    feats = np.stack([img, gx, gy, np.hypot(gx, gy), blur])
+    feats = (feats - feats.mean(axis=(1, 2), keepdims=True)) / feats.std(axis=(1, 2), keepdims=True)
+    return feats[None], img
+
+
+def dot_output_ratio():
+    """``mean |y|`` of the dot-product operation on the 64x64 feature map over that on the 32x32 one."""
+    from ..nn.functional import conv1x1_forward
+    from ..nn.nonlocal_op import nonlocal_forward
+
+    rng = np.random.default_rng(0)          # the chapter's embeddings: the same draws in the same order
+    w_theta, b_theta = rng.standard_normal((4, 5)) / np.sqrt(5), rng.standard_normal(4)
+    w_phi, b_phi = rng.standard_normal((4, 5)) / np.sqrt(5), rng.standard_normal(4)
+    sizes = []
+    for shrink in (16, 8):
+        x, img = feature_map(shrink)
+        n = x.shape[-1] ** 2
+        theta = conv1x1_forward(x, w_theta, b_theta)[0].reshape(1, 4, n)
+        phi = conv1x1_forward(x, w_phi, b_phi)[0].reshape(1, 4, n)
+        y, _ = nonlocal_forward(theta, phi, img.reshape(1, 1, n), mode="dot_product")
+        sizes.append(float(np.mean(np.abs(y))))
+    return sizes[1] / sizes[0]
+
+
+def ex3(answer):
+    """``mean |y|`` on the 64x64 map divided by ``mean |y|`` on the 32x32 map (dot product, C(x) = N).
+
+    Expected: :func:`dot_output_ratio`, with the chapter's embeddings.
+    ``rtol=1e-6``: the same float64 computation in another order.
+    """
+    if not_answered("ch03 ex3", answer):
+        return None
+    return check_close("ch03 ex3", answer, dot_output_ratio(), rtol=1e-6)
+
+
+def ex4(answer, *, shape=(8, 56, 56), itemsize=4):
+    """The bytes of one full float32 N x N attention matrix for an 8 x 56 x 56 video feature map.
+
+    Expected: ``4 N^2`` with ``N = 8 * 56 * 56 = 25088`` (about 2.3 GiB), exactly
+    (an integer; ``rtol=1e-9``). A count of entries (without the 4 bytes) or of
+    one frame fails.
+    """
+    if not_answered("ch03 ex4", answer):
+        return None
+    n = int(np.prod(shape))
+    return check_close("ch03 ex4", answer, itemsize * n * n, rtol=1e-9)

@@ -1,0 +1,160 @@
+"""Checks for the exercises of chapter 5, the non-local block as self-attention.
+
+Checks of code call the student's function on their own random inputs and
+compare with nlref's ``nonlocal_forward`` (or a masked softmax built from
+nlref's functional layers).
+"""
+
+from __future__ import annotations
+
+import math
+import tracemalloc
+
+import numpy as np
+
+from . import _report, check_close, not_answered
+from ._student import call
+
+__all__ = ["ex1", "ex2", "ex3", "ex4", "ex5", "peak_mib", "chunk_bytes_per_element"]
+
+
+def ex1(answer, *, seed=0):
+    """A student's ``multi_head(theta, phi, g, heads)``: ``(B, d, N), (B, d, M), (B, d_g, M) -> (B, d_g, N)``.
+
+    Each head is ``nonlocal_forward`` (embedded Gaussian) on its own consecutive
+    group of ``d / heads`` channels of theta and phi and ``d_g / heads`` of g; the
+    outputs are concatenated along the channels (before ``W_z``). The check tries
+    ``heads = 2`` and ``heads = 1`` (which must be the single-head operation) on
+    random inputs, ``rtol=1e-10``, ``atol=1e-12``.
+    """
+    from ..nn.nonlocal_op import nonlocal_forward
+
+    name = "ch05 ex1"
+    if not_answered(name, answer):
+        return None
+    rng = np.random.default_rng(seed)
+    theta, phi, g = rng.standard_normal((2, 4, 10)), rng.standard_normal((2, 4, 6)), rng.standard_normal((2, 6, 6))
+    for heads in (2, 1):
+        a, b = 4 // heads, 6 // heads
+        expected = np.concatenate([nonlocal_forward(theta[:, h * a:(h + 1) * a], phi[:, h * a:(h + 1) * a],
+                                                    g[:, h * b:(h + 1) * b], mode="embedded_gaussian")[0]
+                                   for h in range(heads)], axis=1)
+        ok, mine = call(name, answer, theta.copy(), phi.copy(), g.copy(), heads)
+        if not ok:
+            return False
+        if heads == 2:
+            try:
+                close = np.shape(mine) == expected.shape and np.allclose(mine, expected, rtol=1e-10, atol=1e-12)
+            except TypeError:
+                close = False
+            if not close:
+                return check_close(name + " (heads = 2)", mine, expected, rtol=1e-10, atol=1e-12)
+    return check_close(name, mine, expected, rtol=1e-10, atol=1e-12)
+
+
+def ex2(answer, *, seed=0, chunk_size=3):
+    """A student's ``causal_attention(theta, phi, g, chunk_size)``: the online-softmax loop with a causal mask.
+
+    Query ``i`` attends to keys ``j <= i`` only (``N = M``). The check calls it on
+    random inputs with ``N = 10`` and ``chunk_size = 3`` and compares with the
+    masked full softmax: nlref's ``dot_pairwise_forward`` logits, ``-inf`` above the
+    diagonal, ``softmax_forward``, times ``g`` (``rtol=1e-10``, ``atol=1e-12``).
+    """
+    from ..nn.functional import dot_pairwise_forward, softmax_forward
+
+    name = "ch05 ex2"
+    if not_answered(name, answer):
+        return None
+    rng = np.random.default_rng(seed)
+    theta, phi, g = rng.standard_normal((2, 4, 10)), rng.standard_normal((2, 4, 10)), rng.standard_normal((2, 3, 10))
+    ok, mine = call(name, answer, theta.copy(), phi.copy(), g.copy(), chunk_size)
+    if not ok:
+        return False
+    s, _ = dot_pairwise_forward(theta, phi)                      # (B, N, M)
+    s = np.where(np.tril(np.ones((10, 10), dtype=bool)), s, -np.inf)
+    a, _ = softmax_forward(s)
+    return check_close(name, mine, g @ a.transpose(0, 2, 1), rtol=1e-10, atol=1e-12)
+
+
+def peak_mib(n, chunk_size, *, d=16, seed=0):
+    """Peak memory (MiB, ``tracemalloc``) of one chunked forward + backward pass, float32, ``N = M = n`` (section 4)."""
+    from ..nn.nonlocal_op import nonlocal_backward, nonlocal_forward
+
+    rng = np.random.default_rng(seed)
+    theta, phi, g, dy = (rng.standard_normal((1, d, n), dtype=np.float32) for _ in range(4))
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        y, cache = nonlocal_forward(theta, phi, g, mode="embedded_gaussian", scale=0.25, chunk_size=chunk_size)
+        nonlocal_backward(dy, cache)
+        return (tracemalloc.get_traced_memory()[1] - base) / 2**20
+    finally:
+        tracemalloc.stop()
+
+
+def chunk_bytes_per_element(n=1024, chunks=(128, 512)):
+    """The slope ``b`` of ``peak = a + b N c`` in bytes, measured at ``N = n`` for two chunk sizes."""
+    peak_mib(n, chunks[0])                                         # warm-up
+    p0, p1 = (peak_mib(n, c) for c in chunks)
+    return (p1 - p0) * 2**20 / (n * (chunks[1] - chunks[0]))
+
+
+def ex3(answer):
+    """The slope ``b`` of the chunked peak memory ``a + b N c``, in bytes per element of an (N, c) block.
+
+    Expected: :func:`chunk_bytes_per_element` (``tracemalloc`` at ``N = 1024``, ``c`` = 128
+    and 512; about 12 bytes: three float32 blocks). ``rtol=0.05``: a fit over other
+    chunk sizes or another N moves it by a few percent; 4 bytes (one block) fails.
+    """
+    if not_answered("ch05 ex3", answer):
+        return None
+    return check_close("ch05 ex3", answer, chunk_bytes_per_element(), rtol=0.05)
+
+
+def ex4(answer, *, channels=8):
+    """The ratio ``dL/d(theta.weight)`` of the ``scale=False`` copy over that of the ``scale=True`` block.
+
+    Expected: measured with two ``NonLocalBlock(8, scale=...)`` (float64, BN's
+    gamma set to 1, random input and output gradient), the copy's ``theta``
+    divided by ``sqrt(d)``; the median of the element-wise ratios is ``sqrt(d) = 2``.
+    ``rtol=1e-6``.
+    """
+    import nlref
+
+    name = "ch05 ex4"
+    if not_answered(name, answer):
+        return None
+    rng = np.random.default_rng(1)
+    x, dz = rng.standard_normal((2, channels, 6, 6)), rng.standard_normal((2, channels, 6, 6))
+    scaled = nlref.NonLocalBlock(channels, scale=True, dtype="float64", seed=0)
+    plain = nlref.NonLocalBlock(channels, scale=False, dtype="float64", seed=0)
+    scaled.params["bn.gamma"] = np.ones(channels)
+    plain.params.update(scaled.params)
+    d = scaled.params["theta.weight"].shape[0]
+    plain.params["theta.weight"] = scaled.params["theta.weight"] / math.sqrt(d)
+    plain.params["theta.bias"] = scaled.params["theta.bias"] / math.sqrt(d)
+    grads = []
+    for block in (plain, scaled):
+        block.forward(x)
+        block.backward(dz)
+        grads.append(block.grads["theta.weight"])
+    return check_close(name, answer, float(np.median(grads[0] / grads[1])), rtol=1e-6)
+
+
+def ex5(answer):
+    """A student's ``add_positions(x)``: ``(B, C, H, W) -> (B, C + 2, H, W)``, row then column in [-1, 1].
+
+    The two new channels are ``linspace(-1, 1, H)`` down the rows and
+    ``linspace(-1, 1, W)`` along the columns, the same for every batch element,
+    after the C channels of ``x`` (unchanged). Checked on a (2, 3, 4, 5) input, ``rtol=1e-12``.
+    """
+    name = "ch05 ex5"
+    if not_answered(name, answer):
+        return None
+    x = np.random.default_rng(0).standard_normal((2, 3, 4, 5))
+    ok, mine = call(name, answer, x.copy())
+    if not ok:
+        return False
+    rows = np.broadcast_to(np.linspace(-1, 1, 4)[:, None], (2, 1, 4, 5))
+    cols = np.broadcast_to(np.linspace(-1, 1, 5)[None, :], (2, 1, 4, 5))
+    return check_close(name, mine, np.concatenate([x, rows, cols], axis=1), rtol=1e-12, atol=1e-15)

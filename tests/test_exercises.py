@@ -1,0 +1,100 @@
+"""The exercise checks: None while unanswered, False (never an exception) for wrong answers.
+
+The notebooks' worked solutions, run by nbmake, show that each check accepts the
+right answer; here each check meets a plausible wrong answer, a wrong shape or type,
+and a student function that raises.
+"""
+
+import numpy as np
+import pytest
+
+from nlref.exercises import ch01, ch02, ch03, ch04, ch05, ch06, check_close
+
+CHECKS = [(m, name) for m in (ch01, ch02, ch03, ch04, ch05, ch06) for name in m.__all__ if name.startswith("ex")]
+
+
+@pytest.mark.parametrize("module, name", CHECKS, ids=[f"{m.__name__[-4:]}.{n}" for m, n in CHECKS])
+def test_unanswered_is_none(module, name, capsys):
+    assert getattr(module, name)(None) is None
+    assert "not answered yet" in capsys.readouterr().out
+
+
+def _raises(*args, **kwargs):
+    raise RuntimeError("a student's bug")
+
+
+def _identity(x, *args, **kwargs):
+    return x
+
+
+WRONG = [
+    (ch01.ex1, 2.0),                      # the standard deviation's factor, not the variance's
+    (ch01.ex1, "four"),
+    (ch01.ex2, 0.05 ** 2 + 0.1 ** 2),     # the fresh part kept in the floor
+    (ch01.ex3, 10 * np.log10(np.pi / 2)), # the large-N limit, not the measurement at N = 63
+    (ch01.ex4, 10),
+    (ch01.ex4, 100.0),                    # a float is not a number of copies
+    (ch01.ex5, 30.0),
+    (ch02.ex1, [29.0] * 5),
+    (ch02.ex1, [1.0, 2.0]),               # wrong length
+    (ch02.ex2, _identity),                # returns the noisy image
+    (ch02.ex2, _raises),
+    (ch02.ex2, 3),                        # not a function
+    (ch02.ex3, 758.0),                    # N_eff, not the measured gain
+    (ch02.ex4, 35 / 11),                  # the ratio of widths
+    (ch02.ex5, (28.64, 29.64)),           # swapped
+    (ch03.ex1, np.zeros(1089)),
+    (ch03.ex1, np.zeros(3)),
+    (ch03.ex1, "log m"),
+    (ch03.ex2, lambda x: np.exp(-x)),     # wrong shape
+    (ch03.ex2, _raises),
+    (ch03.ex3, 4.0),                      # what C(x) = 1 would give
+    (ch03.ex4, 25088 ** 2),               # entries, not bytes
+    (ch04.ex1, ["phi.bias"]),
+    (ch04.ex1, "phi.bias"),               # a str is not a list of names
+    (ch04.ex2, lambda x: np.eye(len(x))),
+    (ch04.ex3, ["bn.beta", "bn.gamma"]),
+    (ch04.ex4, lambda dp, cache: dp),
+    (ch04.ex4, _raises),
+    (ch04.ex5, np.zeros((2, 4, 6, 6))),
+    (ch04.ex5, np.zeros((1, 4, 6, 6))),
+    (ch04.ex6, (True, True)),
+    (ch04.ex6, "yes"),
+    (ch05.ex1, lambda theta, phi, g, heads: g),
+    (ch05.ex2, lambda theta, phi, g, c: g),
+    (ch05.ex3, 4.0),                      # one float32 block
+    (ch05.ex4, 0.5),                      # the inverse ratio
+    (ch05.ex5, _identity),
+    (ch05.ex5, None.__class__),           # a class that fails on the input
+    (ch06.ex1, 2 / 3),
+    (ch06.ex2, 5 / 8),                    # the large-K limit
+    (ch06.ex6, {"res2": (512, 128)}),
+    (ch06.ex6, {"res2": (128, 32), "res4": (32, 8)}),
+    (ch06.ex6, {"res2": "N", "res4": (32, 8)}),
+]
+
+
+@pytest.mark.parametrize("check, answer", WRONG, ids=[f"{c.__module__[-4:]}.{c.__name__}-{i}"
+                                                      for i, (c, _) in enumerate(WRONG)])
+def test_wrong_answers_are_false(check, answer, capsys):
+    assert check(answer) is False
+    assert "not yet" in capsys.readouterr().out
+
+
+def test_cheap_checks_accept_their_own_computation(capsys):
+    """The expected values the checks compute satisfy them (the notebooks show the students' route)."""
+    assert ch01.ex5(ch01.noisy_oracle_psnr())
+    assert ch02.ex4((35**2 - 1) / (11**2 - 1)) and ch02.ex4(35**2 / 11**2)   # both counts within 1 %
+    assert ch04.ex6(ch04.near_tie_results()) and ch04.near_tie_results() == (False, True)
+    assert ch06.ex2(0.6428571428571429)
+    P, _ = ch03.patch_vectors()
+    assert ch03.ex1(-np.sum(P**2, axis=1) / (5 * 0.032) ** 2 + 7.0)           # any constant is allowed
+    assert ch04.ex1({"phi.bias", "g.bias", "W_z.bias"})
+
+
+def test_check_close_reports_instead_of_raising(capsys):
+    assert check_close("t", [1.0, np.nan], [1.0, 2.0]) is False
+    assert check_close("t", object(), 1.0) is False
+    assert check_close("t", 1.0 + 1e-3, 1.0, rtol=0, atol=1e-2) is True
+    out = capsys.readouterr().out
+    assert "NaN" in out and "expected a number or an array" in out
