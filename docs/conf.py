@@ -75,6 +75,26 @@ def _note_notebook_dependency(app, docname, source):
         app.env.note_dependency(str(chapters.notebook_path(source[0])))
 
 
+def _chapter_download(app, pagename, templatename, context, doctree):
+    """A chapter's download button gives its notebook (as in notebooks/), not the pointer."""
+    if pagename.startswith("chapters/") and context.get("sourcename", "").endswith((".nblink", ".nblink.txt")):
+        context["sourcename"] = pagename + ".ipynb"
+        context["page_source_suffix"] = ".ipynb"
+
+
+def _copy_chapter_notebooks(app, exception):
+    import shutil
+
+    if exception is not None or app.builder.format != "html":
+        return
+    target = Path(app.outdir) / "_sources" / "chapters"
+    target.mkdir(parents=True, exist_ok=True)
+    for notebook in chapters.NOTEBOOKS.glob("*.ipynb"):
+        shutil.copyfile(notebook, target / notebook.name)
+        for pointer in target.glob(notebook.stem + ".nblink*"):
+            pointer.unlink()
+
+
 # -- autodoc + napoleon (numpydoc docstrings) ------------------------------------
 autodoc_default_options = {
     "members": True,               # honours each module's __all__
@@ -170,3 +190,5 @@ def setup(app):
     app.connect("source-read", _note_notebook_dependency)
     app.connect("missing-reference", _resolve_short_python_name)
     app.connect("build-finished", _copy_mathjax)
+    app.connect("html-page-context", _chapter_download, priority=400)   # before the theme's buttons (501)
+    app.connect("build-finished", _copy_chapter_notebooks)
