@@ -22,6 +22,14 @@ one forward + backward, after a warm-up) at N = 8 x 28 x 28.
 
     python benchmarks/bench_block.py              # the full table (a few minutes on 2 cores)
     python benchmarks/bench_block.py --quick      # smoke test: the small shape only, 2 repeats
+    python benchmarks/bench_block.py --plot docs/images/block_memory_vs_n.png
+
+With ``--plot PATH`` the script measures only memory against N: the peak of one
+forward + backward (tracemalloc, as above) of an embedded-Gaussian block with
+C = 64 and no subsampling (N' = N), batch 1, full form and chunked form
+(chunk_size 256), for N = 8 x S x S with S from 7 to 28; it prints the table and
+saves a log-log figure of peak MiB against N to PATH. Memory is not a timing,
+so it needs no lock and no repeats.
 """
 
 from __future__ import annotations
@@ -232,6 +240,55 @@ def memory_rows(shape, chunks, repeats):
     return rows
 
 
+PLOT_SIDES = (7, 10, 14, 20, 28)
+PLOT_CHUNK = 256
+
+
+def memory_against_n(sides=PLOT_SIDES, chunk=PLOT_CHUNK):
+    """Peak MiB of the full and the chunked form for inputs (1, 64, 8, S, S), N' = N."""
+    ns, full, chunked = [], [], []
+    for side in sides:
+        shape = (1, 64, 8, side, side)
+        rng = np.random.default_rng(3)
+        x = rng.standard_normal(shape).astype(np.float32)
+        dz = rng.standard_normal(shape).astype(np.float32)
+
+        def run(block):
+            block.forward(x)
+            block.backward(dz)
+
+        ns.append(math.prod(shape[2:]))
+        for chunk_size, out in ((None, full), (chunk, chunked)):
+            peak, _ = peak_of(lambda: random_block("embedded_gaussian", False, shape[1], chunk_size=chunk_size), run)
+            out.append(peak / 2**20)
+        print(f"  N = {ns[-1]}: full {full[-1]:.1f} MiB, chunked {chunked[-1]:.1f} MiB", file=sys.stderr, flush=True)
+    return ns, full, chunked
+
+
+def plot_memory(ns, full, chunked, path, chunk=PLOT_CHUNK):
+    """Log-log figure of peak memory against N, with N^2 and N guide lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
+    ax.plot(ns, full, marker="o", label="full form (holds the N x N attention)")
+    ax.plot(ns, chunked, marker="s", label=f"chunked form, chunk_size = {chunk}")
+    n0 = ns[-1]
+    ax.plot(ns, [full[-1] * (n / n0) ** 2 for n in ns], ls=":", color="grey", label="slope 2 (grows as N^2)")
+    ax.plot(ns, [chunked[-1] * n / n0 for n in ns], ls="--", color="grey", label="slope 1 (grows as N)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("positions N = T x H x W (keys N' = N, log scale)")
+    ax.set_ylabel("peak memory of forward + backward (MiB, log scale)")
+    ax.set_title("Non-local block memory against N\n(embedded Gaussian, B = 1, C = 64, d = 32, float32)")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def header(torch):
     try:
         with open("/proc/cpuinfo") as f:
@@ -262,7 +319,17 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="small shape only, 2 repeats, no memory section")
     parser.add_argument("--only", choices=("speed", "memory"), help="run one section")
+    parser.add_argument("--plot", metavar="PATH",
+                        help="measure only peak memory against N and save its log-log figure to PATH (a .png)")
     args = parser.parse_args(argv)
+    if args.plot:
+        ns, full, chunked = memory_against_n(PLOT_SIDES[:2] if args.quick else PLOT_SIDES)
+        print(f"- command: `{shlex.join(['python'] + sys.argv)}`\n")
+        print("| N | full form peak MiB | chunked peak MiB | chunked / full |\n|---:|---:|---:|---:|")
+        for n, f, c in zip(ns, full, chunked):
+            print(f"| {n} | {f:.1f} | {c:.1f} | {c / f:.3f} |")
+        plot_memory(ns, full, chunked, args.plot)
+        return
     import torch
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))

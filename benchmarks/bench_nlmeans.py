@@ -30,6 +30,14 @@ The output is Markdown, ready to paste into docs/benchmarks.md::
     python benchmarks/bench_nlmeans.py            # full run, a few minutes on 2 cores
     python benchmarks/bench_nlmeans.py --quick    # smoke test, small crops (< 30 s)
     python benchmarks/bench_nlmeans.py --repeats 9
+    python benchmarks/bench_nlmeans.py --plot docs/images/nlmeans_time_vs_size.png
+
+With ``--plot PATH`` the script runs only a size sweep instead of the tables:
+nlref (pixel-wise, default threads and one thread), scikit-image's fast mode
+and OpenCV, all at 7x7 patches and 21x21 search windows, timed on central
+crops of ``camera`` from 64x64 to 512x512 and on a 1024x1024 mirror-tiled
+camera (1 warm-up, then the median of ``--repeats`` runs). It prints the table
+and saves a log-log figure of time against the number of pixels to PATH.
 """
 
 from __future__ import annotations
@@ -504,6 +512,84 @@ def section_video(cfg, cv2):
     return caption + "\n\n" + markdown_table(cols, rows)
 
 
+# ---------------------------------------------------------------------------
+# --plot: time against image size
+# ---------------------------------------------------------------------------
+
+SWEEP_SIZES = (64, 128, 256, 512, 1024)
+
+
+def sweep_image(size):
+    """Camera at ``size`` x ``size``: a central crop, or for 1024 four mirrored copies."""
+    camera = nlref.data.camera()
+    if size <= camera.shape[0]:
+        return central_crop(camera, size)
+    if size != 2 * camera.shape[0]:
+        raise ValueError(f"size must be at most {camera.shape[0]} or exactly {2 * camera.shape[0]}; got {size}")
+    top = np.concatenate([camera, camera[:, ::-1]], axis=1)
+    return np.ascontiguousarray(np.concatenate([top, top[::-1, :]], axis=0))
+
+
+def size_sweep(cv2, *, repeats, seed, sizes=SWEEP_SIZES):
+    """Median seconds per method and size at sigma = 20/255, 7x7 patches, 21x21 search.
+
+    h is fixed (0.6 sigma for nlref and scikit-image, 0.9 sigma in grey levels for
+    OpenCV, the best values of the 512x512 speed table); the time hardly depends on it.
+    """
+    sigma = 20 / 255
+    methods = {
+        f"nlref pixel-wise ({default_workers()} threads)": lambda x: nlref.nl_means(
+            x, sigma=sigma, h=0.6 * sigma, patch_size=7, search_size=21),
+        "nlref pixel-wise (1 thread)": lambda x: nlref.nl_means(
+            x, sigma=sigma, h=0.6 * sigma, patch_size=7, search_size=21, workers=1),
+        "scikit-image fast mode (1 thread)": lambda x: denoise_nl_means(
+            x, patch_size=7, patch_distance=10, h=0.6 * sigma, sigma=sigma, fast_mode=True),
+    }
+    if cv2 is not None:
+        methods[f"OpenCV fastNlMeansDenoising ({cv2.getNumThreads()} threads)"] = lambda x: (
+            cv2.fastNlMeansDenoising(x, None, h=0.9 * 20, templateWindowSize=7, searchWindowSize=21))
+    times = {name: [] for name in methods}
+    for size in sizes:
+        noisy = nlref.add_gaussian_noise(sweep_image(size), sigma, seed=seed)
+        grey = to_uint8(noisy)
+        for name, run in methods.items():
+            x = grey if name.startswith("OpenCV") else noisy
+            seconds, _ = time_call(lambda: run(x), repeats=repeats)
+            times[name].append(seconds)
+            print(f"  {size}x{size} {name}: {seconds:.4f} s", file=sys.stderr, flush=True)
+    return sizes, times
+
+
+def plot_size_sweep(sizes, times, path):
+    """Log-log figure of median time against pixels, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pixels = [s * s for s in sizes]
+    fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
+    for (name, seconds), marker in zip(times.items(), "osD^v"):
+        ax.plot(pixels, seconds, marker=marker, label=name)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xticks(pixels, [f"{s}x{s}" for s in sizes])
+    ax.minorticks_off()
+    ax.set_xlabel("image size (pixels, log scale)")
+    ax.set_ylabel("time, median (s, log scale)")
+    ax.set_title("NL-means time against image size\n(camera, sigma = 20/255, 7x7 patches, 21x21 search, float32)")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def sweep_table(sizes, times):
+    cols = ["method"] + [f"{s}x{s} (s)" for s in sizes]
+    rows = [[name] + [f"{t:.4f}" for t in seconds] for name, seconds in times.items()]
+    return markdown_table(cols, rows)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
@@ -511,11 +597,23 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5,
                         help="timed runs in the speed section (median, after 1 warm-up; default 5)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    parser.add_argument("--plot", metavar="PATH",
+                        help="run only the size sweep and save its log-log figure to PATH (a .png)")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1; got {args.repeats}")
     cfg = settings_from_args(args)
     cv2 = import_cv2()
+    if args.plot:
+        h_line = "\n- h: fixed, 0.6 sigma for nlref and scikit-image, 0.9 sigma (grey levels) for OpenCV"
+        print(header(cv2).replace(
+            "\n- h: each peer's best-PSNR h from a sweep (one run per h); nlref also from `sigma` alone (presets). "
+            "'grid end' marks a best h at an end of the sweep", h_line), end="\n\n", flush=True)
+        sizes, times = size_sweep(cv2, repeats=args.repeats, seed=args.seed,
+                                  sizes=SWEEP_SIZES[:2] if args.quick else SWEEP_SIZES)
+        print(sweep_table(sizes, times))
+        plot_size_sweep(sizes, times, args.plot)
+        return
 
     t0 = time.perf_counter()
     print(header(cv2), end="\n\n", flush=True)

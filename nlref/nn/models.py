@@ -48,7 +48,7 @@ from .nonlocal_op import MODES
 __all__ = ["VideoNet", "FLAVOURS", "EXTENTS", "STAGES", "nonlocal_slots"]
 
 FLAVOURS = ("c2d", "i3d", "i3d_3x1x1")
-#: Which positions a non-local block relates: all of space-time, the same frame, or the same place.
+#: Which positions a non-local block relates (all of space-time, the same frame, or the same place).
 EXTENTS = ("spacetime", "space", "time")
 STAGES = ("res2", "res3", "res4")
 _MANY = (("res3", 1), ("res4", 1), ("res3", 0), ("res4", 0))

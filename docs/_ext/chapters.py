@@ -1,0 +1,48 @@
+"""The book's chapters are the notebooks in ``notebooks/``, read in place.
+
+Sphinx reads only files under its source folder (``docs/``), so each chapter is a
+one-line pointer file ``docs/chapters/<name>.nblink`` holding the notebook's path
+relative to the repository root. conf.py writes one for every notebook in
+``notebooks/`` at the start of each build (the folder is git-ignored), and MyST-NB
+reads a ``.nblink`` file through :func:`read_chapter` below (``nb_custom_formats``).
+The notebook itself is never copied, and the student's copy stays the only one.
+"""
+from pathlib import Path
+
+import nbformat
+
+ROOT = Path(__file__).resolve().parents[2]
+NOTEBOOKS = ROOT / "notebooks"
+CHAPTERS = ROOT / "docs" / "chapters"
+
+
+def write_pointers():
+    """Write ``docs/chapters/<name>.nblink`` for each notebook; remove stale ones.
+
+    A pointer is rewritten only when its text changes, so that an unchanged
+    chapter is not read again by an incremental build.
+    """
+    CHAPTERS.mkdir(exist_ok=True)
+    wanted = {}
+    for notebook in sorted(NOTEBOOKS.glob("*.ipynb")):
+        wanted[notebook.stem + ".nblink"] = notebook.relative_to(ROOT).as_posix() + "\n"
+    for pointer in CHAPTERS.glob("*.nblink"):
+        if pointer.name not in wanted:
+            pointer.unlink()
+    for name, text in wanted.items():
+        pointer = CHAPTERS / name
+        if not pointer.exists() or pointer.read_text() != text:
+            pointer.write_text(text)
+
+
+def notebook_path(text):
+    """The notebook a pointer file's text names, checked to be inside ``notebooks/``."""
+    path = (ROOT / text.strip()).resolve()
+    if path.parent != NOTEBOOKS or path.suffix != ".ipynb" or not path.is_file():
+        raise ValueError(f"a chapter pointer must name a notebook in {NOTEBOOKS}, got {text.strip()!r}")
+    return path
+
+
+def read_chapter(text):
+    """MyST-NB reader for a ``.nblink`` pointer: the notebook it names, as nbformat v4."""
+    return nbformat.read(notebook_path(text), as_version=4)
