@@ -233,3 +233,56 @@ def test_cupy_chunks(aggregation):
     cupy.testing.assert_array_equal(result, nlref.nl_means(cupy.asarray(image), **kwargs))
     np.testing.assert_allclose(cupy.asnumpy(result), nlref.nl_means(image, workers=1, **kwargs), rtol=1e-5,
                                atol=1e-5)
+
+
+# ---- nlref denoise: a Zarr store or TIFF stack streamed into a Zarr store ----
+
+
+def _volume(shape=(12, 40, 36), seed=8):
+    image = 100 + 60 * _noisy(shape, seed=seed, dtype=np.float64, sigma=0.15)
+    return np.clip(np.round(image), 0, 255).astype(np.uint8)
+
+
+def test_cli_streams_a_zarr_store(tmp_path, capsys):
+    zarr = pytest.importorskip("zarr")
+    from nlref.cli import main
+
+    volume = _volume()
+    source = zarr.create_array(str(tmp_path / "big.zarr"), shape=volume.shape, chunks=(5, 16, 16), dtype="u1")
+    source[...] = volume
+    out = tmp_path / "clean.zarr"
+    assert main(["denoise", str(tmp_path / "big.zarr"), "--sigma", "10", "--chunks", "6,20,18",
+                 "--out", str(out)]) == 0
+    written = zarr.open_array(str(out), mode="r")
+    assert written.chunks == (6, 20, 18) and written.dtype == np.uint8
+    np.testing.assert_array_equal(written[...], nlref.nl_means(volume, sigma=10, workers=1))
+    assert "denoised (12, 40, 36) uint8" in capsys.readouterr().out
+    # an existing output is never overwritten
+    assert main(["denoise", str(tmp_path / "big.zarr"), "--sigma", "10", "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("aggregation", ["pixel", "patch"])
+def test_cli_streams_a_tiff_stack_with_estimated_noise(tmp_path, capsys, aggregation):
+    tifffile = pytest.importorskip("tifffile")
+    zarr = pytest.importorskip("zarr")
+    from nlref.cli import main
+
+    volume = _volume(seed=9)
+    tifffile.imwrite(tmp_path / "stack.tif", volume)
+    out = tmp_path / "clean.zarr"
+    assert main(["denoise", str(tmp_path / "stack.tif"), "--chunks", "16", "--aggregation", aggregation,
+                 "--out", str(out)]) == 0
+    expected = nlref.nl_means(volume, aggregation=aggregation, workers=1)
+    np.testing.assert_array_equal(zarr.open_array(str(out), mode="r")[...], expected)
+    assert "(estimated)" in capsys.readouterr().out
+
+
+def test_cli_chunked_errors(tmp_path, capsys):
+    from nlref.cli import main
+
+    (tmp_path / "plain.txt").write_text("not an image")
+    assert main(["denoise", str(tmp_path / "plain.txt"), "--chunks", "8", "--out", str(tmp_path / "o.zarr")]) == 2
+    assert "Zarr store" in capsys.readouterr().err
+    assert main(["denoise", str(tmp_path / "missing.zarr"), "--out", str(tmp_path / "o.zarr")]) == 2
+    assert "does not exist" in capsys.readouterr().err
