@@ -81,7 +81,7 @@ def main(argv=None):
     print(f"dashboard: {client.dashboard_link}")
     with client:
         if args.zarr:
-            clean, noisy = None, da.from_zarr(args.zarr).rechunk(args.chunks)
+            clean, noisy = None, da.from_zarr(args.zarr).rechunk(args.chunks, method="tasks")
             sigma = None
         else:
             clean, noisy = synthetic(args.shape, args.chunks, args.sigma)

@@ -330,7 +330,7 @@ def run_denoise_chunked(args):
         sizes = (chunks,) * spatial if isinstance(chunks, int) else tuple(chunks)
         if len(sizes) != spatial or any(c < 1 for c in sizes):
             raise ValueError(f"--chunks must be a positive size, or one per spatial axis ({spatial}); got {chunks}")
-        image = image.rechunk(sizes + ((3,) if channel_axis is not None else ()))
+        image = image.rechunk(sizes + ((3,) if channel_axis is not None else ()), method="tasks")
 
     client = None
     if args.scheduler is not None:

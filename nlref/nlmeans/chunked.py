@@ -42,7 +42,7 @@ from .noise import _MAD_TO_SIGMA, _second_difference
 __all__ = ["is_dask_array", "nl_means_dask", "resolve_parameters_dask", "estimate_sigma_dask", "chunks_for_halo"]
 
 #: Bins of each histogram pass of the exact median (the selection narrows to one bin per pass).
-HISTOGRAM_BINS = 2**16
+HISTOGRAM_BINS = 2**12
 #: A bin with at most this many samples is fetched and sorted instead of being split again.
 GATHER_LIMIT = 2**22
 
@@ -88,44 +88,60 @@ def _moveaxis(image, channel_axis):
     return da.moveaxis(image, channel_axis, 0)
 
 
+def _second_differences_block(block, *, axes):
+    """[1, -2, 1] along each of ``axes`` in turn, keeping the valid part (the halo is 1 sample wide)."""
+    for axis in axes:
+        block = _second_difference(None, block, axis)
+    return block
+
+
 def _filtered(image, channel_axis):
-    """|second differences| of every channel (lazy), as :func:`nlref.estimate_sigma` filters them."""
+    """|second differences| of every channel (lazy), as :func:`nlref.estimate_sigma` filters them.
+
+    Chunk by chunk: a halo of one sample along every filtered axis, and the
+    same operations in the same order as in memory (so the values are equal
+    bit for bit).
+    """
+    import dask.array as da
+
     x = image if np.dtype(image.dtype).kind == "f" else image.astype(np.float64)
     x = x[None, ...] if channel_axis is None else _moveaxis(x, channel_axis)
-    dims = 0
-    for axis in range(1, x.ndim):
-        if x.shape[axis] >= 3:
-            x = _second_difference(None, x, axis)
-            dims += 1
-    if dims == 0:
+    axes = [a for a in range(1, x.ndim) if x.shape[a] >= 3]
+    if not axes:
         raise ValueError(f"image needs an axis with at least 3 samples to estimate sigma; shape {tuple(image.shape)}")
-    return [abs(x[c, ...]) for c in range(x.shape[0])], dims
+    chunks = [chunks_for_halo(c, 2) if a in axes else c for a, c in enumerate(x.chunks)]
+    x = x.rechunk(tuple(chunks), method="tasks") if tuple(chunks) != x.chunks else x
+    out_chunks = []
+    for a, c in enumerate(x.chunks):
+        if a in axes:  # the valid part loses one sample at each end of the axis
+            c = list(c)
+            c[0] -= 1
+            c[-1] -= 1
+        out_chunks.append(tuple(c))
+    filtered = da.map_overlap(_second_differences_block, x, depth={a: 1 if a in axes else 0 for a in range(x.ndim)},
+                              boundary="none", trim=False, allow_rechunk=False, chunks=tuple(out_chunks),
+                              dtype=x.dtype, meta=x._meta, axes=tuple(axes))
+    return [abs(filtered[c, ...]) for c in range(x.shape[0])], len(axes)
 
 
-def _map_blocks_compute(function, arrays_and_args):
-    """Compute ``function(block, *args)`` for every block of each array; one list of results per entry."""
-    import dask
-
-    tasks = [[dask.delayed(function)(block, *args) for block in array.to_delayed().ravel()]
-             for array, args in arrays_and_args]
-    return dask.compute(*tasks)
+def _histogram_block(block, lo, hi):
+    """numpy.histogram of one block, shaped (1, ..., 1, bins) to stack along the block grid."""
+    counts = np.histogram(np.asarray(block), bins=HISTOGRAM_BINS, range=(lo, hi))[0]
+    return counts.reshape((1,) * block.ndim + (HISTOGRAM_BINS,))
 
 
-def _histogram(block, lo, hi):
-    return np.histogram(np.asarray(block), bins=HISTOGRAM_BINS, range=(lo, hi))[0]
+def _histogram(values, lo, hi):
+    """numpy.histogram(values, HISTOGRAM_BINS, (lo, hi)) of a Dask array, block by block (lazy)."""
+    grid = tuple((1,) * n for n in values.numblocks) + ((HISTOGRAM_BINS,),)
+    parts = values.map_blocks(_histogram_block, lo, hi, chunks=grid, new_axis=values.ndim, dtype=np.int64,
+                              meta=np.empty((0,) * (values.ndim + 1), np.int64))
+    return parts.sum(axis=tuple(range(values.ndim)))
 
 
-def _in_bin(block, lo, hi, last):
-    """The samples of ``block`` in the bin [lo, hi) ([lo, hi] for the last bin), as numpy.histogram counts them."""
-    b = np.asarray(block)
-    x = b.astype(np.result_type(lo), copy=False)
-    keep = (x >= lo) & ((x <= hi) if last else (x < hi))
-    return b[keep]
-
-
-def _bin_range(block, lo, hi, last):
-    values = _in_bin(block, lo, hi, last)
-    return (values.min(), values.max()) if values.size else None
+def _in_bin(values, lo, hi, last):
+    """Lazy mask of the samples in the bin [lo, hi) ([lo, hi] for the last bin), as numpy.histogram counts them."""
+    x = values.astype(np.result_type(lo))
+    return (x >= lo) & ((x <= hi) if last else (x < hi))
 
 
 def _select(values, ranks, lo, hi, rounds=0):
@@ -136,30 +152,29 @@ def _select(values, ranks, lo, hi, rounds=0):
     :data:`GATHER_LIMIT` samples: one more pass) or narrowed to its own
     smallest and largest sample (one more pass) and split again.
     """
+    import dask
+
     if lo == hi or rounds > 64:
-        return {k: lo for k in ranks}
+        return {k: values.dtype.type(lo) for k in ranks}
     edges = np.histogram_bin_edges(np.empty(0, dtype=values.dtype), bins=HISTOGRAM_BINS, range=(lo, hi))
-    (parts,) = _map_blocks_compute(_histogram, [(values, (lo, hi))])
-    counts = np.sum(parts, axis=0)
+    counts = _histogram(values, lo, hi).compute()
     starts = np.cumsum(counts) - counts
     bins = {}
     for k in ranks:
         j = int(np.searchsorted(starts + counts, k, side="right"))
         bins.setdefault(j, []).append(k)
-
-    def bounds(j):
-        return edges[j], edges[j + 1], j == HISTOGRAM_BINS - 1
-
+    masks = {j: _in_bin(values, edges[j], edges[j + 1], j == HISTOGRAM_BINS - 1) for j in bins}
     small = [j for j in bins if counts[j] <= GATHER_LIMIT]
     large = [j for j in bins if counts[j] > GATHER_LIMIT]
+    top = values.dtype.type(np.inf)
+    gathered, ranges = dask.compute([values[masks[j]] for j in small],
+                                    [(dask.array.where(masks[j], values, top).min(),
+                                      dask.array.where(masks[j], values, -top).max()) for j in large])
     found = {}
-    for j, parts in zip(small, _map_blocks_compute(_in_bin, [(values, bounds(j)) for j in small])):
-        ordered = np.sort(np.concatenate([np.asarray(p) for p in parts]))
-        for k in bins[j]:
-            found[k] = ordered[k - starts[j]]
-    for j, parts in zip(large, _map_blocks_compute(_bin_range, [(values, bounds(j)) for j in large])):
-        ranges = [p for p in parts if p is not None]
-        b_lo, b_hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
+    for j, inside in zip(small, gathered):
+        ordered = np.sort(np.asarray(inside))
+        found.update({k: ordered[k - starts[j]] for k in bins[j]})
+    for j, (b_lo, b_hi) in zip(large, ranges):
         inner = _select(values, [k - starts[j] for k in bins[j]], b_lo.item(), b_hi.item(), rounds + 1)
         found.update({k: inner[k - starts[j]] for k in bins[j]})
     return {k: values.dtype.type(v) for k, v in found.items()}
@@ -367,7 +382,7 @@ def nl_means_dask(image, *, sigma=None, h=None, patch_size=None, search_size=Non
         work_chunks[a] = chunks_for_halo(image.chunks[a], m)
     if channel_axis is not None:
         work_chunks[channel_axis] = (image.shape[channel_axis],)
-    x = image.rechunk(tuple(work_chunks)) if tuple(work_chunks) != image.chunks else image
+    x = image.rechunk(tuple(work_chunks), method="tasks") if tuple(work_chunks) != image.chunks else image
 
     from .api import WORKING_MEMORY_LIMIT
 
@@ -387,4 +402,4 @@ def nl_means_dask(image, *, sigma=None, h=None, patch_size=None, search_size=Non
     out = da.map_overlap(_denoise_block, x, depth=overlap, boundary="none", trim=False, allow_rechunk=False,
                          chunks=x.chunks, dtype=image.dtype, meta=image._meta, token="nl_means",
                          channel_axis=channel_axis, halo_width=tuple(depth), params=params, workers=workers)
-    return out.rechunk(image.chunks) if out.chunks != image.chunks else out
+    return out.rechunk(image.chunks, method="tasks") if out.chunks != image.chunks else out
