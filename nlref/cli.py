@@ -375,6 +375,8 @@ def run_denoise(args):
     """``nlref denoise``: read, check everything, then denoise and write the result atomically."""
     import nlref
 
+    if _is_chunked(args):  # a Zarr store or TIFF stack, streamed chunk by chunk into a Zarr store
+        return run_denoise_chunked(args)
     if args.image is None:
         from skimage import data
 
@@ -448,6 +450,107 @@ def _train_interrupted(args, signame):
                 f"run the same command again to start")
     return (f"nlref train: stopped by {signame} after epoch {epoch} of {args.epochs} (checkpoint {path} is "
             f"complete); to continue: {_train_command(args)}")
+
+
+def _is_chunked(args):
+    """Stream with Dask when the input is a Zarr store, or a Zarr output or chunks are asked for."""
+    image = None if args.image is None else str(args.image).rstrip("/")
+    return (image is not None and (image.endswith(".zarr") or Path(image).is_dir())
+            or str(args.out).rstrip("/").endswith(".zarr") or args.chunks is not None)
+
+
+def _open_chunked(path):
+    """A Zarr store or a TIFF stack as a lazy Dask array (nothing is read but the metadata)."""
+    import dask.array as da
+
+    path = Path(path)
+    if path.is_dir():
+        return da.from_zarr(str(path))
+    if path.suffix.lower() in (".tif", ".tiff"):
+        import tifffile
+        import zarr
+
+        return da.from_zarr(zarr.open(tifffile.imread(path, aszarr=True), mode="r"))
+    raise ValueError(f"IMAGE {str(path)!r}: a chunked run reads a Zarr store (a folder) or a TIFF stack (.tif, .tiff)")
+
+
+def run_denoise_chunked(args):
+    """``nlref denoise big.zarr --chunks 64 --out clean.zarr``: Dask, chunk by chunk, never the whole volume.
+
+    The input (a Zarr store or a TIFF stack) is read lazily, rechunked to
+    ``--chunks`` (default: the store's own chunks; 64 per axis for TIFF),
+    denoised by :func:`nlref.nl_means` on its Dask path (exact: equal to the
+    in-memory result) and written to the Zarr store ``--out`` one chunk at a
+    time, on the local threads or on the cluster at ``--scheduler``. A last
+    axis of length 3 is taken as colour channels.
+    """
+    try:
+        import dask
+        import dask.array as da
+        import zarr  # noqa: F401
+    except ImportError as err:
+        raise ValueError(f"a chunked run needs the dask extra: pip install 'nlref[dask]' ({err})") from err
+    import nlref
+
+    if args.image is None:
+        raise ValueError("a chunked run (--chunks, or a .zarr input or output) needs IMAGE: a Zarr store or TIFF stack")
+    source, out = Path(args.image), Path(str(args.out).rstrip("/"))
+    if not source.exists():
+        raise ValueError(f"IMAGE {str(source)!r} does not exist")
+    if out.suffix != ".zarr":
+        raise ValueError(f"--out must name a Zarr store (ending in .zarr) for a chunked run; got {str(out)!r}")
+    if out.exists():
+        raise ValueError(f"--out {str(out)!r} already exists; remove it or choose another name")
+    if not out.parent.exists():
+        raise ValueError(f"the folder of --out ({out.parent}) does not exist")
+    if args.method != "fast":
+        raise ValueError("a chunked run uses --method fast")
+    image = _open_chunked(source)
+    channel_axis = -1 if image.ndim >= 3 and image.shape[-1] == 3 else None
+    chunks = args.chunks if args.chunks is not None else (None if source.is_dir() else 64)
+    if chunks is not None:
+        spatial = image.ndim - (channel_axis is not None)
+        sizes = (chunks,) * spatial if isinstance(chunks, int) else tuple(chunks)
+        if len(sizes) != spatial or any(c < 1 for c in sizes):
+            raise ValueError(f"--chunks must be a positive size, or one per spatial axis ({spatial}); got {chunks}")
+        image = image.rechunk(sizes + ((3,) if channel_axis is not None else ()), method="tasks")
+
+    client = None
+    if args.scheduler is not None:
+        from distributed import Client
+
+        client = Client(args.scheduler)
+    try:
+        kwargs = dict(sigma=args.sigma, h=args.h, patch_size=args.patch_size, search_size=args.search_size,
+                      channel_axis=channel_axis, aggregation=args.aggregation)
+        t0 = time.perf_counter()
+        params = nlref.resolve_parameters(image, **kwargs)
+        print(f"{source}: {image.shape} {image.dtype} in {image.npartitions} chunks of {image.chunksize}")
+        print(f"sigma {params['sigma']:.3g} ({params['sigma_source']}), h {params['h']:.3g}, "
+              f"patch {params['patch_size']}, search {params['search_size']}, {args.aggregation}-wise "
+              f"(resolved for the whole array in {time.perf_counter() - t0:.1f} s)")
+        # the parameters just resolved, passed on: the noise estimate's passes are not repeated
+        lazy = nlref.nl_means(image, **dict(kwargs, sigma=params["sigma"], h=params["h"],
+                                            patch_size=params["patch_size"], search_size=params["search_size"]))
+        store = da.to_zarr(lazy, str(out), compute=False)
+        t0 = time.perf_counter()
+        if client is not None:
+            from distributed import progress
+
+            future = client.compute(store)
+            progress(future)
+            future.result()
+        else:
+            from dask.diagnostics import ProgressBar
+
+            with ProgressBar():
+                dask.compute(store)
+        seconds = time.perf_counter() - t0
+    finally:
+        if client is not None:
+            client.close()
+    voxels = image.size / (3 if channel_axis is not None else 1)
+    print(f"denoised {image.shape} {image.dtype} in {seconds:.1f} s ({voxels / seconds:,.0f} voxels/s) -> {out}")
 
 
 def run_train(args):
@@ -574,6 +677,11 @@ def build_parser():
                           "(default: %(default)s)")
     den.add_argument("--no-progress", action="store_true",
                      help="no progress bar (default: a bar when stderr is a terminal, none otherwise)")
+    den.add_argument("--chunks", type=_size, help="Dask chunk size, or comma-separated per spatial axis: stream a "
+                     "Zarr store or TIFF stack chunk by chunk into the Zarr store --out (see docs/dask.md) "
+                     "(default: off, the image is denoised in memory)")
+    den.add_argument("--scheduler", help="address of a dask.distributed scheduler for a chunked run (default: local "
+                     "threads)")
 
     from nlref.data.sprites import RELATIONS
     from nlref.nn.models import EXTENTS, FLAVOURS, STAGES

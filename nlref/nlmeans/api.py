@@ -11,6 +11,7 @@ import numpy as np
 
 from ..backend import dtype_name, require_real
 from . import presets
+from .chunked import is_dask_array, nl_means_dask, resolve_parameters_dask
 from .fast import nl_means_fast, working_memory
 from .naive import nl_means_naive, patch_weights
 from .noise import estimate_sigma
@@ -173,6 +174,9 @@ def resolve_parameters(image, *, sigma=None, h=None, patch_size=None, search_siz
         spatial axis), ``sigma_source`` ("given", "estimated") and ``preset``
         (the table row, or None when every size and h were given).
     """
+    if is_dask_array(image):
+        return resolve_parameters_dask(image, sigma=sigma, h=h, patch_size=patch_size, search_size=search_size,
+                                       channel_axis=channel_axis, aggregation=aggregation, data_range=data_range)
     xp, channel_axis, spatial = _check_image(image, channel_axis)
     return _resolve(xp, image, spatial, sigma=sigma, h=h, patch_size=patch_size, search_size=search_size,
                     channel_axis=channel_axis, aggregation=aggregation, data_range=data_range)
@@ -303,14 +307,18 @@ def nl_means(image, *, sigma=None, h=None, patch_size=None, search_size=None, ch
         maximum for integer images (255 for uint8); for floats 1.0 when every
         value lies within [-4, 4], else 255.
     workers : int, optional
-        Threads for the fast method on NumPy (default: the CPU count, at most 8).
+        Threads for the fast method on NumPy (default: the CPU count, at most 8;
+        for a Dask array, threads per chunk, default 1).
     progress : bool
-        Show a progress bar over the offsets (fast method).
+        Show a progress bar over the offsets (fast method; for a Dask array use
+        Dask's progress bars).
 
     Returns
     -------
     denoised : array
-        Same shape, library, device and dtype as ``image``.
+        Same shape, library, device and dtype as ``image``. A Dask array gives a
+        lazy Dask array with the input's chunks, denoised chunk by chunk and
+        equal to the in-memory result (:mod:`nlref.nlmeans.chunked`).
 
     Notes
     -----
@@ -337,6 +345,10 @@ def nl_means(image, *, sigma=None, h=None, patch_size=None, search_size=None, ch
         0..1 mix-up: ``sigma=20`` on an image in 0..1), or a shape that suggests a
         missing or misplaced ``channel_axis`` (``(H, W, 3)`` without it).
     """
+    if is_dask_array(image):  # chunk by chunk, exact: nlref.nlmeans.chunked
+        return nl_means_dask(image, sigma=sigma, h=h, patch_size=patch_size, search_size=search_size,
+                             channel_axis=channel_axis, aggregation=aggregation, method=method,
+                             data_range=data_range, workers=workers, progress=progress)
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}; got {method!r}")
     xp, channel_axis, spatial = _check_image(image, channel_axis)

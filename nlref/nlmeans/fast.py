@@ -40,7 +40,7 @@ from itertools import product
 
 from ..backend import array_namespace, device, is_numpy, native_namespace, reflect_pad, supports_out
 
-__all__ = ["nl_means_fast", "working_memory"]
+__all__ = ["nl_means_fast", "nl_means_fast_padded", "halo", "working_memory"]
 
 # exp(x) of float32 is denormal below about -87.3 and denormals are slow; the
 # weights are clamped there (a weight below 1e-38 next to the centre weight 1
@@ -169,6 +169,17 @@ def working_memory(shape, channels, patch_size, search_size, aggregation, itemsi
     return itemsize * geo.length * (shared + workers * per_worker)
 
 
+def halo(patch_size, search_size, aggregation="pixel"):
+    """Samples per side, along each spatial axis, that one output pixel depends on.
+
+    Pixel-wise: search radius + patch radius (the farthest patch compared).
+    Patch-wise: search radius + 2 x patch radius (a pixel takes the estimates
+    of every patch covering it, whose weights reach one more patch radius).
+    It is also the width of the reflect padding of :func:`nl_means_fast`.
+    """
+    return _Geometry((1,) * len(patch_size), patch_size, search_size, aggregation).margin
+
+
 def nl_means_fast(v, *, h, sigma, patch_size, search_size, aggregation="pixel", workers=1, progress=None):
     """NL-means by the offset loop; equal to :func:`~nlref.nlmeans.naive.nl_means_naive`.
 
@@ -190,10 +201,44 @@ def nl_means_fast(v, *, h, sigma, patch_size, search_size, aggregation="pixel", 
     -------
     u : array, shape (C, n_0, ..., n_{d-1}), same library, device and dtype as ``v``.
     """
-    xp = array_namespace(v, names=["image"])
+    m = halo(patch_size, search_size, aggregation)
+    padded = reflect_pad(v, [(0, 0)] + [(w, w) for w in m])
+    inside = [(w, w + n) for w, n in zip(m, v.shape[1:])]
+    return nl_means_fast_padded(padded, inside=inside, h=h, sigma=sigma, patch_size=patch_size,
+                                search_size=search_size, aggregation=aggregation, workers=workers, progress=progress)
+
+
+def nl_means_fast_padded(padded, *, inside, h, sigma, patch_size, search_size, aggregation="pixel", workers=1,
+                         progress=None):
+    """The offset loop on a block that already carries its :func:`halo` on every side.
+
+    The block is either the whole image reflect-padded (:func:`nl_means_fast`)
+    or one chunk of a larger array with its neighbours' samples around it (and
+    reflect padding only where it touches the array's edge: :mod:`.chunked`).
+    Every output sample is computed by the same operations in the same order
+    in both cases, so the results agree bit for bit.
+
+    Parameters
+    ----------
+    padded : array, shape (C, n_0 + 2 m_0, ..., n_{d-1} + 2 m_{d-1})
+        Channel-first block, ``m = halo(patch_size, search_size, aggregation)``.
+    inside : sequence of (int, int)
+        Per spatial axis, the index range ``[lo, hi)`` of ``padded`` holding
+        samples of the image (the rest is reflect padding). Patch-wise
+        aggregation counts only patches centred there.
+    h, sigma, patch_size, search_size, aggregation, workers, progress
+        As for :func:`nl_means_fast`.
+
+    Returns
+    -------
+    u : array, shape (C, n_0, ..., n_{d-1})
+        The denoised centre of the block.
+    """
+    xp = array_namespace(padded, names=["image"])
+    v = padded
     channels = v.shape[0]
-    geo = _Geometry(v.shape[1:], patch_size, search_size, aggregation)
-    padded = reflect_pad(v, [(0, 0)] + [(m, m) for m in geo.margin])
+    m = halo(patch_size, search_size, aggregation)
+    geo = _Geometry(tuple(n - 2 * w for n, w in zip(v.shape[1:], m)), patch_size, search_size, aggregation)
     flat = xp.reshape(padded, (channels, geo.length))
     rows = [flat[c, :] for c in range(channels)]
     steps = _Steps(xp, v.dtype)
@@ -242,14 +287,17 @@ def nl_means_fast(v, *, h, sigma, patch_size, search_size, aggregation="pixel", 
 
     # ---- pass 1: the normaliser Z(p), and for pixel-wise the numerator too ----
     want_num = aggregation == "pixel"
+    # patch-wise needs Z(p) for every patch centre p within half a patch of the output, [a - K, b + K)
+    z_lo, z_hi = (a, b) if want_num else (a - K, b + K)
+    z_n = z_hi - z_lo
 
     def first_pass(deltas):
         buf = new_buffers(geo.length)
         num = [zeros(n) for _ in range(channels)] if want_num else None
-        den = zeros(n)
+        den = zeros(z_n)
         for delta in deltas:
-            w = weights(delta, a - delta, b, buf)
-            w_fwd, w_bwd = w[delta : delta + n], w[0:n]  # weight of p -> p+delta, and of p -> p-delta
+            w = weights(delta, z_lo - delta, z_hi, buf)
+            w_fwd, w_bwd = w[delta : delta + z_n], w[0:z_n]  # weight of p -> p+delta, and of p -> p-delta
             den = steps.accumulate(den, w_fwd)
             den = steps.accumulate(den, w_bwd)
             if want_num:
@@ -268,8 +316,8 @@ def nl_means_fast(v, *, h, sigma, patch_size, search_size, aggregation="pixel", 
         return _unflatten(xp, estimate, geo, v)
 
     # ---- pass 2 (patch-wise): spread w_o(p) / Z(p) over the patch around p ----
-    mask = _image_mask(xp, geo, v)  # 1 on image pixels, 0 on padding (flat, length L)
-    inv_z = mask[a - K : b + K] / _embed(xp, den, K, v)  # over [a - K, b + K)
+    mask = _image_mask(xp, geo, inside, v)  # 1 on image pixels, 0 on padding (flat, length L)
+    inv_z = mask[a - K : b + K] / den  # over [a - K, b + K)
     count = _box_all(steps, mask[a - 2 * K : b + 2 * K], box_axes)[K : K + n]  # patches covering x
 
     def patch_pass(deltas):
@@ -317,23 +365,20 @@ def _box_all(steps, src, box_axes, buf1=None, buf2=None):
     return src
 
 
-def _image_mask(xp, geo, like):
-    """Flat indicator of the image pixels inside the padded array."""
-    ones = xp.ones(geo.shape, dtype=like.dtype, device=device(like))
-    zeros_pad = [(m, m) for m in geo.margin]
+def _image_mask(xp, geo, inside, like):
+    """Flat indicator of the image pixels (``inside``, per axis [lo, hi)) in the padded array."""
+    ones = xp.ones(tuple(hi - lo for lo, hi in inside), dtype=like.dtype, device=device(like))
+    zeros_pad = [(lo, n - hi) for (lo, hi), n in zip(inside, geo.padded_shape)]
     mask = ones
     for axis, (before, after) in enumerate(zeros_pad):
         shape_b = list(mask.shape)
         shape_b[axis] = before
-        z = xp.zeros(tuple(shape_b), dtype=like.dtype, device=device(like))
-        mask = xp.concat([z, mask, z], axis=axis)
+        shape_a = list(mask.shape)
+        shape_a[axis] = after
+        z_b = xp.zeros(tuple(shape_b), dtype=like.dtype, device=device(like))
+        z_a = xp.zeros(tuple(shape_a), dtype=like.dtype, device=device(like))
+        mask = xp.concat([z_b, mask, z_a], axis=axis)
     return xp.reshape(mask, (geo.length,))
-
-
-def _embed(xp, span_values, K, like):
-    """Values on [a, b) extended to [a - K, b + K) with ones (safe divisors)."""
-    pad = xp.ones((K,), dtype=like.dtype, device=device(like))
-    return xp.concat([pad, span_values, pad]) if K else span_values
 
 
 def _unflatten(xp, estimate, geo, like):

@@ -1,0 +1,288 @@
+"""NL-means on Dask arrays (nlref.nlmeans.chunked): exact, chunk-local, bounded.
+
+The reference is the in-memory call on the same data. With the same number of
+threads per chunk as the in-memory call, every output sample is computed by the
+same operations in the same order, so the comparison is bitwise.
+"""
+
+from __future__ import annotations
+
+import importlib
+import tracemalloc
+
+import numpy as np
+import pytest
+
+da = pytest.importorskip("dask.array")
+dask = pytest.importorskip("dask")
+
+import nlref  # noqa: E402
+from nlref.nlmeans import chunked  # noqa: E402
+from nlref.nlmeans.fast import halo, working_memory  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _synchronous():
+    with dask.config.set(scheduler="synchronous"):
+        yield
+
+
+def _noisy(shape, seed=0, dtype=np.float32, sigma=0.1):
+    rng = np.random.default_rng(seed)
+    axes = np.meshgrid(*[np.linspace(0, 1, n) for n in shape], indexing="ij")
+    clean = 0.5 + 0.3 * np.sin(6 * sum(axes))
+    return (clean + sigma * rng.standard_normal(shape)).astype(dtype)
+
+
+# (name, shape, chunks, kwargs): grey, colour, volumes and videos with per-axis sizes, uneven chunks,
+# chunks smaller than the halo and chunks across the channel axis
+CASES = [
+    ("grey", (45, 52), (20, 17), dict(sigma=0.1, patch_size=5, search_size=9)),
+    ("grey-presets", (40, 37), (13, 20), dict()),
+    ("grey-small-chunks", (30, 33), (3, 4), dict(sigma=0.1, patch_size=3, search_size=7)),
+    ("colour-channel-chunks", (28, 31, 3), (10, 9, 1), dict(sigma=0.1, patch_size=3, search_size=7,
+                                                           channel_axis=-1)),
+    ("colour-first", (3, 26, 24), (2, 8, 24), dict(sigma=0.1, patch_size=3, search_size=5, channel_axis=0)),
+    ("volume", (12, 20, 22), (5, 7, 11), dict(sigma=0.1, patch_size=(3, 3, 5), search_size=(3, 5, 7))),
+    ("video-colour", (6, 14, 15, 2), (2, 6, 5, 2), dict(sigma=0.1, patch_size=(1, 3, 3), search_size=(3, 5, 5),
+                                                        channel_axis=-1)),
+    ("signal", (200,), (37,), dict(sigma=0.1, patch_size=5, search_size=11)),
+]
+
+
+@pytest.mark.parametrize("aggregation", ["pixel", "patch"])
+@pytest.mark.parametrize("name, shape, chunks, kwargs", CASES, ids=[c[0] for c in CASES])
+def test_chunked_equals_in_memory_bitwise(name, shape, chunks, kwargs, aggregation):
+    image = _noisy(shape)
+    expected = nlref.nl_means(image, aggregation=aggregation, workers=1, **kwargs)
+    lazy = nlref.nl_means(da.from_array(image, chunks=chunks), aggregation=aggregation, **kwargs)
+    assert isinstance(lazy, da.Array)
+    assert lazy.chunks == da.from_array(image, chunks=chunks).chunks
+    assert lazy.dtype == image.dtype
+    result = lazy.compute()
+    assert type(result) is np.ndarray
+    np.testing.assert_array_equal(result, expected)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.uint8, np.int16])
+@pytest.mark.parametrize("aggregation", ["pixel", "patch"])
+def test_dtypes_and_integer_scaling(dtype, aggregation):
+    image = _noisy((33, 35), seed=2, dtype=np.float64)
+    if dtype != np.float64:
+        image = np.clip(np.round(image * 200), 0, 255).astype(dtype)
+    expected = nlref.nl_means(image, aggregation=aggregation, workers=1)
+    result = nlref.nl_means(da.from_array(image, chunks=(11, 16)), aggregation=aggregation).compute()
+    assert result.dtype == dtype
+    np.testing.assert_array_equal(result, expected)
+
+
+def test_threads_per_chunk_match_in_memory_threads():
+    image = _noisy((40, 41), seed=3)
+    kwargs = dict(sigma=0.1, patch_size=3, search_size=9, aggregation="patch", workers=2)
+    expected = nlref.nl_means(image, **kwargs)
+    result = nlref.nl_means(da.from_array(image, chunks=(15, 20)), **kwargs).compute()
+    np.testing.assert_array_equal(result, expected)
+    # a different thread count only reorders the sum over offsets: float32 rounding, no more
+    one_thread = nlref.nl_means(image, **{**kwargs, "workers": 1})
+    np.testing.assert_allclose(result, one_thread, rtol=1e-5, atol=1e-6)
+
+
+def test_parameters_resolved_once_for_the_whole_array():
+    image = _noisy((48, 50), seed=4, sigma=0.08)
+    x = da.from_array(image, chunks=(12, 12))
+    whole = nlref.resolve_parameters(image)
+    assert nlref.resolve_parameters(x) == whole
+    assert nlref.estimate_sigma(x) == nlref.estimate_sigma(image)
+    # per-chunk estimates (what a per-chunk call would use) are not the whole-array one
+    per_chunk = {nlref.estimate_sigma(image[i:i + 12, j:j + 12]) for i in range(0, 48, 12) for j in range(0, 50, 12)}
+    assert whole["sigma"] not in per_chunk and len(per_chunk) > 1
+    # h given, sigma estimated only to choose the sizes: sigma is then 0, as in memory
+    assert nlref.resolve_parameters(x, h=0.05) == nlref.resolve_parameters(image, h=0.05)
+
+
+@pytest.mark.parametrize("kind", ["uint8", "float32", "colour-float64"])
+def test_exact_median_selection_through_narrowing(monkeypatch, kind):
+    """Small histograms and gather limits force every branch of the selection (split, narrow, gather)."""
+    monkeypatch.setattr(chunked, "HISTOGRAM_BINS", 4)
+    monkeypatch.setattr(chunked, "GATHER_LIMIT", 7)
+    rng = np.random.default_rng(5)
+    if kind == "uint8":
+        image, axis = rng.integers(0, 6, size=(31, 29)).astype(np.uint8), None  # many repeated values
+    elif kind == "float32":
+        image, axis = rng.standard_normal((30, 33)).astype(np.float32), None
+    else:
+        image, axis = rng.standard_normal((17, 19, 3)), -1
+    x = da.from_array(image, chunks=(7, 8) + ((2,) if axis else ()))
+    assert nlref.estimate_sigma(x, channel_axis=axis) == nlref.estimate_sigma(image, channel_axis=axis)
+
+
+def test_chunks_for_halo():
+    assert chunked.chunks_for_halo((3, 3, 3, 3, 2), 5) == (6, 8)
+    assert chunked.chunks_for_halo((10, 10, 4), 5) == (10, 14)
+    assert chunked.chunks_for_halo((2, 2), 5) == (4,)
+    assert chunked.chunks_for_halo((7, 9), 5) == (7, 9)
+    assert sum(chunked.chunks_for_halo((1,) * 23, 4)) == 23
+
+
+def test_dask_reflect_boundary_is_not_numpy_reflect():
+    """Why nlref pads the true edges itself: dask's "reflect" repeats the edge sample (NumPy's "symmetric")."""
+    a = np.arange(6.0)
+    dask_reflect = da.overlap.overlap(da.from_array(a, chunks=3), depth=2, boundary="reflect").compute()
+    assert np.array_equal(dask_reflect[:2], np.pad(a, 2, mode="symmetric")[:2])
+    assert not np.array_equal(dask_reflect[:2], np.pad(a, 2, mode="reflect")[:2])
+    # the edge pixels of an NL-means built on it differ from the exact result
+    image = _noisy((30, 30), seed=6)
+    kwargs = dict(sigma=0.1, h=0.1, patch_size=3, search_size=5)
+    trap = da.map_overlap(lambda b: nlref.nl_means(b, workers=1, **kwargs), da.from_array(image, chunks=15),
+                          depth=3, boundary="reflect", dtype=image.dtype).compute()
+    exact = nlref.nl_means(da.from_array(image, chunks=15), **kwargs).compute()
+    assert not np.array_equal(trap[0, :], exact[0, :])
+    np.testing.assert_array_equal(exact, nlref.nl_means(image, workers=1, **kwargs))
+
+
+@pytest.mark.parametrize("aggregation", ["pixel", "patch"])
+def test_graph_grows_with_chunks_not_offsets(aggregation):
+    """Tasks per chunk are bounded by a constant: independent of the search window and of the chunk count."""
+    image = _noisy((16, 48, 48))
+    ratios = []
+    for chunks, search in (((8, 16, 16), 3), ((8, 16, 16), 7), ((4, 12, 12), 3), ((4, 8, 8), 3)):
+        x = da.from_array(image, chunks=chunks)
+        out = nlref.nl_means(x, sigma=0.1, patch_size=3, search_size=search, aggregation=aggregation)
+        ratios.append(len(out.__dask_graph__()) / x.npartitions)
+    # per chunk: reading it, at most 3**d halo pieces, joining them, one NL-means task
+    assert max(ratios) <= 3**3 + 3, ratios
+    assert ratios[0] == ratios[1], ratios  # a larger search window (more offsets) adds no task
+
+
+def test_peak_memory_is_a_multiple_of_chunk_plus_halo():
+    """tracemalloc around every task of a synchronous store: what one task adds to the memory at its peak.
+
+    The NL-means task of a chunk holds its block (chunk + halo) and the offset
+    loop's buffers: about 11 blocks, below nlref.nlmeans.fast.working_memory's
+    estimate of 13 (pixel-wise, one channel, one thread). Between tasks the
+    scheduler holds only views and the block being assembled (its own graph
+    bookkeeping, a few kB per task, is not array data).
+    """
+    from dask.callbacks import Callback
+
+    image = _noisy((32, 256, 256))  # 8 MiB, 64 chunks
+    kwargs = dict(sigma=0.1, patch_size=3, search_size=5, aggregation="pixel")
+    chunks = (8, 64, 64)
+    out = nlref.nl_means(da.from_array(image, chunks=chunks), **kwargs)
+    target = np.empty_like(image)
+    added = []
+
+    class PerTask(Callback):
+        def _pretask(self, key, dsk, state):
+            tracemalloc.reset_peak()
+            self.start = tracemalloc.get_traced_memory()[0]
+
+        def _posttask(self, key, result, dsk, state, id):
+            added.append(tracemalloc.get_traced_memory()[1] - self.start)
+
+    tracemalloc.start()
+    try:
+        with PerTask():
+            da.store(out, target, scheduler="synchronous")
+    finally:
+        tracemalloc.stop()
+    m = halo((3, 3, 3), (5, 5, 5))
+    block = np.prod([c + 2 * w for c, w in zip(chunks, m)]) * image.itemsize  # chunk + halo, float32
+    loop = working_memory(chunks, 1, (3, 3, 3), (5, 5, 5), "pixel", 4, 1)
+    assert loop == 13 * block
+    assert block < max(added) <= loop, (max(added) / block)
+    np.testing.assert_array_equal(target, nlref.nl_means(image, workers=1, **kwargs))
+
+
+def test_errors():
+    x = da.from_array(_noisy((20, 20)), chunks=10)
+    with pytest.raises(ValueError, match="method"):
+        nlref.nl_means(x, sigma=0.1, method="naive")
+    with pytest.raises(ValueError, match="channel_axis"):
+        nlref.nl_means(x, sigma=0.1, channel_axis=2)
+    with pytest.raises(ValueError, match="workers"):
+        nlref.nl_means(x, sigma=0.1, workers=0)
+    bad = _noisy((20, 20))
+    bad[3, 4] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        nlref.nl_means(da.from_array(bad, chunks=10), sigma=0.1)
+    with pytest.raises(TypeError, match="dtype"):
+        nlref.nl_means(da.zeros((8, 8), chunks=4, dtype=bool), sigma=0.1)
+
+
+def _cupy():
+    try:
+        cupy = importlib.import_module("cupy")
+        return cupy if cupy.cuda.runtime.getDeviceCount() > 0 else None
+    except Exception:
+        return None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_cupy() is None, reason="CuPy with a CUDA device not available")
+@pytest.mark.parametrize("aggregation", ["pixel", "patch"])
+def test_cupy_chunks(aggregation):
+    cupy = _cupy()
+    image = _noisy((10, 40, 44, 3), seed=7)
+    kwargs = dict(sigma=0.1, patch_size=(3, 3, 3), search_size=(3, 7, 7), channel_axis=-1, aggregation=aggregation)
+    x = da.from_array(cupy.asarray(image), chunks=(5, 16, 16, 1), asarray=False)
+    out = nlref.nl_means(x, **kwargs)
+    assert isinstance(out._meta, cupy.ndarray)
+    result = out.compute()
+    assert isinstance(result, cupy.ndarray)
+    cupy.testing.assert_array_equal(result, nlref.nl_means(cupy.asarray(image), **kwargs))
+    np.testing.assert_allclose(cupy.asnumpy(result), nlref.nl_means(image, workers=1, **kwargs), rtol=1e-5,
+                               atol=1e-5)
+
+
+# ---- nlref denoise: a Zarr store or TIFF stack streamed into a Zarr store ----
+
+
+def _volume(shape=(12, 40, 36), seed=8):
+    image = 100 + 60 * _noisy(shape, seed=seed, dtype=np.float64, sigma=0.15)
+    return np.clip(np.round(image), 0, 255).astype(np.uint8)
+
+
+def test_cli_streams_a_zarr_store(tmp_path, capsys):
+    zarr = pytest.importorskip("zarr")
+    from nlref.cli import main
+
+    volume = _volume()
+    source = zarr.create_array(str(tmp_path / "big.zarr"), shape=volume.shape, chunks=(5, 16, 16), dtype="u1")
+    source[...] = volume
+    out = tmp_path / "clean.zarr"
+    assert main(["denoise", str(tmp_path / "big.zarr"), "--sigma", "10", "--chunks", "6,20,18",
+                 "--out", str(out)]) == 0
+    written = zarr.open_array(str(out), mode="r")
+    assert written.chunks == (6, 20, 18) and written.dtype == np.uint8
+    np.testing.assert_array_equal(written[...], nlref.nl_means(volume, sigma=10, workers=1))
+    assert "denoised (12, 40, 36) uint8" in capsys.readouterr().out
+    # an existing output is never overwritten
+    assert main(["denoise", str(tmp_path / "big.zarr"), "--sigma", "10", "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("aggregation", ["pixel", "patch"])
+def test_cli_streams_a_tiff_stack_with_estimated_noise(tmp_path, capsys, aggregation):
+    tifffile = pytest.importorskip("tifffile")
+    zarr = pytest.importorskip("zarr")
+    from nlref.cli import main
+
+    volume = _volume(seed=9)
+    tifffile.imwrite(tmp_path / "stack.tif", volume)
+    out = tmp_path / "clean.zarr"
+    assert main(["denoise", str(tmp_path / "stack.tif"), "--chunks", "16", "--aggregation", aggregation,
+                 "--out", str(out)]) == 0
+    expected = nlref.nl_means(volume, aggregation=aggregation, workers=1)
+    np.testing.assert_array_equal(zarr.open_array(str(out), mode="r")[...], expected)
+    assert "(estimated)" in capsys.readouterr().out
+
+
+def test_cli_chunked_errors(tmp_path, capsys):
+    from nlref.cli import main
+
+    (tmp_path / "plain.txt").write_text("not an image")
+    assert main(["denoise", str(tmp_path / "plain.txt"), "--chunks", "8", "--out", str(tmp_path / "o.zarr")]) == 2
+    assert "Zarr store" in capsys.readouterr().err
+    assert main(["denoise", str(tmp_path / "missing.zarr"), "--out", str(tmp_path / "o.zarr")]) == 2
+    assert "does not exist" in capsys.readouterr().err
