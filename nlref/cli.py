@@ -455,7 +455,9 @@ def _train_interrupted(args, signame):
 def _is_chunked(args):
     """Stream with Dask when the input is a Zarr store, or a Zarr output or chunks are asked for."""
     image = None if args.image is None else str(args.image).rstrip("/")
-    return (image is not None and (image.endswith(".zarr") or Path(image).is_dir())
+    zarr_dir = image is not None and Path(image).is_dir() and any(
+        (Path(image) / name).exists() for name in ("zarr.json", ".zarray", ".zgroup"))
+    return (image is not None and (image.endswith(".zarr") or zarr_dir)
             or str(args.out).rstrip("/").endswith(".zarr") or args.chunks is not None)
 
 
