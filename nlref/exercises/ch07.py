@@ -15,9 +15,9 @@ from ..nn import functional as F
 
 __all__ = ["EX1", "EX3", "ex1", "ex2", "ex3", "ex4"]
 
-#: Exercise 1's convolution: input shape, weight shape, stride, padding.
+#: Exercise 1's convolution (input shape, weight shape, stride, padding).
 EX1 = {"x": (2, 3, 5, 10, 9), "w": (4, 3, 3, 3, 2), "stride": (1, 2, 3), "padding": (1, 1, 2)}
-#: Exercise 3's layer (res2 of the default network in a training step): input (B, C, T, H, W), O, kernel.
+#: Exercise 3's layer, res2 of the default network in a training step (input (B, C, T, H, W), O, kernel).
 EX3 = {"x": (32, 16, 8, 8, 8), "out_channels": 16, "kernel": (1, 3, 3)}
 
 

@@ -147,7 +147,7 @@ def _in_bin(values, lo, hi, last):
 def _select(values, ranks, lo, hi, rounds=0):
     """The ``ranks``-th smallest samples (0-based) of the dask array ``values``, all of which lie in [lo, hi].
 
-    Each round is one histogram pass of :data:`HISTOGRAM_BINS` bins over
+    Each round is one histogram pass of ``HISTOGRAM_BINS`` bins over
     [lo, hi]; the bin holding a rank is then either fetched and sorted (at most
     :data:`GATHER_LIMIT` samples: one more pass) or narrowed to its own
     smallest and largest sample (one more pass) and split again.
@@ -185,7 +185,7 @@ def estimate_sigma_dask(image, *, channel_axis=None):
 
     The median of the absolute second differences is found by selection, not
     by sorting the whole array: one pass finds each channel's smallest and
-    largest value, one pass histograms them into :data:`HISTOGRAM_BINS` bins,
+    largest value, one pass histograms them into ``HISTOGRAM_BINS`` bins,
     and one pass fetches the (small) bin that holds the median and sorts it.
     Heavily repeated values (integer images) take one more pass per narrowing.
     So the estimate costs about three reads of the data per channel, each

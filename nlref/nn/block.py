@@ -474,7 +474,7 @@ class NonLocalBlock:
             the block, and training the block does not change ``state``.
         layout : {None, "nlref", "alexhex7", "mmcv", "slowfast", "timm"}
             None (or ``"auto"``): the layout whose keys for this block's options
-            match ``state`` exactly; :attr:`loaded_layout` says which was read.
+            match ``state`` exactly; ``block.loaded_layout`` says which was read.
 
         Returns
         -------

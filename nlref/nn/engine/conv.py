@@ -68,7 +68,7 @@ from ...backend import array_namespace, asarray, device, is_numpy, native_namesp
 from .._shapes import dtype_of, interior, strided, window_offsets
 from .layout import channel_sums, channels_first, channels_last
 
-#: Bytes of column matrix built per chunk of the batch on NumPy: small enough to stay in
+#: The size in bytes of the column matrix built per chunk of the batch on NumPy, small enough to stay in
 #: the CPU caches between the copy that builds it and the matrix product that reads it
 #: (1 MiB and 4 MiB chunks: 0.93x and 0.997x the speed of whole training steps, median of
 #: 20 to 24 pairs, docs/benchmarks.md).

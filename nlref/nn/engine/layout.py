@@ -17,7 +17,7 @@ from ...backend import array_namespace, device, native_namespace, supports_out
 
 
 def stored_channels_last(x):
-    """True when ``x`` (B, C, *S) is stored channels-last (a NumPy/CuPy view of a (B, *S, C) array)."""
+    """True when ``x`` (B, C, ...) is stored channels-last (a NumPy/CuPy view of a (B, ..., C) array)."""
     xp = array_namespace(x)
     if not supports_out(xp) or x.ndim < 3 or x.flags.c_contiguous:
         return False
@@ -25,7 +25,7 @@ def stored_channels_last(x):
 
 
 def channels_last(x):
-    """x (B, C, *S) -> (B, *S, C) contiguous: a view when x is stored channels-last, a copy otherwise."""
+    """x (B, C, ...) -> (B, ..., C) contiguous: a view when x is stored channels-last, a copy otherwise."""
     axes = (0,) + tuple(range(2, x.ndim)) + (1,)
     if type(x) is np.ndarray:  # the common case, without the wrappers' overhead (see "Less per call")
         return np.ascontiguousarray(x.transpose(axes))
@@ -35,7 +35,7 @@ def channels_last(x):
 
 
 def channels_first(xp, a):
-    """(B, *S, C) -> the (B, C, *S) view of it."""
+    """(B, ..., C) -> the (B, C, ...) view of it."""
     perm = (0, a.ndim - 1) + tuple(range(1, a.ndim - 1))
     return a.transpose(perm) if type(a) is np.ndarray else xp.permute_dims(a, perm)
 
@@ -86,17 +86,17 @@ def row_fold(x):
 
 
 class ChannelRows:
-    """The values of a (B, C, *S) array as a matrix in which every column belongs to one channel.
+    """The values of a (B, C, ...) array as a matrix in which every column belongs to one channel.
 
     For an array stored the usual way that is the (B, C, N) view (the channel axis in the
     middle); for one stored channels-last, the (M / r, r C) view of its storage, ``r``
     positions to a row (:func:`row_fold`), so that no copy is made either way and per-channel
     broadcasts run along long rows. :meth:`sums` and :meth:`spread` go between per-channel
-    (C,) vectors and that matrix, :meth:`restore` goes back to (B, C, *S), stored as given.
+    (C,) vectors and that matrix, :meth:`restore` goes back to (B, C, ...), stored as given.
 
     Parameters
     ----------
-    x : array, shape (B, C, *S)
+    x : array, shape (B, C, ...)
         The array whose shape and storage order fix the layout.
     """
 
@@ -131,7 +131,7 @@ class ChannelRows:
         return array_namespace(v).tile(v, (self.fold,))
 
     def restore(self, a):
-        """The matrix ``a`` back as (B, C, *S), stored as the layout's array was."""
+        """The matrix ``a`` back as (B, C, ...), stored as the layout's array was."""
         xp = array_namespace(a)
         shape = self.shape
         if self.fold:
