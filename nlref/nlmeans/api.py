@@ -40,30 +40,41 @@ def _integer_range(dtype):
     return float(info.min), float(info.max)
 
 
-def _check_image(image, channel_axis):
-    """Validate the image and channel axis; return (xp, channel_axis, spatial_shape)."""
-    xp = require_real(image, "image")
-    dtype = image.dtype
+def _check_axes(shape, channel_axis):
+    """Validate the channel axis against ``shape``; return (channel_axis, spatial_shape).
+
+    The checks every input shares, in memory, on Dask and in a store
+    (:mod:`.chunked`): they read the shape only, never the data.
+    """
+    ndim = len(shape)
     if channel_axis is not None:
         if isinstance(channel_axis, bool) or not isinstance(channel_axis, numbers.Integral):
             raise TypeError(f"channel_axis must be an int or None; got {channel_axis!r}")
-        if not -image.ndim <= channel_axis < image.ndim:
+        if not -ndim <= channel_axis < ndim:
             raise ValueError(
-                f"channel_axis={channel_axis} is out of range for an image with {image.ndim} axes "
-                f"(allowed: {-image.ndim} .. {image.ndim - 1}, or None)"
+                f"channel_axis={channel_axis} is out of range for an image with {ndim} axes "
+                f"(allowed: {-ndim} .. {ndim - 1}, or None)"
             )
-        given, channel_axis = channel_axis, int(channel_axis) % image.ndim
-    spatial = tuple(n for i, n in enumerate(image.shape) if i != channel_axis)
+        channel_axis = int(channel_axis) % ndim
+    spatial = tuple(n for i, n in enumerate(shape) if i != channel_axis)
     if not 1 <= len(spatial) <= _MAX_SPATIAL_DIMS:
         raise ValueError(
             f"image must have 1 to {_MAX_SPATIAL_DIMS} spatial axes (plus an optional channel_axis); "
-            f"got shape {tuple(image.shape)} with channel_axis={channel_axis}"
+            f"got shape {tuple(shape)} with channel_axis={channel_axis}"
         )
-    if math.prod(image.shape) == 0:
-        raise ValueError(f"image is empty (shape {tuple(image.shape)})")
-    if not _is_integer_dtype(xp, dtype) and not bool(xp.all(xp.isfinite(image))):
+    if math.prod(shape) == 0:
+        raise ValueError(f"image is empty (shape {tuple(shape)})")
+    return channel_axis, spatial
+
+
+def _check_image(image, channel_axis):
+    """Validate the image and channel axis; return (xp, channel_axis, spatial_shape)."""
+    xp = require_real(image, "image")
+    given = channel_axis
+    channel_axis, spatial = _check_axes(tuple(image.shape), channel_axis)
+    if not _is_integer_dtype(xp, image.dtype) and not bool(xp.all(xp.isfinite(image))):
         raise ValueError("image contains NaN or Inf values; NL-means needs finite input (replace or mask them first)")
-    layout = _layout_doubt(tuple(image.shape), channel_axis, None if channel_axis is None else given)
+    layout = _layout_doubt(tuple(image.shape), channel_axis, given)
     if layout:
         warnings.warn(layout, UserWarning, stacklevel=3)
     return xp, channel_axis, spatial

@@ -54,32 +54,15 @@ def is_dask_array(x):
 
 
 def _check(image, channel_axis):
-    """The cheap checks of nl_means (dtype, axes, size), without touching the data."""
-    from .api import _MAX_SPATIAL_DIMS
+    """The cheap checks of nl_means (dtype, axes, size), on the shape and dtype only, never the data."""
+    from .api import _check_axes
 
     dtype = np.dtype(image.dtype)
     if dtype.kind not in "iuf":
         raise TypeError(f"image must hold real numbers (integer or floating point); got dtype {dtype}")
-    if channel_axis is not None:
-        if isinstance(channel_axis, bool) or not isinstance(channel_axis, numbers.Integral):
-            raise TypeError(f"channel_axis must be an int or None; got {channel_axis!r}")
-        if not -image.ndim <= channel_axis < image.ndim:
-            raise ValueError(
-                f"channel_axis={channel_axis} is out of range for an image with {image.ndim} axes "
-                f"(allowed: {-image.ndim} .. {image.ndim - 1}, or None)"
-            )
-        channel_axis = int(channel_axis) % image.ndim
-    spatial = tuple(n for i, n in enumerate(image.shape) if i != channel_axis)
-    if not 1 <= len(spatial) <= _MAX_SPATIAL_DIMS:
-        raise ValueError(
-            f"image must have 1 to {_MAX_SPATIAL_DIMS} spatial axes (plus an optional channel_axis); "
-            f"got shape {tuple(image.shape)} with channel_axis={channel_axis}"
-        )
     if any(math.isnan(n) for n in image.shape):
         raise ValueError(f"image has chunks of unknown size (shape {image.shape}); call compute_chunk_sizes() first")
-    if math.prod(image.shape) == 0:
-        raise ValueError(f"image is empty (shape {tuple(image.shape)})")
-    return channel_axis, spatial
+    return _check_axes(tuple(image.shape), channel_axis)
 
 
 def _moveaxis(image, channel_axis):
