@@ -8,6 +8,7 @@ can be; Ctrl-C and SIGTERM stop with one line (exit status 130 / 143).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -461,30 +462,58 @@ def _is_chunked(args):
             or str(args.out).rstrip("/").endswith(".zarr") or args.chunks is not None)
 
 
+class _TiffStack:
+    """A TIFF stack read by slices through tifffile's Zarr view, never whole.
+
+    Only the path travels to Dask's workers (the open file does not pickle);
+    each process opens the file on its first read.
+    """
+
+    def __init__(self, path):
+        import tifffile
+
+        self.path = str(path)
+        with tifffile.TiffFile(self.path) as tif:
+            series = tif.series[0]
+            self.shape, self.dtype = tuple(series.shape), np.dtype(series.dtype)
+        self._array = None
+
+    def __getstate__(self):
+        return {"path": self.path, "shape": self.shape, "dtype": self.dtype, "_array": None}
+
+    def __getitem__(self, key):
+        if self._array is None:
+            import tifffile
+            import zarr
+
+            self._array = zarr.open(tifffile.imread(self.path, aszarr=True), mode="r")
+        return self._array[key]
+
+
 def _open_chunked(path):
-    """A Zarr store or a TIFF stack as a lazy Dask array (nothing is read but the metadata)."""
-    import dask.array as da
+    """A Zarr array or a TIFF stack, to be read chunk by chunk (nothing is read now but the metadata)."""
+    import zarr
 
     path = Path(path)
     if path.is_dir():
-        return da.from_zarr(str(path))
+        return zarr.open_array(str(path), mode="r")
     if path.suffix.lower() in (".tif", ".tiff"):
-        import tifffile
-        import zarr
-
-        return da.from_zarr(zarr.open(tifffile.imread(path, aszarr=True), mode="r"))
+        return _TiffStack(path)
     raise ValueError(f"IMAGE {str(path)!r}: a chunked run reads a Zarr store (a folder) or a TIFF stack (.tif, .tiff)")
 
 
 def run_denoise_chunked(args):
-    """``nlref denoise big.zarr --chunks 64 --out clean.zarr``: Dask, chunk by chunk, never the whole volume.
+    """``nlref denoise big.zarr --chunks 64 --out clean.zarr``: chunk by chunk, never the whole volume.
 
-    The input (a Zarr store or a TIFF stack) is read lazily, rechunked to
-    ``--chunks`` (default: the store's own chunks; 64 per axis for TIFF),
-    denoised by :func:`nlref.nl_means` on its Dask path (exact: equal to the
-    in-memory result) and written to the Zarr store ``--out`` one chunk at a
-    time, on the local threads or on the cluster at ``--scheduler``. A last
-    axis of length 3 is taken as colour channels.
+    The input (a Zarr store or a TIFF stack) is read by
+    :func:`nlref.nlmeans.chunked.nl_means_store`: one task per chunk of
+    ``--chunks`` (default: the store's own chunks; 64 per axis for TIFF), each
+    reading its chunk and halo from the file and denoising it (exact: equal to
+    the in-memory result), on the local threads or on the cluster at
+    ``--scheduler``. The result is written chunk by chunk into a hidden Zarr
+    store beside ``--out`` and renamed to ``--out`` when complete, so an
+    interrupted run leaves no partial ``--out``. A last axis of length 3 is
+    taken as colour channels.
     """
     try:
         import dask
@@ -492,7 +521,10 @@ def run_denoise_chunked(args):
         import zarr  # noqa: F401
     except ImportError as err:
         raise ValueError(f"a chunked run needs the dask extra: pip install 'nlref[dask]' ({err})") from err
-    import nlref
+    import shutil
+    import uuid
+
+    from nlref.nlmeans.chunked import nl_means_store, resolve_parameters_store
 
     if args.image is None:
         raise ValueError("a chunked run (--chunks, or a .zarr input or output) needs IMAGE: a Zarr store or TIFF stack")
@@ -508,33 +540,34 @@ def run_denoise_chunked(args):
     if args.method != "fast":
         raise ValueError("a chunked run uses --method fast")
     image = _open_chunked(source)
-    channel_axis = -1 if image.ndim >= 3 and image.shape[-1] == 3 else None
+    channel_axis = -1 if len(image.shape) >= 3 and image.shape[-1] == 3 else None
     chunks = args.chunks if args.chunks is not None else (None if source.is_dir() else 64)
     if chunks is not None:
-        spatial = image.ndim - (channel_axis is not None)
+        spatial = len(image.shape) - (channel_axis is not None)
         sizes = (chunks,) * spatial if isinstance(chunks, int) else tuple(chunks)
         if len(sizes) != spatial or any(c < 1 for c in sizes):
             raise ValueError(f"--chunks must be a positive size, or one per spatial axis ({spatial}); got {chunks}")
-        image = image.rechunk(sizes + ((3,) if channel_axis is not None else ()), method="tasks")
+        chunks = sizes
 
     client = None
     if args.scheduler is not None:
         from distributed import Client
 
         client = Client(args.scheduler)
+    partial = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
-        kwargs = dict(sigma=args.sigma, h=args.h, patch_size=args.patch_size, search_size=args.search_size,
-                      channel_axis=channel_axis, aggregation=args.aggregation)
+        kwargs = dict(chunks=chunks, sigma=args.sigma, h=args.h, patch_size=args.patch_size,
+                      search_size=args.search_size, channel_axis=channel_axis, aggregation=args.aggregation)
         t0 = time.perf_counter()
-        params = nlref.resolve_parameters(image, **kwargs)
-        print(f"{source}: {image.shape} {image.dtype} in {image.npartitions} chunks of {image.chunksize}")
+        params = resolve_parameters_store(image, **kwargs)
         print(f"sigma {params['sigma']:.3g} ({params['sigma_source']}), h {params['h']:.3g}, "
               f"patch {params['patch_size']}, search {params['search_size']}, {args.aggregation}-wise "
               f"(resolved for the whole array in {time.perf_counter() - t0:.1f} s)")
         # the parameters just resolved, passed on: the noise estimate's passes are not repeated
-        lazy = nlref.nl_means(image, **dict(kwargs, sigma=params["sigma"], h=params["h"],
+        lazy = nl_means_store(image, **dict(kwargs, sigma=params["sigma"], h=params["h"],
                                             patch_size=params["patch_size"], search_size=params["search_size"]))
-        store = da.to_zarr(lazy, str(out), compute=False)
+        print(f"{source}: {image.shape} {image.dtype} in {lazy.npartitions} chunks of {lazy.chunksize}")
+        store = da.to_zarr(lazy, str(partial), compute=False)
         t0 = time.perf_counter()
         if client is not None:
             from distributed import progress
@@ -548,10 +581,12 @@ def run_denoise_chunked(args):
             with ProgressBar():
                 dask.compute(store)
         seconds = time.perf_counter() - t0
+        os.rename(partial, out)  # a folder: fails rather than replace an --out made meanwhile
     finally:
         if client is not None:
             client.close()
-    voxels = image.size / (3 if channel_axis is not None else 1)
+        shutil.rmtree(partial, ignore_errors=True)
+    voxels = math.prod(image.shape) / (3 if channel_axis is not None else 1)
     print(f"denoised {image.shape} {image.dtype} in {seconds:.1f} s ({voxels / seconds:,.0f} voxels/s) -> {out}")
 
 

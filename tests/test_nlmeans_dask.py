@@ -8,6 +8,7 @@ same operations in the same order, so the comparison is bitwise.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import tracemalloc
 
 import numpy as np
@@ -235,6 +236,119 @@ def test_cupy_chunks(aggregation):
                                atol=1e-5)
 
 
+# ---- arrays in a store: nl_means_store, one independent task per chunk ----
+
+
+@pytest.mark.parametrize("aggregation", ["pixel", "patch"])
+@pytest.mark.parametrize("name, shape, chunks, kwargs", CASES, ids=[c[0] for c in CASES])
+def test_store_equals_in_memory_bitwise(name, shape, chunks, kwargs, aggregation):
+    image = _noisy(shape)
+    expected = nlref.nl_means(image, aggregation=aggregation, workers=1, **kwargs)
+    lazy = chunked.nl_means_store(image, chunks=chunks, aggregation=aggregation, **kwargs)
+    assert isinstance(lazy, da.Array) and lazy.dtype == image.dtype and lazy.shape == image.shape
+    channel = kwargs.get("channel_axis")
+    if channel is not None:  # the channel axis is never split
+        assert lazy.chunks[channel] == (shape[channel],)
+    np.testing.assert_array_equal(lazy.compute(), expected)
+    params = chunked.resolve_parameters_store(image, chunks=chunks, aggregation=aggregation, **kwargs)
+    assert params == nlref.resolve_parameters(image, aggregation=aggregation, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.uint8, np.int16])
+def test_store_dtypes_zarr_and_memmap(tmp_path, dtype):
+    """A Zarr array and a memory-mapped file as sources; integer images rounded and clipped as in memory."""
+    image = _noisy((10, 26, 30), seed=4, dtype=np.float64)
+    if dtype != np.float64:
+        image = np.clip(np.round(100 + 80 * image), np.iinfo(dtype).min, np.iinfo(dtype).max).astype(dtype)
+    expected = nlref.nl_means(image, patch_size=3, search_size=(3, 5, 5), workers=1)
+    mapped = np.lib.format.open_memmap(tmp_path / "v.npy", mode="w+", dtype=dtype, shape=image.shape)
+    mapped[...] = image
+    mapped.flush()
+    sources = [np.load(tmp_path / "v.npy", mmap_mode="r")]
+    zarr = importlib.util.find_spec("zarr") and importlib.import_module("zarr")
+    if zarr:
+        stored = zarr.create_array(str(tmp_path / "v.zarr"), shape=image.shape, chunks=(4, 9, 11), dtype=dtype)
+        stored[...] = image
+        sources.append(zarr.open_array(str(tmp_path / "v.zarr"), mode="r"))
+    for source in sources:
+        chunks = (3, 8, 16) if isinstance(source, np.ndarray) else None  # None: the store's own chunks
+        out = chunked.nl_means_store(source, chunks=chunks, patch_size=3, search_size=(3, 5, 5))
+        assert out.dtype == dtype
+        np.testing.assert_array_equal(out.compute(), expected)
+
+
+@pytest.mark.parametrize("aggregation", ["pixel", "patch"])
+def test_store_graph_is_one_independent_task_per_chunk(aggregation):
+    image = _noisy((16, 48, 48))
+    for chunks, search in (((8, 16, 16), 3), ((8, 16, 16), 7), ((2, 5, 5), 3)):
+        out = chunked.nl_means_store(image, chunks=chunks, sigma=0.1, patch_size=3, search_size=search,
+                                     aggregation=aggregation)
+        graph = dict(out.__dask_graph__())
+        assert len(graph) == out.npartitions, (len(graph), out.npartitions)
+        keys = set(graph)
+        for task in graph.values():  # no task reads another task's result: chunks never wait for neighbours
+            assert not (keys & set(task.dependencies)), task
+
+
+def _traced_peak(run):
+    """The largest amount of memory (tracemalloc) allocated above the start while ``run()`` runs."""
+    tracemalloc.start()
+    try:
+        start = tracemalloc.get_traced_memory()[0]
+        run()
+        return tracemalloc.get_traced_memory()[1] - start
+    finally:
+        tracemalloc.stop()
+
+
+def test_store_memory_of_a_worker_is_one_task():
+    """One worker thread (synchronous scheduler) denoising a whole array into a target holds one task at a time.
+
+    The peak above the source and the target is that of one task, about 11
+    (chunk + halo) blocks and below working_memory's 13, whatever the number
+    of chunks (64 here). Through ``map_overlap`` the same run holds the
+    neighbour chunks waiting for each other: more than the store route.
+    """
+    image = _noisy((32, 256, 256))  # 8 MiB, 64 chunks
+    kwargs = dict(sigma=0.1, h=0.07, patch_size=3, search_size=5)
+    chunks = (8, 64, 64)
+    target = np.empty_like(image)
+    m = halo((3, 3, 3), (5, 5, 5))
+    block = np.prod([c + 2 * w for c, w in zip(chunks, m)]) * image.itemsize  # chunk + halo, float32
+    loop = working_memory(chunks, 1, (3, 3, 3), (5, 5, 5), "pixel", 4, 1)
+    store_route = chunked.nl_means_store(image, chunks=chunks, **kwargs)
+    peak_store = _traced_peak(lambda: da.store(store_route, target, scheduler="synchronous"))
+    np.testing.assert_array_equal(target, nlref.nl_means(image, workers=1, **kwargs))
+    assert block < peak_store <= loop, peak_store / block
+    dask_route = nlref.nl_means(da.from_array(image, chunks=chunks), **kwargs)
+    peak_dask = _traced_peak(lambda: da.store(dask_route, target, scheduler="synchronous"))
+    assert peak_dask > peak_store, (peak_dask / block, peak_store / block)
+
+
+def test_store_errors(tmp_path):
+    image = _noisy((20, 20))
+    with pytest.raises(TypeError, match="source must be an array in a store"):
+        chunked.nl_means_store([[1.0, 2.0]], chunks=4, sigma=0.1)
+    with pytest.raises(ValueError, match="chunks must be given"):
+        chunked.nl_means_store(image, sigma=0.1)
+    for bad in ((5, 5, 5), 0, (4, -1), (2.5, 4), True):
+        with pytest.raises(ValueError, match="chunks"):
+            chunked.nl_means_store(image, chunks=bad, sigma=0.1)
+    with pytest.raises(ValueError, match="channel_axis"):
+        chunked.nl_means_store(image, chunks=5, sigma=0.1, channel_axis=2)
+    with pytest.raises(ValueError, match="workers"):
+        chunked.nl_means_store(image, chunks=5, sigma=0.1, workers=0)
+    with pytest.raises(TypeError, match="dtype"):
+        chunked.nl_means_store(np.zeros((8, 8), bool), chunks=4, sigma=0.1)
+    bad = image.copy()
+    bad[3, 4] = np.inf
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        chunked.nl_means_store(bad, chunks=5, sigma=0.1)
+    with pytest.raises(ValueError, match="working memory"):
+        chunked.nl_means_store(np.zeros((4000, 4000), np.float32), chunks=4000, sigma=0.1, patch_size=7,
+                               search_size=21, workers=64)
+
+
 # ---- nlref denoise: a Zarr store or TIFF stack streamed into a Zarr store ----
 
 
@@ -286,3 +400,42 @@ def test_cli_chunked_errors(tmp_path, capsys):
     assert "Zarr store" in capsys.readouterr().err
     assert main(["denoise", str(tmp_path / "missing.zarr"), "--out", str(tmp_path / "o.zarr")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_on_a_distributed_scheduler(tmp_path, capsys):
+    """--scheduler: a TIFF stack read on worker processes (only its path travels), the noise estimated there."""
+    tifffile = pytest.importorskip("tifffile")
+    zarr = pytest.importorskip("zarr")
+    distributed = pytest.importorskip("distributed")
+    from nlref.cli import main
+
+    volume = _volume(seed=10)
+    tifffile.imwrite(tmp_path / "stack.tif", volume)
+    out = tmp_path / "clean.zarr"
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=None) as c:
+        assert main(["denoise", str(tmp_path / "stack.tif"), "--chunks", "8,16,16", "--scheduler", c.scheduler_address,
+                     "--out", str(out)]) == 0
+    np.testing.assert_array_equal(zarr.open_array(str(out), mode="r")[...], nlref.nl_means(volume, workers=1))
+    assert "(estimated)" in capsys.readouterr().out
+
+
+def test_cli_interrupted_run_leaves_no_output(tmp_path, capsys, monkeypatch):
+    """A run stopped half way (Ctrl-C in the third chunk) leaves neither --out nor a partial store behind."""
+    zarr = pytest.importorskip("zarr")
+    from nlref.cli import main
+
+    volume = _volume()
+    zarr.create_array(str(tmp_path / "big.zarr"), shape=volume.shape, chunks=(6, 20, 18), dtype="u1")[...] = volume
+    calls = []
+    real = chunked._denoise_with_halo
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(chunked, "_denoise_with_halo", interrupted)
+    assert main(["denoise", str(tmp_path / "big.zarr"), "--sigma", "10", "--out", str(tmp_path / "clean.zarr")]) == 130
+    assert "nothing was written" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.zarr"]
