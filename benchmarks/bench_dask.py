@@ -9,14 +9,18 @@ Run it alone (other engineers share the CPUs of the benchmark machine)::
    LocalCluster (no process holds the whole volume), and deletes it at the end.
 2. On a piece that fits in memory (``--piece``), single-threaded, median of
    ``--repeats``: in-memory ``nl_means``; ``nl_means`` of the piece as a Dask
-   array at each chunk size (bitwise comparison, halo overhead in time and
-   bytes); scikit-image's ``denoise_nl_means`` on the whole piece and through
-   ``apply_parallel`` at the same chunk size and depth; PSNR of each.
-3. The whole volume, read from the store and written to another one, with
-   ``--workers`` worker processes (one thread each) at each chunk size:
-   throughput (voxels/s), the halo's extra bytes, the peak RSS of a worker
-   during the run (its VmHWM, reset before the run) against (chunk + halo)
-   bytes; and, once, the exact noise estimate of the whole volume.
+   array and ``nl_means_store`` of it at each chunk size (bitwise comparison,
+   halo overhead in time and bytes); scikit-image's ``denoise_nl_means`` on
+   the whole piece and through ``apply_parallel`` at the same chunk size and
+   depth; PSNR of each.
+3. The whole volume, read from the store and written to another one by
+   ``nl_means_store`` (each task reads its chunk and halo from the store),
+   with ``--workers`` worker processes (one thread each) at each chunk size:
+   throughput (voxels/s), tasks per chunk, the halo's extra bytes, the peak
+   RSS of a worker during the run (its VmHWM, reset before the run) against
+   (chunk + halo) bytes; once, the parameters with the exact noise estimate
+   of the whole volume; and once the same run through ``nl_means`` of
+   ``da.from_zarr(...)`` (``map_overlap``), for the memory its workers hold.
 """
 
 from __future__ import annotations
@@ -38,12 +42,8 @@ from nlref.nlmeans.fast import halo
 
 
 def clean_block(block_info=None):
-    """The clean signal of one chunk (smooth waves, 0.2 .. 0.8) from its global position."""
-    info = block_info[None]
-    ranges = [np.arange(lo, hi, dtype=np.float64) for lo, hi in info["array-location"]]
-    grids = np.meshgrid(*ranges, indexing="ij", sparse=True)
-    wave = sum(np.sin(g / (9.0 + 4 * i)) for i, g in enumerate(grids)) / len(grids)
-    return (0.5 + 0.3 * wave).astype(np.float32)
+    """The clean signal of one chunk (nlref.data.waves), from the chunk's global position."""
+    return nlref.data.waves(block_info[None]["array-location"])
 
 
 def noisy_block(block_info=None, *, sigma, seed):
@@ -54,9 +54,8 @@ def noisy_block(block_info=None, *, sigma, seed):
 
 
 def clean_piece(shape):
-    """The clean signal of the piece [0:n_0, 0:n_1, ...] (same function as the chunks)."""
-    info = {None: {"array-location": [(0, n) for n in shape]}}
-    return clean_block(info)
+    """The clean signal of the piece [0:n_0, 0:n_1, ...] (the same function as the chunks)."""
+    return nlref.data.waves([(0, n) for n in shape])
 
 
 def _lazy(block, shape, chunks, **kwargs):
@@ -136,6 +135,8 @@ def piece_comparison(path, piece, chunk_sizes, patch, search, sigma, repeats):
     from skimage.restoration import denoise_nl_means
     from skimage.util import apply_parallel
 
+    from nlref.nlmeans.chunked import nl_means_store
+
     noisy = zarr.open_array(str(path), mode="r")[tuple(slice(0, n) for n in piece)]
     clean = clean_piece(piece)
     kw = dict(sigma=sigma, patch_size=patch, search_size=search)
@@ -157,6 +158,13 @@ def piece_comparison(path, piece, chunk_sizes, patch, search, sigma, repeats):
             extra = halo_bytes_ratio(piece, (c,) * 3, depth) - 1
             rows.append((f"nlref nl_means, Dask chunks {c}", f"+{extra:.0%}", t, t / t_mem,
                          nlref.psnr(clean, out, data_range=1.0), same))
+        for c in chunk_sizes:
+            out = nl_means_store(noisy, chunks=c, **kw).compute()
+            same = "bitwise" if np.array_equal(out, ref) else f"max diff {np.abs(out - ref).max():.1e}"
+            t = median_time(lambda: nl_means_store(noisy, chunks=c, **kw).compute(), repeats)
+            extra = halo_bytes_ratio(piece, (c,) * 3, depth) - 1
+            rows.append((f"nlref nl_means_store, chunks {c}", f"+{extra:.0%}", t, t / t_mem,
+                         nlref.psnr(clean, out, data_range=1.0), same))
         t_sk = median_time(lambda: denoise_nl_means(noisy, **sk_kw), repeats)
         rows.append(("skimage denoise_nl_means, in memory", "-", t_sk, t_sk / t_mem,
                      nlref.psnr(clean, sk_ref, data_range=1.0), "-"))
@@ -176,25 +184,33 @@ def piece_comparison(path, piece, chunk_sizes, patch, search, sigma, repeats):
         print(f"| {name} | {extra} | {t:.2f} | {ratio:.2f}x | {p:.2f} | {same} |")
 
 
-def volume_run(path, out_path, shape, chunk, workers, patch, search, sigma, estimate):
+def volume_run(path, out_path, shape, chunk, workers, patch, search, sigma, route, estimate):
+    """The whole volume, store -> store: ``route`` "store" (nl_means_store) or "dask" (nl_means of da.from_zarr)."""
     import dask.array as da
     import zarr
     from distributed import Client, LocalCluster
 
+    from nlref.nlmeans.chunked import nl_means_store, resolve_parameters_store
+
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True) as cluster, Client(cluster) as client:
-        x = da.from_zarr(str(path)).rechunk(chunk, method="tasks")
-        t_sigma = None
+        source = zarr.open_array(str(path), mode="r")
         if estimate:
             t0 = time.perf_counter()
-            sigma_hat = nlref.estimate_sigma(x)
+            p = resolve_parameters_store(source, chunks=chunk, patch_size=patch, search_size=search)
             t_sigma = time.perf_counter() - t0
-            print(f"  exact noise estimate of the whole volume: {sigma_hat:.5f} (true {sigma}) in {t_sigma:.1f} s")
+            print(f"  parameters with the exact noise estimate of the whole volume (store route, {chunk}^3 tasks): "
+                  f"sigma {p['sigma']:.5f} (true {sigma}) in {t_sigma:.1f} s", flush=True)
         t0 = time.perf_counter()
-        out = nlref.nl_means(x, sigma=sigma, patch_size=patch, search_size=search)  # resolves h; reads once
+        kw = dict(sigma=sigma, patch_size=patch, search_size=search)
+        if route == "store":
+            out = nl_means_store(source, chunks=chunk, **kw)  # resolves h: one finiteness pass
+        else:
+            out = nlref.nl_means(da.from_zarr(str(path)).rechunk(chunk, method="tasks"), **kw)
         t_check = time.perf_counter() - t0
         target = zarr.create_array(str(out_path), shape=shape, chunks=(chunk,) * 3, dtype="float32",
                                    compressors=None)
         store = da.store(out, target, lock=False, compute=False)
+        tasks = len(store.__dask_graph__())
         client.run(_warm, patch, search, sigma)
         base = client.run(_reset_peak_rss)
         t0 = time.perf_counter()
@@ -205,8 +221,9 @@ def volume_run(path, out_path, shape, chunk, workers, patch, search, sigma, esti
     block = math.prod(c + 2 * m for c, m in zip((chunk,) * 3, depth)) * 4
     peak = max(peaks.values())
     grow = max(peaks[w] - base[w] for w in peaks)
-    return dict(workers=workers, chunk=chunk, seconds=seconds, check=t_check, rate=math.prod(shape) / seconds,
-                extra=halo_bytes_ratio(shape, (chunk,) * 3, depth) - 1, peak=peak, grow=grow, block=block)
+    return dict(route=route, workers=workers, chunk=chunk, seconds=seconds, check=t_check,
+                rate=math.prod(shape) / seconds, extra=halo_bytes_ratio(shape, (chunk,) * 3, depth) - 1, peak=peak,
+                grow=grow, block=block, tasks=tasks, chunks=out.npartitions)
 
 
 def main(argv=None):
@@ -222,6 +239,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dir", default="/tmp", help="where the Zarr stores go (deleted at the end)")
     parser.add_argument("--keep", action="store_true", help="keep the generated store")
+    parser.add_argument("--no-dask-route", dest="dask_route", action="store_false",
+                        help="skip the run through nl_means of a Dask array (map_overlap)")
     args = parser.parse_args(argv)
 
     chunk_sizes = [int(c) for c in args.chunks.split(",")]
@@ -251,18 +270,22 @@ def main(argv=None):
 
         print(f"\nwhole volume {shape}, patch {args.patch}, search {args.search}, store -> store, one thread per "
               "worker process")
-        print("| workers | chunk | halo bytes | time (s) | voxels/s | worker peak RSS | of which the run | "
-              "run / (chunk + halo) bytes |")
-        print("|---|---|---|---|---|---|---|---|")
-        configs = [(w, c) for c in chunk_sizes for w in worker_counts if w == max(worker_counts) or c == chunk_sizes[0]]
-        estimate_at = next(cfg for cfg in configs if cfg[0] == max(worker_counts))  # the noise estimate, once
-        for w, c in configs:
-            r = volume_run(path, out_path, shape, c, w, args.patch, args.search, args.sigma,
-                           estimate=(w, c) == estimate_at)
+        print("| route | workers | chunk | tasks / chunk | halo bytes | time (s) | voxels/s | worker peak RSS | "
+              "of which the run | run / (chunk + halo) bytes |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        configs = [("store", w, c) for c in chunk_sizes for w in worker_counts
+                   if w == max(worker_counts) or c == chunk_sizes[0]]
+        if args.dask_route:  # the Dask-array route (map_overlap) once, for the memory it holds
+            configs.append(("dask", max(worker_counts), chunk_sizes[0]))
+        estimate_at = next(cfg for cfg in configs if cfg[1] == max(worker_counts))  # the noise estimate, once
+        for route, w, c in configs:
+            r = volume_run(path, out_path, shape, c, w, args.patch, args.search, args.sigma, route,
+                           estimate=(route, w, c) == estimate_at)
             shutil.rmtree(out_path, ignore_errors=True)
-            print(f"| {r['workers']} | {r['chunk']}^3 | +{r['extra']:.1%} | {r['seconds']:.1f} | "
-                  f"{r['rate'] / 1e6:.2f} M | {r['peak'] / 2**20:.0f} MiB | {r['grow'] / 2**20:.0f} MiB | "
-                  f"{r['grow'] / r['block']:.1f} |", flush=True)
+            name = "nl_means_store" if route == "store" else "nl_means(da.from_zarr)"
+            print(f"| {name} | {r['workers']} | {r['chunk']}^3 | {r['tasks'] / r['chunks']:.1f} | +{r['extra']:.1%} | "
+                  f"{r['seconds']:.1f} | {r['rate'] / 1e6:.2f} M | {r['peak'] / 2**20:.0f} MiB | "
+                  f"{r['grow'] / 2**20:.0f} MiB | {r['grow'] / r['block']:.1f} |", flush=True)
     finally:
         shutil.rmtree(out_path, ignore_errors=True)
         if not args.keep:

@@ -11,8 +11,10 @@ its address; the same code runs unchanged::
     python examples/dask_cluster.py --scheduler tcp://HOST:8786 --shape 256,2048,2048 --chunks 128
 
 The noisy volume is generated on the workers, chunk by chunk (seeded per
-chunk, so no process ever holds the whole of it); ``--zarr PATH`` reads a
-Zarr store instead (a path every worker can read). The result stays on the
+chunk, so no process ever holds the whole of it) and denoised as a Dask
+array; ``--zarr PATH`` denoises a Zarr store instead with
+``nl_means_store``, each task reading its chunk and halo from the store (a
+path every worker can read). The result stays on the
 workers: the script prints the PSNR of the noisy and denoised volumes
 (synthetic input) and the throughput. See docs/dask.md.
 """
@@ -28,12 +30,8 @@ import nlref
 
 
 def clean_block(block_info=None):
-    """The clean signal of one chunk: smooth waves, 0.2 .. 0.8 (a function of the global position)."""
-    info = block_info[None]
-    ranges = [np.arange(lo, hi, dtype=np.float64) for lo, hi in info["array-location"]]
-    grids = np.meshgrid(*ranges, indexing="ij", sparse=True)
-    wave = sum(np.sin(g / (9.0 + 4 * i)) for i, g in enumerate(grids)) / len(grids)
-    return (0.5 + 0.3 * wave).astype(np.float32)
+    """The clean signal of one chunk (smooth waves, 0.2 .. 0.8), from the chunk's global position."""
+    return nlref.data.waves(block_info[None]["array-location"])
 
 
 def noise_block(block_info=None, *, sigma, seed):
@@ -71,8 +69,10 @@ def main(argv=None):
     parser.add_argument("--search-size", type=_ints, default=5)
     args = parser.parse_args(argv)
 
-    import dask.array as da
+    import zarr
     from distributed import Client, LocalCluster, progress
+
+    from nlref.nlmeans.chunked import nl_means_store
 
     if args.scheduler:
         client = Client(args.scheduler)
@@ -80,22 +80,22 @@ def main(argv=None):
         client = Client(LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True))
     print(f"dashboard: {client.dashboard_link}")
     with client:
-        if args.zarr:
-            clean, noisy = None, da.from_zarr(args.zarr).rechunk(args.chunks, method="tasks")
-            sigma = None
-        else:
-            clean, noisy = synthetic(args.shape, args.chunks, args.sigma)
-            sigma = args.sigma
+        kwargs = dict(patch_size=args.patch_size, search_size=args.search_size)
         t0 = time.perf_counter()
-        denoised = nlref.nl_means(noisy, sigma=sigma, patch_size=args.patch_size, search_size=args.search_size)
-        print(f"{noisy.shape} {noisy.dtype} in {noisy.npartitions} chunks of {noisy.chunksize}; "
+        if args.zarr:  # each task reads its chunk and halo from the store: a worker holds only its own chunks
+            clean, noisy = None, zarr.open_array(args.zarr, mode="r")
+            denoised = nl_means_store(noisy, chunks=args.chunks, **kwargs)  # sigma estimated on the workers
+        else:  # a Dask array made on the workers: map_overlap brings each chunk its neighbours' halo
+            clean, noisy = synthetic(args.shape, args.chunks, args.sigma)
+            denoised = nlref.nl_means(noisy, sigma=args.sigma, **kwargs)
+        print(f"{noisy.shape} {noisy.dtype} in {denoised.npartitions} chunks of {denoised.chunksize}; "
               f"parameters resolved in {time.perf_counter() - t0:.1f} s")
         t0 = time.perf_counter()
         denoised = client.persist(denoised)
         progress(denoised)  # a bar in the terminal (and in the dashboard)
         print()
         seconds = time.perf_counter() - t0
-        print(f"denoised in {seconds:.1f} s: {noisy.size / seconds / 1e6:.2f} million voxels/s")
+        print(f"denoised in {seconds:.1f} s: {denoised.size / seconds / 1e6:.2f} million voxels/s")
         if clean is not None:
             before, after = client.compute([nlref_psnr(clean, noisy), nlref_psnr(clean, denoised)], sync=True)
             print(f"PSNR {before:.2f} dB -> {after:.2f} dB")

@@ -1,6 +1,6 @@
 """Data that ships with nlref or is made on the fly: images, a volume, a video, the two-sprite task."""
 
-from .images import astronaut, camera, video, volume
+from .images import astronaut, camera, video, volume, waves
 from .sprites import additive_ceiling, sprite_clips, sprite_splits
 
-__all__ = ["camera", "astronaut", "volume", "video", "sprite_clips", "sprite_splits", "additive_ceiling"]
+__all__ = ["camera", "astronaut", "volume", "video", "waves", "sprite_clips", "sprite_splits", "additive_ceiling"]

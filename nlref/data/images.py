@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["camera", "astronaut", "volume", "video"]
+__all__ = ["camera", "astronaut", "volume", "video", "waves"]
 
 
 def _unit(a):
@@ -48,6 +48,28 @@ def volume(shape=(48, 64, 64), *, seed=0):
         inside = 1.0 / (1.0 + np.exp((r - radius) / 0.01))
         vol = vol * (1 - inside) + level * inside
     return vol.astype(np.float32)
+
+
+def waves(ranges):
+    """A piece of an unbounded smooth signal: sums of sines, 0.2 to 0.8, at global sample positions.
+
+    Any piece can be made on its own and agrees with every other piece, so a
+    volume of any size can be generated (and re-generated) chunk by chunk:
+    the Dask example and benchmark build terabyte-scale test data this way.
+
+    Parameters
+    ----------
+    ranges : sequence of (int, int)
+        ``(start, stop)`` per axis: the piece ``[start, stop)`` of each axis.
+
+    Returns
+    -------
+    piece : ndarray, float32, shape ``(stop - start, ...)``
+    """
+    axes = [np.arange(lo, hi, dtype=np.float64) for lo, hi in ranges]
+    grids = np.meshgrid(*axes, indexing="ij", sparse=True)
+    wave = sum(np.sin(g / (9.0 + 4 * i)) for i, g in enumerate(grids)) / len(grids)
+    return (0.5 + 0.3 * wave).astype(np.float32)
 
 
 def video(frames=8, size=128, *, step=(2, 3)):
