@@ -215,15 +215,22 @@ def peak_of(make_block, run):
     return peak, block
 
 
-def memory_rows(shape, chunks, repeats):
-    rows = []
-    rng = np.random.default_rng(2)
+def training_step(shape, seed):
+    """``run(block)``: one forward and backward pass on a fixed random input and output gradient."""
+    rng = np.random.default_rng(seed)
     x = rng.standard_normal(shape).astype(np.float32)
     dz = rng.standard_normal(shape).astype(np.float32)
+
     def run(block):
         block.forward(x)
         block.backward(dz)
 
+    return run
+
+
+def memory_rows(shape, chunks, repeats):
+    rows = []
+    run = training_step(shape, seed=2)
     for sub_sample in (True, False):
         for chunk in (None,) + tuple(chunks):
             peak, block = peak_of(
@@ -249,14 +256,7 @@ def memory_against_n(sides=PLOT_SIDES, chunk=PLOT_CHUNK):
     ns, full, chunked = [], [], []
     for side in sides:
         shape = (1, 64, 8, side, side)
-        rng = np.random.default_rng(3)
-        x = rng.standard_normal(shape).astype(np.float32)
-        dz = rng.standard_normal(shape).astype(np.float32)
-
-        def run(block):
-            block.forward(x)
-            block.backward(dz)
-
+        run = training_step(shape, seed=3)
         ns.append(math.prod(shape[2:]))
         for chunk_size, out in ((None, full), (chunk, chunked)):
             peak, _ = peak_of(lambda: random_block("embedded_gaussian", False, shape[1], chunk_size=chunk_size), run)
