@@ -20,6 +20,13 @@ numbers as the in-memory call, so the result is equal bit for bit (with the
 same ``workers`` per chunk as the in-memory call; different thread counts only
 reorder a sum).
 
+Two routes build those padded blocks. A Dask array goes through
+``map_overlap`` (:func:`nl_means_dask`, what :func:`nlref.nl_means` calls),
+where each chunk waits for its neighbours' halo pieces. An array in a store
+(Zarr, HDF5, a memory map) goes through :func:`nl_means_store`, whose tasks
+each read their own chunk and halo from the store: one task per chunk, none
+waiting for another, so a worker holds only the chunks it computes.
+
 Parameters are resolved once, for the whole array, before any chunk runs (the
 noise estimate, the presets, ``h``, the data range), never per chunk. The noise
 estimate is :func:`nlref.estimate_sigma`'s: the median of the absolute second
