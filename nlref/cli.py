@@ -489,6 +489,12 @@ class _TiffStack:
             self._array = zarr.open(tifffile.imread(self.path, aszarr=True), mode="r")
         return self._array[key]
 
+    def close(self):
+        """Close the file in this process (a worker's copy closes with its process)."""
+        if self._array is not None:
+            self._array.store.close()
+            self._array = None
+
 
 def _open_chunked(path):
     """A Zarr array or a TIFF stack, to be read chunk by chunk (nothing is read now but the metadata)."""
@@ -585,6 +591,8 @@ def run_denoise_chunked(args):
     finally:
         if client is not None:
             client.close()
+        if isinstance(image, _TiffStack):
+            image.close()
         shutil.rmtree(partial, ignore_errors=True)
     voxels = math.prod(image.shape) / (3 if channel_axis is not None else 1)
     print(f"denoised {image.shape} {image.dtype} in {seconds:.1f} s ({voxels / seconds:,.0f} voxels/s) -> {out}")
