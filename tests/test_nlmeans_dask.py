@@ -325,6 +325,16 @@ def test_store_memory_of_a_worker_is_one_task():
     assert peak_dask > peak_store, (peak_dask / block, peak_store / block)
 
 
+def test_store_array_given_to_the_in_memory_functions_points_to_nl_means_store(tmp_path):
+    """nl_means(zarr_array) would have to read the whole store: the error says what to call instead."""
+    zarr = pytest.importorskip("zarr")
+    stored = zarr.create_array(str(tmp_path / "v.zarr"), shape=(8, 8), chunks=(4, 4), dtype="f4")
+    for call in (lambda: nlref.nl_means(stored, sigma=0.1), lambda: nlref.estimate_sigma(stored),
+                 lambda: nlref.resolve_parameters(stored), lambda: nlref.nl_means_weights(stored, (2, 2), sigma=0.1)):
+        with pytest.raises(TypeError, match=r"image is a zarr Array, an array in a store: .*nl_means_store"):
+            call()
+
+
 def test_store_errors(tmp_path):
     image = _noisy((20, 20))
     with pytest.raises(TypeError, match="source must be an array in a store"):

@@ -11,7 +11,7 @@ import numpy as np
 
 from ..backend import dtype_name, require_real
 from . import presets
-from .chunked import is_dask_array, nl_means_dask, resolve_parameters_dask
+from .chunked import _check_not_stored, is_dask_array, nl_means_dask, resolve_parameters_dask
 from .fast import nl_means_fast, working_memory
 from .naive import nl_means_naive, patch_weights
 from .noise import estimate_sigma
@@ -69,6 +69,7 @@ def _check_axes(shape, channel_axis):
 
 def _check_image(image, channel_axis):
     """Validate the image and channel axis; return (xp, channel_axis, spatial_shape)."""
+    _check_not_stored(image)
     xp = require_real(image, "image")
     given = channel_axis
     channel_axis, spatial = _check_axes(tuple(image.shape), channel_axis)

@@ -62,6 +62,19 @@ def is_dask_array(x):
     return module is not None and isinstance(x, module.Array)
 
 
+def _check_not_stored(image, name="image"):
+    """Refuse a Zarr array or HDF5 dataset where an in-memory array is expected, pointing to the chunked route.
+
+    ``numpy.asarray`` would read the whole store into memory; the advice is
+    :func:`nl_means_store` (or loading it knowingly, when it fits).
+    """
+    library = type(image).__module__.split(".")[0]
+    if library in ("zarr", "h5py"):
+        raise TypeError(f"{name} is a {library} {type(image).__name__}, an array in a store: denoise it chunk by chunk "
+                        f"with nlref.nl_means_store({name}, chunks=...), or, if it fits in memory, load it first "
+                        f"with {name}[...]")
+
+
 def _check(image, channel_axis):
     """The cheap checks of nl_means (dtype, axes, size), on the shape and dtype only, never the data."""
     from .api import _check_axes

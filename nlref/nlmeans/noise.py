@@ -65,10 +65,11 @@ def estimate_sigma(image, *, channel_axis=None):
     smooth content gives values near 0; strong texture biases the estimate
     upwards (as for every single-image estimator).
     """
-    from .chunked import estimate_sigma_dask, is_dask_array
+    from .chunked import _check_not_stored, estimate_sigma_dask, is_dask_array
 
     if is_dask_array(image):  # exact median by histogram selection, chunk by chunk
         return estimate_sigma_dask(image, channel_axis=channel_axis)
+    _check_not_stored(image)
     xp = require_real(image, "image")
     x = image if xp.isdtype(image.dtype, "real floating") else xp.astype(image, xp.float64)
     if channel_axis is not None:
