@@ -335,6 +335,37 @@ def test_store_array_given_to_the_in_memory_functions_points_to_nl_means_store(t
             call()
 
 
+@pytest.mark.parametrize("given", [dict(sigma=0.1, h=0.07, patch_size=3, search_size=5),
+                                   dict(sigma=0.1, patch_size=3, search_size=5), dict(h=0.07, patch_size=3,
+                                                                                     search_size=5)])
+@pytest.mark.parametrize("route", ["dask", "store"])
+def test_given_parameters_cost_one_pass(given, route):
+    """Given sigma (or h and the sizes), the parameters take one read of the data, for a float image too.
+
+    The finiteness check, the default data range (the largest magnitude) and
+    the units check all come from that one pass; the units check once read the
+    data again for sigma and for h.
+    """
+    from dask.callbacks import Callback
+
+    image = _noisy((12, 30, 30))
+    passes = []
+
+    class Passes(Callback):
+        def _start(self, dsk):
+            passes.append(len(dsk))
+
+    with Passes():
+        if route == "dask":
+            out = nlref.nl_means(da.from_array(image, chunks=10), **given)
+        else:
+            out = chunked.nl_means_store(image, chunks=10, **given)
+    assert len(passes) == 1, passes
+    np.testing.assert_array_equal(out.compute(), nlref.nl_means(image, workers=1, **given))
+    with pytest.warns(UserWarning, match="larger than the whole value range"):  # the units check still speaks
+        chunked.nl_means_store(image, chunks=10, sigma=20.0, patch_size=3, search_size=5)
+
+
 def test_store_errors(tmp_path):
     image = _noisy((20, 20))
     with pytest.raises(TypeError, match="source must be an array in a store"):

@@ -247,12 +247,13 @@ def resolve_parameters_dask(image, *, sigma=None, h=None, patch_size=None, searc
                             aggregation="pixel", data_range=None):
     """:func:`nlref.resolve_parameters` for a Dask array: once, for the whole array.
 
-    One pass over the data checks that every value is finite and, when needed,
-    finds the largest magnitude (the default ``data_range`` of a float image)
-    and each channel's range of second differences (for the noise estimate,
-    :func:`estimate_sigma_dask`, which adds about two passes). Given ``sigma``,
-    ``h``, ``patch_size``, ``search_size`` (and ``data_range``), only the
-    finiteness pass remains.
+    One pass over the data checks that every value is finite and, in the same
+    pass, finds the largest magnitude of a float image (its default
+    ``data_range``, read by the presets and the units check, unless
+    ``data_range`` is given) and, when the noise must be estimated, each
+    channel's range of second differences (:func:`estimate_sigma_dask` then
+    adds about two passes). Given ``sigma``, or ``h`` and both sizes, that
+    one pass is all.
 
     Returns
     -------
@@ -275,7 +276,7 @@ def _resolve_lazy(image, filtered, spatial, *, sigma, h, patch_size, search_size
     is_float = np.dtype(image.dtype).kind == "f"
     preset = h is None or patch_size is None or search_size is None
     need_noise = sigma is None and preset
-    need_peak = is_float and preset and data_range is None
+    need_peak = is_float and data_range is None  # the presets' scale and the units check both read it
     lazy = {"finite": dask.array.isfinite(image).all()} if is_float else {}
     if need_peak:
         lazy["peak"] = abs(image).max()
@@ -285,12 +286,13 @@ def _resolve_lazy(image, filtered, spatial, *, sigma, h, patch_size, search_size
     (stats,) = dask.compute(lazy)
     if is_float and not bool(stats["finite"]):
         raise ValueError("image contains NaN or Inf values; NL-means needs finite input (replace or mask them first)")
+    default_range = None
     if need_peak:  # the rule of nlref.nlmeans.api._default_data_range
-        data_range = 1.0 if float(stats["peak"]) <= 4.0 else 255.0
+        default_range = 1.0 if float(stats["peak"]) <= 4.0 else 255.0
     noise = _sigma_from(values, dims, stats["extremes"]) if need_noise else None
     params = _resolve(np, image, spatial, sigma=noise if need_noise else sigma, h=h, patch_size=patch_size,
                       search_size=search_size, channel_axis=channel_axis, aggregation=aggregation,
-                      data_range=data_range)
+                      data_range=data_range, default_range=default_range)
     if need_noise:
         params["sigma_source"] = "estimated"
         if h is not None:  # h given: the estimate only chose the preset sizes, as in memory
