@@ -574,17 +574,24 @@ def run_denoise_chunked(args):
                                             patch_size=params["patch_size"], search_size=params["search_size"]))
         print(f"{source}: {image.shape} {image.dtype} in {lazy.npartitions} chunks of {lazy.chunksize}")
         store = da.to_zarr(lazy, str(partial), compute=False)
+        show = not args.no_progress and sys.stderr.isatty()  # as for a single image: a bar on a terminal only
         t0 = time.perf_counter()
         if client is not None:
-            from distributed import progress
-
             future = client.compute(store)
-            progress(future)
+            if show:
+                from contextlib import redirect_stdout
+
+                from distributed import progress
+
+                with redirect_stdout(sys.stderr):
+                    progress(future)
             future.result()
         else:
+            from contextlib import nullcontext
+
             from dask.diagnostics import ProgressBar
 
-            with ProgressBar():
+            with ProgressBar(out=sys.stderr) if show else nullcontext():
                 dask.compute(store)
         seconds = time.perf_counter() - t0
         os.rename(partial, out)  # a folder: fails rather than replace an --out made meanwhile

@@ -460,6 +460,22 @@ def test_cli_on_a_distributed_scheduler(tmp_path, capsys):
     assert "(estimated)" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("terminal, flags, bar", [(False, [], False), (True, [], True),
+                                                  (True, ["--no-progress"], False)])
+def test_cli_chunked_progress_bar_follows_the_single_image_rule(tmp_path, capsys, monkeypatch, terminal, flags, bar):
+    """A bar on stderr when stderr is a terminal, none with --no-progress or in a pipe (as for one image)."""
+    zarr = pytest.importorskip("zarr")
+    from nlref.cli import main
+
+    volume = _volume()
+    zarr.create_array(str(tmp_path / "big.zarr"), shape=volume.shape, chunks=(6, 20, 18), dtype="u1")[...] = volume
+    monkeypatch.setattr("sys.stderr.isatty", lambda: terminal)
+    assert main(["denoise", str(tmp_path / "big.zarr"), "--sigma", "10", *flags,
+                 "--out", str(tmp_path / "clean.zarr")]) == 0
+    captured = capsys.readouterr()
+    assert ("Completed" in captured.err) == bar and "Completed" not in captured.out
+
+
 def test_cli_interrupted_run_leaves_no_output(tmp_path, capsys, monkeypatch):
     """A run stopped half way (Ctrl-C in the third chunk) leaves neither --out nor a partial store behind."""
     zarr = pytest.importorskip("zarr")
