@@ -9,6 +9,7 @@ at init, which would leave every gradient upstream of it zero).
 """
 
 import importlib
+import warnings
 import itertools
 
 import numpy as np
@@ -27,7 +28,9 @@ SHAPES = {1: (2, 6, 8), 2: (2, 6, 4, 6), 3: (2, 6, 4, 4, 6)}
 
 def _import(name):
     try:
-        return importlib.import_module(name)
+        with warnings.catch_warnings():  # mmcv's bricks use torch.jit.script, which torch 2.13 deprecates (66 warnings)
+            warnings.filterwarnings("ignore", r"`torch\.jit\.(script|interface)` is deprecated", DeprecationWarning)
+            return importlib.import_module(name)
     except ImportError:  # the package, or one of its imports (timm needs torchvision), is absent
         return None
 
@@ -240,6 +243,27 @@ def test_compare_block_reports_a_difference_and_prints_a_table(capsys):
     before = module.norm.running_mean.clone()
     nlref.compare_block(module, x, verbose=False)
     assert torch.equal(module.norm.running_mean, before)
+
+
+def test_compare_block_zero_gradients_are_judged_at_the_scale_of_the_computation():
+    """A bias followed by BN (train mode) has a zero gradient: rounding of cancelling terms, as large as they are.
+
+    With the upstream gradient 1e4 times larger, that rounding is too (here above
+    a fixed 1e-12), yet nlref and the peer agree; the absolute bound scales with
+    the largest magnitude compared, so the verdict does not depend on units. A
+    wrong option still fails.
+    """
+    torch.manual_seed(117)
+    module = TorchNonLocal(4, mode="dot_product", inter=2, dims=2, sub_sample=False, bn_layer=True)
+    x = _x((2, 4, 2, 2))
+    dz = 1e4 * np.random.default_rng(0).standard_normal(x.shape)
+    ok = nlref.compare_block(module, x, dz=dz, verbose=False, mode="dot_product")
+    bias = next(row for row in ok.rows if row[0].startswith("dW_z.bias"))
+    assert bias[1] > 1e-12 and bias[2] > 1e-9  # neither fixed bound holds for this zero gradient
+    assert ok.scale > 1e4 and ok.agree, ok
+    assert "0 up to rounding" in str(ok)
+    bad = nlref.compare_block(module, x, dz=dz, verbose=False, mode="dot_product", bn_eps=0.5)
+    assert not bad.agree and bad.verdict.startswith("DIFFER")
 
 
 def test_compare_block_errors():

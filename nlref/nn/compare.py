@@ -43,12 +43,15 @@ class BlockComparison:
         compared array; the relative error is ``max |nlref - peer| / max |peer|``.
     agree : bool
         Every row has a relative error at most ``rtol`` or an absolute error at
-        most ``atol`` (and the peer's backward ran).
+        most ``atol * scale`` (and the peer's backward ran).
     verdict : str
     peer_error : str or None
         The message of the peer's backward pass if it raised (mmcv's concatenation
         mode does), else None; then only the forward rows are compared.
-    rtol : float
+    rtol, atol : float
+    scale : float
+        The largest magnitude among the peer's compared arrays, at least 1: the
+        size of the numbers whose rounding a zero gradient is made of.
     """
 
     layout: str
@@ -60,10 +63,11 @@ class BlockComparison:
     peer_error: str | None = None
     rtol: float = 1e-9
     atol: float = 1e-12
+    scale: float = 1.0
 
     def row_ok(self, row):
-        """Whether one row passes: relative error <= rtol or absolute error <= atol."""
-        return row[2] <= self.rtol or row[1] <= self.atol
+        """Whether one row passes: relative error <= rtol or absolute error <= atol * scale."""
+        return row[2] <= self.rtol or row[1] <= self.atol * self.scale
 
     def __str__(self):
         width = max(len(r[0]) for r in self.rows) + 2
@@ -72,7 +76,7 @@ class BlockComparison:
                  f"{'quantity':<{width}}{'max abs err':>12}{'max rel err':>13}"]
         for name, abs_err, rel_err, zero in self.rows:
             note = "  (reference is all zero)" if zero else ""
-            if rel_err > self.rtol and abs_err <= self.atol:
+            if rel_err > self.rtol and abs_err <= self.atol * self.scale:
                 note += "  (ok by atol: the value is 0 up to rounding)"
             lines.append(f"{name:<{width}}{abs_err:>12.1e}{rel_err:>13.1e}{note}")
         lines.append(f"verdict: {self.verdict}")
@@ -189,10 +193,13 @@ def compare_block(module, x, layout=None, *, dz=None, seed=0, rtol=1e-9, atol=1e
         Seeds the default ``dz``.
     rtol, atol : float
         A row agrees when its relative error (``max |nlref - peer| / max |peer|``)
-        is at most ``rtol`` or its absolute error at most ``atol``; the absolute
-        bound is for quantities that are zero up to rounding (in train mode a bias
-        followed by BN has a zero gradient, e.g. ``g``'s bias in Gaussian mode,
-        whose rows of A sum to 1), where a relative error means nothing.
+        is at most ``rtol`` or its absolute error at most ``atol`` times the
+        largest magnitude among the peer's compared arrays (at least 1). The
+        absolute bound is for quantities that are zero up to rounding (in train
+        mode a bias followed by BN has a zero gradient, e.g. ``g``'s bias in
+        Gaussian mode, whose rows of A sum to 1), where a relative error means
+        nothing: their rounding is that of the cancelling terms, which grow with
+        the gradients, so the bound scales with them.
     verbose : bool
         Print the table.
     **options
@@ -249,21 +256,27 @@ def compare_block(module, x, layout=None, *, dz=None, seed=0, rtol=1e-9, atol=1e
         tz.backward(torch.from_numpy(dz))
     except RuntimeError as err:  # mmcv's concatenation divides its ReLU's output in place
         peer_error = str(err).split("\n")[0]
-    rows = [("output z", *_rel(z, tz.detach().numpy()))]
+    rows, magnitudes = [], [1.0]
+
+    def compare(name, ours, theirs):
+        rows.append((name, *_rel(ours, theirs)))
+        magnitudes.append(float(np.max(np.abs(theirs))) if theirs.size else 0.0)
+
+    compare("output z", z, tz.detach().numpy())
     if peer_error is None:
-        rows.append(("dx", *_rel(dx, tx.grad.numpy())))
+        compare("dx", dx, tx.grad.numpy())
         peer_params = dict(peer.named_parameters())
         for key, (peer_key, _) in block._peer_map(layout).items():
             if key in block.params:
                 grad = peer_params[peer_key].grad
-                rows.append((f"d{key} ({peer_key})", *_rel(block.grads[key], grad.reshape(block.grads[key].shape)
-                                                           .numpy())))
+                compare(f"d{key} ({peer_key})", block.grads[key], grad.reshape(block.grads[key].shape).numpy())
     after = peer.state_dict()
     for key, (peer_key, _) in block._peer_map(layout).items():
         if key in block.buffers:
-            rows.append((f"{key} ({peer_key})", *_rel(block.buffers[key], after[peer_key].numpy())))
+            compare(f"{key} ({peer_key})", block.buffers[key], after[peer_key].numpy())
+    scale = max(magnitudes)
     result = BlockComparison(layout=layout, block=block, options=opts, rows=rows, peer_error=peer_error,
-                             rtol=rtol, atol=atol)
+                             rtol=rtol, atol=atol, scale=scale)
     result.agree = agree = peer_error is None and all(result.row_ok(r) for r in rows)
     if peer_error is not None:
         verdict = (f"{'forward agrees' if result.row_ok(rows[0]) else 'forward DIFFERS'} (max rel err "
@@ -271,10 +284,12 @@ def compare_block(module, x, layout=None, *, dz=None, seed=0, rtol=1e-9, atol=1e
                    f"peer's backward failed, so no gradient was compared: {peer_error}")
     elif agree:
         worst = max(r[2] for r in rows if r[2] <= rtol)
-        verdict = f"agree: every max rel err <= {rtol:g} (largest {worst:.1e}) or max abs err <= {atol:g}"
+        verdict = (f"agree: every max rel err <= {rtol:g} (largest {worst:.1e}) or max abs err <= {atol:g} x "
+                   f"{scale:.3g} (the largest peer magnitude)")
     else:
         bad = [r[0] for r in rows if not result.row_ok(r)]
-        verdict = f"DIFFER: max rel err above {rtol:g} and max abs err above {atol:g} for {', '.join(bad)}"
+        verdict = (f"DIFFER: max rel err above {rtol:g} and max abs err above {atol:g} x {scale:.3g} for "
+                   f"{', '.join(bad)}")
     result.verdict = verdict
     if verbose:
         print(result)
