@@ -109,7 +109,7 @@ def _layout_doubt(shape, channel_axis, given):
     return None
 
 
-def _units_doubt(name, value, image, xp, data_range, default_range=None):
+def _units_doubt(name, value, image, xp, data_range, peak=None):
     """A message when ``value`` (sigma or h) is far outside the image's value range.
 
     NL-means takes sigma and h in the units of the image values. ``sigma=20`` on an
@@ -117,12 +117,12 @@ def _units_doubt(name, value, image, xp, data_range, default_range=None):
     on an image in 0..255 (a tenth of a grey level) leaves it unchanged. Both are the
     0..255 versus 0..1 mix-up. The range is ``data_range`` when given, else the one
     :func:`_default_data_range` reads from the dtype and values (1 for floats within
-    [-4, 4], 255 for larger floats, the dtype's maximum for integers), or
-    ``default_range`` where the caller has already read it (a lazy array).
+    [-4, 4], 255 for larger floats, the dtype's maximum for integers), from
+    ``peak`` (the largest magnitude) where the caller has already read it.
     """
     if value <= 0:
         return None
-    span = data_range if data_range is not None else _default_data_range(xp, image, default_range)
+    span = data_range if data_range is not None else _default_data_range(xp, image, peak)
     if data_range is not None:
         scale = f"data_range={data_range:g}"
     elif _is_integer_dtype(xp, image.dtype):
@@ -167,14 +167,13 @@ def _positive(name, value, allow_zero):
     return value
 
 
-def _default_data_range(xp, image, known=None):
-    """The signal range the preset table's 0..255 scale maps to (see nl_means); ``known`` if already read."""
+def _default_data_range(xp, image, peak=None):
+    """The signal range the preset table's 0..255 scale maps to (see nl_means); ``peak``: max |image|, if read."""
     if _is_integer_dtype(xp, image.dtype):
         lo, hi = _integer_range(image.dtype)
         return hi - lo if lo < 0 else hi
-    if known is not None:
-        return known
-    peak = float(xp.max(xp.abs(image)))
+    if peak is None:
+        peak = float(xp.max(xp.abs(image)))
     return 1.0 if peak <= 4.0 else 255.0
 
 
@@ -198,11 +197,11 @@ def resolve_parameters(image, *, sigma=None, h=None, patch_size=None, search_siz
 
 
 def _resolve(xp, image, spatial, *, sigma, h, patch_size, search_size, channel_axis, aggregation, data_range,
-             default_range=None):
+             peak=None):
     """resolve_parameters for an image already checked by _check_image.
 
-    ``default_range``: the default data range of a float image when the caller
-    has already read it (a lazy array, whose every read is a pass over the data).
+    ``peak``: the largest magnitude of a float image when the caller has
+    already read it (a lazy array, whose every read is a pass over the data).
     """
     if aggregation not in _AGGREGATIONS:
         raise ValueError(f"aggregation must be one of {_AGGREGATIONS}; got {aggregation!r}")
@@ -217,7 +216,7 @@ def _resolve(xp, image, spatial, *, sigma, h, patch_size, search_size, channel_a
     if data_range is not None:
         data_range = _positive("data_range", data_range, allow_zero=False)
     for name, value in (("sigma", sigma), ("h", h)):
-        doubt = None if value is None else _units_doubt(name, value, image, xp, data_range, default_range)
+        doubt = None if value is None else _units_doubt(name, value, image, xp, data_range, peak)
         if doubt:
             warnings.warn(doubt, UserWarning, stacklevel=3)
 
@@ -232,7 +231,7 @@ def _resolve(xp, image, spatial, *, sigma, h, patch_size, search_size, channel_a
 
     row = None
     if h is None or patch_size is None or search_size is None:
-        scale = 255.0 / (data_range if data_range is not None else _default_data_range(xp, image, default_range))
+        scale = 255.0 / (data_range if data_range is not None else _default_data_range(xp, image, peak))
         p, s, factor, row = presets.preset_for(
             noise * scale, colour=channel_axis is not None and image.shape[channel_axis] > 1,
             aggregation=aggregation, shape=spatial

@@ -286,13 +286,10 @@ def _resolve_lazy(image, filtered, spatial, *, sigma, h, patch_size, search_size
     (stats,) = dask.compute(lazy)
     if is_float and not bool(stats["finite"]):
         raise ValueError("image contains NaN or Inf values; NL-means needs finite input (replace or mask them first)")
-    default_range = None
-    if need_peak:  # the rule of nlref.nlmeans.api._default_data_range
-        default_range = 1.0 if float(stats["peak"]) <= 4.0 else 255.0
     noise = _sigma_from(values, dims, stats["extremes"]) if need_noise else None
     params = _resolve(np, image, spatial, sigma=noise if need_noise else sigma, h=h, patch_size=patch_size,
                       search_size=search_size, channel_axis=channel_axis, aggregation=aggregation,
-                      data_range=data_range, default_range=default_range)
+                      data_range=data_range, peak=float(stats["peak"]) if need_peak else None)
     if need_noise:
         params["sigma_source"] = "estimated"
         if h is not None:  # h given: the estimate only chose the preset sizes, as in memory
@@ -576,20 +573,12 @@ def _store_chunks(source, chunks, channel_axis, spatial):
     return tuple(tuple([c] * (n // c) + ([n % c] if n % c else [])) for c, n in zip(sizes, source.shape))
 
 
-def _from_blocks(blocks, chunks, name):
+def _from_blocks(blocks, chunks, prefix):
+    """``blocks[key]`` per chunk, as a Dask array of independent tasks (``blocks`` travels inside each task)."""
     import dask.array as da
 
-    return da.from_array(blocks, chunks=chunks, name=name, asarray=False, fancy=False, lock=False,
-                         inline_array=True, meta=np.empty((0,) * blocks.ndim, blocks.dtype))
-
-
-def _lazy_source(source, chunks):
-    """``source`` as a Dask array of independent reads (one task per chunk)."""
-    import dask.array as da
-
-    return da.from_array(source, chunks=chunks, name=f"nlref-source-{uuid.uuid4().hex}", asarray=True,
-                         fancy=False, lock=False, inline_array=True,
-                         meta=np.empty((0,) * len(source.shape), np.dtype(source.dtype)))
+    return da.from_array(blocks, chunks=chunks, name=f"{prefix}-{uuid.uuid4().hex}", asarray=True, fancy=False,
+                         lock=False, inline_array=True, meta=np.empty((0,) * len(blocks.shape), np.dtype(blocks.dtype)))
 
 
 def _filtered_store(source, channel_axis, chunks):
@@ -601,7 +590,7 @@ def _filtered_store(source, channel_axis, chunks):
         raise ValueError(f"image needs an axis with at least 3 samples to estimate sigma; shape {tuple(source.shape)}")
     blocks = _Filtered(source, channel_axis=channel_axis, axes=axes)
     spatial_chunks = [max(c) for a, c in enumerate(chunks) if a != channel_axis]
-    values = _from_blocks(blocks, (1, *spatial_chunks), f"nlref-filtered-{uuid.uuid4().hex}")
+    values = _from_blocks(blocks, (1, *spatial_chunks), "nlref-filtered")
     return [values[c, ...] for c in range(channels)], len(axes)
 
 
@@ -623,7 +612,7 @@ def resolve_parameters_store(source, *, chunks=None, sigma=None, h=None, patch_s
     _check_source(source)
     channel_axis, spatial = _check(source, channel_axis)
     grid = _store_chunks(source, chunks, channel_axis, spatial)
-    return _resolve_lazy(_lazy_source(source, grid), lambda: _filtered_store(source, channel_axis, grid), spatial,
+    return _resolve_lazy(_from_blocks(source, grid, "nlref-source"), lambda: _filtered_store(source, channel_axis, grid), spatial,
                          sigma=sigma, h=h, patch_size=patch_size, search_size=search_size,
                          channel_axis=channel_axis, aggregation=aggregation, data_range=data_range)
 
@@ -677,4 +666,4 @@ def nl_means_store(source, *, chunks=None, sigma=None, h=None, patch_size=None, 
     blocks = _Denoised(source, channel_axis=channel_axis,
                        halo_width=halo(p["patch_size"], p["search_size"], aggregation), params=params,
                        workers=workers)
-    return _from_blocks(blocks, grid, f"nlref-nl-means-{uuid.uuid4().hex}")
+    return _from_blocks(blocks, grid, "nlref-nl-means")
