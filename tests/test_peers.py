@@ -126,6 +126,19 @@ def test_mmcv(impl, dims, mode, sub_sample, norm, train):
     assert result.options["bn_eps"] == 1e-3 if norm else not result.options["bn_layer"]
 
 
+def test_mmcv_concatenation_as_built_is_never_called_agreeing():
+    """mmcv's concatenation has no backward (in-place division); as built its conv_out is 0, so z = x: the
+    forward comparison alone would compare x with x. Its own weights: INCONCLUSIVE; by default: a random copy."""
+    module = _mmcv("real", 3, 8, mode="concatenation", sub_sample=True)
+    x = _x((2, 8, 2, 4, 4))
+    own = nlref.compare_block(module, x, verbose=False, weights="own")
+    assert own.peer_error is not None and not own.agree
+    assert own.verdict.startswith("forward INCONCLUSIVE") and own.rows[1][0] == "branch z - x" and own.rows[1][3]
+    auto = nlref.compare_block(module, x, verbose=False)
+    assert auto.verdict.startswith("forward agrees") and auto.weights.startswith("a copy with random weights")
+    assert not auto.agree  # no gradient was compared
+
+
 @pytest.mark.parametrize("use_scale", [True, False])
 @pytest.mark.parametrize("impl", IMPLS)
 def test_mmcv_use_scale(impl, use_scale):

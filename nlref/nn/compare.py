@@ -265,6 +265,9 @@ def _run(peer, layout, opts, host_x, dz):
 
     mapping = layouts.key_map(block, layout)
     compare("output z", z, tz.detach().numpy())
+    # the branch alone: z is x plus it, so an error in it hides in z's relative error, and a branch
+    # that is all zero (a new block's W_z = 0 or gamma = 0) makes the forward comparison vacuous
+    compare("branch z - x", z - host_x, tz.detach().numpy() - host_x)
     if peer_error is None:
         compare("dx", dx, tx.grad.numpy())
         peer_params = dict(peer.named_parameters())
@@ -402,9 +405,13 @@ def compare_block(module, x, layout=None, *, dz=None, seed=0, weights="auto", rt
     result.agree = agree = peer_error is None and not inconclusive and all(result.row_ok(r) for r in rows)
     bad = [r[0] for r in rows if not result.row_ok(r)]
     if peer_error is not None:
-        verdict = (f"{'forward agrees' if result.row_ok(rows[0]) else 'forward DIFFERS'} (max rel err "
-                   f"{rows[0][2]:.1e}); the "
-                   f"peer's backward failed, so no gradient was compared: {peer_error}")
+        forward = rows[:2]  # z and the branch z - x
+        if any(r[3] for r in forward):
+            state = "forward INCONCLUSIVE (the block's branch z - x is all zero in the peer)"
+        else:
+            state = "forward agrees" if all(result.row_ok(r) for r in forward) else "forward DIFFERS"
+        verdict = (f"{state} (max rel err of z - x {rows[1][2]:.1e}); the peer's backward failed, so no "
+                   f"gradient was compared: {peer_error}")
     elif bad:
         verdict = (f"DIFFER: max rel err above {rtol:g} and max abs err above {atol:g} x {scale:.3g} for "
                    f"{', '.join(bad)}")
