@@ -395,8 +395,8 @@ def compare_block(module, x, layout=None, *, dz=None, seed=0, weights="auto", rt
         peer = randomize_module(copy.deepcopy(module).double().train(module.training), seed)
         block, rows, magnitudes, peer_error = _run(peer, layout, opts, host_x, dz)
         weights_note = (f"a copy with random weights (randomize_module, seed={seed}): with the module's own, "
-                        f"{zeros} of {len(rows)} compared quantities were all zero (a new block starts as the "
-                        "identity); weights='own' keeps them")
+                        f"{zeros} of {len(rows)} compared quantities were all zero, as in a module as built "
+                        "(BN gamma = 0 or W_z = 0; running mean 0); weights='own' keeps them")
     scale = max(magnitudes)
     result = BlockComparison(layout=layout, block=block, options=opts, rows=rows, peer_error=peer_error,
                              rtol=rtol, atol=atol, scale=scale, weights=weights_note)
