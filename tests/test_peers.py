@@ -337,6 +337,13 @@ def test_alexhex7_twin_has_the_real_files_signature_and_keys(mode):
             for k in ALEXHEX7_KEYS[mode] if not k.startswith("W.1")] == list(plain.state_dict())
 
 
+@pytest.mark.parametrize("mode", sorted(ALEXHEX7_KEYS))
+def test_the_tests_oracle_has_the_ports_keys(mode):
+    """TorchNonLocal (tests/torch_oracle.py) claims the port's layout: the same keys as the port's file."""
+    oracle = TorchNonLocal(6, mode=mode, inter=3, dims=2, sub_sample=True, bn_layer=True)
+    assert sorted(oracle.state_dict()) == sorted(ALEXHEX7_KEYS[mode])
+
+
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("dims,mode,sub_sample,bn", list(itertools.product(
     (1, 2, 3), ("gaussian", "embedded_gaussian", "dot_product", "concatenation"), (False, True), (False, True))))

@@ -2,12 +2,15 @@
 
 Given a peer's module (AlexHex7's port, mmcv's ``NonLocal1d/2d/3d``, SlowFast's
 ``Nonlocal``, pytorchvideo's ``NonLocal``, timm's ``NonLocalAttn``, or any module
-with one of their weight layouts, :mod:`nlref.nn.layouts`) and an input, :func:`compare_block` reads the module's configuration
-and weights, builds the :class:`~nlref.nn.NonLocalBlock` that computes the same
-function, runs both forward and backward in float64 and reports the largest
-absolute and relative differences of everything the two compute: the output,
-``dx``, every parameter gradient and BN's running statistics. PyTorch is needed
-only here (imported when the function runs).
+with one of their weight layouts, :mod:`nlref.nn.layouts`) and an input,
+:func:`compare_block` reads the module's configuration from its parts and weights,
+builds the :class:`~nlref.nn.NonLocalBlock` that computes the same function, runs
+both forward and backward in float64 and reports the largest absolute and
+relative differences of everything the two compute: the output and the block's
+branch ``z - x``, ``dx``, every parameter gradient and BN's running statistics.
+A module as built (the identity: BN gamma = 0) is compared through a seeded
+random copy unless ``weights="own"``, and no all-zero comparison is called
+agreeing. PyTorch is needed only here (imported when the function runs).
 """
 
 from __future__ import annotations
