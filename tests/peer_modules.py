@@ -10,7 +10,7 @@ Loaders of the real modules (None where the package is absent):
   timm==0.6.13``). ``import timm`` needs torchvision (which would replace the CPU torch), so the
   file is loaded from the installed package under a private package name, with its sibling files
   (``conv_bn_act.py``, ``helpers.py``, ...), none of which imports torchvision in 0.6.13 (timm
-  0.9 and later import it in ``norm_act.py``). Nothing is copied.
+  0.9.16 and 1.0.31 import it in ``norm_act.py`` and ``create_norm.py``). Nothing is copied.
 
 Twins, for the peers that are not packages (SlowFast is not on PyPI; AlexHex7's port is a
 repository of files). Each copies, as facts, the constructor signature, the attribute and
