@@ -1,29 +1,54 @@
-"""Twins of the peers' non-local modules, written from their layouts and equations (not their code).
+"""The peers' non-local modules for the tests: their own code where it installs, twins where it cannot.
 
-Used by the tests where the peer's package is absent (SlowFast is not on PyPI; timm's
-package imports torchvision; mmcv needs mmcv-lite and mmengine). Each twin has the
-peer's constructor arguments, attribute names, submodule names (hence state-dict keys
-and shapes) and forward equations, as read from (December 2026):
+Loaders of the real modules (None where the package is absent):
 
-* SlowFast ``slowfast/models/nonlocal_helper.py`` ``Nonlocal``: 3-D; theta on x, phi and g
-  on x max-pooled with kernel = stride = ``pool_size`` (no pool when every size is 1);
-  ``softmax``: logits times ``dim_inner ** -0.5``, softmax over keys; ``dot_product``:
-  divided by the number of keys; ``conv_out`` then ``norm`` (BatchNorm3d with
-  ``norm_eps``, ``norm_momentum``) or no norm; plus the input.
-* timm ``timm/layers/non_local_attn.py`` ``NonLocalAttn``: 2-D; ``rd_channels`` =
-  ``make_divisible(in_channels * rd_ratio, rd_divisor)``; logits ``t^T p`` times
-  ``in_channels ** -0.5`` (``use_scale``), softmax; ``z`` then ``norm`` (BatchNorm2d); no pooling.
-* mmcv ``mmcv/cnn/bricks/non_local.py`` ``NonLocal1d/2d/3d``: ``inter = max(C // reduction, 1)``;
-  ConvModules (``.conv``, ``.bn`` when ``norm_cfg`` is given, in which case ``conv_out.conv``
-  has no bias); sub-sampling wraps ``g`` and ``phi`` with the max-pool after the conv (for the
-  Gaussian, ``phi`` is the pool of x); embedded Gaussian times ``inter ** -0.5`` with
-  ``use_scale``; dot product and concatenation divided by the number of keys; the
-  concatenation's projection is a 2-D ``ConvModule`` without bias and with a ReLU.
-  (The twin divides out of place; mmcv divides its ReLU's output in place, so mmcv's
-  backward fails in that mode.)
+* :func:`real_mmcv` -- ``mmcv.cnn.bricks.non_local`` (mmcv-lite 2.2.0 + mmengine 0.10.7).
+* :func:`real_pytorchvideo` -- ``pytorchvideo.layers.nonlocal_net`` (``pip install --no-deps
+  pytorchvideo==0.1.5``); the package's top level imports nothing heavy, and where it fails the
+  module file is loaded from the installed package.
+* :func:`real_timm` -- ``non_local_attn.py`` from timm 0.6.13's own wheel (``pip install --no-deps
+  timm==0.6.13``). ``import timm`` needs torchvision (which would replace the CPU torch), so the
+  file is loaded from the installed package under a private package name, with its sibling files
+  (``conv_bn_act.py``, ``helpers.py``, ...), none of which imports torchvision in 0.6.13 (timm
+  0.9.16 and 1.0.31 import it in ``norm_act.py`` and ``create_norm.py``). Nothing is copied.
+
+Twins, for the peers that are not packages (SlowFast is not on PyPI; AlexHex7's port is a
+repository of files). Each copies, as facts, the constructor signature, the attribute and
+submodule names (hence the state-dict keys and shapes) and the forward equations of the real
+file at the commit named; ``tests/test_peers.py`` holds their key lists and signatures to the
+ones recorded from those files.
+
+* :class:`SlowFastNonlocal`: ``facebookresearch/SlowFast`` ``slowfast/models/nonlocal_helper.py``,
+  class ``Nonlocal``, at commit ``728d8f7b33742fdd65684408403ca2aee91ef177``. Its norm is
+  ``self.bn = norm_module(num_features=dim, eps=norm_eps, momentum=norm_momentum)`` (keys
+  ``bn.*``); ``conv_out.zero_init`` and ``bn.transform_final_bn`` are flags SlowFast's weight
+  initialiser reads later (the constructor leaves PyTorch's default values: BN gamma = 1).
+  3-D; theta on x; phi and g on x max-pooled with kernel = stride = ``pool_size`` (no pool when
+  every size is 1); ``softmax``: logits times ``dim_inner ** -0.5``, softmax over keys;
+  ``dot_product``: divided by the number of keys; ``conv_out`` then ``bn``; plus the input.
+* :func:`alexhex7_class`: ``AlexHex7/Non-local_pytorch`` ``lib/non_local_<mode>.py``, classes
+  ``NONLocalBlock{1,2,3}D`` (``_NonLocalBlockND(in_channels, inter_channels=None, dimension=3,
+  sub_sample=True, bn_layer=True)``), at commit ``0276c7b11d313a5f057363f9f89f99b48b2e29bc``.
+  The mode is the file; g, W (``Sequential(conv, bn)`` with BN gamma = beta = 0, or a conv with
+  weight = bias = 0), theta, phi are registered in that order; with ``sub_sample`` g and phi
+  become ``Sequential(conv, pool)`` (Gaussian: ``phi`` is the pool itself); the concatenation's
+  ``concat_project`` is ``Sequential(Conv2d(2d, 1, bias=False), ReLU)``. (The real
+  ``non_local_gaussian.py`` at that commit reads ``self.store_last_batch_nl_map``, which its
+  constructor never sets, so its forward raises AttributeError; the twin leaves that line out.)
+
+Older twins kept for layout tests of modules whose packages may be absent: timm's
+``NonLocalAttn`` and mmcv's ``NonLocalNd`` (used only where the real package is missing).
 """
 
+import contextlib
+import importlib
+import importlib.metadata
+import importlib.util
 import math
+import pathlib
+import sys
+import types
+import warnings
 
 import torch
 from torch import nn
@@ -33,17 +58,87 @@ _BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 _POOL = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}
 
 
+# --------------------------------------------------------------------------- the real modules
+@contextlib.contextmanager
+def _quiet():
+    """The peers' imports use torch.jit.script, which torch 2.13 deprecates (mmcv: 66 warnings; timm's too)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"`torch\.jit\.(script|interface)` is deprecated", DeprecationWarning)
+        yield
+
+
+def _load_file(distribution, folder, module):
+    """``folder/module.py`` of an installed distribution, imported without its package's ``__init__``.
+
+    The folder becomes a private package (``_nlref_peer_<distribution>``) so that the file's
+    relative imports find its siblings; None where the distribution or a file is missing.
+    """
+    try:
+        init = pathlib.Path(importlib.metadata.distribution(distribution).locate_file(f"{folder}/__init__.py"))
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    package = f"_nlref_peer_{distribution}"
+    if package not in sys.modules:
+        pkg = types.ModuleType(package)
+        pkg.__path__ = [str(init.parent)]
+        sys.modules[package] = pkg
+    name = f"{package}.{module}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, init.parent / f"{module}.py")
+    if spec is None:
+        return None
+    loaded = importlib.util.module_from_spec(spec)
+    sys.modules[name] = loaded
+    try:
+        with _quiet():
+            spec.loader.exec_module(loaded)
+    except (ImportError, FileNotFoundError):
+        del sys.modules[name]
+        return None
+    return loaded
+
+
+def _import(name):
+    try:
+        with _quiet():
+            return importlib.import_module(name)
+    except ImportError:  # the package, or one of its imports, is absent
+        return None
+
+
+def real_mmcv():
+    """mmcv's ``mmcv.cnn.bricks.non_local`` module (``NonLocal1d/2d/3d``), or None."""
+    return _import("mmcv.cnn.bricks.non_local")
+
+
+def real_pytorchvideo():
+    """pytorchvideo's ``pytorchvideo.layers.nonlocal_net`` module (``NonLocal``, ``create_nonlocal``), or None."""
+    return _import("pytorchvideo.layers.nonlocal_net") or _load_file("pytorchvideo", "pytorchvideo/layers",
+                                                                       "nonlocal_net")
+
+
+def real_timm():
+    """timm's ``non_local_attn`` module (``NonLocalAttn``) from its own wheel, or None."""
+    return (_load_file("timm", "timm/models/layers", "non_local_attn")  # timm 0.6
+            or _load_file("timm", "timm/layers", "non_local_attn"))  # timm 0.9+, where torchvision is present
+
+
+# --------------------------------------------------------------------------- SlowFast (twin)
 class SlowFastNonlocal(nn.Module):
-    def __init__(self, dim, dim_inner, pool_size=None, instantiation="softmax", norm_type="batchnorm",
-                 norm_eps=1e-5, norm_momentum=0.1):
+    """SlowFast's ``Nonlocal`` (nonlocal_helper.py @ 728d8f7b): the real signature, names and keys."""
+
+    def __init__(self, dim, dim_inner, pool_size=None, instantiation="softmax", zero_init_final_conv=False,
+                 zero_init_final_norm=True, norm_eps=1e-5, norm_momentum=0.1, norm_module=nn.BatchNorm3d):
         super().__init__()
-        self.dim, self.dim_inner, self.pool_size = dim, dim_inner, pool_size
-        self.instantiation, self.norm_type = instantiation, norm_type
-        self.use_pool = pool_size is not None and any(k > 1 for k in pool_size)
+        self.dim, self.dim_inner, self.pool_size, self.instantiation = dim, dim_inner, pool_size, instantiation
+        self.use_pool = pool_size is not None and any(size > 1 for size in pool_size)
+        self.norm_eps, self.norm_momentum = norm_eps, norm_momentum
         self.conv_theta, self.conv_phi, self.conv_g = (nn.Conv3d(dim, dim_inner, 1) for _ in range(3))
         self.conv_out = nn.Conv3d(dim_inner, dim, 1)
-        if norm_type == "batchnorm":
-            self.norm = nn.BatchNorm3d(dim, eps=norm_eps, momentum=norm_momentum)
+        self.conv_out.zero_init = zero_init_final_conv
+        self.bn = norm_module(num_features=dim, eps=norm_eps, momentum=norm_momentum)
+        self.bn.transform_final_bn = zero_init_final_norm
         if self.use_pool:
             self.pool = nn.MaxPool3d(kernel_size=pool_size, stride=pool_size, padding=[0, 0, 0])
 
@@ -55,13 +150,84 @@ class SlowFastNonlocal(nn.Module):
         logits = theta.transpose(1, 2) @ phi  # (B, N, M)
         if self.instantiation == "softmax":
             weights = torch.softmax(logits * self.dim_inner ** -0.5, dim=2)
-        else:
+        elif self.instantiation == "dot_product":
             weights = logits / logits.shape[2]
+        else:
+            raise NotImplementedError(f"Unknown norm type {self.instantiation}")
         y = (g @ weights.transpose(1, 2)).reshape(b, self.dim_inner, t, h, w)
-        p = self.conv_out(y)
-        return x + (self.norm(p) if self.norm_type != "none" else p)
+        return x + self.bn(self.conv_out(y))
 
 
+# --------------------------------------------------------------------------- AlexHex7 (twin)
+class _AlexHex7NonLocalND(nn.Module):
+    """AlexHex7's ``_NonLocalBlockND`` (lib/non_local_<mode>.py @ 0276c7b1); the mode is the class's file."""
+
+    _mode = None  # set by alexhex7_class: the real classes have no mode attribute
+
+    def __init__(self, in_channels, inter_channels=None, dimension=3, sub_sample=True, bn_layer=True):
+        super().__init__()
+        assert dimension in [1, 2, 3]
+        self.dimension, self.sub_sample, self.in_channels = dimension, sub_sample, in_channels
+        self.inter_channels = inter_channels if inter_channels is not None else max(in_channels // 2, 1)
+        d = self.inter_channels
+        conv, bn = _CONV[dimension], _BN[dimension]
+        max_pool_layer = _POOL[dimension]({1: 2, 2: (2, 2), 3: (1, 2, 2)}[dimension])
+        self.g = conv(in_channels, d, 1)
+        if bn_layer:
+            self.W = nn.Sequential(conv(d, in_channels, 1), bn(in_channels))
+            nn.init.zeros_(self.W[1].weight)
+            nn.init.zeros_(self.W[1].bias)
+        else:
+            self.W = conv(d, in_channels, 1)
+            nn.init.zeros_(self.W.weight)
+            nn.init.zeros_(self.W.bias)
+        if self._mode != "gaussian":
+            self.theta = conv(in_channels, d, 1)
+            self.phi = conv(in_channels, d, 1)
+        if self._mode == "concatenation":
+            self.concat_project = nn.Sequential(nn.Conv2d(2 * d, 1, 1, 1, 0, bias=False), nn.ReLU())
+        if sub_sample:
+            self.g = nn.Sequential(self.g, max_pool_layer)
+            self.phi = max_pool_layer if self._mode == "gaussian" else nn.Sequential(self.phi, max_pool_layer)
+
+    def forward(self, x):
+        b = x.shape[0]
+        g = self.g(x).view(b, self.inter_channels, -1).permute(0, 2, 1)  # (B, M, d)
+        if self._mode == "gaussian":
+            theta = x.view(b, self.in_channels, -1).permute(0, 2, 1)
+            phi = (self.phi(x) if self.sub_sample else x).view(b, self.in_channels, -1)
+        else:
+            theta = self.theta(x).view(b, self.inter_channels, -1).permute(0, 2, 1)  # (B, N, d)
+            phi = self.phi(x).view(b, self.inter_channels, -1)  # (B, d, M)
+        if self._mode == "concatenation":
+            n, m = theta.shape[1], phi.shape[2]
+            pairs = torch.cat([theta.permute(0, 2, 1)[..., None].repeat(1, 1, 1, m),
+                               phi[:, :, None, :].repeat(1, 1, n, 1)], dim=1)
+            f = self.concat_project(pairs).view(b, n, m)
+            weights = f / m
+        else:
+            f = theta @ phi
+            weights = torch.softmax(f, dim=-1) if self._mode in ("gaussian", "embedded_gaussian") else f / f.shape[-1]
+        y = (weights @ g).permute(0, 2, 1).contiguous().view(b, self.inter_channels, *x.shape[2:])
+        return self.W(y) + x
+
+
+_ALEXHEX7 = {}
+
+
+def alexhex7_class(mode, dims):
+    """The twin of ``NONLocalBlock{dims}D`` from ``lib/non_local_<mode>.py`` (its ``__module__`` says the file)."""
+    if (mode, dims) not in _ALEXHEX7:
+        def init(self, in_channels, inter_channels=None, sub_sample=True, bn_layer=True):
+            _AlexHex7NonLocalND.__init__(self, in_channels, inter_channels=inter_channels, dimension=dims,
+                                         sub_sample=sub_sample, bn_layer=bn_layer)
+
+        _ALEXHEX7[mode, dims] = type(f"NONLocalBlock{dims}D", (_AlexHex7NonLocalND,),
+                                     {"__init__": init, "_mode": mode, "__module__": f"lib.non_local_{mode}"})
+    return _ALEXHEX7[mode, dims]
+
+
+# --------------------------------------------------------------------------- timm and mmcv (twins, fallbacks)
 def _make_divisible(v, divisor=8, min_value=None, round_limit=0.9):
     """timm's rounding of a channel count to a multiple of ``divisor`` (not below 90% of v)."""
     min_value = min_value or divisor

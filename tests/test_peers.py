@@ -1,15 +1,17 @@
 """The peers' layouts and nlref.compare_block against the peers' own modules.
 
-Against the real code where the package imports here (mmcv's bricks need mmcv-lite and
-mmengine; timm's package imports torchvision, so its real module is skipped without it),
-and always against the twins in ``peer_modules.py`` written from the peers' layouts and
-equations (SlowFast is not on PyPI). Every mode and dimensionality each peer supports,
-train and eval mode, float64, weights and running statistics random (BN's gamma is zero
-at init, which would leave every gradient upstream of it zero).
+Against the real code wherever the package installs here: mmcv's bricks (mmcv-lite and
+mmengine), pytorchvideo's ``nonlocal_net`` (``--no-deps``), timm's ``non_local_attn.py``
+loaded from timm's own wheel (``import timm`` needs torchvision). SlowFast is not on PyPI and
+AlexHex7's port is a repository: their twins in ``peer_modules.py`` carry the real file's
+constructor signature, names and keys at a named commit, which the tests below hold to the
+lists recorded from those files. The real-code tests skip where a package is absent
+(``.ci/run`` installs them). Every mode and dimensionality each peer supports, train and eval
+mode, float64; as built and with random weights; right answers, wrong ones and the
+degenerate all-zero case.
 """
 
-import importlib
-import warnings
+import inspect
 import itertools
 
 import numpy as np
@@ -19,25 +21,21 @@ torch = pytest.importorskip("torch")
 
 import nlref  # noqa: E402
 from nlref.nn import NonLocalBlock  # noqa: E402
+from nlref.nn import layouts  # noqa: E402
 from nlref.nn.block import LAYOUTS  # noqa: E402
-from peer_modules import MmcvNonLocal, SlowFastNonlocal, TimmNonLocalAttn  # noqa: E402
+from nlref.nn.compare import randomize_module  # noqa: E402
+from peer_modules import (MmcvNonLocal, SlowFastNonlocal, TimmNonLocalAttn, alexhex7_class, real_mmcv,  # noqa: E402
+                          real_pytorchvideo, real_timm)
 from torch_oracle import TorchNonLocal  # noqa: E402
 
 SHAPES = {1: (2, 6, 8), 2: (2, 6, 4, 6), 3: (2, 6, 4, 4, 6)}
 
-
-def _import(name):
-    try:
-        with warnings.catch_warnings():  # mmcv's bricks use torch.jit.script, which torch 2.13 deprecates (66 warnings)
-            warnings.filterwarnings("ignore", r"`torch\.jit\.(script|interface)` is deprecated", DeprecationWarning)
-            return importlib.import_module(name)
-    except ImportError:  # the package, or one of its imports (timm needs torchvision), is absent
-        return None
-
-
-REAL_MMCV = _import("mmcv.cnn.bricks.non_local")
-REAL_TIMM = _import("timm.layers.non_local_attn")
+REAL_MMCV = real_mmcv()
+REAL_PTV = real_pytorchvideo()
+REAL_TIMM = real_timm()
 IMPLS = [pytest.param("twin", id="twin"), pytest.param("real", id="real")]
+needs_ptv = pytest.mark.skipif(REAL_PTV is None, reason="pytorchvideo is not installed (pip install --no-deps "
+                               "pytorchvideo==0.1.5, see .ci/run)")
 
 
 def _mmcv(impl, dims, c, **kwargs):
@@ -54,21 +52,17 @@ def _timm(impl, c, **kwargs):
     if impl == "twin":
         return TimmNonLocalAttn(c, **kwargs)
     if REAL_TIMM is None:
-        pytest.skip("timm's layers do not import here (timm imports torchvision)")
+        pytest.skip("timm is not installed (pip install --no-deps timm==0.6.13, see .ci/run)")
     return REAL_TIMM.NonLocalAttn(c, **kwargs)
+
+
+def _ptv(**kwargs):
+    return REAL_PTV.create_nonlocal(**kwargs)
 
 
 def _randomize(module, seed=0, *, train=True):
     """Random weights and running statistics (float64), and train or eval mode."""
-    gen = torch.Generator().manual_seed(seed)
-    module.double().train(train)
-    with torch.no_grad():
-        for name, t in module.state_dict().items():
-            if name.endswith("running_var"):
-                t.copy_(0.5 + torch.rand(t.shape, generator=gen, dtype=t.dtype))
-            elif t.is_floating_point():
-                t.copy_(0.7 * torch.randn(t.shape, generator=gen, dtype=t.dtype))
-    return module
+    return randomize_module(module.double().train(train), seed)
 
 
 def _x(shape, seed=1):
@@ -76,14 +70,37 @@ def _x(shape, seed=1):
 
 
 def _check(module, x, **options):
-    """compare_block agrees; with other random weights until no compared array is exactly zero (a
-    concatenation whose ReLU is off everywhere would compare 0 with 0)."""
+    """compare_block agrees on random weights; other seeds until no compared array is exactly zero (a
+    concatenation whose ReLU is off everywhere would compare 0 with 0, which is INCONCLUSIVE)."""
     for seed in range(10):
-        result = nlref.compare_block(_randomize(module, seed, train=module.training), x, verbose=False, **options)
+        result = nlref.compare_block(_randomize(module, seed, train=module.training), x, verbose=False,
+                                     weights="own", **options)
+        if result.verdict.startswith("INCONCLUSIVE"):
+            assert not result.agree
+            continue
         assert result.agree, str(result)
-        if not any(zero for *_, zero in result.rows):
-            return result
+        assert result.weights == "the module's own"
+        return result
     raise AssertionError(f"every seed left an all-zero quantity:\n{result}")
+
+
+def _state(module):
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def _as_built(module, x, *, randomised):
+    """compare_block on a module as its constructor built it: a verdict, and the module untouched."""
+    before = _state(module)
+    result = nlref.compare_block(module, x, verbose=False)
+    assert result.agree, str(result)
+    assert result.weights.startswith("a copy with random weights") == randomised, result.weights
+    after = module.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the caller's module untouched
+    if randomised:  # its own weights: every gradient upstream of the zero is zero; never "agree"
+        own = nlref.compare_block(module, x, verbose=False, weights="own")
+        assert not own.agree and own.verdict.startswith("INCONCLUSIVE") and own.weights == "the module's own"
+        assert "(reference is all zero)" in str(own)
+    return result
 
 
 # --------------------------------------------------------------------------- mmcv
@@ -109,6 +126,19 @@ def test_mmcv(impl, dims, mode, sub_sample, norm, train):
     assert result.options["bn_eps"] == 1e-3 if norm else not result.options["bn_layer"]
 
 
+def test_mmcv_concatenation_as_built_is_never_called_agreeing():
+    """mmcv's concatenation has no backward (in-place division); as built its conv_out is 0, so z = x: the
+    forward comparison alone would compare x with x. Its own weights: INCONCLUSIVE; by default: a random copy."""
+    module = _mmcv("real", 3, 8, mode="concatenation", sub_sample=True)
+    x = _x((2, 8, 2, 4, 4))
+    own = nlref.compare_block(module, x, verbose=False, weights="own")
+    assert own.peer_error is not None and not own.agree
+    assert own.verdict.startswith("forward INCONCLUSIVE") and own.rows[1][0] == "branch z - x" and own.rows[1][3]
+    auto = nlref.compare_block(module, x, verbose=False)
+    assert auto.verdict.startswith("forward agrees") and auto.weights.startswith("a copy with random weights")
+    assert not auto.agree  # no gradient was compared
+
+
 @pytest.mark.parametrize("use_scale", [True, False])
 @pytest.mark.parametrize("impl", IMPLS)
 def test_mmcv_use_scale(impl, use_scale):
@@ -117,19 +147,149 @@ def test_mmcv_use_scale(impl, use_scale):
     assert result.block.logit_scale == (4 ** -0.5 if use_scale else 1.0)
 
 
-# --------------------------------------------------------------------------- SlowFast
+# --------------------------------------------------------------------------- SlowFast (twin)
+# Recorded from facebookresearch/SlowFast slowfast/models/nonlocal_helper.py, class Nonlocal, at
+# commit 728d8f7b33742fdd65684408403ca2aee91ef177 (read December 2026).
+SLOWFAST_SIGNATURE = [("dim", inspect.Parameter.empty), ("dim_inner", inspect.Parameter.empty),
+                      ("pool_size", None), ("instantiation", "softmax"), ("zero_init_final_conv", False),
+                      ("zero_init_final_norm", True), ("norm_eps", 1e-5), ("norm_momentum", 0.1),
+                      ("norm_module", torch.nn.BatchNorm3d)]
+SLOWFAST_ATTRIBUTES = ["dim", "dim_inner", "pool_size", "instantiation", "use_pool", "norm_eps", "norm_momentum",
+                       "conv_theta", "conv_phi", "conv_g", "conv_out", "bn", "conv_out.zero_init",
+                       "bn.transform_final_bn"]
+SLOWFAST_KEYS = ["conv_theta.weight", "conv_theta.bias", "conv_phi.weight", "conv_phi.bias", "conv_g.weight",
+                 "conv_g.bias", "conv_out.weight", "conv_out.bias", "bn.weight", "bn.bias", "bn.running_mean",
+                 "bn.running_var", "bn.num_batches_tracked"]
+
+
+def test_slowfast_twin_has_the_real_files_signature_names_and_keys():
+    params = inspect.signature(SlowFastNonlocal).parameters
+    assert [(name, p.default) for name, p in params.items()] == SLOWFAST_SIGNATURE
+    for pool_size in (None, [1, 2, 2]):
+        module = SlowFastNonlocal(8, 4, pool_size=pool_size)
+        assert list(module.state_dict()) == SLOWFAST_KEYS  # the pool has no weights
+        for name in SLOWFAST_ATTRIBUTES:
+            owner, _, attr = name.rpartition(".")
+            assert hasattr(module.get_submodule(owner) if owner else module, attr), name
+        assert hasattr(module, "pool") == (pool_size is not None)
+    # the layout nlref writes is that key list
+    block = NonLocalBlock(**layouts.slowfast_options(8, 4, pool_size=[1, 2, 2]))
+    assert sorted(block.state_dict(layout="slowfast")) == sorted(SLOWFAST_KEYS)
+
+
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("norm_type", ["batchnorm", "none"])
 @pytest.mark.parametrize("pool_size", [None, (1, 1, 1), (1, 2, 2), (2, 2, 2), (1, 3, 3)])
 @pytest.mark.parametrize("instantiation", ["softmax", "dot_product"])
-def test_slowfast(instantiation, pool_size, norm_type, train):
+def test_slowfast(instantiation, pool_size, train):
     module = _randomize(SlowFastNonlocal(6, 3, pool_size=pool_size, instantiation=instantiation,
-                                         norm_type=norm_type, norm_eps=1e-4, norm_momentum=0.2), train=train)
+                                         norm_eps=1e-4, norm_momentum=0.2), train=train)
     result = _check(module, _x(SHAPES[3]))
     pooled = pool_size is not None and max(pool_size) > 1
     assert result.layout == "slowfast" and result.options["sub_sample"] == pooled
+    assert result.options["bn_eps"] == 1e-4 and result.options["bn_momentum"] == 0.2
     if pooled:
-        assert result.block.kernel == result.block.stride == pool_size
+        assert result.block.kernel == result.block.stride == pool_size and result.block.pool == "before"
+
+
+def test_slowfast_options_build_the_block_that_loads_into_nonlocal():
+    kwargs = dict(pool_size=[2, 2, 2], instantiation="dot_product", zero_init_final_conv=True, norm_eps=1e-3,
+                  norm_momentum=0.05, norm_module=torch.nn.BatchNorm3d)
+    block = NonLocalBlock(dtype="float64", seed=3, **layouts.slowfast_options(6, 3, **kwargs))
+    block.params["bn.gamma"] = np.random.default_rng(0).standard_normal(6)
+    module = SlowFastNonlocal(6, 3, **kwargs).double().eval()
+    module.load_state_dict({k: torch.from_numpy(v) for k, v in block.state_dict(layout="slowfast").items()},
+                           strict=True)
+    x = _x((2, 6, 4, 4, 4))
+    np.testing.assert_allclose(module(torch.from_numpy(x)).detach().numpy(), block.eval().forward(x), rtol=1e-12,
+                               atol=1e-12)
+    assert (module.bn.eps, module.bn.momentum) == (block.bn_eps, block.bn_momentum)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(norm_module=torch.nn.SyncBatchNorm), "norm_module=SyncBatchNorm has no nlref twin"),
+    (dict(norm_module=torch.nn.GroupNorm), "norm_module=GroupNorm has no nlref twin"),
+    (dict(instantiation="layernorm"), "instantiation must be 'softmax' or 'dot_product'"),
+    (dict(pool_size=(2, 2)), "pool_size must be None or 3 ints"),
+    (dict(pool_size=(1, 0, 2)), "ints >= 1"),
+    (dict(zero_init_final_norm="yes"), "zero_init_final_norm must be True or False"),
+])
+def test_slowfast_options_refuse_what_nlref_cannot_compute(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        layouts.slowfast_options(6, 3, **kwargs)
+
+
+def test_compare_block_refuses_a_slowfast_norm_module_other_than_batchnorm3d():
+    class SubBatchNorm3d(torch.nn.Module):  # SlowFast's split-batch norm: its own keys and statistics
+        def __init__(self, num_features, eps, momentum):
+            super().__init__()
+            self.bn = torch.nn.BatchNorm3d(num_features, eps=eps, momentum=momentum)
+            self.split_bn = torch.nn.BatchNorm3d(num_features * 2, eps=eps, momentum=momentum)
+
+        def forward(self, x):
+            return self.bn(x)
+
+    def group_norm(num_features, eps, momentum):
+        return torch.nn.GroupNorm(1, num_features, eps=eps)
+
+    x = _x((2, 4, 2, 2, 2))
+    with pytest.raises(ValueError, match=r"SlowFastNonlocal.bn is a GroupNorm"):
+        nlref.compare_block(SlowFastNonlocal(4, 2, norm_module=group_norm), x)
+    with pytest.raises(ValueError, match=r"SlowFastNonlocal.bn is a SubBatchNorm3d"):
+        nlref.compare_block(SlowFastNonlocal(4, 2, norm_module=SubBatchNorm3d), x)
+
+
+# --------------------------------------------------------------------------- pytorchvideo (real)
+@needs_ptv
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("norm", [True, False], ids=["bn", "no-norm"])
+@pytest.mark.parametrize("pool_size", [(1, 1, 1), (1, 2, 2), (2, 2, 2)])
+@pytest.mark.parametrize("instantiation", ["softmax", "dot_product"])
+def test_pytorchvideo(instantiation, pool_size, norm, train):
+    module = _ptv(dim_in=6, dim_inner=3, pool_size=pool_size, instantiation=instantiation,
+                  norm=torch.nn.BatchNorm3d if norm else None, norm_eps=1e-4, norm_momentum=0.2)
+    module = _randomize(module, train=train)
+    result = _check(module, _x(SHAPES[3]))
+    assert result.layout == "pytorchvideo" and result.options["bn_layer"] == norm
+    assert result.options["sub_sample"] == (max(pool_size) > 1)
+    assert result.block.logit_scale == pytest.approx(3 ** -0.5 if instantiation == "softmax" else 1.0, rel=1e-15)
+
+
+@needs_ptv
+def test_pytorchvideo_nonlocal_built_by_hand_is_read_from_its_parts():
+    """NonLocal(conv_theta=..., pool=..., norm=...): the widths from the convs, the pool from the pool."""
+    conv = torch.nn.Conv3d
+    module = REAL_PTV.NonLocal(conv_theta=conv(8, 2, 1), conv_phi=conv(8, 2, 1), conv_g=conv(8, 2, 1),
+                               conv_out=conv(2, 8, 1), pool=torch.nn.MaxPool3d((1, 3, 2)),
+                               norm=torch.nn.BatchNorm3d(8, eps=1e-3), instantiation="softmax")
+    result = _check(_randomize(module), _x((2, 8, 3, 6, 4)))
+    assert result.options["inter_channels"] == 2 and result.block.kernel == (1, 3, 2)
+    assert result.options["bn_eps"] == 1e-3
+
+
+# --------------------------------------------------------------------------- every peer as built
+def _built():
+    """(id, factory of the module as its own constructor builds it, input, randomised by default)."""
+    yield "slowfast", lambda: SlowFastNonlocal(6, 3, pool_size=(1, 2, 2)), SHAPES[3], False  # BN gamma = 1
+    yield "pytorchvideo", lambda: _ptv(dim_in=6, dim_inner=3, pool_size=(1, 2, 2)), SHAPES[3], False
+    yield "mmcv", lambda: _mmcv("real", 2, 6, sub_sample=True, norm_cfg=dict(type="BN")), SHAPES[2], True
+    yield "mmcv-no-norm", lambda: _mmcv("real", 3, 6, mode="dot_product"), SHAPES[3], True  # conv_out = 0
+    yield "timm", lambda: _timm("real", 16), (2, 16, 4, 5), True
+    for mode, bn in itertools.product(("gaussian", "embedded_gaussian", "dot_product", "concatenation"),
+                                      (True, False)):
+        yield f"alexhex7-{mode}-{'bn' if bn else 'no-bn'}", (
+            lambda mode=mode, bn=bn: alexhex7_class(mode, 2)(6, bn_layer=bn)), SHAPES[2], True
+
+
+@pytest.mark.parametrize("name,make,shape,randomised", list(_built()), ids=[c[0] for c in _built()])
+def test_compare_block_on_each_peer_as_built(name, make, shape, randomised):
+    if name == "pytorchvideo" and REAL_PTV is None:
+        pytest.skip("pytorchvideo is not installed")
+    torch.manual_seed(0)
+    result = _as_built(make(), _x(shape), randomised=randomised)
+    assert result.layout == name.split("-")[0]
+    # and in eval mode (running statistics as built: mean 0, var 1)
+    module = make().eval()
+    assert nlref.compare_block(module, _x(shape), verbose=False).agree
 
 
 # --------------------------------------------------------------------------- timm
@@ -143,32 +303,156 @@ def test_timm(impl, use_scale, train):
     assert result.block.logit_scale == (16 ** -0.5 if use_scale else 1.0)  # in_channels, not the bottleneck
 
 
-# --------------------------------------------------------------------------- AlexHex7 (the tests' oracle)
+# --------------------------------------------------------------------------- AlexHex7 (twin)
+# Recorded from AlexHex7/Non-local_pytorch lib/non_local_<mode>.py at commit
+# 0276c7b11d313a5f057363f9f89f99b48b2e29bc: _NonLocalBlockND(in_channels, inter_channels=None,
+# dimension=3, sub_sample=True, bn_layer=True); NONLocalBlock{1,2,3}D(in_channels, inter_channels=None,
+# sub_sample=True, bn_layer=True); keys of NONLocalBlock2D(6) (sub_sample and bn_layer True) per file.
+ALEXHEX7_KEYS = {
+    "embedded_gaussian": ["g.0.weight", "g.0.bias", "W.0.weight", "W.0.bias", "W.1.weight", "W.1.bias",
+                          "W.1.running_mean", "W.1.running_var", "W.1.num_batches_tracked", "theta.weight",
+                          "theta.bias", "phi.0.weight", "phi.0.bias"],
+    "gaussian": ["g.0.weight", "g.0.bias", "W.0.weight", "W.0.bias", "W.1.weight", "W.1.bias", "W.1.running_mean",
+                 "W.1.running_var", "W.1.num_batches_tracked"],
+    "concatenation": ["g.0.weight", "g.0.bias", "W.0.weight", "W.0.bias", "W.1.weight", "W.1.bias",
+                      "W.1.running_mean", "W.1.running_var", "W.1.num_batches_tracked", "theta.weight", "theta.bias",
+                      "phi.0.weight", "phi.0.bias", "concat_project.0.weight"],
+}
+ALEXHEX7_KEYS["dot_product"] = ALEXHEX7_KEYS["embedded_gaussian"]
+
+
+@pytest.mark.parametrize("mode", sorted(ALEXHEX7_KEYS))
+def test_alexhex7_twin_has_the_real_files_signature_and_keys(mode):
+    cls = alexhex7_class(mode, 2)
+    assert cls.__name__ == "NONLocalBlock2D" and cls.__module__ == f"lib.non_local_{mode}"
+    assert [(n, p.default) for n, p in inspect.signature(cls).parameters.items()] == [
+        ("in_channels", inspect.Parameter.empty), ("inter_channels", None), ("sub_sample", True), ("bn_layer", True)]
+    module = cls(6)
+    assert list(module.state_dict()) == ALEXHEX7_KEYS[mode]
+    assert not hasattr(module, "mode")  # the mode is the file
+    assert all(hasattr(module, a) for a in ("dimension", "sub_sample", "in_channels", "inter_channels"))
+    assert not module.W[1].weight.detach().any() and not module.W[1].bias.detach().any()  # gamma = beta = 0
+    plain = cls(6, sub_sample=False, bn_layer=False)
+    assert [k.replace("g.0.", "g.").replace("phi.0.", "phi.").replace("W.0.", "W.")
+            for k in ALEXHEX7_KEYS[mode] if not k.startswith("W.1")] == list(plain.state_dict())
+
+
+@pytest.mark.parametrize("mode", sorted(ALEXHEX7_KEYS))
+def test_the_tests_oracle_has_the_ports_keys(mode):
+    """TorchNonLocal (tests/torch_oracle.py) claims the port's layout: the same keys as the port's file."""
+    oracle = TorchNonLocal(6, mode=mode, inter=3, dims=2, sub_sample=True, bn_layer=True)
+    assert sorted(oracle.state_dict()) == sorted(ALEXHEX7_KEYS[mode])
+
+
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("dims,mode,sub_sample,bn", list(itertools.product(
     (1, 2, 3), ("gaussian", "embedded_gaussian", "dot_product", "concatenation"), (False, True), (False, True))))
 def test_alexhex7(dims, mode, sub_sample, bn, train):
-    module = _randomize(TorchNonLocal(6, mode=mode, inter=3, dims=dims, sub_sample=sub_sample, bn_layer=bn),
+    module = _randomize(alexhex7_class(mode, dims)(6, inter_channels=3, sub_sample=sub_sample, bn_layer=bn),
                         train=train)
-    assert _check(module, _x(SHAPES[dims])).layout == "alexhex7"
+    result = _check(module, _x(SHAPES[dims]))
+    assert result.layout == "alexhex7" and result.options["mode"] == mode
+
+
+# --------------------------------------------------------------------------- wrong answers
+class _SlowFastForgetsTheScale(SlowFastNonlocal):
+    """A SlowFast block with a deliberate mistake: softmax without dim_inner ** -0.5."""
+
+    def forward(self, x):
+        b, _, t, h, w = x.shape
+        theta = self.conv_theta(x).flatten(2)
+        keys = self.pool(x) if self.use_pool else x
+        phi, g = self.conv_phi(keys).flatten(2), self.conv_g(keys).flatten(2)
+        weights = torch.softmax(theta.transpose(1, 2) @ phi, dim=2)
+        return x + self.bn(self.conv_out((g @ weights.transpose(1, 2)).reshape(b, self.dim_inner, t, h, w)))
+
+
+class _DotProductDividesByN(SlowFastNonlocal):
+    """Dot product divided by the number of queries N instead of keys M (they differ with a pool)."""
+
+    def forward(self, x):
+        b, _, t, h, w = x.shape
+        theta = self.conv_theta(x).flatten(2)
+        keys = self.pool(x)
+        phi, g = self.conv_phi(keys).flatten(2), self.conv_g(keys).flatten(2)
+        logits = theta.transpose(1, 2) @ phi
+        y = (g @ (logits / logits.shape[1]).transpose(1, 2)).reshape(b, self.dim_inner, t, h, w)
+        return x + self.bn(self.conv_out(y))
+
+
+def _softmax_over_queries(cls):
+    class Wrong(cls):
+        """An AlexHex7 block normalising over the wrong axis (queries, not keys)."""
+
+        def forward(self, x):
+            b = x.shape[0]
+            g = self.g(x).view(b, self.inter_channels, -1).permute(0, 2, 1)
+            f = self.theta(x).view(b, self.inter_channels, -1).permute(0, 2, 1) @ self.phi(x).view(
+                b, self.inter_channels, -1)
+            y = (torch.softmax(f, dim=1) @ g).permute(0, 2, 1).reshape(b, self.inter_channels, *x.shape[2:])
+            return self.W(y) + x
+    Wrong.__module__ = cls.__module__
+    return Wrong
+
+
+def _wrong():
+    yield "slowfast-no-scale", lambda: _SlowFastForgetsTheScale(6, 3, pool_size=(1, 2, 2)), SHAPES[3]
+    yield "slowfast-divides-by-N", lambda: _DotProductDividesByN(6, 3, pool_size=(1, 2, 2),
+                                                                  instantiation="dot_product"), SHAPES[3]
+    yield "alexhex7-softmax-axis", lambda: _softmax_over_queries(alexhex7_class("embedded_gaussian", 2))(6), SHAPES[2]
+
+
+@pytest.mark.parametrize("name,make,shape", list(_wrong()), ids=[c[0] for c in _wrong()])
+def test_compare_block_finds_a_wrong_piece_as_built_and_with_random_weights(name, make, shape):
+    torch.manual_seed(0)
+    x = _x(shape)
+    module = make()
+    if name.startswith("alexhex7"):  # as built it is the identity: its own weights show the mistake in BN only
+        own = nlref.compare_block(module, x, verbose=False, weights="own")
+        assert not own.agree and own.verdict.startswith("DIFFER") and "(reference is all zero)" in str(own)
+    for weights in ("auto", "random"):
+        result = nlref.compare_block(module, x, verbose=False, weights=weights)
+        assert not result.agree and result.verdict.startswith("DIFFER"), str(result)
+        assert result.rows[0][0] == "output z" and result.rows[0][2] > 1e-6
+    # the right one of the same family agrees on the same input
+    right = type(module).__mro__[1]
+    if name.startswith("alexhex7"):
+        right = alexhex7_class("embedded_gaussian", 2)
+        args = (6,)
+    else:
+        args = (6, 3)
+    kwargs = dict(pool_size=(1, 2, 2), instantiation=module.instantiation) if hasattr(module, "instantiation") else {}
+    assert nlref.compare_block(right(*args, **kwargs), x, verbose=False).agree
 
 
 # --------------------------------------------------------------------------- export and load
 def _peer_cases():
-    """(layout, module factory, block options): one per peer configuration family."""
-    yield "mmcv", lambda: MmcvNonLocal(3, 6, sub_sample=True, norm_cfg=dict(type="BN"), mode="concatenation"), dict(
+    """(id, layout, module factory, block options): the peers' own modules where installed, else their twins."""
+    mmcv = "real" if REAL_MMCV is not None else "twin"
+    yield "mmcv-concatenation", "mmcv", lambda: _mmcv(mmcv, 3, 6, sub_sample=True, norm_cfg=dict(type="BN"),
+                                                      mode="concatenation"), dict(
         dims=3, mode="concatenation", sub_sample=True, W_z_bias=False)
-    yield "mmcv", lambda: MmcvNonLocal(1, 6, mode="gaussian"), dict(dims=1, mode="gaussian", sub_sample=False,
-                                                                      bn_layer=False)
-    yield "slowfast", lambda: SlowFastNonlocal(6, 3, pool_size=(1, 3, 3)), dict(
+    yield "mmcv-gaussian", "mmcv", lambda: _mmcv(mmcv, 1, 6, mode="gaussian"), dict(
+        dims=1, mode="gaussian", sub_sample=False, bn_layer=False)
+    yield "slowfast", "slowfast", lambda: SlowFastNonlocal(6, 3, pool_size=(1, 3, 3)), dict(
         dims=3, pool="before", pool_kernel=(1, 3, 3), scale=True)
-    yield "timm", lambda: TimmNonLocalAttn(6, rd_channels=3), dict(dims=2, sub_sample=False, scale=6 ** -0.5)
-    yield "alexhex7", lambda: TorchNonLocal(6, mode="dot_product", inter=3, dims=2, sub_sample=True,
-                                            bn_layer=True), dict(dims=2, mode="dot_product")
+    yield "slowfast-dot", "slowfast", lambda: SlowFastNonlocal(6, 3, instantiation="dot_product"), dict(
+        dims=3, mode="dot_product", sub_sample=False)
+    if REAL_PTV is not None:
+        yield "pytorchvideo", "pytorchvideo", lambda: _ptv(dim_in=6, dim_inner=3, pool_size=(1, 2, 2)), dict(
+            dims=3, pool="before", scale=True)
+        yield "pytorchvideo-no-norm", "pytorchvideo", lambda: _ptv(dim_in=6, dim_inner=3, norm=None,
+                                                                   instantiation="dot_product"), dict(
+            dims=3, mode="dot_product", sub_sample=False, bn_layer=False)
+    timm = "real" if REAL_TIMM is not None else "twin"
+    yield "timm", "timm", lambda: _timm(timm, 6, rd_channels=3), dict(dims=2, sub_sample=False, scale=6 ** -0.5)
+    yield "alexhex7", "alexhex7", lambda: alexhex7_class("dot_product", 2)(6), dict(dims=2, mode="dot_product")
+    yield "alexhex7-gaussian", "alexhex7", lambda: alexhex7_class("gaussian", 3)(6, bn_layer=False), dict(
+        dims=3, mode="gaussian", bn_layer=False)
 
 
-@pytest.mark.parametrize("layout,make,options", list(_peer_cases()), ids=lambda v: v if isinstance(v, str) else "")
-def test_export_loads_into_the_peer_strictly_and_back(layout, make, options):
+@pytest.mark.parametrize("name,layout,make,options", list(_peer_cases()), ids=[c[0] for c in _peer_cases()])
+def test_export_loads_into_the_peer_strictly_and_back(name, layout, make, options):
     block = NonLocalBlock(6, inter_channels=3, dtype="float64", seed=4, **options)
     rng = np.random.default_rng(5)
     for k, v in block.params.items():
@@ -193,13 +477,39 @@ def test_export_loads_into_the_peer_strictly_and_back(layout, make, options):
 
 def test_every_layout_round_trips_through_nlref():
     block = NonLocalBlock(4, dims=3, dtype="float64", pool="before", scale=True, seed=2)
-    for layout in ("nlref", "slowfast"):
+    for layout in ("nlref", "slowfast", "pytorchvideo"):
         state = block.state_dict(layout=layout)
         again = NonLocalBlock(4, dims=3, dtype="float64", pool="before", scale=True, seed=3).load_state_dict(state)
         assert again.loaded_layout == layout
         assert again.state_dict(layout=layout).keys() == state.keys()
         assert all(np.array_equal(again.state_dict(layout=layout)[k], v) for k, v in state.items())
-    assert set(LAYOUTS) == {"nlref", "alexhex7", "mmcv", "slowfast", "timm"}
+    assert set(LAYOUTS) == {"nlref", "alexhex7", "mmcv", "slowfast", "pytorchvideo", "timm"}
+    assert layouts.PEER_LAYOUTS == LAYOUTS[1:] and set(layouts.MODULE_NAMES) == set(layouts.PEER_LAYOUTS)
+
+
+def test_slowfast_and_pytorchvideo_keys_are_told_apart():
+    """Both FAIR codebases name the convolutions conv_*; SlowFast's norm is bn, pytorchvideo's norm."""
+    block = NonLocalBlock(4, dims=3, dtype="float64", pool="before", scale=True)
+    sf, ptv = block.state_dict(layout="slowfast"), block.state_dict(layout="pytorchvideo")
+    assert {k for k in sf if not k.startswith("conv_")} == {f"bn.{k}" for k in (
+        "weight", "bias", "running_mean", "running_var", "num_batches_tracked")}
+    assert {k.replace("bn.", "norm.") for k in sf} == set(ptv)
+    assert NonLocalBlock(4, dims=3, pool="before", scale=True).load_state_dict(sf).loaded_layout == "slowfast"
+    assert NonLocalBlock(4, dims=3, pool="before", scale=True).load_state_dict(ptv).loaded_layout == "pytorchvideo"
+    assert layouts.layout_of_keys(sf) == "slowfast" and layouts.layout_of_keys(ptv) == "pytorchvideo"
+    # without a norm the keys are the same; only pytorchvideo (norm=None) can express that block
+    plain = NonLocalBlock(4, dims=3, pool="before", scale=True, bn_layer=False)
+    assert plain.load_state_dict(plain.state_dict(layout="pytorchvideo")).loaded_layout == "pytorchvideo"
+    with pytest.raises(ValueError, match="SlowFast's Nonlocal always builds its norm_module"):
+        plain.state_dict(layout="slowfast")
+
+
+def test_module_names_fill_the_wrappers():
+    assert layouts.module_names("alexhex7", sub_sample=True, bn_layer=True)["phi"] == "phi.0"
+    assert layouts.module_names("alexhex7", sub_sample=False, bn_layer=False)["W_z"] == "W"
+    assert layouts.module_names("mmcv", sub_sample=True, bn_layer=False)["g"] == "g.0.conv"
+    with pytest.raises(ValueError, match="layout must be one of"):
+        layouts.module_names("nlref", sub_sample=True, bn_layer=True)
 
 
 def test_unfit_state_names_unmatched_and_missing_keys():
@@ -219,6 +529,8 @@ def test_unfit_state_names_unmatched_and_missing_keys():
     ("slowfast", dict(dims=2), "3-D"),
     ("slowfast", dict(dims=3, pool="after"), "pools x before"),
     ("slowfast", dict(dims=3, pool="before"), "scale=True"),
+    ("pytorchvideo", dict(dims=3, pool="before", scale=True, mode="gaussian"), "instantiation"),
+    ("pytorchvideo", dict(dims=3, pool="before", scale=True, W_z_bias=False), "conv_out has a bias"),
     ("mmcv", dict(dims=2), "bias exactly when no norm follows"),
     ("mmcv", dict(dims=2, W_z_bias=False, pool_kernel=(2, 1)), "mmcv's are fixed"),
     ("alexhex7", dict(dims=2, bn_eps=1e-3, scale=True), "no scale"),
@@ -235,14 +547,14 @@ def test_compare_block_reports_a_difference_and_prints_a_table(capsys):
     ok = nlref.compare_block(module, x)
     table = capsys.readouterr().out
     assert "slowfast layout" in table and "dconv_theta" not in table and "dtheta.weight (conv_theta.weight)" in table
-    assert "verdict: agree" in table and str(ok) in table
+    assert "verdict: agree" in table and str(ok) in table and "weights: the module's own" in table
     # a wrong option (BN's eps): the output and every gradient differ
     bad = nlref.compare_block(module, x, verbose=False, bn_eps=0.5)
     assert not bad.agree and bad.verdict.startswith("DIFFER") and bad.rows[0][2] > 1e-6
-    assert module.training and module.norm.running_mean.dtype == torch.float64  # the caller's module untouched
-    before = module.norm.running_mean.clone()
+    assert module.training and module.bn.running_mean.dtype == torch.float64  # the caller's module untouched
+    before = module.bn.running_mean.clone()
     nlref.compare_block(module, x, verbose=False)
-    assert torch.equal(module.norm.running_mean, before)
+    assert torch.equal(module.bn.running_mean, before)
 
 
 def test_compare_block_zero_gradients_are_judged_at_the_scale_of_the_computation():
@@ -269,35 +581,35 @@ def test_compare_block_zero_gradients_are_judged_at_the_scale_of_the_computation
 def test_compare_block_errors():
     with pytest.raises(ValueError, match="layout must be"):
         nlref.compare_block(SlowFastNonlocal(4, 2), _x((1, 4, 2, 2, 2)), layout="caffe2")
-    with pytest.raises(ValueError, match="fit none of the layouts"):
+    with pytest.raises(ValueError, match="weights must be one of"):
+        nlref.compare_block(SlowFastNonlocal(4, 2), _x((1, 4, 2, 2, 2)), weights="fresh")
+    with pytest.raises(TypeError, match="module must be a torch.nn.Module"):
+        nlref.compare_block({"conv_g.weight": 0}, _x((1, 4, 2, 2, 2)))
+    with pytest.raises(ValueError, match="Conv2d's state-dict keys .* fit none of the layouts"):
         nlref.compare_block(torch.nn.Conv2d(4, 4, 1), _x((1, 4, 2, 2)))
-    with pytest.raises(ValueError, match="layernorm"):
-        nlref.compare_block(SlowFastNonlocal(4, 2, norm_type="layernorm"), _x((1, 4, 2, 2, 2)))
     module = TorchNonLocal(4, mode="dot_product", inter=2, dims=2, sub_sample=False, bn_layer=True)
     module.mode = "unreadable"  # the port keeps its mode in its file name only (its forward here: f / M)
-    with pytest.raises(ValueError, match="pass mode="):
+    with pytest.raises(ValueError, match="TorchNonLocal has the alexhex7 layout.*pass mode="):
         nlref.compare_block(module, _x((1, 4, 2, 2)))
     assert nlref.compare_block(module, _x((2, 4, 2, 2)), verbose=False, mode="dot_product").agree
-    # the port's file name says the mode: lib/non_local_dot_product.py (and non_local_gaussian is not
-    # read in non_local_embedded_gaussian)
-    for mode in ("dot_product", "embedded_gaussian", "gaussian"):
-        port = type("NONLocalBlock2D", (_ModeInFileName,), {"__module__": f"lib.non_local_{mode}"})
-        module = _randomize(port(4, mode=mode, inter=2, dims=2, sub_sample=True, bn_layer=True))
-        assert not hasattr(module, "mode")
-        result = nlref.compare_block(module, _x((2, 4, 4, 4)), verbose=False)
-        assert result.options["mode"] == mode and result.agree
 
 
-class _ModeInFileName(TorchNonLocal):
-    """A module with the port's layout and no ``mode`` attribute, like the port's classes."""
-
-    def __init__(self, *args, mode, **kwargs):
-        super().__init__(*args, mode=mode, **kwargs)
-        self._which = self.__dict__.pop("mode")
-
-    def forward(self, x):
-        self.__dict__["mode"] = self._which
-        try:
-            return super().forward(x)
-        finally:
-            del self.__dict__["mode"]
+def test_compare_block_names_the_class_when_it_cannot_read_an_attribute():
+    """The mode and scale come from the attributes the peer's own class keeps; a module without them is named."""
+    module = SlowFastNonlocal(4, 2)
+    del module.instantiation
+    with pytest.raises(ValueError, match="SlowFastNonlocal has the slowfast layout's weights but no attribute "
+                                         "'instantiation'.*pass mode="):
+        nlref.compare_block(module, _x((2, 4, 2, 2, 2)))
+    timm = TimmNonLocalAttn(8, rd_channels=4)
+    del timm.scale
+    with pytest.raises(ValueError, match="TimmNonLocalAttn has the timm layout's weights but no attribute 'scale'"):
+        nlref.compare_block(timm, _x((2, 8, 2, 3)))
+    mmcv = MmcvNonLocal(2, 4)
+    del mmcv.use_scale
+    with pytest.raises(ValueError, match="MmcvNonLocal has the mmcv layout's weights but no attribute 'use_scale'"):
+        nlref.compare_block(mmcv, _x((2, 4, 2, 3)))
+    padded = SlowFastNonlocal(4, 2, pool_size=(1, 2, 2))
+    padded.pool.padding = 1
+    with pytest.raises(ValueError, match="SlowFastNonlocal's pool .* pads"):
+        nlref.compare_block(padded, _x((2, 4, 2, 4, 4)))

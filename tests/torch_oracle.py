@@ -20,7 +20,7 @@ class TorchNonLocal(nn.Module):
         pool_layer = {1: nn.MaxPool1d(2), 2: nn.MaxPool2d((2, 2)), 3: nn.MaxPool3d((1, 2, 2))}[dims]
         self.mode, self.inter, self.c, self.scale = mode, inter, c, scale
         self.sub_sample, self.pool = sub_sample, pool
-        self.pool_layer = pool_layer
+        self.pool_layer = pool_layer if sub_sample else None  # only a pool that is used, as the peers do
         self.g = conv(c, inter, 1)
         if mode != "gaussian":
             self.theta = conv(c, inter, 1)

@@ -9,15 +9,18 @@
   loops, Adam's flat update. Same numbers, faster (see ``docs/engine.md``).
 * :mod:`nlref.nn.nonlocal_op` -- the non-local operation (full and chunked).
 * :mod:`nlref.nn.block` -- :class:`NonLocalBlock`.
+* :mod:`nlref.nn.layouts` -- the peers' state-dict layouts (AlexHex7, mmcv, SlowFast,
+  pytorchvideo, timm): which key holds which weight, what each peer can express.
+* :mod:`nlref.nn.compare` -- :func:`~nlref.compare_block`, nlref as the oracle for a PyTorch module.
 * :mod:`nlref.nn.models` -- :class:`VideoNet`, small C2D / I3D networks with NL blocks.
 * :mod:`nlref.nn.optim` -- SGD with momentum, Adam, the step schedule.
 * :mod:`nlref.nn.gradcheck` -- finite-difference gradient checks.
 """
 
-from . import engine, functional, models, nonlocal_op, optim
+from . import engine, functional, layouts, models, nonlocal_op, optim
 from .block import NonLocalBlock
 from .gradcheck import GradcheckResult, gradcheck, layer_gradcheck
 from .models import VideoNet
 
-__all__ = ["functional", "engine", "nonlocal_op", "models", "optim", "NonLocalBlock", "VideoNet",
+__all__ = ["functional", "engine", "nonlocal_op", "layouts", "models", "optim", "NonLocalBlock", "VideoNet",
            "gradcheck", "layer_gradcheck", "GradcheckResult"]

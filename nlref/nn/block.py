@@ -14,8 +14,9 @@ or on ``x`` before them (``pool="before"``, the official Caffe2 code). BN's
 gamma starts at 0 (or ``W_z`` at 0 when ``bn_layer=False``), so a new block is
 exactly the identity and can be inserted into a trained network.
 
-The block reads and writes the weight layouts of four PyTorch peers (see
-:meth:`NonLocalBlock.load_state_dict` and ``docs/nonlocal_block.md``), and has
+The block reads and writes the weight layouts of five PyTorch peers (the tables
+live in :mod:`nlref.nn.layouts`; see :meth:`NonLocalBlock.load_state_dict` and
+``docs/nonlocal_block.md``), and has
 the options those peers need: a numeric logit scale, the pool's kernel and
 stride, ``W_z`` without a bias, BN's eps and momentum.
 """
@@ -31,12 +32,12 @@ from .. import backend as B
 from . import functional as F
 from .nonlocal_op import SOFTMAX_MODES, cached_attention, check_mode, nonlocal_backward, nonlocal_forward
 from .nonlocal_op import attention_map as _attention_map
+from . import layouts as _layouts
+from .layouts import LAYOUTS
 
 __all__ = ["NonLocalBlock"]
 
 POOLS = ("after", "before")
-#: The weight layouts :meth:`NonLocalBlock.state_dict` writes and :meth:`NonLocalBlock.load_state_dict` reads.
-LAYOUTS = ("nlref", "alexhex7", "mmcv", "slowfast", "timm")
 
 
 def _positive_int(name, value, minimum=1):
@@ -431,7 +432,7 @@ class NonLocalBlock:
 
         Parameters
         ----------
-        layout : {"nlref", "alexhex7", "mmcv", "slowfast", "timm"}
+        layout : {"nlref", "alexhex7", "mmcv", "slowfast", "pytorchvideo", "timm"}
             ``"nlref"``: the keys of :attr:`params` and :attr:`buffers`, nlref's
             shapes. A peer's name: that peer's keys and PyTorch shapes (conv
             weights (out, in, 1, ..., 1), BN's ``num_batches_tracked`` included),
@@ -454,10 +455,11 @@ class NonLocalBlock:
         state = {k: np.array(B.to_numpy(v)) for k, v in {**self.params, **self.buffers}.items()}
         if layout == "nlref":
             return state
-        self._check_peer(layout)
-        out = {peer_key: state[key].reshape(shape) for key, (peer_key, shape) in self._peer_map(layout).items()}
+        _layouts.check_expressible(self, layout)
+        mapping = _layouts.key_map(self, layout)
+        out = {peer_key: state[key].reshape(shape) for key, (peer_key, shape) in mapping.items()}
         if self.bn_layer:
-            out[self._counter_key(layout)] = np.asarray(self.num_batches_tracked, dtype=np.int64)
+            out[_layouts.counter_key(self, layout)] = np.asarray(self.num_batches_tracked, dtype=np.int64)
         return out
 
     def load_state_dict(self, state, layout=None):
@@ -472,7 +474,7 @@ class NonLocalBlock:
             ``num_batches_tracked`` is optional). The values are copied into the
             block's library and dtype: changing ``state`` afterwards does not change
             the block, and training the block does not change ``state``.
-        layout : {None, "nlref", "alexhex7", "mmcv", "slowfast", "timm"}
+        layout : {None, "nlref", "alexhex7", "mmcv", "slowfast", "pytorchvideo", "timm"}
             None (or ``"auto"``): the layout whose keys for this block's options
             match ``state`` exactly; ``block.loaded_layout`` says which was read.
 
@@ -495,17 +497,16 @@ class NonLocalBlock:
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict of arrays, got {type(state).__name__}")
         if layout in (None, "auto"):
-            layout = self._detect_layout(state)
-        expected = self._peer_map(layout)
-        counter = self._counter_key(layout)
+            layout = _layouts.detect(self, state)
+        expected = _layouts.key_map(self, layout)
+        counter = _layouts.counter_key(self, layout)
         wanted = {peer_key for peer_key, _ in expected.values()}
         missing = sorted(wanted - set(state))
         unexpected = sorted(set(state) - wanted - {counter})
         if missing or unexpected:
             raise ValueError(f"state dict ({layout} layout) does not match {self!r}: "
                              f"unmatched keys {unexpected}, missing keys {missing}")
-        if layout != "nlref":
-            self._check_peer(layout)
+        _layouts.check_expressible(self, layout)
         new = {}
         for key, (peer_key, shape) in expected.items():
             host = np.array(_host(state[peer_key]))  # a copy, never a view of the caller's memory
@@ -523,107 +524,3 @@ class NonLocalBlock:
 
     def _native_shape(self, key):
         return tuple(({**self.params, **self.buffers})[key].shape)
-
-    def _detect_layout(self, state):
-        """The layout whose keys for this block are exactly those of ``state`` (counters aside)."""
-        best = None
-        for layout in LAYOUTS:
-            wanted = {peer_key for peer_key, _ in self._peer_map(layout).values()}
-            keys = set(state) - {self._counter_key(layout)}
-            if keys == wanted:
-                return layout
-            score = len(keys & wanted)
-            if best is None or score > best[0]:
-                best = (score, layout, sorted(keys - wanted), sorted(wanted - keys))
-        _, layout, unmatched, missing = best
-        raise ValueError(f"state dict fits none of the layouts {LAYOUTS} for {self!r}; the closest is {layout!r}, "
-                         f"with unmatched keys {unmatched} and missing keys {missing}")
-
-    def _counter_key(self, layout):
-        """The peer's BN ``num_batches_tracked`` key (None for nlref or without BN)."""
-        if layout == "nlref" or not self.bn_layer:
-            return None
-        bn = {"alexhex7": "W.1", "mmcv": "conv_out.bn", "slowfast": "norm", "timm": "norm"}[layout]
-        return f"{bn}.num_batches_tracked"
-
-    def _peer_map(self, layout):
-        """nlref key -> (the layout's key, the layout's shape), for this block's parameters and buffers."""
-        native = {k: tuple(v.shape) for k, v in {**self.params, **self.buffers}.items()}
-        if layout == "nlref":
-            return {k: (k, shape) for k, shape in native.items()}
-        wrap = ".0" if self.sub_sample else ""  # alexhex7 and mmcv: Sequential(conv, pool) when pooling after
-        names = {
-            "alexhex7": {"theta": "theta", "phi": f"phi{wrap}", "g": f"g{wrap}", "W_z": "W.0" if self.bn_layer else "W",
-                         "bn": "W.1", "w_f": ("concat_project.0.weight", 2)},
-            "mmcv": {"theta": "theta.conv", "phi": f"phi{wrap}.conv", "g": f"g{wrap}.conv", "W_z": "conv_out.conv",
-                     "bn": "conv_out.bn", "w_f": ("concat_project.conv.weight", 2)},
-            "slowfast": {"theta": "conv_theta", "phi": "conv_phi", "g": "conv_g", "W_z": "conv_out", "bn": "norm"},
-            "timm": {"theta": "t", "phi": "p", "g": "g", "W_z": "z", "bn": "norm"},
-        }[layout]
-        bn_names = {"gamma": "weight", "beta": "bias", "running_mean": "running_mean", "running_var": "running_var"}
-        out = {}
-        for key, shape in native.items():
-            if key == "w_f":
-                if "w_f" not in names:
-                    raise ValueError(f"the {layout} layout has no concatenation mode")
-                name, conv_dims = names["w_f"]  # a 1 x 2d x 1 x 1 conv (always 2-D in these ports)
-                out[key] = (name, (1,) + shape + (1,) * conv_dims)
-                continue
-            module, kind = key.split(".")
-            if module == "bn":
-                out[key] = (f"{names['bn']}.{bn_names[kind]}", shape)
-            else:
-                out[key] = (f"{names[module]}.{kind}", shape + (1,) * self.dims if kind == "weight" else shape)
-        return out
-
-    def _check_peer(self, layout):
-        """Raise unless the peer computes exactly this block (else its weights would mean something else)."""
-        default_pool = not self.sub_sample or (self.kernel == F.pool_kernel(self.dims) and self.stride == self.kernel)
-        scale = self.logit_scale
-        problems = []
-        if layout == "alexhex7":
-            if self.sub_sample and self.pool != "after":
-                problems.append(f"pool={self.pool!r} (the port pools after phi and g)")
-            if not default_pool:
-                problems.append(f"pool_kernel={self.kernel}, pool_stride={self.stride} (the port's are fixed)")
-            if scale != 1.0:
-                problems.append(f"scale={self.scale!r} (the port has no scale)")
-            if not self.W_z_bias:
-                problems.append("W_z_bias=False (the port's W has a bias)")
-        elif layout == "mmcv":
-            if self.sub_sample and self.pool != "after":
-                problems.append(f"pool={self.pool!r} (mmcv pools after phi and g)")
-            if not default_pool:
-                problems.append(f"pool_kernel={self.kernel}, pool_stride={self.stride} (mmcv's are fixed)")
-            if self.W_z_bias == self.bn_layer:
-                problems.append(f"W_z_bias={self.W_z_bias} with bn_layer={self.bn_layer} (mmcv's conv_out has a "
-                                "bias exactly when no norm follows)")
-            if not (scale == 1.0 or (self.mode == "embedded_gaussian" and self.scale is True)):
-                problems.append(f"scale={self.scale!r} (mmcv's use_scale is 1/sqrt(inter_channels), embedded "
-                                "Gaussian only)")
-        elif layout == "slowfast":
-            if self.dims != 3:
-                problems.append(f"dims={self.dims} (SlowFast's Nonlocal is 3-D)")
-            if self.mode not in ("embedded_gaussian", "dot_product"):
-                problems.append(f"mode={self.mode!r} (SlowFast has 'softmax' = embedded_gaussian and dot_product)")
-            if self.sub_sample and self.pool != "before":
-                problems.append(f"pool={self.pool!r} (SlowFast pools x before phi and g)")
-            if self.sub_sample and self.stride != self.kernel:
-                problems.append(f"pool_stride={self.stride} (SlowFast's stride is its pool_size)")
-            if self.mode == "embedded_gaussian" and self.scale is not True:
-                problems.append(f"scale={self.scale!r} (SlowFast's softmax scales by dim_inner ** -0.5: scale=True)")
-            if not self.W_z_bias:
-                problems.append("W_z_bias=False (SlowFast's conv_out has a bias)")
-        elif layout == "timm":
-            if self.dims != 2 or self.mode != "embedded_gaussian" or self.sub_sample or not self.bn_layer:
-                problems.append(f"dims={self.dims}, mode={self.mode!r}, sub_sample={self.sub_sample}, "
-                                f"bn_layer={self.bn_layer} (timm's NonLocalAttn: 2-D, embedded Gaussian, no "
-                                "subsampling, BN)")
-            if not (scale == 1.0 or math.isclose(scale, self.in_channels ** -0.5, rel_tol=1e-12)):
-                problems.append(f"scale={self.scale!r} (timm multiplies by in_channels ** -0.5 = "
-                                f"{self.in_channels ** -0.5!r}, or by 1 with use_scale=False)")
-            if not self.W_z_bias:
-                problems.append("W_z_bias=False (timm's z has a bias)")
-        if problems:
-            raise ValueError(f"the {layout} layout cannot express this block's options: {'; '.join(problems)}; "
-                             "its weights would mean something else there")

@@ -1,13 +1,16 @@
 """Use nlref as an oracle for a PyTorch non-local block: :func:`compare_block`.
 
 Given a peer's module (AlexHex7's port, mmcv's ``NonLocal1d/2d/3d``, SlowFast's
-``Nonlocal``, timm's ``NonLocalAttn``, or any module with one of their weight
-layouts) and an input, :func:`compare_block` reads the module's configuration
-and weights, builds the :class:`~nlref.nn.NonLocalBlock` that computes the same
-function, runs both forward and backward in float64 and reports the largest
-absolute and relative differences of everything the two compute: the output,
-``dx``, every parameter gradient and BN's running statistics. PyTorch is needed
-only here (imported when the function runs).
+``Nonlocal``, pytorchvideo's ``NonLocal``, timm's ``NonLocalAttn``, or any module
+with one of their weight layouts, :mod:`nlref.nn.layouts`) and an input,
+:func:`compare_block` reads the module's configuration from its parts and weights,
+builds the :class:`~nlref.nn.NonLocalBlock` that computes the same function, runs
+both forward and backward in float64 and reports the largest absolute and
+relative differences of everything the two compute: the output and the block's
+branch ``z - x``, ``dx``, every parameter gradient and BN's running statistics.
+A module as built (the identity: BN gamma = 0) is compared through a seeded
+random copy unless ``weights="own"``, and no all-zero comparison is called
+agreeing. PyTorch is needed only here (imported when the function runs).
 """
 
 from __future__ import annotations
@@ -18,12 +21,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import backend as B
-from .block import LAYOUTS, NonLocalBlock
+from . import layouts
+from .block import NonLocalBlock
 from .nonlocal_op import MODES
 
-__all__ = ["compare_block", "BlockComparison"]
+__all__ = ["compare_block", "BlockComparison", "randomize_module"]
 
-_PEERS = LAYOUTS[1:]  # the layouts a torch module can have
+#: compare_block's ``weights`` choices.
+WEIGHTS = ("auto", "own", "random")
 
 
 @dataclass
@@ -33,7 +38,7 @@ class BlockComparison:
     Attributes
     ----------
     layout : str
-        The peer's weight layout (``"alexhex7"``, ``"mmcv"``, ``"slowfast"``, ``"timm"``).
+        The peer's weight layout (one of :data:`nlref.nn.layouts.PEER_LAYOUTS`).
     block : NonLocalBlock
         The float64 nlref block built from the module (its state after the run).
     options : dict
@@ -43,7 +48,8 @@ class BlockComparison:
         compared array; the relative error is ``max |nlref - peer| / max |peer|``.
     agree : bool
         Every row has a relative error at most ``rtol`` or an absolute error at
-        most ``atol * scale`` (and the peer's backward ran).
+        most ``atol * scale``, the peer's backward ran, and no row is all zero in
+        the peer (else the verdict is INCONCLUSIVE: zero against zero checks nothing).
     verdict : str
     peer_error : str or None
         The message of the peer's backward pass if it raised (mmcv's concatenation
@@ -52,6 +58,8 @@ class BlockComparison:
     scale : float
         The largest magnitude among the peer's compared arrays, at least 1: the
         size of the numbers whose rounding a zero gradient is made of.
+    weights : str
+        Which weights were compared: the module's own, or a randomised copy and why.
     """
 
     layout: str
@@ -64,6 +72,7 @@ class BlockComparison:
     rtol: float = 1e-9
     atol: float = 1e-12
     scale: float = 1.0
+    weights: str = "the module's own"
 
     def row_ok(self, row):
         """Whether one row passes: relative error <= rtol or absolute error <= atol * scale."""
@@ -73,6 +82,7 @@ class BlockComparison:
         width = max(len(r[0]) for r in self.rows) + 2
         lines = [f"compare_block: {self.layout} layout, float64, {'train' if self.block.training else 'eval'} mode",
                  f"nlref block: {self.block!r}",
+                 f"weights: {self.weights}",
                  f"{'quantity':<{width}}{'max abs err':>12}{'max rel err':>13}"]
         for name, abs_err, rel_err, zero in self.rows:
             note = "  (reference is all zero)" if zero else ""
@@ -83,79 +93,125 @@ class BlockComparison:
         return "\n".join(lines)
 
 
-def _layout_of(keys):
-    """The peer layout a module's state-dict keys belong to (None if none fits)."""
-    keys = set(keys)
-    if any(k.startswith("conv_out.conv.") for k in keys):
-        return "mmcv"
-    if "conv_theta.weight" in keys or "conv_g.weight" in keys:
-        return "slowfast"
-    if {"t.weight", "z.weight"} <= keys:
-        return "timm"
-    if "W.weight" in keys or "W.0.weight" in keys:
-        return "alexhex7"
-    return None
-
-
 def _tuple(value, dims):
     return tuple(int(v) for v in value) if isinstance(value, (tuple, list)) else (int(value),) * dims
 
 
-def _infer_options(module, state, layout):
-    """NonLocalBlock keyword arguments that make the block compute ``module``."""
+def _submodule(module, name):
+    """The submodule at dotted ``name``, or None where there is none (or it is None, as pytorchvideo's norm)."""
+    try:
+        return module.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def _attribute(module, name, layout, option, why):
+    """An attribute the peer's own class has; a clear message naming the class when this module lacks it."""
+    if not hasattr(module, name):
+        raise ValueError(f"{type(module).__name__} has the {layout} layout's weights but no attribute {name!r} "
+                         f"({why}), so its {option} cannot be read; pass {option}= to compare_block")
+    return getattr(module, name)
+
+
+def _check_parts(module):
+    """Refuse modules with a part nlref's block has no twin for, naming the part and its class."""
     import torch.nn as nn
 
-    g_key = {"alexhex7": ("g.weight", "g.0.weight"), "mmcv": ("g.conv.weight", "g.0.conv.weight"),
-             "slowfast": ("conv_g.weight",), "timm": ("g.weight",)}[layout]
-    g_weight = next(state[k] for k in g_key if k in state)
+    allowed = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.BatchNorm1d,
+               nn.BatchNorm2d, nn.BatchNorm3d, nn.ReLU, nn.Identity)
+    for name, part in module.named_modules():
+        if name and not list(part.children()) and not isinstance(part, allowed):  # (mmcv's wrappers subclass them)
+            raise ValueError(f"{type(module).__name__}.{name} is a {type(part).__name__}, which nlref's block has no "
+                             "twin of (it has 1x1 convolutions, max-pooling, one torch.nn.BatchNorm1d/2d/3d after "
+                             "W_z and, for the concatenation, a ReLU)")
+
+
+def _read_options(module, state, layout, given):
+    """NonLocalBlock keyword arguments that make the block compute ``module``, read from what it has.
+
+    Widths and dimensionality from the convolutions' weights; subsampling, its placement,
+    kernel and stride from the module's max-pool and where it sits; BN from the norm
+    submodule (class, eps, momentum); W_z's bias from the keys; the mode and scale from
+    the attributes the peer's own class has (``given`` options are not read).
+    """
+    import torch.nn as nn
+
+    _check_parts(module)
+    cls = type(module).__name__
+    keys = set(state)
+    names = layouts.MODULE_NAMES[layout]
+    g_keys = [names["g"].format(pool=wrap) + ".weight" for wrap in ("", ".0")]
+    g_key = next((k for k in g_keys if k in keys), None)
+    if g_key is None:
+        raise ValueError(f"{cls} has none of the {layout} layout's g weights {g_keys}")
+    g_weight = state[g_key]
     dims = g_weight.ndim - 2
     opts = {"in_channels": int(g_weight.shape[1]), "inter_channels": int(g_weight.shape[0]), "dims": dims}
-    keys = set(state)
-    if layout == "alexhex7":
-        mode = getattr(module, "mode", None)
-        if "theta.weight" not in keys:
-            mode = "gaussian"
-        elif "concat_project.0.weight" in keys:
-            mode = "concatenation"
-        elif mode not in MODES:  # the port has one file per mode: non_local_dot_product.py, ...
-            found = [m for m in MODES if f"non_local_{m}" in type(module).__module__]
-            mode = found[0] if len(found) == 1 else None
-        scale = getattr(module, "scale", False)
-        pool = getattr(module, "pool", "after")
-    elif layout == "mmcv":
-        mode = module.mode
-        scale = bool(module.use_scale) and mode == "embedded_gaussian"
-        pool = "after"
-    elif layout == "slowfast":
-        modes = {"softmax": "embedded_gaussian", "dot_product": "dot_product"}
-        if module.instantiation not in modes or module.norm_type not in ("batchnorm", "none"):
-            raise ValueError(f"SlowFast's instantiation={module.instantiation!r} with norm_type="
-                             f"{module.norm_type!r} has no nlref twin (softmax or dot_product, batchnorm or none)")
-        mode = modes[module.instantiation]
-        scale = mode == "embedded_gaussian"
-        pool = "before"
-    else:
-        mode = "embedded_gaussian"
-        scale = False if float(module.scale) == 1.0 else float(module.scale)
-        pool = "after"
-    opts.update(mode=mode, pool=pool, scale=scale if mode in ("gaussian", "embedded_gaussian") else False)
+    # the pool: where it sits says where nlref pools (inside g's Sequential: after the convolution)
     pools = [m for m in module.modules() if isinstance(m, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d))]
-    sub_sample = getattr(module, "sub_sample", getattr(module, "use_pool", None))  # the ports' own flags
-    opts["sub_sample"] = bool(pools) if sub_sample is None else bool(sub_sample) and bool(pools)
-    if opts["sub_sample"]:
-        kernel, stride = _tuple(pools[0].kernel_size, dims), _tuple(pools[0].stride, dims)
-        if _tuple(pools[0].padding, dims) != (0,) * dims or _tuple(pools[0].dilation, dims) != (1,) * dims:
-            raise ValueError(f"the module's pool {pools[0]} pads or dilates; nlref's subsampling does neither")
-        opts["pool_kernel"], opts["pool_stride"] = kernel, stride
-    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    opts["bn_layer"] = bool(norms)
-    if norms:
-        if norms[0].momentum is None or not norms[0].affine or not norms[0].track_running_stats:
-            raise ValueError(f"the module's norm {norms[0]} needs momentum, affine and running statistics")
-        opts["bn_eps"], opts["bn_momentum"] = float(norms[0].eps), float(norms[0].momentum)
-    w_z_bias = {"alexhex7": ("W.bias", "W.0.bias"), "mmcv": ("conv_out.conv.bias",),
-                "slowfast": ("conv_out.bias",), "timm": ("z.bias",)}[layout]
-    opts["W_z_bias"] = any(k in keys for k in w_z_bias)
+    opts["sub_sample"] = bool(pools)
+    if pools:
+        pool = pools[0]
+        kernel, stride = _tuple(pool.kernel_size, dims), _tuple(pool.stride, dims)
+        if _tuple(pool.padding, dims) != (0,) * dims or _tuple(pool.dilation, dims) != (1,) * dims or pool.ceil_mode:
+            raise ValueError(f"{cls}'s pool {pool} pads, dilates or rounds up; nlref's subsampling does none of them")
+        g_part = _submodule(module, names["g"].split("{pool}")[0])  # g itself, or its Sequential(conv, pool)
+        after = isinstance(g_part, nn.Sequential) and any(isinstance(m, type(pool)) for m in g_part.modules())
+        opts.update(pool="after" if after else "before", pool_kernel=kernel, pool_stride=stride)
+    # the norm after W_z
+    norm_name = names["bn"]
+    norm = _submodule(module, norm_name)
+    opts["bn_layer"] = norm is not None
+    if norm is not None:
+        if not isinstance(norm, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
+            raise ValueError(f"{cls}.{norm_name} is a {type(norm).__name__}; nlref's block normalises with one "
+                             "torch.nn.BatchNorm1d/2d/3d (or nothing)")
+        if norm.momentum is None or not norm.affine or not norm.track_running_stats:
+            raise ValueError(f"{cls}.{norm_name} ({norm}) needs momentum, affine and running statistics")
+        opts["bn_eps"], opts["bn_momentum"] = float(norm.eps), float(norm.momentum)
+    w_z = layouts.module_names(layout, sub_sample=opts["sub_sample"], bn_layer=opts["bn_layer"])["W_z"]
+    opts["W_z_bias"] = f"{w_z}.bias" in keys
+    # the mode and the logit scale: from the attributes the peer's class has
+    mode, scale = given.get("mode"), given.get("scale")
+    if layout == "alexhex7":  # the port keeps its mode in its file name: lib/non_local_<mode>.py
+        if mode is None:
+            if "theta.weight" not in keys:
+                mode = "gaussian"
+            elif "concat_project.0.weight" in keys:
+                mode = "concatenation"
+            elif getattr(module, "mode", None) in MODES:
+                mode = module.mode
+            else:
+                found = [m for m in MODES if f"non_local_{m}" in type(module).__module__]
+                if len(found) != 1:
+                    raise ValueError(f"{cls} has the alexhex7 layout, whose mode is the file name "
+                                     f"(non_local_<mode>.py), but it comes from {type(module).__module__!r} and has "
+                                     f"no mode attribute; pass mode= (one of {MODES})")
+                mode = found[0]
+        if scale is None:
+            scale = getattr(module, "scale", False)  # the port has none; the tests' oracle has one
+    elif layout == "mmcv":
+        if mode is None:
+            mode = _attribute(module, "mode", layout, "mode", "mmcv's NonLocalNd keeps its mode there")
+        if scale is None:
+            use_scale = _attribute(module, "use_scale", layout, "scale", "mmcv's NonLocalNd keeps it there")
+            scale = bool(use_scale) and mode == "embedded_gaussian"
+    elif layout in ("slowfast", "pytorchvideo"):
+        if mode is None:
+            instantiation = _attribute(module, "instantiation", layout, "mode",
+                                       "softmax or dot_product, in SlowFast's and pytorchvideo's classes")
+            modes = {"softmax": "embedded_gaussian", "dot_product": "dot_product"}
+            if instantiation not in modes:
+                raise ValueError(f"{cls}.instantiation={instantiation!r} has no nlref twin (softmax or dot_product)")
+            mode = modes[instantiation]
+        if scale is None:
+            scale = mode == "embedded_gaussian"  # dim_inner ** -0.5 in softmax mode
+    else:
+        mode = "embedded_gaussian" if mode is None else mode
+        if scale is None:
+            value = float(_attribute(module, "scale", layout, "scale", "timm's NonLocalAttn keeps it there"))
+            scale = False if value == 1.0 else value
+    opts.update(mode=mode, scale=scale if mode in ("gaussian", "embedded_gaussian") else False)
     return opts
 
 
@@ -167,22 +223,100 @@ def _rel(a, b):
     return err, err / ref, False
 
 
-def compare_block(module, x, layout=None, *, dz=None, seed=0, rtol=1e-9, atol=1e-12, verbose=True, **options):
+def randomize_module(module, seed=0):
+    """Give a PyTorch module's floating-point parameters and buffers random values, in place; returns it.
+
+    Standard normal times 0.7 for weights, biases and running means; running
+    variances uniform in [0.5, 1.5). Seeded (a ``torch.Generator``), so a
+    comparison is repeatable. :func:`compare_block` uses it on its own copy of a
+    module whose weights would make most of the comparison zeros.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(int(seed))
+    with torch.no_grad():
+        for name, t in module.state_dict().items():
+            if name.endswith("running_var"):
+                t.copy_(0.5 + torch.rand(t.shape, generator=gen, dtype=torch.float64).to(t.dtype))
+            elif t.is_floating_point():
+                t.copy_(0.7 * torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.dtype))
+    return module
+
+
+def _run(peer, layout, opts, host_x, dz):
+    """Both blocks forward and backward; (nlref block, rows, magnitudes, the peer's backward error)."""
+    import torch
+
+    state = peer.state_dict()
+    block = NonLocalBlock(dtype="float64", **opts)
+    block.load_state_dict(state, layout=layout)
+    block.training = peer.training
+    z = block.forward(host_x)
+    dx = block.backward(dz)
+    tx = torch.tensor(host_x, requires_grad=True)
+    tz = peer(tx)
+    peer_error = None
+    try:
+        tz.backward(torch.from_numpy(dz))
+    except RuntimeError as err:  # mmcv's concatenation divides its ReLU's output in place
+        peer_error = str(err).split("\n")[0]
+    rows, magnitudes = [], [1.0]
+
+    def compare(name, ours, theirs):
+        rows.append((name, *_rel(ours, theirs)))
+        magnitudes.append(float(np.max(np.abs(theirs))) if theirs.size else 0.0)
+
+    mapping = layouts.key_map(block, layout)
+    compare("output z", z, tz.detach().numpy())
+    # the branch alone: z is x plus it, so an error in it hides in z's relative error, and a branch
+    # that is all zero (a new block's W_z = 0 or gamma = 0) makes the forward comparison vacuous
+    compare("branch z - x", z - host_x, tz.detach().numpy() - host_x)
+    if peer_error is None:
+        compare("dx", dx, tx.grad.numpy())
+        peer_params = dict(peer.named_parameters())
+        for key, (peer_key, _) in mapping.items():
+            if key in block.params:
+                grad = peer_params[peer_key].grad
+                grad = np.zeros(block.grads[key].shape) if grad is None else grad.reshape(block.grads[key].shape)
+                compare(f"d{key} ({peer_key})", block.grads[key], np.asarray(grad))
+    after = peer.state_dict()
+    for key, (peer_key, _) in mapping.items():
+        if key in block.buffers:
+            compare(f"{key} ({peer_key})", block.buffers[key], after[peer_key].numpy())
+    return block, rows, magnitudes, peer_error
+
+
+def _zero_rows(rows):
+    """The quantities that are exactly zero in the peer: comparing them checks nothing."""
+    return [r[0] for r in rows if r[3]]
+
+
+def compare_block(module, x, layout=None, *, dz=None, seed=0, weights="auto", rtol=1e-9, atol=1e-12, verbose=True,
+                  **options):
     """Check a PyTorch non-local module against nlref's block, forward and backward, in float64.
 
     The module is copied (the caller's is left untouched) and converted to
-    float64; its configuration is read from its attributes and weights (see
+    float64; its configuration is read from what it has (its submodules, their
+    classes and weight shapes, and the attributes its peer's class keeps; see
     ``docs/compare_block.md``), the matching :class:`~nlref.nn.NonLocalBlock` is
     built and loaded with its weights, and both run forward on ``x`` and backward
     from the same ``dz``, in the module's mode (``module.training``: batch
     statistics and running-statistics updates in train mode, running statistics
     in eval mode).
 
+    A module as its constructor builds it starts as the identity (BN's gamma = 0,
+    or W_z = 0), so every gradient upstream of the norm is zero and most rows
+    would compare zero with zero: such a comparison says nothing about theta,
+    phi, g or W_z. By default (``weights="auto"``) the comparison then runs on a
+    copy with random weights (:func:`randomize_module`, seeded by ``seed``), and
+    the report says so; ``weights="own"`` keeps the module's weights exactly. A
+    comparison in which any quantity is all zero in the peer is reported as
+    INCONCLUSIVE, never as agreeing.
+
     Parameters
     ----------
     module : torch.nn.Module
-        A non-local block with one of the layouts ``"alexhex7"``, ``"mmcv"``,
-        ``"slowfast"``, ``"timm"`` (see :meth:`NonLocalBlock.load_state_dict`).
+        A non-local block with one of the layouts of :data:`nlref.nn.layouts.PEER_LAYOUTS`.
     x : array or torch.Tensor, shape (B, C, *S)
         The input; converted to float64 on the host.
     layout : str, optional
@@ -190,7 +324,11 @@ def compare_block(module, x, layout=None, *, dz=None, seed=0, rtol=1e-9, atol=1e
     dz : array, shape of ``x``, optional
         The upstream gradient; default standard normal from ``seed``.
     seed : int
-        Seeds the default ``dz``.
+        Seeds the default ``dz`` and the random weights.
+    weights : {"auto", "own", "random"}
+        ``"auto"``: the module's weights, unless a compared quantity is all zero
+        in the peer with them; then a randomised copy. ``"own"``:
+        the module's weights, always. ``"random"``: a randomised copy, always.
     rtol, atol : float
         A row agrees when its relative error (``max |nlref - peer| / max |peer|``)
         is at most ``rtol`` or its absolute error at most ``atol`` times the
@@ -209,87 +347,85 @@ def compare_block(module, x, layout=None, *, dz=None, seed=0, rtol=1e-9, atol=1e
     Returns
     -------
     BlockComparison
-        The rows of the table, the verdict, the options and the nlref block.
+        The rows of the table, the verdict, the options, the weights compared and the nlref block.
 
     Raises
     ------
     ValueError
         The layout is unknown or undetectable, the module's configuration has no
-        nlref twin (the message says which part), or ``x`` does not fit.
+        nlref twin or cannot be read (the message names the class and the part),
+        or ``x``, ``dz`` or ``weights`` does not fit.
     ImportError
         PyTorch is not installed.
     """
     import torch
 
-    if layout is not None and layout not in _PEERS:
-        raise ValueError(f"layout must be None (detect) or one of {_PEERS}, got {layout!r}")
+    if layout is not None and layout not in layouts.PEER_LAYOUTS:
+        raise ValueError(f"layout must be None (detect) or one of {layouts.PEER_LAYOUTS}, got {layout!r}")
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
     peer = copy.deepcopy(module).double()
     peer.train(module.training)
     state = peer.state_dict()
     if layout is None:
-        layout = _layout_of(state)
+        layout = layouts.layout_of_keys(state)
         if layout is None:
-            raise ValueError(f"the module's state-dict keys {sorted(state)} fit none of the layouts {_PEERS}; "
-                             "pass layout= if it is one of them")
-    opts = _infer_options(peer, state, layout)
+            raise ValueError(f"{type(module).__name__}'s state-dict keys {sorted(state)} fit none of the layouts "
+                             f"{layouts.PEER_LAYOUTS}; pass layout= if it is one of them")
+    opts = _read_options(peer, state, layout, options)
     opts.update(options)
     if opts.get("mode") not in MODES:
-        raise ValueError(f"could not read the {layout} module's mode; pass mode= (one of {MODES})")
+        raise ValueError(f"could not read {type(module).__name__}'s mode ({layout} layout); pass mode= (one of "
+                         f"{MODES})")
     host_x = np.array(B.to_numpy(x) if not isinstance(x, np.ndarray) else x, dtype=np.float64)
     if host_x.ndim < 3:
         raise ValueError(f"x must have shape (B, C, *S), got {host_x.shape}")
-    block = NonLocalBlock(dtype="float64", **opts)
-    block.load_state_dict(state, layout=layout)
-    block.training = peer.training
     if dz is None:
         dz = np.random.default_rng(seed).standard_normal(host_x.shape)
     dz = np.array(B.to_numpy(dz) if not isinstance(dz, np.ndarray) else dz, dtype=np.float64)
     if dz.shape != host_x.shape:
         raise ValueError(f"dz must have the shape of x, {host_x.shape}; got {dz.shape}")
 
-    z = block.forward(host_x)
-    dx = block.backward(dz)
-    tx = torch.tensor(host_x, requires_grad=True)
-    tz = peer(tx)
-    peer_error = None
-    try:
-        tz.backward(torch.from_numpy(dz))
-    except RuntimeError as err:  # mmcv's concatenation divides its ReLU's output in place
-        peer_error = str(err).split("\n")[0]
-    rows, magnitudes = [], [1.0]
-
-    def compare(name, ours, theirs):
-        rows.append((name, *_rel(ours, theirs)))
-        magnitudes.append(float(np.max(np.abs(theirs))) if theirs.size else 0.0)
-
-    compare("output z", z, tz.detach().numpy())
-    if peer_error is None:
-        compare("dx", dx, tx.grad.numpy())
-        peer_params = dict(peer.named_parameters())
-        for key, (peer_key, _) in block._peer_map(layout).items():
-            if key in block.params:
-                grad = peer_params[peer_key].grad
-                compare(f"d{key} ({peer_key})", block.grads[key], grad.reshape(block.grads[key].shape).numpy())
-    after = peer.state_dict()
-    for key, (peer_key, _) in block._peer_map(layout).items():
-        if key in block.buffers:
-            compare(f"{key} ({peer_key})", block.buffers[key], after[peer_key].numpy())
+    weights_note = "the module's own"
+    if weights == "random":
+        randomize_module(peer, seed)
+        weights_note = f"a copy with random weights (randomize_module, seed={seed}), as asked (weights='random')"
+    block, rows, magnitudes, peer_error = _run(peer, layout, opts, host_x, dz)
+    if weights == "auto" and _zero_rows(rows):
+        zeros = len(_zero_rows(rows))
+        peer = randomize_module(copy.deepcopy(module).double().train(module.training), seed)
+        block, rows, magnitudes, peer_error = _run(peer, layout, opts, host_x, dz)
+        weights_note = (f"a copy with random weights (randomize_module, seed={seed}): with the module's own, "
+                        f"{zeros} of {len(rows)} compared quantities were all zero, as in a module as built "
+                        "(BN gamma = 0 or W_z = 0; running mean 0); weights='own' keeps them")
     scale = max(magnitudes)
     result = BlockComparison(layout=layout, block=block, options=opts, rows=rows, peer_error=peer_error,
-                             rtol=rtol, atol=atol, scale=scale)
-    result.agree = agree = peer_error is None and all(result.row_ok(r) for r in rows)
+                             rtol=rtol, atol=atol, scale=scale, weights=weights_note)
+    zeros = _zero_rows(rows)
+    inconclusive = bool(zeros)
+    result.agree = agree = peer_error is None and not inconclusive and all(result.row_ok(r) for r in rows)
+    bad = [r[0] for r in rows if not result.row_ok(r)]
     if peer_error is not None:
-        verdict = (f"{'forward agrees' if result.row_ok(rows[0]) else 'forward DIFFERS'} (max rel err "
-                   f"{rows[0][2]:.1e}); the "
-                   f"peer's backward failed, so no gradient was compared: {peer_error}")
-    elif agree:
+        forward = rows[:2]  # z and the branch z - x
+        if any(r[3] for r in forward):
+            state = "forward INCONCLUSIVE (the block's branch z - x is all zero in the peer)"
+        else:
+            state = "forward agrees" if all(result.row_ok(r) for r in forward) else "forward DIFFERS"
+        verdict = (f"{state} (max rel err of z - x {rows[1][2]:.1e}); the peer's backward failed, so no "
+                   f"gradient was compared: {peer_error}")
+    elif bad:
+        verdict = (f"DIFFER: max rel err above {rtol:g} and max abs err above {atol:g} x {scale:.3g} for "
+                   f"{', '.join(bad)}")
+    elif inconclusive:
+        verdict = (f"INCONCLUSIVE: the rest agree, but {len(zeros)} of {len(rows)} quantities are all zero in the "
+                   f"peer ({', '.join(zeros)}), so they were not checked; compare with weights='random' (or "
+                   "another seed), or trained weights")
+    else:
         worst = max(r[2] for r in rows if r[2] <= rtol)
         verdict = (f"agree: every max rel err <= {rtol:g} (largest {worst:.1e}) or max abs err <= {atol:g} x "
                    f"{scale:.3g} (the largest peer magnitude)")
-    else:
-        bad = [r[0] for r in rows if not result.row_ok(r)]
-        verdict = (f"DIFFER: max rel err above {rtol:g} and max abs err above {atol:g} x {scale:.3g} for "
-                   f"{', '.join(bad)}")
     result.verdict = verdict
     if verbose:
         print(result)
