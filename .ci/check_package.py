@@ -91,8 +91,9 @@ def build(setuptools_version: str, src: Path, work: Path) -> subprocess.Complete
         "import setuptools, sys\n"
         f"assert setuptools.__version__ == {setuptools_version!r}, setuptools.__version__\n"
         "from setuptools import build_meta as b\n"
-        "print('sdist', b.build_sdist(sys.argv[1]))\n"
-        "print('wheel', b.build_wheel(sys.argv[1]))\n"
+        "out = sys.argv[1]  # before the hooks: setuptools rewrites sys.argv\n"
+        "print('sdist', b.build_sdist(out))\n"
+        "print('wheel', b.build_wheel(out))\n"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     env["PYTHONPATH"] = str(target)
@@ -142,6 +143,8 @@ def main() -> int:
         below = build(BELOW, src, work)
         if below.returncode == 0:
             fail(f"setuptools {BELOW} built the package: build-system.requires' floor (77) is not the floor")
+        if "license" not in (below.stdout + below.stderr).lower():
+            fail(f"setuptools {BELOW} failed for a reason other than the licence:\n{below.stderr[-3000:]}")
         say(f"setuptools {BELOW} refuses the tree, as expected (the SPDX licence needs 77)")
         shutil.rmtree(src / "nlref.egg-info", ignore_errors=True)
 
@@ -152,7 +155,7 @@ def main() -> int:
         sdist = dist / f"nlref-{version}.tar.gz"
         wheel = dist / f"nlref-{version}-py3-none-any.whl"
         if not (sdist.is_file() and wheel.is_file()):
-            fail(f"expected {sdist.name} and {wheel.name}, found {sorted(p.name for p in dist.iterdir())}")
+            fail(f"expected {sdist.name} and {wheel.name}, found {sorted(p.name for p in dist.iterdir())}\n{built.stdout}\n{built.stderr[-3000:]}")
         say(f"setuptools {FLOOR} built {sdist.name} and {wheel.name}")
 
         with zipfile.ZipFile(wheel) as z:
