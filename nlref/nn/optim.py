@@ -125,7 +125,15 @@ class _Optimiser:
 
 
 class SGD(_Optimiser):
-    r"""Stochastic gradient descent with momentum, as ``torch.optim.SGD``.
+    r"""Stochastic gradient descent with momentum: ``torch.optim.SGD`` with two parameter groups.
+
+    It equals ``torch.optim.SGD([{"params": decayed, "weight_decay": weight_decay},
+    {"params": others, "weight_decay": 0.0}], lr=lr, momentum=momentum)``, where ``others``
+    are the parameters for which ``model.no_decay(key)`` is true (batch-norm gamma and beta,
+    and biases) and ``decayed`` are the rest (the convolution and linear weights);
+    ``dampening=0``, ``nesterov=False``. ``tests/test_optim.py`` holds it to that
+    configuration (1e-12 after several steps). A single-group ``torch.optim.SGD(...,
+    weight_decay=...)`` would also decay the biases and BN parameters, and differs.
 
     .. math::
         g \leftarrow \nabla_p L + \lambda p \ (\text{not for BN parameters and biases}), \quad
@@ -153,7 +161,16 @@ class SGD(_Optimiser):
 
 
 class Adam(_Optimiser):
-    r"""Adam (Kingma & Ba), as ``torch.optim.Adam`` (L2 weight decay added to the gradient).
+    r"""Adam (Kingma & Ba): ``torch.optim.Adam`` with two parameter groups.
+
+    It equals ``torch.optim.Adam([{"params": decayed, "weight_decay": weight_decay},
+    {"params": others, "weight_decay": 0.0}], lr=lr, betas=betas, eps=eps)``, where ``others``
+    are the parameters for which ``model.no_decay(key)`` is true (batch-norm gamma and beta,
+    and biases) and ``decayed`` are the rest; the weight decay is L2, added to the gradient
+    (``amsgrad=False``; not ``torch.optim.AdamW``'s decoupled decay). ``tests/test_optim.py``
+    holds it to that configuration (1e-12 after several steps). A single-group
+    ``torch.optim.Adam(..., weight_decay=...)`` would also decay the biases and BN
+    parameters, and differs.
 
     .. math::
         m \leftarrow \beta_1 m + (1-\beta_1) g, \quad v \leftarrow \beta_2 v + (1-\beta_2) g^2, \quad
