@@ -93,9 +93,39 @@ def _noisy_copies(image, sigma, n, seed):
 
 
 def average(copies, *, axis=0):
-    """The pixel-wise mean of a stack of copies along ``axis``."""
-    xp = array_namespace(copies, names=["copies"])
-    return xp.mean(copies, axis=axis)
+    """The pixel-wise mean of a stack of copies along ``axis``.
+
+    Parameters
+    ----------
+    copies : array, or a list or tuple of arrays of one shape
+        A stack (``noisy_copies``' output), or the copies themselves: ``average([a, b])``
+        is the mean of ``a`` and ``b`` (they are stacked along ``axis`` first).
+    axis : int
+        The axis that counts the copies.
+
+    Returns
+    -------
+    array, of the copies' library; integer copies are averaged in float32.
+    """
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"axis must be an int; got {axis!r}")
+    if isinstance(copies, (list, tuple)):
+        if not copies:
+            raise ValueError("copies is an empty list: give at least one array to average")
+        names = [f"copies[{i}]" for i in range(len(copies))]
+        xp = array_namespace(*copies, names=names)
+        shapes = {tuple(c.shape) for c in copies}
+        if len(shapes) > 1:
+            raise ValueError(f"copies must all have one shape to be averaged; got shapes {sorted(shapes)}")
+        dtypes = {c.dtype for c in copies}
+        if len(dtypes) > 1:
+            raise TypeError(f"copies must share one dtype; got {sorted(str(d) for d in dtypes)}: convert them first")
+        copies = xp.stack(list(copies), axis=axis)
+    else:
+        xp = array_namespace(copies, names=["copies"])
+    if not -copies.ndim <= axis < copies.ndim:
+        raise ValueError(f"axis {axis} is out of range for copies with {copies.ndim} axes")
+    return xp.mean(xp.astype(copies, _float_dtype(xp, copies)), axis=axis)
 
 
 def residual_variance(estimate, clean):
@@ -116,8 +146,12 @@ def averaging_curve(image, sigma, counts, *, seed=0):
     variances : list of float
         ``variances[i]`` belongs to ``counts[i]``; compare with ``sigma**2 / N``.
     """
-    counts = [int(c) for c in counts]
-    if not counts or min(counts) < 1:
-        raise ValueError(f"counts must be positive ints; got {counts!r}")
+    if isinstance(counts, numbers.Integral) or not hasattr(counts, "__iter__"):
+        raise TypeError(f"counts must be a sequence of positive ints (how many copies to average, e.g. "
+                        f"[1, 2, 4, 8]); got {counts!r}")
+    given = list(counts)
+    if not given or not all(isinstance(c, numbers.Integral) and not isinstance(c, bool) and c >= 1 for c in given):
+        raise ValueError(f"counts must be positive ints; got {given!r}")
+    counts = [int(c) for c in given]
     copies = noisy_copies(image, sigma, max(counts), seed=seed)
     return [residual_variance(average(copies[:n, ...]), image) for n in counts]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 
 from .backend import array_namespace, dtype_name
@@ -34,5 +35,9 @@ def psnr(reference, estimate, *, data_range=None):
                           "one by 255", UserWarning, stacklevel=2)
     if data_range is None:
         data_range = {"uint8": 255.0, "uint16": 65535.0}.get(dtype_name(reference.dtype), 1.0)
+    elif (isinstance(data_range, bool) or not isinstance(data_range, numbers.Real) or not math.isfinite(data_range)
+          or data_range <= 0):
+        raise ValueError(f"data_range must be a positive number (the images' value range, e.g. 1.0 or 255); "
+                         f"got {data_range!r}")
     err = mse(reference, estimate)
     return math.inf if err == 0 else 10.0 * math.log10(data_range**2 / err)

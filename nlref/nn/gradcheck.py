@@ -116,6 +116,7 @@ def gradcheck(forward, backward, inputs, *, wrt=None, method="centred", eps=1e-6
     if not isinstance(inputs, dict) or not inputs:
         raise TypeError("inputs must be a non-empty dict of name -> array")
     for name, value in inputs.items():
+        B.array_namespace(value, names=[name])  # a clear TypeError for a list or a scalar
         if B.dtype_name(value.dtype) != "float64":
             raise TypeError(f"gradcheck needs float64 inputs; {name!r} is {B.dtype_name(value.dtype)}")
     out = forward(**inputs)
@@ -260,6 +261,7 @@ def layer_gradcheck(layer, x, *, wrt=None, **options) -> GradcheckResult:
     through ``state_dict()`` / ``load_state_dict()`` where the layer has them, otherwise
     from copies. ``options`` go to :func:`gradcheck`.
     """
+    B.array_namespace(x, names=["x"])  # a clear TypeError for a list (convert it first)
     slots = _parameter_slots(layer)
     if "x" in slots:
         raise ValueError("layer_gradcheck names the input 'x': the layer has a parameter of that name")
