@@ -18,7 +18,9 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
+from collections.abc import Iterable, Sequence
 
+from ._typing import Array, Seed
 from .backend import array_namespace, normal
 
 __all__ = ["add_gaussian_noise", "noisy_copies", "average", "residual_variance", "averaging_curve"]
@@ -34,7 +36,7 @@ def _check_sigma(sigma):
     return float(sigma)
 
 
-def add_gaussian_noise(image, sigma, *, seed=None):
+def add_gaussian_noise(image: Array, sigma: float, *, seed: Seed = None) -> Array:
     """``image + sigma * n`` with ``n`` standard normal (seeded).
 
     Parameters
@@ -70,7 +72,7 @@ def _units_doubt(xp, image, sigma):
     return None
 
 
-def noisy_copies(image, sigma, n, *, seed=None):
+def noisy_copies(image: Array, sigma: float, n: int, *, seed: Seed = None) -> Array:
     """``n`` independent noisy copies of ``image``, stacked: shape ``(n, *image.shape)``.
 
     Warns (``UserWarning``) when ``sigma`` looks like the 0..255 versus 0..1 mix-up.
@@ -92,7 +94,7 @@ def _noisy_copies(image, sigma, n, seed):
     return xp.astype(image, dtype)[None, ...] + sigma * noise
 
 
-def average(copies, *, axis=0):
+def average(copies: Array | Sequence[Array], *, axis: int = 0) -> Array:
     """The pixel-wise mean of a stack of copies along ``axis``.
 
     Parameters
@@ -128,14 +130,14 @@ def average(copies, *, axis=0):
     return xp.mean(xp.astype(copies, _float_dtype(xp, copies)), axis=axis)
 
 
-def residual_variance(estimate, clean):
+def residual_variance(estimate: Array, clean: Array) -> float:
     """Mean squared difference ``mean((estimate - clean)**2)`` as a Python float."""
     xp = array_namespace(estimate, clean, names=["estimate", "clean"])
     d = estimate - xp.astype(clean, estimate.dtype)
     return float(xp.mean(d * d))
 
 
-def averaging_curve(image, sigma, counts, *, seed=0):
+def averaging_curve(image: Array, sigma: float, counts: Iterable[int], *, seed: Seed = 0) -> list[float]:
     """Measured residual variance of the average of N copies, for each N in ``counts``.
 
     The copies are drawn once (``max(counts)`` of them) and the first N are

@@ -6,12 +6,13 @@ import math
 import numbers
 import warnings
 
+from ._typing import Array
 from .backend import array_namespace, dtype_name
 
 __all__ = ["mse", "psnr"]
 
 
-def mse(reference, estimate):
+def mse(reference: Array, estimate: Array) -> float:
     """Mean squared error as a Python float (computed in float64 on the device)."""
     xp = array_namespace(reference, estimate, names=["reference", "estimate"])
     if tuple(reference.shape) != tuple(estimate.shape):
@@ -20,7 +21,7 @@ def mse(reference, estimate):
     return float(xp.mean(d * d))
 
 
-def psnr(reference, estimate, *, data_range=None):
+def psnr(reference: Array, estimate: Array, *, data_range: float | None = None) -> float:
     """Peak signal-to-noise ratio ``10 log10(data_range**2 / mse)`` in dB.
 
     ``data_range`` defaults to 255 for uint8 references, 65535 for uint16 and

@@ -32,11 +32,14 @@ import tempfile
 import threading
 import time
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from ._typing import PathLike
 from . import backend as B
 from .data.sprites import GLYPHS, RELATIONS, sprite_clips, sprite_splits
 from .nn import functional as F
@@ -373,8 +376,10 @@ def _prepare_out_dir(out_dir):
 
 
 # --------------------------------------------------------------------------- the loop
-def train(config=None, out_dir=None, *, xp=None, resume=False, overwrite=False, progress=True, log=print,
-          callback=None):
+def train(config: TrainConfig | None = None, out_dir: PathLike | None = None, *, xp: Any = None,
+          resume: bool = False, overwrite: bool = False, progress: bool = True,
+          log: Callable[[str], Any] | None = print,
+          callback: Callable[[int, dict, VideoNet], Any] | None = None) -> dict:
     """Train a :class:`VideoNet` on the sprite task.
 
     Parameters

@@ -7,13 +7,16 @@ sdist with the oldest setuptools allowed, and running tests from the unpacked sd
 
 from __future__ import annotations
 
+import inspect
 import re
 import tomllib
+import typing
 from pathlib import Path
 
 import pytest
 
 import nlref
+import nlref.train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,3 +82,27 @@ def test_notebooks_run_without_an_nbmake_flag(pyproject):
     assert "notebooks" in pyproject["tool"]["pytest"]["ini_options"]["testpaths"]
     conftest = (ROOT / "conftest.py").read_text(encoding="utf-8")
     assert "config.option.nbmake = True" in conftest
+
+
+def _public_callables():
+    from nlref.nn import models, optim
+
+    # nl_means_store (nlref/nlmeans/chunked.py) is left to the restructuring of the chunked routes
+    funcs = [getattr(nlref, name) for name in nlref.__all__ if callable(getattr(nlref, name))
+             and not isinstance(getattr(nlref, name), type) and not inspect.ismodule(getattr(nlref, name))
+             and name != "nl_means_store"]
+    classes = [nlref.NonLocalBlock, nlref.nn.VideoNet, models.Conv3d, models.BatchNorm, models.ConvBN,
+               models.ResidualBlock, models.NonLocal, optim.SGD, optim.Adam, optim.StepSchedule]
+    return funcs + [nlref.train.train] + [c.__init__ for c in classes]
+
+
+@pytest.mark.parametrize("func", _public_callables(), ids=lambda f: f.__qualname__)
+def test_public_api_is_annotated(func):
+    # py.typed promises annotations: every parameter and the return of the top-level functions
+    # and of the layers' constructors, and each annotation resolves to a real type
+    hints = typing.get_type_hints(func)
+    params = [p for p in inspect.signature(func).parameters.values() if p.name != "self"]
+    missing = [p.name for p in params if p.name not in hints]
+    assert not missing, f"{func.__qualname__} lacks annotations for {missing}"
+    assert "return" in hints
+    assert (ROOT / "nlref" / "py.typed").is_file()

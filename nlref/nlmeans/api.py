@@ -6,9 +6,11 @@ import math
 import numbers
 import os
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 
+from .._typing import Array, Size
 from ..backend import dtype_name, require_real
 from . import presets
 from .chunked import _check_not_stored, is_dask_array, nl_means_dask, resolve_parameters_dask
@@ -177,8 +179,10 @@ def _default_data_range(xp, image, peak=None):
     return 1.0 if peak <= 4.0 else 255.0
 
 
-def resolve_parameters(image, *, sigma=None, h=None, patch_size=None, search_size=None,
-                       channel_axis=None, aggregation="pixel", data_range=None):
+def resolve_parameters(image: Array, *, sigma: float | None = None, h: float | None = None,
+                       patch_size: Size | None = None, search_size: Size | None = None,
+                       channel_axis: int | None = None, aggregation: str = "pixel",
+                       data_range: float | None = None) -> dict:
     """The parameters :func:`nl_means` would use for these arguments.
 
     Returns
@@ -279,8 +283,10 @@ def _from_working(xp, u, image, channel_axis):
     return xp.astype(u, image.dtype)
 
 
-def nl_means(image, *, sigma=None, h=None, patch_size=None, search_size=None, channel_axis=None,
-             aggregation="pixel", method="fast", data_range=None, workers=None, progress=False):
+def nl_means(image: Array, *, sigma: float | None = None, h: float | None = None, patch_size: Size | None = None,
+             search_size: Size | None = None, channel_axis: int | None = None,
+             aggregation: str = "pixel", method: str = "fast", data_range: float | None = None,
+             workers: int | None = None, progress: bool = False) -> Array:
     r"""Non-local means denoising of an image, a colour image, a volume or a video.
 
     .. math::
@@ -433,8 +439,9 @@ def _pixel_index(index, spatial):
     return index
 
 
-def nl_means_weights(image, index, *, sigma=None, h=None, patch_size=None, search_size=None,
-                     channel_axis=None, data_range=None):
+def nl_means_weights(image: Array, index: int | Sequence[int], *, sigma: float | None = None,
+                     h: float | None = None, patch_size: Size | None = None, search_size: Size | None = None,
+                     channel_axis: int | None = None, data_range: float | None = None) -> Array:
     """The NL-means weights of one pixel over its search window (unnormalised).
 
     The first picture of "attention": how much each neighbour ``q`` of the

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
+from .._typing import Array
 from .. import backend as B
 from .block import LAYOUTS, NonLocalBlock
 from .nonlocal_op import MODES
@@ -167,7 +169,8 @@ def _rel(a, b):
     return err, err / ref, False
 
 
-def compare_block(module, x, layout=None, *, dz=None, seed=0, rtol=1e-9, atol=1e-12, verbose=True, **options):
+def compare_block(module: Any, x: Array, layout: str | None = None, *, dz: Array | None = None, seed: int = 0,
+                  rtol: float = 1e-9, atol: float = 1e-12, verbose: bool = True, **options: Any) -> BlockComparison:
     """Check a PyTorch non-local module against nlref's block, forward and backward, in float64.
 
     The module is copied (the caller's is left untouched) and converted to

@@ -28,10 +28,13 @@ swamps the differences.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
+from .._typing import Array
 from .. import backend as B
 
 __all__ = ["gradcheck", "layer_gradcheck", "GradcheckResult"]
@@ -77,8 +80,9 @@ def _rel(num, ana, floor, typical=0.0):
     return float(np.linalg.norm(num - ana)) / max(scale, typical)
 
 
-def gradcheck(forward, backward, inputs, *, wrt=None, method="centred", eps=1e-6, rtol=1e-6, atol=None,
-              directions=3, seed=0):
+def gradcheck(forward: Callable[..., Array], backward: Callable[[Array], dict], inputs: dict[str, Array], *,
+              wrt: Sequence[str] | None = None, method: str = "centred", eps: float = 1e-6, rtol: float = 1e-6,
+              atol: float | None = None, directions: int = 3, seed: int = 0) -> GradcheckResult:
     """Compare ``backward`` with finite differences of ``forward``.
 
     Parameters
@@ -244,7 +248,7 @@ def _restore_state(layer, saved):
             node.num_batches_tracked = counter
 
 
-def layer_gradcheck(layer, x, *, wrt=None, **options) -> GradcheckResult:
+def layer_gradcheck(layer: Any, x: Array, *, wrt: Sequence[str] | None = None, **options: Any) -> GradcheckResult:
     """:func:`gradcheck` of a layer object (``forward``, ``backward``, ``params``, ``grads``).
 
     Checks dL/dx and every parameter gradient (or those named in ``wrt``; ``"x"``

@@ -16,6 +16,8 @@ An optimiser works on any object with ``params`` / ``grads`` dicts (same keys),
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -52,7 +54,8 @@ class StepSchedule:
         Steps of linear warm-up from ``base_lr / warmup`` (0: none).
     """
 
-    def __init__(self, base_lr, total_steps, *, milestones=(0.6, 0.85), factor=0.1, warmup=0):
+    def __init__(self, base_lr: float, total_steps: int, *, milestones: Sequence[float] = (0.6, 0.85),
+                 factor: float = 0.1, warmup: int = 0) -> None:
         self.base_lr = _number("base_lr", base_lr, low=0.0, low_open=True)
         if isinstance(total_steps, bool) or not isinstance(total_steps, (int, np.integer)) or total_steps < 1:
             raise ValueError(f"total_steps must be a positive integer, got {total_steps!r}")
@@ -143,7 +146,7 @@ class SGD(_Optimiser):
 
     _SLOTS = ("momentum",)
 
-    def __init__(self, model, *, lr=0.1, momentum=0.9, weight_decay=1e-4):
+    def __init__(self, model: Any, *, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 1e-4) -> None:
         super().__init__(model, lr=lr, weight_decay=weight_decay)
         self.momentum = _number("momentum", momentum, high=1.0)
 
@@ -179,7 +182,8 @@ class Adam(_Optimiser):
 
     _SLOTS = ("m", "v")
 
-    def __init__(self, model, *, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+    def __init__(self, model: Any, *, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0) -> None:
         super().__init__(model, lr=lr, weight_decay=weight_decay)
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"betas must be a pair of numbers in [0, 1), got {betas!r}")
