@@ -407,3 +407,21 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_writes(tmp_path, monkeypa
     train(TrainConfig(**{**TINY, "epochs": 1, "seed": 5}), tmp_path, overwrite=True, progress=False, log=None)
     assert load_checkpoint(tmp_path / "checkpoint.npz")[0]["config"]["seed"] == 5
     assert _files(tmp_path) != before
+
+
+def test_interrupting_an_overwrite_before_its_first_epoch_keeps_and_names_the_old_run(tmp_path, capsys, monkeypatch):
+    options = ["train", "--epochs", "1", "--n-train", "32", "--n-val", "16", "--batch-size", "16", "--no-progress",
+               "--out", str(tmp_path)]
+    assert main(options) == 0
+    before = _files(tmp_path)
+    capsys.readouterr()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T.F, "softmax_cross_entropy_forward", interrupted)
+    assert main([*options, "--seed", "4", "--overwrite"]) == 130
+    (message,) = capsys.readouterr().err.strip().splitlines()
+    assert "before the new run's first epoch was complete" in message
+    assert "still holds the previous run" in message and "--resume" not in message
+    assert _files(tmp_path) == before
