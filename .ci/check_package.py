@@ -5,6 +5,7 @@ Run from the repository root with the test extra installed (``.ci/run`` does):
 
     python .ci/check_package.py
 
+0. ``CITATION.cff`` is valid CFF 1.2.0 (the JSON schema shipped in cffconvert's wheel).
 1. The build floor. ``build-system.requires`` says ``setuptools>=77``: the SPDX
    ``license = "BSD-3-Clause"`` string and ``license-files`` (PEP 639) arrived in
    setuptools 77. The wheel and the sdist are built with exactly setuptools 77.0.3 in a
