@@ -15,13 +15,14 @@ sys.path.insert(0, str(DOCS / "_ext"))
 sys.path.insert(0, str(DOCS.parent))
 
 import chapters  # noqa: E402  (docs/_ext/chapters.py)
+from nlref import __version__  # noqa: E402  (the one place the version is written)
 
 chapters.write_pointers()
 
 project = "nlref"
-author = "the nlref authors"
-copyright = "the nlref authors, BSD-3-Clause"
-release = version = "0.1.0"
+author = "the nlref developers"
+copyright = "2026, the nlref developers, BSD-3-Clause"
+release = version = __version__
 
 extensions = [
     "myst_nb",

@@ -18,7 +18,9 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
+from collections.abc import Iterable, Sequence
 
+from ._typing import Array, Seed
 from .backend import array_namespace, normal
 
 __all__ = ["add_gaussian_noise", "noisy_copies", "average", "residual_variance", "averaging_curve"]
@@ -34,7 +36,7 @@ def _check_sigma(sigma):
     return float(sigma)
 
 
-def add_gaussian_noise(image, sigma, *, seed=None):
+def add_gaussian_noise(image: Array, sigma: float, *, seed: Seed = None) -> Array:
     """``image + sigma * n`` with ``n`` standard normal (seeded).
 
     Parameters
@@ -70,7 +72,7 @@ def _units_doubt(xp, image, sigma):
     return None
 
 
-def noisy_copies(image, sigma, n, *, seed=None):
+def noisy_copies(image: Array, sigma: float, n: int, *, seed: Seed = None) -> Array:
     """``n`` independent noisy copies of ``image``, stacked: shape ``(n, *image.shape)``.
 
     Warns (``UserWarning``) when ``sigma`` looks like the 0..255 versus 0..1 mix-up.
@@ -92,20 +94,50 @@ def _noisy_copies(image, sigma, n, seed):
     return xp.astype(image, dtype)[None, ...] + sigma * noise
 
 
-def average(copies, *, axis=0):
-    """The pixel-wise mean of a stack of copies along ``axis``."""
-    xp = array_namespace(copies, names=["copies"])
-    return xp.mean(copies, axis=axis)
+def average(copies: Array | Sequence[Array], *, axis: int = 0) -> Array:
+    """The pixel-wise mean of a stack of copies along ``axis``.
+
+    Parameters
+    ----------
+    copies : array, or a list or tuple of arrays of one shape
+        A stack (``noisy_copies``' output), or the copies themselves: ``average([a, b])``
+        is the mean of ``a`` and ``b`` (they are stacked along ``axis`` first).
+    axis : int
+        The axis that counts the copies.
+
+    Returns
+    -------
+    array, of the copies' library; integer copies are averaged in float32.
+    """
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"axis must be an int; got {axis!r}")
+    if isinstance(copies, (list, tuple)):
+        if not copies:
+            raise ValueError("copies is an empty list: give at least one array to average")
+        names = [f"copies[{i}]" for i in range(len(copies))]
+        xp = array_namespace(*copies, names=names)
+        shapes = {tuple(c.shape) for c in copies}
+        if len(shapes) > 1:
+            raise ValueError(f"copies must all have one shape to be averaged; got shapes {sorted(shapes)}")
+        dtypes = {c.dtype for c in copies}
+        if len(dtypes) > 1:
+            raise TypeError(f"copies must share one dtype; got {sorted(str(d) for d in dtypes)}: convert them first")
+        copies = xp.stack(list(copies), axis=axis)
+    else:
+        xp = array_namespace(copies, names=["copies"])
+    if not -copies.ndim <= axis < copies.ndim:
+        raise ValueError(f"axis {axis} is out of range for copies with {copies.ndim} axes")
+    return xp.mean(xp.astype(copies, _float_dtype(xp, copies)), axis=axis)
 
 
-def residual_variance(estimate, clean):
+def residual_variance(estimate: Array, clean: Array) -> float:
     """Mean squared difference ``mean((estimate - clean)**2)`` as a Python float."""
     xp = array_namespace(estimate, clean, names=["estimate", "clean"])
     d = estimate - xp.astype(clean, estimate.dtype)
     return float(xp.mean(d * d))
 
 
-def averaging_curve(image, sigma, counts, *, seed=0):
+def averaging_curve(image: Array, sigma: float, counts: Iterable[int], *, seed: Seed = 0) -> list[float]:
     """Measured residual variance of the average of N copies, for each N in ``counts``.
 
     The copies are drawn once (``max(counts)`` of them) and the first N are
@@ -116,8 +148,12 @@ def averaging_curve(image, sigma, counts, *, seed=0):
     variances : list of float
         ``variances[i]`` belongs to ``counts[i]``; compare with ``sigma**2 / N``.
     """
-    counts = [int(c) for c in counts]
-    if not counts or min(counts) < 1:
-        raise ValueError(f"counts must be positive ints; got {counts!r}")
+    if isinstance(counts, numbers.Integral) or not hasattr(counts, "__iter__"):
+        raise TypeError(f"counts must be a sequence of positive ints (how many copies to average, e.g. "
+                        f"[1, 2, 4, 8]); got {counts!r}")
+    given = list(counts)
+    if not given or not all(isinstance(c, numbers.Integral) and not isinstance(c, bool) and c >= 1 for c in given):
+        raise ValueError(f"counts must be positive ints; got {given!r}")
+    counts = [int(c) for c in given]
     copies = noisy_copies(image, sigma, max(counts), seed=seed)
     return [residual_variance(average(copies[:n, ...]), image) for n in counts]

@@ -435,6 +435,15 @@ def _train_command(args):
     return shlex.join(words + ["--resume"])
 
 
+def _stamp(path):
+    """(size, modification time in ns, inode) of a file, or None: tells whether it was rewritten."""
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
 def _train_interrupted(args, signame):
     """One line: the epoch whose checkpoint is intact, and the command that continues from it."""
     from nlref.train import CHECKPOINT, CheckpointError, load_checkpoint
@@ -444,6 +453,11 @@ def _train_interrupted(args, signame):
         epoch = load_checkpoint(path)[0]["epoch"] if path.is_file() else 0
     except CheckpointError:
         epoch = None
+    previous = getattr(args, "previous_checkpoint", None)
+    if previous is not None and _stamp(path) == previous:
+        return (f"nlref train: stopped by {signame} before the new run's first epoch was complete; nothing of it "
+                f"was saved, and {args.out} still holds the previous run (--overwrite replaces it only when the "
+                f"first epoch is written): run the same command again to start over")
     if epoch is None:
         return f"nlref train: stopped by {signame}; the checkpoint {path} cannot be read"
     if epoch == 0:
@@ -633,8 +647,11 @@ def run_train(args):
                            "start a new run without --resume")
     if existing and not (args.resume or args.overwrite):
         raise CommandError(f"--out {str(out)!r} already holds a training run ({', '.join(existing)}): add --resume "
-                           "to continue it, --overwrite to start it over (deleting those files), or choose another "
+                           "to continue it, --overwrite to start it over (replacing those files), or choose another "
                            "--out")
+    # the checkpoint --overwrite will replace when the new run's first epoch is written: an
+    # interruption before that leaves this previous run, which the message must not offer to resume
+    args.previous_checkpoint = _stamp(out / CHECKPOINT) if args.overwrite else None
     retain_freed_memory()  # this process is ours: reuse freed memory rather than page-fault it back in
     steps = " and ".join(f"{m:.0%}" for m in config.milestones)
     print(f"nlref train: {config.model} with {_count(config.nonlocal_blocks, 'non-local block')} "
@@ -777,7 +794,8 @@ def build_parser():
     again.add_argument("--resume", action="store_true",
                        help="continue the run in OUT from its checkpoint (default: off)")
     again.add_argument("--overwrite", action="store_true",
-                       help="start over in an OUT that holds a run, deleting its checkpoint and metrics (default: off)")
+                       help="start over in an OUT that holds a run, replacing its checkpoint and metrics "
+                            "when the first epoch is written (default: off)")
     tr.add_argument("--no-progress", action="store_true",
                     help="no progress bar (default: a bar when stderr is a terminal, none otherwise)")
     return parser

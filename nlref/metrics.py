@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 
+from ._typing import Array
 from .backend import array_namespace, dtype_name
 
 __all__ = ["mse", "psnr"]
 
 
-def mse(reference, estimate):
+def mse(reference: Array, estimate: Array) -> float:
     """Mean squared error as a Python float (computed in float64 on the device)."""
     xp = array_namespace(reference, estimate, names=["reference", "estimate"])
     if tuple(reference.shape) != tuple(estimate.shape):
@@ -19,7 +21,7 @@ def mse(reference, estimate):
     return float(xp.mean(d * d))
 
 
-def psnr(reference, estimate, *, data_range=None):
+def psnr(reference: Array, estimate: Array, *, data_range: float | None = None) -> float:
     """Peak signal-to-noise ratio ``10 log10(data_range**2 / mse)`` in dB.
 
     ``data_range`` defaults to 255 for uint8 references, 65535 for uint16 and
@@ -34,5 +36,9 @@ def psnr(reference, estimate, *, data_range=None):
                           "one by 255", UserWarning, stacklevel=2)
     if data_range is None:
         data_range = {"uint8": 255.0, "uint16": 65535.0}.get(dtype_name(reference.dtype), 1.0)
+    elif (isinstance(data_range, bool) or not isinstance(data_range, numbers.Real) or not math.isfinite(data_range)
+          or data_range <= 0):
+        raise ValueError(f"data_range must be a positive number (the images' value range, e.g. 1.0 or 255); "
+                         f"got {data_range!r}")
     err = mse(reference, estimate)
     return math.inf if err == 0 else 10.0 * math.log10(data_range**2 / err)

@@ -22,6 +22,7 @@ import contextlib
 import csv
 import dataclasses
 import hashlib
+import inspect
 import io
 import json
 import math
@@ -31,15 +32,18 @@ import tempfile
 import threading
 import time
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from ._typing import PathLike
 from . import backend as B
-from .data.sprites import RELATIONS, sprite_splits
+from .data.sprites import GLYPHS, RELATIONS, sprite_clips, sprite_splits
 from .nn import functional as F
-from .nn.models import EXTENTS, FLAVOURS, STAGES, VideoNet
+from .nn.models import EXTENTS, FLAVOURS, STAGES, VideoNet, nonlocal_slots
 from .nn.nonlocal_op import MODES
 from .nn.optim import SGD, Adam, StepSchedule
 
@@ -49,6 +53,8 @@ CHECKPOINT = "checkpoint.npz"
 RUN_FILES = (CHECKPOINT, "metrics.json", "metrics.csv")
 OPTIMISERS = ("adam", "sgd")
 _FORMAT = "nlref-checkpoint-1"
+# frames each sprite is visible: sprite_clips' default, which build_data keeps
+_SPRITE_DURATION = inspect.signature(sprite_clips).parameters["duration"].default
 
 
 class CheckpointError(ValueError):
@@ -95,28 +101,74 @@ class TrainConfig:
     dtype: str = "float32"
     seed: int = 0
 
-    def validate(self):
-        """Raise ValueError naming the first bad field (before any heavy work)."""
+    def validate(self) -> "TrainConfig":
+        """Check every field; raise ValueError naming the first bad one (before any heavy work).
+
+        ``model``, ``mode``, ``stage``, ``extent``, ``optimizer``, ``pool``, ``relation`` and
+        ``dtype`` are one of their choices; ``sub_sample``, ``bn_layer`` and ``scale`` are
+        booleans; ``epochs``, ``batch_size`` (at most ``n_train``), ``n_train``, ``n_val`` are
+        positive integers; ``widths`` and ``blocks`` are 3 positive integers;
+        ``nonlocal_blocks`` is an integer >= 0 that fits the network's slots; ``kinds`` is 2
+        to 8, ``channels`` 1 or 3, ``frames`` even and >= 6, ``size`` >= 16; ``lr`` > 0;
+        ``weight_decay`` >= 0; ``momentum``, ``dropout`` and ``noise`` in [0, 1);
+        ``milestones`` is a sequence of fractions in (0, 1); ``warmup`` and ``seed`` are
+        integers >= 0.
+        """
         choices = {"model": FLAVOURS, "mode": MODES, "stage": STAGES, "extent": EXTENTS,
                    "optimizer": OPTIMISERS, "pool": ("after", "before"), "relation": RELATIONS,
                    "dtype": ("float32", "float64")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        for name in ("epochs", "batch_size", "n_train", "n_val", "kinds", "frames", "size", "channels"):
+        for name in ("sub_sample", "bn_layer", "scale"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+
+        def is_int(value):
+            return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+        def is_number(value):
+            return (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+                    and math.isfinite(value))
+
+        for name, low in (("epochs", 1), ("batch_size", 1), ("n_train", 1), ("n_val", 1), ("kinds", 2),
+                          ("frames", 2), ("size", 16), ("channels", 1), ("warmup", 0), ("seed", 0),
+                          ("nonlocal_blocks", 0)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            if not is_int(value) or value < low:
+                what = "a positive integer" if low == 1 else f"an integer >= {low}"
+                raise ValueError(f"{name} must be {what}, got {value!r}")
         if self.batch_size > self.n_train:
             raise ValueError(f"batch_size ({self.batch_size}) must not exceed n_train ({self.n_train})")
-        if self.nonlocal_blocks < 0:
-            raise ValueError(f"nonlocal_blocks must be >= 0, got {self.nonlocal_blocks!r}")
-        for name in ("lr", "weight_decay", "momentum", "dropout", "noise"):
+        if self.kinds > len(GLYPHS):
+            raise ValueError(f"kinds must be between 2 and {len(GLYPHS)}, got {self.kinds!r}")
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {self.channels!r}")
+        if self.frames % 2 or self.frames < 2 * _SPRITE_DURATION:
+            raise ValueError(f"frames must be even and at least {2 * _SPRITE_DURATION} (two sprites of "
+                             f"{_SPRITE_DURATION} frames), got {self.frames!r}")
+        for name in ("widths", "blocks"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        if self.lr == 0:
-            raise ValueError("lr must be > 0")
+            if (not isinstance(value, (tuple, list)) or len(value) != len(STAGES)
+                    or not all(is_int(v) and v >= 1 for v in value)):
+                raise ValueError(f"{name} must be {len(STAGES)} positive integers (one per stage), got {value!r}")
+        try:
+            nonlocal_slots(self.nonlocal_blocks, stage=self.stage, blocks=tuple(self.blocks))
+        except ValueError as err:
+            raise ValueError(f"nonlocal_blocks: {err}") from None
+        if not is_number(self.lr) or self.lr <= 0:
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
+        if not is_number(self.weight_decay) or self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
+        for name in ("momentum", "dropout", "noise"):
+            value = getattr(self, name)
+            if not is_number(value) or not 0 <= value < 1:
+                raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+        milestones = self.milestones
+        if (not isinstance(milestones, (tuple, list))
+                or not all(is_number(m) and 0 < m < 1 for m in milestones)):
+            raise ValueError(f"milestones must be a sequence of fractions of training in (0, 1), "
+                             f"got {milestones!r}")
         return self
 
     def as_dict(self):
@@ -324,8 +376,10 @@ def _prepare_out_dir(out_dir):
 
 
 # --------------------------------------------------------------------------- the loop
-def train(config=None, out_dir=None, *, xp=None, resume=False, overwrite=False, progress=True, log=print,
-          callback=None):
+def train(config: TrainConfig | None = None, out_dir: PathLike | None = None, *, xp: Any = None,
+          resume: bool = False, overwrite: bool = False, progress: bool = True,
+          log: Callable[[str], Any] | None = print,
+          callback: Callable[[int, dict, VideoNet], Any] | None = None) -> dict:
     """Train a :class:`VideoNet` on the sprite task.
 
     Parameters
@@ -341,9 +395,12 @@ def train(config=None, out_dir=None, *, xp=None, resume=False, overwrite=False, 
         Continue from ``out_dir/checkpoint.npz``; its configuration must equal ``config``.
         An ``out_dir`` without a checkpoint is an error (nothing to resume).
     overwrite : bool
-        Start from scratch in an ``out_dir`` that holds a run (its checkpoint and metrics
-        files are deleted first). Without it (or ``resume``) such an ``out_dir`` is refused,
-        so that a finished run is never replaced by accident.
+        Start from scratch in an ``out_dir`` that holds a run. Nothing of the old run is
+        deleted first: every check passes, the network, the optimiser, the schedule and the
+        data are built, and the old checkpoint and metrics files are replaced (atomically)
+        only when the new run writes its first epoch; a run that fails before that leaves
+        the old one as it was. Without ``overwrite`` (or ``resume``) such an ``out_dir`` is
+        refused, so that a finished run is never replaced by accident.
     progress : bool
         Show a tqdm bar per epoch.
     log : callable
@@ -380,13 +437,19 @@ def train(config=None, out_dir=None, *, xp=None, resume=False, overwrite=False, 
         if existing and not (resume or overwrite):
             raise ValueError(f"{str(out_dir)!r} already holds a training run ({', '.join(existing)}); "
                              "continue it with resume=True (--resume), start it over with overwrite=True "
-                             "(--overwrite, which deletes those files), or choose another out_dir (--out)")
+                             "(--overwrite, which replaces those files when the new run's first epoch is "
+                             "written), or choose another out_dir (--out)")
     out_dir = _prepare_out_dir(out_dir) if out_dir is not None else None
-    if overwrite and out_dir is not None:
-        for name in RUN_FILES:
-            (out_dir / name).unlink(missing_ok=True)
+    # Everything that can refuse the run is built before anything is written: with overwrite=True the
+    # old run's files are replaced only by the first epoch's checkpoint and metrics (atomic renames),
+    # never deleted beforehand.
     model = build_model(config, xp)
     optimiser = _optimiser(config, model)
+    steps_per_epoch = config.n_train // config.batch_size
+    schedule = StepSchedule(config.lr, config.epochs * steps_per_epoch, milestones=config.milestones,
+                            warmup=config.warmup)
+    train_set, val_set = build_data(config, xp)
+    data_xp = B.array_namespace(train_set.video)
     history, first_epoch = [], 0
     if resume:
         meta, model_state, opt_state = load_checkpoint(out_dir / CHECKPOINT)
@@ -407,11 +470,6 @@ def train(config=None, out_dir=None, *, xp=None, resume=False, overwrite=False, 
         if log:
             log(f"resumed from {out_dir / CHECKPOINT} after epoch {first_epoch}")
 
-    train_set, val_set = build_data(config, xp)
-    data_xp = B.array_namespace(train_set.video)
-    steps_per_epoch = config.n_train // config.batch_size
-    schedule = StepSchedule(config.lr, config.epochs * steps_per_epoch, milestones=config.milestones,
-                            warmup=config.warmup)
     bar_factory = None
     if progress:
         from tqdm.auto import tqdm

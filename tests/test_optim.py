@@ -120,6 +120,26 @@ def test_adam_matches_torch(xp_cpu, weight_decay):
             np.testing.assert_allclose(B.to_numpy(slots["v"]), theirs["exp_avg_sq"].numpy(), rtol=1e-12, atol=1e-20)
 
 
+@needs_torch
+def test_adam_is_not_single_group_torch_adam():
+    """The docstring's claim has two sides: with weight decay, one torch group (decay on every
+    parameter) moves the biases and BN parameters differently, and the weights alike."""
+    net = _net()
+    opt = Adam(net, lr=1e-2, weight_decay=1e-1)
+    tensors, _, _ = _torch_twin_params(net)
+    t_opt = torch.optim.Adam(list(tensors.values()), lr=1e-2, weight_decay=1e-1, foreach=False)
+    for step in range(3):
+        _backward(net, step)
+        for k, g in net.grads.items():
+            tensors[k].grad = torch.tensor(B.to_numpy(g))
+        opt.step()
+        t_opt.step()
+    ours = _host(net)
+    differ = {k for k in ours if not np.allclose(ours[k], tensors[k].detach().numpy().reshape(ours[k].shape),
+                                                 rtol=1e-9, atol=1e-12)}
+    assert differ and all(net.no_decay(k) for k in differ)
+
+
 def test_adam_flat_update_equals_the_per_parameter_update(monkeypatch):
     """On NumPy Adam updates all parameters as one flat vector; it gives, to the bit, what the
     parameter-by-parameter update (the path of the other libraries) gives, through a reload too."""

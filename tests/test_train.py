@@ -353,3 +353,75 @@ def test_signal_stops_cleanly_and_the_printed_command_resumes(tmp_path, signame,
 
 def _cli_config():
     return dict(n_train=32, n_val=16, batch_size=16)
+
+
+# every field TrainConfig.validate documents, with a value it must refuse (naming the field)
+_BAD_FIELDS = [
+    ("milestones", (0.5, 1.5)), ("milestones", (0.0,)), ("milestones", 0.5), ("milestones", (float("nan"),)),
+    ("warmup", -1), ("warmup", 2.5), ("momentum", 1.0), ("momentum", -0.1), ("dropout", 1.0),
+    ("dropout", -0.5), ("nonlocal_blocks", 99), ("nonlocal_blocks", 1.5), ("nonlocal_blocks", True),
+    ("noise", 1.5), ("weight_decay", -1e-4), ("lr", float("inf")), ("lr", 0.0), ("seed", -1), ("seed", 1.0),
+    ("sub_sample", "yes"), ("bn_layer", 1), ("scale", None), ("widths", (4, 6)), ("widths", (4, 0, 8)),
+    ("blocks", (1, 2, 2.0)), ("kinds", 1), ("kinds", 9), ("channels", 2), ("frames", 7), ("frames", 4),
+    ("size", 8), ("n_val", 0), ("extent", "everywhere"), ("pool", "middle"), ("relation", "colour"),
+    ("dtype", "float16"),
+]
+
+
+@pytest.mark.parametrize("field, value", _BAD_FIELDS, ids=[f"{f}={v!r}" for f, v in _BAD_FIELDS])
+def test_validate_checks_every_field(field, value):
+    with pytest.raises(ValueError, match=rf"^{field}\b"):
+        TrainConfig(**{**TINY, field: value}).validate()
+
+
+def test_validate_accepts_the_edges():
+    TrainConfig(**{**TINY, "milestones": (), "warmup": 0, "momentum": 0.0, "dropout": 0.0, "noise": 0.0,
+                       "nonlocal_blocks": 0, "sub_sample": False, "widths": [4, 6, 8], "seed": 0}).validate()
+    TrainConfig(**{**TINY, "nonlocal_blocks": 4, "milestones": [0.5], "warmup": 3, "optimizer": "sgd",
+                       "momentum": 0.99}).validate()
+
+
+@pytest.mark.parametrize("field, value", [("milestones", (1.5,)), ("warmup", -1), ("momentum", 1.5),
+                                          ("dropout", 1.0), ("nonlocal_blocks", 9)])
+def test_overwrite_deletes_nothing_when_the_new_configuration_is_bad(tmp_path, field, value):
+    _run(tmp_path, epochs=1)
+    before = _files(tmp_path)
+    with pytest.raises(ValueError, match=field):
+        train(TrainConfig(**{**TINY, "optimizer": "sgd", field: value}), tmp_path, overwrite=True,
+              progress=False, log=None)
+    assert _files(tmp_path) == before
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_writes(tmp_path, monkeypatch):
+    _run(tmp_path, epochs=1)
+    before = _files(tmp_path)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("stopped inside the first epoch")
+
+    monkeypatch.setattr(T.F, "softmax_cross_entropy_forward", broken)
+    with pytest.raises(RuntimeError, match="first epoch"):
+        train(TrainConfig(**{**TINY, "seed": 5}), tmp_path, overwrite=True, progress=False, log=None)
+    assert _files(tmp_path) == before                         # the old run, untouched and consistent
+    monkeypatch.undo()
+    train(TrainConfig(**{**TINY, "epochs": 1, "seed": 5}), tmp_path, overwrite=True, progress=False, log=None)
+    assert load_checkpoint(tmp_path / "checkpoint.npz")[0]["config"]["seed"] == 5
+    assert _files(tmp_path) != before
+
+
+def test_interrupting_an_overwrite_before_its_first_epoch_keeps_and_names_the_old_run(tmp_path, capsys, monkeypatch):
+    options = ["train", "--epochs", "1", "--n-train", "32", "--n-val", "16", "--batch-size", "16", "--no-progress",
+               "--out", str(tmp_path)]
+    assert main(options) == 0
+    before = _files(tmp_path)
+    capsys.readouterr()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T.F, "softmax_cross_entropy_forward", interrupted)
+    assert main([*options, "--seed", "4", "--overwrite"]) == 130
+    (message,) = capsys.readouterr().err.strip().splitlines()
+    assert "before the new run's first epoch was complete" in message
+    assert "still holds the previous run" in message and "--resume" not in message
+    assert _files(tmp_path) == before

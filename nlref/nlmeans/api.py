@@ -6,9 +6,11 @@ import math
 import numbers
 import os
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 
+from .._typing import Array, Size
 from ..backend import dtype_name, require_real
 from . import presets
 from .chunked import _check_not_stored, is_dask_array, nl_means_dask, resolve_parameters_dask
@@ -177,8 +179,10 @@ def _default_data_range(xp, image, peak=None):
     return 1.0 if peak <= 4.0 else 255.0
 
 
-def resolve_parameters(image, *, sigma=None, h=None, patch_size=None, search_size=None,
-                       channel_axis=None, aggregation="pixel", data_range=None):
+def resolve_parameters(image: Array, *, sigma: float | None = None, h: float | None = None,
+                       patch_size: Size | None = None, search_size: Size | None = None,
+                       channel_axis: int | None = None, aggregation: str = "pixel",
+                       data_range: float | None = None) -> dict:
     """The parameters :func:`nl_means` would use for these arguments.
 
     Returns
@@ -279,8 +283,10 @@ def _from_working(xp, u, image, channel_axis):
     return xp.astype(u, image.dtype)
 
 
-def nl_means(image, *, sigma=None, h=None, patch_size=None, search_size=None, channel_axis=None,
-             aggregation="pixel", method="fast", data_range=None, workers=None, progress=False):
+def nl_means(image: Array, *, sigma: float | None = None, h: float | None = None, patch_size: Size | None = None,
+             search_size: Size | None = None, channel_axis: int | None = None,
+             aggregation: str = "pixel", method: str = "fast", data_range: float | None = None,
+             workers: int | None = None, progress: bool = False) -> Array:
     r"""Non-local means denoising of an image, a colour image, a volume or a video.
 
     .. math::
@@ -416,13 +422,32 @@ def nl_means(image, *, sigma=None, h=None, patch_size=None, search_size=None, ch
     return _from_working(xp, u, image, channel_axis)
 
 
-def nl_means_weights(image, index, *, sigma=None, h=None, patch_size=None, search_size=None,
-                     channel_axis=None, data_range=None):
+def _pixel_index(index, spatial):
+    """``index`` as a tuple of one in-range int per spatial axis (a bare int for a 1-D signal)."""
+    example = "(row, col)" if len(spatial) == 2 else f"a tuple of {len(spatial)} ints"
+    if isinstance(index, numbers.Integral) and not isinstance(index, bool):
+        if len(spatial) != 1:
+            raise ValueError(f"index must give one coordinate per spatial axis of shape {spatial}, e.g. "
+                             f"{example}; got the single int {index!r}")
+        index = (index,)
+    if not isinstance(index, (tuple, list)) or not all(
+            isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in index):
+        raise TypeError(f"index must be {example} (one int per spatial axis of shape {spatial}); got {index!r}")
+    index = tuple(int(i) for i in index)
+    if len(index) != len(spatial) or not all(0 <= i < n for i, n in zip(index, spatial)):
+        raise ValueError(f"index must give one in-range coordinate per spatial axis of shape {spatial}; got {index}")
+    return index
+
+
+def nl_means_weights(image: Array, index: int | Sequence[int], *, sigma: float | None = None,
+                     h: float | None = None, patch_size: Size | None = None, search_size: Size | None = None,
+                     channel_axis: int | None = None, data_range: float | None = None) -> Array:
     """The NL-means weights of one pixel over its search window (unnormalised).
 
     The first picture of "attention": how much each neighbour ``q`` of the
     pixel ``p = index`` contributes to its estimate. Arguments as for
-    :func:`nl_means`; ``index`` gives one coordinate per spatial axis.
+    :func:`nl_means`; ``index`` gives one coordinate per spatial axis (a tuple such
+    as ``(row, col)``; a bare int for a 1-D signal).
 
     Returns
     -------
@@ -430,11 +455,9 @@ def nl_means_weights(image, index, *, sigma=None, h=None, patch_size=None, searc
         ``weights[o + search_size // 2] = w(p, p + o)``; the centre is 1.
     """
     xp, channel_axis, spatial = _check_image(image, channel_axis)
+    index = _pixel_index(index, spatial)
     params = _resolve(xp, image, spatial, sigma=sigma, h=h, patch_size=patch_size, search_size=search_size,
                       channel_axis=channel_axis, aggregation="pixel", data_range=data_range)
-    index = tuple(int(i) for i in index)
-    if len(index) != len(spatial) or not all(0 <= i < n for i, n in zip(index, spatial)):
-        raise ValueError(f"index must give one in-range coordinate per spatial axis of shape {spatial}; got {index}")
     v = _to_working(xp, image, channel_axis)
     return patch_weights(v, index, h=params["h"], sigma=params["sigma"],
                          patch_size=params["patch_size"], search_size=params["search_size"])

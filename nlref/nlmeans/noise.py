@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 
+from .._typing import Array
 from ..backend import require_real
 
 __all__ = ["estimate_sigma"]
@@ -44,7 +45,7 @@ def _median(xp, x):
     return (flat[(n - 1) // 2] + flat[n // 2]) / 2.0
 
 
-def estimate_sigma(image, *, channel_axis=None):
+def estimate_sigma(image: Array, *, channel_axis: int | None = None) -> float:
     """Estimate the noise standard deviation of ``image`` (in its own units).
 
     Parameters

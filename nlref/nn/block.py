@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import Any
 
 import numpy as np
 
+from .._typing import DType, Size
 from .. import backend as B
 from . import functional as F
 from .nonlocal_op import SOFTMAX_MODES, cached_attention, check_mode, nonlocal_backward, nonlocal_forward
@@ -145,10 +147,11 @@ class NonLocalBlock:
     Like a PyTorch module, one block is not meant to run in several threads at once.
     """
 
-    def __init__(self, in_channels, *, mode="embedded_gaussian", inter_channels=None, dims=2,
-                 sub_sample=True, bn_layer=True, scale=False, pool="after", pool_kernel=None,
-                 pool_stride=None, W_z_bias=True, bn_eps=1e-5, bn_momentum=0.1, chunk_size=None,
-                 dtype="float32", seed=0, xp=None):
+    def __init__(self, in_channels: int, *, mode: str = "embedded_gaussian", inter_channels: int | None = None,
+                 dims: int = 2, sub_sample: bool = True, bn_layer: bool = True, scale: bool | float = False,
+                 pool: str = "after", pool_kernel: Size | None = None, pool_stride: Size | None = None,
+                 W_z_bias: bool = True, bn_eps: float = 1e-5, bn_momentum: float = 0.1, chunk_size: int | None = None,
+                 dtype: DType = "float32", seed: int = 0, xp: Any = None) -> None:
         self.in_channels = _positive_int("in_channels", in_channels)
         check_mode(mode)
         self.mode = mode

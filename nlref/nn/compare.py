@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
+from .._typing import Array
 from .. import backend as B
 from . import layouts
 from .block import NonLocalBlock
@@ -291,8 +293,9 @@ def _zero_rows(rows):
     return [r[0] for r in rows if r[3]]
 
 
-def compare_block(module, x, layout=None, *, dz=None, seed=0, weights="auto", rtol=1e-9, atol=1e-12, verbose=True,
-                  **options):
+def compare_block(module: Any, x: Array, layout: str | None = None, *, dz: Array | None = None, seed: int = 0,
+                  weights: str = "auto", rtol: float = 1e-9, atol: float = 1e-12, verbose: bool = True,
+                  **options: Any) -> BlockComparison:
     """Check a PyTorch non-local module against nlref's block, forward and backward, in float64.
 
     The module is copied (the caller's is left untouched) and converted to

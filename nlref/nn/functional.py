@@ -79,6 +79,11 @@ def conv1x1_forward(x, w, b=None):
     cache : tuple
     """
     xp = array_namespace(x, w)
+    check_float("conv1x1_forward", xp, x=x, w=w, b=b)
+    if x.ndim < 3 or w.ndim != 2 or w.shape[1] != x.shape[1] or (b is not None and tuple(b.shape) != (w.shape[0],)):
+        raise ValueError(f"conv1x1_forward: needs x (B, C_in, *S), w (C_out, C_in) and b (C_out,) with matching "
+                         f"channels, got x {tuple(x.shape)}, w {tuple(w.shape)}"
+                         + ("" if b is None else f", b {tuple(b.shape)}"))
     out = xp.matmul(w, _flat(x))  # (C_out, C_in) @ (B, C_in, N) -> (B, C_out, N)
     if b is not None:
         out = out + xp.reshape(b, (1, b.shape[0], 1))
@@ -143,6 +148,8 @@ def batchnorm_forward(x, gamma, beta, state, *, training, momentum=0.1, eps=1e-5
     cache : tuple
     """
     xp = array_namespace(x, gamma, beta)
+    check_float("batchnorm_forward", xp, x=x, gamma=gamma, beta=beta, **{
+        f"state[{k!r}]": state[k] for k in ("running_mean", "running_var") if k in state})
     rows = engine.ChannelRows(x)
     x2 = rows.matrix(x)
     if training:
@@ -266,6 +273,7 @@ def maxpool_forward(x, kernel):
     cache : tuple
     """
     xp = array_namespace(x)
+    check_float("maxpool_forward", xp, x=x)
     kernel = check_pool_kernel(x, kernel)
     out = None
     for index in _window_samples(x.shape, kernel):
@@ -316,6 +324,7 @@ def softmax_forward(s, axis=-1):
     cache : tuple
     """
     xp = array_namespace(s)
+    check_float("softmax_forward", xp, s=s)
     p = s - xp.max(s, axis=axis, keepdims=True)
     p = _exp_inplace(xp, p)
     p /= xp.sum(p, axis=axis, keepdims=True)
@@ -357,6 +366,7 @@ def dot_pairwise_forward(theta, phi, scale=1.0, *, out=None):
     cache : tuple
     """
     xp = array_namespace(theta, phi)
+    check_float("dot_pairwise_forward", xp, theta=theta, phi=phi)
     if out is None:
         s = xp.matmul(xp.matrix_transpose(theta), phi)
     else:
@@ -412,6 +422,7 @@ def concat_pairwise_forward(theta, phi, w_f, *, out=None):
         that true.)
     """
     xp = array_namespace(theta, phi, w_f)
+    check_float("concat_pairwise_forward", xp, theta=theta, phi=phi, w_f=w_f)
     d = theta.shape[1]
     if w_f.shape != (2 * d,):
         raise ValueError(f"w_f must have shape ({2 * d},) for {d} channels, got {tuple(w_f.shape)}")

@@ -27,10 +27,14 @@ swamps the differences.
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
+from .._typing import Array
 from .. import backend as B
 
 __all__ = ["gradcheck", "layer_gradcheck", "GradcheckResult"]
@@ -76,8 +80,9 @@ def _rel(num, ana, floor, typical=0.0):
     return float(np.linalg.norm(num - ana)) / max(scale, typical)
 
 
-def gradcheck(forward, backward, inputs, *, wrt=None, method="centred", eps=1e-6, rtol=1e-6, atol=None,
-              directions=3, seed=0):
+def gradcheck(forward: Callable[..., Array], backward: Callable[[Array], dict], inputs: dict[str, Array], *,
+              wrt: Sequence[str] | None = None, method: str = "centred", eps: float = 1e-6, rtol: float = 1e-6,
+              atol: float | None = None, directions: int = 3, seed: int = 0) -> GradcheckResult:
     """Compare ``backward`` with finite differences of ``forward``.
 
     Parameters
@@ -115,6 +120,7 @@ def gradcheck(forward, backward, inputs, *, wrt=None, method="centred", eps=1e-6
     if not isinstance(inputs, dict) or not inputs:
         raise TypeError("inputs must be a non-empty dict of name -> array")
     for name, value in inputs.items():
+        B.array_namespace(value, names=[name])  # a clear TypeError for a list or a scalar
         if B.dtype_name(value.dtype) != "float64":
             raise TypeError(f"gradcheck needs float64 inputs; {name!r} is {B.dtype_name(value.dtype)}")
     out = forward(**inputs)
@@ -167,30 +173,132 @@ def gradcheck(forward, backward, inputs, *, wrt=None, method="centred", eps=1e-6
     return result
 
 
-def layer_gradcheck(layer, x, *, wrt=None, **options):
+def _parameter_slots(layer):
+    """``{name: (get, set, grad)}`` for every parameter of ``layer``, reached the way the layer allows.
+
+    * A layer with ``set_param`` (a :class:`~nlref.nn.models.VideoNet`, whose ``params`` is a
+      fresh dict on every access): read through ``params``, written through ``set_param``.
+    * A composite layer (``children()`` not empty: ``ConvBN``, ``ResidualBlock``): its own
+      parameters and those of every descendant, by dotted name, each written into its owner's
+      ``params`` dict.
+    * Any other layer: its ``params`` dict, which must be the same dict on every access
+      (else a perturbation would never reach the layer, and the check is refused).
+    """
+    if callable(getattr(layer, "set_param", None)):
+        return {name: (lambda n=name: layer.params[n], lambda v, n=name: layer.set_param(n, v),
+                       lambda n=name: layer.grads.get(n))
+                for name in layer.params}
+    slots = {}
+
+    def visit(prefix, node):
+        params = node.params
+        if params is not node.params:
+            raise TypeError(f"layer_gradcheck cannot perturb {type(node).__name__}'s parameters: its params "
+                            "is a new dict on every access and it has no set_param(key, value)")
+        for key in params:
+            slots[prefix + key] = (lambda d=params, k=key: d[k], lambda v, d=params, k=key: d.__setitem__(k, v),
+                                   lambda o=node, k=key: (o.grads or {}).get(k))
+        children = node.children() if callable(getattr(node, "children", None)) else []
+        for name, child in children:
+            visit(f"{prefix}{name}.", child)
+
+    visit("", layer)
+    return slots
+
+
+def _leaves(layer):
+    """``layer`` and its descendants (through ``children()``)."""
+    out = [layer]
+    children = layer.children() if callable(getattr(layer, "children", None)) else []
+    for _, child in children:
+        out.extend(_leaves(child))
+    return out
+
+
+def _copy(a):
+    return B.array_namespace(a).asarray(a, copy=True)
+
+
+def _save_state(layer):
+    """What to restore after the check: the state dict where the layer has one, else copies of
+    every node's parameters, buffers and batch counter."""
+    if callable(getattr(layer, "state_dict", None)) and callable(getattr(layer, "load_state_dict", None)):
+        return ("state_dict", layer.state_dict())
+    nodes = []
+    for node in _leaves(layer):
+        nodes.append((node, {k: _copy(v) for k, v in node.params.items()},
+                      {k: _copy(v) for k, v in getattr(node, "buffers", {}).items()},
+                      getattr(node, "num_batches_tracked", None)))
+    return ("nodes", nodes)
+
+
+def _restore_state(layer, saved):
+    kind, state = saved
+    if kind == "state_dict":
+        counter = getattr(layer, "num_batches_tracked", None)
+        layer.load_state_dict(state)
+        if counter is not None:
+            layer.num_batches_tracked = counter
+        return
+    for node, params, buffers, counter in state:
+        node.params.update(params)
+        if buffers:
+            node.buffers.update(buffers)
+        if counter is not None:
+            node.num_batches_tracked = counter
+
+
+def layer_gradcheck(layer: Any, x: Array, *, wrt: Sequence[str] | None = None, **options: Any) -> GradcheckResult:
     """:func:`gradcheck` of a layer object (``forward``, ``backward``, ``params``, ``grads``).
 
     Checks dL/dx and every parameter gradient (or those named in ``wrt``; ``"x"``
-    names the input). The layer's parameters, buffers and batch counter are
-    restored afterwards. ``options`` go to :func:`gradcheck`.
+    names the input). Parameters are perturbed the way the layer is updated: through its
+    ``set_param(key, value)`` where it has one (a :class:`~nlref.nn.models.VideoNet`),
+    otherwise in its ``params`` dict; a composite layer's parameters are those of its
+    children (``children()``, e.g. ``ConvBN`` and ``ResidualBlock``), by dotted name
+    (``"conv.weight"``, ``"conv1.bn.gamma"``). A layer whose parameters cannot be reached
+    is refused with a TypeError, and a parameter the backward pass leaves without a
+    gradient is an error: nothing is reported as passed without being checked. A
+    network's dropout mask is held fixed during the check (``dropout_seed``).
+
+    The layer's parameters, running statistics and batch counter are restored afterwards:
+    through ``state_dict()`` / ``load_state_dict()`` where the layer has them, otherwise
+    from copies. ``options`` go to :func:`gradcheck`.
     """
-    saved_params = dict(layer.params)
-    saved_buffers = dict(getattr(layer, "buffers", {}))
-    saved_count = getattr(layer, "num_batches_tracked", None)
+    B.array_namespace(x, names=["x"])  # a clear TypeError for a list (convert it first)
+    slots = _parameter_slots(layer)
+    if "x" in slots:
+        raise ValueError("layer_gradcheck names the input 'x': the layer has a parameter of that name")
+    if wrt is None:
+        wrt = ["x", *slots]
+    saved = _save_state(layer)
+    forward_options = {}
+    try:
+        if "dropout_seed" in inspect.signature(layer.forward).parameters:
+            forward_options["dropout_seed"] = 0  # one dropout mask for every evaluation
+    except (TypeError, ValueError):
+        pass
 
     def forward(x, **params):
-        layer.params.update(params)
-        return layer.forward(x)
+        for name, value in params.items():
+            slots[name][1](value)
+        return layer.forward(x, **forward_options)
 
     def backward(dout):
         dx = layer.backward(dout)
-        return {"x": dx, **layer.grads}
+        grads = {"x": dx}
+        for name, (_, _, grad) in slots.items():
+            g = grad()
+            if g is None and name in wrt:
+                raise ValueError(f"{type(layer).__name__}.backward left no gradient for parameter {name!r}: "
+                                 "it cannot be checked")
+            grads[name] = g
+        if dx is None and "x" in wrt:
+            raise ValueError(f"{type(layer).__name__}.backward returned no gradient for the input x")
+        return grads
 
     try:
-        return gradcheck(forward, backward, {"x": x, **layer.params}, wrt=wrt, **options)
+        inputs = {"x": x, **{name: get() for name, (get, _, _) in slots.items()}}
+        return gradcheck(forward, backward, inputs, wrt=list(wrt), **options)
     finally:
-        layer.params.update(saved_params)
-        if saved_buffers:
-            layer.buffers.update(saved_buffers)
-        if saved_count is not None:
-            layer.num_batches_tracked = saved_count
+        _restore_state(layer, saved)

@@ -36,9 +36,12 @@ dotted names (``"res3.1.conv1.conv.weight"``, ``"res3.nl1.theta.weight"``,
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
+from .._typing import Array, DType, Size
 from .. import backend as B
 from . import engine
 from . import functional as F
@@ -76,7 +79,8 @@ class Layer:
 class Conv3d(Layer):
     """3-D convolution, weight (out, in, kt, kh, kw), PyTorch's default init (uniform +-1/sqrt(fan_in))."""
 
-    def __init__(self, c_in, c_out, kernel, *, stride=1, padding=0, rng, make):
+    def __init__(self, c_in: int, c_out: int, kernel: tuple[int, int, int], *, stride: Size = 1, padding: Size = 0,
+                 rng: np.random.Generator, make: Callable[[np.ndarray], Array]) -> None:
         super().__init__()
         fan_in = c_in * math.prod(kernel)
         self.params["weight"] = make(rng.uniform(-1, 1, (c_out, c_in) + tuple(kernel)) / math.sqrt(fan_in))
@@ -94,7 +98,7 @@ class Conv3d(Layer):
 class BatchNorm(Layer):
     """Batch norm over (B, *S) per channel, gamma = 1, beta = 0 at start (or gamma = 0 when ``zero``)."""
 
-    def __init__(self, channels, *, make):
+    def __init__(self, channels: int, *, make: Callable[[np.ndarray], Array]) -> None:
         super().__init__()
         self.params["gamma"] = make(np.ones(channels))
         self.params["beta"] = make(np.zeros(channels))
@@ -114,7 +118,8 @@ class BatchNorm(Layer):
 class ConvBN(Layer):
     """conv -> BN (-> ReLU): the unit every stage is built from."""
 
-    def __init__(self, c_in, c_out, kernel, *, stride=1, relu=True, rng, make):
+    def __init__(self, c_in: int, c_out: int, kernel: tuple[int, int, int], *, stride: Size = 1, relu: bool = True,
+                 rng: np.random.Generator, make: Callable[[np.ndarray], Array]) -> None:
         super().__init__()
         padding = tuple(k // 2 for k in kernel)
         self.conv = Conv3d(c_in, c_out, kernel, stride=stride, padding=padding, rng=rng, make=make)
@@ -139,7 +144,8 @@ class ConvBN(Layer):
 class ResidualBlock(Layer):
     """``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))``."""
 
-    def __init__(self, c_in, c_out, *, kernel1, stride, rng, make):
+    def __init__(self, c_in: int, c_out: int, *, kernel1: tuple[int, int, int], stride: int,
+                 rng: np.random.Generator, make: Callable[[np.ndarray], Array]) -> None:
         super().__init__()
         self.unit1 = ConvBN(c_in, c_out, kernel1, stride=(1, stride, stride), rng=rng, make=make)
         self.unit2 = ConvBN(c_out, c_out, (1, 3, 3), relu=False, rng=rng, make=make)
@@ -183,7 +189,7 @@ class NonLocal(Layer):
     set of values per channel is.
     """
 
-    def __init__(self, channels, *, extent, options, seed, make_xp):
+    def __init__(self, channels: int, *, extent: str, options: dict, seed: int, make_xp: Any) -> None:
         self.training, self._cache = True, None
         if extent not in EXTENTS:
             raise ValueError(f"extent must be one of {EXTENTS}, got {extent!r}")
@@ -300,9 +306,11 @@ class VideoNet:
         Array library of the parameters (numpy by default).
     """
 
-    def __init__(self, flavour="c2d", *, nonlocal_blocks=0, stage="res3", mode="embedded_gaussian",
-                 extent="spacetime", nonlocal_options=None, in_channels=1, num_classes=2,
-                 widths=(16, 32, 64), blocks=(1, 2, 2), dropout=0.5, dtype="float32", seed=0, xp=None):
+    def __init__(self, flavour: str = "c2d", *, nonlocal_blocks: int = 0, stage: str = "res3",
+                 mode: str = "embedded_gaussian", extent: str = "spacetime", nonlocal_options: dict | None = None,
+                 in_channels: int = 1, num_classes: int = 2, widths: Sequence[int] = (16, 32, 64),
+                 blocks: Sequence[int] = (1, 2, 2), dropout: float = 0.5, dtype: DType = "float32", seed: int = 0,
+                 xp: Any = None) -> None:
         if flavour not in FLAVOURS:
             raise ValueError(f"flavour must be one of {FLAVOURS}, got {flavour!r}")
         if mode not in MODES:

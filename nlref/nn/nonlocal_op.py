@@ -77,6 +77,9 @@ def _check(theta, phi, g, mode, scale, w_f, chunk_size):
             raise ValueError(f"{name} must have shape (B, channels, positions), got {tuple(a.shape)}")
     named = [(k, a) for k, a in (("theta", theta), ("phi", phi), ("g", g), ("w_f", w_f)) if a is not None]
     dtypes = {k: dtype_name(a.dtype) for k, a in named}
+    for k, a in named:  # integers would fail deep inside (softmax's in-place exp, the 1/M division)
+        if dtypes[k] not in ("float32", "float64") and not array_namespace(a).isdtype(a.dtype, "real floating"):
+            raise TypeError(f"{k} must be a float32 or float64 array, got dtype {dtypes[k]}; convert it first")
     if len(set(dtypes.values())) > 1:
         raise TypeError(f"theta, phi, g (and w_f) must share one dtype, got {dtypes}")
     if phi.shape[:2] != theta.shape[:2]:

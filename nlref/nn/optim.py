@@ -16,6 +16,8 @@ An optimiser works on any object with ``params`` / ``grads`` dicts (same keys),
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -52,7 +54,8 @@ class StepSchedule:
         Steps of linear warm-up from ``base_lr / warmup`` (0: none).
     """
 
-    def __init__(self, base_lr, total_steps, *, milestones=(0.6, 0.85), factor=0.1, warmup=0):
+    def __init__(self, base_lr: float, total_steps: int, *, milestones: Sequence[float] = (0.6, 0.85),
+                 factor: float = 0.1, warmup: int = 0) -> None:
         self.base_lr = _number("base_lr", base_lr, low=0.0, low_open=True)
         if isinstance(total_steps, bool) or not isinstance(total_steps, (int, np.integer)) or total_steps < 1:
             raise ValueError(f"total_steps must be a positive integer, got {total_steps!r}")
@@ -125,7 +128,15 @@ class _Optimiser:
 
 
 class SGD(_Optimiser):
-    r"""Stochastic gradient descent with momentum, as ``torch.optim.SGD``.
+    r"""Stochastic gradient descent with momentum: ``torch.optim.SGD`` with two parameter groups.
+
+    It equals ``torch.optim.SGD([{"params": decayed, "weight_decay": weight_decay},
+    {"params": others, "weight_decay": 0.0}], lr=lr, momentum=momentum)``, where ``others``
+    are the parameters for which ``model.no_decay(key)`` is true (batch-norm gamma and beta,
+    and biases) and ``decayed`` are the rest (the convolution and linear weights);
+    ``dampening=0``, ``nesterov=False``. ``tests/test_optim.py`` holds it to that
+    configuration (1e-12 after several steps). A single-group ``torch.optim.SGD(...,
+    weight_decay=...)`` would also decay the biases and BN parameters, and differs.
 
     .. math::
         g \leftarrow \nabla_p L + \lambda p \ (\text{not for BN parameters and biases}), \quad
@@ -135,7 +146,7 @@ class SGD(_Optimiser):
 
     _SLOTS = ("momentum",)
 
-    def __init__(self, model, *, lr=0.1, momentum=0.9, weight_decay=1e-4):
+    def __init__(self, model: Any, *, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 1e-4) -> None:
         super().__init__(model, lr=lr, weight_decay=weight_decay)
         self.momentum = _number("momentum", momentum, high=1.0)
 
@@ -153,7 +164,16 @@ class SGD(_Optimiser):
 
 
 class Adam(_Optimiser):
-    r"""Adam (Kingma & Ba), as ``torch.optim.Adam`` (L2 weight decay added to the gradient).
+    r"""Adam (Kingma & Ba): ``torch.optim.Adam`` with two parameter groups.
+
+    It equals ``torch.optim.Adam([{"params": decayed, "weight_decay": weight_decay},
+    {"params": others, "weight_decay": 0.0}], lr=lr, betas=betas, eps=eps)``, where ``others``
+    are the parameters for which ``model.no_decay(key)`` is true (batch-norm gamma and beta,
+    and biases) and ``decayed`` are the rest; the weight decay is L2, added to the gradient
+    (``amsgrad=False``; not ``torch.optim.AdamW``'s decoupled decay). ``tests/test_optim.py``
+    holds it to that configuration (1e-12 after several steps). A single-group
+    ``torch.optim.Adam(..., weight_decay=...)`` would also decay the biases and BN
+    parameters, and differs.
 
     .. math::
         m \leftarrow \beta_1 m + (1-\beta_1) g, \quad v \leftarrow \beta_2 v + (1-\beta_2) g^2, \quad
@@ -162,7 +182,8 @@ class Adam(_Optimiser):
 
     _SLOTS = ("m", "v")
 
-    def __init__(self, model, *, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+    def __init__(self, model: Any, *, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0) -> None:
         super().__init__(model, lr=lr, weight_decay=weight_decay)
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"betas must be a pair of numbers in [0, 1), got {betas!r}")
