@@ -18,7 +18,7 @@ da = pytest.importorskip("dask.array")
 dask = pytest.importorskip("dask")
 
 import nlref  # noqa: E402
-from nlref.nlmeans import chunked  # noqa: E402
+from nlref.nlmeans import chunked, median, store  # noqa: E402
 from nlref.nlmeans.fast import halo, working_memory  # noqa: E402
 
 
@@ -104,8 +104,8 @@ def test_parameters_resolved_once_for_the_whole_array():
 @pytest.mark.parametrize("kind", ["uint8", "float32", "colour-float64"])
 def test_exact_median_selection_through_narrowing(monkeypatch, kind):
     """Small histograms and gather limits force every branch of the selection (split, narrow, gather)."""
-    monkeypatch.setattr(chunked, "HISTOGRAM_BINS", 4)
-    monkeypatch.setattr(chunked, "GATHER_LIMIT", 7)
+    monkeypatch.setattr(median, "HISTOGRAM_BINS", 4)
+    monkeypatch.setattr(median, "GATHER_LIMIT", 7)
     rng = np.random.default_rng(5)
     if kind == "uint8":
         image, axis = rng.integers(0, 6, size=(31, 29)).astype(np.uint8), None  # many repeated values
@@ -278,16 +278,25 @@ def test_store_dtypes_zarr_and_memmap(tmp_path, dtype):
 
 
 @pytest.mark.parametrize("aggregation", ["pixel", "patch"])
-def test_store_graph_is_one_independent_task_per_chunk(aggregation):
+def test_store_graph_is_one_independent_task_per_chunk(aggregation, tmp_path):
+    """A file: one task per chunk, none depending on another; an in-memory array: one more node, the array."""
+    from dask.core import get_dependencies
+
     image = _noisy((16, 48, 48))
-    for chunks, search in (((8, 16, 16), 3), ((8, 16, 16), 7), ((2, 5, 5), 3)):
-        out = chunked.nl_means_store(image, chunks=chunks, sigma=0.1, patch_size=3, search_size=search,
-                                     aggregation=aggregation)
-        graph = dict(out.__dask_graph__())
-        assert len(graph) == out.npartitions, (len(graph), out.npartitions)
-        keys = set(graph)
-        for task in graph.values():  # no task reads another task's result: chunks never wait for neighbours
-            assert not (keys & set(task.dependencies)), task
+    mapped = np.memmap(tmp_path / "image.raw", dtype=image.dtype, mode="w+", shape=image.shape)
+    mapped[...] = image
+    mapped.flush()
+    for source, extra in ((image, 1), (mapped, 0)):
+        for chunks, search in (((8, 16, 16), 3), ((8, 16, 16), 7), ((2, 5, 5), 3)):
+            out = chunked.nl_means_store(source, chunks=chunks, sigma=0.1, patch_size=3, search_size=search,
+                                         aggregation=aggregation)
+            graph = dict(out.__dask_graph__())
+            assert len(graph) == out.npartitions + extra, (len(graph), out.npartitions)
+            chunk_keys = {k for k in graph if isinstance(k, tuple)}
+            assert len(chunk_keys) == out.npartitions
+            for key in chunk_keys:  # no task reads another task's result: chunks never wait for neighbours
+                deps = set(get_dependencies(graph, key))
+                assert not (chunk_keys & deps) and len(deps) == extra, graph[key]
 
 
 def _traced_peak(run):
@@ -484,7 +493,7 @@ def test_cli_interrupted_run_leaves_no_output(tmp_path, capsys, monkeypatch):
     volume = _volume()
     zarr.create_array(str(tmp_path / "big.zarr"), shape=volume.shape, chunks=(6, 20, 18), dtype="u1")[...] = volume
     calls = []
-    real = chunked._denoise_with_halo
+    real = store.denoise_with_halo
 
     def interrupted(*args, **kwargs):
         calls.append(1)
@@ -492,7 +501,7 @@ def test_cli_interrupted_run_leaves_no_output(tmp_path, capsys, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(chunked, "_denoise_with_halo", interrupted)
+    monkeypatch.setattr(store, "denoise_with_halo", interrupted)
     assert main(["denoise", str(tmp_path / "big.zarr"), "--sigma", "10", "--out", str(tmp_path / "clean.zarr")]) == 130
     assert "nothing was written" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.zarr"]
