@@ -19,7 +19,7 @@ reading fill values.
 
 from __future__ import annotations
 
-import itertools
+import functools
 import mmap
 import numbers
 import os
@@ -59,7 +59,7 @@ class Opener:
         Absolute (a relative path is made absolute against the current folder
         when the opener is made).
     shape : tuple of int
-    dtype : str
+    dtype : numpy.dtype
     key : str
         The Zarr array's path in its store, the HDF5 dataset's name, the TIFF
         series' index; "" for a memory map.
@@ -75,7 +75,7 @@ class Opener:
     kind: str
     path: str
     shape: tuple
-    dtype: str
+    dtype: np.dtype
     key: str = ""
     offset: int = 0
     order: str = "C"
@@ -86,7 +86,7 @@ class Opener:
             raise ValueError(f"Opener kind must be one of {KINDS}; got {self.kind!r}")
         object.__setattr__(self, "path", os.path.abspath(os.fspath(self.path)))
         object.__setattr__(self, "shape", tuple(int(n) for n in self.shape))
-        object.__setattr__(self, "dtype", np.dtype(self.dtype).str)
+        object.__setattr__(self, "dtype", np.dtype(self.dtype))
         if self.chunks is not None:
             object.__setattr__(self, "chunks", tuple(int(n) for n in self.chunks))
         if self.order not in ("C", "F"):
@@ -192,8 +192,8 @@ def _opener_of(source):
         return Opener("zarr", root, source.shape, source.dtype, key=source.path, chunks=source.chunks)
     if library == "h5py":
         return Opener("hdf5", source.file.filename, source.shape, source.dtype, key=source.name, chunks=source.chunks)
-    if isinstance(source, np.memmap):
-        if not isinstance(source.base, mmap.mmap) or source.filename is None:
+    if isinstance(source, np.memmap) and source.filename is not None:  # (a copy of a memmap has no file)
+        if not isinstance(source.base, mmap.mmap):
             raise TypeError("source is a view of a numpy.memmap (a slice, a transpose): pass the memmap itself, or "
                             "nlref.nlmeans.store.Opener.memmap(path, dtype, shape, offset, order) for the part to read")
         order = "F" if source.flags.f_contiguous and not source.flags.c_contiguous else "C"
@@ -255,29 +255,36 @@ def _store_chunks(source, chunks, channel_axis, spatial):
     return tuple(tuple([c] * (n // c) + ([n % c] if n % c else [])) for c, n in zip(sizes, source.shape))
 
 
+def _run_block(*held, block_id=None, edges, read, source=None, **kwargs):
+    """One task: ``read(source, key, **kwargs)`` for the block ``block_id`` (``held``: a source in the graph).
+
+    ``edges``: per axis, the chunk boundaries (0, ..., n).
+    """
+    key = tuple(slice(e[i], e[i + 1]) for e, i in zip(edges, block_id))
+    return read(held[0] if held else source, key, **kwargs)
+
+
 def _tasks(read, source, grid, dtype, prefix, **kwargs):
     """A Dask array whose block ``i`` is ``read(source, key_i, **kwargs)``: one independent task per chunk.
 
     ``source`` is an :class:`Opener` (a few strings, in every task) or an
     array placed in the graph once (not copied per task, not read whole by
-    ``dask.array.from_array``).
+    ``dask.array.from_array``), on which every task depends.
     """
+    import dask
     import dask.array as da
-    from dask.highlevelgraph import HighLevelGraph
-    from dask.utils import apply
 
     name = f"{prefix}-{uuid.uuid4().hex}"
-    graph = {}
-    ref = source
-    if not isinstance(source, Opener):
-        ref = f"{name}-source"
-        graph[ref] = source
-    starts = [np.concatenate([[0], np.cumsum(c)[:-1]]).astype(int).tolist() for c in grid]
-    for index in itertools.product(*(range(len(c)) for c in grid)):
-        key = tuple(slice(starts[a][i], starts[a][i] + grid[a][i]) for a, i in enumerate(index))
-        graph[(name, *index)] = (apply, read, [ref, key], kwargs)
     meta = np.empty((0,) * len(grid), np.dtype(dtype))
-    return da.Array(HighLevelGraph.from_collections(name, graph, dependencies=()), name, grid, meta=meta)
+    edges = tuple(tuple(int(e) for e in np.cumsum((0, *c))) for c in grid)
+    # one opaque callable: Dask would otherwise rebuild every tuple and dict argument as a node, in every task
+    task = functools.partial(_run_block, edges=edges, read=functools.partial(read, **kwargs),
+                             source=source if isinstance(source, Opener) else None)
+    if isinstance(source, Opener):
+        return da.map_blocks(task, chunks=grid, dtype=dtype, meta=meta, name=name)
+    held = da.from_delayed(dask.delayed(source, name=f"{name}-source"), shape=(), dtype=object,
+                           meta=np.empty((), object))
+    return da.map_blocks(task, held, new_axis=list(range(len(grid))), chunks=grid, dtype=dtype, meta=meta, name=name)
 
 
 def _read_with_halo(source, key, shape, depth):
