@@ -148,6 +148,23 @@ def test_store_route_with_h5py_dataset_on_a_worker(scheduler, tmp_path, monkeypa
                                                          search_size=5))
 
 
+def test_cluster_example_streams_into_a_store(scheduler, tmp_path, monkeypatch, capsys):
+    """examples/dask_cluster.py on the cluster: the result goes into --out (relative), equal to nl_means in memory."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dask_cluster", ROOT / "examples" / "dask_cluster.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    monkeypatch.chdir(tmp_path)
+    example.main(["--scheduler", scheduler, "--shape", "8,40,36", "--chunks", "8,20,18", "--out", "den.zarr"])
+    assert "PSNR" in capsys.readouterr().out
+    _, noisy = example.synthetic((8, 40, 36), (8, 20, 18), 0.1)
+    expected = nlref.nl_means(noisy.compute(scheduler="sync"), sigma=0.1, patch_size=3, search_size=5, workers=1)
+    np.testing.assert_array_equal(zarr.open_array("den.zarr", mode="r")[...], expected)
+    with pytest.raises(SystemExit):  # an existing --out is refused, not overwritten
+        example.main(["--scheduler", scheduler, "--out", "den.zarr"])
+
+
 def _interrupt(tmp_path, extra):
     """Run the command in a process of its own, send SIGINT once it has written a chunk; its status and stderr."""
     volume = _volume((24, 64, 64), seed=6)

@@ -236,6 +236,20 @@ def test_cupy_chunks(aggregation):
                                atol=1e-5)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(_cupy() is None, reason="CuPy with a CUDA device not available")
+def test_cupy_chunks_with_estimated_sigma():
+    """The exact median's passes on CuPy blocks: no numpy.asarray of a device block, the in-memory estimate."""
+    cupy = _cupy()
+    image = _noisy((10, 40, 44), seed=9)
+    x = da.from_array(cupy.asarray(image), chunks=(5, 16, 16), asarray=False)
+    assert nlref.estimate_sigma(x) == nlref.estimate_sigma(cupy.asarray(image))
+    assert nlref.estimate_sigma(x) == pytest.approx(nlref.estimate_sigma(image), rel=1e-6)
+    out = nlref.nl_means(x, patch_size=3, search_size=5)
+    assert isinstance(out._meta, cupy.ndarray)
+    cupy.testing.assert_array_equal(out.compute(), nlref.nl_means(cupy.asarray(image), patch_size=3, search_size=5))
+
+
 # ---- arrays in a store: nl_means_store, one independent task per chunk ----
 
 

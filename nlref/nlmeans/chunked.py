@@ -20,17 +20,17 @@ the result is equal bit for bit (with the same ``workers`` per chunk as the
 in-memory call; different thread counts only reorder a sum).
 
 Three modules do the work, one job each, importing one way (the checks and
-parameter rules below them, :mod:`nlref.nlmeans.api` above choosing):
+parameter rules below them, ``nlref/nlmeans/api.py`` above choosing):
 
 * :mod:`nlref.nlmeans.median` -- the exact median of the absolute second
   differences by histogram selection (the noise estimate), and the one-pass
   parameter resolution both routes share;
 * :mod:`nlref.nlmeans.overlap` -- a Dask array through ``map_overlap``
-  (:func:`nl_means_dask`, what :func:`nlref.nl_means` calls), where each chunk
+  (:func:`~nlref.nlmeans.overlap.nl_means_dask`, what :func:`nlref.nl_means` calls), where each chunk
   waits for its neighbours' halo pieces;
 * :mod:`nlref.nlmeans.store` -- an array in a store (Zarr, TIFF, HDF5, a
-  memory map) through :func:`nl_means_store`, whose tasks each open the file
-  (an :class:`Opener`: kind and absolute path travel, never the data) and read
+  memory map) through :func:`~nlref.nlmeans.store.nl_means_store`, whose tasks each open the file
+  (an :class:`~nlref.nlmeans.store.Opener`: kind and absolute path travel, never the data) and read
   their own chunk and halo: one task per chunk, none waiting for another, so
   a worker holds only the chunks it computes.
 
