@@ -179,7 +179,8 @@ def _interrupt(tmp_path, extra):
         while not any(p.name != "zarr.json" for partial in tmp_path.glob(".out.zarr.partial-*")
                       for p in partial.rglob("*") if p.is_file()):
             if time.monotonic() > end or process.poll() is not None:
-                pytest.fail(f"the run wrote no chunk: {process.poll()} {process.stderr.read() if process.poll() else ''}")
+                status = process.poll()
+                pytest.fail(f"the run wrote no chunk: {status} {process.stderr.read() if status is not None else ''}")
             time.sleep(0.05)
         process.send_signal(signal.SIGINT)
         _, err = process.communicate(timeout=90)

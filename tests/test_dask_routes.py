@@ -219,7 +219,8 @@ def test_every_shape_on_both_routes(shape, axis, kwargs, chunks, aggregation, sy
         lazy = nlref.nl_means(da.from_array(image, chunks=chunks), **args)
         assert lazy.chunks == da.from_array(image, chunks=chunks).chunks
         np.testing.assert_array_equal(lazy.compute(), expected)
-        spatial_chunks = tuple(c for a, c in enumerate(chunks) if a != (axis % len(shape) if axis is not None else None))
+        channel = None if axis is None else axis % len(shape)
+        spatial_chunks = tuple(c for a, c in enumerate(chunks) if a != channel)
         np.testing.assert_array_equal(nlref.nl_means_store(image, chunks=spatial_chunks, **args).compute(), expected)
 
 

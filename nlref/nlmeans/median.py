@@ -167,7 +167,7 @@ def select(values, ranks, lo, hi, rounds=0):
 
 
 def sigma_from_filtered(values, dims, extremes):
-    """:func:`nlref.estimate_sigma` from each channel's lazy |second differences| and their computed (min, max)."""
+    """:func:`nlref.estimate_sigma` from each channel's lazy absolute second differences and their (min, max)."""
     per_channel = []
     for v, (lo, hi) in zip(values, extremes):
         dtype = np.dtype(v.dtype)

@@ -25,7 +25,7 @@ from .checks import check_not_stored, is_dask_array
 
 __all__ = ["estimate_sigma", "MAD_TO_SIGMA", "second_difference", "sigma_from_median"]
 
-#: Phi^{-1}(3/4): the median of |N(0, 1)|.
+#: The median of the absolute value of a standard normal variable (the normal quantile at 3/4).
 MAD_TO_SIGMA = 0.6744897501960817
 
 

@@ -34,7 +34,7 @@ def _second_differences_block(block, *, axes):
 
 
 def filtered_dask(image, channel_axis):
-    """|second differences| of every channel (lazy), as :func:`nlref.estimate_sigma` filters them.
+    """The absolute second differences of every channel (lazy), as :func:`nlref.estimate_sigma` filters them.
 
     Chunk by chunk: a halo of one sample along every filtered axis, and the
     same operations in the same order as in memory (so the values are equal

@@ -101,7 +101,10 @@ def positive(name, value, allow_zero):
 
 
 def default_data_range(xp, image, peak=None):
-    """The signal range the preset table's 0..255 scale maps to (see nl_means); ``peak``: max |image|, if read."""
+    """The signal range the preset table's 0..255 scale maps to (see nl_means).
+
+    ``peak``: the image's largest magnitude, where the caller has already read it.
+    """
     if is_integer_dtype(xp, image.dtype):
         lo, hi = integer_range(image.dtype)
         return hi - lo if lo < 0 else hi

@@ -306,7 +306,7 @@ def _denoised_block(source, key, *, shape, depth, channel_axis, params, workers)
 
 
 def _filtered_block(source, key, *, channel_axis, axes):
-    """|second differences| of one chunk (channel first), read with one more sample after it along ``axes``."""
+    """The absolute second differences of one chunk (channel first), read with two more samples along ``axes``."""
     grown = [slice(s.start, s.stop + 2) if a in axes else s for a, s in enumerate(key)]
     spatial = grown[1:]
     if channel_axis is None:
@@ -321,7 +321,7 @@ def _filtered_block(source, key, *, channel_axis, axes):
 
 
 def _filtered_store(source, channel_axis, grid):
-    """|second differences| of every channel (lazy), one task per chunk reading its chunk and two more samples."""
+    """The absolute second differences of every channel (lazy), one task per chunk (its chunk and two more samples)."""
     shape = list(source.shape)
     channels = 1 if channel_axis is None else shape.pop(channel_axis)
     axes = tuple(a for a, n in enumerate(shape, start=1) if n >= 3)
