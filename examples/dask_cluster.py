@@ -13,15 +13,19 @@ its address; the same code runs unchanged::
 The noisy volume is generated on the workers, chunk by chunk (seeded per
 chunk, so no process ever holds the whole of it) and denoised as a Dask
 array; ``--zarr PATH`` denoises a Zarr store instead with
-``nl_means_store``, each task reading its chunk and halo from the store (a
-path every worker can read). The result stays on the
-workers: the script prints the PSNR of the noisy and denoised volumes
-(synthetic input) and the throughput. See docs/dask.md.
+``nl_means_store``, each task opening the store by its absolute path and
+reading its chunk and halo (a path every worker can read). The result is
+streamed chunk by chunk into the Zarr store ``--out`` (a path every worker
+can write; it must not exist yet): the cluster never holds the whole result.
+The script then prints the throughput and, for synthetic input, the PSNR of
+the noisy and denoised volumes, read back from the store chunk by chunk.
+See docs/dask.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import numpy as np
@@ -64,15 +68,19 @@ def main(argv=None):
     parser.add_argument("--shape", type=_ints, default=(64, 512, 512), help="synthetic volume (default 64,512,512)")
     parser.add_argument("--chunks", type=_ints, default=64, help="chunk size, or one per axis (default 64)")
     parser.add_argument("--zarr", help="denoise this Zarr store instead of a synthetic volume")
+    parser.add_argument("--out", default="denoised.zarr",
+                        help="Zarr store for the result, not existing yet (default denoised.zarr)")
     parser.add_argument("--sigma", type=float, default=0.1, help="noise level (default 0.1; estimated for --zarr)")
     parser.add_argument("--patch-size", type=_ints, default=3)
     parser.add_argument("--search-size", type=_ints, default=5)
     args = parser.parse_args(argv)
+    out = os.path.abspath(args.out)  # absolute here: a worker runs in another folder, often on another machine
+    if os.path.exists(out):
+        parser.error(f"--out {args.out!r} already exists; remove it or choose another name")
 
+    import dask.array as da
     import zarr
     from distributed import Client, LocalCluster, progress
-
-    from nlref.nlmeans.chunked import nl_means_store
 
     if args.scheduler:
         client = Client(args.scheduler)
@@ -82,22 +90,30 @@ def main(argv=None):
     with client:
         kwargs = dict(patch_size=args.patch_size, search_size=args.search_size)
         t0 = time.perf_counter()
-        if args.zarr:  # each task reads its chunk and halo from the store: a worker holds only its own chunks
+        if args.zarr:  # each task opens the store and reads its chunk and halo: a worker holds only its own chunks
             clean, noisy = None, zarr.open_array(args.zarr, mode="r")
-            denoised = nl_means_store(noisy, chunks=args.chunks, **kwargs)  # sigma estimated on the workers
+            denoised = nlref.nl_means_store(noisy, chunks=args.chunks, **kwargs)  # sigma estimated on the workers
         else:  # a Dask array made on the workers: map_overlap brings each chunk its neighbours' halo
             clean, noisy = synthetic(args.shape, args.chunks, args.sigma)
             denoised = nlref.nl_means(noisy, sigma=args.sigma, **kwargs)
         print(f"{noisy.shape} {noisy.dtype} in {denoised.npartitions} chunks of {denoised.chunksize}; "
               f"parameters resolved in {time.perf_counter() - t0:.1f} s")
+        # streamed into the store chunk by chunk (every chunk written, also one equal to the fill value)
+        target = zarr.create_array(out, shape=denoised.shape, chunks=denoised.chunksize, dtype=denoised.dtype,
+                                   config={"write_empty_chunks": True})
         t0 = time.perf_counter()
-        denoised = client.persist(denoised)
-        progress(denoised)  # a bar in the terminal (and in the dashboard)
+        future = client.compute(denoised.store(target, lock=False, compute=False))
+        progress(future)  # a bar in the terminal (and in the dashboard)
+        future.result()
         print()
         seconds = time.perf_counter() - t0
-        print(f"denoised in {seconds:.1f} s: {denoised.size / seconds / 1e6:.2f} million voxels/s")
+        if target.nchunks_initialized != target.nchunks:
+            raise SystemExit(f"{out} holds {target.nchunks_initialized} of {target.nchunks} chunks: a worker wrote "
+                             "elsewhere (is the path the same on every machine?)")
+        print(f"denoised in {seconds:.1f} s: {denoised.size / seconds / 1e6:.2f} million voxels/s -> {out}")
         if clean is not None:
-            before, after = client.compute([nlref_psnr(clean, noisy), nlref_psnr(clean, denoised)], sync=True)
+            result = da.from_zarr(out)
+            before, after = client.compute([nlref_psnr(clean, noisy), nlref_psnr(clean, result)], sync=True)
             print(f"PSNR {before:.2f} dB -> {after:.2f} dB")
 
 

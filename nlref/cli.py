@@ -476,97 +476,105 @@ def _is_chunked(args):
             or str(args.out).rstrip("/").endswith(".zarr") or args.chunks is not None)
 
 
-class _TiffStack:
-    """A TIFF stack read by slices through tifffile's Zarr view, never whole.
-
-    Only the path travels to Dask's workers (the open file does not pickle);
-    each process opens the file on its first read.
-    """
-
-    def __init__(self, path):
-        import tifffile
-
-        self.path = str(path)
-        with tifffile.TiffFile(self.path) as tif:
-            series = tif.series[0]
-            self.shape, self.dtype = tuple(series.shape), np.dtype(series.dtype)
-        self._array = None
-
-    def __getstate__(self):
-        return {"path": self.path, "shape": self.shape, "dtype": self.dtype, "_array": None}
-
-    def __getitem__(self, key):
-        if self._array is None:
-            import tifffile
-            import zarr
-
-            self._array = zarr.open(tifffile.imread(self.path, aszarr=True), mode="r")
-        return self._array[key]
-
-    def close(self):
-        """Close the file in this process (a worker's copy closes with its process)."""
-        if self._array is not None:
-            self._array.store.close()
-            self._array = None
-
-
 def _open_chunked(path):
-    """A Zarr array or a TIFF stack, to be read chunk by chunk (nothing is read now but the metadata)."""
-    import zarr
+    """An opener of the array in a Zarr store, TIFF stack, HDF5 file or .npy file (reads the metadata only)."""
+    from nlref.nlmeans.store import Opener, as_source
 
-    path = Path(path)
     if path.is_dir():
-        return zarr.open_array(str(path), mode="r")
-    if path.suffix.lower() in (".tif", ".tiff"):
-        return _TiffStack(path)
-    raise ValueError(f"IMAGE {str(path)!r}: a chunked run reads a Zarr store (a folder) or a TIFF stack (.tif, .tiff)")
+        return Opener.zarr(path)
+    suffix = path.suffix.lower()
+    if suffix in (".tif", ".tiff"):
+        return Opener.tiff(path)
+    if suffix == ".npy":  # a memory map of the file: each task reads its chunk, never the whole
+        return as_source(np.load(path, mmap_mode="r"))
+    if suffix in (".h5", ".hdf5"):
+        try:
+            import h5py
+        except ImportError as err:
+            raise ValueError(f"IMAGE {str(path)!r}: reading HDF5 needs h5py: pip install h5py ({err})") from err
+        with h5py.File(path, "r") as f:
+            names = []
+            f.visititems(lambda name, item: names.append(name) if isinstance(item, h5py.Dataset) else None)
+        if len(names) != 1:
+            raise ValueError(f"IMAGE {str(path)!r}: a chunked run reads an HDF5 file holding one dataset; this one "
+                             f"holds {len(names)} ({', '.join(names[:5])})")
+        return Opener.hdf5(path, names[0])
+    raise ValueError(f"IMAGE {str(path)!r}: a chunked run reads a Zarr store (a folder), a TIFF stack (.tif, .tiff), "
+                     f"an HDF5 file (.h5, .hdf5) or a NumPy file (.npy)")
+
+
+def _running(names, dask_worker=None):
+    """The tasks of the graph layers ``names`` a worker still runs (run on the worker; a cancelled task runs on).
+
+    A name is matched within the key: the optimiser fuses layers into keys that join their names.
+    """
+    states = ("executing", "long-running", "cancelled", "resumed")
+    return [str(k) for k, task in dask_worker.state.tasks.items()
+            if task.state in states and any(name in str(k) for name in names)]
+
+
+def _wait_for_running_tasks(client, keys, timeout=60.0):
+    """Wait (at most ``timeout`` s) until no worker runs a task of ``keys``: cancelling does not stop a running task."""
+    names = sorted({k[0] if isinstance(k, tuple) else str(k) for k in keys})
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            if not any(client.run(_running, names).values()):
+                return
+        except Exception:  # noqa: BLE001 -- a lost connection: nothing more to wait for from here
+            return
+        time.sleep(0.1)
 
 
 def run_denoise_chunked(args):
     """``nlref denoise big.zarr --chunks 64 --out clean.zarr``: chunk by chunk, never the whole volume.
 
-    The input (a Zarr store or a TIFF stack) is read by
-    :func:`nlref.nlmeans.chunked.nl_means_store`: one task per chunk of
-    ``--chunks`` (default: the store's own chunks; 64 per axis for TIFF), each
-    reading its chunk and halo from the file and denoising it (exact: equal to
-    the in-memory result), on the local threads or on the cluster at
-    ``--scheduler``. The result is written chunk by chunk into a hidden Zarr
-    store beside ``--out`` and renamed to ``--out`` when complete, so an
-    interrupted run leaves no partial ``--out``. A last axis of length 3 is
-    taken as colour channels.
+    The input (a Zarr store, a TIFF stack, an HDF5 file with one dataset or a
+    .npy file) is read by :func:`nlref.nlmeans.store.denoise_store`: one task
+    per chunk of ``--chunks`` (default: the store's own chunks; 64 per axis
+    otherwise), each opening the file by its absolute path and reading its
+    chunk and halo (exact: equal to the in-memory result), on the local
+    threads or on the cluster at ``--scheduler``. The result is written chunk
+    by chunk into a hidden Zarr store beside ``--out``, checked to hold every
+    chunk, and renamed to ``--out``, so an interrupted or failed run leaves no
+    ``--out``; once the tasks still running have finished, the hidden store
+    is removed. A last axis of length 3 is taken as colour channels.
     """
     try:
         import dask
-        import dask.array as da
-        import zarr  # noqa: F401
+        import zarr
     except ImportError as err:
         raise ValueError(f"a chunked run needs the dask extra: pip install 'nlref[dask]' ({err})") from err
     import shutil
     import uuid
+    from concurrent.futures import ThreadPoolExecutor
 
-    from nlref.nlmeans.chunked import nl_means_store, resolve_parameters_store
+    from nlref.nlmeans.store import close_opened, denoise_store, resolve_parameters_store
 
     if args.image is None:
-        raise ValueError("a chunked run (--chunks, or a .zarr input or output) needs IMAGE: a Zarr store or TIFF stack")
-    source, out = Path(args.image), Path(str(args.out).rstrip("/"))
+        raise ValueError("a chunked run (--chunks, or a .zarr input or output) needs IMAGE: a Zarr store, TIFF stack, "
+                         "HDF5 or .npy file")
+    # absolute here, where the paths are parsed: a worker of a cluster runs in another folder
+    source, out = Path(os.path.abspath(args.image)), Path(os.path.abspath(str(args.out).rstrip("/")))
     if not source.exists():
-        raise ValueError(f"IMAGE {str(source)!r} does not exist")
+        raise ValueError(f"IMAGE {args.image!r} does not exist")
     if out.suffix != ".zarr":
-        raise ValueError(f"--out must name a Zarr store (ending in .zarr) for a chunked run; got {str(out)!r}")
+        raise ValueError(f"--out must name a Zarr store (ending in .zarr) for a chunked run; got {args.out!r}")
     if out.exists():
-        raise ValueError(f"--out {str(out)!r} already exists; remove it or choose another name")
+        raise ValueError(f"--out {args.out!r} already exists; remove it or choose another name")
     if not out.parent.exists():
         raise ValueError(f"the folder of --out ({out.parent}) does not exist")
     if args.method != "fast":
         raise ValueError("a chunked run uses --method fast")
     image = _open_chunked(source)
     channel_axis = -1 if len(image.shape) >= 3 and image.shape[-1] == 3 else None
-    chunks = args.chunks if args.chunks is not None else (None if source.is_dir() else 64)
+    chunks = args.chunks if args.chunks is not None else (None if image.chunks is not None else 64)
     if chunks is not None:
         spatial = len(image.shape) - (channel_axis is not None)
         sizes = (chunks,) * spatial if isinstance(chunks, int) else tuple(chunks)
-        if len(sizes) != spatial or any(c < 1 for c in sizes):
-            raise ValueError(f"--chunks must be a positive size, or one per spatial axis ({spatial}); got {chunks}")
+        if len(sizes) != spatial:
+            raise ValueError(f"--chunks must be one positive int, or one per spatial axis ({spatial}, image shape "
+                             f"{image.shape}); got {','.join(map(str, sizes))}")
         chunks = sizes
 
     client = None
@@ -575,19 +583,24 @@ def run_denoise_chunked(args):
 
         client = Client(args.scheduler)
     partial = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    pool, future, graph_keys = None, None, ()
     try:
-        kwargs = dict(chunks=chunks, sigma=args.sigma, h=args.h, patch_size=args.patch_size,
-                      search_size=args.search_size, channel_axis=channel_axis, aggregation=args.aggregation)
+        kwargs = dict(chunks=chunks, channel_axis=channel_axis, aggregation=args.aggregation)
         t0 = time.perf_counter()
-        params = resolve_parameters_store(image, **kwargs)
+        params = _warned(lambda: resolve_parameters_store(image, sigma=args.sigma, h=args.h,
+                                                          patch_size=args.patch_size, search_size=args.search_size,
+                                                          **kwargs), set())
         print(f"sigma {params['sigma']:.3g} ({params['sigma_source']}), h {params['h']:.3g}, "
               f"patch {params['patch_size']}, search {params['search_size']}, {args.aggregation}-wise "
               f"(resolved for the whole array in {time.perf_counter() - t0:.1f} s)")
-        # the parameters just resolved, passed on: the noise estimate's passes are not repeated
-        lazy = nl_means_store(image, **dict(kwargs, sigma=params["sigma"], h=params["h"],
-                                            patch_size=params["patch_size"], search_size=params["search_size"]))
-        print(f"{source}: {image.shape} {image.dtype} in {lazy.npartitions} chunks of {lazy.chunksize}")
-        store = da.to_zarr(lazy, str(partial), compute=False)
+        lazy = denoise_store(image, params, **kwargs)  # the parameters just resolved: no further pass
+        print(f"{args.image}: {image.shape} {image.dtype} in {lazy.npartitions} chunks of {lazy.chunksize}")
+        # every chunk written, also one equal to the fill value, so that a complete store can be told from one
+        # whose writes went elsewhere
+        target = zarr.create_array(str(partial), shape=lazy.shape, chunks=lazy.chunksize, dtype=lazy.dtype,
+                                   config={"write_empty_chunks": True})
+        store = lazy.store(target, lock=False, compute=False)
+        graph_keys = tuple(dict(store.__dask_graph__()))
         show = not args.no_progress and sys.stderr.isatty()  # as for a single image: a bar on a terminal only
         t0 = time.perf_counter()
         if client is not None:
@@ -605,18 +618,28 @@ def run_denoise_chunked(args):
 
             from dask.diagnostics import ProgressBar
 
+            pool = ThreadPoolExecutor(os.cpu_count() or 1)  # ours: its running tasks are waited for on the way out
             with ProgressBar(out=sys.stderr) if show else nullcontext():
-                dask.compute(store)
+                dask.compute(store, scheduler="threads", pool=pool)
         seconds = time.perf_counter() - t0
+        written = zarr.open_array(str(partial), mode="r").nchunks_initialized
+        if written != target.nchunks:
+            raise OSError(f"the result holds {written} of its {target.nchunks} chunks: the workers wrote elsewhere "
+                          f"or failed; nothing was written to --out")
         os.rename(partial, out)  # a folder: fails rather than replace an --out made meanwhile
     finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)  # tasks still running finish before the clean-up
         if client is not None:
+            if future is not None:
+                client.cancel(future, force=True)  # the tasks waiting are dropped; those running still finish
+                _wait_for_running_tasks(client, graph_keys)
             client.close()
-        if isinstance(image, _TiffStack):
-            image.close()
+        close_opened()
         shutil.rmtree(partial, ignore_errors=True)
     voxels = math.prod(image.shape) / (3 if channel_axis is not None else 1)
-    print(f"denoised {image.shape} {image.dtype} in {seconds:.1f} s ({voxels / seconds:,.0f} voxels/s) -> {out}")
+    print(f"denoised {image.shape} {np.dtype(image.dtype)} in {seconds:.1f} s ({voxels / seconds:,.0f} voxels/s) "
+          f"-> {args.out}")
 
 
 def run_train(args):
@@ -663,6 +686,18 @@ def run_train(args):
     print(f"val accuracy {result['val_accuracy']:.3f} after {_count(len(result['history']), 'epoch')}; "
           f"{result['seconds']:.0f} s of training at {result['clips_per_second']:.0f} clips/s")
     return result
+
+
+def _chunk_size(text):
+    """--chunks: a positive int, or comma-separated positive ints (one per spatial axis)."""
+    try:
+        parts = [int(p) for p in text.split(",")]
+    except ValueError:
+        parts = []
+    if not parts or any(p < 1 for p in parts):
+        raise argparse.ArgumentTypeError(f"--chunks takes a positive int or comma-separated positive ints, one per "
+                                         f"spatial axis (e.g. 64 or 16,128,128); got {text!r}")
+    return parts[0] if len(parts) == 1 else tuple(parts)
 
 
 def _size(text):
@@ -746,9 +781,9 @@ def build_parser():
                           "(default: %(default)s)")
     den.add_argument("--no-progress", action="store_true",
                      help="no progress bar (default: a bar when stderr is a terminal, none otherwise)")
-    den.add_argument("--chunks", type=_size, help="Dask chunk size, or comma-separated per spatial axis: stream a "
-                     "Zarr store or TIFF stack chunk by chunk into the Zarr store --out (see docs/dask.md) "
-                     "(default: off, the image is denoised in memory)")
+    den.add_argument("--chunks", type=_chunk_size, help="Dask chunk size, or comma-separated per spatial axis: "
+                     "stream a Zarr store, TIFF stack, HDF5 or .npy file chunk by chunk into the Zarr store --out "
+                     "(see docs/dask.md) (default: off, the image is denoised in memory)")
     den.add_argument("--scheduler", help="address of a dask.distributed scheduler for a chunked run (default: local "
                      "threads)")
 

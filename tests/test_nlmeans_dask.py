@@ -18,7 +18,7 @@ da = pytest.importorskip("dask.array")
 dask = pytest.importorskip("dask")
 
 import nlref  # noqa: E402
-from nlref.nlmeans import chunked  # noqa: E402
+from nlref.nlmeans import chunked, median, store  # noqa: E402
 from nlref.nlmeans.fast import halo, working_memory  # noqa: E402
 
 
@@ -104,8 +104,8 @@ def test_parameters_resolved_once_for_the_whole_array():
 @pytest.mark.parametrize("kind", ["uint8", "float32", "colour-float64"])
 def test_exact_median_selection_through_narrowing(monkeypatch, kind):
     """Small histograms and gather limits force every branch of the selection (split, narrow, gather)."""
-    monkeypatch.setattr(chunked, "HISTOGRAM_BINS", 4)
-    monkeypatch.setattr(chunked, "GATHER_LIMIT", 7)
+    monkeypatch.setattr(median, "HISTOGRAM_BINS", 4)
+    monkeypatch.setattr(median, "GATHER_LIMIT", 7)
     rng = np.random.default_rng(5)
     if kind == "uint8":
         image, axis = rng.integers(0, 6, size=(31, 29)).astype(np.uint8), None  # many repeated values
@@ -236,6 +236,20 @@ def test_cupy_chunks(aggregation):
                                atol=1e-5)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(_cupy() is None, reason="CuPy with a CUDA device not available")
+def test_cupy_chunks_with_estimated_sigma():
+    """The exact median's passes on CuPy blocks: no numpy.asarray of a device block, the in-memory estimate."""
+    cupy = _cupy()
+    image = _noisy((10, 40, 44), seed=9)
+    x = da.from_array(cupy.asarray(image), chunks=(5, 16, 16), asarray=False)
+    assert nlref.estimate_sigma(x) == nlref.estimate_sigma(cupy.asarray(image))
+    assert nlref.estimate_sigma(x) == pytest.approx(nlref.estimate_sigma(image), rel=1e-6)
+    out = nlref.nl_means(x, patch_size=3, search_size=5)
+    assert isinstance(out._meta, cupy.ndarray)
+    cupy.testing.assert_array_equal(out.compute(), nlref.nl_means(cupy.asarray(image), patch_size=3, search_size=5))
+
+
 # ---- arrays in a store: nl_means_store, one independent task per chunk ----
 
 
@@ -278,16 +292,26 @@ def test_store_dtypes_zarr_and_memmap(tmp_path, dtype):
 
 
 @pytest.mark.parametrize("aggregation", ["pixel", "patch"])
-def test_store_graph_is_one_independent_task_per_chunk(aggregation):
+def test_store_graph_is_one_independent_task_per_chunk(aggregation, tmp_path):
+    """A file: one task per chunk, none depending on another; an in-memory array: one more node, the array."""
+    from dask.core import get_dependencies
+
     image = _noisy((16, 48, 48))
-    for chunks, search in (((8, 16, 16), 3), ((8, 16, 16), 7), ((2, 5, 5), 3)):
-        out = chunked.nl_means_store(image, chunks=chunks, sigma=0.1, patch_size=3, search_size=search,
-                                     aggregation=aggregation)
-        graph = dict(out.__dask_graph__())
-        assert len(graph) == out.npartitions, (len(graph), out.npartitions)
-        keys = set(graph)
-        for task in graph.values():  # no task reads another task's result: chunks never wait for neighbours
-            assert not (keys & set(task.dependencies)), task
+    mapped = np.memmap(tmp_path / "image.raw", dtype=image.dtype, mode="w+", shape=image.shape)
+    mapped[...] = image
+    mapped.flush()
+    for source, file in ((image, False), (mapped, True)):
+        for chunks, search in (((8, 16, 16), 3), ((8, 16, 16), 7), ((2, 5, 5), 3)):
+            out = chunked.nl_means_store(source, chunks=chunks, sigma=0.1, patch_size=3, search_size=search,
+                                         aggregation=aggregation)
+            graph = dict(out.__dask_graph__())
+            chunk_keys = {k for k in graph if isinstance(k, tuple) and k[0] == out.name}
+            assert len(chunk_keys) == out.npartitions
+            others = set(graph) - chunk_keys  # a file: none; an array in memory: it, placed in the graph once
+            assert len(others) == (0 if file else 2), others
+            for key in chunk_keys:  # no task reads another task's result: chunks never wait for neighbours
+                deps = set(get_dependencies(graph, key))
+                assert not (chunk_keys & deps) and len(deps) == (0 if file else 1), graph[key]
 
 
 def _traced_peak(run):
@@ -306,12 +330,12 @@ def test_store_memory_of_a_worker_is_one_task():
 
     The peak above the source and the target is that of one task, about 11
     (chunk + halo) blocks and below working_memory's 13, whatever the number
-    of chunks (64 here). Through ``map_overlap`` the same run holds the
+    of chunks (32 here). Through ``map_overlap`` the same run holds the
     neighbour chunks waiting for each other: more than the store route.
     """
-    image = _noisy((32, 256, 256))  # 8 MiB, 64 chunks
+    image = _noisy((32, 256, 256))  # 8 MiB, 32 chunks
     kwargs = dict(sigma=0.1, h=0.07, patch_size=3, search_size=5)
-    chunks = (8, 64, 64)
+    chunks = (16, 64, 64)  # Dask's own bookkeeping, a few KiB per task, stays well below one block
     target = np.empty_like(image)
     m = halo((3, 3, 3), (5, 5, 5))
     block = np.prod([c + 2 * w for c, w in zip(chunks, m)]) * image.itemsize  # chunk + halo, float32
@@ -484,7 +508,7 @@ def test_cli_interrupted_run_leaves_no_output(tmp_path, capsys, monkeypatch):
     volume = _volume()
     zarr.create_array(str(tmp_path / "big.zarr"), shape=volume.shape, chunks=(6, 20, 18), dtype="u1")[...] = volume
     calls = []
-    real = chunked._denoise_with_halo
+    real = store.denoise_with_halo
 
     def interrupted(*args, **kwargs):
         calls.append(1)
@@ -492,7 +516,7 @@ def test_cli_interrupted_run_leaves_no_output(tmp_path, capsys, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(chunked, "_denoise_with_halo", interrupted)
+    monkeypatch.setattr(store, "denoise_with_halo", interrupted)
     assert main(["denoise", str(tmp_path / "big.zarr"), "--sigma", "10", "--out", str(tmp_path / "clean.zarr")]) == 130
     assert "nothing was written" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.zarr"]

@@ -87,10 +87,8 @@ def test_notebooks_run_without_an_nbmake_flag(pyproject):
 def _public_callables():
     from nlref.nn import models, optim
 
-    # nl_means_store (nlref/nlmeans/chunked.py) is left to the restructuring of the chunked routes
     funcs = [getattr(nlref, name) for name in nlref.__all__ if callable(getattr(nlref, name))
-             and not isinstance(getattr(nlref, name), type) and not inspect.ismodule(getattr(nlref, name))
-             and name != "nl_means_store"]
+             and not isinstance(getattr(nlref, name), type) and not inspect.ismodule(getattr(nlref, name))]
     classes = [nlref.NonLocalBlock, nlref.nn.VideoNet, models.Conv3d, models.BatchNorm, models.ConvBN,
                models.ResidualBlock, models.NonLocal, optim.SGD, optim.Adam, optim.StepSchedule]
     return funcs + [nlref.train.train] + [c.__init__ for c in classes]

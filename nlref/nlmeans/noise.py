@@ -22,13 +22,16 @@ import math
 
 from .._typing import Array
 from ..backend import require_real
+from .checks import check_not_stored, is_dask_array
 
-__all__ = ["estimate_sigma"]
+__all__ = ["estimate_sigma", "MAD_TO_SIGMA", "second_difference", "sigma_from_median"]
 
-_MAD_TO_SIGMA = 0.6744897501960817  # Phi^{-1}(3/4): median |N(0, 1)|
+#: The median of the absolute value of a standard normal variable (the normal quantile at 3/4).
+MAD_TO_SIGMA = 0.6744897501960817
 
 
-def _second_difference(xp, x, axis):
+def second_difference(x, axis):
+    """The valid part of ``x`` filtered with [1, -2, 1] along ``axis`` (two samples shorter there)."""
     n = x.shape[axis]
 
     def part(start, stop):
@@ -37,6 +40,11 @@ def _second_difference(xp, x, axis):
         return x[tuple(idx)]
 
     return part(0, n - 2) - 2.0 * part(1, n - 1) + part(2, n)
+
+
+def sigma_from_median(median, dims):
+    """The noise level from the median absolute second difference over ``dims`` filtered axes."""
+    return float(median) / (MAD_TO_SIGMA * math.sqrt(6.0**dims))
 
 
 def _median(xp, x):
@@ -64,13 +72,14 @@ def estimate_sigma(image: Array, *, channel_axis: int | None = None) -> float:
     -----
     Only axes with at least 3 samples are filtered. A noise-free image with
     smooth content gives values near 0; strong texture biases the estimate
-    upwards (as for every single-image estimator).
+    upwards (as for every single-image estimator). This function is the
+    in-memory estimate; :func:`nlref.estimate_sigma` also takes a Dask array
+    (:func:`nlref.nlmeans.overlap.estimate_sigma_dask`, the same number).
     """
-    from .chunked import _check_not_stored, estimate_sigma_dask, is_dask_array
-
-    if is_dask_array(image):  # exact median by histogram selection, chunk by chunk
-        return estimate_sigma_dask(image, channel_axis=channel_axis)
-    _check_not_stored(image)
+    if is_dask_array(image):
+        raise TypeError("image is a Dask array: nlref.estimate_sigma(image) estimates it chunk by chunk "
+                        "(nlref.nlmeans.noise.estimate_sigma is the in-memory estimate)")
+    check_not_stored(image)
     xp = require_real(image, "image")
     x = image if xp.isdtype(image.dtype, "real floating") else xp.astype(image, xp.float64)
     if channel_axis is not None:
@@ -80,10 +89,9 @@ def estimate_sigma(image: Array, *, channel_axis: int | None = None) -> float:
     filtered, dims = x, 0
     for axis in range(1, x.ndim):
         if x.shape[axis] >= 3:
-            filtered = _second_difference(xp, filtered, axis)
+            filtered = second_difference(filtered, axis)
             dims += 1
     if dims == 0:
         raise ValueError(f"image needs an axis with at least 3 samples to estimate sigma; shape {tuple(image.shape)}")
-    scale = _MAD_TO_SIGMA * math.sqrt(6.0**dims)
-    per_channel = [float(_median(xp, xp.abs(filtered[c, ...]))) / scale for c in range(filtered.shape[0])]
+    per_channel = [sigma_from_median(_median(xp, xp.abs(filtered[c, ...])), dims) for c in range(filtered.shape[0])]
     return sum(per_channel) / len(per_channel)

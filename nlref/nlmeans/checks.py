@@ -1,0 +1,138 @@
+"""The checks every NL-means input shares, on its shape and dtype (and, in memory, its values).
+
+The bottom of :mod:`nlref.nlmeans`: every other module may import from here,
+this module imports none of them. The checks read the shape and dtype only,
+never the data, except :func:`check_image` (an in-memory array, whose
+finiteness check is one cheap pass).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import sys
+import warnings
+
+import numpy as np
+
+from ..backend import require_real
+
+__all__ = ["MAX_SPATIAL_DIMS", "is_dask_array", "check_not_stored", "check_axes", "check_image", "check_lazy",
+           "check_workers", "layout_doubt"]
+
+#: The most spatial axes an image may have (plus an optional channel axis).
+MAX_SPATIAL_DIMS = 4
+
+
+def is_dask_array(x):
+    """Whether ``x`` is a ``dask.array.Array`` (without importing dask)."""
+    module = sys.modules.get("dask.array")
+    return module is not None and isinstance(x, module.Array)
+
+
+def check_not_stored(image, name="image"):
+    """Refuse a Zarr array or HDF5 dataset where an in-memory array is expected, pointing to the chunked route.
+
+    ``numpy.asarray`` would read the whole store into memory; the advice is
+    :func:`nlref.nl_means_store` (or loading it knowingly, when it fits).
+    """
+    library = type(image).__module__.split(".")[0]
+    if library in ("zarr", "h5py"):
+        raise TypeError(f"{name} is a {library} {type(image).__name__}, an array in a store: denoise it chunk by chunk "
+                        f"with nlref.nl_means_store({name}, chunks=...), or, if it fits in memory, load it first "
+                        f"with {name}[...]")
+
+
+def check_axes(shape, channel_axis):
+    """Validate the channel axis against ``shape``; return (channel_axis, spatial_shape).
+
+    The checks every input shares, in memory, on Dask and in a store: they
+    read the shape only, never the data.
+    """
+    ndim = len(shape)
+    if channel_axis is not None:
+        if isinstance(channel_axis, bool) or not isinstance(channel_axis, numbers.Integral):
+            raise TypeError(f"channel_axis must be an int or None; got {channel_axis!r}")
+        if not -ndim <= channel_axis < ndim:
+            raise ValueError(
+                f"channel_axis={channel_axis} is out of range for an image with {ndim} axes "
+                f"(allowed: {-ndim} .. {ndim - 1}, or None)"
+            )
+        channel_axis = int(channel_axis) % ndim
+    spatial = tuple(n for i, n in enumerate(shape) if i != channel_axis)
+    if not 1 <= len(spatial) <= MAX_SPATIAL_DIMS:
+        raise ValueError(
+            f"image must have 1 to {MAX_SPATIAL_DIMS} spatial axes (plus an optional channel_axis); "
+            f"got shape {tuple(shape)} with channel_axis={channel_axis}"
+        )
+    if math.prod(shape) == 0:
+        raise ValueError(f"image is empty (shape {tuple(shape)})")
+    return channel_axis, spatial
+
+
+def check_lazy(image, channel_axis):
+    """The cheap checks of a lazy or stored array (dtype, axes, size), on its shape and dtype only.
+
+    Returns (channel_axis, spatial_shape).
+    """
+    dtype = np.dtype(image.dtype)
+    if dtype.kind not in "iuf":
+        raise TypeError(f"image must hold real numbers (integer or floating point); got dtype {dtype}")
+    if any(math.isnan(n) for n in image.shape):
+        raise ValueError(f"image has chunks of unknown size (shape {image.shape}); call compute_chunk_sizes() first")
+    return check_axes(tuple(image.shape), channel_axis)
+
+
+def check_image(image, channel_axis, *, stacklevel=3):
+    """Validate an in-memory image and its channel axis; return (xp, channel_axis, spatial_shape).
+
+    Refuses NaN and Inf (one pass over a float image) and warns where the
+    shape suggests a missing or misplaced ``channel_axis``.
+    """
+    check_not_stored(image)
+    xp = require_real(image, "image")
+    given = channel_axis
+    channel_axis, spatial = check_axes(tuple(image.shape), channel_axis)
+    if not xp.isdtype(image.dtype, "integral") and not bool(xp.all(xp.isfinite(image))):
+        raise ValueError("image contains NaN or Inf values; NL-means needs finite input (replace or mask them first)")
+    layout = layout_doubt(tuple(image.shape), channel_axis, given)
+    if layout:
+        warnings.warn(layout, UserWarning, stacklevel=stacklevel)
+    return xp, channel_axis, spatial
+
+
+def layout_doubt(shape, channel_axis, given):
+    """A message when the shape suggests that ``channel_axis`` is missing or points at the wrong axis.
+
+    * ``(H, W, C)`` or ``(T, H, W, C)`` with C <= 4 and no ``channel_axis``: most likely a colour
+      (or grey + alpha) image, which would be denoised as a volume of C slices;
+    * a ``channel_axis`` with more than 4 entries while a spatial axis has at most 4
+      (e.g. -1 on a channel-first ``(3, H, W)``), or more than 16 on a 2-D array (e.g. -1 on
+      a grey ``(H, W)``, which would become W channels of a 1-D signal).
+    """
+    if channel_axis is None:
+        if len(shape) in (3, 4) and shape[-1] <= 4 and min(shape[-3], shape[-2]) >= 16:
+            return (f"image has shape {shape} and no channel_axis, so it is denoised as a volume with "
+                    f"{shape[-1]} slice(s) along its last axis. For a colour image pass channel_axis=-1 "
+                    "(and split off an alpha channel first: image[..., :-1]); for a volume, put the short "
+                    "axis first (numpy.moveaxis(image, -1, 0)) and this warning goes away.")
+        return None
+    channels = shape[channel_axis]
+    spatial = [(axis, n) for axis, n in enumerate(shape) if axis != channel_axis]
+    short = [axis for axis, n in spatial if n <= 4]
+    if channels > 4 and short:
+        return (f"channel_axis={given} gives {channels} channels of shape {shape}, while axis {short[0]} "
+                f"has only {shape[short[0]]} entries: did you mean channel_axis={short[0]}?")
+    if channels > 16 and len(shape) == 2:
+        return (f"channel_axis={given} on a 2-D array of shape {shape} makes it {channels} channels of a "
+                f"1-D signal; a grey image takes channel_axis=None (the default).")
+    return None
+
+
+def check_workers(workers):
+    """Threads per chunk of a chunked run: a positive int, default 1 (Dask already runs chunks in parallel)."""
+    if workers is None:
+        return 1
+    if isinstance(workers, bool) or not isinstance(workers, numbers.Integral) or workers < 1:
+        raise ValueError(f"workers must be a positive int or None; got {workers!r}")
+    return int(workers)

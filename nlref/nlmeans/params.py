@@ -1,0 +1,235 @@
+"""The parameter rules of NL-means: argument checks, presets, units, working memory.
+
+Below the routes (in memory, :mod:`.overlap` for Dask arrays, :mod:`.store`
+for arrays in a store) and above :mod:`.checks` and :mod:`.noise`: every route
+resolves its parameters with :func:`resolve`, given the array's noise estimate
+and peak where a route has computed them its own way.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+
+import numpy as np
+
+from ..backend import dtype_name
+from . import presets
+from .fast import working_memory
+from .noise import estimate_sigma
+
+__all__ = ["WORKING_MEMORY_LIMIT", "AGGREGATIONS", "is_integer_dtype", "integer_range", "units_doubt", "sizes",
+           "positive", "default_data_range", "check_arguments", "needs_noise", "resolve", "to_working",
+           "from_working", "check_working_memory"]
+
+#: The fast method refuses requests whose working memory (see
+#: :func:`nlref.nlmeans.fast.working_memory`) exceeds this many bytes.
+WORKING_MEMORY_LIMIT = 4 * 2**30
+
+AGGREGATIONS = ("pixel", "patch")
+
+
+def is_integer_dtype(xp, dtype):
+    """Whether ``dtype`` (of namespace ``xp``) is an integer type."""
+    return xp.isdtype(dtype, "integral")
+
+
+def integer_range(dtype):
+    """(min, max) of an integer dtype, as floats."""
+    info = np.iinfo(dtype_name(dtype))
+    return float(info.min), float(info.max)
+
+
+def units_doubt(name, value, image, xp, data_range, peak=None):
+    """A message when ``value`` (sigma or h) is far outside the image's value range.
+
+    NL-means takes sigma and h in the units of the image values. ``sigma=20`` on an
+    image in 0..1 (noise larger than the whole signal range) blurs it flat; ``sigma=0.08``
+    on an image in 0..255 (a tenth of a grey level) leaves it unchanged. Both are the
+    0..255 versus 0..1 mix-up. The range is ``data_range`` when given, else the one
+    :func:`default_data_range` reads from the dtype and values (1 for floats within
+    [-4, 4], 255 for larger floats, the dtype's maximum for integers), from
+    ``peak`` (the largest magnitude) where the caller has already read it.
+    """
+    if value <= 0:
+        return None
+    span = data_range if data_range is not None else default_data_range(xp, image, peak)
+    if data_range is not None:
+        scale = f"data_range={data_range:g}"
+    elif is_integer_dtype(xp, image.dtype):
+        scale = f"{dtype_name(image.dtype)}, 0..{span:g}"
+    else:
+        scale = "float values within [-4, 4], read as 0..1" if span == 1 else "float values beyond [-4, 4], read as 0..255"
+    limit = span if name == "sigma" else 2 * span
+    if value > limit:
+        return (f"{name}={value:g} is larger than the whole value range of the image ({scale}): NL-means would "
+                f"blur the image flat. {name} is in the image's units: if it is in grey levels (0..255) and the "
+                f"image in 0..1, pass {name}={value / 255:.4g}.")
+    if span >= 255 and value < 0.5:
+        return (f"{name}={value:.4g} is less than half a unit of an image in grey levels ({scale}): NL-means "
+                f"would leave the image almost unchanged. {name} is in the image's units: if it is in 0..1 units "
+                f"and the image in 0..255, pass {name}={value * 255:.4g}.")
+    return None
+
+
+def sizes(name, value, spatial):
+    """An int or one int per spatial axis -> tuple of odd positive ints."""
+    d = len(spatial)
+    if isinstance(value, (bool,)) or not (isinstance(value, numbers.Integral) or isinstance(value, (tuple, list))):
+        raise TypeError(f"{name} must be an odd int or a tuple of {d} odd ints; got {value!r}")
+    widths = (value,) * d if isinstance(value, numbers.Integral) else tuple(value)
+    if len(widths) != d:
+        raise ValueError(f"{name}={value!r} must give one size per spatial axis ({d} for shape {spatial})")
+    for s in widths:
+        if isinstance(s, bool) or not isinstance(s, numbers.Integral):
+            raise TypeError(f"{name} must hold ints; got {value!r}")
+        if s < 1 or s % 2 == 0:
+            raise ValueError(f"{name}={value!r}: sizes are full odd widths (1, 3, 5, ...), got {s}")
+    return tuple(int(s) for s in widths)
+
+
+def positive(name, value, allow_zero):
+    """A finite real ``value`` >= 0 (or > 0), as float; else a TypeError/ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number; got {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        allowed = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be finite and {allowed}; got {value}")
+    return value
+
+
+def default_data_range(xp, image, peak=None):
+    """The signal range the preset table's 0..255 scale maps to (see nl_means).
+
+    ``peak``: the image's largest magnitude, where the caller has already read it.
+    """
+    if is_integer_dtype(xp, image.dtype):
+        lo, hi = integer_range(image.dtype)
+        return hi - lo if lo < 0 else hi
+    if peak is None:
+        peak = float(xp.max(xp.abs(image)))
+    return 1.0 if peak <= 4.0 else 255.0
+
+
+def check_arguments(spatial, *, sigma, h, patch_size, search_size, aggregation, data_range):
+    """The arguments of :func:`resolve`, checked and normalised before any pass over the data.
+
+    Returns a dict of ``sigma``, ``h``, ``patch_size``, ``search_size``
+    (tuples), ``aggregation`` and ``data_range``; raises TypeError/ValueError
+    naming the argument.
+    """
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {AGGREGATIONS}; got {aggregation!r}")
+    return dict(sigma=None if sigma is None else positive("sigma", sigma, allow_zero=True),
+                h=None if h is None else positive("h", h, allow_zero=False),
+                patch_size=None if patch_size is None else sizes("patch_size", patch_size, spatial),
+                search_size=None if search_size is None else sizes("search_size", search_size, spatial),
+                aggregation=aggregation,
+                data_range=None if data_range is None else positive("data_range", data_range, allow_zero=False))
+
+
+def needs_noise(sigma, h, patch_size, search_size):
+    """Whether the noise must be estimated: no sigma given, and a preset must fill in h or a size."""
+    return sigma is None and (h is None or patch_size is None or search_size is None)
+
+
+def resolve(xp, image, spatial, *, sigma, h, patch_size, search_size, channel_axis, aggregation, data_range,
+            peak=None, noise=None):
+    """The parameters :func:`nlref.nl_means` uses, for an image whose shape and dtype are checked.
+
+    ``peak``: the largest magnitude of a float image, where the caller has
+    already read it (a lazy array, whose every read is a pass over the data).
+    ``noise``: the noise estimate, where the caller has computed it (the
+    chunked routes' exact median); else :func:`nlref.nlmeans.noise.estimate_sigma`
+    is called when a preset needs it. Only a ``sigma`` or ``h`` the caller
+    gave is checked against the image's units (an estimate is in them by
+    construction).
+    """
+    args = check_arguments(spatial, sigma=sigma, h=h, patch_size=patch_size, search_size=search_size,
+                           aggregation=aggregation, data_range=data_range)
+    sigma, h, patch_size, search_size, data_range = (args[k] for k in ("sigma", "h", "patch_size", "search_size",
+                                                                       "data_range"))
+    for name, value in (("sigma", sigma), ("h", h)):
+        doubt = None if value is None else units_doubt(name, value, image, xp, data_range, peak)
+        if doubt:
+            warnings.warn(doubt, UserWarning, stacklevel=3)
+
+    source = "given"
+    if sigma is not None:
+        noise = sigma
+    if sigma is None:
+        # the preset needs a noise level even when h is given
+        if h is None or patch_size is None or search_size is None:
+            noise = estimate_sigma(image, channel_axis=channel_axis) if noise is None else float(noise)
+            source = "estimated"
+        sigma = noise if h is None else 0.0
+
+    row = None
+    if h is None or patch_size is None or search_size is None:
+        scale = 255.0 / (data_range if data_range is not None else default_data_range(xp, image, peak))
+        p, s, factor, row = presets.preset_for(
+            noise * scale, colour=channel_axis is not None and image.shape[channel_axis] > 1,
+            aggregation=aggregation, shape=spatial
+        )
+        patch_size = patch_size or p
+        search_size = search_size or s
+        if h is None:
+            h = factor * sigma if sigma > 0 else None
+        if h is None:
+            raise ValueError(
+                "cannot choose h: the noise level is 0 (a constant or noise-free image); pass h explicitly"
+            )
+
+    for axis, (p, n) in enumerate(zip(patch_size, spatial)):
+        if p > n:
+            raise ValueError(
+                f"patch_size={patch_size} is larger than the image along spatial axis {axis} "
+                f"({p} > {n} samples, image shape {tuple(image.shape)})"
+            )
+    return {
+        "sigma": float(sigma),
+        "h": float(h),
+        "patch_size": patch_size,
+        "search_size": search_size,
+        "sigma_source": source,
+        "preset": row,
+    }
+
+
+def to_working(xp, image, channel_axis):
+    """Channel-first floating-point copy: float64 stays float64, all else -> float32."""
+    x = image if channel_axis is None else xp.moveaxis(image, channel_axis, 0)
+    if channel_axis is None:
+        x = x[None, ...]
+    dtype = xp.float64 if image.dtype == xp.float64 else xp.float32
+    return xp.astype(x, dtype)
+
+
+def from_working(xp, u, image, channel_axis):
+    """Back to the caller's layout and dtype convention."""
+    u = u[0, ...] if channel_axis is None else xp.moveaxis(u, 0, channel_axis)
+    if is_integer_dtype(xp, image.dtype):
+        lo, hi = integer_range(image.dtype)
+        return xp.astype(xp.clip(xp.round(u), min=lo, max=hi), image.dtype)
+    return xp.astype(u, image.dtype)
+
+
+
+
+def check_working_memory(chunks, channel_axis, params, aggregation, dtype, workers):
+    """Refuse, before any work, chunks whose offset loop would not fit in :data:`WORKING_MEMORY_LIMIT`.
+
+    ``chunks``: the chunk grid, one tuple of sizes per axis (the channel axis
+    is one chunk).
+    """
+    channels = 1 if channel_axis is None else sum(chunks[channel_axis])
+    largest = [max(c) for a, c in enumerate(chunks) if a != channel_axis]
+    need = working_memory(largest, channels, params["patch_size"], params["search_size"], aggregation,
+                          8 if np.dtype(dtype) == np.float64 else 4, workers)
+    if need > WORKING_MEMORY_LIMIT:
+        raise ValueError(
+            f"one chunk of {tuple(largest)} needs about {need / 2**30:.2f} GiB of working memory, above the limit of "
+            f"{WORKING_MEMORY_LIMIT / 2**30:.2f} GiB (nlref.nlmeans.WORKING_MEMORY_LIMIT); use smaller chunks"
+        )
