@@ -270,7 +270,7 @@ def test_top_level_exports():
 # --------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("kwargs,match", [
     (dict(mode="cosine"), "mode must be one of"),
-    (dict(pool="middle"), "pool must be 'after' or 'before'"),
+    (dict(pool="middle"), "pool must be 'after', 'before' or 'flattened'"),
     (dict(inter_channels=0), "inter_channels must be an int >= 1"),
     (dict(dims=4), "dims must be 1, 2 or 3"),
     (dict(chunk_size=0), "chunk_size must be an int >= 1"),

@@ -483,8 +483,9 @@ def test_every_layout_round_trips_through_nlref():
         assert again.loaded_layout == layout
         assert again.state_dict(layout=layout).keys() == state.keys()
         assert all(np.array_equal(again.state_dict(layout=layout)[k], v) for k, v in state.items())
-    assert set(LAYOUTS) == {"nlref", "alexhex7", "mmcv", "slowfast", "pytorchvideo", "timm"}
-    assert layouts.PEER_LAYOUTS == LAYOUTS[1:] and set(layouts.MODULE_NAMES) == set(layouts.PEER_LAYOUTS)
+    assert set(LAYOUTS) == {"nlref", "alexhex7", "mmcv", "slowfast", "pytorchvideo", "timm", "keras"}
+    assert layouts.PEER_LAYOUTS == LAYOUTS[1:-1]  # the PyTorch modules' layouts; Keras's is the last
+    assert set(layouts.MODULE_NAMES) == set(layouts.SOURCES) == set(LAYOUTS[1:])
 
 
 def test_slowfast_and_pytorchvideo_keys_are_told_apart():

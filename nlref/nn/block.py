@@ -10,15 +10,19 @@ and ``g`` map ``C`` channels to ``inter_channels`` (``C // 2`` by default, the
 bottleneck), ``W_z`` maps them back. With ``sub_sample`` the keys and values are
 max-pooled ((1, 2, 2) in 3-D, (2, 2) in 2-D, 2 in 1-D): after the ``phi`` and
 ``g`` convolutions (``pool="after"``, the paper and the AlexHex7 PyTorch port)
-or on ``x`` before them (``pool="before"``, the official Caffe2 code). BN's
+or on ``x`` before them (``pool="before"``, the official Caffe2 code), or over
+the flattened (row-major) position sequence after phi and g, ``pool_kernel``
+consecutive positions at a time (``pool="flattened"``, the titu1994 Keras port's
+``MaxPool1D`` "compression"). BN's
 gamma starts at 0 (or ``W_z`` at 0 when ``bn_layer=False``), so a new block is
 exactly the identity and can be inserted into a trained network.
 
-The block reads and writes the weight layouts of five PyTorch peers (the tables
+The block reads and writes the weight layouts of five PyTorch peers and of the
+Keras port (the tables
 live in :mod:`nlref.nn.layouts`; see :meth:`NonLocalBlock.load_state_dict` and
 ``docs/nonlocal_block.md``), and has
 the options those peers need: a numeric logit scale, the pool's kernel and
-stride, ``W_z`` without a bias, BN's eps and momentum.
+stride, ``W_z`` and the projections theta, phi, g without a bias, BN's eps and momentum.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from .layouts import LAYOUTS
 
 __all__ = ["NonLocalBlock"]
 
-POOLS = ("after", "before")
+POOLS = ("after", "before", "flattened")
 
 
 def _positive_int(name, value, minimum=1):
@@ -99,16 +103,23 @@ class NonLocalBlock:
         SlowFast; ``d = inter_channels``, or ``C`` in Gaussian mode), a number by
         that number (timm: ``in_channels ** -0.5``), ``False`` by 1 (the paper).
         Only for the softmax modes.
-    pool : {"after", "before"}
-        Where subsampling happens (see the module docstring).
+    pool : {"after", "before", "flattened"}
+        Where subsampling happens (see the module docstring). ``"flattened"``
+        max-pools the row-major sequence of the N key positions after phi and g,
+        windows of ``pool_kernel`` consecutive positions (N' = N // pool_kernel;
+        a window may straddle the end of a row).
     pool_kernel : int or tuple of int, optional
         The max-pool window, one size per spatial axis (SlowFast's ``pool_size``,
         e.g. (1, 2, 2), (2, 2, 2), (1, 3, 3)). Default: 2, (2, 2) or (1, 2, 2).
-        Only with ``sub_sample``.
+        With ``pool="flattened"`` one int, the number of consecutive positions
+        (the Keras port's ``compression``; default 2). Only with ``sub_sample``.
     pool_stride : int or tuple of int, optional
         The pool's stride; default the kernel (non-overlapping windows, as every peer).
     W_z_bias : bool
         Give ``W_z`` a bias (default). mmcv drops it when a norm follows ``W_z``.
+    projection_bias : bool
+        Give theta, phi and g biases (default, as the PyTorch peers). The Keras
+        port's 1x1 convolutions have none (``projection_bias=False``).
     bn_eps, bn_momentum : float
         Batch norm's epsilon and running-statistics momentum (PyTorch's defaults,
         1e-5 and 0.1; mmcv and SlowFast configs set others).
@@ -150,7 +161,8 @@ class NonLocalBlock:
     def __init__(self, in_channels: int, *, mode: str = "embedded_gaussian", inter_channels: int | None = None,
                  dims: int = 2, sub_sample: bool = True, bn_layer: bool = True, scale: bool | float = False,
                  pool: str = "after", pool_kernel: Size | None = None, pool_stride: Size | None = None,
-                 W_z_bias: bool = True, bn_eps: float = 1e-5, bn_momentum: float = 0.1, chunk_size: int | None = None,
+                 W_z_bias: bool = True, projection_bias: bool = True, bn_eps: float = 1e-5,
+                 bn_momentum: float = 0.1, chunk_size: int | None = None,
                  dtype: DType = "float32", seed: int = 0, xp: Any = None) -> None:
         self.in_channels = _positive_int("in_channels", in_channels)
         check_mode(mode)
@@ -167,16 +179,18 @@ class NonLocalBlock:
         if self.scale is not False and mode not in SOFTMAX_MODES:
             raise ValueError(f"scale={scale!r} applies to the softmax modes {SOFTMAX_MODES}, not mode={mode!r}")
         if pool not in POOLS:
-            raise ValueError(f"pool must be 'after' or 'before', got {pool!r}")
+            raise ValueError(f"pool must be 'after', 'before' or 'flattened', got {pool!r}")
         self.pool = pool
         if not self.sub_sample and (pool_kernel is not None or pool_stride is not None):
             raise ValueError(f"pool_kernel={pool_kernel!r} and pool_stride={pool_stride!r} need sub_sample=True")
         self.kernel = self.stride = None  # the pool's window and stride, one entry per spatial axis
         if self.sub_sample:
-            self.kernel = (F.pool_kernel(self.dims) if pool_kernel is None
-                           else _kernel_option("pool_kernel", pool_kernel, self.dims))
-            self.stride = self.kernel if pool_stride is None else _kernel_option("pool_stride", pool_stride, self.dims)
+            axes = 1 if pool == "flattened" else self.dims  # flattened: one axis, the position sequence
+            self.kernel = ((2,) if pool == "flattened" else F.pool_kernel(self.dims)) if pool_kernel is None \
+                else _kernel_option("pool_kernel", pool_kernel, axes)
+            self.stride = self.kernel if pool_stride is None else _kernel_option("pool_stride", pool_stride, axes)
         self.W_z_bias = _flag("W_z_bias", W_z_bias)
+        self.projection_bias = _flag("projection_bias", projection_bias)
         for name, value in (("bn_eps", bn_eps), ("bn_momentum", bn_momentum)):
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= 1:
                 raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
@@ -222,7 +236,9 @@ class NonLocalBlock:
         convs = ["g"] if self.mode == "gaussian" else ["theta", "phi", "g"]
         for name in convs:
             params[f"{name}.weight"] = uniform((d, c), c)
-            params[f"{name}.bias"] = uniform((d,), c)
+            params[f"{name}.bias"] = uniform((d,), c)  # drawn either way, as W_z's
+            if not self.projection_bias:
+                del params[f"{name}.bias"]
         if self.mode == "concatenation":
             params["w_f"] = uniform((2 * d,), 2 * d)
         if self.bn_layer:
@@ -257,10 +273,13 @@ class NonLocalBlock:
         opts = [f"mode={self.mode!r}", f"inter_channels={self.inter_channels}", f"dims={self.dims}",
                 f"sub_sample={self.sub_sample}", f"bn_layer={self.bn_layer}", f"scale={self.scale!r}",
                 f"pool={self.pool!r}", f"chunk_size={self.chunk_size}", f"dtype={self.dtype_name!r}"]
-        if self.sub_sample and (self.kernel != F.pool_kernel(self.dims) or self.stride != self.kernel):
+        if self.sub_sample and (self.kernel != F.pool_kernel(self.dims) or self.stride != self.kernel
+                                or self.pool == "flattened"):
             opts += [f"pool_kernel={self.kernel}", f"pool_stride={self.stride}"]
         if not self.W_z_bias:
             opts.append("W_z_bias=False")
+        if not self.projection_bias:
+            opts.append("projection_bias=False")
         if (self.bn_eps, self.bn_momentum) != (1e-5, 0.1):
             opts += [f"bn_eps={self.bn_eps:g}", f"bn_momentum={self.bn_momentum:g}"]
         return f"NonLocalBlock({self.in_channels}, {', '.join(opts)})"
@@ -278,7 +297,10 @@ class NonLocalBlock:
             raise ValueError(f"x must have shape {layout} for dims={self.dims}, got {tuple(x.shape)}")
         if x.shape[1] != self.in_channels:
             raise ValueError(f"x has {x.shape[1]} channels (axis 1); the block expects in_channels={self.in_channels}")
-        if self.sub_sample and any(n < k for n, k in zip(x.shape[2:], self.kernel)):
+        if self.sub_sample and self.pool == "flattened" and math.prod(x.shape[2:]) < self.kernel[0]:
+            raise ValueError(f"x has {math.prod(x.shape[2:])} positions, fewer than pool_kernel={self.kernel[0]} "
+                             "(pool='flattened'); use sub_sample=False or a larger input")
+        if self.sub_sample and self.pool != "flattened" and any(n < k for n, k in zip(x.shape[2:], self.kernel)):
             raise ValueError(f"x's spatial shape {tuple(x.shape[2:])} is smaller than the sub-sampling kernel "
                              f"{self.kernel}; use sub_sample=False or a larger input")
 
@@ -286,22 +308,41 @@ class NonLocalBlock:
         return F.conv1x1_forward(x, self.params[f"{name}.weight"], self.params.get(f"{name}.bias"))
 
     def _pool(self, x):
-        """Max-pool the key positions: (B, C, *S) -> (B, C, *S'), and the cache for :meth:`_unpool`."""
+        """Max-pool the key positions: (B, C, *S) -> (B, C, *S'), and the cache for :meth:`_unpool`.
+
+        With ``pool="flattened"`` the positions are first laid out as one row-major
+        sequence, (B, C, N), and pooled along it: (B, C, N')."""
+        if self.pool == "flattened":
+            out, inner = self._pool_axes(F._flat(x))
+            return out, (inner, tuple(x.shape))
+        out, inner = self._pool_axes(x)
+        return out, (inner, None)
+
+    def _pool_axes(self, x):
+        """Max-pool every spatial axis of ``x`` with the block's kernel and stride."""
+        dims = x.ndim - 2
         if self.stride == self.kernel:
             out, cache = F.maxpool_forward(x, self.kernel)
             return out, (None, cache)
         xp = B.array_namespace(x)
-        ones = (1,) * (3 - self.dims)  # any stride: the 3-D pool on a (B, C, 1.., *S) view
+        ones = (1,) * (3 - dims)  # any stride: the 3-D pool on a (B, C, 1.., *S) view
         out, cache = F.maxpool3d_forward(xp.reshape(x, tuple(x.shape[:2]) + ones + tuple(x.shape[2:])),
                                          ones + self.kernel, ones + self.stride)
-        return xp.reshape(out, tuple(out.shape[:2]) + tuple(out.shape[5 - self.dims:])), (tuple(x.shape), cache)
+        return xp.reshape(out, tuple(out.shape[:2]) + tuple(out.shape[5 - dims:])), (tuple(x.shape), cache)
 
     def _unpool(self, dout, cache):
+        """Gradient of :meth:`_pool`: (B, C, *S') -> (B, C, *S)."""
+        inner, x_shape = cache
+        dx = self._unpool_axes(dout, inner)
+        return dx if x_shape is None else B.array_namespace(dx).reshape(dx, x_shape)
+
+    def _unpool_axes(self, dout, cache):
         x_shape, cache = cache
         if x_shape is None:
             return F.maxpool_backward(dout, cache)
         xp = B.array_namespace(dout)
-        ones = (1,) * (3 - self.dims)
+        dims = len(x_shape) - 2
+        ones = (1,) * (3 - dims)
         dx = F.maxpool3d_backward(xp.reshape(dout, tuple(dout.shape[:2]) + ones + tuple(dout.shape[2:])), cache)
         return xp.reshape(dx, x_shape)
 
@@ -311,7 +352,7 @@ class NonLocalBlock:
             h = keys_in
         else:
             h, cache[name] = self._conv(name, keys_in)
-        if self.sub_sample and self.pool == "after":
+        if self.sub_sample and self.pool in ("after", "flattened"):
             h, cache[f"pool_{name}"] = self._pool(h)
         return h
 
@@ -413,7 +454,7 @@ class NonLocalBlock:
         dkeys = None
         for name, dh in (("phi", dphi), ("g", dg)):
             dh = xp.reshape(dh, dh.shape[:2] + cache["key_shape"][2:])
-            if self.sub_sample and self.pool == "after":
+            if self.sub_sample and self.pool in ("after", "flattened"):
                 dh = self._unpool(dh, cache.pop(f"pool_{name}"))
             if name in cache:
                 dh, grads[f"{name}.weight"], grads[f"{name}.bias"] = F.conv1x1_backward(dh, cache.pop(name))
@@ -435,13 +476,16 @@ class NonLocalBlock:
 
         Parameters
         ----------
-        layout : {"nlref", "alexhex7", "mmcv", "slowfast", "pytorchvideo", "timm"}
+        layout : {"nlref", "alexhex7", "mmcv", "slowfast", "pytorchvideo", "timm", "keras"}
             ``"nlref"``: the keys of :attr:`params` and :attr:`buffers`, nlref's
-            shapes. A peer's name: that peer's keys and PyTorch shapes (conv
+            shapes. A PyTorch peer's name: that peer's keys and PyTorch shapes (conv
             weights (out, in, 1, ..., 1), BN's ``num_batches_tracked`` included),
             ready for ``torch.from_numpy`` and the peer's
             ``load_state_dict(..., strict=True)``; the table in
-            ``docs/nonlocal_block.md`` lists them.
+            ``docs/nonlocal_block.md`` lists them. ``"keras"``: the titu1994 Keras
+            port's kernels by role, ``{"theta", "phi", "g", "W_z"}``, each as Keras
+            stores a ``Conv{1,2,3}D`` kernel, (1, ..., 1, C_in, C_out) (for a block
+            with ``projection_bias=False, W_z_bias=False, bn_layer=False``).
 
         Returns
         -------
@@ -460,7 +504,7 @@ class NonLocalBlock:
             return state
         _layouts.check_expressible(self, layout)
         mapping = _layouts.key_map(self, layout)
-        out = {peer_key: state[key].reshape(shape) for key, (peer_key, shape) in mapping.items()}
+        out = {peer_key: _layouts.to_layout(layout, state[key], shape) for key, (peer_key, shape) in mapping.items()}
         if self.bn_layer:
             out[_layouts.counter_key(self, layout)] = np.asarray(self.num_batches_tracked, dtype=np.int64)
         return out
@@ -477,7 +521,7 @@ class NonLocalBlock:
             ``num_batches_tracked`` is optional). The values are copied into the
             block's library and dtype: changing ``state`` afterwards does not change
             the block, and training the block does not change ``state``.
-        layout : {None, "nlref", "alexhex7", "mmcv", "slowfast", "pytorchvideo", "timm"}
+        layout : {None, "nlref", "alexhex7", "mmcv", "slowfast", "pytorchvideo", "timm", "keras"}
             None (or ``"auto"``): the layout whose keys for this block's options
             match ``state`` exactly; ``block.loaded_layout`` says which was read.
 
@@ -517,7 +561,7 @@ class NonLocalBlock:
                 raise ValueError(f"state[{peer_key!r}] has shape {tuple(host.shape)}, expected {tuple(shape)}")
             if not np.all(np.isfinite(host)):
                 raise ValueError(f"state[{peer_key!r}] holds NaN or infinite values")
-            new[key] = self._array(host.reshape(self._native_shape(key)))
+            new[key] = self._array(_layouts.from_layout(layout, host, self._native_shape(key)))
         for key, value in new.items():  # only after every entry has been checked
             (self.params if key in self.params else self.buffers)[key] = value
         if counter in state:

@@ -34,6 +34,11 @@ A *layout* is the naming of a non-local block's weights in one code base. nlref'
      - ``NonLocalAttn``
      - ``timm/models/layers/non_local_attn.py``, timm 0.6.13 (the installed package;
        ``timm/layers/non_local_attn.py`` in timm 1.x, same names)
+   * - ``"keras"``
+     - ``non_local_block(ip, ...)`` (a function building Keras layers)
+     - ``titu1994/keras-non-local-nets`` ``non_local.py`` at
+       ``ea0108aadb3d3ccca8b44932896a37119ae6a8f1``; its layers are named automatically
+       (``conv2d_3``...), so the keys are the roles ``theta``, ``phi``, ``g``, ``W_z``
 
 :data:`MODULE_NAMES` is the public mapping: for each peer layout, the name of the
 submodule that holds each of nlref's pieces. ``{pool}`` stands for ``".0"`` when the
@@ -41,8 +46,14 @@ peer wraps the convolution in ``Sequential(conv, pool)`` (AlexHex7 and mmcv with
 subsampling) and ``{norm}`` for ``".0"`` when AlexHex7 wraps ``W`` in
 ``Sequential(conv, bn)``. A weight's key is the submodule's name, a dot, and the
 parameter's name (``weight``, ``bias``; BN: ``weight`` = gamma, ``bias`` = beta,
-``running_mean``, ``running_var``, ``num_batches_tracked``). The peers' convolution
+``running_mean``, ``running_var``, ``num_batches_tracked``). The PyTorch peers' convolution
 weights carry trailing singleton axes: (out, in, 1), (out, in, 1, 1) or (out, in, 1, 1, 1).
+
+The Keras layout is different in kind: the port has no biases, no batch norm and no
+stable layer names, so its key is the role alone (``"theta"``, ``"phi"``, ``"g"``,
+``"W_z"``) and its value the kernel as Keras stores it, leading singleton axes and
+the channels transposed: (1, C_in, C_out), (1, 1, C_in, C_out) or (1, 1, 1, C_in, C_out),
+the transpose of nlref's (C_out, C_in) (see :func:`to_layout`).
 
 >>> from nlref.nn.layouts import MODULE_NAMES
 >>> MODULE_NAMES["slowfast"]["bn"], MODULE_NAMES["pytorchvideo"]["bn"]
@@ -56,12 +67,13 @@ import math
 from . import functional as F
 
 __all__ = ["LAYOUTS", "PEER_LAYOUTS", "MODULE_NAMES", "SOURCES", "module_names", "key_map", "counter_key",
-           "problems", "check_expressible", "detect", "layout_of_keys", "slowfast_options"]
+           "problems", "check_expressible", "detect", "layout_of_keys", "slowfast_options", "to_layout",
+           "from_layout"]
 
 #: Every layout :meth:`NonLocalBlock.state_dict` writes and :meth:`NonLocalBlock.load_state_dict` reads.
-LAYOUTS = ("nlref", "alexhex7", "mmcv", "slowfast", "pytorchvideo", "timm")
-#: The layouts a PyTorch module can have (every layout but nlref's own).
-PEER_LAYOUTS = LAYOUTS[1:]
+LAYOUTS = ("nlref", "alexhex7", "mmcv", "slowfast", "pytorchvideo", "timm", "keras")
+#: The layouts a PyTorch module can have (the ones :func:`nlref.compare_block` takes).
+PEER_LAYOUTS = ("alexhex7", "mmcv", "slowfast", "pytorchvideo", "timm")
 
 #: layout -> nlref piece -> the peer's submodule name (see the module docstring for ``{pool}``, ``{norm}``).
 #: ``"w_f"`` is the concatenation's projection, a (1, 2d, 1, 1) Conv2d weight in every peer that has it.
@@ -73,6 +85,7 @@ MODULE_NAMES = {
     "slowfast": {"theta": "conv_theta", "phi": "conv_phi", "g": "conv_g", "W_z": "conv_out", "bn": "bn"},
     "pytorchvideo": {"theta": "conv_theta", "phi": "conv_phi", "g": "conv_g", "W_z": "conv_out", "bn": "norm"},
     "timm": {"theta": "t", "phi": "p", "g": "g", "W_z": "z", "bn": "norm"},
+    "keras": {"theta": "theta", "phi": "phi", "g": "g", "W_z": "W_z"},  # roles: the port's names are automatic
 }
 
 #: layout -> where its names were read (file and commit or package version).
@@ -84,6 +97,7 @@ SOURCES = {
     "pytorchvideo": "pytorchvideo/layers/nonlocal_net.py, pytorchvideo 0.1.5 (and SlowFast's nonlocal_helper.py @ "
                     "1739b74ce06007285f17126fe582bf67d254a5ae)",
     "timm": "timm/models/layers/non_local_attn.py, timm 0.6.13",
+    "keras": "titu1994/keras-non-local-nets non_local.py @ ea0108aadb3d3ccca8b44932896a37119ae6a8f1",
 }
 
 _BN_KEYS = {"gamma": "weight", "beta": "bias", "running_mean": "running_mean", "running_var": "running_var"}
@@ -137,6 +151,10 @@ def key_map(block, layout):
     native = {k: tuple(v.shape) for k, v in {**block.params, **block.buffers}.items()}
     if layout == "nlref":
         return {k: (k, shape) for k, shape in native.items()}
+    if layout == "keras":  # kernels only; a block with anything else is refused, naming the option
+        check_expressible(block, layout)
+        return {key: (MODULE_NAMES["keras"][key.split(".")[0]], (1,) * block.dims + shape[::-1])
+                for key, shape in native.items()}
     names = module_names(layout, sub_sample=block.sub_sample, bn_layer=block.bn_layer)
     out = {}
     for key, shape in native.items():
@@ -156,7 +174,7 @@ def key_map(block, layout):
 def counter_key(block, layout):
     """The layout's BN ``num_batches_tracked`` key for ``block`` (None for nlref's layout or without BN)."""
     _check_layout(layout)
-    if layout == "nlref" or not block.bn_layer:
+    if layout in ("nlref", "keras") or not block.bn_layer:
         return None
     return f"{MODULE_NAMES[layout]['bn']}.num_batches_tracked"
 
@@ -172,9 +190,13 @@ def problems(block, layout):
     _check_layout(layout)
     if layout == "nlref":
         return []
+    if layout == "keras":
+        return _keras_problems(block)
+    found = []
+    if not block.projection_bias:
+        found.append(f"projection_bias=False (the {layout} layout's theta, phi and g have biases)")
     default_pool = not block.sub_sample or (block.kernel == F.pool_kernel(block.dims) and block.stride == block.kernel)
     scale = block.logit_scale
-    found = []
     if layout == "alexhex7":
         if block.sub_sample and block.pool != "after":
             found.append(f"pool={block.pool!r} (the port pools after phi and g)")
@@ -224,6 +246,52 @@ def problems(block, layout):
         if not block.W_z_bias:
             found.append("W_z_bias=False (timm's z has a bias)")
     return found
+
+
+def _keras_problems(block):
+    """What the titu1994 Keras port cannot express (facts from its ``non_local.py``, see :data:`SOURCES`)."""
+    found = []
+    if block.mode == "concatenation":
+        found.append("mode='concatenation' (the port raises NotImplementedError for 'concatenate')")
+    if block.bn_layer:
+        found.append("bn_layer=True (the port has no batch norm: bn_layer=False)")
+    if block.W_z_bias or block.projection_bias:
+        found.append(f"W_z_bias={block.W_z_bias}, projection_bias={block.projection_bias} (the port's 1x1 "
+                     "convolutions have use_bias=False: both False)")
+    if block.logit_scale != 1.0:
+        found.append(f"scale={block.scale!r} (the port's softmax is not scaled)")
+    if block.sub_sample:
+        if block.mode != "embedded_gaussian":
+            found.append(f"sub_sample=True with mode={block.mode!r} (the port compresses only in its embedded mode)")
+        if block.pool != "flattened":
+            found.append(f"pool={block.pool!r} (the port's compression max-pools the flattened position sequence "
+                         "after phi and g: pool='flattened')")
+        elif block.stride != block.kernel:
+            found.append(f"pool_stride={block.stride} (MaxPool1D's stride is its pool size, the compression)")
+    return found
+
+
+def to_layout(layout, value, shape):
+    """nlref's array for one key -> the layout's array of ``shape`` (a reshape; Keras kernels are transposed too).
+
+    Parameters
+    ----------
+    layout : one of :data:`LAYOUTS`
+    value : numpy.ndarray, nlref's shape ((C_out, C_in) for a projection)
+    shape : tuple of int, the layout's shape (from :func:`key_map`)
+    """
+    _check_layout(layout)
+    if layout == "keras":  # Keras computes x @ kernel over channels-last x: kernel = W.T
+        return value.T.reshape(shape)
+    return value.reshape(shape)
+
+
+def from_layout(layout, value, shape):
+    """The inverse of :func:`to_layout`: the layout's array -> nlref's array of ``shape``."""
+    _check_layout(layout)
+    if layout == "keras":
+        return value.reshape(tuple(shape)[::-1]).T
+    return value.reshape(shape)
 
 
 def check_expressible(block, layout):
