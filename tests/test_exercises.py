@@ -8,9 +8,9 @@ and a student function that raises.
 import numpy as np
 import pytest
 
-from nlref.exercises import ch01, ch02, ch03, ch04, ch05, ch06, check_close
+from nlref.exercises import ch01, ch02, ch03, ch04, ch05, ch07, check_close
 
-CHECKS = [(m, name) for m in (ch01, ch02, ch03, ch04, ch05, ch06) for name in m.__all__ if name.startswith("ex")]
+CHECKS = [(m, name) for m in (ch01, ch02, ch03, ch04, ch05, ch07) for name in m.__all__ if name.startswith("ex")]
 
 
 @pytest.mark.parametrize("module, name", CHECKS, ids=[f"{m.__name__[-4:]}.{n}" for m, n in CHECKS])
@@ -66,11 +66,11 @@ WRONG = [
     (ch05.ex4, 0.5),                      # the inverse ratio
     (ch05.ex5, _identity),
     (ch05.ex5, None.__class__),           # a class that fails on the input
-    (ch06.ex1, 2 / 3),
-    (ch06.ex2, 5 / 8),                    # the large-K limit
-    (ch06.ex6, {"res2": (512, 128)}),
-    (ch06.ex6, {"res2": (128, 32), "res4": (32, 8)}),
-    (ch06.ex6, {"res2": "N", "res4": (32, 8)}),
+    (ch07.ex1, 2 / 3),
+    (ch07.ex2, 5 / 8),                    # the large-K limit
+    (ch07.ex6, {"res2": (512, 128)}),
+    (ch07.ex6, {"res2": (128, 32), "res4": (32, 8)}),
+    (ch07.ex6, {"res2": "N", "res4": (32, 8)}),
 ]
 
 
@@ -86,7 +86,7 @@ def test_cheap_checks_accept_their_own_computation(capsys):
     assert ch01.ex5(ch01.noisy_oracle_psnr())
     assert ch02.ex4((35**2 - 1) / (11**2 - 1)) and ch02.ex4(35**2 / 11**2)   # both counts within 1 %
     assert ch04.ex6(ch04.near_tie_results()) and ch04.near_tie_results() == (False, True)
-    assert ch06.ex2(0.6428571428571429)
+    assert ch07.ex2(0.6428571428571429)
     P, _ = ch03.patch_vectors()
     assert ch03.ex1(-np.sum(P**2, axis=1) / (5 * 0.032) ** 2 + 7.0)           # any constant is allowed
     assert ch04.ex1({"phi.bias", "g.bias", "W_z.bias"})

@@ -44,5 +44,11 @@ def notebook_path(text):
 
 
 def read_chapter(text):
-    """MyST-NB reader for a ``.nblink`` pointer: the notebook it names, as nbformat v4."""
-    return nbformat.read(notebook_path(text), as_version=4)
+    """MyST-NB reader for a ``.nblink`` pointer: the notebook it names, as nbformat v4.
+
+    The book shows the teacher edition as :func:`nlref.course.teacher_display` prepares it:
+    the solution markers hidden and each graded exercise's solution code folded.
+    """
+    from nlref.course import teacher_display
+
+    return teacher_display(nbformat.read(notebook_path(text), as_version=4))
