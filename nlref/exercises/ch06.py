@@ -15,11 +15,14 @@ from . import _graded
 from ._graded import attempt, compare, numerical_gradient, verdict
 from ..nn import functional as F
 
-__all__ = ["EX1", "EX3", "LEVELS", "ex1", "ex2", "ex3", "ex4", "ex6", "ex7"]
+__all__ = ["LEVELS", "GRADED", "EX1", "EX3", "CASES", "ex1", "ex2", "ex3", "ex4", "ex6", "ex7"]
 
-#: Each exercise's level and time estimate (minutes); exercise 5 is a reading question without a check.
+#: Each exercise's level and time estimate in minutes (exercise 5 is a reading question without a check).
 LEVELS = {"ex1": ("warm-up", 10), "ex2": ("core", 30), "ex3": ("warm-up", 10), "ex4": ("core", 20),
           "ex5": ("stretch", 30), "ex6": ("core", 30), "ex7": ("core", 45)}
+#: The graded implementation exercises: the student writes a function, checked against nlref
+#: and, for a backward pass, against finite differences.
+GRADED = ("ex6", "ex7")
 
 #: Exercise 1's convolution (input shape, weight shape, stride, padding).
 EX1 = {"x": (2, 3, 5, 10, 9), "w": (4, 3, 3, 3, 2), "stride": (1, 2, 3), "padding": (1, 1, 2)}

@@ -9,8 +9,15 @@ from __future__ import annotations
 import numpy as np
 
 from . import _report, check_close, check_true, not_answered
+from ._graded import Wrong, attempt, compare, numerical_gradient, verdict
 
-__all__ = ["ex1", "ex2", "ex6", "fit_logistic", "squared_feature_accuracy", "attention_sizes"]
+__all__ = ["LEVELS", "GRADED", "ex1", "ex2", "ex6", "fit_logistic", "squared_feature_accuracy", "attention_sizes", "ex7", "step_reference"]
+
+#: Each exercise's level and time estimate in minutes (the teachers' page and the syllabus use them).
+LEVELS = {'ex1': ('core', 20), 'ex2': ('warm-up', 15), 'ex3': ('stretch', 90), 'ex4': ('core', 30), 'ex5': ('core', 20), 'ex6': ('core', 25), 'ex7': ('core', 45)}
+#: The graded implementation exercises: the student writes a function, checked against nlref
+#: and, for a backward pass, against finite differences.
+GRADED = ('ex7',)
 
 
 def fit_logistic(X, y, steps=3000, lr=1.0):
@@ -92,3 +99,66 @@ def ex6(answer):
     except (TypeError, ValueError):
         return _report(name, False, "each value must be two integers (N, N')")
     return check_true(name, answer, mine == expected, f"the network's attention has {expected}")
+
+
+
+def step_reference(params, x, labels, lr):
+    """One SGD step of the head by nlref's layers: ``(loss, new_params)`` (what ex7 is checked against)."""
+    from ..nn import functional as F
+
+    pooled, c_pool = F.global_avgpool_forward(x)
+    h, c1 = F.linear_forward(pooled, params["w1"], params["b1"])
+    a, c_relu = F.relu_forward(h)
+    logits, c2 = F.linear_forward(a, params["w2"], params["b2"])
+    loss, c_loss = F.softmax_cross_entropy_forward(logits, labels)
+    dlogits = F.softmax_cross_entropy_backward(1.0, c_loss)
+    da, dw2, db2 = F.linear_backward(dlogits, c2)
+    dh = F.relu_backward(da, c_relu)
+    _, dw1, db1 = F.linear_backward(dh, c1)
+    grads = {"w1": dw1, "b1": db1, "w2": dw2, "b2": db2}
+    return float(loss), {k: params[k] - lr * grads[k] for k in params}
+
+
+def ex7(answer):
+    """``train_step(params, x, labels, lr)`` returning ``(loss, new_params)``: one training step by hand.
+
+    Graded (core, about 45 minutes). The network is the head of the chapter's video network on
+    its own: global average pooling of ``x`` (B, C, T, H, W), ``linear(w1, b1)``, ReLU,
+    ``linear(w2, b2)`` (weights (out, in), PyTorch's layout), the mean softmax cross-entropy
+    against integer ``labels``; then one plain SGD step ``p - lr * dL/dp`` on the four
+    parameters. The student's loss and new parameters are compared with :func:`step_reference`;
+    the gradients it implies, ``(p - p_new) / lr``, with finite differences of the loss.
+    """
+    from ..nn import functional as F
+
+    rng = np.random.default_rng(77)
+    b, c, hidden, classes, lr = 6, 4, 5, 2, 0.5
+    x = rng.standard_normal((b, c, 2, 3, 3)) + 0.5
+    labels = np.array([0, 1, 1, 0, 1, 0])
+    params = {"w1": rng.standard_normal((hidden, c)), "b1": 0.1 * rng.standard_normal(hidden),
+              "w2": rng.standard_normal((classes, hidden)), "b2": 0.1 * rng.standard_normal(classes)}
+
+    def loss_of(p):
+        pooled = F.global_avgpool_forward(x)[0]
+        h = F.relu_forward(F.linear_forward(pooled, p["w1"], p["b1"])[0])[0]
+        return F.softmax_cross_entropy_forward(F.linear_forward(h, p["w2"], p["b2"])[0], labels)[0]
+
+    def run():
+        got = attempt("ex7", answer, {k: v.copy() for k, v in params.items()}, x.copy(), labels.copy(), lr)
+        if not isinstance(got, tuple) or len(got) != 2 or not isinstance(got[1], dict):
+            raise Wrong(f"expected a tuple (loss, new_params dict), got {type(got).__name__}")
+        loss, new = got
+        if set(new) != set(params):
+            raise Wrong(f"new_params must have the keys {sorted(params)}, got {sorted(new)}")
+        want_loss, want = step_reference(params, x, labels, lr)
+        ok = compare("loss", np.asarray(loss, dtype=np.float64), want_loss)
+        for k in ("w1", "b1", "w2", "b2"):
+            ok &= compare(f"{k} after the step (vs nlref)", new[k], want[k])
+            implied = (params[k] - np.asarray(new[k], dtype=np.float64)) / lr
+
+            def f(v, k=k):
+                return np.asarray(loss_of({**params, k: v}))
+            numeric = numerical_gradient(f, params[k], np.ones(()))
+            ok &= compare(f"d{k} implied (vs finite differences)", implied, numeric, rtol=1e-5, atol=1e-7)
+        return ok
+    return verdict("ex7", run)
