@@ -69,7 +69,7 @@ def ex1(answer):
 
 
 def bn_jacobian_reference(x, eps=1e-5):
-    """``d xhat_i / d x_k`` of training-mode batch norm for one channel of values ``x`` (M,), from nlref's backward.
+    """``d xhat_i / d x_k`` of training-mode batch norm for one channel of values ``x`` (R,), from nlref's backward.
 
     Row ``i`` is ``batchnorm_backward`` of the unit output gradient ``e_i`` with
     ``gamma = 1``: the chain rule read backwards, one row at a time.
@@ -84,7 +84,7 @@ def bn_jacobian_reference(x, eps=1e-5):
 
 
 def ex2(answer, *, m=8, seed=0):
-    """A student's ``bn_jacobian(x)``: the (M, M) Jacobian of ``xhat`` for one channel of M values (eps = 1e-5).
+    """A student's ``bn_jacobian(x)``: the (R, R) Jacobian of ``xhat`` for one channel of R values (eps = 1e-5).
 
     The check calls it on ``m`` random values and compares with
     :func:`bn_jacobian_reference` (``rtol=1e-9``, ``atol=1e-12``: float64 rounding).
