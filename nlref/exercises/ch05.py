@@ -16,7 +16,8 @@ from . import _report, check_close, not_answered
 from ._student import call
 from ._graded import Wrong, attempt, compare, numerical_gradient, verdict
 
-__all__ = ["LEVELS", "GRADED", "ex1", "ex2", "ex3", "ex4", "ex5", "peak_mib", "chunk_bytes_per_element", "ex6", "ex7"]
+__all__ = ["LEVELS", "GRADED", "ex1", "ex2", "ex3", "ex4", "ex5", "peak_mib", "chunk_bytes_per_element", "ex6", "ex7",
+           "online_reference"]
 
 #: Each exercise's level and time estimate in minutes (the teachers' page and the syllabus use them).
 LEVELS = {'ex1': ('core', 30), 'ex2': ('core', 30), 'ex3': ('core', 20), 'ex4': ('core', 20), 'ex5': ('core', 25), 'ex6': ('core', 45), 'ex7': ('stretch', 40)}
