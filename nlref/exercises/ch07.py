@@ -51,9 +51,9 @@ def ex1(answer):
     validation clips): the same fit run with other rounding; the plain pooled
     features' accuracy (about 0.5) or the ceiling (2/3) fail.
     """
-    if not_answered("ch06 ex1", answer):
+    if not_answered("ch07 ex1", answer):
         return None
-    return check_close("ch06 ex1", answer, squared_feature_accuracy(), rtol=0, atol=0.005)
+    return check_close("ch07 ex1", answer, squared_feature_accuracy(), rtol=0, atol=0.005)
 
 
 def ex2(answer, *, kinds=8):
@@ -64,9 +64,9 @@ def ex2(answer, *, kinds=8):
     """
     from ..data.sprites import additive_ceiling
 
-    if not_answered("ch06 ex2", answer):
+    if not_answered("ch07 ex2", answer):
         return None
-    return check_close("ch06 ex2", answer, additive_ceiling(kinds), rtol=1e-9)
+    return check_close("ch07 ex2", answer, additive_ceiling(kinds), rtol=1e-9)
 
 
 def attention_sizes(stage, *, frames=8, size=16):
@@ -88,7 +88,7 @@ def ex6(answer):
     Expected: the shapes of the attention maps that the teaching network returns
     with the block in that stage (:func:`attention_sizes`), exactly.
     """
-    name = "ch06 ex6"
+    name = "ch07 ex6"
     if not_answered(name, answer):
         return None
     if not isinstance(answer, dict) or set(answer) != {"res2", "res4"}:
