@@ -15,8 +15,8 @@ DIR``:
   ``=== END MARK SCHEME ===`` in a markdown cell is removed, and so is a markdown cell whose
   metadata tags include ``mark-scheme``.
 * **Worked solutions.** A chapter shows its worked solutions folded under the exercise,
-  between the markdown cells ```` ```{solution-start} ```` and ```` ```{solution-end} ```` (the
-  sphinx-exercise directives). The student edition drops such a block whole; every code cell
+  between a markdown cell that opens a ``solution-start`` directive and one that opens a
+  ``solution-end`` directive (the sphinx-exercise directives). The student edition drops such a block whole; every code cell
   in it is marked as solution code and every markdown cell as a mark scheme, so nbgrader
   removes the same content.
 

@@ -17,8 +17,8 @@ __all__ = ["LEVELS", "GRADED", "ex1", "ex2", "ex3", "ex4", "ex5", "uncorrected_s
 
 #: Each exercise's level and time estimate in minutes (the teachers' page and the syllabus use them).
 LEVELS = {'ex1': ('core', 20), 'ex2': ('core', 40), 'ex3': ('core', 20), 'ex4': ('warm-up', 15), 'ex5': ('stretch', 30), 'ex6': ('warm-up', 20)}
-#: The graded implementation exercises: the student writes a function, checked against nlref
-#: and, for a backward pass, against finite differences.
+#: The graded implementation exercises (the student writes a function, checked against nlref
+#: and, for a backward pass, against finite differences).
 GRADED = ('ex6',)
 
 SIGMA = 0.08

@@ -16,7 +16,7 @@ __all__ = ["LEVELS", "GRADED", "ex1", "ex2", "ex3", "ex4", "patch_vectors", "fea
 
 #: Each exercise's level and time estimate in minutes (the teachers' page and the syllabus use them).
 LEVELS = {"ex1": ("core", 30), "ex2": ("core", 25), "ex3": ("core", 20), "ex4": ("stretch", 40)}
-#: The graded implementation exercises of this chapter (none: its checks take values).
+#: The graded implementation exercises of this chapter (none, its checks take values).
 GRADED = ()
 
 SIGMA, K = 0.08, 5

@@ -18,8 +18,8 @@ __all__ = ["LEVELS", "GRADED", "ex1", "ex2", "ex3", "ex4", "ex5", "ex6", "random
 
 #: Each exercise's level and time estimate in minutes (the teachers' page and the syllabus use them).
 LEVELS = {'ex1': ('core', 30), 'ex2': ('core', 40), 'ex3': ('warm-up', 15), 'ex4': ('warm-up', 15), 'ex5': ('stretch', 45), 'ex6': ('core', 20), 'ex7': ('core', 20), 'ex8': ('core', 40), 'ex9': ('warm-up', 15)}
-#: The graded implementation exercises: the student writes a function, checked against nlref
-#: and, for a backward pass, against finite differences.
+#: The graded implementation exercises (the student writes a function, checked against nlref
+#: and, for a backward pass, against finite differences).
 GRADED = ('ex7', 'ex8', 'ex9')
 
 

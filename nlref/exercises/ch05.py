@@ -21,8 +21,8 @@ __all__ = ["LEVELS", "GRADED", "ex1", "ex2", "ex3", "ex4", "ex5", "peak_mib", "c
 
 #: Each exercise's level and time estimate in minutes (the teachers' page and the syllabus use them).
 LEVELS = {'ex1': ('core', 30), 'ex2': ('core', 30), 'ex3': ('core', 20), 'ex4': ('core', 20), 'ex5': ('core', 25), 'ex6': ('core', 45), 'ex7': ('stretch', 40)}
-#: The graded implementation exercises: the student writes a function, checked against nlref
-#: and, for a backward pass, against finite differences.
+#: The graded implementation exercises (the student writes a function, checked against nlref
+#: and, for a backward pass, against finite differences).
 GRADED = ('ex6', 'ex7')
 
 

@@ -20,8 +20,8 @@ __all__ = ["LEVELS", "GRADED", "EX1", "EX3", "CASES", "ex1", "ex2", "ex3", "ex4"
 #: Each exercise's level and time estimate in minutes (exercise 5 is a reading question without a check).
 LEVELS = {"ex1": ("warm-up", 10), "ex2": ("core", 30), "ex3": ("warm-up", 10), "ex4": ("core", 20),
           "ex5": ("stretch", 30), "ex6": ("core", 30), "ex7": ("core", 45)}
-#: The graded implementation exercises: the student writes a function, checked against nlref
-#: and, for a backward pass, against finite differences.
+#: The graded implementation exercises (the student writes a function, checked against nlref
+#: and, for a backward pass, against finite differences).
 GRADED = ("ex6", "ex7")
 
 #: Exercise 1's convolution (input shape, weight shape, stride, padding).
@@ -107,7 +107,7 @@ def ex4(answer):
     return check_close("ex4", np.concatenate(got), np.concatenate(expected), rtol=1e-9, atol=1e-9)
 
 
-#: The convolutions exercises 6 and 7 are checked on: (x shape, w shape, stride, padding).
+#: The convolutions that exercises 6 and 7 are checked on, as (x shape, w shape, stride, padding).
 CASES = [((2, 3, 3, 5, 6), (4, 3, 2, 3, 2), (1, 2, 1), (0, 1, 1)),
          ((1, 2, 4, 4, 4), (3, 2, 3, 3, 3), 1, 1)]
 

@@ -15,8 +15,8 @@ __all__ = ["LEVELS", "GRADED", "ex1", "ex2", "ex6", "fit_logistic", "squared_fea
 
 #: Each exercise's level and time estimate in minutes (the teachers' page and the syllabus use them).
 LEVELS = {'ex1': ('core', 20), 'ex2': ('warm-up', 15), 'ex3': ('stretch', 90), 'ex4': ('core', 30), 'ex5': ('core', 20), 'ex6': ('core', 25), 'ex7': ('core', 45)}
-#: The graded implementation exercises: the student writes a function, checked against nlref
-#: and, for a backward pass, against finite differences.
+#: The graded implementation exercises (the student writes a function, checked against nlref
+#: and, for a backward pass, against finite differences).
 GRADED = ('ex7',)
 
 
