@@ -228,7 +228,7 @@ def add_parser(sub, formatter_class):
     course = sub.add_parser("course", help="write the student edition of the course's notebooks",
                             description=_HELP, formatter_class=formatter_class)
     course.add_argument("--student", required=True, metavar="DIR",
-                        help="folder to write the student edition into (must not exist, unless --overwrite)")
+                        help="folder to write the student edition into (required, no default; it must not exist, unless --overwrite)")
     course.add_argument("--notebooks", metavar="DIR",
                         help="the teacher edition (default: ./notebooks, else the notebooks of this nlref's checkout)")
     course.add_argument("--overwrite", action="store_true",
