@@ -833,6 +833,8 @@ def build_parser():
                             "when the first epoch is written (default: off)")
     tr.add_argument("--no-progress", action="store_true",
                     help="no progress bar (default: a bar when stderr is a terminal, none otherwise)")
+    from nlref import course
+    course.add_parser(sub, fmt)
     return parser
 
 
@@ -857,6 +859,9 @@ def main(argv=None):
             run_demo(args.out, quick=args.quick, seed=args.seed)
         elif args.command == "train":
             run_train(args)
+        elif args.command == "course":
+            from nlref import course
+            course.run(args)
         else:
             run_denoise(args)
     except (CommandError, ValueError, TypeError) as err:
@@ -870,8 +875,8 @@ def main(argv=None):
         signame = signal.Signals(signum).name
         if args.command == "train":
             print(_train_interrupted(args, signame), file=sys.stderr)
-        elif args.command == "denoise":
-            print(f"nlref denoise: stopped by {signame}; nothing was written", file=sys.stderr)
+        elif args.command in ("denoise", "course"):
+            print(f"nlref {args.command}: stopped by {signame}; nothing was written", file=sys.stderr)
         else:
             print(f"nlref demo: stopped by {signame}; the figures written so far are in {args.out}", file=sys.stderr)
         return 128 + signum

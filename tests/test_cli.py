@@ -325,7 +325,7 @@ def test_every_flag_of_every_command_shows_its_default():
 
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-    assert sorted(commands) == ["demo", "denoise", "train"]
+    assert sorted(commands) == ["course", "demo", "denoise", "train"]
     for name, sub in commands.items():
         for action in sub._actions:
             if action.option_strings and action.dest != "help":

@@ -8,9 +8,9 @@ and a student function that raises.
 import numpy as np
 import pytest
 
-from nlref.exercises import ch01, ch02, ch03, ch04, ch05, ch06, check_close
+from nlref.exercises import ch01, ch02, ch03, ch04, ch05, ch07, check_close
 
-CHECKS = [(m, name) for m in (ch01, ch02, ch03, ch04, ch05, ch06) for name in m.__all__ if name.startswith("ex")]
+CHECKS = [(m, name) for m in (ch01, ch02, ch03, ch04, ch05, ch07) for name in m.__all__ if name.startswith("ex")]
 
 
 @pytest.mark.parametrize("module, name", CHECKS, ids=[f"{m.__name__[-4:]}.{n}" for m, n in CHECKS])
@@ -66,11 +66,11 @@ WRONG = [
     (ch05.ex4, 0.5),                      # the inverse ratio
     (ch05.ex5, _identity),
     (ch05.ex5, None.__class__),           # a class that fails on the input
-    (ch06.ex1, 2 / 3),
-    (ch06.ex2, 5 / 8),                    # the large-K limit
-    (ch06.ex6, {"res2": (512, 128)}),
-    (ch06.ex6, {"res2": (128, 32), "res4": (32, 8)}),
-    (ch06.ex6, {"res2": "N", "res4": (32, 8)}),
+    (ch07.ex1, 2 / 3),
+    (ch07.ex2, 5 / 8),                    # the large-K limit
+    (ch07.ex6, {"res2": (512, 128)}),
+    (ch07.ex6, {"res2": (128, 32), "res4": (32, 8)}),
+    (ch07.ex6, {"res2": "N", "res4": (32, 8)}),
 ]
 
 
@@ -86,7 +86,7 @@ def test_cheap_checks_accept_their_own_computation(capsys):
     assert ch01.ex5(ch01.noisy_oracle_psnr())
     assert ch02.ex4((35**2 - 1) / (11**2 - 1)) and ch02.ex4(35**2 / 11**2)   # both counts within 1 %
     assert ch04.ex6(ch04.near_tie_results()) and ch04.near_tie_results() == (False, True)
-    assert ch06.ex2(0.6428571428571429)
+    assert ch07.ex2(0.6428571428571429)
     P, _ = ch03.patch_vectors()
     assert ch03.ex1(-np.sum(P**2, axis=1) / (5 * 0.032) ** 2 + 7.0)           # any constant is allowed
     assert ch04.ex1({"phi.bias", "g.bias", "W_z.bias"})
@@ -98,3 +98,70 @@ def test_check_close_reports_instead_of_raising(capsys):
     assert check_close("t", 1.0 + 1e-3, 1.0, rtol=0, atol=1e-2) is True
     out = capsys.readouterr().out
     assert "NaN" in out and "expected a number or an array" in out
+
+
+# ----------------------------------------------------------------------------- right answers
+# Each check with a right answer (True): a check that always said False would pass the tests above.
+# Where the right answer is a measurement, it is the module's own measurement helper (which the
+# notebook's solution reproduces); where it is a function, an independent one written here.
+
+
+def _euclid_attention(x):
+    d2 = np.sum((x[:, :, :, None] - x[:, :, None, :]) ** 2, axis=1)      # (B, N, N)
+    e = np.exp(-(d2 - d2.min(axis=2, keepdims=True)))
+    return e / e.sum(axis=2, keepdims=True)
+
+
+def _multi_head(theta, phi, g, heads):
+    from nlref.nn.nonlocal_op import nonlocal_forward
+
+    a, b = theta.shape[1] // heads, g.shape[1] // heads
+    return np.concatenate([nonlocal_forward(theta[:, h * a:(h + 1) * a], phi[:, h * a:(h + 1) * a],
+                                            g[:, h * b:(h + 1) * b], mode="embedded_gaussian")[0]
+                           for h in range(heads)], axis=1)
+
+
+def _causal_attention(theta, phi, g, chunk_size):
+    s = np.swapaxes(theta, 1, 2) @ phi
+    s = np.where(np.tril(np.ones(s.shape[1:], dtype=bool)), s, -np.inf)
+    a = np.exp(s - s.max(axis=2, keepdims=True))
+    return g @ np.swapaxes(a / a.sum(axis=2, keepdims=True), 1, 2)
+
+
+def _add_positions(x):
+    b, _, h, w = x.shape
+    rows = np.broadcast_to(np.linspace(-1, 1, h)[:, None], (b, 1, h, w))
+    cols = np.broadcast_to(np.linspace(-1, 1, w)[None, :], (b, 1, h, w))
+    return np.concatenate([x, rows, cols], axis=1)
+
+
+def _bn_jacobian(x, eps=1e-5):
+    r = 1 / np.sqrt(x.var() + eps)
+    xh = (x - x.mean()) * r
+    return r / len(x) * (len(x) * np.eye(len(x)) - 1 - np.outer(xh, xh))
+
+
+RIGHT_CHEAP = [
+    (ch01.ex1, lambda: 4.0),
+    (ch01.ex3, lambda: ch01.median_loss_db()),
+    (ch01.ex4, lambda: 100),
+    (ch02.ex4, lambda: (35 ** 2 - 1) / (11 ** 2 - 1)),
+    (ch03.ex2, lambda: _euclid_attention),
+    (ch03.ex3, lambda: ch03.dot_output_ratio()),
+    (ch03.ex4, lambda: 4 * (8 * 56 * 56) ** 2),
+    (ch04.ex2, lambda: _bn_jacobian),
+    (ch04.ex3, lambda: {"bn.beta"}),                      # W_z y = 0, so x-hat = 0 and d gamma = 0 too
+    (ch04.ex4, lambda: (lambda dp, cache: cache[0] * dp)),
+    (ch05.ex1, lambda: _multi_head),
+    (ch05.ex2, lambda: _causal_attention),
+    (ch05.ex4, lambda: 2.0),
+    (ch05.ex5, lambda: _add_positions),
+    (ch07.ex2, lambda: 9 / 14),
+    (ch07.ex6, lambda: {"res2": (512, 128), "res4": (32, 8)}),
+]
+
+
+@pytest.mark.parametrize("check, right", RIGHT_CHEAP, ids=[f"{c.__module__[-4:]}.{c.__name__}" for c, _ in RIGHT_CHEAP])
+def test_right_answers_are_true(check, right, capsys):
+    assert check(right()) is True
+    assert "correct" in capsys.readouterr().out

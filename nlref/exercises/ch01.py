@@ -12,7 +12,12 @@ import numpy as np
 
 from . import _report, check_close, check_true, not_answered
 
-__all__ = ["ex1", "ex2", "ex3", "ex4", "ex5", "correlated_variance", "median_loss_db", "noisy_oracle_psnr"]
+__all__ = ["LEVELS", "GRADED", "ex1", "ex2", "ex3", "ex4", "ex5", "correlated_variance", "median_loss_db", "noisy_oracle_psnr"]
+
+#: Each exercise's level and time estimate in minutes (the teachers' page and the syllabus use them).
+LEVELS = {"ex1": ("warm-up", 10), "ex2": ("core", 25), "ex3": ("core", 15), "ex4": ("warm-up", 10), "ex5": ("core", 25)}
+#: The graded implementation exercises of this chapter (none, its checks take values).
+GRADED = ()
 
 COUNTS = (1, 2, 4, 8, 16, 32, 64)
 

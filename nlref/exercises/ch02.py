@@ -11,8 +11,15 @@ import numpy as np
 
 from . import _report, check_close, check_true, not_answered
 from ._student import call
+from ._graded import Wrong, attempt, compare, numerical_gradient, verdict
 
-__all__ = ["ex1", "ex2", "ex3", "ex4", "ex5", "uncorrected_sweep", "flat_gain", "video_psnrs"]
+__all__ = ["LEVELS", "GRADED", "ex1", "ex2", "ex3", "ex4", "ex5", "uncorrected_sweep", "flat_gain", "video_psnrs", "ex6"]
+
+#: Each exercise's level and time estimate in minutes (the teachers' page and the syllabus use them).
+LEVELS = {'ex1': ('core', 20), 'ex2': ('core', 40), 'ex3': ('core', 20), 'ex4': ('warm-up', 15), 'ex5': ('stretch', 30), 'ex6': ('warm-up', 20)}
+#: The graded implementation exercises (the student writes a function, checked against nlref
+#: and, for a backward pass, against finite differences).
+GRADED = ('ex6',)
 
 SIGMA = 0.08
 FACTORS = (0.5, 1.0, 1.5, 2.0, 3.0)
@@ -126,3 +133,30 @@ def ex5(answer):
     if not_answered("ch02 ex5", answer):
         return None
     return check_close("ch02 ex5", answer, video_psnrs(), rtol=0, atol=0.01)
+
+
+
+def ex6(answer):
+    """``pixel_weights(v, p, sigma, h, patch, search)``: the pixel-wise NL-means weights of pixel ``p``.
+
+    Graded (warm-up, about 20 minutes). ``v`` is a 2-D float64 image, ``p`` a (row, col) pair,
+    ``patch`` and ``search`` odd widths; the result is the (search, search) array
+    ``w(p, p + o) = exp(-max(d^2 - 2 sigma^2, 0) / h^2)`` with the image mirrored at its border
+    (NumPy's ``"reflect"``). Compared with :func:`nlref.nl_means_weights` at three pixels of a
+    small noisy crop, one in a corner, and once with ``sigma = 0``.
+    """
+    import nlref
+
+    clean, noisy = _noisy()
+    v = np.asarray(noisy[140:172, 60:92], dtype=np.float64)
+    cases = [((15, 9), SIGMA, 0.4 * SIGMA, 5, 11), ((0, 0), SIGMA, 0.4 * SIGMA, 3, 7),
+             ((31, 20), 0.0, 0.1, 5, 9)]
+
+    def run():
+        ok = True
+        for p, sigma, h, patch, search in cases:
+            got = attempt("ex6", answer, v.copy(), p, sigma, h, patch, search)
+            want = nlref.nl_means_weights(v, p, sigma=sigma, h=h, patch_size=patch, search_size=search)
+            ok &= compare(f"weights of pixel {p}", got, want, rtol=1e-9, atol=1e-12)
+        return ok
+    return verdict("ex6", run)

@@ -12,7 +12,12 @@ import numpy as np
 from . import _report, check_close, check_true, not_answered
 from ._student import call
 
-__all__ = ["ex1", "ex2", "ex3", "ex4", "patch_vectors", "feature_map", "dot_output_ratio"]
+__all__ = ["LEVELS", "GRADED", "ex1", "ex2", "ex3", "ex4", "patch_vectors", "feature_map", "dot_output_ratio"]
+
+#: Each exercise's level and time estimate in minutes (the teachers' page and the syllabus use them).
+LEVELS = {"ex1": ("core", 30), "ex2": ("core", 25), "ex3": ("core", 20), "ex4": ("stretch", 40)}
+#: The graded implementation exercises of this chapter (none, its checks take values).
+GRADED = ()
 
 SIGMA, K = 0.08, 5
 H_FILTER = 0.4 * SIGMA

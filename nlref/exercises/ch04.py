@@ -11,9 +11,16 @@ import numpy as np
 
 from . import _report, check_close, check_true, not_answered
 from ._student import as_names, call
+from ._graded import Wrong, attempt, compare, numerical_gradient, verdict
 
-__all__ = ["ex1", "ex2", "ex3", "ex4", "ex5", "ex6", "randomise", "chapter_input", "bn_jacobian_reference",
-           "near_tie_results"]
+__all__ = ["LEVELS", "GRADED", "ex1", "ex2", "ex3", "ex4", "ex5", "ex6", "randomise", "chapter_input", "bn_jacobian_reference",
+           "near_tie_results", "ex7", "ex8", "ex9"]
+
+#: Each exercise's level and time estimate in minutes (the teachers' page and the syllabus use them).
+LEVELS = {'ex1': ('core', 30), 'ex2': ('core', 40), 'ex3': ('warm-up', 15), 'ex4': ('warm-up', 15), 'ex5': ('stretch', 45), 'ex6': ('core', 20), 'ex7': ('core', 20), 'ex8': ('core', 40), 'ex9': ('warm-up', 15)}
+#: The graded implementation exercises (the student writes a function, checked against nlref
+#: and, for a backward pass, against finite differences).
+GRADED = ('ex7', 'ex8', 'ex9')
 
 
 def randomise(block, seed):
@@ -62,7 +69,7 @@ def ex1(answer):
 
 
 def bn_jacobian_reference(x, eps=1e-5):
-    """``d xhat_i / d x_k`` of training-mode batch norm for one channel of values ``x`` (M,), from nlref's backward.
+    """``d xhat_i / d x_k`` of training-mode batch norm for one channel of values ``x`` (R,), from nlref's backward.
 
     Row ``i`` is ``batchnorm_backward`` of the unit output gradient ``e_i`` with
     ``gamma = 1``: the chain rule read backwards, one row at a time.
@@ -77,7 +84,7 @@ def bn_jacobian_reference(x, eps=1e-5):
 
 
 def ex2(answer, *, m=8, seed=0):
-    """A student's ``bn_jacobian(x)``: the (M, M) Jacobian of ``xhat`` for one channel of M values (eps = 1e-5).
+    """A student's ``bn_jacobian(x)``: the (R, R) Jacobian of ``xhat`` for one channel of R values (eps = 1e-5).
 
     The check calls it on ``m`` random values and compares with
     :func:`bn_jacobian_reference` (``rtol=1e-9``, ``atol=1e-12``: float64 rounding).
@@ -204,3 +211,94 @@ def ex6(answer):
     expected = near_tie_results()
     return check_true(name, answer, tuple(bool(a) for a in answer) == expected,
                       f"gradcheck says {expected}")
+
+
+
+def _grads(name, answer, n, *args):
+    """The student's tuple of ``n`` gradients, or Wrong."""
+    grads = attempt(name, answer, *args)
+    if not isinstance(grads, tuple) or len(grads) != n:
+        raise Wrong(f"expected a tuple of {n} arrays, got {type(grads).__name__}")
+    return grads
+
+
+def ex7(answer):
+    """``softmax_backward(dp, p)``: ``ds`` for ``p = softmax(s)`` along the last axis.
+
+    Graded (core, about 20 minutes). Compared with :func:`nlref.nn.functional.softmax_backward`
+    and with finite differences of the softmax, on a (2, 4, 5) batch and on one row.
+    """
+    from ..nn import functional as F
+
+    rng = np.random.default_rng(47)
+
+    def run():
+        ok = True
+        for shape in [(2, 4, 5), (6,)]:
+            s, dp = 1.5 * rng.standard_normal(shape), rng.standard_normal(shape)
+            p, cache = F.softmax_forward(s)
+            ds = attempt("ex7", answer, dp, p.copy())
+            ok &= compare(f"ds {shape} (vs nlref)", ds, F.softmax_backward(dp, cache))
+            numeric = numerical_gradient(lambda v: F.softmax_forward(v)[0], s, dp)
+            ok &= compare(f"ds {shape} (vs finite differences)", ds, numeric, rtol=1e-5, atol=1e-8)
+        return ok
+    return verdict("ex7", run)
+
+
+def ex8(answer):
+    """``batchnorm_backward_train(dout, x, gamma, eps)`` returning ``(dx, dgamma, dbeta)``.
+
+    Graded (core, about 40 minutes): batch norm in training mode over every axis but the
+    channel axis 1 of ``x`` (B, C, H, W), the batch statistics with the biased variance.
+    Compared with :func:`nlref.nn.functional.batchnorm_backward` and with finite differences.
+    """
+    from ..nn import functional as F
+
+    rng = np.random.default_rng(48)
+    eps = 1e-5
+
+    def forward(x, gamma, beta):
+        state = {"running_mean": np.zeros(x.shape[1]), "running_var": np.ones(x.shape[1])}
+        return F.batchnorm_forward(x, gamma, beta, state, training=True, eps=eps)
+
+    def run():
+        ok = True
+        for shape in [(2, 3, 4, 4), (5, 2, 1, 3)]:
+            x = 2 * rng.standard_normal(shape) + 1
+            gamma, beta = rng.standard_normal(shape[1]), rng.standard_normal(shape[1])
+            out, cache = forward(x, gamma, beta)
+            dout = rng.standard_normal(shape)
+            got = _grads("ex8", answer, 3, dout, x.copy(), gamma.copy(), eps)
+            want = F.batchnorm_backward(dout, cache)
+            for label, g, w in zip(("dx", "dgamma", "dbeta"), got, want):
+                ok &= compare(f"{label} {shape} (vs nlref)", g, w)
+            numeric = [numerical_gradient(lambda v: forward(v, gamma, beta)[0], x, dout),
+                       numerical_gradient(lambda v: forward(x, v, beta)[0], gamma, dout),
+                       numerical_gradient(lambda v: forward(x, gamma, v)[0], beta, dout)]
+            for label, g, w in zip(("dx", "dgamma", "dbeta"), got, numeric):
+                ok &= compare(f"{label} {shape} (vs finite differences)", g, w, rtol=1e-5, atol=1e-7)
+        return ok
+    return verdict("ex8", run)
+
+
+def ex9(answer):
+    """``matmul_backward(dy, g, A)`` returning ``(dg, dA)`` for ``y = g A^T``.
+
+    Graded (warm-up, about 15 minutes): ``g`` (B, d, M), ``A`` (B, N, M), ``y`` (B, d, N).
+    Compared with the products ``dy A`` and ``dy^T g`` and with finite differences.
+    """
+    rng = np.random.default_rng(49)
+
+    def run():
+        ok = True
+        g, A = rng.standard_normal((2, 3, 5)), rng.standard_normal((2, 4, 5))
+        dy = rng.standard_normal((2, 3, 4))
+        got = _grads("ex9", answer, 2, dy, g.copy(), A.copy())
+        want = (dy @ A, np.swapaxes(dy, 1, 2) @ g)
+        numeric = (numerical_gradient(lambda v: v @ np.swapaxes(A, 1, 2), g, dy),
+                   numerical_gradient(lambda v: g @ np.swapaxes(v, 1, 2), A, dy))
+        for label, gr, w, num in zip(("dg", "dA"), got, want, numeric):
+            ok &= compare(f"{label} (vs the products)", gr, w)
+            ok &= compare(f"{label} (vs finite differences)", gr, num, rtol=1e-6, atol=1e-8)
+        return ok
+    return verdict("ex9", run)

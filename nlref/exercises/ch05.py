@@ -14,8 +14,16 @@ import numpy as np
 
 from . import _report, check_close, not_answered
 from ._student import call
+from ._graded import Wrong, attempt, compare, numerical_gradient, verdict
 
-__all__ = ["ex1", "ex2", "ex3", "ex4", "ex5", "peak_mib", "chunk_bytes_per_element"]
+__all__ = ["LEVELS", "GRADED", "ex1", "ex2", "ex3", "ex4", "ex5", "peak_mib", "chunk_bytes_per_element", "ex6", "ex7",
+           "online_reference"]
+
+#: Each exercise's level and time estimate in minutes (the teachers' page and the syllabus use them).
+LEVELS = {'ex1': ('core', 30), 'ex2': ('core', 30), 'ex3': ('core', 20), 'ex4': ('core', 20), 'ex5': ('core', 25), 'ex6': ('core', 45), 'ex7': ('stretch', 40)}
+#: The graded implementation exercises (the student writes a function, checked against nlref
+#: and, for a backward pass, against finite differences).
+GRADED = ('ex6', 'ex7')
 
 
 def ex1(answer, *, seed=0):
@@ -158,3 +166,83 @@ def ex5(answer):
     rows = np.broadcast_to(np.linspace(-1, 1, 4)[:, None], (2, 1, 4, 5))
     cols = np.broadcast_to(np.linspace(-1, 1, 5)[None, :], (2, 1, 4, 5))
     return check_close(name, mine, np.concatenate([x, rows, cols], axis=1), rtol=1e-12, atol=1e-15)
+
+
+
+def ex6(answer):
+    """``attention_backward(dy, theta, phi, g, scale)`` returning ``(dtheta, dphi, dg)``.
+
+    Graded (core, about 45 minutes): the whole backward pass of
+    ``y = g softmax(scale * theta^T phi)^T`` with ``theta`` (B, d, N), ``phi`` (B, d, M),
+    ``g`` (B, d_g, M), the softmax over the keys. Compared with
+    :func:`nlref.nn.nonlocal_op.nonlocal_backward` and with finite differences.
+    """
+    from ..nn.nonlocal_op import nonlocal_backward, nonlocal_forward
+
+    rng = np.random.default_rng(56)
+
+    def run():
+        ok = True
+        for (b, d, n, m, dg), scale in [((2, 3, 5, 4, 2), 1.0), ((1, 4, 6, 6, 3), 0.5)]:
+            theta, phi, g = (rng.standard_normal(s) for s in ((b, d, n), (b, d, m), (b, dg, m)))
+            y, cache = nonlocal_forward(theta, phi, g, mode="embedded_gaussian", scale=scale)
+            dy = rng.standard_normal(y.shape)
+            got = attempt("ex6", answer, dy, theta.copy(), phi.copy(), g.copy(), scale)
+            if not isinstance(got, tuple) or len(got) != 3:
+                raise Wrong(f"expected a tuple (dtheta, dphi, dg), got {type(got).__name__}")
+            want = nonlocal_backward(dy, cache)[:3]
+
+            def f(**kw):
+                a = {"theta": theta, "phi": phi, "g": g} | kw
+                return nonlocal_forward(a["theta"], a["phi"], a["g"], mode="embedded_gaussian", scale=scale)[0]
+            for label, gr, w, name, v in zip(("dtheta", "dphi", "dg"), got, want, ("theta", "phi", "g"),
+                                            (theta, phi, g)):
+                ok &= compare(f"{label}, scale {scale} (vs nlref)", gr, w)
+                num = numerical_gradient(lambda u: f(**{name: u}), v, dy)
+                ok &= compare(f"{label}, scale {scale} (vs finite differences)", gr, num, rtol=1e-5, atol=1e-8)
+        return ok
+    return verdict("ex6", run)
+
+
+def online_reference(m, l, acc, s_block, g_block):
+    """One step of the online softmax for all queries (the reference ex7 is checked against)."""
+    m_new = np.maximum(m, np.max(s_block, axis=1))
+    shrink = np.exp(m - m_new)                    # exp(-inf) = 0 on the first block
+    e = np.exp(s_block - m_new[:, None])          # (N, c)
+    return m_new, shrink * l + np.sum(e, axis=1), shrink[None, :] * acc + g_block @ e.T
+
+
+def ex7(answer):
+    """``online_update(m, l, acc, s_block, g_block)`` returning ``(m, l, acc)`` after one block of keys.
+
+    Graded (stretch, about 40 minutes). For one example: ``m`` (N,) the running maxima (``-inf``
+    before the first block), ``l`` (N,) the running sums of ``exp(s - m)``, ``acc`` (d_g, N) the
+    running sums of ``exp(s - m) g``; ``s_block`` (N, c) the logits of ``c`` keys and ``g_block``
+    (d_g, c) their values. Checked step by step against :func:`online_reference` on blocks of
+    4, 4 and 2 keys (one with logits near 700, which overflow ``exp`` unshifted), and the final
+    ``acc / l`` against the softmax attention computed in one piece.
+    """
+    from ..nn.nonlocal_op import nonlocal_forward
+
+    rng = np.random.default_rng(57)
+    n, dg, keys = 5, 3, 10
+    s = rng.standard_normal((n, keys))
+    s[:, 4:8] += 700.0                             # a block whose exp overflows without the shift
+    g = rng.standard_normal((dg, keys))
+
+    def run():
+        ok = True
+        state = (np.full(n, -np.inf), np.zeros(n), np.zeros((dg, n)))
+        for start, stop in [(0, 4), (4, 8), (8, 10)]:
+            want = online_reference(*state, s[:, start:stop], g[:, start:stop])
+            got = attempt("ex7", answer, *(a.copy() for a in state), s[:, start:stop].copy(), g[:, start:stop].copy())
+            if not isinstance(got, tuple) or len(got) != 3:
+                raise Wrong(f"expected a tuple (m, l, acc), got {type(got).__name__}")
+            for label, gr, w in zip(("m", "l", "acc"), got, want):
+                ok &= compare(f"{label} after keys {start}..{stop - 1}", gr, w, rtol=1e-10, atol=1e-300)
+            state = tuple(np.asarray(a, dtype=np.float64) for a in got) if ok else want
+        y = state[2] / state[1][None, :]
+        full, _ = nonlocal_forward(np.eye(n)[None], s[None], g[None], mode="embedded_gaussian")  # theta = I: logits s
+        ok &= compare("acc / l (vs attention in one piece)", y, full[0], rtol=1e-10, atol=1e-12)
+        return ok
+    return verdict("ex7", run)

@@ -1,98 +1,164 @@
-"""Checks for the exercises of chapter 7, the convolution's backward pass (notebook 07).
+"""Checks for the exercises of chapter 7, training a non-local video network.
 
-Each ``exK(answer)`` computes the expected value with nlref itself and reports through
-:mod:`nlref.exercises`: ``None`` while the answer is the placeholder ``None``, ``True`` when
-it is right, ``False`` (with one line saying what is wrong) otherwise. A function given
-as an answer is called on fresh random inputs; if it raises, that is a wrong answer too.
+The chapter's setup: the two-sprite task with ``K = 3`` brightness kinds, clips of
+8 x 16 x 16, the teaching network (widths 8, 16, 32).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from . import check_close, check_true, not_answered
-from ..nn import functional as F
+from . import _report, check_close, check_true, not_answered
+from ._graded import Wrong, attempt, compare, numerical_gradient, verdict
 
-__all__ = ["EX1", "EX3", "ex1", "ex2", "ex3", "ex4"]
+__all__ = ["LEVELS", "GRADED", "ex1", "ex2", "ex6", "fit_logistic", "squared_feature_accuracy", "attention_sizes", "ex7", "step_reference"]
 
-#: Exercise 1's convolution (input shape, weight shape, stride, padding).
-EX1 = {"x": (2, 3, 5, 10, 9), "w": (4, 3, 3, 3, 2), "stride": (1, 2, 3), "padding": (1, 1, 2)}
-#: Exercise 3's layer, res2 of the default network in a training step (input (B, C, T, H, W), O, kernel).
-EX3 = {"x": (32, 16, 8, 8, 8), "out_channels": 16, "kernel": (1, 3, 3)}
+#: Each exercise's level and time estimate in minutes (the teachers' page and the syllabus use them).
+LEVELS = {'ex1': ('core', 20), 'ex2': ('warm-up', 15), 'ex3': ('stretch', 90), 'ex4': ('core', 30), 'ex5': ('core', 20), 'ex6': ('core', 25), 'ex7': ('core', 45)}
+#: The graded implementation exercises (the student writes a function, checked against nlref
+#: and, for a backward pass, against finite differences).
+GRADED = ('ex7',)
+
+
+def fit_logistic(X, y, steps=3000, lr=1.0):
+    """Logistic regression by full-batch gradient descent on the mean cross-entropy (the chapter's helper)."""
+    w, b = np.zeros(X.shape[1]), 0.0
+    for _ in range(steps):
+        p = 1 / (1 + np.exp(-(X @ w + b)))
+        w -= lr * X.T @ (p - y) / len(y)
+        b -= lr * np.mean(p - y)
+    return w, b
+
+
+def squared_feature_accuracy(kinds=3):
+    """Validation accuracy of the logistic regression on ``(e_a + e_b) ** 2`` (section 2's clips and fit)."""
+    from ..backend import to_numpy
+    from ..data.sprites import sprite_splits
+
+    tr, va = sprite_splits(4000, 2000, seed=1, kinds=kinds, frames=8, size=16)
+
+    def features(kind):
+        return (np.eye(kinds)[kind[:, 0]] + np.eye(kinds)[kind[:, 1]]) ** 2
+
+    w, b = fit_logistic(features(tr.meta["kind"]), to_numpy(tr.labels))
+    return float(np.mean((features(va.meta["kind"]) @ w + b > 0) == to_numpy(va.labels)))
 
 
 def ex1(answer):
-    """The output shape (B, O, T', H', W') of :data:`EX1`'s convolution, as a tuple of 5 ints."""
-    x = np.zeros(EX1["x"])
-    w = np.zeros(EX1["w"])
-    out, _ = F.conv3d_reference(x, w, stride=EX1["stride"], padding=EX1["padding"])
-    if not_answered("ex1", answer):
+    """The validation accuracy of the logistic regression on the squared pooled features.
+
+    Expected: :func:`squared_feature_accuracy`. ``atol=0.005`` (10 of the 2000
+    validation clips): the same fit run with other rounding; the plain pooled
+    features' accuracy (about 0.5) or the ceiling (2/3) fail.
+    """
+    if not_answered("ch07 ex1", answer):
         return None
+    return check_close("ch07 ex1", answer, squared_feature_accuracy(), rtol=0, atol=0.005)
+
+
+def ex2(answer, *, kinds=8):
+    """The additive ceiling for K = 8 kinds, worked out from the formula of section 2.
+
+    Expected: ``nlref.data.sprites.additive_ceiling(8)`` (0.643), ``rtol=1e-9``;
+    the large-K limit 5/8 or the K = 3 value 2/3 fail.
+    """
+    from ..data.sprites import additive_ceiling
+
+    if not_answered("ch07 ex2", answer):
+        return None
+    return check_close("ch07 ex2", answer, additive_ceiling(kinds), rtol=1e-9)
+
+
+def attention_sizes(stage, *, frames=8, size=16):
+    """``(N, N')`` of a block in ``stage`` of the teaching network: its attention's shape, from a forward pass."""
+    from ..data.sprites import sprite_clips
+    from ..train import TrainConfig, build_model
+
+    config = TrainConfig(stage=stage, frames=frames, size=size, widths=(8, 16, 32), dropout=0.0, kinds=3)
+    net = build_model(config).eval()
+    clips = sprite_clips(1, seed=0, kinds=3, frames=frames, size=size)
+    _, attention = net.forward(clips.video, return_attention=True)
+    (a,) = attention.values()
+    return tuple(int(n) for n in a.shape[1:])
+
+
+def ex6(answer):
+    """``{"res2": (N, N'), "res4": (N, N')}``: queries and keys of a block in res2 and in res4.
+
+    Expected: the shapes of the attention maps that the teaching network returns
+    with the block in that stage (:func:`attention_sizes`), exactly.
+    """
+    name = "ch07 ex6"
+    if not_answered(name, answer):
+        return None
+    if not isinstance(answer, dict) or set(answer) != {"res2", "res4"}:
+        return _report(name, False, f"expected a dict with the keys 'res2' and 'res4', got {answer!r}")
+    expected = {stage: attention_sizes(stage) for stage in ("res2", "res4")}
     try:
-        shape = tuple(int(n) for n in answer)
+        mine = {stage: tuple(int(n) for n in answer[stage]) for stage in answer}
     except (TypeError, ValueError):
-        return check_true("ex1", answer, False, f"expected a tuple of 5 ints, got {answer!r}")
-    return check_true("ex1", answer, shape == tuple(out.shape),
-                      f"shape {shape} is not the output's; recall floor((n + 2p - k) / s) + 1 per axis")
+        return _report(name, False, "each value must be two integers (N, N')")
+    return check_true(name, answer, mine == expected, f"the network's attention has {expected}")
 
 
-def _call(fn, *args):
-    """``fn(*args)`` as a float64 NumPy array, or the reason it is not one."""
-    if not callable(fn):
-        return None, f"expected a function, got {type(fn).__name__}"
-    try:
-        return np.asarray(fn(*args), dtype=np.float64), None
-    except Exception as error:  # a wrong answer, never a crash of the check
-        return None, f"calling it raised {type(error).__name__}: {error}"
+
+def step_reference(params, x, labels, lr):
+    """One SGD step of the head by nlref's layers: ``(loss, new_params)`` (what ex7 is checked against)."""
+    from ..nn import functional as F
+
+    pooled, c_pool = F.global_avgpool_forward(x)
+    h, c1 = F.linear_forward(pooled, params["w1"], params["b1"])
+    a, c_relu = F.relu_forward(h)
+    logits, c2 = F.linear_forward(a, params["w2"], params["b2"])
+    loss, c_loss = F.softmax_cross_entropy_forward(logits, labels)
+    dlogits = F.softmax_cross_entropy_backward(1.0, c_loss)
+    da, dw2, db2 = F.linear_backward(dlogits, c2)
+    dh = F.relu_backward(da, c_relu)
+    _, dw1, db1 = F.linear_backward(dh, c1)
+    grads = {"w1": dw1, "b1": db1, "w2": dw2, "b2": db2}
+    return float(loss), {k: params[k] - lr * grads[k] for k in params}
 
 
-def ex2(answer):
-    """``dw(x, dout, kernel, stride, padding)``: the weight gradient (O, C, kt, kh, kw), checked
-    against :func:`nlref.nn.functional.conv3d_reference_backward` on two random convolutions."""
-    if not_answered("ex2", answer):
-        return None
-    rng = np.random.default_rng(72)
-    got, expected = [], []
-    for xs, ws, stride, padding in [((2, 3, 3, 5, 6), (4, 3, 2, 3, 2), (1, 2, 1), (0, 1, 1)),
-                                    ((1, 2, 2, 4, 4), (3, 2, 1, 3, 3), 1, (0, 1, 1))]:
-        x, w = rng.standard_normal(xs), rng.standard_normal(ws)
-        out, cache = F.conv3d_reference(x, w, stride=stride, padding=padding)
-        dout = rng.standard_normal(out.shape)
-        dw, why = _call(answer, x, dout, tuple(ws[2:]), stride, padding)
-        if dw is None or dw.shape != ws:
-            why = why or f"shape {dw.shape}, expected (O, C, kt, kh, kw) = {ws}"
-            return check_true("ex2", answer, False, why)
-        got.append(dw.reshape(-1))
-        expected.append(F.conv3d_reference_backward(dout, cache)[1].reshape(-1))
-    return check_close("ex2", np.concatenate(got), np.concatenate(expected), rtol=1e-9, atol=1e-9)
+def ex7(answer):
+    """``train_step(params, x, labels, lr)`` returning ``(loss, new_params)``: one training step by hand.
 
+    Graded (core, about 45 minutes). The network is the head of the chapter's video network on
+    its own: global average pooling of ``x`` (B, C, T, H, W), ``linear(w1, b1)``, ReLU,
+    ``linear(w2, b2)`` (weights (out, in), PyTorch's layout), the mean softmax cross-entropy
+    against integer ``labels``; then one plain SGD step ``p - lr * dL/dp`` on the four
+    parameters. The student's loss and new parameters are compared with :func:`step_reference`;
+    the gradients it implies, ``(p - p_new) / lr``, with finite differences of the loss.
+    """
+    from ..nn import functional as F
 
-def ex3(answer):
-    """The number of bytes of :data:`EX3`'s float32 column matrix (B T' H' W' rows, kt kh kw C columns)."""
-    b, c, t, h, w = EX3["x"]
-    kt, kh, kw = EX3["kernel"]
-    rows = b * t * h * w  # padding k // 2, stride 1: the maps keep their size
-    return check_close("ex3", answer, rows * kt * kh * kw * c * 4, rtol=0)
+    rng = np.random.default_rng(77)
+    b, c, hidden, classes, lr = 6, 4, 5, 2, 0.5
+    x = rng.standard_normal((b, c, 2, 3, 3)) + 0.5
+    labels = np.array([0, 1, 1, 0, 1, 0])
+    params = {"w1": rng.standard_normal((hidden, c)), "b1": 0.1 * rng.standard_normal(hidden),
+              "w2": rng.standard_normal((classes, hidden)), "b2": 0.1 * rng.standard_normal(classes)}
 
+    def loss_of(p):
+        pooled = F.global_avgpool_forward(x)[0]
+        h = F.relu_forward(F.linear_forward(pooled, p["w1"], p["b1"])[0])[0]
+        return F.softmax_cross_entropy_forward(F.linear_forward(h, p["w2"], p["b2"])[0], labels)[0]
 
-def ex4(answer):
-    """``flip(w)``: the kernel (C, O, kt, kh, kw) with which the stride-1 input gradient is a full
-    correlation, ``dx = conv3d_reference(dout, flip(w), padding=k - 1 - p)``, checked on two cases."""
-    if not_answered("ex4", answer):
-        return None
-    rng = np.random.default_rng(74)
-    got, expected = [], []
-    for xs, ws, padding in [((2, 3, 3, 5, 6), (4, 3, 2, 3, 2), (0, 1, 1)),
-                            ((1, 2, 4, 4, 4), (3, 2, 3, 3, 3), (1, 1, 1))]:
-        x, w = rng.standard_normal(xs), rng.standard_normal(ws)
-        out, cache = F.conv3d_reference(x, w, padding=padding)
-        dout = rng.standard_normal(out.shape)
-        flipped, why = _call(answer, w)
-        wanted = (ws[1], ws[0]) + tuple(ws[2:])
-        if flipped is None or flipped.shape != wanted:
-            why = why or f"shape {flipped.shape}, expected (C, O, kt, kh, kw) = {wanted}"
-            return check_true("ex4", answer, False, why)
-        full = tuple(k - 1 - p for k, p in zip(ws[2:], padding))
-        got.append(F.conv3d_reference(dout, flipped, padding=full)[0].reshape(-1))
-        expected.append(F.conv3d_reference_backward(dout, cache)[0].reshape(-1))
-    return check_close("ex4", np.concatenate(got), np.concatenate(expected), rtol=1e-9, atol=1e-9)
+    def run():
+        got = attempt("ex7", answer, {k: v.copy() for k, v in params.items()}, x.copy(), labels.copy(), lr)
+        if not isinstance(got, tuple) or len(got) != 2 or not isinstance(got[1], dict):
+            raise Wrong(f"expected a tuple (loss, new_params dict), got {type(got).__name__}")
+        loss, new = got
+        if set(new) != set(params):
+            raise Wrong(f"new_params must have the keys {sorted(params)}, got {sorted(new)}")
+        want_loss, want = step_reference(params, x, labels, lr)
+        ok = compare("loss", np.asarray(loss, dtype=np.float64), want_loss)
+        for k in ("w1", "b1", "w2", "b2"):
+            ok &= compare(f"{k} after the step (vs nlref)", new[k], want[k])
+            implied = (params[k] - np.asarray(new[k], dtype=np.float64)) / lr
+
+            def f(v, k=k):
+                return np.asarray(loss_of({**params, k: v}))
+            numeric = numerical_gradient(f, params[k], np.ones(()))
+            ok &= compare(f"d{k} implied (vs finite differences)", implied, numeric, rtol=1e-5, atol=1e-7)
+        return ok
+    return verdict("ex7", run)

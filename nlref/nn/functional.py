@@ -604,7 +604,7 @@ def conv3d_backward(dout, cache, *, input_grad=True):
     :math:`db = \sum_r d[r, :]` and :math:`dx = \mathrm{col2im}(d\, w^\top)`, col2im adding
     each offset's columns back onto the slice of the padded gradient they were copied
     from. With stride 1 the engine computes ``dx`` as the full correlation of ``dout`` with
-    the flipped kernel instead (:func:`nlref.nn.engine.conv3d_backward`; notebook 07).
+    the flipped kernel instead (:func:`nlref.nn.engine.conv3d_backward`; notebook 06).
     ``dx`` is returned stored channels-last, like the forward's output.
 
     Parameters

@@ -1,10 +1,10 @@
-"""The checks of chapter 7's exercises: None while unanswered, True for a right answer, False (never an
+"""The checks of chapter 6's exercises: None while unanswered, True for a right answer, False (never an
 exception) for wrong ones, including functions that raise or return the wrong shape."""
 
 import numpy as np
 import pytest
 
-from nlref.exercises import ch07
+from nlref.exercises import ch06
 from nlref.nn import functional as F
 
 
@@ -32,27 +32,27 @@ def _raises(*args):
     raise RuntimeError("not written yet")
 
 
-@pytest.mark.parametrize("check", [ch07.ex1, ch07.ex2, ch07.ex3, ch07.ex4])
+@pytest.mark.parametrize("check", [ch06.ex1, ch06.ex2, ch06.ex3, ch06.ex4])
 def test_unanswered_is_none(check, capsys):
     assert check(None) is None
     assert "not answered" in capsys.readouterr().out
 
 
 def test_ex1():
-    out, _ = F.conv3d_reference(np.zeros(ch07.EX1["x"]), np.zeros(ch07.EX1["w"]), stride=ch07.EX1["stride"],
-                                padding=ch07.EX1["padding"])
-    assert ch07.ex1(tuple(out.shape)) is True
-    assert ch07.ex1(list(out.shape)) is True
+    out, _ = F.conv3d_reference(np.zeros(ch06.EX1["x"]), np.zeros(ch06.EX1["w"]), stride=ch06.EX1["stride"],
+                                padding=ch06.EX1["padding"])
+    assert ch06.ex1(tuple(out.shape)) is True
+    assert ch06.ex1(list(out.shape)) is True
     wrong = [(2, 4, 5, 5, 3),  # W' without the padding
              (2, 4, 5, 10, 9),  # "same" size
              (2, 3, 5, 5, 4),  # C instead of O
              (2, 4, 5, 5), "shape", 7]
     for answer in wrong:
-        assert ch07.ex1(answer) is False, answer
+        assert ch06.ex1(answer) is False, answer
 
 
 def test_ex2():
-    assert ch07.ex2(_dw_im2col) is True
+    assert ch06.ex2(_dw_im2col) is True
     wrong = [
         lambda x, d, k, s, p: 2 * _dw_im2col(x, d, k, s, p),
         lambda x, d, k, s, p: np.flip(_dw_im2col(x, d, k, s, p), axis=(2, 3, 4)),  # the flipped kernel's gradient
@@ -61,20 +61,20 @@ def test_ex2():
         _raises, "dw", np.zeros(3),
     ]
     for answer in wrong:
-        assert ch07.ex2(answer) is False, answer
+        assert ch06.ex2(answer) is False, answer
 
 
 def test_ex3():
-    b, c, t, h, w = ch07.EX3["x"]
+    b, c, t, h, w = ch06.EX3["x"]
     right = b * t * h * w * 9 * c * 4
     assert right == 9 * 32 * 16 * 8 * 8 * 8 * 4  # nine times the input's bytes
-    assert ch07.ex3(right) is True
+    assert ch06.ex3(right) is True
     for answer in [right // 4, right * 2, b * c * t * h * w * 4, right + 1, "many", np.nan]:
-        assert ch07.ex3(answer) is False, answer
+        assert ch06.ex3(answer) is False, answer
 
 
 def test_ex4():
-    assert ch07.ex4(_flip) is True
+    assert ch06.ex4(_flip) is True
     wrong = [
         lambda w: w.transpose(1, 0, 2, 3, 4),  # not flipped
         lambda w: np.flip(w, axis=(2, 3, 4)),  # flipped, not transposed
@@ -83,4 +83,4 @@ def test_ex4():
         _raises, None.__class__, 3.0,
     ]
     for answer in wrong:
-        assert ch07.ex4(answer) is False, answer
+        assert ch06.ex4(answer) is False, answer

@@ -1,0 +1,244 @@
+"""The student edition of the course: the chapters' notebooks with the solutions taken out.
+
+The notebooks in ``notebooks/`` are the **teacher edition**. Their solutions are marked the
+way nbgrader marks them, so that a teacher who uses nbgrader can generate and grade
+assignments from them directly, and a teacher who does not can run ``nlref course --student
+DIR``:
+
+* **Code.** Solution code sits between a line ``### BEGIN SOLUTION`` and a line
+  ``### END SOLUTION`` (any indentation, the same for both lines). In the student edition the
+  lines between them are replaced by ``raise NotImplementedError`` at the marker's indentation
+  (inside a function: the signature and docstring stay), or, at the top level of a cell, by
+  ``name = None`` for every name the solution assigned there (the placeholder a check reads
+  as "not answered yet"; ``raise NotImplementedError`` when it assigned none).
+* **Written answers.** Text between a line ``=== BEGIN MARK SCHEME ===`` and a line
+  ``=== END MARK SCHEME ===`` in a markdown cell is removed, and so is a markdown cell whose
+  metadata tags include ``mark-scheme``.
+* **Worked solutions.** A chapter shows its worked solutions folded under the exercise,
+  between a markdown cell that opens a ``solution-start`` directive and one that opens a
+  ``solution-end`` directive (the sphinx-exercise directives). The student edition drops such a block whole; every code cell
+  in it is marked as solution code and every markdown cell as a mark scheme, so nbgrader
+  removes the same content.
+
+The student edition also has every output and execution count cleared. The checks
+(``nlref.exercises``) stay: run on the student edition, each reports "not answered yet".
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+__all__ = ["SOLUTION_BEGIN", "SOLUTION_END", "SCHEME_BEGIN", "SCHEME_END", "MARK_SCHEME_TAG",
+           "solution_blocks", "student_source", "student_notebook", "teacher_display",
+           "write_student_edition", "default_notebooks"]
+
+SOLUTION_BEGIN = "### BEGIN SOLUTION"
+SOLUTION_END = "### END SOLUTION"
+SCHEME_BEGIN = "=== BEGIN MARK SCHEME ==="
+SCHEME_END = "=== END MARK SCHEME ==="
+#: A markdown cell with this tag in ``metadata["tags"]`` is a written answer, left out of the student edition.
+MARK_SCHEME_TAG = "mark-scheme"
+
+_ASSIGNED = re.compile(r"^([A-Za-z_]\w*)\s*(?::[^=]*)?=(?!=)")
+
+
+def _regions(lines, begin, end, where):
+    """``(start, stop, indent)`` of each marked region of ``lines`` (marker lines included)."""
+    regions, start = [], None
+    for n, line in enumerate(lines):
+        text = line.strip()
+        if text == begin:
+            if start is not None:
+                raise ValueError(f"{where}: {begin!r} on line {n + 1} inside another solution")
+            start = n
+        elif text == end:
+            if start is None:
+                raise ValueError(f"{where}: {end!r} on line {n + 1} without {begin!r}")
+            indent = len(lines[start]) - len(lines[start].lstrip())
+            regions.append((start, n, lines[start][:indent]))
+            start = None
+    if start is not None:
+        raise ValueError(f"{where}: {begin!r} on line {start + 1} is never closed by {end!r}")
+    return regions
+
+
+def student_source(source: str, *, where: str = "cell") -> str:
+    """A code cell's source with every marked solution replaced by its placeholder (see the module)."""
+    lines = source.split("\n")
+    out, done = [], 0
+    for start, stop, indent in _regions(lines, SOLUTION_BEGIN, SOLUTION_END, where):
+        out += lines[done:start]
+        body = lines[start + 1:stop]
+        names = [] if indent else [m.group(1) for m in map(_ASSIGNED.match, body) if m]
+        if names:
+            out += [f"{name} = None  # your answer" for name in dict.fromkeys(names)]
+        else:
+            out.append(f"{indent}raise NotImplementedError  # your code here")
+        done = stop + 1
+    return "\n".join(out + lines[done:])
+
+
+def _without_scheme(source: str, where: str) -> str:
+    lines = source.split("\n")
+    out, done = [], 0
+    for start, stop, _ in _regions(lines, SCHEME_BEGIN, SCHEME_END, where):
+        out += lines[done:start]
+        done = stop + 1
+    return "\n".join(out + lines[done:]).strip("\n")
+
+
+def _directive(cell, name):
+    return cell.cell_type == "markdown" and cell.source.lstrip().startswith("```{" + name + "}")
+
+
+def solution_blocks(nb):
+    """Indices ``(start, stop)`` (both included) of the worked-solution blocks of a notebook."""
+    blocks, start = [], None
+    for n, cell in enumerate(nb.cells):
+        if _directive(cell, "solution-start"):
+            if start is not None:
+                raise ValueError(f"cell {n}: a solution-start inside another solution block")
+            start = n
+        elif _directive(cell, "solution-end"):
+            if start is None:
+                raise ValueError(f"cell {n}: a solution-end without a solution-start")
+            blocks.append((start, n))
+            start = None
+    if start is not None:
+        raise ValueError(f"cell {start}: a solution-start that is never ended")
+    return blocks
+
+
+def student_notebook(nb):
+    """The student edition of one notebook (a new ``nbformat`` notebook; ``nb`` is not changed)."""
+    nb = copy.deepcopy(nb)
+    inside = {n for start, stop in solution_blocks(nb) for n in range(start, stop + 1)}
+    cells = []
+    for n, cell in enumerate(nb.cells):
+        if n in inside:
+            continue
+        where = f"cell {n}"
+        if cell.cell_type == "code":
+            cell.source = student_source(cell.source, where=where)
+            cell.outputs = []
+            cell.execution_count = None
+        elif cell.cell_type == "markdown":
+            if MARK_SCHEME_TAG in cell.get("metadata", {}).get("tags", []):
+                continue
+            cell.source = _without_scheme(cell.source, where)
+            if not cell.source.strip():
+                continue
+        cells.append(cell)
+    nb.cells = cells
+    return nb
+
+
+def teacher_display(nb):
+    """The teacher edition as the book shows it: marker lines hidden, graded solution code folded.
+
+    Executing the result runs exactly the teacher edition (only comment and marker lines go).
+    A code cell outside the worked-solution blocks that holds solution code (a graded
+    exercise's function) gets the ``hide-input`` tag, so that the book folds it.
+    """
+    nb = copy.deepcopy(nb)
+    inside = {n for start, stop in solution_blocks(nb) for n in range(start, stop + 1)}
+    markers = {SOLUTION_BEGIN, SOLUTION_END, SCHEME_BEGIN, SCHEME_END}
+    for n, cell in enumerate(nb.cells):
+        lines = cell.source.split("\n")
+        kept = [line for line in lines if line.strip() not in markers]
+        if len(kept) != len(lines):
+            cell.source = "\n".join(kept).strip("\n")
+            if cell.cell_type == "code" and n not in inside:
+                tags = cell.setdefault("metadata", {}).setdefault("tags", [])
+                if "hide-input" not in tags:
+                    tags.append("hide-input")
+    return nb
+
+
+def default_notebooks() -> Path:
+    """``notebooks/`` of the current folder if it holds notebooks, else the one beside the package."""
+    here = Path("notebooks")
+    if here.is_dir() and any(here.glob("*.ipynb")):
+        return here
+    return Path(__file__).resolve().parent.parent / "notebooks"
+
+
+def write_student_edition(dest, *, notebooks=None, overwrite=False):
+    """Write the student edition of every notebook in ``notebooks`` into the folder ``dest``.
+
+    The folder is written in full next to ``dest`` and then renamed into place, so ``dest`` is
+    either the complete edition or untouched. An existing ``dest`` is replaced only with
+    ``overwrite=True``.
+
+    Returns
+    -------
+    list of Path : the notebooks written, in ``dest``.
+    """
+    import nbformat
+
+    source = Path(default_notebooks() if notebooks is None else notebooks)
+    dest = Path(dest)
+    found = sorted(source.glob("*.ipynb")) if source.is_dir() else []
+    if not found:
+        raise ValueError(f"notebooks must be a folder holding the course's .ipynb files; {str(source)!r} holds none")
+    if (dest.exists() or dest.is_symlink()) and not overwrite:
+        raise ValueError(f"{str(dest)!r} exists; pass --overwrite (overwrite=True) to replace it")
+    if dest.exists() and not dest.is_dir():
+        raise ValueError(f"{str(dest)!r} exists and is not a folder; it is never replaced")
+    editions = []
+    for path in found:  # every notebook converted before anything is written
+        try:
+            editions.append((path.name, student_notebook(nbformat.read(path, as_version=4))))
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        for name, nb in editions:
+            nbformat.write(nb, staging / name)
+        if dest.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old.", dir=dest.parent))
+            os.replace(dest, old / dest.name)
+            os.replace(staging, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, dest)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return [dest / name for name, _ in editions]
+
+
+_HELP = """Write the course's student edition: the notebooks with solutions taken out.
+
+Solution code between '### BEGIN SOLUTION' and '### END SOLUTION' becomes
+'raise NotImplementedError' (or 'name = None'), mark schemes and the folded worked
+solutions are removed, outputs are cleared; the exercise checks stay and report
+"not answered yet". The folder is written atomically and never replaces an
+existing one without --overwrite."""
+
+
+def add_parser(sub, formatter_class):
+    """The ``nlref course`` subcommand, added to the command's subparsers."""
+    course = sub.add_parser("course", help="write the student edition of the course's notebooks",
+                            description=_HELP, formatter_class=formatter_class)
+    course.add_argument("--student", required=True, metavar="DIR",
+                        help="folder to write the student edition into (required, no default; it must not exist, unless --overwrite)")
+    course.add_argument("--notebooks", metavar="DIR",
+                        help="the teacher edition (default: ./notebooks, else the notebooks of this nlref's checkout)")
+    course.add_argument("--overwrite", action="store_true",
+                        help="replace an existing DIR (default: off)")
+    return course
+
+
+def run(args):
+    """Run ``nlref course`` from parsed arguments; prints what it wrote."""
+    written = write_student_edition(args.student, notebooks=args.notebooks, overwrite=args.overwrite)
+    print(f"student edition: {len(written)} notebooks in {args.student}")
+    for path in written:
+        print(f"  {path.name}")
