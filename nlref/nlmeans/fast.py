@@ -22,8 +22,13 @@ of the patch area. Three further tricks, each exact:
   rows, but they are never read back as results (their numbers are finite
   garbage, multiplied by zero or sliced away).
 * **Buffers.** On NumPy and CuPy every step writes into preallocated buffers
-  (``out=``) and, on NumPy, the offsets are shared among threads (ufuncs release
-  the GIL). Other array libraries run the same steps with fresh arrays.
+  (``out=``). Other array libraries run the same steps with fresh arrays.
+
+The same bits for any number of threads: the offsets are cut into a fixed
+number of parts (:data:`N_PARTS`, never the number of workers); each part sums
+its offsets in order and the parts' sums are added in order. On NumPy, threads
+run the parts (ufuncs release the GIL), but which thread runs which part
+changes no number.
 
 Patch-wise aggregation needs each patch's normaliser ``Z(p)`` before its
 estimate can be spread over the pixels it covers, so it makes two passes over
@@ -33,6 +38,9 @@ the offsets: the first sums the weights, the second spreads
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import itertools
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -163,10 +171,21 @@ def working_memory(shape, channels, patch_size, search_size, aggregation, itemsi
     buffers; used to refuse requests that would not fit before any work starts.
     """
     geo = _Geometry(shape, patch_size, search_size, aggregation)
-    per_worker = (channels + 1) + 8  # accumulators + scratch buffers
-    # padded image and working copy; patch-wise adds mask, 1/Z, counts, centre term, estimate
-    shared = 2 * channels + (channels + 5 if aggregation == "patch" else 1)
+    per_worker = (channels + 1) + len(_scratch_names(channels, aggregation))  # one part's sums + scratch
+    # padded image and working copy; patch-wise adds mask, 1/Z, counts, centre term, estimate;
+    # and the running total of the parts' sums
+    shared = 2 * channels + (channels + 5 if aggregation == "patch" else 1) + (channels + 1)
     return itemsize * geo.length * (shared + workers * per_worker)
+
+
+def _scratch_names(channels, aggregation):
+    """The scratch buffers one running part needs (each as long as the padded image)."""
+    names = ["d", "b1", "b2", "w", "tmp"]  # squared differences, box stages, weights, products
+    if channels > 1:
+        names.append("t")  # one channel's squared difference
+    if aggregation == "patch":
+        names += ["a1", "a2"]  # the shares w / Z forward and backward
+    return tuple(names)
 
 
 def halo(patch_size, search_size, aggregation="pixel"):
@@ -259,22 +278,13 @@ def nl_means_fast_padded(padded, *, inside, h, sigma, patch_size, search_size, a
         dist = steps.sqdiff_sum(
             [(r[base : base + size], r[base + delta : base + delta + size]) for r in rows],
             steps.head(buf["d"], size),
-            steps.head(buf["t"], size),
+            steps.head(buf.get("t"), size),
         )
         box = _box_all(steps, dist, box_axes, buf["b1"], buf["b2"])
         return steps.weight(box, coef, bias, floor, steps.head(buf["w"], hi - lo))
 
-    def new_buffers(size):
-        return {k: steps.buffer(size) for k in ("d", "t", "b1", "b2", "w", "tmp", "a1", "a2")}
-
-    def run_parallel(task, deltas):
-        """Apply task(deltas_subset) on `workers` threads; return the list of results."""
-        if workers == 1 or len(deltas) < 2:
-            return [task(deltas)]
-        parts = [deltas[i::workers] for i in range(workers)]
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            return list(pool.map(task, parts))
-
+    names = _scratch_names(channels, aggregation)
+    buffers = _BufferPool(lambda: {k: steps.buffer(geo.length) for k in names})
     lock = threading.Lock()
 
     def tick():
@@ -285,6 +295,8 @@ def nl_means_fast_padded(padded, *, inside, h, sigma, patch_size, search_size, a
     def zeros(size):
         return xp.zeros((size,), dtype=v.dtype, device=device(v))
 
+    parts = partition_offsets(geo.deltas)
+
     # ---- pass 1: the normaliser Z(p), and for pixel-wise the numerator too ----
     want_num = aggregation == "pixel"
     # patch-wise needs Z(p) for every patch centre p within half a patch of the output, [a - K, b + K)
@@ -292,26 +304,27 @@ def nl_means_fast_padded(padded, *, inside, h, sigma, patch_size, search_size, a
     z_n = z_hi - z_lo
 
     def first_pass(deltas):
-        buf = new_buffers(geo.length)
-        num = [zeros(n) for _ in range(channels)] if want_num else None
-        den = zeros(z_n)
-        for delta in deltas:
-            w = weights(delta, z_lo - delta, z_hi, buf)
-            w_fwd, w_bwd = w[delta : delta + z_n], w[0:z_n]  # weight of p -> p+delta, and of p -> p-delta
-            den = steps.accumulate(den, w_fwd)
-            den = steps.accumulate(den, w_bwd)
-            if want_num:
-                tmp = steps.head(buf["tmp"], n)
-                for c, r in enumerate(rows):
-                    num[c] = steps.accumulate_product(num[c], w_fwd, r[a + delta : b + delta], tmp)
-                    num[c] = steps.accumulate_product(num[c], w_bwd, r[a - delta : b - delta], tmp)
-            tick()
-        return num, den
+        """Partial sums over one part: [den] or [num_0, ..., num_{C-1}, den]."""
+        sums = [zeros(n) for _ in range(channels)] + [zeros(z_n)] if want_num else [zeros(z_n)]
+        with buffers.borrow() as buf:
+            for delta in deltas:
+                w = weights(delta, z_lo - delta, z_hi, buf)
+                w_fwd, w_bwd = w[delta : delta + z_n], w[0:z_n]  # weight of p -> p+delta, and of p -> p-delta
+                sums[-1] = steps.accumulate(sums[-1], w_fwd)
+                sums[-1] = steps.accumulate(sums[-1], w_bwd)
+                if want_num:
+                    tmp = steps.head(buf["tmp"], n)
+                    for c, r in enumerate(rows):
+                        sums[c] = steps.accumulate_product(sums[c], w_fwd, r[a + delta : b + delta], tmp)
+                        sums[c] = steps.accumulate_product(sums[c], w_bwd, r[a - delta : b - delta], tmp)
+                tick()
+        return sums
 
-    results = run_parallel(first_pass, geo.deltas)
-    den = 1.0 + _sum([r[1] for r in results])  # the centre offset has weight exp(0) = 1
+    sums = _sum_parts(steps, first_pass, parts, workers)
+    buffers.release()
+    den = 1.0 + sums.pop()  # the centre offset has weight exp(0) = 1
     if want_num:
-        num = [rows[c][a:b] + _sum([r[0][c] for r in results]) for c in range(channels)]
+        num = [rows[c][a:b] + sums[c] for c in range(channels)]
         estimate = [num[c] / den for c in range(channels)]
         return _unflatten(xp, estimate, geo, v)
 
@@ -321,34 +334,101 @@ def nl_means_fast_padded(padded, *, inside, h, sigma, patch_size, search_size, a
     count = _box_all(steps, mask[a - 2 * K : b + 2 * K], box_axes)[K : K + n]  # patches covering x
 
     def patch_pass(deltas):
-        buf = new_buffers(geo.length)
+        """Partial sums over one part: [num_0, ..., num_{C-1}]."""
         num = [zeros(n) for _ in range(channels)]
         m = n + 2 * K
-        for delta in deltas:
-            w = weights(delta, a - K - delta, b + K, buf)
-            share_fwd = steps.mul(w[delta : delta + m], inv_z, steps.head(buf["a1"], m))
-            share_bwd = steps.mul(w[0:m], inv_z, steps.head(buf["a2"], m))
-            tmp = steps.head(buf["tmp"], n)
-            spread_fwd = _box_all(steps, share_fwd, box_axes, buf["b1"], buf["b2"])
-            for c, r in enumerate(rows):
-                num[c] = steps.accumulate_product(num[c], spread_fwd, r[a + delta : b + delta], tmp)
-            spread_bwd = _box_all(steps, share_bwd, box_axes, buf["b1"], buf["b2"])
-            for c, r in enumerate(rows):
-                num[c] = steps.accumulate_product(num[c], spread_bwd, r[a - delta : b - delta], tmp)
-            tick()
+        with buffers.borrow() as buf:
+            for delta in deltas:
+                w = weights(delta, a - K - delta, b + K, buf)
+                share_fwd = steps.mul(w[delta : delta + m], inv_z, steps.head(buf["a1"], m))
+                share_bwd = steps.mul(w[0:m], inv_z, steps.head(buf["a2"], m))
+                tmp = steps.head(buf["tmp"], n)
+                spread_fwd = _box_all(steps, share_fwd, box_axes, buf["b1"], buf["b2"])
+                for c, r in enumerate(rows):
+                    num[c] = steps.accumulate_product(num[c], spread_fwd, r[a + delta : b + delta], tmp)
+                spread_bwd = _box_all(steps, share_bwd, box_axes, buf["b1"], buf["b2"])
+                for c, r in enumerate(rows):
+                    num[c] = steps.accumulate_product(num[c], spread_bwd, r[a - delta : b - delta], tmp)
+                tick()
         return num
 
-    results = run_parallel(patch_pass, geo.deltas)
+    num = _sum_parts(steps, patch_pass, parts, workers)
+    buffers.release()
     centre = _box_all(steps, inv_z, box_axes)
     safe_count = xp.where(count > 0, count, xp.ones_like(count))
-    estimate = [(rows[c][a:b] * centre + _sum([r[c] for r in results])) / safe_count for c in range(channels)]
+    estimate = [(rows[c][a:b] * centre + num[c]) / safe_count for c in range(channels)]
     return _unflatten(xp, estimate, geo, v)
 
 
-def _sum(arrays):
-    total = arrays[0]
-    for x in arrays[1:]:
-        total = total + x
+#: The offsets of the half search window are always cut into this many parts
+#: (fewer when there are fewer offsets), whatever the number of workers: each
+#: part sums its offsets in order, and the parts' sums are added in order. The
+#: result is thus the same to the bit for any ``workers`` and any Dask chunking
+#: (every output sample sees the same operations in the same order); workers
+#: only decide which thread runs which part. 24 divides evenly among 1, 2, 3,
+#: 4, 6, 8 and 12 threads.
+N_PARTS = 24
+
+
+def partition_offsets(deltas, parts=N_PARTS):
+    """Cut the list of (flat) offsets into ``min(parts, len(deltas))`` runs of near-equal length, in order."""
+    k = max(1, min(parts, len(deltas)))
+    return [deltas[i * len(deltas) // k : (i + 1) * len(deltas) // k] for i in range(k)]
+
+
+class _BufferPool:
+    """Scratch buffer sets, one per running task, reused from part to part."""
+
+    def __init__(self, make):
+        self.make = make
+        self.free = []
+        self.lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def borrow(self):
+        with self.lock:
+            buf = self.free.pop() if self.free else None
+        if buf is None:
+            buf = self.make()
+        try:
+            yield buf
+        finally:
+            with self.lock:
+                self.free.append(buf)
+
+    def release(self):
+        """Drop the buffers (between passes and before the final steps, which need the memory)."""
+        with self.lock:
+            self.free.clear()
+
+
+def _sum_parts(steps, task, parts, workers):
+    """The sum over ``parts`` of ``task(part)`` (a list of arrays each), added in part order.
+
+    ``workers`` threads run the parts (NumPy ufuncs release the GIL); at most
+    ``workers`` parts are started and not yet added, so at most that many sets
+    of partial sums are alive besides the total. The order of the additions never depends on
+    ``workers``.
+    """
+
+    def add(total, part_sums):
+        if total is None:
+            return part_sums
+        return [steps.accumulate(t, s) for t, s in zip(total, part_sums)]
+
+    total = None
+    if workers == 1 or len(parts) == 1:
+        for part in parts:
+            total = add(total, task(part))
+        return total
+    upcoming = iter(parts)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending = collections.deque(pool.submit(task, part) for part in itertools.islice(upcoming, workers))
+        while pending:
+            total = add(total, pending.popleft().result())
+            following = next(upcoming, None)  # started only now: at most `workers` partial sums wait
+            if following is not None:
+                pending.append(pool.submit(task, following))
     return total
 
 
