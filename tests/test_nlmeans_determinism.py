@@ -116,3 +116,22 @@ def test_dask_and_store_routes_equal_in_memory_for_any_workers(name, shape, chun
             stored = nlref.nl_means_store(image, chunks=chunkings[0], aggregation=aggregation, workers=workers,
                                           **kwargs)
             np.testing.assert_array_equal(stored.compute(), expected, err_msg=f"store workers={workers}")
+
+
+@pytest.mark.parametrize("aggregation", ["pixel", "patch"])
+def test_batching_offsets_changes_no_bit(monkeypatch, aggregation):
+    """Batches of consecutive offsets (one strided view per step) against one offset at a time."""
+    image = _noisy((21, 23, 2), np.float32, seed=7)
+    kw = dict(sigma=0.1, h=0.12, patch_size=(3, 5), search_size=(7, 9), channel_axis=-1, aggregation=aggregation)
+    batched = nlref.nl_means(image, workers=2, **kw)
+    assert fast._batch_rows((21 + 12) * (23 + 12)) > 1  # this image is batched by default
+    monkeypatch.setattr(fast, "BATCH_ELEMENTS", 1)
+    assert fast._batch_rows((21 + 12) * (23 + 12)) == 1
+    np.testing.assert_array_equal(nlref.nl_means(image, workers=2, **kw), batched)
+    monkeypatch.setattr(fast, "BATCH_ELEMENTS", 3 * 33 * 35)  # batches of 2 or 3: runs cut mid-row
+    np.testing.assert_array_equal(nlref.nl_means(image, workers=1, **kw), batched)
+
+
+def test_batches_are_runs_of_consecutive_offsets():
+    assert fast._batches([1, 2, 3, 7, 8, 20], 2) == [(1, 2), (3, 1), (7, 2), (20, 1)]
+    assert fast._batches([5], 4) == [(5, 1)]

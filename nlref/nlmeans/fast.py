@@ -83,6 +83,30 @@ class _Steps:
     def head(buf, n):
         return buf[:n] if buf is not None else None
 
+    @staticmethod
+    def view(buf, rows, n):
+        """The first rows * n entries of a flat buffer as an array (rows, n)."""
+        return buf[: rows * n].reshape(rows, n) if buf is not None else None
+
+    def shifted(self, r, start, rows, size):
+        """Array (rows, size) whose row j is r[start + j : start + j + size] (a strided view, no copy)."""
+        if self.np is None:
+            if rows != 1:
+                raise ValueError("only NumPy and CuPy batch offsets")
+            return self.xp.reshape(r[start : start + size], (1, size))
+        return self.np.lib.stride_tricks.as_strided(r[start:], shape=(rows, size), strides=(r.strides[0],) * 2)
+
+    def anti_shifted(self, w, m):
+        """Array (rows, m) whose row j is w[j, rows - 1 - j : rows - 1 - j + m], for a C-contiguous w (view)."""
+        rows, length = w.shape
+        if self.np is None:
+            if rows != 1:
+                raise ValueError("only NumPy and CuPy batch offsets")
+            return w[:, 0:m]
+        item = w.strides[1]
+        return self.np.lib.stride_tricks.as_strided(w.reshape(-1)[rows - 1 :], shape=(rows, m),
+                                                    strides=((length - 1) * item, item))
+
     def sqdiff_sum(self, pairs, out, tmp):
         """sum over pairs (a, b) of (a - b)**2."""
         if self.np is None:
@@ -100,19 +124,19 @@ class _Steps:
         return out
 
     def box(self, src, width, step, out):
-        """out[i] = sum_{k < width} src[i + k*step]; length len(src) - (width-1)*step."""
-        n = src.shape[0] - (width - 1) * step
+        """out[..., i] = sum_{k < width} src[..., i + k*step] (last axis shrinks by (width-1)*step)."""
+        n = src.shape[-1] - (width - 1) * step
         if width == 1:
             return src
         if self.np is None:
-            total = src[0:n]
+            total = src[..., 0:n]
             for k in range(1, width):
-                total = total + src[k * step : k * step + n]
+                total = total + src[..., k * step : k * step + n]
             return total
-        out = out[:n]
-        self.np.add(src[0:n], src[step : step + n], out=out)
+        out = out[:n] if src.ndim == 1 else self.view(out, src.shape[0], n)
+        self.np.add(src[..., 0:n], src[..., step : step + n], out=out)
         for k in range(2, width):
-            self.np.add(out, src[k * step : k * step + n], out=out)
+            self.np.add(out, src[..., k * step : k * step + n], out=out)
         return out
 
     def weight(self, dist_sum, coef, bias, floor, out):
@@ -171,7 +195,8 @@ def working_memory(shape, channels, patch_size, search_size, aggregation, itemsi
     buffers; used to refuse requests that would not fit before any work starts.
     """
     geo = _Geometry(shape, patch_size, search_size, aggregation)
-    per_worker = (channels + 1) + len(_scratch_names(channels, aggregation))  # one part's sums + scratch
+    # one part's sums + scratch (batches of offsets: see _batch_rows)
+    per_worker = (channels + 1) + _batch_rows(geo.length) * len(_scratch_names(channels, aggregation))
     # padded image and working copy; patch-wise adds mask, 1/Z, counts, centre term, estimate;
     # and the running total of the parts' sums
     shared = 2 * channels + (channels + 5 if aggregation == "patch" else 1) + (channels + 1)
@@ -184,8 +209,31 @@ def _scratch_names(channels, aggregation):
     if channels > 1:
         names.append("t")  # one channel's squared difference
     if aggregation == "patch":
-        names += ["a1", "a2"]  # the shares w / Z forward and backward
+        names += ["a1", "a2", "c1", "c2"]  # the shares w / Z forward and backward, the second's box stages
     return tuple(names)
+
+
+#: A batch of consecutive offsets holds at most this many samples per buffer
+#: (and at most MAX_BATCH offsets); images whose padded size exceeds it run one
+#: offset at a time.
+BATCH_ELEMENTS = 2**18
+MAX_BATCH = 16
+
+
+def _batch_rows(length):
+    """Offsets per batch for a padded image of ``length`` samples (no effect on the result)."""
+    return max(1, min(MAX_BATCH, BATCH_ELEMENTS // length))
+
+
+def _batches(deltas, size):
+    """(first offset, count) of runs of consecutive offsets, each at most ``size`` long, in order."""
+    out = []
+    for delta in deltas:
+        if out and delta == out[-1][0] + out[-1][1] and out[-1][1] < size:
+            out[-1][1] += 1
+        else:
+            out.append([delta, 1])
+    return [tuple(x) for x in out]
 
 
 def halo(patch_size, search_size, aggregation="pixel"):
@@ -271,26 +319,37 @@ def nl_means_fast_padded(padded, *, inside, h, sigma, patch_size, search_size, a
     # box along the axis with the largest stride first: it shrinks the array most
     box_axes = [(p, s) for p, s in zip(geo.patch_size, geo.strides)]
 
-    def weights(delta, lo, hi, buf):
-        """w(x, x + delta) for flat positions lo <= x < hi."""
+    def weights(d0, count, lo, hi, buf):
+        """Array (count, hi - lo): row j holds w(x, x + d0 + j) for flat positions lo <= x < hi.
+
+        Row j is computed by exactly the operations of a batch of one offset
+        (elementwise steps, box sums in the same order), so batching changes
+        no bit; it only cuts the number of NumPy calls.
+        """
         size = hi - lo + 2 * K
         base = lo - K
         dist = steps.sqdiff_sum(
-            [(r[base : base + size], r[base + delta : base + delta + size]) for r in rows],
-            steps.head(buf["d"], size),
-            steps.head(buf.get("t"), size),
+            [(r[base : base + size], steps.shifted(r, base + d0, count, size)) for r in rows],
+            steps.view(buf["d"], count, size),
+            steps.view(buf.get("t"), count, size),
         )
         box = _box_all(steps, dist, box_axes, buf["b1"], buf["b2"])
-        return steps.weight(box, coef, bias, floor, steps.head(buf["w"], hi - lo))
+        return steps.weight(box, coef, bias, floor, steps.view(buf["w"], count, hi - lo))
 
+    # Batches of consecutive offsets: offsets d, d + 1, ... (neighbours along the last axis)
+    # read overlapping slices, so one strided view holds all their shifted images and the
+    # weights of a whole batch take one call per step. Only on NumPy/CuPy, and only as many
+    # offsets as keep a batch within BATCH_ELEMENTS samples (nothing to gain on large images,
+    # where the calls are a small part of the time). Measured: see docs/engine.md.
+    batch = _batch_rows(geo.length) if steps.np is not None else 1
     names = _scratch_names(channels, aggregation)
-    buffers = _BufferPool(lambda: {k: steps.buffer(geo.length) for k in names})
+    buffers = _BufferPool(lambda: {k: steps.buffer(batch * geo.length) for k in names})
     lock = threading.Lock()
 
-    def tick():
+    def tick(count):
         if progress is not None:
             with lock:
-                progress(1)
+                progress(count)
 
     def zeros(size):
         return xp.zeros((size,), dtype=v.dtype, device=device(v))
@@ -307,17 +366,21 @@ def nl_means_fast_padded(padded, *, inside, h, sigma, patch_size, search_size, a
         """Partial sums over one part: [den] or [num_0, ..., num_{C-1}, den]."""
         sums = [zeros(n) for _ in range(channels)] + [zeros(z_n)] if want_num else [zeros(z_n)]
         with buffers.borrow() as buf:
-            for delta in deltas:
-                w = weights(delta, z_lo - delta, z_hi, buf)
-                w_fwd, w_bwd = w[delta : delta + z_n], w[0:z_n]  # weight of p -> p+delta, and of p -> p-delta
-                sums[-1] = steps.accumulate(sums[-1], w_fwd)
-                sums[-1] = steps.accumulate(sums[-1], w_bwd)
-                if want_num:
-                    tmp = steps.head(buf["tmp"], n)
-                    for c, r in enumerate(rows):
-                        sums[c] = steps.accumulate_product(sums[c], w_fwd, r[a + delta : b + delta], tmp)
-                        sums[c] = steps.accumulate_product(sums[c], w_bwd, r[a - delta : b - delta], tmp)
-                tick()
+            for d0, count in _batches(deltas, batch):
+                d_max = d0 + count - 1
+                w = weights(d0, count, z_lo - d_max, z_hi, buf)
+                for j in range(count):
+                    delta = d0 + j
+                    # weight of p -> p+delta (at x = p), and of p-delta -> p (at x = p - delta)
+                    w_fwd, w_bwd = w[j, d_max : d_max + z_n], w[j, count - 1 - j : count - 1 - j + z_n]
+                    sums[-1] = steps.accumulate(sums[-1], w_fwd)
+                    sums[-1] = steps.accumulate(sums[-1], w_bwd)
+                    if want_num:
+                        tmp = steps.head(buf["tmp"], n)
+                        for c, r in enumerate(rows):
+                            sums[c] = steps.accumulate_product(sums[c], w_fwd, r[a + delta : b + delta], tmp)
+                            sums[c] = steps.accumulate_product(sums[c], w_bwd, r[a - delta : b - delta], tmp)
+                tick(count)
         return sums
 
     sums = _sum_parts(steps, first_pass, parts, workers)
@@ -338,18 +401,21 @@ def nl_means_fast_padded(padded, *, inside, h, sigma, patch_size, search_size, a
         num = [zeros(n) for _ in range(channels)]
         m = n + 2 * K
         with buffers.borrow() as buf:
-            for delta in deltas:
-                w = weights(delta, a - K - delta, b + K, buf)
-                share_fwd = steps.mul(w[delta : delta + m], inv_z, steps.head(buf["a1"], m))
-                share_bwd = steps.mul(w[0:m], inv_z, steps.head(buf["a2"], m))
-                tmp = steps.head(buf["tmp"], n)
+            for d0, count in _batches(deltas, batch):
+                d_max = d0 + count - 1
+                w = weights(d0, count, a - K - d_max, b + K, buf)
+                share_fwd = steps.mul(w[:, d_max : d_max + m], inv_z, steps.view(buf["a1"], count, m))
+                share_bwd = steps.mul(steps.anti_shifted(w, m), inv_z, steps.view(buf["a2"], count, m))
                 spread_fwd = _box_all(steps, share_fwd, box_axes, buf["b1"], buf["b2"])
-                for c, r in enumerate(rows):
-                    num[c] = steps.accumulate_product(num[c], spread_fwd, r[a + delta : b + delta], tmp)
-                spread_bwd = _box_all(steps, share_bwd, box_axes, buf["b1"], buf["b2"])
-                for c, r in enumerate(rows):
-                    num[c] = steps.accumulate_product(num[c], spread_bwd, r[a - delta : b - delta], tmp)
-                tick()
+                spread_bwd = _box_all(steps, share_bwd, box_axes, buf["c1"], buf["c2"])
+                tmp = steps.head(buf["tmp"], n)
+                for j in range(count):
+                    delta = d0 + j
+                    for c, r in enumerate(rows):
+                        num[c] = steps.accumulate_product(num[c], spread_fwd[j, :], r[a + delta : b + delta], tmp)
+                    for c, r in enumerate(rows):
+                        num[c] = steps.accumulate_product(num[c], spread_bwd[j, :], r[a - delta : b - delta], tmp)
+                tick(count)
         return num
 
     num = _sum_parts(steps, patch_pass, parts, workers)
