@@ -135,3 +135,11 @@ def test_batching_offsets_changes_no_bit(monkeypatch, aggregation):
 def test_batches_are_runs_of_consecutive_offsets():
     assert fast._batches([1, 2, 3, 7, 8, 20], 2) == [(1, 2), (3, 1), (7, 2), (20, 1)]
     assert fast._batches([5], 4) == [(5, 1)]
+
+
+def test_the_weight_floor_keeps_products_out_of_the_denormal_range():
+    """A clamped weight times a small sample stays a normal number (denormals take the CPU's slow path)."""
+    for itemsize, dtype, small in ((4, np.float32, 1e-15), (8, np.float64, 1e-40)):
+        floor = np.exp(np.asarray(fast._EXP_FLOOR[itemsize], dtype=dtype))
+        assert floor * dtype(small) > np.finfo(dtype).smallest_normal
+        assert floor < np.finfo(dtype).eps ** 2  # far below anything a weight next to 1 can change
