@@ -228,7 +228,7 @@ def _scratch_names(channels, aggregation):
 #: A batch of consecutive offsets holds at most this many samples per buffer
 #: (and at most MAX_BATCH offsets); images whose padded size exceeds it run one
 #: offset at a time.
-BATCH_ELEMENTS = 2**18
+BATCH_ELEMENTS = 2**16
 MAX_BATCH = 16
 
 
