@@ -143,3 +143,29 @@ def test_the_weight_floor_keeps_products_out_of_the_denormal_range():
         floor = np.exp(np.asarray(fast._EXP_FLOOR[itemsize], dtype=dtype))
         assert floor * dtype(small) > np.finfo(dtype).smallest_normal
         assert floor < np.finfo(dtype).eps ** 2  # far below anything a weight next to 1 can change
+
+
+@pytest.mark.parametrize("width", [1, 3, 5, 7, 9, 11])
+@pytest.mark.parametrize("rows", [None, 3])
+def test_box_sums_from_pairs_equal_the_plain_sum(width, rows):
+    """The box of the fast path (pair sums for widths >= 7) against sum_k src[i + k*step], NumPy and portable."""
+    strict = pytest.importorskip("array_api_strict")
+    rng = np.random.default_rng(width)
+    step = 4
+    src = rng.random((rows or 1, 90)) if rows else rng.random(90)
+    n = src.shape[-1] - (width - 1) * step
+    plain = sum(src[..., k * step : k * step + n] for k in range(width))
+    on_numpy = fast._Steps(np, np.dtype(np.float64)).box(src, width, step, np.empty(src.size))
+    np.testing.assert_allclose(on_numpy, plain, rtol=1e-14)
+    portable = fast._Steps(strict, strict.float64).box(B.asarray(src, xp=strict), width, step, None)
+    np.testing.assert_array_equal(B.to_numpy(portable), on_numpy)
+
+
+@pytest.mark.parametrize("aggregation", ["pixel", "patch"])
+@pytest.mark.parametrize("patch", [7, 9, (7, 3)])
+def test_wide_patches_equal_the_definition(patch, aggregation):
+    """Patches of 7 and more take the pair-sum box: still the naive method's numbers."""
+    image = _noisy((22, 24), np.float64, seed=11)
+    kw = dict(sigma=0.1, h=0.2, patch_size=patch, search_size=5, aggregation=aggregation)
+    np.testing.assert_allclose(nlref.nl_means(image, workers=2, **kw), nlref.nl_means(image, method="naive", **kw),
+                               rtol=1e-12, atol=1e-13)
