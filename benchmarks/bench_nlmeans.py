@@ -557,14 +557,19 @@ def profile_section(repeats, sizes=(128, 512)):
         dist = np.abs(row[:size_d]) + 0.5
         box = fast._box_all(steps, dist[None, :], box_axes, buf["b1"], buf["b2"]).copy()
         w = np.exp(-box)
-        (p0, s0), (p1, s1) = box_axes  # 2 adds read and 1 writes per sample, (width - 1) adds per axis
-        after_first = size_d - (p0 - 1) * s0
-        bytes_box = 3 * 4 * ((p0 - 1) * after_first + (p1 - 1) * (after_first - (p1 - 1) * s1))
+        bytes_box, length = 0, size_d
+        for width, step in box_axes:  # every add reads 2 and writes 1 sample; widths >= 7 start from pair sums
+            out_len = length - (width - 1) * step
+            if width >= 7:
+                bytes_box += 3 * 4 * ((length - step) + (width // 2 + width % 2 - 1) * out_len)
+            else:
+                bytes_box += 3 * 4 * (width - 1) * out_len
+            length = out_len
         stages = [
             ("squared difference (subtract, square)", 5 * 4 * size_d,
              lambda: steps.sqdiff_sum([(row[:size_d], row[delta : delta + size_d][None, :])],
                                       steps.view(buf["d"], 1, size_d), None)),
-            ("box sum 7x7 (12 adds)", bytes_box,
+            ("box sum 7x7 (pair sums, 8 adds)", bytes_box,
              lambda: fast._box_all(steps, dist[None, :], box_axes, buf["b1"], buf["b2"])),
             ("weight (multiply, add, clip, exp)", 8 * 4 * box.shape[-1],
              lambda: steps.weight(box, -1.0, 0.1, -87.0, steps.view(buf["w"], 1, box.shape[-1]))),
