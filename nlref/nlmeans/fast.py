@@ -25,7 +25,7 @@ of the patch area. Three further tricks, each exact:
   (``out=``). Other array libraries run the same steps with fresh arrays.
 
 The same bits for any number of threads: the offsets are cut into a fixed
-number of parts (:data:`N_PARTS`, never the number of workers); each part sums
+number of parts (``N_PARTS``, never the number of workers); each part sums
 its offsets in order and the parts' sums are added in order. On NumPy, threads
 run the parts (ufuncs release the GIL), but which thread runs which part
 changes no number.
