@@ -65,6 +65,10 @@ __all__ = ["nl_means_fast", "nl_means_fast_padded", "halo", "working_memory"]
 _EXP_FLOOR = {4: -50.0, 8: -600.0}
 
 
+#: Boxes at least this wide are summed from pair sums (see ``_Steps.box``).
+_PAIR_BOX_WIDTH = 7
+
+
 def _c_strides(shape):
     strides, step = [], 1
     for n in reversed(shape):
@@ -146,7 +150,7 @@ class _Steps:
         n = src.shape[-1] - (width - 1) * step
         if width == 1:
             return src
-        if width < 7:  # nothing gained: add the shifted copies one by one
+        if width < _PAIR_BOX_WIDTH:  # nothing gained: add the shifted copies one by one
             if self.np is None:
                 total = src[..., 0:n]
                 for k in range(1, width):
@@ -238,16 +242,18 @@ def working_memory(shape, channels, patch_size, search_size, aggregation, itemsi
     """
     geo = _Geometry(shape, patch_size, search_size, aggregation)
     # one part's sums + scratch (batches of offsets: see _batch_rows)
-    per_worker = (channels + 1) + _batch_rows(geo.length) * len(_scratch_names(channels, aggregation))
+    per_worker = (channels + 1) + _batch_rows(geo.length) * len(_scratch_names(channels, aggregation, patch_size))
     # padded image and working copy; patch-wise adds mask, 1/Z, counts, centre term, estimate;
     # and the running total of the parts' sums
     shared = 2 * channels + (channels + 5 if aggregation == "patch" else 1) + (channels + 1)
     return itemsize * geo.length * (shared + workers * per_worker)
 
 
-def _scratch_names(channels, aggregation):
-    """The scratch buffers one running part needs (each as long as the padded image)."""
-    names = ["d", "b1", "b2", "p", "w", "tmp"]  # squared differences, box stages and pair sums, weights, products
+def _scratch_names(channels, aggregation, patch_size):
+    """The scratch buffers one running part needs (each as long as the padded image, times the batch)."""
+    names = ["d", "b1", "b2", "w", "tmp"]  # squared differences, box stages, weights, products
+    if max(patch_size) >= _PAIR_BOX_WIDTH:
+        names.append("p")  # the box's pair sums
     if channels > 1:
         names.append("t")  # one channel's squared difference
     if aggregation == "patch":
@@ -376,7 +382,7 @@ def nl_means_fast_padded(padded, *, inside, h, sigma, patch_size, search_size, a
             steps.view(buf["d"], count, size),
             steps.view(buf.get("t"), count, size),
         )
-        box = _box_all(steps, dist, box_axes, buf["b1"], buf["b2"], buf["p"])
+        box = _box_all(steps, dist, box_axes, buf["b1"], buf["b2"], buf.get("p"))
         return steps.weight(box, coef, bias, floor, steps.view(buf["w"], count, hi - lo))
 
     # Batches of consecutive offsets: offsets d, d + 1, ... (neighbours along the last axis)
@@ -385,7 +391,7 @@ def nl_means_fast_padded(padded, *, inside, h, sigma, patch_size, search_size, a
     # offsets as keep a batch within BATCH_ELEMENTS samples (nothing to gain on large images,
     # where the calls are a small part of the time). Measured: see docs/engine.md.
     batch = _batch_rows(geo.length) if steps.np is not None else 1
-    names = _scratch_names(channels, aggregation)
+    names = _scratch_names(channels, aggregation, patch_size)
     buffers = _BufferPool(lambda: {k: steps.buffer(batch * geo.length) for k in names})
     lock = threading.Lock()
 
@@ -449,8 +455,8 @@ def nl_means_fast_padded(padded, *, inside, h, sigma, patch_size, search_size, a
                 w = weights(d0, count, a - K - d_max, b + K, buf)
                 share_fwd = steps.mul(w[:, d_max : d_max + m], inv_z, steps.view(buf["a1"], count, m))
                 share_bwd = steps.mul(steps.anti_shifted(w, m), inv_z, steps.view(buf["a2"], count, m))
-                spread_fwd = _box_all(steps, share_fwd, box_axes, buf["b1"], buf["b2"], buf["p"])
-                spread_bwd = _box_all(steps, share_bwd, box_axes, buf["c1"], buf["c2"], buf["p"])
+                spread_fwd = _box_all(steps, share_fwd, box_axes, buf["b1"], buf["b2"], buf.get("p"))
+                spread_bwd = _box_all(steps, share_bwd, box_axes, buf["c1"], buf["c2"], buf.get("p"))
                 tmp = steps.head(buf["tmp"], n)
                 for j in range(count):
                     delta = d0 + j
