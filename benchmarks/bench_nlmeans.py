@@ -513,6 +513,102 @@ def section_video(cfg, cv2):
 
 
 # ---------------------------------------------------------------------------
+# --profile: where the fast method's time goes, against a memory-copy probe
+# ---------------------------------------------------------------------------
+
+
+def _median_seconds(fn, repeats):
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def profile_section(repeats, sizes=(128, 512)):
+    """The steps of one offset of the fast method (pixel-wise, grey, float32, 7x7 / 21x21, one thread).
+
+    Each step runs alone through the fast path's own ``_Steps`` on arrays of the
+    sizes it has in the loop (batches of one offset), timed as the median of
+    ``repeats`` runs of 20 calls; its bytes (every array read and written once)
+    over its time give GB/s, next to a memory copy (``numpy.copyto``) of the
+    same length in the same run, and of 64 MiB (main memory). The steps times
+    the offsets (220) predict the whole call, also timed.
+    """
+    from nlref.nlmeans import fast
+
+    sigma = 20 / 255
+    lines = []
+    for size in sizes:
+        clean = central_crop(nlref.data.camera(), size)
+        noisy = nlref.add_gaussian_noise(clean, sigma, seed=0).astype(np.float32)
+        geo = fast._Geometry(noisy.shape, (7, 7), (21, 21), "pixel")
+        steps = fast._Steps(np, np.dtype(np.float32))
+        L, K, n = geo.length, geo.reach, geo.span
+        rng = np.random.default_rng(0)
+        row = rng.random(L + 2 * L // 4, dtype=np.float32)
+        buf = {k: np.empty(L, np.float32) for k in ("d", "b1", "b2", "w", "tmp")}
+        acc, acc2 = np.zeros(n, np.float32), np.zeros(n, np.float32)
+        delta = geo.deltas[len(geo.deltas) // 2]
+        size_d = n + delta + 2 * K  # the squared differences of one offset (pixel-wise, weights over n + delta)
+        box_axes = [(p, s) for p, s in zip(geo.patch_size, geo.strides)]
+        dist = np.abs(row[:size_d]) + 0.5
+        box = fast._box_all(steps, dist[None, :], box_axes, buf["b1"], buf["b2"]).copy()
+        w = np.exp(-box)
+        bytes_box, length = 0, size_d
+        for width, step in box_axes:  # every add reads 2 and writes 1 sample; widths >= 7 start from pair sums
+            out_len = length - (width - 1) * step
+            if width >= 7:
+                bytes_box += 3 * 4 * ((length - step) + (width // 2 + width % 2 - 1) * out_len)
+            else:
+                bytes_box += 3 * 4 * (width - 1) * out_len
+            length = out_len
+        stages = [
+            ("squared difference (subtract, square)", 5 * 4 * size_d,
+             lambda: steps.sqdiff_sum([(row[:size_d], row[delta : delta + size_d][None, :])],
+                                      steps.view(buf["d"], 1, size_d), None)),
+            ("box sum 7x7 (pair sums, 8 adds)", bytes_box,
+             lambda: fast._box_all(steps, dist[None, :], box_axes, buf["b1"], buf["b2"])),
+            ("weight (multiply, add, clip, exp)", 8 * 4 * box.shape[-1],
+             lambda: steps.weight(box, -1.0, 0.1, -87.0, steps.view(buf["w"], 1, box.shape[-1]))),
+            ("accumulate Z and the numerator (2 adds, 2 products + adds)", 6 * 3 * 4 * n,
+             lambda: (steps.accumulate(acc, w[0, 0:n]), steps.accumulate(acc, w[0, 1 : n + 1]),
+                      steps.accumulate_product(acc2, w[0, 0:n], row[2 : n + 2], buf["tmp"][:n]),
+                      steps.accumulate_product(acc2, w[0, 1 : n + 1], row[3 : n + 3], buf["tmp"][:n]))),
+        ]
+        src, dst = np.ones(L, np.float32), np.empty(L, np.float32)
+        copy_seconds = _median_seconds(lambda: [np.copyto(dst, src) for _ in range(20)], repeats) / 20
+        copy_rate = 2 * 4 * L / copy_seconds / 1e9
+        big_src, big_dst = np.ones(2**24, np.float32), np.empty(2**24, np.float32)
+        big_rate = 2 * 4 * 2**24 / _median_seconds(lambda: np.copyto(big_dst, big_src), repeats) / 1e9
+        offsets = len(geo.deltas)
+        rows = []
+        predicted = 0.0
+        for name, nbytes, fn in stages:
+            seconds = _median_seconds(lambda: [fn() for _ in range(20)], repeats) / 20
+            predicted += seconds * offsets
+            rows.append([name, f"{seconds * 1e6:.1f}", f"{seconds * offsets * 1e3:.1f}",
+                         f"{nbytes / 1e6:.2f}", f"{nbytes / seconds / 1e9:.1f}"])
+        whole = _median_seconds(lambda: nlref.nl_means(noisy, sigma=sigma, h=0.6 * sigma, patch_size=7,
+                                                       search_size=21, workers=1), repeats)
+        sk = _median_seconds(lambda: denoise_nl_means(noisy, patch_size=7, patch_distance=10, h=0.6 * sigma,
+                                                      sigma=sigma, fast_mode=True), repeats)
+        rows.append(["sum of the steps x offsets", "-", f"{predicted * 1e3:.1f}", "-", "-"])
+        rows.append(["whole nl_means call, workers=1 (measured)", "-", f"{whole * 1e3:.1f}", "-", "-"])
+        rows.append(["scikit-image fast mode, same image (measured)", "-", f"{sk * 1e3:.1f}", "-", "-"])
+        cols = ["step (one offset)", "time (us)", "x offsets (ms)", "bytes (MB)", "GB/s"]
+        lines.append(f"### camera {size}x{size}: padded length {L:,} samples, {offsets} offsets (half window)\n\n"
+                     f"Memory-copy probe in this run: {copy_rate:.1f} GB/s at {L:,} float32 samples "
+                     f"(read + write), {big_rate:.1f} GB/s at 64 MiB.\n\n" + markdown_table(cols, rows))
+    caption = ("## Profile: the fast method's steps for one offset\n\n"
+               "Each step alone through the fast path's `_Steps` on arrays of its loop sizes (one offset per "
+               f"batch), median of {repeats} runs of 20 calls; bytes count every array read and written once.")
+    return caption + "\n\n" + "\n\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
 # --plot: time against image size
 # ---------------------------------------------------------------------------
 
@@ -599,6 +695,10 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     parser.add_argument("--plot", metavar="PATH",
                         help="run only the size sweep and save its log-log figure to PATH (a .png)")
+    parser.add_argument("--speed-only", action="store_true",
+                        help="only section 1 (speed at 512x512 and the 128x128 crop; the peers in the same run)")
+    parser.add_argument("--profile", action="store_true",
+                        help="only the profile of the fast method's steps, with a memory-copy probe")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1; got {args.repeats}")
@@ -617,7 +717,13 @@ def main(argv=None):
 
     t0 = time.perf_counter()
     print(header(cv2), end="\n\n", flush=True)
+    if args.profile:
+        print(profile_section(args.repeats, sizes=(64, 128) if args.quick else (128, 512)))
+        return
     print(section_speed(cfg, cv2), end="\n\n", flush=True)
+    if args.speed_only:
+        print(f"Total benchmark time: {time.perf_counter() - t0:.0f} s")
+        return
     print(section_quality(cfg, cv2), end="\n\n", flush=True)
     print(section_volume(cfg), end="\n\n", flush=True)
     print(section_video(cfg, cv2), end="\n\n", flush=True)

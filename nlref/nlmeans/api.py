@@ -127,7 +127,8 @@ def nl_means(image: Array, *, sigma: float | None = None, h: float | None = None
         value lies within [-4, 4], else 255.
     workers : int, optional
         Threads for the fast method on NumPy (default: the CPU count, at most 8;
-        for a Dask array, threads per chunk, default 1).
+        for a Dask array, threads per chunk, default 1). The result is the same
+        to the bit for any value.
     progress : bool
         Show a progress bar over the offsets (fast method; for a Dask array use
         Dask's progress bars).

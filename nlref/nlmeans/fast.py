@@ -22,8 +22,13 @@ of the patch area. Three further tricks, each exact:
   rows, but they are never read back as results (their numbers are finite
   garbage, multiplied by zero or sliced away).
 * **Buffers.** On NumPy and CuPy every step writes into preallocated buffers
-  (``out=``) and, on NumPy, the offsets are shared among threads (ufuncs release
-  the GIL). Other array libraries run the same steps with fresh arrays.
+  (``out=``). Other array libraries run the same steps with fresh arrays.
+
+The same bits for any number of threads: the offsets are cut into a fixed
+number of parts (``N_PARTS``, never the number of workers); each part sums
+its offsets in order and the parts' sums are added in order. On NumPy, threads
+run the parts (ufuncs release the GIL), but which thread runs which part
+changes no number.
 
 Patch-wise aggregation needs each patch's normaliser ``Z(p)`` before its
 estimate can be spread over the pixels it covers, so it makes two passes over
@@ -33,6 +38,10 @@ the offsets: the first sums the weights, the second spreads
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import functools
+import itertools
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -42,10 +51,22 @@ from ..backend import array_namespace, device, is_numpy, native_namespace, refle
 
 __all__ = ["nl_means_fast", "nl_means_fast_padded", "halo", "working_memory"]
 
-# exp(x) of float32 is denormal below about -87.3 and denormals are slow; the
-# weights are clamped there (a weight below 1e-38 next to the centre weight 1
-# changes nothing representable).
-_EXP_FLOOR = {4: -87.0, 8: -708.0}
+# The weights' exponent is clamped at a floor far above the denormal range:
+# a product of a weight with a sample (or a weight added to a small sum) that
+# falls below the smallest normal number (float32 1.2e-38, float64 2.2e-308)
+# takes the CPU's slow path. Measured (16,384 samples, this 2-core Xeon, NumPy
+# 2.4): float32 weight exp(-87) = 1.6e-38 times 0.5: 281 us against 2.8 us at
+# exp(-50); float64 exp(-708): 798 us for exp and 623 us for the product
+# against 16 and 9 us at exp(-600). The floor changes nothing representable:
+# every clamped weight is below e^-50 = 1.9e-22 (float32; e^-600 for float64)
+# next to the centre weight 1, so even 10^5 offsets move a sum by less than
+# 1e-16 of it. The float32 camera 128x128 call (7x7 / 21x21, h = 0.6 sigma)
+# took 0.82x the time with this floor (median of 9 paired runs; docs/engine.md).
+_EXP_FLOOR = {4: -50.0, 8: -600.0}
+
+
+#: Boxes at least this wide are summed from pair sums (see ``_Steps.box``).
+_PAIR_BOX_WIDTH = 7
 
 
 def _c_strides(shape):
@@ -75,6 +96,30 @@ class _Steps:
     def head(buf, n):
         return buf[:n] if buf is not None else None
 
+    @staticmethod
+    def view(buf, rows, n):
+        """The first rows * n entries of a flat buffer as an array (rows, n)."""
+        return buf[: rows * n].reshape(rows, n) if buf is not None else None
+
+    def shifted(self, r, start, rows, size):
+        """Array (rows, size) whose row j is r[start + j : start + j + size] (a strided view, no copy)."""
+        if self.np is None:
+            if rows != 1:
+                raise ValueError("only NumPy and CuPy batch offsets")
+            return self.xp.reshape(r[start : start + size], (1, size))
+        return self.np.lib.stride_tricks.as_strided(r[start:], shape=(rows, size), strides=(r.strides[0],) * 2)
+
+    def anti_shifted(self, w, m):
+        """Array (rows, m) whose row j is w[j, rows - 1 - j : rows - 1 - j + m], for a C-contiguous w (view)."""
+        rows, length = w.shape
+        if self.np is None:
+            if rows != 1:
+                raise ValueError("only NumPy and CuPy batch offsets")
+            return w[:, 0:m]
+        item = w.strides[1]
+        return self.np.lib.stride_tricks.as_strided(w.reshape(-1)[rows - 1 :], shape=(rows, m),
+                                                    strides=((length - 1) * item, item))
+
     def sqdiff_sum(self, pairs, out, tmp):
         """sum over pairs (a, b) of (a - b)**2."""
         if self.np is None:
@@ -91,20 +136,50 @@ class _Steps:
                 self.np.add(out, tmp, out=out)
         return out
 
-    def box(self, src, width, step, out):
-        """out[i] = sum_{k < width} src[i + k*step]; length len(src) - (width-1)*step."""
-        n = src.shape[0] - (width - 1) * step
+    def box(self, src, width, step, out, pairs=None):
+        """out[..., i] = sum_{k < width} src[..., i + k*step] (last axis shrinks by (width-1)*step).
+
+        From the sums of neighbouring pairs, ``P[i] = src[i] + src[i + step]``:
+        ``out = P[0] + P[2 step] + P[4 step] + ... (+ src[(width-1) step] for odd
+        widths)``, ceil(width / 2) additions instead of width - 1 (7 wide: 4
+        instead of 6). Measured on the whole call (paired, median of 7):
+        0.89x to 0.94x the time for 7x7 patches, 1.08x for 5x5, so only boxes
+        of 7 or more use it. The same order on every library, so NumPy and
+        array-api-strict agree to the bit.
+        """
+        n = src.shape[-1] - (width - 1) * step
         if width == 1:
             return src
+        if width < _PAIR_BOX_WIDTH:  # nothing gained: add the shifted copies one by one
+            if self.np is None:
+                total = src[..., 0:n]
+                for k in range(1, width):
+                    total = total + src[..., k * step : k * step + n]
+                return total
+            out = out[:n] if src.ndim == 1 else self.view(out, src.shape[0], n)
+            self.np.add(src[..., 0:n], src[..., step : step + n], out=out)
+            for k in range(2, width):
+                self.np.add(out, src[..., k * step : k * step + n], out=out)
+            return out
+        m = src.shape[-1] - step
         if self.np is None:
-            total = src[0:n]
-            for k in range(1, width):
-                total = total + src[k * step : k * step + n]
+            pair = src[..., 0:m] + src[..., step : step + m]
+            total = pair[..., 0:n] + pair[..., 2 * step : 2 * step + n]
+            for k in range(4, width - 1, 2):
+                total = total + pair[..., k * step : k * step + n]
+            if width % 2:
+                total = total + src[..., (width - 1) * step : (width - 1) * step + n]
             return total
-        out = out[:n]
-        self.np.add(src[0:n], src[step : step + n], out=out)
-        for k in range(2, width):
-            self.np.add(out, src[k * step : k * step + n], out=out)
+        if pairs is None:
+            pairs = self.buffer(src.size)
+        pair = pairs[:m] if src.ndim == 1 else self.view(pairs, src.shape[0], m)
+        out = out[:n] if src.ndim == 1 else self.view(out, src.shape[0], n)
+        self.np.add(src[..., 0:m], src[..., step : step + m], out=pair)
+        self.np.add(pair[..., 0:n], pair[..., 2 * step : 2 * step + n], out=out)
+        for k in range(4, width - 1, 2):
+            self.np.add(out, pair[..., k * step : k * step + n], out=out)
+        if width % 2:
+            self.np.add(out, src[..., (width - 1) * step : (width - 1) * step + n], out=out)
         return out
 
     def weight(self, dist_sum, coef, bias, floor, out):
@@ -149,11 +224,14 @@ class _Geometry:
         self.stop = sum((m + n - 1) * s for m, n, s in zip(self.margin, shape, self.strides)) + 1
         self.span = self.stop - self.start
         self.reach = sum(r * s for r, s in zip(rp, self.strides))  # K: half a patch, flat
-        self.deltas = [
-            d
-            for d in (sum(o * s for o, s in zip(off, self.strides)) for off in product(*(range(-r, r + 1) for r in rs)))
-            if d > 0
-        ]
+        self.search_radius = tuple(rs)
+
+    @functools.cached_property
+    def deltas(self):
+        """The flat offsets of the half search window (> 0), ascending (only the loop needs them)."""
+        rs = self.search_radius
+        flat = (sum(o * s for o, s in zip(off, self.strides)) for off in product(*(range(-r, r + 1) for r in rs)))
+        return [d for d in flat if d > 0]
 
 
 def working_memory(shape, channels, patch_size, search_size, aggregation, itemsize, workers=1):
@@ -163,10 +241,47 @@ def working_memory(shape, channels, patch_size, search_size, aggregation, itemsi
     buffers; used to refuse requests that would not fit before any work starts.
     """
     geo = _Geometry(shape, patch_size, search_size, aggregation)
-    per_worker = (channels + 1) + 8  # accumulators + scratch buffers
-    # padded image and working copy; patch-wise adds mask, 1/Z, counts, centre term, estimate
-    shared = 2 * channels + (channels + 5 if aggregation == "patch" else 1)
+    # one part's sums + scratch (batches of offsets: see _batch_rows)
+    per_worker = (channels + 1) + _batch_rows(geo.length) * len(_scratch_names(channels, aggregation, patch_size))
+    # padded image and working copy; patch-wise adds mask, 1/Z, counts, centre term, estimate;
+    # and the running total of the parts' sums
+    shared = 2 * channels + (channels + 5 if aggregation == "patch" else 1) + (channels + 1)
     return itemsize * geo.length * (shared + workers * per_worker)
+
+
+def _scratch_names(channels, aggregation, patch_size):
+    """The scratch buffers one running part needs (each as long as the padded image, times the batch)."""
+    names = ["d", "b1", "b2", "w", "tmp"]  # squared differences, box stages, weights, products
+    if max(patch_size) >= _PAIR_BOX_WIDTH:
+        names.append("p")  # the box's pair sums
+    if channels > 1:
+        names.append("t")  # one channel's squared difference
+    if aggregation == "patch":
+        names += ["a1", "a2", "c1", "c2"]  # the shares w / Z forward and backward, the second's box stages
+    return tuple(names)
+
+
+#: A batch of consecutive offsets holds at most this many samples per buffer
+#: (and at most MAX_BATCH offsets); images whose padded size exceeds it run one
+#: offset at a time.
+BATCH_ELEMENTS = 2**16
+MAX_BATCH = 16
+
+
+def _batch_rows(length):
+    """Offsets per batch for a padded image of ``length`` samples (no effect on the result)."""
+    return max(1, min(MAX_BATCH, BATCH_ELEMENTS // length))
+
+
+def _batches(deltas, size):
+    """(first offset, count) of runs of consecutive offsets, each at most ``size`` long, in order."""
+    out = []
+    for delta in deltas:
+        if out and delta == out[-1][0] + out[-1][1] and out[-1][1] < size:
+            out[-1][1] += 1
+        else:
+            out.append([delta, 1])
+    return [tuple(x) for x in out]
 
 
 def halo(patch_size, search_size, aggregation="pixel"):
@@ -193,7 +308,8 @@ def nl_means_fast(v, *, h, sigma, patch_size, search_size, aggregation="pixel", 
         Odd full widths per spatial axis.
     aggregation : {"pixel", "patch"}
     workers : int
-        Threads sharing the offsets (NumPy only; other libraries use 1).
+        Threads running the parts of the offsets (NumPy only; other libraries
+        use 1). The result is the same to the bit for any value.
     progress : callable, optional
         Called with the number of offsets just finished.
 
@@ -252,38 +368,42 @@ def nl_means_fast_padded(padded, *, inside, h, sigma, patch_size, search_size, a
     # box along the axis with the largest stride first: it shrinks the array most
     box_axes = [(p, s) for p, s in zip(geo.patch_size, geo.strides)]
 
-    def weights(delta, lo, hi, buf):
-        """w(x, x + delta) for flat positions lo <= x < hi."""
+    def weights(d0, count, lo, hi, buf):
+        """Array (count, hi - lo): row j holds w(x, x + d0 + j) for flat positions lo <= x < hi.
+
+        Row j is computed by exactly the operations of a batch of one offset
+        (elementwise steps, box sums in the same order), so batching changes
+        no bit; it only cuts the number of NumPy calls.
+        """
         size = hi - lo + 2 * K
         base = lo - K
         dist = steps.sqdiff_sum(
-            [(r[base : base + size], r[base + delta : base + delta + size]) for r in rows],
-            steps.head(buf["d"], size),
-            steps.head(buf["t"], size),
+            [(r[base : base + size], steps.shifted(r, base + d0, count, size)) for r in rows],
+            steps.view(buf["d"], count, size),
+            steps.view(buf.get("t"), count, size),
         )
-        box = _box_all(steps, dist, box_axes, buf["b1"], buf["b2"])
-        return steps.weight(box, coef, bias, floor, steps.head(buf["w"], hi - lo))
+        box = _box_all(steps, dist, box_axes, buf["b1"], buf["b2"], buf.get("p"))
+        return steps.weight(box, coef, bias, floor, steps.view(buf["w"], count, hi - lo))
 
-    def new_buffers(size):
-        return {k: steps.buffer(size) for k in ("d", "t", "b1", "b2", "w", "tmp", "a1", "a2")}
-
-    def run_parallel(task, deltas):
-        """Apply task(deltas_subset) on `workers` threads; return the list of results."""
-        if workers == 1 or len(deltas) < 2:
-            return [task(deltas)]
-        parts = [deltas[i::workers] for i in range(workers)]
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            return list(pool.map(task, parts))
-
+    # Batches of consecutive offsets: offsets d, d + 1, ... (neighbours along the last axis)
+    # read overlapping slices, so one strided view holds all their shifted images and the
+    # weights of a whole batch take one call per step. Only on NumPy/CuPy, and only as many
+    # offsets as keep a batch within BATCH_ELEMENTS samples (nothing to gain on large images,
+    # where the calls are a small part of the time). Measured: see docs/engine.md.
+    batch = _batch_rows(geo.length) if steps.np is not None else 1
+    names = _scratch_names(channels, aggregation, patch_size)
+    buffers = _BufferPool(lambda: {k: steps.buffer(batch * geo.length) for k in names})
     lock = threading.Lock()
 
-    def tick():
+    def tick(count):
         if progress is not None:
             with lock:
-                progress(1)
+                progress(count)
 
     def zeros(size):
         return xp.zeros((size,), dtype=v.dtype, device=device(v))
+
+    parts = partition_offsets(geo.deltas)
 
     # ---- pass 1: the normaliser Z(p), and for pixel-wise the numerator too ----
     want_num = aggregation == "pixel"
@@ -292,26 +412,31 @@ def nl_means_fast_padded(padded, *, inside, h, sigma, patch_size, search_size, a
     z_n = z_hi - z_lo
 
     def first_pass(deltas):
-        buf = new_buffers(geo.length)
-        num = [zeros(n) for _ in range(channels)] if want_num else None
-        den = zeros(z_n)
-        for delta in deltas:
-            w = weights(delta, z_lo - delta, z_hi, buf)
-            w_fwd, w_bwd = w[delta : delta + z_n], w[0:z_n]  # weight of p -> p+delta, and of p -> p-delta
-            den = steps.accumulate(den, w_fwd)
-            den = steps.accumulate(den, w_bwd)
-            if want_num:
-                tmp = steps.head(buf["tmp"], n)
-                for c, r in enumerate(rows):
-                    num[c] = steps.accumulate_product(num[c], w_fwd, r[a + delta : b + delta], tmp)
-                    num[c] = steps.accumulate_product(num[c], w_bwd, r[a - delta : b - delta], tmp)
-            tick()
-        return num, den
+        """Partial sums over one part: [den] or [num_0, ..., num_{C-1}, den]."""
+        sums = [zeros(n) for _ in range(channels)] + [zeros(z_n)] if want_num else [zeros(z_n)]
+        with buffers.borrow() as buf:
+            for d0, count in _batches(deltas, batch):
+                d_max = d0 + count - 1
+                w = weights(d0, count, z_lo - d_max, z_hi, buf)
+                for j in range(count):
+                    delta = d0 + j
+                    # weight of p -> p+delta (at x = p), and of p-delta -> p (at x = p - delta)
+                    w_fwd, w_bwd = w[j, d_max : d_max + z_n], w[j, count - 1 - j : count - 1 - j + z_n]
+                    sums[-1] = steps.accumulate(sums[-1], w_fwd)
+                    sums[-1] = steps.accumulate(sums[-1], w_bwd)
+                    if want_num:
+                        tmp = steps.head(buf["tmp"], n)
+                        for c, r in enumerate(rows):
+                            sums[c] = steps.accumulate_product(sums[c], w_fwd, r[a + delta : b + delta], tmp)
+                            sums[c] = steps.accumulate_product(sums[c], w_bwd, r[a - delta : b - delta], tmp)
+                tick(count)
+        return sums
 
-    results = run_parallel(first_pass, geo.deltas)
-    den = 1.0 + _sum([r[1] for r in results])  # the centre offset has weight exp(0) = 1
+    sums = _sum_parts(steps, first_pass, parts, workers)
+    buffers.release()
+    den = 1.0 + sums.pop()  # the centre offset has weight exp(0) = 1
     if want_num:
-        num = [rows[c][a:b] + _sum([r[0][c] for r in results]) for c in range(channels)]
+        num = [rows[c][a:b] + sums[c] for c in range(channels)]
         estimate = [num[c] / den for c in range(channels)]
         return _unflatten(xp, estimate, geo, v)
 
@@ -321,39 +446,109 @@ def nl_means_fast_padded(padded, *, inside, h, sigma, patch_size, search_size, a
     count = _box_all(steps, mask[a - 2 * K : b + 2 * K], box_axes)[K : K + n]  # patches covering x
 
     def patch_pass(deltas):
-        buf = new_buffers(geo.length)
+        """Partial sums over one part: [num_0, ..., num_{C-1}]."""
         num = [zeros(n) for _ in range(channels)]
         m = n + 2 * K
-        for delta in deltas:
-            w = weights(delta, a - K - delta, b + K, buf)
-            share_fwd = steps.mul(w[delta : delta + m], inv_z, steps.head(buf["a1"], m))
-            share_bwd = steps.mul(w[0:m], inv_z, steps.head(buf["a2"], m))
-            tmp = steps.head(buf["tmp"], n)
-            spread_fwd = _box_all(steps, share_fwd, box_axes, buf["b1"], buf["b2"])
-            for c, r in enumerate(rows):
-                num[c] = steps.accumulate_product(num[c], spread_fwd, r[a + delta : b + delta], tmp)
-            spread_bwd = _box_all(steps, share_bwd, box_axes, buf["b1"], buf["b2"])
-            for c, r in enumerate(rows):
-                num[c] = steps.accumulate_product(num[c], spread_bwd, r[a - delta : b - delta], tmp)
-            tick()
+        with buffers.borrow() as buf:
+            for d0, count in _batches(deltas, batch):
+                d_max = d0 + count - 1
+                w = weights(d0, count, a - K - d_max, b + K, buf)
+                share_fwd = steps.mul(w[:, d_max : d_max + m], inv_z, steps.view(buf["a1"], count, m))
+                share_bwd = steps.mul(steps.anti_shifted(w, m), inv_z, steps.view(buf["a2"], count, m))
+                spread_fwd = _box_all(steps, share_fwd, box_axes, buf["b1"], buf["b2"], buf.get("p"))
+                spread_bwd = _box_all(steps, share_bwd, box_axes, buf["c1"], buf["c2"], buf.get("p"))
+                tmp = steps.head(buf["tmp"], n)
+                for j in range(count):
+                    delta = d0 + j
+                    for c, r in enumerate(rows):
+                        num[c] = steps.accumulate_product(num[c], spread_fwd[j, :], r[a + delta : b + delta], tmp)
+                    for c, r in enumerate(rows):
+                        num[c] = steps.accumulate_product(num[c], spread_bwd[j, :], r[a - delta : b - delta], tmp)
+                tick(count)
         return num
 
-    results = run_parallel(patch_pass, geo.deltas)
+    num = _sum_parts(steps, patch_pass, parts, workers)
+    buffers.release()
     centre = _box_all(steps, inv_z, box_axes)
     safe_count = xp.where(count > 0, count, xp.ones_like(count))
-    estimate = [(rows[c][a:b] * centre + _sum([r[c] for r in results])) / safe_count for c in range(channels)]
+    estimate = [(rows[c][a:b] * centre + num[c]) / safe_count for c in range(channels)]
     return _unflatten(xp, estimate, geo, v)
 
 
-def _sum(arrays):
-    total = arrays[0]
-    for x in arrays[1:]:
-        total = total + x
+#: The offsets of the half search window are always cut into this many parts
+#: (fewer when there are fewer offsets), whatever the number of workers: each
+#: part sums its offsets in order, and the parts' sums are added in order. The
+#: result is thus the same to the bit for any ``workers`` and any Dask chunking
+#: (every output sample sees the same operations in the same order); workers
+#: only decide which thread runs which part. 24 divides evenly among 1, 2, 3,
+#: 4, 6, 8 and 12 threads.
+N_PARTS = 24
+
+
+def partition_offsets(deltas, parts=N_PARTS):
+    """Cut the list of (flat) offsets into ``min(parts, len(deltas))`` runs of near-equal length, in order."""
+    k = max(1, min(parts, len(deltas)))
+    return [deltas[i * len(deltas) // k : (i + 1) * len(deltas) // k] for i in range(k)]
+
+
+class _BufferPool:
+    """Scratch buffer sets, one per running task, reused from part to part."""
+
+    def __init__(self, make):
+        self.make = make
+        self.free = []
+        self.lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def borrow(self):
+        with self.lock:
+            buf = self.free.pop() if self.free else None
+        if buf is None:
+            buf = self.make()
+        try:
+            yield buf
+        finally:
+            with self.lock:
+                self.free.append(buf)
+
+    def release(self):
+        """Drop the buffers (between passes and before the final steps, which need the memory)."""
+        with self.lock:
+            self.free.clear()
+
+
+def _sum_parts(steps, task, parts, workers):
+    """The sum over ``parts`` of ``task(part)`` (a list of arrays each), added in part order.
+
+    ``workers`` threads run the parts (NumPy ufuncs release the GIL); at most
+    ``workers`` parts are started and not yet added, so at most that many sets
+    of partial sums are alive besides the total. The order of the additions never depends on
+    ``workers``.
+    """
+
+    def add(total, part_sums):
+        if total is None:
+            return part_sums
+        return [steps.accumulate(t, s) for t, s in zip(total, part_sums)]
+
+    total = None
+    if workers == 1 or len(parts) == 1:
+        for part in parts:
+            total = add(total, task(part))
+        return total
+    upcoming = iter(parts)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending = collections.deque(pool.submit(task, part) for part in itertools.islice(upcoming, workers))
+        while pending:
+            total = add(total, pending.popleft().result())
+            following = next(upcoming, None)  # started only now: at most `workers` partial sums wait
+            if following is not None:
+                pending.append(pool.submit(task, following))
     return total
 
 
-def _box_all(steps, src, box_axes, buf1=None, buf2=None):
-    """Box-sum ``src`` along every axis (flat form), alternating two buffers.
+def _box_all(steps, src, box_axes, buf1=None, buf2=None, pairs=None):
+    """Box-sum ``src`` along every axis (flat form), alternating two buffers (``pairs``: the box's scratch).
 
     The result may live in ``buf1`` or ``buf2``: use it before the next call
     that is given the same buffers. Without buffers, fresh ones are made.
@@ -361,7 +556,7 @@ def _box_all(steps, src, box_axes, buf1=None, buf2=None):
     if buf1 is None:
         buf1, buf2 = steps.buffer(src.shape[0]), steps.buffer(src.shape[0])
     for i, (width, step) in enumerate(box_axes):
-        src = steps.box(src, width, step, buf1 if i % 2 == 0 else buf2)
+        src = steps.box(src, width, step, buf1 if i % 2 == 0 else buf2, pairs)
     return src
 
 
