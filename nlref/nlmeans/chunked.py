@@ -16,8 +16,8 @@ samples of its neighbours on every side:
 Each chunk then runs the offset loop of :func:`nlref.nlmeans.fast.nl_means_fast_padded`
 on its padded block (:func:`nlref.nlmeans.chunk.denoise_with_halo`): the same
 operations, in the same order, on the same numbers as the in-memory call, so
-the result is equal bit for bit (with the same ``workers`` per chunk as the
-in-memory call; different thread counts only reorder a sum).
+the result is equal bit for bit, whatever ``workers`` either call uses (the
+offsets are summed in a fixed partition, ``N_PARTS`` in ``fast.py``).
 
 Three modules do the work, one job each, importing one way (the checks and
 parameter rules below them, ``nlref/nlmeans/api.py`` above choosing):

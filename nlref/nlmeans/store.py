@@ -4,7 +4,7 @@ Each task opens the file, reads its own chunk and halo, pads reflectively
 where the chunk touches the array's edge and denoises it: no task depends on
 another, so a worker holds only the chunks it is computing, whatever the size
 of the array. The result equals :func:`nlref.nl_means` of the whole array in
-memory, bit for bit (with the same ``workers``).
+memory, bit for bit, whatever ``workers`` either call uses.
 
 What travels to the tasks is an :class:`Opener`: the kind of file, its
 absolute path and what locates the array in it (a Zarr array's path, an HDF5
@@ -407,8 +407,8 @@ def nl_means_store(source: Any, *, chunks: int | Sequence[int] | None = None, si
     computing (its threads times about 11 to 14 (chunk + halo) bytes),
     whatever the size of the array, where a Dask array's ``map_overlap``
     keeps neighbour chunks waiting for each other. The result equals
-    :func:`nlref.nl_means` of the whole array in memory, bit for bit (with
-    the same ``workers``).
+    :func:`nlref.nl_means` of the whole array in memory, bit for bit,
+    whatever ``workers`` either call uses.
 
     Parameters
     ----------
