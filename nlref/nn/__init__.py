@@ -9,15 +9,20 @@
   loops, Adam's flat update. Same numbers, faster (see ``docs/engine.md``).
 * :mod:`nlref.nn.nonlocal_op` -- the non-local operation (full and chunked).
 * :mod:`nlref.nn.block` -- :class:`NonLocalBlock`.
-* :mod:`nlref.nn.models` -- :class:`VideoNet`, small C2D / I3D networks with NL blocks.
+* :mod:`nlref.nn.attention` -- :class:`MultiHeadAttention`, :class:`TransformerBlock`,
+  :class:`PositionalEncoding` (chapter 8), loading PyTorch's state dicts.
+* :mod:`nlref.nn.models` -- :class:`VideoNet`, small C2D / I3D networks with NL blocks;
+  :class:`VideoTransformer`, a small space-time transformer.
 * :mod:`nlref.nn.optim` -- SGD with momentum, Adam, the step schedule.
 * :mod:`nlref.nn.gradcheck` -- finite-difference gradient checks.
 """
 
-from . import engine, functional, models, nonlocal_op, optim
+from . import attention, engine, functional, models, nonlocal_op, optim
+from .attention import MultiHeadAttention, PositionalEncoding, TransformerBlock
 from .block import NonLocalBlock
 from .gradcheck import GradcheckResult, gradcheck, layer_gradcheck
 from .models import VideoNet
 
 __all__ = ["functional", "engine", "nonlocal_op", "models", "optim", "NonLocalBlock", "VideoNet",
+           "attention", "MultiHeadAttention", "TransformerBlock", "PositionalEncoding",
            "gradcheck", "layer_gradcheck", "GradcheckResult"]
