@@ -39,7 +39,7 @@ import numpy as np
 from . import backend as B
 from .data.sprites import RELATIONS, sprite_splits
 from .nn import functional as F
-from .nn.models import EXTENTS, FLAVOURS, STAGES, VideoNet
+from .nn.models import EXTENTS, MODELS, STAGES, VideoNet, VideoTransformer
 from .nn.nonlocal_op import MODES
 from .nn.optim import SGD, Adam, StepSchedule
 
@@ -94,10 +94,16 @@ class TrainConfig:
     noise: float = 0.05
     dtype: str = "float32"
     seed: int = 0
+    # model="transformer" (a VideoTransformer; the convolutional fields above do not apply to it)
+    embed_dim: int = 32
+    depth: int = 2
+    num_heads: int = 2
+    mlp_dim: int = 64
+    tubelet: tuple = (1, 4, 4)
 
     def validate(self):
         """Raise ValueError naming the first bad field (before any heavy work)."""
-        choices = {"model": FLAVOURS, "mode": MODES, "stage": STAGES, "extent": EXTENTS,
+        choices = {"model": MODELS, "mode": MODES, "stage": STAGES, "extent": EXTENTS,
                    "optimizer": OPTIMISERS, "pool": ("after", "before"), "relation": RELATIONS,
                    "dtype": ("float32", "float64")}
         for name, allowed in choices.items():
@@ -117,6 +123,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if self.lr == 0:
             raise ValueError("lr must be > 0")
+        if self.model == "transformer":
+            build_model(self)  # VideoTransformer checks its own options (ValueError naming them); a cheap build
         return self
 
     def as_dict(self):
@@ -135,7 +143,12 @@ class TrainConfig:
 
 # --------------------------------------------------------------------------- building blocks
 def build_model(config, xp=None):
-    """The :class:`VideoNet` a configuration describes (initial weights from ``config.seed``)."""
+    """The :class:`VideoNet` (or :class:`VideoTransformer`) a configuration describes (weights from ``config.seed``)."""
+    if config.model == "transformer":
+        return VideoTransformer(frames=config.frames, size=config.size, in_channels=config.channels, num_classes=2,
+                                tubelet=config.tubelet, embed_dim=config.embed_dim, depth=config.depth,
+                                num_heads=config.num_heads, mlp_dim=config.mlp_dim, dtype=config.dtype,
+                                seed=config.seed, xp=xp)
     options = {"sub_sample": config.sub_sample, "bn_layer": config.bn_layer, "scale": config.scale,
                "pool": config.pool}
     return VideoNet(config.model, nonlocal_blocks=config.nonlocal_blocks, stage=config.stage, mode=config.mode,
