@@ -121,7 +121,7 @@ def _student_edition(src):
 
 def _run(sources):
     namespace = {}
-    exec(compile("import numpy as np\nfrom nlref.exercises import ch08\n", "setup", "exec"), namespace)
+    exec(compile("import math\nimport numpy as np\nfrom nlref.exercises import ch08\n", "setup", "exec"), namespace)
     for i, src in enumerate(sources):
         exec(compile(src, f"cell{i}", "exec"), namespace)
     return namespace
