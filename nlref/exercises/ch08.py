@@ -72,7 +72,7 @@ def ex1(answer, *, seed=0):
 def ex2(answer, *, seed=0, num_heads=2):
     """A student's ``mha_backward(x, params, num_heads, dout) -> dict of gradients``.
 
-    ``x`` (B, N, E), ``params`` as :attr:`nlref.nn.MultiHeadAttention.params`
+    ``x`` (B, N, E), ``params`` as the ``params`` of :class:`nlref.nn.attention.MultiHeadAttention`
     (``in_proj_weight``, ``in_proj_bias``, ``out_proj.weight``, ``out_proj.bias``), ``dout``
     (B, N, E). The answer is a dict with the keys ``"x"`` and every parameter name, each
     the gradient of ``sum(out * dout)``. Compared with ``MultiHeadAttention.backward`` on

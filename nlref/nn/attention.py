@@ -351,7 +351,7 @@ class MultiHeadAttention(_Params):
         return (out, c_att[3]) if return_attention else out
 
     def backward(self, dout):
-        """Back-propagate dL/d(out); sets :attr:`grads` and returns dL/dx, shape (B, N, E)."""
+        """Back-propagate dL/d(out); sets ``grads`` and returns dL/dx, shape (B, N, E)."""
         x_shape, c_in, c_att, c_out = self._pop_cache()
         xp = self.xp
         if tuple(dout.shape) != x_shape:
@@ -468,7 +468,7 @@ class TransformerBlock(_Params):
         return (out, attention) if return_attention else out
 
     def backward(self, dout):
-        """Back-propagate dL/d(out) through both residual paths; sets :attr:`grads`, returns dL/dx."""
+        """Back-propagate dL/d(out) through both residual paths; sets ``grads``, returns dL/dx."""
         x_shape, c_ln1, c_ln2, c_l1, c_act, c_l2 = self._pop_cache()
         if tuple(dout.shape) != x_shape:
             raise ValueError(f"dout must have the output's shape {x_shape}, got {tuple(dout.shape)}")

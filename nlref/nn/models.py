@@ -542,7 +542,26 @@ class VideoNet:
 
 
 # =========================================================================== a small space-time transformer
-class VideoTransformer:
+class _Collected:
+    """``params``, ``grads`` and ``buffers`` as :class:`VideoNet` has them, gathered from ``_leaves``.
+
+    (A base class, so that the API pages keep one documented target for each of the three names.)
+    """
+
+    @property
+    def params(self):
+        return self._collect("params")
+
+    @property
+    def grads(self):
+        return self._collect("grads")
+
+    @property
+    def buffers(self):
+        return {}  # no batch norm, no running statistics
+
+
+class VideoTransformer(_Collected):
     r"""A small space-time transformer for clips, trained by the hand-written backward passes.
 
     ::
@@ -645,20 +664,6 @@ class VideoTransformer:
         return {f"{name}.{key}": value for name, leaf in self._leaves.items()
                 for key, value in getattr(leaf, attr).items()}
 
-    @property
-    def params(self):
-        """Every parameter, by dotted name (the arrays themselves, not copies)."""
-        return self._collect("params")
-
-    @property
-    def grads(self):
-        """dL/d(parameter) from the last :meth:`backward`, same keys as :attr:`params`."""
-        return self._collect("grads")
-
-    @property
-    def buffers(self):
-        """None: no batch norm, no running statistics (an empty dict)."""
-        return {}
 
     def _owner(self, key):
         for name, leaf in self._leaves.items():
@@ -748,7 +753,7 @@ class VideoTransformer:
         return (logits, attention) if return_attention else logits
 
     def backward(self, dlogits, *, input_grad=True):
-        """Back-propagate dL/dlogits; sets :attr:`grads`, returns dL/dx (None with ``input_grad=False``)."""
+        """Back-propagate dL/dlogits; sets ``grads``, returns dL/dx (None with ``input_grad=False``)."""
         if self._cache is None:
             raise RuntimeError("VideoTransformer.backward needs a forward pass before it (and runs once per forward)")
         x_shape, h_shape, c_embed, c_norm, c_head = self._cache
