@@ -614,7 +614,8 @@ class VideoTransformer(_Collected):
                                         for v in tubelet):
             raise ValueError(f"tubelet must be 3 positive integers (pt, ph, pw), got {tubelet!r}")
         if frames % tubelet[0] or size % tubelet[1] or size % tubelet[2]:
-            raise ValueError(f"tubelet {tubelet} must divide the clip (frames, size, size) = ({frames}, {size}, {size})")
+            raise ValueError(f"tubelet {tubelet} must divide the clip (frames, size, size) = "
+                             f"({frames}, {size}, {size})")
         if embed_dim % num_heads:
             raise ValueError(f"num_heads ({num_heads}) must divide embed_dim ({embed_dim})")
         if pos not in ENCODINGS:
@@ -804,6 +805,7 @@ class VideoTransformer(_Collected):
 
     def __repr__(self):
         c = self.config
-        return (f"VideoTransformer(tubelet={tuple(c['tubelet'])}, tokens={self.num_tokens}, embed_dim={c['embed_dim']}, "
+        return (f"VideoTransformer(tubelet={tuple(c['tubelet'])}, tokens={self.num_tokens}, "
+                f"embed_dim={c['embed_dim']}, "
                 f"depth={c['depth']}, num_heads={c['num_heads']}, mlp_dim={c['mlp_dim']}, pos={c['pos']!r}, "
                 f"pool={c['pool']!r}, params={self.num_params()})")
