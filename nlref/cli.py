@@ -657,7 +657,8 @@ def run_train(args):
               "extent": args.extent, "sub_sample": not args.no_sub_sample, "bn_layer": not args.no_bn,
               "scale": args.scale, "pool": args.pool, "epochs": args.epochs, "batch_size": args.batch_size,
               "optimizer": args.optimizer, "n_train": args.n_train, "n_val": args.n_val, "seed": args.seed,
-              "relation": args.relation, "kinds": args.kinds, "size": args.size, "dtype": args.dtype}
+              "relation": args.relation, "kinds": args.kinds, "size": args.size, "dtype": args.dtype,
+              "embed_dim": args.embed_dim, "depth": args.depth, "num_heads": args.heads, "mlp_dim": args.mlp_dim}
     if args.lr is not None:
         fields["lr"] = args.lr
     elif args.optimizer == "sgd":
@@ -677,8 +678,11 @@ def run_train(args):
     args.previous_checkpoint = _stamp(out / CHECKPOINT) if args.overwrite else None
     retain_freed_memory()  # this process is ours: reuse freed memory rather than page-fault it back in
     steps = " and ".join(f"{m:.0%}" for m in config.milestones)
-    print(f"nlref train: {config.model} with {_count(config.nonlocal_blocks, 'non-local block')} "
-          f"({config.mode}, {config.extent}), {_count(config.epochs, 'epoch')}, {config.optimizer} lr "
+    network = (f"{config.model} with {_count(config.nonlocal_blocks, 'non-local block')} ({config.mode}, "
+               f"{config.extent})" if config.model != "transformer" else
+               f"transformer ({_count(config.depth, 'block')} of {config.embed_dim} channels, "
+               f"{_count(config.num_heads, 'head')})")
+    print(f"nlref train: {network}, {_count(config.epochs, 'epoch')}, {config.optimizer} lr "
           f"{config.lr:.12g} (x0.1 after {steps} of the steps), {config.n_train} clips of "
           f"{config.frames}x{config.size}x{config.size} -> {args.out}", flush=True)
     result = train(config, args.out, xp=xp, resume=args.resume, overwrite=args.overwrite,
@@ -788,7 +792,7 @@ def build_parser():
                      "threads)")
 
     from nlref.data.sprites import RELATIONS
-    from nlref.nn.models import EXTENTS, FLAVOURS, STAGES
+    from nlref.nn.models import EXTENTS, MODELS, STAGES
     from nlref.nn.nonlocal_op import MODES
     from nlref.train import OPTIMISERS, TrainConfig
 
@@ -796,7 +800,12 @@ def build_parser():
     tr = sub.add_parser("train", help="train a small (non-local) video network on the two-sprite task",
                         description=_TRAIN, formatter_class=fmt)
     dflt = " (default: %(default)s)"
-    tr.add_argument("--model", choices=FLAVOURS, default=d.model, help="network: 2-D or inflated 3-D convs" + dflt)
+    tr.add_argument("--model", choices=MODELS, default=d.model,
+                    help="network: 2-D or inflated 3-D convs, or a space-time transformer" + dflt)
+    tr.add_argument("--embed-dim", type=int, default=d.embed_dim, help="transformer: token channels" + dflt)
+    tr.add_argument("--depth", type=int, default=d.depth, help="transformer: blocks" + dflt)
+    tr.add_argument("--heads", type=int, default=d.num_heads, help="transformer: attention heads" + dflt)
+    tr.add_argument("--mlp-dim", type=int, default=d.mlp_dim, help="transformer: MLP width" + dflt)
     tr.add_argument("--nonlocal", dest="nonlocal_blocks", type=int, default=d.nonlocal_blocks,
                     help="number of non-local blocks, 0 for the baseline" + dflt)
     tr.add_argument("--stage", choices=STAGES, default=d.stage, help="stage of a single block" + dflt)

@@ -43,7 +43,7 @@ from ._typing import PathLike
 from . import backend as B
 from .data.sprites import GLYPHS, RELATIONS, sprite_clips, sprite_splits
 from .nn import functional as F
-from .nn.models import EXTENTS, FLAVOURS, STAGES, VideoNet, nonlocal_slots
+from .nn.models import EXTENTS, MODELS, STAGES, VideoNet, VideoTransformer, nonlocal_slots
 from .nn.nonlocal_op import MODES
 from .nn.optim import SGD, Adam, StepSchedule
 
@@ -100,6 +100,12 @@ class TrainConfig:
     noise: float = 0.05
     dtype: str = "float32"
     seed: int = 0
+    # model="transformer" (a VideoTransformer; the convolutional fields above do not apply to it)
+    embed_dim: int = 32
+    depth: int = 2
+    num_heads: int = 2
+    mlp_dim: int = 64
+    tubelet: tuple = (1, 4, 4)
 
     def validate(self) -> "TrainConfig":
         """Check every field; raise ValueError naming the first bad one (before any heavy work).
@@ -112,9 +118,10 @@ class TrainConfig:
         to 8, ``channels`` 1 or 3, ``frames`` even and >= 6, ``size`` >= 16; ``lr`` > 0;
         ``weight_decay`` >= 0; ``momentum``, ``dropout`` and ``noise`` in [0, 1);
         ``milestones`` is a sequence of fractions in (0, 1); ``warmup`` and ``seed`` are
-        integers >= 0.
+        integers >= 0. With ``model="transformer"``, ``embed_dim``, ``depth``, ``num_heads``,
+        ``mlp_dim`` and ``tubelet`` are checked by building the (small) network.
         """
-        choices = {"model": FLAVOURS, "mode": MODES, "stage": STAGES, "extent": EXTENTS,
+        choices = {"model": MODELS, "mode": MODES, "stage": STAGES, "extent": EXTENTS,
                    "optimizer": OPTIMISERS, "pool": ("after", "before"), "relation": RELATIONS,
                    "dtype": ("float32", "float64")}
         for name, allowed in choices.items():
@@ -169,6 +176,8 @@ class TrainConfig:
                 or not all(is_number(m) and 0 < m < 1 for m in milestones)):
             raise ValueError(f"milestones must be a sequence of fractions of training in (0, 1), "
                              f"got {milestones!r}")
+        if self.model == "transformer":
+            build_model(self)  # VideoTransformer checks its own options (ValueError naming them); a cheap build
         return self
 
     def as_dict(self):
@@ -187,7 +196,12 @@ class TrainConfig:
 
 # --------------------------------------------------------------------------- building blocks
 def build_model(config, xp=None):
-    """The :class:`VideoNet` a configuration describes (initial weights from ``config.seed``)."""
+    """The :class:`VideoNet` (or :class:`VideoTransformer`) a configuration describes (weights from ``config.seed``)."""
+    if config.model == "transformer":
+        return VideoTransformer(frames=config.frames, size=config.size, in_channels=config.channels, num_classes=2,
+                                tubelet=config.tubelet, embed_dim=config.embed_dim, depth=config.depth,
+                                num_heads=config.num_heads, mlp_dim=config.mlp_dim, dtype=config.dtype,
+                                seed=config.seed, xp=xp)
     options = {"sub_sample": config.sub_sample, "bn_layer": config.bn_layer, "scale": config.scale,
                "pool": config.pool}
     return VideoNet(config.model, nonlocal_blocks=config.nonlocal_blocks, stage=config.stage, mode=config.mode,

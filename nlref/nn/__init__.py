@@ -12,15 +12,20 @@
 * :mod:`nlref.nn.layouts` -- the peers' state-dict layouts (AlexHex7, mmcv, SlowFast,
   pytorchvideo, timm): which key holds which weight, what each peer can express.
 * :mod:`nlref.nn.compare` -- :func:`~nlref.compare_block`, nlref as the oracle for a PyTorch module.
-* :mod:`nlref.nn.models` -- :class:`VideoNet`, small C2D / I3D networks with NL blocks.
+* :mod:`nlref.nn.attention` -- :class:`MultiHeadAttention`, :class:`TransformerBlock`,
+  :class:`PositionalEncoding` (chapter 8), loading PyTorch's state dicts.
+* :mod:`nlref.nn.models` -- :class:`VideoNet`, small C2D / I3D networks with NL blocks;
+  :class:`VideoTransformer`, a small space-time transformer.
 * :mod:`nlref.nn.optim` -- SGD with momentum, Adam, the step schedule.
 * :mod:`nlref.nn.gradcheck` -- finite-difference gradient checks.
 """
 
-from . import engine, functional, layouts, models, nonlocal_op, optim
+from . import attention, engine, functional, layouts, models, nonlocal_op, optim
+from .attention import MultiHeadAttention, PositionalEncoding, TransformerBlock
 from .block import NonLocalBlock
 from .gradcheck import GradcheckResult, gradcheck, layer_gradcheck
 from .models import VideoNet
 
 __all__ = ["functional", "engine", "nonlocal_op", "layouts", "models", "optim", "NonLocalBlock", "VideoNet",
+           "attention", "MultiHeadAttention", "TransformerBlock", "PositionalEncoding",
            "gradcheck", "layer_gradcheck", "GradcheckResult"]

@@ -944,3 +944,173 @@ def softmax_cross_entropy_backward(dloss, cache):
     if dlogits.dtype != p.dtype:  # a float64 dloss must not promote float32 logits
         dlogits = array_namespace(p).astype(dlogits, p.dtype)
     return dlogits
+
+
+# =========================================================================== chapter 8: the transformer's parts
+# LayerNorm and GELU, the two layers a transformer block adds to what the non-local block
+# already has (1x1 convolutions are linear maps over the last axis once x is (B, N, E);
+# :func:`linear_forward` serves them through a (B * N, E) view).
+__all__ += ["layernorm_forward", "layernorm_backward", "gelu_forward", "gelu_backward", "erf"]
+
+def layernorm_forward(x, gamma, beta, eps=1e-5):
+    r"""Layer normalisation over the last axis (each token on its own).
+
+    .. math::
+        \mu = \frac1D \sum_k x_k, \quad \sigma^2 = \frac1D \sum_k (x_k - \mu)^2, \quad
+        \hat x = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}}, \quad
+        \mathrm{out} = \gamma \odot \hat x + \beta
+
+    The biased variance, as ``torch.nn.LayerNorm``. Unlike batch norm there are no
+    running statistics: training and evaluation compute the same thing.
+
+    Parameters
+    ----------
+    x : array, shape (..., D)
+    gamma, beta : arrays, shape (D,)
+    eps : float
+        Added to the variance (``> 0``).
+
+    Returns
+    -------
+    out : array, the shape of ``x``
+    cache : tuple
+        ``(x_hat, gamma, inv_std)``.
+    """
+    func = "layernorm_forward"
+    xp = array_namespace(x, gamma, beta, names=["x", "gamma", "beta"])
+    check_float(func, xp, x=x, gamma=gamma, beta=beta)
+    if x.ndim < 1 or x.shape[-1] < 1:
+        raise ValueError(f"{func}: x must have shape (..., D) with D >= 1, got shape {tuple(x.shape)}")
+    d = x.shape[-1]
+    for name, a in (("gamma", gamma), ("beta", beta)):
+        if tuple(a.shape) != (d,):
+            raise ValueError(f"{func}: {name} must have shape ({d},) (one value per feature of the last axis), "
+                             f"got shape {tuple(a.shape)}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"{func}: eps must be a positive finite number, got {eps!r}")
+    mu = xp.mean(x, axis=-1, keepdims=True)
+    xc = x - mu
+    var = xp.mean(xc * xc, axis=-1, keepdims=True)
+    inv_std = 1.0 / xp.sqrt(var + eps)
+    x_hat = xc * inv_std
+    return gamma * x_hat + beta, (x_hat, gamma, inv_std)
+
+
+def layernorm_backward(dout, cache):
+    r"""Gradients of :func:`layernorm_forward`.
+
+    With :math:`g = d\mathrm{out} \odot \gamma` (the gradient reaching :math:`\hat x`),
+    each token's mean and variance couple its ``D`` values:
+
+    .. math::
+        dx = \frac{1}{\sqrt{\sigma^2 + \epsilon}}\Big(g - \overline{g} - \hat x\, \overline{g \odot \hat x}\Big),
+        \qquad d\gamma = \sum_{\text{tokens}} d\mathrm{out} \odot \hat x, \qquad
+        d\beta = \sum_{\text{tokens}} d\mathrm{out}
+
+    where the bars are means over the last axis: the first removes the part of ``g``
+    that would move the token's mean, the second the part that would change its scale.
+
+    Returns
+    -------
+    dx : array, the shape of ``x``
+    dgamma, dbeta : arrays, shape (D,)
+    """
+    x_hat, gamma, inv_std = cache
+    xp = array_namespace(dout, x_hat, names=["dout", "x_hat"])
+    if tuple(dout.shape) != tuple(x_hat.shape):
+        raise ValueError(f"layernorm_backward: dout must have the output's shape {tuple(x_hat.shape)}, "
+                         f"got {tuple(dout.shape)}")
+    axes = tuple(range(dout.ndim - 1))
+    dgamma = xp.sum(dout * x_hat, axis=axes) if axes else dout * x_hat
+    dbeta = xp.sum(dout, axis=axes) if axes else dout
+    g = dout * gamma
+    dx = inv_std * (g - xp.mean(g, axis=-1, keepdims=True) - x_hat * xp.mean(g * x_hat, axis=-1, keepdims=True))
+    return dx, dgamma, dbeta
+
+
+GELU_APPROXIMATIONS = ("none", "tanh")
+
+
+def erf(x):
+    r"""The error function :math:`\mathrm{erf}(x) = \frac{2}{\sqrt\pi}\int_0^x e^{-t^2}\,dt`, elementwise.
+
+    The array API standard has no ``erf``; this dispatches to the library's own
+    (SciPy's for NumPy, ``cupyx.scipy.special`` for CuPy, ``torch.special`` for
+    PyTorch). Other libraries (array-api-strict, a CPU stand-in) go through the
+    host and come back to ``x``'s library, device and dtype.
+    """
+    from ..backend import is_numpy
+
+    xp = array_namespace(x, names=["x"])
+    if is_numpy(xp):
+        import scipy.special
+        return xp.asarray(scipy.special.erf(x))
+    name = type(x).__module__.split(".")[0]
+    if name == "cupy":
+        import cupyx.scipy.special
+        return cupyx.scipy.special.erf(x)
+    if name == "torch":
+        import torch
+        return torch.special.erf(x)
+    import scipy.special
+    host = np.from_dlpack(x) if not isinstance(x, np.ndarray) else x
+    return asarray(scipy.special.erf(host), like=x, dtype=x.dtype)
+
+
+def gelu_forward(x, approximate="none"):
+    r"""The Gaussian error linear unit, :math:`x\,\Phi(x)` (Hendrycks & Gimpel, 2016).
+
+    .. math::
+        \mathrm{gelu}(x) = \frac x2\Big(1 + \mathrm{erf}\big(x/\sqrt2\big)\Big)
+        \qquad (\texttt{approximate="none"}, \text{PyTorch's default})
+
+    .. math::
+        \mathrm{gelu}_{\tanh}(x) = \frac x2\Big(1 + \tanh u\Big), \quad
+        u = \sqrt{2/\pi}\,\big(x + 0.044715\,x^3\big) \qquad (\texttt{approximate="tanh"}, \text{GPT-2, BERT})
+
+    Parameters
+    ----------
+    x : array, any shape, float32 or float64
+    approximate : {"none", "tanh"}
+        As ``torch.nn.functional.gelu``'s argument of that name.
+
+    Returns
+    -------
+    out : array, the shape of ``x``
+    cache : tuple
+    """
+    func = "gelu_forward"
+    xp = array_namespace(x, names=["x"])
+    check_float(func, xp, x=x)
+    if approximate not in GELU_APPROXIMATIONS:
+        raise ValueError(f"{func}: approximate must be one of {GELU_APPROXIMATIONS}, got {approximate!r}")
+    if approximate == "tanh":
+        t = xp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x))
+        return 0.5 * x * (1.0 + t), (x, approximate, t)
+    cdf = 0.5 * (1.0 + erf(x * (1.0 / math.sqrt(2.0))))  # Phi(x), the normal CDF
+    return x * cdf, (x, approximate, cdf)
+
+
+def gelu_backward(dout, cache):
+    r"""Gradient of :func:`gelu_forward`.
+
+    .. math::
+        \frac{d}{dx}\, x\Phi(x) = \Phi(x) + x\,\varphi(x), \qquad \varphi(x) = \frac{e^{-x^2/2}}{\sqrt{2\pi}}
+
+    and for the tanh form :math:`\frac12(1 + t) + \frac x2 (1 - t^2)\sqrt{2/\pi}\,(1 + 3 \cdot 0.044715\, x^2)`
+    with :math:`t = \tanh u`.
+
+    Returns
+    -------
+    dx : array, the shape of ``x``
+    """
+    x, approximate, aux = cache
+    xp = array_namespace(dout, x, names=["dout", "x"])
+    if tuple(dout.shape) != tuple(x.shape):
+        raise ValueError(f"gelu_backward: dout must have the output's shape {tuple(x.shape)}, got {tuple(dout.shape)}")
+    if approximate == "tanh":
+        t = aux
+        du = math.sqrt(2.0 / math.pi) * (1.0 + 3 * 0.044715 * x * x)
+        return dout * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du)
+    pdf = xp.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))
+    return dout * (aux + x * pdf)

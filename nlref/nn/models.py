@@ -48,9 +48,11 @@ from . import functional as F
 from .block import NonLocalBlock
 from .nonlocal_op import MODES
 
-__all__ = ["VideoNet", "FLAVOURS", "EXTENTS", "STAGES", "nonlocal_slots"]
+__all__ = ["VideoNet", "VideoTransformer", "FLAVOURS", "MODELS", "EXTENTS", "STAGES", "nonlocal_slots"]
 
 FLAVOURS = ("c2d", "i3d", "i3d_3x1x1")
+#: What ``nlref train --model`` builds: a :class:`VideoNet` flavour or the :class:`VideoTransformer`.
+MODELS = FLAVOURS + ("transformer",)
 #: Which positions a non-local block relates (all of space-time, the same frame, or the same place).
 EXTENTS = ("spacetime", "space", "time")
 STAGES = ("res2", "res3", "res4")
@@ -545,3 +547,273 @@ class VideoNet:
         return (f"VideoNet({c['flavour']!r}, nonlocal_blocks={c['nonlocal_blocks']}, slots={self.slots}, "
                 f"mode={c['mode']!r}, extent={c['extent']!r}, widths={tuple(c['widths'])}, "
                 f"blocks={tuple(c['blocks'])}, params={self.num_params()})")
+
+
+# =========================================================================== a small space-time transformer
+class _Collected:
+    """``params``, ``grads`` and ``buffers`` as :class:`VideoNet` has them, gathered from ``_leaves``.
+
+    (A base class, so that the API pages keep one documented target for each of the three names.)
+    """
+
+    @property
+    def params(self):
+        return self._collect("params")
+
+    @property
+    def grads(self):
+        return self._collect("grads")
+
+    @property
+    def buffers(self):
+        return {}  # no batch norm, no running statistics
+
+
+class VideoTransformer(_Collected):
+    r"""A small space-time transformer for clips, trained by the hand-written backward passes.
+
+    ::
+
+        tubelets  (B, C, T, H, W) -> (B, N, C pt ph pw), N = T/pt * H/ph * W/pw
+        embed     linear to E channels                                   (B, N, E)
+        positions + PositionalEncoding((T', H', W'), E)                  (B, N, E)
+        [cls]     a learned class token in front                         (B, 1 + N, E)
+        blocks    depth x TransformerBlock (pre-norm, every token attends to all of space-time)
+        norm      LayerNorm
+        pool      mean over the N tokens, or the class token             (B, E)
+        head      linear to the classes                                  (B, classes)
+
+    It has the interface of :class:`VideoNet` that :func:`nlref.train.train` and the
+    optimisers use (``params``, ``grads``, ``buffers``, ``set_param``, ``no_decay``,
+    ``train``/``eval``, ``forward(x, dropout_seed=)``, ``backward``, ``state_dict``,
+    ``load_state_dict``), with dotted names: ``patch_embed.weight``, ``pos.time``,
+    ``blocks.0.self_attn.in_proj_weight`` (PyTorch's names inside a block), ``norm.weight``,
+    ``head.weight``... It has no dropout (``dropout_seed`` is accepted and unused).
+
+    Parameters
+    ----------
+    frames, size : int
+        The clip's T and H = W.
+    in_channels, num_classes : int
+    tubelet : 3 ints
+        (pt, ph, pw), dividing (T, H, W): (1, 4, 4) makes one token per 4x4 patch of each frame.
+    embed_dim, depth, num_heads, mlp_dim : int
+        ``E``, the number of blocks, heads per block, the MLP's width.
+    pos : {"learned", "sinusoidal"}
+        Factorised space-time encodings (see :class:`~nlref.nn.attention.PositionalEncoding`).
+    pool : {"mean", "cls"}
+    dtype, seed, xp :
+        As :class:`VideoNet`.
+    """
+
+    POOLS = ("mean", "cls")
+
+    def __init__(self, *, frames=8, size=16, in_channels=1, num_classes=2, tubelet=(1, 4, 4), embed_dim=32,
+                 depth=2, num_heads=2, mlp_dim=64, pos="learned", pool="mean", dtype="float32", seed=0, xp=None):
+        from .attention import ENCODINGS, PositionalEncoding, TransformerBlock
+
+        ints = {"frames": frames, "size": size, "in_channels": in_channels, "num_classes": num_classes,
+                "embed_dim": embed_dim, "depth": depth, "num_heads": num_heads, "mlp_dim": mlp_dim}
+        for name, value in ints.items():
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        tubelet = tuple(tubelet) if isinstance(tubelet, (tuple, list)) else (tubelet,)
+        if len(tubelet) != 3 or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1
+                                        for v in tubelet):
+            raise ValueError(f"tubelet must be 3 positive integers (pt, ph, pw), got {tubelet!r}")
+        if frames % tubelet[0] or size % tubelet[1] or size % tubelet[2]:
+            raise ValueError(f"tubelet {tubelet} must divide the clip (frames, size, size) = "
+                             f"({frames}, {size}, {size})")
+        if embed_dim % num_heads:
+            raise ValueError(f"num_heads ({num_heads}) must divide embed_dim ({embed_dim})")
+        if pos not in ENCODINGS:
+            raise ValueError(f"pos must be one of {ENCODINGS}, got {pos!r}")
+        if pool not in self.POOLS:
+            raise ValueError(f"pool must be one of {self.POOLS}, got {pool!r}")
+        dtype = dtype if isinstance(dtype, str) else B.dtype_name(dtype)
+        if dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+        self.config = {"frames": int(frames), "size": int(size), "in_channels": int(in_channels),
+                       "num_classes": int(num_classes), "tubelet": [int(v) for v in tubelet],
+                       "embed_dim": int(embed_dim), "depth": int(depth), "num_heads": int(num_heads),
+                       "mlp_dim": int(mlp_dim), "pos": pos, "pool": pool, "dtype": dtype}
+        self.xp = B.compat_namespace(np if xp is None else xp)
+        self.dtype = dtype
+        self.tubelet = tuple(int(v) for v in tubelet)
+        self.grid = (frames // tubelet[0], size // tubelet[1], size // tubelet[2])
+        self.num_tokens = math.prod(self.grid)
+        self.training = True
+        rng = np.random.default_rng(seed)
+
+        def make(host):
+            return B.asarray(np.asarray(host), xp=self.xp, dtype=getattr(self.xp, dtype))
+
+        e, patch = int(embed_dim), int(in_channels) * math.prod(self.tubelet)
+        self.patch_embed = Layer()
+        self.patch_embed.params = {"weight": make(rng.uniform(-1, 1, (e, patch)) / math.sqrt(patch)),
+                                   "bias": make(rng.uniform(-1, 1, e) / math.sqrt(patch))}
+        self.pos = PositionalEncoding(self.grid, e, kind=pos, dtype=dtype, seed=int(rng.integers(2**31)), xp=xp)
+        self.cls = Layer()
+        if pool == "cls":
+            self.cls.params = {"token": make(0.02 * rng.standard_normal((1, 1, e)))}
+        self.blocks = [TransformerBlock(e, num_heads, mlp_dim, dtype=dtype, seed=int(rng.integers(2**31)), xp=xp)
+                       for _ in range(depth)]
+        self.norm = Layer()
+        self.norm.params = {"weight": make(np.ones(e)), "bias": make(np.zeros(e))}
+        self.head = Layer()
+        bound = 1.0 / math.sqrt(e)
+        self.head.params = {"weight": make(rng.uniform(-bound, bound, (num_classes, e))),
+                            "bias": make(rng.uniform(-bound, bound, num_classes))}
+        self._leaves = {"patch_embed": self.patch_embed, "pos": self.pos, "cls": self.cls, "norm": self.norm,
+                        "head": self.head, **{f"blocks.{i}": b for i, b in enumerate(self.blocks)}}
+        self._cache = None
+
+    # ------------------------------------------------------------------ bookkeeping (as VideoNet)
+    def _collect(self, attr):
+        return {f"{name}.{key}": value for name, leaf in self._leaves.items()
+                for key, value in getattr(leaf, attr).items()}
+
+
+    def _owner(self, key):
+        for name, leaf in self._leaves.items():
+            if key.startswith(name + ".") and key[len(name) + 1:] in leaf.params:
+                return leaf, key[len(name) + 1:]
+        raise KeyError(key)
+
+    def set_param(self, key, value):
+        """Replace parameter ``key`` (used by the optimiser)."""
+        leaf, leaf_key = self._owner(key)
+        leaf.params[leaf_key] = value
+
+    def no_decay(self, key):
+        """True for biases, LayerNorm gains, positional tables and the class token (no weight decay)."""
+        return (key.endswith("bias") or key.startswith(("pos.", "cls.", "norm."))
+                or ".norm1." in key or ".norm2." in key)
+
+    def num_params(self):
+        return int(sum(math.prod(v.shape) for v in self.params.values()))
+
+    def train(self):
+        """A flag only (no dropout, no batch norm). Returns self."""
+        self.training = True
+        return self
+
+    def eval(self):
+        """See :meth:`train`. Returns self."""
+        self.training = False
+        return self
+
+    # ------------------------------------------------------------------ tubelets
+    def _patches(self, x):
+        """(B, C, T, H, W) -> (B, N, C pt ph pw), tokens row-major over the (T', H', W') grid."""
+        xp = self.xp
+        b, c = x.shape[0], x.shape[1]
+        (t, h, w), (pt, ph, pw) = self.grid, self.tubelet
+        x = xp.reshape(x, (b, c, t, pt, h, ph, w, pw))
+        x = xp.permute_dims(x, (0, 2, 4, 6, 1, 3, 5, 7))
+        return xp.reshape(x, (b, t * h * w, c * pt * ph * pw))
+
+    def _unpatch(self, d, x_shape):
+        xp = self.xp
+        b, c = x_shape[0], x_shape[1]
+        (t, h, w), (pt, ph, pw) = self.grid, self.tubelet
+        d = xp.reshape(d, (b, t, h, w, c, pt, ph, pw))
+        return xp.reshape(xp.permute_dims(d, (0, 4, 1, 5, 2, 6, 3, 7)), x_shape)
+
+    # ------------------------------------------------------------------ passes
+    def _check_input(self, x):
+        xp = B.array_namespace(x, names=["x"])
+        c, t, s = self.config["in_channels"], self.config["frames"], self.config["size"]
+        if tuple(x.shape[1:]) != (c, t, s, s) or x.ndim != 5:
+            raise ValueError(f"x must have shape (B, {c}, {t}, {s}, {s}) (the clip size the transformer was built "
+                             f"for), got {tuple(x.shape)}")
+        if B.dtype_name(x.dtype) != self.dtype:
+            raise TypeError(f"x must be {self.dtype} like the network, got {B.dtype_name(x.dtype)}")
+        if B.compat_namespace(xp) is not self.xp and not (B.is_numpy(xp) and B.is_numpy(self.xp)):
+            raise TypeError(f"x is a {getattr(xp, '__name__', xp)} array but the network lives in "
+                            f"{getattr(self.xp, '__name__', self.xp)}")
+
+    def forward(self, x, *, dropout_seed=None, return_attention=False):
+        """Logits for a batch of clips, shape (B, num_classes).
+
+        With ``return_attention``, also ``{"blocks.i": (B, h, N', N') attention}`` of every
+        block (``N' = N + 1`` with a class token, which comes first).
+        """
+        self._check_input(x)
+        xp, e = self.xp, self.config["embed_dim"]
+        b = x.shape[0]
+        n = self.num_tokens
+        tokens, c_embed = F.linear_forward(xp.reshape(self._patches(x), (b * n, -1)),
+                                           self.patch_embed.params["weight"], self.patch_embed.params["bias"])
+        h = self.pos.forward(xp.reshape(tokens, (b, n, e)))
+        if self.config["pool"] == "cls":
+            token = self.cls.params["token"]
+            h = xp.concat([xp.broadcast_to(token, (b, 1, e)), h], axis=1)
+        attention = {}
+        for i, block in enumerate(self.blocks):
+            if return_attention:
+                h, attention[f"blocks.{i}"] = block.forward(h, return_attention=True)
+            else:
+                h = block.forward(h)
+        h, c_norm = F.layernorm_forward(h, self.norm.params["weight"], self.norm.params["bias"])
+        pooled = h[:, 0, :] if self.config["pool"] == "cls" else xp.mean(h, axis=1)
+        logits, c_head = F.linear_forward(pooled, self.head.params["weight"], self.head.params["bias"])
+        self._cache = (tuple(x.shape), tuple(h.shape), c_embed, c_norm, c_head)
+        return (logits, attention) if return_attention else logits
+
+    def backward(self, dlogits, *, input_grad=True):
+        """Back-propagate dL/dlogits; sets ``grads``, returns dL/dx (None with ``input_grad=False``)."""
+        if self._cache is None:
+            raise RuntimeError("VideoTransformer.backward needs a forward pass before it (and runs once per forward)")
+        x_shape, h_shape, c_embed, c_norm, c_head = self._cache
+        self._cache = None
+        xp, e = self.xp, self.config["embed_dim"]
+        b, m = h_shape[0], h_shape[1]
+        dpooled, self.head.grads["weight"], self.head.grads["bias"] = F.linear_backward(dlogits, c_head)
+        if self.config["pool"] == "cls":
+            rest = xp.zeros((b, m - 1, e), dtype=dpooled.dtype, device=B.device(dpooled))
+            dh = xp.concat([dpooled[:, None, :], rest], axis=1)
+        else:
+            dh = xp.broadcast_to(dpooled[:, None, :] / m, (b, m, e))
+        dh, self.norm.grads["weight"], self.norm.grads["bias"] = F.layernorm_backward(dh, c_norm)
+        for block in reversed(self.blocks):
+            dh = block.backward(dh)
+        if self.config["pool"] == "cls":
+            self.cls.grads["token"] = xp.sum(dh[:, :1, :], axis=0, keepdims=True)
+            dh = dh[:, 1:, :]
+        dh = self.pos.backward(dh)
+        dp, self.patch_embed.grads["weight"], self.patch_embed.grads["bias"] = F.linear_backward(
+            xp.reshape(dh, (b * self.num_tokens, e)), c_embed)
+        if not input_grad:
+            return None
+        return self._unpatch(xp.reshape(dp, (b, self.num_tokens, -1)), x_shape)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self):
+        """Host NumPy copies of every parameter, by dotted name."""
+        return {k: np.array(B.to_numpy(v)) for k, v in self.params.items()}
+
+    def load_state_dict(self, state):
+        """Load parameters; the whole dict is validated before anything changes (ValueError naming the key)."""
+        own = self.params
+        missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or extra:
+            raise ValueError(f"state dict does not fit this network: missing {missing[:5]}, unexpected {extra[:5]}")
+        host = {}
+        for key, ref in own.items():
+            value = np.array(B.to_numpy(state[key]))
+            if value.shape != tuple(ref.shape):
+                raise ValueError(f"state dict entry {key!r} has shape {value.shape}, expected {tuple(ref.shape)}")
+            if not np.all(np.isfinite(value)):
+                raise ValueError(f"state dict entry {key!r} holds non-finite values")
+            host[key] = value
+        for key, value in host.items():
+            self.set_param(key, B.asarray(value, xp=self.xp, dtype=getattr(self.xp, self.dtype)))
+        return self
+
+    def __repr__(self):
+        c = self.config
+        return (f"VideoTransformer(tubelet={tuple(c['tubelet'])}, tokens={self.num_tokens}, "
+                f"embed_dim={c['embed_dim']}, "
+                f"depth={c['depth']}, num_heads={c['num_heads']}, mlp_dim={c['mlp_dim']}, pos={c['pos']!r}, "
+                f"pool={c['pool']!r}, params={self.num_params()})")
