@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from nlref import course
 from nlref.exercises import ch08
 from nlref.nn import functional as F
 from nlref.nn.attention import MultiHeadAttention, sinusoidal_encoding
@@ -110,13 +111,13 @@ def _cells():
 
 
 def _solution_cells():
-    return [src for src, kind in _cells() if kind == "code" and "### BEGIN SOLUTION" in src]
+    """The graded exercises' cells: a function whose body is a marked solution."""
+    return [src for src, kind in _cells() if kind == "code" and src.startswith("def ") and "### BEGIN SOLUTION" in src]
 
 
 def _student_edition(src):
-    """What the student edition holds: each solution region replaced by ``raise NotImplementedError``."""
-    pattern = re.compile(r"^([ \t]*)### BEGIN SOLUTION\n.*?^[ \t]*### END SOLUTION[ \t]*$", re.S | re.M)
-    return pattern.sub(lambda m: f"{m.group(1)}raise NotImplementedError", src)
+    """What ``nlref course --student`` makes of the cell: the solution replaced by ``raise NotImplementedError``."""
+    return course.student_source(src, where="chapter 8")
 
 
 def _run(sources):
@@ -142,3 +143,15 @@ def test_notebook_solutions_pass_and_student_edition_is_unanswered(capsys):
     student = _run([_student_edition(src) for src in _solution_cells()])
     assert ch08.ex1(student["layernorm_backward_mine"]) is None
     assert ch08.ex2(student["mha_backward_mine"]) is None
+
+
+def test_levels_match_the_notebook():
+    """ch08.LEVELS (read by the teachers' page) says what each exercise's text says; GRADED are the backward passes."""
+    found = {}
+    for src, kind in _cells():
+        label = re.search(r":label: ch08-(ex\d+)", src) if kind == "markdown" else None
+        level = re.search(r"\*\*Level:\*\* (warm-up|core|stretch), about (\d+) minutes", src)
+        if label and level:
+            found[label.group(1)] = (level.group(1), int(level.group(2)))
+    assert found == ch08.LEVELS
+    assert set(ch08.GRADED) == {"ex1", "ex2"} and set(ch08.GRADED) <= set(ch08.LEVELS)

@@ -14,7 +14,12 @@ import numpy as np
 from . import _report, check_close, not_answered
 from ._student import call
 
-__all__ = ["ex1", "ex2", "ex3", "ex4"]
+__all__ = ["LEVELS", "GRADED", "ex1", "ex2", "ex3", "ex4"]
+
+#: Each exercise's level and time estimate in minutes (the teachers' page and the syllabus use them).
+LEVELS = {"ex1": ("core", 20), "ex2": ("stretch", 45), "ex3": ("warm-up", 5), "ex4": ("warm-up", 10)}
+#: The graded implementation exercises (the student writes a backward pass, checked against nlref's).
+GRADED = ("ex1", "ex2")
 
 
 def _student(name, func, *args):
