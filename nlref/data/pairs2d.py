@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import backend as B
-from .sprites import GLYPHS, RELATIONS, _check_int, _levels, additive_ceiling
+from .sprites import GLYPHS, RELATIONS, _check_int, _levels, _paired_kinds, additive_ceiling
 
 __all__ = ["PairImages", "pair_images", "pair_splits", "additive_ceiling", "position_aware_ceiling"]
 
@@ -130,10 +130,7 @@ def pair_images(n, *, seed=0, relation="brightness", size=24, margin=3, kinds=4,
         raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
 
-    labels = rng.permutation(np.arange(n) % 2)              # balanced: floor/ceil of n/2 each
-    kind1 = rng.integers(0, kinds, n)
-    other = (kind1 + rng.integers(1, kinds, n)) % kinds     # uniform over the other kinds
-    kind = np.stack([kind1, np.where(labels == 1, kind1, other)], axis=1)
+    labels, kind = _paired_kinds(rng, n, kinds)
 
     quad = size // 2
     quadrant = rng.integers(0, 4, n)                         # shape 1's quadrant; shape 2 opposite

@@ -90,6 +90,17 @@ def _check_int(name, value, minimum):
     return int(value)
 
 
+def _paired_kinds(rng, n, kinds):
+    """``(labels, kind)``: n balanced 0/1 labels and each example's two kinds, equal where the label is 1.
+
+    labels (n,) int; kind (n, 2) int in [0, kinds). A second kind is uniform over the other kinds.
+    """
+    labels = rng.permutation(np.arange(n) % 2)              # balanced: floor/ceil of n/2 each
+    kind1 = rng.integers(0, kinds, n)
+    other = (kind1 + rng.integers(1, kinds, n)) % kinds     # uniform over the other kinds
+    return labels, np.stack([kind1, np.where(labels == 1, kind1, other)], axis=1)
+
+
 def sprite_clips(n, *, seed=0, relation="brightness", frames=8, size=32, kinds=8, channels=1, duration=3,
                  noise=0.05, xp=None, dtype="float32"):
     """Generate ``n`` labelled clips of the two-sprite "same kind?" task.
@@ -144,10 +155,7 @@ def sprite_clips(n, *, seed=0, relation="brightness", frames=8, size=32, kinds=8
         raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
 
-    labels = rng.permutation(np.arange(n) % 2)              # balanced: floor/ceil of n/2 each
-    kind1 = rng.integers(0, kinds, n)
-    other = (kind1 + rng.integers(1, kinds, n)) % kinds     # uniform over the other kinds
-    kind = np.stack([kind1, np.where(labels == 1, kind1, other)], axis=1)
+    labels, kind = _paired_kinds(rng, n, kinds)
 
     half = frames // 2
     start = rng.integers(0, half - duration + 1, (n, 2))
