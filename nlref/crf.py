@@ -127,12 +127,22 @@ def _check_step(q, unary, kernels, compat):
         raise ValueError(f"compat must have shape (L, L) = {(q.shape[0],) * 2}, got {tuple(compat.shape)}")
     for name, a in (("q", q), ("unary", unary), ("compat", compat)):
         _float(name, a)
-    kernels = list(kernels)
-    for w, f in kernels:
+    try:
+        kernels = [tuple(k) for k in kernels]
+    except TypeError:
+        raise TypeError(f"kernels must be a sequence of (weight, features) pairs, got {type(kernels).__name__}") from None
+    for k in kernels:
+        if len(k) != 2:
+            raise ValueError(f"each kernel must be a (weight, features) pair, got {len(k)} items")
+        w, f = k
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
             raise ValueError(f"each kernel weight must be a finite number, got {w!r}")
-        if f.ndim != 2 or f.shape[1] != q.shape[1]:
-            raise ValueError(f"each kernel's features must have shape (d, N={q.shape[1]}), got {tuple(f.shape)}")
+        if getattr(f, "ndim", None) != 2 or f.shape[1] != q.shape[1]:
+            raise ValueError(f"each kernel's features must have shape (d, N={q.shape[1]}), "
+                             f"got {tuple(getattr(f, 'shape', ()))}")
+    dtypes = {dtype_name(a.dtype) for a in [q, unary, compat] + [f for _, f in kernels]}
+    if len(dtypes) > 1:
+        raise TypeError(f"q, unary, compat and the kernels' features must share one dtype, got {sorted(dtypes)}")
     return kernels
 
 

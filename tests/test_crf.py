@@ -125,3 +125,10 @@ def test_integer_input_raises_type_error():
         crf.gaussian_message(np.zeros((2, 5), dtype=int), np.zeros((2, 5)))
     with pytest.raises(TypeError, match="share one dtype"):
         crf.gaussian_message(np.zeros((2, 5), dtype=np.float32), np.zeros((2, 5)))
+    q = np.full((2, 5), 0.5)
+    with pytest.raises(TypeError, match="share one dtype"):
+        crf.mean_field_step(q, q, [(1.0, np.zeros((2, 5), dtype=np.float32))], crf.potts(2))
+    with pytest.raises(TypeError, match="kernels must be a sequence"):
+        crf.mean_field_step(q, q, 3, crf.potts(2))
+    with pytest.raises(ValueError, match=r"\(weight, features\) pair"):
+        crf.mean_field_step(q, q, [(1.0,)], crf.potts(2))
