@@ -111,7 +111,19 @@ def train_step(params, x, labels, lr):
     return loss, {k: params[k] - lr * grads[k] for k in params}
 
 
-RIGHT = {ch02.ex6: pixel_weights, ch04.ex7: softmax_backward, ch04.ex8: batchnorm_backward_train,
+def mean_field_update(q, unary, kernel, mu):
+    off = kernel - np.diag(np.diag(kernel))                      # j != i
+    z = -unary - mu @ (q @ off.T)
+    e = np.exp(z - z.max(axis=0))
+    return e / e.sum(axis=0)
+
+
+def _softmax(z, axis):
+    e = np.exp(z - z.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+RIGHT = {ch02.ex6: pixel_weights, ch03.ex5: mean_field_update, ch04.ex7: softmax_backward, ch04.ex8: batchnorm_backward_train,
          ch04.ex9: matmul_backward, ch05.ex6: attention_backward, ch05.ex7: online_update,
          ch06.ex6: conv3d_naive, ch06.ex7: conv3d_naive_backward, ch07.ex7: train_step}
 
@@ -144,6 +156,11 @@ WRONG = {
     ch02.ex6: [lambda v, p, s, h, pa, se: pixel_weights(v, p, 0.0, h, pa, se),          # no 2 sigma^2
                lambda v, p, s, h, pa, se: pixel_weights(v, p, s, h, pa, se).T,            # transposed
                lambda v, p, s, h, pa, se: pixel_weights(v, p, s, h, pa, se)[1:, 1:]],      # wrong shape
+    ch03.ex5: [lambda q, u, k, mu: _softmax(-u - mu @ (q @ k.T), 0),                      # j = i kept
+               lambda q, u, k, mu: mean_field_update(q, u, k, np.eye(len(mu))),          # mu forgotten
+               lambda q, u, k, mu: _softmax(-u - mu @ (q @ (k - np.diag(np.diag(k))).T), 1),   # over the pixels
+               lambda q, u, k, mu: mean_field_update(q, u, k, mu).T,                     # (N, L)
+               lambda q, u, k, mu: _softmax(-u, 0)],                                     # the unaries alone
     ch04.ex7: [lambda dp, p: p * dp,                                                     # the diagonal only
                lambda dp, p: dp - np.sum(dp * p, axis=-1, keepdims=True),                # p forgotten
                lambda dp, p: softmax_backward(dp, p)[..., :-1]],

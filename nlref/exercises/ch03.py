@@ -10,14 +10,16 @@ from __future__ import annotations
 import numpy as np
 
 from . import _report, check_close, check_true, not_answered
+from ._graded import Wrong, attempt, compare, verdict
 from ._student import call
 
-__all__ = ["LEVELS", "GRADED", "ex1", "ex2", "ex3", "ex4", "patch_vectors", "feature_map", "dot_output_ratio"]
+__all__ = ["LEVELS", "GRADED", "ex1", "ex2", "ex3", "ex4", "ex5", "patch_vectors", "feature_map", "dot_output_ratio"]
 
 #: Each exercise's level and time estimate in minutes (the teachers' page and the syllabus use them).
-LEVELS = {"ex1": ("core", 30), "ex2": ("core", 25), "ex3": ("core", 20), "ex4": ("stretch", 40)}
-#: The graded implementation exercises of this chapter (none, its checks take values).
-GRADED = ()
+LEVELS = {"ex1": ("core", 30), "ex2": ("core", 25), "ex3": ("core", 20), "ex4": ("stretch", 40),
+          "ex5": ("core", 30)}
+#: The graded implementation exercises of this chapter (the others' checks take values).
+GRADED = ("ex5",)
 
 SIGMA, K = 0.08, 5
 H_FILTER = 0.4 * SIGMA
@@ -142,3 +144,44 @@ def ex4(answer, *, shape=(8, 56, 56), itemsize=4):
         return None
     n = int(np.prod(shape))
     return check_close("ch03 ex4", answer, itemsize * n * n, rtol=1e-9)
+
+
+def crf_problem(seed, n_labels=3, n=12):
+    """``(q, unary, kernel, mu, expected)``: a random dense-CRF update for :func:`ex5`.
+
+    The kernel is ``1.5 exp(-|a_i - a_j|^2 / 2) + 0.5 exp(-|b_i - b_j|^2 / 2)`` on random
+    features (its diagonal is 2, not 0); ``mu`` is random (not Potts), and ``expected``
+    is :func:`nlref.crf.mean_field_reference`.
+    """
+    from ..crf import mean_field_reference
+
+    rng = np.random.default_rng(seed)
+    fa, fb = rng.standard_normal((4, n)), rng.standard_normal((2, n))
+    kernel = sum(w * np.exp(-np.sum((f[:, :, None] - f[:, None, :]) ** 2, axis=0) / 2)
+                 for w, f in ((1.5, fa), (0.5, fb)))
+    unary = rng.standard_normal((n_labels, n))
+    q = rng.dirichlet(np.ones(n_labels), size=n).T
+    mu = rng.uniform(0, 2, (n_labels, n_labels))
+    return q, unary, kernel, mu, mean_field_reference(q, unary, [(1.5, fa), (0.5, fb)], mu)
+
+
+def ex5(answer):
+    """``mean_field_update(q, unary, kernel, mu)``: one mean-field update of a dense CRF, shape (L, N).
+
+    Graded (core, about 30 minutes): ``q`` and ``unary`` (L, N), ``kernel`` the (N, N)
+    matrix ``sum_m w_m k_m(f_i, f_j)`` *with* its diagonal, ``mu`` (L, L). Expected:
+    ``Q_i(l) = softmax_l(-unary_i(l) - sum_l' mu(l, l') sum_{j != i} kernel_ij q_j(l'))``,
+    compared with :func:`nlref.crf.mean_field_reference` on two random problems (3 labels
+    and 2 labels, 12 pixels) with ``rtol=1e-7, atol=1e-9``. Keeping ``j = i``, forgetting
+    ``mu`` or normalising over the pixels instead of the labels fails.
+    """
+    def run():
+        ok = True
+        for seed, labels in ((30, 3), (31, 2)):
+            q, unary, kernel, mu, want = crf_problem(seed, labels)
+            got = attempt("ch03 ex5", answer, q.copy(), unary.copy(), kernel.copy(), mu.copy())
+            if got is None:
+                raise Wrong("your function returned None (return the new marginals)")
+            ok &= compare(f"Q, {labels} labels (vs nlref)", got, want)
+        return ok
+    return verdict("ch03 ex5", run)

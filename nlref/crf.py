@@ -1,0 +1,187 @@
+r"""One mean-field update of a dense CRF as a non-local operation.
+
+Krähenbühl and Koltun (*Efficient Inference in Fully Connected CRFs with Gaussian
+Edge Potentials*, NeurIPS 2011) label every pixel ``i`` of an image with one of
+``L`` labels. The energy has a unary term :math:`\psi_u(x_i)` per pixel and a
+pairwise term for *every* pair of pixels,
+:math:`\mu(x_i, x_j) \sum_m w^{(m)} k^{(m)}(f_i, f_j)`, with Gaussian kernels on
+feature vectors: the appearance (bilateral) kernel on positions ``p`` and colours
+``I`` and the smoothness kernel on positions,
+
+.. math::
+
+    k(f_i, f_j) = w^{(1)} \exp\Big(-\frac{|p_i - p_j|^2}{2\theta_\alpha^2}
+                                  - \frac{|I_i - I_j|^2}{2\theta_\beta^2}\Big)
+                + w^{(2)} \exp\Big(-\frac{|p_i - p_j|^2}{2\theta_\gamma^2}\Big).
+
+Their mean-field update (Algorithm 1) is
+
+.. math::
+
+    Q_i(l) = \frac{1}{Z_i} \exp\Big(-\psi_u(x_i = l)
+             - \sum_{l'} \mu(l, l') \sum_m w^{(m)} \sum_{j \ne i} k^{(m)}(f_i, f_j)\, Q_j(l')\Big).
+
+Scale the features, ``f = [p / theta_alpha; I / theta_beta]`` and ``f = p / theta_gamma``,
+and each kernel becomes :math:`\exp(-|f_i - f_j|^2 / 2)`: the message
+:math:`\sum_{j \ne i} \exp(-|f_i - f_j|^2/2) Q_j` is the non-local operation
+:math:`\sum_j f(x_i, x_j) g(x_j)` with a Gaussian pairwise function, ``g`` the current
+marginals, ``C(x) = 1`` and the self term left out. :func:`gaussian_message` computes it
+with :func:`nlref.nn.nonlocal_op.nonlocal_forward`; :func:`mean_field_reference` is the
+loop over pixels it is checked against.
+
+Arrays: features ``(d, N)``, marginals and unaries ``(L, N)`` (``N`` pixels, row-major),
+the compatibility ``mu`` ``(L, L)``. NumPy, array-api-strict, CuPy.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .backend import array_namespace, dtype_name
+
+__all__ = ["crf_features", "potts", "gaussian_message", "mean_field_step", "mean_field_reference"]
+
+
+def _float(name, a):
+    if dtype_name(a.dtype) not in ("float32", "float64"):
+        raise TypeError(f"{name} must be a float32 or float64 array, got dtype {dtype_name(a.dtype)}")
+
+
+def _positive(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+
+
+def crf_features(image, *, theta_alpha, theta_beta, theta_gamma):
+    """``(bilateral, smoothness)`` feature vectors of an ``(H, W)`` or ``(H, W, C)`` float image.
+
+    ``bilateral`` is ``[row / theta_alpha; col / theta_alpha; I / theta_beta]``, shape
+    ``(2 + C, H W)``; ``smoothness`` is ``[row / theta_gamma; col / theta_gamma]``, shape
+    ``(2, H W)``; pixels in row-major order. With these, both kernels are
+    ``exp(-|f_i - f_j|^2 / 2)``.
+    """
+    for name, v in (("theta_alpha", theta_alpha), ("theta_beta", theta_beta), ("theta_gamma", theta_gamma)):
+        _positive(name, v)
+    if image.ndim not in (2, 3):
+        raise ValueError(f"image must have shape (H, W) or (H, W, C), got {tuple(image.shape)}")
+    _float("image", image)
+    xp = array_namespace(image)
+    h, w = image.shape[:2]
+    colours = xp.reshape(image, (h * w, 1 if image.ndim == 2 else image.shape[2])).T
+    idx = xp.arange(h * w, dtype=image.dtype)
+    rows = xp.floor(idx / w)
+    pos = xp.stack([rows, idx - rows * w])                       # (2, N): row, column
+    return xp.concat([pos / theta_alpha, colours / theta_beta]), pos / theta_gamma
+
+
+def potts(n_labels, *, like=None):
+    """The Potts compatibility ``mu(l, l') = [l != l']``, shape ``(L, L)``, float64 (or ``like``'s)."""
+    if isinstance(n_labels, bool) or not isinstance(n_labels, int) or n_labels < 2:
+        raise ValueError(f"n_labels must be an int >= 2, got {n_labels!r}")
+    xp = np if like is None else array_namespace(like)
+    dtype = xp.float64 if like is None else like.dtype
+    return xp.ones((n_labels, n_labels), dtype=dtype) - xp.eye(n_labels, dtype=dtype)
+
+
+def gaussian_message(features, q):
+    r"""``m_i = sum_{j != i} exp(-|f_i - f_j|^2 / 2) q_j``, shape ``(L, N)``, by nlref's non-local operation.
+
+    The embedded Gaussian with ``theta_i = [f_i; -|f_i|^2/2; 1]`` and
+    ``phi_j = [f_j; 1; -|f_j|^2/2]`` has logits ``theta_i^T phi_j = -|f_i - f_j|^2 / 2``:
+    the pairwise function is the Gaussian kernel, but divided by ``C_i = sum_j f_ij``.
+    One extra key with ``phi = 0`` (logit 0, weight 1 for every query) and value
+    ``[0; 1]`` (the marginals get a zero there, an extra channel is 1 only there)
+    makes that channel's output ``1 / (C_i + 1)`` and the others
+    ``sum_j f_ij q_j / (C_i + 1)``: their ratio is the unnormalised sum (``C(x) = 1``).
+    The self term ``f_ii q_i = q_i`` is then subtracted (``j != i``).
+    """
+    from .nn.nonlocal_op import nonlocal_forward
+
+    if features.ndim != 2 or q.ndim != 2 or features.shape[1] != q.shape[1]:
+        raise ValueError(f"features must be (d, N) and q (L, N) with the same N, got {tuple(features.shape)} "
+                         f"and {tuple(q.shape)}")
+    _float("features", features)
+    _float("q", q)
+    if features.dtype != q.dtype:
+        raise TypeError(f"features and q must share one dtype, got {dtype_name(features.dtype)} and "
+                        f"{dtype_name(q.dtype)}")
+    xp = array_namespace(features, q)
+    n_labels, n = q.shape
+    half = xp.sum(features**2, axis=0, keepdims=True) / 2       # (1, N)
+    ones = xp.ones((1, n), dtype=q.dtype)
+    theta = xp.concat([features, -half, ones])[None, ...]             # (1, d + 2, N)
+    phi = xp.concat([xp.concat([features, ones, -half]), xp.zeros((features.shape[0] + 2, 1), dtype=q.dtype)],
+                    axis=1)[None, ...]                           # (1, d + 2, N + 1): the extra key is 0
+    extra = xp.concat([xp.zeros((1, n), dtype=q.dtype), xp.ones((1, 1), dtype=q.dtype)], axis=1)
+    g = xp.concat([xp.concat([q, xp.zeros((n_labels, 1), dtype=q.dtype)], axis=1), extra])[None, ...]
+    y, _ = nonlocal_forward(theta, phi, g, mode="embedded_gaussian")
+    return y[0, :n_labels, :] / y[0, n_labels:, :] - q
+
+
+def _check_step(q, unary, kernels, compat):
+    if q.ndim != 2 or unary.shape != q.shape:
+        raise ValueError(f"q and unary must have one shape (L, N), got {tuple(q.shape)} and {tuple(unary.shape)}")
+    if compat.shape != (q.shape[0], q.shape[0]):
+        raise ValueError(f"compat must have shape (L, L) = {(q.shape[0],) * 2}, got {tuple(compat.shape)}")
+    for name, a in (("q", q), ("unary", unary), ("compat", compat)):
+        _float(name, a)
+    try:
+        kernels = [tuple(k) for k in kernels]
+    except TypeError:
+        raise TypeError(f"kernels must be a sequence of (weight, features) pairs, got {type(kernels).__name__}") from None
+    for k in kernels:
+        if len(k) != 2:
+            raise ValueError(f"each kernel must be a (weight, features) pair, got {len(k)} items")
+        w, f = k
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+            raise ValueError(f"each kernel weight must be a finite number, got {w!r}")
+        if getattr(f, "ndim", None) != 2 or f.shape[1] != q.shape[1]:
+            raise ValueError(f"each kernel's features must have shape (d, N={q.shape[1]}), "
+                             f"got {tuple(getattr(f, 'shape', ()))}")
+    dtypes = {dtype_name(a.dtype) for a in [q, unary, compat] + [f for _, f in kernels]}
+    if len(dtypes) > 1:
+        raise TypeError(f"q, unary, compat and the kernels' features must share one dtype, got {sorted(dtypes)}")
+    return kernels
+
+
+def _softmax_labels(xp, logits):
+    e = xp.exp(logits - xp.max(logits, axis=0, keepdims=True))
+    return e / xp.sum(e, axis=0, keepdims=True)
+
+
+def mean_field_step(q, unary, kernels, compat):
+    """One mean-field update ``Q -> softmax_l(-unary - compat @ sum_m w_m message_m(Q))``.
+
+    ``q`` and ``unary`` are ``(L, N)`` (``unary`` is the energy ``psi_u``, e.g.
+    ``-log`` of a classifier's probabilities), ``kernels`` a sequence of
+    ``(weight, features)`` with features ``(d, N)`` already divided by their thetas
+    (:func:`crf_features`), ``compat`` the ``(L, L)`` label compatibility ``mu``
+    (:func:`potts`). The messages are :func:`gaussian_message`; the softmax runs over
+    the labels of each pixel.
+    """
+    kernels = _check_step(q, unary, kernels, compat)
+    xp = array_namespace(q, unary, compat)
+    total = xp.zeros_like(q)
+    for w, f in kernels:
+        total = total + w * gaussian_message(f, q)
+    return _softmax_labels(xp, -unary - compat @ total)
+
+
+def mean_field_reference(q, unary, kernels, compat):
+    """The same update pixel by pixel, as Algorithm 1 of Krähenbühl and Koltun reads (NumPy, slow)."""
+    kernels = _check_step(q, unary, kernels, compat)
+    q, unary, compat = (np.asarray(a, dtype=np.float64) for a in (q, unary, compat))
+    feats = [(w, np.asarray(f, dtype=np.float64)) for w, f in kernels]
+    out = np.empty_like(q)
+    for i in range(q.shape[1]):
+        message = np.zeros(q.shape[0])                            # sum_m w_m sum_{j != i} k_m(f_i, f_j) Q_j
+        for w, f in feats:
+            k = np.exp(-np.sum((f - f[:, i:i + 1]) ** 2, axis=0) / 2)
+            k[i] = 0.0                                            # j != i
+            message += w * (q @ k)
+        logits = -unary[:, i] - compat @ message
+        e = np.exp(logits - logits.max())
+        out[:, i] = e / e.sum()
+    return out
