@@ -477,7 +477,7 @@ class NonLocalBlock:
         Parameters
         ----------
         layout : {"nlref", "alexhex7", "mmcv", "slowfast", "pytorchvideo", "timm", "keras"}
-            ``"nlref"``: the keys of :attr:`params` and :attr:`buffers`, nlref's
+            ``"nlref"``: the keys of ``params`` and :attr:`buffers`, nlref's
             shapes. A PyTorch peer's name: that peer's keys and PyTorch shapes (conv
             weights (out, in, 1, ..., 1), BN's ``num_batches_tracked`` included),
             ready for ``torch.from_numpy`` and the peer's
