@@ -58,7 +58,7 @@ RUN_FILES = (CHECKPOINT, "metrics.json", "metrics.csv")
 OPTIMISERS = ("adam", "sgd")
 #: What ``nlref train --task`` trains on: the two-sprite clips or the two-shape images (:mod:`nlref.data.pairs2d`).
 TASKS = ("sprites", "pairs2d")
-#: The models that apply to each task (``"c2d"`` on images is the 2-D :class:`ImageResNet`).
+#: The models that apply to each task (``"c2d"`` on images is the 2-D :class:`~nlref.nn.models.ImageResNet`).
 TASK_MODELS = {"sprites": MODELS, "pairs2d": ("c2d",)}
 _FORMAT = "nlref-checkpoint-1"
 # frames each sprite is visible: sprite_clips' default, which build_data keeps
@@ -79,7 +79,7 @@ class TrainConfig:
 
     With ``task="pairs2d"`` the data are :func:`~nlref.data.pairs2d.pair_images` of
     ``size`` x ``size`` (``relation``, ``kinds``, ``channels``, ``noise`` and ``margin``
-    apply; ``frames`` does not) and the network is an :class:`ImageResNet` of width
+    apply; ``frames`` does not) and the network is an :class:`~nlref.nn.models.ImageResNet` of width
     ``widths[0]`` with ``blocks[0]`` residual blocks and ``nonlocal_blocks`` non-local blocks
     (``stage``, ``extent``, the other widths and blocks and the transformer's fields do not
     apply). Its local receptive field must stay within ``2 * margin + 1`` pixels, where the
@@ -241,7 +241,7 @@ class TrainConfig:
 def image_receptive_field(blocks):
     """The local receptive field (pixels) of the task="pairs2d" network with ``blocks`` residual blocks.
 
-    Read off a network of width 1 (:attr:`ImageResNet.local_receptive_field`), so it is the
+    Read off a network of width 1 (:attr:`nlref.nn.models.ImageResNet.local_receptive_field`), so it is the
     one the trained network has.
     """
     return ImageResNet(width=1, blocks=blocks).local_receptive_field
