@@ -142,10 +142,10 @@ class TrainConfig:
         ``mlp_dim`` and ``tubelet`` are checked by building the (small) network.
         """
         if self.task not in TASKS:
-            raise ValueError(f"task (--task) must be one of {TASKS}, got {self.task!r}")
+            raise ValueError(f"task must be one of {TASKS} (--task), got {self.task!r}")
         if self.model not in TASK_MODELS[self.task]:
-            raise ValueError(f"model (--model) must be one of {TASK_MODELS[self.task]} with task={self.task!r}, "
-                             f"got {self.model!r}")
+            raise ValueError(f"model must be one of {TASK_MODELS[self.task]} with task={self.task!r} (--model, "
+                             f"--task), got {self.model!r}")
         choices = {"model": TASK_MODELS[self.task], "mode": MODES, "stage": STAGES, "extent": EXTENTS,
                    "optimizer": OPTIMISERS, "pool": ("after", "before"), "relation": RELATIONS,
                    "dtype": ("float32", "float64")}

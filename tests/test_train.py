@@ -459,9 +459,9 @@ def test_pairs2d_data_are_the_pair_images():
 
 
 @pytest.mark.parametrize("change, match", [
-    ({"task": "images"}, r"task \(--task\) must be one of \('sprites', 'pairs2d'\)"),
-    ({"model": "i3d"}, r"model \(--model\) must be one of \('c2d',\) with task='pairs2d'"),
-    ({"model": "transformer"}, r"model \(--model\) must be one of \('c2d',\)"),
+    ({"task": "images"}, r"task must be one of \('sprites', 'pairs2d'\) \(--task\)"),
+    ({"model": "i3d"}, r"model must be one of \('c2d',\) with task='pairs2d' \(--model, --task\)"),
+    ({"model": "transformer"}, r"model must be one of \('c2d',\)"),
     ({"margin": -1}, "margin must be an integer >= 0"),
     ({"margin": 4}, r"size \(--size\) // 2 must be at least 5 \+ margin \(--margin\) = 9"),
     ({"margin": 2}, r"margin \(--margin\) 2 is too small.*receptive field \(7 pixels.*2 \* margin \+ 1 = 5"),

@@ -923,10 +923,9 @@ class ImageResNet(VideoNet):
 
         def conv(unit):
             nonlocal rf, jump
-            kh, kw = unit.conv.params["weight"].shape[-2:]
+            kh = unit.conv.params["weight"].shape[-2]          # kernels and strides are square here
             stride = unit.conv.stride
-            sh, sw = (stride, stride) if isinstance(stride, (int, np.integer)) else tuple(stride)[-2:]
-            assert kh == kw and sh == sw, "square kernels and strides"
+            sh = stride if isinstance(stride, (int, np.integer)) else tuple(stride)[-2]
             rf += (kh - 1) * jump
             jump *= sh
 
@@ -937,9 +936,6 @@ class ImageResNet(VideoNet):
                 conv(layer.unit1)
                 conv(layer.unit2)
         return rf
-
-    def _check_input(self, x):  # the one-frame clips VideoNet.forward sees
-        return super()._check_input(x)
 
     def _check_image(self, x):
         xp = B.array_namespace(x, names=["x"])
@@ -959,7 +955,7 @@ class ImageResNet(VideoNet):
                                return_attention=return_attention)
 
     def backward(self, dlogits, *, input_grad=True):
-        """Back-propagate dL/dlogits; sets :attr:`grads`, returns dL/dx (B, C, H, W) or None."""
+        """Back-propagate dL/dlogits; sets :attr:`VideoNet.grads`, returns dL/dx (B, C, H, W) or None."""
         d = super().backward(dlogits, input_grad=input_grad)
         if d is None:
             return None
