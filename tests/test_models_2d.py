@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+import nlref.backend as B
 from nlref.nn import layer_gradcheck
 from nlref.nn.models import ImageResNet
 
@@ -12,7 +13,7 @@ def _perturbed(net, seed=1):
     rng = np.random.default_rng(seed)
     for key, value in net.params.items():
         if key.endswith(("gamma", "beta")):
-            net.set_param(key, value + rng.uniform(0.3, 0.8, value.shape))
+            net.set_param(key, value + B.asarray(rng.uniform(0.3, 0.8, value.shape), like=value))
     return net
 
 
@@ -97,3 +98,19 @@ def test_bad_input_is_named():
         net.forward(np.zeros((2, 3, 1, 8, 8), np.float32))
     with pytest.raises(TypeError, match="float32"):
         net.forward(np.zeros((2, 3, 8, 8)))
+
+
+def test_same_logits_and_gradients_on_every_cpu_library(xp_cpu):
+    """The network runs on NumPy and on array-api-strict, with the same weights (from the seed)."""
+    x = np.random.default_rng(0).standard_normal((2, 1, 8, 8))
+    ref = _perturbed(ImageResNet(nonlocal_blocks=1, width=3, dropout=0.5, dtype="float64", seed=5))
+    net = _perturbed(ImageResNet(nonlocal_blocks=1, width=3, dropout=0.5, dtype="float64", seed=5, xp=xp_cpu))
+    want = ref.forward(x, dropout_seed=7)
+    got = net.forward(B.asarray(x, xp=xp_cpu), dropout_seed=7)
+    np.testing.assert_allclose(B.to_numpy(got), want, rtol=1e-12, atol=1e-12)
+    dlogits = np.random.default_rng(1).standard_normal(want.shape)
+    dx_ref, dx = ref.backward(dlogits), net.backward(B.asarray(dlogits, xp=xp_cpu))
+    assert dx.shape == (2, 1, 8, 8)
+    np.testing.assert_allclose(B.to_numpy(dx), dx_ref, rtol=1e-10, atol=1e-12)
+    for key, value in ref.grads.items():
+        np.testing.assert_allclose(B.to_numpy(net.grads[key]), value, rtol=1e-10, atol=1e-12, err_msg=key)
