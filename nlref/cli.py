@@ -653,12 +653,13 @@ def run_train(args):
             import cupy as xp
         except ImportError as err:
             raise ValueError(f"--backend cupy needs CuPy with a CUDA device ({err})") from err
-    fields = {"task": args.task, "margin": args.margin, "model": args.model, "nonlocal_blocks": args.nonlocal_blocks, "stage": args.stage, "mode": args.mode,
-              "extent": args.extent, "sub_sample": not args.no_sub_sample, "bn_layer": not args.no_bn,
-              "scale": args.scale, "pool": args.pool, "epochs": args.epochs, "batch_size": args.batch_size,
-              "optimizer": args.optimizer, "n_train": args.n_train, "n_val": args.n_val, "seed": args.seed, "dropout": args.dropout,
-              "relation": args.relation, "kinds": args.kinds, "size": args.size, "dtype": args.dtype,
-              "embed_dim": args.embed_dim, "depth": args.depth, "num_heads": args.heads, "mlp_dim": args.mlp_dim}
+    fields = {"task": args.task, "margin": args.margin, "model": args.model, "nonlocal_blocks": args.nonlocal_blocks,
+              "stage": args.stage, "mode": args.mode, "extent": args.extent, "sub_sample": not args.no_sub_sample,
+              "bn_layer": not args.no_bn, "scale": args.scale, "pool": args.pool, "dropout": args.dropout,
+              "epochs": args.epochs, "batch_size": args.batch_size, "optimizer": args.optimizer,
+              "n_train": args.n_train, "n_val": args.n_val, "seed": args.seed, "relation": args.relation,
+              "kinds": args.kinds, "size": args.size, "dtype": args.dtype, "embed_dim": args.embed_dim,
+              "depth": args.depth, "num_heads": args.heads, "mlp_dim": args.mlp_dim}
     if args.lr is not None:
         fields["lr"] = args.lr
     elif args.optimizer == "sgd":
@@ -680,12 +681,14 @@ def run_train(args):
     steps = " and ".join(f"{m:.0%}" for m in config.milestones)
     data = (f"two-shape images of {config.size}x{config.size} (margin {config.margin})" if config.task == "pairs2d"
             else f"clips of {config.frames}x{config.size}x{config.size}")
-    network = (f"2-D residual network with {_count(config.nonlocal_blocks, 'non-local block')} ({config.mode})"
-               if config.task == "pairs2d" else
-               f"{config.model} with {_count(config.nonlocal_blocks, 'non-local block')} ({config.mode}, "
-               f"{config.extent})" if config.model != "transformer" else
-               f"transformer ({_count(config.depth, 'block')} of {config.embed_dim} channels, "
-               f"{_count(config.num_heads, 'head')})")
+    if config.task == "pairs2d":
+        network = f"2-D residual network with {_count(config.nonlocal_blocks, 'non-local block')} ({config.mode})"
+    elif config.model != "transformer":
+        network = (f"{config.model} with {_count(config.nonlocal_blocks, 'non-local block')} ({config.mode}, "
+                   f"{config.extent})")
+    else:
+        network = (f"transformer ({_count(config.depth, 'block')} of {config.embed_dim} channels, "
+                   f"{_count(config.num_heads, 'head')})")
     print(f"nlref train: {network}, {_count(config.epochs, 'epoch')}, {config.optimizer} lr "
           f"{config.lr:.12g} (x0.1 after {steps} of the steps), {config.n_train} {data} -> {args.out}", flush=True)
     result = train(config, args.out, xp=xp, resume=args.resume, overwrite=args.overwrite,

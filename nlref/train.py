@@ -129,17 +129,18 @@ class TrainConfig:
         """Check every field; raise ValueError naming the first bad one (before any heavy work).
 
         ``task``, ``model`` (one that applies to the task), ``mode``, ``stage``, ``extent``,
-        ``optimizer``, ``pool``, ``relation`` and ``dtype`` are one of their choices; ``sub_sample``, ``bn_layer`` and ``scale`` are
-        booleans; ``epochs``, ``batch_size`` (at most ``n_train``), ``n_train``, ``n_val`` are
-        positive integers; ``widths`` and ``blocks`` are 3 positive integers;
-        ``nonlocal_blocks`` is an integer >= 0 that fits the network's slots; ``kinds`` is 2
-        to 8, ``channels`` 1 or 3, ``frames`` even and >= 6, ``size`` >= 16; ``lr`` > 0;
-        ``weight_decay`` >= 0; ``momentum``, ``dropout`` and ``noise`` in [0, 1);
-        ``milestones`` is a sequence of fractions in (0, 1); ``warmup`` and ``seed`` are
-        integers >= 0. With ``task="pairs2d"``, ``margin`` is an integer >= 0 with
-        ``size // 2 >= 5 + margin``, ``nonlocal_blocks`` is at most ``blocks[0]`` and the
-        network's local receptive field is at most ``2 * margin + 1``. With ``model="transformer"``, ``embed_dim``, ``depth``, ``num_heads``,
-        ``mlp_dim`` and ``tubelet`` are checked by building the (small) network.
+        ``optimizer``, ``pool``, ``relation`` and ``dtype`` are one of their choices;
+        ``sub_sample``, ``bn_layer`` and ``scale`` are booleans; ``epochs``, ``batch_size`` (at
+        most ``n_train``), ``n_train``, ``n_val`` are positive integers; ``widths`` and
+        ``blocks`` are 3 positive integers; ``nonlocal_blocks`` is an integer >= 0 that fits the
+        network's slots; ``kinds`` is 2 to 8, ``channels`` 1 or 3, ``frames`` even and >= 6,
+        ``size`` >= 16; ``lr`` > 0; ``weight_decay`` >= 0; ``momentum``, ``dropout`` and
+        ``noise`` in [0, 1); ``milestones`` is a sequence of fractions in (0, 1); ``warmup``
+        and ``seed`` are integers >= 0. With ``task="pairs2d"``, ``margin`` is an integer >= 0
+        with ``size // 2 >= 5 + margin``, ``nonlocal_blocks`` is at most ``blocks[0]`` and the
+        network's local receptive field is at most ``2 * margin + 1``. With
+        ``model="transformer"``, ``embed_dim``, ``depth``, ``num_heads``, ``mlp_dim`` and
+        ``tubelet`` are checked by building the (small) network.
         """
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS} (--task), got {self.task!r}")

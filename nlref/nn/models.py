@@ -878,7 +878,8 @@ class ImageResNet(VideoNet):
         options = dict(nonlocal_options or {})
         allowed = {"sub_sample", "bn_layer", "scale", "pool", "inter_channels", "chunk_size"}
         if set(options) - allowed:
-            raise ValueError(f"nonlocal_options may hold {sorted(allowed)}, got unknown {sorted(set(options) - allowed)}")
+            raise ValueError(f"nonlocal_options may hold {sorted(allowed)}, "
+                             f"got unknown {sorted(set(options) - allowed)}")
         self.slots = [("res2", j) for j in range(blocks - nonlocal_blocks, blocks)]
         self.config = {"nonlocal_blocks": int(nonlocal_blocks), "mode": mode, "nonlocal_options": options,
                        "in_channels": int(in_channels), "num_classes": int(num_classes), "width": int(width),
