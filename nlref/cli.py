@@ -653,12 +653,13 @@ def run_train(args):
             import cupy as xp
         except ImportError as err:
             raise ValueError(f"--backend cupy needs CuPy with a CUDA device ({err})") from err
-    fields = {"model": args.model, "nonlocal_blocks": args.nonlocal_blocks, "stage": args.stage, "mode": args.mode,
-              "extent": args.extent, "sub_sample": not args.no_sub_sample, "bn_layer": not args.no_bn,
-              "scale": args.scale, "pool": args.pool, "epochs": args.epochs, "batch_size": args.batch_size,
-              "optimizer": args.optimizer, "n_train": args.n_train, "n_val": args.n_val, "seed": args.seed,
-              "relation": args.relation, "kinds": args.kinds, "size": args.size, "dtype": args.dtype,
-              "embed_dim": args.embed_dim, "depth": args.depth, "num_heads": args.heads, "mlp_dim": args.mlp_dim}
+    fields = {"task": args.task, "margin": args.margin, "model": args.model, "nonlocal_blocks": args.nonlocal_blocks,
+              "stage": args.stage, "mode": args.mode, "extent": args.extent, "sub_sample": not args.no_sub_sample,
+              "bn_layer": not args.no_bn, "scale": args.scale, "pool": args.pool, "dropout": args.dropout,
+              "epochs": args.epochs, "batch_size": args.batch_size, "optimizer": args.optimizer,
+              "n_train": args.n_train, "n_val": args.n_val, "seed": args.seed, "relation": args.relation,
+              "kinds": args.kinds, "size": args.size, "dtype": args.dtype, "embed_dim": args.embed_dim,
+              "depth": args.depth, "num_heads": args.heads, "mlp_dim": args.mlp_dim}
     if args.lr is not None:
         fields["lr"] = args.lr
     elif args.optimizer == "sgd":
@@ -678,13 +679,18 @@ def run_train(args):
     args.previous_checkpoint = _stamp(out / CHECKPOINT) if args.overwrite else None
     retain_freed_memory()  # this process is ours: reuse freed memory rather than page-fault it back in
     steps = " and ".join(f"{m:.0%}" for m in config.milestones)
-    network = (f"{config.model} with {_count(config.nonlocal_blocks, 'non-local block')} ({config.mode}, "
-               f"{config.extent})" if config.model != "transformer" else
-               f"transformer ({_count(config.depth, 'block')} of {config.embed_dim} channels, "
-               f"{_count(config.num_heads, 'head')})")
+    data = (f"two-shape images of {config.size}x{config.size} (margin {config.margin})" if config.task == "pairs2d"
+            else f"clips of {config.frames}x{config.size}x{config.size}")
+    if config.task == "pairs2d":
+        network = f"2-D residual network with {_count(config.nonlocal_blocks, 'non-local block')} ({config.mode})"
+    elif config.model != "transformer":
+        network = (f"{config.model} with {_count(config.nonlocal_blocks, 'non-local block')} ({config.mode}, "
+                   f"{config.extent})")
+    else:
+        network = (f"transformer ({_count(config.depth, 'block')} of {config.embed_dim} channels, "
+                   f"{_count(config.num_heads, 'head')})")
     print(f"nlref train: {network}, {_count(config.epochs, 'epoch')}, {config.optimizer} lr "
-          f"{config.lr:.12g} (x0.1 after {steps} of the steps), {config.n_train} clips of "
-          f"{config.frames}x{config.size}x{config.size} -> {args.out}", flush=True)
+          f"{config.lr:.12g} (x0.1 after {steps} of the steps), {config.n_train} {data} -> {args.out}", flush=True)
     result = train(config, args.out, xp=xp, resume=args.resume, overwrite=args.overwrite,
                    progress=not args.no_progress and sys.stderr.isatty(), log=lambda line: print(line, flush=True))
     print(f"val accuracy {result['val_accuracy']:.3f} after {_count(len(result['history']), 'epoch')}; "
@@ -716,7 +722,7 @@ _DESCRIPTION = """\
 nlref: non-local means denoising and the non-local neural block, a readable reference.
   nlref demo      the teaching walk, with figures and tables
   nlref denoise   NL-means on an image file
-  nlref train     train a small non-local video network on the two-sprite task
+  nlref train     train a small non-local network on the two-sprite clips or the two-shape images
 Run 'nlref COMMAND --help' for the options of a command."""
 
 _DEMO = """\
@@ -740,6 +746,9 @@ grey or colour channels are denoised. The output is written only after the work 
 done, through a temporary file, so a failed or interrupted run never leaves half a file."""
 
 _TRAIN = """\
+--task pairs2d trains a 2-D residual network (--model c2d, width and depth the first
+stage's) on the two-shape images of nlref.data.pairs2d instead of the sprite clips;
+--stage, --extent and the transformer's options do not apply to it.
 Writes OUT/checkpoint.npz, metrics.json and metrics.csv after every epoch (atomically).
 An OUT that already holds a run is refused unless --resume (continue it) or --overwrite
 (start it over). Ctrl-C or SIGTERM stops the run cleanly: the last complete
@@ -794,12 +803,14 @@ def build_parser():
     from nlref.data.sprites import RELATIONS
     from nlref.nn.models import EXTENTS, MODELS, STAGES
     from nlref.nn.nonlocal_op import MODES
-    from nlref.train import OPTIMISERS, TrainConfig
+    from nlref.train import OPTIMISERS, TASKS, TrainConfig
 
     d = TrainConfig()
-    tr = sub.add_parser("train", help="train a small (non-local) video network on the two-sprite task",
+    tr = sub.add_parser("train", help="train a small (non-local) network on the sprite clips or the two-shape images",
                         description=_TRAIN, formatter_class=fmt)
     dflt = " (default: %(default)s)"
+    tr.add_argument("--task", choices=TASKS, default=d.task,
+                    help="the two-sprite clips, or the two-shape images (a 2-D network)" + dflt)
     tr.add_argument("--model", choices=MODELS, default=d.model,
                     help="network: 2-D or inflated 3-D convs, or a space-time transformer" + dflt)
     tr.add_argument("--embed-dim", type=int, default=d.embed_dim, help="transformer: token channels" + dflt)
@@ -818,6 +829,8 @@ def build_parser():
     tr.add_argument("--scale", action="store_true", help="1/sqrt(d) on the softmax logits (default: off)")
     tr.add_argument("--pool", choices=("after", "before"), default=d.pool,
                     help="max-pool after phi and g, or x before them" + dflt)
+    tr.add_argument("--dropout", type=float, default=d.dropout,
+                    help="dropout probability before the classifier" + dflt)
     tr.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training clips" + dflt)
     tr.add_argument("--batch-size", type=int, default=d.batch_size, help="clips per step" + dflt)
     tr.add_argument("--optimizer", choices=OPTIMISERS, default=d.optimizer, help="optimiser" + dflt)
@@ -830,6 +843,8 @@ def build_parser():
                     help="what the two sprites are compared on" + dflt)
     tr.add_argument("--kinds", type=int, default=d.kinds, help="kinds of sprite (brightness levels)" + dflt)
     tr.add_argument("--size", type=int, default=d.size, help="frame height and width" + dflt)
+    tr.add_argument("--margin", type=int, default=d.margin,
+                    help="pairs2d: pixels each shape keeps from the centre lines" + dflt)
     tr.add_argument("--dtype", choices=("float32", "float64"), default=d.dtype, help="floating-point type" + dflt)
     tr.add_argument("--seed", type=int, default=d.seed, help="seed of the data, weights and shuffles" + dflt)
     tr.add_argument("--backend", choices=("numpy", "cupy"), default="numpy", help="array library" + dflt)

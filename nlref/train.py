@@ -1,7 +1,10 @@
-"""Train a small non-local video network on the two-sprite task, with hand-written backprop.
+"""Train a small non-local network on a synthetic task, with hand-written backprop.
 
-``train(TrainConfig(...), out_dir)`` generates the data (:mod:`nlref.data.sprites`),
-builds a :class:`~nlref.nn.models.VideoNet`, and runs epochs of
+``train(TrainConfig(...), out_dir)`` generates the data (the two-sprite clips of
+:mod:`nlref.data.sprites`, or with ``task="pairs2d"`` the two-shape images of
+:mod:`nlref.data.pairs2d`), builds the network (a :class:`~nlref.nn.models.VideoNet`,
+a :class:`~nlref.nn.models.VideoTransformer`, or for images an
+:class:`~nlref.nn.models.ImageResNet`), and runs epochs of
 forward -> softmax cross-entropy -> backward -> optimiser step. After every
 epoch it evaluates on the validation split, appends a row to ``metrics.json``
 and ``metrics.csv`` and writes ``checkpoint.npz``; every file is written to a
@@ -41,9 +44,10 @@ import numpy as np
 
 from ._typing import PathLike
 from . import backend as B
+from .data.pairs2d import PairImages, pair_splits
 from .data.sprites import GLYPHS, RELATIONS, sprite_clips, sprite_splits
 from .nn import functional as F
-from .nn.models import EXTENTS, MODELS, STAGES, VideoNet, VideoTransformer, nonlocal_slots
+from .nn.models import EXTENTS, MODELS, STAGES, ImageResNet, VideoNet, VideoTransformer, nonlocal_slots
 from .nn.nonlocal_op import MODES
 from .nn.optim import SGD, Adam, StepSchedule
 
@@ -52,6 +56,10 @@ __all__ = ["TrainConfig", "train", "load_checkpoint", "evaluate", "CheckpointErr
 CHECKPOINT = "checkpoint.npz"
 RUN_FILES = (CHECKPOINT, "metrics.json", "metrics.csv")
 OPTIMISERS = ("adam", "sgd")
+#: What ``nlref train --task`` trains on: the two-sprite clips or the two-shape images (:mod:`nlref.data.pairs2d`).
+TASKS = ("sprites", "pairs2d")
+#: The models that apply to each task (``"c2d"`` on images is the 2-D :class:`~nlref.nn.models.ImageResNet`).
+TASK_MODELS = {"sprites": MODELS, "pairs2d": ("c2d",)}
 _FORMAT = "nlref-checkpoint-1"
 # frames each sprite is visible: sprite_clips' default, which build_data keeps
 _SPRITE_DURATION = inspect.signature(sprite_clips).parameters["duration"].default
@@ -68,8 +76,17 @@ class TrainConfig:
     The defaults are the issue's default configuration: a C2D network with one
     embedded-Gaussian non-local block in res3, trained with Adam for 10 epochs
     on 4000 clips of 8 x 16 x 16 (about a minute on 2 CPU cores with NumPy).
+
+    With ``task="pairs2d"`` the data are :func:`~nlref.data.pairs2d.pair_images` of
+    ``size`` x ``size`` (``relation``, ``kinds``, ``channels``, ``noise`` and ``margin``
+    apply; ``frames`` does not) and the network is an :class:`~nlref.nn.models.ImageResNet` of width
+    ``widths[0]`` with ``blocks[0]`` residual blocks and ``nonlocal_blocks`` non-local blocks
+    (``stage``, ``extent``, the other widths and blocks and the transformer's fields do not
+    apply). Its local receptive field must stay within ``2 * margin + 1`` pixels, where the
+    task's 75% ceiling binds the network without a non-local block.
     """
 
+    task: str = "sprites"
     model: str = "c2d"
     nonlocal_blocks: int = 1
     stage: str = "res3"
@@ -98,6 +115,7 @@ class TrainConfig:
     size: int = 16
     channels: int = 1
     noise: float = 0.05
+    margin: int = 3  # task="pairs2d": each shape keeps this many pixels from the centre lines
     dtype: str = "float32"
     seed: int = 0
     # model="transformer" (a VideoTransformer; the convolutional fields above do not apply to it)
@@ -110,18 +128,26 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         """Check every field; raise ValueError naming the first bad one (before any heavy work).
 
-        ``model``, ``mode``, ``stage``, ``extent``, ``optimizer``, ``pool``, ``relation`` and
-        ``dtype`` are one of their choices; ``sub_sample``, ``bn_layer`` and ``scale`` are
-        booleans; ``epochs``, ``batch_size`` (at most ``n_train``), ``n_train``, ``n_val`` are
-        positive integers; ``widths`` and ``blocks`` are 3 positive integers;
-        ``nonlocal_blocks`` is an integer >= 0 that fits the network's slots; ``kinds`` is 2
-        to 8, ``channels`` 1 or 3, ``frames`` even and >= 6, ``size`` >= 16; ``lr`` > 0;
-        ``weight_decay`` >= 0; ``momentum``, ``dropout`` and ``noise`` in [0, 1);
-        ``milestones`` is a sequence of fractions in (0, 1); ``warmup`` and ``seed`` are
-        integers >= 0. With ``model="transformer"``, ``embed_dim``, ``depth``, ``num_heads``,
-        ``mlp_dim`` and ``tubelet`` are checked by building the (small) network.
+        ``task``, ``model`` (one that applies to the task), ``mode``, ``stage``, ``extent``,
+        ``optimizer``, ``pool``, ``relation`` and ``dtype`` are one of their choices;
+        ``sub_sample``, ``bn_layer`` and ``scale`` are booleans; ``epochs``, ``batch_size`` (at
+        most ``n_train``), ``n_train``, ``n_val`` are positive integers; ``widths`` and
+        ``blocks`` are 3 positive integers; ``nonlocal_blocks`` is an integer >= 0 that fits the
+        network's slots; ``kinds`` is 2 to 8, ``channels`` 1 or 3, ``frames`` even and >= 6,
+        ``size`` >= 16; ``lr`` > 0; ``weight_decay`` >= 0; ``momentum``, ``dropout`` and
+        ``noise`` in [0, 1); ``milestones`` is a sequence of fractions in (0, 1); ``warmup``
+        and ``seed`` are integers >= 0. With ``task="pairs2d"``, ``margin`` is an integer >= 0
+        with ``size // 2 >= 5 + margin``, ``nonlocal_blocks`` is at most ``blocks[0]`` and the
+        network's local receptive field is at most ``2 * margin + 1``. With
+        ``model="transformer"``, ``embed_dim``, ``depth``, ``num_heads``, ``mlp_dim`` and
+        ``tubelet`` are checked by building the (small) network.
         """
-        choices = {"model": MODELS, "mode": MODES, "stage": STAGES, "extent": EXTENTS,
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS} (--task), got {self.task!r}")
+        if self.model not in TASK_MODELS[self.task]:
+            raise ValueError(f"model must be one of {TASK_MODELS[self.task]} with task={self.task!r} (--model, "
+                             f"--task), got {self.model!r}")
+        choices = {"model": TASK_MODELS[self.task], "mode": MODES, "stage": STAGES, "extent": EXTENTS,
                    "optimizer": OPTIMISERS, "pool": ("after", "before"), "relation": RELATIONS,
                    "dtype": ("float32", "float64")}
         for name, allowed in choices.items():
@@ -140,7 +166,7 @@ class TrainConfig:
 
         for name, low in (("epochs", 1), ("batch_size", 1), ("n_train", 1), ("n_val", 1), ("kinds", 2),
                           ("frames", 2), ("size", 16), ("channels", 1), ("warmup", 0), ("seed", 0),
-                          ("nonlocal_blocks", 0)):
+                          ("nonlocal_blocks", 0), ("margin", 0)):
             value = getattr(self, name)
             if not is_int(value) or value < low:
                 what = "a positive integer" if low == 1 else f"an integer >= {low}"
@@ -159,10 +185,19 @@ class TrainConfig:
             if (not isinstance(value, (tuple, list)) or len(value) != len(STAGES)
                     or not all(is_int(v) and v >= 1 for v in value)):
                 raise ValueError(f"{name} must be {len(STAGES)} positive integers (one per stage), got {value!r}")
-        try:
-            nonlocal_slots(self.nonlocal_blocks, stage=self.stage, blocks=tuple(self.blocks))
-        except ValueError as err:
-            raise ValueError(f"nonlocal_blocks: {err}") from None
+        if self.task == "pairs2d":
+            if self.size // 2 < 5 + self.margin:
+                raise ValueError(f"size (--size) // 2 must be at least 5 + margin (--margin) = {5 + self.margin} with "
+                                 f"task='pairs2d' (a 5x5 shape per quadrant), got size={self.size}, "
+                                 f"margin={self.margin}")
+            if self.nonlocal_blocks > self.blocks[0]:
+                raise ValueError(f"nonlocal_blocks (--nonlocal) must be at most blocks[0] = {self.blocks[0]} with "
+                                 f"task='pairs2d' (one before each residual block), got {self.nonlocal_blocks}")
+        else:
+            try:
+                nonlocal_slots(self.nonlocal_blocks, stage=self.stage, blocks=tuple(self.blocks))
+            except ValueError as err:
+                raise ValueError(f"nonlocal_blocks: {err}") from None
         if not is_number(self.lr) or self.lr <= 0:
             raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
         if not is_number(self.weight_decay) or self.weight_decay < 0:
@@ -178,6 +213,15 @@ class TrainConfig:
                              f"got {milestones!r}")
         if self.model == "transformer":
             build_model(self)  # VideoTransformer checks its own options (ValueError naming them); a cheap build
+        if self.task == "pairs2d":
+            reach = image_receptive_field(self.blocks[0])
+            if reach > 2 * self.margin + 1:
+                raise ValueError(f"margin (--margin) {self.margin} is too small for the network: with "
+                                 f"task='pairs2d' its local receptive field ({reach} pixels for blocks[0] = "
+                                 f"{self.blocks[0]}) must be at most 2 * margin + 1 = {2 * self.margin + 1}, or a "
+                                 "network without non-local blocks can see both shapes and the task's 75% ceiling "
+                                 f"does not bind it; raise margin to at least {reach // 2} or lower "
+                                 "blocks[0]")
         return self
 
     def as_dict(self):
@@ -195,8 +239,18 @@ class TrainConfig:
 
 
 # --------------------------------------------------------------------------- building blocks
+def image_receptive_field(blocks):
+    """The local receptive field (pixels) of the task="pairs2d" network with ``blocks`` residual blocks.
+
+    Read off a network of width 1 (:attr:`nlref.nn.models.ImageResNet.local_receptive_field`), so it is the
+    one the trained network has.
+    """
+    return ImageResNet(width=1, blocks=blocks).local_receptive_field
+
+
 def build_model(config, xp=None):
-    """The :class:`VideoNet` (or :class:`VideoTransformer`) a configuration describes (weights from ``config.seed``)."""
+    """The network a configuration describes (weights from ``config.seed``): a :class:`VideoNet`, a
+    :class:`VideoTransformer`, or with ``task="pairs2d"`` an :class:`ImageResNet`."""
     if config.model == "transformer":
         return VideoTransformer(frames=config.frames, size=config.size, in_channels=config.channels, num_classes=2,
                                 tubelet=config.tubelet, embed_dim=config.embed_dim, depth=config.depth,
@@ -204,6 +258,11 @@ def build_model(config, xp=None):
                                 seed=config.seed, xp=xp)
     options = {"sub_sample": config.sub_sample, "bn_layer": config.bn_layer, "scale": config.scale,
                "pool": config.pool}
+    if config.task == "pairs2d":
+        return ImageResNet(nonlocal_blocks=config.nonlocal_blocks, mode=config.mode, nonlocal_options=options,
+                           in_channels=config.channels, num_classes=2, width=config.widths[0],
+                           blocks=config.blocks[0], dropout=config.dropout, dtype=config.dtype, seed=config.seed,
+                           xp=xp)
     return VideoNet(config.model, nonlocal_blocks=config.nonlocal_blocks, stage=config.stage, mode=config.mode,
                     extent=config.extent, nonlocal_options=options, in_channels=config.channels, num_classes=2,
                     widths=config.widths, blocks=config.blocks, dropout=config.dropout, dtype=config.dtype,
@@ -211,7 +270,11 @@ def build_model(config, xp=None):
 
 
 def build_data(config, xp=None):
-    """(train, val) :class:`~nlref.data.sprites.SpriteClips` of a configuration."""
+    """(train, val) :class:`~nlref.data.sprites.SpriteClips` (or :class:`~nlref.data.pairs2d.PairImages`)."""
+    if config.task == "pairs2d":
+        return pair_splits(config.n_train, config.n_val, seed=config.seed, relation=config.relation,
+                           size=config.size, margin=config.margin, kinds=config.kinds, channels=config.channels,
+                           noise=config.noise, xp=xp, dtype=config.dtype)
     return sprite_splits(config.n_train, config.n_val, seed=config.seed, relation=config.relation,
                          kinds=config.kinds, frames=config.frames, size=config.size, channels=config.channels,
                          noise=config.noise, xp=xp, dtype=config.dtype)
@@ -228,6 +291,11 @@ def _step_seed(seed, epoch, step):
     return int(np.random.SeedSequence([seed, epoch, step]).generate_state(1, np.uint64)[0])
 
 
+def _inputs(data):
+    """The network inputs of a data set: clips, or images for the 2-D task."""
+    return data.image if isinstance(data, PairImages) else data.video
+
+
 def _take(xp, a, idx):
     return xp.take(a, B.asarray(idx, like=a), axis=0)
 
@@ -240,12 +308,12 @@ def _correct(xp, logits, labels):
 def evaluate(model, clips, *, batch_size=100):
     """Mean loss and accuracy of ``model`` (in eval mode) on ``clips``; the model is left in eval mode."""
     model.eval()
-    xp = B.array_namespace(clips.video)
+    xp = B.array_namespace(_inputs(clips))
     n = len(clips)
     total_loss, correct = 0.0, 0
     for lo in range(0, n, batch_size):
         idx = np.arange(lo, min(lo + batch_size, n))
-        x, y = _take(xp, clips.video, idx), _take(xp, clips.labels, idx)
+        x, y = _take(xp, _inputs(clips), idx), _take(xp, clips.labels, idx)
         logits = model.forward(x)
         loss, _ = F.softmax_cross_entropy_forward(logits, y)
         total_loss += float(loss) * idx.size
@@ -394,7 +462,7 @@ def train(config: TrainConfig | None = None, out_dir: PathLike | None = None, *,
           resume: bool = False, overwrite: bool = False, progress: bool = True,
           log: Callable[[str], Any] | None = print,
           callback: Callable[[int, dict, VideoNet], Any] | None = None) -> dict:
-    """Train a :class:`VideoNet` on the sprite task.
+    """Train a :class:`VideoNet` on the sprite task (or, per ``config.task``, another network and task).
 
     Parameters
     ----------
@@ -463,7 +531,7 @@ def train(config: TrainConfig | None = None, out_dir: PathLike | None = None, *,
     schedule = StepSchedule(config.lr, config.epochs * steps_per_epoch, milestones=config.milestones,
                             warmup=config.warmup)
     train_set, val_set = build_data(config, xp)
-    data_xp = B.array_namespace(train_set.video)
+    data_xp = B.array_namespace(_inputs(train_set))
     history, first_epoch = [], 0
     if resume:
         meta, model_state, opt_state = load_checkpoint(out_dir / CHECKPOINT)
@@ -498,7 +566,7 @@ def train(config: TrainConfig | None = None, out_dir: PathLike | None = None, *,
         loss_sum, correct = 0.0, 0
         for step in bar:
             idx = order[step * config.batch_size:(step + 1) * config.batch_size]
-            x, y = _take(data_xp, train_set.video, idx), _take(data_xp, train_set.labels, idx)
+            x, y = _take(data_xp, _inputs(train_set), idx), _take(data_xp, train_set.labels, idx)
             logits = model.forward(x, dropout_seed=_step_seed(config.seed, epoch, step))
             loss, cache = F.softmax_cross_entropy_forward(logits, y)
             model.backward(F.softmax_cross_entropy_backward(1.0, cache), input_grad=False)

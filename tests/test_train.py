@@ -425,3 +425,73 @@ def test_interrupting_an_overwrite_before_its_first_epoch_keeps_and_names_the_ol
     assert "before the new run's first epoch was complete" in message
     assert "still holds the previous run" in message and "--resume" not in message
     assert _files(tmp_path) == before
+
+
+# ---- issue 30: the 2-D task (two shapes far apart, same kind?) ----
+
+PAIRS = dict(TINY, task="pairs2d", size=16, margin=3, kinds=2, nonlocal_blocks=1, blocks=(1, 2, 2))
+
+
+def test_pairs2d_trains_the_image_network_and_resumes_bit_identically(tmp_path):
+    full = train(TrainConfig(**PAIRS), tmp_path / "full", progress=False, log=None)
+    assert type(full["model"]).__name__ == "ImageResNet" and full["model"].slots == [("res2", 0)]
+    assert full["model"].local_receptive_field == 7 and "res2.nl0.theta.weight" in full["model"].params
+    with pytest.raises(_Stop):
+        train(TrainConfig(**PAIRS), tmp_path / "cut", progress=False, log=None, callback=_stop_after(1))
+    resumed = train(TrainConfig(**PAIRS), tmp_path / "cut", resume=True, progress=False, log=None)
+    a, b = full["model"].state_dict(), resumed["model"].state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    fresh = T.build_model(TrainConfig(**PAIRS)).state_dict()
+    assert any(not np.array_equal(a[k], fresh[k]) for k in a)
+    # the checkpoint records the task: resuming it as the sprite task is refused
+    with pytest.raises(CheckpointError, match="task: checkpoint 'pairs2d', requested 'sprites'"):
+        train(TrainConfig(**{**PAIRS, "task": "sprites"}), tmp_path / "cut", resume=True, progress=False, log=None)
+
+
+def test_pairs2d_data_are_the_pair_images():
+    train_set, val_set = T.build_data(TrainConfig(**PAIRS))
+    assert train_set.image.shape == (48, 1, 16, 16) and len(val_set) == 24
+    # each shape at least `margin` pixels from the centre lines
+    origin = train_set.meta["origin"]
+    assert np.all((origin + 5 <= 8 - 3) | (origin >= 8 + 3))
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"task": "images"}, r"task must be one of \('sprites', 'pairs2d'\) \(--task\)"),
+    ({"model": "i3d"}, r"model must be one of \('c2d',\) with task='pairs2d' \(--model, --task\)"),
+    ({"model": "transformer"}, r"model must be one of \('c2d',\)"),
+    ({"margin": -1}, "margin must be an integer >= 0"),
+    ({"margin": 4}, r"size \(--size\) // 2 must be at least 5 \+ margin \(--margin\) = 9"),
+    ({"margin": 2}, r"margin \(--margin\) 2 is too small.*receptive field \(7 pixels.*2 \* margin \+ 1 = 5"),
+    ({"margin": 3, "size": 24, "blocks": (2, 2, 2)}, r"receptive field \(11 pixels.*at least 5"),
+    ({"nonlocal_blocks": 2}, r"nonlocal_blocks \(--nonlocal\) must be at most blocks\[0\] = 1"),
+])
+def test_pairs2d_configuration_errors_name_the_field(change, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**{**PAIRS, **change}).validate()
+
+
+def test_image_receptive_field_is_the_network_s():
+    for blocks in (1, 2, 3):
+        assert T.image_receptive_field(blocks) == 3 + 4 * blocks
+        config = TrainConfig(**{**PAIRS, "blocks": (blocks, 2, 2), "nonlocal_blocks": 0})
+        assert T.image_receptive_field(blocks) == T.build_model(config).local_receptive_field
+
+
+def test_cli_train_pairs2d(tmp_path, capsys):
+    args = ["train", "--task", "pairs2d", "--margin", "3", "--kinds", "2", "--dropout", "0", "--epochs", "1",
+            "--n-train", "32", "--n-val", "16", "--batch-size", "16", "--no-progress", "--out", str(tmp_path)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "2-D residual network with 1 non-local block" in out and "two-shape images of 16x16 (margin 3)" in out
+    config = load_checkpoint(tmp_path / "checkpoint.npz")[0]["config"]
+    assert config["task"] == "pairs2d" and config["dropout"] == 0 and config["margin"] == 3
+    assert main(args + ["--resume"]) == 0 and "resumed from" in capsys.readouterr().out
+    for bad, named in ((["--margin", "2"], "--margin"), (["--model", "i3d"], "--model"),
+                       (["--nonlocal", "2"], "--nonlocal")):
+        assert main(args[:-2] + bad + ["--out", str(tmp_path / "new")]) == 2
+        err = capsys.readouterr().err
+        assert named in err and "Traceback" not in err
+    assert not (tmp_path / "new").exists()

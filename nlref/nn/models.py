@@ -48,7 +48,7 @@ from . import functional as F
 from .block import NonLocalBlock
 from .nonlocal_op import MODES
 
-__all__ = ["VideoNet", "VideoTransformer", "FLAVOURS", "MODELS", "EXTENTS", "STAGES", "nonlocal_slots"]
+__all__ = ["VideoNet", "VideoTransformer", "ImageResNet", "FLAVOURS", "MODELS", "EXTENTS", "STAGES", "nonlocal_slots"]
 
 FLAVOURS = ("c2d", "i3d", "i3d_3x1x1")
 #: What ``nlref train --model`` builds: a :class:`VideoNet` flavour or the :class:`VideoTransformer`.
@@ -817,3 +817,154 @@ class VideoTransformer(_Collected):
                 f"embed_dim={c['embed_dim']}, "
                 f"depth={c['depth']}, num_heads={c['num_heads']}, mlp_dim={c['mlp_dim']}, pos={c['pos']!r}, "
                 f"pool={c['pool']!r}, params={self.num_params()})")
+
+
+# =========================================================================== a small 2-D residual network
+class ImageResNet(VideoNet):
+    """A shallow 2-D residual image classifier with optional non-local blocks (``dims=2``).
+
+    Built for :mod:`nlref.data.pairs2d`, whose ceiling binds only networks that see little
+    (see :attr:`local_receptive_field`)::
+
+        stem   conv 3x3, stride 1 -> BN -> ReLU                     (B, width, H, W)
+        res2   ``blocks`` residual blocks of width ``width``, stride 1
+        head   global average pool -> dropout -> fully connected    (B, classes)
+
+    The layers are those of :class:`VideoNet` on a one-frame time axis (every
+    convolution is 1x3x3), so parameters, state dicts, the optimisers and the trainer
+    treat both networks alike. ``nonlocal_blocks`` blocks go right before the last
+    residual blocks (one: before the last, as in the paper); each relates all H*W
+    positions of an image (a 2-D :class:`~nlref.nn.NonLocalBlock`). Names:
+    ``"stem.conv.weight"``, ``"res2.0.conv1.conv.weight"``, ``"res2.nl0.theta.weight"``,
+    ``"fc.weight"``.
+
+    Parameters
+    ----------
+    nonlocal_blocks : int
+        0 to ``blocks``.
+    mode : str
+        Pairwise function of the non-local blocks.
+    nonlocal_options : dict, optional
+        As for :class:`VideoNet`.
+    in_channels, num_classes, width, blocks : int
+    dropout : float
+        Before the classifier, in [0, 1).
+    dtype, seed, xp
+        As for :class:`VideoNet`.
+    """
+
+    def __init__(self, *, nonlocal_blocks: int = 0, mode: str = "embedded_gaussian",
+                 nonlocal_options: dict | None = None, in_channels: int = 1, num_classes: int = 2,
+                 width: int = 16, blocks: int = 1, dropout: float = 0.0, dtype: DType = "float32", seed: int = 0,
+                 xp: Any = None) -> None:
+        def positive(name, value, low=1):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+            return int(value)
+
+        for name, value in (("in_channels", in_channels), ("num_classes", num_classes), ("width", width),
+                            ("blocks", blocks)):
+            positive(name, value)
+        positive("nonlocal_blocks", nonlocal_blocks, 0)
+        if nonlocal_blocks > blocks:
+            raise ValueError(f"nonlocal_blocks must be at most blocks ({blocks}), got {nonlocal_blocks}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if isinstance(dropout, bool) or not (isinstance(dropout, (int, float)) and 0 <= dropout < 1):
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        dtype = dtype if isinstance(dtype, str) else B.dtype_name(dtype)
+        if dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+        options = dict(nonlocal_options or {})
+        allowed = {"sub_sample", "bn_layer", "scale", "pool", "inter_channels", "chunk_size"}
+        if set(options) - allowed:
+            raise ValueError(f"nonlocal_options may hold {sorted(allowed)}, "
+                             f"got unknown {sorted(set(options) - allowed)}")
+        self.slots = [("res2", j) for j in range(blocks - nonlocal_blocks, blocks)]
+        self.config = {"nonlocal_blocks": int(nonlocal_blocks), "mode": mode, "nonlocal_options": options,
+                       "in_channels": int(in_channels), "num_classes": int(num_classes), "width": int(width),
+                       "blocks": int(blocks), "dropout": float(dropout), "dtype": dtype}
+        self.xp = B.compat_namespace(np if xp is None else xp)
+        self.dtype, self.dropout, self.training = dtype, float(dropout), True
+        rng = np.random.default_rng(seed)
+        self._dropout_rng = np.random.default_rng(rng.integers(2**63))
+
+        def make(host):
+            return B.asarray(np.asarray(host), xp=self.xp, dtype=getattr(self.xp, dtype))
+
+        self.stem = ConvBN(in_channels, width, (1, 3, 3), stride=1, rng=rng, make=make)
+        self.layers = [("stem", self.stem)]
+        for j in range(blocks):
+            if ("res2", j) in self.slots:
+                nl = NonLocal(width, extent="space", options={"mode": mode, "dtype": dtype, **options},
+                              seed=int(rng.integers(2**31)), make_xp=xp if xp is not None else np)
+                self.layers.append((f"res2.nl{j}", nl))
+            self.layers.append((f"res2.{j}", ResidualBlock(width, width, kernel1=(1, 3, 3), stride=1,
+                                                           rng=rng, make=make)))
+        self.fc = Layer()
+        bound = 1.0 / math.sqrt(width)
+        self.fc.params = {"weight": make(rng.uniform(-bound, bound, (num_classes, width))),
+                          "bias": make(rng.uniform(-bound, bound, num_classes))}
+        self.layers.append(("fc", self.fc))
+        self._head_cache = None
+        self._leaves = dict(self._walk())
+
+    @property
+    def local_receptive_field(self):
+        """Side in pixels of the square one unit of the last feature map sees through the convolutions.
+
+        Computed from the layers themselves: each convolution of kernel ``k`` and stride
+        ``s`` adds ``(k - 1) * jump`` and multiplies ``jump`` (the input pixels between
+        neighbouring units) by ``s``; a residual block's widest path is its two
+        convolutions (the shortcut is the identity or 1x1). A non-local block sees the
+        whole image, so with one this is what the rest of the network sees locally; without
+        one it is the network's receptive field.
+        """
+        rf, jump = 1, 1
+
+        def conv(unit):
+            nonlocal rf, jump
+            kh = unit.conv.params["weight"].shape[-2]          # kernels and strides are square here
+            stride = unit.conv.stride
+            sh = stride if isinstance(stride, (int, np.integer)) else tuple(stride)[-2]
+            rf += (kh - 1) * jump
+            jump *= sh
+
+        for _, layer in self.layers[:-1]:
+            if isinstance(layer, ConvBN):
+                conv(layer)
+            elif isinstance(layer, ResidualBlock):
+                conv(layer.unit1)
+                conv(layer.unit2)
+        return rf
+
+    def _check_image(self, x):
+        xp = B.array_namespace(x, names=["x"])
+        c = self.config["in_channels"]
+        if x.ndim != 4 or x.shape[1] != c:
+            raise ValueError(f"x must have shape (B, {c}, H, W), got {tuple(x.shape)}")
+        return xp
+
+    def forward(self, x, *, dropout_seed=None, return_attention=False):
+        """Logits for a batch of images ``x`` of shape (B, in_channels, H, W); see :meth:`VideoNet.forward`.
+
+        The attention of a block is (B, H*W, N'), N' the keys after any subsampling.
+        """
+        xp = self._check_image(x)
+        b, c, h, w = x.shape
+        return super().forward(xp.reshape(x, (b, c, 1, h, w)), dropout_seed=dropout_seed,
+                               return_attention=return_attention)
+
+    def backward(self, dlogits, *, input_grad=True):
+        """Back-propagate dL/dlogits; sets :attr:`VideoNet.grads`, returns dL/dx (B, C, H, W) or None."""
+        d = super().backward(dlogits, input_grad=input_grad)
+        if d is None:
+            return None
+        xp = B.array_namespace(d)
+        b, c, _, h, w = d.shape
+        return xp.reshape(d, (b, c, h, w))
+
+    def __repr__(self):
+        c = self.config
+        return (f"ImageResNet(nonlocal_blocks={c['nonlocal_blocks']}, mode={c['mode']!r}, width={c['width']}, "
+                f"blocks={c['blocks']}, receptive_field={self.local_receptive_field}, params={self.num_params()})")
