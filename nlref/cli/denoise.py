@@ -158,10 +158,10 @@ def run_denoise(args):
     except (ValueError, TypeError) as err:  # the values the user typed: the message names their flags
         raise CommandError(flag_names(str(err), FLAGS)) from None
     say(f"sigma {params['sigma']:.3g} ({params['sigma_source']}), h {params['h']:.3g}, "
-          f"patch {params['patch_size']}, search {params['search_size']}, {args.aggregation}-wise")
+        f"patch {params['patch_size']}, search {params['search_size']}, {args.aggregation}-wise")
     if path is not None and path.suffix.lower() in _JPEG and args.sigma is None:
         say("note: JPEG compression removes part of the noise, so this estimate is unreliable and mostly low; "
-              "if you know the noise level, pass it with --sigma (in grey levels for 8-bit files)")
+            "if you know the noise level, pass it with --sigma (in grey levels for 8-bit files)")
     progress = not args.no_progress and sys.stderr.isatty()
     result, seconds = _timed(lambda: _warned(lambda: nlref.nl_means(
         work, sigma=args.sigma, h=args.h, patch_size=args.patch_size, search_size=args.search_size,
@@ -202,7 +202,8 @@ def add_parser(sub, fmt):
     den.add_argument("--sigma", type=float,
                      help="noise std in the image's units (0..255 for 8-bit files) (default: estimated; reads low "
                           "on JPEG files)")
-    den.add_argument("--h", type=float, help="filter strength, in the image's units (default: from the preset for sigma)")
+    den.add_argument("--h", type=float,
+                     help="filter strength, in the image's units (default: from the preset for sigma)")
     den.add_argument("--patch-size", type=_size,
                      help="odd patch width, or comma-separated per axis (default: from the preset for sigma)")
     den.add_argument("--search-size", type=_size,

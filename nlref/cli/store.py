@@ -50,10 +50,10 @@ def _open_chunked(path):
             f.visititems(lambda name, item: names.append(name) if isinstance(item, h5py.Dataset) else None)
         if len(names) != 1:
             raise CommandError(f"IMAGE {str(path)!r}: a chunked run reads an HDF5 file holding one dataset; this one "
-                             f"holds {len(names)} ({', '.join(names[:5])})")
+                               f"holds {len(names)} ({', '.join(names[:5])})")
         return Opener.hdf5(path, names[0])
     raise CommandError(f"IMAGE {str(path)!r}: a chunked run reads a Zarr store (a folder), a TIFF stack (.tif, .tiff), "
-                     f"an HDF5 file (.h5, .hdf5) or a NumPy file (.npy)")
+                       f"an HDF5 file (.h5, .hdf5) or a NumPy file (.npy)")
 
 
 def _running(names, dask_worker=None):
@@ -106,8 +106,8 @@ def run_denoise_chunked(args):
     from nlref.nlmeans.store import close_opened, denoise_store, resolve_parameters_store
 
     if args.image is None:
-        raise CommandError("a chunked run (--chunks, or a .zarr input or output) needs IMAGE: a Zarr store, TIFF stack, "
-                         "HDF5 or .npy file")
+        raise CommandError("a chunked run (--chunks, or a .zarr input or output) needs IMAGE: a Zarr store, TIFF "
+                           "stack, HDF5 or .npy file")
     # absolute here, where the paths are parsed: a worker of a cluster runs in another folder
     source, out = Path(os.path.abspath(args.image)), Path(os.path.abspath(str(args.out).rstrip("/")))
     if not source.exists():
@@ -145,7 +145,7 @@ def run_denoise_chunked(args):
         except (ValueError, TypeError) as err:  # the values the user typed: the message names their flags
             raise CommandError(flag_names(str(err), FLAGS)) from None
         say(f"sigma {params['sigma']:.3g} ({params['sigma_source']}), h {params['h']:.3g}, "
-              f"patch {params['patch_size']}, search {params['search_size']}, {args.aggregation}-wise "
+            f"patch {params['patch_size']}, search {params['search_size']}, {args.aggregation}-wise "
               f"(resolved for the whole array in {time.perf_counter() - t0:.1f} s)")
         lazy = denoise_store(image, params, **kwargs)  # the parameters just resolved: no further pass
         say(f"{args.image}: {image.shape} {image.dtype} in {lazy.npartitions} chunks of {lazy.chunksize}")
@@ -199,7 +199,7 @@ def run_denoise_chunked(args):
         shutil.rmtree(partial, ignore_errors=True)
     voxels = math.prod(image.shape) / (3 if channel_axis is not None else 1)
     say(f"denoised {image.shape} {np.dtype(image.dtype)} in {seconds:.1f} s ({voxels / seconds:,.0f} voxels/s) "
-          f"-> {args.out}")
+        f"-> {args.out}")
 
 
 def _chunk_size(text):

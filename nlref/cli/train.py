@@ -110,14 +110,14 @@ def run_train(args):
         network = (f"transformer ({_count(config.depth, 'block')} of {config.embed_dim} channels, "
                    f"{_count(config.num_heads, 'head')})")
     say(f"nlref train: {network}, {_count(config.epochs, 'epoch')}, {config.optimizer} lr "
-          f"{config.lr:.12g} (x0.1 after {steps} of the steps), {config.n_train} {data} -> {args.out}")
+        f"{config.lr:.12g} (x0.1 after {steps} of the steps), {config.n_train} {data} -> {args.out}")
     try:
         result = train(config, args.out, xp=xp, resume=args.resume, overwrite=args.overwrite,
                        progress=not args.no_progress and sys.stderr.isatty(), log=say)
     except CheckpointError as err:  # the checkpoint in --out does not fit the options given
         raise CommandError(f"--resume: {err}") from None
     say(f"val accuracy {result['val_accuracy']:.3f} after {_count(len(result['history']), 'epoch')}; "
-          f"{result['seconds']:.0f} s of training at {result['clips_per_second']:.0f} clips/s")
+        f"{result['seconds']:.0f} s of training at {result['clips_per_second']:.0f} clips/s")
     return result
 
 
