@@ -211,3 +211,21 @@ def test_every_module_of_the_cli_is_under_350_lines():
     sizes = {p.name: len(p.read_text().splitlines()) for p in (ROOT / "nlref" / "cli").glob("*.py")}
     assert {"__init__.py", "demo.py", "walk.py", "denoise.py", "store.py", "train.py", "course.py"} <= set(sizes)
     assert max(sizes.values()) < 350, sizes
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--task", "pairs2d", "--stage", "res3"], "--stage: not used by --task pairs2d"),
+    (["--task", "pairs2d", "--heads", "2"], "--heads: not used by --task pairs2d"),
+    (["--margin", "2"], "--margin applies only to --task pairs2d"),
+    (["--model", "i3d", "--embed-dim", "32", "--depth", "1"], "--embed-dim, --depth: not used by --model i3d"),
+])
+def test_train_options_of_another_task_are_refused(tmp_path, capsys, argv, message):
+    assert main(["train", *argv, "--out", str(tmp_path / "run")]) == 2
+    assert f"error: {message}" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_library_message_names_each_flag_once(tmp_path, capsys):
+    assert main(["train", "--task", "pairs2d", "--size", "16", "--margin", "4", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "--size // 2 must be at least 5 + --margin" in err and "(--size)" not in err and "size=" not in err

@@ -90,6 +90,7 @@ def flag_names(message, flags):
     for name, flag in sorted(flags.items(), key=lambda kv: -len(kv[0])):
         message = re.sub(rf"(?<![\w-]){re.escape(name)}=", f"{flag} ", message)   # patch_size=4 -> --patch-size 4
         message = re.sub(rf"(?<![\w-]){re.escape(name)}(?![\w-])", flag, message)
+        message = message.replace(f"{flag} ({flag})", flag)                     # size (--size) -> --size
     return message
 
 

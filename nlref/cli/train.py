@@ -59,6 +59,30 @@ def _train_interrupted(args, signame):
             f"complete); to continue: {_train_command(args)}")
 
 
+#: Options that apply to one task or network only, by destination: (flag, TrainConfig field). Their default is
+#: None on the command line, so that one the user typed is told from one left out.
+_SPECIFIC = {"stage": ("--stage", "stage"), "extent": ("--extent", "extent"), "margin": ("--margin", "margin"),
+             "embed_dim": ("--embed-dim", "embed_dim"), "depth": ("--depth", "depth"),
+             "heads": ("--heads", "num_heads"), "mlp_dim": ("--mlp-dim", "mlp_dim")}
+
+
+def _refuse_ignored(args):
+    """An option typed for another task or network would be ignored silently: refuse it, saying where it applies."""
+    def typed(*names):
+        return [_SPECIFIC[name][0] for name in names if getattr(args, name) is not None]
+
+    transformer = typed("embed_dim", "depth", "heads", "mlp_dim")
+    if args.task == "pairs2d" and typed("stage", "extent") + transformer:
+        flags = typed("stage", "extent") + transformer
+        raise CommandError(f"{', '.join(flags)}: not used by --task pairs2d (a 2-D residual network); they apply to "
+                           "the sprite clips (--task sprites)")
+    if args.task != "pairs2d" and typed("margin"):
+        raise CommandError("--margin applies only to --task pairs2d (the two-shape images)")
+    if args.model != "transformer" and transformer:
+        raise CommandError(f"{', '.join(transformer)}: not used by --model {args.model}; they apply only to --model "
+                           "transformer")
+
+
 def run_train(args):
     """``nlref train``: the options map one to one onto :class:`nlref.train.TrainConfig`."""
     from nlref.backend import retain_freed_memory
@@ -70,13 +94,18 @@ def run_train(args):
             import cupy as xp
         except ImportError as err:
             raise CommandError(f"--backend cupy needs CuPy with a CUDA device ({err})") from None
-    fields = {"task": args.task, "margin": args.margin, "model": args.model, "nonlocal_blocks": args.nonlocal_blocks,
-              "stage": args.stage, "mode": args.mode, "extent": args.extent, "sub_sample": not args.no_sub_sample,
-              "bn_layer": not args.no_bn, "scale": args.scale, "pool": args.pool, "dropout": args.dropout,
+    _refuse_ignored(args)
+    d = TrainConfig()
+    given = {name: getattr(args, name) for name in _SPECIFIC}
+    given = {name: getattr(d, _SPECIFIC[name][1]) if value is None else value for name, value in given.items()}
+    fields = {"task": args.task, "margin": given["margin"], "model": args.model,
+              "nonlocal_blocks": args.nonlocal_blocks, "stage": given["stage"], "mode": args.mode,
+              "extent": given["extent"], "sub_sample": not args.no_sub_sample, "bn_layer": not args.no_bn,
+              "scale": args.scale, "pool": args.pool, "dropout": args.dropout,
               "epochs": args.epochs, "batch_size": args.batch_size, "optimizer": args.optimizer,
               "n_train": args.n_train, "n_val": args.n_val, "seed": args.seed, "relation": args.relation,
-              "kinds": args.kinds, "size": args.size, "dtype": args.dtype, "embed_dim": args.embed_dim,
-              "depth": args.depth, "num_heads": args.heads, "mlp_dim": args.mlp_dim}
+              "kinds": args.kinds, "size": args.size, "dtype": args.dtype, "embed_dim": given["embed_dim"],
+              "depth": given["depth"], "num_heads": given["heads"], "mlp_dim": given["mlp_dim"]}
     if args.lr is not None:
         fields["lr"] = args.lr
     elif args.optimizer == "sgd":
@@ -152,15 +181,15 @@ def add_parser(sub, fmt):
                     help="the two-sprite clips, or the two-shape images (a 2-D network)" + dflt)
     opt("--model", choices=MODELS, default=d.model,
                     help="network: 2-D or inflated 3-D convs, or a space-time transformer" + dflt)
-    opt("--embed-dim", type=int, default=d.embed_dim, help="transformer: token channels" + dflt)
-    opt("--depth", type=int, default=d.depth, help="transformer: blocks" + dflt)
-    opt("--heads", type=int, default=d.num_heads, help="transformer: attention heads" + dflt)
-    opt("--mlp-dim", type=int, default=d.mlp_dim, help="transformer: MLP width" + dflt)
+    opt("--embed-dim", type=int, default=None, help=f"transformer: token channels (default: {d.embed_dim})")
+    opt("--depth", type=int, default=None, help=f"transformer: blocks (default: {d.depth})")
+    opt("--heads", type=int, default=None, help=f"transformer: attention heads (default: {d.num_heads})")
+    opt("--mlp-dim", type=int, default=None, help=f"transformer: MLP width (default: {d.mlp_dim})")
     opt("--nonlocal", dest="nonlocal_blocks", type=int, default=d.nonlocal_blocks,
                     help="number of non-local blocks, 0 for the baseline" + dflt)
-    opt("--stage", choices=STAGES, default=d.stage, help="stage of a single block" + dflt)
+    opt("--stage", choices=STAGES, default=None, help=f"stage of a single block (default: {d.stage})")
     opt("--mode", choices=MODES, default=d.mode, help="pairwise function of the blocks" + dflt)
-    opt("--extent", choices=EXTENTS, default=d.extent, help="what a block attends over" + dflt)
+    opt("--extent", choices=EXTENTS, default=None, help=f"what a block attends over (default: {d.extent})")
     opt("--no-sub-sample", action="store_true",
                     help="no max-pooling of the keys and values (default: off, they are pooled)")
     opt("--no-bn", action="store_true",
@@ -182,8 +211,8 @@ def add_parser(sub, fmt):
                     help="what the two sprites are compared on" + dflt)
     opt("--kinds", type=int, default=d.kinds, help="kinds of sprite (brightness levels)" + dflt)
     opt("--size", type=int, default=d.size, help="frame height and width" + dflt)
-    opt("--margin", type=int, default=d.margin,
-                    help="pairs2d: pixels each shape keeps from the centre lines" + dflt)
+    opt("--margin", type=int, default=None,
+                    help=f"pairs2d: pixels each shape keeps from the centre lines (default: {d.margin})")
     opt("--dtype", choices=("float32", "float64"), default=d.dtype, help="floating-point type" + dflt)
     opt("--seed", type=int, default=d.seed, help="seed of the data, weights and shuffles" + dflt)
     opt("--backend", choices=("numpy", "cupy"), default="numpy", help="array library" + dflt)
