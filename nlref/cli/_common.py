@@ -6,6 +6,7 @@ import sys
 import time
 from pathlib import Path
 
+
 class CommandError(Exception):
     """A problem with the files or options of a command: reported as one line, without a traceback."""
 
@@ -14,7 +15,6 @@ class _Terminated(BaseException):
     """Raised in the main thread when SIGTERM arrives (as KeyboardInterrupt is for SIGINT)."""
 
 
-#: What each output format can hold: (name, dtypes, channel counts; None: anything, 0: no channel axis).
 def _timed(f):
     t0 = time.perf_counter()
     out = f()

@@ -12,6 +12,7 @@ import numpy as np
 from nlref.cli._common import CommandError, _timed, _warned, flag_names, refuse_existing, say
 from nlref.cli.store import FLAGS, _chunk_size, _is_chunked, run_denoise_chunked
 
+#: What each output format can hold: (name, dtypes, channel counts; None: anything, 0: no channel axis).
 _WRITERS = {
     ".png": ("PNG", ("uint8", "uint16"), (0, 2, 3, 4)),
     ".tif": ("TIFF", None, None),

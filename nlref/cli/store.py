@@ -17,6 +17,7 @@ from nlref.cli._common import CommandError, _warned, flag_names, refuse_existing
 FLAGS = {"sigma": "--sigma", "h": "--h", "patch_size": "--patch-size", "search_size": "--search-size",
          "aggregation": "--aggregation", "method": "--method", "chunks": "--chunks"}
 
+
 def _is_zarr(folder):
     return any((folder / name).exists() for name in ("zarr.json", ".zarray", ".zgroup"))
 

@@ -8,6 +8,7 @@ import numpy as np
 
 from nlref.cli._common import _timed, say
 
+
 def _save(fig, path):
     fig.savefig(path, dpi=110)
     import matplotlib.pyplot as plt
