@@ -93,7 +93,9 @@ def test_cli_chunks_per_axis_count_is_checked(tmp_path, capsys):
     source = _zarr_input(tmp_path, _volume())
     assert main(["denoise", source, "--out", str(tmp_path / "out.zarr"), "--chunks", "6,20", "--sigma", "10"]) == 2
     err = capsys.readouterr().err
-    assert "--chunks must be one positive int, or one per spatial axis (3" in err and "odd" not in err
+    # the store route's check (one place), in the flag's name
+    assert "--chunks must be a positive int or one positive int per spatial axis (3" in err and "odd" not in err
+    assert "chunks=" not in err and not (tmp_path / "out.zarr").exists()
 
 
 def test_cli_hdf5_with_several_datasets_is_refused(tmp_path, capsys):

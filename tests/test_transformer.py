@@ -193,4 +193,4 @@ def test_cli_train_transformer(tmp_path, capsys):
     capsys.readouterr()
     assert main(["train", "--model", "transformer", "--embed-dim", "10", "--heads", "4", "--out",
                  str(tmp_path / "bad")]) == 2
-    assert "must divide embed_dim" in capsys.readouterr().err
+    assert "--heads (4) must divide --embed-dim (10)" in capsys.readouterr().err   # the flags typed

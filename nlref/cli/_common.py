@@ -1,0 +1,100 @@
+"""What the commands share: the error a user's mistake raises, and small helpers of output."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+
+class CommandError(Exception):
+    """A problem with the files or options of a command: reported as one line, without a traceback."""
+
+
+class _Terminated(BaseException):
+    """Raised in the main thread when SIGTERM arrives (as KeyboardInterrupt is for SIGINT)."""
+
+
+def _timed(f):
+    t0 = time.perf_counter()
+    out = f()
+    return out, time.perf_counter() - t0
+
+
+def _count(n, word):
+    """``1 epoch``, ``2 epochs``."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _warned(f, shown):
+    """Run ``f``, printing each warning not in ``shown`` as one line on stderr (not Python's two-line form)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        result = f()
+    for message in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, UserWarning)):
+        if message not in shown:
+            shown.add(message)
+            print(f"nlref denoise: warning: {message}", file=sys.stderr)
+    return result
+
+
+def _stamp(path):
+    """(size, modification time in ns, inode) of a file, or None: tells whether it was rewritten."""
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+
+
+class _Output:
+    """Whether the report lines are shown: off with ``--quiet``, and after a reader closed the pipe."""
+
+    quiet = False
+
+
+def say(*parts, **kwargs):
+    """Print one report line on stdout, unless ``--quiet``; a closed pipe (``| head -1``) stops the lines, never
+    the work: stdout is pointed at the null device (as Python's docs advise for SIGPIPE) and the run goes on."""
+    if _Output.quiet:
+        return
+    try:
+        print(*parts, **kwargs, flush=True)
+    except BrokenPipeError:
+        _Output.quiet = True
+        silence_stdout()
+
+
+def silence_stdout():
+    """Point the stdout file descriptor at the null device, so that no later flush fails on a closed pipe."""
+    import os
+
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # a stream without a descriptor (a test's capture)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+def flag_names(message, flags):
+    """A library message about Python parameters, reworded with the flags the user typed (``patch_size`` ->
+    ``--patch-size``)."""
+    import re
+
+    for name, flag in sorted(flags.items(), key=lambda kv: -len(kv[0])):
+        message = re.sub(rf"(?<![\w-]){re.escape(name)}=", f"{flag} ", message)   # patch_size=4 -> --patch-size 4
+        message = re.sub(rf"(?<![\w-]){re.escape(name)}(?![\w-])", flag, message)
+        message = message.replace(f"{flag} ({flag})", flag)                     # size (--size) -> --size
+    return message
+
+
+def refuse_existing(out, overwrite):
+    """One rule for every command's ``--out``: an existing one is replaced only with ``--overwrite``."""
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise CommandError(f"--out {str(out)!r} already exists; add --overwrite to replace it, or choose another name")

@@ -1,0 +1,232 @@
+"""``nlref denoise`` on one image file, in memory (a chunked run goes to :mod:`nlref.cli.store`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from nlref.cli._common import CommandError, _timed, _warned, flag_names, refuse_existing, say
+from nlref.cli.store import FLAGS, _chunk_size, _is_chunked, run_denoise_chunked
+
+#: What each output format can hold: (name, dtypes, channel counts; None: anything, 0: no channel axis).
+_WRITERS = {
+    ".png": ("PNG", ("uint8", "uint16"), (0, 2, 3, 4)),
+    ".tif": ("TIFF", None, None),
+    ".tiff": ("TIFF", None, None),
+    ".jpg": ("JPEG", ("uint8",), (0, 3)),
+    ".jpeg": ("JPEG", ("uint8",), (0, 3)),
+    ".bmp": ("BMP", ("uint8",), (0, 3)),
+    ".webp": ("WebP", ("uint8",), (3, 4)),       # Pillow writes grey as RGB and grey + alpha as RGBA
+}
+_JPEG = (".jpg", ".jpeg")
+
+
+def _read_image(path):
+    """Read an image file; any failure becomes one CommandError line naming the file and the problem."""
+    import warnings
+
+    from skimage import io
+
+    if not path.exists():
+        raise CommandError(f"IMAGE {str(path)!r} does not exist")
+    if path.is_dir():
+        raise CommandError(f"IMAGE {str(path)!r} is a folder, not an image file")
+    if not path.is_file():
+        raise CommandError(f"IMAGE {str(path)!r} is not a regular file")
+    if path.stat().st_size == 0:
+        raise CommandError(f"cannot read IMAGE {str(path)!r}: the file is empty")
+    try:
+        with warnings.catch_warnings():  # imageio's plugins, tried one by one on a file no plugin reads
+            warnings.simplefilter("ignore", DeprecationWarning)
+            image = np.asarray(io.imread(path))
+    except PermissionError:
+        raise CommandError(f"cannot read IMAGE {str(path)!r}: permission denied") from None
+    except Exception as err:  # imageio's plugins raise OSError, ValueError, struct.error, SyntaxError ...
+        reason = ("the image data is truncated (an incomplete copy or download?)" if "truncated" in str(err).lower()
+                  else "it is not an image in a format the reader knows (PNG, JPEG, TIFF, BMP, GIF, WebP, ...), "
+                       "or it is damaged")
+        raise CommandError(f"cannot read IMAGE {str(path)!r}: {reason}") from None
+    if image.dtype.kind not in "uif" or image.size == 0:
+        raise CommandError(f"cannot denoise IMAGE {str(path)!r}: it holds {image.size} values of dtype {image.dtype}")
+    return image
+
+
+def _layout(image):
+    """How an image as read is denoised: (description, the array to denoise, channel_axis, alpha or None)."""
+    if image.ndim == 3 and image.shape[-1] == 1:
+        return "grey (one channel)", image[..., 0], None, None
+    if image.ndim == 3 and image.shape[-1] == 2:
+        return "grey + alpha: the grey channel is denoised, alpha kept as it is", image[..., :1], -1, image[..., 1:]
+    if image.ndim == 3 and image.shape[-1] == 3:
+        return "colour (RGB)", image, -1, None
+    if image.ndim == 3 and image.shape[-1] == 4:
+        return "colour + alpha (RGBA): the colour channels are denoised, alpha kept as it is", image[..., :3], -1, \
+            image[..., 3:]
+    if image.ndim == 2:
+        return "grey", image, None, None
+    return f"{image.ndim}-D, denoised as a volume", image, None, None
+
+
+def _check_output(out, *, image_path, dtype, shape):
+    """Everything about ``--out`` that can be checked before the work: folder, extension, what the format holds."""
+    if out.is_dir():
+        raise CommandError(f"--out {str(out)!r} is a folder; give a file name such as {str(out / 'denoised.png')!r}")
+    folder = out.parent
+    if not folder.is_dir():
+        raise CommandError(f"the folder of --out ({str(folder)!r}) does not exist; create it first")
+    if not os.access(folder, os.W_OK):
+        raise CommandError(f"the folder of --out ({str(folder)!r}) is not writable")
+    suffix = out.suffix.lower()
+    if suffix not in _WRITERS:
+        raise CommandError(f"--out {str(out)!r}: the extension {suffix or '(none)'!r} names no image format nlref "
+                           f"writes; use one of {', '.join(_WRITERS)}")
+    if image_path is not None and out.exists() and out.samefile(image_path):
+        raise CommandError(f"--out {str(out)!r} is IMAGE itself: it would overwrite the input; choose another name")
+    name, dtypes, channels = _WRITERS[suffix]
+    n = 0 if len(shape) == 2 else shape[-1]
+    if dtypes is not None and str(dtype) not in dtypes:
+        raise CommandError(f"--out {str(out)!r}: {name} cannot hold {dtype} values (it holds {', '.join(dtypes)}); "
+                           "use .tif")
+    if channels is not None and (len(shape) not in (2, 3) or n not in channels):
+        held = {0: "grey", 2: "grey + alpha", 3: "RGB", 4: "RGBA"}
+        what = f"a {len(shape)}-D array" if len(shape) not in (2, 3) else held.get(n, f"{n} channels")
+        raise CommandError(f"--out {str(out)!r}: {name} cannot hold {what} (it holds "
+                           f"{', '.join(held[c] for c in channels)}); use .png or .tif")
+
+
+def _write_image(out, image):
+    """Write through a temporary file in the same folder, renamed into place: never a half-written file."""
+    import tempfile
+
+    from skimage import io
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=out.suffix, dir=out.parent)
+    os.close(fd)
+    try:
+        io.imsave(tmp, image, check_contrast=False)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)                   # mkstemp makes 0600; give it the usual mode
+        os.replace(tmp, out)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def run_denoise(args):
+    """``nlref denoise``: read, check everything, then denoise and write the result atomically."""
+    import nlref
+
+    if args.image is not None:  # the bundled image's noise: nothing to do with an IMAGE
+        given = [flag for flag, value in (("--noise", args.noise), ("--seed", args.seed)) if value is not None]
+        if given:
+            raise CommandError(f"{' and '.join(given)} apply only to the bundled camera image (no IMAGE given), "
+                               f"to which they add noise; IMAGE {args.image!r} is denoised as it is: drop "
+                               f"{' and '.join(given)}")
+    if _is_chunked(args):  # a Zarr store or TIFF stack, streamed chunk by chunk into a Zarr store
+        return run_denoise_chunked(args)
+    if args.scheduler is not None:
+        raise CommandError("--scheduler applies only to a chunked run (--chunks, or a .zarr input or output)")
+    if args.image is None:
+        noise, seed = 20.0 if args.noise is None else args.noise, 0 if args.seed is None else args.seed
+        from skimage import data
+
+        clean = data.camera()
+        image = np.clip(np.round(clean + noise * np.random.default_rng(seed).standard_normal(clean.shape)),
+                        0, 255).astype(np.uint8)
+        path = None
+        say(f"no IMAGE given: the bundled camera image with Gaussian noise of {noise} grey levels")
+    else:
+        path = Path(args.image)
+        image = _read_image(path)
+        clean = None
+    what, work, channel_axis, alpha = _layout(image)
+    result_shape = image.shape[:2] if image.ndim == 3 and image.shape[-1] == 1 else image.shape
+    out = Path(args.out)
+    _check_output(out, image_path=path, dtype=image.dtype, shape=result_shape)
+    refuse_existing(out, args.overwrite)
+    say(f"read {'the camera image' if path is None else path.name}: {tuple(image.shape)} {image.dtype}, {what}")
+    shown = set()
+    try:
+        params = _warned(lambda: nlref.resolve_parameters(
+            work, sigma=args.sigma, h=args.h, patch_size=args.patch_size, search_size=args.search_size,
+            channel_axis=channel_axis, aggregation=args.aggregation), shown)
+    except (ValueError, TypeError) as err:  # the values the user typed: the message names their flags
+        raise CommandError(flag_names(str(err), FLAGS)) from None
+    say(f"sigma {params['sigma']:.3g} ({params['sigma_source']}), h {params['h']:.3g}, "
+        f"patch {params['patch_size']}, search {params['search_size']}, {args.aggregation}-wise")
+    if path is not None and path.suffix.lower() in _JPEG and args.sigma is None:
+        say("note: JPEG compression removes part of the noise, so this estimate is unreliable and mostly low; "
+            "if you know the noise level, pass it with --sigma (in grey levels for 8-bit files)")
+    progress = not args.no_progress and sys.stderr.isatty()
+    result, seconds = _timed(lambda: _warned(lambda: nlref.nl_means(
+        work, sigma=args.sigma, h=args.h, patch_size=args.patch_size, search_size=args.search_size,
+        channel_axis=channel_axis, aggregation=args.aggregation, method=args.method, progress=progress), shown))
+    if alpha is not None:
+        result = np.concatenate([result, alpha], axis=-1)
+    _write_image(out, result)
+    line = f"denoised {tuple(image.shape)} {image.dtype} in {seconds:.2f} s -> {out}"
+    if path is None:
+        line += f" (PSNR {nlref.psnr(clean, image):.2f} -> {nlref.psnr(clean, result):.2f} dB)"
+    say(line)
+
+
+def _size(text):
+    try:
+        parts = [int(p) for p in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an int or comma-separated ints (e.g. 7 or 3,7,7)") from None
+    return parts[0] if len(parts) == 1 else tuple(parts)
+
+
+_DENOISE = """\
+sigma and h are in the units of the image's values: grey levels (0..255) for 8-bit
+files, 0..65535 for 16-bit ones. Without --sigma the noise level is estimated. JPEG
+input: compression removes part of the noise, so the estimate is unreliable and mostly
+reads low (8.3 where 20 grey levels were added to the colour astronaut image saved at
+quality 75; see docs/nlmeans.md): pass the noise level with --sigma when you know it,
+e.g. --sigma 20. Alpha channels (grey + alpha, RGBA) are kept as they are; the
+grey or colour channels are denoised. The output is written only after the work is
+done, through a temporary file, so a failed or interrupted run never leaves half a file."""
+
+
+def add_parser(sub, fmt):
+    """The ``nlref denoise`` subcommand."""
+    den = sub.add_parser("denoise", help="NL-means denoise an image file", description=_DENOISE, formatter_class=fmt)
+    den.add_argument("image", nargs="?", metavar="IMAGE",
+                     help="image file: PNG, TIFF, JPEG, BMP, ... (default: the bundled camera image, with added noise)")
+    den.add_argument("--sigma", type=float,
+                     help="noise std in the image's units (0..255 for 8-bit files) (default: estimated; reads low "
+                          "on JPEG files)")
+    den.add_argument("--h", type=float,
+                     help="filter strength, in the image's units (default: from the preset for sigma)")
+    den.add_argument("--patch-size", type=_size,
+                     help="odd patch width, or comma-separated per axis (default: from the preset for sigma)")
+    den.add_argument("--search-size", type=_size,
+                     help="odd search width, or comma-separated per axis (default: from the preset for sigma)")
+    den.add_argument("--aggregation", choices=("pixel", "patch"), default="pixel",
+                     help="pixel-wise or patch-wise estimates (default: %(default)s)")
+    den.add_argument("--method", choices=("fast", "naive"), default="fast",
+                     help="the offset loop, or the definition for small images (default: %(default)s)")
+    den.add_argument("--noise", type=float,
+                     help="noise added to the bundled image when no IMAGE is given, in grey levels (default: "
+                          "20.0)")
+    den.add_argument("--seed", type=int, help="seed of that noise (default: 0)")
+    den.add_argument("--out", default="denoised.png",
+                     help="output file; its extension picks the format: .png, .tif, .jpg, .bmp, .webp "
+                          "(default: %(default)s)")
+    den.add_argument("--overwrite", action="store_true",
+                     help="replace an existing --out (default: off, an existing --out is refused)")
+    den.add_argument("--no-progress", action="store_true",
+                     help="no progress bar (default: a bar when stderr is a terminal, none otherwise)")
+    den.add_argument("--chunks", type=_chunk_size, help="Dask chunk size, or comma-separated per spatial axis: "
+                     "stream a Zarr store, TIFF stack, HDF5 or .npy file chunk by chunk into the Zarr store --out "
+                     "(see docs/dask.md) (default: off, the image is denoised in memory)")
+    den.add_argument("--scheduler", help="address of a dask.distributed scheduler for a chunked run (default: local "
+                     "threads)")
+    return den
