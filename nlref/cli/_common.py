@@ -49,8 +49,6 @@ def _stamp(path):
     return (st.st_size, st.st_mtime_ns, st.st_ino)
 
 
-
-
 class _Output:
     """Whether the report lines are shown: off with ``--quiet``, and after a reader closed the pipe."""
 
