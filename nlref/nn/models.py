@@ -669,10 +669,7 @@ class VideoTransformer(_Collected):
         self._cache = None
 
     # ------------------------------------------------------------------ bookkeeping (as VideoNet)
-    def _collect(self, attr):
-        return {f"{name}.{key}": value for name, leaf in self._leaves.items()
-                for key, value in getattr(leaf, attr).items()}
-
+    _collect = VideoNet._collect
 
     def _owner(self, key):
         for name, leaf in self._leaves.items():
