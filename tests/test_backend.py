@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 import nlref.backend as B
-from conftest import assert_same_library
+from tests.helpers import assert_same_library
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 7])

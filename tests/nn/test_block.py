@@ -12,7 +12,7 @@ import nlref
 import nlref.backend as B
 from nlref.nn import NonLocalBlock, layer_gradcheck
 from nlref.nn.nonlocal_op import MODES, SOFTMAX_MODES
-from conftest import assert_same_library
+from tests.helpers import assert_same_library
 
 SHAPES = {1: (2, 4, 6), 2: (2, 4, 4, 4), 3: (2, 4, 2, 4, 4)}
 
@@ -102,7 +102,7 @@ def test_block_gradcheck_eval_mode_and_random_directions(xp_cpu):
 try:
     import torch
 
-    from torch_oracle import TorchNonLocal, load_nlref_params, nlref_grads
+    from tests.nn.torch_oracle import TorchNonLocal, load_nlref_params, nlref_grads
 except ImportError:
     torch = None
 needs_torch = pytest.mark.skipif(torch is None, reason="PyTorch (the optional oracle) is not installed")

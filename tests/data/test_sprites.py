@@ -7,7 +7,7 @@ import pytest
 
 import nlref.backend as B
 from nlref.data.sprites import GLYPHS, additive_ceiling, sprite_clips, sprite_splits
-from conftest import assert_same_library
+from tests.helpers import assert_same_library
 
 
 def test_same_seed_same_clips_on_every_backend(xp):

@@ -6,7 +6,7 @@ import pytest
 import nlref.backend as B
 from nlref.nn import functional as F
 from nlref.nn import gradcheck
-from conftest import assert_gradcheck, assert_same_library, distinct_samples
+from tests.helpers import assert_gradcheck, assert_same_library, distinct_samples
 
 RNG = np.random.default_rng(7)
 

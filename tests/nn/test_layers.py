@@ -11,7 +11,7 @@ from nlref.nn import _shapes
 from nlref.nn import functional as F
 from nlref.nn.engine import conv as EC
 from nlref.nn.engine import layout as EL
-from conftest import assert_gradcheck, assert_same_library, distinct_samples
+from tests.helpers import assert_gradcheck, assert_same_library, distinct_samples
 
 try:
     import torch

@@ -13,12 +13,12 @@ from nlref.nn import functional as F
 from nlref.nn import gradcheck
 from nlref.nn.models import EXTENTS, FLAVOURS, NonLocal, VideoNet, nonlocal_slots
 from nlref.nn.nonlocal_op import MODES
-from conftest import assert_same_library
+from tests.helpers import assert_same_library
 
 try:
     import torch
 
-    from torch_oracle import TorchVideoNet, load_videonet_params, videonet_buffers, videonet_grads
+    from tests.nn.torch_oracle import TorchVideoNet, load_videonet_params, videonet_buffers, videonet_grads
 except ImportError:  # the oracle is optional
     torch = None
 needs_torch = pytest.mark.skipif(torch is None, reason="PyTorch (the optional oracle) is not installed")

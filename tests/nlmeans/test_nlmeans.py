@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 import nlref
 import nlref.backend as B
 from nlref.nlmeans import api, presets
-from conftest import assert_same_library
+from tests.helpers import assert_same_library
 
 RNG = np.random.default_rng(1234)
 

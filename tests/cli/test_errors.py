@@ -14,7 +14,7 @@ from skimage import io
 import nlref
 from nlref.cli import CommandError, build_parser, main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _grey(tmp_path, name="in.png", n=24):
