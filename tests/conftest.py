@@ -52,6 +52,12 @@ def xp_cpu(request):
 
 
 @pytest.fixture
+def rng():
+    """A NumPy generator seeded afresh for each test: a test's data never depend on which tests ran before it."""
+    return np.random.default_rng(20261207)
+
+
+@pytest.fixture
 def to_xp(xp):
     """Move a NumPy array into the library under test."""
     return lambda a: B.asarray(np.asarray(a), xp=xp)
