@@ -12,9 +12,20 @@ import nlref
 from nlref.cli import main
 
 
-def test_demo_quick_writes_figures_and_table(tmp_path, capsys):
-    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """``nlref demo --quick`` run once for the module: (its folder, what it printed)."""
+    import contextlib
+    import io as text_io
+
+    folder, printed = tmp_path_factory.mktemp("demo"), text_io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["demo", "--quick", "--out", str(folder)]) == 0
+    return folder, printed.getvalue()
+
+
+def test_demo_quick_writes_figures_and_table(demo_run):
+    tmp_path, out = demo_run
     for name in ("averaging_curve", "averaging_images", "nlmeans_camera", "nlmeans_weights", "nlmeans_astronaut",
                  "nonlocal_attention", "training_curves", "training_attention"):
         assert (tmp_path / f"{name}.png").stat().st_size > 1000
@@ -371,10 +382,36 @@ def test_version_and_plain_description(capsys):
     assert "nlref demo" in text and "nlref denoise" in text and "nlref train" in text
 
 
-def test_demo_help_says_what_the_demo_runs():
-    text = " ".join(_help(["demo"]).split())
-    for part in ("averaging", "NL-means", "gradient check", "non-local block", "training run", "C2D"):
-        assert part in text, part
+def test_demo_help_says_what_the_demo_runs(demo_run):
+    """Each part of the walk that the help names is shown by the demo's run: a figure or lines of its tables."""
+    import re
+
+    folder, printed = demo_run
+    text = re.sub(r"-\s+", "-", " ".join(_help(["demo"]).split()))   # the help as read, wherever it wraps
+    lines = printed.splitlines()
+    shown = {
+        "averaging noisy copies": [(folder / "averaging_curve.png").is_file(),
+                                   any(line.startswith("mean of 16 noisy copies") for line in lines)],
+        "NL-means pixel-wise and patch-wise on the grey camera image": [
+            any(line.startswith("NL-means, pixel-wise") and " camera " in line for line in lines),
+            any(line.startswith("NL-means, patch-wise") and " camera " in line for line in lines)],
+        "and in colour": [any(line.startswith("NL-means, pixel-wise") and " astronaut " in line for line in lines)],
+        "the weights of three pixels": [(folder / "nlmeans_weights.png").is_file()],
+        "a float64 gradient check of every pairwise function": [
+            [line.split()[0] for line in lines if line.endswith("passed")] == list(nlref.nn.nonlocal_op.MODES)],
+        "the identity at the start": ["z == x exactly: True" in printed],
+        "an embedded-Gaussian block whose attention equals NL-means weights": [
+            "attention == NL-means weights" in printed],
+        "a short training run of a C2D network with and without a non-local block on the two-sprite task": [
+            "training on the two-sprite task" in printed,
+            sorted(line[:26].strip() for line in lines if line.startswith(("C2D ", "NL C2D "))) == ["C2D", "NL C2D"]],
+        "with its curves": [(folder / "training_curves.png").is_file()],
+        "where the trained block attends": [(folder / "training_attention.png").is_file(),
+                                             "attention of a sprite-1 query" in printed],
+    }
+    for part, evidence in shown.items():
+        assert part in text, f"the help no longer says {part!r}"
+        assert all(evidence), f"the help says {part!r}; the demo's run does not show it"
 
 
 def test_bad_size_is_an_argparse_message(capsys):
