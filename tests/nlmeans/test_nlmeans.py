@@ -309,9 +309,32 @@ def test_mixed_libraries_are_rejected_in_metrics():
 
 
 def test_memory_limit_is_checked_before_work(monkeypatch):
+    """Above the limit: the error, and neither the working copy nor the offset loop started; within it, both run."""
+    class Reached(Exception):
+        pass
+
+    work = []
+    real_to_working = api.to_working
+
+    def to_working(*args, **kwargs):
+        work.append("working copy")
+        return real_to_working(*args, **kwargs)
+
+    def offset_loop(*args, **kwargs):
+        work.append("offset loop")
+        raise Reached
+
+    monkeypatch.setattr(api, "to_working", to_working)
+    monkeypatch.setattr(api, "nl_means_fast", offset_loop)
+    image = np.zeros((512, 512), dtype=np.float32)
     monkeypatch.setattr(api, "WORKING_MEMORY_LIMIT", 2**20)
     with pytest.raises(ValueError, match=r"needs about .* GiB of working memory, above the limit"):
-        nlref.nl_means(np.zeros((512, 512), dtype=np.float32), h=0.1)
+        nlref.nl_means(image, h=0.1)
+    assert work == []
+    monkeypatch.setattr(api, "WORKING_MEMORY_LIMIT", 2**40)
+    with pytest.raises(Reached):
+        nlref.nl_means(image, h=0.1)
+    assert work == ["working copy", "offset loop"]
 
 
 def test_naive_refuses_large_inputs():
