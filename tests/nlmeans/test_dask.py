@@ -125,22 +125,6 @@ def test_chunks_for_halo():
     assert sum(chunked.chunks_for_halo((1,) * 23, 4)) == 23
 
 
-def test_dask_reflect_boundary_is_not_numpy_reflect():
-    """Why nlref pads the true edges itself: dask's "reflect" repeats the edge sample (NumPy's "symmetric")."""
-    a = np.arange(6.0)
-    dask_reflect = da.overlap.overlap(da.from_array(a, chunks=3), depth=2, boundary="reflect").compute()
-    assert np.array_equal(dask_reflect[:2], np.pad(a, 2, mode="symmetric")[:2])
-    assert not np.array_equal(dask_reflect[:2], np.pad(a, 2, mode="reflect")[:2])
-    # the edge pixels of an NL-means built on it differ from the exact result
-    image = _noisy((30, 30), seed=6)
-    kwargs = dict(sigma=0.1, h=0.1, patch_size=3, search_size=5)
-    trap = da.map_overlap(lambda b: nlref.nl_means(b, workers=1, **kwargs), da.from_array(image, chunks=15),
-                          depth=3, boundary="reflect", dtype=image.dtype).compute()
-    exact = nlref.nl_means(da.from_array(image, chunks=15), **kwargs).compute()
-    assert not np.array_equal(trap[0, :], exact[0, :])
-    np.testing.assert_array_equal(exact, nlref.nl_means(image, workers=1, **kwargs))
-
-
 @pytest.mark.parametrize("aggregation", ["pixel", "patch"])
 def test_graph_grows_with_chunks_not_offsets(aggregation):
     """Tasks per chunk are bounded by a constant: independent of the search window and of the chunk count."""
