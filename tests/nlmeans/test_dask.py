@@ -370,8 +370,17 @@ def test_given_parameters_cost_one_pass(given, route):
             out = chunked.nl_means_store(image, chunks=10, **given)
     assert len(passes) == 1, passes
     np.testing.assert_array_equal(out.compute(), nlref.nl_means(image, workers=1, **given))
-    with pytest.warns(UserWarning, match="larger than the whole value range"):  # the units check still speaks
-        chunked.nl_means_store(image, chunks=10, sigma=20.0, patch_size=3, search_size=5)
+
+
+@pytest.mark.parametrize("route", ["dask", "store"])
+def test_the_units_check_of_given_parameters_still_speaks(route):
+    """The one pass of given parameters still feeds the units check: sigma=20 on an image in 0..1 is doubted."""
+    image = _noisy((12, 30, 30))
+    with pytest.warns(UserWarning, match="larger than the whole value range"):
+        if route == "dask":
+            nlref.nl_means(da.from_array(image, chunks=10), sigma=20.0, patch_size=3, search_size=5)
+        else:
+            chunked.nl_means_store(image, chunks=10, sigma=20.0, patch_size=3, search_size=5)
 
 
 def test_store_errors(tmp_path):

@@ -292,6 +292,9 @@ def test_top_level_exports():
 def test_constructor_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         NonLocalBlock(4, **kwargs)
+
+
+def test_constructor_errors_of_channels_and_library():
     with pytest.raises(ValueError, match="in_channels must be an int >= 1"):
         NonLocalBlock(0)
     with pytest.raises(TypeError, match="xp must be an array library module"):
