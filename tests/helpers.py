@@ -27,3 +27,19 @@ def assert_gradcheck(forward, backward, inputs, **options):
     result = gradcheck(forward, backward, inputs, **options)
     assert result.passed, str(result)
     return result
+
+
+#: A training run small enough for a test (seconds on 2 cores): the sprite task, three narrow stages.
+TINY = dict(n_train=48, n_val=24, batch_size=16, widths=(4, 6, 8), size=16, epochs=3)
+
+
+def tiny_run(out, **changes):
+    """:func:`nlref.train.train` of :data:`TINY` (with ``changes``) into ``out``, silent."""
+    from nlref.train import TrainConfig, train
+
+    return train(TrainConfig(**{**TINY, **changes}), out, progress=False, log=None)
+
+
+def folder_bytes(folder):
+    """Every file directly in ``folder``, by name, with its bytes (to show that nothing changed)."""
+    return {p.name: p.read_bytes() for p in folder.iterdir()}

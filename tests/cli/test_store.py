@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import nlref
 from nlref.cli import main
 
 
@@ -99,3 +100,118 @@ def test_cli_hdf5_with_several_datasets_is_refused(tmp_path, capsys):
         f["b"] = np.zeros((4, 4))
     assert main(["denoise", str(tmp_path / "two.h5"), "--out", str(tmp_path / "out.zarr"), "--sigma", "1"]) == 2
     assert "one dataset; this one holds 2 (a, b)" in capsys.readouterr().err
+
+
+# ---- a Zarr store or TIFF stack streamed into a Zarr store (from tests/nlmeans/test_dask.py) ----
+
+
+def _smooth_volume(shape=(12, 40, 36), seed=8):
+    """A smooth uint8 volume (a sine ramp) with noise of 0.15 x 60 grey levels."""
+    rng = np.random.default_rng(seed)
+    axes = np.meshgrid(*[np.linspace(0, 1, n) for n in shape], indexing="ij")
+    image = 100 + 60 * (0.5 + 0.3 * np.sin(6 * sum(axes)) + 0.15 * rng.standard_normal(shape))
+    return np.clip(np.round(image), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture
+def synchronous():
+    """Dask's synchronous scheduler: tasks in order, in this thread (a Ctrl-C in a task stops the run there)."""
+    dask = pytest.importorskip("dask")
+    with dask.config.set(scheduler="synchronous"):
+        yield
+
+
+@pytest.mark.usefixtures("synchronous")
+def test_cli_streams_a_zarr_store(tmp_path, capsys):
+    zarr = pytest.importorskip("zarr")
+    volume = _smooth_volume()
+    source = zarr.create_array(str(tmp_path / "big.zarr"), shape=volume.shape, chunks=(5, 16, 16), dtype="u1")
+    source[...] = volume
+    out = tmp_path / "clean.zarr"
+    assert main(["denoise", str(tmp_path / "big.zarr"), "--sigma", "10", "--chunks", "6,20,18",
+                 "--out", str(out)]) == 0
+    written = zarr.open_array(str(out), mode="r")
+    assert written.chunks == (6, 20, 18) and written.dtype == np.uint8
+    np.testing.assert_array_equal(written[...], nlref.nl_means(volume, sigma=10, workers=1))
+    assert "denoised (12, 40, 36) uint8" in capsys.readouterr().out
+    # an existing output is never overwritten
+    assert main(["denoise", str(tmp_path / "big.zarr"), "--sigma", "10", "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("synchronous")
+@pytest.mark.parametrize("aggregation", ["pixel", "patch"])
+def test_cli_streams_a_tiff_stack_with_estimated_noise(tmp_path, capsys, aggregation):
+    tifffile = pytest.importorskip("tifffile")
+    zarr = pytest.importorskip("zarr")
+    volume = _smooth_volume(seed=9)
+    tifffile.imwrite(tmp_path / "stack.tif", volume)
+    out = tmp_path / "clean.zarr"
+    assert main(["denoise", str(tmp_path / "stack.tif"), "--chunks", "16", "--aggregation", aggregation,
+                 "--out", str(out)]) == 0
+    expected = nlref.nl_means(volume, aggregation=aggregation, workers=1)
+    np.testing.assert_array_equal(zarr.open_array(str(out), mode="r")[...], expected)
+    assert "(estimated)" in capsys.readouterr().out
+
+
+@pytest.mark.usefixtures("synchronous")
+def test_cli_chunked_errors(tmp_path, capsys):
+    (tmp_path / "plain.txt").write_text("not an image")
+    assert main(["denoise", str(tmp_path / "plain.txt"), "--chunks", "8", "--out", str(tmp_path / "o.zarr")]) == 2
+    assert "Zarr store" in capsys.readouterr().err
+    assert main(["denoise", str(tmp_path / "missing.zarr"), "--out", str(tmp_path / "o.zarr")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("synchronous")
+def test_cli_on_a_distributed_scheduler(tmp_path, capsys):
+    """--scheduler: a TIFF stack read on worker processes (only its path travels), the noise estimated there."""
+    tifffile = pytest.importorskip("tifffile")
+    zarr = pytest.importorskip("zarr")
+    distributed = pytest.importorskip("distributed")
+    volume = _smooth_volume(seed=10)
+    tifffile.imwrite(tmp_path / "stack.tif", volume)
+    out = tmp_path / "clean.zarr"
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=None) as c:
+        assert main(["denoise", str(tmp_path / "stack.tif"), "--chunks", "8,16,16", "--scheduler", c.scheduler_address,
+                     "--out", str(out)]) == 0
+    np.testing.assert_array_equal(zarr.open_array(str(out), mode="r")[...], nlref.nl_means(volume, workers=1))
+    assert "(estimated)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("terminal, flags, bar", [(False, [], False), (True, [], True),
+                                                  (True, ["--no-progress"], False)])
+@pytest.mark.usefixtures("synchronous")
+def test_cli_chunked_progress_bar_follows_the_single_image_rule(tmp_path, capsys, monkeypatch, terminal, flags, bar):
+    """A bar on stderr when stderr is a terminal, none with --no-progress or in a pipe (as for one image)."""
+    zarr = pytest.importorskip("zarr")
+    volume = _smooth_volume()
+    zarr.create_array(str(tmp_path / "big.zarr"), shape=volume.shape, chunks=(6, 20, 18), dtype="u1")[...] = volume
+    monkeypatch.setattr("sys.stderr.isatty", lambda: terminal)
+    assert main(["denoise", str(tmp_path / "big.zarr"), "--sigma", "10", *flags,
+                 "--out", str(tmp_path / "clean.zarr")]) == 0
+    captured = capsys.readouterr()
+    assert ("Completed" in captured.err) == bar and "Completed" not in captured.out
+
+
+@pytest.mark.usefixtures("synchronous")
+def test_cli_interrupted_run_leaves_no_output(tmp_path, capsys, monkeypatch):
+    """A run stopped half way (Ctrl-C in the third chunk) leaves neither --out nor a partial store behind."""
+    zarr = pytest.importorskip("zarr")
+    from nlref.nlmeans import store
+
+    volume = _smooth_volume()
+    zarr.create_array(str(tmp_path / "big.zarr"), shape=volume.shape, chunks=(6, 20, 18), dtype="u1")[...] = volume
+    calls = []
+    real = store.denoise_with_halo
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(store, "denoise_with_halo", interrupted)
+    assert main(["denoise", str(tmp_path / "big.zarr"), "--sigma", "10", "--out", str(tmp_path / "clean.zarr")]) == 130
+    assert "nothing was written" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.zarr"]
