@@ -502,9 +502,16 @@ def test_forward_backward_errors():
         net.forward(np.zeros(X_SHAPE).tolist())
     with pytest.raises(ValueError, match="smaller than the sub-sampling kernel"):
         net.forward(np.zeros((3, 1, 4, 4, 4)))  # res3 at 1x1: too small to pool
+    stem_calls = []
+    real_stem = net.stem.forward
+    net.stem.forward = lambda h: stem_calls.append(h.shape) or real_stem(h)
     for seed in ("a", 1.5, True):  # checked before any work, even when no dropout runs
         with pytest.raises(TypeError, match="dropout_seed must be an int or None, got"):
             net.forward(_x(), dropout_seed=seed)
+    assert stem_calls == []  # the first layer never ran
+    net.forward(_x(), dropout_seed=1)
+    assert stem_calls == [X_SHAPE]  # (the spy sees a forward that runs)
+    del net.stem.forward
     logits = net.forward(_x())
     net.backward(np.zeros_like(logits))
     with pytest.raises(RuntimeError, match="runs once per forward"):
