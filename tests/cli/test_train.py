@@ -169,3 +169,21 @@ def test_cli_train_pairs2d(tmp_path, capsys):
         err = capsys.readouterr().err
         assert named in err and "Traceback" not in err
     assert not (tmp_path / "new").exists()
+
+
+def test_cli_train_transformer(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--model", "transformer", "--embed-dim", "8", "--depth", "1", "--heads", "2", "--mlp-dim",
+            "16", "--epochs", "1", "--batch-size", "8", "--n-train", "16", "--n-val", "8",
+            "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "transformer (1 block of 8 channels, 2 heads)" in text and "val accuracy" in text
+    history = json.loads((out / "metrics.json").read_text())
+    assert len(history) == 1
+    assert main(args + ["--resume"]) == 0           # a finished run: resuming it has nothing left to do
+    assert len(json.loads((out / "metrics.json").read_text())) == 1
+    capsys.readouterr()
+    assert main(["train", "--model", "transformer", "--embed-dim", "10", "--heads", "4", "--out",
+                 str(tmp_path / "bad")]) == 2
+    assert "--heads (4) must divide --embed-dim (10)" in capsys.readouterr().err   # the flags typed
