@@ -39,7 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 FLOOR = "77.0.3"        # the oldest setuptools that must build (build-system.requires: >=77)
 BELOW = "76.1.0"        # the last setuptools before PEP 639 support: must refuse
-FAST_TESTS = ["tests/test_averaging.py", "tests/test_optim.py", "tests/test_input_checks.py",
+FAST_TESTS = ["tests/test_averaging.py", "tests/nn/test_optim.py", "tests/nlmeans/test_input_checks.py",
               "tests/test_packaging.py"]
 NOTEBOOK = "notebooks/01_image_averaging.ipynb"
 

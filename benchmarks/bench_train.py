@@ -2,7 +2,7 @@
 
 One training step = forward, softmax cross-entropy, backward, Adam update, on a
 batch of clips of the default task (8 x 16 x 16, one channel, float32). The
-PyTorch peer is ``tests/torch_oracle.py``'s ``TorchVideoNet``, an independent
+PyTorch peer is ``tests/nn/torch_oracle.py``'s ``TorchVideoNet``, an independent
 autograd version of the same architecture loaded with the same weights, trained
 with ``torch.optim.Adam`` on the same batches.
 
@@ -42,7 +42,7 @@ os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "nn"))
 
 import nlref.backend as B  # noqa: E402
 from nlref.data.sprites import sprite_clips  # noqa: E402

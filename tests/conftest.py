@@ -3,7 +3,8 @@
 ``xp`` is parametrised over NumPy and array-api-strict (always), PyTorch CPU
 tensors (when torch is importable) and CuPy (when a CUDA device works; those
 cases carry the ``gpu`` marker). Tests build inputs on the host with NumPy
-and move them with :func:`nlref.backend.asarray`.
+and move them with :func:`nlref.backend.asarray`. Shared assertions and sample
+builders are in ``tests/helpers.py`` (``from tests.helpers import ...``), not here.
 """
 
 from __future__ import annotations
@@ -51,15 +52,15 @@ def xp_cpu(request):
 
 
 @pytest.fixture
+def rng():
+    """A NumPy generator seeded afresh for each test: a test's data never depend on which tests ran before it."""
+    return np.random.default_rng(20261207)
+
+
+@pytest.fixture
 def to_xp(xp):
     """Move a NumPy array into the library under test."""
     return lambda a: B.asarray(np.asarray(a), xp=xp)
-
-
-def assert_same_library(result, like):
-    """The result must come back from the library (and device) it was given."""
-    assert type(result) is type(like), f"{type(result)} is not {type(like)}"
-    assert B.device(result) == B.device(like)
 
 
 @pytest.fixture(scope="module")
@@ -74,19 +75,3 @@ def torch_single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def distinct_samples(shape, xp, rng):
-    """Zero-mean samples whose gaps are all at least 1e-3 (no ties at a max-pool kink)."""
-    n = int(np.prod(shape))
-    host = (rng.permutation(n) * 1e-2 + rng.uniform(0, 1e-3, n)).reshape(shape)
-    return B.asarray(host - host.mean(), xp=xp)
-
-
-def assert_gradcheck(forward, backward, inputs, **options):
-    """Run :func:`nlref.gradcheck` and fail with its table when it does not pass."""
-    from nlref.nn import gradcheck
-
-    result = gradcheck(forward, backward, inputs, **options)
-    assert result.passed, str(result)
-    return result

@@ -5,7 +5,7 @@ import pytest
 
 import nlref
 import nlref.backend as B
-from conftest import assert_same_library
+from tests.helpers import assert_same_library
 
 
 def test_noise_is_seeded_and_has_the_requested_sigma(to_xp):

@@ -5,7 +5,7 @@ import pytest
 
 from nlref import backend as B
 from nlref import crf
-from tests.conftest import assert_same_library
+from tests.helpers import assert_same_library
 
 
 def _problem(seed=0, shape=(6, 7), labels=3):

@@ -8,7 +8,7 @@ import pytest
 
 import nlref
 import nlref.backend as B
-from conftest import assert_same_library
+from tests.helpers import assert_same_library
 
 
 @pytest.fixture(scope="module")

@@ -103,4 +103,3 @@ def test_public_api_is_annotated(func):
     missing = [p.name for p in params if p.name not in hints]
     assert not missing, f"{func.__qualname__} lacks annotations for {missing}"
     assert "return" in hints
-    assert (ROOT / "nlref" / "py.typed").is_file()

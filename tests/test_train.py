@@ -1,4 +1,4 @@
-"""The training loop: exact resume, atomic checkpoints, clear errors, metrics files, the CLI."""
+"""The training loop: exact resume, atomic checkpoints, clear errors, metrics files (the CLI: tests/cli/test_train.py)."""
 
 import json
 import os
@@ -10,12 +10,7 @@ import nlref.backend as B
 from nlref import train as T
 from nlref.cli import main
 from nlref.train import CheckpointError, TrainConfig, load_checkpoint, train
-
-TINY = dict(n_train=48, n_val=24, batch_size=16, widths=(4, 6, 8), size=16, epochs=3)
-
-
-def _run(out, **kw):
-    return train(TrainConfig(**{**TINY, **kw}), out, progress=False, log=None)
+from tests.helpers import TINY, folder_bytes, tiny_run
 
 
 class _Stop(Exception):
@@ -32,7 +27,7 @@ def _stop_after(n):
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
 def test_resume_gives_bit_identical_weights(tmp_path, optimizer):
     lr = 0.05 if optimizer == "sgd" else 1e-3
-    full = _run(tmp_path / "full", optimizer=optimizer, lr=lr)
+    full = tiny_run(tmp_path / "full", optimizer=optimizer, lr=lr)
     with pytest.raises(_Stop):
         train(TrainConfig(**TINY, optimizer=optimizer, lr=lr), tmp_path / "cut", progress=False, log=None,
               callback=_stop_after(1))
@@ -52,7 +47,7 @@ def test_resume_gives_bit_identical_weights(tmp_path, optimizer):
 
 
 def test_resume_of_a_finished_run_changes_nothing(tmp_path):
-    first = _run(tmp_path, epochs=1)
+    first = tiny_run(tmp_path, epochs=1)
     again = train(TrainConfig(**{**TINY, "epochs": 1}), tmp_path, resume=True, progress=False, log=None)
     for key, value in first["model"].state_dict().items():
         np.testing.assert_array_equal(value, again["model"].state_dict()[key])
@@ -67,7 +62,7 @@ def test_resume_without_checkpoint_is_an_error_naming_the_folder(tmp_path):
 
 
 def test_checkpoint_from_another_configuration_is_refused(tmp_path):
-    _run(tmp_path, epochs=1)
+    tiny_run(tmp_path, epochs=1)
     before = (tmp_path / "checkpoint.npz").read_bytes()
     with pytest.raises(CheckpointError, match=r"different configuration \(mode: checkpoint 'embedded_gaussian', "
                                               r"requested 'dot_product'\)"):
@@ -77,7 +72,7 @@ def test_checkpoint_from_another_configuration_is_refused(tmp_path):
 
 
 def test_truncated_or_corrupted_checkpoints_are_refused(tmp_path):
-    _run(tmp_path, epochs=1)
+    tiny_run(tmp_path, epochs=1)
     path = tmp_path / "checkpoint.npz"
     good = path.read_bytes()
     path.write_bytes(good[: len(good) // 2])
@@ -134,7 +129,7 @@ def test_unwritable_out_dir_is_reported(tmp_path):
 
 
 def test_metrics_files(tmp_path):
-    result = _run(tmp_path, epochs=2)
+    result = tiny_run(tmp_path, epochs=2)
     rows = json.loads((tmp_path / "metrics.json").read_text())
     assert [r["epoch"] for r in rows] == [1, 2]
     csv_lines = (tmp_path / "metrics.csv").read_text().strip().splitlines()
@@ -187,51 +182,20 @@ def test_training_on_array_api_strict_matches_numpy():
                                    err_msg=key)
 
 
-def test_cli_train(tmp_path, capsys):
-    args = ["train", "--epochs", "1", "--n-train", "32", "--n-val", "16", "--batch-size", "16",
-            "--no-progress", "--out", str(tmp_path)]
-    assert main(args) == 0
-    out = capsys.readouterr().out
-    assert "val accuracy" in out and (tmp_path / "checkpoint.npz").exists()
-    assert main(args + ["--resume"]) == 0
-    assert "resumed from" in capsys.readouterr().out
-    assert main(args + ["--resume", "--mode", "gaussian"]) == 2
-    assert "different configuration" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["train", "--model", "resnet"])
-
-
 # ---- issue 18: a run is never lost, by accident or by interruption ----
-
-def _files(folder):
-    return {p.name: p.read_bytes() for p in folder.iterdir()}
-
-
-def test_a_finished_run_is_never_overwritten_by_accident(tmp_path, capsys):
-    _run(tmp_path, epochs=1)
-    before = _files(tmp_path)
-    with pytest.raises(ValueError, match=r"already holds a training run \(checkpoint.npz, metrics.json, metrics.csv\)"):
-        _run(tmp_path, epochs=1, seed=1)
-    assert _files(tmp_path) == before
-    args = ["train", "--epochs", "1", "--n-train", "32", "--n-val", "16", "--batch-size", "16", "--seed", "1",
-            "--no-progress", "--out", str(tmp_path)]
-    assert main(args) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Traceback" not in err
-    assert f"nlref train: error: --out '{tmp_path}' already holds a training run" in err
-    assert "add --resume to continue it, --overwrite to start it over" in err
-    assert _files(tmp_path) == before
-    (tmp_path / "checkpoint.npz").unlink()                          # metrics alone are a run's record too
-    assert main(args) == 2 and "(metrics.json, metrics.csv)" in capsys.readouterr().err
 
 
 def test_overwrite_starts_over(tmp_path, capsys):
-    first = _run(tmp_path, epochs=2)
+    tiny_run(tmp_path, epochs=2)
     again = train(TrainConfig(**{**TINY, "epochs": 1, "seed": 3}), tmp_path, overwrite=True, progress=False, log=None)
     meta = load_checkpoint(tmp_path / "checkpoint.npz")[0]
     assert meta["epoch"] == 1 and meta["config"]["seed"] == 3
     assert len(json.loads((tmp_path / "metrics.json").read_text())) == 1
-    assert again["history"][0]["train_loss"] != first["history"][0]["train_loss"]
+    fresh = tiny_run(tmp_path / "fresh", epochs=1, seed=3)                    # the same run in an empty folder
+    losses = [{k: row[k] for k in ("train_loss", "val_loss")} for row in again["history"]]
+    assert losses == [{k: row[k] for k in ("train_loss", "val_loss")} for row in fresh["history"]]
+    a, b = again["model"].state_dict(), fresh["model"].state_dict()
+    assert all(np.array_equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="pass one of them"):
         train(TrainConfig(**TINY), tmp_path, resume=True, overwrite=True, progress=False, log=None)
     with pytest.raises(SystemExit):                                 # argparse: not allowed together
@@ -239,46 +203,9 @@ def test_overwrite_starts_over(tmp_path, capsys):
     assert "not allowed with argument" in capsys.readouterr().err
 
 
-def test_cli_resume_without_a_run_names_the_folder(tmp_path, capsys):
-    folder = tmp_path / "runA"
-    assert main(["train", "--resume", "--epochs", "1", "--out", str(folder)]) == 2
-    err = capsys.readouterr().err
-    assert err.strip() == (f"nlref train: error: --resume: there is no run to resume in '{folder}' (no checkpoint.npz "
-                           "there); start a new run without --resume")
-    assert not folder.exists()
-
-
-def test_cli_corrupted_checkpoint_says_what_to_do(tmp_path, capsys):
-    _run(tmp_path, epochs=1)
-    path = tmp_path / "checkpoint.npz"
-    path.write_bytes(b"garbage" * 100)
-    before = _files(tmp_path)
-    args = ["train", "--epochs", "1", "--n-train", "48", "--n-val", "24", "--batch-size", "16", "--no-progress",
-            "--resume", "--out", str(tmp_path)]
-    assert main(args) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "is corrupted or truncated" in err and "--overwrite" in err
-    assert "allow_pickle" not in err and "Traceback" not in err
-    assert _files(tmp_path) == before
-
-
-def test_lr_column_is_the_epochs_lr_as_the_banner_states_it(tmp_path, capsys):
-    args = ["train", "--epochs", "1", "--n-train", "32", "--n-val", "16", "--batch-size", "16", "--no-progress",
-            "--out", str(tmp_path)]
-    assert main(args) == 0
-    out = capsys.readouterr().out
-    assert ", 1 epoch, adam lr 0.001 (x0.1 after 60% and 85% of the steps)" in out
-    assert "with 1 non-local block (" in out and "after 1 epoch;" in out
-    rows = (tmp_path / "metrics.csv").read_text().splitlines()
-    assert rows[0].split(",")[1] == "lr" and rows[1].split(",")[1] == "0.001"
-    # over a longer schedule the column steps down by exact tenths, without float noise
-    history = _run(tmp_path / "long", epochs=5, lr=0.003)["history"]
-    assert [r["lr"] for r in history] == [0.003, 0.003, 0.003, 0.0003, 3e-05]   # 3 steps an epoch: 9 and 12
-
-
 def test_metrics_catch_up_with_the_checkpoint_on_resume(tmp_path):
     """A run stopped between its checkpoint and its metrics (a power cut) gets them back on --resume."""
-    _run(tmp_path, epochs=2)
+    tiny_run(tmp_path, epochs=2)
     full = (tmp_path / "metrics.json").read_text()
     (tmp_path / "metrics.json").write_text(json.dumps(json.loads(full)[:1]))
     (tmp_path / "metrics.csv").write_text("epoch\n1\n")
@@ -297,62 +224,6 @@ def test_signals_are_held_while_a_checkpoint_is_written():
             reached.append("the rest of the block ran")
     assert reached == ["the rest of the block ran"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-
-
-def test_a_diverging_run_is_one_line(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(T.F, "softmax_cross_entropy_forward",
-                        lambda logits, y: (float("nan"), None))
-    monkeypatch.setattr(T.F, "softmax_cross_entropy_backward", lambda d, cache: None)
-    monkeypatch.setattr(T.VideoNet, "backward", lambda self, *a, **k: None)
-    monkeypatch.setattr(T.Adam, "step", lambda self, lr: None)
-    assert main(["train", "--epochs", "1", "--n-train", "32", "--n-val", "16", "--batch-size", "16",
-                 "--no-progress", "--out", str(tmp_path)]) == 1
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "the training loss became nan at epoch 1" in err and "lower lr" in err
-    assert not (tmp_path / "checkpoint.npz").exists()
-
-
-@pytest.mark.parametrize("signame, code", [("SIGINT", 130), ("SIGTERM", 143)])
-def test_signal_stops_cleanly_and_the_printed_command_resumes(tmp_path, signame, code):
-    """Run `nlref train` as a user does, stop it after its first epoch line, and continue with the command it
-    prints: the final weights equal those of an uninterrupted run, bit for bit."""
-    import shlex
-    import signal
-    import subprocess
-    import sys
-
-    out = tmp_path / "run"
-    options = ["--epochs", "5", "--n-train", "32", "--n-val", "16", "--batch-size", "16", "--out", str(out)]
-    command = [sys.executable, "-m", "nlref.cli", "train", *options]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in process.stdout:                                     # lines arrive as they are printed (flushed)
-        if line.startswith("epoch  1/5"):
-            process.send_signal(getattr(signal, signame))
-            break
-    stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == code, stderr
-    assert "Traceback" not in stderr and "\r" not in stderr        # no traceback, no progress frames in a pipe
-    (message,) = stderr.strip().splitlines()
-    epoch = load_checkpoint(out / "checkpoint.npz")[0]["epoch"]    # valid: it loads and its checksum matches
-    assert 1 <= epoch < 5
-    assert message.startswith(f"nlref train: stopped by {signame} after epoch {epoch} of 5 (checkpoint ")
-    assert len(json.loads((out / "metrics.json").read_text())) == epoch
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.npz", "metrics.csv", "metrics.json"]
-    resume = shlex.split(message.split("to continue: ")[1])
-    assert resume[:2] == ["nlref", "train"] and resume[-1] == "--resume"
-    result = subprocess.run([sys.executable, "-m", "nlref.cli", *resume[1:]], capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert f"resumed from {out / 'checkpoint.npz'} after epoch {epoch}" in result.stdout
-    resumed = T.build_model(TrainConfig(**{**_cli_config(), "epochs": 5}))
-    resumed.load_state_dict(load_checkpoint(out / "checkpoint.npz")[1])
-    full = train(TrainConfig(**{**_cli_config(), "epochs": 5}), None, progress=False, log=None)["model"]
-    for key, value in full.state_dict().items():
-        np.testing.assert_array_equal(resumed.state_dict()[key], value, err_msg=key)
-
-
-def _cli_config():
-    return dict(n_train=32, n_val=16, batch_size=16)
 
 
 # every field TrainConfig.validate documents, with a value it must refuse (naming the field)
@@ -384,17 +255,17 @@ def test_validate_accepts_the_edges():
 @pytest.mark.parametrize("field, value", [("milestones", (1.5,)), ("warmup", -1), ("momentum", 1.5),
                                           ("dropout", 1.0), ("nonlocal_blocks", 9)])
 def test_overwrite_deletes_nothing_when_the_new_configuration_is_bad(tmp_path, field, value):
-    _run(tmp_path, epochs=1)
-    before = _files(tmp_path)
+    tiny_run(tmp_path, epochs=1)
+    before = folder_bytes(tmp_path)
     with pytest.raises(ValueError, match=field):
         train(TrainConfig(**{**TINY, "optimizer": "sgd", field: value}), tmp_path, overwrite=True,
               progress=False, log=None)
-    assert _files(tmp_path) == before
+    assert folder_bytes(tmp_path) == before
 
 
 def test_overwrite_keeps_the_old_run_until_the_new_one_writes(tmp_path, monkeypatch):
-    _run(tmp_path, epochs=1)
-    before = _files(tmp_path)
+    tiny_run(tmp_path, epochs=1)
+    before = folder_bytes(tmp_path)
 
     def broken(*args, **kwargs):
         raise RuntimeError("stopped inside the first epoch")
@@ -402,29 +273,11 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_writes(tmp_path, monkeypa
     monkeypatch.setattr(T.F, "softmax_cross_entropy_forward", broken)
     with pytest.raises(RuntimeError, match="first epoch"):
         train(TrainConfig(**{**TINY, "seed": 5}), tmp_path, overwrite=True, progress=False, log=None)
-    assert _files(tmp_path) == before                         # the old run, untouched and consistent
+    assert folder_bytes(tmp_path) == before                         # the old run, untouched and consistent
     monkeypatch.undo()
     train(TrainConfig(**{**TINY, "epochs": 1, "seed": 5}), tmp_path, overwrite=True, progress=False, log=None)
     assert load_checkpoint(tmp_path / "checkpoint.npz")[0]["config"]["seed"] == 5
-    assert _files(tmp_path) != before
-
-
-def test_interrupting_an_overwrite_before_its_first_epoch_keeps_and_names_the_old_run(tmp_path, capsys, monkeypatch):
-    options = ["train", "--epochs", "1", "--n-train", "32", "--n-val", "16", "--batch-size", "16", "--no-progress",
-               "--out", str(tmp_path)]
-    assert main(options) == 0
-    before = _files(tmp_path)
-    capsys.readouterr()
-
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(T.F, "softmax_cross_entropy_forward", interrupted)
-    assert main([*options, "--seed", "4", "--overwrite"]) == 130
-    (message,) = capsys.readouterr().err.strip().splitlines()
-    assert "before the new run's first epoch was complete" in message
-    assert "still holds the previous run" in message and "--resume" not in message
-    assert _files(tmp_path) == before
+    assert folder_bytes(tmp_path) != before
 
 
 # ---- issue 30: the 2-D task (two shapes far apart, same kind?) ----
@@ -480,18 +333,3 @@ def test_image_receptive_field_is_the_network_s():
         assert T.image_receptive_field(blocks) == T.build_model(config).local_receptive_field
 
 
-def test_cli_train_pairs2d(tmp_path, capsys):
-    args = ["train", "--task", "pairs2d", "--margin", "3", "--kinds", "2", "--dropout", "0", "--epochs", "1",
-            "--n-train", "32", "--n-val", "16", "--batch-size", "16", "--no-progress", "--out", str(tmp_path)]
-    assert main(args) == 0
-    out = capsys.readouterr().out
-    assert "2-D residual network with 1 non-local block" in out and "two-shape images of 16x16 (margin 3)" in out
-    config = load_checkpoint(tmp_path / "checkpoint.npz")[0]["config"]
-    assert config["task"] == "pairs2d" and config["dropout"] == 0 and config["margin"] == 3
-    assert main(args + ["--resume"]) == 0 and "resumed from" in capsys.readouterr().out
-    for bad, named in ((["--margin", "2"], "--margin"), (["--model", "i3d"], "--model"),
-                       (["--nonlocal", "2"], "--nonlocal")):
-        assert main(args[:-2] + bad + ["--out", str(tmp_path / "new")]) == 2
-        err = capsys.readouterr().err
-        assert named in err and "Traceback" not in err
-    assert not (tmp_path / "new").exists()

@@ -62,9 +62,9 @@ def test_clip_grid(xp_cpu):
     fig = nlref.viz.clip_grid(np.zeros((3, 8, 8)), titles=["a", "b", "c"])  # (T, H, W)
     assert [ax.get_title() for ax in fig.axes[:3]] == ["a", "b", "c"]
     with pytest.raises(ValueError, match=r"video must have shape \(C, T, H, W\) with C = 1 or 3.*\(2, 3, 8, 8\)"):
-        nlref.viz.clip_grid(np.zeros((2, 3, 8, 8)))
+        nlref.viz.clip_grid(B.asarray(np.zeros((2, 3, 8, 8)), xp=xp_cpu))
     with pytest.raises(ValueError, match=r"one title per frame \(3\), got 2"):
-        nlref.viz.clip_grid(np.zeros((3, 8, 8)), titles=["a", "b"])
+        nlref.viz.clip_grid(B.asarray(np.zeros((3, 8, 8)), xp=xp_cpu), titles=["a", "b"])
     plt.close("all")
 
 
@@ -136,8 +136,9 @@ def test_spacetime_attention_plot(xp_cpu):
         kw = {"key_shape": key_shape, "query": (0, 0, 0), **kw}
         with pytest.raises(ValueError, match=message):
             nlref.viz.spacetime_attention_plot(clip, *args, kw.pop("query"), **kw)
+    flat = B.asarray(np.zeros((16, 16)), xp=xp_cpu)
     with pytest.raises(ValueError, match=r"clip must have shape \(C, T, H, W\)"):
-        nlref.viz.spacetime_attention_plot(np.zeros((16, 16)), row, (0, 0, 0), key_shape=key_shape)
+        nlref.viz.spacetime_attention_plot(flat, row, (0, 0, 0), key_shape=key_shape)
     plt.close("all")
 
 

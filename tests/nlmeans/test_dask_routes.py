@@ -241,4 +241,9 @@ def test_no_units_warning_on_an_estimated_sigma(route, synchronous):
             params = nlref.resolve_parameters(image)
     assert params["sigma_source"] == "estimated" and params["sigma"] < 0.5
     with pytest.warns(UserWarning, match="less than half a unit"):  # given, the same number is doubted
-        store.resolve_parameters_store(image, chunks=10, sigma=params["sigma"])
+        if route == "dask":
+            nlref.resolve_parameters(da.from_array(image, chunks=10), sigma=params["sigma"])
+        elif route == "store":
+            store.resolve_parameters_store(image, chunks=10, sigma=params["sigma"])
+        else:
+            nlref.resolve_parameters(image, sigma=params["sigma"])

@@ -1,5 +1,8 @@
+import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,9 +12,20 @@ import nlref
 from nlref.cli import main
 
 
-def test_demo_quick_writes_figures_and_table(tmp_path, capsys):
-    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """``nlref demo --quick`` run once for the module: (its folder, what it printed)."""
+    import contextlib
+    import io as text_io
+
+    folder, printed = tmp_path_factory.mktemp("demo"), text_io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["demo", "--quick", "--out", str(folder)]) == 0
+    return folder, printed.getvalue()
+
+
+def test_demo_quick_writes_figures_and_table(demo_run):
+    tmp_path, out = demo_run
     for name in ("averaging_curve", "averaging_images", "nlmeans_camera", "nlmeans_weights", "nlmeans_astronaut",
                  "nonlocal_attention", "training_curves", "training_attention"):
         assert (tmp_path / f"{name}.png").stat().st_size > 1000
@@ -62,8 +76,18 @@ def test_denoise_colour_with_alpha(tmp_path):
 
 
 def test_denoise_default_image_reports_psnr(tmp_path, capsys):
+    """Without IMAGE: the bundled camera image with 20 grey levels of noise (seed 0); the PSNRs printed are those of
+    that noisy image and of the file written, both against the clean camera image, and denoising gains."""
+    from skimage import data
+
     assert main(["denoise", "--search-size", "5", "--out", str(tmp_path / "c.png")]) == 0
-    assert "PSNR" in capsys.readouterr().out
+    printed = capsys.readouterr().out.split("(PSNR ")[1].split(" dB)")[0]
+    before, after = (float(v) for v in printed.split(" -> "))
+    clean = data.camera()
+    noisy = np.clip(np.round(clean + 20.0 * np.random.default_rng(0).standard_normal(clean.shape)), 0, 255)
+    assert before == round(nlref.psnr(clean, noisy.astype(np.uint8)), 2)
+    assert after == round(nlref.psnr(clean, io.imread(tmp_path / "c.png")), 2)
+    assert after > before + 3
 
 
 def test_denoise_bad_arguments(tmp_path, capsys):
@@ -73,9 +97,23 @@ def test_denoise_bad_arguments(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
+def _console_script():
+    """The installed ``nlref`` script: next to this Python (a virtual environment's bin/ or Scripts/), else on PATH."""
+    here = Path(sys.executable).parent / ("nlref.exe" if os.name == "nt" else "nlref")
+    found = str(here) if here.is_file() else shutil.which("nlref")
+    if found is None:
+        pytest.skip("the nlref console script is not installed here (pip install -e . installs it)")
+    return found
+
+
 def test_console_script_is_installed():
-    result = subprocess.run([sys.executable, "-m", "nlref.cli", "--help"], capture_output=True, text=True)
-    assert result.returncode == 0 and "demo" in result.stdout
+    """The ``nlref`` command that ``pip install`` puts on PATH (not ``python -m``) runs this nlref's command line."""
+    script = _console_script()
+    result = subprocess.run([script, "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == f"nlref {nlref.__version__}", result.stderr
+    result = subprocess.run([script, "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.startswith("usage: nlref ")
+    assert all(f"nlref {command}" in result.stdout for command in ("demo", "denoise", "train")), result.stdout
 
 
 # ---- issue 18: nothing a newcomer does loses work or shows a traceback ----
@@ -139,7 +177,7 @@ def test_missing_image_and_folder_as_image(tmp_path, capsys, no_work):
 def test_unreadable_image_from_the_console_has_no_traceback(tmp_path):
     """The installed command as a user runs it: one line on stderr, exit status 2."""
     (tmp_path / "notes.png").write_text("hello\n")
-    result = subprocess.run([sys.executable, "-m", "nlref.cli", "denoise", str(tmp_path / "notes.png"),
+    result = subprocess.run([_console_script(), "denoise", str(tmp_path / "notes.png"),
                              "--out", str(tmp_path / "o.png")], capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
@@ -178,7 +216,7 @@ def test_rgba_reports_its_shape_and_estimates_sigma_from_the_colour(tmp_path, ca
     result = io.imread(dst)
     assert result.shape == (48, 48, 4)
     np.testing.assert_array_equal(result[..., 3], 0)
-    assert not np.array_equal(result[..., :3], noisy)
+    assert nlref.psnr(rgb.astype(np.uint8), result[..., :3]) > nlref.psnr(rgb.astype(np.uint8), noisy) + 3
 
 
 @pytest.mark.parametrize("out_name, image, fragment", [
@@ -263,15 +301,19 @@ def test_ctrl_c_during_denoise_writes_nothing(tmp_path, capsys, monkeypatch):
 
 
 def test_jpeg_input_notes_the_low_estimate(tmp_path, capsys):
+    """The help's and the note's claim, measured: the noise estimated from a JPEG of an image with 15 grey levels
+    of noise reads low; given the level, there is no note."""
     _, noisy = _noisy_grey(32)
     src = tmp_path / "photo.jpg"
     io.imsave(src, noisy, check_contrast=False)
     assert main(["denoise", str(src), "--search-size", "5", "--out", str(tmp_path / "o.png")]) == 0
-    assert "note: JPEG compression removes part of the noise" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "note: JPEG compression removes part of the noise" in out
+    assert float(out.split("sigma ")[1].split()[0]) < 0.9 * nlref.estimate_sigma(noisy)   # reads low
     assert main(["denoise", str(src), "--sigma", "15", "--search-size", "5", "--out", str(tmp_path / "p.png")]) == 0
     assert "JPEG" not in capsys.readouterr().out                      # the noise level was given: no note
-    text = _help(["denoise"])
-    assert "JPEG" in text and "--sigma 20" in text and "reads low" in text
+    text = " ".join(_help(["denoise"]).split())
+    assert "JPEG" in text and "reads low" in text and "--sigma 20" in text
 
 
 def test_units_mixup_on_the_command_line_is_one_warning_line(tmp_path, capsys):
@@ -319,20 +361,32 @@ def _help(words):
     return buffer.getvalue()
 
 
+def _option_entries(text):
+    """The option entries of a help text as printed: each ``  --flag ...`` line with its continuation lines."""
+    entries = []
+    for line in text.split("\noptions:\n", 1)[1].splitlines():
+        if line.startswith("  -"):
+            entries.append(line.strip())
+        elif line.startswith("    ") and entries and not entries[-1].endswith("\n"):
+            entries[-1] += " " + line.strip()
+        elif entries:
+            entries[-1] += "\n"  # a blank line or a group's title ends the entry
+    return [" ".join(entry.split()) for entry in entries]
+
+
 def test_every_flag_of_every_command_shows_its_default():
-    import argparse
+    """In the help as a user reads it: the commands nlref --help lists, and in each one's help every option (but
+    --help) says its default."""
+    import re
 
-    from nlref.cli import build_parser
-
-    parser = build_parser()
-    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-    assert sorted(commands) == ["course", "demo", "denoise", "train"]
-    for name, sub in commands.items():
-        for action in sub._actions:
-            if action.option_strings and action.dest != "help":
-                assert action.help and "default" in action.help, f"{name} {action.option_strings}"
-        text = _help([name])
-        assert text.count("default") >= len([a for a in sub._actions if a.option_strings]) - 1
+    top = _help([])
+    commands = re.findall(r"^    (\w+)\s", top.split("positional arguments:")[1], re.M)
+    assert commands == ["demo", "denoise", "train", "course"]
+    for name in commands:
+        entries = _option_entries(_help([name]))
+        assert len(entries) >= 4 and entries[0].startswith("-h, --help"), entries
+        for entry in entries[1:]:
+            assert "default" in entry, f"nlref {name}: {entry}"   # "(default: ...)", or "no default"
 
 
 def test_version_and_plain_description(capsys):
@@ -344,10 +398,36 @@ def test_version_and_plain_description(capsys):
     assert "nlref demo" in text and "nlref denoise" in text and "nlref train" in text
 
 
-def test_demo_help_says_what_the_demo_runs():
-    text = " ".join(_help(["demo"]).split())
-    for part in ("averaging", "NL-means", "gradient check", "non-local block", "training run", "C2D"):
-        assert part in text, part
+def test_demo_help_says_what_the_demo_runs(demo_run):
+    """Each part of the walk that the help names is shown by the demo's run: a figure or lines of its tables."""
+    import re
+
+    folder, printed = demo_run
+    text = re.sub(r"-\s+", "-", " ".join(_help(["demo"]).split()))   # the help as read, wherever it wraps
+    lines = printed.splitlines()
+    shown = {
+        "averaging noisy copies": [(folder / "averaging_curve.png").is_file(),
+                                   any(line.startswith("mean of 16 noisy copies") for line in lines)],
+        "NL-means pixel-wise and patch-wise on the grey camera image": [
+            any(line.startswith("NL-means, pixel-wise") and " camera " in line for line in lines),
+            any(line.startswith("NL-means, patch-wise") and " camera " in line for line in lines)],
+        "and in colour": [any(line.startswith("NL-means, pixel-wise") and " astronaut " in line for line in lines)],
+        "the weights of three pixels": [(folder / "nlmeans_weights.png").is_file()],
+        "a float64 gradient check of every pairwise function": [
+            [line.split()[0] for line in lines if line.endswith("passed")] == list(nlref.nn.nonlocal_op.MODES)],
+        "the identity at the start": ["z == x exactly: True" in printed],
+        "an embedded-Gaussian block whose attention equals NL-means weights": [
+            "attention == NL-means weights" in printed],
+        "a short training run of a C2D network with and without a non-local block on the two-sprite task": [
+            "training on the two-sprite task" in printed,
+            sorted(line[:26].strip() for line in lines if line.startswith(("C2D ", "NL C2D "))) == ["C2D", "NL C2D"]],
+        "with its curves": [(folder / "training_curves.png").is_file()],
+        "where the trained block attends": [(folder / "training_attention.png").is_file(),
+                                             "attention of a sprite-1 query" in printed],
+    }
+    for part, evidence in shown.items():
+        assert part in text, f"the help no longer says {part!r}"
+        assert all(evidence), f"the help says {part!r}; the demo's run does not show it"
 
 
 def test_bad_size_is_an_argparse_message(capsys):

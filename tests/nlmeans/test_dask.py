@@ -18,7 +18,7 @@ da = pytest.importorskip("dask.array")
 dask = pytest.importorskip("dask")
 
 import nlref  # noqa: E402
-from nlref.nlmeans import chunked, median, store  # noqa: E402
+from nlref.nlmeans import chunked, median  # noqa: E402
 from nlref.nlmeans.fast import halo, working_memory  # noqa: E402
 
 
@@ -123,22 +123,6 @@ def test_chunks_for_halo():
     assert chunked.chunks_for_halo((2, 2), 5) == (4,)
     assert chunked.chunks_for_halo((7, 9), 5) == (7, 9)
     assert sum(chunked.chunks_for_halo((1,) * 23, 4)) == 23
-
-
-def test_dask_reflect_boundary_is_not_numpy_reflect():
-    """Why nlref pads the true edges itself: dask's "reflect" repeats the edge sample (NumPy's "symmetric")."""
-    a = np.arange(6.0)
-    dask_reflect = da.overlap.overlap(da.from_array(a, chunks=3), depth=2, boundary="reflect").compute()
-    assert np.array_equal(dask_reflect[:2], np.pad(a, 2, mode="symmetric")[:2])
-    assert not np.array_equal(dask_reflect[:2], np.pad(a, 2, mode="reflect")[:2])
-    # the edge pixels of an NL-means built on it differ from the exact result
-    image = _noisy((30, 30), seed=6)
-    kwargs = dict(sigma=0.1, h=0.1, patch_size=3, search_size=5)
-    trap = da.map_overlap(lambda b: nlref.nl_means(b, workers=1, **kwargs), da.from_array(image, chunks=15),
-                          depth=3, boundary="reflect", dtype=image.dtype).compute()
-    exact = nlref.nl_means(da.from_array(image, chunks=15), **kwargs).compute()
-    assert not np.array_equal(trap[0, :], exact[0, :])
-    np.testing.assert_array_equal(exact, nlref.nl_means(image, workers=1, **kwargs))
 
 
 @pytest.mark.parametrize("aggregation", ["pixel", "patch"])
@@ -386,8 +370,17 @@ def test_given_parameters_cost_one_pass(given, route):
             out = chunked.nl_means_store(image, chunks=10, **given)
     assert len(passes) == 1, passes
     np.testing.assert_array_equal(out.compute(), nlref.nl_means(image, workers=1, **given))
-    with pytest.warns(UserWarning, match="larger than the whole value range"):  # the units check still speaks
-        chunked.nl_means_store(image, chunks=10, sigma=20.0, patch_size=3, search_size=5)
+
+
+@pytest.mark.parametrize("route", ["dask", "store"])
+def test_the_units_check_of_given_parameters_still_speaks(route):
+    """The one pass of given parameters still feeds the units check: sigma=20 on an image in 0..1 is doubted."""
+    image = _noisy((12, 30, 30))
+    with pytest.warns(UserWarning, match="larger than the whole value range"):
+        if route == "dask":
+            nlref.nl_means(da.from_array(image, chunks=10), sigma=20.0, patch_size=3, search_size=5)
+        else:
+            chunked.nl_means_store(image, chunks=10, sigma=20.0, patch_size=3, search_size=5)
 
 
 def test_store_errors(tmp_path):
@@ -412,111 +405,3 @@ def test_store_errors(tmp_path):
     with pytest.raises(ValueError, match="working memory"):
         chunked.nl_means_store(np.zeros((4000, 4000), np.float32), chunks=4000, sigma=0.1, patch_size=7,
                                search_size=21, workers=64)
-
-
-# ---- nlref denoise: a Zarr store or TIFF stack streamed into a Zarr store ----
-
-
-def _volume(shape=(12, 40, 36), seed=8):
-    image = 100 + 60 * _noisy(shape, seed=seed, dtype=np.float64, sigma=0.15)
-    return np.clip(np.round(image), 0, 255).astype(np.uint8)
-
-
-def test_cli_streams_a_zarr_store(tmp_path, capsys):
-    zarr = pytest.importorskip("zarr")
-    from nlref.cli import main
-
-    volume = _volume()
-    source = zarr.create_array(str(tmp_path / "big.zarr"), shape=volume.shape, chunks=(5, 16, 16), dtype="u1")
-    source[...] = volume
-    out = tmp_path / "clean.zarr"
-    assert main(["denoise", str(tmp_path / "big.zarr"), "--sigma", "10", "--chunks", "6,20,18",
-                 "--out", str(out)]) == 0
-    written = zarr.open_array(str(out), mode="r")
-    assert written.chunks == (6, 20, 18) and written.dtype == np.uint8
-    np.testing.assert_array_equal(written[...], nlref.nl_means(volume, sigma=10, workers=1))
-    assert "denoised (12, 40, 36) uint8" in capsys.readouterr().out
-    # an existing output is never overwritten
-    assert main(["denoise", str(tmp_path / "big.zarr"), "--sigma", "10", "--out", str(out)]) == 2
-    assert "already exists" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("aggregation", ["pixel", "patch"])
-def test_cli_streams_a_tiff_stack_with_estimated_noise(tmp_path, capsys, aggregation):
-    tifffile = pytest.importorskip("tifffile")
-    zarr = pytest.importorskip("zarr")
-    from nlref.cli import main
-
-    volume = _volume(seed=9)
-    tifffile.imwrite(tmp_path / "stack.tif", volume)
-    out = tmp_path / "clean.zarr"
-    assert main(["denoise", str(tmp_path / "stack.tif"), "--chunks", "16", "--aggregation", aggregation,
-                 "--out", str(out)]) == 0
-    expected = nlref.nl_means(volume, aggregation=aggregation, workers=1)
-    np.testing.assert_array_equal(zarr.open_array(str(out), mode="r")[...], expected)
-    assert "(estimated)" in capsys.readouterr().out
-
-
-def test_cli_chunked_errors(tmp_path, capsys):
-    from nlref.cli import main
-
-    (tmp_path / "plain.txt").write_text("not an image")
-    assert main(["denoise", str(tmp_path / "plain.txt"), "--chunks", "8", "--out", str(tmp_path / "o.zarr")]) == 2
-    assert "Zarr store" in capsys.readouterr().err
-    assert main(["denoise", str(tmp_path / "missing.zarr"), "--out", str(tmp_path / "o.zarr")]) == 2
-    assert "does not exist" in capsys.readouterr().err
-
-
-def test_cli_on_a_distributed_scheduler(tmp_path, capsys):
-    """--scheduler: a TIFF stack read on worker processes (only its path travels), the noise estimated there."""
-    tifffile = pytest.importorskip("tifffile")
-    zarr = pytest.importorskip("zarr")
-    distributed = pytest.importorskip("distributed")
-    from nlref.cli import main
-
-    volume = _volume(seed=10)
-    tifffile.imwrite(tmp_path / "stack.tif", volume)
-    out = tmp_path / "clean.zarr"
-    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=None) as c:
-        assert main(["denoise", str(tmp_path / "stack.tif"), "--chunks", "8,16,16", "--scheduler", c.scheduler_address,
-                     "--out", str(out)]) == 0
-    np.testing.assert_array_equal(zarr.open_array(str(out), mode="r")[...], nlref.nl_means(volume, workers=1))
-    assert "(estimated)" in capsys.readouterr().out
-
-
-@pytest.mark.parametrize("terminal, flags, bar", [(False, [], False), (True, [], True),
-                                                  (True, ["--no-progress"], False)])
-def test_cli_chunked_progress_bar_follows_the_single_image_rule(tmp_path, capsys, monkeypatch, terminal, flags, bar):
-    """A bar on stderr when stderr is a terminal, none with --no-progress or in a pipe (as for one image)."""
-    zarr = pytest.importorskip("zarr")
-    from nlref.cli import main
-
-    volume = _volume()
-    zarr.create_array(str(tmp_path / "big.zarr"), shape=volume.shape, chunks=(6, 20, 18), dtype="u1")[...] = volume
-    monkeypatch.setattr("sys.stderr.isatty", lambda: terminal)
-    assert main(["denoise", str(tmp_path / "big.zarr"), "--sigma", "10", *flags,
-                 "--out", str(tmp_path / "clean.zarr")]) == 0
-    captured = capsys.readouterr()
-    assert ("Completed" in captured.err) == bar and "Completed" not in captured.out
-
-
-def test_cli_interrupted_run_leaves_no_output(tmp_path, capsys, monkeypatch):
-    """A run stopped half way (Ctrl-C in the third chunk) leaves neither --out nor a partial store behind."""
-    zarr = pytest.importorskip("zarr")
-    from nlref.cli import main
-
-    volume = _volume()
-    zarr.create_array(str(tmp_path / "big.zarr"), shape=volume.shape, chunks=(6, 20, 18), dtype="u1")[...] = volume
-    calls = []
-    real = store.denoise_with_halo
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(store, "denoise_with_halo", interrupted)
-    assert main(["denoise", str(tmp_path / "big.zarr"), "--sigma", "10", "--out", str(tmp_path / "clean.zarr")]) == 130
-    assert "nothing was written" in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.zarr"]

@@ -16,7 +16,7 @@ from nlref.exercises import ch08
 from nlref.nn import functional as F
 from nlref.nn.attention import MultiHeadAttention, sinusoidal_encoding
 
-NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "08_transformer.ipynb"
+NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "08_transformer.ipynb"
 
 
 def _not_written(*args):

@@ -27,7 +27,7 @@ zarr = pytest.importorskip("zarr")
 import nlref  # noqa: E402
 from nlref.cli import main  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 KWARGS = dict(sigma=10.0, patch_size=3, search_size=5)
 FLAGS = ["--sigma", "10", "--patch-size", "3", "--search-size", "5", "--chunks", "6,20,18", "--no-progress"]
 

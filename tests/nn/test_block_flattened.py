@@ -11,7 +11,7 @@ import nlref.backend as B
 from nlref.nn import NonLocalBlock, layer_gradcheck
 from nlref.nn import layouts
 from nlref.nn.nonlocal_op import MODES
-from conftest import assert_same_library
+from tests.helpers import assert_same_library
 
 # odd position counts, so that a window straddles a row's end and the last positions fall outside every window
 SHAPES = {1: (2, 4, 7), 2: (2, 4, 3, 5), 3: (2, 4, 2, 3, 3)}

@@ -7,7 +7,7 @@ import pytest
 
 import nlref.backend as B
 from nlref.data.sprites import GLYPHS, additive_ceiling, sprite_clips, sprite_splits
-from conftest import assert_same_library
+from tests.helpers import assert_same_library
 
 
 def test_same_seed_same_clips_on_every_backend(xp):
@@ -16,7 +16,11 @@ def test_same_seed_same_clips_on_every_backend(xp):
     assert_same_library(b.video, B.asarray(np.zeros(1), xp=xp))
     np.testing.assert_array_equal(B.to_numpy(b.video), a.video)
     np.testing.assert_array_equal(B.to_numpy(b.labels), a.labels)
-    assert not np.array_equal(sprite_clips(20, seed=4).video, a.video)
+
+
+def test_another_seed_gives_other_clips():
+    a, b = sprite_clips(20, seed=3), sprite_clips(20, seed=4)
+    assert not np.array_equal(a.video, b.video) and not np.array_equal(a.meta["kind"], b.meta["kind"])
 
 
 def test_splits_are_independent_and_val_does_not_depend_on_train_size():

@@ -24,9 +24,9 @@ from nlref.nn import NonLocalBlock  # noqa: E402
 from nlref.nn import layouts  # noqa: E402
 from nlref.nn.block import LAYOUTS  # noqa: E402
 from nlref.nn.compare import randomize_module  # noqa: E402
-from peer_modules import (MmcvNonLocal, SlowFastNonlocal, TimmNonLocalAttn, alexhex7_class, real_mmcv,  # noqa: E402
+from tests.nn.peer_modules import (MmcvNonLocal, SlowFastNonlocal, TimmNonLocalAttn, alexhex7_class, real_mmcv,  # noqa: E402
                           real_pytorchvideo, real_timm)
-from torch_oracle import TorchNonLocal  # noqa: E402
+from tests.nn.torch_oracle import TorchNonLocal  # noqa: E402
 
 SHAPES = {1: (2, 6, 8), 2: (2, 6, 4, 6), 3: (2, 6, 4, 4, 6)}
 
@@ -339,7 +339,7 @@ def test_alexhex7_twin_has_the_real_files_signature_and_keys(mode):
 
 @pytest.mark.parametrize("mode", sorted(ALEXHEX7_KEYS))
 def test_the_tests_oracle_has_the_ports_keys(mode):
-    """TorchNonLocal (tests/torch_oracle.py) claims the port's layout: the same keys as the port's file."""
+    """TorchNonLocal (tests/nn/torch_oracle.py) claims the port's layout: the same keys as the port's file."""
     oracle = TorchNonLocal(6, mode=mode, inter=3, dims=2, sub_sample=True, bn_layer=True)
     assert sorted(oracle.state_dict()) == sorted(ALEXHEX7_KEYS[mode])
 

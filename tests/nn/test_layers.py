@@ -11,7 +11,7 @@ from nlref.nn import _shapes
 from nlref.nn import functional as F
 from nlref.nn.engine import conv as EC
 from nlref.nn.engine import layout as EL
-from conftest import assert_gradcheck, assert_same_library, distinct_samples
+from tests.helpers import assert_gradcheck, assert_same_library, distinct_samples
 
 try:
     import torch
@@ -21,14 +21,12 @@ except ImportError:  # the oracle is optional
     torch = None
 needs_torch = pytest.mark.skipif(torch is None, reason="PyTorch (the optional oracle) is not installed")
 
-RNG = np.random.default_rng(11)
-
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 
-def _x(shape, xp, dtype="float64"):
-    return B.asarray(RNG.standard_normal(shape).astype(dtype), xp=xp)
+def _x(rng, shape, xp, dtype="float64"):
+    return B.asarray(rng.standard_normal(shape).astype(dtype), xp=xp)
 
 
 # array-api-strict runs the portable code path about ten times slower than NumPy: there the
@@ -103,18 +101,18 @@ def conv_path(monkeypatch, request):
     return request.param
 
 
-def _conv_inputs(xp, case, bias):
+def _conv_inputs(rng, xp, case, bias):
     xs, ws, _, _ = CONV_CASES[case]
-    inputs = {"x": _x(xs, xp), "w": _x(ws, xp)}
+    inputs = {"x": _x(rng, xs, xp), "w": _x(rng, ws, xp)}
     if bias:
-        inputs["b"] = _x((ws[0],), xp)
+        inputs["b"] = _x(rng, (ws[0],), xp)
     return inputs
 
 
 # --------------------------------------------------------------------------- gradient checks
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("case,conv_path", CONV_PATHS, indirect=["conv_path"])
-def test_conv3d_gradcheck(xp_cpu, case, conv_path, bias):
+def test_conv3d_gradcheck(xp_cpu, case, conv_path, bias, rng):
     _, _, stride, padding = CONV_CASES[case]
     cache = {}
 
@@ -127,12 +125,12 @@ def test_conv3d_gradcheck(xp_cpu, case, conv_path, bias):
         assert (db is None) == (not bias)
         return {"x": dx, "w": dw, "b": db}
 
-    assert_gradcheck(forward, backward, _conv_inputs(xp_cpu, case, bias), method=_method(xp_cpu, case, bias))
+    assert_gradcheck(forward, backward, _conv_inputs(rng, xp_cpu, case, bias), method=_method(xp_cpu, case, bias))
 
 
 @pytest.mark.parametrize("pool", ["avg", "max"])
 @pytest.mark.parametrize("case", list(POOL_CASES))
-def test_pool3d_gradcheck(xp_cpu, case, pool):
+def test_pool3d_gradcheck(xp_cpu, case, pool, rng):
     shape, kernel, stride, padding = POOL_CASES[case]
     fwd, bwd = {"avg": (F.avgpool3d_forward, F.avgpool3d_backward),
                 "max": (F.maxpool3d_forward, F.maxpool3d_backward)}[pool]
@@ -142,35 +140,35 @@ def test_pool3d_gradcheck(xp_cpu, case, pool):
         out, cache["c"] = fwd(x, kernel, stride, padding)
         return out
 
-    assert_gradcheck(forward, lambda d: {"x": bwd(d, cache["c"])}, {"x": distinct_samples(shape, xp_cpu, RNG)}, method=_method(xp_cpu, case))
+    assert_gradcheck(forward, lambda d: {"x": bwd(d, cache["c"])}, {"x": distinct_samples(shape, xp_cpu, rng)}, method=_method(xp_cpu, case))
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 4), (2, 3, 2, 3), (2, 2, 2, 3, 2)], ids=["1d", "2d", "3d"])
-def test_global_avgpool_gradcheck(xp_cpu, shape):
+def test_global_avgpool_gradcheck(xp_cpu, shape, rng):
     cache = {}
 
     def forward(x):
         out, cache["c"] = F.global_avgpool_forward(x)
         return out
 
-    assert_gradcheck(forward, lambda d: {"x": F.global_avgpool_backward(d, cache["c"])}, {"x": _x(shape, xp_cpu)})
+    assert_gradcheck(forward, lambda d: {"x": F.global_avgpool_backward(d, cache["c"])}, {"x": _x(rng, shape, xp_cpu)})
 
 
-def test_dropout_gradcheck(xp_cpu):
+def test_dropout_gradcheck(xp_cpu, rng):
     cache = {}
 
     def forward(x):
         out, cache["c"] = F.dropout_forward(x, 0.4, training=True, seed=5)
         return out
 
-    assert_gradcheck(forward, lambda d: {"x": F.dropout_backward(d, cache["c"])}, {"x": _x((3, 2, 5), xp_cpu)})
+    assert_gradcheck(forward, lambda d: {"x": F.dropout_backward(d, cache["c"])}, {"x": _x(rng, (3, 2, 5), xp_cpu)})
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
-def test_linear_gradcheck(xp_cpu, bias):
-    inputs = {"x": _x((3, 5), xp_cpu), "w": _x((4, 5), xp_cpu)}
+def test_linear_gradcheck(xp_cpu, bias, rng):
+    inputs = {"x": _x(rng, (3, 5), xp_cpu), "w": _x(rng, (4, 5), xp_cpu)}
     if bias:
-        inputs["b"] = _x((4,), xp_cpu)
+        inputs["b"] = _x(rng, (4,), xp_cpu)
     cache = {}
 
     def forward(**kw):
@@ -184,7 +182,7 @@ def test_linear_gradcheck(xp_cpu, bias):
     assert_gradcheck(forward, backward, inputs)
 
 
-def test_softmax_cross_entropy_gradcheck(xp_cpu):
+def test_softmax_cross_entropy_gradcheck(xp_cpu, rng):
     labels = _labels([0, 3, 3, 1], xp_cpu)
     cache = {}
 
@@ -193,7 +191,7 @@ def test_softmax_cross_entropy_gradcheck(xp_cpu):
         return loss
 
     assert_gradcheck(forward, lambda d: {"logits": F.softmax_cross_entropy_backward(d, cache["c"])},
-           {"logits": _x((4, 5), xp_cpu)})
+           {"logits": _x(rng, (4, 5), xp_cpu)})
 
 
 @pytest.mark.parametrize("setting", [dict(CONV_CHUNK_BYTES=1), dict(CONV_KEEP_BYTES=0),
@@ -201,15 +199,15 @@ def test_softmax_cross_entropy_gradcheck(xp_cpu):
                          ids=["chunks-kept", "whole-rebuilt", "chunks-rebuilt"])
 @pytest.mark.parametrize("case", ["1x3x3-pad011", "3x3x3-s2-pad1", "3x2x3-s211-pad1", "1x3x3-s122-pad011",
                                   "3x3x3-pad1-evenW"])
-def test_conv3d_chunks_agree(monkeypatch, case, setting):
+def test_conv3d_chunks_agree(monkeypatch, case, setting, rng):
     """NumPy builds the columns a few samples at a time and keeps them for the backward pass, or rebuilds
     them there; one sample per chunk, or rebuilt columns, give the same numbers as the whole batch at once."""
     monkeypatch.setattr(EC, "DENSE_MAX_RATIO", 0)
-    inputs = _conv_inputs(np, case, True)
+    inputs = _conv_inputs(rng, np, case, True)
     inputs["x"] = np.concatenate([inputs["x"]] * 3)
     _, _, stride, padding = CONV_CASES[case]
     out, cache = F.conv3d_forward(**inputs, stride=stride, padding=padding)
-    dout = RNG.standard_normal(out.shape)
+    dout = rng.standard_normal(out.shape)
     grads = F.conv3d_backward(dout, cache)
     for name, value in setting.items():
         monkeypatch.setattr(EC, name, value)
@@ -221,16 +219,16 @@ def test_conv3d_chunks_agree(monkeypatch, case, setting):
 
 # --------------------------------------------------------------------------- every library, both float dtypes
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_layers_keep_library_and_dtype(xp, dtype):
-    x = _x((2, 3, 2, 4, 4), xp, dtype)
+def test_layers_keep_library_and_dtype(xp, dtype, rng):
+    x = _x(rng, (2, 3, 2, 4, 4), xp, dtype)
 
     def same(a):
         assert_same_library(a, x)
         assert B.dtype_name(a.dtype) == dtype
 
     for stride, padding in ((1, (0, 1, 1)), ((1, 2, 2), 0), (1, 0)):
-        w = _x((2, 3, 1, 3, 3) if padding else (2, 3, 1, 1, 1), xp, dtype)
-        out, cache = F.conv3d_forward(x, w, _x((2,), xp, dtype), stride=stride, padding=padding)
+        w = _x(rng, (2, 3, 1, 3, 3) if padding else (2, 3, 1, 1, 1), xp, dtype)
+        out, cache = F.conv3d_forward(x, w, _x(rng, (2,), xp, dtype), stride=stride, padding=padding)
         same(out)
         for g in F.conv3d_backward(out, cache):
             same(g)
@@ -244,8 +242,8 @@ def test_layers_keep_library_and_dtype(xp, dtype):
     out, cache = F.dropout_forward(x, 0.5, training=True, seed=0)
     same(out)
     same(F.dropout_backward(out, cache))
-    feats = _x((4, 6), xp, dtype)
-    logits, cache_fc = F.linear_forward(feats, _x((3, 6), xp, dtype), _x((3,), xp, dtype))
+    feats = _x(rng, (4, 6), xp, dtype)
+    logits, cache_fc = F.linear_forward(feats, _x(rng, (3, 6), xp, dtype), _x(rng, (3,), xp, dtype))
     same(logits)
     loss, cache_ce = F.softmax_cross_entropy_forward(logits, _labels([0, 2, 1, 2], xp))
     same(loss)
@@ -257,9 +255,9 @@ def test_layers_keep_library_and_dtype(xp, dtype):
         same(g)
 
 
-def test_float32_agrees_with_float64():
+def test_float32_agrees_with_float64(rng):
     """The same layers in float32 and float64: equal to float32 rounding."""
-    x64, w64 = RNG.standard_normal((2, 3, 3, 6, 6)), RNG.standard_normal((4, 3, 3, 3, 3))
+    x64, w64 = rng.standard_normal((2, 3, 3, 6, 6)), rng.standard_normal((4, 3, 3, 3, 3))
     results = {}
     for dtype in ("float32", "float64"):
         x, w = x64.astype(dtype), w64.astype(dtype)
@@ -273,8 +271,8 @@ def test_float32_agrees_with_float64():
         np.testing.assert_allclose(a32, a64, rtol=1e-4, atol=1e-4 * np.abs(a64).max())
 
 
-def test_inputs_are_not_written():
-    x, w, b = RNG.standard_normal((2, 3, 2, 5, 5)), RNG.standard_normal((4, 3, 1, 3, 3)), RNG.standard_normal(4)
+def test_inputs_are_not_written(rng):
+    x, w, b = rng.standard_normal((2, 3, 2, 5, 5)), rng.standard_normal((4, 3, 1, 3, 3)), rng.standard_normal(4)
     saved = [a.copy() for a in (x, w, b)]
     out, cache = F.conv3d_forward(x, w, b, stride=(1, 2, 2), padding=(0, 1, 1))
     dout = np.ones_like(out)
@@ -288,7 +286,7 @@ def test_inputs_are_not_written():
     F.global_avgpool_backward(np.ones_like(out), cache)
     out, cache = F.dropout_forward(x, 0.3, training=True, seed=1)
     F.dropout_backward(np.ones_like(out), cache)
-    logits, labels = RNG.standard_normal((3, 4)), np.array([0, 1, 3])
+    logits, labels = rng.standard_normal((3, 4)), np.array([0, 1, 3])
     saved_ce = (logits.copy(), labels.copy())
     loss, cache = F.softmax_cross_entropy_forward(logits, labels)
     F.softmax_cross_entropy_backward(1.0, cache)
@@ -302,19 +300,19 @@ def _stored_channels_last(x):
     return np.ascontiguousarray(x.transpose(order)).transpose(np.argsort(order))
 
 
-def test_storage_order_does_not_change_values():
+def test_storage_order_does_not_change_values(rng):
     """conv3d, batch norm, ReLU and global pooling give the same numbers for an input stored channels-last
     (as every conv3d output is) and one stored the usual way; conv3d and pooling to the bit. Outputs of
     conv3d and of batch norm on a channels-last input are stored channels-last; no input is written."""
-    x = RNG.standard_normal((2, 3, 2, 5, 5))
+    x = rng.standard_normal((2, 3, 2, 5, 5))
     x_cl = _stored_channels_last(x)
     assert x_cl.strides != x.strides and not x_cl.flags.c_contiguous
-    w = RNG.standard_normal((4, 3, 1, 3, 3))
+    w = rng.standard_normal((4, 3, 1, 3, 3))
     outs = {}
     for name, a in (("nc", x), ("cl", x_cl)):
         out, cache = F.conv3d_forward(a, w, stride=1, padding=(0, 1, 1))
         assert EL.stored_channels_last(out)
-        dout = RNG.standard_normal(out.shape) if name == "nc" else _stored_channels_last(outs["nc"][1])
+        dout = rng.standard_normal(out.shape) if name == "nc" else _stored_channels_last(outs["nc"][1])
         dx, dw, _ = F.conv3d_backward(dout, cache)
         state = {"running_mean": np.zeros(3), "running_var": np.ones(3)}
         bn, bn_cache = F.batchnorm_forward(a, np.full(3, 1.5), np.full(3, 0.2), state, training=True)
@@ -336,16 +334,16 @@ def test_storage_order_does_not_change_values():
 
 @pytest.mark.parametrize("shape", [(2, 3, 4, 5, 5), (1, 4, 1, 1, 1031), (3, 70, 2, 3, 1)],
                          ids=["folded", "prime-positions", "many-channels"])
-def test_batchnorm_channels_last_rows_fold(shape):
+def test_batchnorm_channels_last_rows_fold(shape, rng):
     """Batch norm on a channels-last input folds r positions into a row (r = 1 when the count of
     positions is prime or the channels are many) and matches the channels-first computation."""
-    x = RNG.standard_normal(shape) * 3 + 1
+    x = rng.standard_normal(shape) * 3 + 1
     x_cl = _stored_channels_last(x)
     c = shape[1]
     fold = EL.row_fold(x_cl)
     assert fold >= 1 and (math.prod(shape) // c) % fold == 0 and fold * c <= max(1024, c)
     assert EL.row_fold(x) == 0
-    gamma, beta, dout = RNG.standard_normal(c), RNG.standard_normal(c), RNG.standard_normal(shape)
+    gamma, beta, dout = rng.standard_normal(c), rng.standard_normal(c), rng.standard_normal(shape)
     results = []
     for a, d in ((x, dout), (x_cl, _stored_channels_last(dout))):
         state = {"running_mean": np.zeros(c), "running_var": np.ones(c)}
@@ -400,11 +398,11 @@ def _close(ours, theirs, tol=1e-10):
     np.testing.assert_allclose(B.to_numpy(ours), theirs.detach().numpy(), rtol=tol, atol=tol)
 
 
-def _against_torch(ours_out, torch_out, xp):
+def _against_torch(rng, ours_out, torch_out, xp):
     """Backpropagate a random dout through torch; returns dout (in xp) after comparing the outputs."""
     assert tuple(ours_out.shape) == tuple(torch_out.shape)
     _close(ours_out, torch_out)
-    dout = RNG.standard_normal(tuple(torch_out.shape))
+    dout = rng.standard_normal(tuple(torch_out.shape))
     (torch_out * torch.tensor(dout)).sum().backward()
     return B.asarray(dout, xp=xp)
 
@@ -412,13 +410,13 @@ def _against_torch(ours_out, torch_out, xp):
 @needs_torch
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("case,conv_path", CONV_PATHS, indirect=["conv_path"])
-def test_conv3d_matches_torch(xp_cpu, case, conv_path, bias):
+def test_conv3d_matches_torch(xp_cpu, case, conv_path, bias, rng):
     _, _, stride, padding = CONV_CASES[case]
-    inp = _conv_inputs(xp_cpu, case, bias)
+    inp = _conv_inputs(rng, xp_cpu, case, bias)
     out, cache = F.conv3d_forward(**inp, stride=stride, padding=padding)
     t = {k: _t(v) for k, v in inp.items()}
     tout = TF.conv3d(t["x"], t["w"], t.get("b"), stride=stride, padding=padding)
-    dout = _against_torch(out, tout, xp_cpu)
+    dout = _against_torch(rng, out, tout, xp_cpu)
     dx, dw, db = F.conv3d_backward(dout, cache)
     _close(dx, t["x"].grad)
     _close(dw, t["w"].grad)
@@ -429,46 +427,46 @@ def test_conv3d_matches_torch(xp_cpu, case, conv_path, bias):
 @needs_torch
 @pytest.mark.parametrize("pool", ["avg", "max"])
 @pytest.mark.parametrize("case", list(POOL_CASES))
-def test_pool3d_matches_torch(xp_cpu, case, pool):
+def test_pool3d_matches_torch(xp_cpu, case, pool, rng):
     shape, kernel, stride, padding = POOL_CASES[case]
-    x = distinct_samples(shape, xp_cpu, RNG)
+    x = distinct_samples(shape, xp_cpu, rng)
     fwd, bwd = {"avg": (F.avgpool3d_forward, F.avgpool3d_backward),
                 "max": (F.maxpool3d_forward, F.maxpool3d_backward)}[pool]
     out, cache = fwd(x, kernel, stride, padding)
     tx = _t(x)
     tpool = {"avg": TF.avg_pool3d, "max": TF.max_pool3d}[pool]
-    dout = _against_torch(out, tpool(tx, kernel, stride, padding), xp_cpu)
+    dout = _against_torch(rng, out, tpool(tx, kernel, stride, padding), xp_cpu)
     _close(bwd(dout, cache), tx.grad)
 
 
 @needs_torch
 @pytest.mark.parametrize("kernel,stride,padding", [(2, None, 0), (3, 1, 1), ((1, 3, 3), (1, 2, 2), (0, 1, 1))],
                          ids=["2x2x2", "3x3x3-s1-pad1", "1x3x3-s122-pad011"])
-def test_maxpool3d_ties_route_like_torch(xp_cpu, kernel, stride, padding):
+def test_maxpool3d_ties_route_like_torch(xp_cpu, kernel, stride, padding, rng):
     """Plateaus of equal values: every window's gradient goes to its first maximum (row-major),
     overlapping windows that share a winner add up, exactly as in PyTorch."""
-    host = np.round(RNG.uniform(-1, 1, (2, 2, 3, 5, 6)))  # values in {-1, 0, 1}: ties everywhere
+    host = np.round(rng.uniform(-1, 1, (2, 2, 3, 5, 6)))  # values in {-1, 0, 1}: ties everywhere
     x = B.asarray(host, xp=xp_cpu)
     out, cache = F.maxpool3d_forward(x, kernel, stride, padding)
     tx = _t(x)
-    dout = _against_torch(out, TF.max_pool3d(tx, kernel, stride, padding), xp_cpu)
+    dout = _against_torch(rng, out, TF.max_pool3d(tx, kernel, stride, padding), xp_cpu)
     dx = B.to_numpy(F.maxpool3d_backward(dout, cache))
     np.testing.assert_array_equal(dx != 0, tx.grad.numpy() != 0)  # the same winners
     _close(dx, tx.grad, 1e-12)  # overlapping windows may add in another order
 
 
 @needs_torch
-def test_maxpool3d_nan_and_inf_like_torch(xp_cpu):
+def test_maxpool3d_nan_and_inf_like_torch(xp_cpu, rng):
     """A NaN input wins its windows (the last NaN in window order, as PyTorch's kernel);
     an infinite dout reaches the winner only, with exact zeros beside it."""
-    host = RNG.standard_normal((1, 2, 3, 6, 5))
+    host = rng.standard_normal((1, 2, 3, 6, 5))
     host[0, 0, 1, 2, 2] = host[0, 1, 0, 0, 0] = host[0, 1, 0, 0, 1] = np.nan
     x = B.asarray(host, xp=xp_cpu)
     out, cache = F.maxpool3d_forward(x, (1, 3, 3), (1, 2, 2), (0, 1, 1))
     tx = _t(x)
     tout = TF.max_pool3d(tx, (1, 3, 3), (1, 2, 2), (0, 1, 1))
     np.testing.assert_array_equal(B.to_numpy(out), tout.detach().numpy())  # NaN where PyTorch has NaN
-    dout = RNG.standard_normal(tuple(out.shape))
+    dout = rng.standard_normal(tuple(out.shape))
     dout[0, 0, 2, 1, 1] = np.inf
     tout.backward(torch.tensor(dout))
     dx = B.to_numpy(F.maxpool3d_backward(B.asarray(dout, xp=xp_cpu), cache))
@@ -478,24 +476,24 @@ def test_maxpool3d_nan_and_inf_like_torch(xp_cpu):
 
 @needs_torch
 @pytest.mark.parametrize("shape", [(2, 3, 7), (2, 3, 4, 5), (2, 3, 2, 4, 3)], ids=["1d", "2d", "3d"])
-def test_global_avgpool_matches_torch(xp_cpu, shape):
-    x = _x(shape, xp_cpu)
+def test_global_avgpool_matches_torch(xp_cpu, shape, rng):
+    x = _x(rng, shape, xp_cpu)
     out, cache = F.global_avgpool_forward(x)
     tx = _t(x)
     adaptive = {3: TF.adaptive_avg_pool1d, 4: TF.adaptive_avg_pool2d, 5: TF.adaptive_avg_pool3d}[len(shape)]
     tout = adaptive(tx, 1).reshape(shape[:2])
     _close(out, tx.mean(dim=tuple(range(2, len(shape)))))
-    dout = _against_torch(out, tout, xp_cpu)
+    dout = _against_torch(rng, out, tout, xp_cpu)
     _close(F.global_avgpool_backward(dout, cache), tx.grad)
 
 
 @needs_torch
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
-def test_linear_matches_torch(xp_cpu, bias):
-    x, w, b = _x((5, 7), xp_cpu), _x((3, 7), xp_cpu), (_x((3,), xp_cpu) if bias else None)
+def test_linear_matches_torch(xp_cpu, bias, rng):
+    x, w, b = _x(rng, (5, 7), xp_cpu), _x(rng, (3, 7), xp_cpu), (_x(rng, (3,), xp_cpu) if bias else None)
     out, cache = F.linear_forward(x, w, b)
     tx, tw, tb = _t(x), _t(w), (_t(b) if bias else None)
-    dout = _against_torch(out, TF.linear(tx, tw, tb), xp_cpu)
+    dout = _against_torch(rng, out, TF.linear(tx, tw, tb), xp_cpu)
     dx, dw, db = F.linear_backward(dout, cache)
     _close(dx, tx.grad)
     _close(dw, tw.grad)
@@ -507,9 +505,9 @@ def test_linear_matches_torch(xp_cpu, bias):
 
 @needs_torch
 @pytest.mark.parametrize("scale", [1.0, 1e4], ids=["plain", "huge-logits"])
-def test_softmax_cross_entropy_matches_torch(xp_cpu, scale):
+def test_softmax_cross_entropy_matches_torch(xp_cpu, scale, rng):
     host_labels = np.array([0, 4, 2, 2, 1, 4])
-    logits = B.asarray(RNG.standard_normal((6, 5)) * scale, xp=xp_cpu)
+    logits = B.asarray(rng.standard_normal((6, 5)) * scale, xp=xp_cpu)
     loss, cache = F.softmax_cross_entropy_forward(logits, _labels(host_labels, xp_cpu))
     dlogits = F.softmax_cross_entropy_backward(B.asarray(np.asarray(0.7), xp=xp_cpu), cache)
     assert np.isfinite(B.to_numpy(loss)) and np.all(np.isfinite(B.to_numpy(dlogits)))
@@ -620,13 +618,13 @@ def test_conv3d_dense_path_where_it_pays(monkeypatch):
                                             ("1x3x3-s122-pad011", "im2col"), ("1x1x1", "im2col"),
                                             ("1x3x3-pad011-evenW", "paired")],
                          indirect=["conv_path"])
-def test_conv3d_backward_without_input_grad(case, conv_path):
+def test_conv3d_backward_without_input_grad(case, conv_path, rng):
     """input_grad=False skips dx and leaves dw and db as they were, to the bit (the same products,
     summed in the same order)."""
-    inputs = _conv_inputs(np, case, True)
+    inputs = _conv_inputs(rng, np, case, True)
     _, _, stride, padding = CONV_CASES[case]
     out, cache = F.conv3d_forward(**inputs, stride=stride, padding=padding)
-    dout = RNG.standard_normal(out.shape)
+    dout = rng.standard_normal(out.shape)
     dx, dw, db = F.conv3d_backward(dout, cache)
     none, dw2, db2 = F.conv3d_backward(dout, cache, input_grad=False)
     assert none is None and dx is not None
@@ -670,14 +668,14 @@ def test_conv3d_pairs_where_it_pays(monkeypatch):
 
 
 @pytest.mark.parametrize("case", list(CONV_CASES))
-def test_conv3d_keeps_columns_only_for_strided_backward(monkeypatch, case):
+def test_conv3d_keeps_columns_only_for_strided_backward(monkeypatch, case, rng):
     """The forward keeps x's column matrix only where the backward will use it: not with stride 1 and
     padding <= kernel - 1, whose dx and dw both come from the output gradient's column matrix."""
     monkeypatch.setattr(EC, "DENSE_MAX_RATIO", 0)
     _, ws, stride, padding = CONV_CASES[case]
     stride, padding = (_shapes.triple(v, "", "", minimum=0) for v in (stride, padding))
     flips = stride == (1, 1, 1) and all(p <= k - 1 for p, k in zip(padding, ws[2:]))
-    _, cache = F.conv3d_forward(**_conv_inputs(np, case, False), stride=stride, padding=padding)
+    _, cache = F.conv3d_forward(**_conv_inputs(rng, np, case, False), stride=stride, padding=padding)
     assert (cache[0][1] is None) == flips
 
 

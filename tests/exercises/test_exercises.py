@@ -1,13 +1,14 @@
-"""The exercise checks: None while unanswered, False (never an exception) for wrong answers.
+"""The exercise checks: None while unanswered, False (never an exception) for wrong answers, True for a right one.
 
-The notebooks' worked solutions, run by nbmake, show that each check accepts the
-right answer; here each check meets a plausible wrong answer, a wrong shape or type,
-and a student function that raises.
+Each check meets a plausible wrong answer, a wrong shape or type, or a student function
+that raises, and a right answer (a check that always said False would pass the wrong ones);
+the notebooks' worked solutions, run by nbmake, are the students' route to the same answers.
 """
 
 import numpy as np
 import pytest
 
+import nlref
 from nlref.exercises import ch01, ch02, ch03, ch04, ch05, ch07, check_close
 
 CHECKS = [(m, name) for m in (ch01, ch02, ch03, ch04, ch05, ch07) for name in m.__all__ if name.startswith("ex")]
@@ -141,27 +142,58 @@ def _bn_jacobian(x, eps=1e-5):
     return r / len(x) * (len(x) * np.eye(len(x)) - 1 - np.outer(xh, xh))
 
 
-RIGHT_CHEAP = [
+def _patchwise(v, sigma, h, patch, search):
+    """Patch-wise NL-means by the definition (method="naive"), not the offset loop the check compares with."""
+    return nlref.nl_means(v, sigma=sigma, h=h, patch_size=patch, search_size=search, aggregation="patch",
+                          method="naive")
+
+
+def _chunked_dx():
+    """dx of the chapter's randomised block run with chunk_size=2, for the check's dz."""
+    x = ch04.chapter_input()
+    block = ch04.randomise(nlref.NonLocalBlock(4, dims=2, dtype="float64", seed=0, chunk_size=2), seed=1)
+    block.forward(x)
+    return block.backward(np.random.default_rng(5).standard_normal(x.shape))
+
+
+RIGHT = [
     (ch01.ex1, lambda: 4.0),
+    (ch01.ex2, lambda: 0.05 ** 2),                        # the floor a**2 (the measurement adds b**2/256 + sampling)
     (ch01.ex3, lambda: ch01.median_loss_db()),
     (ch01.ex4, lambda: 100),
+    (ch02.ex1, lambda: ch02.uncorrected_sweep()),
+    (ch02.ex2, lambda: _patchwise),
+    (ch02.ex3, lambda: ch02.flat_gain()),
     (ch02.ex4, lambda: (35 ** 2 - 1) / (11 ** 2 - 1)),
+    (ch02.ex5, lambda: ch02.video_psnrs()),
     (ch03.ex2, lambda: _euclid_attention),
     (ch03.ex3, lambda: ch03.dot_output_ratio()),
     (ch03.ex4, lambda: 4 * (8 * 56 * 56) ** 2),
     (ch04.ex2, lambda: _bn_jacobian),
     (ch04.ex3, lambda: {"bn.beta"}),                      # W_z y = 0, so x-hat = 0 and d gamma = 0 too
     (ch04.ex4, lambda: (lambda dp, cache: cache[0] * dp)),
+    (ch04.ex5, _chunked_dx),
     (ch05.ex1, lambda: _multi_head),
     (ch05.ex2, lambda: _causal_attention),
+    (ch05.ex3, lambda: 12.0),                             # three float32 (N, c) blocks per element
     (ch05.ex4, lambda: 2.0),
     (ch05.ex5, lambda: _add_positions),
+    (ch07.ex1, lambda: ch07.squared_feature_accuracy()),
     (ch07.ex2, lambda: 9 / 14),
     (ch07.ex6, lambda: {"res2": (512, 128), "res4": (32, 8)}),
 ]
 
 
-@pytest.mark.parametrize("check, right", RIGHT_CHEAP, ids=[f"{c.__module__[-4:]}.{c.__name__}" for c, _ in RIGHT_CHEAP])
+@pytest.mark.parametrize("check, right", RIGHT, ids=[f"{c.__module__[-4:]}.{c.__name__}" for c, _ in RIGHT])
 def test_right_answers_are_true(check, right, capsys):
     assert check(right()) is True
     assert "correct" in capsys.readouterr().out
+
+
+def test_every_check_tried_wrong_is_also_tried_right():
+    """A check tried only with wrong answers would pass those tests by always saying False."""
+    # with those that test_cheap_checks_accept_their_own_computation tries
+    cheap = {ch01.ex5, ch02.ex4, ch03.ex1, ch04.ex1, ch04.ex6, ch07.ex2}
+    right = {check for check, _ in RIGHT} | cheap
+    missing = sorted(f"{c.__module__}.{c.__name__}" for c, _ in WRONG if c not in right)
+    assert not missing, f"checks tried only with wrong answers: {missing}"

@@ -14,7 +14,7 @@ from skimage import io
 import nlref
 from nlref.cli import CommandError, build_parser, main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _grey(tmp_path, name="in.png", n=24):
@@ -186,14 +186,29 @@ def test_python_dash_m_nlref_runs_the_command(tmp_path):
     assert result.returncode == 0 and result.stdout.strip() == f"nlref {nlref.__version__}"
 
 
-def test_the_resume_command_parses_back_to_the_same_run():
-    argv = ["train", "--model", "i3d", "--nonlocal", "2", "--no-bn", "--epochs", "3", "--lr", "0.01",
-            "--out", "my run", "--overwrite"]
-    args = build_parser().parse_args(argv)
-    words = shlex.split(nlref.cli.train._train_command(args))
+def test_the_resume_command_parses_back_to_the_same_run(tmp_path, capsys, monkeypatch):
+    """The command printed when a run is stopped after an epoch is that run's own options, with --resume in place of
+    --overwrite (a folder name with a space survives the shell)."""
+    import nlref.train as T
+
+    real = T.train
+
+    def stopped_after_the_first_epoch(*args, **kwargs):
+        def stop(epoch, row, model):
+            if epoch == 1:
+                raise KeyboardInterrupt
+        return real(*args, callback=stop, **kwargs)
+
+    monkeypatch.setattr(T, "train", stopped_after_the_first_epoch)
+    argv = ["train", "--model", "i3d", "--nonlocal", "2", "--no-bn", "--epochs", "3", "--lr", "0.01", "--n-train", "16",
+            "--n-val", "8", "--batch-size", "8", "--no-progress", "--out", str(tmp_path / "my run"), "--overwrite"]
+    assert main(argv) == 130
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("nlref train: stopped by SIGINT after epoch 1 of 3")
+    words = shlex.split(line.split("; to continue: ")[1])
     assert words[:2] == ["nlref", "train"] and words[-1] == "--resume"
     again = vars(build_parser().parse_args(words[1:]))
-    expected = {**vars(args), "overwrite": False, "resume": True}
+    expected = {**vars(build_parser().parse_args(argv)), "overwrite": False, "resume": True}
     assert again == expected
 
 

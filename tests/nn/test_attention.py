@@ -342,11 +342,19 @@ def test_sinusoidal_tables():
 
 
 def test_positions_break_permutation_equivariance():
+    """The encoding adds row p of the sinusoidal table to the token in slot p: permuted tokens get other positions,
+    so attention over them is no longer the permutation of its output (it is again if positions move with them)."""
     mha = MultiHeadAttention(6, 2, dtype="float64", seed=3)
     pos = PositionalEncoding(7, 6, kind="sinusoidal", dtype="float64")
     x = np.random.default_rng(0).standard_normal((1, 7, 6))
     perm = np.roll(np.arange(7), 1)
-    assert not np.allclose(mha.forward(pos.forward(x[:, perm])), mha.forward(pos.forward(x))[:, perm], atol=1e-6)
+    table = sinusoidal_encoding(7, 6)
+    np.testing.assert_allclose(pos.forward(x[:, perm]), x[:, perm] + table, rtol=0, atol=1e-15)
+    permuted = mha.forward(pos.forward(x))[:, perm]
+    np.testing.assert_allclose(mha.forward(x[:, perm] + table[perm]), permuted, rtol=1e-12, atol=1e-14)
+    moved = np.abs(table[perm] - table).max(axis=1)                      # every slot's position changes
+    assert moved.min() > 0.1
+    assert np.abs(mha.forward(pos.forward(x[:, perm])) - permuted).max() > 1e-3
 
 
 # --------------------------------------------------------------------------- the bridge

@@ -4,7 +4,6 @@ exact resume and the command line."""
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
@@ -174,23 +173,3 @@ def test_transformer_resume_is_exact(tmp_path):
     assert resumed["model"].params["blocks.0.self_attn.in_proj_weight"].shape == (24, 8)
     # and it learned something: the training loss fell
     assert full["history"][-1]["train_loss"] < full["history"][0]["train_loss"]
-
-
-def test_cli_train_transformer(tmp_path, capsys):
-    from nlref.cli import main
-
-    out = tmp_path / "run"
-    args = ["train", "--model", "transformer", "--embed-dim", "8", "--depth", "1", "--heads", "2", "--mlp-dim",
-            "16", "--epochs", "1", "--batch-size", "8", "--n-train", "16", "--n-val", "8",
-            "--out", str(out), "--no-progress"]
-    assert main(args) == 0
-    text = capsys.readouterr().out
-    assert "transformer (1 block of 8 channels, 2 heads)" in text and "val accuracy" in text
-    history = json.loads((out / "metrics.json").read_text())
-    assert len(history) == 1
-    assert main(args + ["--resume"]) == 0           # a finished run: resuming it has nothing left to do
-    assert len(json.loads((out / "metrics.json").read_text())) == 1
-    capsys.readouterr()
-    assert main(["train", "--model", "transformer", "--embed-dim", "10", "--heads", "4", "--out",
-                 str(tmp_path / "bad")]) == 2
-    assert "--heads (4) must divide --embed-dim (10)" in capsys.readouterr().err   # the flags typed

@@ -11,7 +11,7 @@ import pytest
 import nlref.backend as B
 from nlref.nn import functional as F
 from nlref.nn.engine import conv as EC
-from conftest import assert_gradcheck, assert_same_library
+from tests.helpers import assert_gradcheck, assert_same_library
 
 try:
     import torch

@@ -15,7 +15,7 @@ Loaders of the real modules (None where the package is absent):
 Twins, for the peers that are not packages (SlowFast is not on PyPI; AlexHex7's port is a
 repository of files). Each copies, as facts, the constructor signature, the attribute and
 submodule names (hence the state-dict keys and shapes) and the forward equations of the real
-file at the commit named; ``tests/test_peers.py`` holds their key lists and signatures to the
+file at the commit named; ``tests/nn/test_peers.py`` holds their key lists and signatures to the
 ones recorded from those files.
 
 * :class:`SlowFastNonlocal`: ``facebookresearch/SlowFast`` ``slowfast/models/nonlocal_helper.py``,

@@ -15,7 +15,7 @@ from nlref.nn.optim import SGD, Adam, StepSchedule
 try:
     import torch
 
-    from torch_oracle import TorchVideoNet, load_videonet_params
+    from tests.nn.torch_oracle import TorchVideoNet, load_videonet_params
 except ImportError:  # the oracle is optional
     torch = None
 needs_torch = pytest.mark.skipif(torch is None, reason="PyTorch (the optional oracle) is not installed")

@@ -13,12 +13,12 @@ from nlref.nn import functional as F
 from nlref.nn import gradcheck
 from nlref.nn.models import EXTENTS, FLAVOURS, NonLocal, VideoNet, nonlocal_slots
 from nlref.nn.nonlocal_op import MODES
-from conftest import assert_same_library
+from tests.helpers import assert_same_library
 
 try:
     import torch
 
-    from torch_oracle import TorchVideoNet, load_videonet_params, videonet_buffers, videonet_grads
+    from tests.nn.torch_oracle import TorchVideoNet, load_videonet_params, videonet_buffers, videonet_grads
 except ImportError:  # the oracle is optional
     torch = None
 needs_torch = pytest.mark.skipif(torch is None, reason="PyTorch (the optional oracle) is not installed")
@@ -502,9 +502,16 @@ def test_forward_backward_errors():
         net.forward(np.zeros(X_SHAPE).tolist())
     with pytest.raises(ValueError, match="smaller than the sub-sampling kernel"):
         net.forward(np.zeros((3, 1, 4, 4, 4)))  # res3 at 1x1: too small to pool
+    stem_calls = []
+    real_stem = net.stem.forward
+    net.stem.forward = lambda h: stem_calls.append(h.shape) or real_stem(h)
     for seed in ("a", 1.5, True):  # checked before any work, even when no dropout runs
         with pytest.raises(TypeError, match="dropout_seed must be an int or None, got"):
             net.forward(_x(), dropout_seed=seed)
+    assert stem_calls == []  # the first layer never ran
+    net.forward(_x(), dropout_seed=1)
+    assert stem_calls == [X_SHAPE]  # (the spy sees a forward that runs)
+    del net.stem.forward
     logits = net.forward(_x())
     net.backward(np.zeros_like(logits))
     with pytest.raises(RuntimeError, match="runs once per forward"):

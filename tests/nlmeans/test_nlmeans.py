@@ -6,9 +6,7 @@ from hypothesis import strategies as st
 import nlref
 import nlref.backend as B
 from nlref.nlmeans import api, presets
-from conftest import assert_same_library
-
-RNG = np.random.default_rng(1234)
+from tests.helpers import assert_same_library
 
 # (image shape, channel_axis, patch_size, search_size): every dimensionality
 CASES = [
@@ -21,14 +19,14 @@ CASES = [
 ]
 
 
-def _noisy(shape, dtype):
-    return (RNG.random(shape) + 0.1 * RNG.standard_normal(shape)).astype(dtype)
+def _noisy(rng, shape, dtype):
+    return (rng.random(shape) + 0.1 * rng.standard_normal(shape)).astype(dtype)
 
 
 @pytest.mark.parametrize("aggregation", ["pixel", "patch"])
 @pytest.mark.parametrize("shape,channel_axis,patch,search", CASES)
-def test_fast_equals_naive_float64(xp, shape, channel_axis, patch, search, aggregation):
-    host = _noisy(shape, np.float64)
+def test_fast_equals_naive_float64(xp, shape, channel_axis, patch, search, aggregation, rng):
+    host = _noisy(rng, shape, np.float64)
     x = B.asarray(host, xp=xp)
     kw = dict(sigma=0.1, h=0.25, patch_size=patch, search_size=search, channel_axis=channel_axis,
               aggregation=aggregation)
@@ -44,8 +42,8 @@ def test_fast_equals_naive_float64(xp, shape, channel_axis, patch, search, aggre
 
 @pytest.mark.parametrize("aggregation", ["pixel", "patch"])
 @pytest.mark.parametrize("shape,channel_axis,patch,search", CASES)
-def test_fast_equals_naive_float32(xp_cpu, shape, channel_axis, patch, search, aggregation):
-    x = B.asarray(_noisy(shape, np.float32), xp=xp_cpu)
+def test_fast_equals_naive_float32(xp_cpu, shape, channel_axis, patch, search, aggregation, rng):
+    x = B.asarray(_noisy(rng, shape, np.float32), xp=xp_cpu)
     kw = dict(sigma=0.1, h=0.25, patch_size=patch, search_size=search, channel_axis=channel_axis,
               aggregation=aggregation)
     fast, naive = nlref.nl_means(x, **kw), nlref.nl_means(x, method="naive", **kw)
@@ -53,16 +51,16 @@ def test_fast_equals_naive_float32(xp_cpu, shape, channel_axis, patch, search, a
     np.testing.assert_allclose(B.to_numpy(fast), B.to_numpy(naive), rtol=1e-5, atol=1e-6)
 
 
-def test_threads_do_not_change_the_result():
-    x = _noisy((40, 50), np.float64)
+def test_threads_do_not_change_the_result(rng):
+    x = _noisy(rng, (40, 50), np.float64)
     one = nlref.nl_means(x, sigma=0.1, h=0.2, patch_size=5, search_size=9, workers=1)
     three = nlref.nl_means(x, sigma=0.1, h=0.2, patch_size=5, search_size=9, workers=3)
     np.testing.assert_array_equal(one, three)  # a fixed partition of the offsets: the same bits
 
 
-def test_huge_h_is_the_search_window_mean():
+def test_huge_h_is_the_search_window_mean(rng):
     """With h -> infinity every weight is 1: pixel-wise NL-means is a box mean of the reflected image."""
-    x = _noisy((12, 13), np.float64)
+    x = _noisy(rng, (12, 13), np.float64)
     with pytest.warns(UserWarning, match="blur the image flat"):
         out = nlref.nl_means(x, h=1e9, patch_size=3, search_size=5)
     padded = np.pad(x, 2, mode="reflect")
@@ -70,9 +68,9 @@ def test_huge_h_is_the_search_window_mean():
     np.testing.assert_allclose(out, box, rtol=1e-12)
 
 
-def test_tiny_h_keeps_the_image():
+def test_tiny_h_keeps_the_image(rng):
     """With h -> 0 only the centre weight (exactly 1) survives on random data."""
-    x = _noisy((10, 10), np.float64)
+    x = _noisy(rng, (10, 10), np.float64)
     np.testing.assert_allclose(nlref.nl_means(x, h=1e-6, patch_size=3, search_size=5), x, rtol=0, atol=1e-12)
 
 
@@ -107,8 +105,8 @@ def test_output_is_a_convex_combination(seed, h, sigma, aggregation, dtype):
     assert np.all(np.isfinite(out))
 
 
-def test_affine_equivariance():
-    x = _noisy((15, 16), np.float64)
+def test_affine_equivariance(rng):
+    x = _noisy(rng, (15, 16), np.float64)
     kw = dict(patch_size=3, search_size=7, aggregation="patch")
     base = nlref.nl_means(x, sigma=0.1, h=0.2, **kw)
     moved = nlref.nl_means(255.0 * x + 17.0, sigma=25.5, h=51.0, **kw)
@@ -137,17 +135,17 @@ def test_nl_means_denoises():
 # ---- dtypes and the integer rule ----
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_float_dtype_is_kept(xp, dtype):
-    x = B.asarray(_noisy((10, 12), dtype), xp=xp)
+def test_float_dtype_is_kept(xp, dtype, rng):
+    x = B.asarray(_noisy(rng, (10, 12), dtype), xp=xp)
     out = nlref.nl_means(x, sigma=0.1)
     assert_same_library(out, x)
     assert out.dtype == x.dtype
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16])
-def test_integer_images_are_denoised_in_their_own_units(xp_cpu, dtype):
+def test_integer_images_are_denoised_in_their_own_units(xp_cpu, dtype, rng):
     info = np.iinfo(dtype)
-    host = np.clip(RNG.normal(info.max / 2, info.max / 10, size=(16, 17)), info.min, info.max).astype(dtype)
+    host = np.clip(rng.normal(info.max / 2, info.max / 10, size=(16, 17)), info.min, info.max).astype(dtype)
     x = B.asarray(host, xp=xp_cpu)
     sigma = float(info.max) / 12
     out = nlref.nl_means(x, sigma=sigma)
@@ -244,8 +242,8 @@ def test_zero_noise_without_h_is_an_error():
 
 # ---- the weights of one pixel ----
 
-def test_weights_of_one_pixel(xp_cpu):
-    host = _noisy((12, 14), np.float64)
+def test_weights_of_one_pixel(xp_cpu, rng):
+    host = _noisy(rng, (12, 14), np.float64)
     x = B.asarray(host, xp=xp_cpu)
     w = B.to_numpy(nlref.nl_means_weights(x, (5, 6), sigma=0.1, h=0.3, patch_size=3, search_size=5))
     assert w.shape == (5, 5) and w[2, 2] == 1.0
@@ -260,8 +258,8 @@ def test_weights_of_one_pixel(xp_cpu):
         nlref.nl_means_weights(x, (12, 0), sigma=0.1)
 
 
-def test_progress_bar_runs(capsys):
-    x = _noisy((20, 20), np.float32)
+def test_progress_bar_runs(capsys, rng):
+    x = _noisy(rng, (20, 20), np.float32)
     out = nlref.nl_means(x, sigma=0.1, progress=True, aggregation="patch")
     assert out.shape == x.shape
     assert "nl_means" in capsys.readouterr().err
@@ -311,9 +309,32 @@ def test_mixed_libraries_are_rejected_in_metrics():
 
 
 def test_memory_limit_is_checked_before_work(monkeypatch):
+    """Above the limit: the error, and neither the working copy nor the offset loop started; within it, both run."""
+    class Reached(Exception):
+        pass
+
+    work = []
+    real_to_working = api.to_working
+
+    def to_working(*args, **kwargs):
+        work.append("working copy")
+        return real_to_working(*args, **kwargs)
+
+    def offset_loop(*args, **kwargs):
+        work.append("offset loop")
+        raise Reached
+
+    monkeypatch.setattr(api, "to_working", to_working)
+    monkeypatch.setattr(api, "nl_means_fast", offset_loop)
+    image = np.zeros((512, 512), dtype=np.float32)
     monkeypatch.setattr(api, "WORKING_MEMORY_LIMIT", 2**20)
     with pytest.raises(ValueError, match=r"needs about .* GiB of working memory, above the limit"):
-        nlref.nl_means(np.zeros((512, 512), dtype=np.float32), h=0.1)
+        nlref.nl_means(image, h=0.1)
+    assert work == []
+    monkeypatch.setattr(api, "WORKING_MEMORY_LIMIT", 2**40)
+    with pytest.raises(Reached):
+        nlref.nl_means(image, h=0.1)
+    assert work == ["working copy", "offset loop"]
 
 
 def test_naive_refuses_large_inputs():
@@ -333,12 +354,12 @@ def test_resolve_parameters_on_every_backend(xp):
     ((300, 280), None, "pixel", 2), ((300, 280), None, "patch", 2),
     ((160, 150, 3), -1, "patch", 1), ((6, 90, 100), None, "patch", 2),
 ])
-def test_working_memory_estimate_bounds_the_measured_peak(shape, channel_axis, aggregation, workers):
+def test_working_memory_estimate_bounds_the_measured_peak(shape, channel_axis, aggregation, workers, rng):
     import tracemalloc
 
     from nlref.nlmeans.fast import working_memory
 
-    x = RNG.random(shape).astype(np.float32)
+    x = rng.random(shape).astype(np.float32)
     p = api.resolve_parameters(x, sigma=0.08, channel_axis=channel_axis)
     spatial = shape if channel_axis is None else shape[:-1]
     channels = 1 if channel_axis is None else shape[-1]
@@ -354,16 +375,16 @@ def test_working_memory_estimate_bounds_the_measured_peak(shape, channel_axis, a
 
 
 @pytest.mark.parametrize("aggregation", ["pixel", "patch"])
-def test_input_is_never_modified(aggregation):
-    x = _noisy((20, 21, 3), np.float32)
+def test_input_is_never_modified(aggregation, rng):
+    x = _noisy(rng, (20, 21, 3), np.float32)
     before = x.copy()
     x.setflags(write=False)  # any write would raise
     nlref.nl_means(x, sigma=0.1, channel_axis=-1, aggregation=aggregation)
     np.testing.assert_array_equal(x, before)
 
 
-def test_non_contiguous_views_match_contiguous_copies():
-    base = _noisy((40, 42, 3), np.float64)
+def test_non_contiguous_views_match_contiguous_copies(rng):
+    base = _noisy(rng, (40, 42, 3), np.float64)
     for view, axis in [(base[::2, ::-1, 0], None), (base[:, :, 1:], -1), (base.transpose(2, 0, 1)[:, 5:30, :], 0)]:
         kw = dict(sigma=0.1, h=0.2, patch_size=3, search_size=7, channel_axis=axis)
         np.testing.assert_allclose(nlref.nl_means(view, **kw), nlref.nl_means(np.ascontiguousarray(view), **kw),

@@ -10,7 +10,7 @@ from nlref.nn import gradcheck
 from nlref.nn.nonlocal_op import (
     MODES, SOFTMAX_MODES, attention_map, nonlocal_backward, nonlocal_forward, nonlocal_reference,
 )
-from conftest import assert_same_library
+from tests.helpers import assert_same_library
 
 
 def _inputs(xp, mode, *, b=2, d=3, n=7, m=5, dg=4, dtype=np.float64, seed=0):

@@ -9,7 +9,7 @@ import pytest
 import nlref.backend as B
 from nlref.data.pairs2d import additive_ceiling, pair_images, pair_splits, position_aware_ceiling
 from nlref.data.sprites import GLYPHS, _levels
-from conftest import assert_same_library
+from tests.helpers import assert_same_library
 
 
 def test_seeded_and_balanced():

@@ -6,14 +6,12 @@ import pytest
 import nlref.backend as B
 from nlref.nn import functional as F
 from nlref.nn import gradcheck
-from conftest import assert_gradcheck, assert_same_library, distinct_samples
-
-RNG = np.random.default_rng(7)
+from tests.helpers import assert_gradcheck, assert_same_library, distinct_samples
 
 
-def _x(shape, xp, *, away_from=None, margin=1e-2):
+def _x(rng, shape, xp, *, away_from=None, margin=1e-2):
     """float64 normal samples in ``xp``; with ``away_from``, no sample within ``margin`` of it."""
-    host = RNG.standard_normal(shape)
+    host = rng.standard_normal(shape)
     if away_from is not None:
         close = np.abs(host - away_from) < margin
         host[close] += np.sign(host[close] - away_from + 1e-300) * 2 * margin
@@ -23,10 +21,10 @@ def _x(shape, xp, *, away_from=None, margin=1e-2):
 # --------------------------------------------------------------------------- gradient checks
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", [(2, 3, 5), (2, 3, 2, 3), (2, 3, 2, 2, 3)], ids=["1d", "2d", "3d"])
-def test_conv1x1_gradcheck(xp_cpu, shape, bias):
-    inputs = {"x": _x(shape, xp_cpu), "w": _x((4, 3), xp_cpu)}
+def test_conv1x1_gradcheck(xp_cpu, shape, bias, rng):
+    inputs = {"x": _x(rng, shape, xp_cpu), "w": _x(rng, (4, 3), xp_cpu)}
     if bias:
-        inputs["b"] = _x((4,), xp_cpu)
+        inputs["b"] = _x(rng, (4,), xp_cpu)
     cache = {}
 
     def forward(**kw):
@@ -43,10 +41,10 @@ def test_conv1x1_gradcheck(xp_cpu, shape, bias):
 
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("shape", [(3, 2, 4), (2, 3, 2, 3), (2, 2, 2, 2, 3)], ids=["1d", "2d", "3d"])
-def test_batchnorm_gradcheck(xp_cpu, shape, training):
+def test_batchnorm_gradcheck(xp_cpu, shape, training, rng):
     c = shape[1]
-    state0 = {"running_mean": _x((c,), xp_cpu), "running_var": B.asarray(RNG.uniform(0.5, 2, c), xp=xp_cpu)}
-    inputs = {"x": _x(shape, xp_cpu), "gamma": _x((c,), xp_cpu), "beta": _x((c,), xp_cpu)}
+    state0 = {"running_mean": _x(rng, (c,), xp_cpu), "running_var": B.asarray(rng.uniform(0.5, 2, c), xp=xp_cpu)}
+    inputs = {"x": _x(rng, shape, xp_cpu), "gamma": _x(rng, (c,), xp_cpu), "beta": _x(rng, (c,), xp_cpu)}
     cache = {}
 
     def forward(x, gamma, beta):
@@ -60,41 +58,41 @@ def test_batchnorm_gradcheck(xp_cpu, shape, training):
     assert_gradcheck(forward, backward, inputs)
 
 
-def test_relu_gradcheck(xp_cpu):
+def test_relu_gradcheck(xp_cpu, rng):
     cache = {}
 
     def forward(x):
         out, cache["c"] = F.relu_forward(x)
         return out
 
-    assert_gradcheck(forward, lambda d: {"x": F.relu_backward(d, cache["c"])}, {"x": _x((3, 4, 5), xp_cpu, away_from=0.0)})
+    assert_gradcheck(forward, lambda d: {"x": F.relu_backward(d, cache["c"])}, {"x": _x(rng, (3, 4, 5), xp_cpu, away_from=0.0)})
 
 
 @pytest.mark.parametrize("shape,kernel", [((2, 3, 9), (2,)), ((2, 2, 5, 6), (2, 2)), ((1, 2, 3, 5, 4), (1, 2, 2)),
                                           ((1, 2, 4, 4), (3, 1))], ids=["1d-odd", "2d-odd", "3d", "2d-3x1"])
-def test_maxpool_gradcheck(xp_cpu, shape, kernel):
+def test_maxpool_gradcheck(xp_cpu, shape, kernel, rng):
     cache = {}
 
     def forward(x):
         out, cache["c"] = F.maxpool_forward(x, kernel)
         return out
 
-    assert_gradcheck(forward, lambda d: {"x": F.maxpool_backward(d, cache["c"])}, {"x": distinct_samples(shape, xp_cpu, RNG)})
+    assert_gradcheck(forward, lambda d: {"x": F.maxpool_backward(d, cache["c"])}, {"x": distinct_samples(shape, xp_cpu, rng)})
 
 
 @pytest.mark.parametrize("axis", [-1, 1])
-def test_softmax_gradcheck(xp_cpu, axis):
+def test_softmax_gradcheck(xp_cpu, axis, rng):
     cache = {}
 
     def forward(s):
         out, cache["c"] = F.softmax_forward(s, axis=axis)
         return out
 
-    assert_gradcheck(forward, lambda d: {"s": F.softmax_backward(d, cache["c"])}, {"s": _x((2, 3, 4), xp_cpu)})
+    assert_gradcheck(forward, lambda d: {"s": F.softmax_backward(d, cache["c"])}, {"s": _x(rng, (2, 3, 4), xp_cpu)})
 
 
 @pytest.mark.parametrize("scale", [1.0, 0.5])
-def test_dot_pairwise_gradcheck(xp_cpu, scale):
+def test_dot_pairwise_gradcheck(xp_cpu, scale, rng):
     cache = {}
 
     def forward(theta, phi):
@@ -105,7 +103,7 @@ def test_dot_pairwise_gradcheck(xp_cpu, scale):
         dtheta, dphi = F.dot_pairwise_backward(d, cache["c"])
         return {"theta": dtheta, "phi": dphi}
 
-    assert_gradcheck(forward, backward, {"theta": _x((2, 3, 5), xp_cpu), "phi": _x((2, 3, 4), xp_cpu)})
+    assert_gradcheck(forward, backward, {"theta": _x(rng, (2, 3, 5), xp_cpu), "phi": _x(rng, (2, 3, 4), xp_cpu)})
 
 
 def _concat_inputs(xp, d=3, n=5, m=4):
@@ -133,7 +131,7 @@ def test_concat_pairwise_gradcheck(xp_cpu):
     assert_gradcheck(forward, backward, _concat_inputs(xp_cpu))
 
 
-def test_random_direction_gradcheck_agrees(xp_cpu):
+def test_random_direction_gradcheck_agrees(xp_cpu, rng):
     cache = {}
 
     def forward(theta, phi):
@@ -144,12 +142,12 @@ def test_random_direction_gradcheck_agrees(xp_cpu):
         dtheta, dphi = F.dot_pairwise_backward(d, cache["c"])
         return {"theta": dtheta, "phi": dphi}
 
-    inputs = {"theta": _x((2, 8, 40), xp_cpu), "phi": _x((2, 8, 30), xp_cpu)}
+    inputs = {"theta": _x(rng, (2, 8, 40), xp_cpu), "phi": _x(rng, (2, 8, 30), xp_cpu)}
     result = assert_gradcheck(forward, backward, inputs, method="random", directions=4)
     assert set(result.errors) == {"theta", "phi"} and result.method == "random"
 
 
-def test_gradcheck_catches_a_wrong_backward(xp_cpu):
+def test_gradcheck_catches_a_wrong_backward(xp_cpu, rng):
     """The checker itself can fail: a backward that is off by 1% must be caught."""
     cache = {}
 
@@ -160,13 +158,15 @@ def test_gradcheck_catches_a_wrong_backward(xp_cpu):
     def wrong(d):
         return {"s": 1.01 * F.softmax_backward(d, cache["c"])}
 
-    for method in ("centred", "random"):
-        result = gradcheck(forward, wrong, {"s": _x((2, 5), xp_cpu)}, method=method)
-        assert not result.passed and 5e-3 < result.max_error < 2e-2
+    # centred differences see the 1% whole; a random direction sees it scaled by how large its projection is
+    # against the typical one (at most 1), so there the error is only held far above the tolerance (1e-6)
+    for method, low in (("centred", 5e-3), ("random", 1e-3)):
+        result = gradcheck(forward, wrong, {"s": _x(rng, (2, 5), xp_cpu)}, method=method)
+        assert not result.passed and low < result.max_error < 2e-2
         assert "too large" in str(result)
 
 
-def test_gradcheck_reports_structural_zeros(xp_cpu):
+def test_gradcheck_reports_structural_zeros(xp_cpu, rng):
     """A bias followed by training-mode batch norm has an exactly zero gradient."""
     cache = {}
 
@@ -180,9 +180,9 @@ def test_gradcheck_reports_structural_zeros(xp_cpu):
         dx, _, db = F.conv1x1_backward(dy, cache["conv"])
         return {"x": dx, "b": db}
 
-    w, gamma, beta = _x((3, 3), xp_cpu), _x((3,), xp_cpu), _x((3,), xp_cpu)
-    state = {"running_mean": _x((3,), xp_cpu), "running_var": _x((3,), xp_cpu)}
-    result = assert_gradcheck(forward, backward, {"x": _x((2, 3, 6), xp_cpu), "b": _x((3,), xp_cpu)})
+    w, gamma, beta = _x(rng, (3, 3), xp_cpu), _x(rng, (3,), xp_cpu), _x(rng, (3,), xp_cpu)
+    state = {"running_mean": _x(rng, (3,), xp_cpu), "running_var": _x(rng, (3,), xp_cpu)}
+    result = assert_gradcheck(forward, backward, {"x": _x(rng, (2, 3, 6), xp_cpu), "b": _x(rng, (3,), xp_cpu)})
     assert result.zero == ["b"] and "x" not in result.zero
 
 
@@ -197,14 +197,14 @@ def test_gradcheck_errors():
 
 
 # --------------------------------------------------------------------------- every library
-def test_functional_keeps_library(xp):
-    x = _x((2, 4, 3, 4), xp)
-    out, _ = F.conv1x1_forward(x, _x((2, 4), xp), _x((2,), xp))
+def test_functional_keeps_library(xp, rng):
+    x = _x(rng, (2, 4, 3, 4), xp)
+    out, _ = F.conv1x1_forward(x, _x(rng, (2, 4), xp), _x(rng, (2,), xp))
     assert_same_library(out, x)
     out, cache = F.maxpool_forward(x, (2, 2))
     assert_same_library(F.maxpool_backward(out, cache), x)
-    state = {"running_mean": _x((4,), xp), "running_var": _x((4,), xp)}
-    out, cache = F.batchnorm_forward(x, _x((4,), xp), _x((4,), xp), state, training=True)
+    state = {"running_mean": _x(rng, (4,), xp), "running_var": _x(rng, (4,), xp)}
+    out, cache = F.batchnorm_forward(x, _x(rng, (4,), xp), _x(rng, (4,), xp), state, training=True)
     assert_same_library(F.batchnorm_backward(out, cache)[0], x)
     assert_same_library(state["running_var"], x)
     p, cache = F.softmax_forward(x)
@@ -231,13 +231,13 @@ def _close(ours, theirs, tol=1e-12):
 
 @needs_torch
 @pytest.mark.parametrize("dims", [1, 2, 3])
-def test_conv1x1_and_maxpool_match_torch(xp_cpu, dims):
+def test_conv1x1_and_maxpool_match_torch(xp_cpu, dims, rng):
     shape = {1: (2, 3, 7), 2: (2, 3, 5, 7), 3: (2, 3, 3, 5, 5)}[dims]
-    x, w, b = distinct_samples(shape, xp_cpu, RNG), _x((4, 3), xp_cpu), _x((4,), xp_cpu)
+    x, w, b = distinct_samples(shape, xp_cpu, rng), _x(rng, (4, 3), xp_cpu), _x(rng, (4,), xp_cpu)
     kernel = F.pool_kernel(dims)
     y, c1 = F.conv1x1_forward(x, w, b)
     out, c2 = F.maxpool_forward(y, kernel)
-    dout = _x(tuple(out.shape), xp_cpu)
+    dout = _x(rng, tuple(out.shape), xp_cpu)
     dy = F.maxpool_backward(dout, c2)
     dx, dw, db = F.conv1x1_backward(dy, c1)
 
@@ -265,12 +265,12 @@ def test_maxpool_ties_route_to_first_like_torch(xp_cpu):
 
 @needs_torch
 @pytest.mark.parametrize("training", [True, False])
-def test_batchnorm_matches_torch_including_running_stats(xp_cpu, training):
-    x, gamma, beta = _x((4, 3, 2, 5), xp_cpu), _x((3,), xp_cpu), _x((3,), xp_cpu)
-    rm, rv = _x((3,), xp_cpu), B.asarray(RNG.uniform(0.5, 2, 3), xp=xp_cpu)
+def test_batchnorm_matches_torch_including_running_stats(xp_cpu, training, rng):
+    x, gamma, beta = _x(rng, (4, 3, 2, 5), xp_cpu), _x(rng, (3,), xp_cpu), _x(rng, (3,), xp_cpu)
+    rm, rv = _x(rng, (3,), xp_cpu), B.asarray(rng.uniform(0.5, 2, 3), xp=xp_cpu)
     state = {"running_mean": rm, "running_var": rv}
     out, cache = F.batchnorm_forward(x, gamma, beta, state, training=training)
-    dout = _x(tuple(out.shape), xp_cpu)
+    dout = _x(rng, tuple(out.shape), xp_cpu)
     dx, dgamma, dbeta = F.batchnorm_backward(dout, cache)
 
     trm, trv = torch.tensor(B.to_numpy(rm)), torch.tensor(B.to_numpy(rv))
@@ -287,10 +287,10 @@ def test_batchnorm_matches_torch_including_running_stats(xp_cpu, training):
 
 
 @needs_torch
-def test_softmax_matches_torch_with_huge_logits(xp_cpu):
-    s = B.asarray(RNG.standard_normal((2, 3, 6)) * 1e4, xp=xp_cpu)
+def test_softmax_matches_torch_with_huge_logits(xp_cpu, rng):
+    s = B.asarray(rng.standard_normal((2, 3, 6)) * 1e4, xp=xp_cpu)
     p, cache = F.softmax_forward(s)
-    dp = _x(tuple(p.shape), xp_cpu)
+    dp = _x(rng, tuple(p.shape), xp_cpu)
     ds = F.softmax_backward(dp, cache)
     assert np.all(np.isfinite(B.to_numpy(p))) and np.all(np.isfinite(B.to_numpy(ds)))
     ts = _t(s)
@@ -301,11 +301,11 @@ def test_softmax_matches_torch_with_huge_logits(xp_cpu):
 
 
 @needs_torch
-def test_concat_pairwise_matches_explicit_concatenation(xp_cpu):
+def test_concat_pairwise_matches_explicit_concatenation(xp_cpu, rng):
     """ReLU(w_f^T [theta_i; phi_j]) built the expensive way, with the (B, N, M, 2d) tensor, in torch."""
     inp = _concat_inputs(xp_cpu)
     f, cache = F.concat_pairwise_forward(inp["theta"], inp["phi"], inp["w_f"])
-    df = _x(tuple(f.shape), xp_cpu)
+    df = _x(rng, tuple(f.shape), xp_cpu)
     grads = F.concat_pairwise_backward(df, cache)
     th, ph, w = (_t(inp[k]) for k in ("theta", "phi", "w_f"))
     n, m = th.shape[2], ph.shape[2]

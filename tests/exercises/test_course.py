@@ -1,7 +1,8 @@
 """The student edition (``nlref course --student DIR``): solutions out, checks kept, every check unanswered.
 
 The teacher edition is ``notebooks/`` itself: the suite's nbmake run executes it, and each
-worked solution ends with ``assert chNN.exK(...)``, so every check passes there.
+worked solution ends with ``assert chNN.exK(...)``, so every check passes there. The command's own
+behaviour (atomic write, --overwrite, a broken folder): tests/cli/test_course.py.
 """
 
 import re
@@ -12,9 +13,8 @@ import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 from nlref import course
-from nlref.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 CHECK_CALL = re.compile(r"^ch\d\d\.ex\d+\(", re.M)
 
@@ -85,31 +85,6 @@ def test_teacher_solutions_are_marked_for_nbgrader(path):
     for cell in student.cells:
         assert "BEGIN SOLUTION" not in cell.source and "MARK SCHEME" not in cell.source
         assert "solution-start" not in cell.source
-
-
-def test_write_is_atomic_and_never_overwrites(tmp_path, capsys):
-    dest = tmp_path / "student"
-    assert main(["course", "--student", str(dest)]) == 0
-    written = sorted(p.name for p in dest.glob("*.ipynb"))
-    assert written == [p.name for p in NOTEBOOKS]
-    assert str(dest) in capsys.readouterr().out
-    (dest / "mine.txt").write_text("a student's work")
-    assert main(["course", "--student", str(dest)]) == 2
-    assert "--overwrite" in capsys.readouterr().err
-    assert (dest / "mine.txt").exists()
-    assert main(["course", "--student", str(dest), "--overwrite"]) == 0
-    assert not (dest / "mine.txt").exists() and len(list(dest.glob("*.ipynb"))) == len(NOTEBOOKS)
-    assert [p.name for p in tmp_path.iterdir()] == ["student"]    # no staging folder left behind
-
-
-def test_bad_notebook_folder_writes_nothing(tmp_path, capsys):
-    broken = tmp_path / "teacher"
-    broken.mkdir()
-    nbformat.write(new_notebook(cells=[new_code_cell("### BEGIN SOLUTION\nx = 1")]), broken / "a.ipynb")
-    assert main(["course", "--student", str(tmp_path / "out"), "--notebooks", str(broken)]) == 2
-    assert "a.ipynb" in capsys.readouterr().err and not (tmp_path / "out").exists()
-    assert main(["course", "--student", str(tmp_path / "out"), "--notebooks", str(tmp_path / "none")]) == 2
-    assert "holds none" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,217 @@
+"""``nlref denoise`` on stores, as users run it: one read per pass, complete output or none, clear flag errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import nlref
+from nlref.cli import main
+
+
+def _volume(shape=(12, 40, 36), seed=8):
+    rng = np.random.default_rng(seed)
+    return np.clip(np.round(120 + 25 * rng.standard_normal(shape)), 0, 255).astype(np.uint8)
+
+
+def _zarr_input(tmp_path, volume, name="in.zarr"):
+    zarr = pytest.importorskip("zarr")
+    zarr.create_array(str(tmp_path / name), shape=volume.shape, chunks=(6, 20, 18), dtype=volume.dtype)[...] = volume
+    return str(tmp_path / name)
+
+
+@pytest.mark.parametrize("given,passes", [(["--sigma", "10", "--h", "8", "--patch-size", "3", "--search-size", "5"], 2),
+                                          (["--sigma", "10"], 2)])
+def test_cli_reads_the_data_once_per_pass(tmp_path, monkeypatch, capsys, given, passes):
+    """Given the parameters: one pass to check and resolve them, one to denoise (the parameters are not resolved
+    again: that was one more full read)."""
+    pytest.importorskip("dask")
+    from dask.callbacks import Callback
+
+    from nlref.nlmeans import store
+
+    volume = _volume().astype(np.float32)  # a float image: its finiteness and peak take a pass
+    source = _zarr_input(tmp_path, volume)
+    computes, reads = [], []
+    real = store.read_block
+    monkeypatch.setattr(store, "read_block", lambda s, key: reads.append(key) or real(s, key))
+
+    class Passes(Callback):
+        def _start(self, dsk):
+            computes.append(len(dsk))
+
+    with Passes():
+        assert main(["denoise", source, "--out", str(tmp_path / "out.zarr"), "--no-progress", *given]) == 0
+    assert len(computes) == passes, computes
+    assert len(reads) == 2 * 8  # 8 chunks, each read once per pass
+    capsys.readouterr()
+
+
+def test_cli_all_zero_volume_gives_a_complete_store(tmp_path, capsys):
+    """A result equal to the fill value everywhere is still written chunk by chunk (and so told from a lost run)."""
+    zarr = pytest.importorskip("zarr")
+    source = _zarr_input(tmp_path, np.zeros((12, 40, 36), np.uint8))
+    assert main(["denoise", source, "--out", str(tmp_path / "out.zarr"), "--h", "5", "--patch-size", "3",
+                 "--search-size", "5", "--no-progress"]) == 0
+    out = zarr.open_array(str(tmp_path / "out.zarr"), mode="r")
+    assert out.nchunks_initialized == out.nchunks == 8 and not out[...].any()
+    capsys.readouterr()
+
+
+def test_cli_refuses_a_result_missing_chunks(tmp_path, capsys, monkeypatch):
+    """Chunks written elsewhere (a worker in another folder, a store that skips fill-value chunks): exit 1, no --out."""
+    zarr = pytest.importorskip("zarr")
+    source = _zarr_input(tmp_path, np.zeros((12, 40, 36), np.uint8))
+    real = zarr.create_array
+
+    def skipping(*args, config=None, **kwargs):  # fill-value chunks are not written: a store that looks empty
+        return real(*args, config=dict(config or {}, write_empty_chunks=False), **kwargs)
+
+    monkeypatch.setattr(zarr, "create_array", skipping)
+    assert main(["denoise", source, "--out", str(tmp_path / "out.zarr"), "--h", "5", "--patch-size", "3",
+                 "--search-size", "5", "--no-progress"]) == 1
+    assert "holds 0 of its 8 chunks" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.zarr"]
+
+
+@pytest.mark.parametrize("bad", ["0", "-4", "8,x", "2.5"])
+def test_cli_chunks_errors_name_the_flag(tmp_path, capsys, bad):
+    with pytest.raises(SystemExit) as stop:
+        main(["denoise", "in.zarr", "--out", str(tmp_path / "out.zarr"), "--chunks", bad])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "--chunks takes a positive int or comma-separated positive ints" in err and "odd" not in err
+
+
+def test_cli_chunks_per_axis_count_is_checked(tmp_path, capsys):
+    source = _zarr_input(tmp_path, _volume())
+    assert main(["denoise", source, "--out", str(tmp_path / "out.zarr"), "--chunks", "6,20", "--sigma", "10"]) == 2
+    err = capsys.readouterr().err
+    # the store route's check (one place), in the flag's name
+    assert "--chunks must be a positive int or one positive int per spatial axis (3" in err and "odd" not in err
+    assert "chunks=" not in err and not (tmp_path / "out.zarr").exists()
+
+
+def test_cli_hdf5_with_several_datasets_is_refused(tmp_path, capsys):
+    h5py = pytest.importorskip("h5py")
+    pytest.importorskip("zarr")
+    with h5py.File(tmp_path / "two.h5", "w") as f:
+        f["a"] = np.zeros((4, 4))
+        f["b"] = np.zeros((4, 4))
+    assert main(["denoise", str(tmp_path / "two.h5"), "--out", str(tmp_path / "out.zarr"), "--sigma", "1"]) == 2
+    assert "one dataset; this one holds 2 (a, b)" in capsys.readouterr().err
+
+
+# ---- a Zarr store or TIFF stack streamed into a Zarr store (from tests/nlmeans/test_dask.py) ----
+
+
+def _smooth_volume(shape=(12, 40, 36), seed=8):
+    """A smooth uint8 volume (a sine ramp) with noise of 0.15 x 60 grey levels."""
+    rng = np.random.default_rng(seed)
+    axes = np.meshgrid(*[np.linspace(0, 1, n) for n in shape], indexing="ij")
+    image = 100 + 60 * (0.5 + 0.3 * np.sin(6 * sum(axes)) + 0.15 * rng.standard_normal(shape))
+    return np.clip(np.round(image), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture
+def synchronous():
+    """Dask's synchronous scheduler: tasks in order, in this thread (a Ctrl-C in a task stops the run there)."""
+    dask = pytest.importorskip("dask")
+    with dask.config.set(scheduler="synchronous"):
+        yield
+
+
+@pytest.mark.usefixtures("synchronous")
+def test_cli_streams_a_zarr_store(tmp_path, capsys):
+    zarr = pytest.importorskip("zarr")
+    volume = _smooth_volume()
+    source = zarr.create_array(str(tmp_path / "big.zarr"), shape=volume.shape, chunks=(5, 16, 16), dtype="u1")
+    source[...] = volume
+    out = tmp_path / "clean.zarr"
+    assert main(["denoise", str(tmp_path / "big.zarr"), "--sigma", "10", "--chunks", "6,20,18",
+                 "--out", str(out)]) == 0
+    written = zarr.open_array(str(out), mode="r")
+    assert written.chunks == (6, 20, 18) and written.dtype == np.uint8
+    np.testing.assert_array_equal(written[...], nlref.nl_means(volume, sigma=10, workers=1))
+    assert "denoised (12, 40, 36) uint8" in capsys.readouterr().out
+    # an existing output is never overwritten
+    assert main(["denoise", str(tmp_path / "big.zarr"), "--sigma", "10", "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("synchronous")
+@pytest.mark.parametrize("aggregation", ["pixel", "patch"])
+def test_cli_streams_a_tiff_stack_with_estimated_noise(tmp_path, capsys, aggregation):
+    tifffile = pytest.importorskip("tifffile")
+    zarr = pytest.importorskip("zarr")
+    volume = _smooth_volume(seed=9)
+    tifffile.imwrite(tmp_path / "stack.tif", volume)
+    out = tmp_path / "clean.zarr"
+    assert main(["denoise", str(tmp_path / "stack.tif"), "--chunks", "16", "--aggregation", aggregation,
+                 "--out", str(out)]) == 0
+    expected = nlref.nl_means(volume, aggregation=aggregation, workers=1)
+    np.testing.assert_array_equal(zarr.open_array(str(out), mode="r")[...], expected)
+    assert "(estimated)" in capsys.readouterr().out
+
+
+@pytest.mark.usefixtures("synchronous")
+def test_cli_chunked_errors(tmp_path, capsys):
+    (tmp_path / "plain.txt").write_text("not an image")
+    assert main(["denoise", str(tmp_path / "plain.txt"), "--chunks", "8", "--out", str(tmp_path / "o.zarr")]) == 2
+    assert "Zarr store" in capsys.readouterr().err
+    assert main(["denoise", str(tmp_path / "missing.zarr"), "--out", str(tmp_path / "o.zarr")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("synchronous")
+def test_cli_on_a_distributed_scheduler(tmp_path, capsys):
+    """--scheduler: a TIFF stack read on worker processes (only its path travels), the noise estimated there."""
+    tifffile = pytest.importorskip("tifffile")
+    zarr = pytest.importorskip("zarr")
+    distributed = pytest.importorskip("distributed")
+    volume = _smooth_volume(seed=10)
+    tifffile.imwrite(tmp_path / "stack.tif", volume)
+    out = tmp_path / "clean.zarr"
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=None) as c:
+        assert main(["denoise", str(tmp_path / "stack.tif"), "--chunks", "8,16,16", "--scheduler", c.scheduler_address,
+                     "--out", str(out)]) == 0
+    np.testing.assert_array_equal(zarr.open_array(str(out), mode="r")[...], nlref.nl_means(volume, workers=1))
+    assert "(estimated)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("terminal, flags, bar", [(False, [], False), (True, [], True),
+                                                  (True, ["--no-progress"], False)])
+@pytest.mark.usefixtures("synchronous")
+def test_cli_chunked_progress_bar_follows_the_single_image_rule(tmp_path, capsys, monkeypatch, terminal, flags, bar):
+    """A bar on stderr when stderr is a terminal, none with --no-progress or in a pipe (as for one image)."""
+    zarr = pytest.importorskip("zarr")
+    volume = _smooth_volume()
+    zarr.create_array(str(tmp_path / "big.zarr"), shape=volume.shape, chunks=(6, 20, 18), dtype="u1")[...] = volume
+    monkeypatch.setattr("sys.stderr.isatty", lambda: terminal)
+    assert main(["denoise", str(tmp_path / "big.zarr"), "--sigma", "10", *flags,
+                 "--out", str(tmp_path / "clean.zarr")]) == 0
+    captured = capsys.readouterr()
+    assert ("Completed" in captured.err) == bar and "Completed" not in captured.out
+
+
+@pytest.mark.usefixtures("synchronous")
+def test_cli_interrupted_run_leaves_no_output(tmp_path, capsys, monkeypatch):
+    """A run stopped half way (Ctrl-C in the third chunk) leaves neither --out nor a partial store behind."""
+    zarr = pytest.importorskip("zarr")
+    from nlref.nlmeans import store
+
+    volume = _smooth_volume()
+    zarr.create_array(str(tmp_path / "big.zarr"), shape=volume.shape, chunks=(6, 20, 18), dtype="u1")[...] = volume
+    calls = []
+    real = store.denoise_with_halo
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(store, "denoise_with_halo", interrupted)
+    assert main(["denoise", str(tmp_path / "big.zarr"), "--sigma", "10", "--out", str(tmp_path / "clean.zarr")]) == 130
+    assert "nothing was written" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.zarr"]

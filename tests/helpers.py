@@ -1,0 +1,45 @@
+"""Helpers the tests share (imported as ``from tests.helpers import ...``; fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+import nlref.backend as B
+
+
+def assert_same_library(result, like):
+    """The result must come back from the library (and device) it was given."""
+    assert type(result) is type(like), f"{type(result)} is not {type(like)}"
+    assert B.device(result) == B.device(like)
+
+
+def distinct_samples(shape, xp, rng):
+    """Zero-mean samples whose gaps are all at least 1e-3 (no ties at a max-pool kink)."""
+    n = int(np.prod(shape))
+    host = (rng.permutation(n) * 1e-2 + rng.uniform(0, 1e-3, n)).reshape(shape)
+    return B.asarray(host - host.mean(), xp=xp)
+
+
+def assert_gradcheck(forward, backward, inputs, **options):
+    """Run :func:`nlref.gradcheck` and fail with its table when it does not pass."""
+    from nlref.nn import gradcheck
+
+    result = gradcheck(forward, backward, inputs, **options)
+    assert result.passed, str(result)
+    return result
+
+
+#: A training run small enough for a test (seconds on 2 cores): the sprite task, three narrow stages.
+TINY = dict(n_train=48, n_val=24, batch_size=16, widths=(4, 6, 8), size=16, epochs=3)
+
+
+def tiny_run(out, **changes):
+    """:func:`nlref.train.train` of :data:`TINY` (with ``changes``) into ``out``, silent."""
+    from nlref.train import TrainConfig, train
+
+    return train(TrainConfig(**{**TINY, **changes}), out, progress=False, log=None)
+
+
+def folder_bytes(folder):
+    """Every file directly in ``folder``, by name, with its bytes (to show that nothing changed)."""
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
