@@ -194,6 +194,13 @@ class _Steps:
     def mul(self, a, b, out):
         return a * b if self.np is None else self.np.multiply(a, b, out=out)
 
+    def zero(self, acc):
+        """An array of zeros shaped like ``acc``: ``acc`` itself, cleared, where the library allows."""
+        if self.np is None:
+            return self.xp.zeros_like(acc)
+        acc.fill(0)
+        return acc
+
     def accumulate(self, acc, value):
         """acc + value, written into acc where possible."""
         return acc + value if self.np is None else self.np.add(acc, value, out=acc)
@@ -403,6 +410,15 @@ def nl_means_fast_padded(padded, *, inside, h, sigma, patch_size, search_size, a
     def zeros(size):
         return xp.zeros((size,), dtype=v.dtype, device=device(v))
 
+    # A part's sums, once added into the total, are cleared and reused by a later part: a fresh set
+    # per part costs a page fault per page in a Dask worker, whose allocator returns freed memory
+    # to the system at once (measured: docs/dask.md, "Measured").
+    recycled = _BufferPool(None)
+
+    def part_sums(sizes):
+        kept = recycled.take()
+        return [zeros(s) for s in sizes] if kept is None else [steps.zero(acc) for acc in kept]
+
     parts = partition_offsets(geo.deltas)
 
     # ---- pass 1: the normaliser Z(p), and for pixel-wise the numerator too ----
@@ -413,7 +429,7 @@ def nl_means_fast_padded(padded, *, inside, h, sigma, patch_size, search_size, a
 
     def first_pass(deltas):
         """Partial sums over one part: [den] or [num_0, ..., num_{C-1}, den]."""
-        sums = [zeros(n) for _ in range(channels)] + [zeros(z_n)] if want_num else [zeros(z_n)]
+        sums = part_sums([n] * channels + [z_n] if want_num else [z_n])
         with buffers.borrow() as buf:
             for d0, count in _batches(deltas, batch):
                 d_max = d0 + count - 1
@@ -432,8 +448,9 @@ def nl_means_fast_padded(padded, *, inside, h, sigma, patch_size, search_size, a
                 tick(count)
         return sums
 
-    sums = _sum_parts(steps, first_pass, parts, workers)
+    sums = _sum_parts(steps, first_pass, parts, workers, recycled.give)
     buffers.release()
+    recycled.release()
     den = 1.0 + sums.pop()  # the centre offset has weight exp(0) = 1
     if want_num:
         num = [rows[c][a:b] + sums[c] for c in range(channels)]
@@ -447,7 +464,7 @@ def nl_means_fast_padded(padded, *, inside, h, sigma, patch_size, search_size, a
 
     def patch_pass(deltas):
         """Partial sums over one part: [num_0, ..., num_{C-1}]."""
-        num = [zeros(n) for _ in range(channels)]
+        num = part_sums([n] * channels)
         m = n + 2 * K
         with buffers.borrow() as buf:
             for d0, count in _batches(deltas, batch):
@@ -467,8 +484,9 @@ def nl_means_fast_padded(padded, *, inside, h, sigma, patch_size, search_size, a
                 tick(count)
         return num
 
-    num = _sum_parts(steps, patch_pass, parts, workers)
+    num = _sum_parts(steps, patch_pass, parts, workers, recycled.give)
     buffers.release()
+    recycled.release()
     centre = _box_all(steps, inv_z, box_axes)
     safe_count = xp.where(count > 0, count, xp.ones_like(count))
     estimate = [(rows[c][a:b] * centre + num[c]) / safe_count for c in range(channels)]
@@ -492,24 +510,31 @@ def partition_offsets(deltas, parts=N_PARTS):
 
 
 class _BufferPool:
-    """Scratch buffer sets, one per running task, reused from part to part."""
+    """Sets of arrays reused from part to part: scratch (one set per running task, :meth:`borrow`), part sums."""
 
     def __init__(self, make):
         self.make = make
         self.free = []
         self.lock = threading.Lock()
 
+    def take(self):
+        """A set given back earlier, or None."""
+        with self.lock:
+            return self.free.pop() if self.free else None
+
+    def give(self, buf):
+        with self.lock:
+            self.free.append(buf)
+
     @contextlib.contextmanager
     def borrow(self):
-        with self.lock:
-            buf = self.free.pop() if self.free else None
+        buf = self.take()
         if buf is None:
             buf = self.make()
         try:
             yield buf
         finally:
-            with self.lock:
-                self.free.append(buf)
+            self.give(buf)
 
     def release(self):
         """Drop the buffers (between passes and before the final steps, which need the memory)."""
@@ -517,8 +542,11 @@ class _BufferPool:
             self.free.clear()
 
 
-def _sum_parts(steps, task, parts, workers):
+def _sum_parts(steps, task, parts, workers, recycle):
     """The sum over ``parts`` of ``task(part)`` (a list of arrays each), added in part order.
+
+    ``recycle(sums)`` receives each part's sums once they are added (the
+    first part's become the total).
 
     ``workers`` threads run the parts (NumPy ufuncs release the GIL); at most
     ``workers`` parts are started and not yet added, so at most that many sets
@@ -529,7 +557,9 @@ def _sum_parts(steps, task, parts, workers):
     def add(total, part_sums):
         if total is None:
             return part_sums
-        return [steps.accumulate(t, s) for t, s in zip(total, part_sums)]
+        total = [steps.accumulate(t, s) for t, s in zip(total, part_sums)]
+        recycle(part_sums)
+        return total
 
     total = None
     if workers == 1 or len(parts) == 1:
