@@ -26,6 +26,7 @@ where the time of a step goes.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import statistics
@@ -44,6 +45,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "nn"))
 
+import ceiling  # noqa: E402
 import nlref.backend as B  # noqa: E402
 from nlref.data.sprites import sprite_clips  # noqa: E402
 from nlref.nn import functional as F  # noqa: E402
@@ -91,8 +93,38 @@ def _leaves(net, tnet):
     return out
 
 
-def layer_table(torch, net, tnet, x, repeats):
-    """Markdown rows: forward + backward of every leaf layer alone, nlref vs PyTorch, median ms."""
+def layer_work(layer, h, out, input_grad):
+    """("GFLOP/s", flops) or ("GB/s", bytes) of one forward + backward of ``layer`` on ``h``.
+
+    Convolutions and the non-local block count the multiply-adds of their
+    products (2 flops each; the backward twice the forward, once without the
+    input's gradient); batch norm counts its passes over the tensor (forward:
+    read x, write y; backward: read x and dy, write dx), a lower bound of its
+    memory traffic.
+    """
+    from bench_block import matmul_flops
+
+    from nlref.nn import models as M
+
+    if isinstance(layer, M.Conv3d):
+        w = layer.params["weight"]
+        forward = 2 * out.size * math.prod(w.shape[1:])
+        return "GFLOP/s", forward * (3 if input_grad else 2)
+    if isinstance(layer, M.NonLocal):
+        block = layer.block
+        if block.inter_channels * 2 != block.in_channels or h.ndim != 5:
+            return None, None
+        return "GFLOP/s", matmul_flops(block.mode, h.shape, block.sub_sample)
+    return "GB/s", 5 * h.nbytes
+
+
+def layer_table(torch, net, tnet, x, repeats, ceilings):
+    """Markdown rows: forward + backward of every leaf layer alone, nlref vs PyTorch, median ms.
+
+    ``ceilings``: (matmul GFLOP/s, copy GB/s as a function of bytes); each row
+    gives nlref's achieved rate and its fraction of the matching ceiling.
+    """
+    matmul, copy_rate = ceilings
     leaves = _leaves(net, tnet)
     inputs = {}
     for name, layer, _ in leaves:  # record what each layer gets in a training step
@@ -132,8 +164,15 @@ def layer_table(torch, net, tnet, x, repeats):
         totals[0] += a
         totals[1] += b
         shape = "x".join(str(n) for n in h.shape)
-        rows.append(f"| {name} | {shape} | {a:.3f} | {b:.3f} | {a / b:.2f} |")
-    rows.append(f"| all of the above | | {totals[0]:.2f} | {totals[1]:.2f} | {totals[0] / totals[1]:.2f} |")
+        unit, work = layer_work(layer, h, out, not first)
+        if unit is None:
+            rate = "| - | -"
+        else:
+            achieved = work / (a / 1e3) / 1e9
+            limit = matmul if unit == "GFLOP/s" else copy_rate(h.nbytes)
+            rate = f"| {achieved:.1f} {unit} | {achieved / limit:.0%}"
+        rows.append(f"| {name} | {shape} | {a:.3f} | {b:.3f} | {a / b:.2f} {rate} |")
+    rows.append(f"| all of the above | | {totals[0]:.2f} | {totals[1]:.2f} | {totals[0] / totals[1]:.2f} | | |")
     return rows
 
 
@@ -170,9 +209,22 @@ def main():
             parser.error("--layers times the NumPy and PyTorch CPU peers only")
         net = build_model(TrainConfig(dropout=0.0))
         tnet = load_videonet_params(TorchVideoNet(net).float(), net)
+        gflops, copies = ceiling.matmul_gflops(), {}
+
+        def copy_rate(nbytes):
+            if nbytes not in copies:
+                copies[nbytes] = ceiling.copy_gbs(nbytes)
+            return copies[nbytes]
+
+        table = layer_table(torch, net, tnet, clips.video[:args.batch_size], 5 if args.quick else 21,
+                            (gflops, copy_rate))
         print(f"\nforward + backward of each layer alone, median of {5 if args.quick else 21} alternating runs, "
-              "ms\n\n| layer | input | nlref | PyTorch | ratio (nlref / PyTorch time) |\n|---|---|---|---|---|")
-        print("\n".join(layer_table(torch, net, tnet, clips.video[:args.batch_size], 5 if args.quick else 21)))
+              "ms; nlref's achieved rate and its share of this machine's ceiling (matmul for products, a copy "
+              "of the same bytes for batch norm)\n")
+        print(ceiling.describe(gflops, {f"{n / 2**20:.1f} MiB": r for n, r in sorted(copies.items())}) + "\n")
+        print("| layer | input | nlref | PyTorch | ratio (nlref / PyTorch time) | nlref rate | of ceiling |\n"
+              "|---|---|---|---|---|---|---|")
+        print("\n".join(table))
         return
     print("\n| network | params | nlref clips/s | PyTorch clips/s | ratio (nlref / PyTorch) |\n|---|---|---|---|---|")
     for label, overrides in networks.items():
