@@ -621,7 +621,7 @@ def conv3d_backward(dout, cache, *, input_grad=True):
     db : array, shape (O,), or None when the layer has no bias
     """
     context, has_bias = cache
-    xp = array_namespace(dout, context[3], names=["dout", "w"])
+    xp = array_namespace(dout, context.w, names=["dout", "w"])
     return engine.conv3d_backward(xp, dout, context, input_grad=input_grad, bias=has_bias)
 
 

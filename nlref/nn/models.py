@@ -227,10 +227,11 @@ class NonLocal(Layer):
 
     def forward(self, x, *, return_attention=False):
         self.block.training = self.training
-        self._cache = (tuple(x.shape), engine.stored_channels_last(x))
+        channels_last = engine.stored_channels_last(x)
+        self._cache = (tuple(x.shape), channels_last)
         out = self.block.forward(self._fold(_contiguous(x)), return_attention=return_attention)
         z, attention = out if return_attention else (out, None)
-        z = _store_like(self._unfold(z, x.shape), self._cache[1])
+        z = _store_like(self._unfold(z, x.shape), channels_last)
         return (z, attention) if return_attention else z
 
     def backward(self, dout):

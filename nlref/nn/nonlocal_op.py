@@ -44,6 +44,7 @@ derives every step of the backward pass.
 from __future__ import annotations
 
 import math
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -134,11 +135,38 @@ def attention_map(theta, phi, *, mode, scale=1.0, w_f=None):
     return f
 
 
+class FullCache(NamedTuple):
+    """What the full form's backward pass needs (:func:`nonlocal_forward` without ``chunk_size``)."""
+
+    mode: str
+    f_cache: tuple  # the pairwise function's cache
+    g: Any  # (B, d_g, M) values
+    e: Any  # (B, N, M) unnormalised weights: A = e / C
+    norm: Any  # C: (B, 1, N) row sums for the softmax modes, else the int M
+    y: Any  # (B, d_g, N) output
+    workspace: dict | None
+
+
+class ChunkedCache(NamedTuple):
+    """What the chunked form's backward pass needs: the inputs, to recompute each block of ``A``."""
+
+    mode: str
+    scale: float
+    w_f: Any
+    chunk_size: int
+    theta: Any  # (B, d, N)
+    phi: Any  # (B, d, M)
+    g: Any  # (B, d_g, M)
+    y: Any  # (B, d_g, N)
+    rows: tuple | None  # (m_i, l_i), each (B, N), for the softmax modes: A_ij = exp(s_ij - m_i) / l_i
+    workspace: dict | None
+
+
 def cached_attention(cache):
     """A new array holding the attention matrix of a full-form forward pass, or None for the chunked form."""
-    if cache[0] != "full":
+    if not isinstance(cache, FullCache):
         return None
-    e, norm = cache[4], cache[5]
+    e, norm = cache.e, cache.norm
     return e / (norm if isinstance(norm, int) else array_namespace(e).matrix_transpose(norm))
 
 
@@ -167,7 +195,7 @@ def nonlocal_forward(theta, phi, g, *, mode, scale=1.0, w_f=None, chunk_size=Non
     Returns
     -------
     y : array, shape (B, d_g, N)
-    cache : tuple, for :func:`nonlocal_backward`
+    cache : FullCache or ChunkedCache, for :func:`nonlocal_backward`
     """
     _check(theta, phi, g, mode, scale, w_f, chunk_size)
     if workspace is not None and not is_numpy(array_namespace(theta)):
@@ -198,7 +226,7 @@ def nonlocal_backward(dy, cache):
     dg : array, shape (B, d_g, M)
     dw_f : array, shape (2d,), or None unless ``mode="concatenation"``
     """
-    if cache[0] == "full":
+    if isinstance(cache, FullCache):
         return _backward_full(dy, cache)
     return _backward_chunked(dy, cache)
 
@@ -222,7 +250,7 @@ def _forward_full(theta, phi, g, mode, scale, w_f, workspace):
         e = f
         norm = phi.shape[2]
     y = xp.matmul(g, xp.matrix_transpose(e)) / norm  # (B, d_g, M) @ (B, M, N)
-    return y, ("full", mode, f_cache, g, e, norm, y, workspace)
+    return y, FullCache(mode, f_cache, g, e, norm, y, workspace)
 
 
 def _matmul(xp, a, b, out):
@@ -232,7 +260,7 @@ def _matmul(xp, a, b, out):
 
 
 def _backward_full(dy, cache):
-    _, mode, f_cache, g, e, norm, y, workspace = cache
+    mode, f_cache, g, e, norm, y, workspace = cache
     xp = array_namespace(dy, g)
     dy_c = dy / norm  # dy_i / C_i
     dg = xp.matmul(dy_c, e)  # (B, d_g, N) @ (B, N, M) = dy A
@@ -285,7 +313,7 @@ def _forward_chunked(theta, phi, g, mode, scale, w_f, chunk_size, workspace):
     else:
         y = acc / m
         rows = None
-    return y, ("chunked", mode, scale, w_f, chunk_size, theta, phi, g, y, rows, workspace)
+    return y, ChunkedCache(mode, scale, w_f, chunk_size, theta, phi, g, y, rows, workspace)
 
 
 def _with_row(a, row):
@@ -295,7 +323,7 @@ def _with_row(a, row):
 
 
 def _backward_chunked(dy, cache):
-    _, mode, scale, w_f, chunk_size, theta, phi, g, y, rows, workspace = cache
+    mode, scale, w_f, chunk_size, theta, phi, g, y, rows, workspace = cache
     b, _, n = theta.shape
     xp = array_namespace(dy, theta)
     m = phi.shape[2]

@@ -61,6 +61,7 @@ import functools
 import itertools
 import math
 import threading
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -84,6 +85,18 @@ CONV_KEEP_BYTES = 64 << 20
 CONV_PAIR_CHANNELS = 16
 
 
+class ConvContext(NamedTuple):
+    """What :func:`conv3d_backward` needs from :func:`conv3d_forward`."""
+
+    x_cl: Any  # the input, channels-last (B, T, H, W, C)
+    kept: Any  # the kept column matrix (strided im2col), the dense product's big weight matrix, or None
+    plan: Any  # the dense per-frame plan, or None for im2col
+    w: Any  # (O, C, kt, kh, kw)
+    stride: tuple
+    padding: tuple
+    pairs: int  # output columns computed per row of columns (1 or 2)
+
+
 def conv3d_forward(xp, x, w, kernel, stride, padding, out_size):
     """The convolution of x by w, without bias, by the fastest path that applies.
 
@@ -99,7 +112,7 @@ def conv3d_forward(xp, x, w, kernel, stride, padding, out_size):
     Returns
     -------
     out : array, shape (B, O, T', H', W'), stored channels-last on NumPy and CuPy
-    context : tuple
+    context : ConvContext
         What :func:`conv3d_backward` needs.
     """
     x_cl = channels_last(x)
@@ -114,7 +127,7 @@ def conv3d_forward(xp, x, w, kernel, stride, padding, out_size):
                              stride[:2] + (stride[2] * pairs,), padding, out_size[:2] + (out_size[2] // pairs,),
                              keep=keep)
         out = xp.reshape(out, (x.shape[0],) + out_size + (w.shape[0],))
-    return channels_first(xp, out), (x_cl, kept, plan, w, stride, padding, pairs)
+    return channels_first(xp, out), ConvContext(x_cl, kept, plan, w, stride, padding, pairs)
 
 
 def conv3d_backward(xp, dout, context, *, input_grad=True, bias=False):
@@ -124,7 +137,7 @@ def conv3d_backward(xp, dout, context, *, input_grad=True, bias=False):
     ----------
     xp : namespace
     dout : array, shape (B, O, T', H', W')
-    context : tuple, from :func:`conv3d_forward`
+    context : ConvContext, from :func:`conv3d_forward`
     input_grad : bool
         False skips ``dx``.
     bias : bool
