@@ -329,13 +329,9 @@ def _backward_chunked(dy, cache):
     m = phi.shape[2]
     softmax = mode in SOFTMAX_MODES
     if softmax:
-        # Each block of A is recomputed exactly as the forward pass made it: the logits s_ij from the
-        # same product, then exp(s_ij - m_i) / l_i with the saved row maximum m_i and row sum l_i.
-        # (Folding -log C_i into the product as an extra channel would save the subtraction, but in
-        # float32 the sum of s_ij ~ 1e4 and -log C_i ~ -1e4 keeps only the leading digits: dg was
-        # off by 1e-4 relative at logits of 1e4.) 1 / l_i is applied to the small dy, as in the full
-        # form, and dA_ij - dy_i . y_i rides along in one product as an extra channel:
-        # [dy_i / l_i; -dy_i . y_i / l_i] . [g_j; 1].
+        # Each block of A is recomputed as the forward made it, exp(s_ij - m_i) / l_i (why not
+        # otherwise: docs/engine.md); 1 / l_i goes on the small dy, and dA_ij - dy_i . y_i rides
+        # along in one product as an extra channel: [dy_i / l_i; -dy_i . y_i / l_i] . [g_j; 1].
         run_max, run_sum = rows
         dy_c = dy / run_sum[:, None, :]
         dy_aug = _with_row(dy_c, -xp.sum(dy_c * y, axis=1))

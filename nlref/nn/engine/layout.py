@@ -44,7 +44,7 @@ def channel_sums(a):
     """Per-channel sums of a channels-last matrix ``a`` (M, C) -> (C,).
 
     On NumPy and CuPy a matrix-vector product with ones: summing down the rows of a
-    C-wide matrix is a slow reduction there (for C = 16, about 15 times slower).
+    narrow matrix is a slow reduction there.
     """
     xp = array_namespace(a)
     if not supports_out(xp):
@@ -74,9 +74,7 @@ def row_fold(x):
     channels-last, ``r`` >= 1 positions per row of an (M / r, r C) matrix.
 
     Folding ``r`` positions into a row makes every broadcast of a per-channel value a
-    long inner loop (``r C``, up to 1024 values, instead of ``C``): on NumPy that halves
-    the time of the batch norm's elementwise passes for 16 channels (res2's batch norm
-    2x faster, commit 6aad733).
+    long inner loop (``r C``, up to 1024 values, instead of ``C``).
     """
     if not stored_channels_last(x):
         return 0
@@ -126,7 +124,7 @@ class ChannelRows:
         """Per-channel values (C,) broadcast against the matrix."""
         if not self.fold:
             return v[:, None]
-        if supports_out(array_namespace(v)):  # NumPy/CuPy: the same values as ``tile``, without its 4 us
+        if supports_out(array_namespace(v)):  # NumPy/CuPy: the same values as ``tile``, fewer calls
             return v[None].repeat(self.fold, axis=0).reshape(-1)
         return array_namespace(v).tile(v, (self.fold,))
 

@@ -3,8 +3,7 @@
 :mod:`nlref.nn.functional` writes each of these layers as a portable loop over the window's
 offsets; where the library writes into existing arrays (``out=``) it calls the functions
 here, which take the same steps in the same order (the same numbers to the bit) without a
-fresh temporary per offset and without data-dependent branches. Figures from the 2-core
-test machine (``docs/benchmarks.md``; commit 6aad733 and the first speed commits).
+fresh temporary per offset and without data-dependent branches (figures: ``docs/engine.md``).
 """
 
 from __future__ import annotations
@@ -24,8 +23,7 @@ def add_owned(a, b):
 def relu_owned(a):
     """max(a, 0), written into ``a`` (a fresh NumPy or CuPy array no one else holds).
 
-    The network applies ReLU this way to its own batch-norm outputs: one activation-sized
-    allocation fewer per ReLU (part of commit 85cb595).
+    The network applies ReLU this way to its own batch-norm outputs: one allocation fewer per ReLU.
     """
     return native_namespace(array_namespace(a)).maximum(a, 0, out=a)
 
@@ -44,8 +42,8 @@ def add_at(a, index, part):
 def running_max(x, xpad, offsets, out_size, stride, arg_dtype):
     """:func:`nlref.nn.functional.maxpool3d_forward`'s scan over the window offsets, in place.
 
-    The same steps as branch-free arithmetic into preallocated buffers (masked copies
-    are ~40x slower): offsets come in increasing order, so "arg = k where better" is
+    The same steps as branch-free arithmetic into preallocated buffers (no masked copies):
+    offsets come in increasing order, so "arg = k where better" is
     arg = max(arg, k * better), and the new maximum is max(out, sample). Returns the
     maximum ``out`` and the winning offset ``arg`` of every window.
     """
@@ -70,9 +68,8 @@ def winner_gradients(dout, arg):
     """``k -> where(arg == k, dout, 0)`` for :func:`nlref.nn.functional.maxpool3d_backward`, into
     reused buffers.
 
-    With a finite ``dout`` the routing is a product with the 0/1 mask (a ``where`` on
-    values of random sign is about 15x slower: branch mispredictions); an inf or NaN in
-    ``dout`` keeps ``where``, so that ``inf * 0`` puts no NaN beside the winner.
+    With a finite ``dout`` the routing is a product with the 0/1 mask (branch-free); an inf
+    or NaN in ``dout`` keeps ``where``, so that ``inf * 0`` puts no NaN beside the winner.
     """
     nat = native_namespace(array_namespace(dout))
     if bool(nat.all(nat.isfinite(dout))):
