@@ -56,6 +56,11 @@ __all__ = [
 ]
 
 
+def _namespace_xwb(x, w, b):
+    """The one array library of a layer's input ``x``, weight ``w`` and optional bias ``b``."""
+    return array_namespace(*((x, w) if b is None else (x, w, b)), names=["x", "w", "b"][:2 + (b is not None)])
+
+
 def _flat(x):
     """(B, C, *S) -> (B, C, N), a view for contiguous arrays."""
     return array_namespace(x).reshape(x, (x.shape[0], x.shape[1], math.prod(x.shape[2:])))
@@ -500,7 +505,7 @@ def conv3d_reference(x, w, b=None, *, stride=1, padding=0):
     cache : tuple, for :func:`conv3d_reference_backward`
     """
     func = "conv3d_reference"
-    xp = array_namespace(*((x, w) if b is None else (x, w, b)), names=["x", "w", "b"][:2 + (b is not None)])
+    xp = _namespace_xwb(x, w, b)
     kernel, stride, padding, out_size = conv_params(func, xp, x, w, b, stride, padding)
     xpad = pad(xp, x, padding)
     batch, o = x.shape[0], w.shape[0]
@@ -589,7 +594,7 @@ def conv3d_forward(x, w, b=None, *, stride=1, padding=0):
         to 64 MiB of the column matrix) and whether there is a bias.
     """
     func = "conv3d_forward"
-    xp = array_namespace(*((x, w) if b is None else (x, w, b)), names=["x", "w", "b"][:2 + (b is not None)])
+    xp = _namespace_xwb(x, w, b)
     kernel, stride, padding, out_size = conv_params(func, xp, x, w, b, stride, padding)
     out, context = engine.conv3d_forward(xp, x, w, kernel, stride, padding, out_size)  # cols @ w
     if b is not None:
@@ -861,7 +866,7 @@ def linear_forward(x, w, b=None):
     cache : tuple
     """
     func = "linear_forward"
-    xp = array_namespace(*((x, w) if b is None else (x, w, b)), names=["x", "w", "b"][:2 + (b is not None)])
+    xp = _namespace_xwb(x, w, b)
     check_linear(func, xp, x, w, b)
     out = xp.matmul(x, xp.matrix_transpose(w))
     if b is not None:

@@ -15,8 +15,10 @@ Its modules:
   product, spare padded buffers.
 * :mod:`nlref.nn.engine.layout`: channels-last storage and batch norm's per-channel matrix
   (positions folded into rows).
-* :mod:`nlref.nn.engine.pool`: max pooling's running maximum and gradient routing, and
-  in-place adds, branch-free.
+* :mod:`nlref.nn.engine.pool`: max pooling's running maximum and gradient routing, and the
+  pools' in-place scatter, branch-free.
+* :mod:`nlref.nn.engine.elementwise`: sums, products, ReLU and ``exp`` written into fresh
+  temporaries the caller owns.
 * :mod:`nlref.nn.engine.adam`: Adam's update on all parameters as one flat vector.
 
 Each trick is described in one line where it lives; the figure it bought, measured on the
@@ -25,9 +27,9 @@ project's 2-core test machine, and its history are in ``docs/engine.md``.
 
 from .adam import adam_step_flat, flat_adam_applies
 from .conv import conv3d_backward, conv3d_forward
-from .layout import (ChannelRows, channel_sums, channels_first, channels_last, exp_inplace, multiply,
-                     stored_channels_last)
-from .pool import add_at, add_owned, relu_owned, running_max, winner_gradients
+from .elementwise import add_owned, exp_inplace, multiply, relu_owned
+from .layout import ChannelRows, channel_sums, channels_first, channels_last, stored_channels_last
+from .pool import add_at, running_max, winner_gradients
 
 __all__ = [
     "conv3d_forward", "conv3d_backward",

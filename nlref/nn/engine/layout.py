@@ -54,21 +54,6 @@ def channel_sums(a):
     return xp.matmul(xp.ones(a.shape[0], dtype=a.dtype, device=device(a)), a)
 
 
-def multiply(a, b, *, into=None):
-    """a * b, written into ``into`` (a fresh temporary of the result's shape, no longer needed)
-    where the library allows: one activation-sized allocation fewer per call."""
-    if into is not None and supports_out(array_namespace(a)):
-        return native_namespace(array_namespace(a)).multiply(a, b, out=into)
-    return a * b
-
-
-def exp_inplace(xp, a):
-    """exp(a), overwriting ``a`` where the library allows it (``a`` must be a fresh temporary)."""
-    if supports_out(xp):
-        return native_namespace(xp).exp(a, out=a)
-    return xp.exp(a)
-
-
 def row_fold(x):
     """How :class:`ChannelRows` lays ``x`` out: 0 for (B, C, N); for an ``x`` stored
     channels-last, ``r`` >= 1 positions per row of an (M / r, r C) matrix.

@@ -1,4 +1,4 @@
-"""Pooling and elementwise steps done in place, branch-free, into reused buffers (NumPy and CuPy).
+"""Pooling steps done in place, branch-free, into reused buffers (NumPy and CuPy).
 
 :mod:`nlref.nn.functional` writes each of these layers as a portable loop over the window's
 offsets; where the library writes into existing arrays (``out=``) it calls the functions
@@ -10,22 +10,6 @@ from __future__ import annotations
 
 from ...backend import array_namespace, native_namespace, supports_out
 from .._shapes import strided
-
-
-def add_owned(a, b):
-    """a + b, written into ``a`` (a fresh array no one else holds) where the library allows."""
-    xp = array_namespace(a, b)
-    if supports_out(xp):
-        return native_namespace(xp).add(a, b, out=a)
-    return a + b
-
-
-def relu_owned(a):
-    """max(a, 0), written into ``a`` (a fresh NumPy or CuPy array no one else holds).
-
-    The network applies ReLU this way to its own batch-norm outputs: one allocation fewer per ReLU.
-    """
-    return native_namespace(array_namespace(a)).maximum(a, 0, out=a)
 
 
 def add_at(a, index, part):
