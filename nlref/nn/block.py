@@ -35,6 +35,7 @@ import numpy as np
 
 from .._typing import DType, Size
 from .. import backend as B
+from . import engine
 from . import functional as F
 from .nonlocal_op import SOFTMAX_MODES, cached_attention, check_mode, nonlocal_backward, nonlocal_forward
 from .nonlocal_op import attention_map as _attention_map
@@ -152,9 +153,9 @@ class NonLocalBlock:
 
     Notes
     -----
-    On NumPy the block keeps its (B, N, N') scratch buffers between calls
-    (fresh arrays that size cost more than the arithmetic on Linux; see
-    ``nonlocal_forward``'s ``workspace``). :meth:`free_scratch` returns them.
+    On NumPy the block keeps its (B, N, N') scratch buffers between calls (an
+    :class:`nlref.nn.engine.NonLocalWorkspace`, ``nonlocal_forward``'s ``workspace``);
+    :meth:`free_scratch` returns them.
     Like a PyTorch module, one block is not meant to run in several threads at once.
     """
 
@@ -212,7 +213,7 @@ class NonLocalBlock:
         self.loaded_layout = None
         self.num_batches_tracked = 0
         self._cache = None
-        self._workspace = {} if B.is_numpy(self.xp) else None  # reused (B, N, N') scratch (see nonlocal_op)
+        self._workspace = engine.NonLocalWorkspace() if B.is_numpy(self.xp) else None
         self.params = self._init_params(seed)
         self.buffers = {}
         if self.bn_layer:

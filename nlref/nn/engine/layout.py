@@ -14,6 +14,7 @@ import math
 import numpy as np
 
 from ...backend import array_namespace, device, native_namespace, supports_out
+from .elementwise import multiply
 
 
 def stored_channels_last(x):
@@ -76,6 +77,8 @@ class ChannelRows:
     positions to a row (:func:`row_fold`), so that no copy is made either way and per-channel
     broadcasts run along long rows. :meth:`sums` and :meth:`spread` go between per-channel
     (C,) vectors and that matrix, :meth:`restore` goes back to (B, C, ...), stored as given.
+    :meth:`sums_of_products` keeps its product as a spare buffer (NumPy, CuPy) that the next
+    :meth:`scaled` writes into: one activation-sized allocation fewer.
 
     Parameters
     ----------
@@ -87,6 +90,7 @@ class ChannelRows:
         self.shape = tuple(x.shape)
         self.fold = row_fold(x)
         self.count = self.shape[0] * math.prod(self.shape[2:])  # M = B N values per channel
+        self._spare = None
 
     def matrix(self, a):
         """``a`` (of the layout's shape) as the matrix; a view where the storage allows."""
@@ -104,6 +108,17 @@ class ChannelRows:
                 return sums.reshape(self.fold, -1).sum(axis=0)
             return xp.sum(xp.reshape(sums, (self.fold, -1)), axis=0)
         return xp.sum(a, axis=(0, 2))
+
+    def sums_of_products(self, a, b):
+        """Per-channel sums (C,) of ``a * b`` (matrices); the product is kept for :meth:`scaled`."""
+        products = a * b
+        self._spare = products if supports_out(array_namespace(products)) else None
+        return self.sums(products)
+
+    def scaled(self, a, v):
+        """``a * spread(v)``, written into the spare product of :meth:`sums_of_products` if one is left."""
+        spare, self._spare = self._spare, None
+        return multiply(a, self.spread(v), into=spare)
 
     def spread(self, v):
         """Per-channel values (C,) broadcast against the matrix."""
