@@ -8,12 +8,12 @@ import os
 from collections.abc import Sequence
 
 from .._typing import Array, Size
-from .checks import check_image, is_dask_array
+from .checks import check_image, check_workers, is_dask_array
 from .fast import nl_means_fast, working_memory
 from .naive import nl_means_naive, patch_weights
 from .noise import estimate_sigma as estimate_sigma_in_memory
 from .overlap import estimate_sigma_dask, nl_means_dask, resolve_parameters_dask
-from .params import WORKING_MEMORY_LIMIT, from_working, resolve, to_working
+from .params import WORKING_MEMORY_LIMIT, from_working, resolve, run_parameters, to_working
 
 __all__ = ["nl_means", "nl_means_weights", "resolve_parameters", "estimate_sigma", "WORKING_MEMORY_LIMIT",
            "NAIVE_COMPARISON_LIMIT"]
@@ -175,8 +175,7 @@ def nl_means(image: Array, *, sigma: float | None = None, h: float | None = None
     params = resolve(xp, image, spatial, sigma=sigma, h=h, patch_size=patch_size, search_size=search_size,
                       channel_axis=channel_axis, aggregation=aggregation, data_range=data_range)
     channels = 1 if channel_axis is None else image.shape[channel_axis]
-    kwargs = dict(h=params["h"], sigma=params["sigma"], patch_size=params["patch_size"],
-                  search_size=params["search_size"], aggregation=aggregation)
+    kwargs = run_parameters(params, aggregation)
     n_offsets = math.prod(params["search_size"])
 
     if method == "naive":
@@ -190,10 +189,7 @@ def nl_means(image: Array, *, sigma: float | None = None, h: float | None = None
         u = nl_means_naive(to_working(xp, image, channel_axis), **kwargs)
         return from_working(xp, u, image, channel_axis)
 
-    if workers is None:
-        workers = min(os.cpu_count() or 1, 8)
-    elif isinstance(workers, bool) or not isinstance(workers, numbers.Integral) or workers < 1:
-        raise ValueError(f"workers must be a positive int or None; got {workers!r}")
+    workers = check_workers(workers, default=min(os.cpu_count() or 1, 8))
     itemsize = 8 if image.dtype == xp.float64 else 4
     need = working_memory(spatial, channels, params["patch_size"], params["search_size"], aggregation, itemsize, workers)
     if need > WORKING_MEMORY_LIMIT:

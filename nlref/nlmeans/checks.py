@@ -18,7 +18,7 @@ import numpy as np
 from ..backend import require_real
 
 __all__ = ["MAX_SPATIAL_DIMS", "is_dask_array", "check_not_stored", "check_axes", "check_image", "check_lazy",
-           "check_workers", "layout_doubt"]
+           "check_workers", "sigma_axes", "layout_doubt"]
 
 #: The most spatial axes an image may have (plus an optional channel axis).
 MAX_SPATIAL_DIMS = 4
@@ -129,10 +129,20 @@ def layout_doubt(shape, channel_axis, given):
     return None
 
 
-def check_workers(workers):
-    """Threads per chunk of a chunked run: a positive int, default 1 (Dask already runs chunks in parallel)."""
+def check_workers(workers, default=1):
+    """Threads: a positive int, or ``default`` for None (1 for a chunked run, where Dask already
+    runs the chunks in parallel)."""
     if workers is None:
-        return 1
+        return default
     if isinstance(workers, bool) or not isinstance(workers, numbers.Integral) or workers < 1:
         raise ValueError(f"workers must be a positive int or None; got {workers!r}")
     return int(workers)
+
+
+def sigma_axes(sizes, shape):
+    """The indices of ``sizes`` (the spatial sizes) with at least 3 samples, the axes the noise
+    estimate filters; a ValueError naming ``shape`` (the image's) when there is none."""
+    axes = [a for a, n in enumerate(sizes) if n >= 3]
+    if not axes:
+        raise ValueError(f"image needs an axis with at least 3 samples to estimate sigma; shape {tuple(shape)}")
+    return axes

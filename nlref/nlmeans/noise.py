@@ -22,7 +22,7 @@ import math
 
 from .._typing import Array
 from ..backend import require_real
-from .checks import check_not_stored, is_dask_array
+from .checks import check_not_stored, is_dask_array, sigma_axes
 
 __all__ = ["estimate_sigma", "MAD_TO_SIGMA", "second_difference", "sigma_from_median"]
 
@@ -86,12 +86,9 @@ def estimate_sigma(image: Array, *, channel_axis: int | None = None) -> float:
         x = xp.moveaxis(x, channel_axis, 0)
     else:
         x = x[None, ...]
-    filtered, dims = x, 0
-    for axis in range(1, x.ndim):
-        if x.shape[axis] >= 3:
-            filtered = second_difference(filtered, axis)
-            dims += 1
-    if dims == 0:
-        raise ValueError(f"image needs an axis with at least 3 samples to estimate sigma; shape {tuple(image.shape)}")
+    axes = sigma_axes(x.shape[1:], image.shape)
+    filtered, dims = x, len(axes)
+    for a in axes:
+        filtered = second_difference(filtered, 1 + a)
     per_channel = [sigma_from_median(_median(xp, xp.abs(filtered[c, ...])), dims) for c in range(filtered.shape[0])]
     return sum(per_channel) / len(per_channel)

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from .checks import check_lazy, check_workers
+from .checks import check_lazy, check_workers, sigma_axes
 from .chunk import denoise_with_halo
 from .fast import halo
 from .median import resolve_lazy, sigma_from_filtered
 from .noise import second_difference
-from .params import check_working_memory
+from .params import check_working_memory, run_parameters
 
 __all__ = ["nl_means_dask", "resolve_parameters_dask", "estimate_sigma_dask", "chunks_for_halo", "filtered_dask"]
 
@@ -44,9 +44,7 @@ def filtered_dask(image, channel_axis):
 
     x = image if np.dtype(image.dtype).kind == "f" else image.astype(np.float64)
     x = x[None, ...] if channel_axis is None else da.moveaxis(x, channel_axis, 0)
-    axes = [a for a in range(1, x.ndim) if x.shape[a] >= 3]
-    if not axes:
-        raise ValueError(f"image needs an axis with at least 3 samples to estimate sigma; shape {tuple(image.shape)}")
+    axes = [1 + a for a in sigma_axes(x.shape[1:], image.shape)]
     chunks = [chunks_for_halo(c, 2) if a in axes else c for a, c in enumerate(x.chunks)]
     x = x.rechunk(tuple(chunks), method="tasks") if tuple(chunks) != x.chunks else x
     out_chunks = []
@@ -202,8 +200,7 @@ def nl_means_dask(image, *, sigma=None, h=None, patch_size=None, search_size=Non
     channel_axis, spatial = check_lazy(image, channel_axis)
     p = resolve_parameters_dask(image, sigma=sigma, h=h, patch_size=patch_size, search_size=search_size,
                                 channel_axis=channel_axis, aggregation=aggregation, data_range=data_range)
-    params = dict(h=p["h"], sigma=p["sigma"], patch_size=p["patch_size"], search_size=p["search_size"],
-                  aggregation=aggregation)
+    params = run_parameters(p, aggregation)
     depth = halo(p["patch_size"], p["search_size"], aggregation)
 
     # every chunk at least as large as the halo; the channels in one chunk (distances sum over them)

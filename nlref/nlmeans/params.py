@@ -198,6 +198,13 @@ def resolve(xp, image, spatial, *, sigma, h, patch_size, search_size, channel_ax
     }
 
 
+def run_parameters(params, aggregation):
+    """The keyword arguments of the fast path (``nl_means_fast`` and its padded form) from
+    :func:`resolve`'s result (or a caller's copy of it, with lists for tuples)."""
+    return dict(h=params["h"], sigma=params["sigma"], patch_size=tuple(params["patch_size"]),
+                search_size=tuple(params["search_size"]), aggregation=aggregation)
+
+
 def to_working(xp, image, channel_axis):
     """Channel-first floating-point copy: float64 stays float64, all else -> float32."""
     x = image if channel_axis is None else xp.moveaxis(image, channel_axis, 0)

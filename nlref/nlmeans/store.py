@@ -32,12 +32,12 @@ from typing import Any
 import numpy as np
 
 from .._typing import Size
-from .checks import check_lazy, check_workers
+from .checks import check_lazy, check_workers, sigma_axes
 from .chunk import denoise_with_halo
 from .fast import halo
 from .median import resolve_lazy
 from .noise import second_difference
-from .params import check_working_memory
+from .params import check_working_memory, run_parameters
 
 __all__ = ["Opener", "as_source", "nl_means_store", "resolve_parameters_store", "denoise_store", "close_opened",
            "read_block"]
@@ -327,9 +327,7 @@ def _filtered_store(source, channel_axis, grid):
     """The absolute second differences of every channel (lazy), one task per chunk (its chunk and two more samples)."""
     shape = list(source.shape)
     channels = 1 if channel_axis is None else shape.pop(channel_axis)
-    axes = tuple(a for a, n in enumerate(shape, start=1) if n >= 3)
-    if not axes:
-        raise ValueError(f"image needs an axis with at least 3 samples to estimate sigma; shape {tuple(source.shape)}")
+    axes = tuple(1 + a for a in sigma_axes(shape, source.shape))
     filtered_shape = [channels, *shape]
     for a in axes:
         filtered_shape[a] -= 2
@@ -385,8 +383,7 @@ def denoise_store(source, params, *, chunks=None, channel_axis=None, aggregation
     missing = [k for k in ("h", "sigma", "patch_size", "search_size") if k not in params]
     if missing:
         raise ValueError(f"params must be resolve_parameters_store's result; it lacks {missing}")
-    run = dict(h=params["h"], sigma=params["sigma"], patch_size=tuple(params["patch_size"]),
-               search_size=tuple(params["search_size"]), aggregation=aggregation)
+    run = run_parameters(params, aggregation)
     check_working_memory(grid, channel_axis, run, aggregation, np.dtype(source.dtype), workers)
     depth = list(halo(run["patch_size"], run["search_size"], aggregation))
     if channel_axis is not None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -165,6 +166,16 @@ def merge_heads(x):
     return xp.reshape(xp.permute_dims(x, (0, 2, 1, 3)), (b, n, h * d))
 
 
+class AttentionCache(NamedTuple):
+    """What :func:`attention_backward` needs from :func:`attention_forward`."""
+
+    q: Any  # (..., N, d)
+    k: Any  # (..., M, d)
+    v: Any  # (..., M, d_v)
+    p: Any  # (..., N, M) the attention, rows summing to 1
+    scale: float
+
+
 def attention_forward(q, k, v, *, scale=None, bias=None):
     r"""Scaled dot-product attention, each query against every key.
 
@@ -188,7 +199,7 @@ def attention_forward(q, k, v, *, scale=None, bias=None):
     Returns
     -------
     out : array, shape (..., N, d_v)
-    cache : tuple
+    cache : AttentionCache
         ``(q, k, v, p, scale)``; ``p`` is the attention, shape (..., N, M).
     """
     xp = B.array_namespace(q, k, v, names=["q", "k", "v"])
@@ -198,7 +209,7 @@ def attention_forward(q, k, v, *, scale=None, bias=None):
         s = s + bias
     p = xp.exp(s - xp.max(s, axis=-1, keepdims=True))  # exp(-inf) = 0: masked keys get exactly no weight
     p = p / xp.sum(p, axis=-1, keepdims=True)
-    return xp.matmul(p, v), (q, k, v, p, scale)
+    return xp.matmul(p, v), AttentionCache(q, k, v, p, scale)
 
 
 def attention_backward(dout, cache):
@@ -348,7 +359,7 @@ class MultiHeadAttention(_Params):
                                       self.params.get("out_proj.bias"))
         self._cache = (tuple(x.shape), c_in, c_att, c_out)
         out = xp.reshape(out, (b, n, e))
-        return (out, c_att[3]) if return_attention else out
+        return (out, c_att.p) if return_attention else out
 
     def backward(self, dout):
         """Back-propagate dL/d(out); sets ``grads`` and returns dL/dx, shape (B, N, E)."""

@@ -35,6 +35,7 @@ import numpy as np
 
 from .._typing import DType, Size
 from .. import backend as B
+from . import engine
 from . import functional as F
 from .nonlocal_op import SOFTMAX_MODES, cached_attention, check_mode, nonlocal_backward, nonlocal_forward
 from .nonlocal_op import attention_map as _attention_map
@@ -152,9 +153,9 @@ class NonLocalBlock:
 
     Notes
     -----
-    On NumPy the block keeps its (B, N, N') scratch buffers between calls
-    (fresh arrays that size cost more than the arithmetic on Linux; see
-    ``nonlocal_forward``'s ``workspace``). :meth:`free_scratch` returns them.
+    On NumPy the block keeps its (B, N, N') scratch buffers between calls (an
+    :class:`nlref.nn.engine.NonLocalWorkspace`, ``nonlocal_forward``'s ``workspace``);
+    :meth:`free_scratch` returns them.
     Like a PyTorch module, one block is not meant to run in several threads at once.
     """
 
@@ -212,7 +213,7 @@ class NonLocalBlock:
         self.loaded_layout = None
         self.num_batches_tracked = 0
         self._cache = None
-        self._workspace = {} if B.is_numpy(self.xp) else None  # reused (B, N, N') scratch (see nonlocal_op)
+        self._workspace = engine.NonLocalWorkspace() if B.is_numpy(self.xp) else None
         self.params = self._init_params(seed)
         self.buffers = {}
         if self.bn_layer:
@@ -311,39 +312,28 @@ class NonLocalBlock:
         """Max-pool the key positions: (B, C, *S) -> (B, C, *S'), and the cache for :meth:`_unpool`.
 
         With ``pool="flattened"`` the positions are first laid out as one row-major
-        sequence, (B, C, N), and pooled along it: (B, C, N')."""
+        sequence, (B, C, N), and pooled along it: (B, C, N'). A stride other than the
+        kernel takes the 3-D pool on a (B, C, 1.., *S) view."""
+        xp = B.array_namespace(x)
+        x_shape = tuple(x.shape)
         if self.pool == "flattened":
-            out, inner = self._pool_axes(F._flat(x))
-            return out, (inner, tuple(x.shape))
-        out, inner = self._pool_axes(x)
-        return out, (inner, None)
-
-    def _pool_axes(self, x):
-        """Max-pool every spatial axis of ``x`` with the block's kernel and stride."""
-        dims = x.ndim - 2
+            x = F._flat(x)
         if self.stride == self.kernel:
             out, cache = F.maxpool_forward(x, self.kernel)
-            return out, (None, cache)
-        xp = B.array_namespace(x)
-        ones = (1,) * (3 - dims)  # any stride: the 3-D pool on a (B, C, 1.., *S) view
+            return out, (x_shape, None, cache)
+        ones = (1,) * (5 - x.ndim)
         out, cache = F.maxpool3d_forward(xp.reshape(x, tuple(x.shape[:2]) + ones + tuple(x.shape[2:])),
                                          ones + self.kernel, ones + self.stride)
-        return xp.reshape(out, tuple(out.shape[:2]) + tuple(out.shape[5 - dims:])), (tuple(x.shape), cache)
+        return xp.reshape(out, tuple(out.shape[:2]) + tuple(out.shape[2 + len(ones):])), (x_shape, ones, cache)
 
     def _unpool(self, dout, cache):
         """Gradient of :meth:`_pool`: (B, C, *S') -> (B, C, *S)."""
-        inner, x_shape = cache
-        dx = self._unpool_axes(dout, inner)
-        return dx if x_shape is None else B.array_namespace(dx).reshape(dx, x_shape)
-
-    def _unpool_axes(self, dout, cache):
-        x_shape, cache = cache
-        if x_shape is None:
-            return F.maxpool_backward(dout, cache)
+        x_shape, ones, cache = cache
         xp = B.array_namespace(dout)
-        dims = len(x_shape) - 2
-        ones = (1,) * (3 - dims)
-        dx = F.maxpool3d_backward(xp.reshape(dout, tuple(dout.shape[:2]) + ones + tuple(dout.shape[2:])), cache)
+        if ones is None:
+            dx = F.maxpool_backward(dout, cache)
+        else:
+            dx = F.maxpool3d_backward(xp.reshape(dout, tuple(dout.shape[:2]) + ones + tuple(dout.shape[2:])), cache)
         return xp.reshape(dx, x_shape)
 
     def _key_branch(self, name, keys_in, cache):

@@ -32,7 +32,7 @@ import operator
 
 import numpy as np
 
-from ..backend import array_namespace, asarray, device, native_namespace, supports_out
+from ..backend import array_namespace, asarray, device, supports_out
 from . import engine
 from ._shapes import (check_dropout, check_float, check_labels, check_linear, check_pool_kernel, check_spatial,
                       conv_params, dtype_of, pad, pool_params, strided, window_offsets)
@@ -54,6 +54,11 @@ __all__ = [
     "linear_forward", "linear_backward",
     "softmax_cross_entropy_forward", "softmax_cross_entropy_backward",
 ]
+
+
+def _namespace_xwb(x, w, b):
+    """The one array library of a layer's input ``x``, weight ``w`` and optional bias ``b``."""
+    return array_namespace(*((x, w) if b is None else (x, w, b)), names=["x", "w", "b"][:2 + (b is not None)])
 
 
 def _flat(x):
@@ -128,8 +133,9 @@ def batchnorm_forward(x, gamma, beta, state, *, training, momentum=0.1, eps=1e-5
 
     Computed as ``out = (x - mu) * k + beta`` with ``k = gamma / sqrt(sigma^2 + eps)``,
     on ``x`` as a matrix whose columns each belong to one channel (``rows``, a
-    :class:`nlref.nn.engine.ChannelRows`): ``rows.sums`` sums each channel's values,
-    ``rows.spread`` broadcasts a per-channel (C,) vector against the matrix.
+    :class:`nlref.nn.engine.ChannelRows`): ``rows.sums`` sums each channel's values
+    (``rows.sums_of_products`` those of a product), ``rows.spread`` broadcasts a
+    per-channel (C,) vector against the matrix and ``rows.scaled`` multiplies by one.
 
     Parameters
     ----------
@@ -159,16 +165,14 @@ def batchnorm_forward(x, gamma, beta, state, *, training, momentum=0.1, eps=1e-5
                              f"got x of shape {tuple(x.shape)}")
         mean = rows.sums(x2) / m
         centred = x2 - rows.spread(mean)
-        squares = centred * centred
-        var = rows.sums(squares) / m
+        var = rows.sums_of_products(centred, centred) / m
         state["running_mean"] = (1 - momentum) * state["running_mean"] + momentum * mean
         state["running_var"] = (1 - momentum) * state["running_var"] + momentum * (var * (m / (m - 1)))
     else:
         mean, var = state["running_mean"], state["running_var"]
         centred = x2 - rows.spread(mean)
-        squares = None
     inv_std = 1.0 / xp.sqrt(var + eps)
-    out = engine.multiply(centred, rows.spread(gamma * inv_std), into=squares)  # the squares are spent
+    out = rows.scaled(centred, gamma * inv_std)
     out += rows.spread(beta)
     return rows.restore(out), (centred, gamma, inv_std, training, rows)
 
@@ -203,12 +207,11 @@ def batchnorm_backward(dout, cache):
     d2 = rows.matrix(dout)
     m = rows.count
     dbeta = rows.sums(d2)
-    products = d2 * centred
-    dgamma = rows.sums(products) * inv_std
+    dgamma = rows.sums_of_products(d2, centred) * inv_std
     k1 = gamma * inv_std
     dx = d2 * rows.spread(k1)
     if training:
-        dx += engine.multiply(centred, rows.spread(-k1 * inv_std * dgamma / m), into=products)
+        dx += rows.scaled(centred, -k1 * inv_std * dgamma / m)
         dx += rows.spread(-k1 * dbeta / m)
     return rows.restore(dx), dgamma, dbeta
 
@@ -344,7 +347,7 @@ def softmax_backward(dp, cache):
 
 
 # --------------------------------------------------------------------------- pairwise functions
-def dot_pairwise_forward(theta, phi, scale=1.0, *, out=None):
+def dot_pairwise_forward(theta, phi, scale=1.0):
     r"""Scaled dot products of every query with every key.
 
     .. math:: s_{ij} = \mathrm{scale}\cdot \theta_i^\top \phi_j
@@ -357,8 +360,6 @@ def dot_pairwise_forward(theta, phi, scale=1.0, *, out=None):
     theta : array, shape (B, d, N)   queries
     phi : array, shape (B, d, M)     keys
     scale : float
-    out : array, shape (B, N, M), optional
-        NumPy or CuPy only: write the result here instead of a fresh array.
 
     Returns
     -------
@@ -367,10 +368,7 @@ def dot_pairwise_forward(theta, phi, scale=1.0, *, out=None):
     """
     xp = array_namespace(theta, phi)
     check_float("dot_pairwise_forward", xp, theta=theta, phi=phi)
-    if out is None:
-        s = xp.matmul(xp.matrix_transpose(theta), phi)
-    else:
-        s = native_namespace(xp).matmul(xp.matrix_transpose(theta), phi, out=out)
+    s = xp.matmul(xp.matrix_transpose(theta), phi)
     if scale != 1.0:
         s *= scale
     return s, (theta, phi, scale)
@@ -393,7 +391,7 @@ def dot_pairwise_backward(ds, cache):
     return dtheta, dphi
 
 
-def concat_pairwise_forward(theta, phi, w_f, *, out=None):
+def concat_pairwise_forward(theta, phi, w_f):
     r"""The concatenation pairwise function, without building the concatenation.
 
     .. math::
@@ -409,8 +407,6 @@ def concat_pairwise_forward(theta, phi, w_f, *, out=None):
     theta : array, shape (B, d, N)
     phi : array, shape (B, d, M)
     w_f : array, shape (2d,)
-    out : array, shape (B, N, M), optional
-        NumPy or CuPy only: write the result here instead of a fresh array.
 
     Returns
     -------
@@ -428,16 +424,11 @@ def concat_pairwise_forward(theta, phi, w_f, *, out=None):
         raise ValueError(f"w_f must have shape ({2 * d},) for {d} channels, got {tuple(w_f.shape)}")
     a = xp.matmul(w_f[:d], theta)  # (B, N)
     b = xp.matmul(w_f[d:], phi)  # (B, M)
-    if out is None:
-        f, _ = relu_forward(a[:, :, None] + b[:, None, :])
-    else:
-        nat = native_namespace(xp)
-        f = nat.add(a[:, :, None], b[:, None, :], out=out)
-        nat.maximum(f, 0, out=f)
+    f, _ = relu_forward(a[:, :, None] + b[:, None, :])
     return f, (theta, phi, w_f, f)
 
 
-def concat_pairwise_backward(df, cache, *, overwrite_df=False):
+def concat_pairwise_backward(df, cache):
     r"""Gradients of :func:`concat_pairwise_forward`.
 
     With :math:`dp = df \odot [f > 0]` (the ReLU's routing):
@@ -445,19 +436,16 @@ def concat_pairwise_backward(df, cache, *, overwrite_df=False):
     :math:`d\theta = w_\theta\, da^\top`, :math:`d\phi = w_\phi\, db^\top`,
     :math:`dw_\theta = \sum_{b,i} \theta_i\, da_i`, :math:`dw_\phi = \sum_{b,j} \phi_j\, db_j`.
 
-    ``overwrite_df=True`` (NumPy/CuPy) lets the function mask ``df`` in place
-    instead of allocating another (B, N, M) array.
-
     Returns ``dtheta`` (B, d, N), ``dphi`` (B, d, M), ``dw_f`` (2d,).
     """
     theta, phi, w_f, f = cache
-    xp = array_namespace(df, theta)
+    return _concat_linear_backward(relu_backward(df, f), theta, phi, w_f)
+
+
+def _concat_linear_backward(dpre, theta, phi, w_f):
+    """dtheta, dphi, dw_f of :func:`concat_pairwise_forward` from ``dpre``, the gradient before the ReLU."""
+    xp = array_namespace(dpre, theta)
     d = theta.shape[1]
-    if overwrite_df and supports_out(xp):
-        dpre = df
-        dpre[f <= 0] = 0
-    else:
-        dpre = relu_backward(df, f)
     da = xp.sum(dpre, axis=2)  # (B, N)
     db = xp.sum(dpre, axis=1)  # (B, M)
     dtheta = w_f[:d][None, :, None] * da[:, None, :]
@@ -500,7 +488,7 @@ def conv3d_reference(x, w, b=None, *, stride=1, padding=0):
     cache : tuple, for :func:`conv3d_reference_backward`
     """
     func = "conv3d_reference"
-    xp = array_namespace(*((x, w) if b is None else (x, w, b)), names=["x", "w", "b"][:2 + (b is not None)])
+    xp = _namespace_xwb(x, w, b)
     kernel, stride, padding, out_size = conv_params(func, xp, x, w, b, stride, padding)
     xpad = pad(xp, x, padding)
     batch, o = x.shape[0], w.shape[0]
@@ -589,7 +577,7 @@ def conv3d_forward(x, w, b=None, *, stride=1, padding=0):
         to 64 MiB of the column matrix) and whether there is a bias.
     """
     func = "conv3d_forward"
-    xp = array_namespace(*((x, w) if b is None else (x, w, b)), names=["x", "w", "b"][:2 + (b is not None)])
+    xp = _namespace_xwb(x, w, b)
     kernel, stride, padding, out_size = conv_params(func, xp, x, w, b, stride, padding)
     out, context = engine.conv3d_forward(xp, x, w, kernel, stride, padding, out_size)  # cols @ w
     if b is not None:
@@ -621,7 +609,7 @@ def conv3d_backward(dout, cache, *, input_grad=True):
     db : array, shape (O,), or None when the layer has no bias
     """
     context, has_bias = cache
-    xp = array_namespace(dout, context[3], names=["dout", "w"])
+    xp = array_namespace(dout, context.w, names=["dout", "w"])
     return engine.conv3d_backward(xp, dout, context, input_grad=input_grad, bias=has_bias)
 
 
@@ -660,8 +648,11 @@ def avgpool3d_forward(x, kernel, stride=None, padding=0):
     out = None
     for offset in window_offsets(kernel):
         sample = xpad[strided(offset, out_size, stride)]
-        out = xp.asarray(sample, copy=True) if out is None else engine.add_owned(out, sample)  # out + sample
-    out = engine.multiply(out, 1.0 / math.prod(kernel), into=out)
+        if out is None:
+            out = xp.asarray(sample, copy=True)
+        else:
+            out += sample
+    out *= 1.0 / math.prod(kernel)
     return out, (tuple(x.shape), kernel, stride, padding)
 
 
@@ -861,7 +852,7 @@ def linear_forward(x, w, b=None):
     cache : tuple
     """
     func = "linear_forward"
-    xp = array_namespace(*((x, w) if b is None else (x, w, b)), names=["x", "w", "b"][:2 + (b is not None)])
+    xp = _namespace_xwb(x, w, b)
     check_linear(func, xp, x, w, b)
     out = xp.matmul(x, xp.matrix_transpose(w))
     if b is not None:

@@ -134,7 +134,7 @@ class ConvBN(Layer):
     def forward(self, x):
         h = self.bn.forward(self.conv.forward(x))
         if self.relu:
-            h = self._cache = _relu_owned(h)
+            h = self._cache = engine.relu_owned(h)
         return h
 
     def backward(self, dout, *, input_grad=True):
@@ -163,7 +163,7 @@ class ResidualBlock(Layer):
     def forward(self, x):
         h = self.unit2.forward(self.unit1.forward(x))
         s = x if self.shortcut is None else self.shortcut.forward(x)
-        self._cache = out = _relu_owned(engine.add_owned(h, s))  # relu(h + s), written into h (fresh)
+        self._cache = out = engine.relu_owned(engine.add_owned(h, s))  # relu(h + s), written into h (fresh)
         return out
 
     def backward(self, dout):
@@ -171,13 +171,6 @@ class ResidualBlock(Layer):
         dx = self.unit1.backward(self.unit2.backward(d))
         ds = d if self.shortcut is None else self.shortcut.backward(d)
         return engine.add_owned(dx, ds)  # dx + ds, in dx (fresh)
-
-
-def _relu_owned(h):
-    """ReLU of an array no one else holds (a fresh BN output): in place on NumPy and CuPy."""
-    if B.supports_out(B.array_namespace(h)):
-        return engine.relu_owned(h)
-    return F.relu_forward(h)[0]
 
 
 class NonLocal(Layer):
@@ -227,10 +220,11 @@ class NonLocal(Layer):
 
     def forward(self, x, *, return_attention=False):
         self.block.training = self.training
-        self._cache = (tuple(x.shape), engine.stored_channels_last(x))
+        channels_last = engine.stored_channels_last(x)
+        self._cache = (tuple(x.shape), channels_last)
         out = self.block.forward(self._fold(_contiguous(x)), return_attention=return_attention)
         z, attention = out if return_attention else (out, None)
-        z = _store_like(self._unfold(z, x.shape), self._cache[1])
+        z = _store_like(self._unfold(z, x.shape), channels_last)
         return (z, attention) if return_attention else z
 
     def backward(self, dout):

@@ -44,10 +44,10 @@ derives every step of the backward pass.
 from __future__ import annotations
 
 import math
-
-import numpy as np
+from typing import Any, NamedTuple
 
 from ..backend import array_namespace, device, dtype_name, is_numpy
+from .engine import NonLocalWorkspace
 from .functional import (
     _exp_inplace,
     concat_pairwise_backward,
@@ -94,51 +94,75 @@ def _check(theta, phi, g, mode, scale, w_f, chunk_size):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
 
-def _pairwise(theta, phi, mode, scale, w_f, out=None):
-    """f (or its logits, for the softmax modes) for all queries against the keys in ``phi``."""
-    if mode == "concatenation":
-        return concat_pairwise_forward(theta, phi, w_f, out=out)
-    return dot_pairwise_forward(theta, phi, scale, out=out)
+class _Steps:
+    """The three steps on (B, N, M) arrays, as written: each makes a fresh array.
 
-
-def _pairwise_backward(df, cache, mode):
-    """(dtheta, dphi, dw_f); dw_f is None except for the concatenation. ``df`` may be overwritten."""
-    if mode == "concatenation":
-        return concat_pairwise_backward(df, cache, overwrite_df=True)
-    return dot_pairwise_backward(df, cache) + (None,)
-
-
-def _scratch(workspace, name, shape, dtype):
-    """A reusable NumPy scratch array of ``shape`` from ``workspace``, or None (allocate as usual).
-
-    Fresh (B, N, M) arrays are costly on the CPU: every call maps new pages and
-    the kernel zeroes them, which can take longer than the arithmetic. A
-    workspace keeps one buffer per name and hands out views of it.
+    (A :class:`~nlref.nn.engine.NonLocalWorkspace` takes their place in a block: the same
+    numbers, written into buffers it keeps between calls.)
     """
-    if workspace is None:
-        return None
-    size = math.prod(shape)
-    buf = workspace.get(name)
-    if buf is None or buf.size < size or buf.dtype != dtype:
-        buf = workspace[name] = np.empty(size, dtype=dtype)
-    return buf[:size].reshape(shape)
+
+    @staticmethod
+    def scores(theta, phi, mode, scale, w_f):
+        """f (or its logits, for the softmax modes) for all queries against the keys in ``phi``."""
+        if mode == "concatenation":
+            return concat_pairwise_forward(theta, phi, w_f)
+        return dot_pairwise_forward(theta, phi, scale)
+
+    @staticmethod
+    def product(a, b):
+        """a @ b, the (B, N, M) gradient of the scores."""
+        return array_namespace(a, b).matmul(a, b)
+
+    @staticmethod
+    def pairwise_backward(df, cache, mode):
+        """(dtheta, dphi, dw_f); dw_f is None except for the concatenation."""
+        if mode == "concatenation":
+            return concat_pairwise_backward(df, cache)
+        return dot_pairwise_backward(df, cache) + (None,)
 
 
 def attention_map(theta, phi, *, mode, scale=1.0, w_f=None):
     """The normalised pairwise matrix ``A = f / C``, shape (B, N, M); rows sum to 1 for the softmax modes."""
     _check(theta, phi, None, mode, scale, w_f, None)
-    f, _ = _pairwise(theta, phi, mode, scale, w_f)
+    f, _ = _Steps.scores(theta, phi, mode, scale, w_f)
     if mode in SOFTMAX_MODES:
         return softmax_forward(f)[0]
     f /= phi.shape[2]
     return f
 
 
+class FullCache(NamedTuple):
+    """What the full form's backward pass needs (:func:`nonlocal_forward` without ``chunk_size``)."""
+
+    mode: str
+    f_cache: tuple  # the pairwise function's cache
+    g: Any  # (B, d_g, M) values
+    e: Any  # (B, N, M) unnormalised weights: A = e / C
+    norm: Any  # C: (B, 1, N) row sums for the softmax modes, else the int M
+    y: Any  # (B, d_g, N) output
+    steps: Any  # where the (B, N, M) steps write: _Steps or a NonLocalWorkspace
+
+
+class ChunkedCache(NamedTuple):
+    """What the chunked form's backward pass needs: the inputs, to recompute each block of ``A``."""
+
+    mode: str
+    scale: float
+    w_f: Any
+    chunk_size: int
+    theta: Any  # (B, d, N)
+    phi: Any  # (B, d, M)
+    g: Any  # (B, d_g, M)
+    y: Any  # (B, d_g, N)
+    rows: tuple | None  # (m_i, l_i), each (B, N), for the softmax modes: A_ij = exp(s_ij - m_i) / l_i
+    steps: Any  # as FullCache.steps
+
+
 def cached_attention(cache):
     """A new array holding the attention matrix of a full-form forward pass, or None for the chunked form."""
-    if cache[0] != "full":
+    if not isinstance(cache, FullCache):
         return None
-    e, norm = cache[4], cache[5]
+    e, norm = cache.e, cache.norm
     return e / (norm if isinstance(norm, int) else array_namespace(e).matrix_transpose(norm))
 
 
@@ -159,22 +183,23 @@ def nonlocal_forward(theta, phi, g, *, mode, scale=1.0, w_f=None, chunk_size=Non
     w_f : array, shape (2d,), only for ``mode="concatenation"``
     chunk_size : int, optional
         Process keys in blocks of this many (the memory-efficient form).
-    workspace : dict, optional
-        NumPy only (ignored otherwise): scratch buffers reused across calls for
+    workspace : nlref.nn.engine.NonLocalWorkspace, optional
+        NumPy only (ignored otherwise): the engine's buffers, reused across calls, for
         the (B, N, M) (or (B, N, chunk)) intermediates. The cache then points
         into the workspace, so it is valid until the next call that shares it.
 
     Returns
     -------
     y : array, shape (B, d_g, N)
-    cache : tuple, for :func:`nonlocal_backward`
+    cache : FullCache or ChunkedCache, for :func:`nonlocal_backward`
     """
     _check(theta, phi, g, mode, scale, w_f, chunk_size)
-    if workspace is not None and not is_numpy(array_namespace(theta)):
-        workspace = None
+    if workspace is not None and not isinstance(workspace, NonLocalWorkspace):
+        raise TypeError(f"workspace must be an nlref.nn.engine.NonLocalWorkspace or None, got {type(workspace).__name__}")
+    steps = workspace if workspace is not None and is_numpy(array_namespace(theta)) else _Steps
     if chunk_size is None:
-        return _forward_full(theta, phi, g, mode, scale, w_f, workspace)
-    return _forward_chunked(theta, phi, g, mode, scale, w_f, chunk_size, workspace)
+        return _forward_full(theta, phi, g, mode, scale, w_f, steps)
+    return _forward_chunked(theta, phi, g, mode, scale, w_f, chunk_size, steps)
 
 
 def nonlocal_backward(dy, cache):
@@ -198,7 +223,7 @@ def nonlocal_backward(dy, cache):
     dg : array, shape (B, d_g, M)
     dw_f : array, shape (2d,), or None unless ``mode="concatenation"``
     """
-    if cache[0] == "full":
+    if isinstance(cache, FullCache):
         return _backward_full(dy, cache)
     return _backward_chunked(dy, cache)
 
@@ -210,10 +235,9 @@ def nonlocal_backward(dy, cache):
 # A = e / C, so y = (g e^T) / C and, with dy' = dy / C, dg = dy' e and
 # dA / C = dy'^T g. This spares two passes over the (B, N, M) matrix.
 
-def _forward_full(theta, phi, g, mode, scale, w_f, workspace):
+def _forward_full(theta, phi, g, mode, scale, w_f, steps):
     xp = array_namespace(theta, phi, g)
-    shape = (theta.shape[0], theta.shape[2], phi.shape[2])
-    f, f_cache = _pairwise(theta, phi, mode, scale, w_f, out=_scratch(workspace, "scores", shape, theta.dtype))
+    f, f_cache = steps.scores(theta, phi, mode, scale, w_f)
     if mode in SOFTMAX_MODES:
         f -= xp.max(f, axis=2, keepdims=True)
         e = _exp_inplace(xp, f)
@@ -222,25 +246,19 @@ def _forward_full(theta, phi, g, mode, scale, w_f, workspace):
         e = f
         norm = phi.shape[2]
     y = xp.matmul(g, xp.matrix_transpose(e)) / norm  # (B, d_g, M) @ (B, M, N)
-    return y, ("full", mode, f_cache, g, e, norm, y, workspace)
-
-
-def _matmul(xp, a, b, out):
-    if out is None:
-        return xp.matmul(a, b)
-    return np.matmul(a, b, out=out)
+    return y, FullCache(mode, f_cache, g, e, norm, y, steps)
 
 
 def _backward_full(dy, cache):
-    _, mode, f_cache, g, e, norm, y, workspace = cache
+    mode, f_cache, g, e, norm, y, steps = cache
     xp = array_namespace(dy, g)
     dy_c = dy / norm  # dy_i / C_i
     dg = xp.matmul(dy_c, e)  # (B, d_g, N) @ (B, N, M) = dy A
-    de = _matmul(xp, xp.matrix_transpose(dy_c), g, _scratch(workspace, "dscores", e.shape, e.dtype))  # dA / C
+    de = steps.product(xp.matrix_transpose(dy_c), g)  # dA / C
     if mode in SOFTMAX_MODES:  # ds = A (dA - dy_i . y_i) = e (dA / C - dy_i . y_i / C)
         de -= xp.matrix_transpose(xp.sum(dy_c * y, axis=1, keepdims=True))
         de *= e
-    dtheta, dphi, dw_f = _pairwise_backward(de, f_cache, mode)
+    dtheta, dphi, dw_f = steps.pairwise_backward(de, f_cache, mode)
     return dtheta, dphi, dg, dw_f
 
 
@@ -253,20 +271,17 @@ def _keys(a, block):
     return a[:, :, block]
 
 
-def _forward_chunked(theta, phi, g, mode, scale, w_f, chunk_size, workspace):
+def _forward_chunked(theta, phi, g, mode, scale, w_f, chunk_size, steps):
     xp = array_namespace(theta, phi, g)
     b, _, n = theta.shape
     m = phi.shape[2]
-    dtype = theta.dtype
     dev = device(theta)
     acc = xp.zeros((b, g.shape[1], n), dtype=theta.dtype, device=dev)
     if mode in SOFTMAX_MODES:
         run_max = xp.full((b, n), -math.inf, dtype=theta.dtype, device=dev)
         run_sum = xp.zeros((b, n), dtype=theta.dtype, device=dev)
     for block in _blocks(m, chunk_size):
-        c = block.stop - block.start
-        f, _ = _pairwise(theta, _keys(phi, block), mode, scale, w_f,
-                         out=_scratch(workspace, "scores", (b, n, c), dtype))  # (B, N, c)
+        f, _ = steps.scores(theta, _keys(phi, block), mode, scale, w_f)  # (B, N, c)
         if mode in SOFTMAX_MODES:
             new_max = xp.maximum(run_max, xp.max(f, axis=2))
             f -= new_max[:, :, None]
@@ -285,7 +300,7 @@ def _forward_chunked(theta, phi, g, mode, scale, w_f, chunk_size, workspace):
     else:
         y = acc / m
         rows = None
-    return y, ("chunked", mode, scale, w_f, chunk_size, theta, phi, g, y, rows, workspace)
+    return y, ChunkedCache(mode, scale, w_f, chunk_size, theta, phi, g, y, rows, steps)
 
 
 def _with_row(a, row):
@@ -295,19 +310,15 @@ def _with_row(a, row):
 
 
 def _backward_chunked(dy, cache):
-    _, mode, scale, w_f, chunk_size, theta, phi, g, y, rows, workspace = cache
+    mode, scale, w_f, chunk_size, theta, phi, g, y, rows, steps = cache
     b, _, n = theta.shape
     xp = array_namespace(dy, theta)
     m = phi.shape[2]
     softmax = mode in SOFTMAX_MODES
     if softmax:
-        # Each block of A is recomputed exactly as the forward pass made it: the logits s_ij from the
-        # same product, then exp(s_ij - m_i) / l_i with the saved row maximum m_i and row sum l_i.
-        # (Folding -log C_i into the product as an extra channel would save the subtraction, but in
-        # float32 the sum of s_ij ~ 1e4 and -log C_i ~ -1e4 keeps only the leading digits: dg was
-        # off by 1e-4 relative at logits of 1e4.) 1 / l_i is applied to the small dy, as in the full
-        # form, and dA_ij - dy_i . y_i rides along in one product as an extra channel:
-        # [dy_i / l_i; -dy_i . y_i / l_i] . [g_j; 1].
+        # Each block of A is recomputed as the forward made it, exp(s_ij - m_i) / l_i (why not
+        # otherwise: docs/engine.md); 1 / l_i goes on the small dy, and dA_ij - dy_i . y_i rides
+        # along in one product as an extra channel: [dy_i / l_i; -dy_i . y_i / l_i] . [g_j; 1].
         run_max, run_sum = rows
         dy_c = dy / run_sum[:, None, :]
         dy_aug = _with_row(dy_c, -xp.sum(dy_c * y, axis=1))
@@ -322,17 +333,15 @@ def _backward_chunked(dy, cache):
         values = _keys(g, block)
         if softmax:
             values = xp.concat([values, ones[:, :, :c]], axis=1)
-        f, f_cache = _pairwise(theta, _keys(phi, block), mode, scale, w_f,
-                               out=_scratch(workspace, "scores", (b, n, c), theta.dtype))  # recomputed
+        f, f_cache = steps.scores(theta, _keys(phi, block), mode, scale, w_f)  # recomputed
         if softmax:
             f -= run_max[:, :, None]
             f = _exp_inplace(xp, f)  # l_i A_ij for this block
         dg_blocks.append(xp.matmul(dy_c, f))  # dy A
-        da = _matmul(xp, xp.matrix_transpose(dy_aug), values,
-                     _scratch(workspace, "dscores", (b, n, c), f.dtype))  # dA (- dy_i . y_i), over l_i
+        da = steps.product(xp.matrix_transpose(dy_aug), values)  # dA (- dy_i . y_i), over l_i
         if softmax:
             da *= f  # A_ij (dA_ij - dy_i . y_i)
-        dtheta_b, dphi_b, dw_f_b = _pairwise_backward(da, f_cache, mode)
+        dtheta_b, dphi_b, dw_f_b = steps.pairwise_backward(da, f_cache, mode)
         dtheta += dtheta_b
         dphi_blocks.append(dphi_b)
         if dw_f_b is not None:

@@ -331,3 +331,29 @@ def test_functional_errors():
         F.concat_pairwise_forward(np.zeros((1, 2, 3)), np.zeros((1, 2, 3)), np.zeros(3))
     with pytest.raises(ValueError, match="dims must be 1, 2 or 3"):
         F.pool_kernel(4)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_batchnorm_reused_products_leave_results_alone(training, channels_last):
+    """Batch norm writes into its own spent products (engine.ChannelRows): neither the returned
+    output nor a second backward through the same cache may see that."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 4, 3, 5, 5))
+    if channels_last:  # the layout the networks use, with positions folded into rows
+        x = np.moveaxis(np.ascontiguousarray(np.moveaxis(x, 1, -1)), -1, 1)
+    gamma, beta = rng.standard_normal(4), rng.standard_normal(4)
+    state = {"running_mean": rng.standard_normal(4), "running_var": rng.random(4) + 0.5}
+    out, cache = F.batchnorm_forward(x, gamma, beta, dict(state), training=training)
+    kept = out.copy()
+    dout = rng.standard_normal(x.shape)
+    first = F.batchnorm_backward(dout, cache)
+    np.testing.assert_array_equal(out, kept)
+    second = F.batchnorm_backward(dout, cache)
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(a, b)
+    mean = x.mean(axis=(0, 2, 3, 4)) if training else state["running_mean"]
+    var = x.var(axis=(0, 2, 3, 4)) if training else state["running_var"]
+    shape = (1, 4, 1, 1, 1)
+    want = gamma.reshape(shape) * (x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + 1e-5) + beta.reshape(shape)
+    np.testing.assert_allclose(out, want, rtol=1e-12, atol=1e-12)

@@ -231,3 +231,32 @@ def test_chunked_matches_full_and_sdpa_at_large_logits(logit, dtype):
         else:
             assert to_full <= 1e-6, f"{name}: chunked {to_full:.2e} from the full form at logits {logit:g}"
             assert err <= 16 * err_peer + 1e-6, f"{name}: chunked {err:.2e}, SDPA {err_peer:.2e} at {logit:g}"
+
+
+@pytest.mark.parametrize("chunk", [None, 2])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_engine_workspace_gives_the_textbook_bits(mode, chunk, dtype):
+    """The engine's reused buffers compute what the textbook's fresh arrays do, to the bit, call after call."""
+    from nlref.nn.engine import NonLocalWorkspace
+
+    workspace = NonLocalWorkspace()
+    for seed in (0, 1, 2):  # the later calls reuse (and must overwrite) the first call's buffers
+        inp = _inputs(np, mode, n=9 - seed, m=6, dtype=dtype, seed=seed)
+        dy = np.random.default_rng(seed + 10).standard_normal((2, 4, 9 - seed)).astype(dtype)
+        y, cache = nonlocal_forward(*_args(inp), **_kw(mode, inp), chunk_size=chunk)
+        grads = nonlocal_backward(dy, cache)
+        y_ws, cache_ws = nonlocal_forward(*_args(inp), **_kw(mode, inp), chunk_size=chunk, workspace=workspace)
+        assert len(workspace) >= 1
+        np.testing.assert_array_equal(y_ws, y)
+        for got, want in zip(nonlocal_backward(dy, cache_ws), grads):
+            if want is None:
+                assert got is None
+            else:
+                np.testing.assert_array_equal(got, want)
+
+
+def test_workspace_must_be_the_engines():
+    inp = _inputs(np, "dot_product")
+    with pytest.raises(TypeError, match="workspace must be an nlref.nn.engine.NonLocalWorkspace"):
+        nonlocal_forward(*_args(inp), **_kw("dot_product", inp), workspace={})

@@ -15,23 +15,28 @@ Its modules:
   product, spare padded buffers.
 * :mod:`nlref.nn.engine.layout`: channels-last storage and batch norm's per-channel matrix
   (positions folded into rows).
-* :mod:`nlref.nn.engine.pool`: max pooling's running maximum and gradient routing, and
-  in-place adds, branch-free.
+* :mod:`nlref.nn.engine.pool`: max pooling's running maximum and gradient routing, and the
+  pools' in-place scatter, branch-free.
+* :mod:`nlref.nn.engine.elementwise`: sums, products, ReLU and ``exp`` written into fresh
+  temporaries the caller owns.
+* :mod:`nlref.nn.engine.nonlocal_op`: the non-local operation's (B, N, M) steps written into
+  buffers a block keeps between calls.
 * :mod:`nlref.nn.engine.adam`: Adam's update on all parameters as one flat vector.
 
-Every trick carries a comment with the figure it bought, measured on the project's 2-core
-test machine (see ``docs/engine.md``).
+Each trick is described in one line where it lives; the figure it bought, measured on the
+project's 2-core test machine, and its history are in ``docs/engine.md``.
 """
 
 from .adam import adam_step_flat, flat_adam_applies
 from .conv import conv3d_backward, conv3d_forward
-from .layout import (ChannelRows, channel_sums, channels_first, channels_last, exp_inplace, multiply,
-                     stored_channels_last)
-from .pool import add_at, add_owned, relu_owned, running_max, winner_gradients
+from .elementwise import add_owned, exp_inplace, relu_owned
+from .nonlocal_op import NonLocalWorkspace
+from .layout import ChannelRows, channel_sums, channels_first, channels_last, stored_channels_last
+from .pool import add_at, running_max, winner_gradients
 
 __all__ = [
     "conv3d_forward", "conv3d_backward",
-    "ChannelRows", "multiply", "channels_last", "channels_first", "stored_channels_last", "channel_sums",
+    "ChannelRows", "channels_last", "channels_first", "stored_channels_last", "channel_sums",
     "exp_inplace", "add_owned", "add_at", "relu_owned", "running_max", "winner_gradients",
-    "adam_step_flat", "flat_adam_applies",
+    "adam_step_flat", "flat_adam_applies", "NonLocalWorkspace",
 ]

@@ -3,53 +3,29 @@ r"""The tuned 3-D convolution: channels-last im2col, chunked, paired, dense and 
 :func:`nlref.nn.functional.conv3d_forward` and :func:`~nlref.nn.functional.conv3d_backward`
 call :func:`conv3d_forward` and :func:`conv3d_backward` here; what they compute is
 :func:`nlref.nn.functional.conv3d_reference`, a loop over the kernel's offsets, and the
-tests hold them to it. Everything in this module exists for speed. The figures are from
-the 2-core test machine (``docs/benchmarks.md``, "Training throughput", and the commits
-named); together this work took training from 0.26x to about 0.7x PyTorch's throughput.
+tests hold them to it. Everything in this module exists for speed; each trick's figure and
+history are in ``docs/engine.md`` ("The tricks one by one").
 
-* **im2col, channels-last** (:class:`_Columns`, :func:`_conv_cl`). The input is read as
-  ``x_cl`` (B, T, H, W, C); the ``K = kt kh kw`` samples under every window are copied into
-  one row of a column matrix ``cols`` (B T' H' W', K C) (column ``k C + c`` holds offset
-  ``k`` of channel ``c``), and the convolution is one product
-  :math:`\mathrm{out}_{(B T' H' W',\ O)} = \mathrm{cols}\ w_{(K C,\ O)}`. Channels-last,
-  every copied run is ``kw C`` contiguous values and the product has ``B T' H' W'`` rows
-  however small each map is (the per-sample products of the first version had 16 to 64
-  columns at the network's 8x8 to 2x2 maps and copied runs of 2 to 8 values). On NumPy and
-  CuPy the columns are copied from a strided *window view* of the padded input
-  (:func:`_window_view`), with no Python loop over offsets. The output is returned stored
-  channels-last, so a network's activations stay that way from layer to layer.
-* **Column chunks** (:data:`CONV_CHUNK_BYTES`): on NumPy the batch is done 2 MiB of columns
-  at a time, so the copy and the product that reads it stay in the CPU caches (1 MiB and
-  4 MiB chunks measured 0.93 and 0.997 as fast in whole training steps).
-* **Paired output columns** (:data:`CONV_PAIR_CHANNELS`, :func:`_widen`): with stride 1 and
-  at most 16 channels a row of columns serves two neighbouring outputs along W (it holds
-  the ``kt x kh x (kw + 1)`` window they share) and the weight matrix is twice as wide (the
-  kernel in both column blocks, shifted by one tap): ``(kw + 1) / (2 kw)`` of the copies for
-  ``(kw + 1) / kw`` of the multiply-adds. Forward + backward alone, 1.16 to 1.18x faster
-  for 16 channels on 8x8 maps (res2), 1.07x on 4x4, 1.08x on 32x32; whole training steps
-  1.056x and 1.017x (medians of 40 and 30 pairs; commit 7977d0d).
-* **The flipped backward** (:func:`_flipped_backward`): with stride 1 (and
-  ``padding <= kernel - 1``) the input gradient is the *full* correlation of the output
-  gradient with the flipped kernel, so it is computed as the forward's fast copy of the
-  padded output gradient's column matrix ``D`` times the flipped kernel's matrix, and the
-  weight gradient as ``D^T x`` from the same chunks of ``D`` while they are in the cache; the
-  forward then keeps no columns of ``x``. About 6% faster per training step (median of 30
-  pairs; commit 867e8c7). Its weight matrix and the fold of its weight gradient come from a
-  cached index plan (:func:`_flip_plan`), one gather each instead of a flip, transposes and
-  0/1 products every call (part of the "less per call" work: 1.053x per step, commit 47c39eb).
-* **Kept columns** (:data:`CONV_KEEP_BYTES`): a strided convolution keeps its column matrix
-  (up to 64 MiB) for the weight gradient instead of copying it again.
+* **im2col, channels-last** (:class:`_Columns`, :func:`_conv_cl`): every window's samples are
+  copied from a strided window view of the channels-last padded input into one row of a column
+  matrix ``cols`` (B T' H' W', K C), and the convolution is one product ``cols @ w`` (K C, O);
+  the output is stored channels-last.
+* **Column chunks** (:data:`CONV_CHUNK_BYTES`): on NumPy the columns are built a cache-sized
+  part of the batch at a time.
+* **Paired output columns** (:data:`CONV_PAIR_CHANNELS`, :func:`_widen`): with stride 1 and few
+  channels, one row of columns serves two neighbouring outputs along W.
+* **The flipped backward** (:func:`_flipped_backward`): with stride 1 the input gradient is the
+  full correlation of the output gradient with the flipped kernel, computed from the output
+  gradient's columns, which also give the weight gradient; its index plan is cached
+  (:func:`_flip_plan`).
+* **Kept columns** (:data:`CONV_KEEP_BYTES`): a strided convolution keeps its columns for the
+  weight gradient.
 * **The dense per-frame product** (:data:`DENSE_MAX_RATIO`, :func:`_dense_plan`): a
-  1 x kh x kw convolution on maps of at most ``kh kw`` positions (res4's 2x2) is each frame
-  times one block-sparse (H W C, H' W' O) matrix: no column copy, fewer multiply-adds there;
-  3x faster than im2col at 2x2, level at 4x4, 2x slower at 8x8 (32 to 64 channels; commit
-  85cb595).
-* **Spare padded buffers** (:class:`_SpareBorders`): padded inputs are reused with their
-  zero borders intact, because writing the borders runs along thousands of short rows and
-  took as long as copying the interior (part of the "less per call" work, 1.053x per step).
-* **Less per call**: the window view is built by the ``ndarray`` constructor instead of
-  ``as_strided``, and NumPy is called directly instead of through the array-API wrappers
-  where a layer is called every step (a step at batch 1 went from 6.7-7.9 ms to 5.2-6.8 ms).
+  1 x kh x kw convolution on tiny maps is one block-sparse matrix product per frame.
+* **Spare padded buffers** (:class:`_SpareBorders`): padded inputs are reused with their zero
+  borders intact.
+* **Less per call**: the window view comes from the ``ndarray`` constructor, and NumPy is
+  called directly where a layer is called every step.
 
 Every path gives the same numbers on every library up to rounding; on array-API libraries
 without ``out=`` (array-api-strict) the columns are stacked from one slice per offset.
@@ -61,6 +37,7 @@ import functools
 import itertools
 import math
 import threading
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -68,20 +45,28 @@ from ...backend import array_namespace, asarray, device, is_numpy, native_namesp
 from .._shapes import dtype_of, interior, strided, window_offsets
 from .layout import channel_sums, channels_first, channels_last
 
-#: The size in bytes of the column matrix built per chunk of the batch on NumPy, small enough to stay in
-#: the CPU caches between the copy that builds it and the matrix product that reads it
-#: (1 MiB and 4 MiB chunks: 0.93x and 0.997x the speed of whole training steps, median of
-#: 20 to 24 pairs, docs/benchmarks.md).
+#: The size in bytes of the column matrix built per chunk of the batch on NumPy: it stays in the CPU
+#: caches between the copy that builds it and the product that reads it.
 CONV_CHUNK_BYTES = 2 << 20
 #: Column matrices up to this size are kept from the forward pass for the backward pass of a
 #: strided convolution (which otherwise rebuilds them chunk by chunk): memory traded for one
 #: copy of them.
 CONV_KEEP_BYTES = 64 << 20
 #: Stride-1 convolutions with at most this many input and output channels compute their
-#: output columns in pairs (see the module docstring). On the 2-core test machine, 3 x 3
-#: kernels, forward + backward: 1.07 to 1.16 times faster with 16 channels (4 x 4 to 32 x 32
-#: maps), 0.97 to 1.02 with 32.
+#: output columns in pairs (see the module docstring).
 CONV_PAIR_CHANNELS = 16
+
+
+class ConvContext(NamedTuple):
+    """What :func:`conv3d_backward` needs from :func:`conv3d_forward`."""
+
+    x_cl: Any  # the input, channels-last (B, T, H, W, C)
+    kept: Any  # the kept column matrix (strided im2col), the dense product's big weight matrix, or None
+    plan: Any  # the dense per-frame plan, or None for im2col
+    w: Any  # (O, C, kt, kh, kw)
+    stride: tuple
+    padding: tuple
+    pairs: int  # output columns computed per row of columns (1 or 2)
 
 
 def conv3d_forward(xp, x, w, kernel, stride, padding, out_size):
@@ -99,7 +84,7 @@ def conv3d_forward(xp, x, w, kernel, stride, padding, out_size):
     Returns
     -------
     out : array, shape (B, O, T', H', W'), stored channels-last on NumPy and CuPy
-    context : tuple
+    context : ConvContext
         What :func:`conv3d_backward` needs.
     """
     x_cl = channels_last(x)
@@ -114,7 +99,7 @@ def conv3d_forward(xp, x, w, kernel, stride, padding, out_size):
                              stride[:2] + (stride[2] * pairs,), padding, out_size[:2] + (out_size[2] // pairs,),
                              keep=keep)
         out = xp.reshape(out, (x.shape[0],) + out_size + (w.shape[0],))
-    return channels_first(xp, out), (x_cl, kept, plan, w, stride, padding, pairs)
+    return channels_first(xp, out), ConvContext(x_cl, kept, plan, w, stride, padding, pairs)
 
 
 def conv3d_backward(xp, dout, context, *, input_grad=True, bias=False):
@@ -124,7 +109,7 @@ def conv3d_backward(xp, dout, context, *, input_grad=True, bias=False):
     ----------
     xp : namespace
     dout : array, shape (B, O, T', H', W')
-    context : tuple, from :func:`conv3d_forward`
+    context : ConvContext, from :func:`conv3d_forward`
     input_grad : bool
         False skips ``dx``.
     bias : bool
@@ -210,8 +195,7 @@ def _flip_plan(o, c, kernel, pairs):
     each entry of w's gradient finds its ``pairs`` terms in that matrix's flat gradient.
 
     Found by running the transforms on the numbers 1, 2, ... in w's place; a gather then gives
-    their values in a few calls instead of a dozen, the same numbers to the bit (part of the
-    per-call work of commit 47c39eb: a step at batch 1 from 6.7-7.9 ms to 5.2-6.8 ms).
+    their values in a few calls instead of a dozen, the same numbers to the bit.
     """
     size = o * c * math.prod(kernel)
     ids = np.arange(1.0, size + 1.0).reshape((o, c) + tuple(kernel))
@@ -293,11 +277,8 @@ def _pointwise(kernel, stride, padding):
 class _SpareBorders(threading.local):
     """Padded NumPy buffers handed back by :func:`_pad_cl`'s callers, by (shape, dtype, padding),
     at most :attr:`limit` of them (per thread), each of at most :attr:`max_bytes` (larger ones
-    are left to the allocator). Their borders are still zero, so the next
-    padding of that shape only copies the interior: writing the zero borders runs along
-    thousands of short rows (one per position of H and T), which took about as long as
-    copying the interior. (With the other per-call work of commit 47c39eb: whole training
-    steps 1.053x faster, 30 pairs.)"""
+    are left to the allocator). Their borders are still zero, so the next padding of that
+    shape only copies the interior (writing borders runs along many short rows)."""
 
     limit = 16
     max_bytes = 16 << 20
@@ -359,7 +340,7 @@ def _window_view(nat, xpad, kernel, stride, out_size):
     st = xpad.strides
     shape = (xpad.shape[0],) + tuple(out_size) + tuple(kernel) + (xpad.shape[4],)
     strides = (st[0],) + tuple(a * s for a, s in zip(st[1:4], stride)) + tuple(st[1:4]) + (st[4],)
-    if nat is np and xpad.flags.c_contiguous:  # the same view, without as_strided's slow Python (commit 47c39eb)
+    if nat is np and xpad.flags.c_contiguous:  # the same view, without as_strided's slow Python
         return np.ndarray(shape, xpad.dtype, buffer=xpad, strides=strides)
     return nat.lib.stride_tricks.as_strided(xpad, shape, strides)
 

@@ -14,6 +14,7 @@ import math
 import numpy as np
 
 from ...backend import array_namespace, device, native_namespace, supports_out
+from .elementwise import multiply
 
 
 def stored_channels_last(x):
@@ -44,7 +45,7 @@ def channel_sums(a):
     """Per-channel sums of a channels-last matrix ``a`` (M, C) -> (C,).
 
     On NumPy and CuPy a matrix-vector product with ones: summing down the rows of a
-    C-wide matrix is a slow reduction there (for C = 16, about 15 times slower).
+    narrow matrix is a slow reduction there.
     """
     xp = array_namespace(a)
     if not supports_out(xp):
@@ -54,29 +55,12 @@ def channel_sums(a):
     return xp.matmul(xp.ones(a.shape[0], dtype=a.dtype, device=device(a)), a)
 
 
-def multiply(a, b, *, into=None):
-    """a * b, written into ``into`` (a fresh temporary of the result's shape, no longer needed)
-    where the library allows: one activation-sized allocation fewer per call."""
-    if into is not None and supports_out(array_namespace(a)):
-        return native_namespace(array_namespace(a)).multiply(a, b, out=into)
-    return a * b
-
-
-def exp_inplace(xp, a):
-    """exp(a), overwriting ``a`` where the library allows it (``a`` must be a fresh temporary)."""
-    if supports_out(xp):
-        return native_namespace(xp).exp(a, out=a)
-    return xp.exp(a)
-
-
 def row_fold(x):
     """How :class:`ChannelRows` lays ``x`` out: 0 for (B, C, N); for an ``x`` stored
     channels-last, ``r`` >= 1 positions per row of an (M / r, r C) matrix.
 
     Folding ``r`` positions into a row makes every broadcast of a per-channel value a
-    long inner loop (``r C``, up to 1024 values, instead of ``C``): on NumPy that halves
-    the time of the batch norm's elementwise passes for 16 channels (res2's batch norm
-    2x faster, commit 6aad733).
+    long inner loop (``r C``, up to 1024 values, instead of ``C``).
     """
     if not stored_channels_last(x):
         return 0
@@ -93,6 +77,8 @@ class ChannelRows:
     positions to a row (:func:`row_fold`), so that no copy is made either way and per-channel
     broadcasts run along long rows. :meth:`sums` and :meth:`spread` go between per-channel
     (C,) vectors and that matrix, :meth:`restore` goes back to (B, C, ...), stored as given.
+    :meth:`sums_of_products` keeps its product as a spare buffer (NumPy, CuPy) that the next
+    :meth:`scaled` writes into: one activation-sized allocation fewer.
 
     Parameters
     ----------
@@ -104,6 +90,7 @@ class ChannelRows:
         self.shape = tuple(x.shape)
         self.fold = row_fold(x)
         self.count = self.shape[0] * math.prod(self.shape[2:])  # M = B N values per channel
+        self._spare = None
 
     def matrix(self, a):
         """``a`` (of the layout's shape) as the matrix; a view where the storage allows."""
@@ -122,11 +109,22 @@ class ChannelRows:
             return xp.sum(xp.reshape(sums, (self.fold, -1)), axis=0)
         return xp.sum(a, axis=(0, 2))
 
+    def sums_of_products(self, a, b):
+        """Per-channel sums (C,) of ``a * b`` (matrices); the product is kept for :meth:`scaled`."""
+        products = a * b
+        self._spare = products if supports_out(array_namespace(products)) else None
+        return self.sums(products)
+
+    def scaled(self, a, v):
+        """``a * spread(v)``, written into the spare product of :meth:`sums_of_products` if one is left."""
+        spare, self._spare = self._spare, None
+        return multiply(a, self.spread(v), into=spare)
+
     def spread(self, v):
         """Per-channel values (C,) broadcast against the matrix."""
         if not self.fold:
             return v[:, None]
-        if supports_out(array_namespace(v)):  # NumPy/CuPy: the same values as ``tile``, without its 4 us
+        if supports_out(array_namespace(v)):  # NumPy/CuPy: the same values as ``tile``, fewer calls
             return v[None].repeat(self.fold, axis=0).reshape(-1)
         return array_namespace(v).tile(v, (self.fold,))
 

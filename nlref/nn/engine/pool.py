@@ -1,33 +1,15 @@
-"""Pooling and elementwise steps done in place, branch-free, into reused buffers (NumPy and CuPy).
+"""Pooling steps done in place, branch-free, into reused buffers (NumPy and CuPy).
 
 :mod:`nlref.nn.functional` writes each of these layers as a portable loop over the window's
 offsets; where the library writes into existing arrays (``out=``) it calls the functions
 here, which take the same steps in the same order (the same numbers to the bit) without a
-fresh temporary per offset and without data-dependent branches. Figures from the 2-core
-test machine (``docs/benchmarks.md``; commit 6aad733 and the first speed commits).
+fresh temporary per offset and without data-dependent branches (figures: ``docs/engine.md``).
 """
 
 from __future__ import annotations
 
 from ...backend import array_namespace, native_namespace, supports_out
 from .._shapes import strided
-
-
-def add_owned(a, b):
-    """a + b, written into ``a`` (a fresh array no one else holds) where the library allows."""
-    xp = array_namespace(a, b)
-    if supports_out(xp):
-        return native_namespace(xp).add(a, b, out=a)
-    return a + b
-
-
-def relu_owned(a):
-    """max(a, 0), written into ``a`` (a fresh NumPy or CuPy array no one else holds).
-
-    The network applies ReLU this way to its own batch-norm outputs: one activation-sized
-    allocation fewer per ReLU (part of commit 85cb595).
-    """
-    return native_namespace(array_namespace(a)).maximum(a, 0, out=a)
 
 
 def add_at(a, index, part):
@@ -44,8 +26,8 @@ def add_at(a, index, part):
 def running_max(x, xpad, offsets, out_size, stride, arg_dtype):
     """:func:`nlref.nn.functional.maxpool3d_forward`'s scan over the window offsets, in place.
 
-    The same steps as branch-free arithmetic into preallocated buffers (masked copies
-    are ~40x slower): offsets come in increasing order, so "arg = k where better" is
+    The same steps as branch-free arithmetic into preallocated buffers (no masked copies):
+    offsets come in increasing order, so "arg = k where better" is
     arg = max(arg, k * better), and the new maximum is max(out, sample). Returns the
     maximum ``out`` and the winning offset ``arg`` of every window.
     """
@@ -70,9 +52,8 @@ def winner_gradients(dout, arg):
     """``k -> where(arg == k, dout, 0)`` for :func:`nlref.nn.functional.maxpool3d_backward`, into
     reused buffers.
 
-    With a finite ``dout`` the routing is a product with the 0/1 mask (a ``where`` on
-    values of random sign is about 15x slower: branch mispredictions); an inf or NaN in
-    ``dout`` keeps ``where``, so that ``inf * 0`` puts no NaN beside the winner.
+    With a finite ``dout`` the routing is a product with the 0/1 mask (branch-free); an inf
+    or NaN in ``dout`` keeps ``where``, so that ``inf * 0`` puts no NaN beside the winner.
     """
     nat = native_namespace(array_namespace(dout))
     if bool(nat.all(nat.isfinite(dout))):
