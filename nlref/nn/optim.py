@@ -134,7 +134,7 @@ class SGD(_Optimiser):
     {"params": others, "weight_decay": 0.0}], lr=lr, momentum=momentum)``, where ``others``
     are the parameters for which ``model.no_decay(key)`` is true (batch-norm gamma and beta,
     and biases) and ``decayed`` are the rest (the convolution and linear weights);
-    ``dampening=0``, ``nesterov=False``. ``tests/test_optim.py`` holds it to that
+    ``dampening=0``, ``nesterov=False``. ``tests/nn/test_optim.py`` holds it to that
     configuration (1e-12 after several steps). A single-group ``torch.optim.SGD(...,
     weight_decay=...)`` would also decay the biases and BN parameters, and differs.
 
@@ -170,7 +170,7 @@ class Adam(_Optimiser):
     {"params": others, "weight_decay": 0.0}], lr=lr, betas=betas, eps=eps)``, where ``others``
     are the parameters for which ``model.no_decay(key)`` is true (batch-norm gamma and beta,
     and biases) and ``decayed`` are the rest; the weight decay is L2, added to the gradient
-    (``amsgrad=False``; not ``torch.optim.AdamW``'s decoupled decay). ``tests/test_optim.py``
+    (``amsgrad=False``; not ``torch.optim.AdamW``'s decoupled decay). ``tests/nn/test_optim.py``
     holds it to that configuration (1e-12 after several steps). A single-group
     ``torch.optim.Adam(..., weight_decay=...)`` would also decay the biases and BN
     parameters, and differs.
