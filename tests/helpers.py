@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import numpy as np
 
 import nlref.backend as B
@@ -43,3 +45,36 @@ def tiny_run(out, **changes):
 def folder_bytes(folder):
     """Every file directly in ``folder``, by name, with its bytes (to show that nothing changed)."""
     return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def random_block(xp, shape, accept, *, dtype="float64", **config):
+    """A 4-channel NonLocalBlock with every parameter and buffer random (gamma != 0) and an input of ``shape``.
+
+    Seeds 0, 1, ... are tried until ``accept(block, x)`` holds (an input away
+    from the kinks a finite difference must not cross).
+    """
+    from nlref.nn import NonLocalBlock
+
+    for seed in range(50):
+        rng = np.random.default_rng(seed)
+        block = NonLocalBlock(4, dims=len(shape) - 2, dtype=dtype, seed=seed, xp=xp, **config)
+        for k, v in block.params.items():
+            block.params[k] = B.asarray(rng.standard_normal(tuple(v.shape)), like=v, dtype=v.dtype)
+        for k, v in block.buffers.items():
+            host = rng.uniform(0.5, 2.0, tuple(v.shape)) if k.endswith("var") else rng.standard_normal(tuple(v.shape))
+            block.buffers[k] = B.asarray(host, like=v, dtype=v.dtype)
+        x = B.asarray(rng.standard_normal(shape), xp=xp, dtype=block.dtype)
+        if accept(block, x):
+            return block, x
+    raise AssertionError(f"no seed gave an input that {accept.__name__} accepts")
+
+
+def traced_peak(run):
+    """The largest amount of memory (tracemalloc) allocated above the start while ``run()`` runs."""
+    tracemalloc.start()
+    try:
+        start = tracemalloc.get_traced_memory()[0]
+        run()
+        return tracemalloc.get_traced_memory()[1] - start
+    finally:
+        tracemalloc.stop()

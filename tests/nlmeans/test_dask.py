@@ -20,6 +20,7 @@ dask = pytest.importorskip("dask")
 import nlref  # noqa: E402
 from nlref.nlmeans import chunked, median  # noqa: E402
 from nlref.nlmeans.fast import halo, working_memory  # noqa: E402
+from tests.helpers import traced_peak  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -298,17 +299,6 @@ def test_store_graph_is_one_independent_task_per_chunk(aggregation, tmp_path):
                 assert not (chunk_keys & deps) and len(deps) == (0 if file else 1), graph[key]
 
 
-def _traced_peak(run):
-    """The largest amount of memory (tracemalloc) allocated above the start while ``run()`` runs."""
-    tracemalloc.start()
-    try:
-        start = tracemalloc.get_traced_memory()[0]
-        run()
-        return tracemalloc.get_traced_memory()[1] - start
-    finally:
-        tracemalloc.stop()
-
-
 def test_store_memory_of_a_worker_is_one_task():
     """One worker thread (synchronous scheduler) denoising a whole array into a target holds one task at a time.
 
@@ -325,11 +315,11 @@ def test_store_memory_of_a_worker_is_one_task():
     block = np.prod([c + 2 * w for c, w in zip(chunks, m)]) * image.itemsize  # chunk + halo, float32
     loop = working_memory(chunks, 1, (3, 3, 3), (5, 5, 5), "pixel", 4, 1)
     store_route = chunked.nl_means_store(image, chunks=chunks, **kwargs)
-    peak_store = _traced_peak(lambda: da.store(store_route, target, scheduler="synchronous"))
+    peak_store = traced_peak(lambda: da.store(store_route, target, scheduler="synchronous"))
     np.testing.assert_array_equal(target, nlref.nl_means(image, workers=1, **kwargs))
     assert block < peak_store <= loop, peak_store / block
     dask_route = nlref.nl_means(da.from_array(image, chunks=chunks), **kwargs)
-    peak_dask = _traced_peak(lambda: da.store(dask_route, target, scheduler="synchronous"))
+    peak_dask = traced_peak(lambda: da.store(dask_route, target, scheduler="synchronous"))
     assert peak_dask > peak_store, (peak_dask / block, peak_store / block)
 
 

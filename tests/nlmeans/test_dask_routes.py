@@ -7,7 +7,6 @@ and result, bit for bit, for every dtype and shape the in-memory call takes.
 
 from __future__ import annotations
 
-import tracemalloc
 import warnings
 
 import numpy as np
@@ -18,6 +17,7 @@ dask = pytest.importorskip("dask")
 
 import nlref  # noqa: E402
 from nlref.nlmeans import median, store  # noqa: E402
+from tests.helpers import traced_peak  # noqa: E402
 
 
 def _noisy(shape, seed=0, sigma=0.1):
@@ -46,16 +46,6 @@ def synchronous():
 # ---- a memory map is read chunk by chunk, never whole ----
 
 
-def _traced_peak(run):
-    tracemalloc.start()
-    try:
-        start = tracemalloc.get_traced_memory()[0]
-        run()
-        return tracemalloc.get_traced_memory()[1] - start
-    finally:
-        tracemalloc.stop()
-
-
 def test_memmap_is_never_read_whole(tmp_path, synchronous):
     """Planning a run on a 32 MiB memory map (one pass over it) and computing one chunk trace a few chunks' memory.
 
@@ -76,7 +66,7 @@ def test_memmap_is_never_read_whole(tmp_path, synchronous):
         run.block = lazy.blocks[1, 2, 3].compute()
 
     run(source[:16, :256, :256].copy())  # the first run's imports and caches are not what is measured
-    peak = _traced_peak(lambda: run(source))
+    peak = traced_peak(lambda: run(source))
     assert peak < nbytes / 8, f"{peak / 2**20:.1f} MiB traced for a {nbytes / 2**20:.0f} MiB memory map"
     z, y, x = 8, 128, 192
     window = np.asarray(source[z - 4:z + 12, y - 4:y + 68, x - 4:x + 68])  # the chunk and a halo of 4 > 2

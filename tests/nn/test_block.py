@@ -12,7 +12,7 @@ import nlref
 import nlref.backend as B
 from nlref.nn import NonLocalBlock, layer_gradcheck
 from nlref.nn.nonlocal_op import MODES, SOFTMAX_MODES
-from tests.helpers import assert_same_library
+from tests.helpers import assert_same_library, random_block
 
 SHAPES = {1: (2, 4, 6), 2: (2, 4, 4, 4), 3: (2, 4, 2, 4, 4)}
 
@@ -65,18 +65,7 @@ def _margins_ok(block, x):
 
 def _random_block(xp, dims, config, *, dtype="float64"):
     """A block with every parameter and buffer random (gamma != 0) and an input away from kinks."""
-    for seed in range(50):
-        rng = np.random.default_rng(seed)
-        block = NonLocalBlock(4, dims=dims, dtype=dtype, seed=seed, xp=xp, **config)
-        for k, v in block.params.items():
-            block.params[k] = B.asarray(rng.standard_normal(tuple(v.shape)), like=v, dtype=v.dtype)
-        for k, v in block.buffers.items():
-            host = rng.uniform(0.5, 2.0, tuple(v.shape)) if k.endswith("var") else rng.standard_normal(tuple(v.shape))
-            block.buffers[k] = B.asarray(host, like=v, dtype=v.dtype)
-        x = B.asarray(rng.standard_normal(SHAPES[dims]), xp=xp, dtype=block.dtype)
-        if _margins_ok(block, x):
-            return block, x
-    raise AssertionError("no seed gave inputs away from the kinks")
+    return random_block(xp, SHAPES[dims], _margins_ok, dtype=dtype, **config)
 
 
 # --------------------------------------------------------------------------- gradient checks
