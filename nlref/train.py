@@ -60,6 +60,9 @@ OPTIMISERS = ("adam", "sgd")
 TASKS = ("sprites", "pairs2d")
 #: The models that apply to each task (``"c2d"`` on images is the 2-D :class:`~nlref.nn.models.ImageResNet`).
 TASK_MODELS = {"sprites": MODELS, "pairs2d": ("c2d",)}
+#: Where a task's documented run departs from :class:`TrainConfig`'s shared defaults (docs/training.md):
+#: ``nlref train --task`` starts from these for the flags left out. ``TrainConfig(task=...)`` does not.
+TASK_DEFAULTS = {"sprites": {}, "pairs2d": {"size": 24, "kinds": 4, "dropout": 0.0}}
 _FORMAT = "nlref-checkpoint-1"
 # frames each sprite is visible: sprite_clips' default, which build_data keeps
 _SPRITE_DURATION = inspect.signature(sprite_clips).parameters["duration"].default

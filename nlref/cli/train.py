@@ -66,6 +66,10 @@ _SPECIFIC = {"stage": ("--stage", "stage"), "extent": ("--extent", "extent"), "m
              "heads": ("--heads", "num_heads"), "mlp_dim": ("--mlp-dim", "mlp_dim")}
 
 
+#: Options whose default depends on --task (nlref.train.TASK_DEFAULTS); None on the command line when left out.
+_PER_TASK = ("size", "kinds", "dropout")
+
+
 def _refuse_ignored(args):
     """An option typed for another task or network would be ignored silently: refuse it, saying where it applies."""
     def typed(*names):
@@ -86,7 +90,7 @@ def _refuse_ignored(args):
 def run_train(args):
     """``nlref train``: the options map one to one onto :class:`nlref.train.TrainConfig`."""
     from nlref.backend import retain_freed_memory
-    from nlref.train import CHECKPOINT, RUN_FILES, CheckpointError, TrainConfig, train
+    from nlref.train import CHECKPOINT, RUN_FILES, TASK_DEFAULTS, CheckpointError, TrainConfig, train
 
     xp = None
     if args.backend == "cupy":
@@ -96,15 +100,18 @@ def run_train(args):
             raise CommandError(f"--backend cupy needs CuPy with a CUDA device ({err})") from None
     _refuse_ignored(args)
     d = TrainConfig()
-    given = {name: getattr(args, name) for name in _SPECIFIC}
-    given = {name: getattr(d, _SPECIFIC[name][1]) if value is None else value for name, value in given.items()}
+    given = {name: getattr(args, name) for name in (*_SPECIFIC, *_PER_TASK)}
+    left_out = {**{_SPECIFIC[name][1]: getattr(d, _SPECIFIC[name][1]) for name in _SPECIFIC},
+                **{name: getattr(d, name) for name in _PER_TASK}, **TASK_DEFAULTS[args.task]}
+    given = {name: left_out[_SPECIFIC[name][1] if name in _SPECIFIC else name] if value is None else value
+             for name, value in given.items()}
     fields = {"task": args.task, "margin": given["margin"], "model": args.model,
               "nonlocal_blocks": args.nonlocal_blocks, "stage": given["stage"], "mode": args.mode,
               "extent": given["extent"], "sub_sample": not args.no_sub_sample, "bn_layer": not args.no_bn,
-              "scale": args.scale, "pool": args.pool, "dropout": args.dropout,
+              "scale": args.scale, "pool": args.pool, "dropout": given["dropout"],
               "epochs": args.epochs, "batch_size": args.batch_size, "optimizer": args.optimizer,
               "n_train": args.n_train, "n_val": args.n_val, "seed": args.seed, "relation": args.relation,
-              "kinds": args.kinds, "size": args.size, "dtype": args.dtype, "embed_dim": given["embed_dim"],
+              "kinds": given["kinds"], "size": given["size"], "dtype": args.dtype, "embed_dim": given["embed_dim"],
               "depth": given["depth"], "num_heads": given["heads"], "mlp_dim": given["mlp_dim"]}
     if args.lr is not None:
         fields["lr"] = args.lr
@@ -152,7 +159,8 @@ def run_train(args):
 
 _TRAIN = """\
 --task pairs2d trains a 2-D residual network (--model c2d, width and depth the first
-stage's) on the two-shape images of nlref.data.pairs2d instead of the sprite clips;
+stage's) on the two-shape images of nlref.data.pairs2d instead of the sprite clips,
+with the documented run's --size, --kinds and --dropout unless given;
 --stage, --extent and the transformer's options do not apply to it.
 Writes OUT/checkpoint.npz, metrics.json and metrics.csv after every epoch (atomically).
 An OUT that already holds a run is refused unless --resume (continue it) or --overwrite
@@ -165,9 +173,15 @@ def add_parser(sub, fmt):
     from nlref.data.sprites import RELATIONS
     from nlref.nn.models import EXTENTS, MODELS, STAGES
     from nlref.nn.nonlocal_op import MODES
-    from nlref.train import OPTIMISERS, TASKS, TrainConfig
+    from nlref.train import OPTIMISERS, TASK_DEFAULTS, TASKS, TrainConfig
 
     d = TrainConfig()
+
+    def per_task(name):
+        others = "".join(f"; {values[name]:g} with --task {task}" for task, values in TASK_DEFAULTS.items()
+                         if name in values)
+        return f" (default: {getattr(d, name):g}{others})"
+
     tr = sub.add_parser("train", help="train a small (non-local) network on the sprite clips or the two-shape images",
                         description=_TRAIN, formatter_class=fmt)
     dflt = " (default: %(default)s)"
@@ -197,8 +211,8 @@ def add_parser(sub, fmt):
     opt("--scale", action="store_true", help="1/sqrt(d) on the softmax logits (default: off)")
     opt("--pool", choices=("after", "before"), default=d.pool,
                     help="max-pool after phi and g, or x before them" + dflt)
-    opt("--dropout", type=float, default=d.dropout,
-                    help="dropout probability before the classifier" + dflt)
+    opt("--dropout", type=float, default=None,
+                    help="dropout probability before the classifier" + per_task("dropout"))
     opt("--epochs", type=int, default=d.epochs, help="passes over the training clips" + dflt)
     opt("--batch-size", type=int, default=d.batch_size, help="clips per step" + dflt)
     opt("--optimizer", choices=OPTIMISERS, default=d.optimizer, help="optimiser" + dflt)
@@ -209,8 +223,8 @@ def add_parser(sub, fmt):
     opt("--n-val", type=int, default=d.n_val, help="validation clips" + dflt)
     opt("--relation", choices=RELATIONS, default=d.relation,
                     help="what the two sprites are compared on" + dflt)
-    opt("--kinds", type=int, default=d.kinds, help="kinds of sprite (brightness levels)" + dflt)
-    opt("--size", type=int, default=d.size, help="frame height and width" + dflt)
+    opt("--kinds", type=int, default=None, help="kinds of sprite or shape (brightness levels)" + per_task("kinds"))
+    opt("--size", type=int, default=None, help="frame height and width" + per_task("size"))
     opt("--margin", type=int, default=None,
                     help=f"pairs2d: pixels each shape keeps from the centre lines (default: {d.margin})")
     opt("--dtype", choices=("float32", "float64"), default=d.dtype, help="floating-point type" + dflt)

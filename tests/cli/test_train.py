@@ -159,9 +159,10 @@ def test_cli_train_pairs2d(tmp_path, capsys):
             "--n-train", "32", "--n-val", "16", "--batch-size", "16", "--no-progress", "--out", str(tmp_path)]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "2-D residual network with 1 non-local block" in out and "two-shape images of 16x16 (margin 3)" in out
+    assert "2-D residual network with 1 non-local block" in out and "two-shape images of 24x24 (margin 3)" in out
     config = load_checkpoint(tmp_path / "checkpoint.npz")[0]["config"]
     assert config["task"] == "pairs2d" and config["dropout"] == 0 and config["margin"] == 3
+    assert config["kinds"] == 2 and config["size"] == 24  # typed, and the task's default where left out
     assert main(args + ["--resume"]) == 0 and "resumed from" in capsys.readouterr().out
     for bad, named in ((["--margin", "2"], "--margin"), (["--model", "i3d"], "--model"),
                        (["--nonlocal", "2"], "--nonlocal")):
@@ -169,6 +170,23 @@ def test_cli_train_pairs2d(tmp_path, capsys):
         err = capsys.readouterr().err
         assert named in err and "Traceback" not in err
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("task", ["sprites", "pairs2d"])
+def test_cli_train_options_left_out_take_the_task_defaults(tmp_path, capsys, task):
+    """--size, --kinds and --dropout left out: the task's documented run (docs/training.md); typed: as typed."""
+    from nlref.train import TASK_DEFAULTS, TrainConfig
+
+    small = ["--epochs", "1", "--n-train", "16", "--n-val", "8", "--batch-size", "8", "--no-progress", "--quiet"]
+    assert main(["train", "--task", task, *small, "--out", str(tmp_path / "left-out")]) == 0
+    config = load_checkpoint(tmp_path / "left-out" / "checkpoint.npz")[0]["config"]
+    expected = {**{k: getattr(TrainConfig(), k) for k in ("size", "kinds", "dropout")}, **TASK_DEFAULTS[task]}
+    assert {k: config[k] for k in expected} == expected
+    typed = {"size": 32, "kinds": 3, "dropout": 0.25}
+    assert main(["train", "--task", task, *small, *[w for k, v in typed.items() for w in (f"--{k}", str(v))],
+                 "--out", str(tmp_path / "typed")]) == 0
+    config = load_checkpoint(tmp_path / "typed" / "checkpoint.npz")[0]["config"]
+    assert {k: config[k] for k in typed} == typed
 
 
 def test_cli_train_transformer(tmp_path, capsys):
