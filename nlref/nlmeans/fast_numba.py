@@ -266,25 +266,11 @@ def _patch_tile(rows, lo, hi, deltas, reach, widths, steps, coef, bias, floor, i
     z = inv_z[lo - K - z_lo : hi + K - z_lo]
     last = widths.shape[0] - 1
     width, step = widths[last], steps[last]
-    # two or more axes, first and last of the fused widths: the first axis's box multiplies as it
-    # sums, the last axis's box sums inside the accumulation (fewer passes, the same bits)
-    first = widths[0]
-    fused = last >= 1 and first > 1 and _fused(first) and _fused(width)
-    m0 = m - (first - 1) * steps[0]
     for t in range(deltas.shape[0]):
         d = deltas[t]
         # weights w(y, y + d) for y in [lo - K - d, hi + K): boxes over [lo - 2K - d, hi + 2K)
         _weights(rows, lo - 2 * K - d, d, n + d + 4 * K, widths, steps, coef, bias, floor, dist, buf1, buf2, w)
         w_fwd, w_bwd = w[d : d + m], w[0:m]  # at y = lo - K + i: w(y, y + d) and w(y - d, y)
-        if fused:
-            _box_product(w_fwd, z, m0, first, steps[0], share_f)
-            _box_product(w_bwd, z, m0, first, steps[0], share_b)
-            part_f, _ = _box(share_f, m0, widths[1:last], steps[1:last], buf1, buf2)
-            part_b, _ = _box(share_b, m0, widths[1:last], steps[1:last], c1, c2)
-            for c in range(channels):
-                _accumulate_box2(part_f, part_b, n, width, step, rows[c, lo + d : hi + d], rows[c, lo - d : hi - d],
-                                 num[c, :])
-            continue
         for i in range(m):
             share_f[i] = w_fwd[i] * z[i]
             share_b[i] = w_bwd[i] * z[i]
@@ -324,66 +310,6 @@ def _accumulate_box(src, n, width, step, v, acc, scratch):
                 for i in range(n):
                     s = (((((t0[i] + t1[i]) + t2[i]) + t3[i]) + t4[i]) + t5[i]) + t6[i]
                     acc[i] += np.float64(s) * np.float64(v[i])
-
-
-@numba.njit(**_KERNEL)
-def _box_product(w, z, n, width, step, out):
-    """out[i] = w[i] z[i] + w[i + step] z[i + step] + ... (``width`` terms, 3, 5 or 7, left to right), i < n.
-
-    The products are rounded to the working dtype as if stored first, so the result
-    is the box of the array ``w * z``, bit for bit.
-    """
-    a0, b0 = w[0:n], z[0:n]
-    a1, b1 = w[step : step + n], z[step : step + n]
-    a2, b2 = w[2 * step : 2 * step + n], z[2 * step : 2 * step + n]
-    if width == 3:
-        for i in range(n):
-            out[i] = (a0[i] * b0[i] + a1[i] * b1[i]) + a2[i] * b2[i]
-        return
-    a3, b3 = w[3 * step : 3 * step + n], z[3 * step : 3 * step + n]
-    a4, b4 = w[4 * step : 4 * step + n], z[4 * step : 4 * step + n]
-    if width == 5:
-        for i in range(n):
-            out[i] = (((a0[i] * b0[i] + a1[i] * b1[i]) + a2[i] * b2[i]) + a3[i] * b3[i]) + a4[i] * b4[i]
-        return
-    a5, b5 = w[5 * step : 5 * step + n], z[5 * step : 5 * step + n]
-    a6, b6 = w[6 * step : 6 * step + n], z[6 * step : 6 * step + n]
-    for i in range(n):
-        out[i] = (((((a0[i] * b0[i] + a1[i] * b1[i]) + a2[i] * b2[i]) + a3[i] * b3[i]) + a4[i] * b4[i])
-                  + a5[i] * b5[i]) + a6[i] * b6[i]
-
-
-@numba.njit(**_KERNEL)
-def _accumulate_box2(src_f, src_b, n, width, step, v_f, v_b, acc):
-    """acc[i] += box(src_f)[i] v_f[i], then += box(src_b)[i] v_b[i] (float64; boxes of ``width`` terms, 1, 3, 5
-    or 7, along ``step``, added left to right): :func:`_accumulate_box` twice, in one pass."""
-    f0, b0 = src_f[0:n], src_b[0:n]
-    if width == 1:
-        for i in range(n):
-            acc[i] = (acc[i] + np.float64(f0[i]) * np.float64(v_f[i])) + np.float64(b0[i]) * np.float64(v_b[i])
-        return
-    f1, f2 = src_f[step : step + n], src_f[2 * step : 2 * step + n]
-    b1, b2 = src_b[step : step + n], src_b[2 * step : 2 * step + n]
-    if width == 3:
-        for i in range(n):
-            sf = (f0[i] + f1[i]) + f2[i]
-            sb = (b0[i] + b1[i]) + b2[i]
-            acc[i] = (acc[i] + np.float64(sf) * np.float64(v_f[i])) + np.float64(sb) * np.float64(v_b[i])
-        return
-    f3, f4 = src_f[3 * step : 3 * step + n], src_f[4 * step : 4 * step + n]
-    b3, b4 = src_b[3 * step : 3 * step + n], src_b[4 * step : 4 * step + n]
-    if width == 5:
-        for i in range(n):
-            sf = (((f0[i] + f1[i]) + f2[i]) + f3[i]) + f4[i]
-            sb = (((b0[i] + b1[i]) + b2[i]) + b3[i]) + b4[i]
-            acc[i] = (acc[i] + np.float64(sf) * np.float64(v_f[i])) + np.float64(sb) * np.float64(v_b[i])
-        return
-    f5, f6 = src_f[5 * step : 5 * step + n], src_f[6 * step : 6 * step + n]
-    b5, b6 = src_b[5 * step : 5 * step + n], src_b[6 * step : 6 * step + n]
-    for i in range(n):
-        sf = (((((f0[i] + f1[i]) + f2[i]) + f3[i]) + f4[i]) + f5[i]) + f6[i]
-        sb = (((((b0[i] + b1[i]) + b2[i]) + b3[i]) + b4[i]) + b5[i]) + b6[i]
-        acc[i] = (acc[i] + np.float64(sf) * np.float64(v_f[i])) + np.float64(sb) * np.float64(v_b[i])
 
 
 def _tiles(lo, hi, row, workers):
