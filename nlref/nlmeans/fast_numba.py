@@ -141,53 +141,21 @@ _P = tuple(np.float32(c) for c in (1.9875691500e-4, 1.3981999507e-3, 8.333451907
 _ONE = np.float32(1.0)
 
 
-@numba.njit(inline="always", **_KERNEL)
-def _exp_parts(s, coef, bias, floor):
-    """For x = clip(s * coef + bias, floor, 0): (exp(r) ~ 1 + r + r^2 P(r), k << 23), exp(x) = 2^k exp(r)."""
-    x = min(max(s * coef + bias, floor), floor - floor)
-    k = (x * _LOG2E + _ROUND) - _ROUND
-    r = (x - k * _LN2_HI) - k * _LN2_LO
-    p = (((((_P[0] * r + _P[1]) * r + _P[2]) * r + _P[3]) * r + _P[4]) * r + _P[5]) * (r * r)
-    return (p + r) + _ONE, np.int32(k) << 23
-
-
 @numba.njit(**_KERNEL)
-def _weight32(src, n, width, step, coef, bias, floor, out, scratch):
-    """out[i] = exp(clip(s_i * coef + bias, floor, 0)), float32, floor >= -87, i < n, where
-    s_i = src[i] + src[i + step] + ... (``width`` terms, 1, 3, 5 or 7, added left to right as in
-    :func:`_box_axis`). ``scratch``: int32, at least n long.
-
-    The last axis's box sum is taken here, in the loop that uses it: one pass over
-    memory fewer.
-    """
-    t0 = src[0:n]
-    if width == 1:
-        for i in range(n):
-            out[i], scratch[i] = _exp_parts(t0[i], coef, bias, floor)
-    else:
-        t1, t2 = src[step : step + n], src[2 * step : 2 * step + n]
-        if width == 3:
-            for i in range(n):
-                out[i], scratch[i] = _exp_parts((t0[i] + t1[i]) + t2[i], coef, bias, floor)
-        else:
-            t3, t4 = src[3 * step : 3 * step + n], src[4 * step : 4 * step + n]
-            if width == 5:
-                for i in range(n):
-                    out[i], scratch[i] = _exp_parts((((t0[i] + t1[i]) + t2[i]) + t3[i]) + t4[i], coef, bias, floor)
-            else:
-                t5, t6 = src[5 * step : 5 * step + n], src[6 * step : 6 * step + n]
-                for i in range(n):
-                    out[i], scratch[i] = _exp_parts((((((t0[i] + t1[i]) + t2[i]) + t3[i]) + t4[i]) + t5[i]) + t6[i],
-                                                    coef, bias, floor)
+def _weight32(box, coef, bias, floor, out, scratch):
+    """out[i] = exp(clip(box[i] * coef + bias, floor, 0)), float32, floor >= -87 (``scratch``: int32, as long)."""
+    n = box.shape[0]
+    zero = floor - floor
+    for i in range(n):
+        x = min(max(box[i] * coef + bias, floor), zero)
+        k = (x * _LOG2E + _ROUND) - _ROUND
+        r = (x - k * _LN2_HI) - k * _LN2_LO
+        scratch[i] = np.int32(k) << 23
+        p = (((((_P[0] * r + _P[1]) * r + _P[2]) * r + _P[3]) * r + _P[4]) * r + _P[5]) * (r * r)
+        out[i] = (p + r) + _ONE
     bits = out[:n].view(np.int32)
     for i in range(n):
         bits[i] += scratch[i]
-
-
-@numba.njit(**_KERNEL)
-def _fused(width):
-    """Widths whose box sum :func:`_weight32` and :func:`_accumulate_box` take in their own loop."""
-    return width == 1 or width == 3 or width == 5 or width == 7
 
 
 @numba.njit(**_KERNEL)
@@ -204,18 +172,11 @@ def _weights(rows, base, d, size, widths, steps, coef, bias, floor, dist, buf1, 
         for i in range(size):
             diff = near[i] - far[i]
             dist[i] += diff * diff
-    last = widths.shape[0] - 1
-    width, step = widths[last], steps[last]
-    if w.itemsize == 4 and _fused(width):  # float32: the last axis's box inside the exp's loop
-        part, m = _box(dist, size, widths[:last], steps[:last], buf1, buf2)
-        m -= (width - 1) * step
-        scratch = buf2 if _in_first(widths[:last]) else buf1  # the buffer not holding part
-        _weight32(part, m, width, step, coef, bias, floor, w, scratch.view(np.int32))
-        return m
     box, m = _box(dist, size, widths, steps, buf1, buf2)
     box = box[:m]
+    in_buf1 = _in_first(widths)
     if w.itemsize == 4:  # float32; the box's other buffer serves as scratch
-        _weight32(box, m, 1, 1, coef, bias, floor, w, (buf2 if _in_first(widths) else buf1).view(np.int32))
+        _weight32(box, coef, bias, floor, w[:m], (buf2 if in_buf1 else buf1).view(np.int32))
     else:
         t = w[:m]
         zero = floor - floor  # 0 in the working dtype
@@ -264,8 +225,6 @@ def _patch_tile(rows, lo, hi, deltas, reach, widths, steps, coef, bias, floor, i
     dtype = rows.dtype
     coef, bias, floor = dtype.type(coef), dtype.type(bias), dtype.type(floor)
     z = inv_z[lo - K - z_lo : hi + K - z_lo]
-    last = widths.shape[0] - 1
-    width, step = widths[last], steps[last]
     for t in range(deltas.shape[0]):
         d = deltas[t]
         # weights w(y, y + d) for y in [lo - K - d, hi + K): boxes over [lo - 2K - d, hi + 2K)
@@ -274,42 +233,16 @@ def _patch_tile(rows, lo, hi, deltas, reach, widths, steps, coef, bias, floor, i
         for i in range(m):
             share_f[i] = w_fwd[i] * z[i]
             share_b[i] = w_bwd[i] * z[i]
-        part, _ = _box(share_f, m, widths[:last], steps[:last], buf1, buf2)
+        spread, _ = _box(share_f, m, widths, steps, buf1, buf2)
         for c in range(channels):
-            _accumulate_box(part, n, width, step, rows[c, lo + d : hi + d], num[c, :], dist)
-        part, _ = _box(share_b, m, widths[:last], steps[:last], c1, c2)
-        for c in range(channels):
-            _accumulate_box(part, n, width, step, rows[c, lo - d : hi - d], num[c, :], dist)
-
-
-@numba.njit(**_KERNEL)
-def _accumulate_box(src, n, width, step, v, acc, scratch):
-    """acc[i] += (src[i] + src[i + step] + ...) * v[i], float64 (the box of ``width`` terms added left to right,
-    in this loop for the widths of :func:`_fused`, else first into ``scratch``)."""
-    t0 = src[0:n]
-    if not _fused(width):
-        box = scratch[:n]
-        _box_axis(src, box, n, width, step)
-        for i in range(n):
-            acc[i] += np.float64(box[i]) * np.float64(v[i])
-    elif width == 1:
-        for i in range(n):
-            acc[i] += np.float64(t0[i]) * np.float64(v[i])
-    else:
-        t1, t2 = src[step : step + n], src[2 * step : 2 * step + n]
-        if width == 3:
+            acc, v = num[c, :], rows[c, lo + d : hi + d]
             for i in range(n):
-                acc[i] += np.float64((t0[i] + t1[i]) + t2[i]) * np.float64(v[i])
-        else:
-            t3, t4 = src[3 * step : 3 * step + n], src[4 * step : 4 * step + n]
-            if width == 5:
-                for i in range(n):
-                    acc[i] += np.float64((((t0[i] + t1[i]) + t2[i]) + t3[i]) + t4[i]) * np.float64(v[i])
-            else:
-                t5, t6 = src[5 * step : 5 * step + n], src[6 * step : 6 * step + n]
-                for i in range(n):
-                    s = (((((t0[i] + t1[i]) + t2[i]) + t3[i]) + t4[i]) + t5[i]) + t6[i]
-                    acc[i] += np.float64(s) * np.float64(v[i])
+                acc[i] += np.float64(spread[i]) * np.float64(v[i])
+        spread, _ = _box(share_b, m, widths, steps, c1, c2)
+        for c in range(channels):
+            acc, v = num[c, :], rows[c, lo - d : hi - d]
+            for i in range(n):
+                acc[i] += np.float64(spread[i]) * np.float64(v[i])
 
 
 def _tiles(lo, hi, row, workers):
