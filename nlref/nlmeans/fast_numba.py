@@ -19,7 +19,7 @@ It differs in two places, both for accuracy: the sums over the offsets are
 kept in float64 (the NumPy path sums in the working dtype), and every output
 pixel adds its offsets one after the other in the order of the search window.
 
-**The same bits on any machine.** A tile is a run of flat positions; for every
+**The same bits for any threads, tiles and chunks.** A tile is a run of flat positions; for every
 offset it computes the weights of its own pixels, and of the pixels one offset
 before them (their weight to the tile's pixels, by symmetry), from the image
 alone. No value depends on where a tile starts, so the result is the same to
@@ -27,8 +27,13 @@ the bit for any number of threads (which only decide which thread runs which
 tile), any tile size and any Dask chunking. No sum is split between threads.
 
 The cost of that independence: a tile recomputes the weights of the ``o`` pixels
-before it (the NumPy path shares them across the whole image), a few percent
-for tiles of tens of rows.
+before it (the NumPy path shares them across the whole image), and the squared
+differences of a patch radius on either side. For a 60-row tile of camera
+512x512 (7x7 / 21x21) that is about 8 % more weights and 18 % more squared
+differences on average over the offsets.
+
+Across machines the bits can still differ: LLVM compiles for the CPU at hand,
+and float64 weights call the C library's ``exp``.
 """
 
 from __future__ import annotations
