@@ -11,6 +11,9 @@ Gaussian noise added to nlref's bundled test signals, values in [0, 1]):
    Each peer runs at the h with its best PSNR on a small sweep (one run per h),
    then is timed at that h: 1 warm-up, then the median of ``--repeats`` runs.
    nlref also runs with nothing but ``sigma`` (the presets choose sizes and h).
+   Where Numba is installed (nlref's default engine on NumPy arrays), the nlref
+   rows run again with ``NLREF_NLMEANS_ENGINE=numpy`` (what Numba buys), and a
+   fresh process with an empty Numba cache times the first call (compilation).
 2. **Quality** at sigma = 10, 20, 30 (/255) on ``camera`` (grey) and
    ``astronaut`` (colour): nlref from ``sigma`` alone against the peers at
    their best h.
