@@ -50,6 +50,7 @@ from concurrent.futures import ThreadPoolExecutor
 from itertools import product
 
 from ..backend import array_namespace, device, is_numpy, native_namespace, reflect_pad, supports_out
+from .fast_numba import nl_means_numba_padded  # imports Numba only when it first runs
 
 __all__ = ["nl_means_fast", "nl_means_fast_padded", "halo", "working_memory", "resolve_engine", "ENGINES",
            "ENGINE_VARIABLE"]
@@ -406,8 +407,6 @@ def nl_means_fast_padded(padded, *, inside, h, sigma, patch_size, search_size, a
     bias = 2.0 * sigma**2 / h**2
     floor = _EXP_FLOOR[8 if v.dtype == xp.float64 else 4]
     if resolve_engine(xp, engine) == "numba":  # the same steps, compiled per tile (see fast_numba.py)
-        from .fast_numba import nl_means_numba_padded
-
         flat_estimate = nl_means_numba_padded(padded, inside=inside, geo=geo, h=h, sigma=sigma,
                                               aggregation=aggregation, workers=workers, floor=floor,
                                               progress=progress)

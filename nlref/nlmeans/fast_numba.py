@@ -39,12 +39,12 @@ and float64 weights call the C library's ``exp``.
 from __future__ import annotations
 
 import math
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import numba
 
-__all__ = ["nl_means_numba_padded", "TILE_ELEMENTS"]
+__all__ = ["nl_means_numba_padded", "compile_kernels", "TILE_ELEMENTS"]
 
 #: A tile covers about this many flat positions (whole rows of the padded image,
 #: at least one row); its scratch arrays then stay in the L2 cache. No effect on
@@ -52,6 +52,36 @@ __all__ = ["nl_means_numba_padded", "TILE_ELEMENTS"]
 TILE_ELEMENTS = 2**15
 
 _KERNEL = dict(nogil=True, cache=True, error_model="numpy", boundscheck=False)
+
+# Numba is imported, and the kernels below handed to it, on the first call only
+# (compile_kernels): `import numba` takes about 0.4 s, as long as `import nlref`
+# itself, and a process that never runs this engine should not pay it. Until
+# then the kernels are plain Python functions.
+_KERNELS = []
+_compiled = threading.Lock()
+
+
+def _kernel(fn):
+    """Mark ``fn`` for compilation by :func:`compile_kernels`."""
+    _KERNELS.append(fn.__name__)
+    return fn
+
+
+def compile_kernels():
+    """Replace every kernel of this module by its Numba dispatcher (once; each compiles on its first call).
+
+    Numba looks the kernels up in this module's globals when it compiles a
+    caller, so all are replaced before any runs.
+    """
+    with _compiled:
+        if not _KERNELS:
+            return
+        import numba
+
+        names = globals()
+        for name in _KERNELS:
+            names[name] = numba.njit(**_KERNEL)(names[name])
+        _KERNELS.clear()
 
 
 # Every loop below runs ``for i in range(n)`` over 1-D slices: an index known to
@@ -61,7 +91,7 @@ _KERNEL = dict(nogil=True, cache=True, error_model="numpy", boundscheck=False)
 # (20,000 float32, this 2-core Xeon, Numba 0.68).
 
 
-@numba.njit(**_KERNEL)
+@_kernel
 def _box(src, n_src, widths, steps, buf1, buf2):
     """Box-sum ``src[:n_src]`` along every axis (flat form): ``(result, its length)``.
 
@@ -85,7 +115,7 @@ def _box(src, n_src, widths, steps, buf1, buf2):
     return cur, n
 
 
-@numba.njit(**_KERNEL)
+@_kernel
 def _box_axis(cur, out, n, width, step):
     """out[i] = cur[i] + cur[i + step] + ... (width terms, left to right), i < n.
 
@@ -120,7 +150,7 @@ def _box_axis(cur, out, n, width, step):
             out[i] += term[i]
 
 
-@numba.njit(**_KERNEL)
+@_kernel
 def _in_first(widths):
     """Whether :func:`_box` leaves its result in ``buf1`` (an odd number of axes wider than 1)."""
     boxed = 0
@@ -146,7 +176,7 @@ _P = tuple(np.float32(c) for c in (1.9875691500e-4, 1.3981999507e-3, 8.333451907
 _ONE = np.float32(1.0)
 
 
-@numba.njit(**_KERNEL)
+@_kernel
 def _weight32(box, coef, bias, floor, out, scratch):
     """out[i] = exp(clip(box[i] * coef + bias, floor, 0)), float32, floor >= -87 (``scratch``: int32, as long)."""
     n = box.shape[0]
@@ -163,7 +193,7 @@ def _weight32(box, coef, bias, floor, out, scratch):
         bits[i] += scratch[i]
 
 
-@numba.njit(**_KERNEL)
+@_kernel
 def _weights(rows, base, d, size, widths, steps, coef, bias, floor, dist, buf1, buf2, w):
     """``w[j] = w(x, x + d)`` for the flat positions ``x = base + K + j``, ``j < size - 2K``; returns the count."""
     channels = rows.shape[0]
@@ -190,7 +220,7 @@ def _weights(rows, base, d, size, widths, steps, coef, bias, floor, dist, buf1, 
     return m
 
 
-@numba.njit(**_KERNEL)
+@_kernel
 def _sums_tile(rows, lo, hi, deltas, reach, widths, steps, coef, bias, floor, want_num, num, den,
                dist, buf1, buf2, w):
     """Over the flat positions ``lo <= p < hi``: ``den[p - lo] += sum_o w(p, p + o)`` (o != 0),
@@ -215,7 +245,7 @@ def _sums_tile(rows, lo, hi, deltas, reach, widths, steps, coef, bias, floor, wa
                     acc[i] += np.float64(w_bwd[i]) * np.float64(v_bwd[i])
 
 
-@numba.njit(**_KERNEL)
+@_kernel
 def _patch_tile(rows, lo, hi, deltas, reach, widths, steps, coef, bias, floor, inv_z, z_lo, num,
                 dist, buf1, buf2, w, share_f, share_b, c1, c2):
     """Patch-wise second pass over ``lo <= x < hi``:
@@ -276,6 +306,7 @@ def nl_means_numba_padded(padded, *, inside, geo, h, sigma, aggregation, workers
     :class:`~nlref.nlmeans.fast._Geometry`. Returns the flat estimates, one
     array of length ``geo.span`` per channel, over the flat range [a, b).
     """
+    compile_kernels()
     channels = padded.shape[0]
     dtype = padded.dtype
     rows = np.ascontiguousarray(padded.reshape(channels, geo.length))
@@ -327,9 +358,7 @@ def nl_means_numba_padded(padded, *, inside, geo, h, sigma, aggregation, workers
     _run(_tiles(z_lo, z_hi, row, workers), z_task, workers)
     done()
 
-    from .fast import _image_mask  # the same indicator of the image pixels as the NumPy path
-
-    mask = np.asarray(_image_mask(np, geo, inside, padded)).astype(np.float64)
+    mask = _image_mask(geo, inside)
     inv_z64 = mask[z_lo:z_hi] / den
     inv_z = inv_z64.astype(dtype)
     out = np.empty((channels, b - a), dtype=dtype)
@@ -348,6 +377,13 @@ def nl_means_numba_padded(padded, *, inside, geo, h, sigma, aggregation, workers
     _run(_tiles(a, b, row, workers), patch_task, workers)
     done()
     return out
+
+
+def _image_mask(geo, inside):
+    """Flat float64 indicator of the image pixels (``inside``, per axis [lo, hi)) in the padded block."""
+    mask = np.zeros(geo.padded_shape, dtype=np.float64)
+    mask[tuple(slice(lo, hi) for lo, hi in inside)] = 1.0
+    return mask.reshape(-1)
 
 
 def _box_flat(src, geo):
