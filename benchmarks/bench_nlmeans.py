@@ -11,6 +11,9 @@ Gaussian noise added to nlref's bundled test signals, values in [0, 1]):
    Each peer runs at the h with its best PSNR on a small sweep (one run per h),
    then is timed at that h: 1 warm-up, then the median of ``--repeats`` runs.
    nlref also runs with nothing but ``sigma`` (the presets choose sizes and h).
+   Where Numba is installed (nlref's default engine on NumPy arrays), the nlref
+   rows run again with ``NLREF_NLMEANS_ENGINE=numpy`` (what Numba buys), and a
+   fresh process with an empty Numba cache times the first call (compilation).
 2. **Quality** at sigma = 10, 20, 30 (/255) on ``camera`` (grey) and
    ``astronaut`` (colour): nlref from ``sigma`` alone against the peers at
    their best h.
@@ -43,12 +46,16 @@ and saves a log-log figure of time against the number of pixels to PATH.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import importlib.util
 import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -218,9 +225,67 @@ def default_workers():
     return min(os.cpu_count() or 1, 8)
 
 
+def engine_text():
+    """The engine nlref's fast method uses on NumPy arrays in this process, with Numba's version."""
+    from nlref.backend import array_namespace
+    from nlref.nlmeans.fast import resolve_engine
+
+    engine = resolve_engine(array_namespace(np.zeros(1)))
+    if engine == "numba":
+        import numba
+
+        return f"numba {numba.__version__}"
+    return "numpy"
+
+
+@contextlib.contextmanager
+def nlref_engine(engine):
+    """Run nlref with NLREF_NLMEANS_ENGINE = ``engine`` (None: leave the process's setting)."""
+    from nlref.nlmeans.fast import ENGINE_VARIABLE
+
+    if engine is None:
+        yield
+        return
+    before = os.environ.get(ENGINE_VARIABLE)
+    os.environ[ENGINE_VARIABLE] = engine
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[ENGINE_VARIABLE]
+        else:
+            os.environ[ENGINE_VARIABLE] = before
+
+
+def numba_compile_seconds():
+    """First and second call, in a fresh process with an empty Numba cache, of nl_means (grey 64x64,
+    pixel-wise and patch-wise, float32): the first compiles the kernels. None without Numba."""
+    if importlib.util.find_spec("numba") is None:
+        return None
+    code = ("import time, numpy as np, nlref\n"
+            "x = nlref.add_gaussian_noise(nlref.data.camera()[:64, :64], 0.08, seed=0).astype(np.float32)\n"
+            "out = []\n"
+            "for _ in range(2):\n"
+            "    t = time.perf_counter()\n"
+            "    for a in ('pixel', 'patch'):\n"
+            "        nlref.nl_means(x, sigma=0.08, patch_size=7, search_size=21, aggregation=a)\n"
+            "    out.append(time.perf_counter() - t)\n"
+            "print(out[0], out[1])\n")
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache, NLREF_NLMEANS_ENGINE="numba")
+        runs = []
+        for _ in range(2):  # the second process finds the kernels in the cache
+            done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+            runs.append([float(t) for t in done.stdout.split()])
+    return runs[0][0], runs[0][1], runs[1][0]
+
+
 def nlref_peer(noisy, sigma, *, channel_axis=None, aggregation="pixel", patch=None, search=None,
-               workers=None, factors=(), name=None, finish=None):
-    """nlref.nl_means; with ``patch``/``search`` None, sizes come from the presets."""
+               workers=None, factors=(), name=None, finish=None, engine=None):
+    """nlref.nl_means; with ``patch``/``search`` None, sizes come from the presets.
+
+    ``engine``: "numpy" or "numba" forces that engine of the fast method (None: the default, "auto").
+    """
     if patch is None:
         p = nlref.resolve_parameters(noisy, sigma=sigma, channel_axis=channel_axis, aggregation=aggregation)
         params = fmt_sizes(p["patch_size"], p["search_size"]) + " (presets)"
@@ -228,8 +293,9 @@ def nlref_peer(noisy, sigma, *, channel_axis=None, aggregation="pixel", patch=No
         params = fmt_sizes(patch, search)
 
     def run(h):
-        return nlref.nl_means(noisy, sigma=sigma, h=h, patch_size=patch, search_size=search,
-                              channel_axis=channel_axis, aggregation=aggregation, workers=workers)
+        with nlref_engine(engine):
+            return nlref.nl_means(noisy, sigma=sigma, h=h, patch_size=patch, search_size=search,
+                                  channel_axis=channel_axis, aggregation=aggregation, workers=workers)
 
     return Peer(
         name=name or f"nlref {aggregation}-wise",
@@ -328,6 +394,8 @@ def header(cv2):
         "(another busy process slows every timing)",
         f"- versions: nlref {nlref.__version__}, numpy {np.__version__}, scikit-image {skimage.__version__}, "
         f"opencv {cv_version}",
+        f"- nlref engine of the fast method on NumPy arrays: {engine_text()} (`NLREF_NLMEANS_ENGINE`, default auto; "
+        "rows marked 'NumPy engine' force the pure-NumPy one)",
         f"- threads: nlref workers = {default_workers()} by default; OpenCV cv2.getNumThreads() = {cv_threads}; "
         "scikit-image denoise_nl_means = 1 (single-threaded Cython)",
         "- dtype: float32 images in [0, 1] (OpenCV: the same noisy image rounded to uint8); "
@@ -362,25 +430,39 @@ def section_speed(cfg, cv2):
     px, h_px = measure(nlref_peer(noisy, sigma, patch=7, search=21, factors=f), clean, repeats=reps)
     px1, _ = measure(nlref_peer(noisy, sigma, patch=7, search=21, workers=1, factors=f, name="nlref pixel-wise"),
                      clean, repeats=reps, h=h_px)
-    patch, _ = measure(nlref_peer(noisy, sigma, aggregation="patch", patch=7, search=21, factors=f), clean,
-                       repeats=reps)
+    patch, h_patch = measure(nlref_peer(noisy, sigma, aggregation="patch", patch=7, search=21, factors=f), clean,
+                             repeats=reps)
     results = [px, px1, patch, sk]
+    cv = None
     if cv2 is not None:
-        results.append(measure(opencv_peer(cv2, noisy, sigma, factors=cfg.cv_factors), clean, repeats=reps)[0])
+        cv = measure(opencv_peer(cv2, noisy, sigma, factors=cfg.cv_factors), clean, repeats=reps)[0]
+        results.append(cv)
     for aggregation in ("pixel", "patch"):
         peer = nlref_peer(noisy, sigma, aggregation=aggregation, name=f"nlref {aggregation}-wise, defaults")
         results.append(measure(peer, clean, repeats=reps)[0])
+    if engine_text() != "numpy":  # the same calls on the pure-NumPy engine: what Numba buys
+        results.append(measure(nlref_peer(noisy, sigma, patch=7, search=21, engine="numpy",
+                                          name="nlref pixel-wise, NumPy engine"), clean, repeats=reps, h=h_px)[0])
+        results.append(measure(nlref_peer(noisy, sigma, aggregation="patch", patch=7, search=21, engine="numpy",
+                                          name="nlref patch-wise, NumPy engine"), clean, repeats=reps, h=h_patch)[0])
+        for aggregation in ("pixel", "patch"):
+            peer = nlref_peer(noisy, sigma, aggregation=aggregation, engine="numpy",
+                              name=f"nlref {aggregation}-wise, defaults, NumPy engine")
+            results.append(measure(peer, clean, repeats=reps)[0])
 
     image_text = shape_text(clean)
     cols = ["method", "image", "sizes", "h", "threads", "time median (s)", "time / skimage fast",
-            "PSNR (dB)", "SSIM"]
+            "time / OpenCV", "PSNR (dB)", "SSIM"]
     rows = [noisy_row(noisy, clean, False, image_text)]
-    rows += [result_row(r, sk.seconds, clean, False, image_text) for r in results]
+    rows[0][7:7] = ["-"]
+    for r in results:
+        row = result_row(r, sk.seconds, clean, False, image_text)
+        rows.append(row[:7] + [f"{r.seconds / cv.seconds:.2f}" if cv is not None else "-"] + row[7:])
     caption = (f"## 1. Speed: camera {image_text}, sigma = 20/255, float32\n\n"
                f"Fixed sizes for every peer except the 'defaults' rows (nlref from `sigma` alone). "
                f"Time: 1 warm-up, then the median of {reps} runs (time.perf_counter). "
                "'time / skimage fast' < 1 means faster than scikit-image's fast mode. "
-               "The single-thread nlref row reuses the h of the row above it.")
+               "The single-thread nlref row and the NumPy-engine rows reuse the h of the same sizes above.")
     return caption + "\n\n" + markdown_table(cols, rows) + "\n\n" + section_slow(cfg, clean, noisy, sigma)
 
 
@@ -394,11 +476,15 @@ def section_slow(cfg, clean_full, noisy_full, sigma):
     px, _ = measure(nlref_peer(noisy, sigma, patch=7, search=21, factors=f), clean, repeats=reps)
     patch, _ = measure(nlref_peer(noisy, sigma, aggregation="patch", patch=7, search=21, factors=f), clean,
                        repeats=reps)
+    others = []
+    if engine_text() != "numpy":
+        others.append(measure(nlref_peer(noisy, sigma, patch=7, search=21, factors=f, engine="numpy",
+                                         name="nlref pixel-wise, NumPy engine"), clean, repeats=reps)[0])
     image_text = shape_text(clean)
     cols = ["method", "image", "sizes", "h", "threads", "time median (s)", "time / skimage fast",
             "time / skimage slow", "PSNR (dB)", "SSIM"]
     rows = []
-    for r in (px, patch, fast, slow):
+    for r in (px, patch, *others, fast, slow):
         row = result_row(r, fast.seconds, clean, False, image_text)
         rows.append(row[:7] + [f"{r.seconds / slow.seconds:.3f}"] + row[7:])
     caption = (f"### 1b. scikit-image slow mode: central {image_text} crop of the same noisy camera\n\n"
@@ -721,6 +807,12 @@ def main(argv=None):
         print(profile_section(args.repeats, sizes=(64, 128) if args.quick else (128, 512)))
         return
     print(section_speed(cfg, cv2), end="\n\n", flush=True)
+    compile_times = numba_compile_seconds()
+    if compile_times is not None:
+        print("Numba's compile time: nl_means on a 64x64 grey image, pixel-wise then patch-wise, in a fresh "
+              f"process with an empty Numba cache: first call {compile_times[0]:.1f} s, second call "
+              f"{compile_times[1]:.3f} s; the first call of a second process, which loads the cached kernels: "
+              f"{compile_times[2]:.2f} s.", end="\n\n", flush=True)
     if args.speed_only:
         print(f"Total benchmark time: {time.perf_counter() - t0:.0f} s")
         return

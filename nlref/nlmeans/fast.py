@@ -41,15 +41,53 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import importlib.util
 import itertools
 import math
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from itertools import product
 
 from ..backend import array_namespace, device, is_numpy, native_namespace, reflect_pad, supports_out
+from .fast_numba import nl_means_numba_padded  # imports Numba only when it first runs
 
-__all__ = ["nl_means_fast", "nl_means_fast_padded", "halo", "working_memory"]
+__all__ = ["nl_means_fast", "nl_means_fast_padded", "halo", "working_memory", "resolve_engine", "ENGINES",
+           "ENGINE_VARIABLE"]
+
+#: The engines of the offset loop: "numpy" (this module's array steps, every
+#: library), "numba" (:mod:`.fast_numba`, compiled tiles, NumPy arrays only)
+#: and "auto" (numba for NumPy arrays when Numba is installed, else numpy).
+ENGINES = ("auto", "numpy", "numba")
+#: The environment variable that picks the engine for every call of the process
+#: (the in-memory call and every Dask or store chunk alike); default "auto".
+ENGINE_VARIABLE = "NLREF_NLMEANS_ENGINE"
+
+
+def resolve_engine(xp, engine=None):
+    """The engine that runs the offset loop for arrays of namespace ``xp``: "numpy" or "numba".
+
+    ``engine`` None reads :data:`ENGINE_VARIABLE` (default "auto"). The choice
+    depends on the library and on what is installed, never on the array's size,
+    so that a Dask chunk runs the same engine as the whole in-memory array.
+    """
+    source = "engine"
+    if engine is None:
+        engine, source = os.environ.get(ENGINE_VARIABLE, "auto").strip().lower() or "auto", ENGINE_VARIABLE
+    if engine not in ENGINES:
+        raise ValueError(f"{source} must be one of {ENGINES}; got {engine!r}")
+    if engine == "numpy":
+        return "numpy"
+    installed = importlib.util.find_spec("numba") is not None
+    if engine == "numba":
+        if not is_numpy(xp):
+            raise ValueError(f"{source}='numba' runs on NumPy arrays only; got a {xp.__name__} array "
+                             "(use 'numpy' or 'auto', which runs the array steps on every library)")
+        if not installed:
+            raise ImportError(f"{source}='numba' needs the optional dependency Numba: pip install 'nlref[fast]' "
+                              "(or use 'numpy' or 'auto')")
+        return "numba"
+    return "numba" if installed and is_numpy(xp) else "numpy"
 
 # The weights' exponent is clamped at a floor far above the denormal range:
 # a product of a weight with a sample (or a weight added to a small sum) that
@@ -302,7 +340,8 @@ def halo(patch_size, search_size, aggregation="pixel"):
     return _Geometry((1,) * len(patch_size), patch_size, search_size, aggregation).margin
 
 
-def nl_means_fast(v, *, h, sigma, patch_size, search_size, aggregation="pixel", workers=1, progress=None):
+def nl_means_fast(v, *, h, sigma, patch_size, search_size, aggregation="pixel", workers=1, progress=None,
+                  engine=None):
     """NL-means by the offset loop; equal to :func:`~nlref.nlmeans.naive.nl_means_naive`.
 
     Parameters
@@ -319,6 +358,9 @@ def nl_means_fast(v, *, h, sigma, patch_size, search_size, aggregation="pixel", 
         use 1). The result is the same to the bit for any value.
     progress : callable, optional
         Called with the number of offsets just finished.
+    engine : {"auto", "numpy", "numba"}, optional
+        See :func:`resolve_engine` (None: the environment variable
+        :data:`ENGINE_VARIABLE`, default "auto").
 
     Returns
     -------
@@ -328,11 +370,12 @@ def nl_means_fast(v, *, h, sigma, patch_size, search_size, aggregation="pixel", 
     padded = reflect_pad(v, [(0, 0)] + [(w, w) for w in m])
     inside = [(w, w + n) for w, n in zip(m, v.shape[1:])]
     return nl_means_fast_padded(padded, inside=inside, h=h, sigma=sigma, patch_size=patch_size,
-                                search_size=search_size, aggregation=aggregation, workers=workers, progress=progress)
+                                search_size=search_size, aggregation=aggregation, workers=workers, progress=progress,
+                                engine=engine)
 
 
 def nl_means_fast_padded(padded, *, inside, h, sigma, patch_size, search_size, aggregation="pixel", workers=1,
-                         progress=None):
+                         progress=None, engine=None):
     """The offset loop on a block that already carries its :func:`halo` on every side.
 
     The block is either the whole image reflect-padded (:func:`nl_means_fast`)
@@ -349,7 +392,7 @@ def nl_means_fast_padded(padded, *, inside, h, sigma, patch_size, search_size, a
         Per spatial axis, the index range ``[lo, hi)`` of ``padded`` holding
         samples of the image (the rest is reflect padding). Patch-wise
         aggregation counts only patches centred there.
-    h, sigma, patch_size, search_size, aggregation, workers, progress
+    h, sigma, patch_size, search_size, aggregation, workers, progress, engine
         As for :func:`nl_means_fast`.
 
     Returns
@@ -370,6 +413,11 @@ def nl_means_fast_padded(padded, *, inside, h, sigma, patch_size, search_size, a
     coef = -1.0 / (channels * math.prod(patch_size) * h**2)
     bias = 2.0 * sigma**2 / h**2
     floor = _EXP_FLOOR[8 if v.dtype == xp.float64 else 4]
+    if resolve_engine(xp, engine) == "numba":  # the same steps, compiled per tile (see fast_numba.py)
+        flat_estimate = nl_means_numba_padded(padded, inside=inside, geo=geo, h=h, sigma=sigma,
+                                              aggregation=aggregation, workers=workers, floor=floor,
+                                              progress=progress)
+        return _unflatten(xp, list(flat_estimate), geo, v)
     a, b, n = geo.start, geo.stop, geo.span
     K = geo.reach
     # box along the axis with the largest stride first: it shrinks the array most

@@ -9,6 +9,8 @@ routes with any ``workers`` against the in-memory call with any other.
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 
@@ -17,6 +19,15 @@ import nlref.backend as B
 from nlref.nlmeans import fast
 
 WORKERS = (1, 2, 3, 8)
+
+NUMBA = pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="Numba is not installed (nlref[fast])")
+
+
+@pytest.fixture(params=["numpy", pytest.param("numba", marks=NUMBA)])
+def engine(request, monkeypatch):
+    """Each engine of the fast method in turn (the rule holds for both)."""
+    monkeypatch.setenv(fast.ENGINE_VARIABLE, request.param)
+    return request.param
 
 # (name, shape, kwargs): grey, colour and a volume, with enough offsets (>= N_PARTS) that every part is used
 CASES = [
@@ -36,7 +47,7 @@ def _noisy(shape, dtype, seed=0):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("aggregation", ["pixel", "patch"])
 @pytest.mark.parametrize("name, shape, kwargs", CASES, ids=[c[0] for c in CASES])
-def test_any_number_of_workers_gives_the_same_bits(name, shape, kwargs, aggregation, dtype):
+def test_any_number_of_workers_gives_the_same_bits(name, shape, kwargs, aggregation, dtype, engine):
     image = _noisy(shape, dtype)
     results = [nlref.nl_means(image, sigma=0.1, h=0.12, aggregation=aggregation, workers=w, **kwargs)
                for w in WORKERS]
@@ -59,9 +70,14 @@ def test_the_camera_case_of_the_issue():
                                           one)
 
 
-def test_numpy_buffers_and_portable_steps_give_the_same_bits():
-    """The out= buffers, the threads and the part scheduling on NumPy are the portable arithmetic, unchanged."""
+def test_numpy_buffers_and_portable_steps_give_the_same_bits(monkeypatch):
+    """The out= buffers, the threads and the part scheduling on NumPy are the portable arithmetic, unchanged.
+
+    The NumPy engine only: the Numba engine (tests/nlmeans/test_numba.py) is
+    another arithmetic, equal within tolerance.
+    """
     strict = pytest.importorskip("array_api_strict")
+    monkeypatch.setenv(fast.ENGINE_VARIABLE, "numpy")
     for name, shape, kwargs in CASES:
         for aggregation in ("pixel", "patch"):
             image = _noisy(shape, np.float32, seed=3)
@@ -100,7 +116,7 @@ DASK_CASES = [
 
 @pytest.mark.parametrize("aggregation", ["pixel", "patch"])
 @pytest.mark.parametrize("name, shape, chunkings, kwargs", DASK_CASES, ids=[c[0] for c in DASK_CASES])
-def test_dask_and_store_routes_equal_in_memory_for_any_workers(name, shape, chunkings, kwargs, aggregation):
+def test_dask_and_store_routes_equal_in_memory_for_any_workers(name, shape, chunkings, kwargs, aggregation, engine):
     da = pytest.importorskip("dask.array")
     dask = pytest.importorskip("dask")
     image = _noisy(shape, np.float32, seed=5)
@@ -120,7 +136,8 @@ def test_dask_and_store_routes_equal_in_memory_for_any_workers(name, shape, chun
 
 @pytest.mark.parametrize("aggregation", ["pixel", "patch"])
 def test_batching_offsets_changes_no_bit(monkeypatch, aggregation):
-    """Batches of consecutive offsets (one strided view per step) against one offset at a time."""
+    """Batches of consecutive offsets (one strided view per step) against one offset at a time (NumPy engine)."""
+    monkeypatch.setenv(fast.ENGINE_VARIABLE, "numpy")
     image = _noisy((21, 23, 2), np.float32, seed=7)
     kw = dict(sigma=0.1, h=0.12, patch_size=(3, 5), search_size=(7, 9), channel_axis=-1, aggregation=aggregation)
     batched = nlref.nl_means(image, workers=2, **kw)

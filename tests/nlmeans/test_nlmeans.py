@@ -354,10 +354,14 @@ def test_resolve_parameters_on_every_backend(xp):
     ((300, 280), None, "pixel", 2), ((300, 280), None, "patch", 2),
     ((160, 150, 3), -1, "patch", 1), ((6, 90, 100), None, "patch", 2),
 ])
-def test_working_memory_estimate_bounds_the_measured_peak(shape, channel_axis, aggregation, workers, rng):
+def test_working_memory_estimate_bounds_the_measured_peak(shape, channel_axis, aggregation, workers, rng,
+                                                         monkeypatch):
     import tracemalloc
 
-    from nlref.nlmeans.fast import working_memory
+    from nlref.nlmeans.fast import ENGINE_VARIABLE, working_memory
+
+    # the NumPy engine's buffers (the Numba engine needs less: tests/nlmeans/test_numba.py)
+    monkeypatch.setenv(ENGINE_VARIABLE, "numpy")
 
     x = rng.random(shape).astype(np.float32)
     p = api.resolve_parameters(x, sigma=0.08, channel_axis=channel_axis)
