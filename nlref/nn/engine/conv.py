@@ -20,6 +20,8 @@ history are in ``docs/engine.md`` ("The tricks one by one").
   (:func:`_flip_plan`).
 * **Kept columns** (:data:`CONV_KEEP_BYTES`): a strided convolution keeps its columns for the
   weight gradient.
+* **Grouped taps in col2im** (:func:`_col2im_grouped`): a strided convolution's input gradient
+  adds the taps along W ``stride_w`` at a time, in longer runs; the same sums in the same order.
 * **The dense per-frame product** (:data:`DENSE_MAX_RATIO`, :func:`_dense_plan`): a
   1 x kh x kw convolution on tiny maps is one block-sparse matrix product per frame.
 * **Spare padded buffers** (:class:`_SpareBorders`): padded inputs are reused with their zero
