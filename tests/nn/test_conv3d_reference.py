@@ -127,6 +127,33 @@ def test_reference_and_fast_path_match_torch(xp_cpu, case, dtype):
             _close(g, host[key].grad.numpy(), dtype, f"{name}: d{key}")
 
 
+@pytest.mark.parametrize("kernel, stride, padding", [
+    ((1, 3, 3), (1, 2, 2), (0, 1, 1)), ((3, 3, 3), (1, 2, 2), (1, 1, 1)), ((1, 1, 1), (1, 2, 2), (0, 0, 0)),
+    ((2, 2, 4), (2, 3, 3), (0, 2, 3)), ((1, 1, 5), (1, 1, 4), (0, 0, 1)), ((3, 1, 2), (2, 2, 1), (1, 1, 1)),
+    ((1, 3, 3), (1, 1, 1), (0, 1, 1)), ((2, 3, 2), (1, 2, 3), (1, 0, 0))])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_col2im_grouped_is_the_offset_loop_to_the_bit(kernel, stride, padding, dtype):
+    """The engine's col2im adds the taps along W a group of ``stride_w`` at a time; every position
+    must still get its taps in increasing order from zero, so the result equals one add per
+    offset (written out here) to the bit: W not a multiple of the stride, stride above the
+    kernel, kernels of 1 to 5 taps along W."""
+    rng = np.random.default_rng(5)
+    spatial, batch, c = (5, 7, 9), 2, 3
+    out_size = tuple((n + 2 * p - k) // s + 1 for n, p, k, s in zip(spatial, padding, kernel, stride))
+    dcols = rng.standard_normal((batch * math.prod(out_size), math.prod(kernel) * c)).astype(dtype)
+    taps = dcols.reshape((batch,) + out_size + (math.prod(kernel), c))
+    padded = tuple(n + 2 * p for n, p in zip(spatial, padding))
+    expected = np.zeros((batch,) + padded + (c,), dtype=dtype)
+    for i, offset in enumerate(np.ndindex(*kernel)):
+        index = (slice(None),) + tuple(slice(o, o + s * (n - 1) + 1, s)
+                                       for o, s, n in zip(offset, stride, out_size))
+        expected[index] += taps[..., i, :]
+    expected = expected[(slice(None),) + tuple(slice(p, p + n) for p, n in zip(padding, spatial))]
+    got = EC._col2im(np, dcols, spatial, kernel, stride, padding, out_size)
+    assert got.shape == expected.shape and got.dtype == expected.dtype
+    np.testing.assert_array_equal(got, expected)
+
+
 def test_reference_is_the_loop_definition():
     """The reference against the formula written out element by element, on a tiny case with
     stride and padding (an independent check that needs no other library)."""

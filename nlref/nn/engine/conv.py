@@ -20,6 +20,8 @@ history are in ``docs/engine.md`` ("The tricks one by one").
   (:func:`_flip_plan`).
 * **Kept columns** (:data:`CONV_KEEP_BYTES`): a strided convolution keeps its columns for the
   weight gradient.
+* **Grouped taps in col2im** (:func:`_col2im_grouped`): a strided convolution's input gradient
+  adds the taps along W ``stride_w`` at a time, in longer runs; the same sums in the same order.
 * **The dense per-frame product** (:data:`DENSE_MAX_RATIO`, :func:`_dense_plan`): a
   1 x kh x kw convolution on tiny maps is one block-sparse matrix product per frame.
 * **Spare padded buffers** (:class:`_SpareBorders`): padded inputs are reused with their zero
@@ -491,16 +493,40 @@ def _col2im(xp, dcols, spatial, kernel, stride, padding, out_size):
     bsz = dcols.shape[0] // math.prod(out_size)
     k = math.prod(kernel)
     c = dcols.shape[1] // k
+    if supports_out(xp):
+        return _col2im_grouped(xp, dcols, bsz, c, spatial, kernel, stride, padding, out_size)
     dcols = xp.reshape(dcols, (bsz,) + tuple(out_size) + (k, c))
     padded = tuple(n + 2 * p for n, p in zip(spatial, padding))
     dpad = xp.zeros((bsz,) + padded + (c,), dtype=dcols.dtype, device=device(dcols))
     for i, offset in enumerate(window_offsets(kernel)):
         index = strided(offset, out_size, stride, channels_last=True)
-        if supports_out(xp):
-            view = dpad[index]
-            native_namespace(xp).add(view, dcols[..., i, :], out=view)
-        else:
-            dpad[index] = dpad[index] + dcols[..., i, :]
+        dpad[index] = dpad[index] + dcols[..., i, :]
     if padded == tuple(spatial):
         return dpad
     return xp.asarray(dpad[interior(spatial, padding, channels_last=True)], copy=True)
+
+
+def _col2im_grouped(xp, dcols, bsz, c, spatial, kernel, stride, padding, out_size):
+    """:func:`_col2im` on NumPy/CuPy, with the taps along W added a group at a time.
+
+    The padded gradient's W axis is seen as groups of ``sw`` positions, (..., W / sw, sw C):
+    tap ``a = sw q + r`` of output ``j`` lands in group ``j + q``, slot ``r``, so the taps
+    ``sw q .. sw q + sw - 1``, adjacent in a row of ``dcols``, are one add of runs of up to
+    ``sw C`` values into group ``j + q`` (``ceil(kw / sw)`` adds per (kt, kh) instead of
+    ``kw``). Every position still gets its taps in increasing order, from zero: the same sums.
+    """
+    nat = native_namespace(xp)
+    (kt, kh, kw), (st, sh, sw), (to, ho, wo) = kernel, stride, out_size
+    d7 = dcols.reshape((bsz, to, ho, wo, kt, kh, kw * c))
+    padded = tuple(n + 2 * p for n, p in zip(spatial, padding))
+    reach = -(-kw // sw)  # groups one output's taps span
+    groups = max(-(-padded[2] // sw), wo - 1 + reach)
+    dpad = nat.zeros((bsz,) + padded[:2] + (groups, sw * c), dtype=dcols.dtype)
+    for i, j, q in itertools.product(range(kt), range(kh), range(reach)):
+        n = min(sw, kw - sw * q)  # taps in this group
+        view = dpad[:, i:i + st * (to - 1) + 1:st, j:j + sh * (ho - 1) + 1:sh, q:q + wo, :n * c]
+        nat.add(view, d7[:, :, :, :, i, j, sw * q * c:(sw * q + n) * c], out=view)
+    full = dpad.reshape((bsz,) + padded[:2] + (groups * sw, c))
+    if padded == tuple(spatial) and groups * sw == padded[2]:
+        return full
+    return nat.ascontiguousarray(full[(slice(None),) + tuple(slice(p, p + n) for p, n in zip(padding, spatial))])
