@@ -44,12 +44,18 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-__all__ = ["nl_means_numba_padded", "compile_kernels", "TILE_ELEMENTS"]
+__all__ = ["nl_means_numba_padded", "compile_kernels", "TILE_ELEMENTS", "TILE_REACHES"]
 
 #: A tile covers about this many flat positions (whole rows of the padded image,
 #: at least one row); its scratch arrays then stay in the L2 cache. No effect on
 #: the result.
 TILE_ELEMENTS = 2**15
+#: ... and at least this many times the 2 K positions it recomputes around
+#: itself (K: the patch's flat reach), so that the recomputation adds at most
+#: 1/8. This binds on volumes, whose K spans a whole plane: a 32 x 256 x 256
+#: volume with 3^3 patches has K of about 68,000, and tiles of 2**15 positions
+#: computed about five times the work (docs/engine.md). No effect on the result.
+TILE_REACHES = 8
 
 _KERNEL = dict(nogil=True, cache=True, error_model="numpy", boundscheck=False)
 
@@ -280,11 +286,12 @@ def _patch_tile(rows, lo, hi, deltas, reach, widths, steps, coef, bias, floor, i
                 acc[i] += np.float64(spread[i]) * np.float64(v[i])
 
 
-def _tiles(lo, hi, row, workers):
-    """Cut the flat range [lo, hi) into runs of whole rows: at most TILE_ELEMENTS positions, and
-    at least one tile per worker where the rows allow (no effect on the result)."""
+def _tiles(lo, hi, row, reach, workers):
+    """Cut the flat range [lo, hi) into runs of whole rows: about TILE_ELEMENTS positions (more where
+    the reach asks, :data:`TILE_REACHES`), and at least one tile per worker where the rows allow (no
+    effect on the result)."""
     rows = -(-(hi - lo) // row)
-    per_tile = max(1, min(TILE_ELEMENTS // row, -(-rows // workers)))
+    per_tile = max(1, min(max(TILE_ELEMENTS, TILE_REACHES * 2 * reach) // row, -(-rows // workers)))
     size = per_tile * row
     return [(s, min(s + size, hi)) for s in range(lo, hi, size)]
 
@@ -339,7 +346,7 @@ def nl_means_numba_padded(padded, *, inside, geo, h, sigma, aggregation, workers
                        *scratch(n + d_max + 2 * K, 4))
             out[:, lo - a : hi - a] = (rows[:, lo:hi] + num) / (1.0 + den)
 
-        _run(_tiles(a, b, row, workers), pixel_task, workers)
+        _run(_tiles(a, b, row, K, workers), pixel_task, workers)
         done()
         return out
 
@@ -355,7 +362,7 @@ def nl_means_numba_padded(padded, *, inside, geo, h, sigma, aggregation, workers
                    *scratch(n + d_max + 2 * K, 4))
         den[lo - z_lo : hi - z_lo] = 1.0 + part  # the centre offset has weight exp(0) = 1
 
-    _run(_tiles(z_lo, z_hi, row, workers), z_task, workers)
+    _run(_tiles(z_lo, z_hi, row, K, workers), z_task, workers)
     done()
 
     mask = _image_mask(geo, inside)
@@ -374,7 +381,7 @@ def nl_means_numba_padded(padded, *, inside, geo, h, sigma, aggregation, workers
         safe = np.where(count[i:j] > 0, count[i:j], 1.0)
         out[:, i:j] = (rows[:, lo:hi] * centre[i:j] + num) / safe
 
-    _run(_tiles(a, b, row, workers), patch_task, workers)
+    _run(_tiles(a, b, row, K, workers), patch_task, workers)
     done()
     return out
 

@@ -70,6 +70,7 @@ def test_same_bits_for_any_workers_and_any_tile_size(monkeypatch, aggregation):
     for workers in (2, 3, 8):
         np.testing.assert_array_equal(_run(monkeypatch, "numba", image, aggregation=aggregation, workers=workers),
                                       first, err_msg=f"workers={workers}")
+    monkeypatch.setattr(fast_numba, "TILE_REACHES", 0)  # tiles as small as TILE_ELEMENTS says
     for tile in (1, 500, 3001):  # one row per tile; tiles of several rows, cut anywhere
         monkeypatch.setattr(fast_numba, "TILE_ELEMENTS", tile)
         np.testing.assert_array_equal(_run(monkeypatch, "numba", image, aggregation=aggregation, workers=2), first,
@@ -112,7 +113,8 @@ def test_the_float32_exp_is_within_one_ulp():
 
 
 @pytest.mark.parametrize("shape, channel_axis, aggregation", [
-    ((300, 280), None, "pixel"), ((300, 280), None, "patch"), ((160, 150, 3), -1, "patch")])
+    ((300, 280), None, "pixel"), ((300, 280), None, "patch"), ((160, 150, 3), -1, "patch"),
+    ((12, 96, 96), None, "pixel"), ((12, 96, 96), None, "patch")])  # volumes: tiles grown by TILE_REACHES
 def test_the_working_memory_limit_still_bounds_the_peak(monkeypatch, shape, channel_axis, aggregation):
     """The limit check uses the NumPy engine's estimate, an upper bound for the Numba engine too."""
     import tracemalloc
@@ -125,7 +127,7 @@ def test_the_working_memory_limit_still_bounds_the_peak(monkeypatch, shape, chan
     spatial = shape if channel_axis is None else shape[:-1]
     channels = 1 if channel_axis is None else shape[-1]
     estimate = fast.working_memory(spatial, channels, p["patch_size"], p["search_size"], aggregation, 4, 2)
-    nlref.nl_means(x[:40, :40], sigma=0.08, channel_axis=channel_axis, aggregation=aggregation, workers=2)  # compile
+    nlref.nl_means(x[:12, :40], sigma=0.08, channel_axis=channel_axis, aggregation=aggregation, workers=2)  # compile
     tracemalloc.start()
     try:
         nlref.nl_means(x, sigma=0.08, channel_axis=channel_axis, aggregation=aggregation, workers=2)
