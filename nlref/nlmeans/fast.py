@@ -55,9 +55,10 @@ from .fast_numba import nl_means_numba_padded  # imports Numba only when it firs
 __all__ = ["nl_means_fast", "nl_means_fast_padded", "halo", "working_memory", "resolve_engine", "ENGINES",
            "ENGINE_VARIABLE"]
 
-#: The engines of the offset loop: "numpy" (this module's array steps, every
-#: library), "numba" (:mod:`.fast_numba`, compiled tiles, NumPy arrays only)
-#: and "auto" (numba for NumPy arrays when Numba is installed, else numpy).
+#: The engines of the offset loop. "numpy" runs this module's array steps (every
+#: library), "numba" the compiled tiles of ``nlref.nlmeans.fast_numba`` (NumPy
+#: arrays only), and "auto" picks numba for NumPy arrays when Numba is installed,
+#: else numpy.
 ENGINES = ("auto", "numpy", "numba")
 #: The environment variable that picks the engine for every call of the process
 #: (the in-memory call and every Dask or store chunk alike); default "auto".

@@ -47,7 +47,7 @@ from ...backend import array_namespace, asarray, device, is_numpy, native_namesp
 from .._shapes import dtype_of, interior, strided, window_offsets
 from .layout import channel_sums, channels_first, channels_last
 
-#: The size in bytes of the column matrix built per chunk of the batch on NumPy: it stays in the CPU
+#: The size in bytes of the column matrix built per chunk of the batch on NumPy. It stays in the CPU
 #: caches between the copy that builds it and the product that reads it.
 CONV_CHUNK_BYTES = 2 << 20
 #: Column matrices up to this size are kept from the forward pass for the backward pass of a
