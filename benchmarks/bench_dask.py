@@ -30,7 +30,6 @@ import math
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -39,6 +38,8 @@ import numpy as np
 
 import nlref
 from nlref.nlmeans.fast import halo
+
+from ceiling import median_seconds
 
 
 def clean_block(block_info=None):
@@ -68,16 +69,6 @@ def _lazy(block, shape, chunks, **kwargs):
 
 def disk_bytes(path):
     return int(subprocess.run(["du", "-sb", str(path)], capture_output=True, text=True).stdout.split()[0])
-
-
-def median_time(f, repeats):
-    f()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def halo_bytes_ratio(shape, chunk, depth):
@@ -146,7 +137,7 @@ def piece_comparison(path, piece, chunk_sizes, patch, search, sigma, repeats):
     rows = []
     with dask.config.set(scheduler="synchronous"):
         ref = nlref.nl_means(noisy, workers=1, **kw)
-        t_mem = median_time(lambda: nlref.nl_means(noisy, workers=1, **kw), repeats)
+        t_mem = median_seconds(lambda: nlref.nl_means(noisy, workers=1, **kw), repeats)
         rows.append(("nlref nl_means, in memory", "-", t_mem, 1.0, nlref.psnr(clean, ref, data_range=1.0), "-"))
         sk_kw = dict(patch_size=patch, patch_distance=search // 2, h=h, sigma=sigma, fast_mode=True)
         sk_ref = denoise_nl_means(noisy, **sk_kw)
@@ -154,18 +145,18 @@ def piece_comparison(path, piece, chunk_sizes, patch, search, sigma, repeats):
             x = da.from_array(noisy, chunks=c)
             out = nlref.nl_means(x, **kw).compute()
             same = "bitwise" if np.array_equal(out, ref) else f"max diff {np.abs(out - ref).max():.1e}"
-            t = median_time(lambda: nlref.nl_means(x, **kw).compute(), repeats)
+            t = median_seconds(lambda: nlref.nl_means(x, **kw).compute(), repeats)
             extra = halo_bytes_ratio(piece, (c,) * 3, depth) - 1
             rows.append((f"nlref nl_means, Dask chunks {c}", f"+{extra:.0%}", t, t / t_mem,
                          nlref.psnr(clean, out, data_range=1.0), same))
         for c in chunk_sizes:
             out = nl_means_store(noisy, chunks=c, **kw).compute()
             same = "bitwise" if np.array_equal(out, ref) else f"max diff {np.abs(out - ref).max():.1e}"
-            t = median_time(lambda: nl_means_store(noisy, chunks=c, **kw).compute(), repeats)
+            t = median_seconds(lambda: nl_means_store(noisy, chunks=c, **kw).compute(), repeats)
             extra = halo_bytes_ratio(piece, (c,) * 3, depth) - 1
             rows.append((f"nlref nl_means_store, chunks {c}", f"+{extra:.0%}", t, t / t_mem,
                          nlref.psnr(clean, out, data_range=1.0), same))
-        t_sk = median_time(lambda: denoise_nl_means(noisy, **sk_kw), repeats)
+        t_sk = median_seconds(lambda: denoise_nl_means(noisy, **sk_kw), repeats)
         rows.append(("skimage denoise_nl_means, in memory", "-", t_sk, t_sk / t_mem,
                      nlref.psnr(clean, sk_ref, data_range=1.0), "-"))
         for c in chunk_sizes:
@@ -173,7 +164,7 @@ def piece_comparison(path, piece, chunk_sizes, patch, search, sigma, repeats):
                 return apply_parallel(denoise_nl_means, noisy, chunks=c, depth=depth[0], extra_keywords=sk_kw,
                                       dtype=np.float32, compute=True)
             out = run()
-            t = median_time(run, repeats)
+            t = median_seconds(run, repeats)
             rows.append((f"skimage apply_parallel, chunks {c}", "-", t, t / t_mem, nlref.psnr(clean, out, data_range=1.0),
                          f"max diff {np.abs(out - sk_ref).max():.1e} vs skimage in memory"))
     print(f"\npiece {piece} float32, sigma {sigma}, patch {patch}, search {search}, h {h:.4f}, one thread, "

@@ -66,6 +66,7 @@ from skimage.metrics import structural_similarity
 from skimage.restoration import denoise_nl_means
 
 import nlref
+from ceiling import copy_gbs, median_seconds
 
 # ---------------------------------------------------------------------------
 # settings
@@ -603,16 +604,6 @@ def section_video(cfg, cv2):
 # ---------------------------------------------------------------------------
 
 
-def _median_seconds(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def profile_section(repeats, sizes=(128, 512)):
     """The steps of one offset of the fast method (pixel-wise, grey, float32, 7x7 / 21x21, one thread).
 
@@ -665,21 +656,20 @@ def profile_section(repeats, sizes=(128, 512)):
                       steps.accumulate_product(acc2, w[0, 1 : n + 1], row[3 : n + 3], buf["tmp"][:n]))),
         ]
         src, dst = np.ones(L, np.float32), np.empty(L, np.float32)
-        copy_seconds = _median_seconds(lambda: [np.copyto(dst, src) for _ in range(20)], repeats) / 20
+        copy_seconds = median_seconds(lambda: [np.copyto(dst, src) for _ in range(20)], repeats) / 20
         copy_rate = 2 * 4 * L / copy_seconds / 1e9
-        big_src, big_dst = np.ones(2**24, np.float32), np.empty(2**24, np.float32)
-        big_rate = 2 * 4 * 2**24 / _median_seconds(lambda: np.copyto(big_dst, big_src), repeats) / 1e9
+        big_rate = copy_gbs(4 * 2**24, repeats)
         offsets = len(geo.deltas)
         rows = []
         predicted = 0.0
         for name, nbytes, fn in stages:
-            seconds = _median_seconds(lambda: [fn() for _ in range(20)], repeats) / 20
+            seconds = median_seconds(lambda: [fn() for _ in range(20)], repeats) / 20
             predicted += seconds * offsets
             rows.append([name, f"{seconds * 1e6:.1f}", f"{seconds * offsets * 1e3:.1f}",
                          f"{nbytes / 1e6:.2f}", f"{nbytes / seconds / 1e9:.1f}"])
-        whole = _median_seconds(lambda: nlref.nl_means(noisy, sigma=sigma, h=0.6 * sigma, patch_size=7,
+        whole = median_seconds(lambda: nlref.nl_means(noisy, sigma=sigma, h=0.6 * sigma, patch_size=7,
                                                        search_size=21, workers=1), repeats)
-        sk = _median_seconds(lambda: denoise_nl_means(noisy, patch_size=7, patch_distance=10, h=0.6 * sigma,
+        sk = median_seconds(lambda: denoise_nl_means(noisy, patch_size=7, patch_distance=10, h=0.6 * sigma,
                                                       sigma=sigma, fast_mode=True), repeats)
         rows.append(["sum of the steps x offsets", "-", f"{predicted * 1e3:.1f}", "-", "-"])
         rows.append(["whole nl_means call, workers=1 (measured)", "-", f"{whole * 1e3:.1f}", "-", "-"])

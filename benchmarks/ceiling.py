@@ -20,7 +20,8 @@ import time
 import numpy as np
 
 
-def _median_seconds(run, repeats):
+def median_seconds(run, repeats):
+    """The median time of ``repeats`` runs of ``run()``, after one untimed run."""
     run()
     times = []
     for _ in range(repeats):
@@ -35,14 +36,14 @@ def matmul_gflops(n=1024, repeats=7):
     rng = np.random.default_rng(0)
     a, b = (rng.standard_normal((n, n)).astype(np.float32) for _ in range(2))
     out = np.empty((n, n), np.float32)
-    return 2 * n**3 / _median_seconds(lambda: np.matmul(a, b, out=out), repeats) / 1e9
+    return 2 * n**3 / median_seconds(lambda: np.matmul(a, b, out=out), repeats) / 1e9
 
 
 def copy_gbs(nbytes, repeats=7):
     """GB/s (read + write) of copying a float32 array of ``nbytes`` bytes into another (one thread)."""
     n = max(1, int(nbytes) // 4)
     src, dst = np.ones(n, np.float32), np.empty(n, np.float32)
-    return 2 * 4 * n / _median_seconds(lambda: np.copyto(dst, src), repeats) / 1e9
+    return 2 * 4 * n / median_seconds(lambda: np.copyto(dst, src), repeats) / 1e9
 
 
 def describe(gflops, copies):
