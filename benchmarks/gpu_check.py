@@ -308,6 +308,8 @@ def compare_cases(size):
              colour)
         case(f"nl_means fast volume {volume.shape}", dtype,
              lambda xp, mv, bd, im: [nlref.nl_means(im, sigma=0.1, patch_size=3, search_size=5)], volume)
+        case(f"nl_means fast volume {volume.shape} patch 3x1x3", dtype,
+             lambda xp, mv, bd, im: [nlref.nl_means(im, sigma=0.1, patch_size=(3, 1, 3), search_size=5)], volume)
         case("nl_means presets (sigma estimated)", dtype, lambda xp, mv, bd, im: [nlref.nl_means(im)], grey)
         case("estimate_sigma", dtype, lambda xp, mv, bd, im: [nlref.estimate_sigma(im)], grey)
         case("estimate_sigma colour", dtype,

@@ -393,3 +393,18 @@ def test_non_contiguous_views_match_contiguous_copies(rng):
         kw = dict(sigma=0.1, h=0.2, patch_size=3, search_size=7, channel_axis=axis)
         np.testing.assert_allclose(nlref.nl_means(view, **kw), nlref.nl_means(np.ascontiguousarray(view), **kw),
                                    rtol=1e-13)
+
+
+@pytest.mark.parametrize("patch", [(3, 1, 3), (7, 1, 7), (5, 1, 1), (1, 1, 3), (3, 3, 3)])
+@pytest.mark.parametrize("aggregation", ["pixel", "patch"])
+def test_numpy_engine_with_a_patch_axis_of_width_one(monkeypatch, patch, aggregation, rng):
+    """The NumPy engine (the path CuPy takes: out= buffers) against the definition, with a patch one
+    sample wide along a middle axis: its box sums alternate two buffers, and must never write into
+    the one they read (3x1x3 once did, here and on CuPy)."""
+    from nlref.nlmeans.fast import ENGINE_VARIABLE
+
+    monkeypatch.setenv(ENGINE_VARIABLE, "numpy")
+    x = _noisy(rng, (7, 9, 10), np.float64)
+    kw = dict(sigma=0.1, h=0.3, patch_size=patch, search_size=(3, 3, 3), aggregation=aggregation)
+    np.testing.assert_allclose(nlref.nl_means(x, workers=1, **kw), nlref.nl_means(x, method="naive", **kw),
+                               rtol=1e-12, atol=1e-13)
