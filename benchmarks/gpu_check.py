@@ -15,12 +15,12 @@ when one it cannot do without is missing. Then, each part under its own time lim
    estimate, the functional layers, the non-local operation, ``NonLocalBlock`` forward
    and backward, the networks' forward) on the same host inputs, once with NumPy and
    once on the target; the largest difference relative to the NumPy result's largest
-   magnitude must stay below 1e-10 (float64) or 1e-5 (float32; 1e-4 where a float32
-   reduction runs over thousands of terms).
+   magnitude must stay below 1e-10 (float64) or 1e-5 (float32), ten times that for batch
+   norm, the 3-D convolution and the networks (longer sums).
 3. ``nlmeans``: 1024 x 1024 float32, 7x7 patch, 21x21 search: nlref on the target
    against scikit-image's fast mode on the host CPU and against nlref on NumPy.
 4. ``block``: forward + backward, float32, against PyTorch autograd with the same
-   weights (``bench_block``'s sizes and modes, and N = 8 x 56 x 56 in the chunked form).
+   weights (N = 8 x 56 x 56 in the chunked form first, then ``bench_block``'s sizes and modes).
 5. ``train``: training steps of the default network against PyTorch (``bench_train``).
 
 Everything lands in ``OUT_DIR/gpu_check.md`` (one Markdown table, then the pytest
@@ -526,8 +526,11 @@ def block_part(target, size, torch_device):
             plan = [((2, 8, 2, 6, 6), True, "embedded_gaussian", None), ((2, 8, 2, 6, 6), False, "concatenation", None),
                     ((1, 8, 2, 8, 8), True, "embedded_gaussian", 16)]
         else:
-            plan = [(shape, sub, mode, None) for shape in bb.SHAPES for sub in (True, False) for mode in bb.MODES]
-            plan.append(((2, 64, 8, 56, 56), True, "embedded_gaussian", 1024))
+            # the issue's large case first, so that a part cut short still has it (on the CPU of a dry
+            # run, N = 8 x 28 x 28: PyTorch's full form at 8 x 56 x 56 holds gigabytes of attention)
+            big = (2, 64, 8, 56, 56) if target.bench_module is not np else (1, 64, 8, 28, 28)
+            plan = [(big, True, "embedded_gaussian", 1024)]
+            plan += [(shape, sub, mode, None) for shape in bb.SHAPES for sub in (True, False) for mode in bb.MODES]
         xp = target.bench_module
         for shape, sub_sample, mode, chunk in plan:
             label = f"{'x'.join(map(str, shape))} {mode} sub_sample={sub_sample}" + (f" chunk={chunk}" if chunk else "")
@@ -562,14 +565,16 @@ def block_part(target, size, torch_device):
             peer.zero_grad(set_to_none=True)
             tz = peer(tx)
             tz.backward(tdz)
-            worst = max(relative_difference(b.detach().cpu().numpy(), B.to_numpy(a))
-                        for a, b in ((z, tz), (dx, tx.grad)))
-            t_ours, t_theirs = bb.time_pair(ours, theirs, repeats=5 if size == "full" else 2, rounds=1)
+            # as bench_block: |ours - theirs| / |theirs| in the 2-norm (float32 sums over N' keys differ)
+            worst = max(float(np.linalg.norm(B.to_numpy(a) - b.detach().cpu().numpy())
+                              / np.linalg.norm(b.detach().cpu().numpy())) for a, b in ((z, tz), (dx, tx.grad)))
+            t_ours, t_theirs = bb.time_pair(ours, theirs, repeats=5 if size == "full" else 2,
+                                            rounds=2 if size == "full" else 1)
             flops = bb.matmul_flops(mode, shape, sub_sample)
             report.add("block", label, "ok" if worst < 1e-3 else "FAIL",
                        f"{t_ours * 1e3:.2f} ms vs {t_theirs * 1e3:.2f} ms",
                        f"nlref / PyTorch {t_ours / t_theirs:.2f} (aim <= 1.5); {flops / t_ours / 1e9:.0f} GFLOP/s; "
-                       f"max rel diff {worst:.1e}")
+                       f"relative error (2-norm) {worst:.1e}")
     return body
 
 
@@ -588,7 +593,7 @@ def train_part(target, size, torch_device):
         from torch_oracle import TorchVideoNet, load_videonet_params
 
         xp = target.bench_module
-        batch, steps = (8, 2) if size == "tiny" else (32, 10)
+        batch, steps = (8, 2) if size == "tiny" else (32, 10 if xp is not np else 3)  # 3: the CPU's dry run
         widths = (4, 6, 8) if size == "tiny" else (16, 32, 64)
         config = TrainConfig(dropout=0.0, widths=widths)
         net = build_model(config, xp=None if xp is np else xp)
@@ -668,7 +673,8 @@ def main(argv=None):
     target = Target(args.dry_run)
     torch_device = "cpu" if args.dry_run else "cuda"
     command = "python benchmarks/gpu_check.py " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv))
-    header = [f"# gpu_check {'(dry run) ' if args.dry_run else ''}{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+    now = datetime.datetime.now(datetime.timezone.utc)
+    header = [f"# gpu_check {'(dry run) ' if args.dry_run else ''}{now:%Y-%m-%d %H:%M} UTC",
               "", f"- command: `{command}`", f"- target: {target.name}; size: {args.size}",
               f"- host: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
               f"numpy {np.__version__}",

@@ -125,4 +125,6 @@ def test_training_runs_on_device1(tmp_path):
 
     config = TrainConfig(**{**TINY, "epochs": 1})
     result = train(config, xp=xs, device=DEVICE1, progress=False, log=None)
-    assert result is not None
+    assert all(v.device == DEVICE1 for v in result["model"].params.values())
+    reference = train(config, progress=False, log=None)  # the same run on NumPy
+    assert result["history"][-1]["train_loss"] == pytest.approx(reference["history"][-1]["train_loss"], rel=1e-6)
