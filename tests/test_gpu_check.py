@@ -132,3 +132,11 @@ def test_without_cupy_the_gpu_run_stops_with_a_message(tmp_path, capsys):
     assert gpu_check.main([str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "cupy-cuda13x" in err and "pip install --no-index" in err
+
+
+def test_time_limits_fit_the_machines():
+    """The parts' limits add up to less than the GPU machine's 8 minutes and the dry run's 5 (with a margin
+    for start-up), and every part has one."""
+    assert set(gpu_check.BUDGETS["gpu"]) == set(gpu_check.BUDGETS["dry"]) == set(gpu_check.PARTS)
+    assert sum(gpu_check.BUDGETS["gpu"].values()) <= 8 * 60 - 20
+    assert sum(gpu_check.BUDGETS["dry"].values()) <= 5 * 60 - 20
