@@ -66,8 +66,11 @@ def test_block_on_device1_forward_backward(mode, chunk_size):
                                    dtype="float64", **kw), (2, 1, 4, 8, 8)),
 ], ids=["c2d", "i3d-time", "image-resnet", "transformer"])
 def test_networks_on_device1_forward_backward(make, shape):
-    net, ref = make(xp=xs, device=DEVICE1), make()
+    net, ref = make(xp=xs, device=DEVICE1), make(seed=5)
     assert all(v.device == DEVICE1 for v in net.params.values())
+    ref.load_state_dict(net.state_dict())  # host copies out, and back in on the other side
+    net.load_state_dict(ref.state_dict())
+    assert all(v.device == DEVICE1 for v in [*net.params.values(), *net.buffers.values()])
     host = np.random.default_rng(3).standard_normal(shape)
     logits = net.forward(_on(host), dropout_seed=4)
     assert logits.device == DEVICE1
