@@ -27,6 +27,7 @@ import array_api_compat.numpy as _compat_numpy
 __all__ = [
     "array_namespace",
     "require_real",
+    "check_same_device",
     "compat_namespace",
     "asarray",
     "device",
@@ -86,7 +87,24 @@ def array_namespace(*arrays, names=None):
             f"arrays from different libraries cannot be mixed in one call ({described}); "
             "move them to one library first (nlref.backend.asarray(x, like=y))."
         )
+    if len(arrays) > 1:
+        check_same_device(*arrays, names=names)
     return array_api_compat.array_namespace(*arrays)
+
+
+def check_same_device(*arrays, names=None):
+    """Raise a ValueError naming the arguments when ``arrays`` live on different devices.
+
+    nlref never moves an array between devices behind the caller's back (two GPUs,
+    or a GPU and the host): the caller moves one of them, e.g. with
+    ``nlref.backend.asarray(x, like=y)``.
+    """
+    names = list(names) if names is not None else [f"argument {i}" for i in range(len(arrays))]
+    devices = [device(x) for x in arrays]
+    if any(d != devices[0] for d in devices[1:]):
+        described = ", ".join(f"{n} on {d}" for n, d in zip(names, devices))
+        raise ValueError(f"arrays on different devices cannot be mixed in one call ({described}); "
+                         "move them to one device first (nlref.backend.asarray(x, like=y)).")
 
 
 def require_real(x, name="x"):
@@ -163,7 +181,7 @@ def to_numpy(x) -> np.ndarray:
     return np.from_dlpack(x)
 
 
-def asarray(a, *, like=None, xp=None, dtype=None):
+def asarray(a, *, like=None, xp=None, dtype=None, device=None):
     """Move host data ``a`` into the library (and onto the device) of ``like``.
 
     Parameters
@@ -177,13 +195,25 @@ def asarray(a, *, like=None, xp=None, dtype=None):
         ``cupy``, ``array_api_strict`` ...). Exactly one of ``like`` and ``xp``.
     dtype : dtype, optional
         Target dtype in the target namespace.
+    device : device, optional
+        With ``xp=``: the device to place the result on (a ``cupy.cuda.Device``, a
+        ``torch.device``, ``array_api_strict.Device("device1")``); None: the
+        library's default device. Not with ``like=`` (``like``'s device is used).
     """
     if (like is None) == (xp is None):
         raise TypeError("asarray needs exactly one of like= (an array) or xp= (a namespace)")
     if like is not None:
+        if device is not None:
+            raise TypeError("asarray takes device= only with xp= (with like=, the result goes to like's device)")
         xp = array_namespace(like, names=["like"])
-        return xp.asarray(a, dtype=dtype, device=device(like))
-    return compat_namespace(xp).asarray(a, dtype=dtype)
+        return xp.asarray(a, dtype=dtype, device=_device(like))
+    namespace = compat_namespace(xp)
+    if device is None:
+        return namespace.asarray(a, dtype=dtype)
+    return namespace.asarray(a, dtype=dtype, device=device)
+
+
+_device = device  # asarray's argument of the same name hides the function there
 
 
 def compat_namespace(xp):
@@ -242,17 +272,18 @@ def reflect_pad(x, widths):
     return x
 
 
-def normal(shape, *, seed=None, like=None, xp=None, dtype=None):
+def normal(shape, *, seed=None, like=None, xp=None, dtype=None, device=None):
     """Standard normal samples, drawn on the host with NumPy's PCG64 and moved.
 
     The same ``seed`` gives bit-identical numbers on every backend, which makes
     results comparable across NumPy, CuPy and PyTorch. ``seed`` may be an int,
-    ``None`` (fresh entropy) or a ``numpy.random.Generator``.
+    ``None`` (fresh entropy) or a ``numpy.random.Generator``. ``device`` (with
+    ``xp=``) places the samples as :func:`asarray` does.
     """
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     host_dtype = np.float64 if dtype is None else np.dtype(dtype_name(dtype))
     samples = rng.standard_normal(tuple(shape), dtype=np.float64).astype(host_dtype)
-    return asarray(samples, like=like, xp=xp)
+    return asarray(samples, like=like, xp=xp, device=device)
 
 
 def dtype_name(dtype) -> str:

@@ -39,7 +39,7 @@ import math
 
 import numpy as np
 
-from .backend import array_namespace, dtype_name
+from .backend import array_namespace, device, dtype_name
 
 __all__ = ["crf_features", "potts", "gaussian_message", "mean_field_step", "mean_field_reference"]
 
@@ -70,7 +70,7 @@ def crf_features(image, *, theta_alpha, theta_beta, theta_gamma):
     xp = array_namespace(image)
     h, w = image.shape[:2]
     colours = xp.reshape(image, (h * w, 1 if image.ndim == 2 else image.shape[2])).T
-    idx = xp.arange(h * w, dtype=image.dtype)
+    idx = xp.arange(h * w, dtype=image.dtype, device=device(image))
     rows = xp.floor(idx / w)
     pos = xp.stack([rows, idx - rows * w])                       # (2, N): row, column
     return xp.concat([pos / theta_alpha, colours / theta_beta]), pos / theta_gamma
@@ -80,9 +80,10 @@ def potts(n_labels, *, like=None):
     """The Potts compatibility ``mu(l, l') = [l != l']``, shape ``(L, L)``, float64 (or ``like``'s)."""
     if isinstance(n_labels, bool) or not isinstance(n_labels, int) or n_labels < 2:
         raise ValueError(f"n_labels must be an int >= 2, got {n_labels!r}")
-    xp = np if like is None else array_namespace(like)
-    dtype = xp.float64 if like is None else like.dtype
-    return xp.ones((n_labels, n_labels), dtype=dtype) - xp.eye(n_labels, dtype=dtype)
+    if like is None:
+        return np.ones((n_labels, n_labels)) - np.eye(n_labels)
+    xp, on = array_namespace(like), device(like)
+    return xp.ones((n_labels, n_labels), dtype=like.dtype, device=on) - xp.eye(n_labels, dtype=like.dtype, device=on)
 
 
 def gaussian_message(features, q):
@@ -109,13 +110,16 @@ def gaussian_message(features, q):
                         f"{dtype_name(q.dtype)}")
     xp = array_namespace(features, q)
     n_labels, n = q.shape
+    on = device(q)
     half = xp.sum(features**2, axis=0, keepdims=True) / 2       # (1, N)
-    ones = xp.ones((1, n), dtype=q.dtype)
+    ones = xp.ones((1, n), dtype=q.dtype, device=on)
     theta = xp.concat([features, -half, ones])[None, ...]             # (1, d + 2, N)
-    phi = xp.concat([xp.concat([features, ones, -half]), xp.zeros((features.shape[0] + 2, 1), dtype=q.dtype)],
+    phi = xp.concat([xp.concat([features, ones, -half]),
+                     xp.zeros((features.shape[0] + 2, 1), dtype=q.dtype, device=on)],
                     axis=1)[None, ...]                           # (1, d + 2, N + 1): the extra key is 0
-    extra = xp.concat([xp.zeros((1, n), dtype=q.dtype), xp.ones((1, 1), dtype=q.dtype)], axis=1)
-    g = xp.concat([xp.concat([q, xp.zeros((n_labels, 1), dtype=q.dtype)], axis=1), extra])[None, ...]
+    extra = xp.concat([xp.zeros((1, n), dtype=q.dtype, device=on), xp.ones((1, 1), dtype=q.dtype, device=on)],
+                      axis=1)
+    g = xp.concat([xp.concat([q, xp.zeros((n_labels, 1), dtype=q.dtype, device=on)], axis=1), extra])[None, ...]
     y, _ = nonlocal_forward(theta, phi, g, mode="embedded_gaussian")
     return y[0, :n_labels, :] / y[0, n_labels:, :] - q
 

@@ -251,36 +251,37 @@ def image_receptive_field(blocks):
     return ImageResNet(width=1, blocks=blocks).local_receptive_field
 
 
-def build_model(config, xp=None):
+def build_model(config, xp=None, device=None):
     """The network a configuration describes (weights from ``config.seed``): a :class:`VideoNet`, a
-    :class:`VideoTransformer`, or with ``task="pairs2d"`` an :class:`ImageResNet`."""
+    :class:`VideoTransformer`, or with ``task="pairs2d"`` an :class:`ImageResNet`; parameters in ``xp``
+    (NumPy by default) on ``device`` (``xp``'s default when None)."""
     if config.model == "transformer":
         return VideoTransformer(frames=config.frames, size=config.size, in_channels=config.channels, num_classes=2,
                                 tubelet=config.tubelet, embed_dim=config.embed_dim, depth=config.depth,
                                 num_heads=config.num_heads, mlp_dim=config.mlp_dim, dtype=config.dtype,
-                                seed=config.seed, xp=xp)
+                                seed=config.seed, xp=xp, device=device)
     options = {"sub_sample": config.sub_sample, "bn_layer": config.bn_layer, "scale": config.scale,
                "pool": config.pool}
     if config.task == "pairs2d":
         return ImageResNet(nonlocal_blocks=config.nonlocal_blocks, mode=config.mode, nonlocal_options=options,
                            in_channels=config.channels, num_classes=2, width=config.widths[0],
                            blocks=config.blocks[0], dropout=config.dropout, dtype=config.dtype, seed=config.seed,
-                           xp=xp)
+                           xp=xp, device=device)
     return VideoNet(config.model, nonlocal_blocks=config.nonlocal_blocks, stage=config.stage, mode=config.mode,
                     extent=config.extent, nonlocal_options=options, in_channels=config.channels, num_classes=2,
                     widths=config.widths, blocks=config.blocks, dropout=config.dropout, dtype=config.dtype,
-                    seed=config.seed, xp=xp)
+                    seed=config.seed, xp=xp, device=device)
 
 
-def build_data(config, xp=None):
+def build_data(config, xp=None, device=None):
     """(train, val) :class:`~nlref.data.sprites.SpriteClips` (or :class:`~nlref.data.pairs2d.PairImages`)."""
     if config.task == "pairs2d":
         return pair_splits(config.n_train, config.n_val, seed=config.seed, relation=config.relation,
                            size=config.size, margin=config.margin, kinds=config.kinds, channels=config.channels,
-                           noise=config.noise, xp=xp, dtype=config.dtype)
+                           noise=config.noise, xp=xp, dtype=config.dtype, device=device)
     return sprite_splits(config.n_train, config.n_val, seed=config.seed, relation=config.relation,
                          kinds=config.kinds, frames=config.frames, size=config.size, channels=config.channels,
-                         noise=config.noise, xp=xp, dtype=config.dtype)
+                         noise=config.noise, xp=xp, dtype=config.dtype, device=device)
 
 
 def _optimiser(config, model):
@@ -462,7 +463,7 @@ def _prepare_out_dir(out_dir):
 
 # --------------------------------------------------------------------------- the loop
 def train(config: TrainConfig | None = None, out_dir: PathLike | None = None, *, xp: Any = None,
-          resume: bool = False, overwrite: bool = False, progress: bool = True,
+          device: Any = None, resume: bool = False, overwrite: bool = False, progress: bool = True,
           log: Callable[[str], Any] | None = print,
           callback: Callable[[int, dict, VideoNet], Any] | None = None) -> dict:
     """Train a :class:`VideoNet` on the sprite task (or, per ``config.task``, another network and task).
@@ -476,6 +477,8 @@ def train(config: TrainConfig | None = None, out_dir: PathLike | None = None, *,
         written when omitted).
     xp : module, optional
         Array library for data and weights (numpy by default; ``cupy`` on a GPU).
+    device : device, optional
+        Device for data and weights (with ``xp``): a ``cupy.cuda.Device``; ``xp``'s default when None.
     resume : bool
         Continue from ``out_dir/checkpoint.npz``; its configuration must equal ``config``.
         An ``out_dir`` without a checkpoint is an error (nothing to resume).
@@ -528,12 +531,12 @@ def train(config: TrainConfig | None = None, out_dir: PathLike | None = None, *,
     # Everything that can refuse the run is built before anything is written: with overwrite=True the
     # old run's files are replaced only by the first epoch's checkpoint and metrics (atomic renames),
     # never deleted beforehand.
-    model = build_model(config, xp)
+    model = build_model(config, xp, device)
     optimiser = _optimiser(config, model)
     steps_per_epoch = config.n_train // config.batch_size
     schedule = StepSchedule(config.lr, config.epochs * steps_per_epoch, milestones=config.milestones,
                             warmup=config.warmup)
-    train_set, val_set = build_data(config, xp)
+    train_set, val_set = build_data(config, xp, device)
     data_xp = B.array_namespace(_inputs(train_set))
     history, first_epoch = [], 0
     if resume:

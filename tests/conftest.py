@@ -2,8 +2,14 @@
 
 ``xp`` is parametrised over NumPy and array-api-strict (always), PyTorch CPU
 tensors (when torch is importable) and CuPy (when a CUDA device works; those
-cases carry the ``gpu`` marker). Tests build inputs on the host with NumPy
-and move them with :func:`nlref.backend.asarray`. Shared assertions and sample
+cases carry the ``gpu`` marker). ``strict-device1`` is array-api-strict again
+with every array on its second device, ``array_api_strict.Device("device1")``:
+there, any implicit conversion to NumPy raises and mixing devices raises, so it
+is the CPU stand-in for "nothing moves to the host behind your back" on a GPU.
+The ``device`` fixture is the device of the case (None: the library's default).
+Tests build inputs on the host with NumPy and move them with
+:func:`nlref.backend.asarray` (``xp=xp, device=device``) or ``to_xp``, and build
+layers and networks with ``xp=xp, device=device``. Shared assertions and sample
 builders are in ``tests/helpers.py`` (``from tests.helpers import ...``), not here.
 """
 
@@ -26,7 +32,8 @@ def _cupy_usable():
 
 
 def _backend_params():
-    params = [pytest.param("numpy", id="numpy"), pytest.param("array_api_strict", id="strict")]
+    params = [pytest.param("numpy", id="numpy"), pytest.param("array_api_strict", id="strict"),
+              pytest.param("array_api_strict:device1", id="strict-device1")]
     try:
         importlib.import_module("torch")
         params.append(pytest.param("torch", id="torch"))
@@ -42,13 +49,23 @@ def _backend_params():
 @pytest.fixture(params=_backend_params())
 def xp(request):
     """The array library module under test (numpy, array_api_strict, torch or cupy)."""
-    return importlib.import_module(request.param)
+    return importlib.import_module(request.param.split(":")[0])
+
+
+@pytest.fixture
+def device(request):
+    """The device of the backend case: ``array_api_strict.Device("device1")`` for ``strict-device1``, else None."""
+    spec = getattr(request.node, "callspec", None)
+    name = spec.params.get("xp", spec.params.get("xp_cpu", "")) if spec is not None else ""
+    if name.endswith(":device1"):
+        return importlib.import_module("array_api_strict").Device("device1")
+    return None
 
 
 @pytest.fixture(params=[p for p in _backend_params() if p.id in ("numpy", "strict")])
 def xp_cpu(request):
     """NumPy and array-api-strict only (for tests too slow to repeat everywhere)."""
-    return importlib.import_module(request.param)
+    return importlib.import_module(request.param.split(":")[0])
 
 
 @pytest.fixture
@@ -58,9 +75,9 @@ def rng():
 
 
 @pytest.fixture
-def to_xp(xp):
-    """Move a NumPy array into the library under test."""
-    return lambda a: B.asarray(np.asarray(a), xp=xp)
+def to_xp(xp, device):
+    """Move a NumPy array into the library (and onto the device) under test."""
+    return lambda a: B.asarray(np.asarray(a), xp=xp, device=device)
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,9 @@ from tests.helpers import assert_same_library
 
 @pytest.mark.parametrize("n", [1, 2, 3, 7])
 @pytest.mark.parametrize("before,after", [(0, 0), (1, 2), (3, 3), (6, 0), (13, 20)])
-def test_reflect_pad_matches_numpy_pad(xp, n, before, after):
+def test_reflect_pad_matches_numpy_pad(xp, device, n, before, after):
     host = np.arange(n * 4, dtype=np.float64).reshape(n, 4)
-    x = B.asarray(host, xp=xp)
+    x = B.asarray(host, xp=xp, device=device)
     out = B.reflect_pad(x, [(before, after), (2, 1)])
     assert_same_library(out, x)
     np.testing.assert_array_equal(B.to_numpy(out), np.pad(host, [(before, after), (2, 1)], mode="reflect"))
@@ -38,24 +38,26 @@ def test_non_arrays_are_a_type_error(bad):
         B.array_namespace(bad, names=["image"])
 
 
-def test_normal_is_identical_on_every_backend(xp):
-    a = B.to_numpy(B.normal((4, 5), seed=7, xp=xp))
+def test_normal_is_identical_on_every_backend(xp, device):
+    on = B.normal((4, 5), seed=7, xp=xp, device=device)
+    assert device is None or on.device == device
+    a = B.to_numpy(on)
     b = B.to_numpy(B.normal((4, 5), seed=7, xp=np))
     c = B.to_numpy(B.normal((4, 5), seed=8, xp=np))
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(b, c)
 
 
-def test_normal_keeps_library_and_dtype(xp):
-    like = B.asarray(np.zeros(2, dtype=np.float32), xp=xp)
+def test_normal_keeps_library_and_dtype(xp, device):
+    like = B.asarray(np.zeros(2, dtype=np.float32), xp=xp, device=device)
     x = B.normal((3,), seed=0, like=like, dtype="float32")
     assert_same_library(x, like)
     assert "float32" in str(x.dtype)
 
 
-def test_to_numpy_roundtrip(xp):
+def test_to_numpy_roundtrip(xp, device):
     host = np.arange(6.0).reshape(2, 3)
-    x = B.asarray(host, xp=xp)
+    x = B.asarray(host, xp=xp, device=device)
     back = B.to_numpy(x)
     assert isinstance(back, np.ndarray)
     np.testing.assert_array_equal(back, host)

@@ -81,7 +81,7 @@ class PairImages:
 
 
 def pair_images(n, *, seed=0, relation="brightness", size=24, margin=3, kinds=4, channels=1, noise=0.05,
-                xp=None, dtype="float32"):
+                xp=None, dtype="float32", device=None):
     """Generate ``n`` labelled images of the two-shape "same kind?" task.
 
     Parameters
@@ -105,6 +105,9 @@ def pair_images(n, *, seed=0, relation="brightness", size=24, margin=3, kinds=4,
         Standard deviation of additive Gaussian noise, in [0, 1).
     xp : module, optional
         Target library (numpy, cupy, array_api_strict, torch ...); NumPy when omitted.
+    device : device, optional
+        Target device (with ``xp``): a ``cupy.cuda.Device``, ``array_api_strict.Device(...)``; the library's
+        default when omitted.
     dtype : {"float32", "float64"}
 
     Returns
@@ -157,7 +160,8 @@ def pair_images(n, *, seed=0, relation="brightness", size=24, margin=3, kinds=4,
             image[item, c, rows, cols] += pattern[:, c]
     meta = {"kind": kind, "glyph": glyph, "origin": origin, "quadrant": quadrant}
     target = np if xp is None else xp
-    return PairImages(B.asarray(image.astype(dtype), xp=target), B.asarray(labels.astype(np.int64), xp=target),
+    return PairImages(B.asarray(image.astype(dtype), xp=target, device=device),
+                      B.asarray(labels.astype(np.int64), xp=target, device=device),
                       meta)
 
 

@@ -102,7 +102,7 @@ def _paired_kinds(rng, n, kinds):
 
 
 def sprite_clips(n, *, seed=0, relation="brightness", frames=8, size=32, kinds=8, channels=1, duration=3,
-                 noise=0.05, xp=None, dtype="float32"):
+                 noise=0.05, xp=None, dtype="float32", device=None):
     """Generate ``n`` labelled clips of the two-sprite "same kind?" task.
 
     Parameters
@@ -128,6 +128,9 @@ def sprite_clips(n, *, seed=0, relation="brightness", frames=8, size=32, kinds=8
         Standard deviation of additive Gaussian noise.
     xp : module, optional
         Target library (numpy, cupy, array_api_strict, torch ...); NumPy when omitted.
+    device : device, optional
+        Target device (with ``xp``): a ``cupy.cuda.Device``, ``array_api_strict.Device(...)``; the library's
+        default when omitted.
     dtype : str
         ``"float32"`` or ``"float64"``.
 
@@ -194,8 +197,8 @@ def sprite_clips(n, *, seed=0, relation="brightness", frames=8, size=32, kinds=8
     meta = {"kind": kind, "glyph": glyph, "start": start, "origin": origin, "velocity": velocity}
     name = B.dtype_name(dtype)
     target = np if xp is None else xp
-    return SpriteClips(B.asarray(video.astype(name), xp=target),
-                       B.asarray(labels.astype(np.int64), xp=target), meta)
+    return SpriteClips(B.asarray(video.astype(name), xp=target, device=device),
+                       B.asarray(labels.astype(np.int64), xp=target, device=device), meta)
 
 
 def sprite_splits(n_train, n_val, *, seed=0, **options):

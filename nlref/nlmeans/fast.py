@@ -123,13 +123,16 @@ class _Steps:
     returns it; otherwise it returns a fresh array and ignores the buffer.
     """
 
-    def __init__(self, xp, dtype):
+    def __init__(self, xp, dtype, device=None):
         self.xp = xp
         self.dtype = dtype
+        self.device = device
         self.np = native_namespace(xp) if supports_out(xp) else None
 
     def buffer(self, n):
-        return self.np.empty(n, dtype=self.dtype) if self.np is not None else None
+        # through the array-API namespace, on the image's device: a bare cupy.empty would allocate on the
+        # *current* CUDA device, which is not the image's when the caller picked another GPU
+        return self.xp.empty(n, dtype=self.dtype, device=self.device) if self.np is not None else None
 
     @staticmethod
     def head(buf, n):
@@ -408,7 +411,7 @@ def nl_means_fast_padded(padded, *, inside, h, sigma, patch_size, search_size, a
     geo = _Geometry(tuple(n - 2 * w for n, w in zip(v.shape[1:], m)), patch_size, search_size, aggregation)
     flat = xp.reshape(padded, (channels, geo.length))
     rows = [flat[c, :] for c in range(channels)]
-    steps = _Steps(xp, v.dtype)
+    steps = _Steps(xp, v.dtype, device(v))
     workers = max(1, int(workers)) if is_numpy(xp) else 1
 
     coef = -1.0 / (channels * math.prod(patch_size) * h**2)
@@ -634,8 +637,13 @@ def _box_all(steps, src, box_axes, buf1=None, buf2=None, pairs=None):
     """
     if buf1 is None:
         buf1, buf2 = steps.buffer(src.shape[0]), steps.buffer(src.shape[0])
-    for i, (width, step) in enumerate(box_axes):
-        src = steps.box(src, width, step, buf1 if i % 2 == 0 else buf2, pairs)
+    held = None  # the buffer that holds src (None: neither)
+    for width, step in box_axes:
+        if width == 1:  # nothing to sum; and the next box must not write into the buffer it reads
+            continue    # (a 3x1x3 patch wrote its last box over its own input before this check)
+        target = buf2 if held is buf1 else buf1
+        src = steps.box(src, width, step, target, pairs)
+        held = target
     return src
 
 

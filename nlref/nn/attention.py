@@ -73,15 +73,16 @@ def _host(a):
 class _Params:
     """What every layer here shares: parameters made in one library and dtype, checked inputs."""
 
-    def _setup(self, dtype, xp):
+    def _setup(self, dtype, xp, device=None):
         self.dtype_name = _dtype_option(dtype)
         self.xp = _namespace(xp)
+        self.device = device
         self.dtype = getattr(self.xp, self.dtype_name)
         self.training = True
         self._cache = None
 
     def _array(self, host):
-        return B.asarray(np.asarray(host), xp=self.xp, dtype=self.dtype)
+        return B.asarray(np.asarray(host), xp=self.xp, dtype=self.dtype, device=self.device)
 
     def _check_tokens(self, x, name="x"):
         """x must be (B, N, E) of the layer's library and dtype."""
@@ -92,6 +93,12 @@ class _Params:
         if B.dtype_name(x.dtype) != self.dtype_name:
             raise TypeError(f"{name} has dtype {B.dtype_name(x.dtype)} but the layer's parameters are "
                             f"{self.dtype_name}")
+        params = getattr(self, "params", None)
+        if not B.is_numpy(self.xp) and params:
+            mine = B.device(next(iter(params.values())))
+            if B.device(x) != mine:
+                raise ValueError(f"{name} is on device {B.device(x)} but the layer's parameters are on {mine}; "
+                                 f"move {name} or build the layer with device=")
         if x.ndim != 3 or x.shape[2] != self.embed_dim:
             raise ValueError(f"{name} must have shape (B, N, E) with E = embed_dim = {self.embed_dim}, "
                              f"got shape {tuple(x.shape)}")
@@ -258,6 +265,9 @@ class MultiHeadAttention(_Params):
         ``in_proj_weight``, uniform +-1/sqrt(E) for ``out_proj.weight``, zero biases.
     xp : module, optional
         The parameters' array library (numpy by default).
+    device : device, optional
+        The parameters' device (a ``cupy.cuda.Device``, ``array_api_strict.Device(...)``);
+        None: ``xp``'s default. Inputs on another device are an error.
 
     Attributes
     ----------
@@ -268,7 +278,7 @@ class MultiHeadAttention(_Params):
         Same keys, set by :meth:`backward`.
     """
 
-    def __init__(self, embed_dim, num_heads, *, bias=True, dtype="float32", seed=0, xp=None):
+    def __init__(self, embed_dim, num_heads, *, bias=True, dtype="float32", seed=0, xp=None, device=None):
         self.embed_dim = _positive_int("embed_dim", embed_dim)
         self.num_heads = _positive_int("num_heads", num_heads)
         if self.embed_dim % self.num_heads:
@@ -278,7 +288,7 @@ class MultiHeadAttention(_Params):
             raise ValueError(f"bias must be True or False, got {bias!r}")
         self.bias = bool(bias)
         self.head_dim = self.embed_dim // self.num_heads
-        self._setup(dtype, xp)
+        self._setup(dtype, xp, device)
         rng = np.random.default_rng(seed)
         e = self.embed_dim
         xavier = math.sqrt(6.0 / (e + 3 * e))
@@ -405,14 +415,14 @@ class TransformerBlock(_Params):
         approximation, or ReLU (PyTorch's default for this layer).
     eps : float
         LayerNorm's epsilon (PyTorch's ``layer_norm_eps``, 1e-5).
-    dtype, seed, xp :
+    dtype, seed, xp, device :
         As :class:`MultiHeadAttention` (linear layers drawn as PyTorch's: uniform
         +-1/sqrt(fan_in); LayerNorm gamma = 1, beta = 0).
     """
 
     def __init__(self, embed_dim, num_heads, mlp_dim, *, activation="gelu", eps=1e-5, dtype="float32", seed=0,
-                 xp=None):
-        self.attn = MultiHeadAttention(embed_dim, num_heads, dtype=dtype, seed=seed, xp=xp)
+                 xp=None, device=None):
+        self.attn = MultiHeadAttention(embed_dim, num_heads, dtype=dtype, seed=seed, xp=xp, device=device)
         self.embed_dim, self.num_heads = self.attn.embed_dim, self.attn.num_heads
         self.mlp_dim = _positive_int("mlp_dim", mlp_dim)
         if activation not in ACTIVATIONS:
@@ -421,7 +431,7 @@ class TransformerBlock(_Params):
         if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps <= 0:
             raise ValueError(f"eps must be a positive finite number, got {eps!r}")
         self.eps = float(eps)
-        self._setup(dtype, xp)
+        self._setup(dtype, xp, device)
         rng = np.random.default_rng([seed, 1])
         e, m = self.embed_dim, self.mlp_dim
 
@@ -557,11 +567,11 @@ class PositionalEncoding(_Params):
         :func:`spacetime_sinusoidal_encoding`), or learned tables: ``weight`` (N, E) for
         a sequence; for a clip, factorised as ``time`` (T, E) + ``space`` (H W, E)
         (TimeSformer's separate embeddings), drawn normal with std 0.02.
-    dtype, seed, xp :
+    dtype, seed, xp, device :
         As :class:`MultiHeadAttention`.
     """
 
-    def __init__(self, shape, embed_dim, *, kind="learned", dtype="float32", seed=0, xp=None):
+    def __init__(self, shape, embed_dim, *, kind="learned", dtype="float32", seed=0, xp=None, device=None):
         if isinstance(shape, (tuple, list)):
             if len(shape) not in (1, 3):
                 raise ValueError(f"shape must be N or (T, H, W), got {shape!r}")
@@ -574,7 +584,7 @@ class PositionalEncoding(_Params):
         if kind not in ENCODINGS:
             raise ValueError(f"kind must be one of {ENCODINGS}, got {kind!r}")
         self.kind = kind
-        self._setup(dtype, xp)
+        self._setup(dtype, xp, device)
         self.params, self.table = {}, None
         if kind == "sinusoidal":
             table = (sinusoidal_encoding(shape[0], self.embed_dim) if len(shape) == 1

@@ -133,6 +133,11 @@ class NonLocalBlock:
     xp : module, optional
         The array library for the parameters: ``numpy`` (default), ``cupy``,
         ``array_api_strict``, ``torch``...
+    device : device, optional
+        The device of the parameters (and of the inputs the block takes): a
+        ``cupy.cuda.Device``, a ``torch.device``, ``array_api_strict.Device(...)``;
+        None: ``xp``'s default device. An input on another device is an error
+        (nothing is moved behind the caller's back).
 
     Attributes
     ----------
@@ -164,7 +169,7 @@ class NonLocalBlock:
                  pool: str = "after", pool_kernel: Size | None = None, pool_stride: Size | None = None,
                  W_z_bias: bool = True, projection_bias: bool = True, bn_eps: float = 1e-5,
                  bn_momentum: float = 0.1, chunk_size: int | None = None,
-                 dtype: DType = "float32", seed: int = 0, xp: Any = None) -> None:
+                 dtype: DType = "float32", seed: int = 0, xp: Any = None, device: Any = None) -> None:
         self.in_channels = _positive_int("in_channels", in_channels)
         check_mode(mode)
         self.mode = mode
@@ -209,6 +214,7 @@ class NonLocalBlock:
         if not all(hasattr(self.xp, f) for f in ("asarray", "matmul", "float32")):
             raise TypeError(f"xp must be an array library module (numpy, cupy, array_api_strict, torch), got {xp!r}")
         self.dtype = getattr(self.xp, name)
+        self.device = device
         self.training = True
         self.loaded_layout = None
         self.num_batches_tracked = 0
@@ -223,7 +229,7 @@ class NonLocalBlock:
 
     # ------------------------------------------------------------------ set-up
     def _array(self, host):
-        return B.asarray(np.asarray(host), xp=self.xp, dtype=self.dtype)
+        return B.asarray(np.asarray(host), xp=self.xp, dtype=self.dtype, device=self.device)
 
     def _init_params(self, seed):
         rng = np.random.default_rng(seed)
@@ -293,6 +299,7 @@ class NonLocalBlock:
                             f"{getattr(self.xp, '__name__', self.xp)}; move x or build the block with xp=")
         if B.dtype_name(x.dtype) != self.dtype_name:
             raise TypeError(f"x has dtype {B.dtype_name(x.dtype)} but the block's parameters are {self.dtype_name}")
+        self._check_device("x", x)
         layout = {1: "(B, C, L)", 2: "(B, C, H, W)", 3: "(B, C, T, H, W)"}[self.dims]
         if x.ndim != self.dims + 2:
             raise ValueError(f"x must have shape {layout} for dims={self.dims}, got {tuple(x.shape)}")
@@ -304,6 +311,14 @@ class NonLocalBlock:
         if self.sub_sample and self.pool != "flattened" and any(n < k for n, k in zip(x.shape[2:], self.kernel)):
             raise ValueError(f"x's spatial shape {tuple(x.shape[2:])} is smaller than the sub-sampling kernel "
                              f"{self.kernel}; use sub_sample=False or a larger input")
+
+    def _check_device(self, name, a):
+        if B.is_numpy(self.xp):
+            return
+        mine = B.device(next(iter(self.params.values())))
+        if B.device(a) != mine:
+            raise ValueError(f"{name} is on device {B.device(a)} but the block's parameters are on {mine}; move "
+                             f"{name} (nlref.backend.asarray(x, like=...)) or build the block with device=")
 
     def _conv(self, name, x):
         return F.conv1x1_forward(x, self.params[f"{name}.weight"], self.params.get(f"{name}.bias"))
@@ -427,6 +442,7 @@ class NonLocalBlock:
         if B.array_namespace(dz, names=["dz"]) is not xp or B.dtype_name(dz.dtype) != self.dtype_name:
             raise TypeError(f"dz must be a {self.dtype_name} array of the block's library, like x; "
                             f"got {B.dtype_name(dz.dtype)} from {type(dz).__module__}")
+        self._check_device("dz", dz)
         if tuple(dz.shape) != cache["x_shape"]:
             raise ValueError(f"dz must have the shape of z, {cache['x_shape']}; got {tuple(dz.shape)}")
         self._cache = None  # entries are dropped as they are used, so memory is returned early

@@ -184,7 +184,8 @@ class NonLocal(Layer):
     set of values per channel is.
     """
 
-    def __init__(self, channels: int, *, extent: str, options: dict, seed: int, make_xp: Any) -> None:
+    def __init__(self, channels: int, *, extent: str, options: dict, seed: int, make_xp: Any,
+                 device: Any = None) -> None:
         self.training, self._cache = True, None
         if extent not in EXTENTS:
             raise ValueError(f"extent must be one of {EXTENTS}, got {extent!r}")
@@ -193,7 +194,7 @@ class NonLocal(Layer):
         options = dict(options)
         if extent == "time":
             options["sub_sample"] = False
-        self.block = NonLocalBlock(channels, dims=dims, seed=seed, xp=make_xp, **options)
+        self.block = NonLocalBlock(channels, dims=dims, seed=seed, xp=make_xp, device=device, **options)
 
     # the block's own dicts (it replaces ``grads`` on every backward)
     params = property(lambda self: self.block.params)
@@ -268,6 +269,15 @@ def nonlocal_slots(count, *, stage="res3", blocks=(1, 2, 2)):
     return slots[:count]
 
 
+def _check_device(net, x, param):
+    """A ValueError when ``x`` is not on the device of the network's parameters (``param``, one of them)."""
+    if B.is_numpy(net.xp):
+        return
+    if B.device(x) != B.device(param):
+        raise ValueError(f"x is on device {B.device(x)} but the network's parameters are on {B.device(param)}; "
+                         "move x (nlref.backend.asarray(x, like=...)) or build the network with device=")
+
+
 class VideoNet:
     """A small ResNet video classifier (C2D or I3D) with optional non-local blocks.
 
@@ -300,13 +310,16 @@ class VideoNet:
         Seeds every initial weight (and the dropout masks when ``forward`` gets no seed).
     xp : module, optional
         Array library of the parameters (numpy by default).
+    device : device, optional
+        Device of the parameters (a ``cupy.cuda.Device``, ``array_api_strict.Device(...)``);
+        None: ``xp``'s default. Inputs must be on it (nothing is moved silently).
     """
 
     def __init__(self, flavour: str = "c2d", *, nonlocal_blocks: int = 0, stage: str = "res3",
                  mode: str = "embedded_gaussian", extent: str = "spacetime", nonlocal_options: dict | None = None,
                  in_channels: int = 1, num_classes: int = 2, widths: Sequence[int] = (16, 32, 64),
                  blocks: Sequence[int] = (1, 2, 2), dropout: float = 0.5, dtype: DType = "float32", seed: int = 0,
-                 xp: Any = None) -> None:
+                 xp: Any = None, device: Any = None) -> None:
         if flavour not in FLAVOURS:
             raise ValueError(f"flavour must be one of {FLAVOURS}, got {flavour!r}")
         if mode not in MODES:
@@ -336,6 +349,7 @@ class VideoNet:
                        "num_classes": int(num_classes), "widths": list(widths), "blocks": list(blocks),
                        "dropout": float(dropout), "dtype": dtype}
         self.xp = B.compat_namespace(np if xp is None else xp)
+        self.device = device
         self.dtype = dtype
         self.dropout = float(dropout)
         self.training = True
@@ -343,7 +357,7 @@ class VideoNet:
         self._dropout_rng = np.random.default_rng(rng.integers(2**63))
 
         def make(host):
-            return B.asarray(np.asarray(host), xp=self.xp, dtype=getattr(self.xp, dtype))
+            return B.asarray(np.asarray(host), xp=self.xp, dtype=getattr(self.xp, dtype), device=device)
 
         kernel1 = {"c2d": (1, 3, 3), "i3d": (3, 3, 3), "i3d_3x1x1": (3, 1, 1)}[flavour]
         self.stem = ConvBN(in_channels, widths[0], (1, 3, 3), stride=(1, 2, 2), rng=rng, make=make)
@@ -353,7 +367,7 @@ class VideoNet:
             for j in range(count):
                 if (name, j) in self.slots:
                     nl = NonLocal(c_in, extent=extent, options={"mode": mode, "dtype": dtype, **options},
-                                  seed=int(rng.integers(2**31)), make_xp=xp if xp is not None else np)
+                                  seed=int(rng.integers(2**31)), make_xp=xp if xp is not None else np, device=device)
                     self.layers.append((f"{name}.nl{j}", nl))
                 k1 = kernel1 if (flavour != "c2d" and j % 2 == 0) else (1, 3, 3)
                 stride = 2 if (j == 0 and s > 0) else 1
@@ -446,6 +460,7 @@ class VideoNet:
         if B.compat_namespace(xp) is not self.xp and not (B.is_numpy(xp) and B.is_numpy(self.xp)):
             raise TypeError(f"x is a {getattr(xp, '__name__', xp)} array but the network lives in "
                             f"{getattr(self.xp, '__name__', self.xp)}")
+        _check_device(self, x, self.stem.conv.params["weight"])
         return xp
 
     def forward(self, x, *, dropout_seed=None, return_attention=False):
@@ -531,7 +546,7 @@ class VideoNet:
                 raise ValueError(f"state dict entry {key!r} holds non-finite values")
             host[key] = value
         for key, value in host.items():
-            array = B.asarray(value, xp=self.xp, dtype=getattr(self.xp, self.dtype))
+            array = B.asarray(value, xp=self.xp, dtype=getattr(self.xp, self.dtype), device=self.device)
             leaf, leaf_key = self._owner(key)
             (leaf.params if leaf_key in leaf.params else leaf.buffers)[leaf_key] = array
         return self
@@ -596,14 +611,15 @@ class VideoTransformer(_Collected):
     pos : {"learned", "sinusoidal"}
         Factorised space-time encodings (see :class:`~nlref.nn.attention.PositionalEncoding`).
     pool : {"mean", "cls"}
-    dtype, seed, xp :
+    dtype, seed, xp, device :
         As :class:`VideoNet`.
     """
 
     POOLS = ("mean", "cls")
 
     def __init__(self, *, frames=8, size=16, in_channels=1, num_classes=2, tubelet=(1, 4, 4), embed_dim=32,
-                 depth=2, num_heads=2, mlp_dim=64, pos="learned", pool="mean", dtype="float32", seed=0, xp=None):
+                 depth=2, num_heads=2, mlp_dim=64, pos="learned", pool="mean", dtype="float32", seed=0, xp=None,
+                 device=None):
         from .attention import ENCODINGS, PositionalEncoding, TransformerBlock
 
         ints = {"frames": frames, "size": size, "in_channels": in_channels, "num_classes": num_classes,
@@ -632,6 +648,7 @@ class VideoTransformer(_Collected):
                        "embed_dim": int(embed_dim), "depth": int(depth), "num_heads": int(num_heads),
                        "mlp_dim": int(mlp_dim), "pos": pos, "pool": pool, "dtype": dtype}
         self.xp = B.compat_namespace(np if xp is None else xp)
+        self.device = device
         self.dtype = dtype
         self.tubelet = tuple(int(v) for v in tubelet)
         self.grid = (frames // tubelet[0], size // tubelet[1], size // tubelet[2])
@@ -640,17 +657,19 @@ class VideoTransformer(_Collected):
         rng = np.random.default_rng(seed)
 
         def make(host):
-            return B.asarray(np.asarray(host), xp=self.xp, dtype=getattr(self.xp, dtype))
+            return B.asarray(np.asarray(host), xp=self.xp, dtype=getattr(self.xp, dtype), device=device)
 
         e, patch = int(embed_dim), int(in_channels) * math.prod(self.tubelet)
         self.patch_embed = Layer()
         self.patch_embed.params = {"weight": make(rng.uniform(-1, 1, (e, patch)) / math.sqrt(patch)),
                                    "bias": make(rng.uniform(-1, 1, e) / math.sqrt(patch))}
-        self.pos = PositionalEncoding(self.grid, e, kind=pos, dtype=dtype, seed=int(rng.integers(2**31)), xp=xp)
+        self.pos = PositionalEncoding(self.grid, e, kind=pos, dtype=dtype, seed=int(rng.integers(2**31)), xp=xp,
+                                      device=device)
         self.cls = Layer()
         if pool == "cls":
             self.cls.params = {"token": make(0.02 * rng.standard_normal((1, 1, e)))}
-        self.blocks = [TransformerBlock(e, num_heads, mlp_dim, dtype=dtype, seed=int(rng.integers(2**31)), xp=xp)
+        self.blocks = [TransformerBlock(e, num_heads, mlp_dim, dtype=dtype, seed=int(rng.integers(2**31)), xp=xp,
+                                        device=device)
                        for _ in range(depth)]
         self.norm = Layer()
         self.norm.params = {"weight": make(np.ones(e)), "bias": make(np.zeros(e))}
@@ -723,6 +742,7 @@ class VideoTransformer(_Collected):
         if B.compat_namespace(xp) is not self.xp and not (B.is_numpy(xp) and B.is_numpy(self.xp)):
             raise TypeError(f"x is a {getattr(xp, '__name__', xp)} array but the network lives in "
                             f"{getattr(self.xp, '__name__', self.xp)}")
+        _check_device(self, x, self.patch_embed.params["weight"])
 
     def forward(self, x, *, dropout_seed=None, return_attention=False):
         """Logits for a batch of clips, shape (B, num_classes).
@@ -799,7 +819,7 @@ class VideoTransformer(_Collected):
                 raise ValueError(f"state dict entry {key!r} holds non-finite values")
             host[key] = value
         for key, value in host.items():
-            self.set_param(key, B.asarray(value, xp=self.xp, dtype=getattr(self.xp, self.dtype)))
+            self.set_param(key, B.asarray(value, xp=self.xp, dtype=getattr(self.xp, self.dtype), device=self.device))
         return self
 
     def __repr__(self):
@@ -840,14 +860,14 @@ class ImageResNet(VideoNet):
     in_channels, num_classes, width, blocks : int
     dropout : float
         Before the classifier, in [0, 1).
-    dtype, seed, xp
+    dtype, seed, xp, device
         As for :class:`VideoNet`.
     """
 
     def __init__(self, *, nonlocal_blocks: int = 0, mode: str = "embedded_gaussian",
                  nonlocal_options: dict | None = None, in_channels: int = 1, num_classes: int = 2,
                  width: int = 16, blocks: int = 1, dropout: float = 0.0, dtype: DType = "float32", seed: int = 0,
-                 xp: Any = None) -> None:
+                 xp: Any = None, device: Any = None) -> None:
         def positive(name, value, low=1):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
@@ -876,19 +896,20 @@ class ImageResNet(VideoNet):
                        "in_channels": int(in_channels), "num_classes": int(num_classes), "width": int(width),
                        "blocks": int(blocks), "dropout": float(dropout), "dtype": dtype}
         self.xp = B.compat_namespace(np if xp is None else xp)
+        self.device = device
         self.dtype, self.dropout, self.training = dtype, float(dropout), True
         rng = np.random.default_rng(seed)
         self._dropout_rng = np.random.default_rng(rng.integers(2**63))
 
         def make(host):
-            return B.asarray(np.asarray(host), xp=self.xp, dtype=getattr(self.xp, dtype))
+            return B.asarray(np.asarray(host), xp=self.xp, dtype=getattr(self.xp, dtype), device=device)
 
         self.stem = ConvBN(in_channels, width, (1, 3, 3), stride=1, rng=rng, make=make)
         self.layers = [("stem", self.stem)]
         for j in range(blocks):
             if ("res2", j) in self.slots:
                 nl = NonLocal(width, extent="space", options={"mode": mode, "dtype": dtype, **options},
-                              seed=int(rng.integers(2**31)), make_xp=xp if xp is not None else np)
+                              seed=int(rng.integers(2**31)), make_xp=xp if xp is not None else np, device=device)
                 self.layers.append((f"res2.nl{j}", nl))
             self.layers.append((f"res2.{j}", ResidualBlock(width, width, kernel1=(1, 3, 3), stride=1,
                                                            rng=rng, make=make)))

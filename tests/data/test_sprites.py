@@ -10,10 +10,11 @@ from nlref.data.sprites import GLYPHS, additive_ceiling, sprite_clips, sprite_sp
 from tests.helpers import assert_same_library
 
 
-def test_same_seed_same_clips_on_every_backend(xp):
+def test_same_seed_same_clips_on_every_backend(xp, device):
     a = sprite_clips(20, seed=3)
-    b = sprite_clips(20, seed=3, xp=xp)
-    assert_same_library(b.video, B.asarray(np.zeros(1), xp=xp))
+    b = sprite_clips(20, seed=3, xp=xp, device=device)
+    assert_same_library(b.video, B.asarray(np.zeros(1), xp=xp, device=device))
+    assert_same_library(b.labels, b.video)
     np.testing.assert_array_equal(B.to_numpy(b.video), a.video)
     np.testing.assert_array_equal(B.to_numpy(b.labels), a.labels)
 

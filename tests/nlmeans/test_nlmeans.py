@@ -25,9 +25,9 @@ def _noisy(rng, shape, dtype):
 
 @pytest.mark.parametrize("aggregation", ["pixel", "patch"])
 @pytest.mark.parametrize("shape,channel_axis,patch,search", CASES)
-def test_fast_equals_naive_float64(xp, shape, channel_axis, patch, search, aggregation, rng):
+def test_fast_equals_naive_float64(xp, device, shape, channel_axis, patch, search, aggregation, rng):
     host = _noisy(rng, shape, np.float64)
-    x = B.asarray(host, xp=xp)
+    x = B.asarray(host, xp=xp, device=device)
     kw = dict(sigma=0.1, h=0.25, patch_size=patch, search_size=search, channel_axis=channel_axis,
               aggregation=aggregation)
     fast = nlref.nl_means(x, method="fast", **kw)
@@ -135,8 +135,8 @@ def test_nl_means_denoises():
 # ---- dtypes and the integer rule ----
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_float_dtype_is_kept(xp, dtype, rng):
-    x = B.asarray(_noisy(rng, (10, 12), dtype), xp=xp)
+def test_float_dtype_is_kept(xp, device, dtype, rng):
+    x = B.asarray(_noisy(rng, (10, 12), dtype), xp=xp, device=device)
     out = nlref.nl_means(x, sigma=0.1)
     assert_same_library(out, x)
     assert out.dtype == x.dtype
@@ -222,8 +222,8 @@ def test_sigma_is_estimated_when_nothing_is_given():
 
 
 @pytest.mark.parametrize("shape", [(4000,), (200, 200), (30, 40, 50)])
-def test_estimate_sigma_on_pure_noise(xp, shape):
-    noise = B.normal(shape, seed=11, xp=xp) * 0.3
+def test_estimate_sigma_on_pure_noise(xp, device, shape):
+    noise = B.normal(shape, seed=11, xp=xp, device=device) * 0.3
     assert nlref.estimate_sigma(noise) == pytest.approx(0.3, rel=0.05)
 
 
@@ -342,10 +342,10 @@ def test_naive_refuses_large_inputs():
         nlref.nl_means(np.zeros((512, 512), dtype=np.float32), h=0.1, method="naive")
 
 
-def test_resolve_parameters_on_every_backend(xp):
+def test_resolve_parameters_on_every_backend(xp, device):
     host = nlref.add_gaussian_noise(nlref.data.camera()[:64, :64], 20 / 255, seed=4)
     ref = api.resolve_parameters(host)
-    got = api.resolve_parameters(B.asarray(host, xp=xp))
+    got = api.resolve_parameters(B.asarray(host, xp=xp, device=device))
     assert got["patch_size"] == ref["patch_size"] and got["search_size"] == ref["search_size"]
     assert got["sigma"] == pytest.approx(ref["sigma"], rel=1e-6)
 
@@ -393,3 +393,18 @@ def test_non_contiguous_views_match_contiguous_copies(rng):
         kw = dict(sigma=0.1, h=0.2, patch_size=3, search_size=7, channel_axis=axis)
         np.testing.assert_allclose(nlref.nl_means(view, **kw), nlref.nl_means(np.ascontiguousarray(view), **kw),
                                    rtol=1e-13)
+
+
+@pytest.mark.parametrize("patch", [(3, 1, 3), (7, 1, 7), (5, 1, 1), (1, 1, 3), (3, 3, 3)])
+@pytest.mark.parametrize("aggregation", ["pixel", "patch"])
+def test_numpy_engine_with_a_patch_axis_of_width_one(monkeypatch, patch, aggregation, rng):
+    """The NumPy engine (the path CuPy takes: out= buffers) against the definition, with a patch one
+    sample wide along a middle axis: its box sums alternate two buffers, and must never write into
+    the one they read (3x1x3 once did, here and on CuPy)."""
+    from nlref.nlmeans.fast import ENGINE_VARIABLE
+
+    monkeypatch.setenv(ENGINE_VARIABLE, "numpy")
+    x = _noisy(rng, (7, 9, 10), np.float64)
+    kw = dict(sigma=0.1, h=0.3, patch_size=patch, search_size=(3, 3, 3), aggregation=aggregation)
+    np.testing.assert_allclose(nlref.nl_means(x, workers=1, **kw), nlref.nl_means(x, method="naive", **kw),
+                               rtol=1e-12, atol=1e-13)

@@ -16,9 +16,9 @@ from nlref.nn.attention import attention_backward, attention_forward, sinusoidal
 torch = pytest.importorskip("torch")
 
 
-def _x(shape, xp, seed=0, dtype="float64"):
-    return B.asarray(np.random.default_rng(seed).standard_normal(shape), xp=xp, dtype=getattr(B.compat_namespace(xp),
-                                                                                                  dtype))
+def _x(shape, xp, seed=0, dtype="float64", device=None):
+    return B.asarray(np.random.default_rng(seed).standard_normal(shape), xp=xp,
+                     dtype=getattr(B.compat_namespace(xp), dtype), device=device)
 
 
 def _np(a):
@@ -93,9 +93,9 @@ def test_layernorm_and_gelu_match_torch(xp_cpu):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_new_functions_keep_library_and_dtype(xp, dtype):
-    x = _x((2, 3, 4), xp, dtype=dtype)
-    g, b = _x((4,), xp, 1, dtype), _x((4,), xp, 2, dtype)
+def test_new_functions_keep_library_and_dtype(xp, device, dtype):
+    x = _x((2, 3, 4), xp, dtype=dtype, device=device)
+    g, b = _x((4,), xp, 1, dtype, device), _x((4,), xp, 2, dtype, device)
     out, cache = F.layernorm_forward(x, g, b)
     for a in (out, *F.layernorm_backward(out, cache)):
         assert B.array_namespace(a) is B.array_namespace(x) and B.dtype_name(a.dtype) == dtype

@@ -174,9 +174,9 @@ def test_alexhex7_keys_documented_example():
 # --------------------------------------------------------------------------- properties
 @pytest.mark.parametrize("bn_layer", [True, False])
 @pytest.mark.parametrize("mode", MODES)
-def test_identity_at_start(xp, mode, bn_layer):
-    block = NonLocalBlock(4, mode=mode, dims=2, bn_layer=bn_layer, dtype="float64", xp=xp)
-    x = B.asarray(np.random.default_rng(0).standard_normal((2, 4, 6, 6)), xp=xp)
+def test_identity_at_start(xp, device, mode, bn_layer):
+    block = NonLocalBlock(4, mode=mode, dims=2, bn_layer=bn_layer, dtype="float64", xp=xp, device=device)
+    x = B.asarray(np.random.default_rng(0).standard_normal((2, 4, 6, 6)), xp=xp, device=device)
     for training in (True, False):
         block.train() if training else block.eval()
         z = block.forward(x)
@@ -239,11 +239,12 @@ def test_attention_map_shape(dims, sub, keys):
     np.testing.assert_allclose(a.sum(axis=2), 1.0, rtol=1e-12)
 
 
-def test_state_dict_round_trip_and_library(xp):
-    block = NonLocalBlock(6, mode="concatenation", dims=1, dtype="float64", seed=3, xp=xp)
+def test_state_dict_round_trip_and_library(xp, device):
+    block = NonLocalBlock(6, mode="concatenation", dims=1, dtype="float64", seed=3, xp=xp, device=device)
     state = block.state_dict()
     assert all(isinstance(v, np.ndarray) for v in state.values())
-    other = NonLocalBlock(6, mode="concatenation", dims=1, dtype="float64", seed=99, xp=xp).load_state_dict(state)
+    other = NonLocalBlock(6, mode="concatenation", dims=1, dtype="float64", seed=99, xp=xp,
+                          device=device).load_state_dict(state)
     for k, v in block.params.items():
         assert_same_library(other.params[k], v)
         np.testing.assert_array_equal(B.to_numpy(other.params[k]), B.to_numpy(v))

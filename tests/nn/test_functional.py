@@ -9,13 +9,13 @@ from nlref.nn import gradcheck
 from tests.helpers import assert_gradcheck, assert_same_library, distinct_samples
 
 
-def _x(rng, shape, xp, *, away_from=None, margin=1e-2):
+def _x(rng, shape, xp, *, away_from=None, margin=1e-2, device=None):
     """float64 normal samples in ``xp``; with ``away_from``, no sample within ``margin`` of it."""
     host = rng.standard_normal(shape)
     if away_from is not None:
         close = np.abs(host - away_from) < margin
         host[close] += np.sign(host[close] - away_from + 1e-300) * 2 * margin
-    return B.asarray(host, xp=xp)
+    return B.asarray(host, xp=xp, device=device)
 
 
 # --------------------------------------------------------------------------- gradient checks
@@ -197,14 +197,15 @@ def test_gradcheck_errors():
 
 
 # --------------------------------------------------------------------------- every library
-def test_functional_keeps_library(xp, rng):
-    x = _x(rng, (2, 4, 3, 4), xp)
-    out, _ = F.conv1x1_forward(x, _x(rng, (2, 4), xp), _x(rng, (2,), xp))
+def test_functional_keeps_library(xp, device, rng):
+    x = _x(rng, (2, 4, 3, 4), xp, device=device)
+    out, _ = F.conv1x1_forward(x, _x(rng, (2, 4), xp, device=device), _x(rng, (2,), xp, device=device))
     assert_same_library(out, x)
     out, cache = F.maxpool_forward(x, (2, 2))
     assert_same_library(F.maxpool_backward(out, cache), x)
-    state = {"running_mean": _x(rng, (4,), xp), "running_var": _x(rng, (4,), xp)}
-    out, cache = F.batchnorm_forward(x, _x(rng, (4,), xp), _x(rng, (4,), xp), state, training=True)
+    state = {"running_mean": _x(rng, (4,), xp, device=device), "running_var": _x(rng, (4,), xp, device=device)}
+    out, cache = F.batchnorm_forward(x, _x(rng, (4,), xp, device=device), _x(rng, (4,), xp, device=device), state,
+                                     training=True)
     assert_same_library(F.batchnorm_backward(out, cache)[0], x)
     assert_same_library(state["running_var"], x)
     p, cache = F.softmax_forward(x)

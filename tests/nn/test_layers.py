@@ -25,8 +25,8 @@ needs_torch = pytest.mark.skipif(torch is None, reason="PyTorch (the optional or
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 
-def _x(rng, shape, xp, dtype="float64"):
-    return B.asarray(rng.standard_normal(shape).astype(dtype), xp=xp)
+def _x(rng, shape, xp, dtype="float64", device=None):
+    return B.asarray(rng.standard_normal(shape).astype(dtype), xp=xp, device=device)
 
 
 # array-api-strict runs the portable code path about ten times slower than NumPy: there the
@@ -40,8 +40,8 @@ def _method(xp, case, bias=True):
     return "centred" if xp is np or (case in STRICT_CENTRED and bias) else "random"
 
 
-def _labels(values, xp):
-    return B.asarray(np.asarray(values, dtype=np.int64), xp=xp)
+def _labels(values, xp, device=None):
+    return B.asarray(np.asarray(values, dtype=np.int64), xp=xp, device=device)
 
 
 # conv3d cases: (x shape, w shape, stride, padding), covering both ways to dx (flipped kernel, col2im)
@@ -219,16 +219,16 @@ def test_conv3d_chunks_agree(monkeypatch, case, setting, rng):
 
 # --------------------------------------------------------------------------- every library, both float dtypes
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_layers_keep_library_and_dtype(xp, dtype, rng):
-    x = _x(rng, (2, 3, 2, 4, 4), xp, dtype)
+def test_layers_keep_library_and_dtype(xp, device, dtype, rng):
+    x = _x(rng, (2, 3, 2, 4, 4), xp, dtype, device)
 
     def same(a):
         assert_same_library(a, x)
         assert B.dtype_name(a.dtype) == dtype
 
     for stride, padding in ((1, (0, 1, 1)), ((1, 2, 2), 0), (1, 0)):
-        w = _x(rng, (2, 3, 1, 3, 3) if padding else (2, 3, 1, 1, 1), xp, dtype)
-        out, cache = F.conv3d_forward(x, w, _x(rng, (2,), xp, dtype), stride=stride, padding=padding)
+        w = _x(rng, (2, 3, 1, 3, 3) if padding else (2, 3, 1, 1, 1), xp, dtype, device)
+        out, cache = F.conv3d_forward(x, w, _x(rng, (2,), xp, dtype, device), stride=stride, padding=padding)
         same(out)
         for g in F.conv3d_backward(out, cache):
             same(g)
@@ -242,15 +242,15 @@ def test_layers_keep_library_and_dtype(xp, dtype, rng):
     out, cache = F.dropout_forward(x, 0.5, training=True, seed=0)
     same(out)
     same(F.dropout_backward(out, cache))
-    feats = _x(rng, (4, 6), xp, dtype)
-    logits, cache_fc = F.linear_forward(feats, _x(rng, (3, 6), xp, dtype), _x(rng, (3,), xp, dtype))
+    feats = _x(rng, (4, 6), xp, dtype, device)
+    logits, cache_fc = F.linear_forward(feats, _x(rng, (3, 6), xp, dtype, device), _x(rng, (3,), xp, dtype, device))
     same(logits)
-    loss, cache_ce = F.softmax_cross_entropy_forward(logits, _labels([0, 2, 1, 2], xp))
+    loss, cache_ce = F.softmax_cross_entropy_forward(logits, _labels([0, 2, 1, 2], xp, device))
     same(loss)
     assert tuple(loss.shape) == ()
     dlogits = F.softmax_cross_entropy_backward(1.0, cache_ce)
     same(dlogits)
-    same(F.softmax_cross_entropy_backward(B.asarray(np.asarray(2.0), xp=xp), cache_ce))  # a float64 0-d dloss
+    same(F.softmax_cross_entropy_backward(B.asarray(np.asarray(2.0), xp=xp, device=device), cache_ce))  # 0-d
     for g in F.linear_backward(dlogits, cache_fc):
         same(g)
 
@@ -362,9 +362,9 @@ def test_relu_nan_and_kink_like_torch():
 
 
 # --------------------------------------------------------------------------- dropout
-def test_dropout_same_mask_on_every_library(xp):
+def test_dropout_same_mask_on_every_library(xp, device):
     x = np.ones((4, 5, 6))
-    out, _ = F.dropout_forward(B.asarray(x, xp=xp), 0.3, training=True, seed=42)
+    out, _ = F.dropout_forward(B.asarray(x, xp=xp, device=device), 0.3, training=True, seed=42)
     ref, _ = F.dropout_forward(x, 0.3, training=True, seed=42)
     np.testing.assert_array_equal(B.to_numpy(out), ref)
     other, _ = F.dropout_forward(x, 0.3, training=True, seed=43)

@@ -31,12 +31,12 @@ X_SHAPE = (3, 1, 4, 12, 12)
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 
-def _net(xp=np, seed=1, **config):
-    return VideoNet(**{**TINY, **config}, seed=seed, xp=xp)
+def _net(xp=np, seed=1, device=None, **config):
+    return VideoNet(**{**TINY, **config}, seed=seed, xp=xp, device=device)
 
 
-def _x(xp=np, seed=3, shape=X_SHAPE, dtype="float64"):
-    return B.asarray(np.random.default_rng(seed).standard_normal(shape).astype(dtype), xp=xp)
+def _x(xp=np, seed=3, shape=X_SHAPE, dtype="float64", device=None):
+    return B.asarray(np.random.default_rng(seed).standard_normal(shape).astype(dtype), xp=xp, device=device)
 
 
 def _randomise(net, seed=2):
@@ -521,11 +521,11 @@ def test_forward_backward_errors():
 
 
 # --------------------------------------------------------------------------- libraries
-def test_keeps_library(xp):
+def test_keeps_library(xp, device):
     """Logits, dL/dx and gradients come back in the input's library, with the same numbers as NumPy."""
     config = dict(flavour="i3d", nonlocal_blocks=2, extent="space", dropout=0.5)
-    net, ref = _randomise(_net(xp, **config)), _randomise(_net(np, **config))
-    x = _x(xp)
+    net, ref = _randomise(_net(xp, device=device, **config)), _randomise(_net(np, **config))
+    x = _x(xp, device=device)
     logits = net.forward(x, dropout_seed=6)
     assert_same_library(logits, x)
     assert tuple(logits.shape) == (X_SHAPE[0], 2)

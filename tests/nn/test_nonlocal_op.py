@@ -13,7 +13,7 @@ from nlref.nn.nonlocal_op import (
 from tests.helpers import assert_same_library
 
 
-def _inputs(xp, mode, *, b=2, d=3, n=7, m=5, dg=4, dtype=np.float64, seed=0):
+def _inputs(xp, mode, *, b=2, d=3, n=7, m=5, dg=4, dtype=np.float64, seed=0, device=None):
     """theta, phi, g (and w_f with every a_i + b_j away from the ReLU kink) in ``xp``."""
     for s in range(seed, seed + 100):
         rng = np.random.default_rng(s)
@@ -25,7 +25,7 @@ def _inputs(xp, mode, *, b=2, d=3, n=7, m=5, dg=4, dtype=np.float64, seed=0):
             pre = (w[:d] @ host["theta"])[:, :, None] + (w[d:] @ host["phi"])[:, None, :]
             if np.abs(pre).min() < 1e-2:
                 continue
-        return {k: B.asarray(v.astype(dtype), xp=xp) for k, v in host.items()}
+        return {k: B.asarray(v.astype(dtype), xp=xp, device=device) for k, v in host.items()}
     raise AssertionError("no seed gave inputs away from the kink")
 
 
@@ -40,8 +40,8 @@ def _args(inputs):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_full_equals_reference(xp, mode):
-    inp = _inputs(xp, mode)
+def test_full_equals_reference(xp, device, mode):
+    inp = _inputs(xp, mode, device=device)
     y, _ = nonlocal_forward(*_args(inp), **_kw(mode, inp))
     ref = nonlocal_reference(*_args(inp), **_kw(mode, inp))
     assert_same_library(y, inp["theta"])
@@ -88,8 +88,8 @@ def test_gradcheck(xp_cpu, mode):
 @pytest.mark.parametrize("chunk", [1, 2, 5, 64])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-12), (np.float32, 1e-5)])
-def test_chunked_equals_full(xp, mode, chunk, dtype, tol):
-    inp = _inputs(xp, mode, n=9, m=6, dtype=dtype)
+def test_chunked_equals_full(xp, device, mode, chunk, dtype, tol):
+    inp = _inputs(xp, mode, n=9, m=6, dtype=dtype, device=device)
     kw = _kw(mode, inp)
     y_full, c_full = nonlocal_forward(*_args(inp), **kw)
     y_chunk, c_chunk = nonlocal_forward(*_args(inp), chunk_size=chunk, **kw)

@@ -20,9 +20,9 @@ SMALL = dict(frames=4, size=8, in_channels=2, num_classes=3, tubelet=(2, 4, 4), 
              mlp_dim=10)
 
 
-def _clips(b=2, seed=0, xp=np, dtype="float64"):
+def _clips(b=2, seed=0, xp=np, dtype="float64", device=None):
     x = np.random.default_rng(seed).standard_normal((b, 2, 4, 8, 8))
-    return B.asarray(x, xp=xp, dtype=getattr(B.compat_namespace(xp), dtype))
+    return B.asarray(x, xp=xp, dtype=getattr(B.compat_namespace(xp), dtype), device=device)
 
 
 def _perturb(net, scale=0.2, seed=1):
@@ -113,9 +113,9 @@ def test_transformer_gradcheck(xp_cpu, pos):
     assert len(result.errors) == 1 + len(net.params) and not result.zero
 
 
-def test_transformer_attention_and_library(xp):
-    net = VideoTransformer(**SMALL, pool="cls", dtype="float32", xp=xp)
-    x = _clips(2, xp=xp, dtype="float32")
+def test_transformer_attention_and_library(xp, device):
+    net = VideoTransformer(**SMALL, pool="cls", dtype="float32", xp=xp, device=device)
+    x = _clips(2, xp=xp, dtype="float32", device=device)
     logits, attention = net.forward(x, return_attention=True)
     assert B.array_namespace(logits) is B.array_namespace(x) and tuple(logits.shape) == (2, 3)
     assert set(attention) == {"blocks.0", "blocks.1"}
