@@ -35,10 +35,11 @@ def _both(engine, fn):
     return ref, fn()
 
 
-def _threads(fn):
-    """fn() with 1 and with 2 Numba threads."""
+def _threads(fn, monkeypatch):
+    """fn() with 1 and with 2 Numba threads (every call split, however small)."""
     if numba.config.NUMBA_NUM_THREADS < 2:
         pytest.skip("needs NUMBA_NUM_THREADS >= 2")
+    monkeypatch.setattr(fused, "MIN_VALUES_PER_THREAD", 1)
     before = numba.get_num_threads()
     try:
         numba.set_num_threads(1)
@@ -188,11 +189,11 @@ def test_batchnorm_gamma_zero_gives_exact_zero_gradient(engine):
 
 
 @pytest.mark.parametrize("last", [False, True], ids=["BCN", "channels_last"])
-def test_batchnorm_same_bits_for_any_threads(engine, last):
+def test_batchnorm_same_bits_for_any_threads(engine, last, monkeypatch):
     engine("numba")
     x = _bn_input((4, 16, 3, 33, 20), np.float32, last)  # several blocks of BN_ROWS positions
     dout = _bn_input(x.shape, np.float32, last, seed=1)
-    one, two = _threads(lambda: _bn(x, dout, True))
+    one, two = _threads(lambda: _bn(x, dout, True), monkeypatch)
     for a, b in zip(one, two):
         np.testing.assert_array_equal(a, b)
 
@@ -234,8 +235,8 @@ def test_block_one_key_batch_one(engine):
 
 
 @pytest.mark.parametrize("mode", ["embedded_gaussian", "concatenation"])
-def test_block_same_bits_for_any_threads(engine, mode):
+def test_block_same_bits_for_any_threads(engine, mode, monkeypatch):
     engine("numba")
-    one, two = _threads(lambda: _block_step(mode, True, np.float32, (4, 8, 2, 6, 10)))
+    one, two = _threads(lambda: _block_step(mode, True, np.float32, (4, 8, 2, 6, 10)), monkeypatch)
     for a, b in zip(one, two):
         np.testing.assert_array_equal(a, b)

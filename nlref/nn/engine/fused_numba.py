@@ -3,8 +3,8 @@ r"""Fused elementwise passes compiled with Numba (optional): the softmax rows an
 NumPy makes one pass over memory per ufunc: the softmax of the non-local operation's
 (B, N, M) logits is four (the row maxima, the subtraction, ``exp``, the row sums) and batch
 norm's training forward six, each single-threaded. Here each is one compiled loop that does
-all of a row's steps while the row is in the L1 cache, over rows in parallel (Numba's
-``prange``). The equations are those of :mod:`nlref.nn.functional` and
+all of a row's steps while the row is in the L1 cache, the rows split between threads
+(a pool of Python threads running kernels that release the GIL, see :func:`_run`). The equations are those of :mod:`nlref.nn.functional` and
 :mod:`nlref.nn.nonlocal_op`; what differs is the order of some sums (see below), so results
 equal the NumPy path's to rounding, not to the bit.
 
@@ -17,8 +17,8 @@ other library always take the array steps. :func:`resolve_engine` reads it on ev
 a fixed order. Batch norm's per-channel sums are split into a fixed partition that depends
 only on the array's shape (one partial per (batch, channel) row of a (B, C, N) array, one
 per block of :data:`BN_ROWS` positions of a channels-last one), each partial summed in
-float64 in a fixed order, the partials added in index order. Threads only decide who
-computes which partial; ``tests/nn/test_fused_numba.py`` checks 1 against 2 threads.
+float64 in a fixed order, the partials added in index order. Threads (Numba's setting,
+``NUMBA_NUM_THREADS``) only decide who computes which partial; ``tests/nn/test_fused_numba.py`` checks 1 against 2 threads.
 
 The kernels are compiled on their first call (``import numba`` alone takes about 0.4 s)
 and cached on disk.
@@ -30,6 +30,7 @@ import importlib.util
 import math
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -89,13 +90,12 @@ def numba_applies(*arrays):
 
 
 # --------------------------------------------------------------------------- compilation
-_PARALLEL = dict(parallel=True, nogil=True, cache=True, error_model="numpy", boundscheck=False)
+_PARALLEL = dict(nogil=True, cache=True, error_model="numpy", boundscheck=False)  # run on rows start..stop
 _INLINE = dict(nogil=True, cache=True, error_model="numpy", boundscheck=False)
 # A sum (or a maximum) is a chain of dependent additions unless the compiler may reorder it;
 # these flags, on the reductions only, let LLVM keep 16 float32 partial sums in a vector
 # register. The order is then fixed by the compiled code, the same for every row and thread.
 _REDUCE = dict(_INLINE, fastmath={"reassoc", "nsz"})
-_MAX = dict(_INLINE, fastmath={"reassoc", "nsz", "nnan", "ninf"})
 
 _KERNELS = {}  # name -> (function, options), until compile_kernels replaces them
 _compiled = threading.Lock()
@@ -116,13 +116,11 @@ def compile_kernels():
         import numba
 
         names = globals()
-        names["_prange"] = numba.prange  # the kernels' parallel loops
         for name, (fn, options) in list(_KERNELS.items()):
             names[name] = numba.njit(**options)(fn)
         _KERNELS.clear()
 
 
-_prange = range  # numba.prange once compiled (Numba recognises it by identity)
 
 
 # float32 exp(x) for x in [-87, 0]: x = k ln 2 + r, |r| <= ln(2)/2 (ln 2 in two parts, Cody and
@@ -142,21 +140,27 @@ _ZERO32 = np.float32(0.0)
 _FLOOR32 = np.float32(-87.0)
 
 
-@_kernel(**_REDUCE)
-def _finite_check(row, n):
-    """0 when row[:n] is all finite, NaN otherwise (x * 0 is NaN for an infinite or NaN x)."""
-    chk = row[0] - row[0]
-    for j in range(n):
-        chk += row[j] * 0
-    return chk
+@_kernel(**_INLINE)
+def _row_max(row, n, lanes):
+    """The maximum of row[:n] (finite values); ``lanes``: scratch (16,).
 
-
-@_kernel(**_MAX)
-def _row_max(row, n):
-    m = row[0]
-    for j in range(n):
-        if row[j] > m:
-            m = row[j]
+    Sixteen running maxima, one per vector lane, written out so that LLVM vectorises the loop
+    (Numba's ``max`` reduction stays scalar even with fastmath: 1.5 against 0.43 ns per float32
+    value on this machine).
+    """
+    for lane in range(16):
+        lanes[lane] = row[0]
+    n16 = n - n % 16
+    for j in range(0, n16, 16):
+        for lane in range(16):
+            v = row[j + lane]
+            lanes[lane] = v if v > lanes[lane] else lanes[lane]
+    m = lanes[0]
+    for lane in range(16):
+        m = lanes[lane] if lanes[lane] > m else m
+    for j in range(n16, n):
+        v = row[j]
+        m = v if v > m else m
     return m
 
 
@@ -206,33 +210,32 @@ def _exp_row_exact(row, n):
 
 
 @_kernel(**_PARALLEL)
-def _softmax_rows(s, sums, groups, single, normalise):
-    """s (R, M) <- exp(s - max over the row) in place; sums (R,) <- the new rows' sums;
+def _softmax_rows(s, sums, single, normalise, start, stop):
+    """Rows start..stop of s (R, M) <- exp(s - max over the row) in place; sums (R,) <- their sums;
     with ``normalise`` the rows are then divided by their sums (the softmax itself)."""
-    rows, n = s.shape
-    per = (rows + groups - 1) // groups
-    for grp in _prange(groups):  # a group of rows per task: its scratch is allocated once
-        kbits = np.empty(n, dtype=np.int32)
-        for i in range(grp * per, min(rows, (grp + 1) * per)):
-            row = s[i]
-            if _finite_check(row, n) != 0:
-                _exp_row_exact(row, n)
-            elif single:
-                _exp_shifted32(row, n, _row_max(row, n), kbits)
-            else:
-                _exp_shifted64(row, n, _row_max(row, n))
-            sums[i] = _row_sum(row, n)
-            if normalise:
-                total = row[0] - row[0] + sums[i]  # in the row's dtype, as NumPy's p /= sum
-                for j in range(n):
-                    row[j] /= total
+    n = s.shape[1]
+    kbits = np.empty(n, dtype=np.int32)
+    lanes = np.empty(16, dtype=s.dtype)
+    for i in range(start, stop):
+        row = s[i]
+        if _row_sum(row, n) * 0 != 0:  # an infinite or NaN logit (or a sum that overflows)
+            _exp_row_exact(row, n)
+        elif single:
+            _exp_shifted32(row, n, _row_max(row, n, lanes), kbits)
+        else:
+            _exp_shifted64(row, n, _row_max(row, n, lanes))
+        sums[i] = _row_sum(row, n)
+        if normalise:
+            total = row[0] - row[0] + sums[i]  # in the row's dtype, as NumPy's p /= sum
+            for j in range(n):
+                row[j] /= total
 
 
 @_kernel(**_PARALLEL)
-def _softmax_backward_rows(dp, p, out):
+def _softmax_backward_rows(dp, p, out, start, stop):
     """out (R, M) <- p * (dp - sum_j dp p), the softmax's backward pass row by row."""
     rows, n = dp.shape
-    for i in _prange(rows):
+    for i in range(start, stop):
         c = _row_dot(dp[i], p[i], n)
         c = dp[i, 0] - dp[i, 0] + c  # in the rows' dtype
         for j in range(n):
@@ -248,21 +251,21 @@ def _row_dot(a, b, n):
 
 
 @_kernel(**_PARALLEL)
-def _softmax_rows_grad(de, e, c):
+def _softmax_rows_grad(de, e, c, start, stop):
     """de (R, M) <- e * (de - c[:, None]) in place."""
     rows, n = de.shape
-    for i in _prange(rows):
+    for i in range(start, stop):
         ci = c[i]
         for j in range(n):
             de[i, j] = e[i, j] * (de[i, j] - ci)
 
 
 @_kernel(**_PARALLEL)
-def _concat_scores(a, b, out):
+def _concat_scores(a, b, out, start, stop):
     """out (B, N, M) <- max(a[:, :, None] + b[:, None, :], 0)."""
     nb, n, m = out.shape
     zero = out[0, 0, 0] - out[0, 0, 0]
-    for r in _prange(nb * n):
+    for r in range(start, stop):
         k, i = r // n, r % n
         ai = a[k, i]
         for j in range(m):
@@ -270,10 +273,10 @@ def _concat_scores(a, b, out):
 
 
 @_kernel(**_PARALLEL)
-def _concat_relu_sums(df, f, da, db):
-    """da (B, N) and db (B, M) <- row and column sums of df * [f > 0], one batch element per task."""
+def _concat_relu_sums(df, f, da, db, start, stop):
+    """da (B, N) and db (B, M) <- row and column sums of df * [f > 0] (batch elements start..stop)."""
     nb, n, m = df.shape
-    for k in _prange(nb):
+    for k in range(start, stop):
         col = np.zeros(m, dtype=np.float64)
         for i in range(n):
             s = 0.0
@@ -288,10 +291,10 @@ def _concat_relu_sums(df, f, da, db):
 
 # --------------------------------------------------------------------------- batch norm kernels
 @_kernel(**_PARALLEL)
-def _mid_sums(x, shift, out):
+def _mid_sums(x, shift, out, start, stop):
     """out[b, c] = sum_j (x[b, c, j] - shift[c]) (power 1) per (batch, channel) row, float64."""
     nb, nc, n = x.shape
-    for r in _prange(nb * nc):
+    for r in range(start, stop):
         b, c = r // nc, r % nc
         out[b, c] = _row_sum_shifted(x[b, c], n, shift[c])
 
@@ -322,27 +325,27 @@ def _row_sum_prod(row, other, n, shift):
 
 
 @_kernel(**_PARALLEL)
-def _mid_sq_sums(x, mean, out):
+def _mid_sq_sums(x, mean, out, start, stop):
     nb, nc, n = x.shape
-    for r in _prange(nb * nc):
+    for r in range(start, stop):
         b, c = r // nc, r % nc
         out[b, c] = _row_sum_sq(x[b, c], n, mean[c])
 
 
 @_kernel(**_PARALLEL)
-def _mid_grad_sums(dout, x, mean, sum_d, sum_dx):
+def _mid_grad_sums(dout, x, mean, sum_d, sum_dx, start, stop):
     nb, nc, n = x.shape
-    for r in _prange(nb * nc):
+    for r in range(start, stop):
         b, c = r // nc, r % nc
         sum_d[b, c] = _row_sum(dout[b, c], n)
         sum_dx[b, c] = _row_sum_prod(dout[b, c], x[b, c], n, mean[c])
 
 
 @_kernel(**_PARALLEL)
-def _mid_affine(x, mean, k, beta, out):
+def _mid_affine(x, mean, k, beta, out, start, stop):
     """out = (x - mean) * k + beta, per channel (the middle axis)."""
     nb, nc, n = x.shape
-    for r in _prange(nb * nc):
+    for r in range(start, stop):
         b, c = r // nc, r % nc
         mc, kc, bc = mean[c], k[c], beta[c]
         for j in range(n):
@@ -350,10 +353,10 @@ def _mid_affine(x, mean, k, beta, out):
 
 
 @_kernel(**_PARALLEL)
-def _mid_grad(dout, x, mean, k1, k2, k3, out):
+def _mid_grad(dout, x, mean, k1, k2, k3, out, start, stop):
     """out = dout k1 + (x - mean) k2 + k3, per channel, in the NumPy path's order."""
     nb, nc, n = x.shape
-    for r in _prange(nb * nc):
+    for r in range(start, stop):
         b, c = r // nc, r % nc
         mc, a1, a2, a3 = mean[c], k1[c], k2[c], k3[c]
         for j in range(n):
@@ -361,10 +364,10 @@ def _mid_grad(dout, x, mean, k1, k2, k3, out):
 
 
 @_kernel(**_PARALLEL)
-def _last_sums(x, mean, power, block, out):
+def _last_sums(x, mean, power, block, out, start, stop):
     """out[blk, c] = sum over the block's rows of (x[p, c] - mean[c]) ** power (1 or 2), float64."""
     rows, nc = x.shape
-    for blk in _prange(out.shape[0]):
+    for blk in range(start, stop):
         acc = np.zeros(nc, dtype=np.float64)
         for p in range(blk * block, min(rows, (blk + 1) * block)):
             if power == 1:
@@ -378,9 +381,9 @@ def _last_sums(x, mean, power, block, out):
 
 
 @_kernel(**_PARALLEL)
-def _last_grad_sums(dout, x, mean, block, sum_d, sum_dx):
+def _last_grad_sums(dout, x, mean, block, sum_d, sum_dx, start, stop):
     rows, nc = x.shape
-    for blk in _prange(sum_d.shape[0]):
+    for blk in range(start, stop):
         acc_d = np.zeros(nc, dtype=np.float64)
         acc_dx = np.zeros(nc, dtype=np.float64)
         for p in range(blk * block, min(rows, (blk + 1) * block)):
@@ -392,24 +395,57 @@ def _last_grad_sums(dout, x, mean, block, sum_d, sum_dx):
 
 
 @_kernel(**_PARALLEL)
-def _last_affine(x, mean, k, beta, out):
+def _last_affine(x, mean, k, beta, out, start, stop):
     rows, nc = x.shape
-    for p in _prange(rows):
+    for p in range(start, stop):
         for c in range(nc):
             out[p, c] = (x[p, c] - mean[c]) * k[c] + beta[c]
 
 
 @_kernel(**_PARALLEL)
-def _last_grad(dout, x, mean, k1, k2, k3, out):
+def _last_grad(dout, x, mean, k1, k2, k3, out, start, stop):
     rows, nc = x.shape
-    for p in _prange(rows):
+    for p in range(start, stop):
         for c in range(nc):
             out[p, c] = (dout[p, c] * k1[c] + (x[p, c] - mean[c]) * k2[c]) + k3[c]
 
 
 # --------------------------------------------------------------------------- the seam's functions
-def _groups(rows):
-    return max(1, min(rows, 64))
+#: A call is split between threads only when every thread gets at least this many values:
+#: handing a task to a thread costs some tens of microseconds. No effect on the result.
+MIN_VALUES_PER_THREAD = 2**16
+_pool = None
+_pool_lock = threading.Lock()
+
+
+def threads():
+    """How many threads the kernels use: Numba's setting (``NUMBA_NUM_THREADS``, ``numba.set_num_threads``)."""
+    import numba
+
+    return numba.get_num_threads()
+
+
+def _run(kernel, items, values, *args):
+    """kernel(*args, start, stop) over ``items`` independent items (``values`` values in all).
+
+    The items are split into contiguous runs, one per thread, run in a pool of Python threads
+    (the kernels release the GIL). Threads wait asleep between calls: Numba's own ``prange``
+    pool (the OpenMP layer here) spins after each call, and it and OpenBLAS's spinning threads
+    took turns on the 2 cores: a block's step ran 2 to 6 times slower (docs/engine.md).
+    """
+    global _pool
+    parts = max(1, min(threads(), items, values // MIN_VALUES_PER_THREAD))
+    if parts == 1:
+        kernel(*args, 0, items)
+        return
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="nlref-fused")
+    bounds = [items * k // parts for k in range(parts + 1)]
+    futures = [_pool.submit(kernel, *args, bounds[k], bounds[k + 1]) for k in range(1, parts)]
+    kernel(*args, bounds[0], bounds[1])  # the calling thread takes the first run
+    for future in futures:
+        future.result()
 
 
 def softmax_rows(s, *, normalise=False):
@@ -423,7 +459,7 @@ def softmax_rows(s, *, normalise=False):
     rows = s.reshape(-1, s.shape[-1])
     sums = np.zeros(rows.shape[0], dtype=np.float64)
     if rows.size:
-        _softmax_rows(rows, sums, _groups(rows.shape[0]), s.dtype == np.float32, normalise)
+        _run(_softmax_rows, rows.shape[0], rows.size, rows, sums, s.dtype == np.float32, normalise)
     return sums.astype(s.dtype).reshape(s.shape[:-1])
 
 
@@ -433,8 +469,9 @@ def softmax_backward_rows(dp, p):
     m = p.shape[-1]
     out = np.empty(p.shape, dtype=p.dtype)
     if out.size:
-        _softmax_backward_rows(np.ascontiguousarray(dp).reshape(-1, m), np.ascontiguousarray(p).reshape(-1, m),
-                               out.reshape(-1, m))
+        out2 = out.reshape(-1, m)
+        _run(_softmax_backward_rows, out2.shape[0], out2.size, np.ascontiguousarray(dp).reshape(-1, m),
+             np.ascontiguousarray(p).reshape(-1, m), out2)
     return out
 
 
@@ -442,8 +479,9 @@ def softmax_rows_grad(de, e, c):
     """de (..., M) <- e * (de - c[..., None]) in place (C-contiguous NumPy arrays); returns de."""
     compile_kernels()
     m = de.shape[-1]
-    _softmax_rows_grad(de.reshape(-1, m), np.ascontiguousarray(e).reshape(-1, m),
-                       np.ascontiguousarray(c, dtype=de.dtype).reshape(-1))
+    de2 = de.reshape(-1, m)
+    _run(_softmax_rows_grad, de2.shape[0], de2.size, de2, np.ascontiguousarray(e).reshape(-1, m),
+         np.ascontiguousarray(c, dtype=de.dtype).reshape(-1))
     return de
 
 
@@ -451,7 +489,8 @@ def concat_scores(a, b, out):
     """out (B, N, M) <- ReLU(a[:, :, None] + b[:, None, :]); returns out."""
     compile_kernels()
     if out.size:
-        _concat_scores(np.ascontiguousarray(a), np.ascontiguousarray(b), out)
+        _run(_concat_scores, out.shape[0] * out.shape[1], out.size, np.ascontiguousarray(a), np.ascontiguousarray(b),
+             out)
     return out
 
 
@@ -462,7 +501,7 @@ def concat_relu_sums(df, f):
     nb, n, m = df.shape
     da = np.empty((nb, n), dtype=np.float64)
     db = np.empty((nb, m), dtype=np.float64)
-    _concat_relu_sums(np.ascontiguousarray(df), np.ascontiguousarray(f), da, db)
+    _run(_concat_relu_sums, nb, df.size, np.ascontiguousarray(df), np.ascontiguousarray(f), da, db)
     return da.astype(df.dtype), db.astype(df.dtype)
 
 
@@ -502,10 +541,10 @@ def _channel_sums(x, shift, last, power):
     if last:
         blocks = -(-x.shape[0] // BN_ROWS)
         parts = np.empty((blocks, x.shape[1]), dtype=np.float64)
-        _last_sums(x, shift, power, BN_ROWS, parts)
+        _run(_last_sums, blocks, x.size, x, shift, power, BN_ROWS, parts)
     else:
         parts = np.empty(x.shape[:2], dtype=np.float64)
-        (_mid_sums if power == 1 else _mid_sq_sums)(x, shift, parts)
+        _run(_mid_sums if power == 1 else _mid_sq_sums, parts.size, x.size, x, shift, parts)
     return _add_in_order(parts)
 
 
@@ -541,7 +580,8 @@ def batchnorm_forward_numba(x, gamma, beta, state, *, training, momentum, eps):
     inv_std = dtype(1.0) / np.sqrt(var + eps)
     k = gamma * inv_std
     out = np.empty_like(x2)
-    (_last_affine if last else _mid_affine)(x2, mean, k, beta, out)
+    rows = x2.shape[0] if last else x2.shape[0] * x2.shape[1]
+    _run(_last_affine if last else _mid_affine, rows, x2.size, x2, mean, k, beta, out)
     return _restore(out, x.shape, last), BatchNormCache(x2, mean, gamma, inv_std, training, tuple(x.shape), last)
 
 
@@ -557,12 +597,12 @@ def batchnorm_backward_numba(dout, cache):
         blocks = -(-x2.shape[0] // BN_ROWS)
         parts_d = np.empty((blocks, x2.shape[1]), dtype=np.float64)
         parts_dx = np.empty_like(parts_d)
-        _last_grad_sums(d2, x2, mean, BN_ROWS, parts_d, parts_dx)
+        _run(_last_grad_sums, blocks, x2.size, d2, x2, mean, BN_ROWS, parts_d, parts_dx)
     else:
         d2 = np.ascontiguousarray(dout).reshape(x2.shape)
         parts_d = np.empty(x2.shape[:2], dtype=np.float64)
         parts_dx = np.empty_like(parts_d)
-        _mid_grad_sums(d2, x2, mean, parts_d, parts_dx)
+        _run(_mid_grad_sums, parts_d.size, x2.size, d2, x2, mean, parts_d, parts_dx)
     m = x2.size // x2.shape[-1 if last else 1]
     dbeta = _add_in_order(parts_d).astype(x2.dtype)
     dgamma = _add_in_order(parts_dx).astype(x2.dtype) * inv_std
@@ -573,5 +613,6 @@ def batchnorm_backward_numba(dout, cache):
     else:
         k2 = k3 = np.zeros_like(k1)
     out = np.empty_like(x2)
-    (_last_grad if last else _mid_grad)(d2, x2, mean, k1, k2, k3, out)
+    rows = x2.shape[0] if last else x2.shape[0] * x2.shape[1]
+    _run(_last_grad if last else _mid_grad, rows, x2.size, d2, x2, mean, k1, k2, k3, out)
     return _restore(out, shape, last), dgamma, dbeta
