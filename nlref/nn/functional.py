@@ -284,7 +284,9 @@ def maxpool_forward(x, kernel):
     xp = array_namespace(x)
     check_float("maxpool_forward", xp, x=x)
     kernel = check_pool_kernel(x, kernel)
-    out = None
+    out = engine.maxpool_numba(x, kernel) if engine.numba_applies(x) else None  # the same maxima, one pass
+    if out is not None:
+        return out, (x, out, kernel)
     for index in _window_samples(x.shape, kernel):
         out = xp.asarray(x[index], copy=True) if out is None else xp.maximum(out, x[index])
     return out, (x, out, kernel)
@@ -305,6 +307,10 @@ def maxpool_backward(dout, cache):
     """
     x, out, kernel = cache
     xp = array_namespace(dout, x)
+    if engine.numba_applies(dout, x):  # the same routing, one pass
+        dx = engine.maxpool_backward_numba(dout, x, out, kernel)
+        if dx is not None:
+            return dx
     dx = xp.zeros(x.shape, dtype=dout.dtype, device=device(x))
     served = None
     for index in _window_samples(x.shape, kernel):

@@ -198,6 +198,29 @@ def test_batchnorm_same_bits_for_any_threads(engine, last, monkeypatch):
         np.testing.assert_array_equal(a, b)
 
 
+# --------------------------------------------------------------------------- max pooling
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, kernel", [((2, 3, 4, 7, 9), (1, 2, 2)), ((2, 3, 5, 6), (2, 3)), ((3, 2, 11), (2,)),
+                                           ((1, 1, 1, 2, 2), (1, 2, 2)), ((2, 2, 4, 6, 6), (2, 2, 2))])
+def test_maxpool_gives_the_numpy_bits(engine, dtype, shape, kernel):
+    """The same maxima and routing, to the bit: ties (to the first sample), NaN, an infinite gradient."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(-3, 3, size=shape).astype(dtype)  # many ties
+    x.reshape(-1)[min(5, x.size - 1)] = np.nan
+    dout_shape = tuple(shape[:2]) + tuple(n // k for n, k in zip(shape[2:], kernel))
+    dout = rng.standard_normal(dout_shape).astype(dtype)
+    dout.reshape(-1)[-1] = np.inf
+
+    def run():
+        out, cache = F.maxpool_forward(x, kernel)
+        with np.errstate(invalid="ignore"):
+            return out, F.maxpool_backward(dout, cache)
+    (out0, dx0), (out1, dx1) = _both(engine, run)
+    np.testing.assert_array_equal(out1, out0)
+    np.testing.assert_array_equal(dx1, dx0)
+    assert dx1.dtype == dtype and dx1.shape == shape
+
+
 # --------------------------------------------------------------------------- the block
 def _block_step(mode, sub_sample, dtype, shape, chunk_size=None):
     block = NonLocalBlock(shape[1], mode=mode, dims=len(shape) - 2, sub_sample=sub_sample, dtype=np.dtype(dtype).name,

@@ -37,7 +37,7 @@ import numpy as np
 
 __all__ = ["ENGINES", "ENGINE_VARIABLE", "resolve_engine", "numba_applies", "softmax_rows", "softmax_backward_rows", "softmax_rows_grad",
            "concat_scores", "concat_relu_sums", "batchnorm_forward_numba", "batchnorm_backward_numba",
-           "BatchNormCache", "BN_ROWS"]
+           "BatchNormCache", "BN_ROWS", "maxpool_numba", "maxpool_backward_numba"]
 
 #: The engines of the layers' elementwise passes (see the module's docstring).
 ENGINES = ("auto", "numpy", "numba")
@@ -289,6 +289,49 @@ def _concat_relu_sums(df, f, da, db, start, stop):
             db[k, j] = col[j]
 
 
+# --------------------------------------------------------------------------- max pooling (stride = kernel)
+@_kernel(**_PARALLEL)
+def _maxpool_rows(x, kh, kw, out, start, stop):
+    """out[r, i, j] = the maximum of x[r, i kh : (i + 1) kh, j kw : (j + 1) kw], visited in row-major
+    order with NumPy's ``maximum`` (a NaN in the window gives NaN)."""
+    ho, wo = out.shape[1], out.shape[2]
+    for r in range(start, stop):
+        for i in range(ho):
+            for j in range(wo):
+                m = x[r, i * kh, j * kw]
+                for a in range(kh):
+                    for b in range(kw):
+                        v = x[r, i * kh + a, j * kw + b]
+                        if v > m or v != v:
+                            m = v
+                        elif m != m:
+                            pass
+                out[r, i, j] = m
+
+
+@_kernel(**_PARALLEL)
+def _maxpool_rows_backward(dout, x, out, kh, kw, dx, start, stop):
+    """dx = dout routed to the first sample of each window equal to its maximum, as
+    ``functional.maxpool_backward``: dout * 1 there, dout * 0 at the window's other samples,
+    0 on samples outside every window."""
+    h, w = x.shape[1], x.shape[2]
+    ho, wo = out.shape[1], out.shape[2]
+    for r in range(start, stop):
+        for i in range(h):
+            for j in range(w):
+                dx[r, i, j] = 0
+        for i in range(ho):
+            for j in range(wo):
+                m = out[r, i, j]
+                d = dout[r, i, j]
+                served = False
+                for a in range(kh):
+                    for b in range(kw):
+                        hit = not served and x[r, i * kh + a, j * kw + b] == m
+                        served = served or hit
+                        dx[r, i * kh + a, j * kw + b] = d * (1 if hit else 0)
+
+
 # --------------------------------------------------------------------------- batch norm kernels
 @_kernel(**_PARALLEL)
 def _mid_sums(x, shift, out, start, stop):
@@ -503,6 +546,51 @@ def concat_relu_sums(df, f):
     db = np.empty((nb, m), dtype=np.float64)
     _run(_concat_relu_sums, nb, df.size, np.ascontiguousarray(df), np.ascontiguousarray(f), da, db)
     return da.astype(df.dtype), db.astype(df.dtype)
+
+
+def _pool_rows(shape, kernel):
+    """(R, H, W, kh, kw): a (B, C, *S) array pooled by ``kernel`` as R rows of (H, W) windows
+    (kernel 1 on every spatial axis but the last two; 1-D: H = 1), or None."""
+    spatial = tuple(shape[2:])
+    kernel = tuple(kernel)
+    if len(kernel) != len(spatial) or not spatial:
+        return None
+    if len(spatial) == 1:
+        return math.prod(shape[:2]), 1, spatial[0], 1, kernel[0]
+    if any(k != 1 for k in kernel[:-2]):
+        return None
+    return math.prod(shape[:-2]), spatial[-2], spatial[-1], kernel[-2], kernel[-1]
+
+
+def maxpool_numba(x, kernel):
+    """:func:`nlref.nn.functional.maxpool_forward`'s maximum in one pass (the same numbers, to the bit),
+    or None where the kernel pools along more than the last two axes."""
+    rows = _pool_rows(x.shape, kernel)
+    if rows is None:
+        return None
+    compile_kernels()
+    r, h, w, kh, kw = rows
+    out_shape = tuple(x.shape[:2]) + tuple(n // k for n, k in zip(x.shape[2:], kernel))
+    out = np.empty(out_shape, dtype=x.dtype)
+    if out.size:
+        _run(_maxpool_rows, r, x.size, np.ascontiguousarray(x).reshape(r, h, w), kh, kw,
+             out.reshape(r, h // kh, w // kw))
+    return out
+
+
+def maxpool_backward_numba(dout, x, out, kernel):
+    """:func:`nlref.nn.functional.maxpool_backward` in one pass (the same numbers, to the bit), or None."""
+    rows = _pool_rows(x.shape, kernel)
+    if rows is None or dout.shape != out.shape or dout.dtype != x.dtype:
+        return None
+    compile_kernels()
+    r, h, w, kh, kw = rows
+    dx = np.zeros(x.shape, dtype=dout.dtype) if not out.size else np.empty(x.shape, dtype=dout.dtype)
+    if out.size:  # the kernel writes every sample of dx
+        _run(_maxpool_rows_backward, r, x.size, np.ascontiguousarray(dout).reshape(r, h // kh, w // kw),
+             np.ascontiguousarray(x).reshape(r, h, w), np.ascontiguousarray(out).reshape(r, h // kh, w // kw),
+             kh, kw, dx.reshape(r, h, w))
+    return dx
 
 
 class BatchNormCache(NamedTuple):
