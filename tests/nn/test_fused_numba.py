@@ -23,8 +23,21 @@ DTYPES = (np.float32, np.float64)
 
 @pytest.fixture
 def engine(monkeypatch):
-    """engine(name) sets NLREF_NN_ENGINE for the rest of the test."""
+    """engine(name) sets NLREF_NN_ENGINE for the rest of the test (and wires the channels-last
+    batch norm kernels, off by default, so that they are tested too)."""
+    monkeypatch.setattr(fused, "BN_CHANNELS_LAST", True)
     return lambda name: monkeypatch.setenv(VAR, name)
+
+
+def test_channels_last_batchnorm_is_not_wired_by_default(monkeypatch):
+    monkeypatch.setenv(VAR, "numba")
+    x = _bn_input((2, 3, 4, 5), np.float32, True)
+    one = np.ones(3, np.float32)
+    _, cache = F.batchnorm_forward(x, one, one, {"running_mean": 0 * one, "running_var": one}, training=True)
+    assert not isinstance(cache, fused.BatchNormCache)
+    _, cache = F.batchnorm_forward(np.ascontiguousarray(x), one, one, {"running_mean": 0 * one, "running_var": one},
+                                   training=True)
+    assert isinstance(cache, fused.BatchNormCache)
 
 
 def _both(engine, fn):

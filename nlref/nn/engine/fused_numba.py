@@ -37,13 +37,19 @@ import numpy as np
 
 __all__ = ["ENGINES", "ENGINE_VARIABLE", "resolve_engine", "numba_applies", "softmax_rows", "softmax_backward_rows", "softmax_rows_grad",
            "concat_scores", "concat_relu_sums", "batchnorm_forward_numba", "batchnorm_backward_numba",
-           "BatchNormCache", "BN_ROWS", "maxpool_numba", "maxpool_backward_numba"]
+           "BatchNormCache", "BN_ROWS", "BN_CHANNELS_LAST", "maxpool_numba", "maxpool_backward_numba"]
 
 #: The engines of the layers' elementwise passes (see the module's docstring).
 ENGINES = ("auto", "numpy", "numba")
 #: The environment variable that picks the engine for the whole process; default "auto".
 #: (The same name serves every Numba kernel of :mod:`nlref.nn.engine`.)
 ENGINE_VARIABLE = "NLREF_NN_ENGINE"
+#: Whether batch norm on channels-last storage (the training network's layout) takes the fused
+#: passes. Off: alone they took 0.23 to 0.46 of the NumPy passes' time on a (32, 64, 8, 28, 28)
+#: activation, but the network's are 32 x 16 x 8^3 or smaller, where they won nothing, and
+#: training ran 0.49 to 0.51 of PyTorch's clips/s with them against 0.52 to 0.61 without
+#: (bench_train.py, docs/engine.md). The (B, C, N) layout of the non-local block takes them.
+BN_CHANNELS_LAST = False
 #: Channels-last batch norm sums each channel over blocks of this many positions, then adds
 #: the blocks' sums in order: a partition fixed by the shape alone, so the result does not
 #: depend on the number of threads.
@@ -646,12 +652,13 @@ def _add_in_order(parts):
 def batchnorm_forward_numba(x, gamma, beta, state, *, training, momentum, eps):
     """:func:`nlref.nn.functional.batchnorm_forward` in three (training) or one (eval) compiled passes.
 
-    Returns (out, cache) or None when ``x``'s storage is neither C-contiguous nor channels-last.
+    Returns (out, cache) or None when ``x``'s storage is neither C-contiguous nor channels-last
+    (or channels-last while :data:`BN_CHANNELS_LAST` is off).
     Training: the mean (one pass), the variance as the mean of squared deviations from it (one
     pass), then ``(x - mean) k + beta`` (one pass); the cache keeps ``x`` and the mean.
     """
     laid = _layout(x)
-    if laid is None:
+    if laid is None or (laid[1] and not BN_CHANNELS_LAST):
         return None
     compile_kernels()
     x2, last = laid
