@@ -159,7 +159,8 @@ def batchnorm_forward(x, gamma, beta, state, *, training, momentum=0.1, eps=1e-5
     if training and x.shape[0] * math.prod(x.shape[2:]) < 2:
         raise ValueError("batchnorm_forward: training needs more than one value per channel, "
                          f"got x of shape {tuple(x.shape)}")
-    if engine.numba_applies(x, gamma, beta, *(state[k] for k in ("running_mean", "running_var"))):  # the same equations, three fused passes
+    stats = (state[k] for k in ("running_mean", "running_var"))
+    if engine.numba_applies(x, gamma, beta, *stats):  # the same equations, three fused passes
         fused = engine.batchnorm_forward_numba(x, gamma, beta, state, training=training, momentum=momentum, eps=eps)
         if fused is not None:
             return fused

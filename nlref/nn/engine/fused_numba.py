@@ -1,12 +1,13 @@
-r"""Fused elementwise passes compiled with Numba (optional): the softmax rows and batch norm.
+r"""Fused elementwise passes compiled with Numba (optional): softmax rows, batch norm, max pool.
 
 NumPy makes one pass over memory per ufunc: the softmax of the non-local operation's
 (B, N, M) logits is four (the row maxima, the subtraction, ``exp``, the row sums) and batch
 norm's training forward six, each single-threaded. Here each is one compiled loop that does
-all of a row's steps while the row is in the L1 cache, the rows split between threads
-(a pool of Python threads running kernels that release the GIL, see :func:`_run`). The equations are those of :mod:`nlref.nn.functional` and
-:mod:`nlref.nn.nonlocal_op`; what differs is the order of some sums (see below), so results
-equal the NumPy path's to rounding, not to the bit.
+all of a row's steps while the row is in the L1 cache, the rows split between threads (a
+pool of Python threads running kernels that release the GIL, see :func:`_run`). The
+equations are those of :mod:`nlref.nn.functional` and :mod:`nlref.nn.nonlocal_op`; what
+differs is the order of some sums (see below), so results equal the NumPy path's to
+rounding, not to the bit (the max pool's are the same bits).
 
 **The engine variable.** ``NLREF_NN_ENGINE`` = ``auto`` (default: these kernels for NumPy
 float32/float64 arrays when Numba is installed), ``numpy`` (the array steps everywhere) or
@@ -18,10 +19,11 @@ a fixed order. Batch norm's per-channel sums are split into a fixed partition th
 only on the array's shape (one partial per (batch, channel) row of a (B, C, N) array, one
 per block of :data:`BN_ROWS` positions of a channels-last one), each partial summed in
 float64 in a fixed order, the partials added in index order. Threads (Numba's setting,
-``NUMBA_NUM_THREADS``) only decide who computes which partial; ``tests/nn/test_fused_numba.py`` checks 1 against 2 threads.
+``NUMBA_NUM_THREADS``) only decide who computes which partial;
+``tests/nn/test_fused_numba.py`` checks 1 against 2 threads.
 
 The kernels are compiled on their first call (``import numba`` alone takes about 0.4 s)
-and cached on disk.
+and cached on disk. Figures: ``docs/engine.md``, "Fused passes compiled with Numba".
 """
 
 from __future__ import annotations
@@ -35,9 +37,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-__all__ = ["ENGINES", "ENGINE_VARIABLE", "resolve_engine", "numba_applies", "softmax_rows", "softmax_backward_rows", "softmax_rows_grad",
-           "concat_scores", "concat_relu_sums", "batchnorm_forward_numba", "batchnorm_backward_numba",
-           "BatchNormCache", "BN_ROWS", "BN_CHANNELS_LAST", "maxpool_numba", "maxpool_backward_numba"]
+__all__ = ["ENGINES", "ENGINE_VARIABLE", "resolve_engine", "numba_applies", "softmax_rows", "softmax_backward_rows",
+           "softmax_rows_grad", "concat_scores", "concat_relu_sums", "batchnorm_forward_numba",
+           "batchnorm_backward_numba", "BatchNormCache", "BN_ROWS", "BN_CHANNELS_LAST", "maxpool_numba", "maxpool_backward_numba"]
 
 #: The engines of the layers' elementwise passes (see the module's docstring).
 ENGINES = ("auto", "numpy", "numba")
