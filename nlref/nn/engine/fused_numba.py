@@ -38,8 +38,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 __all__ = ["ENGINES", "ENGINE_VARIABLE", "resolve_engine", "numba_applies", "softmax_rows", "softmax_backward_rows",
-           "softmax_rows_grad", "concat_scores", "concat_relu_sums", "batchnorm_forward_numba",
-           "batchnorm_backward_numba", "BatchNormCache", "BN_ROWS", "BN_CHANNELS_LAST", "maxpool_numba", "maxpool_backward_numba"]
+           "softmax_rows_grad", "concat_scores", "concat_relu_sums", "batchnorm_forward_numba", "BN_ROWS",
+           "batchnorm_backward_numba", "BatchNormCache", "BN_CHANNELS_LAST", "maxpool_numba", "maxpool_backward_numba"]
 
 #: The engines of the layers' elementwise passes (see the module's docstring).
 ENGINES = ("auto", "numpy", "numba")
