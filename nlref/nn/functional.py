@@ -156,13 +156,18 @@ def batchnorm_forward(x, gamma, beta, state, *, training, momentum=0.1, eps=1e-5
     xp = array_namespace(x, gamma, beta)
     check_float("batchnorm_forward", xp, x=x, gamma=gamma, beta=beta, **{
         f"state[{k!r}]": state[k] for k in ("running_mean", "running_var") if k in state})
+    if training and x.shape[0] * math.prod(x.shape[2:]) < 2:
+        raise ValueError("batchnorm_forward: training needs more than one value per channel, "
+                         f"got x of shape {tuple(x.shape)}")
+    stats = (state[k] for k in ("running_mean", "running_var"))
+    if engine.numba_applies(x, gamma, beta, *stats):  # the same equations, three fused passes
+        fused = engine.batchnorm_forward_numba(x, gamma, beta, state, training=training, momentum=momentum, eps=eps)
+        if fused is not None:
+            return fused
     rows = engine.ChannelRows(x)
     x2 = rows.matrix(x)
     if training:
         m = rows.count
-        if m < 2:
-            raise ValueError("batchnorm_forward: training needs more than one value per channel, "
-                             f"got x of shape {tuple(x.shape)}")
         mean = rows.sums(x2) / m
         centred = x2 - rows.spread(mean)
         var = rows.sums_of_products(centred, centred) / m
@@ -202,6 +207,8 @@ def batchnorm_backward(dout, cache):
     dx : array, shape (B, C, *S)
     dgamma, dbeta : arrays, shape (C,)
     """
+    if isinstance(cache, engine.BatchNormCache):  # from the fused passes: the same equations, two passes
+        return engine.batchnorm_backward_numba(dout, cache)
     centred, gamma, inv_std, training, rows = cache
     array_namespace(dout, centred)  # one library for both
     d2 = rows.matrix(dout)
@@ -278,7 +285,9 @@ def maxpool_forward(x, kernel):
     xp = array_namespace(x)
     check_float("maxpool_forward", xp, x=x)
     kernel = check_pool_kernel(x, kernel)
-    out = None
+    out = engine.maxpool_numba(x, kernel) if engine.numba_applies(x) else None  # the same maxima, one pass
+    if out is not None:
+        return out, (x, out, kernel)
     for index in _window_samples(x.shape, kernel):
         out = xp.asarray(x[index], copy=True) if out is None else xp.maximum(out, x[index])
     return out, (x, out, kernel)
@@ -299,6 +308,10 @@ def maxpool_backward(dout, cache):
     """
     x, out, kernel = cache
     xp = array_namespace(dout, x)
+    if engine.numba_applies(dout, x):  # the same routing, one pass
+        dx = engine.maxpool_backward_numba(dout, x, out, kernel)
+        if dx is not None:
+            return dx
     dx = xp.zeros(x.shape, dtype=dout.dtype, device=device(x))
     served = None
     for index in _window_samples(x.shape, kernel):
@@ -328,6 +341,10 @@ def softmax_forward(s, axis=-1):
     """
     xp = array_namespace(s)
     check_float("softmax_forward", xp, s=s)
+    if engine.numba_applies(s) and axis in (-1, s.ndim - 1):  # the same steps, one pass per row
+        p = np.array(s, order="C")
+        engine.softmax_rows(p, normalise=True)
+        return p, (p, axis)
     p = s - xp.max(s, axis=axis, keepdims=True)
     p = _exp_inplace(xp, p)
     p /= xp.sum(p, axis=axis, keepdims=True)
@@ -341,6 +358,8 @@ def softmax_backward(dp, cache):
     """
     p, axis = cache
     xp = array_namespace(dp, p)
+    if engine.numba_applies(dp, p) and axis in (-1, p.ndim - 1) and dp.shape == p.shape:  # one pass per row
+        return engine.softmax_backward_rows(dp, p)
     ds = dp * p
     ds -= p * xp.sum(ds, axis=axis, keepdims=True)
     return ds
@@ -445,9 +464,13 @@ def concat_pairwise_backward(df, cache):
 def _concat_linear_backward(dpre, theta, phi, w_f):
     """dtheta, dphi, dw_f of :func:`concat_pairwise_forward` from ``dpre``, the gradient before the ReLU."""
     xp = array_namespace(dpre, theta)
+    return _concat_sums_backward(xp.sum(dpre, axis=2), xp.sum(dpre, axis=1), theta, phi, w_f)
+
+
+def _concat_sums_backward(da, db, theta, phi, w_f):
+    """The same from ``da`` (B, N) and ``db`` (B, M), the row and column sums of ``dpre``."""
+    xp = array_namespace(da, theta)
     d = theta.shape[1]
-    da = xp.sum(dpre, axis=2)  # (B, N)
-    db = xp.sum(dpre, axis=1)  # (B, M)
     dtheta = w_f[:d][None, :, None] * da[:, None, :]
     dphi = w_f[d:][None, :, None] * db[:, None, :]
     dw_f = xp.concat([xp.sum(xp.matmul(theta, da[:, :, None])[:, :, 0], axis=0),

@@ -95,7 +95,7 @@ def _check(theta, phi, g, mode, scale, w_f, chunk_size):
 
 
 class _Steps:
-    """The three steps on (B, N, M) arrays, as written: each makes a fresh array.
+    """The steps on (B, N, M) arrays, as written: each makes a fresh array (or writes over its input).
 
     (A :class:`~nlref.nn.engine.NonLocalWorkspace` takes their place in a block: the same
     numbers, written into buffers it keeps between calls.)
@@ -107,6 +107,21 @@ class _Steps:
         if mode == "concatenation":
             return concat_pairwise_forward(theta, phi, w_f)
         return dot_pairwise_forward(theta, phi, scale)
+
+    @staticmethod
+    def exp_rows(f):
+        """e = exp(f - max_j f) (written over ``f`` where the library allows) and its row sums C_i, (B, N)."""
+        xp = array_namespace(f)
+        f -= xp.max(f, axis=2, keepdims=True)
+        e = _exp_inplace(xp, f)
+        return e, xp.sum(e, axis=2)
+
+    @staticmethod
+    def softmax_grad(de, e, c):
+        """ds_ij = e_ij (de_ij - c_i), written over ``de``; c (B, N)."""
+        de -= c[:, :, None]
+        de *= e
+        return de
 
     @staticmethod
     def product(a, b):
@@ -239,9 +254,8 @@ def _forward_full(theta, phi, g, mode, scale, w_f, steps):
     xp = array_namespace(theta, phi, g)
     f, f_cache = steps.scores(theta, phi, mode, scale, w_f)
     if mode in SOFTMAX_MODES:
-        f -= xp.max(f, axis=2, keepdims=True)
-        e = _exp_inplace(xp, f)
-        norm = xp.sum(e, axis=2)[:, None, :]  # C_i, shaped (B, 1, N) to scale y's columns
+        e, norm = steps.exp_rows(f)  # e = exp(f - max_j f), C_i = sum_j e_ij
+        norm = norm[:, None, :]  # C_i, shaped (B, 1, N) to scale y's columns
     else:
         e = f
         norm = phi.shape[2]
@@ -256,8 +270,7 @@ def _backward_full(dy, cache):
     dg = xp.matmul(dy_c, e)  # (B, d_g, N) @ (B, N, M) = dy A
     de = steps.product(xp.matrix_transpose(dy_c), g)  # dA / C
     if mode in SOFTMAX_MODES:  # ds = A (dA - dy_i . y_i) = e (dA / C - dy_i . y_i / C)
-        de -= xp.matrix_transpose(xp.sum(dy_c * y, axis=1, keepdims=True))
-        de *= e
+        de = steps.softmax_grad(de, e, xp.sum(dy_c * y, axis=1))
     dtheta, dphi, dw_f = steps.pairwise_backward(de, f_cache, mode)
     return dtheta, dphi, dg, dw_f
 

@@ -236,9 +236,14 @@ def test_chunked_matches_full_and_sdpa_at_large_logits(logit, dtype):
 @pytest.mark.parametrize("chunk", [None, 2])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_engine_workspace_gives_the_textbook_bits(mode, chunk, dtype):
-    """The engine's reused buffers compute what the textbook's fresh arrays do, to the bit, call after call."""
+def test_engine_workspace_gives_the_textbook_bits(mode, chunk, dtype, monkeypatch):
+    """The engine's reused buffers compute what the textbook's fresh arrays do, to the bit, call after call.
+
+    (With the NumPy passes; the fused Numba passes add in another order: tests/nn/test_fused_numba.py.)
+    """
     from nlref.nn.engine import NonLocalWorkspace
+
+    monkeypatch.setenv("NLREF_NN_ENGINE", "numpy")
 
     workspace = NonLocalWorkspace()
     for seed in (0, 1, 2):  # the later calls reuse (and must overwrite) the first call's buffers

@@ -17,6 +17,8 @@ import math
 
 import numpy as np
 
+from .fused_numba import concat_relu_sums, concat_scores, numba_applies, softmax_rows, softmax_rows_grad
+
 
 class NonLocalWorkspace:
     """Scratch buffers for the non-local operation's (B, N, M) (or (B, N, chunk)) steps, NumPy only.
@@ -47,8 +49,12 @@ class NonLocalWorkspace:
         out = self._array("scores", (theta.shape[0], theta.shape[2], phi.shape[2]), theta.dtype)
         if mode == "concatenation":  # ReLU(a_i + b_j), as functional.concat_pairwise_forward
             d = theta.shape[1]
-            f = np.add(np.matmul(w_f[:d], theta)[:, :, None], np.matmul(w_f[d:], phi)[:, None, :], out=out)
-            np.maximum(f, 0, out=f)
+            a, b = np.matmul(w_f[:d], theta), np.matmul(w_f[d:], phi)
+            if numba_applies(out):  # add and ReLU in one pass, rows in parallel
+                f = concat_scores(a, b, out)
+            else:
+                f = np.add(a[:, :, None], b[:, None, :], out=out)
+                np.maximum(f, 0, out=f)
             return f, (theta, phi, w_f, f)
         s = np.matmul(np.swapaxes(theta, 1, 2), phi, out=out)  # as functional.dot_pairwise_forward
         if scale != 1.0:
@@ -60,12 +66,35 @@ class NonLocalWorkspace:
         return np.matmul(a, b, out=self._array("dscores", (a.shape[0], a.shape[1], b.shape[2]), a.dtype))
 
     @staticmethod
+    def exp_rows(f):
+        """``nonlocal_op._Steps.exp_rows``: e = exp(f - max_j f) written over ``f``, and its row sums.
+
+        With the Numba engine one pass per row (maximum, exp, sum while the row is in cache),
+        rows in parallel, instead of four passes over (B, N, M)."""
+        if numba_applies(f) and f.flags.c_contiguous:
+            return f, softmax_rows(f)
+        f -= np.max(f, axis=2, keepdims=True)
+        e = np.exp(f, out=f)
+        return e, np.sum(e, axis=2)
+
+    @staticmethod
+    def softmax_grad(de, e, c):
+        """``nonlocal_op._Steps.softmax_grad``: e (de - c_i) written over ``de``; one pass with Numba."""
+        if numba_applies(de, e, c) and de.flags.c_contiguous:
+            return softmax_rows_grad(de, e, c)
+        de -= c[:, :, None]
+        de *= e
+        return de
+
+    @staticmethod
     def pairwise_backward(df, cache, mode):
         """``nonlocal_op._Steps.pairwise_backward``; ``df`` (a buffer) is overwritten."""
-        from ..functional import _concat_linear_backward, dot_pairwise_backward
+        from ..functional import _concat_linear_backward, _concat_sums_backward, dot_pairwise_backward
 
         if mode == "concatenation":
             theta, phi, w_f, f = cache
+            if numba_applies(df, f):  # the ReLU's routing and both sums in one pass, nothing written
+                return _concat_sums_backward(*concat_relu_sums(df, f), theta, phi, w_f)
             df[f <= 0] = 0  # the ReLU's routing, in place
             return _concat_linear_backward(df, theta, phi, w_f)
         return dot_pairwise_backward(df, cache) + (None,)
