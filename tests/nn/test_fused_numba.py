@@ -276,3 +276,34 @@ def test_block_same_bits_for_any_threads(engine, mode, monkeypatch):
     one, two = _threads(lambda: _block_step(mode, True, np.float32, (4, 8, 2, 6, 10)), monkeypatch)
     for a, b in zip(one, two):
         np.testing.assert_array_equal(a, b)
+
+
+def _softmax_in_child(s, queue):
+    queue.put(fused.softmax_rows(s.copy(), normalise=True))
+
+
+def test_a_forked_child_gets_its_own_thread_pool():
+    """A process forked after the pool ran (Dask's and multiprocessing's fork start method)
+    finds no pool threads behind the parent's pool object: its calls must start a new one,
+    not wait forever for threads that do not exist there."""
+    import multiprocessing
+    import queue as queues
+
+    if fused.threads() < 2:
+        pytest.skip("the thread pool runs only with 2 or more Numba threads")
+    s = np.random.default_rng(0).standard_normal((64, 4 * fused.MIN_VALUES_PER_THREAD // 64))
+    expected = fused.softmax_rows(s.copy(), normalise=True)  # the parent's pool now exists
+    assert fused._pool is not None
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    child = context.Process(target=_softmax_in_child, args=(s, results))
+    child.start()
+    try:
+        got = results.get(timeout=120)
+    except queues.Empty:
+        pytest.fail("the forked child's softmax did not finish in 120 s (it waited on the parent's pool)")
+    finally:
+        child.join(timeout=10)
+        if child.is_alive():
+            child.kill()
+    np.testing.assert_array_equal(got, expected)

@@ -469,6 +469,16 @@ _pool = None
 _pool_lock = threading.Lock()
 
 
+def _forget_pool():
+    """In a forked child: the parent's pool threads do not exist there, so start a new pool."""
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
 def threads():
     """How many threads the kernels use: Numba's setting (``NUMBA_NUM_THREADS``, ``numba.set_num_threads``)."""
     import numba
