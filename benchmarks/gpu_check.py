@@ -44,7 +44,6 @@ import os
 import platform
 import shlex
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -471,17 +470,13 @@ def compare_part(target, size):
 # --------------------------------------------------------------------------- part 3: NL-means speed
 def timed(run, sync, repeats):
     """Median seconds of ``repeats`` synchronised runs after one untimed run (CuPy: kernels compiled there)."""
+    import ceiling  # benchmarks/ceiling.py, on sys.path from main()
+
     def once():
         run()
         sync()
 
-    once()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        once()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return ceiling.median_seconds(once, repeats)
 
 
 def nlmeans_part(target, size, have_skimage):
