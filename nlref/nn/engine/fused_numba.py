@@ -20,7 +20,9 @@ only on the array's shape (one partial per (batch, channel) row of a (B, C, N) a
 per block of :data:`BN_ROWS` positions of a channels-last one), each partial summed in
 float64 in a fixed order, the partials added in index order. Threads (Numba's setting,
 ``NUMBA_NUM_THREADS``) only decide who computes which partial;
-``tests/nn/test_fused_numba.py`` checks 1 against 2 threads.
+``tests/nn/test_fused_numba.py`` checks 1 against 2 threads. Across CPUs the bits may differ, as
+OpenBLAS's products do: the reductions are vectorised with the width the compiler picks for the
+host (AVX2, AVX-512), which fixes the order of their sums.
 
 The kernels are compiled on their first call (``import numba`` alone takes about 0.4 s)
 and cached on disk. Figures: ``docs/engine.md``, "Fused passes compiled with Numba".
