@@ -667,7 +667,7 @@ def batchnorm_forward_numba(x, gamma, beta, state, *, training, momentum, eps):
     """:func:`nlref.nn.functional.batchnorm_forward` in three (training) or one (eval) compiled passes.
 
     Returns (out, cache) or None when ``x``'s storage is neither C-contiguous nor channels-last
-    (or channels-last while :data:`BN_CHANNELS_LAST` is off).
+    (or channels-last while :data:`~nlref.nn.engine.fused_numba.BN_CHANNELS_LAST` is off).
     Training: the mean (one pass), the variance as the mean of squared deviations from it (one
     pass), then ``(x - mean) k + beta`` (one pass); the cache keeps ``x`` and the mean.
     """
