@@ -344,12 +344,15 @@ def _maxpool_rows_backward(dout, x, out, kh, kw, dx, start, stop):
 
 # --------------------------------------------------------------------------- batch norm kernels
 @_kernel(**_PARALLEL)
-def _mid_sums(x, shift, out, start, stop):
-    """out[b, c] = sum_j (x[b, c, j] - shift[c]) (power 1) per (batch, channel) row, float64."""
+def _mid_sums(x, shift, power, out, start, stop):
+    """out[b, c] = sum_j (x[b, c, j] - shift[c]) ** power (1 or 2) per (batch, channel) row, float64."""
     nb, nc, n = x.shape
     for r in range(start, stop):
         b, c = r // nc, r % nc
-        out[b, c] = _row_sum_shifted(x[b, c], n, shift[c])
+        if power == 1:
+            out[b, c] = _row_sum_shifted(x[b, c], n, shift[c])
+        else:
+            out[b, c] = _row_sum_sq(x[b, c], n, shift[c])
 
 
 @_kernel(**_REDUCE)
@@ -375,14 +378,6 @@ def _row_sum_prod(row, other, n, shift):
     for j in range(n):
         s += row[j] * (other[j] - shift)
     return s
-
-
-@_kernel(**_PARALLEL)
-def _mid_sq_sums(x, mean, out, start, stop):
-    nb, nc, n = x.shape
-    for r in range(start, stop):
-        b, c = r // nc, r % nc
-        out[b, c] = _row_sum_sq(x[b, c], n, mean[c])
 
 
 @_kernel(**_PARALLEL)
@@ -652,7 +647,7 @@ def _channel_sums(x, shift, last, power):
         _run(_last_sums, blocks, x.size, x, shift, power, BN_ROWS, parts)
     else:
         parts = np.empty(x.shape[:2], dtype=np.float64)
-        _run(_mid_sums if power == 1 else _mid_sq_sums, parts.size, x.size, x, shift, parts)
+        _run(_mid_sums, parts.size, x.size, x, shift, power, parts)
     return _add_in_order(parts)
 
 

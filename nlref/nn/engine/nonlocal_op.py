@@ -73,18 +73,18 @@ class NonLocalWorkspace:
         rows in parallel, instead of four passes over (B, N, M)."""
         if numba_applies(f) and f.flags.c_contiguous:
             return f, softmax_rows(f)
-        f -= np.max(f, axis=2, keepdims=True)
-        e = np.exp(f, out=f)
-        return e, np.sum(e, axis=2)
+        from ..nonlocal_op import _Steps
+
+        return _Steps.exp_rows(f)
 
     @staticmethod
     def softmax_grad(de, e, c):
         """``nonlocal_op._Steps.softmax_grad``: e (de - c_i) written over ``de``; one pass with Numba."""
         if numba_applies(de, e, c) and de.flags.c_contiguous:
             return softmax_rows_grad(de, e, c)
-        de -= c[:, :, None]
-        de *= e
-        return de
+        from ..nonlocal_op import _Steps
+
+        return _Steps.softmax_grad(de, e, c)
 
     @staticmethod
     def pairwise_backward(df, cache, mode):
