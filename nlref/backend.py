@@ -28,6 +28,7 @@ __all__ = [
     "array_namespace",
     "require_real",
     "check_same_device",
+    "check_on_device",
     "compat_namespace",
     "asarray",
     "device",
@@ -105,6 +106,17 @@ def check_same_device(*arrays, names=None):
         described = ", ".join(f"{n} on {d}" for n, d in zip(names, devices))
         raise ValueError(f"arrays on different devices cannot be mixed in one call ({described}); "
                          "move them to one device first (nlref.backend.asarray(x, like=y)).")
+
+
+def check_on_device(a, param, *, name, owner):
+    """Raise a ValueError when ``a`` (argument ``name``) is not on the device of ``param``, one
+    of ``owner``'s parameters ("block", "layer", "network"). NumPy has one device: no check."""
+    if type(a) is np.ndarray:
+        return
+    mine = device(param)
+    if device(a) != mine:
+        raise ValueError(f"{name} is on device {device(a)} but the {owner}'s parameters are on {mine}; move "
+                         f"{name} (nlref.backend.asarray({name}, like=...)) or build the {owner} with device=")
 
 
 def require_real(x, name="x"):

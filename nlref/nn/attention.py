@@ -94,11 +94,8 @@ class _Params:
             raise TypeError(f"{name} has dtype {B.dtype_name(x.dtype)} but the layer's parameters are "
                             f"{self.dtype_name}")
         params = getattr(self, "params", None)
-        if not B.is_numpy(self.xp) and params:
-            mine = B.device(next(iter(params.values())))
-            if B.device(x) != mine:
-                raise ValueError(f"{name} is on device {B.device(x)} but the layer's parameters are on {mine}; "
-                                 f"move {name} or build the layer with device=")
+        if params:
+            B.check_on_device(x, next(iter(params.values())), name=name, owner="layer")
         if x.ndim != 3 or x.shape[2] != self.embed_dim:
             raise ValueError(f"{name} must have shape (B, N, E) with E = embed_dim = {self.embed_dim}, "
                              f"got shape {tuple(x.shape)}")

@@ -313,12 +313,7 @@ class NonLocalBlock:
                              f"{self.kernel}; use sub_sample=False or a larger input")
 
     def _check_device(self, name, a):
-        if B.is_numpy(self.xp):
-            return
-        mine = B.device(next(iter(self.params.values())))
-        if B.device(a) != mine:
-            raise ValueError(f"{name} is on device {B.device(a)} but the block's parameters are on {mine}; move "
-                             f"{name} (nlref.backend.asarray(x, like=...)) or build the block with device=")
+        B.check_on_device(a, next(iter(self.params.values())), name=name, owner="block")
 
     def _conv(self, name, x):
         return F.conv1x1_forward(x, self.params[f"{name}.weight"], self.params.get(f"{name}.bias"))

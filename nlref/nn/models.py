@@ -269,15 +269,6 @@ def nonlocal_slots(count, *, stage="res3", blocks=(1, 2, 2)):
     return slots[:count]
 
 
-def _check_device(net, x, param):
-    """A ValueError when ``x`` is not on the device of the network's parameters (``param``, one of them)."""
-    if B.is_numpy(net.xp):
-        return
-    if B.device(x) != B.device(param):
-        raise ValueError(f"x is on device {B.device(x)} but the network's parameters are on {B.device(param)}; "
-                         "move x (nlref.backend.asarray(x, like=...)) or build the network with device=")
-
-
 class VideoNet:
     """A small ResNet video classifier (C2D or I3D) with optional non-local blocks.
 
@@ -460,7 +451,7 @@ class VideoNet:
         if B.compat_namespace(xp) is not self.xp and not (B.is_numpy(xp) and B.is_numpy(self.xp)):
             raise TypeError(f"x is a {getattr(xp, '__name__', xp)} array but the network lives in "
                             f"{getattr(self.xp, '__name__', self.xp)}")
-        _check_device(self, x, self.stem.conv.params["weight"])
+        B.check_on_device(x, self.stem.conv.params["weight"], name="x", owner="network")
         return xp
 
     def forward(self, x, *, dropout_seed=None, return_attention=False):
@@ -742,7 +733,7 @@ class VideoTransformer(_Collected):
         if B.compat_namespace(xp) is not self.xp and not (B.is_numpy(xp) and B.is_numpy(self.xp)):
             raise TypeError(f"x is a {getattr(xp, '__name__', xp)} array but the network lives in "
                             f"{getattr(self.xp, '__name__', self.xp)}")
-        _check_device(self, x, self.patch_embed.params["weight"])
+        B.check_on_device(x, self.patch_embed.params["weight"], name="x", owner="network")
 
     def forward(self, x, *, dropout_seed=None, return_attention=False):
         """Logits for a batch of clips, shape (B, num_classes).
