@@ -439,7 +439,7 @@ class NonLocalBlock:
             self.buffers["bn.running_var"] = stats["running_var"]
             if self.training:
                 self.num_batches_tracked += 1
-        z = wy + x
+        z = engine.add_owned(wy, x)  # wy + x, written into wy (fresh)
         self._cache = cache
         if not return_attention:
             return z
@@ -490,7 +490,7 @@ class NonLocalBlock:
             if pool_after:
                 dphi, dg = self._unpool(dphi, cache.pop("pool_phi")), self._unpool(dg, cache.pop("pool_g"))
             (dkeys,) = self._project_backward(projections, [dg], grads)
-            dkeys = dkeys + dphi
+            dkeys = engine.add_owned(dkeys, dphi)  # in dkeys (fresh)
             dtheta = xp.reshape(dtheta, cache["theta_shape"])
         else:
             dkeys = xp.concat([dphi, dg], axis=1)
@@ -505,7 +505,7 @@ class NonLocalBlock:
         del dphi, dg
         if pool_before:
             dkeys = self._unpool(dkeys, cache.pop("pool_x"))
-        dx = dtheta if dkeys is None else dtheta + dkeys
+        dx = dtheta if dkeys is None else engine.add_owned(dtheta, dkeys)  # in dtheta (fresh)
         dx += dz
         self.grads = {k: grads[k] for k in self.params}  # (no W_z.bias entry without the bias)
         return dx
