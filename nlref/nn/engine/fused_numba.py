@@ -471,8 +471,9 @@ def _last_grad(dout, x, mean, k1, k2, k3, out, start, stop):
 
 # --------------------------------------------------------------------------- the seam's functions
 #: A call is split between threads only when every thread gets at least this many values:
-#: handing a task to a thread costs some tens of microseconds. No effect on the result.
-MIN_VALUES_PER_THREAD = 2**16
+#: handing a task to a thread costs some tens of microseconds, and after the block's products
+#: OpenBLAS's worker keeps spinning on the other core (docs/engine.md). No effect on the result.
+MIN_VALUES_PER_THREAD = 2**20
 _pool = None
 _pool_lock = threading.Lock()
 
