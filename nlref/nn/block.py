@@ -346,15 +346,31 @@ class NonLocalBlock:
             dx = F.maxpool3d_backward(xp.reshape(dout, tuple(dout.shape[:2]) + ones + tuple(dout.shape[2:])), cache)
         return xp.reshape(dx, x_shape)
 
-    def _key_branch(self, name, keys_in, cache):
-        """phi or g of the key positions, pooled afterwards if pool='after'."""
-        if name == "phi" and self.mode == "gaussian":
-            h = keys_in
-        else:
-            h, cache[name] = self._conv(name, keys_in)
-        if self.sub_sample and self.pool in ("after", "flattened"):
-            h, cache[f"pool_{name}"] = self._pool(h)
-        return h
+    def _project(self, names, x, cache):
+        """The 1x1 convolutions ``names`` of the same input ``x`` as one, their weights stacked
+        (one product instead of one per projection, as PyTorch's MultiheadAttention's
+        ``in_proj_weight``); returns their outputs, views of one (B, len(names) d, *S) array."""
+        xp = self.xp
+        weight = xp.concat([self.params[f"{n}.weight"] for n in names], axis=0)
+        bias = xp.concat([self.params[f"{n}.bias"] for n in names]) if self.projection_bias else None
+        h, conv = F.conv1x1_forward(x, weight, bias)
+        cache.setdefault("projections", []).append((names, conv))
+        d = self.inter_channels
+        return {n: h[:, k * d:(k + 1) * d, ...] for k, n in enumerate(names)}, h
+
+    def _project_backward(self, projections, dh, grads):
+        """Gradients of :meth:`_project`: ``dh[i]`` (B, len(names_i) d, *S) for each stacked product
+        of the forward (``projections``, in its order); sets ``grads``, returns the input gradients."""
+        d = self.inter_channels
+        dxs = []
+        for (names, conv), dout in zip(projections, dh):
+            dx, dw, db = F.conv1x1_backward(dout, conv)
+            for k, n in enumerate(names):
+                grads[f"{n}.weight"] = dw[k * d:(k + 1) * d, ...]
+                if db is not None:
+                    grads[f"{n}.bias"] = db[k * d:(k + 1) * d]
+            dxs.append(dx)
+        return dxs
 
     @property
     def logit_scale(self):
@@ -383,15 +399,29 @@ class NonLocalBlock:
         self._check_input(x)
         xp = self.xp
         cache = {}
+        pool_before = self.sub_sample and self.pool == "before"
+        pool_after = self.sub_sample and not pool_before
         keys_in = x
-        if self.sub_sample and self.pool == "before":
+        if pool_before:
             keys_in, cache["pool_x"] = self._pool(x)
-        if self.mode == "gaussian":
+        d = self.inter_channels
+        if self.mode == "gaussian":  # f compares x itself: no theta, no phi, only g
             theta = x
+            g_out, _ = self._project(["g"], keys_in, cache)
+            phi, g = keys_in, g_out["g"]
+            if pool_after:
+                (phi, cache["pool_phi"]), (g, cache["pool_g"]) = self._pool(phi), self._pool(g)
         else:
-            theta, cache["theta"] = self._conv("theta", x)
-        phi = self._key_branch("phi", keys_in, cache)
-        g = self._key_branch("g", keys_in, cache)
+            names = ["theta"] if pool_before else ["theta", "phi", "g"]
+            h, stacked = self._project(names, x, cache)
+            theta = h["theta"]
+            if pool_before:
+                _, keys = self._project(["phi", "g"], keys_in, cache)
+            else:
+                keys = stacked[:, d:, ...]  # phi's and g's rows, next to each other
+            if pool_after:
+                keys, cache["pool_keys"] = self._pool(keys)  # phi and g pooled as one array
+            phi, g = keys[:, :d, ...], keys[:, d:, ...]
         cache["x_shape"], cache["theta_shape"] = tuple(x.shape), tuple(theta.shape)
         cache["key_shape"] = tuple(phi.shape)
 
@@ -409,7 +439,7 @@ class NonLocalBlock:
             self.buffers["bn.running_var"] = stats["running_var"]
             if self.training:
                 self.num_batches_tracked += 1
-        z = wy + x
+        z = engine.add_owned(wy, x)  # wy + x, written into wy (fresh)
         self._cache = cache
         if not return_attention:
             return z
@@ -452,21 +482,30 @@ class NonLocalBlock:
         del dy
         if dw_f is not None:
             grads["w_f"] = dw_f
-        dkeys = None
-        for name, dh in (("phi", dphi), ("g", dg)):
-            dh = xp.reshape(dh, dh.shape[:2] + cache["key_shape"][2:])
-            if self.sub_sample and self.pool in ("after", "flattened"):
-                dh = self._unpool(dh, cache.pop(f"pool_{name}"))
-            if name in cache:
-                dh, grads[f"{name}.weight"], grads[f"{name}.bias"] = F.conv1x1_backward(dh, cache.pop(name))
-            dkeys = dh if dkeys is None else dkeys + dh
+        dphi, dg = (xp.reshape(dh, dh.shape[:2] + cache["key_shape"][2:]) for dh in (dphi, dg))
+        projections = cache.pop("projections")
+        pool_before = self.sub_sample and self.pool == "before"
+        pool_after = self.sub_sample and not pool_before
+        if self.mode == "gaussian":
+            if pool_after:
+                dphi, dg = self._unpool(dphi, cache.pop("pool_phi")), self._unpool(dg, cache.pop("pool_g"))
+            (dkeys,) = self._project_backward(projections, [dg], grads)
+            dkeys = engine.add_owned(dkeys, dphi)  # in dkeys (fresh)
+            dtheta = xp.reshape(dtheta, cache["theta_shape"])
+        else:
+            dkeys = xp.concat([dphi, dg], axis=1)
+            if pool_after:
+                dkeys = self._unpool(dkeys, cache.pop("pool_keys"))
+            dtheta = xp.reshape(dtheta, cache["theta_shape"])
+            if pool_before:
+                dtheta, dkeys = self._project_backward(projections, [dtheta, dkeys], grads)
+            else:
+                (dtheta,) = self._project_backward(projections, [xp.concat([dtheta, dkeys], axis=1)], grads)
+                dkeys = None
         del dphi, dg
-        if self.sub_sample and self.pool == "before":
+        if pool_before:
             dkeys = self._unpool(dkeys, cache.pop("pool_x"))
-        dtheta = xp.reshape(dtheta, cache["theta_shape"])
-        if "theta" in cache:
-            dtheta, grads["theta.weight"], grads["theta.bias"] = F.conv1x1_backward(dtheta, cache.pop("theta"))
-        dx = dtheta + dkeys
+        dx = dtheta if dkeys is None else engine.add_owned(dtheta, dkeys)  # in dtheta (fresh)
         dx += dz
         self.grads = {k: grads[k] for k in self.params}  # (no W_z.bias entry without the bias)
         return dx

@@ -91,7 +91,7 @@ def conv1x1_forward(x, w, b=None):
                          + ("" if b is None else f", b {tuple(b.shape)}"))
     out = xp.matmul(w, _flat(x))  # (C_out, C_in) @ (B, C_in, N) -> (B, C_out, N)
     if b is not None:
-        out = out + xp.reshape(b, (1, b.shape[0], 1))
+        out = engine.add_owned(out, xp.reshape(b, (1, b.shape[0], 1)))  # out + b, in out (fresh)
     out = xp.reshape(out, (x.shape[0], w.shape[0]) + tuple(x.shape[2:]))
     return out, (x, w, b is not None)
 

@@ -234,6 +234,30 @@ def test_maxpool_gives_the_numpy_bits(engine, dtype, shape, kernel):
     assert dx1.dtype == dtype and dx1.shape == shape
 
 
+@pytest.mark.parametrize("shape, kernel", [((2, 6, 4, 7, 9), (1, 2, 2)), ((3, 6, 11), (2,))])
+def test_maxpool_reads_a_slice_of_channels_in_place(engine, monkeypatch, shape, kernel):
+    """The block pools phi's and g's rows as channels 2..5 of one stacked array: a strided view,
+    which the kernels read where it lies (no copy); the same maxima and routing, to the bit,
+    on 1 and 2 threads."""
+    rng = np.random.default_rng(1)
+    stacked = rng.integers(-3, 3, size=shape).astype(np.float32)  # many ties
+    x = stacked[:, 2:]
+    h = x.shape[-2] if x.ndim > 3 else 1
+    assert not x.flags.c_contiguous and np.shares_memory(fused._rows4(x, h, x.shape[-1]), stacked)
+    dout = rng.standard_normal(tuple(x.shape[:2]) + tuple(n // k for n, k in zip(x.shape[2:], kernel)))
+    dout = dout.astype(np.float32)
+
+    def run():
+        out, cache = F.maxpool_forward(x, kernel)
+        return out, F.maxpool_backward(dout, cache)
+    (out0, dx0), (out1, dx1) = _both(engine, run)
+    np.testing.assert_array_equal(out1, out0)
+    np.testing.assert_array_equal(dx1, dx0)
+    one, two = _threads(run, monkeypatch)
+    for a, b in zip(one, two):
+        np.testing.assert_array_equal(a, b)
+
+
 # --------------------------------------------------------------------------- the block
 def _block_step(mode, sub_sample, dtype, shape, chunk_size=None):
     block = NonLocalBlock(shape[1], mode=mode, dims=len(shape) - 2, sub_sample=sub_sample, dtype=np.dtype(dtype).name,
