@@ -400,7 +400,7 @@ class NonLocalBlock:
         xp = self.xp
         cache = {}
         pool_before = self.sub_sample and self.pool == "before"
-        pool_after = self.sub_sample and not pool_before
+        pool_after = self.sub_sample and not pool_before  # pool="after" or "flattened"
         keys_in = x
         if pool_before:
             keys_in, cache["pool_x"] = self._pool(x)
@@ -485,7 +485,7 @@ class NonLocalBlock:
         dphi, dg = (xp.reshape(dh, dh.shape[:2] + cache["key_shape"][2:]) for dh in (dphi, dg))
         projections = cache.pop("projections")
         pool_before = self.sub_sample and self.pool == "before"
-        pool_after = self.sub_sample and not pool_before
+        pool_after = self.sub_sample and not pool_before  # pool="after" or "flattened"
         if self.mode == "gaussian":
             if pool_after:
                 dphi, dg = self._unpool(dphi, cache.pop("pool_phi")), self._unpool(dg, cache.pop("pool_g"))
