@@ -346,6 +346,13 @@ class NonLocalBlock:
             dx = F.maxpool3d_backward(xp.reshape(dout, tuple(dout.shape[:2]) + ones + tuple(dout.shape[2:])), cache)
         return xp.reshape(dx, x_shape)
 
+    @property
+    def _pool_places(self):
+        """(pool before phi and g, pool after them): where the keys are subsampled, if at all
+        ("after" covers ``pool="flattened"`` too)."""
+        before = self.sub_sample and self.pool == "before"
+        return before, self.sub_sample and not before
+
     def _project(self, names, x, cache):
         """The 1x1 convolutions ``names`` of the same input ``x`` as one, their weights stacked
         (one product instead of one per projection, as PyTorch's MultiheadAttention's
@@ -399,8 +406,7 @@ class NonLocalBlock:
         self._check_input(x)
         xp = self.xp
         cache = {}
-        pool_before = self.sub_sample and self.pool == "before"
-        pool_after = self.sub_sample and not pool_before  # pool="after" or "flattened"
+        pool_before, pool_after = self._pool_places
         keys_in = x
         if pool_before:
             keys_in, cache["pool_x"] = self._pool(x)
@@ -484,19 +490,17 @@ class NonLocalBlock:
             grads["w_f"] = dw_f
         dphi, dg = (xp.reshape(dh, dh.shape[:2] + cache["key_shape"][2:]) for dh in (dphi, dg))
         projections = cache.pop("projections")
-        pool_before = self.sub_sample and self.pool == "before"
-        pool_after = self.sub_sample and not pool_before  # pool="after" or "flattened"
+        pool_before, pool_after = self._pool_places
+        dtheta = xp.reshape(dtheta, cache["theta_shape"])
         if self.mode == "gaussian":
             if pool_after:
                 dphi, dg = self._unpool(dphi, cache.pop("pool_phi")), self._unpool(dg, cache.pop("pool_g"))
             (dkeys,) = self._project_backward(projections, [dg], grads)
             dkeys = engine.add_owned(dkeys, dphi)  # in dkeys (fresh)
-            dtheta = xp.reshape(dtheta, cache["theta_shape"])
         else:
             dkeys = xp.concat([dphi, dg], axis=1)
             if pool_after:
                 dkeys = self._unpool(dkeys, cache.pop("pool_keys"))
-            dtheta = xp.reshape(dtheta, cache["theta_shape"])
             if pool_before:
                 dtheta, dkeys = self._project_backward(projections, [dtheta, dkeys], grads)
             else:

@@ -35,6 +35,7 @@ dotted names (``"res3.1.conv1.conv.weight"``, ``"res3.nl1.theta.weight"``,
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -269,6 +270,11 @@ def nonlocal_slots(count, *, stage="res3", blocks=(1, 2, 2)):
     return slots[:count]
 
 
+def _as_param(net, host):
+    """Host data as one of ``net``'s arrays: its library (``net.xp``), dtype and device."""
+    return B.asarray(np.asarray(host), xp=net.xp, dtype=getattr(net.xp, net.dtype), device=net.device)
+
+
 class VideoNet:
     """A small ResNet video classifier (C2D or I3D) with optional non-local blocks.
 
@@ -347,8 +353,7 @@ class VideoNet:
         rng = np.random.default_rng(seed)
         self._dropout_rng = np.random.default_rng(rng.integers(2**63))
 
-        def make(host):
-            return B.asarray(np.asarray(host), xp=self.xp, dtype=getattr(self.xp, dtype), device=device)
+        make = functools.partial(_as_param, self)
 
         kernel1 = {"c2d": (1, 3, 3), "i3d": (3, 3, 3), "i3d_3x1x1": (3, 1, 1)}[flavour]
         self.stem = ConvBN(in_channels, widths[0], (1, 3, 3), stride=(1, 2, 2), rng=rng, make=make)
@@ -537,7 +542,7 @@ class VideoNet:
                 raise ValueError(f"state dict entry {key!r} holds non-finite values")
             host[key] = value
         for key, value in host.items():
-            array = B.asarray(value, xp=self.xp, dtype=getattr(self.xp, self.dtype), device=self.device)
+            array = _as_param(self, value)
             leaf, leaf_key = self._owner(key)
             (leaf.params if leaf_key in leaf.params else leaf.buffers)[leaf_key] = array
         return self
@@ -647,8 +652,7 @@ class VideoTransformer(_Collected):
         self.training = True
         rng = np.random.default_rng(seed)
 
-        def make(host):
-            return B.asarray(np.asarray(host), xp=self.xp, dtype=getattr(self.xp, dtype), device=device)
+        make = functools.partial(_as_param, self)
 
         e, patch = int(embed_dim), int(in_channels) * math.prod(self.tubelet)
         self.patch_embed = Layer()
@@ -810,7 +814,7 @@ class VideoTransformer(_Collected):
                 raise ValueError(f"state dict entry {key!r} holds non-finite values")
             host[key] = value
         for key, value in host.items():
-            self.set_param(key, B.asarray(value, xp=self.xp, dtype=getattr(self.xp, self.dtype), device=self.device))
+            self.set_param(key, _as_param(self, value))
         return self
 
     def __repr__(self):
@@ -892,8 +896,7 @@ class ImageResNet(VideoNet):
         rng = np.random.default_rng(seed)
         self._dropout_rng = np.random.default_rng(rng.integers(2**63))
 
-        def make(host):
-            return B.asarray(np.asarray(host), xp=self.xp, dtype=getattr(self.xp, dtype), device=device)
+        make = functools.partial(_as_param, self)
 
         self.stem = ConvBN(in_channels, width, (1, 3, 3), stride=1, rng=rng, make=make)
         self.layers = [("stem", self.stem)]

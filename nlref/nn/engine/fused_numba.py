@@ -315,10 +315,8 @@ def _maxpool_rows(x4, kh, kw, out, start, stop):
                 for a in range(kh):
                     for b in range(kw):
                         v = x[i * kh + a, j * kw + b]
-                        if v > m or v != v:
+                        if v > m or v != v:  # a NaN maximum stays: nothing is greater than it
                             m = v
-                        elif m != m:
-                            pass
                 out[r, i, j] = m
 
 
