@@ -35,6 +35,11 @@ Two implementations of the same function:
   grows linearly in ``N`` for a fixed ``c``; outputs and gradients equal the
   full form's to rounding.
 
+With a ``workspace`` (NumPy, as a block runs), the engine computes the full form of the
+dot product and the concatenation without the matrix: their sums over keys can be taken
+once, before the queries meet them (:mod:`nlref.nn.engine.nonlocal_op`, "factored
+forms"); the same function, summed in another order.
+
 :func:`nonlocal_reference` is the specification: a loop over queries that
 reads like Eq. (1). The tests hold both forms to it. The softmax, dot-product
 and ReLU pieces are the pairs of :mod:`nlref.nn.functional`; notebook 04
@@ -100,6 +105,11 @@ class _Steps:
     (A :class:`~nlref.nn.engine.NonLocalWorkspace` takes their place in a block: the same
     numbers, written into buffers it keeps between calls.)
     """
+
+    @staticmethod
+    def factored(mode, *arrays):
+        """False: the textbook builds the matrix in every mode (the engine's workspace may not)."""
+        return False
 
     @staticmethod
     def scores(theta, phi, mode, scale, w_f):
@@ -212,6 +222,8 @@ def nonlocal_forward(theta, phi, g, *, mode, scale=1.0, w_f=None, chunk_size=Non
     if workspace is not None and not isinstance(workspace, NonLocalWorkspace):
         raise TypeError(f"workspace must be an nlref.nn.engine.NonLocalWorkspace or None, got {type(workspace).__name__}")
     steps = workspace if workspace is not None and is_numpy(array_namespace(theta)) else _Steps
+    if chunk_size is None and steps.factored(mode, theta, phi, g, w_f):  # the engine's route without the matrix
+        return steps.forward_factored(theta, phi, g, mode, w_f)
     if chunk_size is None:
         return _forward_full(theta, phi, g, mode, scale, w_f, steps)
     return _forward_chunked(theta, phi, g, mode, scale, w_f, chunk_size, steps)
@@ -240,7 +252,9 @@ def nonlocal_backward(dy, cache):
     """
     if isinstance(cache, FullCache):
         return _backward_full(dy, cache)
-    return _backward_chunked(dy, cache)
+    if isinstance(cache, ChunkedCache):
+        return _backward_chunked(dy, cache)
+    return cache.backward(dy)  # the engine's factored route
 
 
 # --------------------------------------------------------------------------- full form

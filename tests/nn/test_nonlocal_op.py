@@ -239,11 +239,13 @@ def test_chunked_matches_full_and_sdpa_at_large_logits(logit, dtype):
 def test_engine_workspace_gives_the_textbook_bits(mode, chunk, dtype, monkeypatch):
     """The engine's reused buffers compute what the textbook's fresh arrays do, to the bit, call after call.
 
-    (With the NumPy passes; the fused Numba passes add in another order: tests/nn/test_fused_numba.py.)
+    (With the NumPy passes; the fused Numba passes add in another order: tests/nn/test_fused_numba.py.
+    The matrix route in every mode: the factored one sums in another order, tested below.)
     """
     from nlref.nn.engine import NonLocalWorkspace
 
     monkeypatch.setenv("NLREF_NN_ENGINE", "numpy")
+    monkeypatch.setattr("nlref.nn.engine.nonlocal_op.FACTORED_MODES", ())
 
     workspace = NonLocalWorkspace()
     for seed in (0, 1, 2):  # the later calls reuse (and must overwrite) the first call's buffers
@@ -265,3 +267,129 @@ def test_workspace_must_be_the_engines():
     inp = _inputs(np, "dot_product")
     with pytest.raises(TypeError, match="workspace must be an nlref.nn.engine.NonLocalWorkspace"):
         nonlocal_forward(*_args(inp), **_kw("dot_product", inp), workspace={})
+
+
+# --------------------------------------------------------------------------- the engine's factored route
+FACTORED = ("dot_product", "concatenation")
+
+
+def _both_routes(inp, mode, dy):
+    """(y, grads) of the textbook's matrix route and of the engine's workspace, whose route is asserted factored."""
+    from nlref.nn.engine import NonLocalWorkspace
+    from nlref.nn.nonlocal_op import ChunkedCache, FullCache
+
+    y, cache = nonlocal_forward(*_args(inp), **_kw(mode, inp))
+    want = (y,) + tuple(nonlocal_backward(dy, cache))
+    workspace = NonLocalWorkspace()
+    y_f, cache_f = nonlocal_forward(*_args(inp), **_kw(mode, inp), workspace=workspace)
+    assert not isinstance(cache_f, (FullCache, ChunkedCache)) and len(workspace) == 0  # no (B, N, M) buffer
+    return want, (y_f,) + tuple(nonlocal_backward(dy, cache_f))
+
+
+@pytest.mark.parametrize("engine", ["numpy", "numba"])
+@pytest.mark.parametrize("mode", FACTORED)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_factored_route_equals_the_matrix_route(mode, dtype, engine, monkeypatch):
+    """Without the (B, N, M) matrix, the same output and gradients to rounding, on both engines,
+    with many keys and queries on either side of the ReLU's kink."""
+    if engine == "numba":
+        pytest.importorskip("numba")
+    monkeypatch.setenv("NLREF_NN_ENGINE", engine)
+    rng = np.random.default_rng(5)
+    b, d, n, m, dg = 3, 6, 300, 75, 5
+    inp = {"theta": rng.standard_normal((b, d, n)), "phi": rng.standard_normal((b, d, m)),
+           "g": rng.standard_normal((b, dg, m))}
+    if mode == "concatenation":
+        inp["w_f"] = rng.standard_normal(2 * d)
+    inp = {k: v.astype(dtype) for k, v in inp.items()}
+    dy = rng.standard_normal((b, dg, n)).astype(dtype)
+    want, got = _both_routes(inp, mode, dy)
+    tol = 1e-12 if dtype == np.float64 else 2e-6
+    for name, w, g in zip(("y", "dtheta", "dphi", "dg", "dw_f"), want, got):
+        if w is None:
+            assert g is None
+            continue
+        assert g.dtype == w.dtype and g.shape == w.shape, name
+        err = np.linalg.norm(g - w) / np.linalg.norm(w)
+        assert err <= tol, f"{name}: {err:.1e}"
+
+
+@pytest.mark.parametrize("engine", ["numpy", "numba"])
+def test_factored_concatenation_at_the_kink_and_ties(engine, monkeypatch):
+    """Pairs with a_i + b_j exactly 0 count as ReLU(0) = 0, and equal keys and queries are all
+    counted: small integers make every sum exact, so both routes must agree to the bit."""
+    if engine == "numba":
+        pytest.importorskip("numba")
+    monkeypatch.setenv("NLREF_NN_ENGINE", engine)
+    rng = np.random.default_rng(3)
+    b, d, n, m, dg = 2, 2, 40, 30, 3
+    inp = {"theta": rng.integers(-3, 4, (b, d, n)).astype(np.float64),
+           "phi": rng.integers(-3, 4, (b, d, m)).astype(np.float64),
+           "g": rng.integers(-4, 5, (b, dg, m)).astype(np.float64),
+           "w_f": np.array([1.0, 0.0, 1.0, 0.0])}  # a_i = theta[0, i], b_j = phi[0, j]: many ties and zeros
+    pre = inp["theta"][:, 0, :, None] + inp["phi"][:, 0, None, :]
+    assert (pre == 0).sum() > 50 and (pre > 0).sum() > 50 and (pre < 0).sum() > 50
+    dy = rng.integers(-4, 5, (b, dg, n)).astype(np.float64) * m  # / M in the backward pass stays exact
+    want, got = _both_routes(inp, "concatenation", dy)
+    for w, g in zip(want, got):
+        np.testing.assert_array_equal(g * m, w * m)  # y and its gradients are multiples of 1 / M
+
+
+@pytest.mark.parametrize("where", ["theta", "phi", "g", "dy"])
+@pytest.mark.parametrize("mode", FACTORED)
+def test_factored_route_spreads_non_finite_values_as_the_matrix_does(mode, where):
+    """An inf or a NaN takes the matrix route, whose 0 * inf spreads it: the same NaN and inf places."""
+    inp = _inputs(np, mode)
+    dy = np.random.default_rng(4).standard_normal((2, 4, 7))
+    for bad in (np.nan, np.inf):
+        arrays = dict(inp, dy=dy.copy())
+        arrays[where] = arrays[where].copy()
+        arrays[where][0, 1, 2] = bad
+        inp_bad = {k: v for k, v in arrays.items() if k != "dy"}
+        with np.errstate(invalid="ignore", over="ignore"):  # NumPy warns of inf - inf and 0 * inf
+            route = _both_routes if where == "dy" else _matrix_and_workspace
+            want, got = route(inp_bad, mode, arrays["dy"])
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-12)  # y: finite inputs, the factored route when dy is bad
+        for w, g in zip(want[1:], got[1:]):
+            if w is not None:
+                np.testing.assert_array_equal(g, w)
+        assert not np.isfinite(got[1 if where == "dy" else 0]).all()
+
+
+def _matrix_and_workspace(inp, mode, dy):
+    """As _both_routes, for inputs the workspace must send down the matrix route."""
+    from nlref.nn.engine import NonLocalWorkspace
+    from nlref.nn.nonlocal_op import FullCache
+
+    y, cache = nonlocal_forward(*_args(inp), **_kw(mode, inp))
+    want = (y,) + tuple(nonlocal_backward(dy, cache))
+    y_w, cache_w = nonlocal_forward(*_args(inp), **_kw(mode, inp), workspace=NonLocalWorkspace())
+    assert isinstance(cache_w, FullCache)
+    return want, (y_w,) + tuple(nonlocal_backward(dy, cache_w))
+
+
+@pytest.mark.parametrize("mode", FACTORED)
+def test_factored_route_passes_the_gradient_check(mode):
+    """The factored backward pass against finite differences of the factored forward pass (float64)."""
+    from nlref.nn.engine import NonLocalWorkspace
+
+    inp = _inputs(np, mode)
+    names = [k for k in ("theta", "phi", "g", "w_f") if k in inp]
+
+    def loss_and_grads(**arrays):
+        y, cache = nonlocal_forward(arrays["theta"], arrays["phi"], arrays["g"], mode=mode, w_f=arrays.get("w_f"),
+                                    workspace=NonLocalWorkspace())
+        dy = np.cos(np.arange(y.size)).reshape(y.shape)
+        grads = nonlocal_backward(dy, cache)
+        return float(np.sum(y * dy)), dict(zip(("theta", "phi", "g", "w_f"), grads))
+
+    _, analytic = loss_and_grads(**inp)
+    for name in names:
+        x = inp[name]
+        numeric = np.zeros_like(x)
+        for idx in np.ndindex(x.shape):
+            step = np.zeros_like(x)
+            step[idx] = 1e-6
+            numeric[idx] = (loss_and_grads(**dict(inp, **{name: x + step}))[0]
+                            - loss_and_grads(**dict(inp, **{name: x - step}))[0]) / 2e-6
+        np.testing.assert_allclose(analytic[name], numeric, rtol=1e-6, atol=1e-8, err_msg=name)

@@ -14,10 +14,11 @@ next call that shares the workspace.
 from __future__ import annotations
 
 import math
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from .fused_numba import concat_relu_sums, concat_scores, numba_applies, softmax_rows, softmax_rows_grad
+from .fused_numba import concat_relu_sums, concat_scores, numba_applies, relu_sweep, softmax_rows, softmax_rows_grad
 
 
 class NonLocalWorkspace:
@@ -36,6 +37,20 @@ class NonLocalWorkspace:
     def clear(self):
         """Drop every buffer."""
         self._buffers.clear()
+
+    @staticmethod
+    def factored(mode, *arrays):
+        """Whether the full form of ``mode`` on these arrays takes :func:`forward_factored`.
+
+        Only for :data:`FACTORED_MODES` and finite arrays: the matrix route's 0 * inf and
+        0 * NaN spread a non-finite value to every output, which the factored sums would not.
+        """
+        return mode in FACTORED_MODES and _finite(*arrays)
+
+    @staticmethod
+    def forward_factored(theta, phi, g, mode, w_f):
+        """The full form's y and a cache whose ``backward(dy)`` gives the gradients; see :func:`forward_factored`."""
+        return forward_factored(theta, phi, g, mode, w_f)
 
     def _array(self, name, shape, dtype):
         size = math.prod(shape)
@@ -98,3 +113,143 @@ class NonLocalWorkspace:
             df[f <= 0] = 0  # the ReLU's routing, in place
             return _concat_linear_backward(df, theta, phi, w_f)
         return dot_pairwise_backward(df, cache) + (None,)
+
+
+# --------------------------------------------------------------------------- factored forms
+#: The modes whose full form the engine computes without the (B, N, M) matrix: for these two,
+#: f is linear in g's weights and, for the dot product, in theta and phi, so the sums over keys
+#: can be taken before the queries meet them (docs/engine.md, "The factored non-local
+#: operation"). An empty tuple restores the matrix route (the benchmarks compare the two).
+FACTORED_MODES = ("dot_product", "concatenation")
+
+
+class FactoredCache(NamedTuple):
+    """What a factored forward pass keeps; :meth:`backward` gives (dtheta, dphi, dg, dw_f)."""
+
+    mode: str
+    theta: Any  # (B, d, N)
+    phi: Any  # (B, d, M)
+    g: Any  # (B, d_g, M)
+    w_f: Any  # (2d,) or None
+    kept: tuple  # dot product: (K,); concatenation: (a, b, G_k)
+
+    def backward(self, dy):
+        if not _finite(dy):  # as the matrix route would spread it (see NonLocalWorkspace.factored)
+            from ..nonlocal_op import _Steps, _backward_full, _forward_full
+
+            _, cache = _forward_full(self.theta, self.phi, self.g, self.mode, 1.0, self.w_f, _Steps)
+            return _backward_full(dy, cache)
+        if self.mode == "dot_product":
+            return _dot_backward(dy, self)
+        return _concat_backward(dy, self)
+
+
+def _finite(*arrays):
+    """True when no array holds an inf or a NaN (a sum per array; one that overflows says False)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return all(a is None or np.isfinite(np.sum(a)) for a in arrays)
+
+
+def forward_factored(theta, phi, g, mode, w_f):
+    """y of ``nonlocal_op.nonlocal_forward``'s full form for a mode of :data:`FACTORED_MODES`, and its cache."""
+    if mode == "dot_product":
+        return _dot_forward(theta, phi, g)
+    return _concat_forward(theta, phi, g, w_f)
+
+
+# Dot product: y = g A^T with A = theta^T phi / M, so y = (g phi^T) theta / M = K theta / M. K is
+# (d_g, d): the products cost O((N + M) d d_g) instead of O(N M d).
+def _dot_forward(theta, phi, g):
+    m = phi.shape[2]
+    k = np.matmul(g, np.swapaxes(phi, 1, 2))  # (B, d_g, d)
+    y = np.matmul(k, theta)
+    y /= m
+    return y, FactoredCache("dot_product", theta, phi, g, None, (k,))
+
+
+def _dot_backward(dy, cache):
+    _, theta, phi, g, _, (k,) = cache
+    dy_c = dy / phi.shape[2]
+    dk = np.matmul(dy_c, np.swapaxes(theta, 1, 2))  # (B, d_g, d)
+    dtheta = np.matmul(np.swapaxes(k, 1, 2), dy_c)
+    dg = np.matmul(dk, phi)
+    dphi = np.matmul(np.swapaxes(dk, 1, 2), g)
+    return dtheta, dphi, dg, None
+
+
+# Concatenation: f_ij = ReLU(a_i + b_j) with a = w_f[:d] theta and b = w_f[d:] phi, scalars per
+# position. Key j counts for query i when b_j > -a_i, so with the keys sorted by b the keys that
+# count for query i are a suffix, found by a binary search, and
+#     y_i = sum_{j counts} (a_i + b_j) g_j / M = (a_i G + H) / M,
+# G and H the suffix sums of g_j and b_j g_j. The backward pass does the same over queries
+# sorted by a. The suffix sums and the two-term combinations are taken in float64: a_i G and H
+# may nearly cancel when a_i + b_j is small against a_i. Cost O((N + M)(d_g + log M)). These
+# small arrays are held position-major, (B, P, channels), so that every sum and gather runs
+# along contiguous rows.
+def _rows(values):
+    """(B, c, P) -> float64 (B, P, c)."""
+    return np.swapaxes(values, 1, 2).astype(np.float64, order="C")
+
+
+def _gather(rows, index):
+    """rows (B, P, c) at index (B, Q): (B, Q, c)."""
+    b, p, c = rows.shape
+    flat = (index + np.arange(b)[:, None] * p).ravel()
+    return rows.reshape(b * p, c)[flat].reshape(b, index.shape[1], c)
+
+
+def _sorted_sums(key, rows):
+    """Positions sorted by ``key`` (B, P): the sorted keys, and suffix sums (B, P + 1, c) of ``rows``
+    and of key * rows; row k of a sum holds the sum over sorted positions k, k + 1, ...; row P is 0."""
+    order = np.argsort(key, axis=1, kind="stable")
+    key_sorted = np.take_along_axis(key, order, axis=1)
+    vs = _gather(rows, order)
+    sums = []
+    for v in (vs, vs * key_sorted[:, :, None]):
+        out = np.zeros((v.shape[0], v.shape[1] + 1, v.shape[2]))
+        np.cumsum(v[:, ::-1], axis=1, out=out[:, -2::-1])
+        sums.append(out)
+    return key_sorted, sums[0], sums[1]
+
+
+def _counted_from(sorted_keys, queries):
+    """Per batch, the first index at which ``sorted_keys`` (B, P) exceeds -queries (B, Q): (B, Q)."""
+    return np.stack([np.searchsorted(s, -q, side="right") for s, q in zip(sorted_keys, queries)])
+
+
+def _concat_forward(theta, phi, g, w_f):
+    d, m = theta.shape[1], phi.shape[2]
+    a, b = np.matmul(w_f[:d], theta), np.matmul(w_f[d:], phi)  # (B, N), (B, M): as the matrix route's
+    if numba_applies(a, b, g):  # one sweep per batch element (fused_numba.relu_sweep)
+        y, _ = relu_sweep(a, b, g, 1.0 / m)
+        return y, FactoredCache("concatenation", theta, phi, g, w_f, (a, b, None))
+    b_sorted, g_sums, bg_sums = _sorted_sums(b, _rows(g))
+    k = _counted_from(b_sorted, a)
+    g_k = _gather(g_sums, k)  # (B, N, d_g): the sum of the g_j that count for query i
+    y = g_k * a[:, :, None]
+    y += _gather(bg_sums, k)
+    y /= m
+    return np.swapaxes(y, 1, 2).astype(theta.dtype), FactoredCache("concatenation", theta, phi, g, w_f, (a, b, g_k))
+
+
+def _concat_backward(dy, cache):
+    from ..functional import _concat_sums_backward
+
+    _, theta, phi, g, w_f, (a, b, g_k) = cache
+    dt, m = theta.dtype, phi.shape[2]
+    if g_k is None:  # the forward pass swept with Numba: two sweeps back, by queries, then by keys
+        _, da = relu_sweep(a, b, g, 1.0 / m, u=dy, want_out=False)  # dy_i . (sum of the g_j that count)
+        dg, db = relu_sweep(b, a, dy, 1.0 / m, u=g)  # the queries that count key j: a_i > -b_j
+    else:
+        dy_c = _rows(dy)  # (B, N, d_g)
+        dy_c /= m
+        da = np.sum(dy_c * g_k, axis=2).astype(dt)  # dy_i . (the sum of the g_j that count for query i)
+        a_sorted, dy_sums, ady_sums = _sorted_sums(a, dy_c)
+        k = _counted_from(a_sorted, b)  # the queries that count key j: a_i > -b_j
+        dy_k = _gather(dy_sums, k)  # (B, M, d_g): the sum of those dy_i / M
+        db = np.sum(dy_k * _rows(g), axis=2).astype(dt)
+        dg = dy_k * b[:, :, None]
+        dg += _gather(ady_sums, k)
+        dg = np.swapaxes(dg, 1, 2).astype(dt)
+    dtheta, dphi, dw_f = _concat_sums_backward(da, db, theta, phi, w_f)
+    return dtheta, dphi, dg, dw_f
