@@ -24,7 +24,9 @@ Its modules:
 * :mod:`nlref.nn.engine.elementwise`: sums, products, ReLU and ``exp`` written into fresh
   temporaries the caller owns.
 * :mod:`nlref.nn.engine.nonlocal_op`: the non-local operation's (B, N, M) steps written into
-  buffers a block keeps between calls.
+  buffers a block keeps between calls, and the dot product and the concatenation computed
+  without that matrix (their sums over keys taken first: the same function, summed in
+  another order).
 * :mod:`nlref.nn.engine.adam`: Adam's update on all parameters as one flat vector.
 * :mod:`nlref.nn.engine.fused_numba`: softmax rows, the concatenation's ReLU, batch norm and
   the block's max pool as fused, multi-threaded Numba loops (optional; ``NLREF_NN_ENGINE``

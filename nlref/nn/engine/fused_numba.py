@@ -40,7 +40,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 __all__ = ["ENGINES", "ENGINE_VARIABLE", "resolve_engine", "numba_applies", "softmax_rows", "softmax_backward_rows",
-           "softmax_rows_grad", "concat_scores", "concat_relu_sums", "relu_sweep", "batchnorm_forward_numba", "BN_ROWS",
+           "softmax_rows_grad", "concat_scores", "concat_relu_sums", "relu_sweep", "Sweep", "batchnorm_forward_numba", "BN_ROWS",
            "batchnorm_backward_numba", "BatchNormCache", "BN_CHANNELS_LAST", "maxpool_numba", "maxpool_backward_numba"]
 
 #: The engines of the layers' elementwise passes (see the module's docstring).
@@ -300,17 +300,17 @@ def _concat_relu_sums(df, f, da, db, start, stop):
 
 
 @_kernel(**_PARALLEL)
-def _relu_sweep(q, k, v, u, q_order, k_order, scale, out, dots, start, stop):
+def _relu_sweep(q, k, v, u, q_order, k_order, scale, out, dots, sums, start, stop):
     """The concatenation's sums over the keys that count, query by query (batch elements start..stop).
 
     Key j counts for query i when k_j > -q_i. Queries are visited by increasing q_i
     (``q_order``), so the keys that count only grow; they are added in decreasing k_j
     (``k_order``) into S = sum v_j and T = sum k_j v_j (float64). Then, for query i,
-    out[:, i] = (q_i S + T) scale (if ``out`` has columns) and dots[i] = u[:, i] . S scale
-    (if ``dots`` has any). q (B, Q), k (B, P), v (B, c, P), u (B, c, Q).
+    out[:, i] = (q_i S + T) scale, dots[i] = u[:, i] . S scale and sums[i] = S, each only if
+    that output has room. q (B, Q), k (B, P), v (B, c, P), u (B, c, Q), sums (B, Q, c).
     """
     nc, nk, nq = v.shape[1], k.shape[1], q.shape[1]
-    want_out, want_dots = out.shape[2] > 0, dots.shape[1] > 0
+    want_out, want_dots, want_sums = out.shape[2] > 0, dots.shape[1] > 0, sums.shape[1] > 0
     s = np.zeros(nc, dtype=np.float64)
     t = np.zeros(nc, dtype=np.float64)
     for bi in range(start, stop):
@@ -338,6 +338,9 @@ def _relu_sweep(q, k, v, u, q_order, k_order, scale, out, dots, start, stop):
                 for c in range(nc):
                     acc += u[bi, c, i] * s[c]
                 dots[bi, i] = acc * scale
+            if want_sums:
+                for c in range(nc):
+                    sums[bi, i, c] = s[c]
 
 
 # --------------------------------------------------------------------------- max pooling (stride = kernel)
@@ -646,23 +649,38 @@ def concat_relu_sums(df, f):
     return da.astype(df.dtype), db.astype(df.dtype)
 
 
-def relu_sweep(q, k, v, scale, *, u=None, want_out=True):
-    """:func:`_relu_sweep` on NumPy arrays: (out (B, c, Q) in v's dtype or None, dots (B, Q) or None).
+class Sweep(NamedTuple):
+    """What :func:`relu_sweep` returns; an output not asked for is None."""
+
+    out: Any  # (B, c, Q), v's dtype: (q_i S + T) scale
+    dots: Any  # (B, Q), v's dtype: u_i . S scale
+    sums: Any  # (B, Q, c) float64: S
+    q_order: Any  # (B, Q): queries by increasing q
+    k_order: Any  # (B, P): keys by decreasing k
+
+
+def relu_sweep(q, k, v, scale, *, u=None, want_out=True, keep_sums=False, orders=None):
+    """:func:`_relu_sweep` on NumPy arrays, as a :class:`Sweep`.
 
     The factored concatenation of :mod:`nlref.nn.engine.nonlocal_op` calls it once forward
-    (queries a, keys b, values g) and twice backward; each batch element is one sequential
-    sweep, O((Q + P) c), so a call runs on one thread.
+    (queries a, keys b, values g; S kept) and once backward (queries b, keys a, values dy,
+    u = g), the backward reusing the forward's orders reversed. ``orders``: (q_order,
+    k_order) when known. Each batch element is one sequential sweep, O((Q + P) c), so a call
+    runs on one thread.
     """
     compile_kernels()
     nb, nc, nq = q.shape[0], v.shape[1], q.shape[1]
-    q_order = np.argsort(q, axis=1, kind="stable")
-    k_order = np.argsort(-k, axis=1, kind="stable")
+    if orders is None:
+        orders = np.argsort(q, axis=1, kind="stable"), np.argsort(-k, axis=1, kind="stable")
+    q_order, k_order = (np.ascontiguousarray(o) for o in orders)
     out = np.empty((nb, nc, nq if want_out else 0), dtype=v.dtype)
     dots = np.empty((nb, nq if u is not None else 0), dtype=np.float64)
+    sums = np.empty((nb, nq if keep_sums else 0, nc), dtype=np.float64)
     u = np.empty((nb, nc, 0), dtype=v.dtype) if u is None else np.ascontiguousarray(u)
     _relu_sweep(np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v), u, q_order, k_order,
-                float(scale), out, dots, 0, nb)
-    return (out if want_out else None), (dots.astype(v.dtype) if dots.size else None)
+                float(scale), out, dots, sums, 0, nb)
+    return Sweep(out if want_out else None, dots.astype(v.dtype) if u.shape[2] else None,
+                 sums if keep_sums else None, q_order, k_order)
 
 
 def _pool_rows(shape, kernel):

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .fused_numba import concat_relu_sums, concat_scores, numba_applies, relu_sweep, softmax_rows, softmax_rows_grad
+from .fused_numba import Sweep, concat_relu_sums, concat_scores, numba_applies, relu_sweep, softmax_rows, softmax_rows_grad
 
 
 class NonLocalWorkspace:
@@ -131,7 +131,7 @@ class FactoredCache(NamedTuple):
     phi: Any  # (B, d, M)
     g: Any  # (B, d_g, M)
     w_f: Any  # (2d,) or None
-    kept: tuple  # dot product: (K,); concatenation: (a, b, G_k)
+    kept: tuple  # dot product: (K,); concatenation: (a, b, the forward Sweep or, without Numba, G_k)
 
     def backward(self, dy):
         if not _finite(dy):  # as the matrix route would spread it (see NonLocalWorkspace.factored)
@@ -221,8 +221,8 @@ def _concat_forward(theta, phi, g, w_f):
     d, m = theta.shape[1], phi.shape[2]
     a, b = np.matmul(w_f[:d], theta), np.matmul(w_f[d:], phi)  # (B, N), (B, M): as the matrix route's
     if numba_applies(a, b, g):  # one sweep per batch element (fused_numba.relu_sweep)
-        y, _ = relu_sweep(a, b, g, 1.0 / m)
-        return y, FactoredCache("concatenation", theta, phi, g, w_f, (a, b, None))
+        sweep = relu_sweep(a, b, g, 1.0 / m, keep_sums=True)
+        return sweep.out, FactoredCache("concatenation", theta, phi, g, w_f, (a, b, sweep))
     b_sorted, g_sums, bg_sums = _sorted_sums(b, _rows(g))
     k = _counted_from(b_sorted, a)
     g_k = _gather(g_sums, k)  # (B, N, d_g): the sum of the g_j that count for query i
@@ -235,15 +235,18 @@ def _concat_forward(theta, phi, g, w_f):
 def _concat_backward(dy, cache):
     from ..functional import _concat_sums_backward
 
-    _, theta, phi, g, w_f, (a, b, g_k) = cache
+    _, theta, phi, g, w_f, (a, b, kept) = cache
     dt, m = theta.dtype, phi.shape[2]
-    if g_k is None:  # the forward pass swept with Numba: two sweeps back, by queries, then by keys
-        _, da = relu_sweep(a, b, g, 1.0 / m, u=dy, want_out=False)  # dy_i . (sum of the g_j that count)
-        dg, db = relu_sweep(b, a, dy, 1.0 / m, u=g)  # the queries that count key j: a_i > -b_j
+    if isinstance(kept, Sweep):  # the forward pass swept with Numba
+        # dy_i . (the sum of the g_j that count for query i, kept by the forward sweep)
+        da = (np.sum(np.swapaxes(dy, 1, 2) * kept.sums, axis=2) / m).astype(dt)
+        # one sweep by keys over the queries that count them (a_i > -b_j): the forward's orders reversed
+        back = relu_sweep(b, a, dy, 1.0 / m, u=g, orders=(kept.k_order[:, ::-1], kept.q_order[:, ::-1]))
+        dg, db = back.out, back.dots
     else:
         dy_c = _rows(dy)  # (B, N, d_g)
         dy_c /= m
-        da = np.sum(dy_c * g_k, axis=2).astype(dt)  # dy_i . (the sum of the g_j that count for query i)
+        da = np.sum(dy_c * kept, axis=2).astype(dt)  # dy_i . (the sum of the g_j that count for query i)
         a_sorted, dy_sums, ady_sums = _sorted_sums(a, dy_c)
         k = _counted_from(a_sorted, b)  # the queries that count key j: a_i > -b_j
         dy_k = _gather(dy_sums, k)  # (B, M, d_g): the sum of those dy_i / M
