@@ -306,11 +306,12 @@ def _relu_sweep(q, k, v, u, q_order, k_order, scale, out, dots, sums, start, sto
     Key j counts for query i when k_j > -q_i. Queries are visited by increasing q_i
     (``q_order``), so the keys that count only grow; they are added in decreasing k_j
     (``k_order``) into S = sum v_j and T = sum k_j v_j (float64). Then, for query i,
-    out[:, i] = (q_i S + T) scale, dots[i] = u[:, i] . S scale and sums[i] = S, each only if
-    that output has room. q (B, Q), k (B, P), v (B, c, P), u (B, c, Q), sums (B, Q, c).
+    out[i] = (q_i S + T) scale, dots[i] = u[i] . S scale and sums[i] = S, each only if that
+    output has room. Position-major, so that the loops over c run along contiguous rows:
+    q (B, Q), k (B, P), v (B, P, c), u (B, Q, c), out (B, Q, c), sums (B, Q, c).
     """
-    nc, nk, nq = v.shape[1], k.shape[1], q.shape[1]
-    want_out, want_dots, want_sums = out.shape[2] > 0, dots.shape[1] > 0, sums.shape[1] > 0
+    nc, nk, nq = v.shape[2], k.shape[1], q.shape[1]
+    want_out, want_dots, want_sums = out.shape[1] > 0, dots.shape[1] > 0, sums.shape[1] > 0
     s = np.zeros(nc, dtype=np.float64)
     t = np.zeros(nc, dtype=np.float64)
     for bi in range(start, stop):
@@ -326,17 +327,17 @@ def _relu_sweep(q, k, v, u, q_order, k_order, scale, out, dots, sums, start, sto
                 if not kj > -qv:
                     break
                 for c in range(nc):
-                    vv = v[bi, c, j]
+                    vv = v[bi, j, c]
                     s[c] += vv
                     t[c] += kj * vv
                 p += 1
             if want_out:
                 for c in range(nc):
-                    out[bi, c, i] = (qv * s[c] + t[c]) * scale
+                    out[bi, i, c] = (qv * s[c] + t[c]) * scale
             if want_dots:
                 acc = 0.0
                 for c in range(nc):
-                    acc += u[bi, c, i] * s[c]
+                    acc += u[bi, i, c] * s[c]
                 dots[bi, i] = acc * scale
             if want_sums:
                 for c in range(nc):
@@ -652,7 +653,7 @@ def concat_relu_sums(df, f):
 class Sweep(NamedTuple):
     """What :func:`relu_sweep` returns; an output not asked for is None."""
 
-    out: Any  # (B, c, Q), v's dtype: (q_i S + T) scale
+    out: Any  # (B, c, Q), v's dtype, C-contiguous: (q_i S + T) scale
     dots: Any  # (B, Q), v's dtype: u_i . S scale
     sums: Any  # (B, Q, c) float64: S
     q_order: Any  # (B, Q): queries by increasing q
@@ -671,15 +672,16 @@ def relu_sweep(q, k, v, scale, *, u=None, want_out=True, keep_sums=False, orders
     compile_kernels()
     nb, nc, nq = q.shape[0], v.shape[1], q.shape[1]
     if orders is None:
-        orders = np.argsort(q, axis=1, kind="stable"), np.argsort(-k, axis=1, kind="stable")
+        orders = np.argsort(q, axis=1), np.argsort(-k, axis=1)
     q_order, k_order = (np.ascontiguousarray(o) for o in orders)
-    out = np.empty((nb, nc, nq if want_out else 0), dtype=v.dtype)
+    rows = lambda a: np.ascontiguousarray(np.swapaxes(a, 1, 2))  # noqa: E731  (B, c, P) -> (B, P, c)
+    out = np.empty((nb, nq if want_out else 0, nc), dtype=v.dtype)
     dots = np.empty((nb, nq if u is not None else 0), dtype=np.float64)
     sums = np.empty((nb, nq if keep_sums else 0, nc), dtype=np.float64)
-    u = np.empty((nb, nc, 0), dtype=v.dtype) if u is None else np.ascontiguousarray(u)
-    _relu_sweep(np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v), u, q_order, k_order,
+    u = np.empty((nb, 0, nc), dtype=v.dtype) if u is None else rows(u)
+    _relu_sweep(np.ascontiguousarray(q), np.ascontiguousarray(k), rows(v), u, q_order, k_order,
                 float(scale), out, dots, sums, 0, nb)
-    return Sweep(out if want_out else None, dots.astype(v.dtype) if u.shape[2] else None,
+    return Sweep(rows(out) if want_out else None, dots.astype(v.dtype) if u.shape[1] else None,
                  sums if keep_sums else None, q_order, k_order)
 
 

@@ -201,7 +201,7 @@ def _gather(rows, index):
 def _sorted_sums(key, rows):
     """Positions sorted by ``key`` (B, P): the sorted keys, and suffix sums (B, P + 1, c) of ``rows``
     and of key * rows; row k of a sum holds the sum over sorted positions k, k + 1, ...; row P is 0."""
-    order = np.argsort(key, axis=1, kind="stable")
+    order = np.argsort(key, axis=1)
     key_sorted = np.take_along_axis(key, order, axis=1)
     vs = _gather(rows, order)
     sums = []
@@ -239,7 +239,7 @@ def _concat_backward(dy, cache):
     dt, m = theta.dtype, phi.shape[2]
     if isinstance(kept, Sweep):  # the forward pass swept with Numba
         # dy_i . (the sum of the g_j that count for query i, kept by the forward sweep)
-        da = (np.sum(np.swapaxes(dy, 1, 2) * kept.sums, axis=2) / m).astype(dt)
+        da = (np.einsum("bci,bic->bi", dy, kept.sums) / m).astype(dt)
         # one sweep by keys over the queries that count them (a_i > -b_j): the forward's orders reversed
         back = relu_sweep(b, a, dy, 1.0 / m, u=g, orders=(kept.k_order[:, ::-1], kept.q_order[:, ::-1]))
         dg, db = back.out, back.dots
