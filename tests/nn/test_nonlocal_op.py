@@ -393,3 +393,17 @@ def test_factored_route_passes_the_gradient_check(mode):
             numeric[idx] = (loss_and_grads(**dict(inp, **{name: x + step}))[0]
                             - loss_and_grads(**dict(inp, **{name: x - step}))[0]) / 2e-6
         np.testing.assert_allclose(analytic[name], numeric, rtol=1e-6, atol=1e-8, err_msg=name)
+
+
+@pytest.mark.parametrize("mode", FACTORED)
+def test_no_keys_take_the_matrix_route(mode):
+    """With M = 0 keys the textbook warns of 0 / 0; the workspace takes the same route, not a factored one."""
+    from nlref.nn.engine import NonLocalWorkspace
+    from nlref.nn.nonlocal_op import FullCache
+
+    theta, phi, g = np.ones((2, 3, 4)), np.ones((2, 3, 0)), np.ones((2, 5, 0))
+    w_f = np.ones(6) if mode == "concatenation" else None
+    for workspace in (None, NonLocalWorkspace()):
+        with pytest.warns(RuntimeWarning, match="invalid value"):
+            y, cache = nonlocal_forward(theta, phi, g, mode=mode, w_f=w_f, workspace=workspace)
+        assert isinstance(cache, FullCache) and y.shape == (2, 5, 4) and np.isnan(y).all()

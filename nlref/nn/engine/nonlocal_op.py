@@ -39,13 +39,14 @@ class NonLocalWorkspace:
         self._buffers.clear()
 
     @staticmethod
-    def factored(mode, *arrays):
+    def factored(mode, theta, phi, g, w_f):
         """Whether the full form of ``mode`` on these arrays takes :func:`forward_factored`.
 
-        Only for :data:`FACTORED_MODES` and finite arrays: the matrix route's 0 * inf and
-        0 * NaN spread a non-finite value to every output, which the factored sums would not.
+        Only for :data:`FACTORED_MODES`, at least one key, and finite arrays: the matrix
+        route's 0 * inf and 0 * NaN spread a non-finite value to every output, which the
+        factored sums would not (and with no key it warns of 0 / 0, as the textbook does).
         """
-        return mode in FACTORED_MODES and _finite(*arrays)
+        return mode in FACTORED_MODES and phi.shape[2] > 0 and _finite(theta, phi, g, w_f)
 
     @staticmethod
     def forward_factored(theta, phi, g, mode, w_f):
@@ -118,8 +119,8 @@ class NonLocalWorkspace:
 # --------------------------------------------------------------------------- factored forms
 #: The modes whose full form the engine computes without the (B, N, M) matrix: for these two,
 #: f is linear in g's weights and, for the dot product, in theta and phi, so the sums over keys
-#: can be taken before the queries meet them (docs/engine.md, "The factored non-local
-#: operation"). An empty tuple restores the matrix route (the benchmarks compare the two).
+#: can be taken before the queries meet them (docs/engine.md, "The factored dot product and
+#: concatenation"). An empty tuple restores the matrix route (the benchmarks compare the two).
 FACTORED_MODES = ("dot_product", "concatenation")
 
 
@@ -183,9 +184,10 @@ def _dot_backward(dy, cache):
 #     y_i = sum_{j counts} (a_i + b_j) g_j / M = (a_i G + H) / M,
 # G and H the suffix sums of g_j and b_j g_j. The backward pass does the same over queries
 # sorted by a. The suffix sums and the two-term combinations are taken in float64: a_i G and H
-# may nearly cancel when a_i + b_j is small against a_i. Cost O((N + M)(d_g + log M)). These
-# small arrays are held position-major, (B, P, channels), so that every sum and gather runs
-# along contiguous rows.
+# may nearly cancel when a_i + b_j is small against a_i. Cost O((N + M)(d_g + log M)). With
+# Numba the sums are running sums in one sweep (fused_numba.relu_sweep); without it, suffix
+# sums after a sort, below. These small arrays are held position-major, (B, P, channels), so
+# that every sum and gather runs along contiguous rows.
 def _rows(values):
     """(B, c, P) -> float64 (B, P, c)."""
     return np.swapaxes(values, 1, 2).astype(np.float64, order="C")
@@ -229,7 +231,8 @@ def _concat_forward(theta, phi, g, w_f):
     y = g_k * a[:, :, None]
     y += _gather(bg_sums, k)
     y /= m
-    return np.swapaxes(y, 1, 2).astype(theta.dtype), FactoredCache("concatenation", theta, phi, g, w_f, (a, b, g_k))
+    y = np.swapaxes(y, 1, 2).astype(theta.dtype, order="C")
+    return y, FactoredCache("concatenation", theta, phi, g, w_f, (a, b, g_k))
 
 
 def _concat_backward(dy, cache):
@@ -253,6 +256,6 @@ def _concat_backward(dy, cache):
         db = np.sum(dy_k * _rows(g), axis=2).astype(dt)
         dg = dy_k * b[:, :, None]
         dg += _gather(ady_sums, k)
-        dg = np.swapaxes(dg, 1, 2).astype(dt)
+        dg = np.swapaxes(dg, 1, 2).astype(dt, order="C")
     dtheta, dphi, dw_f = _concat_sums_backward(da, db, theta, phi, w_f)
     return dtheta, dphi, dg, dw_f
