@@ -676,12 +676,13 @@ def relu_sweep(q, k, v, scale, *, u=None, want_out=True, keep_sums=False, orders
     q_order, k_order = (np.ascontiguousarray(o) for o in orders)
     rows = lambda a: np.ascontiguousarray(np.swapaxes(a, 1, 2))  # noqa: E731  (B, c, P) -> (B, P, c)
     out = np.empty((nb, nq if want_out else 0, nc), dtype=v.dtype)
-    dots = np.empty((nb, nq if u is not None else 0), dtype=np.float64)
+    want_dots = u is not None
+    dots = np.empty((nb, nq if want_dots else 0), dtype=np.float64)
     sums = np.empty((nb, nq if keep_sums else 0, nc), dtype=np.float64)
-    u = np.empty((nb, 0, nc), dtype=v.dtype) if u is None else rows(u)
+    u = rows(u) if want_dots else np.empty((nb, 0, nc), dtype=v.dtype)
     _relu_sweep(np.ascontiguousarray(q), np.ascontiguousarray(k), rows(v), u, q_order, k_order,
                 float(scale), out, dots, sums, 0, nb)
-    return Sweep(rows(out) if want_out else None, dots.astype(v.dtype) if u.shape[1] else None,
+    return Sweep(rows(out) if want_out else None, dots.astype(v.dtype) if want_dots else None,
                  sums if keep_sums else None, q_order, k_order)
 
 
