@@ -117,10 +117,10 @@ class NonLocalWorkspace:
 
 
 # --------------------------------------------------------------------------- factored forms
-#: The modes whose full form the engine computes without the (B, N, M) matrix: for these two,
-#: f is linear in g's weights and, for the dot product, in theta and phi, so the sums over keys
-#: can be taken before the queries meet them (docs/engine.md, "The factored dot product and
-#: concatenation"). An empty tuple restores the matrix route (the benchmarks compare the two).
+#: The modes whose full form the engine computes without the (B, N, M) matrix, because
+#: their sums over keys can be taken before the queries meet them (docs/engine.md, "The
+#: factored dot product and concatenation"). An empty tuple restores the matrix route (the
+#: benchmarks compare the two).
 FACTORED_MODES = ("dot_product", "concatenation")
 
 
