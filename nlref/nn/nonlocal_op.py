@@ -107,7 +107,7 @@ class _Steps:
     """
 
     @staticmethod
-    def factored(mode, *arrays):
+    def factored(mode, theta, phi, g, w_f):
         """False: the textbook builds the matrix in every mode (the engine's workspace may not)."""
         return False
 
