@@ -273,17 +273,21 @@ def test_workspace_must_be_the_engines():
 FACTORED = ("dot_product", "concatenation")
 
 
-def _both_routes(inp, mode, dy):
-    """(y, grads) of the textbook's matrix route and of the engine's workspace, whose route is asserted factored."""
+def _both_routes(inp, mode, dy, factored=True):
+    """(y, grads) of the textbook's matrix route and of the engine's workspace, whose route is asserted:
+    factored (no (B, N, M) buffer) or, with ``factored=False``, the matrix route."""
     from nlref.nn.engine import NonLocalWorkspace
     from nlref.nn.nonlocal_op import ChunkedCache, FullCache
 
     y, cache = nonlocal_forward(*_args(inp), **_kw(mode, inp))
     want = (y,) + tuple(nonlocal_backward(dy, cache))
     workspace = NonLocalWorkspace()
-    y_f, cache_f = nonlocal_forward(*_args(inp), **_kw(mode, inp), workspace=workspace)
-    assert not isinstance(cache_f, (FullCache, ChunkedCache)) and len(workspace) == 0  # no (B, N, M) buffer
-    return want, (y_f,) + tuple(nonlocal_backward(dy, cache_f))
+    y_w, cache_w = nonlocal_forward(*_args(inp), **_kw(mode, inp), workspace=workspace)
+    if factored:
+        assert not isinstance(cache_w, (FullCache, ChunkedCache)) and len(workspace) == 0
+    else:
+        assert isinstance(cache_w, FullCache)
+    return want, (y_w,) + tuple(nonlocal_backward(dy, cache_w))
 
 
 @pytest.mark.parametrize("engine", ["numpy", "numba"])
@@ -347,8 +351,7 @@ def test_factored_route_spreads_non_finite_values_as_the_matrix_does(mode, where
         arrays[where][0, 1, 2] = bad
         inp_bad = {k: v for k, v in arrays.items() if k != "dy"}
         with np.errstate(invalid="ignore", over="ignore"):  # NumPy warns of inf - inf and 0 * inf
-            route = _both_routes if where == "dy" else _matrix_and_workspace
-            want, got = route(inp_bad, mode, arrays["dy"])
+            want, got = _both_routes(inp_bad, mode, arrays["dy"], factored=where == "dy")
         np.testing.assert_allclose(got[0], want[0], rtol=1e-12)  # y: finite inputs, the factored route when dy is bad
         for w, g in zip(want[1:], got[1:]):
             if w is not None:
@@ -356,43 +359,26 @@ def test_factored_route_spreads_non_finite_values_as_the_matrix_does(mode, where
         assert not np.isfinite(got[1 if where == "dy" else 0]).all()
 
 
-def _matrix_and_workspace(inp, mode, dy):
-    """As _both_routes, for inputs the workspace must send down the matrix route."""
-    from nlref.nn.engine import NonLocalWorkspace
-    from nlref.nn.nonlocal_op import FullCache
-
-    y, cache = nonlocal_forward(*_args(inp), **_kw(mode, inp))
-    want = (y,) + tuple(nonlocal_backward(dy, cache))
-    y_w, cache_w = nonlocal_forward(*_args(inp), **_kw(mode, inp), workspace=NonLocalWorkspace())
-    assert isinstance(cache_w, FullCache)
-    return want, (y_w,) + tuple(nonlocal_backward(dy, cache_w))
-
-
 @pytest.mark.parametrize("mode", FACTORED)
 def test_factored_route_passes_the_gradient_check(mode):
     """The factored backward pass against finite differences of the factored forward pass (float64)."""
     from nlref.nn.engine import NonLocalWorkspace
+    from nlref.nn.nonlocal_op import FullCache
 
     inp = _inputs(np, mode)
-    names = [k for k in ("theta", "phi", "g", "w_f") if k in inp]
+    cache = {}
 
-    def loss_and_grads(**arrays):
-        y, cache = nonlocal_forward(arrays["theta"], arrays["phi"], arrays["g"], mode=mode, w_f=arrays.get("w_f"),
-                                    workspace=NonLocalWorkspace())
-        dy = np.cos(np.arange(y.size)).reshape(y.shape)
-        grads = nonlocal_backward(dy, cache)
-        return float(np.sum(y * dy)), dict(zip(("theta", "phi", "g", "w_f"), grads))
+    def forward(theta, phi, g, w_f=None):
+        y, cache["c"] = nonlocal_forward(theta, phi, g, mode=mode, w_f=w_f, workspace=NonLocalWorkspace())
+        assert not isinstance(cache["c"], FullCache)
+        return y
 
-    _, analytic = loss_and_grads(**inp)
-    for name in names:
-        x = inp[name]
-        numeric = np.zeros_like(x)
-        for idx in np.ndindex(x.shape):
-            step = np.zeros_like(x)
-            step[idx] = 1e-6
-            numeric[idx] = (loss_and_grads(**dict(inp, **{name: x + step}))[0]
-                            - loss_and_grads(**dict(inp, **{name: x - step}))[0]) / 2e-6
-        np.testing.assert_allclose(analytic[name], numeric, rtol=1e-6, atol=1e-8, err_msg=name)
+    def backward(dy):
+        return dict(zip(("theta", "phi", "g", "w_f"), nonlocal_backward(dy, cache["c"])))
+
+    result = gradcheck(forward, backward, inp)
+    assert result.passed, str(result)
+    assert set(result.errors) == set(inp)
 
 
 @pytest.mark.parametrize("mode", FACTORED)
