@@ -78,6 +78,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--only", nargs="+", choices=sorted(ROWS), help="tables to run (default: all)")
+    parser.add_argument("--rows", nargs="+", metavar="LABEL",
+                        choices=sorted({label for rows in ROWS.values() for label, _ in rows}),
+                        help="rows to run, by label, within the tables chosen (default: all)")
     parser.add_argument("--n-train", type=int, default=SCHEDULE["n_train"])
     parser.add_argument("--epochs", type=int, default=SCHEDULE["epochs"])
     parser.add_argument("--n-val", type=int, default=SCHEDULE["n_val"])
@@ -91,6 +94,8 @@ def main():
     for table in args.only or sorted(ROWS):
         print(f"\n## Table {table}\n\n| model | val accuracy (%) | params | s / run |\n|---|---|---|---|")
         for label, overrides in ROWS[table]:
+            if args.rows and label not in args.rows:
+                continue
             key = json.dumps(TrainConfig(**{**schedule, **overrides}).as_dict(), sort_keys=True)
             if key not in cache:                      # rows shared between tables are trained once
                 cache[key] = [run(overrides, seed, schedule) for seed in args.seeds]

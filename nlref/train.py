@@ -31,7 +31,6 @@ import json
 import math
 import os
 import signal
-import tempfile
 import threading
 import time
 import zipfile
@@ -42,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from ._files import write_atomically
 from ._typing import PathLike
 from . import backend as B
 from .data.pairs2d import PairImages, pair_splits
@@ -326,25 +326,6 @@ def evaluate(model, clips, *, batch_size=100):
 
 
 # --------------------------------------------------------------------------- files
-def _atomic_write(path, write):
-    """Write ``path`` through a temporary file in the same directory, then rename it into place."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)                   # mkstemp makes 0600; give it the usual mode
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _digest(arrays):
     h = hashlib.sha256()
     for key in sorted(arrays):
@@ -363,7 +344,7 @@ def save_checkpoint(path, *, config, model, optimiser, epoch, history):
     meta = {"format": _FORMAT, "config": config.as_dict(), "epoch": epoch, "optim_steps": opt["steps"],
             "history": history, "sha256": _digest(arrays)}
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    _atomic_write(path, lambda f: np.savez(f, **arrays))
+    write_atomically(path, lambda f: np.savez(f, **arrays))
 
 
 def load_checkpoint(path):
@@ -411,13 +392,13 @@ def load_checkpoint(path):
 
 
 def _write_metrics(out_dir, history):
-    _atomic_write(out_dir / "metrics.json", lambda f: f.write(json.dumps(history, indent=1).encode()))
+    write_atomically(out_dir / "metrics.json", lambda f: f.write(json.dumps(history, indent=1).encode()))
     text = io.StringIO()
     if history:
         writer = csv.DictWriter(text, fieldnames=list(history[0]))
         writer.writeheader()
         writer.writerows(history)
-    _atomic_write(out_dir / "metrics.csv", lambda f: f.write(text.getvalue().encode()))
+    write_atomically(out_dir / "metrics.csv", lambda f: f.write(text.getvalue().encode()))
 
 
 @contextlib.contextmanager
@@ -454,7 +435,7 @@ def _prepare_out_dir(out_dir):
     out_dir = Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out_dir / ".write-test", lambda f: f.write(b"ok"))
+        write_atomically(out_dir / ".write-test", lambda f: f.write(b"ok"))
         (out_dir / ".write-test").unlink()
     except OSError as err:
         raise ValueError(f"out directory {str(out_dir)!r} cannot be written: {err}") from err

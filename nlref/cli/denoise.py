@@ -99,23 +99,13 @@ def _check_output(out, *, image_path, dtype, shape):
 
 
 def _write_image(out, image):
-    """Write through a temporary file in the same folder, renamed into place: never a half-written file."""
-    import tempfile
-
+    """Write the image whole or not at all (:func:`nlref._files.replaced_atomically`)."""
     from skimage import io
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=out.suffix, dir=out.parent)
-    os.close(fd)
-    try:
+    from nlref._files import replaced_atomically
+
+    with replaced_atomically(out) as tmp:
         io.imsave(tmp, image, check_contrast=False)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)                   # mkstemp makes 0600; give it the usual mode
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def run_denoise(args):

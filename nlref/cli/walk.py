@@ -10,10 +10,16 @@ from nlref.cli._common import _timed, say
 
 
 def _save(fig, path):
-    fig.savefig(path, dpi=110)
+    """Save a figure whole or not at all (a demo stopped half-way leaves no broken PNG), then close it."""
     import matplotlib.pyplot as plt
 
-    plt.close(fig)
+    from nlref._files import replaced_atomically
+
+    try:
+        with replaced_atomically(path) as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def run_demo(out_dir, *, quick=False, seed=0):
