@@ -218,9 +218,23 @@ def from_working(xp, u, image, channel_axis):
     """Back to the caller's layout and dtype convention."""
     u = u[0, ...] if channel_axis is None else xp.moveaxis(u, 0, channel_axis)
     if is_integer_dtype(xp, image.dtype):
-        lo, hi = integer_range(image.dtype)
+        info = np.iinfo(dtype_name(image.dtype))
+        lo, hi = _representable(int(info.min), u.dtype, math.inf), _representable(int(info.max), u.dtype, -math.inf)
         return xp.astype(xp.clip(xp.round(u), min=lo, max=hi), image.dtype)
     return xp.astype(u, image.dtype)
+
+
+def _representable(bound, dtype, toward):
+    """The value of the float ``dtype`` nearest to the integer ``bound`` on the side of ``toward``, or ``bound`` itself.
+
+    An int32 image's maximum, 2^31 - 1, is 2^31 in float32 (int64's is 2^63 even in float64):
+    a clip there would still cast to an integer out of range, which wraps to the minimum; one
+    float step below stays inside. (Python compares a float with an int exactly.)
+    """
+    f = np.asarray(bound, dtype=dtype_name(dtype))
+    if (float(f) > bound) if toward < 0 else (float(f) < bound):
+        f = np.nextafter(f, np.asarray(toward, dtype=f.dtype))
+    return float(f)
 
 
 

@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -162,6 +164,28 @@ def test_uint8_saturates_instead_of_wrapping():
     with pytest.warns(UserWarning, match="blur the image flat"):
         out = nlref.nl_means(host, h=1e6, patch_size=3, search_size=3)
     assert out.dtype == np.uint8 and out.min() >= 250
+
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.uint32, np.uint64])
+@pytest.mark.parametrize("route", ["memory", "dask"])
+def test_wide_integers_at_their_limits_saturate_instead_of_wrapping(dtype, route):
+    """Their maximum is not a float32 (nor, for 64 bits, a float64): a clip at it rounded up past the
+    range and the cast wrapped to the minimum (int32 max came back as -2^31, uint64 max as 0)."""
+    info = np.iinfo(dtype)
+    host = np.full((6, 6), info.max, dtype=dtype)
+    host[::2] = info.min
+    if route == "dask":
+        da = pytest.importorskip("dask.array")
+        out = nlref.nl_means(da.from_array(host, chunks=3), h=1.0, patch_size=3, search_size=3).compute()
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # NumPy's "invalid value encountered in cast"
+            out = nlref.nl_means(host, h=1.0, patch_size=3, search_size=3)
+    assert out.dtype == dtype
+    top, bottom = out[1::2].astype(object), out[::2].astype(object)  # exact integers
+    assert (top <= int(info.max)).all() and (top >= int(info.max) * (1 - 2**-23)).all()  # within float32 rounding
+    assert (bottom == int(info.min)).all()
 
 
 # ---- presets and noise estimation ----
