@@ -196,10 +196,12 @@ def resolve_lazy(image, filtered, spatial, *, sigma, h, patch_size, search_size,
                     aggregation=aggregation, data_range=data_range)
     is_float = np.dtype(image.dtype).kind == "f"
     need_noise = needs_noise(sigma, h, patch_size, search_size)
-    need_peak = is_float and data_range is None  # the presets' scale and the units check both read it
+    # the presets' scale and the units check read it, and params.check_computable (in the same pass)
+    need_peak = is_float or np.dtype(image.dtype).itemsize == 8
     lazy = {"finite": dask.array.isfinite(image).all()} if is_float else {}
     if need_peak:
-        lazy["peak"] = abs(image).max()
+        # the largest magnitude, from the extremes (abs of int64's minimum wraps to itself)
+        lazy["peak"] = [image.max(), image.min()] if not is_float else abs(image).max()
     if need_noise:
         values, dims = filtered()
         lazy["extremes"] = [(v.min(), v.max()) for v in values]
@@ -209,4 +211,9 @@ def resolve_lazy(image, filtered, spatial, *, sigma, h, patch_size, search_size,
     noise = sigma_from_filtered(values, dims, stats["extremes"]) if need_noise else None
     return resolve(np, image, spatial, sigma=sigma, h=h, patch_size=patch_size, search_size=search_size,
                    channel_axis=channel_axis, aggregation=aggregation, data_range=data_range,
-                   peak=float(stats["peak"]) if need_peak else None, noise=noise)
+                   peak=_magnitude(stats["peak"]) if need_peak else None, noise=noise)
+
+
+def _magnitude(peak):
+    """The largest magnitude from ``abs(image).max()`` (floats) or the pair (max, min) (integers)."""
+    return max(abs(float(v)) for v in peak) if isinstance(peak, list) else float(peak)

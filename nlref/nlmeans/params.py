@@ -188,6 +188,8 @@ def resolve(xp, image, spatial, *, sigma, h, patch_size, search_size, channel_ax
                 f"patch_size={patch_size} is larger than the image along spatial axis {axis} "
                 f"({p} > {n} samples, image shape {tuple(image.shape)})"
             )
+    channels = 1 if channel_axis is None else image.shape[channel_axis]
+    check_computable(xp, image, channels * math.prod(patch_size), h=h, sigma=sigma, peak=peak)
     return {
         "sigma": float(sigma),
         "h": float(h),
@@ -196,6 +198,42 @@ def resolve(xp, image, spatial, *, sigma, h, patch_size, search_size, channel_ax
         "sigma_source": source,
         "preset": row,
     }
+
+
+def working_dtype(dtype):
+    """The floating-point dtype NL-means computes in (see :func:`to_working`): float64 for float64, else float32."""
+    return np.float64 if dtype_name(dtype) == "float64" else np.float32
+
+
+def check_computable(xp, image, values_per_patch, *, h, sigma, peak=None):
+    """Refuse, before any work, an ``h``, ``sigma`` or image values that the working dtype cannot carry.
+
+    The weights are ``exp(-(d / (C P) - 2 sigma^2) / h^2)`` with ``d`` a sum of ``C P`` squared
+    differences of image values. In float32 a tiny ``h`` makes ``1 / h^2`` infinite (below about
+    1e-19), and ``0 * inf`` is NaN: the result came back all NaN without a word; a huge ``h``
+    overflowed Python's ``h**2`` (and float32's above
+    about 1.8e19); values near 1e19 make ``d`` itself overflow. ``peak``: the
+    largest magnitude of the image where the caller has read it (the chunked routes); else the
+    integer dtype's bound, or one pass over an in-memory image.
+    """
+    work = working_dtype(image.dtype)
+    big = float(np.finfo(work).max)
+    hh = h * h
+    what = f"{np.dtype(work).name} (NL-means computes in it for {dtype_name(image.dtype)} images)"
+    if not hh <= big:
+        raise ValueError(f"h={h:g} is too large: h^2 overflows {what}; rescale the image (and h) to smaller units")
+    if hh == 0 or 1.0 / (values_per_patch * hh) > big or 2.0 * sigma * sigma / hh > big:
+        raise ValueError(f"h={h:g} is too small for sigma={sigma:g}: 1 / h^2 or 2 sigma^2 / h^2 overflows {what}; "
+                         "rescale the image (and h, sigma) to larger units, or pass a float64 image")
+    if peak is None:
+        if is_integer_dtype(xp, image.dtype):
+            peak = max(abs(bound) for bound in integer_range(image.dtype))
+        if peak is None or 4.0 * values_per_patch * peak * peak > big / 16:  # a wide integer type: read it
+            peak = max(abs(float(xp.max(image))), abs(float(xp.min(image))))  # (abs of int64's minimum wraps)
+    if 4.0 * values_per_patch * peak * peak > big / 16:
+        limit = math.sqrt(big / 64 / values_per_patch)
+        raise ValueError(f"image values reach {peak:.3g}, above about {limit:.2g}, where the sums of squared differences "
+                         f"of a patch overflow {what}; rescale the image (and h, sigma), or pass a float64 image")
 
 
 def run_parameters(params, aggregation):
