@@ -31,6 +31,7 @@ import numpy as np
 
 from .. import backend as B
 from . import functional as F
+from ._state import state_entry
 
 __all__ = ["attention_forward", "attention_backward", "split_heads", "merge_heads", "MultiHeadAttention",
            "TransformerBlock", "PositionalEncoding", "sinusoidal_encoding", "spacetime_sinusoidal_encoding",
@@ -142,14 +143,8 @@ class _Params:
         if missing or extra:
             raise ValueError(f"state dict does not fit {type(self).__name__}: missing {missing[:6]}, "
                              f"unexpected {extra[:6]}")
-        host = {}
-        for key, ref in own.items():
-            value = _host(state[key])
-            if value.shape != tuple(ref.shape):
-                raise ValueError(f"state dict entry {key!r} has shape {value.shape}, expected {tuple(ref.shape)}")
-            if not np.all(np.isfinite(value)):
-                raise ValueError(f"state dict entry {key!r} holds non-finite values")
-            host[key] = value
+        host = {key: state_entry(f"state dict entry {key!r}", state[key], ref.shape, self.dtype_name)
+                for key, ref in own.items()}  # checked copies in the layer's dtype
         for key, value in host.items():
             self.params[key] = self._array(value)
         return self

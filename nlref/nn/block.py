@@ -40,6 +40,7 @@ from . import functional as F
 from .nonlocal_op import SOFTMAX_MODES, cached_attention, check_mode, nonlocal_backward, nonlocal_forward
 from .nonlocal_op import attention_map as _attention_map
 from . import layouts as _layouts
+from ._state import batch_count, state_entry
 from .layouts import LAYOUTS
 
 __all__ = ["NonLocalBlock"]
@@ -51,13 +52,6 @@ def _positive_int(name, value, minimum=1):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
     return int(value)
-
-
-def _host(a):
-    """A host NumPy view of ``a`` (NumPy, Python numbers, or any library's array)."""
-    if isinstance(a, (np.ndarray, np.generic, int, float, list, tuple)):
-        return np.asarray(a)
-    return B.to_numpy(a)
 
 
 def _scale_option(value):
@@ -578,10 +572,11 @@ class NonLocalBlock:
         ValueError
             An unknown layout; a state that fits no layout (the message names,
             for the closest layout, the unmatched and the missing keys); a wrong
-            shape; NaN or infinite values; or block options the peer cannot
-            express. The block is unchanged when anything is wrong.
+            shape; NaN or infinite values (in the block's dtype); a negative running
+            variance; a ``num_batches_tracked`` that is not a whole number >= 0; or block
+            options the peer cannot express. The block is unchanged when anything is wrong.
         TypeError
-            ``state`` is not a dict.
+            ``state`` is not a dict, or an entry does not hold real numbers.
         """
         if layout not in LAYOUTS + (None, "auto"):
             raise ValueError(f"layout must be None (detect) or one of {LAYOUTS}, got {layout!r}")
@@ -600,16 +595,14 @@ class NonLocalBlock:
         _layouts.check_expressible(self, layout)
         new = {}
         for key, (peer_key, shape) in expected.items():
-            host = np.array(_host(state[peer_key]))  # a copy, never a view of the caller's memory
-            if tuple(host.shape) != tuple(shape):
-                raise ValueError(f"state[{peer_key!r}] has shape {tuple(host.shape)}, expected {tuple(shape)}")
-            if not np.all(np.isfinite(host)):
-                raise ValueError(f"state[{peer_key!r}] holds NaN or infinite values")
+            # a checked copy in the block's dtype, never a view of the caller's memory
+            host = state_entry(f"state[{peer_key!r}]", state[peer_key], shape, self.dtype_name)
             new[key] = self._array(_layouts.from_layout(layout, host, self._native_shape(key)))
+        count = batch_count(f"state[{counter!r}]", state[counter]) if counter in state else None
         for key, value in new.items():  # only after every entry has been checked
             (self.params if key in self.params else self.buffers)[key] = value
-        if counter in state:
-            self.num_batches_tracked = int(_host(state[counter]))
+        if count is not None:
+            self.num_batches_tracked = count
         self.loaded_layout = layout
         return self
 

@@ -46,6 +46,7 @@ from .._typing import Array, DType, Size
 from .. import backend as B
 from . import engine
 from . import functional as F
+from ._state import state_entry
 from .block import NonLocalBlock
 from .nonlocal_op import MODES
 
@@ -533,14 +534,9 @@ class VideoNet:
         missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         if missing or extra:
             raise ValueError(f"state dict does not fit this network: missing {missing[:5]}, unexpected {extra[:5]}")
-        host = {}
-        for key, ref in own.items():
-            value = np.array(B.to_numpy(state[key]))  # a copy: later changes to the caller's dict do not leak in
-            if value.shape != tuple(ref.shape):
-                raise ValueError(f"state dict entry {key!r} has shape {value.shape}, expected {tuple(ref.shape)}")
-            if not np.all(np.isfinite(value)):
-                raise ValueError(f"state dict entry {key!r} holds non-finite values")
-            host[key] = value
+        # checked copies in the network's dtype: later changes to the caller's dict do not leak in
+        host = {key: state_entry(f"state dict entry {key!r}", state[key], ref.shape, self.dtype)
+                for key, ref in own.items()}
         for key, value in host.items():
             array = _as_param(self, value)
             leaf, leaf_key = self._owner(key)
@@ -805,14 +801,9 @@ class VideoTransformer(_Collected):
         missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         if missing or extra:
             raise ValueError(f"state dict does not fit this network: missing {missing[:5]}, unexpected {extra[:5]}")
-        host = {}
-        for key, ref in own.items():
-            value = np.array(B.to_numpy(state[key]))
-            if value.shape != tuple(ref.shape):
-                raise ValueError(f"state dict entry {key!r} has shape {value.shape}, expected {tuple(ref.shape)}")
-            if not np.all(np.isfinite(value)):
-                raise ValueError(f"state dict entry {key!r} holds non-finite values")
-            host[key] = value
+        # checked copies in the network's dtype: later changes to the caller's dict do not leak in
+        host = {key: state_entry(f"state dict entry {key!r}", state[key], ref.shape, self.dtype)
+                for key, ref in own.items()}
         for key, value in host.items():
             self.set_param(key, _as_param(self, value))
         return self

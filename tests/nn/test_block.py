@@ -343,6 +343,37 @@ def test_load_state_dict_errors_leave_block_intact():
         NonLocalBlock(4, pool="before").state_dict(layout="alexhex7")
 
 
+
+@pytest.mark.parametrize("key, value, error, message", [
+    ("W.1.num_batches_tracked", np.array([1, 2]), ValueError, "whole number >= 0 \\(one value\\)"),
+    ("W.1.num_batches_tracked", -5, ValueError, "whole number >= 0; got -5"),
+    ("W.1.num_batches_tracked", 2.7, ValueError, "whole number >= 0; got 2.7"),
+    ("W.1.num_batches_tracked", np.nan, ValueError, "whole number >= 0"),
+    ("W.1.num_batches_tracked", "3", TypeError, "whole number >= 0; got str"),
+    ("phi.0.bias", np.array([1e300, 0.0]), ValueError, "non-finite values \\(NaN or infinite values in float32\\)"),
+    ("phi.0.bias", np.array([1j, 0.0]), TypeError, "real numbers .*complex128"),
+    ("phi.0.bias", np.array([True, False]), TypeError, "real numbers .*bool"),
+    ("phi.0.bias", "ab", TypeError, "array of real numbers; got str"),
+    ("phi.0.bias", object(), TypeError, "array of real numbers; got object"),
+    ("W.1.running_var", np.array([1.0, -0.5, 1.0, 1.0]), ValueError, "negative values; a running variance"),
+])
+def test_load_state_dict_checks_every_value_before_changing_anything(key, value, error, message):
+    """A bad batch count (AlexHex7's layout, a PyTorch module's, carries one) used to fail after every
+    weight had been replaced; 1e300 became inf in a float32 block, complex values lost their imaginary
+    part, a negative running variance gave NaN in eval mode."""
+    block = NonLocalBlock(4, dims=2, seed=1)
+    before = block.state_dict()
+    peer = block.state_dict(layout="alexhex7")
+    state = {k: v + 1.0 if k.endswith("weight") else v for k, v in peer.items()}  # weights changed too
+    state[key] = value
+    with pytest.raises(error, match=message):
+        block.load_state_dict(state)
+    after = block.state_dict()
+    assert all(np.array_equal(before[k], after[k]) for k in before) and block.num_batches_tracked == 0
+    block.load_state_dict(dict(state, **{key: peer[key]}))  # the rest of that state loads
+    assert np.array_equal(block.state_dict()["theta.weight"], before["theta.weight"] + 1.0)
+
+
 def test_returned_attention_survives_the_next_call():
     """On NumPy the block reuses scratch memory between calls; what it returns must not change."""
     block = NonLocalBlock(4, dims=2, dtype="float64")

@@ -434,6 +434,15 @@ def test_bad_state_dict_raises_and_leaves_the_net_unchanged():
     inf[0] = np.inf
     with pytest.raises(ValueError, match="'res4.1.conv2.bn.running_var' holds non-finite"):
         net.load_state_dict(changed(**{"res4.1.conv2.bn.running_var": inf}))
+    # finite in float64, infinite in the float32 network; a negative variance; complex; text
+    with pytest.raises(ValueError, match="'fc.bias' holds non-finite values \\(NaN or infinite values in float32"):
+        _net(nonlocal_blocks=1, dtype="float32").load_state_dict(changed(**{"fc.bias": np.array([1e300, 0.0])}))
+    with pytest.raises(ValueError, match="'res3.nl1.bn.running_var' holds negative values"):
+        net.load_state_dict(changed(**{"res3.nl1.bn.running_var": -before["res3.nl1.bn.running_var"]}))
+    with pytest.raises(TypeError, match="'fc.bias' must hold real numbers .*complex"):
+        net.load_state_dict(changed(**{"fc.bias": before["fc.bias"] + 1j}))
+    with pytest.raises(TypeError, match="'fc.bias' must be an array of real numbers; got str"):
+        net.load_state_dict(changed(**{"fc.bias": "ab"}))
     assert _same_state(net.state_dict(), before)
 
 

@@ -1,0 +1,53 @@
+"""One check for every state-dict entry a block or a network loads (``load_state_dict``)."""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from .. import backend as B
+
+
+def state_entry(name, value, shape, dtype):
+    """A host copy of one state-dict entry, checked, in ``dtype``; else a TypeError or ValueError naming ``name``.
+
+    ``value``: a NumPy array, a Python number or sequence, or any library's array. It must
+    hold real numbers (integers or floats; not bool, complex, strings or objects), have
+    ``shape``, and be finite *in* ``dtype``: 1e300 is finite in float64 but infinite in a
+    float32 block. A running variance must not be negative (batch norm would take the
+    square root of it). Nothing is changed here; the caller assigns only after every entry
+    passed.
+    """
+    try:
+        if isinstance(value, (np.ndarray, np.generic, numbers.Number, list, tuple)):
+            host = np.array(value)
+        else:
+            host = np.array(B.to_numpy(value))
+    except Exception as err:  # a string, an object without the array protocols, ragged lists
+        raise TypeError(f"{name} must be an array of real numbers; got {type(value).__name__}") from err
+    if host.dtype.kind not in "iuf":
+        raise TypeError(f"{name} must hold real numbers (integers or floats); got dtype {host.dtype}")
+    if tuple(host.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(host.shape)}, expected {tuple(shape)}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        cast = host.astype(dtype)
+    if not np.all(np.isfinite(cast)):
+        raise ValueError(f"{name} holds non-finite values (NaN or infinite values in {np.dtype(dtype).name})")
+    if name.rstrip("'\"]").endswith("running_var") and np.any(cast < 0):
+        raise ValueError(f"{name} holds negative values; a running variance is >= 0")
+    return cast
+
+
+def batch_count(name, value):
+    """BN's ``num_batches_tracked``: a whole number >= 0 (a 0-d array or a number), as int; else an error naming it."""
+    try:
+        host = np.asarray(value if isinstance(value, (np.ndarray, np.generic, numbers.Number)) else B.to_numpy(value))
+    except Exception as err:
+        raise TypeError(f"{name} must be a whole number >= 0; got {type(value).__name__}") from err
+    if host.shape not in ((), (1,)) or host.dtype.kind not in "iuf" or not np.isfinite(host).all():
+        raise ValueError(f"{name} must be a whole number >= 0 (one value); got {value!r}")
+    count = host.reshape(()).item()
+    if count < 0 or count != int(count):
+        raise ValueError(f"{name} must be a whole number >= 0; got {count!r}")
+    return int(count)
