@@ -117,6 +117,7 @@ def gradcheck(forward: Callable[..., Array], backward: Callable[[Array], dict], 
     """
     if method not in ("centred", "random"):
         raise ValueError(f"method must be 'centred' or 'random', got {method!r}")
+    _check_settings(eps=eps, rtol=rtol, atol=atol, directions=directions, seed=seed, wrt=wrt)
     if not isinstance(inputs, dict) or not inputs:
         raise TypeError("inputs must be a non-empty dict of name -> array")
     for name, value in inputs.items():
@@ -124,10 +125,16 @@ def gradcheck(forward: Callable[..., Array], backward: Callable[[Array], dict], 
         if B.dtype_name(value.dtype) != "float64":
             raise TypeError(f"gradcheck needs float64 inputs; {name!r} is {B.dtype_name(value.dtype)}")
     out = forward(**inputs)
+    B.array_namespace(out, names=["forward(**inputs)"])  # a clear TypeError for a float or a list
     dout = B.normal(tuple(out.shape), seed=seed, like=out, dtype=out.dtype)
     dout_host = B.to_numpy(dout)
     analytic = backward(dout)
+    if not isinstance(analytic, dict):
+        raise TypeError(f"backward(dout) must return a dict of input name -> gradient, got {type(analytic).__name__}")
     names = [n for n, v in analytic.items() if v is not None] if wrt is None else list(wrt)
+    if not names:  # nothing checked must not read as passed
+        raise ValueError("no gradient to check: backward(dout) returned no gradient for any input"
+                         if wrt is None else "wrt is empty: name at least one input to check")
     unknown = [n for n in names if n not in inputs or n not in analytic or analytic[n] is None]
     if unknown:
         raise ValueError(f"wrt names {unknown} are not both inputs and gradients returned by backward")
@@ -171,6 +178,27 @@ def gradcheck(forward: Callable[..., Array], backward: Callable[[Array], dict], 
         result.errors[n] = 0.0 if err is None else err
     forward(**inputs)  # leave any layer state as it was at the checked point
     return result
+
+
+def _check_settings(*, eps, rtol, atol, directions, seed, wrt):
+    """The checks' settings, refused with the argument named when they could not check anything."""
+    import math
+    import numbers
+
+    def real(name, value, low, *, strict):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+                or value < low or (strict and value == low):
+            raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {low:g}, got {value!r}")
+
+    real("eps", eps, 0, strict=True)
+    real("rtol", rtol, 0, strict=False)
+    if atol is not None:
+        real("atol", atol, 0, strict=False)
+    for name, value, low in (("directions", directions, 1), ("seed", seed, 0)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    if isinstance(wrt, str):
+        raise TypeError(f"wrt must be a list of input names, not a string: wrt=[{wrt!r}]")
 
 
 def _parameter_slots(layer):
@@ -266,6 +294,12 @@ def layer_gradcheck(layer: Any, x: Array, *, wrt: Sequence[str] | None = None, *
     from copies. ``options`` go to :func:`gradcheck`.
     """
     B.array_namespace(x, names=["x"])  # a clear TypeError for a list (convert it first)
+    missing = [a for a in ("forward", "backward", "params", "grads") if not hasattr(layer, a)]
+    if missing:
+        raise TypeError(f"layer must be a layer object with forward, backward, params and grads; "
+                        f"{type(layer).__name__} has no {', '.join(missing)}")
+    if isinstance(wrt, str):
+        raise TypeError(f"wrt must be a list of names, not a string: wrt=[{wrt!r}]")
     slots = _parameter_slots(layer)
     if "x" in slots:
         raise ValueError("layer_gradcheck names the input 'x': the layer has a parameter of that name")

@@ -1,5 +1,7 @@
 """Forward/backward pairs of nlref.nn.functional: gradient checks, PyTorch as oracle, errors."""
 
+import math
+
 import numpy as np
 import pytest
 
@@ -194,6 +196,50 @@ def test_gradcheck_errors():
         gradcheck(lambda x: x, lambda d: {"x": d}, {"x": x.astype(np.float64)}, method="forward")
     with pytest.raises(ValueError, match="wrt"):
         gradcheck(lambda x: x, lambda d: {"x": d}, {"x": x.astype(np.float64)}, wrt=["y"])
+
+
+
+def _wrong_square():
+    """x -> x^2 with a wrong backward (3 x for 2 x): any check that looks at the gradient fails it."""
+    seen = {}
+
+    def forward(x):
+        seen["x"] = x
+        return x * x
+
+    return forward, lambda d: {"x": 3 * seen["x"] * d}
+
+
+@pytest.mark.parametrize("options, error, message", [
+    (dict(method="random", directions=0), ValueError, "directions must be an int >= 1, got 0"),
+    (dict(method="random", directions=-1), ValueError, "directions must be an int >= 1"),
+    (dict(directions=True), ValueError, "directions must be an int >= 1"),
+    (dict(wrt=[]), ValueError, "wrt is empty"),
+    (dict(wrt="x"), TypeError, "wrt must be a list of input names, not a string"),
+    (dict(rtol=math.inf), ValueError, "rtol must be a finite number >= 0"),
+    (dict(rtol=-1.0), ValueError, "rtol must be a finite number >= 0"),
+    (dict(atol=math.nan), ValueError, "atol must be a finite number >= 0"),
+    (dict(eps=0), ValueError, "eps must be a finite number > 0"),
+    (dict(seed=-1), ValueError, "seed must be an int >= 0"),
+])
+def test_gradcheck_refuses_settings_under_which_nothing_is_checked(options, error, message):
+    """Each of these used to report a wrong backward as passed (or divide by zero)."""
+    forward, backward = _wrong_square()
+    x = np.linspace(1.0, 2.0, 6)
+    assert not gradcheck(forward, backward, {"x": x}).passed  # the wrong backward is caught by default
+    with pytest.raises(error, match=message):
+        gradcheck(forward, backward, {"x": x}, **options)
+
+
+def test_gradcheck_refuses_a_backward_with_nothing_to_check():
+    forward, _ = _wrong_square()
+    x = np.linspace(1.0, 2.0, 6)
+    with pytest.raises(ValueError, match="no gradient to check"):
+        gradcheck(forward, lambda d: {"x": None}, {"x": x})
+    with pytest.raises(TypeError, match=r"backward\(dout\) must return a dict .* got ndarray"):
+        gradcheck(forward, lambda d: 2 * d, {"x": x})
+    with pytest.raises(TypeError, match=r"forward\(\*\*inputs\)"):
+        gradcheck(lambda x: float(np.sum(x)), lambda d: {"x": d}, {"x": x})
 
 
 # --------------------------------------------------------------------------- every library

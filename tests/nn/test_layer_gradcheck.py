@@ -199,3 +199,10 @@ def test_a_parameter_without_a_gradient_is_an_error():
     layer.backward = forgetful
     with pytest.raises(ValueError, match="no gradient for parameter 'beta'"):
         layer_gradcheck(layer, _x(2, 3, 2, 3, 3))
+
+
+def test_what_is_not_a_layer_and_a_string_wrt_are_refused():
+    with pytest.raises(TypeError, match="object has no forward, backward, params, grads"):
+        layer_gradcheck(object(), _x(3))
+    with pytest.raises(TypeError, match=r"wrt must be a list of names, not a string: wrt=\['x'\]"):
+        layer_gradcheck(M.BatchNorm(3, make=_make), _x(3), wrt="x")
