@@ -24,6 +24,9 @@ __all__ = ["MAX_SPATIAL_DIMS", "is_dask_array", "check_not_stored", "check_axes"
 MAX_SPATIAL_DIMS = 4
 
 
+#: The error for an image holding NaN or Inf (every route says the same).
+NOT_FINITE = "image contains NaN or Inf values; NL-means needs finite input (replace or mask them first)"
+
 def is_dask_array(x):
     """Whether ``x`` is a ``dask.array.Array`` (without importing dask)."""
     module = sys.modules.get("dask.array")
@@ -94,7 +97,7 @@ def check_image(image, channel_axis, *, stacklevel=3):
     given = channel_axis
     channel_axis, spatial = check_axes(tuple(image.shape), channel_axis)
     if not xp.isdtype(image.dtype, "integral") and not bool(xp.all(xp.isfinite(image))):
-        raise ValueError("image contains NaN or Inf values; NL-means needs finite input (replace or mask them first)")
+        raise ValueError(NOT_FINITE)
     layout = layout_doubt(tuple(image.shape), channel_axis, given)
     if layout:
         warnings.warn(layout, UserWarning, stacklevel=stacklevel)

@@ -28,6 +28,7 @@ import math
 import numpy as np
 
 from ..backend import array_namespace, device, to_numpy
+from .checks import NOT_FINITE
 from .noise import sigma_from_median
 from .params import check_arguments, needs_noise, resolve
 
@@ -207,7 +208,7 @@ def resolve_lazy(image, filtered, spatial, *, sigma, h, patch_size, search_size,
         lazy["extremes"] = [(v.min(), v.max()) for v in values]
     (stats,) = dask.compute(lazy)
     if is_float and not bool(stats["finite"]):
-        raise ValueError("image contains NaN or Inf values; NL-means needs finite input (replace or mask them first)")
+        raise ValueError(NOT_FINITE)
     noise = sigma_from_filtered(values, dims, stats["extremes"]) if need_noise else None
     return resolve(np, image, spatial, sigma=sigma, h=h, patch_size=patch_size, search_size=search_size,
                    channel_axis=channel_axis, aggregation=aggregation, data_range=data_range,

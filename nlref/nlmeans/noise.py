@@ -22,7 +22,7 @@ import math
 
 from .._typing import Array
 from ..backend import require_real
-from .checks import check_not_stored, is_dask_array, sigma_axes
+from .checks import NOT_FINITE, check_axes, check_not_stored, is_dask_array, sigma_axes
 
 __all__ = ["estimate_sigma", "MAD_TO_SIGMA", "second_difference", "sigma_from_median"]
 
@@ -81,6 +81,9 @@ def estimate_sigma(image: Array, *, channel_axis: int | None = None) -> float:
                         "(nlref.nlmeans.noise.estimate_sigma is the in-memory estimate)")
     check_not_stored(image)
     xp = require_real(image, "image")
+    channel_axis, _ = check_axes(tuple(image.shape), channel_axis)  # as nl_means checks them
+    if xp.isdtype(image.dtype, "real floating") and not bool(xp.all(xp.isfinite(image))):
+        raise ValueError(NOT_FINITE)
     x = image if xp.isdtype(image.dtype, "real floating") else xp.astype(image, xp.float64)
     if channel_axis is not None:
         x = xp.moveaxis(x, channel_axis, 0)

@@ -14,9 +14,11 @@ halo is reflection, as in memory).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-from .checks import check_lazy, check_workers, sigma_axes
+from .checks import NOT_FINITE, check_lazy, check_workers, sigma_axes
 from .chunk import denoise_with_halo
 from .fast import halo
 from .median import resolve_lazy, sigma_from_filtered
@@ -83,6 +85,8 @@ def estimate_sigma_dask(image, *, channel_axis=None):
     channel_axis, _ = check_lazy(image, channel_axis)
     values, dims = filtered_dask(image, channel_axis)
     extremes = dask.compute(*[(v.min(), v.max()) for v in values])
+    if not all(math.isfinite(float(e)) for pair in extremes for e in pair):  # NaN or Inf in the image
+        raise ValueError(NOT_FINITE)
     return sigma_from_filtered(values, dims, extremes)
 
 

@@ -143,3 +143,35 @@ def test_psnr_of_images_in_different_units_warns():
     assert _no_warning(lambda: nlref.psnr(u8, u8)) == np.inf
     _no_warning(lambda: nlref.psnr(camera, camera * 0.9))
     _no_warning(lambda: nlref.psnr(camera, camera * 255, data_range=255))   # an explicit range: the caller knows
+
+
+@pytest.mark.parametrize("route", ["memory", "dask"])
+@pytest.mark.parametrize("channel_axis, error, message", [
+    (5, ValueError, "channel_axis=5 is out of range"), (1.0, TypeError, "channel_axis must be an int or None"),
+    ("x", TypeError, "channel_axis must be an int or None"), (True, TypeError, "channel_axis must be an int or None"),
+])
+def test_estimate_sigma_checks_channel_axis_as_nl_means_does(route, channel_axis, error, message):
+    """The in-memory estimate took True as 1 and let NumPy raise AxisError or 'float is not iterable'."""
+    image = np.random.default_rng(0).random((16, 16))
+    if route == "dask":
+        image = pytest.importorskip("dask.array").from_array(image, chunks=8)
+    with pytest.raises(error, match=message):
+        nlref.estimate_sigma(image, channel_axis=channel_axis)
+
+
+@pytest.mark.parametrize("route", ["memory", "dask"])
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_estimate_sigma_refuses_nan_and_inf_like_nl_means(route, value):
+    """It returned nan or inf (in memory) and raised an IndexError from the histogram median (Dask)."""
+    image = np.random.default_rng(0).random((16, 16))
+    image[3, 3] = value
+    if route == "dask":
+        image = pytest.importorskip("dask.array").from_array(image, chunks=8)
+    with pytest.raises(ValueError, match="image contains NaN or Inf values"):
+        nlref.estimate_sigma(image)
+
+
+def test_estimate_sigma_refuses_an_empty_image():
+    for shape, axis in (((0, 9), None), ((4, 4, 0), -1)):
+        with pytest.raises(ValueError, match=r"image is empty \(shape"):
+            nlref.estimate_sigma(np.zeros(shape), channel_axis=axis)
