@@ -14,6 +14,8 @@ degenerate all-zero case.
 import inspect
 import itertools
 
+import math
+
 import numpy as np
 import pytest
 
@@ -593,6 +595,25 @@ def test_compare_block_errors():
     with pytest.raises(ValueError, match="TorchNonLocal has the alexhex7 layout.*pass mode="):
         nlref.compare_block(module, _x((1, 4, 2, 2)))
     assert nlref.compare_block(module, _x((2, 4, 2, 2)), verbose=False, mode="dot_product").agree
+
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(x="abc"), TypeError, "x must be an array"),
+    (dict(x=np.full((1, 4, 2, 2, 2), 1j)), TypeError, "x must hold real numbers; got dtype complex128"),
+    (dict(x=np.full((1, 4, 2, 2, 2), np.nan)), ValueError, "x holds NaN or infinite values"),
+    (dict(dz=np.full((1, 4, 2, 2, 2), np.inf)), ValueError, "dz holds NaN or infinite values"),
+    (dict(rtol=-1.0), ValueError, "rtol must be a finite number >= 0"),
+    (dict(rtol=math.nan), ValueError, "rtol must be a finite number >= 0"),
+    (dict(atol="1e-9"), ValueError, "atol must be a finite number >= 0"),
+    (dict(seed=-1), ValueError, "seed must be an int >= 0"),
+])
+def test_compare_block_refuses_input_that_would_blame_the_module(kwargs, error, message):
+    """A NaN in x or dz gave "DIFFER ... for z, dx, ..." (the module blamed for the input); complex x lost
+    its imaginary part; rtol=-1 ended in "max() arg is an empty sequence"."""
+    args = {"x": _x((1, 4, 2, 2, 2)), **kwargs}
+    with pytest.raises(error, match=message):
+        nlref.compare_block(SlowFastNonlocal(4, 2), args.pop("x"), verbose=False, **args)
 
 
 def test_compare_block_names_the_class_when_it_cannot_read_an_attribute():
