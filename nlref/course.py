@@ -168,6 +168,21 @@ def default_notebooks() -> Path:
     return Path(__file__).resolve().parent.parent / "notebooks"
 
 
+def check_destination(dest, source):
+    """Refuse a ``dest`` that is ``source`` or holds it, or that is the current folder or holds it.
+
+    Replacing it would replace the teacher's notebooks (with their solutions) by the student
+    edition, or try to rename the folder a process is running in.
+    """
+    dest_r, source_r, cwd = Path(dest).resolve(), Path(source).resolve(), Path.cwd().resolve()
+    if dest_r == source_r or dest_r in source_r.parents:
+        raise ValueError(f"{str(dest)!r} is the notebooks folder {str(source)!r} or holds it: the student edition "
+                         "would replace the teacher's notebooks and their solutions; choose another folder")
+    if dest_r == cwd or dest_r in cwd.parents:
+        raise ValueError(f"{str(dest)!r} is the current folder or holds it; choose a new folder for the student "
+                         "edition")
+
+
 def write_student_edition(dest, *, notebooks=None, overwrite=False):
     """Write the student edition of every notebook in ``notebooks`` into the folder ``dest``.
 
@@ -190,6 +205,7 @@ def write_student_edition(dest, *, notebooks=None, overwrite=False):
         raise ValueError(f"{str(dest)!r} exists; pass --overwrite (overwrite=True) to replace it")
     if dest.exists() and not dest.is_dir():
         raise ValueError(f"{str(dest)!r} exists and is not a folder; it is never replaced")
+    check_destination(dest, source)
     editions = []
     for path in found:  # every notebook converted before anything is written
         try:

@@ -29,6 +29,10 @@ def run(args):
         raise CommandError(f"--notebooks {str(notebooks)!r} must be a folder holding the course's .ipynb files; "
                            "it holds none")
     try:
+        course.check_destination(student, notebooks)
+    except ValueError as err:
+        raise CommandError(f"--student: {err}") from None
+    try:
         written = course.write_student_edition(args.student, notebooks=notebooks, overwrite=args.overwrite)
     except ValueError as err:  # a notebook of --notebooks whose solution markers do not pair up
         raise CommandError(f"--notebooks: {err}") from None

@@ -34,3 +34,37 @@ def test_bad_notebook_folder_writes_nothing(tmp_path, capsys):
     assert "a.ipynb" in capsys.readouterr().err and not (tmp_path / "out").exists()
     assert main(["course", "--student", str(tmp_path / "out"), "--notebooks", str(tmp_path / "none")]) == 2
     assert "holds none" in capsys.readouterr().err
+
+
+def _teacher_copy(folder):
+    folder.mkdir()
+    for path in NOTEBOOKS[:2]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_the_student_edition_never_replaces_the_teachers_notebooks(tmp_path, capsys):
+    """--student equal to --notebooks, with --overwrite, replaced the teacher's notebooks by the student
+    edition: every solution lost, and exit status 0."""
+    teacher = tmp_path / "nb"
+    before = _teacher_copy(teacher)
+    for student in (teacher, tmp_path, teacher / ".." / "nb"):   # the folder itself, one that holds it, another spelling
+        assert main(["course", "--student", str(student), "--notebooks", str(teacher), "--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "--student:" in err and "teacher's notebooks" in err
+        assert {p.name: p.read_bytes() for p in teacher.iterdir()} == before
+
+
+def test_the_current_folder_is_never_the_student_folder(tmp_path, capsys, monkeypatch):
+    """--student . tried to rename the folder the process runs in: a raw "Device or resource busy", and
+    hidden folders left behind."""
+    teacher = tmp_path / "nb"
+    _teacher_copy(teacher)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    for student in (".", "sub/..", str(tmp_path)):
+        assert main(["course", "--student", student, "--notebooks", str(teacher), "--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and ("current folder" in err or "teacher's notebooks" in err)
+    assert list(work.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["nb", "work"]
