@@ -92,6 +92,33 @@ def flag_names(message, flags):
     return message
 
 
+def seed_arg(text):
+    """argparse type of ``--seed``: an int >= 0 (NumPy's generators take no negative seed)."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an int") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; a seed is an int >= 0")
+    return value
+
+
+def grey_levels_arg(text):
+    """argparse type of a noise level in grey levels: a finite number in [0, 255]."""
+    import argparse
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or not 0 <= value <= 255:
+        raise argparse.ArgumentTypeError(f"{text} is not a noise level in grey levels: allowed 0 to 255")
+    return value
+
+
 def refuse_existing(out, overwrite):
     """One rule for every command's ``--out``: an existing one is replaced only with ``--overwrite``."""
     if (out.exists() or out.is_symlink()) and not overwrite:

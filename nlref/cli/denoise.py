@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from nlref.cli._common import CommandError, _timed, _warned, flag_names, refuse_existing, say
+from nlref.cli._common import (CommandError, _timed, _warned, flag_names, grey_levels_arg, refuse_existing, say,
+                               seed_arg)
 from nlref.cli.store import FLAGS, _chunk_size, _is_chunked, run_denoise_chunked
 
 #: What each output format can hold: (name, dtypes, channel counts; None: anything, 0: no channel axis).
@@ -115,9 +116,10 @@ def run_denoise(args):
     if args.image is not None:  # the bundled image's noise: nothing to do with an IMAGE
         given = [flag for flag, value in (("--noise", args.noise), ("--seed", args.seed)) if value is not None]
         if given:
-            raise CommandError(f"{' and '.join(given)} apply only to the bundled camera image (no IMAGE given), "
-                               f"to which they add noise; IMAGE {args.image!r} is denoised as it is: drop "
-                               f"{' and '.join(given)}")
+            verb = "apply" if len(given) > 1 else "applies"
+            raise CommandError(f"{' and '.join(given)} {verb} only to the bundled camera image (no IMAGE given), "
+                               f"to which {'they add' if len(given) > 1 else 'it adds'} noise; IMAGE {args.image!r} "
+                               f"is denoised as it is: drop {' and '.join(given)}")
     if _is_chunked(args):  # a Zarr store or TIFF stack, streamed chunk by chunk into a Zarr store
         return run_denoise_chunked(args)
     if args.scheduler is not None:
@@ -203,10 +205,10 @@ def add_parser(sub, fmt):
                      help="pixel-wise or patch-wise estimates (default: %(default)s)")
     den.add_argument("--method", choices=("fast", "naive"), default="fast",
                      help="the offset loop, or the definition for small images (default: %(default)s)")
-    den.add_argument("--noise", type=float,
+    den.add_argument("--noise", type=grey_levels_arg,
                      help="noise added to the bundled image when no IMAGE is given, in grey levels (default: "
                           "20.0)")
-    den.add_argument("--seed", type=int, help="seed of that noise (default: 0)")
+    den.add_argument("--seed", type=seed_arg, help="seed of that noise, an int >= 0 (default: 0)")
     den.add_argument("--out", default="denoised.png",
                      help="output file; its extension picks the format: .png, .tif, .jpg, .bmp, .webp "
                           "(default: %(default)s)")

@@ -122,6 +122,10 @@ def run_train(args):
     except (ValueError, TypeError) as err:  # the values the user typed: the message names their flags
         raise CommandError(flag_names(str(err), _FIELD_FLAGS)) from None
     out = Path(args.out)
+    if not args.out:
+        raise CommandError("--out must name a folder for the run; got ''")
+    if out.exists() and not out.is_dir():
+        raise CommandError(f"--out {args.out!r} exists and is not a folder; choose a folder for the run")
     existing = [name for name in RUN_FILES if (out / name).exists()]
     if args.resume and not (out / CHECKPOINT).is_file():
         raise CommandError(f"--resume: there is no run to resume in {str(out)!r} (no {CHECKPOINT} there); "

@@ -9,6 +9,11 @@ import numpy as np
 from nlref.cli._common import _timed, say
 
 
+#: Every figure the walk writes into its folder (``nlref demo`` refuses to replace them without --overwrite).
+FIGURES = ("averaging_curve.png", "averaging_images.png", "nlmeans_camera.png", "nlmeans_weights.png",
+           "nlmeans_astronaut.png", "nonlocal_attention.png", "training_curves.png", "training_attention.png")
+
+
 def _save(fig, path):
     """Save a figure whole or not at all (a demo stopped half-way leaves no broken PNG), then close it."""
     import matplotlib.pyplot as plt

@@ -398,6 +398,34 @@ def test_version_and_plain_description(capsys):
     assert "nlref demo" in text and "nlref denoise" in text and "nlref train" in text
 
 
+
+def test_the_demo_writes_exactly_the_figures_it_guards(demo_run):
+    """nlref demo refuses to replace walk.FIGURES without --overwrite: the list must be what it writes."""
+    from nlref.cli.walk import FIGURES
+
+    folder, _ = demo_run
+    assert sorted(p.name for p in folder.iterdir()) == sorted(FIGURES)
+
+
+def test_the_demo_never_replaces_files_without_overwrite(tmp_path, capsys, monkeypatch):
+    """A file of the user's named like a demo figure was replaced without a word; --out naming a file gave a raw
+    "[Errno 17] File exists"; --out '' wrote into the current folder."""
+    import nlref.cli.walk as walk
+
+    monkeypatch.setattr(walk, "run_demo", lambda *a, **k: pytest.fail("the walk ran"))
+    (tmp_path / "averaging_curve.png").write_text("precious")
+    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already holds averaging_curve.png: add --overwrite" in err
+    (tmp_path / "file").write_text("x")
+    assert main(["demo", "--quick", "--out", str(tmp_path / "file")]) == 2
+    assert "--out " in (err := capsys.readouterr().err) and "exists and is not a folder" in err
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--quick", "--out", ""]) == 2
+    assert "--out must name a folder" in capsys.readouterr().err
+    assert (tmp_path / "averaging_curve.png").read_text() == "precious"
+
+
 def test_demo_help_says_what_the_demo_runs(demo_run):
     """Each part of the walk that the help names is shown by the demo's run: a figure or lines of its tables."""
     import re

@@ -164,14 +164,33 @@ def test_abbreviated_flags_are_refused(argv, capsys):
     assert "unrecognized arguments" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("extra, named", [(["--noise", "5"], "--noise"), (["--seed", "0"], "--seed"),
-                                          (["--noise", "5", "--seed", "3"], "--noise and --seed")])
+@pytest.mark.parametrize("extra, named", [(["--noise", "5"], "--noise applies"), (["--seed", "0"], "--seed applies"),
+                                          (["--noise", "5", "--seed", "3"], "--noise and --seed apply")])
 def test_flags_of_the_bundled_image_are_refused_with_an_image(tmp_path, capsys, monkeypatch, extra, named):
     src = _grey(tmp_path)
     monkeypatch.setattr(nlref, "nl_means", _bug)        # refused before the work
     assert main(["denoise", str(src), *extra, "--out", str(tmp_path / "o.png")]) == 2
     err = capsys.readouterr().err
-    assert f"error: {named} apply only to the bundled camera image" in err
+    assert f"error: {named} only to the bundled camera image" in err
+
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["denoise", "--seed", "-1"], "argument --seed: -1 is negative; a seed is an int >= 0"),
+    (["demo", "--quick", "--seed", "-1"], "argument --seed: -1 is negative; a seed is an int >= 0"),
+    (["denoise", "--noise", "-5"], "argument --noise: -5 is not a noise level in grey levels: allowed 0 to 255"),
+    (["denoise", "--noise", "nan"], "argument --noise: nan is not a noise level in grey levels"),
+    (["denoise", "--noise", "1e9"], "argument --noise: 1e9 is not a noise level in grey levels"),
+])
+def test_seed_and_noise_of_the_bundled_image_are_checked_on_the_command_line(tmp_path, capsys, monkeypatch, argv,
+                                                                            message):
+    """--seed -1 was an "internal error ... a bug in nlref"; --noise -5 ran (rc 0), nan warned from NumPy."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(nlref, "nl_means", _bug)
+    with pytest.raises(SystemExit) as stop:
+        main([*argv, "--out", str(tmp_path / "o")])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_scheduler_without_a_chunked_run_is_refused(tmp_path, capsys):
@@ -244,3 +263,17 @@ def test_train_library_message_names_each_flag_once(tmp_path, capsys):
     assert main(["train", "--task", "pairs2d", "--size", "16", "--margin", "4", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "--size // 2 must be at least 5 + --margin" in err and "(--size)" not in err and "size=" not in err
+
+
+def test_train_out_must_be_a_folder(tmp_path, capsys, monkeypatch):
+    """--out naming a file was an "internal error ... a bug in nlref"; --out '' trained into the current folder."""
+    import nlref.train
+
+    monkeypatch.setattr(nlref.train, "train", _bug)   # refused before the work
+    (tmp_path / "g32.png").write_text("x")
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--epochs", "1", "--out", "g32.png"]) == 2
+    assert "--out 'g32.png' exists and is not a folder" in capsys.readouterr().err
+    assert main(["train", "--epochs", "1", "--out", ""]) == 2
+    assert "--out must name a folder" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["g32.png"]
