@@ -40,7 +40,11 @@ def _open_chunked(path):
     if suffix in (".tif", ".tiff"):
         return Opener.tiff(path)
     if suffix == ".npy":  # a memory map of the file: each task reads its chunk, never the whole
-        return as_source(np.load(path, mmap_mode="r"))
+        try:
+            mapped = np.load(path, mmap_mode="r")
+        except ValueError as err:  # not a .npy header NumPy reads, or an object array (it cannot be mapped)
+            raise CommandError(f"IMAGE {str(path)!r}: not a NumPy array file a chunked run can map ({err})") from None
+        return as_source(mapped)
     if suffix in (".h5", ".hdf5"):
         try:
             import h5py
@@ -133,7 +137,11 @@ def run_denoise_chunked(args):
     if args.scheduler is not None:
         from distributed import Client
 
-        client = Client(args.scheduler)
+        try:
+            client = Client(args.scheduler)
+        except ValueError as err:  # not an address (the timeout of an unreachable one is an OSError, named below)
+            raise CommandError(f"--scheduler {args.scheduler!r}: not a scheduler address such as "
+                               f"tcp://HOST:8786 ({err})") from None
     partial = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     pool, future, graph_keys = None, None, ()
     try:

@@ -215,3 +215,22 @@ def test_cli_interrupted_run_leaves_no_output(tmp_path, capsys, monkeypatch):
     assert main(["denoise", str(tmp_path / "big.zarr"), "--sigma", "10", "--out", str(tmp_path / "clean.zarr")]) == 130
     assert "nothing was written" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.zarr"]
+
+
+@pytest.mark.parametrize("make, extra, message", [
+    (lambda p: np.save(p, np.array([object()] * 4).reshape(2, 2), allow_pickle=True), [],
+     "not a NumPy array file a chunked run can map (Array can't be memory-mapped"),
+    (lambda p: p.write_bytes(b"\x93NUMPY garbage garbage"), [], "not a NumPy array file a chunked run can map"),
+    (lambda p: np.save(p, _volume((2, 16, 16))), ["--scheduler", "notanaddress"],
+     "--scheduler 'notanaddress': not a scheduler address such as tcp://HOST:8786"),
+])
+def test_unreadable_npy_and_bad_scheduler_are_the_users_mistakes(tmp_path, capsys, make, extra, message):
+    """Each was reported as an "internal error ... a bug in nlref"."""
+    pytest.importorskip("zarr")
+    pytest.importorskip("distributed")
+    src = tmp_path / "in.npy"
+    make(src)
+    assert main(["denoise", str(src), "--out", str(tmp_path / "o.zarr"), "--chunks", "8", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "internal error" not in err
+    assert [p.name for p in tmp_path.iterdir()] == ["in.npy"]
