@@ -92,31 +92,28 @@ def flag_names(message, flags):
     return message
 
 
-def seed_arg(text):
-    """argparse type of ``--seed``: an int >= 0 (NumPy's generators take no negative seed)."""
+def _argument(text, convert, kind, allowed, rule):
+    """argparse type helper: ``convert(text)`` if it parses and passes ``allowed``; else the argparse error."""
     import argparse
 
     try:
-        value = int(text)
+        value = convert(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an int") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative; a seed is an int >= 0")
+        raise argparse.ArgumentTypeError(f"{text!r} is not {kind}") from None
+    if not allowed(value):
+        raise argparse.ArgumentTypeError(f"{text} {rule}")
     return value
+
+
+def seed_arg(text):
+    """argparse type of ``--seed``: an int >= 0 (NumPy's generators take no negative seed)."""
+    return _argument(text, int, "an int", lambda v: v >= 0, "is negative; a seed is an int >= 0")
 
 
 def grey_levels_arg(text):
-    """argparse type of a noise level in grey levels: a finite number in [0, 255]."""
-    import argparse
-    import math
-
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value) or not 0 <= value <= 255:
-        raise argparse.ArgumentTypeError(f"{text} is not a noise level in grey levels: allowed 0 to 255")
-    return value
+    """argparse type of a noise level in grey levels: a finite number in [0, 255] (NaN fails the comparison)."""
+    return _argument(text, float, "a number", lambda v: 0 <= v <= 255,
+                     "is not a noise level in grey levels: allowed 0 to 255")
 
 
 def refuse_existing(out, overwrite):
