@@ -41,9 +41,12 @@ def _read_image(path):
     if path.stat().st_size == 0:
         raise CommandError(f"cannot read IMAGE {str(path)!r}: the file is empty")
     try:
-        with warnings.catch_warnings():  # imageio's plugins, tried one by one on a file no plugin reads
-            warnings.simplefilter("ignore", DeprecationWarning)
-            image = np.asarray(io.imread(path))
+        if path.suffix.lower() in (".tif", ".tiff"):
+            image = _read_tiff(path)
+        else:
+            with warnings.catch_warnings():  # imageio's plugins, tried one by one on a file no plugin reads
+                warnings.simplefilter("ignore", DeprecationWarning)
+                image = np.asarray(io.imread(path))
     except PermissionError:
         raise CommandError(f"cannot read IMAGE {str(path)!r}: permission denied") from None
     except Exception as err:  # imageio's plugins raise OSError, ValueError, struct.error, SyntaxError ...
@@ -55,6 +58,21 @@ def _read_image(path):
         raise CommandError(f"cannot denoise IMAGE {str(path)!r}: it holds {image.size} values of dtype {image.dtype}")
     return image
 
+
+
+def _read_tiff(path):
+    """A TIFF's first series, with its samples (RGB, RGBA) on the last axis and its pages kept as pages.
+
+    ``skimage.io.imread`` moves the pages of a 3- or 4-page grey stack to the last axis, where
+    they read as RGB or RGBA: a volume was denoised and written as one colour image. The
+    series' axes say which axis holds samples ("S"); any other axis is a volume's.
+    """
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        series = tif.series[0]
+        image, axes = np.asarray(series.asarray()), series.axes
+    return np.moveaxis(image, axes.index("S"), -1) if "S" in axes else image
 
 def _layout(image):
     """How an image as read is denoised: (description, the array to denoise, channel_axis, alpha or None)."""
@@ -94,19 +112,33 @@ def _check_output(out, *, image_path, dtype, shape):
                            "use .tif")
     if channels is not None and (len(shape) not in (2, 3) or n not in channels):
         held = {0: "grey", 2: "grey + alpha", 3: "RGB", 4: "RGBA"}
-        what = f"a {len(shape)}-D array" if len(shape) not in (2, 3) else held.get(n, f"{n} channels")
+        what = (f"a {len(shape)}-D array" if len(shape) not in (2, 3) else held[n] if n in held
+                else f"a volume of {shape[0]} slices")  # as _layout reads a 3-D array
+        instead = ".tif" if suffix == ".png" or n not in held else ".png or .tif"
         raise CommandError(f"--out {str(out)!r}: {name} cannot hold {what} (it holds "
-                           f"{', '.join(held[c] for c in channels)}); use .png or .tif")
+                           f"{', '.join(held[c] for c in channels)}); use {instead}")
 
 
-def _write_image(out, image):
-    """Write the image whole or not at all (:func:`nlref._files.replaced_atomically`)."""
+def _write_image(out, image, *, samples):
+    """Write the image whole or not at all (:func:`nlref._files.replaced_atomically`).
+
+    ``samples``: whether the last axis holds an image's samples (grey + alpha, RGB, RGBA); a
+    TIFF is written with the photometric tag that says so, minisblack otherwise (a volume of 3
+    slices written as RGB planes would read back as one colour image).
+    """
     from skimage import io
 
     from nlref._files import replaced_atomically
 
     with replaced_atomically(out) as tmp:
-        io.imsave(tmp, image, check_contrast=False)
+        if out.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
+
+            n = image.shape[-1] if samples else 0
+            options = dict(planarconfig="contig", extrasamples=["unassalpha"]) if n in (2, 4) else {}
+            tifffile.imwrite(tmp, image, photometric="rgb" if n in (3, 4) else "minisblack", **options)
+        else:
+            io.imsave(tmp, image, check_contrast=False)
 
 
 def run_denoise(args):
@@ -161,7 +193,7 @@ def run_denoise(args):
         channel_axis=channel_axis, aggregation=args.aggregation, method=args.method, progress=progress), shown))
     if alpha is not None:
         result = np.concatenate([result, alpha], axis=-1)
-    _write_image(out, result)
+    _write_image(out, result, samples=channel_axis is not None)
     line = f"denoised {tuple(image.shape)} {image.dtype} in {seconds:.2f} s -> {out}"
     if path is None:
         line += f" (PSNR {nlref.psnr(clean, image):.2f} -> {nlref.psnr(clean, result):.2f} dB)"

@@ -464,3 +464,48 @@ def test_bad_size_is_an_argparse_message(capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "'seven' is not an int or comma-separated ints" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("shape, photometric, planar, shown", [
+    ((3, 16, 16), "minisblack", None, "3-D, denoised as a volume"),
+    ((4, 16, 16), "minisblack", None, "3-D, denoised as a volume"),
+    ((2, 3, 16, 16), "minisblack", None, "4-D, denoised as a volume"),
+    ((16, 16, 3), "rgb", "contig", "colour (RGB)"),
+    ((3, 16, 16), "rgb", "separate", "colour (RGB)"),
+])
+def test_tiff_pages_stay_pages_and_samples_stay_samples(tmp_path, capsys, shape, photometric, planar, shown):
+    """A stack of 3 or 4 grey pages was read as RGB or RGBA (skimage moves such pages to the last axis),
+    denoised as one colour image and written as one: the volume was lost without a word."""
+    tifffile = pytest.importorskip("tifffile")
+    rng = np.random.default_rng(0)
+    data = np.clip(np.round(120 + 20 * rng.standard_normal(shape)), 0, 255).astype(np.uint8)
+    src, dst = tmp_path / "in.tif", tmp_path / "out.tif"
+    tifffile.imwrite(src, data, photometric=photometric, **({"planarconfig": planar} if planar else {}))
+    assert main(["denoise", str(src), "--sigma", "20", "--search-size", "5", "--out", str(dst)]) == 0
+    assert shown in capsys.readouterr().out
+    with tifffile.TiffFile(dst) as tif:
+        series = tif.series[0]
+        out, axes, written = series.asarray(), series.axes, tif.pages[0].photometric.name
+    colour = photometric == "rgb"
+    expected = np.moveaxis(data, 0, -1) if planar == "separate" else data
+    assert out.shape == expected.shape and ("S" in axes) == colour and written == ("RGB" if colour else "MINISBLACK")
+    reference = nlref.nl_means(expected, sigma=20, search_size=5, channel_axis=-1 if colour else None)
+    np.testing.assert_array_equal(out, reference)
+
+
+def test_grey_and_alpha_tiff_round_trips(tmp_path):
+    tifffile = pytest.importorskip("tifffile")
+    data = (np.random.default_rng(1).random((16, 16, 2)) * 255).astype(np.uint8)
+    src, dst = tmp_path / "in.tif", tmp_path / "out.tif"
+    tifffile.imwrite(src, data, photometric="minisblack", planarconfig="contig", extrasamples=["unassalpha"])
+    assert main(["denoise", str(src), "--sigma", "20", "--search-size", "5", "--out", str(dst)]) == 0
+    out = tifffile.imread(dst)
+    assert out.shape == (16, 16, 2) and np.array_equal(out[..., 1], data[..., 1])   # alpha kept as it was
+
+
+def test_a_volume_to_png_is_refused_naming_the_slices(tmp_path, capsys):
+    tifffile = pytest.importorskip("tifffile")
+    tifffile.imwrite(tmp_path / "v.tif", np.zeros((5, 16, 16), np.uint8), photometric="minisblack")
+    assert main(["denoise", str(tmp_path / "v.tif"), "--sigma", "5", "--out", str(tmp_path / "v.png")]) == 2
+    assert "PNG cannot hold a volume of 5 slices (it holds grey, grey + alpha, RGB, RGBA); use .tif" in \
+        capsys.readouterr().err
