@@ -19,6 +19,7 @@ The standard has a few gaps that this module fills, each with one small helper:
 from __future__ import annotations
 
 import importlib
+import numbers
 
 import numpy as np
 import array_api_compat
@@ -26,6 +27,7 @@ import array_api_compat.numpy as _compat_numpy
 
 __all__ = [
     "array_namespace",
+    "rng",
     "require_real",
     "check_same_device",
     "check_on_device",
@@ -284,6 +286,21 @@ def reflect_pad(x, widths):
     return x
 
 
+def rng(seed, name="seed"):
+    """``numpy.random.default_rng(seed)`` for a seed nlref accepts: None, an int >= 0 or a Generator (returned as is).
+
+    Anything else is a TypeError or ValueError naming ``name``, not NumPy's "SeedSequence expects
+    int or sequence of ints" or "expected non-negative integer".
+    """
+    if seed is None or isinstance(seed, np.random.Generator):
+        return seed if seed is not None else np.random.default_rng()
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"{name} must be an int >= 0, a numpy.random.Generator or None; got {seed!r}")
+    if seed < 0:
+        raise ValueError(f"{name} must be an int >= 0 (or a Generator, or None); got {seed}")
+    return np.random.default_rng(int(seed))
+
+
 def normal(shape, *, seed=None, like=None, xp=None, dtype=None, device=None):
     """Standard normal samples, drawn on the host with NumPy's PCG64 and moved.
 
@@ -292,9 +309,9 @@ def normal(shape, *, seed=None, like=None, xp=None, dtype=None, device=None):
     ``None`` (fresh entropy) or a ``numpy.random.Generator``. ``device`` (with
     ``xp=``) places the samples as :func:`asarray` does.
     """
-    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    generator = rng(seed)
     host_dtype = np.float64 if dtype is None else np.dtype(dtype_name(dtype))
-    samples = rng.standard_normal(tuple(shape), dtype=np.float64).astype(host_dtype)
+    samples = generator.standard_normal(tuple(shape), dtype=np.float64).astype(host_dtype)
     return asarray(samples, like=like, xp=xp, device=device)
 
 

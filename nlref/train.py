@@ -493,6 +493,14 @@ def train(config: TrainConfig | None = None, out_dir: PathLike | None = None, *,
         ``resume`` without a checkpoint in ``out_dir``, or with one that is corrupted or
         from another configuration.
     """
+    if config is not None and not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig (TrainConfig(**fields), or TrainConfig.from_dict(d)), "
+                        f"got {type(config).__name__}")
+    for name, value in (("log", log), ("callback", callback)):  # checked now, not after the first epoch
+        if value is not None and not callable(value):
+            raise TypeError(f"{name} must be a callable or None, got {type(value).__name__}")
+    if isinstance(xp, str):
+        raise TypeError(f"xp must be an array library module (numpy, cupy, ...), not the string {xp!r}")
     config = (config or TrainConfig()).validate()
     if resume and out_dir is None:
         raise ValueError("resume=True needs out_dir (where the checkpoint is)")

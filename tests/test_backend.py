@@ -140,3 +140,22 @@ def test_dtype_name_never_compares_dtypes_of_two_libraries(recwarn):
             assert B.dtype_name(getattr(xs, name)) == name
         for name in names:
             assert B.dtype_name(np.dtype(name)) == name
+
+
+@pytest.mark.parametrize("make", [
+    lambda seed: __import__("nlref").nn.NonLocalBlock(4, seed=seed),
+    lambda seed: __import__("nlref").add_gaussian_noise(np.zeros((4, 4)), 0.1, seed=seed),
+    lambda seed: __import__("nlref").nn.functional.dropout_forward(np.ones((2, 3)), 0.5, training=True, seed=seed),
+])
+@pytest.mark.parametrize("seed, error", [(-1, ValueError), (1.5, TypeError), ("a", TypeError)])
+def test_a_bad_seed_is_named(make, seed, error):
+    """NumPy's own messages ("expected non-negative integer", "SeedSequence expects int") did not say which
+    argument was wrong."""
+    with pytest.raises(error, match="seed must be an int"):
+        make(seed)
+
+
+def test_rng_gives_numpys_generator_for_the_same_seed():
+    assert B.rng(7).random() == np.random.default_rng(7).random()
+    g = np.random.default_rng(1)
+    assert B.rng(g) is g and isinstance(B.rng(None), np.random.Generator)

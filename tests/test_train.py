@@ -157,6 +157,22 @@ def test_bad_configuration(tmp_path, field, value, match):
     assert not (tmp_path / "checkpoint.npz").exists()
 
 
+
+@pytest.mark.parametrize("args, kwargs, message", [
+    (({"epochs": 1},), {}, "config must be a TrainConfig .* got dict"),
+    (("c2d",), {}, "config must be a TrainConfig .* got str"),
+    ((None,), dict(xp="numpy"), "xp must be an array library module .* not the string 'numpy'"),
+    ((None,), dict(log="quiet"), "log must be a callable or None, got str"),
+    ((None,), dict(callback=3), "callback must be a callable or None, got int"),
+])
+def test_arguments_of_the_wrong_type_are_refused_before_any_work(tmp_path, args, kwargs, message):
+    """train({...}) and train(xp="numpy") raised AttributeError from deep inside; a log or callback that cannot
+    be called failed only after the first epoch had run and its checkpoint had been written."""
+    with pytest.raises(TypeError, match=message):
+        train(*args, tmp_path / "run", progress=False, **kwargs)
+    assert not (tmp_path / "run").exists()
+
+
 def test_resume_needs_out_dir():
     with pytest.raises(ValueError, match="resume=True needs out_dir"):
         train(TrainConfig(**TINY), None, resume=True, progress=False, log=None)

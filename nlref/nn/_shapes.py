@@ -133,6 +133,8 @@ def check_dropout(xp, x, p, seed, training):
     check_float("dropout_forward", xp, x=x)
     if training and p != 0 and (isinstance(seed, bool) or not hasattr(seed, "__index__")):
         raise TypeError(f"dropout_forward: seed must be an int when training with p > 0, got {seed!r}")
+    if training and p != 0 and seed.__index__() < 0:
+        raise ValueError(f"dropout_forward: seed must be an int >= 0, got {seed!r}")
 
 
 def pool_params(func, x, kernel, stride, padding):

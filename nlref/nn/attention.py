@@ -281,7 +281,7 @@ class MultiHeadAttention(_Params):
         self.bias = bool(bias)
         self.head_dim = self.embed_dim // self.num_heads
         self._setup(dtype, xp, device)
-        rng = np.random.default_rng(seed)
+        rng = B.rng(seed)
         e = self.embed_dim
         xavier = math.sqrt(6.0 / (e + 3 * e))
         self.params = {"in_proj_weight": self._array(rng.uniform(-xavier, xavier, (3 * e, e)))}

@@ -226,7 +226,7 @@ class NonLocalBlock:
         return B.asarray(np.asarray(host), xp=self.xp, dtype=self.dtype, device=self.device)
 
     def _init_params(self, seed):
-        rng = np.random.default_rng(seed)
+        rng = B.rng(seed)
         c, d = self.in_channels, self.inter_channels
 
         def uniform(shape, fan_in):

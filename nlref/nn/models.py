@@ -351,7 +351,7 @@ class VideoNet:
         self.dtype = dtype
         self.dropout = float(dropout)
         self.training = True
-        rng = np.random.default_rng(seed)
+        rng = B.rng(seed)
         self._dropout_rng = np.random.default_rng(rng.integers(2**63))
 
         make = functools.partial(_as_param, self)
@@ -646,7 +646,7 @@ class VideoTransformer(_Collected):
         self.grid = (frames // tubelet[0], size // tubelet[1], size // tubelet[2])
         self.num_tokens = math.prod(self.grid)
         self.training = True
-        rng = np.random.default_rng(seed)
+        rng = B.rng(seed)
 
         make = functools.partial(_as_param, self)
 
@@ -884,7 +884,7 @@ class ImageResNet(VideoNet):
         self.xp = B.compat_namespace(np if xp is None else xp)
         self.device = device
         self.dtype, self.dropout, self.training = dtype, float(dropout), True
-        rng = np.random.default_rng(seed)
+        rng = B.rng(seed)
         self._dropout_rng = np.random.default_rng(rng.integers(2**63))
 
         make = functools.partial(_as_param, self)
