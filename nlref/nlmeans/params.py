@@ -208,13 +208,13 @@ def working_dtype(dtype):
 def check_computable(xp, image, values_per_patch, *, h, sigma, peak=None):
     """Refuse, before any work, an ``h``, ``sigma`` or image values that the working dtype cannot carry.
 
-    The weights are ``exp(-(d / (C P) - 2 sigma^2) / h^2)`` with ``d`` a sum of ``C P`` squared
-    differences of image values. In float32 a tiny ``h`` makes ``1 / h^2`` infinite (below about
-    1e-19), and ``0 * inf`` is NaN: the result came back all NaN without a word; a huge ``h``
-    overflowed Python's ``h**2`` (and float32's above
-    about 1.8e19); values near 1e19 make ``d`` itself overflow. ``peak``: the
-    largest magnitude of the image where the caller has read it (the chunked routes); else the
-    integer dtype's bound, or one pass over an in-memory image.
+    The weights are ``exp(-max(d / (C P) - 2 sigma^2, 0) / h^2)`` with ``d`` a sum of ``C P``
+    squared differences of image values. In float32 a tiny ``h`` makes ``1 / h^2`` infinite
+    (below about 1e-19), and ``0 * inf`` is NaN: the result came back all NaN without a word. A
+    huge ``h`` overflowed Python's ``h**2`` (float32's above about 1.8e19). Values near 1e19 make
+    ``d`` itself overflow float32. ``peak``: the largest magnitude of the image where the caller
+    has read it (the chunked routes); else the integer dtype's bound, or a read of an in-memory
+    image's extremes.
     """
     work = working_dtype(image.dtype)
     big = float(np.finfo(work).max)
