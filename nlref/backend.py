@@ -32,6 +32,7 @@ __all__ = [
     "check_same_device",
     "check_on_device",
     "compat_namespace",
+    "library",
     "asarray",
     "device",
     "dtype_name",
@@ -240,6 +241,18 @@ def compat_namespace(xp):
     if name in ("numpy", "cupy", "torch"):
         return importlib.import_module(f"array_api_compat.{name}")
     return xp
+
+
+def library(xp):
+    """The array-API namespace of the library module ``xp`` (NumPy for None), as :func:`compat_namespace` gives it.
+
+    Anything that is not an array library (a string such as ``"numpy"``, the ``math`` module) is a
+    TypeError naming ``xp``, before a model or a run is built on it.
+    """
+    ns = compat_namespace(np if xp is None else xp)
+    if not all(hasattr(ns, f) for f in ("asarray", "matmul", "float32")):
+        raise TypeError(f"xp must be an array library module (numpy, cupy, array_api_strict, torch), got {xp!r}")
+    return ns
 
 
 def _reflect_indices(n: int, before: int, after: int) -> np.ndarray:

@@ -499,8 +499,7 @@ def train(config: TrainConfig | None = None, out_dir: PathLike | None = None, *,
     for name, value in (("log", log), ("callback", callback)):  # checked now, not after the first epoch
         if value is not None and not callable(value):
             raise TypeError(f"{name} must be a callable or None, got {type(value).__name__}")
-    if isinstance(xp, str):
-        raise TypeError(f"xp must be an array library module (numpy, cupy, ...), not the string {xp!r}")
+    B.library(xp)  # an xp that is no array library is refused before out_dir is touched
     config = (config or TrainConfig()).validate()
     if resume and out_dir is None:
         raise ValueError("resume=True needs out_dir (where the checkpoint is)")

@@ -161,7 +161,7 @@ def test_bad_configuration(tmp_path, field, value, match):
 @pytest.mark.parametrize("args, kwargs, message", [
     (({"epochs": 1},), {}, "config must be a TrainConfig .* got dict"),
     (("c2d",), {}, "config must be a TrainConfig .* got str"),
-    ((None,), dict(xp="numpy"), "xp must be an array library module .* not the string 'numpy'"),
+    ((None,), dict(xp="numpy"), "xp must be an array library module .* got 'numpy'"),
     ((None,), dict(log="quiet"), "log must be a callable or None, got str"),
     ((None,), dict(callback=3), "callback must be a callable or None, got int"),
 ])

@@ -140,7 +140,8 @@ def resolve(xp, image, spatial, *, sigma, h, patch_size, search_size, channel_ax
     """The parameters :func:`nlref.nl_means` uses, for an image whose shape and dtype are checked.
 
     ``peak``: the largest magnitude of a float image, where the caller has
-    already read it (a lazy array, whose every read is a pass over the data).
+    already read it (a lazy array, whose every read is a pass over the data); else it is read
+    here, once, for the units check, the presets' scale and :func:`check_computable`.
     ``noise``: the noise estimate, where the caller has computed it (the
     chunked routes' exact median); else :func:`nlref.nlmeans.noise.estimate_sigma`
     is called when a preset needs it. Only a ``sigma`` or ``h`` the caller
@@ -149,6 +150,8 @@ def resolve(xp, image, spatial, *, sigma, h, patch_size, search_size, channel_ax
     """
     args = check_arguments(spatial, sigma=sigma, h=h, patch_size=patch_size, search_size=search_size,
                            aggregation=aggregation, data_range=data_range)
+    if peak is None and not is_integer_dtype(xp, image.dtype):  # read once: the units check, the presets'
+        peak = float(xp.max(xp.abs(image)))                       # scale and check_computable all use it
     sigma, h, patch_size, search_size, data_range = (args[k] for k in ("sigma", "h", "patch_size", "search_size",
                                                                        "data_range"))
     for name, value in (("sigma", sigma), ("h", h)):
@@ -213,8 +216,8 @@ def check_computable(xp, image, values_per_patch, *, h, sigma, peak=None):
     (below about 1e-19), and ``0 * inf`` is NaN: the result came back all NaN without a word. A
     huge ``h`` overflowed Python's ``h**2`` (float32's above about 1.8e19). Values near 1e19 make
     ``d`` itself overflow float32. ``peak``: the largest magnitude of the image where the caller
-    has read it (the chunked routes); else the integer dtype's bound, or a read of an in-memory
-    image's extremes.
+    has read it (:func:`resolve` does for float images); else the integer dtype's bound, or a
+    read of the image's extremes for the integer types whose bound is too wide to tell.
     """
     work = working_dtype(image.dtype)
     big = float(np.finfo(work).max)
@@ -248,8 +251,7 @@ def to_working(xp, image, channel_axis):
     x = image if channel_axis is None else xp.moveaxis(image, channel_axis, 0)
     if channel_axis is None:
         x = x[None, ...]
-    dtype = xp.float64 if image.dtype == xp.float64 else xp.float32
-    return xp.astype(x, dtype)
+    return xp.astype(x, getattr(xp, np.dtype(working_dtype(image.dtype)).name))
 
 
 def from_working(xp, u, image, channel_axis):

@@ -8,10 +8,24 @@ work) and builds the slices that pick one offset of every window out of a padded
 from __future__ import annotations
 
 import itertools
+import math
 import numbers
 import operator
 
 from ..backend import device, dtype_name
+
+
+def check_number(name, value, *, low, strict=False):
+    """A finite real ``value`` >= ``low`` (> ``low`` with ``strict``); else a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+            or value < low or (strict and value == low):
+        raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {low:g}, got {value!r}")
+
+
+def check_int(name, value, *, low):
+    """An int ``value`` >= ``low`` (not a bool); else a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
 
 
 def dtype_of(a):

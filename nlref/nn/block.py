@@ -204,9 +204,7 @@ class NonLocalBlock:
         if name not in ("float32", "float64"):
             raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
         self.dtype_name = name
-        self.xp = B.compat_namespace(np if xp is None else xp)
-        if not all(hasattr(self.xp, f) for f in ("asarray", "matmul", "float32")):
-            raise TypeError(f"xp must be an array library module (numpy, cupy, array_api_strict, torch), got {xp!r}")
+        self.xp = B.library(xp)
         self.dtype = getattr(self.xp, name)
         self.device = device
         self.training = True

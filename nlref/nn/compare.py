@@ -16,8 +16,6 @@ agreeing. PyTorch is needed only here (imported when the function runs).
 from __future__ import annotations
 
 import copy
-import math
-import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +24,8 @@ import numpy as np
 from .._typing import Array
 from .. import backend as B
 from . import layouts
+from ._shapes import check_int, check_number
+from ._state import real_host
 from .block import NonLocalBlock
 from .nonlocal_op import MODES
 
@@ -295,21 +295,6 @@ def _zero_rows(rows):
     return [r[0] for r in rows if r[3]]
 
 
-def _real_input(name, value):
-    """``x`` or ``dz`` as a float64 host copy: real and finite, else an error naming it (a NaN in the input
-    would make every row DIFFER and blame the module)."""
-    try:
-        host = np.array(value if isinstance(value, np.ndarray) else B.to_numpy(value))
-    except Exception as err:
-        raise TypeError(f"{name} must be an array (NumPy or a torch tensor); got {type(value).__name__}") from err
-    if host.dtype.kind not in "biuf":
-        raise TypeError(f"{name} must hold real numbers; got dtype {host.dtype}")
-    host = host.astype(np.float64)
-    if not np.all(np.isfinite(host)):
-        raise ValueError(f"{name} holds NaN or infinite values: the comparison needs finite input")
-    return host
-
-
 def compare_block(module: Any, x: Array, layout: str | None = None, *, dz: Array | None = None, seed: int = 0,
                   weights: str = "auto", rtol: float = 1e-9, atol: float = 1e-12, verbose: bool = True,
                   **options: Any) -> BlockComparison:
@@ -380,11 +365,9 @@ def compare_block(module: Any, x: Array, layout: str | None = None, *, dz: Array
     """
     import torch
 
-    for name, value in (("rtol", rtol), ("atol", atol)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    check_number("rtol", rtol, low=0)
+    check_number("atol", atol, low=0)
+    check_int("seed", seed, low=0)  # randomize_module seeds torch with it
     if layout is not None and layout not in layouts.PEER_LAYOUTS:
         raise ValueError(f"layout must be None (detect) or one of {layouts.PEER_LAYOUTS}, got {layout!r}")
     if weights not in WEIGHTS:
@@ -404,12 +387,12 @@ def compare_block(module: Any, x: Array, layout: str | None = None, *, dz: Array
     if opts.get("mode") not in MODES:
         raise ValueError(f"could not read {type(module).__name__}'s mode ({layout} layout); pass mode= (one of "
                          f"{MODES})")
-    host_x = _real_input("x", x)
+    host_x = real_host("x", x, np.float64)  # real and finite: a NaN would make every row DIFFER, blaming the module
     if host_x.ndim < 3:
         raise ValueError(f"x must have shape (B, C, *S), got {host_x.shape}")
     if dz is None:
         dz = np.random.default_rng(seed).standard_normal(host_x.shape)
-    dz = _real_input("dz", dz)
+    dz = real_host("dz", dz, np.float64)
     if dz.shape != host_x.shape:
         raise ValueError(f"dz must have the shape of x, {host_x.shape}; got {dz.shape}")
 

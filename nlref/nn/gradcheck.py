@@ -36,6 +36,7 @@ import numpy as np
 
 from .._typing import Array
 from .. import backend as B
+from ._shapes import check_int, check_number
 
 __all__ = ["gradcheck", "layer_gradcheck", "GradcheckResult"]
 
@@ -182,21 +183,12 @@ def gradcheck(forward: Callable[..., Array], backward: Callable[[Array], dict], 
 
 def _check_settings(*, eps, rtol, atol, directions, seed, wrt):
     """The checks' settings, refused with the argument named when they could not check anything."""
-    import math
-    import numbers
-
-    def real(name, value, low, *, strict):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
-                or value < low or (strict and value == low):
-            raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {low:g}, got {value!r}")
-
-    real("eps", eps, 0, strict=True)
-    real("rtol", rtol, 0, strict=False)
+    check_number("eps", eps, low=0, strict=True)
+    check_number("rtol", rtol, low=0)
     if atol is not None:
-        real("atol", atol, 0, strict=False)
-    for name, value, low in (("directions", directions, 1), ("seed", seed, 0)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        check_number("atol", atol, low=0)
+    check_int("directions", directions, low=1)
+    check_int("seed", seed, low=0)
     if isinstance(wrt, str):
         raise TypeError(f"wrt must be a list of input names, not a string: wrt=[{wrt!r}]")
 

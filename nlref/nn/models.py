@@ -346,7 +346,7 @@ class VideoNet:
                        "extent": extent, "nonlocal_options": options, "in_channels": int(in_channels),
                        "num_classes": int(num_classes), "widths": list(widths), "blocks": list(blocks),
                        "dropout": float(dropout), "dtype": dtype}
-        self.xp = B.compat_namespace(np if xp is None else xp)
+        self.xp = B.library(xp)
         self.device = device
         self.dtype = dtype
         self.dropout = float(dropout)
@@ -639,7 +639,7 @@ class VideoTransformer(_Collected):
                        "num_classes": int(num_classes), "tubelet": [int(v) for v in tubelet],
                        "embed_dim": int(embed_dim), "depth": int(depth), "num_heads": int(num_heads),
                        "mlp_dim": int(mlp_dim), "pos": pos, "pool": pool, "dtype": dtype}
-        self.xp = B.compat_namespace(np if xp is None else xp)
+        self.xp = B.library(xp)
         self.device = device
         self.dtype = dtype
         self.tubelet = tuple(int(v) for v in tubelet)
@@ -881,7 +881,7 @@ class ImageResNet(VideoNet):
         self.config = {"nonlocal_blocks": int(nonlocal_blocks), "mode": mode, "nonlocal_options": options,
                        "in_channels": int(in_channels), "num_classes": int(num_classes), "width": int(width),
                        "blocks": int(blocks), "dropout": float(dropout), "dtype": dtype}
-        self.xp = B.compat_namespace(np if xp is None else xp)
+        self.xp = B.library(xp)
         self.device = device
         self.dtype, self.dropout, self.training = dtype, float(dropout), True
         rng = B.rng(seed)

@@ -480,6 +480,14 @@ def test_constructor_errors(kwargs, match):
         VideoNet(**{**TINY, **kwargs})
 
 
+
+@pytest.mark.parametrize("xp", ["numpy", __import__("math")])
+def test_an_xp_that_is_no_array_library_is_named(xp):
+    """VideoNet(xp="numpy") raised AttributeError: 'str' object has no attribute 'float32'."""
+    with pytest.raises(TypeError, match="xp must be an array library module .* got"):
+        VideoNet(**TINY, xp=xp)
+
+
 def test_backward_without_input_grad_gives_the_same_parameter_gradients():
     net = _randomise(_net(nonlocal_blocks=1, dropout=0.5))
     dlogits = np.random.default_rng(2).standard_normal((X_SHAPE[0], 2))

@@ -599,10 +599,10 @@ def test_compare_block_errors():
 
 
 @pytest.mark.parametrize("kwargs, error, message", [
-    (dict(x="abc"), TypeError, "x must be an array"),
-    (dict(x=np.full((1, 4, 2, 2, 2), 1j)), TypeError, "x must hold real numbers; got dtype complex128"),
-    (dict(x=np.full((1, 4, 2, 2, 2), np.nan)), ValueError, "x holds NaN or infinite values"),
-    (dict(dz=np.full((1, 4, 2, 2, 2), np.inf)), ValueError, "dz holds NaN or infinite values"),
+    (dict(x="abc"), TypeError, "x must be an array of real numbers; got str"),
+    (dict(x=np.full((1, 4, 2, 2, 2), 1j)), TypeError, "x must hold real numbers .*got dtype complex128"),
+    (dict(x=np.full((1, 4, 2, 2, 2), np.nan)), ValueError, "x holds non-finite values"),
+    (dict(dz=np.full((1, 4, 2, 2, 2), np.inf)), ValueError, "dz holds non-finite values"),
     (dict(rtol=-1.0), ValueError, "rtol must be a finite number >= 0"),
     (dict(rtol=math.nan), ValueError, "rtol must be a finite number >= 0"),
     (dict(atol="1e-9"), ValueError, "atol must be a finite number >= 0"),
