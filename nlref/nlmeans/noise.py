@@ -84,6 +84,12 @@ def estimate_sigma(image: Array, *, channel_axis: int | None = None) -> float:
     channel_axis, _ = check_axes(tuple(image.shape), channel_axis)  # as nl_means checks them
     if xp.isdtype(image.dtype, "real floating") and not bool(xp.all(xp.isfinite(image))):
         raise ValueError(NOT_FINITE)
+    return estimate_checked(xp, image, channel_axis)
+
+
+def estimate_checked(xp, image, channel_axis):
+    """:func:`estimate_sigma` of an image the caller has checked (``check_image``: axes, finite values),
+    ``channel_axis`` normalised; ``nl_means`` calls it after its own checks, so they are not made twice."""
     x = image if xp.isdtype(image.dtype, "real floating") else xp.astype(image, xp.float64)
     if channel_axis is not None:
         x = xp.moveaxis(x, channel_axis, 0)

@@ -17,7 +17,7 @@ import numpy as np
 from ..backend import dtype_name
 from . import presets
 from .fast import working_memory
-from .noise import estimate_sigma
+from .noise import estimate_checked
 
 __all__ = ["WORKING_MEMORY_LIMIT", "AGGREGATIONS", "is_integer_dtype", "integer_range", "units_doubt", "sizes",
            "positive", "default_data_range", "check_arguments", "needs_noise", "resolve", "to_working",
@@ -143,7 +143,7 @@ def resolve(xp, image, spatial, *, sigma, h, patch_size, search_size, channel_ax
     already read it (a lazy array, whose every read is a pass over the data); else it is read
     here, once, for the units check, the presets' scale and :func:`check_computable`.
     ``noise``: the noise estimate, where the caller has computed it (the
-    chunked routes' exact median); else :func:`nlref.nlmeans.noise.estimate_sigma`
+    chunked routes' exact median); else :func:`nlref.nlmeans.noise.estimate_checked`
     is called when a preset needs it. Only a ``sigma`` or ``h`` the caller
     gave is checked against the image's units (an estimate is in them by
     construction).
@@ -165,7 +165,7 @@ def resolve(xp, image, spatial, *, sigma, h, patch_size, search_size, channel_ax
     if sigma is None:
         # the preset needs a noise level even when h is given
         if h is None or patch_size is None or search_size is None:
-            noise = estimate_sigma(image, channel_axis=channel_axis) if noise is None else float(noise)
+            noise = estimate_checked(xp, image, channel_axis) if noise is None else float(noise)  # checked
             source = "estimated"
         sigma = noise if h is None else 0.0
 
