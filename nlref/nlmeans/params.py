@@ -141,9 +141,9 @@ def resolve(xp, image, spatial, *, sigma, h, patch_size, search_size, channel_ax
 
     ``peak``: the largest magnitude of a float image, where the caller has
     already read it (a lazy array, whose every read is a pass over the data); else it is read
-    here, once, for the units check, the presets' scale and :func:`check_computable`.
+    here, once, for the units check, the presets' scale and ``check_computable``.
     ``noise``: the noise estimate, where the caller has computed it (the
-    chunked routes' exact median); else :func:`nlref.nlmeans.noise.estimate_checked`
+    chunked routes' exact median); else ``nlref.nlmeans.noise.estimate_checked``
     is called when a preset needs it. Only a ``sigma`` or ``h`` the caller
     gave is checked against the image's units (an estimate is in them by
     construction).
