@@ -46,10 +46,10 @@ import itertools
 import math
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from itertools import product
 
 from ..backend import array_namespace, device, is_numpy, native_namespace, reflect_pad, supports_out
+from ._pool import NEVER, stoppable_pool
 from .fast_numba import nl_means_numba_padded  # imports Numba only when it first runs
 
 __all__ = ["nl_means_fast", "nl_means_fast_padded", "halo", "working_memory", "resolve_engine", "ENGINES",
@@ -479,11 +479,13 @@ def nl_means_fast_padded(padded, *, inside, h, sigma, patch_size, search_size, a
     z_lo, z_hi = (a, b) if want_num else (a - K, b + K)
     z_n = z_hi - z_lo
 
-    def first_pass(deltas):
-        """Partial sums over one part: [den] or [num_0, ..., num_{C-1}, den]."""
+    def first_pass(deltas, stop):
+        """Partial sums over one part: [den] or [num_0, ..., num_{C-1}, den] (unfinished once ``stop`` is set)."""
         sums = part_sums([n] * channels + [z_n] if want_num else [z_n])
         with buffers.borrow() as buf:
             for d0, count in _batches(deltas, batch):
+                if stop.is_set():
+                    break
                 d_max = d0 + count - 1
                 w = weights(d0, count, z_lo - d_max, z_hi, buf)
                 for j in range(count):
@@ -514,12 +516,14 @@ def nl_means_fast_padded(padded, *, inside, h, sigma, patch_size, search_size, a
     inv_z = mask[a - K : b + K] / den  # over [a - K, b + K)
     count = _box_all(steps, mask[a - 2 * K : b + 2 * K], box_axes)[K : K + n]  # patches covering x
 
-    def patch_pass(deltas):
-        """Partial sums over one part: [num_0, ..., num_{C-1}]."""
+    def patch_pass(deltas, stop):
+        """Partial sums over one part: [num_0, ..., num_{C-1}] (unfinished once ``stop`` is set)."""
         num = part_sums([n] * channels)
         m = n + 2 * K
         with buffers.borrow() as buf:
             for d0, count in _batches(deltas, batch):
+                if stop.is_set():
+                    break
                 d_max = d0 + count - 1
                 w = weights(d0, count, a - K - d_max, b + K, buf)
                 share_fwd = steps.mul(w[:, d_max : d_max + m], inv_z, steps.view(buf["a1"], count, m))
@@ -595,7 +599,7 @@ class _BufferPool:
 
 
 def _sum_parts(steps, task, parts, workers, recycle):
-    """The sum over ``parts`` of ``task(part)`` (a list of arrays each), added in part order.
+    """The sum over ``parts`` of ``task(part, stop)`` (a list of arrays each), added in part order.
 
     ``recycle(sums)`` receives each part's sums once they are added (the
     first part's become the total).
@@ -603,7 +607,8 @@ def _sum_parts(steps, task, parts, workers, recycle):
     ``workers`` threads run the parts (NumPy ufuncs release the GIL); at most
     ``workers`` parts are started and not yet added, so at most that many sets
     of partial sums are alive besides the total. The order of the additions never depends on
-    ``workers``.
+    ``workers``. If this thread raises (Ctrl-C), ``stop`` is set, and a task reads it between
+    its batches of offsets (``_pool.stoppable_pool``).
     """
 
     def add(total, part_sums):
@@ -616,16 +621,16 @@ def _sum_parts(steps, task, parts, workers, recycle):
     total = None
     if workers == 1 or len(parts) == 1:
         for part in parts:
-            total = add(total, task(part))
+            total = add(total, task(part, NEVER))  # Ctrl-C stops this thread between two NumPy calls
         return total
     upcoming = iter(parts)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        pending = collections.deque(pool.submit(task, part) for part in itertools.islice(upcoming, workers))
+    with stoppable_pool(workers) as (pool, stop):
+        pending = collections.deque(pool.submit(task, part, stop) for part in itertools.islice(upcoming, workers))
         while pending:
             total = add(total, pending.popleft().result())
             following = next(upcoming, None)  # started only now: at most `workers` partial sums wait
             if following is not None:
-                pending.append(pool.submit(task, following))
+                pending.append(pool.submit(task, following, stop))
     return total
 
 

@@ -40,11 +40,12 @@ from __future__ import annotations
 
 import math
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-__all__ = ["nl_means_numba_padded", "compile_kernels", "TILE_ELEMENTS", "TILE_REACHES"]
+from ._pool import NEVER, stoppable_pool
+
+__all__ = ["nl_means_numba_padded", "compile_kernels", "TILE_ELEMENTS", "TILE_REACHES", "STEP_ELEMENTS"]
 
 #: A tile covers about this many flat positions (whole rows of the padded image,
 #: at least one row); its scratch arrays then stay in the L2 cache. No effect on
@@ -56,6 +57,10 @@ TILE_ELEMENTS = 2**15
 #: volume with 3^3 patches has K of about 68,000, and tiles of 2**15 positions
 #: computed about five times the work (docs/engine.md). No effect on the result.
 TILE_REACHES = 8
+#: A tile calls its kernel once per run of offsets worth about this many flat positions (a few
+#: milliseconds), and between two runs reads whether the caller has stopped (Ctrl-C). The runs add
+#: into the same float64 sums in the same order: no effect on the result.
+STEP_ELEMENTS = 2**22
 
 _KERNEL = dict(nogil=True, cache=True, error_model="numpy", boundscheck=False)
 
@@ -297,13 +302,28 @@ def _tiles(lo, hi, row, reach, workers):
 
 
 def _run(tiles, task, workers):
+    """``task(lo, hi, stop)`` for every tile, on ``workers`` threads; a Ctrl-C stops it within one run
+    of offsets (:data:`STEP_ELEMENTS`)."""
     if workers == 1 or len(tiles) == 1:
         for tile in tiles:
-            task(*tile)
+            task(*tile, NEVER)  # Ctrl-C is raised here between two runs of offsets
         return
-    with ThreadPoolExecutor(max_workers=min(workers, len(tiles))) as pool:
-        for future in [pool.submit(task, *tile) for tile in tiles]:
+    with stoppable_pool(min(workers, len(tiles))) as (pool, stop):
+        for future in [pool.submit(task, *tile, stop) for tile in tiles]:
             future.result()
+
+
+def _in_runs(stop, cost, kernel, rows, lo, hi, deltas, *rest):
+    """``kernel(rows, lo, hi, deltas, *rest)`` as one call per run of consecutive offsets, each about
+    :data:`STEP_ELEMENTS` positions of work (``cost`` per offset, at least one offset per run), in order;
+    False if ``stop`` was set between two runs. The scratch arrays in ``rest`` are freed on return, before
+    the caller's last step."""
+    per = max(1, STEP_ELEMENTS // max(1, cost))
+    for i in range(0, deltas.shape[0], per):
+        if stop.is_set():
+            return False
+        kernel(rows, lo, hi, deltas[i : i + per], *rest)
+    return True
 
 
 def nl_means_numba_padded(padded, *, inside, geo, h, sigma, aggregation, workers, floor, progress=None):
@@ -338,12 +358,13 @@ def nl_means_numba_padded(padded, *, inside, geo, h, sigma, aggregation, workers
     if aggregation == "pixel":
         out = np.empty((channels, b - a), dtype=dtype)
 
-        def pixel_task(lo, hi):
+        def pixel_task(lo, hi, stop):
             n = hi - lo
             num = np.zeros((channels, n), dtype=np.float64)
             den = np.zeros(n, dtype=np.float64)
-            _sums_tile(rows, lo, hi, deltas, K, widths, steps, coef, bias, floor, True, num, den,
-                       *scratch(n + d_max + 2 * K, 4))
+            if not _in_runs(stop, n + d_max + 2 * K, _sums_tile, rows, lo, hi, deltas, K, widths, steps, coef, bias,
+                            floor, True, num, den, *scratch(n + d_max + 2 * K, 4)):
+                return
             out[:, lo - a : hi - a] = (rows[:, lo:hi] + num) / (1.0 + den)
 
         _run(_tiles(a, b, row, K, workers), pixel_task, workers)
@@ -355,11 +376,12 @@ def nl_means_numba_padded(padded, *, inside, geo, h, sigma, aggregation, workers
     den = np.empty(z_hi - z_lo, dtype=np.float64)
     no_num = np.zeros((channels, 0), dtype=np.float64)
 
-    def z_task(lo, hi):
+    def z_task(lo, hi, stop):
         n = hi - lo
         part = np.zeros(n, dtype=np.float64)
-        _sums_tile(rows, lo, hi, deltas, K, widths, steps, coef, bias, floor, False, no_num, part,
-                   *scratch(n + d_max + 2 * K, 4))
+        if not _in_runs(stop, n + d_max + 2 * K, _sums_tile, rows, lo, hi, deltas, K, widths, steps, coef, bias,
+                        floor, False, no_num, part, *scratch(n + d_max + 2 * K, 4)):
+            return
         den[lo - z_lo : hi - z_lo] = 1.0 + part  # the centre offset has weight exp(0) = 1
 
     _run(_tiles(z_lo, z_hi, row, K, workers), z_task, workers)
@@ -371,12 +393,13 @@ def nl_means_numba_padded(padded, *, inside, geo, h, sigma, aggregation, workers
     out = np.empty((channels, b - a), dtype=dtype)
     centre, count = _box_flat(inv_z64, geo), _box_flat(mask[a - 2 * K : b + 2 * K], geo)[K : K + b - a]
 
-    def patch_task(lo, hi):
+    def patch_task(lo, hi, stop):
         n = hi - lo
         num = np.zeros((channels, n), dtype=np.float64)
         big = n + d_max + 4 * K
-        _patch_tile(rows, lo, hi, deltas, K, widths, steps, coef, bias, floor, inv_z, z_lo, num,
-                    *scratch(big, 4), *scratch(n + 2 * K, 2), *scratch(big, 2))
+        if not _in_runs(stop, 2 * big, _patch_tile, rows, lo, hi, deltas, K, widths, steps, coef, bias, floor,  # 2 boxes
+                        inv_z, z_lo, num, *scratch(big, 4), *scratch(n + 2 * K, 2), *scratch(big, 2)):
+            return
         i, j = lo - a, hi - a
         safe = np.where(count[i:j] > 0, count[i:j], 1.0)
         out[:, i:j] = (rows[:, lo:hi] * centre[i:j] + num) / safe

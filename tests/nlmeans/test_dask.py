@@ -314,6 +314,7 @@ def test_store_memory_of_a_worker_is_one_task():
     m = halo((3, 3, 3), (5, 5, 5))
     block = np.prod([c + 2 * w for c, w in zip(chunks, m)]) * image.itemsize  # chunk + halo, float32
     loop = working_memory(chunks, 1, (3, 3, 3), (5, 5, 5), "pixel", 4, 1)
+    nlref.nl_means(image[:4, :16, :16], workers=1, **kwargs)  # Numba's kernels compiled or loaded outside the trace
     store_route = chunked.nl_means_store(image, chunks=chunks, **kwargs)
     peak_store = traced_peak(lambda: da.store(store_route, target, scheduler="synchronous"))
     np.testing.assert_array_equal(target, nlref.nl_means(image, workers=1, **kwargs))

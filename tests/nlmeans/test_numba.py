@@ -63,7 +63,7 @@ def test_numba_equals_the_definition_and_the_numpy_engine(monkeypatch, name, sha
 
 @pytest.mark.parametrize("aggregation", ["pixel", "patch"])
 def test_same_bits_for_any_workers_and_any_tile_size(monkeypatch, aggregation):
-    """No value depends on where a tile starts or which thread runs it."""
+    """No value depends on where a tile starts, which thread runs it, or how its offsets are cut into calls."""
     clean = nlref.data.camera()[200:264, 180:250]
     image = nlref.add_gaussian_noise(clean, 20 / 255, seed=1).astype(np.float32)
     first = _run(monkeypatch, "numba", image, aggregation=aggregation, workers=1)
@@ -75,6 +75,11 @@ def test_same_bits_for_any_workers_and_any_tile_size(monkeypatch, aggregation):
         monkeypatch.setattr(fast_numba, "TILE_ELEMENTS", tile)
         np.testing.assert_array_equal(_run(monkeypatch, "numba", image, aggregation=aggregation, workers=2), first,
                                       err_msg=f"TILE_ELEMENTS={tile}")
+    monkeypatch.undo()
+    for step in (1, 5000, 2**40):  # one offset per kernel call (stop checked after each); several; all at once
+        monkeypatch.setattr(fast_numba, "STEP_ELEMENTS", step)
+        np.testing.assert_array_equal(_run(monkeypatch, "numba", image, aggregation=aggregation, workers=2), first,
+                                      err_msg=f"STEP_ELEMENTS={step}")
 
 
 @pytest.mark.parametrize("aggregation", ["pixel", "patch"])
