@@ -273,6 +273,37 @@ def build_model(config, xp=None, device=None):
                     seed=config.seed, xp=xp, device=device)
 
 
+def data_bytes(config):
+    """Bytes of a run's train and validation sets: the clips (or images) alone, in ``config.dtype``."""
+    per_example = config.channels * config.size**2 * (1 if config.task == "pairs2d" else config.frames)
+    return (config.n_train + config.n_val) * per_example * np.dtype(config.dtype).itemsize
+
+
+def _physical_memory():
+    """This machine's memory in bytes, or None where the system does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not POSIX, or the names unknown here
+        return None
+
+
+def check_memory(config):
+    """Refuse, before any work, a run whose data set alone is larger than this machine's memory.
+
+    The data are made on the host in NumPy whatever ``xp`` is, and the network's
+    activations come on top, so the run could not finish: it would be killed
+    while making the data (``size=1000`` asks for 80 GB).
+    """
+    need, have = data_bytes(config), _physical_memory()
+    if have is None or need <= have:
+        return
+    example = (f"images of {config.channels} x {config.size} x {config.size}" if config.task == "pairs2d" else
+               f"clips of {config.channels} x {config.frames} x {config.size} x {config.size}")
+    raise ValueError(f"the data set alone would take {need / 1e9:.1f} GB (n_train + n_val = "
+                     f"{config.n_train + config.n_val} {example} {config.dtype}), more than this machine's "
+                     f"{have / 2**30:.1f} GiB of memory: lower size, n_train or n_val")
+
+
 def build_data(config, xp=None, device=None):
     """(train, val) :class:`~nlref.data.sprites.SpriteClips` (or :class:`~nlref.data.pairs2d.PairImages`)."""
     if config.task == "pairs2d":
@@ -487,8 +518,9 @@ def train(config: TrainConfig | None = None, out_dir: PathLike | None = None, *,
     Raises
     ------
     ValueError
-        A bad configuration; ``resume`` and ``overwrite`` together; ``out_dir`` holds a
-        run and neither ``resume`` nor ``overwrite`` is given; ``out_dir`` cannot be written.
+        A bad configuration; a data set larger than this machine's memory; ``resume`` and
+        ``overwrite`` together; ``out_dir`` holds a run and neither ``resume`` nor
+        ``overwrite`` is given; ``out_dir`` cannot be written.
     CheckpointError
         ``resume`` without a checkpoint in ``out_dir``, or with one that is corrupted or
         from another configuration.
@@ -501,6 +533,7 @@ def train(config: TrainConfig | None = None, out_dir: PathLike | None = None, *,
             raise TypeError(f"{name} must be a callable or None, got {type(value).__name__}")
     B.library(xp)  # an xp that is no array library is refused before out_dir is touched
     config = (config or TrainConfig()).validate()
+    check_memory(config)
     if resume and out_dir is None:
         raise ValueError("resume=True needs out_dir (where the checkpoint is)")
     if resume and overwrite:

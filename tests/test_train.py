@@ -173,6 +173,29 @@ def test_arguments_of_the_wrong_type_are_refused_before_any_work(tmp_path, args,
     assert not (tmp_path / "run").exists()
 
 
+def test_a_data_set_larger_than_the_memory_is_refused_before_any_work(tmp_path, monkeypatch):
+    """size=1000 asked for 160 GB of clips and the process was killed while making them."""
+    config = TrainConfig(**{**TINY, "size": 1000})
+    need = T.data_bytes(config)
+    assert need == (config.n_train + config.n_val) * config.frames * 1000**2 * 4
+    assert T.data_bytes(TrainConfig(**{**TINY, "task": "pairs2d", "size": 24})) == (TINY["n_train"] + TINY["n_val"]) * 24**2 * 4
+    monkeypatch.setattr(T, "_physical_memory", lambda: need - 1)
+    with pytest.raises(ValueError, match=r"the data set alone would take .* GB .* lower size, n_train or n_val"):
+        train(config, tmp_path / "new", progress=False, log=None)
+    assert not (tmp_path / "new").exists()
+    tiny_run(tmp_path / "old", epochs=1)
+    before = folder_bytes(tmp_path / "old")
+    with pytest.raises(ValueError, match="the data set alone"):  # --overwrite: the finished run is kept
+        train(config, tmp_path / "old", overwrite=True, progress=False, log=None)
+    assert folder_bytes(tmp_path / "old") == before
+    monkeypatch.setattr(T, "_physical_memory", lambda: need)  # fits: not refused
+    T.check_memory(config)
+    monkeypatch.setattr(T, "_physical_memory", lambda: None)  # the system does not say: not refused
+    T.check_memory(config)
+    monkeypatch.undo()
+    assert T._physical_memory() > 2**28  # this machine's, as the system says
+
+
 def test_resume_needs_out_dir():
     with pytest.raises(ValueError, match="resume=True needs out_dir"):
         train(TrainConfig(**TINY), None, resume=True, progress=False, log=None)

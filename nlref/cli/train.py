@@ -90,7 +90,7 @@ def _refuse_ignored(args):
 def run_train(args):
     """``nlref train``: the options map one to one onto :class:`nlref.train.TrainConfig`."""
     from nlref.backend import retain_freed_memory
-    from nlref.train import CHECKPOINT, RUN_FILES, TASK_DEFAULTS, CheckpointError, TrainConfig, train
+    from nlref.train import CHECKPOINT, RUN_FILES, TASK_DEFAULTS, CheckpointError, TrainConfig, check_memory, train
 
     xp = None
     if args.backend == "cupy":
@@ -119,6 +119,7 @@ def run_train(args):
         fields["lr"] = 0.1
     try:
         config = TrainConfig(**fields).validate()
+        check_memory(config)
     except (ValueError, TypeError) as err:  # the values the user typed: the message names their flags
         raise CommandError(flag_names(str(err), _FIELD_FLAGS)) from None
     out = Path(args.out)

@@ -43,6 +43,16 @@ def test_a_finished_run_is_never_overwritten_by_accident(tmp_path, capsys):
     assert main(args) == 2 and "(metrics.json, metrics.csv)" in capsys.readouterr().err
 
 
+def test_a_data_set_larger_than_the_memory_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    """--size 1000 was killed by the system while making 160 GB of clips."""
+    monkeypatch.setattr(T, "_physical_memory", lambda: 8 * 2**30)
+    assert main(["train", "--size", "1000", "--no-progress", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nlref train: error: the data set alone would take 160.0 GB") and err.count("\n") == 1
+    assert "8.0 GiB" in err and "lower --size, --n-train or --n-val" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_cli_resume_without_a_run_names_the_folder(tmp_path, capsys):
     folder = tmp_path / "runA"
     assert main(["train", "--resume", "--epochs", "1", "--out", str(folder)]) == 2
