@@ -58,6 +58,20 @@ def triple(value, name, func, *, minimum):
     return tuple(operator.index(v) for v in items)
 
 
+def check_grad(func, grad, shape, name="dout"):
+    """Error unless the upstream gradient ``grad`` is an array of ``shape``, the forward's output shape.
+
+    No broadcasting: a (1, ...) gradient against a (B, ...) output would give a
+    gradient of the right shape and the wrong value.
+    """
+    got = getattr(grad, "shape", None)
+    if got is None:
+        raise TypeError(f"{func}: {name} must be an array of the forward output's shape {tuple(shape)}, "
+                        f"got {type(grad).__name__}")
+    if tuple(got) != tuple(shape):
+        raise ValueError(f"{func}: {name} must have the forward output's shape {tuple(shape)}, got {tuple(got)}")
+
+
 def check_5d(func, x, name="x"):
     """ValueError unless ``x`` has the five axes (B, C, T, H, W)."""
     if x.ndim != 5:

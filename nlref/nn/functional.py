@@ -34,8 +34,8 @@ import numpy as np
 
 from ..backend import array_namespace, asarray, device, supports_out
 from . import engine
-from ._shapes import (check_dropout, check_float, check_labels, check_linear, check_pool_kernel, check_spatial,
-                      conv_params, dtype_of, pad, pool_params, strided, window_offsets)
+from ._shapes import (check_dropout, check_float, check_grad, check_labels, check_linear, check_pool_kernel,
+                      check_spatial, conv_params, dtype_of, output_size, pad, pool_params, strided, window_offsets)
 from .engine import exp_inplace as _exp_inplace  # noqa: F401  (nlref.nn.nonlocal_op imports it from here)
 
 __all__ = [
@@ -111,6 +111,7 @@ def conv1x1_backward(dout, cache):
     db : array, shape (C_out,) or None when the layer has no bias
     """
     x, w, has_bias = cache
+    check_grad("conv1x1_backward", dout, (x.shape[0], w.shape[0], *x.shape[2:]))
     xp = array_namespace(dout, w)
     d3 = _flat(dout)
     dx = xp.reshape(xp.matmul(xp.matrix_transpose(w), d3), x.shape)
@@ -207,6 +208,7 @@ def batchnorm_backward(dout, cache):
     dx : array, shape (B, C, *S)
     dgamma, dbeta : arrays, shape (C,)
     """
+    check_grad("batchnorm_backward", dout, cache.shape if isinstance(cache, engine.BatchNormCache) else cache[-1].shape)
     if isinstance(cache, engine.BatchNormCache):  # from the fused passes: the same equations, two passes
         return engine.batchnorm_backward_numba(dout, cache)
     centred, gamma, inv_std, training, rows = cache
@@ -238,6 +240,7 @@ def relu_backward(dout, cache):
     infinite ``dout`` where ``x <= 0`` gives NaN, not 0.)
     """
     x = cache
+    check_grad("relu_backward", dout, x.shape)
     xp = array_namespace(dout, x)
     return dout * xp.astype(x > 0, dout.dtype)
 
@@ -307,6 +310,7 @@ def maxpool_backward(dout, cache):
         on trailing samples that fell outside every window).
     """
     x, out, kernel = cache
+    check_grad("maxpool_backward", dout, out.shape)
     xp = array_namespace(dout, x)
     if engine.numba_applies(dout, x):  # the same routing, one pass
         dx = engine.maxpool_backward_numba(dout, x, out, kernel)
@@ -357,6 +361,7 @@ def softmax_backward(dp, cache):
     .. math:: ds_{ij} = p_{ij}\Big(dp_{ij} - \sum_k dp_{ik}\, p_{ik}\Big)
     """
     p, axis = cache
+    check_grad("softmax_backward", dp, p.shape, name="dp")
     xp = array_namespace(dp, p)
     if engine.numba_applies(dp, p) and axis in (-1, p.ndim - 1) and dp.shape == p.shape:  # one pass per row
         return engine.softmax_backward_rows(dp, p)
@@ -401,6 +406,7 @@ def dot_pairwise_backward(ds, cache):
     Returns ``dtheta`` (B, d, N) and ``dphi`` (B, d, M).
     """
     theta, phi, scale = cache
+    check_grad("dot_pairwise_backward", ds, (theta.shape[0], theta.shape[2], phi.shape[2]), name="ds")
     xp = array_namespace(ds, theta)
     dtheta = xp.matmul(phi, xp.matrix_transpose(ds))
     dphi = xp.matmul(theta, ds)
@@ -458,6 +464,7 @@ def concat_pairwise_backward(df, cache):
     Returns ``dtheta`` (B, d, N), ``dphi`` (B, d, M), ``dw_f`` (2d,).
     """
     theta, phi, w_f, f = cache
+    check_grad("concat_pairwise_backward", df, f.shape, name="df")
     return _concat_linear_backward(relu_backward(df, f), theta, phi, w_f)
 
 
@@ -551,6 +558,8 @@ def conv3d_reference_backward(dout, cache):
     db : array, shape (O,), or None when the layer has no bias
     """
     x, w, has_bias, stride, padding = cache
+    check_grad("conv3d_reference_backward", dout, (x.shape[0], w.shape[0], *output_size(
+        "conv3d_reference_backward", x.shape[2:], w.shape[2:], stride, padding)))
     xp = array_namespace(dout, x, names=["dout", "x"])
     out_size, batch = tuple(dout.shape[2:]), x.shape[0]
     d3 = xp.reshape(dout, (batch, w.shape[0], -1))  # (B, O, T' H' W')
@@ -632,6 +641,9 @@ def conv3d_backward(dout, cache, *, input_grad=True):
     db : array, shape (O,), or None when the layer has no bias
     """
     context, has_bias = cache
+    x_shape, w = context.x_cl.shape, context.w
+    check_grad("conv3d_backward", dout, (x_shape[0], w.shape[0], *output_size(
+        "conv3d_backward", x_shape[1:4], w.shape[2:], context.stride, context.padding)))
     xp = array_namespace(dout, context.w, names=["dout", "w"])
     return engine.conv3d_backward(xp, dout, context, input_grad=input_grad, bias=has_bias)
 
@@ -688,6 +700,8 @@ def avgpool3d_backward(dout, cache):
     dx : array, shape (B, C, T, H, W)
     """
     x_shape, kernel, stride, padding = cache
+    check_grad("avgpool3d_backward", dout, (*x_shape[:2], *output_size("avgpool3d_backward", x_shape[2:], kernel,
+                                                                        stride, padding)))
     xp = array_namespace(dout, names=["dout"])
     share = dout * (1.0 / math.prod(kernel))
     return _scatter_windows(xp, lambda k: share, x_shape, kernel, stride, padding, dout)
@@ -765,6 +779,7 @@ def maxpool3d_backward(dout, cache):
     dx : array, shape (B, C, T, H, W)
     """
     x_shape, kernel, stride, padding, arg = cache
+    check_grad("maxpool3d_backward", dout, arg.shape)
     xp = array_namespace(dout, arg, names=["dout", "arg"])
     if supports_out(xp):
         won = engine.winner_gradients(dout, arg)  # the same, into reused buffers
@@ -805,6 +820,7 @@ def global_avgpool_backward(dout, cache):
     dx : array, shape (B, C, \*S) (a fresh array stored channels-last, not a broadcast view)
     """
     x_shape = cache
+    check_grad("global_avgpool_backward", dout, x_shape[:2])
     xp = array_namespace(dout, names=["dout"])
     n = math.prod(x_shape[2:])
     dx = xp.zeros((x_shape[0] * n, x_shape[1]), dtype=dout.dtype, device=device(dout))
@@ -853,8 +869,9 @@ def dropout_backward(dout, cache):
     r"""Gradient of :func:`dropout_forward`: :math:`dx = d\mathrm{out} \odot m / (1 - p)`
     (``dout`` itself for the identity)."""
     mask = cache
-    if mask is None:
+    if mask is None:  # the identity: any shape
         return dout
+    check_grad("dropout_backward", dout, mask.shape)
     return dout * mask
 
 
@@ -895,6 +912,7 @@ def linear_backward(dout, cache):
     db : array, shape (O,), or None when the layer has no bias
     """
     x, w, has_bias = cache
+    check_grad("linear_backward", dout, (*x.shape[:-1], w.shape[0]))
     xp = array_namespace(dout, x, names=["dout", "x"])
     dx = xp.matmul(dout, w)
     dw = xp.matmul(xp.matrix_transpose(dout), x)
@@ -954,6 +972,8 @@ def softmax_cross_entropy_backward(dloss, cache):
     dlogits : array, shape (B, K)
     """
     p, onehot = cache
+    if getattr(dloss, "shape", ()) != ():
+        check_grad("softmax_cross_entropy_backward", dloss, (), name="dloss")
     dlogits = (p - onehot) * (dloss / p.shape[0])
     if dlogits.dtype != p.dtype:  # a float64 dloss must not promote float32 logits
         dlogits = array_namespace(p).astype(dlogits, p.dtype)
@@ -1030,6 +1050,7 @@ def layernorm_backward(dout, cache):
     dgamma, dbeta : arrays, shape (D,)
     """
     x_hat, gamma, inv_std = cache
+    check_grad("layernorm_backward", dout, x_hat.shape)
     xp = array_namespace(dout, x_hat, names=["dout", "x_hat"])
     if tuple(dout.shape) != tuple(x_hat.shape):
         raise ValueError(f"layernorm_backward: dout must have the output's shape {tuple(x_hat.shape)}, "
@@ -1119,6 +1140,7 @@ def gelu_backward(dout, cache):
     dx : array, the shape of ``x``
     """
     x, approximate, aux = cache
+    check_grad("gelu_backward", dout, x.shape)
     xp = array_namespace(dout, x, names=["dout", "x"])
     if tuple(dout.shape) != tuple(x.shape):
         raise ValueError(f"gelu_backward: dout must have the output's shape {tuple(x.shape)}, got {tuple(dout.shape)}")

@@ -404,3 +404,67 @@ def test_batchnorm_reused_products_leave_results_alone(training, channels_last):
     shape = (1, 4, 1, 1, 1)
     want = gamma.reshape(shape) * (x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + 1e-5) + beta.reshape(shape)
     np.testing.assert_allclose(out, want, rtol=1e-12, atol=1e-12)
+
+
+def _layers():
+    """(name, forward -> (out, cache), backward) for every backward of nlref.nn.functional."""
+    rng = np.random.default_rng(0)
+    r = rng.standard_normal
+    x5, x4 = r((2, 3, 4, 5, 6)), r((2, 3, 4, 6))
+    state = {"running_mean": np.zeros(3), "running_var": np.ones(3)}
+    x32 = np.moveaxis(np.ascontiguousarray(np.moveaxis(x5.astype(np.float32), 1, -1)), -1, 1)  # channels-last
+    state32 = {k: v.astype(np.float32) for k, v in state.items()}
+    g32 = np.ones(3, np.float32)
+    return [
+        ("conv1x1", lambda: F.conv1x1_forward(x4, r((5, 3)), r(5)), F.conv1x1_backward),
+        # with Numba the first takes the fused passes (engine.BatchNormCache), the second the NumPy steps (a tuple)
+        ("batchnorm", lambda: F.batchnorm_forward(x4, r(3), r(3), dict(state), training=True), F.batchnorm_backward),
+        ("batchnorm channels-last", lambda: F.batchnorm_forward(x32, g32, 0 * g32, dict(state32), training=True),
+         F.batchnorm_backward),
+        ("relu", lambda: F.relu_forward(x4), F.relu_backward),
+        ("maxpool", lambda: F.maxpool_forward(x4, (2, 2)), F.maxpool_backward),
+        ("softmax", lambda: F.softmax_forward(r((2, 4, 5))), F.softmax_backward),
+        ("dot pairwise", lambda: F.dot_pairwise_forward(r((2, 3, 4)), r((2, 3, 5))), F.dot_pairwise_backward),
+        ("concat pairwise", lambda: F.concat_pairwise_forward(r((2, 3, 4)), r((2, 3, 5)), r(6)),
+         F.concat_pairwise_backward),
+        ("conv3d reference", lambda: F.conv3d_reference(x5, r((2, 3, 3, 3, 3)), stride=(1, 2, 2), padding=1),
+         F.conv3d_reference_backward),
+        ("conv3d", lambda: F.conv3d_forward(x5, r((2, 3, 3, 3, 3)), r(2), stride=(1, 2, 2), padding=1),
+         F.conv3d_backward),
+        ("avgpool3d", lambda: F.avgpool3d_forward(x5, (1, 2, 2)), F.avgpool3d_backward),
+        ("maxpool3d", lambda: F.maxpool3d_forward(x5, 3, stride=2, padding=1), F.maxpool3d_backward),
+        ("global avgpool", lambda: F.global_avgpool_forward(x5), F.global_avgpool_backward),
+        ("dropout", lambda: F.dropout_forward(x4, 0.5, training=True, seed=1), F.dropout_backward),
+        ("linear", lambda: F.linear_forward(r((4, 3)), r((2, 3)), r(2)), F.linear_backward),
+        ("layernorm", lambda: F.layernorm_forward(r((2, 4, 5)), r(5), r(5)), F.layernorm_backward),
+        ("gelu", lambda: F.gelu_forward(x4), F.gelu_backward),
+    ]
+
+
+@pytest.mark.parametrize("name, forward, backward", _layers(), ids=[c[0] for c in _layers()])
+def test_backward_refuses_a_gradient_of_another_shape(name, forward, backward):
+    """relu_backward broadcast a (1, ...) dout to a gradient of the right shape and the wrong value; others
+    failed inside a matmul or reshape with NumPy's words. Every backward now names dout and both shapes."""
+    out, cache = forward()
+    good = np.ones(out.shape, dtype=out.dtype)
+    backward(good, cache)  # the forward's own shape is taken
+    shape = tuple(out.shape)
+    for bad in ((1,) + shape[1:], shape + (1,), shape[:-1] + (shape[-1] + 1,), shape[::-1]):
+        if bad == shape:
+            continue
+        with pytest.raises(ValueError, match=rf"must have the forward output's shape \({shape[0]}, .*got \({bad[0]}, "):
+            backward(np.ones(bad, dtype=out.dtype), cache)
+    with pytest.raises(TypeError, match="must be an array of the forward output's shape"):
+        backward(good.tolist(), cache)
+
+
+def test_the_identity_backwards_take_any_gradient_and_the_loss_a_scalar():
+    """Dropout in eval mode is the identity (no mask to compare with); the loss's gradient is a scalar."""
+    x = np.ones((2, 3))
+    out, cache = F.dropout_forward(x, 0.5, training=False)
+    assert F.dropout_backward(np.ones((5,)), cache).shape == (5,)
+    loss, cache = F.softmax_cross_entropy_forward(np.zeros((4, 3)), np.array([0, 1, 2, 0]))
+    np.testing.assert_allclose(F.softmax_cross_entropy_backward(np.float64(2.0), cache),
+                               2 * F.softmax_cross_entropy_backward(1.0, cache))
+    with pytest.raises(ValueError, match=r"dloss must have the forward output's shape \(\), got \(4,\)"):
+        F.softmax_cross_entropy_backward(np.ones(4), cache)
