@@ -72,6 +72,27 @@ def check_grad(func, grad, shape, name="dout"):
         raise ValueError(f"{func}: {name} must have the forward output's shape {tuple(shape)}, got {tuple(got)}")
 
 
+def check_batchnorm(x, gamma, beta, state, momentum, eps):
+    """batchnorm_forward's arguments: x with a channel axis, gamma, beta and the running statistics of
+    shape (C,) in the ``state`` dict, ``momentum`` in [0, 1] and ``eps`` > 0."""
+    func = "batchnorm_forward"
+    if x.ndim < 2:
+        raise ValueError(f"{func}: x must have shape (B, C, ...) (at least 2 axes), got shape {tuple(x.shape)}")
+    channels = (x.shape[1],)
+    if not isinstance(state, dict) or not {"running_mean", "running_var"} <= state.keys():
+        raise TypeError(f"{func}: state must be a dict holding 'running_mean' and 'running_var', got "
+                        f"{sorted(state) if isinstance(state, dict) else type(state).__name__}")
+    for name, a in (("gamma", gamma), ("beta", beta), ("state['running_mean']", state["running_mean"]),
+                    ("state['running_var']", state["running_var"])):
+        if tuple(getattr(a, "shape", ())) != channels:
+            raise ValueError(f"{func}: {name} must have shape {channels} (one per channel of x), "
+                             f"got {tuple(getattr(a, 'shape', ()))}")
+    check_number(f"{func}: momentum", momentum, low=0)
+    if momentum > 1:
+        raise ValueError(f"{func}: momentum must be in [0, 1], got {momentum!r}")
+    check_number(f"{func}: eps", eps, low=0, strict=True)
+
+
 def check_5d(func, x, name="x"):
     """ValueError unless ``x`` has the five axes (B, C, T, H, W)."""
     if x.ndim != 5:

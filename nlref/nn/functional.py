@@ -34,7 +34,7 @@ import numpy as np
 
 from ..backend import array_namespace, asarray, device, supports_out
 from . import engine
-from ._shapes import (check_dropout, check_float, check_grad, check_labels, check_linear, check_pool_kernel,
+from ._shapes import (check_batchnorm, check_dropout, check_float, check_grad, check_labels, check_linear, check_pool_kernel,
                       check_spatial, conv_params, dtype_of, output_size, pad, pool_params, strided, window_offsets)
 from .engine import exp_inplace as _exp_inplace  # noqa: F401  (nlref.nn.nonlocal_op imports it from here)
 
@@ -155,8 +155,9 @@ def batchnorm_forward(x, gamma, beta, state, *, training, momentum=0.1, eps=1e-5
     cache : tuple
     """
     xp = array_namespace(x, gamma, beta)
+    check_batchnorm(x, gamma, beta, state, momentum, eps)
     check_float("batchnorm_forward", xp, x=x, gamma=gamma, beta=beta, **{
-        f"state[{k!r}]": state[k] for k in ("running_mean", "running_var") if k in state})
+        f"state[{k!r}]": state[k] for k in ("running_mean", "running_var")})
     if training and x.shape[0] * math.prod(x.shape[2:]) < 2:
         raise ValueError("batchnorm_forward: training needs more than one value per channel, "
                          f"got x of shape {tuple(x.shape)}")

@@ -468,3 +468,31 @@ def test_the_identity_backwards_take_any_gradient_and_the_loss_a_scalar():
                                2 * F.softmax_cross_entropy_backward(1.0, cache))
     with pytest.raises(ValueError, match=r"dloss must have the forward output's shape \(\), got \(4,\)"):
         F.softmax_cross_entropy_backward(np.ones(4), cache)
+
+
+@pytest.mark.parametrize("change, error, message", [
+    (dict(state={}), TypeError, r"state must be a dict holding 'running_mean' and 'running_var', got \[\]"),
+    (dict(state=None), TypeError, "state must be a dict .* got NoneType"),
+    (dict(state={"running_mean": np.zeros(2), "running_var": np.ones(3)}), ValueError,
+     r"state\['running_mean'\] must have shape \(3,\) \(one per channel of x\), got \(2,\)"),
+    (dict(gamma=np.ones(4)), ValueError, r"gamma must have shape \(3,\) .* got \(4,\)"),
+    (dict(beta=np.zeros((1, 3))), ValueError, r"beta must have shape \(3,\) .* got \(1, 3\)"),
+    (dict(x=np.ones(3)), ValueError, r"x must have shape \(B, C, ...\)"),
+    (dict(momentum=-0.1), ValueError, "momentum must be a finite number >= 0, got -0.1"),
+    (dict(momentum=1.5), ValueError, r"momentum must be in \[0, 1\], got 1.5"),
+    (dict(momentum=None), ValueError, "momentum must be a finite number"),
+    (dict(eps=0.0), ValueError, "eps must be a finite number > 0, got 0.0"),
+    (dict(eps=float("nan")), ValueError, "eps must be a finite number > 0, got nan"),
+])
+def test_batchnorm_forward_checks_its_state_and_settings(change, error, message):
+    """A state without its keys raised KeyError; momentum 1.5 or eps 0 ran (eps 0 on a constant channel: NaN);
+    a gamma of another length broadcast or failed in NumPy's words. Nothing in state changes when refused."""
+    args = dict(x=np.ones((2, 3, 4)), gamma=np.ones(3), beta=np.zeros(3),
+                state={"running_mean": np.zeros(3), "running_var": np.ones(3)}, momentum=0.1, eps=1e-5)
+    args.update(change)
+    state = args.pop("state")
+    before = dict(state) if isinstance(state, dict) else None
+    with pytest.raises(error, match="batchnorm_forward: " + message):
+        F.batchnorm_forward(args.pop("x"), args.pop("gamma"), args.pop("beta"), state, training=True, **args)
+    if before is not None:  # training replaces the running statistics: a refusal must come before that
+        assert state.keys() == before.keys() and all(state[k] is before[k] for k in before)
