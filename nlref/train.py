@@ -378,6 +378,9 @@ def save_checkpoint(path, *, config, model, optimiser, epoch, history):
     write_atomically(path, lambda f: np.savez(f, **arrays))
 
 
+_META_KEYS = ("format", "config", "epoch", "optim_steps", "history", "sha256")  # what save_checkpoint writes
+
+
 def load_checkpoint(path):
     """Read and verify a checkpoint; returns ``(meta, model_state, optimiser_state)``.
 
@@ -410,6 +413,12 @@ def load_checkpoint(path):
     except Exception as err:
         raise CheckpointError(f"{path} is not an nlref checkpoint ({_FORMAT}): it holds no nlref metadata; "
                               "point out_dir (--out) at the folder of an nlref run") from err
+    missing = [k for k in _META_KEYS if k not in meta]
+    if missing or not all(k.count("/") >= (2 if k.startswith("optim/") else 1) for k in arrays):
+        raise CheckpointError(f"checkpoint {path} is not one nlref wrote: "
+                              + (f"its metadata lacks {', '.join(missing)}" if missing else
+                                 "it holds arrays that are neither model/NAME nor optim/SLOT/NAME")
+                              + "; " + what_to_do)
     if _digest(arrays) != meta["sha256"]:
         raise CheckpointError(f"checkpoint {path} is corrupted: its contents do not match the stored checksum; "
                               + what_to_do)

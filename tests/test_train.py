@@ -98,6 +98,26 @@ def test_truncated_or_corrupted_checkpoints_are_refused(tmp_path):
         load_checkpoint(tmp_path / "missing.npz")
 
 
+def test_hand_made_checkpoints_are_refused_with_what_they_lack(tmp_path):
+    """A hand-made .npz with nlref's format tag but not all of its metadata raised KeyError ('sha256'); an array
+    key without its slots raised ValueError from an unpacking."""
+    tiny_run(tmp_path, epochs=1)
+    arrays = dict(np.load(tmp_path / "checkpoint.npz"))
+    meta = json.loads(arrays["meta"].tobytes().decode())
+    load_checkpoint(tmp_path / "checkpoint.npz")  # the file nlref wrote is read
+
+    def saved(name, meta, **extra):
+        np.savez(tmp_path / name, **{**arrays, **extra, "meta": np.frombuffer(json.dumps(meta).encode(), np.uint8)})
+        return tmp_path / name
+
+    for key in ("sha256", "optim_steps", "config", "epoch", "history"):
+        with pytest.raises(CheckpointError, match=f"is not one nlref wrote: its metadata lacks {key}; it cannot"):
+            load_checkpoint(saved("lacks.npz", {k: v for k, v in meta.items() if k != key}))
+    for stray in ("optim/m", "extra"):
+        with pytest.raises(CheckpointError, match="neither model/NAME nor optim/SLOT/NAME"):
+            load_checkpoint(saved("stray.npz", meta, **{stray: np.zeros(2)}))
+
+
 def _write(path, data):
     path.write_bytes(data)
     return path
