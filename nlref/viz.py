@@ -6,6 +6,8 @@ and returns the matplotlib Figure, so notebooks show it and scripts save it.
 
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 
 from .backend import to_numpy
@@ -136,6 +138,12 @@ def weights_plot(image, positions, weight_maps, *, search_size, title=None):
     """
     plt = _plt()
     image = _display(image)
+    search_size = _positive_ints("search_size", search_size, 2, "(rows, cols)")
+    positions = _points("positions", positions, image.shape[:2])
+    weight_maps = [np.asarray(to_numpy(w), dtype=np.float64) for w in weight_maps]
+    if len(weight_maps) != len(positions) or any(w.shape != search_size for w in weight_maps):
+        raise ValueError(f"weight_maps must hold one array of shape search_size = {search_size} per position "
+                         f"({len(positions)}), got shapes {[w.shape for w in weight_maps]}")
     n = len(positions)
     fig, axes = plt.subplots(1, n + 1, figsize=(3.2 * (n + 1) + 0.8, 3.7), layout="constrained")
     axes[0].imshow(image, cmap="gray", vmin=0, vmax=1)
@@ -146,7 +154,6 @@ def weights_plot(image, positions, weight_maps, *, search_size, title=None):
     extent = (-half[1] - 0.5, half[1] + 0.5, half[0] + 0.5, -half[0] - 0.5)
     for i, ((r, c), w) in enumerate(zip(positions, weight_maps)):
         colour = colours[i % len(colours)]
-        w = np.asarray(to_numpy(w), dtype=np.float64)
         axes[0].plot(c, r, "o", color=colour, ms=6)
         axes[0].add_patch(plt.Rectangle((c - half[1] - 0.5, r - half[0] - 0.5), search_size[1], search_size[0],
                                         fill=False, ec=colour, lw=1.5))
@@ -180,10 +187,16 @@ def attention_plot(image, attention, queries, *, query_shape, key_shape, titles=
     """
     plt = _plt()
     a = np.asarray(to_numpy(attention), dtype=np.float64)
-    qh, qw = query_shape
+    qh, qw = query_shape = _positive_ints("query_shape", query_shape, 2, "(rows, cols)")
+    key_shape = _positive_ints("key_shape", key_shape, 2, "(rows, cols)")
+    queries = _points("queries", queries, query_shape)
+    if titles is not None and len(titles) != len(queries):
+        raise ValueError(f"titles must hold one title per query ({len(queries)}), got {len(titles)}")
     if a.shape != (qh * qw, int(np.prod(key_shape))):
         raise ValueError(f"attention must have shape ({qh * qw}, {int(np.prod(key_shape))}) for query_shape "
                          f"{tuple(query_shape)} and key_shape {tuple(key_shape)}, got {a.shape}")
+    if not np.all(np.isfinite(a)):
+        raise ValueError("attention holds non-finite values")
     image = _display(image)
     h, w = image.shape[:2]
     n = len(queries)
@@ -391,6 +404,29 @@ def spacetime_attention_plot(clip, attention_row, query, *, key_shape, query_sha
     if title:
         fig.suptitle(title, fontsize=10)
     return fig
+
+
+def _positive_ints(name, value, count, what):
+    """``value`` as a tuple of ``count`` positive ints; else a ValueError naming ``name``."""
+    try:
+        shape = tuple(operator.index(v) for v in value)
+    except TypeError:
+        raise ValueError(f"{name} must be {count} positive integers {what}, got {value!r}") from None
+    if len(shape) != count or min(shape) < 1:
+        raise ValueError(f"{name} must be {count} positive integers {what}, got {value!r}")
+    return shape
+
+
+def _points(name, points, grid):
+    """``points`` as a non-empty list of (row, col) int pairs inside ``grid`` (rows, cols): no index wraps."""
+    try:
+        pairs = [tuple(operator.index(v) for v in point) for point in points]
+    except TypeError:
+        pairs = None
+    if not pairs or any(len(p) != 2 or not (0 <= p[0] < grid[0] and 0 <= p[1] < grid[1]) for p in pairs):
+        raise ValueError(f"{name} must be a non-empty list of (row, col) integer pairs with 0 <= row < {grid[0]} "
+                         f"and 0 <= col < {grid[1]}, got {points!r}")
+    return pairs
 
 
 def _shape3(name, shape):

@@ -167,3 +167,37 @@ def test_weights_plot_shares_one_scale_and_marks_search_windows():
     assert "search windows" in fig.axes[0].get_title() and len(fig.axes[0].patches) == 2
     assert fig.axes[1].images[0].get_extent() == [-4.5, 4.5, 4.5, -4.5]            # offsets q - p, centred on 0
     plt.close("all")
+
+
+def test_weights_and_attention_plots_refuse_what_they_cannot_draw():
+    """A negative query index wrapped around to the other side of the grid, a query outside it raised an
+    IndexError (or drew another row's attention), and weight maps of another shape were drawn stretched."""
+    import pytest
+
+    plt = _agg()
+    img = nlref.data.camera()[:32, :32]
+    a = np.full((16, 4), 0.25)
+    for queries in ([(-1, 0)], [(0, 4)], [(4, 0)], [], [(1,)], [(0.5, 1)], [(1, 1, 1)]):
+        with pytest.raises(ValueError, match=r"queries must be a non-empty list of \(row, col\) integer pairs with "
+                                             r"0 <= row < 4 and 0 <= col < 4"):
+            nlref.viz.attention_plot(img, a, queries, query_shape=(4, 4), key_shape=(2, 2))
+    with pytest.raises(ValueError, match=r"key_shape must be 2 positive integers \(rows, cols\), got \(0, 4\)"):
+        nlref.viz.attention_plot(img, a, [(0, 0)], query_shape=(4, 4), key_shape=(0, 4))
+    with pytest.raises(ValueError, match=r"titles must hold one title per query \(1\), got 2"):
+        nlref.viz.attention_plot(img, a, [(0, 0)], query_shape=(4, 4), key_shape=(2, 2), titles=["a", "b"])
+    with pytest.raises(ValueError, match="attention holds non-finite values"):
+        nlref.viz.attention_plot(img, np.full((16, 4), np.nan), [(0, 0)], query_shape=(4, 4), key_shape=(2, 2))
+    w = nlref.nl_means_weights(img, (10, 12), sigma=0.05, search_size=9, patch_size=3)
+    for positions in ([(-1, 3)], [(32, 0)], []):
+        with pytest.raises(ValueError, match=r"positions must be a non-empty list .* 0 <= row < 32 and 0 <= col < 32"):
+            nlref.viz.weights_plot(img, positions, [w] * len(positions), search_size=(9, 9))
+    with pytest.raises(ValueError, match=r"weight_maps must hold one array of shape search_size = \(9, 9\) per "
+                                         r"position \(1\), got shapes \[\(9, 9\), \(9, 9\)\]"):
+        nlref.viz.weights_plot(img, [(10, 12)], [w, w], search_size=(9, 9))
+    with pytest.raises(ValueError, match=r"weight_maps must hold .* got shapes \[\(9, 9\)\]"):
+        nlref.viz.weights_plot(img, [(10, 12)], [w], search_size=(7, 7))
+    with pytest.raises(ValueError, match=r"search_size must be 2 positive integers"):
+        nlref.viz.weights_plot(img, [(10, 12)], [w], search_size=9)
+    fig = nlref.viz.weights_plot(img, [(np.int64(10), 12)], [w], search_size=(9, 9))  # NumPy integers are taken
+    assert len(fig.axes) == 3
+    plt.close("all")
