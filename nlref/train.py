@@ -537,6 +537,9 @@ def train(config: TrainConfig | None = None, out_dir: PathLike | None = None, *,
     if config is not None and not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig (TrainConfig(**fields), or TrainConfig.from_dict(d)), "
                         f"got {type(config).__name__}")
+    for name, value in (("resume", resume), ("overwrite", overwrite), ("progress", progress)):
+        if not isinstance(value, (bool, np.bool_)):  # a truthy "no" would resume, overwrite or show a bar
+            raise TypeError(f"{name} must be True or False, got {value!r}")
     for name, value in (("log", log), ("callback", callback)):  # checked now, not after the first epoch
         if value is not None and not callable(value):
             raise TypeError(f"{name} must be a callable or None, got {type(value).__name__}")

@@ -184,6 +184,8 @@ def test_bad_configuration(tmp_path, field, value, match):
     ((None,), dict(xp="numpy"), "xp must be an array library module .* got 'numpy'"),
     ((None,), dict(log="quiet"), "log must be a callable or None, got str"),
     ((None,), dict(callback=3), "callback must be a callable or None, got int"),
+    ((None,), dict(resume="no"), "resume must be True or False, got 'no'"),
+    ((None,), dict(overwrite=1), "overwrite must be True or False, got 1"),
 ])
 def test_arguments_of_the_wrong_type_are_refused_before_any_work(tmp_path, args, kwargs, message):
     """train({...}) and train(xp="numpy") raised AttributeError from deep inside; a log or callback that cannot
@@ -214,6 +216,12 @@ def test_a_data_set_larger_than_the_memory_is_refused_before_any_work(tmp_path, 
     T.check_memory(config)
     monkeypatch.undo()
     assert T._physical_memory() > 2**28  # this machine's, as the system says
+
+
+def test_progress_must_be_a_bool(tmp_path):
+    with pytest.raises(TypeError, match="progress must be True or False, got 'no'"):
+        train(None, tmp_path / "run", progress="no", log=None)
+    assert not (tmp_path / "run").exists()
 
 
 def test_resume_needs_out_dir():

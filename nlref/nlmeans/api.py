@@ -8,7 +8,7 @@ import os
 from collections.abc import Sequence
 
 from .._typing import Array, Size
-from .checks import check_image, check_workers, is_dask_array
+from .checks import check_flag, check_image, check_workers, is_dask_array
 from .fast import nl_means_fast, working_memory
 from .naive import nl_means_naive, patch_weights
 from .noise import estimate_sigma as estimate_sigma_in_memory
@@ -165,6 +165,7 @@ def nl_means(image: Array, *, sigma: float | None = None, h: float | None = None
         0..1 mix-up: ``sigma=20`` on an image in 0..1), or a shape that suggests a
         missing or misplaced ``channel_axis`` (``(H, W, 3)`` without it).
     """
+    progress = check_flag("progress", progress)
     if is_dask_array(image):  # chunk by chunk, exact: nlref.nlmeans.chunked
         return nl_means_dask(image, sigma=sigma, h=h, patch_size=patch_size, search_size=search_size,
                              channel_axis=channel_axis, aggregation=aggregation, method=method,

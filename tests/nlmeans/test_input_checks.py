@@ -175,3 +175,17 @@ def test_estimate_sigma_refuses_an_empty_image():
     for shape, axis in (((0, 9), None), ((4, 4, 0), -1)):
         with pytest.raises(ValueError, match=r"image is empty \(shape"):
             nlref.estimate_sigma(np.zeros(shape), channel_axis=axis)
+
+
+@pytest.mark.parametrize("route", ["memory", "dask"])
+def test_progress_must_be_a_bool(route):
+    """progress="no" was taken as True (a bar was shown); NumPy's bool is taken as Python's."""
+    import dask.array as da
+
+    image = np.random.default_rng(0).random((12, 12)).astype(np.float32)
+    source = image if route == "memory" else da.from_array(image, chunks=6)
+    for bad in ("no", 1, None):
+        with pytest.raises(TypeError, match=f"progress must be True or False; got {bad!r}"):
+            nlref.nl_means(source, sigma=0.1, search_size=5, patch_size=3, progress=bad)
+    out = nlref.nl_means(source, sigma=0.1, search_size=5, patch_size=3, progress=np.False_)
+    np.testing.assert_array_equal(np.asarray(out), nlref.nl_means(image, sigma=0.1, search_size=5, patch_size=3))
