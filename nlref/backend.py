@@ -28,6 +28,7 @@ import array_api_compat.numpy as _compat_numpy
 __all__ = [
     "array_namespace",
     "rng",
+    "check_flag",
     "require_real",
     "check_same_device",
     "check_on_device",
@@ -297,6 +298,14 @@ def reflect_pad(x, widths):
         idx = xp.asarray(_reflect_indices(x.shape[axis], before, after), device=device(x))
         x = xp.take(x, idx, axis=axis)
     return x
+
+
+def check_flag(name, value):
+    """``value`` as a bool: Python's or NumPy's; anything else, even a truthy ``"no"``, is a TypeError naming
+    ``name``."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
 
 
 def rng(seed, name="seed"):

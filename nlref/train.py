@@ -292,7 +292,7 @@ def check_memory(config):
 
     The data are made on the host in NumPy whatever ``xp`` is, and the network's
     activations come on top, so the run could not finish: it would be killed
-    while making the data (``size=1000`` asks for 80 GB).
+    while making the data (``size=1000`` asks for 160 GB with the other defaults).
     """
     need, have = data_bytes(config), _physical_memory()
     if have is None or need <= have:
@@ -538,8 +538,7 @@ def train(config: TrainConfig | None = None, out_dir: PathLike | None = None, *,
         raise TypeError(f"config must be a TrainConfig (TrainConfig(**fields), or TrainConfig.from_dict(d)), "
                         f"got {type(config).__name__}")
     for name, value in (("resume", resume), ("overwrite", overwrite), ("progress", progress)):
-        if not isinstance(value, (bool, np.bool_)):  # a truthy "no" would resume, overwrite or show a bar
-            raise TypeError(f"{name} must be True or False, got {value!r}")
+        B.check_flag(name, value)  # a truthy "no" would resume, overwrite or show a bar
     for name, value in (("log", log), ("callback", callback)):  # checked now, not after the first epoch
         if value is not None and not callable(value):
             raise TypeError(f"{name} must be a callable or None, got {type(value).__name__}")

@@ -362,7 +362,7 @@ def spacetime_attention_plot(clip, attention_row, query, *, key_shape, query_sha
     plt = _plt()
     frames = _frames(clip, "clip")
     t_len, h, w = frames.shape[:3]
-    key_shape = _shape3("key_shape", key_shape)
+    key_shape = _positive_ints("key_shape", key_shape, 3, "(T, H, W)")
     a = np.asarray(to_numpy(attention_row), dtype=np.float64)
     if a.shape != (int(np.prod(key_shape)),):
         raise ValueError(f"attention_row must have shape ({int(np.prod(key_shape))},) for key_shape {key_shape}, "
@@ -371,7 +371,7 @@ def spacetime_attention_plot(clip, attention_row, query, *, key_shape, query_sha
         raise ValueError("attention_row holds non-finite values")
     if t_len % key_shape[0]:
         raise ValueError(f"the clip's {t_len} frames must be a multiple of key_shape[0] = {key_shape[0]}")
-    grid = (t_len, h, w) if query_shape is None else _shape3("query_shape", query_shape)
+    grid = (t_len, h, w) if query_shape is None else _positive_ints("query_shape", query_shape, 3, "(T, H, W)")
     if grid[0] != t_len:
         raise ValueError(f"query_shape[0] must equal the clip's number of frames {t_len}, got {grid[0]}")
     if len(query) != 3 or not all(0 <= int(q) < n for q, n in zip(query, grid)):
@@ -428,12 +428,3 @@ def _points(name, points, grid):
                          f"and 0 <= col < {grid[1]}, got {points!r}")
     return pairs
 
-
-def _shape3(name, shape):
-    try:
-        shape = tuple(int(s) for s in shape)
-    except TypeError:
-        raise ValueError(f"{name} must be 3 positive integers (T, H, W), got {shape!r}") from None
-    if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(f"{name} must be 3 positive integers (T, H, W), got {shape!r}")
-    return shape

@@ -200,7 +200,8 @@ def test_a_data_set_larger_than_the_memory_is_refused_before_any_work(tmp_path, 
     config = TrainConfig(**{**TINY, "size": 1000})
     need = T.data_bytes(config)
     assert need == (config.n_train + config.n_val) * config.frames * 1000**2 * 4
-    assert T.data_bytes(TrainConfig(**{**TINY, "task": "pairs2d", "size": 24})) == (TINY["n_train"] + TINY["n_val"]) * 24**2 * 4
+    pairs = TrainConfig(**{**TINY, "task": "pairs2d", "size": 24})
+    assert T.data_bytes(pairs) == (TINY["n_train"] + TINY["n_val"]) * 24**2 * 4
     monkeypatch.setattr(T, "_physical_memory", lambda: need - 1)
     with pytest.raises(ValueError, match=r"the data set alone would take .* GB .* lower size, n_train or n_val"):
         train(config, tmp_path / "new", progress=False, log=None)

@@ -8,7 +8,8 @@ import os
 from collections.abc import Sequence
 
 from .._typing import Array, Size
-from .checks import check_flag, check_image, check_workers, is_dask_array
+from ..backend import check_flag
+from .checks import check_image, check_workers, is_dask_array
 from .fast import nl_means_fast, working_memory
 from .naive import nl_means_naive, patch_weights
 from .noise import estimate_sigma as estimate_sigma_in_memory

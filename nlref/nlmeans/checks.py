@@ -17,7 +17,7 @@ import numpy as np
 
 from ..backend import require_real
 
-__all__ = ["MAX_SPATIAL_DIMS", "is_dask_array", "check_flag", "check_not_stored", "check_axes", "check_image", "check_lazy",
+__all__ = ["MAX_SPATIAL_DIMS", "is_dask_array", "check_not_stored", "check_axes", "check_image", "check_lazy",
            "check_workers", "sigma_axes", "layout_doubt"]
 
 #: The most spatial axes an image may have (plus an optional channel axis).
@@ -130,13 +130,6 @@ def layout_doubt(shape, channel_axis, given):
         return (f"channel_axis={given} on a 2-D array of shape {shape} makes it {channels} channels of a "
                 f"1-D signal; a grey image takes channel_axis=None (the default).")
     return None
-
-
-def check_flag(name, value):
-    """A bool (Python's or NumPy's); anything else, even a truthy ``"no"``, is a TypeError naming ``name``."""
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False; got {value!r}")
-    return bool(value)
 
 
 def check_workers(workers, default=1):

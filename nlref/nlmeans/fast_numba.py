@@ -397,7 +397,8 @@ def nl_means_numba_padded(padded, *, inside, geo, h, sigma, aggregation, workers
         n = hi - lo
         num = np.zeros((channels, n), dtype=np.float64)
         big = n + d_max + 4 * K
-        if not _in_runs(stop, 2 * big, _patch_tile, rows, lo, hi, deltas, K, widths, steps, coef, bias, floor,  # 2 boxes
+        # cost: two box passes per offset
+        if not _in_runs(stop, 2 * big, _patch_tile, rows, lo, hi, deltas, K, widths, steps, coef, bias, floor,
                         inv_z, z_lo, num, *scratch(big, 4), *scratch(n + 2 * K, 2), *scratch(big, 2)):
             return
         i, j = lo - a, hi - a

@@ -185,7 +185,7 @@ def test_progress_must_be_a_bool(route):
     image = np.random.default_rng(0).random((12, 12)).astype(np.float32)
     source = image if route == "memory" else da.from_array(image, chunks=6)
     for bad in ("no", 1, None):
-        with pytest.raises(TypeError, match=f"progress must be True or False; got {bad!r}"):
+        with pytest.raises(TypeError, match=f"progress must be True or False, got {bad!r}"):
             nlref.nl_means(source, sigma=0.1, search_size=5, patch_size=3, progress=bad)
     out = nlref.nl_means(source, sigma=0.1, search_size=5, patch_size=3, progress=np.False_)
     np.testing.assert_array_equal(np.asarray(out), nlref.nl_means(image, sigma=0.1, search_size=5, patch_size=3))

@@ -443,8 +443,9 @@ def _layers():
 
 @pytest.mark.parametrize("name, forward, backward", _layers(), ids=[c[0] for c in _layers()])
 def test_backward_refuses_a_gradient_of_another_shape(name, forward, backward):
-    """relu_backward broadcast a (1, ...) dout to a gradient of the right shape and the wrong value; others
-    failed inside a matmul or reshape with NumPy's words. Every backward now names dout and both shapes."""
+    """relu_backward and dropout_backward broadcast a (1, ...) dout to a gradient of the right shape and the wrong
+    value; others failed inside a matmul or reshape with NumPy's words. Every backward now names dout and both
+    shapes."""
     out, cache = forward()
     good = np.ones(out.shape, dtype=out.dtype)
     backward(good, cache)  # the forward's own shape is taken
