@@ -29,6 +29,7 @@ __all__ = [
     "array_namespace",
     "rng",
     "check_flag",
+    "FlagError",
     "require_real",
     "check_same_device",
     "check_on_device",
@@ -300,11 +301,20 @@ def reflect_pad(x, widths):
     return x
 
 
+class FlagError(TypeError, ValueError):
+    """A flag that is not True or False.
+
+    A TypeError, because the value's type is wrong, and a ValueError, what the constructors' flag
+    checks raised before they shared :func:`check_flag` (the way NumPy's ``AxisError`` is both a
+    ValueError and an IndexError).
+    """
+
+
 def check_flag(name, value):
-    """``value`` as a bool: Python's or NumPy's; anything else, even a truthy ``"no"``, is a TypeError naming
-    ``name``."""
+    """``value`` as a bool: Python's or NumPy's; anything else, even a truthy ``"no"`` or ``1``, is a
+    :class:`FlagError` naming ``name``."""
     if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
+        raise FlagError(f"{name} must be True or False, got {value!r}")
     return bool(value)
 
 

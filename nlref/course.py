@@ -33,6 +33,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .backend import check_flag
+
 __all__ = ["SOLUTION_BEGIN", "SOLUTION_END", "SCHEME_BEGIN", "SCHEME_END", "MARK_SCHEME_TAG",
            "solution_blocks", "student_source", "student_notebook", "teacher_display",
            "write_student_edition", "default_notebooks"]
@@ -196,6 +198,7 @@ def write_student_edition(dest, *, notebooks=None, overwrite=False):
     """
     import nbformat
 
+    overwrite = check_flag("overwrite", overwrite)  # a truthy "no" would replace the edition
     source = Path(default_notebooks() if notebooks is None else notebooks)
     dest = Path(dest)
     found = sorted(source.glob("*.ipynb")) if source.is_dir() else []

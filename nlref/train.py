@@ -157,8 +157,7 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("sub_sample", "bn_layer", "scale"):
-            if not isinstance(getattr(self, name), (bool, np.bool_)):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+            B.check_flag(name, getattr(self, name))
 
         def is_int(value):
             return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))

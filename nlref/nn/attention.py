@@ -269,9 +269,7 @@ class MultiHeadAttention(_Params):
         if self.embed_dim % self.num_heads:
             raise ValueError(f"num_heads ({num_heads}) must divide embed_dim ({embed_dim}): each head gets "
                              "embed_dim / num_heads channels")
-        if not isinstance(bias, (bool, np.bool_)):
-            raise ValueError(f"bias must be True or False, got {bias!r}")
-        self.bias = bool(bias)
+        self.bias = B.check_flag("bias", bias)
         self.head_dim = self.embed_dim // self.num_heads
         self._setup(dtype, xp, device)
         rng = B.rng(seed)
@@ -297,8 +295,7 @@ class MultiHeadAttention(_Params):
         ``torch.nn.MultiheadAttention``'s boolean ``attn_mask`` is its negation).
         ``causal`` adds "no key after the query". Every query must keep at least one key.
         """
-        if not isinstance(causal, (bool, np.bool_)):
-            raise ValueError(f"causal must be True or False, got {causal!r}")
+        causal = B.check_flag("causal", causal)
         if mask is None and not causal:
             return None
         b, n = x.shape[0], x.shape[1]
@@ -341,6 +338,7 @@ class MultiHeadAttention(_Params):
         out : array, shape (B, N, E)
         attention : array, shape (B, h, N, N), only with ``return_attention``
         """
+        return_attention = B.check_flag("return_attention", return_attention)
         self._check_tokens(x)
         bias = self.mask_bias(x, mask, causal)
         xp = self.xp
@@ -456,6 +454,8 @@ class TransformerBlock(_Params):
         out : array, shape (B, N, E)
         attention : array, shape (B, h, N, N), only with ``return_attention``
         """
+        return_attention = B.check_flag("return_attention", return_attention)
+        causal = B.check_flag("causal", causal)
         self._check_tokens(x)
         xp, p = self.xp, self.params
         b, n, e = x.shape

@@ -70,12 +70,6 @@ def _kernel_option(name, value, dims):
     return tuple(_positive_int(name, v) for v in value)
 
 
-def _flag(name, value):
-    if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
-    return bool(value)
-
-
 class NonLocalBlock:
     """A non-local block with hand-written forward and backward passes.
 
@@ -173,8 +167,8 @@ class NonLocalBlock:
         if dims not in (1, 2, 3) or isinstance(dims, bool):
             raise ValueError(f"dims must be 1, 2 or 3, got {dims!r}")
         self.dims = int(dims)
-        self.sub_sample = _flag("sub_sample", sub_sample)
-        self.bn_layer = _flag("bn_layer", bn_layer)
+        self.sub_sample = B.check_flag("sub_sample", sub_sample)
+        self.bn_layer = B.check_flag("bn_layer", bn_layer)
         self.scale = _scale_option(scale)
         if self.scale is not False and mode not in SOFTMAX_MODES:
             raise ValueError(f"scale={scale!r} applies to the softmax modes {SOFTMAX_MODES}, not mode={mode!r}")
@@ -189,8 +183,8 @@ class NonLocalBlock:
             self.kernel = ((2,) if pool == "flattened" else F.pool_kernel(self.dims)) if pool_kernel is None \
                 else _kernel_option("pool_kernel", pool_kernel, axes)
             self.stride = self.kernel if pool_stride is None else _kernel_option("pool_stride", pool_stride, axes)
-        self.W_z_bias = _flag("W_z_bias", W_z_bias)
-        self.projection_bias = _flag("projection_bias", projection_bias)
+        self.W_z_bias = B.check_flag("W_z_bias", W_z_bias)
+        self.projection_bias = B.check_flag("projection_bias", projection_bias)
         for name, value in (("bn_eps", bn_eps), ("bn_momentum", bn_momentum)):
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= 1:
                 raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
@@ -395,6 +389,7 @@ class NonLocalBlock:
         z : array, shape of ``x``
         attention : array, shape (B, N, N'), only if ``return_attention``
         """
+        return_attention = B.check_flag("return_attention", return_attention)
         self._check_input(x)
         xp = self.xp
         cache = {}

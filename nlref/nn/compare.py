@@ -368,6 +368,7 @@ def compare_block(module: Any, x: Array, layout: str | None = None, *, dz: Array
     check_number("rtol", rtol, low=0)
     check_number("atol", atol, low=0)
     check_int("seed", seed, low=0)  # randomize_module seeds torch with it
+    verbose = B.check_flag("verbose", verbose)
     if layout is not None and layout not in layouts.PEER_LAYOUTS:
         raise ValueError(f"layout must be None (detect) or one of {layouts.PEER_LAYOUTS}, got {layout!r}")
     if weights not in WEIGHTS:

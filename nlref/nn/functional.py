@@ -32,7 +32,7 @@ import operator
 
 import numpy as np
 
-from ..backend import array_namespace, asarray, device, supports_out
+from ..backend import array_namespace, asarray, check_flag, device, supports_out
 from . import engine
 from ._shapes import (check_batchnorm, check_dropout, check_float, check_grad, check_labels, check_linear,
                       check_pool_kernel, check_spatial, conv_params, dtype_of, output_size, pad, pool_params, strided,
@@ -156,6 +156,7 @@ def batchnorm_forward(x, gamma, beta, state, *, training, momentum=0.1, eps=1e-5
     cache : tuple
     """
     xp = array_namespace(x, gamma, beta)
+    training = check_flag("batchnorm_forward: training", training)
     check_batchnorm(x, gamma, beta, state, momentum, eps)
     check_float("batchnorm_forward", xp, x=x, gamma=gamma, beta=beta, **{
         f"state[{k!r}]": state[k] for k in ("running_mean", "running_var")})
@@ -643,6 +644,7 @@ def conv3d_backward(dout, cache, *, input_grad=True):
     db : array, shape (O,), or None when the layer has no bias
     """
     context, has_bias = cache
+    input_grad = check_flag("conv3d_backward: input_grad", input_grad)
     x_shape, w = context.x_cl.shape, context.w
     check_grad("conv3d_backward", dout, (x_shape[0], w.shape[0], *output_size(
         "conv3d_backward", x_shape[1:4], w.shape[2:], context.stride, context.padding)))
@@ -858,6 +860,7 @@ def dropout_forward(x, p, *, training, seed=None):
         The scaled mask ``m / (1 - p)``, or None for the identity.
     """
     xp = array_namespace(x, names=["x"])
+    training = check_flag("dropout_forward: training", training)
     check_dropout(xp, x, p, seed, training)
     if not training or p == 0:
         return x, None

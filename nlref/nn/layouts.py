@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import math
 
+from .. import backend as B
 from . import functional as F
 
 __all__ = ["LAYOUTS", "PEER_LAYOUTS", "MODULE_NAMES", "SOURCES", "module_names", "key_map", "counter_key",
@@ -403,8 +404,7 @@ def slowfast_options(dim, dim_inner, pool_size=None, instantiation="softmax", ze
     if instantiation not in modes:
         raise ValueError(f"instantiation must be 'softmax' or 'dot_product' (SlowFast's two), got {instantiation!r}")
     for name, value in (("zero_init_final_conv", zero_init_final_conv), ("zero_init_final_norm", zero_init_final_norm)):
-        if not isinstance(value, bool):
-            raise ValueError(f"{name} must be True or False, got {value!r}")
+        B.check_flag(name, value)
     options = {"in_channels": dim, "inter_channels": dim_inner, "dims": 3, "mode": modes[instantiation],
                "scale": instantiation == "softmax", "pool": "before", "bn_eps": norm_eps,
                "bn_momentum": norm_momentum, "sub_sample": False}

@@ -477,6 +477,7 @@ class VideoNet:
         -------
         logits : array, shape (B, num_classes)
         """
+        return_attention = B.check_flag("return_attention", return_attention)
         self._check_input(x)
         if dropout_seed is not None and (isinstance(dropout_seed, bool)
                                          or not isinstance(dropout_seed, (int, np.integer))):
@@ -506,6 +507,7 @@ class VideoNet:
         """
         if self._head_cache is None:
             raise RuntimeError("VideoNet.backward needs a forward pass before it (and runs once per forward)")
+        input_grad = B.check_flag("input_grad", input_grad)
         pool_cache, drop_cache, fc_cache = self._head_cache
         self._head_cache = None
         d, self.fc.grads["weight"], self.fc.grads["bias"] = F.linear_backward(dlogits, fc_cache)
@@ -741,6 +743,7 @@ class VideoTransformer(_Collected):
         With ``return_attention``, also ``{"blocks.i": (B, h, N', N') attention}`` of every
         block (``N' = N + 1`` with a class token, which comes first).
         """
+        return_attention = B.check_flag("return_attention", return_attention)
         self._check_input(x)
         xp, e = self.xp, self.config["embed_dim"]
         b = x.shape[0]
@@ -767,6 +770,7 @@ class VideoTransformer(_Collected):
         """Back-propagate dL/dlogits; sets ``grads``, returns dL/dx (None with ``input_grad=False``)."""
         if self._cache is None:
             raise RuntimeError("VideoTransformer.backward needs a forward pass before it (and runs once per forward)")
+        input_grad = B.check_flag("input_grad", input_grad)
         x_shape, h_shape, c_embed, c_norm, c_head = self._cache
         self._cache = None
         xp, e = self.xp, self.config["embed_dim"]
