@@ -11,6 +11,10 @@ the exercise (``ch01.ex4(answer)`` checks exercise 4). A check
 * prints what is wrong (the relative error, the shape, the type) and returns
   ``False`` otherwise. It never raises for a wrong answer.
 
+A function given as an answer is called on copies of its inputs, so one that works in place
+is neither refused for it nor able to change what it is compared with; one that returns None
+(a missing ``return``) is a wrong answer, said so. A str or a bool is not taken for a number.
+
 The worked solutions in the notebooks end with ``assert chNN.exK(answer)``: the test
 suite executes them, so a solution that stops being true fails the build.
 """
@@ -23,12 +27,22 @@ __all__ = ["rel_error", "check_close", "check_true", "not_answered"]
 
 
 def _host(x) -> np.ndarray:
-    """``x`` as a float64 NumPy array: numbers, lists and arrays of any library."""
+    """``x`` as a float64 NumPy array: real numbers, lists of them and arrays of any library.
+
+    Anything else is a TypeError or a ValueError: a str or a bool is not taken for a number
+    (``"16640"`` used to pass as 16640), and a dict or a tuple of an array and a cache is refused
+    rather than failing inside NumPy.
+    """
     from ..backend import to_numpy
 
-    if hasattr(x, "__dlpack__") or hasattr(x, "get"):
+    if isinstance(x, (str, bytes, dict)):
+        raise TypeError(f"a {type(x).__name__} is not a number or an array")
+    if not isinstance(x, (np.ndarray, np.generic, list, tuple)) and hasattr(x, "__dlpack__"):
         x = to_numpy(x)
-    return np.asarray(x, dtype=np.float64)
+    a = np.asarray(x)
+    if a.dtype.kind not in "iuf":
+        raise TypeError(f"expected real numbers, got an array of {a.dtype}")
+    return a.astype(np.float64)
 
 
 def rel_error(a, b) -> float:

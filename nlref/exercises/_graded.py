@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _report
+from ._student import RETURNED_NONE, fresh
 
 __all__ = ["LEVELS", "attempt", "compare", "numerical_gradient", "verdict"]
 
@@ -37,17 +38,21 @@ class Wrong(Exception):
 
 
 def attempt(name, func, *args):
-    """``func(*args)``, or :class:`Unanswered` / :class:`Wrong` (already reported) when there is none."""
+    """``func`` called on copies of ``args`` (:func:`nlref.exercises._student.fresh`), or
+    :class:`Unanswered` / :class:`Wrong` when there is no result (not callable, raises, returns None)."""
     if func is None:
         raise Unanswered
     if not callable(func):
         raise Wrong(f"expected a function, got {type(func).__name__}")
     try:
-        return func(*args)
+        result = func(*fresh(args))
     except NotImplementedError:
         raise Unanswered from None
     except Exception as err:  # the student's code may fail in any way; say how
         raise Wrong(f"your function raised {type(err).__name__}: {err}") from None
+    if result is None:
+        raise Wrong(RETURNED_NONE)
+    return result
 
 
 def _array(label, value, shape):

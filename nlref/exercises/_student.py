@@ -2,23 +2,42 @@
 
 from __future__ import annotations
 
+import copy
+
 from . import _report
+
+#: What a check says of a function that returned None: most often a missing ``return``.
+RETURNED_NONE = "your function returned None (is its return statement missing?)"
+
+
+def fresh(args):
+    """A deep copy of the arguments a student's function gets.
+
+    The check computes its expected value from the originals, so a function that changes its
+    inputs in place can neither change what it is compared with nor be refused for it.
+    """
+    return copy.deepcopy(args)
 
 
 def call(name, func, *args, **kwargs):
-    """Call the student's ``func``; return ``(True, result)`` or ``(False, None)`` after printing why.
+    """Call the student's ``func`` on copies of the arguments (:func:`fresh`); return
+    ``(True, result)`` or ``(False, None)`` after printing why.
 
-    A check never raises for a wrong answer: a function that is not callable or that
-    raises is reported as one line and the check returns False.
+    A check never raises for a wrong answer: a function that is not callable, that raises, or
+    that returns None is reported as one line and the check returns False.
     """
     if not callable(func):
         _report(name, False, f"expected a function, got {type(func).__name__}")
         return False, None
     try:
-        return True, func(*args, **kwargs)
+        result = func(*fresh(args), **fresh(kwargs))
     except Exception as err:  # the student's code may fail in any way; say how
         _report(name, False, f"your function raised {type(err).__name__}: {err}")
         return False, None
+    if result is None:
+        _report(name, False, RETURNED_NONE)
+        return False, None
+    return True, result
 
 
 def as_names(name, answer):

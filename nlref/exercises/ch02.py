@@ -58,9 +58,11 @@ def ex1(answer):
 def ex2(answer, *, sigma=SIGMA, h=0.4 * SIGMA, patch=3, search=5):
     """A student's ``patchwise(v, sigma=, h=, patch=, search=)``, patch-wise NL-means of a 2-D image.
 
-    The check calls it on a 12x12 float64 crop of the noisy camera image and
-    compares with ``nl_means(..., aggregation="patch")`` (equal to the naive
-    specification to about 1e-12 in float64), with ``rtol=1e-9``.
+    The check calls it on a 12x15 float64 crop of the noisy camera image with these settings,
+    then on an 11x9 crop with others (half the ``sigma``, three times the ``h``, patches and
+    search window 2 wider), so that a function which reads the notebook's globals, or mixes up
+    rows and columns, fails. Each result is compared with ``nl_means(..., aggregation="patch")``
+    (equal to the naive specification to about 1e-12 in float64), with ``rtol=1e-9``.
     """
     import nlref
 
@@ -68,12 +70,16 @@ def ex2(answer, *, sigma=SIGMA, h=0.4 * SIGMA, patch=3, search=5):
     if not_answered(name, answer):
         return None
     _, noisy = _noisy()
-    v = np.asarray(noisy[140:152, 60:72], dtype=np.float64)
-    ok, mine = call(name, answer, v.copy(), sigma=sigma, h=h, patch=patch, search=search)
-    if not ok:
-        return False
-    expected = nlref.nl_means(v, sigma=sigma, h=h, patch_size=patch, search_size=search, aggregation="patch")
-    return check_close(name, mine, expected, rtol=1e-9)
+    cases = [((slice(140, 152), slice(60, 75)), dict(sigma=sigma, h=h, patch=patch, search=search)),
+             ((slice(300, 311), slice(200, 209)), dict(sigma=sigma / 2, h=3 * h, patch=patch + 2, search=search + 2))]
+    for crop, settings in cases:
+        v = np.asarray(noisy[crop], dtype=np.float64)
+        ok, mine = call(name, answer, v, **settings)
+        expected = nlref.nl_means(v, sigma=settings["sigma"], h=settings["h"], patch_size=settings["patch"],
+                                  search_size=settings["search"], aggregation="patch")
+        if not ok or not check_close(f"{name} ({v.shape[0]}x{v.shape[1]}, {settings})", mine, expected, rtol=1e-9):
+            return False
+    return _report(name, True)
 
 
 def flat_gain(*, sigma=SIGMA):
@@ -155,7 +161,7 @@ def ex6(answer):
     def run():
         ok = True
         for p, sigma, h, patch, search in cases:
-            got = attempt("ex6", answer, v.copy(), p, sigma, h, patch, search)
+            got = attempt("ex6", answer, v, p, sigma, h, patch, search)
             want = nlref.nl_means_weights(v, p, sigma=sigma, h=h, patch_size=patch, search_size=search)
             ok &= compare(f"weights of pixel {p}", got, want, rtol=1e-9, atol=1e-12)
         return ok

@@ -86,17 +86,20 @@ def bn_jacobian_reference(x, eps=1e-5):
 def ex2(answer, *, m=8, seed=0):
     """A student's ``bn_jacobian(x)``: the (R, R) Jacobian of ``xhat`` for one channel of R values (eps = 1e-5).
 
-    The check calls it on ``m`` random values and compares with
-    :func:`bn_jacobian_reference` (``rtol=1e-9``, ``atol=1e-12``: float64 rounding).
+    The check calls it on ``m`` random values, then on ``m - 3`` (so that R is read from ``x``,
+    not fixed), and compares with :func:`bn_jacobian_reference` (``rtol=1e-9``, ``atol=1e-12``:
+    float64 rounding).
     """
     name = "ch04 ex2"
     if not_answered(name, answer):
         return None
-    x = np.random.default_rng(seed).standard_normal(m) * 2 + 1
-    ok, mine = call(name, answer, x.copy())
-    if not ok:
-        return False
-    return check_close(name, mine, bn_jacobian_reference(x), rtol=1e-9, atol=1e-12)
+    rng = np.random.default_rng(seed)
+    for r in (m, max(m - 3, 2)):
+        x = rng.standard_normal(r) * 2 + 1
+        ok, mine = call(name, answer, x)
+        if not ok or not check_close(f"{name} (R = {r})", mine, bn_jacobian_reference(x), rtol=1e-9, atol=1e-12):
+            return False
+    return _report(name, True)
 
 
 def ex3(answer):
@@ -141,7 +144,7 @@ def ex4(answer, *, seed=0):
     rng = np.random.default_rng(seed)
     s, dp = rng.standard_normal((2, 4, 5)), rng.standard_normal((2, 4, 5))
     p, cache = softmax_forward(s)
-    ok, mine = call(name, answer, dp.copy(), cache)
+    ok, mine = call(name, answer, dp, cache)
     if not ok:
         return False
     if not check_close(name, mine, p * dp, rtol=1e-12):
@@ -237,7 +240,7 @@ def ex7(answer):
         for shape in [(2, 4, 5), (6,)]:
             s, dp = 1.5 * rng.standard_normal(shape), rng.standard_normal(shape)
             p, cache = F.softmax_forward(s)
-            ds = attempt("ex7", answer, dp, p.copy())
+            ds = attempt("ex7", answer, dp, p)
             ok &= compare(f"ds {shape} (vs nlref)", ds, F.softmax_backward(dp, cache))
             numeric = numerical_gradient(lambda v: F.softmax_forward(v)[0], s, dp)
             ok &= compare(f"ds {shape} (vs finite differences)", ds, numeric, rtol=1e-5, atol=1e-8)
@@ -268,7 +271,7 @@ def ex8(answer):
             gamma, beta = rng.standard_normal(shape[1]), rng.standard_normal(shape[1])
             out, cache = forward(x, gamma, beta)
             dout = rng.standard_normal(shape)
-            got = _grads("ex8", answer, 3, dout, x.copy(), gamma.copy(), eps)
+            got = _grads("ex8", answer, 3, dout, x, gamma, eps)
             want = F.batchnorm_backward(dout, cache)
             for label, g, w in zip(("dx", "dgamma", "dbeta"), got, want):
                 ok &= compare(f"{label} {shape} (vs nlref)", g, w)
@@ -293,7 +296,7 @@ def ex9(answer):
         ok = True
         g, A = rng.standard_normal((2, 3, 5)), rng.standard_normal((2, 4, 5))
         dy = rng.standard_normal((2, 3, 4))
-        got = _grads("ex9", answer, 2, dy, g.copy(), A.copy())
+        got = _grads("ex9", answer, 2, dy, g, A)
         want = (dy @ A, np.swapaxes(dy, 1, 2) @ g)
         numeric = (numerical_gradient(lambda v: v @ np.swapaxes(A, 1, 2), g, dy),
                    numerical_gradient(lambda v: g @ np.swapaxes(v, 1, 2), A, dy))

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import check_close, check_true, not_answered
+from . import _host, check_close, check_true, not_answered
 from . import _graded
 from ._graded import attempt, compare, numerical_gradient, verdict
+from ._student import RETURNED_NONE, fresh
 from ..nn import functional as F
 
 __all__ = ["LEVELS", "GRADED", "EX1", "EX3", "CASES", "ex1", "ex2", "ex3", "ex4", "ex6", "ex7"]
@@ -37,22 +38,29 @@ def ex1(answer):
     out, _ = F.conv3d_reference(x, w, stride=EX1["stride"], padding=EX1["padding"])
     if not_answered("ex1", answer):
         return None
-    try:
-        shape = tuple(int(n) for n in answer)
-    except (TypeError, ValueError):
+    if (isinstance(answer, (str, bytes)) or not hasattr(answer, "__iter__")
+            or not all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) for n in answer)):
+        # int() would truncate 5.5 to 5: the floor is the point of the exercise
         return check_true("ex1", answer, False, f"expected a tuple of 5 ints, got {answer!r}")
+    shape = tuple(int(n) for n in answer)
     return check_true("ex1", answer, shape == tuple(out.shape),
                       f"shape {shape} is not the output's; recall floor((n + 2p - k) / s) + 1 per axis")
 
 
 def _call(fn, *args):
-    """``fn(*args)`` as a float64 NumPy array, or the reason it is not one."""
+    """``fn`` on copies of ``args`` as a float64 NumPy array, or the reason it is not one."""
     if not callable(fn):
         return None, f"expected a function, got {type(fn).__name__}"
     try:
-        return np.asarray(fn(*args), dtype=np.float64), None
+        result = fn(*fresh(args))
     except Exception as error:  # a wrong answer, never a crash of the check
         return None, f"calling it raised {type(error).__name__}: {error}"
+    if result is None:
+        return None, RETURNED_NONE
+    try:
+        return _host(result), None
+    except (TypeError, ValueError) as error:
+        return None, f"expected an array, got {type(result).__name__} ({error})"
 
 
 def ex2(answer):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _report, check_close, not_answered
-from ._student import call
+from ._student import call, fresh
 
 __all__ = ["LEVELS", "GRADED", "ex1", "ex2", "ex3", "ex4"]
 
@@ -26,7 +26,7 @@ def _student(name, func, *args):
     """``(state, result)``: state None (not answered: NotImplementedError), False (reported) or True."""
     if callable(func):
         try:
-            return True, func(*args)
+            func(*fresh(args))
         except NotImplementedError:
             not_answered(name, None)
             return None, None
@@ -61,7 +61,7 @@ def ex1(answer, *, seed=0):
     rng = np.random.default_rng(seed)
     x, gamma, beta, dout = (rng.standard_normal(s) for s in ((2, 3, 5), (5,), (5,), (2, 3, 5)))
     _, cache = layernorm_forward(x, gamma, beta)
-    state, mine = _student(name, answer, dout.copy(), tuple(np.copy(c) for c in cache))
+    state, mine = _student(name, answer, dout, cache)
     if state is not True:
         return state
     mine = _parts(name, mine, 3)
@@ -81,7 +81,9 @@ def ex2(answer, *, seed=0, num_heads=2):
     (``in_proj_weight``, ``in_proj_bias``, ``out_proj.weight``, ``out_proj.bias``), ``dout``
     (B, N, E). The answer is a dict with the keys ``"x"`` and every parameter name, each
     the gradient of ``sum(out * dout)``. Compared with ``MultiHeadAttention.backward`` on
-    random (2, 4, 6) inputs with 2 heads (non-zero biases), ``rtol=1e-8``, ``atol=1e-10``.
+    random (2, 4, 6) inputs (non-zero biases) with ``num_heads`` heads and then with 3 (or 1
+    when ``num_heads`` is 3), so that a function which ignores ``num_heads`` fails,
+    ``rtol=1e-8``, ``atol=1e-10``.
     """
     from ..nn.attention import MultiHeadAttention
 
@@ -89,22 +91,22 @@ def ex2(answer, *, seed=0, num_heads=2):
     if not_answered(name, answer):
         return None
     rng = np.random.default_rng(seed)
-    mha = MultiHeadAttention(6, num_heads, dtype="float64", seed=seed)
-    mha.params["in_proj_bias"] = 0.3 * rng.standard_normal(18)
-    mha.params["out_proj.bias"] = 0.3 * rng.standard_normal(6)
-    x, dout = rng.standard_normal((2, 4, 6)), rng.standard_normal((2, 4, 6))
-    params = {k: np.copy(v) for k, v in mha.params.items()}
-    state, mine = _student(name, answer, x.copy(), params, num_heads, dout.copy())
-    if state is not True:
-        return state
-    mha.forward(x)
-    expected = {"x": mha.backward(dout), **mha.grads}
-    if not isinstance(mine, dict) or set(mine) != set(expected):
-        got = sorted(mine) if isinstance(mine, dict) else type(mine).__name__
-        return _report(name, False, f"expected a dict with the keys {sorted(expected)}, got {got}")
-    for key, value in expected.items():
-        if not check_close(f"{name} ({key})", mine[key], value, rtol=1e-8, atol=1e-10):
-            return False
+    for heads in (num_heads, 1 if num_heads == 3 else 3):
+        mha = MultiHeadAttention(6, heads, dtype="float64", seed=seed)
+        mha.params["in_proj_bias"] = 0.3 * rng.standard_normal(18)
+        mha.params["out_proj.bias"] = 0.3 * rng.standard_normal(6)
+        x, dout = rng.standard_normal((2, 4, 6)), rng.standard_normal((2, 4, 6))
+        state, mine = _student(name, answer, x, mha.params, heads, dout)
+        if state is not True:
+            return state
+        mha.forward(x)
+        expected = {"x": mha.backward(dout), **mha.grads}
+        if not isinstance(mine, dict) or set(mine) != set(expected):
+            got = sorted(mine) if isinstance(mine, dict) else type(mine).__name__
+            return _report(name, False, f"expected a dict with the keys {sorted(expected)}, got {got}")
+        for key, value in expected.items():
+            if not check_close(f"{name} ({key}, {heads} heads)", mine[key], value, rtol=1e-8, atol=1e-10):
+                return False
     return _report(name, True)
 
 
