@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 
-from . import _report
+from . import _report, not_answered
 
 #: What a check says of a function that returned None: most often a missing ``return``.
 RETURNED_NONE = "your function returned None (is its return statement missing?)"
@@ -20,17 +20,21 @@ def fresh(args):
 
 
 def call(name, func, *args, **kwargs):
-    """Call the student's ``func`` on copies of the arguments (:func:`fresh`); return
-    ``(True, result)`` or ``(False, None)`` after printing why.
+    """Call the student's ``func`` on copies of the arguments (:func:`fresh`).
 
-    A check never raises for a wrong answer: a function that is not callable, that raises, or
-    that returns None is reported as one line and the check returns False.
+    Returns ``(True, result)``; ``(False, None)`` after printing why, for a function that is not
+    callable, raises or returns None (a check never raises for a wrong answer); or
+    ``(None, None)`` after printing "not answered yet" for one that still raises
+    ``NotImplementedError``, the student edition's placeholder body.
     """
     if not callable(func):
         _report(name, False, f"expected a function, got {type(func).__name__}")
         return False, None
     try:
         result = func(*fresh(args), **fresh(kwargs))
+    except NotImplementedError:
+        not_answered(name, None)
+        return None, None
     except Exception as err:  # the student's code may fail in any way; say how
         _report(name, False, f"your function raised {type(err).__name__}: {err}")
         return False, None

@@ -146,3 +146,33 @@ def test_a_degenerate_answer_is_reported(check, answer, says, capsys):
 def test_a_number_of_copies_far_from_the_law_is_refused_before_any_copy_is_made(capsys):
     # 10**6 copies of the crop would need 122 GiB; the law's check comes first
     _false(ch01.ex4, 10**6, capsys, "the law")
+
+
+def _not_written(*args, **kwargs):
+    raise NotImplementedError
+
+
+@pytest.mark.parametrize("check", [ch02.ex2, ch04.ex2, ch04.ex4, ch05.ex1, ch05.ex2, ch05.ex5, ch08.ex1, ch08.ex4])
+def test_a_function_still_to_write_is_unanswered_in_every_chapter(check, calls, capsys):
+    # the student edition's placeholder body; chapter 8 said so before, the others called it wrong
+    assert check(calls(_not_written)) is None
+    out = capsys.readouterr().out
+    assert "not answered yet" in out and "not yet:" not in out
+
+
+@pytest.fixture
+def calls():
+    """Wrap a student function so that the test can count its calls (once per case, not twice)."""
+    def wrap(func):
+        def counted(*args, **kwargs):
+            wrap.count += 1
+            return func(*args, **kwargs)
+        return counted
+    wrap.count = 0
+    return wrap
+
+
+def test_a_student_function_runs_once_per_case(calls, capsys):
+    from .test_ch08 import _ln_right
+    assert ch08.ex1(calls(_ln_right)) is True
+    assert calls.count == 1   # chapter 8 called it twice, once to look for NotImplementedError
