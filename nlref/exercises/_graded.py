@@ -38,7 +38,7 @@ class Wrong(Exception):
 
 
 def attempt(name, func, *args):
-    """``func`` called on copies of ``args`` (:func:`nlref.exercises._student.fresh`), or
+    """``func`` called on copies of ``args`` (``_student.fresh``), or
     :class:`Unanswered` / :class:`Wrong` when there is no result (not callable, raises, returns None)."""
     if func is None:
         raise Unanswered

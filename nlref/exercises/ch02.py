@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _report, check_close, check_true, not_answered
+from . import _report, check_close, not_answered
 from ._student import call
-from ._graded import Wrong, attempt, compare, numerical_gradient, verdict
+from ._graded import attempt, compare, verdict
 
 __all__ = ["LEVELS", "GRADED", "ex1", "ex2", "ex3", "ex4", "ex5", "uncorrected_sweep", "flat_gain", "video_psnrs", "ex6"]
 

@@ -12,7 +12,7 @@ import tracemalloc
 
 import numpy as np
 
-from . import _report, check_close, not_answered
+from . import check_close, not_answered
 from ._student import call
 from ._graded import Wrong, attempt, compare, numerical_gradient, verdict
 

@@ -25,12 +25,25 @@ MAX_SPATIAL_DIMS = 4
 
 
 #: The error for an image holding NaN or Inf (every route says the same).
-NOT_FINITE = "image contains NaN or Inf values; NL-means needs finite input (replace or mask them first)"
+NOT_FINITE = ("image contains NaN or Inf values; NL-means needs finite input (replace them first, by interpolation "
+              "or numpy.nan_to_num)")
 
 def is_dask_array(x):
     """Whether ``x`` is a ``dask.array.Array`` (without importing dask)."""
     module = sys.modules.get("dask.array")
     return module is not None and isinstance(x, module.Array)
+
+
+def check_not_masked(image, name="image"):
+    """Refuse a NumPy masked array (in memory, or as a Dask array's chunks).
+
+    NL-means has no masked samples: it would read the values under the mask, NaN included (the
+    finiteness check skips masked entries), and return a plain array.
+    """
+    if isinstance(image, np.ma.MaskedArray) or isinstance(getattr(image, "_meta", None), np.ma.MaskedArray):
+        raise TypeError(f"{name} is a NumPy masked array: NL-means would read the values under the mask and drop "
+                        f"the mask. Fill the masked samples first ({name}.filled(value), or by interpolation) "
+                        "and pass the plain array")
 
 
 def check_not_stored(image, name="image"):
@@ -39,6 +52,7 @@ def check_not_stored(image, name="image"):
     ``numpy.asarray`` would read the whole store into memory; the advice is
     :func:`nlref.nl_means_store` (or loading it knowingly, when it fits).
     """
+    check_not_masked(image, name)
     library = type(image).__module__.split(".")[0]
     if library in ("zarr", "h5py"):
         raise TypeError(f"{name} is a {library} {type(image).__name__}, an array in a store: denoise it chunk by chunk "
@@ -78,6 +92,7 @@ def check_lazy(image, channel_axis):
 
     Returns (channel_axis, spatial_shape).
     """
+    check_not_masked(image)
     dtype = np.dtype(image.dtype)
     if dtype.kind not in "iuf":
         raise TypeError(f"image must hold real numbers (integer or floating point); got dtype {dtype}")
@@ -147,5 +162,6 @@ def sigma_axes(sizes, shape):
     estimate filters; a ValueError naming ``shape`` (the image's) when there is none."""
     axes = [a for a, n in enumerate(sizes) if n >= 3]
     if not axes:
-        raise ValueError(f"image needs an axis with at least 3 samples to estimate sigma; shape {tuple(shape)}")
+        raise ValueError(f"image needs an axis with at least 3 samples to estimate sigma; shape {tuple(shape)}. "
+                         "Pass sigma (or h and both sizes), which needs no estimate")
     return axes

@@ -29,7 +29,7 @@ import numpy as np
 
 from ..backend import array_namespace, device, to_numpy
 from .checks import NOT_FINITE
-from .noise import sigma_from_median
+from .noise import check_filtered, sigma_from_median
 from .params import check_arguments, needs_noise, resolve
 
 __all__ = ["HISTOGRAM_BINS", "GATHER_LIMIT", "bin_edges", "histogram_block", "in_bin_samples", "select",
@@ -168,7 +168,11 @@ def select(values, ranks, lo, hi, rounds=0):
 
 
 def sigma_from_filtered(values, dims, extremes):
-    """:func:`nlref.estimate_sigma` from each channel's lazy absolute second differences and their (min, max)."""
+    """:func:`nlref.estimate_sigma` from each channel's lazy absolute second differences and their (min, max).
+
+    The image must be finite: a non-finite extreme is then an overflow of the filter's float.
+    """
+    check_filtered(all(math.isfinite(float(e)) for pair in extremes for e in pair), values[0].dtype)
     per_channel = []
     for v, (lo, hi) in zip(values, extremes):
         dtype = np.dtype(v.dtype)

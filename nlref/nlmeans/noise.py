@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from .._typing import Array
-from ..backend import require_real
+from ..backend import dtype_name, require_real
 from .checks import NOT_FINITE, check_axes, check_not_stored, is_dask_array, sigma_axes
 
 __all__ = ["estimate_sigma", "MAD_TO_SIGMA", "second_difference", "sigma_from_median"]
@@ -31,7 +33,11 @@ MAD_TO_SIGMA = 0.6744897501960817
 
 
 def second_difference(x, axis):
-    """The valid part of ``x`` filtered with [1, -2, 1] along ``axis`` (two samples shorter there)."""
+    """The valid part of ``x`` filtered with [1, -2, 1] along ``axis`` (two samples shorter there).
+
+    An overflow gives inf or NaN without NumPy's warnings: ``check_filtered`` refuses it with
+    what to do.
+    """
     n = x.shape[axis]
 
     def part(start, stop):
@@ -39,7 +45,29 @@ def second_difference(x, axis):
         idx[axis] = slice(start, stop)
         return x[tuple(idx)]
 
-    return part(0, n - 2) - 2.0 * part(1, n - 1) + part(2, n)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return part(0, n - 2) - 2.0 * part(1, n - 1) + part(2, n)
+
+
+def filter_dtype(dtype):
+    """The NumPy float the noise estimate filters an image of ``dtype`` (any library's, or its name) in.
+
+    The image's own float, but float16 widened to float32: a second difference of float16 values
+    above 16376 overflows it, and the estimate came back NaN. Integers are filtered in float64.
+    In memory, on Dask and in a store alike, so that the three give the same bits.
+    """
+    d = np.dtype(dtype_name(dtype))
+    if d.kind != "f":
+        return np.dtype(np.float64)
+    return np.dtype(np.float32) if d.itemsize < 4 else d
+
+
+def check_filtered(finite, dtype):
+    """A ValueError when the second differences overflowed ``dtype`` (``finite`` is False): values so large
+    that ``v[i-1] - 2 v[i] + v[i+1]`` exceeds the largest float. The image itself was checked finite."""
+    if not finite:
+        raise ValueError(f"the noise estimate overflows {np.dtype(dtype)}: the image's second differences "
+                         "(v[i-1] - 2 v[i] + v[i+1]) exceed its largest value. Scale the image down, or pass sigma")
 
 
 def sigma_from_median(median, dims):
@@ -90,7 +118,8 @@ def estimate_sigma(image: Array, *, channel_axis: int | None = None) -> float:
 def estimate_checked(xp, image, channel_axis):
     """:func:`estimate_sigma` of an image the caller has checked (``check_image``: axes, finite values),
     ``channel_axis`` normalised; ``nl_means`` calls it after its own checks, so they are not made twice."""
-    x = image if xp.isdtype(image.dtype, "real floating") else xp.astype(image, xp.float64)
+    dtype = filter_dtype(image.dtype)
+    x = image if dtype_name(image.dtype) == dtype.name else xp.astype(image, getattr(xp, dtype.name))
     if channel_axis is not None:
         x = xp.moveaxis(x, channel_axis, 0)
     else:
@@ -99,5 +128,6 @@ def estimate_checked(xp, image, channel_axis):
     filtered, dims = x, len(axes)
     for a in axes:
         filtered = second_difference(filtered, 1 + a)
+    check_filtered(bool(xp.all(xp.isfinite(filtered))), dtype)
     per_channel = [sigma_from_median(_median(xp, xp.abs(filtered[c, ...])), dims) for c in range(filtered.shape[0])]
     return sum(per_channel) / len(per_channel)

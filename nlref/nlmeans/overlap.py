@@ -14,15 +14,13 @@ halo is reflection, as in memory).
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from .checks import NOT_FINITE, check_lazy, check_workers, sigma_axes
 from .chunk import denoise_with_halo
 from .fast import halo
 from .median import resolve_lazy, sigma_from_filtered
-from .noise import second_difference
+from .noise import filter_dtype, second_difference
 from .params import check_working_memory, run_parameters
 
 __all__ = ["nl_means_dask", "resolve_parameters_dask", "estimate_sigma_dask", "chunks_for_halo", "filtered_dask"]
@@ -44,7 +42,8 @@ def filtered_dask(image, channel_axis):
     """
     import dask.array as da
 
-    x = image if np.dtype(image.dtype).kind == "f" else image.astype(np.float64)
+    dtype = filter_dtype(image.dtype)
+    x = image if np.dtype(image.dtype) == dtype else image.astype(dtype)
     x = x[None, ...] if channel_axis is None else da.moveaxis(x, channel_axis, 0)
     axes = [1 + a for a in sigma_axes(x.shape[1:], image.shape)]
     chunks = [chunks_for_halo(c, 2) if a in axes else c for a, c in enumerate(x.chunks)]
@@ -81,13 +80,17 @@ def estimate_sigma_dask(image, *, channel_axis=None):
     sigma : float
     """
     import dask
+    import dask.array as da
 
     channel_axis, _ = check_lazy(image, channel_axis)
     values, dims = filtered_dask(image, channel_axis)
-    extremes = dask.compute(*[(v.min(), v.max()) for v in values])
-    if not all(math.isfinite(float(e)) for pair in extremes for e in pair):  # NaN or Inf in the image
+    lazy = {"extremes": [(v.min(), v.max()) for v in values]}
+    if np.dtype(image.dtype).kind == "f":  # in the same pass: NaN or Inf in the image
+        lazy["finite"] = da.isfinite(image).all()
+    (stats,) = dask.compute(lazy)
+    if not bool(stats.get("finite", True)):
         raise ValueError(NOT_FINITE)
-    return sigma_from_filtered(values, dims, extremes)
+    return sigma_from_filtered(values, dims, stats["extremes"])
 
 
 def resolve_parameters_dask(image, *, sigma=None, h=None, patch_size=None, search_size=None, channel_axis=None,

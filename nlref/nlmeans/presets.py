@@ -87,6 +87,8 @@ def preset_for(sigma_255, *, colour, aggregation, shape):
     row : Preset
         The table row used.
     """
+    if not sigma_255 >= 0:  # NaN too: next() below would raise a bare StopIteration
+        raise ValueError(f"sigma_255 must be a number >= 0, got {sigma_255!r}")
     table = IPOL_COLOUR if colour else IPOL_GREY
     index = next(i for i, row in enumerate(table) if sigma_255 <= row.sigma_max)
     row = table[index]

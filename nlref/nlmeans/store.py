@@ -36,7 +36,7 @@ from .checks import check_lazy, check_workers, sigma_axes
 from .chunk import denoise_with_halo
 from .fast import halo
 from .median import resolve_lazy
-from .noise import second_difference
+from .noise import filter_dtype, second_difference
 from .params import check_working_memory, run_parameters
 
 __all__ = ["Opener", "as_source", "nl_means_store", "resolve_parameters_store", "denoise_store", "close_opened",
@@ -317,7 +317,8 @@ def _filtered_block(source, key, *, channel_axis, axes):
     else:
         spatial.insert(channel_axis, grown[0])
         x = np.moveaxis(read_block(source, tuple(spatial)), channel_axis, 0)
-    x = x if x.dtype.kind == "f" else x.astype(np.float64)
+    dtype = filter_dtype(x.dtype)
+    x = x if x.dtype == dtype else x.astype(dtype)
     for axis in axes:
         x = second_difference(x, axis)
     return abs(x)
@@ -334,7 +335,7 @@ def _filtered_store(source, channel_axis, grid):
     sizes = [max(c) for a, c in enumerate(grid) if a != channel_axis]
     filtered_grid = tuple(tuple([c] * (n // c) + ([n % c] if n % c else [])) for c, n in
                           zip([1, *sizes], filtered_shape))
-    dtype = source.dtype if np.dtype(source.dtype).kind == "f" else np.float64
+    dtype = filter_dtype(source.dtype)
     values = _tasks(_filtered_block, source, filtered_grid, dtype, "nlref-filtered", channel_axis=channel_axis,
                     axes=axes)
     return [values[c, ...] for c in range(channels)], len(axes)

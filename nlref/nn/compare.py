@@ -414,7 +414,7 @@ def compare_block(module: Any, x: Array, layout: str | None = None, *, dz: Array
                              rtol=rtol, atol=atol, scale=scale, weights=weights_note)
     zeros = _zero_rows(rows)
     inconclusive = bool(zeros)
-    result.agree = agree = peer_error is None and not inconclusive and all(result.row_ok(r) for r in rows)
+    result.agree = peer_error is None and not inconclusive and all(result.row_ok(r) for r in rows)
     bad = [r[0] for r in rows if not result.row_ok(r)]
     if peer_error is not None:
         forward = rows[:2]  # z and the branch z - x
