@@ -29,6 +29,7 @@ __all__ = [
     "array_namespace",
     "rng",
     "check_flag",
+    "check_not_masked",
     "FlagError",
     "require_real",
     "check_same_device",
@@ -299,6 +300,18 @@ def reflect_pad(x, widths):
         idx = xp.asarray(_reflect_indices(x.shape[axis], before, after), device=device(x))
         x = xp.take(x, idx, axis=axis)
     return x
+
+
+def check_not_masked(a, name="image"):
+    """Refuse a NumPy masked array (in memory, or as a Dask array's chunks), naming ``name``.
+
+    nlref has no masked samples: it would read the values under the mask, NaN included (a
+    finiteness check skips masked entries), mix the masks into its results, or drop them.
+    """
+    if isinstance(a, np.ma.MaskedArray) or isinstance(getattr(a, "_meta", None), np.ma.MaskedArray):
+        raise TypeError(f"{name} is a NumPy masked array: nlref would read the values under the mask and drop "
+                        f"the mask. Fill the masked samples first ({name}.filled(value), or by interpolation) "
+                        "and pass the plain array")
 
 
 class FlagError(TypeError, ValueError):

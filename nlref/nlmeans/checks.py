@@ -15,7 +15,7 @@ import warnings
 
 import numpy as np
 
-from ..backend import require_real
+from ..backend import check_not_masked, require_real
 
 __all__ = ["MAX_SPATIAL_DIMS", "is_dask_array", "check_not_stored", "check_axes", "check_image", "check_lazy",
            "check_workers", "sigma_axes", "layout_doubt"]
@@ -32,18 +32,6 @@ def is_dask_array(x):
     """Whether ``x`` is a ``dask.array.Array`` (without importing dask)."""
     module = sys.modules.get("dask.array")
     return module is not None and isinstance(x, module.Array)
-
-
-def check_not_masked(image, name="image"):
-    """Refuse a NumPy masked array (in memory, or as a Dask array's chunks).
-
-    NL-means has no masked samples: it would read the values under the mask, NaN included (the
-    finiteness check skips masked entries), and return a plain array.
-    """
-    if isinstance(image, np.ma.MaskedArray) or isinstance(getattr(image, "_meta", None), np.ma.MaskedArray):
-        raise TypeError(f"{name} is a NumPy masked array: NL-means would read the values under the mask and drop "
-                        f"the mask. Fill the masked samples first ({name}.filled(value), or by interpolation) "
-                        "and pass the plain array")
 
 
 def check_not_stored(image, name="image"):

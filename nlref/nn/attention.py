@@ -96,9 +96,16 @@ class _Params:
         if x.shape[0] < 1 or x.shape[1] < 1:
             raise ValueError(f"{name} must hold at least one clip and one token, got shape {tuple(x.shape)}")
 
-    def _pop_cache(self):
+    def _pop_cache(self, dout):
+        """The last forward's cache, taken once ``dout`` is checked against it (library, dtype, device and
+        the output's shape): a wrong ``dout`` leaves the cache for a retry, and a float64 gradient cannot
+        turn a float32 layer's gradients into float64."""
         if self._cache is None:
             raise RuntimeError(f"{type(self).__name__}.backward needs a forward pass before it (one per forward)")
+        self._check_tokens(dout, "dout")
+        x_shape = self._cache[0]
+        if tuple(dout.shape) != x_shape:
+            raise ValueError(f"dout must have the output's shape {x_shape}, got {tuple(dout.shape)}")
         cache, self._cache = self._cache, None
         return cache
 
@@ -339,6 +346,7 @@ class MultiHeadAttention(_Params):
         attention : array, shape (B, h, N, N), only with ``return_attention``
         """
         return_attention = B.check_flag("return_attention", return_attention)
+        self._cache = None  # a forward that fails leaves no cache for a backward to misuse
         self._check_tokens(x)
         bias = self.mask_bias(x, mask, causal)
         xp = self.xp
@@ -356,10 +364,8 @@ class MultiHeadAttention(_Params):
 
     def backward(self, dout):
         """Back-propagate dL/d(out); sets ``grads`` and returns dL/dx, shape (B, N, E)."""
-        x_shape, c_in, c_att, c_out = self._pop_cache()
+        x_shape, c_in, c_att, c_out = self._pop_cache(dout)
         xp = self.xp
-        if tuple(dout.shape) != x_shape:
-            raise ValueError(f"dout must have the output's shape {x_shape}, got {tuple(dout.shape)}")
         b, n, e = x_shape
         do, self.grads["out_proj.weight"], db_out = F.linear_backward(xp.reshape(dout, (b * n, e)), c_out)
         dq, dk, dv = attention_backward(split_heads(xp.reshape(do, (b, n, e)), self.num_heads), c_att)
@@ -456,6 +462,7 @@ class TransformerBlock(_Params):
         """
         return_attention = B.check_flag("return_attention", return_attention)
         causal = B.check_flag("causal", causal)
+        self._cache = None  # a forward that fails leaves no cache for a backward to misuse
         self._check_tokens(x)
         xp, p = self.xp, self.params
         b, n, e = x.shape
@@ -475,9 +482,7 @@ class TransformerBlock(_Params):
 
     def backward(self, dout):
         """Back-propagate dL/d(out) through both residual paths; sets ``grads``, returns dL/dx."""
-        x_shape, c_ln1, c_ln2, c_l1, c_act, c_l2 = self._pop_cache()
-        if tuple(dout.shape) != x_shape:
-            raise ValueError(f"dout must have the output's shape {x_shape}, got {tuple(dout.shape)}")
+        x_shape, c_ln1, c_ln2, c_l1, c_act, c_l2 = self._pop_cache(dout)
         xp, g = self.xp, self.grads
         b, n, e = x_shape
         d, g["linear2.weight"], g["linear2.bias"] = F.linear_backward(xp.reshape(dout, (b * n, e)), c_l2)
@@ -599,18 +604,17 @@ class PositionalEncoding(_Params):
 
     def forward(self, x):
         """x (B, N, E) -> x + P."""
+        self._cache = None  # a forward that fails leaves no cache for a backward to misuse
         self._check_tokens(x)
         if x.shape[1] != self.num_tokens:
             raise ValueError(f"x has {x.shape[1]} tokens but the encoding has {self.num_tokens} "
                              f"(shape {self.shape})")
-        self._cache = tuple(x.shape)
+        self._cache = (tuple(x.shape),)
         return x + self.encoding()
 
     def backward(self, dout):
         """dx = dout; the tables get dout summed over the clips (and over space / time when factorised)."""
-        x_shape = self._pop_cache()
-        if tuple(dout.shape) != x_shape:
-            raise ValueError(f"dout must have the output's shape {x_shape}, got {tuple(dout.shape)}")
+        (x_shape,) = self._pop_cache(dout)
         xp = self.xp
         if self.kind == "learned":
             dp = xp.sum(dout, axis=0)                                 # (N, E)

@@ -164,7 +164,7 @@ class NonLocalBlock:
         if inter_channels is None:
             inter_channels = max(self.in_channels // 2, 1)
         self.inter_channels = _positive_int("inter_channels", inter_channels)
-        if dims not in (1, 2, 3) or isinstance(dims, bool):
+        if isinstance(dims, bool) or not isinstance(dims, (int, np.integer)) or dims not in (1, 2, 3):
             raise ValueError(f"dims must be 1, 2 or 3, got {dims!r}")
         self.dims = int(dims)
         self.sub_sample = B.check_flag("sub_sample", sub_sample)
@@ -279,6 +279,7 @@ class NonLocalBlock:
 
     # ------------------------------------------------------------------ forward
     def _check_input(self, x):
+        B.check_not_masked(x, "x")
         xp_x = B.array_namespace(x, names=["x"])
         if xp_x is not self.xp:
             raise TypeError(f"x comes from {getattr(xp_x, '__name__', xp_x)} but the block's parameters live in "
@@ -291,6 +292,11 @@ class NonLocalBlock:
             raise ValueError(f"x must have shape {layout} for dims={self.dims}, got {tuple(x.shape)}")
         if x.shape[1] != self.in_channels:
             raise ValueError(f"x has {x.shape[1]} channels (axis 1); the block expects in_channels={self.in_channels}")
+        if x.shape[0] < 1 or math.prod(x.shape[2:]) < 1:
+            raise ValueError(f"x must hold at least one sample and one position, got shape {tuple(x.shape)}")
+        if self.bn_layer and self.training and x.shape[0] * math.prod(x.shape[2:]) < 2:
+            raise ValueError(f"x has one value per channel (shape {tuple(x.shape)}): batch norm in training mode "
+                             "needs more than one; use a larger batch or input, or eval()")
         if self.sub_sample and self.pool == "flattened" and math.prod(x.shape[2:]) < self.kernel[0]:
             raise ValueError(f"x has {math.prod(x.shape[2:])} positions, fewer than pool_kernel={self.kernel[0]} "
                              "(pool='flattened'); use sub_sample=False or a larger input")
@@ -390,6 +396,9 @@ class NonLocalBlock:
         attention : array, shape (B, N, N'), only if ``return_attention``
         """
         return_attention = B.check_flag("return_attention", return_attention)
+        # the last forward's cache points into the scratch buffers this call overwrites: if this call
+        # fails part-way (batch norm refusing one value per channel, say), backward must refuse too
+        self._cache = None
         self._check_input(x)
         xp = self.xp
         cache = {}

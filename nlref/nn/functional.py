@@ -304,7 +304,8 @@ def maxpool_backward(dout, cache):
 
     Ties go to the first maximal sample in row-major order, as in PyTorch: the
     window positions are visited in that order and a window stops accepting once
-    it has been served. (As in :func:`relu_backward`, the routing is a product with
+    it has been served. A window holding NaN has NaN for its maximum and routes to
+    its last NaN, as PyTorch's CPU kernel does (and :func:`maxpool3d_backward`). (As in :func:`relu_backward`, the routing is a product with
     a 0/1 mask, so an infinite ``dout`` leaves NaN at the window's other samples.)
 
     Returns
@@ -329,6 +330,13 @@ def maxpool_backward(dout, cache):
             hit = hit & ~served
             served = served | hit
         dx[index] = dout * xp.astype(hit, dout.dtype)  # a product with the 0/1 mask: branch-free, see relu_backward
+    if bool(xp.any(xp.isnan(out))):  # a NaN maximum equals nothing: the window's last NaN wins, as in PyTorch
+        served = None
+        for index in reversed(list(_window_samples(x.shape, kernel))):
+            hit = xp.isnan(x[index])
+            hit = hit if served is None else hit & ~served
+            served = hit if served is None else served | hit
+            dx[index] = xp.where(hit, dout, dx[index])
     return dx
 
 

@@ -243,7 +243,8 @@ def _save_state(layer):
     """What to restore after the check: the state dict where the layer has one, else copies of
     every node's parameters, buffers and batch counter."""
     if callable(getattr(layer, "state_dict", None)) and callable(getattr(layer, "load_state_dict", None)):
-        return ("state_dict", layer.state_dict())
+        # the counter apart: a state dict in nlref's layout leaves it out
+        return ("state_dict", (layer.state_dict(), getattr(layer, "num_batches_tracked", None)))
     nodes = []
     for node in _leaves(layer):
         nodes.append((node, {k: _copy(v) for k, v in node.params.items()},
@@ -255,7 +256,7 @@ def _save_state(layer):
 def _restore_state(layer, saved):
     kind, state = saved
     if kind == "state_dict":
-        counter = getattr(layer, "num_batches_tracked", None)
+        state, counter = state  # as saved before the check (it counts every forward the check made)
         layer.load_state_dict(state)
         if counter is not None:
             layer.num_batches_tracked = counter

@@ -276,6 +276,20 @@ def _as_param(net, host):
     return B.asarray(np.asarray(host), xp=net.xp, dtype=getattr(net.xp, net.dtype), device=net.device)
 
 
+def _check_dlogits(net, dlogits, shape, weight):
+    """``dlogits`` must have the logits' shape and the network's library, dtype and device: a float64
+    gradient made a float32 network's gradients float64, and the optimiser's step then its weights."""
+    xp = B.array_namespace(dlogits, names=["dlogits"])
+    if B.compat_namespace(xp) is not net.xp and not (B.is_numpy(xp) and B.is_numpy(net.xp)):
+        raise TypeError(f"dlogits is a {getattr(xp, '__name__', xp)} array but the network lives in "
+                        f"{getattr(net.xp, '__name__', net.xp)}")
+    if B.dtype_name(dlogits.dtype) != net.dtype:
+        raise TypeError(f"dlogits must be {net.dtype} like the network, got {B.dtype_name(dlogits.dtype)}")
+    B.check_on_device(dlogits, weight, name="dlogits", owner="network")
+    if tuple(dlogits.shape) != tuple(shape):
+        raise ValueError(f"dlogits must have the logits' shape {tuple(shape)}, got {tuple(dlogits.shape)}")
+
+
 class VideoNet:
     """A small ResNet video classifier (C2D or I3D) with optional non-local blocks.
 
@@ -478,6 +492,7 @@ class VideoNet:
         logits : array, shape (B, num_classes)
         """
         return_attention = B.check_flag("return_attention", return_attention)
+        self._head_cache = None  # a forward that fails leaves no cache for a backward to misuse
         self._check_input(x)
         if dropout_seed is not None and (isinstance(dropout_seed, bool)
                                          or not isinstance(dropout_seed, (int, np.integer))):
@@ -496,7 +511,7 @@ class VideoNet:
         else:
             drop_cache = None
         logits, fc_cache = F.linear_forward(pooled, self.fc.params["weight"], self.fc.params["bias"])
-        self._head_cache = (pool_cache, drop_cache, fc_cache)
+        self._head_cache = (pool_cache, drop_cache, fc_cache, tuple(logits.shape))
         return (logits, attention) if return_attention else logits
 
     def backward(self, dlogits, *, input_grad=True):
@@ -508,7 +523,8 @@ class VideoNet:
         if self._head_cache is None:
             raise RuntimeError("VideoNet.backward needs a forward pass before it (and runs once per forward)")
         input_grad = B.check_flag("input_grad", input_grad)
-        pool_cache, drop_cache, fc_cache = self._head_cache
+        pool_cache, drop_cache, fc_cache, shape = self._head_cache
+        _check_dlogits(self, dlogits, shape, self.fc.params["weight"])
         self._head_cache = None
         d, self.fc.grads["weight"], self.fc.grads["bias"] = F.linear_backward(dlogits, fc_cache)
         if drop_cache is not None:
@@ -744,6 +760,7 @@ class VideoTransformer(_Collected):
         block (``N' = N + 1`` with a class token, which comes first).
         """
         return_attention = B.check_flag("return_attention", return_attention)
+        self._cache = None  # a forward that fails leaves no cache for a backward to misuse
         self._check_input(x)
         xp, e = self.xp, self.config["embed_dim"]
         b = x.shape[0]
@@ -772,6 +789,7 @@ class VideoTransformer(_Collected):
             raise RuntimeError("VideoTransformer.backward needs a forward pass before it (and runs once per forward)")
         input_grad = B.check_flag("input_grad", input_grad)
         x_shape, h_shape, c_embed, c_norm, c_head = self._cache
+        _check_dlogits(self, dlogits, (x_shape[0], self.config["num_classes"]), self.head.params["weight"])
         self._cache = None
         xp, e = self.xp, self.config["embed_dim"]
         b, m = h_shape[0], h_shape[1]

@@ -386,7 +386,8 @@ def _maxpool_rows_backward(dout, x4, out, kh, kw, dx, start, stop):
     ``functional.maxpool_backward``: dout * 1 there, dout * 0 at the window's other samples,
     0 on samples outside every window. The winner is found first, then the window written
     once (no zeroing pass over dx, no running flag: 0.83 against 1.5 ms on one thread for
-    (2048, 14, 14) float32). ``x4`` as in :func:`_maxpool_rows`."""
+    (2048, 14, 14) float32). A window holding NaN routes to its last NaN, as PyTorch's CPU
+    kernel does (``v != v`` is NaN's test; no fastmath here). ``x4`` as in :func:`_maxpool_rows`."""
     h, w = x4.shape[2], x4.shape[3]
     ho, wo = out.shape[1], out.shape[2]
     nr = x4.shape[1]
@@ -405,10 +406,16 @@ def _maxpool_rows_backward(dout, x4, out, kh, kw, dx, start, stop):
                     z = d * 0  # 0, or NaN where d is not finite, as d * 0 in the general loop
                     # the first sample equal to the maximum, by bitwise logic: short-circuit
                     # tests branch on random data (0.99 against 0.31 ms at (2048, 14, 14))
-                    w0 = x[2 * i, 2 * j] == m
-                    w1 = (x[2 * i, 2 * j + 1] == m) & ~w0
-                    w2 = (x[2 * i + 1, 2 * j] == m) & ~(w0 | w1)
-                    w3 = (x[2 * i + 1, 2 * j + 1] == m) & ~(w0 | w1 | w2)
+                    v0, v1, v2, v3 = x[2 * i, 2 * j], x[2 * i, 2 * j + 1], x[2 * i + 1, 2 * j], x[2 * i + 1, 2 * j + 1]
+                    # a window holding NaN has a NaN maximum, equal to nothing: its last NaN wins instead
+                    n3 = v3 != v3
+                    n2 = (v2 != v2) & ~n3
+                    n1 = (v1 != v1) & ~(n2 | n3)
+                    n0 = (v0 != v0) & ~(n1 | n2 | n3)
+                    w0 = (v0 == m) | n0
+                    w1 = ((v1 == m) & ~w0) | n1
+                    w2 = ((v2 == m) & ~(w0 | w1)) | n2
+                    w3 = ((v3 == m) & ~(w0 | w1 | w2)) | n3
                     dx[r, 2 * i, 2 * j] = d if w0 else z
                     dx[r, 2 * i, 2 * j + 1] = d if w1 else z
                     dx[r, 2 * i + 1, 2 * j] = d if w2 else z
@@ -418,11 +425,16 @@ def _maxpool_rows_backward(dout, x4, out, kh, kw, dx, start, stop):
             for j in range(wo):
                 m = out[r, i, j]
                 d = dout[r, i, j]
-                first = size  # no winner (a NaN maximum): every sample gets d * 0
+                first, last_nan = size, -1
                 for a in range(kh):
                     for b in range(kw):
-                        if x[i * kh + a, j * kw + b] == m:
+                        v = x[i * kh + a, j * kw + b]
+                        if v == m:
                             first = min(first, a * kw + b)
+                        if v != v:  # then the maximum is NaN, equal to nothing: the last NaN wins
+                            last_nan = a * kw + b
+                if last_nan >= 0:
+                    first = last_nan
                 for a in range(kh):
                     for b in range(kw):
                         dx[r, i * kh + a, j * kw + b] = d * (1 if a * kw + b == first else 0)
