@@ -35,8 +35,6 @@ def _host(x) -> np.ndarray:
     """
     from ..backend import to_numpy
 
-    if isinstance(x, (str, bytes, dict)):
-        raise TypeError(f"a {type(x).__name__} is not a number or an array")
     if not isinstance(x, (np.ndarray, np.generic, list, tuple)) and hasattr(x, "__dlpack__"):
         x = to_numpy(x)
     a = np.asarray(x)

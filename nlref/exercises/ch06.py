@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _host, check_close, check_true, not_answered
+from . import _host, _report, check_close, check_true, not_answered
 from . import _graded
 from ._graded import attempt, compare, numerical_gradient, verdict
-from ._student import RETURNED_NONE, fresh
+from ._student import call
 from ..nn import functional as F
 
 __all__ = ["LEVELS", "GRADED", "EX1", "EX3", "CASES", "ex1", "ex2", "ex3", "ex4", "ex6", "ex7"]
@@ -47,20 +47,19 @@ def ex1(answer):
                       f"shape {shape} is not the output's; recall floor((n + 2p - k) / s) + 1 per axis")
 
 
-def _call(fn, *args):
-    """``fn`` on copies of ``args`` as a float64 NumPy array, or the reason it is not one."""
-    if not callable(fn):
-        return None, f"expected a function, got {type(fn).__name__}"
+def _array(name, fn, shape, layout, *args):
+    """``fn`` called on ``args`` through ``_student.call`` (copies, never raising), as a
+    float64 NumPy array of ``shape``: ``(True, array)``, or ``(False or None, None)`` once reported."""
+    ok, result = call(name, fn, *args)
+    if not ok:
+        return ok, None
     try:
-        result = fn(*fresh(args))
-    except Exception as error:  # a wrong answer, never a crash of the check
-        return None, f"calling it raised {type(error).__name__}: {error}"
-    if result is None:
-        return None, RETURNED_NONE
-    try:
-        return _host(result), None
-    except (TypeError, ValueError) as error:
-        return None, f"expected an array, got {type(result).__name__} ({error})"
+        a = _host(result)
+    except (TypeError, ValueError):
+        return _report(name, False, f"expected an array, got {type(result).__name__}"), None
+    if a.shape != tuple(shape):
+        return _report(name, False, f"shape {a.shape}, expected {layout} = {tuple(shape)}"), None
+    return True, a
 
 
 def ex2(answer):
@@ -75,10 +74,9 @@ def ex2(answer):
         x, w = rng.standard_normal(xs), rng.standard_normal(ws)
         out, cache = F.conv3d_reference(x, w, stride=stride, padding=padding)
         dout = rng.standard_normal(out.shape)
-        dw, why = _call(answer, x, dout, tuple(ws[2:]), stride, padding)
-        if dw is None or dw.shape != ws:
-            why = why or f"shape {dw.shape}, expected (O, C, kt, kh, kw) = {ws}"
-            return check_true("ex2", answer, False, why)
+        ok, dw = _array("ex2", answer, ws, "(O, C, kt, kh, kw)", x, dout, tuple(ws[2:]), stride, padding)
+        if not ok:
+            return ok
         got.append(dw.reshape(-1))
         expected.append(F.conv3d_reference_backward(dout, cache)[1].reshape(-1))
     return check_close("ex2", np.concatenate(got), np.concatenate(expected), rtol=1e-9, atol=1e-9)
@@ -104,11 +102,9 @@ def ex4(answer):
         x, w = rng.standard_normal(xs), rng.standard_normal(ws)
         out, cache = F.conv3d_reference(x, w, padding=padding)
         dout = rng.standard_normal(out.shape)
-        flipped, why = _call(answer, w)
-        wanted = (ws[1], ws[0]) + tuple(ws[2:])
-        if flipped is None or flipped.shape != wanted:
-            why = why or f"shape {flipped.shape}, expected (C, O, kt, kh, kw) = {wanted}"
-            return check_true("ex4", answer, False, why)
+        ok, flipped = _array("ex4", answer, (ws[1], ws[0]) + tuple(ws[2:]), "(C, O, kt, kh, kw)", w)
+        if not ok:
+            return ok
         full = tuple(k - 1 - p for k, p in zip(ws[2:], padding))
         got.append(F.conv3d_reference(dout, flipped, padding=full)[0].reshape(-1))
         expected.append(F.conv3d_reference_backward(dout, cache)[0].reshape(-1))

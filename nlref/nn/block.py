@@ -294,9 +294,6 @@ class NonLocalBlock:
             raise ValueError(f"x has {x.shape[1]} channels (axis 1); the block expects in_channels={self.in_channels}")
         if x.shape[0] < 1 or math.prod(x.shape[2:]) < 1:
             raise ValueError(f"x must hold at least one sample and one position, got shape {tuple(x.shape)}")
-        if self.bn_layer and self.training and x.shape[0] * math.prod(x.shape[2:]) < 2:
-            raise ValueError(f"x has one value per channel (shape {tuple(x.shape)}): batch norm in training mode "
-                             "needs more than one; use a larger batch or input, or eval()")
         if self.sub_sample and self.pool == "flattened" and math.prod(x.shape[2:]) < self.kernel[0]:
             raise ValueError(f"x has {math.prod(x.shape[2:])} positions, fewer than pool_kernel={self.kernel[0]} "
                              "(pool='flattened'); use sub_sample=False or a larger input")

@@ -276,16 +276,23 @@ def _as_param(net, host):
     return B.asarray(np.asarray(host), xp=net.xp, dtype=getattr(net.xp, net.dtype), device=net.device)
 
 
+def _like_network(net, a, name, weight):
+    """``a`` (``x`` or ``dlogits``) must have the network's dtype, library and ``weight``'s device; returns
+    its namespace."""
+    xp = B.array_namespace(a, names=[name])
+    if B.dtype_name(a.dtype) != net.dtype:
+        raise TypeError(f"{name} must be {net.dtype} like the network, got {B.dtype_name(a.dtype)}")
+    if B.compat_namespace(xp) is not net.xp and not (B.is_numpy(xp) and B.is_numpy(net.xp)):
+        raise TypeError(f"{name} is a {getattr(xp, '__name__', xp)} array but the network lives in "
+                        f"{getattr(net.xp, '__name__', net.xp)}")
+    B.check_on_device(a, weight, name=name, owner="network")
+    return xp
+
+
 def _check_dlogits(net, dlogits, shape, weight):
     """``dlogits`` must have the logits' shape and the network's library, dtype and device: a float64
     gradient made a float32 network's gradients float64, and the optimiser's step then its weights."""
-    xp = B.array_namespace(dlogits, names=["dlogits"])
-    if B.compat_namespace(xp) is not net.xp and not (B.is_numpy(xp) and B.is_numpy(net.xp)):
-        raise TypeError(f"dlogits is a {getattr(xp, '__name__', xp)} array but the network lives in "
-                        f"{getattr(net.xp, '__name__', net.xp)}")
-    if B.dtype_name(dlogits.dtype) != net.dtype:
-        raise TypeError(f"dlogits must be {net.dtype} like the network, got {B.dtype_name(dlogits.dtype)}")
-    B.check_on_device(dlogits, weight, name="dlogits", owner="network")
+    _like_network(net, dlogits, "dlogits", weight)
     if tuple(dlogits.shape) != tuple(shape):
         raise ValueError(f"dlogits must have the logits' shape {tuple(shape)}, got {tuple(dlogits.shape)}")
 
@@ -462,17 +469,11 @@ class VideoNet:
 
     # ------------------------------------------------------------------ passes
     def _check_input(self, x):
-        xp = B.array_namespace(x, names=["x"])
+        B.array_namespace(x, names=["x"])  # an array (a list has no ndim), before its shape is read
         c = self.config["in_channels"]
         if x.ndim != 5 or x.shape[1] != c:
             raise ValueError(f"x must have shape (B, {c}, T, H, W), got {tuple(x.shape)}")
-        if B.dtype_name(x.dtype) != self.dtype:
-            raise TypeError(f"x must be {self.dtype} like the network, got {B.dtype_name(x.dtype)}")
-        if B.compat_namespace(xp) is not self.xp and not (B.is_numpy(xp) and B.is_numpy(self.xp)):
-            raise TypeError(f"x is a {getattr(xp, '__name__', xp)} array but the network lives in "
-                            f"{getattr(self.xp, '__name__', self.xp)}")
-        B.check_on_device(x, self.stem.conv.params["weight"], name="x", owner="network")
-        return xp
+        return _like_network(self, x, "x", self.stem.conv.params["weight"])
 
     def forward(self, x, *, dropout_seed=None, return_attention=False):
         """Logits for a batch of clips.
@@ -741,17 +742,12 @@ class VideoTransformer(_Collected):
 
     # ------------------------------------------------------------------ passes
     def _check_input(self, x):
-        xp = B.array_namespace(x, names=["x"])
+        B.array_namespace(x, names=["x"])  # an array (a list has no ndim), before its shape is read
         c, t, s = self.config["in_channels"], self.config["frames"], self.config["size"]
         if tuple(x.shape[1:]) != (c, t, s, s) or x.ndim != 5:
             raise ValueError(f"x must have shape (B, {c}, {t}, {s}, {s}) (the clip size the transformer was built "
                              f"for), got {tuple(x.shape)}")
-        if B.dtype_name(x.dtype) != self.dtype:
-            raise TypeError(f"x must be {self.dtype} like the network, got {B.dtype_name(x.dtype)}")
-        if B.compat_namespace(xp) is not self.xp and not (B.is_numpy(xp) and B.is_numpy(self.xp)):
-            raise TypeError(f"x is a {getattr(xp, '__name__', xp)} array but the network lives in "
-                            f"{getattr(self.xp, '__name__', self.xp)}")
-        B.check_on_device(x, self.patch_embed.params["weight"], name="x", owner="network")
+        _like_network(self, x, "x", self.patch_embed.params["weight"])
 
     def forward(self, x, *, dropout_seed=None, return_attention=False):
         """Logits for a batch of clips, shape (B, num_classes).

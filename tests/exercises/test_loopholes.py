@@ -176,3 +176,10 @@ def test_a_student_function_runs_once_per_case(calls, capsys):
     from .test_ch08 import _ln_right
     assert ch08.ex1(calls(_ln_right)) is True
     assert calls.count == 1   # chapter 8 called it twice, once to look for NotImplementedError
+
+
+@pytest.mark.parametrize("check", [ch06.ex2, ch06.ex4])
+def test_chapter_6_function_checks_take_the_shared_route(check, capsys):
+    # the function still to write is unanswered, as in the other chapters (chapter 6 called it wrong)
+    assert check(_not_written) is None
+    assert "not answered yet" in capsys.readouterr().out
