@@ -46,8 +46,9 @@ def state_entry(name, value, shape, dtype):
     return cast
 
 
-def batch_count(name, value):
-    """BN's ``num_batches_tracked``: a whole number >= 0 (a 0-d array or a number), as int; else an error naming it."""
+def whole_count(name, value):
+    """A count (BN's ``num_batches_tracked``, an optimiser's steps): a whole number >= 0 (a 0-d array or a
+    number), as int; else an error naming it."""
     try:
         host = np.asarray(value if isinstance(value, (np.ndarray, np.generic, numbers.Number)) else B.to_numpy(value))
     except Exception as err:

@@ -40,7 +40,7 @@ from . import functional as F
 from .nonlocal_op import SOFTMAX_MODES, cached_attention, check_mode, nonlocal_backward, nonlocal_forward
 from .nonlocal_op import attention_map as _attention_map
 from . import layouts as _layouts
-from ._state import batch_count, state_entry
+from ._state import state_entry, whole_count
 from .layouts import LAYOUTS
 
 __all__ = ["NonLocalBlock"]
@@ -597,7 +597,7 @@ class NonLocalBlock:
             # a checked copy in the block's dtype, never a view of the caller's memory
             host = state_entry(f"state[{peer_key!r}]", state[peer_key], shape, self.dtype_name)
             new[key] = self._array(_layouts.from_layout(layout, host, self._native_shape(key)))
-        count = batch_count(f"state[{counter!r}]", state[counter]) if counter in state else None
+        count = whole_count(f"state[{counter!r}]", state[counter]) if counter in state else None
         for key, value in new.items():  # only after every entry has been checked
             (self.params if key in self.params else self.buffers)[key] = value
         if count is not None:

@@ -16,6 +16,7 @@ An optimiser works on any object with ``params`` / ``grads`` dicts (same keys),
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,12 +24,13 @@ import numpy as np
 
 from .. import backend as B
 from . import engine
+from ._state import real_host, whole_count
 
 __all__ = ["SGD", "Adam", "StepSchedule"]
 
 
 def _number(name, value, *, low=0.0, high=math.inf, low_open=False):
-    ok = isinstance(value, (int, float, np.floating)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and math.isfinite(value)
     ok = ok and (value > low if low_open else value >= low) and value < high
     if not ok:
         interval = f"{'(' if low_open else '['}{low}, {high})"
@@ -71,6 +73,8 @@ class StepSchedule:
         self.milestone_steps = tuple(math.floor(round(m * self.total_steps, 9)) for m in self.milestones)
 
     def __call__(self, step):
+        if isinstance(step, (bool, np.bool_)) or not isinstance(step, numbers.Integral) or step < 0:
+            raise ValueError(f"step must be an integer >= 0, got {step!r}")
         passed = sum(step >= s for s in self.milestone_steps)
         lr = self.base_lr * self.factor ** passed
         if step < self.warmup:
@@ -104,9 +108,15 @@ class _Optimiser:
         return {"steps": self.steps, "state": {k: {n: np.array(B.to_numpy(a)) for n, a in slots.items()}
                                                for k, slots in self.state.items()}}
 
+    def _step_lr(self, lr):
+        """The rate of one step: the optimiser's own, or ``lr`` checked as the constructor checks it."""
+        return self.lr if lr is None else _number("lr", lr, low=0.0, low_open=True)
+
     def load_state_dict(self, state):
-        if not isinstance(state, dict) or set(state) != {"steps", "state"}:
+        """Load ``state`` (from :meth:`state_dict`), every entry checked before anything changes."""
+        if not isinstance(state, dict) or set(state) != {"steps", "state"} or not isinstance(state["state"], dict):
             raise ValueError("optimiser state must be a dict with 'steps' and 'state' (from state_dict())")
+        steps = whole_count("optimiser state 'steps'", state["steps"])
         params = self.model.params
         unknown = sorted(set(state["state"]) - set(params))
         if unknown:
@@ -114,16 +124,24 @@ class _Optimiser:
         loaded = {}
         for key, slots in state["state"].items():
             loaded[key] = {}
-            if set(slots) != set(self._SLOTS):
-                raise ValueError(f"optimiser state {key!r} holds {sorted(slots)}, but {type(self).__name__} "
+            if not isinstance(slots, dict) or set(slots) != set(self._SLOTS):
+                held = sorted(slots) if isinstance(slots, dict) else type(slots).__name__
+                raise ValueError(f"optimiser state {key!r} holds {held}, but {type(self).__name__} "
                                  f"keeps {sorted(self._SLOTS)}")
             for name, host in slots.items():
-                host = np.array(host)  # a copy: the caller may go on using its arrays
-                if host.shape != tuple(params[key].shape):
-                    raise ValueError(f"optimiser state {key!r}/{name} has shape {host.shape}, "
-                                     f"expected {tuple(params[key].shape)}")
+                # a checked copy (the caller may go on using its arrays), finite in the parameters' dtype
+                host = real_host(f"optimiser state {key!r}/{name}", host, B.dtype_name(params[key].dtype),
+                                 tuple(params[key].shape))
+                if name == "v" and np.any(host < 0):
+                    raise ValueError(f"optimiser state {key!r}/v holds negative values; Adam's second moment is >= 0")
                 loaded[key][name] = B.asarray(host, like=params[key], dtype=params[key].dtype)
-        self.state, self.steps = loaded, int(state["steps"])
+        # after a step every parameter has its slots (SGD without momentum keeps none); before one, none has
+        expected = set(params) if steps and self._keeps_state() else set()
+        if set(loaded) != expected:
+            missing = sorted(expected - set(loaded)) or sorted(loaded)
+            raise ValueError(f"optimiser state after {steps} steps must hold {'every' if expected else 'no'} "
+                             f"parameter's slots; it {'lacks' if expected else 'holds'} {missing[:5]}")
+        self.state, self.steps = loaded, steps
         return self
 
 
@@ -146,12 +164,15 @@ class SGD(_Optimiser):
 
     _SLOTS = ("momentum",)
 
+    def _keeps_state(self):
+        return self.momentum > 0
+
     def __init__(self, model: Any, *, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 1e-4) -> None:
         super().__init__(model, lr=lr, weight_decay=weight_decay)
         self.momentum = _number("momentum", momentum, high=1.0)
 
     def step(self, lr=None):
-        lr = self.lr if lr is None else lr
+        lr = self._step_lr(lr)
         grads = self.model.grads
         for key, p in self.model.params.items():
             g = self._gradient(key, p, grads.get(key))
@@ -182,6 +203,9 @@ class Adam(_Optimiser):
 
     _SLOTS = ("m", "v")
 
+    def _keeps_state(self):
+        return True
+
     def __init__(self, model: Any, *, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0) -> None:
         super().__init__(model, lr=lr, weight_decay=weight_decay)
@@ -192,7 +216,7 @@ class Adam(_Optimiser):
         self._flat = None
 
     def step(self, lr=None):
-        lr = self.lr if lr is None else lr
+        lr = self._step_lr(lr)
         params, grads = self.model.params, self.model.grads
         if engine.flat_adam_applies(params):
             engine.adam_step_flat(self, params, grads, lr)  # the same update on one flat vector: fewer calls

@@ -356,3 +356,83 @@ def test_misuse():
     for opt in (SGD(_net()), Adam(_net())):
         with pytest.raises(RuntimeError, match="no gradient for 'stem.conv.weight': call model.backward before step"):
             opt.step()
+
+
+# --------------------------------------------------------------------------- a step's rate and a loaded state
+@pytest.mark.parametrize("make", [SGD, Adam], ids=["sgd", "adam"])
+@pytest.mark.parametrize("lr", [float("nan"), float("inf"), -0.1, 0.0, True, "0.1"])
+def test_step_refuses_a_rate_the_constructor_refuses(make, lr):
+    """``step(lr=nan)`` turned every weight into NaN; ``-0.1`` climbed the loss; ``True`` was 1."""
+    net = _net()
+    opt = make(net)
+    _backward(net, 0)
+    before = _host(net)
+    with pytest.raises(ValueError, match=r"lr must be a number in \(0.0, inf\)"):
+        opt.step(lr=lr)
+    assert opt.steps == 0 and all(np.array_equal(v, _host(net)[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("make", [SGD, Adam], ids=["sgd", "adam"])
+def test_numpy_numbers_are_numbers(make):
+    net = _net()
+    opt = make(net, lr=np.float32(0.5), weight_decay=np.int64(0))
+    assert opt.lr == 0.5 and opt.weight_decay == 0.0
+    _backward(net, 0)
+    opt.step(lr=np.int64(1))
+    assert StepSchedule(np.int64(1), 10, milestones=(np.float32(0.5),))(np.int64(5)) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("step", [-1, 2.0, "3", True, None])
+def test_schedule_refuses_a_step_that_is_not_a_count(step):
+    """A negative step gave a negative rate in the warm-up (-0.04 at step -5)."""
+    with pytest.raises(ValueError, match="step must be an integer >= 0"):
+        StepSchedule(0.1, 100, warmup=10)(step)
+
+
+def _stepped(make, steps=1):
+    net = _net()
+    opt = make(net)
+    for step in range(steps):
+        _backward(net, step)
+        opt.step()
+    return net, opt
+
+
+@pytest.mark.parametrize("change,error,match", [
+    (lambda s: s.update(steps=-3), ValueError, "optimiser state 'steps' must be a whole number >= 0; got -3"),
+    (lambda s: s.update(steps=1.5), ValueError, "'steps' must be a whole number >= 0; got 1.5"),
+    (lambda s: s.update(steps="1"), TypeError, "'steps' must be a whole number >= 0"),
+    (lambda s: s.update(state=[]), ValueError, "optimiser state must be a dict with 'steps' and 'state'"),
+    (lambda s: s["state"].update({"fc.bias": [1.0]}), ValueError, r"'fc.bias' holds list, but Adam keeps"),
+    (lambda s: s["state"]["fc.bias"].update(m=s["state"]["fc.bias"]["m"] * np.nan), ValueError,
+     r"'fc.bias'/m holds non-finite values"),
+    (lambda s: s["state"]["fc.bias"].update(v=s["state"]["fc.bias"]["v"] + 1j), TypeError,
+     r"'fc.bias'/v must hold real numbers"),
+    (lambda s: s["state"]["fc.bias"].update(v=-s["state"]["fc.bias"]["v"] - 1), ValueError,
+     r"'fc.bias'/v holds negative values"),
+    (lambda s: s["state"].pop("fc.bias"), ValueError,
+     r"state after 1 steps must hold every parameter's slots; it lacks \['fc.bias'\]"),
+    (lambda s: s.update(steps=0), ValueError, r"state after 0 steps must hold no parameter's slots; it holds"),
+], ids=["negative-steps", "float-steps", "str-steps", "state-list", "slots-list", "nan", "complex",
+        "negative-v", "partial", "state-before-a-step"])
+def test_load_state_dict_checks_every_entry(change, error, match):
+    """Each of these was loaded: NaN moments made the next step NaN, a negative ``v`` its square root NaN,
+    a partial state restarted some moments at zero with the bias correction of step 2, and
+    ``steps=-3`` or ``"1"`` were taken."""
+    _, opt = _stepped(Adam)
+    state = opt.state_dict()
+    change(state)
+    fresh = Adam(_net())
+    with pytest.raises(error, match=match):
+        fresh.load_state_dict(state)
+    assert fresh.state == {} and fresh.steps == 0
+
+
+def test_load_state_dict_without_momentum_holds_no_slots():
+    _, opt = _stepped(lambda n: SGD(n, momentum=0.0), steps=2)
+    state = opt.state_dict()
+    assert state == {"steps": 2, "state": {}}
+    assert SGD(_net(), momentum=0.0).load_state_dict(state).steps == 2
+    _, with_momentum = _stepped(SGD)
+    with pytest.raises(ValueError, match="must hold no parameter's slots"):
+        SGD(_net(), momentum=0.0).load_state_dict(with_momentum.state_dict())
