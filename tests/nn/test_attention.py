@@ -153,8 +153,8 @@ def test_attention_core_gradcheck(xp_cpu):
 
 
 def test_attention_core_refuses_what_it_would_get_wrong():
-    """attention_backward broadcast a (1, N, d_v) dout against a batch of 2 and returned gradients of the right
-    shape and the wrong value; the forward took ints, mixed dtypes, a NaN scale and a fully masked row (NaN out)."""
+    """attention_backward took a (1, N, d_v) dout for a batch of 2 and silently used it for every clip; the forward
+    took ints, mixed dtypes, a NaN scale and a fully masked row (NaN out)."""
     rng = np.random.default_rng(0)
     q, k, v = rng.standard_normal((2, 3, 4)), rng.standard_normal((2, 5, 4)), rng.standard_normal((2, 5, 2))
     _, cache = attention_forward(q, k, v)
