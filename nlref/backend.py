@@ -195,6 +195,8 @@ def to_numpy(x) -> np.ndarray:
     if hasattr(x, "get") and _library(x) == "cupy":
         return x.get()
     if _library(x) == "torch":
+        if str(x.dtype) == "torch.bfloat16":  # NumPy has no bfloat16; float32 holds each of its values exactly
+            x = x.float()
         return x.detach().cpu().numpy()
     return np.from_dlpack(x)
 

@@ -36,6 +36,7 @@ the compatibility ``mu`` ``(L, L)``. NumPy, array-api-strict, CuPy.
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 
@@ -45,12 +46,13 @@ __all__ = ["crf_features", "potts", "gaussian_message", "mean_field_step", "mean
 
 
 def _float(name, a):
+    array_namespace(a, names=[name])  # an array (a list has no dtype), named
     if dtype_name(a.dtype) not in ("float32", "float64"):
         raise TypeError(f"{name} must be a float32 or float64 array, got dtype {dtype_name(a.dtype)}")
 
 
 def _positive(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
 
 
@@ -64,9 +66,11 @@ def crf_features(image, *, theta_alpha, theta_beta, theta_gamma):
     """
     for name, v in (("theta_alpha", theta_alpha), ("theta_beta", theta_beta), ("theta_gamma", theta_gamma)):
         _positive(name, v)
+    # Python floats: a NumPy float64 theta made a float32 image's features float64
+    theta_alpha, theta_beta, theta_gamma = float(theta_alpha), float(theta_beta), float(theta_gamma)
+    _float("image", image)
     if image.ndim not in (2, 3):
         raise ValueError(f"image must have shape (H, W) or (H, W, C), got {tuple(image.shape)}")
-    _float("image", image)
     xp = array_namespace(image)
     h, w = image.shape[:2]
     colours = xp.reshape(image, (h * w, 1 if image.ndim == 2 else image.shape[2])).T
@@ -78,8 +82,9 @@ def crf_features(image, *, theta_alpha, theta_beta, theta_gamma):
 
 def potts(n_labels, *, like=None):
     """The Potts compatibility ``mu(l, l') = [l != l']``, shape ``(L, L)``, float64 (or ``like``'s)."""
-    if isinstance(n_labels, bool) or not isinstance(n_labels, int) or n_labels < 2:
+    if isinstance(n_labels, bool) or not isinstance(n_labels, numbers.Integral) or n_labels < 2:
         raise ValueError(f"n_labels must be an int >= 2, got {n_labels!r}")
+    n_labels = int(n_labels)
     if like is None:
         return np.ones((n_labels, n_labels)) - np.eye(n_labels)
     xp, on = array_namespace(like), device(like)
@@ -100,11 +105,11 @@ def gaussian_message(features, q):
     """
     from .nn.nonlocal_op import nonlocal_forward
 
+    _float("features", features)
+    _float("q", q)
     if features.ndim != 2 or q.ndim != 2 or features.shape[1] != q.shape[1]:
         raise ValueError(f"features must be (d, N) and q (L, N) with the same N, got {tuple(features.shape)} "
                          f"and {tuple(q.shape)}")
-    _float("features", features)
-    _float("q", q)
     if features.dtype != q.dtype:
         raise TypeError(f"features and q must share one dtype, got {dtype_name(features.dtype)} and "
                         f"{dtype_name(q.dtype)}")
@@ -125,12 +130,12 @@ def gaussian_message(features, q):
 
 
 def _check_step(q, unary, kernels, compat):
+    for name, a in (("q", q), ("unary", unary), ("compat", compat)):
+        _float(name, a)
     if q.ndim != 2 or unary.shape != q.shape:
         raise ValueError(f"q and unary must have one shape (L, N), got {tuple(q.shape)} and {tuple(unary.shape)}")
     if compat.shape != (q.shape[0], q.shape[0]):
         raise ValueError(f"compat must have shape (L, L) = {(q.shape[0],) * 2}, got {tuple(compat.shape)}")
-    for name, a in (("q", q), ("unary", unary), ("compat", compat)):
-        _float(name, a)
     try:
         kernels = [tuple(k) for k in kernels]
     except TypeError:
@@ -139,7 +144,7 @@ def _check_step(q, unary, kernels, compat):
         if len(k) != 2:
             raise ValueError(f"each kernel must be a (weight, features) pair, got {len(k)} items")
         w, f = k
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+        if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w):
             raise ValueError(f"each kernel weight must be a finite number, got {w!r}")
         if getattr(f, "ndim", None) != 2 or f.shape[1] != q.shape[1]:
             raise ValueError(f"each kernel's features must have shape (d, N={q.shape[1]}), "
@@ -147,7 +152,7 @@ def _check_step(q, unary, kernels, compat):
     dtypes = {dtype_name(a.dtype) for a in [q, unary, compat] + [f for _, f in kernels]}
     if len(dtypes) > 1:
         raise TypeError(f"q, unary, compat and the kernels' features must share one dtype, got {sorted(dtypes)}")
-    return kernels
+    return [(float(w), f) for w, f in kernels]  # a NumPy float64 weight would make float32 marginals float64
 
 
 def _softmax_labels(xp, logits):

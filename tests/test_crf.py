@@ -132,3 +132,32 @@ def test_integer_input_raises_type_error():
         crf.mean_field_step(q, q, 3, crf.potts(2))
     with pytest.raises(ValueError, match=r"\(weight, features\) pair"):
         crf.mean_field_step(q, q, [(1.0,)], crf.potts(2))
+
+
+def test_numpy_scalars_are_numbers_and_keep_the_dtype():
+    """np.float32 / np.int64 thetas, weights and label counts were refused ("must be a positive finite number,
+    got np.float32(2.0)"); np.float64 ones (a float subclass) were taken and made float32 features and marginals
+    float64."""
+    image, q, unary, _, _ = _problem(7, shape=(3, 4), labels=2)
+    image, q, unary = (a.astype(np.float32) for a in (image, q, unary))
+    for theta in (np.float32(3.0), np.int64(3), np.float64(3.0)):
+        bil, smooth = crf.crf_features(image, theta_alpha=theta, theta_beta=theta, theta_gamma=theta)
+        assert bil.dtype == smooth.dtype == np.float32
+        np.testing.assert_array_equal(bil, crf.crf_features(image, theta_alpha=3.0, theta_beta=3.0,
+                                                            theta_gamma=3.0)[0])
+    mu = crf.potts(np.int64(2)).astype(np.float32)
+    expected = crf.mean_field_step(q, unary, [(2.0, bil)], mu)
+    for weight in (np.float32(2.0), np.int64(2), np.float64(2.0)):
+        got = crf.mean_field_step(q, unary, [(weight, bil)], mu)
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_lists_are_named_not_an_attribute_error():
+    q = np.full((2, 3), 0.5)
+    with pytest.raises(TypeError, match="image must be an array"):
+        crf.crf_features([[0.0, 1.0]], theta_alpha=1.0, theta_beta=1.0, theta_gamma=1.0)
+    with pytest.raises(TypeError, match="q must be an array"):
+        crf.mean_field_step(q.tolist(), q, [], crf.potts(2))
+    with pytest.raises(TypeError, match="features must be an array"):
+        crf.gaussian_message([[0.0, 1.0, 2.0]], q)

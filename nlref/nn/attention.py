@@ -31,6 +31,7 @@ import numpy as np
 
 from .. import backend as B
 from . import functional as F
+from ._shapes import check_float, check_grad
 from ._state import state_entry
 
 __all__ = ["attention_forward", "attention_backward", "split_heads", "merge_heads", "MultiHeadAttention",
@@ -153,16 +154,48 @@ class _Params:
 # --------------------------------------------------------------------------- the attention core
 def split_heads(x, num_heads):
     """(B, N, E) -> (B, h, N, d), ``d = E / h``: head ``k`` owns channels ``k d .. (k+1) d - 1``."""
-    xp = B.array_namespace(x)
+    xp = B.array_namespace(x, names=["x"])
+    num_heads = _positive_int("num_heads", num_heads)
+    if x.ndim != 3 or x.shape[2] % num_heads:
+        raise ValueError(f"split_heads: x must have shape (B, N, E) with E a multiple of num_heads = {num_heads}, "
+                         f"got shape {tuple(x.shape)}")
     b, n, e = x.shape
     return xp.permute_dims(xp.reshape(x, (b, n, num_heads, e // num_heads)), (0, 2, 1, 3))
 
 
 def merge_heads(x):
     """(B, h, N, d) -> (B, N, h d): the inverse of :func:`split_heads`."""
-    xp = B.array_namespace(x)
+    xp = B.array_namespace(x, names=["x"])
+    if x.ndim != 4:
+        raise ValueError(f"merge_heads: x must have shape (B, h, N, d), got shape {tuple(x.shape)}")
     b, h, n, d = x.shape
     return xp.reshape(xp.permute_dims(x, (0, 2, 1, 3)), (b, n, h * d))
+
+
+def _check_attention(xp, q, k, v, scale, bias):
+    """attention_forward's arguments: floats of one dtype, q (..., N, d), k (..., M, d), v (..., M, d_v) with the
+    same leading axes and M >= 1, a finite scale, a bias that broadcasts to (..., N, M); returns the scale."""
+    func = "attention_forward"
+    check_float(func, xp, q=q, k=k, v=v, bias=bias)
+    if q.ndim < 2 or k.ndim != q.ndim or v.ndim != q.ndim or not (q.shape[:-2] == k.shape[:-2] == v.shape[:-2]):
+        raise ValueError(f"{func}: q, k and v must have shapes (..., N, d), (..., M, d), (..., M, d_v) with the same "
+                         f"leading axes, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape[-1] != q.shape[-1] or q.shape[-1] < 1 or v.shape[-2] != k.shape[-2] or k.shape[-2] < 1:
+        raise ValueError(f"{func}: k must have q's d >= 1 channels and v k's M >= 1 keys, got q "
+                         f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    logits = (*q.shape[:-1], k.shape[-2])
+    if bias is not None:
+        try:
+            fits = np.broadcast_shapes(tuple(bias.shape), logits) == logits
+        except ValueError:
+            fits = False
+        if not fits:
+            raise ValueError(f"{func}: bias must broadcast to the logits' shape {logits}, got {tuple(bias.shape)}")
+    if scale is None:
+        return 1.0 / math.sqrt(q.shape[-1])
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise ValueError(f"{func}: scale must be a finite number (or None for 1 / sqrt(d)), got {scale!r}")
+    return float(scale)
 
 
 class AttentionCache(NamedTuple):
@@ -200,13 +233,25 @@ def attention_forward(q, k, v, *, scale=None, bias=None):
     out : array, shape (..., N, d_v)
     cache : AttentionCache
         ``(q, k, v, p, scale)``; ``p`` is the attention, shape (..., N, M).
+
+    Raises
+    ------
+    TypeError
+        ``q``, ``k``, ``v`` or ``bias`` is not a float32/float64 array, or they mix dtypes.
+    ValueError
+        Shapes that do not fit (leading axes differ, ``k`` without ``q``'s ``d``, no key),
+        a non-finite ``scale``, or a ``bias`` that masks every key of a query.
     """
-    xp = B.array_namespace(q, k, v, names=["q", "k", "v"])
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    xp = B.array_namespace(q, k, v, *([] if bias is None else [bias]), names=["q", "k", "v", "bias"])
+    scale = _check_attention(xp, q, k, v, scale, bias)
     s = xp.matmul(q, xp.matrix_transpose(k)) * scale
     if bias is not None:
         s = s + bias
-    p = xp.exp(s - xp.max(s, axis=-1, keepdims=True))  # exp(-inf) = 0: masked keys get exactly no weight
+    m = xp.max(s, axis=-1, keepdims=True)
+    if bias is not None and bool(xp.any(m == -math.inf)):
+        raise ValueError("attention_forward: bias masks every key of a query (a row of -inf); every row must "
+                         "keep at least one finite entry")
+    p = xp.exp(s - m)  # exp(-inf) = 0: masked keys get exactly no weight
     p = p / xp.sum(p, axis=-1, keepdims=True)
     return xp.matmul(p, v), AttentionCache(q, k, v, p, scale)
 
@@ -219,12 +264,16 @@ def attention_backward(dout, cache):
         dS_{ij} = P_{ij}\Big(dP_{ij} - \sum_k dP_{ik} P_{ik}\Big), \quad
         dQ = s\, dS\, K, \quad dK = s\, dS^\top Q
 
+    ``dout`` must have the output's shape (..., N, d_v) and dtype (no broadcasting).
+
     Returns
     -------
     dq, dk, dv : arrays, the shapes of ``q``, ``k``, ``v``
     """
     q, k, v, p, scale = cache
     xp = B.array_namespace(dout, p, names=["dout", "p"])
+    check_float("attention_backward", xp, dout=dout, p=p)  # a float64 dout made a float32 layer's gradients float64
+    check_grad("attention_backward", dout, (*p.shape[:-1], v.shape[-1]))  # no broadcasting: (1, ...) gave wrong values
     dv = xp.matmul(xp.matrix_transpose(p), dout)
     dp = xp.matmul(dout, xp.matrix_transpose(v))
     ds = F.softmax_backward(dp, (p, -1)) * scale
@@ -308,7 +357,11 @@ class MultiHeadAttention(_Params):
         b, n = x.shape[0], x.shape[1]
         allowed = np.ones((1, n, n), dtype=bool)
         if mask is not None:
-            host = _host(mask)
+            try:
+                host = _host(mask)
+            except Exception as err:  # a string, an object without the array protocols
+                raise TypeError(f"mask must be a boolean array (True where a query may attend a key), got "
+                                f"{type(mask).__name__}") from err
             if host.dtype != np.bool_:
                 raise TypeError(f"mask must be a boolean array (True where a query may attend a key), "
                                 f"got dtype {host.dtype}")

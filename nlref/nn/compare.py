@@ -144,7 +144,7 @@ def _read_options(module, state, layout, given):
     cls = type(module).__name__
     keys = set(state)
     names = layouts.MODULE_NAMES[layout]
-    g_keys = [names["g"].format(pool=wrap) + ".weight" for wrap in ("", ".0")]
+    g_keys = list(dict.fromkeys(names["g"].format(pool=wrap) + ".weight" for wrap in ("", ".0")))
     g_key = next((k for k in g_keys if k in keys), None)
     if g_key is None:
         raise ValueError(f"{cls} has none of the {layout} layout's g weights {g_keys}")
@@ -385,6 +385,8 @@ def compare_block(module: Any, x: Array, layout: str | None = None, *, dz: Array
                              f"{layouts.PEER_LAYOUTS}; pass layout= if it is one of them")
     opts = _read_options(peer, state, layout, options)
     opts.update(options)
+    if "mode" in options and options["mode"] not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {options['mode']!r}")
     if opts.get("mode") not in MODES:
         raise ValueError(f"could not read {type(module).__name__}'s mode ({layout} layout); pass mode= (one of "
                          f"{MODES})")

@@ -289,6 +289,12 @@ def _like_network(net, a, name, weight):
     return xp
 
 
+def _check_state(state):
+    """A state dict must be a mapping of names to arrays (a list's items were reported as unexpected keys)."""
+    if not hasattr(state, "keys") or not hasattr(state, "__getitem__"):
+        raise TypeError(f"state must be a dict of arrays (a state_dict()), got {type(state).__name__}")
+
+
 def _check_dlogits(net, dlogits, shape, weight):
     """``dlogits`` must have the logits' shape and the network's library, dtype and device: a float64
     gradient made a float32 network's gradients float64, and the optimiser's step then its weights."""
@@ -549,6 +555,7 @@ class VideoNet:
         ValueError
             Missing or unexpected keys, a wrong shape, or non-finite values (the key is named).
         """
+        _check_state(state)
         own = {**self.params, **self.buffers}
         missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         if missing or extra:
@@ -747,6 +754,8 @@ class VideoTransformer(_Collected):
         if tuple(x.shape[1:]) != (c, t, s, s) or x.ndim != 5:
             raise ValueError(f"x must have shape (B, {c}, {t}, {s}, {s}) (the clip size the transformer was built "
                              f"for), got {tuple(x.shape)}")
+        if x.shape[0] < 1:
+            raise ValueError(f"x must hold at least one clip, got shape {tuple(x.shape)}")
         _like_network(self, x, "x", self.patch_embed.params["weight"])
 
     def forward(self, x, *, dropout_seed=None, return_attention=False):
@@ -815,6 +824,7 @@ class VideoTransformer(_Collected):
 
     def load_state_dict(self, state):
         """Load parameters; the whole dict is validated before anything changes (ValueError naming the key)."""
+        _check_state(state)
         own = self.params
         missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         if missing or extra:

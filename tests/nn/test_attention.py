@@ -11,7 +11,8 @@ import nlref.backend as B
 from nlref.nn import MultiHeadAttention, NonLocalBlock, PositionalEncoding, TransformerBlock, gradcheck
 from nlref.nn import functional as F
 from nlref.nn import layer_gradcheck
-from nlref.nn.attention import attention_backward, attention_forward, sinusoidal_encoding, spacetime_sinusoidal_encoding
+from nlref.nn.attention import (attention_backward, attention_forward, merge_heads, sinusoidal_encoding,
+                                 spacetime_sinusoidal_encoding, split_heads)
 
 torch = pytest.importorskip("torch")
 
@@ -150,6 +151,37 @@ def test_attention_core_gradcheck(xp_cpu):
     assert np.all(_np(cache["c"][3])[:, np.tril(np.ones((4, 5))) == 0] == 0)  # masked keys: exactly no weight
 
 
+
+def test_attention_core_refuses_what_it_would_get_wrong():
+    """attention_backward took a (1, N, d_v) dout for a batch of 2 and silently used it for every clip; the forward
+    took ints, mixed dtypes, a NaN scale and a fully masked row (NaN out)."""
+    rng = np.random.default_rng(0)
+    q, k, v = rng.standard_normal((2, 3, 4)), rng.standard_normal((2, 5, 4)), rng.standard_normal((2, 5, 2))
+    _, cache = attention_forward(q, k, v)
+    with pytest.raises(ValueError, match=r"attention_backward: dout must have the forward output's shape \(2, 3, 2\)"):
+        attention_backward(np.ones((1, 3, 2)), cache)
+    with pytest.raises(TypeError, match="attention_backward: arrays must share one dtype"):
+        attention_backward(np.ones((2, 3, 2), dtype=np.float32), cache)
+    forward_cases = [
+        (dict(q=q.astype(int)), TypeError, "q must be a float32 or float64 array"),
+        (dict(k=k.astype(np.float32)), TypeError, "must share one dtype"),
+        (dict(k=k[..., :3]), ValueError, "k must have q's d"),
+        (dict(v=v[:, :4]), ValueError, "M >= 1 keys"),
+        (dict(k=k[:1]), ValueError, "the same leading axes"),  # broadcast leading axes: dk of the wrong shape
+        (dict(scale=float("nan")), ValueError, "scale must be a finite number"),
+        (dict(scale="0.5"), ValueError, "scale must be a finite number"),
+        (dict(bias=np.zeros((4, 5))), ValueError, r"bias must broadcast to the logits' shape \(2, 3, 5\)"),
+        (dict(bias=np.full((3, 5), -np.inf)), ValueError, "masks every key of a query"),
+    ]
+    for change, error, match in forward_cases:
+        args = {"q": q, "k": k, "v": v, **change}
+        with pytest.raises(error, match=match):
+            attention_forward(args["q"], args["k"], args["v"], scale=args.get("scale"), bias=args.get("bias"))
+    with pytest.raises(ValueError, match="E a multiple of num_heads = 4"):
+        split_heads(np.zeros((1, 2, 6)), 4)
+    with pytest.raises(ValueError, match=r"merge_heads: x must have shape \(B, h, N, d\)"):
+        merge_heads(np.zeros((1, 2, 6)))
+
 # --------------------------------------------------------------------------- multi-head attention
 def _mha_case(bias=True):
     theirs = _perturbed(torch.nn.MultiheadAttention(6, 3, batch_first=True, bias=bias))
@@ -236,6 +268,8 @@ def test_mha_errors():
         mha.forward(x, mask=np.ones((4, 4), dtype=bool))
     with pytest.raises(ValueError, match="no key to attend"):
         mha.forward(x, mask=np.zeros((3, 3), dtype=bool))
+    with pytest.raises(TypeError, match="mask must be a boolean array .*, got str"):  # was an AttributeError
+        mha.forward(x, mask="causal")
     with pytest.raises(RuntimeError, match="needs a forward pass"):
         MultiHeadAttention(6, 2).backward(np.zeros((2, 3, 6), dtype=np.float32))
     with pytest.raises(ValueError, match="missing"):

@@ -595,7 +595,21 @@ def test_compare_block_errors():
     with pytest.raises(ValueError, match="TorchNonLocal has the alexhex7 layout.*pass mode="):
         nlref.compare_block(module, _x((1, 4, 2, 2)))
     assert nlref.compare_block(module, _x((2, 4, 2, 2)), verbose=False, mode="dot_product").agree
+    with pytest.raises(ValueError, match=r"mode must be one of .*, got 'dot'"):  # was "could not read ...; pass mode="
+        nlref.compare_block(module, _x((2, 4, 2, 2)), verbose=False, mode="dot")
+    with pytest.raises(ValueError, match=r"none of the timm layout's g weights \['g.weight'\]"):  # listed once
+        nlref.compare_block(SlowFastNonlocal(4, 2), _x((1, 4, 2, 2, 2)), layout="timm")
 
+
+def test_compare_block_and_load_state_dict_take_bfloat16_tensors():
+    """NumPy has no bfloat16: a bfloat16 x or weight was "not an array of real numbers; got Tensor"."""
+    module = SlowFastNonlocal(4, 2)
+    x = torch.from_numpy(_x((2, 4, 2, 2, 2))).bfloat16()
+    result = nlref.compare_block(module, x, verbose=False)
+    assert result.agree, str(result)
+    state = {k: v.bfloat16() if v.is_floating_point() else v for k, v in module.state_dict().items()}
+    block = NonLocalBlock(**layouts.slowfast_options(4, 2), dtype="float64").load_state_dict(state)
+    np.testing.assert_array_equal(block.params["theta.weight"], state["conv_theta.weight"].float().numpy()[..., 0, 0, 0])
 
 
 @pytest.mark.parametrize("kwargs, error, message", [

@@ -151,6 +151,20 @@ def test_transformer_errors():
         TrainConfig(model="transformer", embed_dim=10, num_heads=4).validate()
 
 
+def test_transformer_refuses_an_empty_batch_and_a_state_that_is_not_a_dict():
+    """An empty batch failed in a reshape (NumPy's words); a list's items were called unexpected keys, None raised
+    'NoneType' object is not iterable. VideoNet's load_state_dict shares the check."""
+    from nlref.nn.models import VideoNet
+
+    net = VideoTransformer(**SMALL, dtype="float64")
+    with pytest.raises(ValueError, match=r"x must hold at least one clip, got shape \(0, 2, 4, 8, 8\)"):
+        net.forward(np.zeros((0, 2, 4, 8, 8)))
+    for model in (net, VideoNet(widths=(4, 4, 4), blocks=(1, 1, 1))):
+        for state in (None, list(model.state_dict().values())):
+            with pytest.raises(TypeError, match="state must be a dict of arrays"):
+                model.load_state_dict(state)
+
+
 # --------------------------------------------------------------------------- training
 TINY = dict(model="transformer", embed_dim=8, depth=1, num_heads=2, mlp_dim=16, epochs=3, batch_size=8, n_train=32,
             n_val=16, frames=6, size=16, tubelet=(2, 8, 8), dtype="float64", seed=5)
