@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 import operator
 
 import numpy as np
@@ -1033,7 +1034,7 @@ def layernorm_forward(x, gamma, beta, eps=1e-5):
         if tuple(a.shape) != (d,):
             raise ValueError(f"{func}: {name} must have shape ({d},) (one value per feature of the last axis), "
                              f"got shape {tuple(a.shape)}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps <= 0:
         raise ValueError(f"{func}: eps must be a positive finite number, got {eps!r}")
     mu = xp.mean(x, axis=-1, keepdims=True)
     xc = x - mu

@@ -63,6 +63,7 @@ the transpose of nlref's (C_out, C_in) (see :func:`to_layout`).
 from __future__ import annotations
 
 import math
+import numbers
 
 from .. import backend as B
 from . import functional as F
@@ -411,8 +412,8 @@ def slowfast_options(dim, dim_inner, pool_size=None, instantiation="softmax", ze
     if pool_size is not None:
         if isinstance(pool_size, (str, bytes)) or not hasattr(pool_size, "__len__") or len(pool_size) != 3:
             raise ValueError(f"pool_size must be None or 3 ints (time, height, width), got {pool_size!r}")
-        if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in pool_size):
+        if any(isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1 for k in pool_size):
             raise ValueError(f"pool_size must hold ints >= 1, got {pool_size!r}")
         if any(k > 1 for k in pool_size):
-            options.update(sub_sample=True, pool_kernel=tuple(pool_size))
+            options.update(sub_sample=True, pool_kernel=tuple(int(k) for k in pool_size))
     return options

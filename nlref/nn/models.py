@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -359,7 +360,7 @@ class VideoNet:
         for name, value in (("in_channels", in_channels), ("num_classes", num_classes)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not (isinstance(dropout, (int, float)) and 0 <= dropout < 1):
+        if isinstance(dropout, bool) or not (isinstance(dropout, numbers.Real) and 0 <= dropout < 1):
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         dtype = dtype if isinstance(dtype, str) else B.dtype_name(dtype)
         if dtype not in ("float32", "float64"):
@@ -895,7 +896,7 @@ class ImageResNet(VideoNet):
             raise ValueError(f"nonlocal_blocks must be at most blocks ({blocks}), got {nonlocal_blocks}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if isinstance(dropout, bool) or not (isinstance(dropout, (int, float)) and 0 <= dropout < 1):
+        if isinstance(dropout, bool) or not (isinstance(dropout, numbers.Real) and 0 <= dropout < 1):
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         dtype = dtype if isinstance(dtype, str) else B.dtype_name(dtype)
         if dtype not in ("float32", "float64"):

@@ -49,6 +49,7 @@ derives every step of the backward pass.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, NamedTuple
 
 from ..backend import array_namespace, device, dtype_name, is_numpy
@@ -95,7 +96,8 @@ def _check(theta, phi, g, mode, scale, w_f, chunk_size):
         raise ValueError("w_f (shape (2d,)) is required by mode='concatenation' and only by it")
     if scale != 1.0 and mode not in SOFTMAX_MODES:
         raise ValueError(f"scale applies to the softmax modes {SOFTMAX_MODES}; mode={mode!r} needs scale=1")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)
+                                   or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
 
