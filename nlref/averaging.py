@@ -21,13 +21,26 @@ import warnings
 from collections.abc import Iterable, Sequence
 
 from ._typing import Array, Seed
-from .backend import array_namespace, normal
+from .backend import array_namespace, check_not_masked, dtype_name, normal, require_real
 
 __all__ = ["add_gaussian_noise", "noisy_copies", "average", "residual_variance", "averaging_curve"]
 
 
 def _float_dtype(xp, x):
     return x.dtype if xp.isdtype(x.dtype, "real floating") else xp.float32
+
+
+def _check_image(xp, x, name):
+    """Refuse a masked array and anything but real numbers or bools (a complex image lost its imaginary part)."""
+    check_not_masked(x, name)
+    if not xp.isdtype(x.dtype, "bool"):
+        require_real(x, name)
+
+
+def _check_finite(xp, x, name):
+    if xp.isdtype(x.dtype, "real floating") and not bool(xp.all(xp.isfinite(x))):
+        raise ValueError(f"{name} contains NaN or Inf values; replace them first (numpy.nan_to_num, or by "
+                         "interpolation)")
 
 
 def _check_sigma(sigma):
@@ -83,13 +96,19 @@ def noisy_copies(image: Array, sigma: float, n: int, *, seed: Seed = None) -> Ar
 def _noisy_copies(image, sigma, n, seed):
     """noisy_copies, with its warning pointed at the public function's caller."""
     xp = array_namespace(image, names=["image"])
+    _check_image(xp, image, "image")
+    _check_finite(xp, image, "image")
     sigma = _check_sigma(sigma)
     doubt = _units_doubt(xp, image, sigma)
     if doubt:
         warnings.warn(doubt, UserWarning, stacklevel=3)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
         raise ValueError(f"n must be a positive int; got {n!r}")
+    n = int(n)
     dtype = _float_dtype(xp, image)
+    if sigma > float(xp.finfo(dtype).max) / 16:  # a normal sample reaches 6: sigma * noise would be inf
+        raise ValueError(f"sigma={sigma:g} is too large for {dtype_name(dtype)} noise (its largest value is "
+                         f"{float(xp.finfo(dtype).max):g}): the noisy image would hold inf")
     noise = xp.astype(normal((n,) + tuple(image.shape), seed=seed, like=image), dtype)
     return xp.astype(image, dtype)[None, ...] + sigma * noise
 
@@ -116,6 +135,8 @@ def average(copies: Array | Sequence[Array], *, axis: int = 0) -> Array:
             raise ValueError("copies is an empty list: give at least one array to average")
         names = [f"copies[{i}]" for i in range(len(copies))]
         xp = array_namespace(*copies, names=names)
+        for name, c in zip(names, copies):
+            _check_image(xp, c, name)
         shapes = {tuple(c.shape) for c in copies}
         if len(shapes) > 1:
             raise ValueError(f"copies must all have one shape to be averaged; got shapes {sorted(shapes)}")
@@ -125,14 +146,34 @@ def average(copies: Array | Sequence[Array], *, axis: int = 0) -> Array:
         copies = xp.stack(list(copies), axis=axis)
     else:
         xp = array_namespace(copies, names=["copies"])
+        _check_image(xp, copies, "copies")
     if not -copies.ndim <= axis < copies.ndim:
         raise ValueError(f"axis {axis} is out of range for copies with {copies.ndim} axes")
+    if copies.shape[axis] == 0:
+        raise ValueError(f"copies holds no copy along axis {axis} (shape {tuple(copies.shape)}): there is nothing "
+                         "to average")
     return xp.mean(xp.astype(copies, _float_dtype(xp, copies)), axis=axis)
 
 
 def residual_variance(estimate: Array, clean: Array) -> float:
-    """Mean squared difference ``mean((estimate - clean)**2)`` as a Python float."""
+    """Mean squared difference ``mean((estimate - clean)**2)`` as a Python float.
+
+    Computed in the estimate's dtype when it is float32 or float64 (``clean`` is cast to it),
+    else in float64: integer images would wrap around, a clean image cast to the estimate's
+    integers would lose its fractions, and float16 squares overflow above 256.
+    """
     xp = array_namespace(estimate, clean, names=["estimate", "clean"])
+    for name, a in (("estimate", estimate), ("clean", clean)):
+        _check_image(xp, a, name)
+    if tuple(estimate.shape) != tuple(clean.shape):
+        raise ValueError(f"estimate and clean must have one shape; got {tuple(estimate.shape)} and "
+                         f"{tuple(clean.shape)}")
+    if math.prod(estimate.shape) == 0:
+        raise ValueError(f"estimate and clean are empty (shape {tuple(estimate.shape)}): there is no residual")
+    for name, a in (("estimate", estimate), ("clean", clean)):
+        _check_finite(xp, a, name)
+    if dtype_name(estimate.dtype) not in ("float32", "float64"):
+        estimate = xp.astype(estimate, xp.float64)
     d = estimate - xp.astype(clean, estimate.dtype)
     return float(xp.mean(d * d))
 

@@ -6,7 +6,10 @@ and returns the matplotlib Figure, so notebooks show it and scripts save it.
 
 from __future__ import annotations
 
+import math
+import numbers
 import operator
+import warnings
 
 import numpy as np
 
@@ -70,11 +73,21 @@ def image_grid(images, titles=None, *, ncols=None, size=3.0, cmap="gray", limits
         One axis per image (plus one per colour bar).
     """
     plt = _plt()
-    images = list(images)
-    for name, per in (("titles", titles), ("limits", limits), ("colorbars", colorbars)):
-        if per is not None and len(per) != len(images):
-            raise ValueError(f"{name} must hold one entry per image ({len(images)}), got {len(per)}")
-    ncols = ncols or len(images)
+    if not isinstance(images, (list, tuple)) or not images:
+        raise ValueError(f"images must be a non-empty list of images, e.g. [noisy, denoised], got "
+                         f"{type(images).__name__ if not isinstance(images, (list, tuple)) else images!r}")
+    images = [_picture(f"images[{i}]", img) for i, img in enumerate(images)]
+    titles, limits, colorbars = (_per_item(name, per, len(images), "image") for name, per in
+                                 (("titles", titles), ("limits", limits), ("colorbars", colorbars)))
+    for i, lim in enumerate(limits or []):
+        if lim is not None and not (isinstance(lim, (list, tuple)) and len(lim) == 2 and all(
+                isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in lim)
+                and lim[0] < lim[1]):
+            raise ValueError(f"limits[{i}] must be None or (vmin, vmax) with vmin < vmax, got {lim!r}")
+    if ncols is not None and (isinstance(ncols, bool) or not isinstance(ncols, numbers.Integral) or ncols < 1):
+        raise ValueError(f"ncols must be a positive int (images per row) or None, got {ncols!r}")
+    size = _positive("size", size)
+    ncols = min(int(ncols or len(images)), len(images))
     nrows = -(-len(images) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols + 0.6 * bool(colorbars), size * nrows + 0.3 * bool(title)),
                              squeeze=False)
@@ -84,9 +97,14 @@ def image_grid(images, titles=None, *, ncols=None, size=3.0, cmap="gray", limits
         ax = axes.ravel()[i]
         lim = limits[i] if limits is not None else None
         if lim is None:
+            peak = float(np.max(np.abs(img), initial=0.0, where=np.isfinite(img)))
+            if peak > 4:
+                warnings.warn(f"images[{i}] holds values up to {peak:g}, drawn on the [0, 1] grey "
+                              "scale (all white above 1): divide a 0..255 image by 255, or give its limits, e.g. "
+                              "limits=[(0, 255)]", UserWarning, stacklevel=2)
             shown = ax.imshow(_display(img), cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
         else:
-            shown = ax.imshow(np.asarray(to_numpy(img), dtype=np.float64), cmap=cmap, vmin=lim[0], vmax=lim[1],
+            shown = ax.imshow(img, cmap=cmap, vmin=lim[0], vmax=lim[1],
                               interpolation="nearest")
         if titles is not None:
             ax.set_title(titles[i], fontsize=9)
@@ -101,7 +119,20 @@ def image_grid(images, titles=None, *, ncols=None, size=3.0, cmap="gray", limits
 def averaging_plot(counts, variances, sigma):
     """Measured noise variance of the average of N copies against the sigma^2/N law (log-log)."""
     plt = _plt()
-    counts = np.asarray(counts, dtype=float)
+    try:
+        counts = np.asarray(counts, dtype=float)
+        variances = np.asarray(to_numpy(variances) if hasattr(variances, "shape") else variances, dtype=float)
+    except (TypeError, ValueError):
+        raise ValueError(f"counts and variances must be sequences of numbers, got {counts!r} and "
+                         f"{variances!r}") from None
+    if counts.ndim != 1 or counts.shape != variances.shape or counts.size == 0:
+        raise ValueError(f"counts and variances must be two non-empty 1-D sequences of one length, got shapes "
+                         f"{counts.shape} and {variances.shape}")
+    if not np.all(np.isfinite(counts) & (counts >= 1)):
+        raise ValueError(f"counts must be numbers of copies >= 1, got {counts.tolist()}")
+    if not np.all(np.isfinite(variances) & (variances > 0)):
+        raise ValueError(f"variances must be finite and > 0 (a log scale), got {variances.tolist()}")
+    sigma = _positive("sigma", sigma)
     fig, ax = plt.subplots(figsize=(4.5, 3.5))
     ax.loglog(counts, variances, "o", label="measured")
     ax.loglog(counts, sigma**2 / counts, "-", label=r"$\sigma^2 / N$")
@@ -137,13 +168,18 @@ def weights_plot(image, positions, weight_maps, *, search_size, title=None):
         the noise level: ``d^2 <= 2 sigma^2``).
     """
     plt = _plt()
-    image = _display(image)
+    image = _display(_picture("image", image))
     search_size = _positive_ints("search_size", search_size, 2, "(rows, cols)")
+    if search_size[0] % 2 == 0 or search_size[1] % 2 == 0:
+        raise ValueError(f"search_size must be odd (a window centred on the pixel), got {search_size}")
     positions = _points("positions", positions, image.shape[:2])
     weight_maps = [np.asarray(to_numpy(w), dtype=np.float64) for w in weight_maps]
     if len(weight_maps) != len(positions) or any(w.shape != search_size for w in weight_maps):
         raise ValueError(f"weight_maps must hold one array of shape search_size = {search_size} per position "
                          f"({len(positions)}), got shapes {[w.shape for w in weight_maps]}")
+    if not all(np.all((w >= 0) & (w <= 1)) for w in weight_maps):  # NaN fails too
+        raise ValueError("weight_maps must hold NL-means weights, in [0, 1] (nl_means_weights' output); got "
+                         "values outside it or NaN")
     n = len(positions)
     fig, axes = plt.subplots(1, n + 1, figsize=(3.2 * (n + 1) + 0.8, 3.7), layout="constrained")
     axes[0].imshow(image, cmap="gray", vmin=0, vmax=1)
@@ -170,7 +206,7 @@ def weights_plot(image, positions, weight_maps, *, search_size, title=None):
     return fig
 
 
-def attention_plot(image, attention, queries, *, query_shape, key_shape, titles=None):
+def attention_plot(image, attention, queries, *, query_shape, key_shape, titles=None, title=None):
     """Where each query position attends: the image with the queries marked, then one map per query.
 
     Parameters
@@ -184,14 +220,24 @@ def attention_plot(image, attention, queries, *, query_shape, key_shape, titles=
         Query positions on the ``query_shape`` grid.
     query_shape, key_shape : (rows, cols)
         The 2-D grids of the queries and of the (possibly subsampled) keys.
+    titles : list of str, optional
+        One per query (default ``"query (row, col)"``).
+    title : str, optional
+        A title over the figure (default: says what the maps are).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        The image with the queries, one map per query on one colour scale, and its colour bar.
     """
     plt = _plt()
     a = np.asarray(to_numpy(attention), dtype=np.float64)
     qh, qw = query_shape = _positive_ints("query_shape", query_shape, 2, "(rows, cols)")
     key_shape = _positive_ints("key_shape", key_shape, 2, "(rows, cols)")
     queries = _points("queries", queries, query_shape)
-    if titles is not None and len(titles) != len(queries):
-        raise ValueError(f"titles must hold one title per query ({len(queries)}), got {len(titles)}")
+    if titles is not None and (isinstance(titles, str) or len(titles) != len(queries)):
+        raise ValueError(f"titles must hold one title per query ({len(queries)}), got "
+                         f"{repr(titles) if isinstance(titles, str) else len(titles)}")
     if a.shape != (qh * qw, int(np.prod(key_shape))):
         raise ValueError(f"attention must have shape ({qh * qw}, {int(np.prod(key_shape))}) for query_shape "
                          f"{tuple(query_shape)} and key_shape {tuple(key_shape)}, got {a.shape}")
@@ -219,6 +265,7 @@ def attention_plot(image, attention, queries, *, query_shape, key_shape, titles=
     for ax in axes:
         ax.axis("off")
     _colorbar(fig, shown, list(axes[1:]), "attention weight (one scale)")
+    fig.suptitle(title or "where each query attends: its attention weights over the keys", fontsize=10)
     return fig
 
 
@@ -256,8 +303,13 @@ def clip_grid(video, *, titles=None, title=None, size=1.6):
     plt = _plt()
     frames = _frames(video)
     t = frames.shape[0]
-    if titles is not None and len(titles) != t:
-        raise ValueError(f"titles must hold one title per frame ({t}), got {len(titles)}")
+    if frames.size == 0:
+        raise ValueError(f"video must hold at least one frame of at least one pixel, got frames of shape "
+                         f"{frames.shape}")
+    if titles is not None and (isinstance(titles, str) or len(titles) != t):
+        raise ValueError(f"titles must hold one title per frame ({t}), got "
+                         f"{repr(titles) if isinstance(titles, str) else len(titles)}")
+    size = _positive("size", size)
     fig, axes = plt.subplots(1, t, figsize=(size * t + 0.7, size * 1.1 + (0.3 if title else 0)), squeeze=False,
                              layout="constrained")
     for i, ax in enumerate(axes[0]):
@@ -293,11 +345,26 @@ def training_curves(histories, *, metric="val_accuracy", title=None):
     plt = _plt()
     if not isinstance(histories, dict) or not histories:
         raise ValueError(f"histories must be a non-empty dict of label -> list of per-epoch dicts, got {histories!r}")
+    if not isinstance(metric, str):
+        raise ValueError(f"metric must be a str (a key of the history rows, e.g. 'val_accuracy'), got {metric!r}")
     for label, rows in histories.items():
+        if not isinstance(label, str):
+            raise ValueError(f"histories must be keyed by str labels (the runs' names), got {label!r}")
         if not isinstance(rows, (list, tuple)) or not rows or not all(isinstance(r, dict) for r in rows):
             raise ValueError(f"histories[{label!r}] must be a non-empty list of per-epoch dicts")
         if metric not in rows[0]:
             raise ValueError(f"metric {metric!r} is not in the history of {label!r}; it holds {sorted(rows[0])}")
+        quantity = metric[len("val_"):] if metric.startswith("val_") else metric
+        drawn = [k for k in ("epoch", "train_loss", "val_loss", f"train_{quantity}", metric) if k in rows[0]]
+        if "train_loss" not in drawn and "val_loss" not in drawn:
+            raise ValueError(f"the history of {label!r} holds no train_loss or val_loss to draw; it holds "
+                             f"{sorted(rows[0])}")
+        for n, row in enumerate(rows):          # what the first row draws, every row must hold, as numbers
+            for k in drawn:
+                if k not in row:
+                    raise ValueError(f"histories[{label!r}][{n}] lacks {k!r}, which its first row holds")
+                if isinstance(row[k], (bool, str)) or not isinstance(row[k], numbers.Real):
+                    raise ValueError(f"histories[{label!r}][{n}] must hold numbers; {k!r} is {row[k]!r}")
     quantity = metric[len("val_"):] if metric.startswith("val_") else metric
     panels = [("loss", ("train_loss", "val_loss"))]
     if quantity != "loss":
@@ -351,6 +418,7 @@ def spacetime_attention_plot(clip, attention_row, query, *, key_shape, query_sha
         multiple of ``T'`` (frame ``t`` shows key frame ``t * T' // T``).
     query_shape : (Tq, Hq, Wq), optional
     title : str, optional
+        A title over the figure (default: names the query).
 
     Returns
     -------
@@ -374,9 +442,13 @@ def spacetime_attention_plot(clip, attention_row, query, *, key_shape, query_sha
     grid = (t_len, h, w) if query_shape is None else _positive_ints("query_shape", query_shape, 3, "(T, H, W)")
     if grid[0] != t_len:
         raise ValueError(f"query_shape[0] must equal the clip's number of frames {t_len}, got {grid[0]}")
-    if len(query) != 3 or not all(0 <= int(q) < n for q, n in zip(query, grid)):
-        raise ValueError(f"query must be (t, y, x) inside {grid}, got {tuple(query)!r}")
-    qt, qy, qx = (int(q) for q in query)
+    try:
+        point = tuple(_index(q) for q in query)
+    except TypeError:
+        point = None
+    if point is None or len(point) != 3 or not all(0 <= q < n for q, n in zip(point, grid)):
+        raise ValueError(f"query must be (t, y, x) inside {grid}, three ints, got {query!r}")
+    qt, qy, qx = point
     py, px = (qy + 0.5) * h / grid[1] - 0.5, (qx + 0.5) * w / grid[2] - 0.5   # the query's centre in pixels
     maps = a.reshape(key_shape)
     vmax = float(maps.max()) if maps.max() > 0 else 1.0        # one scale for all frames
@@ -401,15 +473,49 @@ def spacetime_attention_plot(clip, attention_row, query, *, key_shape, query_sha
             ax.axis("off")
     _colorbar(fig, bright, list(axes[0]), "brightness (sqrt scale)")
     _colorbar(fig, shown, list(axes[1]), "attention weight")
-    if title:
-        fig.suptitle(title, fontsize=10)
+    fig.suptitle(title or f"where query (t, y, x) = {(qt, qy, qx)} attends across the frames", fontsize=10)
     return fig
+
+
+def _per_item(name, value, count, what):
+    """``value`` (None, or a list or tuple of ``count`` entries; a str is not a list of titles) as a list or None."""
+    if value is None:
+        return None
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise ValueError(f"{name} must be a list of one entry per {what} ({count}), got {value!r}")
+    if len(value) != count:
+        raise ValueError(f"{name} must hold one entry per {what} ({count}), got {len(value)}")
+    return list(value)
+
+
+def _positive(name, value):
+    """``value`` as a finite float > 0; else a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _picture(name, image):
+    """A host image (H, W) or (H, W, 3 or 4), non-empty; else a ValueError naming ``name`` and its shape."""
+    a = np.asarray(to_numpy(image), dtype=np.float64)
+    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] == 3)) or a.size == 0:
+        raise ValueError(f"{name} must be a non-empty grey (H, W) or colour (H, W, 3) image, got shape {a.shape}"
+                         + (" (channels first? move them last: numpy.moveaxis(image, 0, -1))"
+                            if a.ndim == 3 and a.shape[0] == 3 else ""))
+    return a
+
+
+def _index(v):
+    """``operator.index(v)``, refusing a bool (``True`` is not the index 1 here) with the same TypeError."""
+    if isinstance(v, (bool, np.bool_)):
+        raise TypeError("a bool is not an index")
+    return operator.index(v)
 
 
 def _positive_ints(name, value, count, what):
     """``value`` as a tuple of ``count`` positive ints; else a ValueError naming ``name``."""
     try:
-        shape = tuple(operator.index(v) for v in value)
+        shape = tuple(_index(v) for v in value)
     except TypeError:
         raise ValueError(f"{name} must be {count} positive integers {what}, got {value!r}") from None
     if len(shape) != count or min(shape) < 1:
@@ -420,7 +526,7 @@ def _positive_ints(name, value, count, what):
 def _points(name, points, grid):
     """``points`` as a non-empty list of (row, col) int pairs inside ``grid`` (rows, cols): no index wraps."""
     try:
-        pairs = [tuple(operator.index(v) for v in point) for point in points]
+        pairs = [tuple(_index(v) for v in point) for point in points]
     except TypeError:
         pairs = None
     if not pairs or any(len(p) != 2 or not (0 <= p[0] < grid[0] and 0 <= p[1] < grid[1]) for p in pairs):

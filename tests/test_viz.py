@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 import nlref
 import nlref.backend as B
@@ -200,4 +201,78 @@ def test_weights_and_attention_plots_refuse_what_they_cannot_draw():
         nlref.viz.weights_plot(img, [(10, 12)], [w], search_size=9)
     fig = nlref.viz.weights_plot(img, [(np.int64(10), 12)], [w], search_size=(9, 9))  # NumPy integers are taken
     assert len(fig.axes) == 3
+    plt.close("all")
+
+
+def test_every_figure_has_a_title():
+    """attention_plot had no figure title at all, spacetime_attention_plot none unless asked."""
+    plt = _agg()
+    img = nlref.data.camera()[:32, :32]
+    fig = nlref.viz.attention_plot(img, np.full((16, 4), 0.25), [(0, 0)], query_shape=(4, 4), key_shape=(2, 2))
+    assert "attends" in fig.get_suptitle()
+    fig = nlref.viz.attention_plot(img, np.full((16, 4), 0.25), [(0, 0)], query_shape=(4, 4), key_shape=(2, 2),
+                                   title="mine")
+    assert fig.get_suptitle() == "mine"
+    clip = np.random.default_rng(0).random((1, 4, 8, 8))
+    fig = nlref.viz.spacetime_attention_plot(clip, np.full(16, 1 / 16), (1, 2, 3), key_shape=(4, 2, 2))
+    assert fig.get_suptitle() == "where query (t, y, x) = (1, 2, 3) attends across the frames"
+    plt.close("all")
+
+
+@pytest.mark.parametrize("call, match", [
+    # each of these raised matplotlib's or NumPy's error (or drew a wrong figure without a word)
+    (lambda img: nlref.viz.image_grid([]), "images must be a non-empty list"),           # ZeroDivisionError
+    (lambda img: nlref.viz.image_grid(img), "images must be a non-empty list"),          # "Invalid shape (32,)"
+    (lambda img: nlref.viz.image_grid([np.ones(5)]), r"images\[0\] must be a non-empty grey"),
+    (lambda img: nlref.viz.image_grid([np.ones((3, 8, 8))]), "channels first"),          # "Invalid shape"
+    (lambda img: nlref.viz.image_grid([np.ones((0, 4))]), r"images\[0\] must be a non-empty"),
+    (lambda img: nlref.viz.image_grid([img, img], titles="ab"), "titles must be a list"),  # one letter per image
+    (lambda img: nlref.viz.image_grid([img], ncols=-1), "ncols must be a positive int"),
+    (lambda img: nlref.viz.image_grid([img], ncols=1.5), "ncols must be a positive int"),
+    (lambda img: nlref.viz.image_grid([img], limits=[(1, 0)]), r"limits\[0\] must be None or \(vmin, vmax\)"),
+    (lambda img: nlref.viz.image_grid([img], limits=[(1,)]), r"limits\[0\] must be None"),   # IndexError
+    (lambda img: nlref.viz.image_grid([img], size=-1), "size must be a finite number > 0"),
+    (lambda img: nlref.viz.averaging_plot([1, 2, 4], [0.01, 0.005], 0.1), "one length"),
+    (lambda img: nlref.viz.averaging_plot([0, 2], [0.01, 0.005], 0.1), "counts must be numbers of copies >= 1"),
+    (lambda img: nlref.viz.averaging_plot([1, 2], [-0.01, 0.005], 0.1), "variances must be finite and > 0"),
+    (lambda img: nlref.viz.averaging_plot([1, 2], [np.nan, 0.005], 0.1), "variances must be finite and > 0"),
+    (lambda img: nlref.viz.averaging_plot([], [], 0.1), "non-empty"),                   # an empty plot
+    (lambda img: nlref.viz.averaging_plot([1, 2], [0.01, 0.005], "0.1"), "sigma must be a finite number > 0"),
+    (lambda img: nlref.viz.averaging_plot([1, 2], [0.01, 0.005], -0.1), "sigma must be a finite number > 0"),
+    (lambda img: nlref.viz.weights_plot(img, [(3, 3)], [np.full((5, 5), np.nan)], search_size=(5, 5)),
+     r"weight_maps must hold NL-means weights, in \[0, 1\]"),
+    (lambda img: nlref.viz.weights_plot(img, [(3, 3)], [np.full((5, 5), 3.0)], search_size=(5, 5)),
+     r"in \[0, 1\]"),                                                                    # "100% of them equal 1"
+    (lambda img: nlref.viz.weights_plot(img, [(3, 3)], [np.ones((4, 4))], search_size=(4, 4)),
+     "search_size must be odd"),                                                         # drawn off-centre
+    (lambda img: nlref.viz.weights_plot(img[0], [(3, 3)], [np.ones((5, 5))], search_size=(5, 5)),
+     "image must be a non-empty grey"),                                                  # IndexError
+    (lambda img: nlref.viz.clip_grid(np.zeros((0, 8, 8))), "at least one frame"),
+    (lambda img: nlref.viz.attention_plot(img, np.full((16, 4), 0.25), [(True, 0)], query_shape=(4, 4),
+                                          key_shape=(2, 2)), "queries must be a non-empty list"),   # read as 1
+    (lambda img: nlref.viz.clip_grid(np.zeros((2, 8, 8)), titles="ab"), "titles must hold one title per frame"),
+    (lambda img: nlref.viz.spacetime_attention_plot(np.zeros((4, 8, 8)), np.full(16, 1 / 16), (0.5, 1, 1),
+                                                    key_shape=(4, 2, 2)), r"query must be \(t, y, x\)"),  # read as 0
+    (lambda img: nlref.viz.spacetime_attention_plot(np.zeros((4, 8, 8)), np.full(16, 1 / 16), (True, 1, 1),
+                                                    key_shape=(4, 2, 2)), r"query must be \(t, y, x\)"),
+    (lambda img: nlref.viz.spacetime_attention_plot(np.zeros((4, 8, 8)), np.full(16, 1 / 16), 3,
+                                                    key_shape=(4, 2, 2)), r"query must be \(t, y, x\)"),
+    (lambda img: nlref.viz.training_curves({"a": [{"train_loss": 1.0, "val_loss": 1.0, "val_accuracy": 0.5},
+                                                  {"train_loss": 1.0}]}), r"histories\['a'\]\[1\] lacks 'val_loss'"),  # KeyError
+    (lambda img: nlref.viz.training_curves({1: [{"train_loss": 1.0, "val_accuracy": 0.5}]}), "str labels"),
+    (lambda img: nlref.viz.training_curves({"a": [{"train_loss": "x", "val_accuracy": 0.5}]}), "must hold numbers"),
+    (lambda img: nlref.viz.training_curves({"a": [{"val_accuracy": 0.5}]}), "no train_loss or val_loss"),
+])
+def test_figures_refuse_bad_arguments_by_name(call, match):
+    _agg()
+    with pytest.raises(ValueError, match=match):
+        call(nlref.data.camera()[:32, :32])
+
+
+def test_image_grid_warns_when_a_0_255_image_would_be_drawn_white():
+    plt = _agg()
+    u8 = (nlref.data.camera()[:16, :16] * 255).astype(np.uint8)
+    with pytest.warns(UserWarning, match=r"images\[0\] holds values up to 2\d\d, drawn on the \[0, 1\] grey scale"):
+        nlref.viz.image_grid([u8])
+    nlref.viz.image_grid([u8], limits=[(0, 255)])   # the caller said how: no warning
     plt.close("all")

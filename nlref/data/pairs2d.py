@@ -49,7 +49,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import backend as B
-from .sprites import GLYPHS, RELATIONS, _check_int, _levels, _paired_kinds, additive_ceiling
+from .sprites import (GLYPHS, RELATIONS, _check_channels, _check_int, _check_noise, _levels, _paired_kinds,
+                      _split_seeds, additive_ceiling)
 
 __all__ = ["PairImages", "pair_images", "pair_splits", "additive_ceiling", "position_aware_ceiling"]
 
@@ -125,13 +126,11 @@ def pair_images(n, *, seed=0, relation="brightness", size=24, margin=3, kinds=4,
         raise ValueError(f"kinds must be between 2 and {len(GLYPHS)}, got {kinds}")
     if relation not in RELATIONS:
         raise ValueError(f"relation must be one of {RELATIONS}, got {relation!r}")
-    if channels not in (1, 3) or isinstance(channels, bool):
-        raise ValueError(f"channels must be 1 or 3, got {channels!r}")
-    if isinstance(noise, bool) or not (isinstance(noise, (int, float)) and 0 <= noise < 1):
-        raise ValueError(f"noise must be a number in [0, 1), got {noise!r}")
+    channels = _check_channels(channels)
+    noise = _check_noise(noise)
     if not isinstance(dtype, str) or dtype not in ("float32", "float64"):
         raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
-    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    rng = B.rng(seed)
 
     labels, kind = _paired_kinds(rng, n, kinds)
 
@@ -168,9 +167,8 @@ def pair_images(n, *, seed=0, relation="brightness", size=24, margin=3, kinds=4,
 def pair_splits(n_train, n_val, *, seed=0, **options):
     """Train and validation images from independent streams of one seed (the validation set
     does not depend on ``n_train``)."""
-    train_seed, val_seed = np.random.SeedSequence(seed).spawn(2)
-    return (pair_images(n_train, seed=np.random.default_rng(train_seed), **options),
-            pair_images(n_val, seed=np.random.default_rng(val_seed), **options))
+    train_rng, val_rng = _split_seeds(seed)
+    return pair_images(n_train, seed=train_rng, **options), pair_images(n_val, seed=val_rng, **options)
 
 
 def position_aware_ceiling(kinds):

@@ -29,6 +29,7 @@ so a seed gives the same clips on every backend.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -90,6 +91,27 @@ def _check_int(name, value, minimum):
     return int(value)
 
 
+def _check_channels(channels):
+    if isinstance(channels, bool) or not isinstance(channels, numbers.Integral) or channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels!r}")
+    return int(channels)
+
+
+def _check_noise(noise):
+    if isinstance(noise, bool) or not (isinstance(noise, numbers.Real) and 0 <= noise < 1):
+        raise ValueError(f"noise must be a number in [0, 1), got {noise!r}")
+    return float(noise)
+
+
+def _split_seeds(seed):
+    """Two independent generators from one seed (an int >= 0, a Generator or None), for a train and a
+    validation set; a bad seed is an error naming ``seed``."""
+    if isinstance(seed, np.random.Generator):
+        return seed.spawn(2)
+    B.rng(seed)  # the checks, in nlref's words
+    return [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2)]
+
+
 def _paired_kinds(rng, n, kinds):
     """``(labels, kind)``: n balanced 0/1 labels and each example's two kinds, equal where the label is 1.
 
@@ -123,7 +145,8 @@ def sprite_clips(n, *, seed=0, relation="brightness", frames=8, size=32, kinds=8
     channels : int
         1 (grey) or 3 (each sprite gets a random bright colour, which carries no label information).
     duration : int
-        Frames each sprite stays visible (the same for both, which keeps them exchangeable).
+        Frames each sprite stays visible (the same for both, which keeps them exchangeable);
+        a sprite moving one pixel per frame must stay in its quadrant: ``size // 2 >= 5 + duration - 1``.
     noise : float
         Standard deviation of additive Gaussian noise.
     xp : module, optional
@@ -147,16 +170,21 @@ def sprite_clips(n, *, seed=0, relation="brightness", frames=8, size=32, kinds=8
         raise ValueError(f"kinds must be between 2 and {len(GLYPHS)}, got {kinds}")
     if relation not in RELATIONS:
         raise ValueError(f"relation must be one of {RELATIONS}, got {relation!r}")
-    if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 or 3, got {channels!r}")
+    channels = _check_channels(channels)
     if frames % 2 or 2 * duration > frames:
         raise ValueError(f"frames must be even and hold two non-overlapping sprites of duration {duration}, "
                          f"got frames={frames}")
-    if not (isinstance(noise, (int, float)) and 0 <= noise < 1):
-        raise ValueError(f"noise must be a number in [0, 1), got {noise!r}")
-    if B.dtype_name(dtype) not in ("float32", "float64"):
+    if size // 2 < _SPRITE + duration - 1:
+        raise ValueError(f"size // 2 must be at least 5 + duration - 1 = {_SPRITE + duration - 1} (a 5x5 sprite "
+                         f"moving one pixel per frame stays in its quadrant), got size={size}, duration={duration}")
+    noise = _check_noise(noise)
+    try:
+        name = B.dtype_name(dtype)
+    except TypeError:
+        name = None
+    if name not in ("float32", "float64"):
         raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
-    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    rng = B.rng(seed)
 
     labels, kind = _paired_kinds(rng, n, kinds)
 
@@ -195,7 +223,6 @@ def sprite_clips(n, *, seed=0, relation="brightness", frames=8, size=32, kinds=8
             for c in range(channels):
                 video[clip[:, None, None], c, t[:, None, None], rows, cols] += pattern[:, c]
     meta = {"kind": kind, "glyph": glyph, "start": start, "origin": origin, "velocity": velocity}
-    name = B.dtype_name(dtype)
     target = np if xp is None else xp
     return SpriteClips(B.asarray(video.astype(name), xp=target, device=device),
                        B.asarray(labels.astype(np.int64), xp=target, device=device), meta)
@@ -207,9 +234,8 @@ def sprite_splits(n_train, n_val, *, seed=0, **options):
     ``sprite_splits(..., seed=s)`` always gives the same two sets; the
     validation set does not depend on ``n_train``.
     """
-    train_seed, val_seed = np.random.SeedSequence(seed).spawn(2)
-    return (sprite_clips(n_train, seed=np.random.default_rng(train_seed), **options),
-            sprite_clips(n_val, seed=np.random.default_rng(val_seed), **options))
+    train_rng, val_rng = _split_seeds(seed)
+    return sprite_clips(n_train, seed=train_rng, **options), sprite_clips(n_val, seed=val_rng, **options)
 
 
 def additive_ceiling(kinds):

@@ -16,6 +16,7 @@ image: at most the largest odd number not above the axis length.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 __all__ = ["Preset", "IPOL_GREY", "IPOL_COLOUR", "H_FACTORS", "preset_for"]
@@ -87,8 +88,16 @@ def preset_for(sigma_255, *, colour, aggregation, shape):
     row : Preset
         The table row used.
     """
-    if not sigma_255 >= 0:  # NaN too: next() below would raise a bare StopIteration
-        raise ValueError(f"sigma_255 must be a number >= 0, got {sigma_255!r}")
+    if isinstance(sigma_255, bool) or not isinstance(sigma_255, numbers.Real) or not sigma_255 >= 0:
+        raise ValueError(f"sigma_255 must be a number >= 0, got {sigma_255!r}")  # NaN too: not a bare StopIteration
+    if not isinstance(colour, bool):  # a dict lookup took 1 for True and raised KeyError for "no"
+        raise ValueError(f"colour must be True or False, got {colour!r}")
+    if aggregation not in ("pixel", "patch"):
+        raise ValueError(f"aggregation must be 'pixel' or 'patch', got {aggregation!r}")
+    if (not isinstance(shape, (tuple, list)) or not shape
+            or not all(isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 1 for n in shape)):
+        raise ValueError(f"shape must be a non-empty tuple of positive ints (the image's spatial shape), "
+                         f"got {shape!r}")
     table = IPOL_COLOUR if colour else IPOL_GREY
     index = next(i for i, row in enumerate(table) if sigma_255 <= row.sigma_max)
     row = table[index]

@@ -115,3 +115,15 @@ def test_the_rule_a_at_least_b_reaches_75_percent_on_samples():
     b = data.meta["kind"][np.arange(4000), 1 - upper]
     accuracy = np.mean((a >= b).astype(np.int64) == data.labels)
     assert abs(accuracy - 0.75) < 0.02
+
+
+def test_seeds_and_channels_are_checked_in_nlrefs_words():
+    for make, args in ((pair_images, (2,)), (pair_splits, (2, 2))):
+        with pytest.raises(TypeError, match="seed must be an int >= 0"):   # NumPy's SeedSequence message
+            make(*args, seed="1")
+        with pytest.raises(ValueError, match="seed must be an int >= 0"):
+            make(*args, seed=-1)
+    with pytest.raises(ValueError, match="channels must be 1 or 3, got 3.0"):   # TypeError from NumPy
+        pair_images(2, channels=3.0)
+    a, b = pair_splits(2, 2, seed=np.random.default_rng(1)), pair_splits(2, 2, seed=np.random.default_rng(1))
+    np.testing.assert_array_equal(a[1].image, b[1].image)

@@ -108,3 +108,47 @@ def test_bad_arguments(kw, match):
     args = {"n": 4, **kw}
     with pytest.raises(ValueError, match=match):
         sprite_clips(args.pop("n"), **args)
+
+
+@pytest.mark.parametrize("kw, match", [
+    # a sprite moving one pixel per frame left its quadrant (seed 5: rows 12 to 16 of a 32-pixel clip, so
+    # both sprites were seen by one quadrant's units), or raised IndexError
+    (dict(frames=26, duration=13, size=32), r"size // 2 must be at least 5 \+ duration - 1 = 17"),
+    (dict(frames=16, duration=8, size=16), r"size // 2 must be at least 5 \+ duration - 1 = 12"),
+    (dict(channels=True), "channels must be 1 or 3, got True"),  # TypeError: an integer is required
+    (dict(channels=3.0), "channels must be 1 or 3, got 3.0"),
+    (dict(dtype=5), "dtype must be float32 or float64, got 5"),  # TypeError: Cannot interpret '5'
+])
+def test_bad_arguments_found_by_the_probe(kw, match):
+    with pytest.raises(ValueError, match=match):
+        sprite_clips(2, seed=5, **kw)
+
+
+def test_a_sprite_path_that_just_fits_stays_in_its_quadrant():
+    clips = sprite_clips(64, frames=24, duration=12, size=32, noise=0.0, seed=0)   # 16 >= 5 + 11
+    origin, velocity = clips.meta["origin"], clips.meta["velocity"]
+    for step in (0, 11):
+        top_left = origin + velocity * step                     # (n, 2, 2)
+        assert np.all(top_left // 16 == (top_left + 4) // 16)   # the whole 5x5 sprite in one quadrant
+    assert np.all(origin // 16 == (origin + velocity * 11) // 16)
+
+
+@pytest.mark.parametrize("make", [sprite_clips, sprite_splits])
+def test_seeds_are_checked_in_nlrefs_words(make):
+    args = (2,) if make is sprite_clips else (2, 2)
+    for bad, error in (("1", TypeError), (1.5, TypeError), (-1, ValueError)):   # NumPy's SeedSequence messages
+        with pytest.raises(error, match="seed must be an int >= 0"):
+            make(*args, seed=bad)
+    np.testing.assert_array_equal(make(*args, seed=np.int64(3))[-1].video if make is sprite_splits
+                                  else make(*args, seed=np.int64(3)).video,
+                                  make(*args, seed=3)[-1].video if make is sprite_splits else make(*args, seed=3).video)
+
+
+def test_splits_take_a_generator_as_the_clips_do():
+    # sprite_clips took a Generator; sprite_splits raised "SeedSequence expects int or sequence of ints"
+    a = sprite_splits(3, 2, seed=np.random.default_rng(7))
+    b = sprite_splits(3, 2, seed=np.random.default_rng(7))
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x.video, y.video)
+    assert not np.array_equal(a[0].video[:2], a[1].video)
+    np.testing.assert_array_equal(sprite_splits(3, 2, seed=4)[1].video, sprite_splits(5, 2, seed=4)[1].video)

@@ -92,3 +92,21 @@ def test_an_image_too_small_to_estimate_says_what_to_pass():
 def test_a_preset_for_no_noise_level_is_a_value_error(bad):
     with pytest.raises(ValueError, match="sigma_255 must be a number >= 0"):
         presets.preset_for(bad, colour=False, aggregation="pixel", shape=(64, 64))
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(sigma_255="20"), "sigma_255 must be a number >= 0"),   # TypeError: '>=' not supported
+    (dict(sigma_255=True), "sigma_255 must be a number >= 0"),
+    (dict(colour="no"), "colour must be True or False"),         # KeyError: ('no', 'pixel')
+    (dict(colour=1), "colour must be True or False"),            # taken for True
+    (dict(aggregation="pixels"), "aggregation must be 'pixel' or 'patch'"),   # KeyError
+    (dict(shape=()), "shape must be a non-empty tuple of positive ints"),      # sizes () returned
+    (dict(shape=(0, 64)), "shape must be a non-empty tuple of positive ints"),
+    (dict(shape=(64.0, 64)), "shape must be a non-empty tuple of positive ints"),
+])
+def test_preset_for_names_a_bad_argument(kw, match):
+    args = dict(sigma_255=20, colour=False, aggregation="pixel", shape=(64, 64), **{})
+    args.update(kw)
+    sigma = args.pop("sigma_255")
+    with pytest.raises(ValueError, match=match):
+        presets.preset_for(sigma, **args)
