@@ -15,10 +15,10 @@ import warnings
 
 import numpy as np
 
-from ..backend import check_not_masked, require_real
+from ..backend import array_namespace, check_not_masked, dtype_name, require_real
 
-__all__ = ["MAX_SPATIAL_DIMS", "is_dask_array", "check_not_stored", "check_axes", "check_image", "check_lazy",
-           "check_workers", "sigma_axes", "layout_doubt"]
+__all__ = ["MAX_SPATIAL_DIMS", "AGGREGATIONS", "sizes", "positive", "check_kernel", "is_dask_array",
+           "check_not_stored", "check_axes", "check_image", "check_lazy", "check_workers", "sigma_axes", "layout_doubt"]
 
 #: The most spatial axes an image may have (plus an optional channel axis).
 MAX_SPATIAL_DIMS = 4
@@ -27,6 +27,70 @@ MAX_SPATIAL_DIMS = 4
 #: The error for an image holding NaN or Inf (every route says the same).
 NOT_FINITE = ("image contains NaN or Inf values; NL-means needs finite input (replace them first, by interpolation "
               "or numpy.nan_to_num)")
+
+AGGREGATIONS = ("pixel", "patch")
+
+
+def sizes(name, value, spatial):
+    """An int or one int per spatial axis -> tuple of odd positive ints."""
+    d = len(spatial)
+    if isinstance(value, (bool,)) or not (isinstance(value, numbers.Integral) or isinstance(value, (tuple, list))):
+        raise TypeError(f"{name} must be an odd int or a tuple of {d} odd ints; got {value!r}")
+    widths = (value,) * d if isinstance(value, numbers.Integral) else tuple(value)
+    if len(widths) != d:
+        raise ValueError(f"{name}={value!r} must give one size per spatial axis ({d} for shape {spatial})")
+    for s in widths:
+        if isinstance(s, bool) or not isinstance(s, numbers.Integral):
+            raise TypeError(f"{name} must hold ints; got {value!r}")
+        if s < 1 or s % 2 == 0:
+            raise ValueError(f"{name}={value!r}: sizes are full odd widths (1, 3, 5, ...), got {s}")
+    return tuple(int(s) for s in widths)
+
+
+def positive(name, value, allow_zero):
+    """A finite real ``value`` >= 0 (or > 0), as float; else a TypeError/ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number; got {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        allowed = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be finite and {allowed}; got {value}")
+    return value
+
+
+def check_kernel(func, v, *, h, sigma, patch_size, search_size, aggregation="pixel", index=None):
+    """The arguments of the channel-first kernels (:mod:`.naive`, :func:`.fast.nl_means_fast`), checked.
+
+    ``v`` must be a float32 or float64 array of shape (C, n_0, ..., n_{d-1}); ``h`` > 0 and
+    ``sigma`` >= 0 finite; ``patch_size`` and ``search_size`` odd widths (an int or one per
+    spatial axis); ``index``, where given, ``d`` ints inside the image (negative ones count
+    from the end). Returns ``(h, sigma, patch_size, search_size, index)`` normalised (tuples of
+    ints), or raises a TypeError or ValueError naming ``func`` and the argument. Shapes and
+    dtypes only: no pass over the data.
+    """
+    array_namespace(v, names=["v"])  # an array of a known library, or a TypeError naming v
+    check_not_masked(v, "v")
+    if dtype_name(v.dtype) not in ("float32", "float64"):
+        raise TypeError(f"{func}: v must be a float32 or float64 array (the working dtype), got dtype "
+                        f"{dtype_name(v.dtype)}")
+    if v.ndim < 2 or math.prod(v.shape) == 0:
+        raise ValueError(f"{func}: v must be channel-first, shape (C, n_0, ..., n_(d-1)) with d >= 1 and no empty "
+                         f"axis, got shape {tuple(v.shape)}")
+    spatial = tuple(v.shape[1:])
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"{func}: aggregation must be one of {AGGREGATIONS}; got {aggregation!r}")
+    h, sigma = positive("h", h, allow_zero=False), positive("sigma", sigma, allow_zero=True)
+    patch_size, search_size = sizes("patch_size", patch_size, spatial), sizes("search_size", search_size, spatial)
+    if index is not None:
+        items = tuple(index) if isinstance(index, (tuple, list)) else (index,)
+        if (len(items) != len(spatial) or not all(isinstance(i, numbers.Integral) and not isinstance(i, bool)
+                                                  for i in items)
+                or not all(-n <= i < n for i, n in zip(items, spatial))):
+            raise ValueError(f"{func}: index must be {len(spatial)} ints inside the image's spatial shape {spatial}, "
+                             f"got {index!r}")
+        index = tuple(int(i) % n for i, n in zip(items, spatial))
+    return h, sigma, patch_size, search_size, index
+
 
 def is_dask_array(x):
     """Whether ``x`` is a ``dask.array.Array`` (without importing dask)."""

@@ -50,6 +50,7 @@ from itertools import product
 
 from ..backend import array_namespace, device, is_numpy, native_namespace, reflect_pad, supports_out
 from ._pool import NEVER, stoppable_pool
+from .checks import check_kernel
 from .fast_numba import nl_means_numba_padded  # imports Numba only when it first runs
 
 __all__ = ["nl_means_fast", "nl_means_fast_padded", "halo", "working_memory", "resolve_engine", "ENGINES",
@@ -370,6 +371,8 @@ def nl_means_fast(v, *, h, sigma, patch_size, search_size, aggregation="pixel", 
     -------
     u : array, shape (C, n_0, ..., n_{d-1}), same library, device and dtype as ``v``.
     """
+    h, sigma, patch_size, search_size, _ = check_kernel(
+        "nl_means_fast", v, h=h, sigma=sigma, patch_size=patch_size, search_size=search_size, aggregation=aggregation)
     m = halo(patch_size, search_size, aggregation)
     padded = reflect_pad(v, [(0, 0)] + [(w, w) for w in m])
     inside = [(w, w + n) for w, n in zip(m, v.shape[1:])]

@@ -32,6 +32,7 @@ from __future__ import annotations
 from itertools import product
 
 from ..backend import array_namespace, reflect_pad
+from .checks import check_kernel
 
 __all__ = ["nl_means_naive", "patch_weights"]
 
@@ -76,7 +77,9 @@ def patch_weights(v, index, *, h, sigma, patch_size, search_size):
     w : array, shape search_size
         ``w[o + search_size // 2] = w(p, p + o)``, unnormalised.
     """
-    xp = array_namespace(v, names=["image"])
+    h, sigma, patch_size, search_size, index = check_kernel(
+        "patch_weights", v, h=h, sigma=sigma, patch_size=patch_size, search_size=search_size, index=index)
+    xp = array_namespace(v)
     rp = tuple(s // 2 for s in patch_size)
     rs = tuple(s // 2 for s in search_size)
     pad = [(0, 0)] + [(a + b, a + b) for a, b in zip(rp, rs)]
@@ -106,7 +109,9 @@ def nl_means_naive(v, *, h, sigma, patch_size, search_size, aggregation="pixel")
     -------
     u : array, shape (C, n_0, ..., n_{d-1}), same library, device and dtype as ``v``.
     """
-    xp = array_namespace(v, names=["image"])
+    h, sigma, patch_size, search_size, _ = check_kernel(
+        "nl_means_naive", v, h=h, sigma=sigma, patch_size=patch_size, search_size=search_size, aggregation=aggregation)
+    xp = array_namespace(v)
     shape = tuple(v.shape[1:])
     rp = tuple(s // 2 for s in patch_size)
     rs = tuple(s // 2 for s in search_size)

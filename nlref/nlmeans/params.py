@@ -9,7 +9,6 @@ and peak where a route has computed them its own way.
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 
 import numpy as np
@@ -17,6 +16,7 @@ import numpy as np
 from ..backend import dtype_name
 from . import presets
 from .fast import working_memory
+from .checks import AGGREGATIONS, positive, sizes
 from .noise import estimate_checked
 
 __all__ = ["WORKING_MEMORY_LIMIT", "AGGREGATIONS", "is_integer_dtype", "integer_range", "units_doubt", "sizes",
@@ -26,9 +26,6 @@ __all__ = ["WORKING_MEMORY_LIMIT", "AGGREGATIONS", "is_integer_dtype", "integer_
 #: The fast method refuses requests whose working memory (see
 #: :func:`nlref.nlmeans.fast.working_memory`) exceeds this many bytes.
 WORKING_MEMORY_LIMIT = 4 * 2**30
-
-AGGREGATIONS = ("pixel", "patch")
-
 
 def is_integer_dtype(xp, dtype):
     """Whether ``dtype`` (of namespace ``xp``) is an integer type."""
@@ -71,33 +68,6 @@ def units_doubt(name, value, image, xp, data_range, peak=None):
                 f"would leave the image almost unchanged. {name} is in the image's units: if it is in 0..1 units "
                 f"and the image in 0..255, pass {name}={value * 255:.4g}.")
     return None
-
-
-def sizes(name, value, spatial):
-    """An int or one int per spatial axis -> tuple of odd positive ints."""
-    d = len(spatial)
-    if isinstance(value, (bool,)) or not (isinstance(value, numbers.Integral) or isinstance(value, (tuple, list))):
-        raise TypeError(f"{name} must be an odd int or a tuple of {d} odd ints; got {value!r}")
-    widths = (value,) * d if isinstance(value, numbers.Integral) else tuple(value)
-    if len(widths) != d:
-        raise ValueError(f"{name}={value!r} must give one size per spatial axis ({d} for shape {spatial})")
-    for s in widths:
-        if isinstance(s, bool) or not isinstance(s, numbers.Integral):
-            raise TypeError(f"{name} must hold ints; got {value!r}")
-        if s < 1 or s % 2 == 0:
-            raise ValueError(f"{name}={value!r}: sizes are full odd widths (1, 3, 5, ...), got {s}")
-    return tuple(int(s) for s in widths)
-
-
-def positive(name, value, allow_zero):
-    """A finite real ``value`` >= 0 (or > 0), as float; else a TypeError/ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number; got {value!r}")
-    value = float(value)
-    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        allowed = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be finite and {allowed}; got {value}")
-    return value
 
 
 def default_data_range(xp, image, peak=None):
