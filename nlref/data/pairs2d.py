@@ -49,8 +49,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import backend as B
-from .sprites import (GLYPHS, RELATIONS, _check_channels, _check_int, _check_noise, _levels, _paired_kinds,
-                      _split_seeds, additive_ceiling)
+from .sprites import (GLYPHS, RELATIONS, _check_channels, _check_int, _check_noise, _check_target, _levels,
+                      _paired_kinds, _split_seeds, additive_ceiling)
 
 __all__ = ["PairImages", "pair_images", "pair_splits", "additive_ceiling", "position_aware_ceiling"]
 
@@ -109,7 +109,7 @@ def pair_images(n, *, seed=0, relation="brightness", size=24, margin=3, kinds=4,
     device : device, optional
         Target device (with ``xp``): a ``cupy.cuda.Device``, ``array_api_strict.Device(...)``; the library's
         default when omitted.
-    dtype : {"float32", "float64"}
+    dtype : {"float32", "float64"} or the dtype
 
     Returns
     -------
@@ -128,8 +128,7 @@ def pair_images(n, *, seed=0, relation="brightness", size=24, margin=3, kinds=4,
         raise ValueError(f"relation must be one of {RELATIONS}, got {relation!r}")
     channels = _check_channels(channels)
     noise = _check_noise(noise)
-    if not isinstance(dtype, str) or dtype not in ("float32", "float64"):
-        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+    dtype = _check_target(dtype, xp)
     rng = B.rng(seed)
 
     labels, kind = _paired_kinds(rng, n, kinds)

@@ -103,6 +103,20 @@ def _check_noise(noise):
     return float(noise)
 
 
+def _check_target(dtype, xp):
+    """The dtype's name ("float32" or "float64", given as a string or a dtype) after checking ``xp`` (a
+    string such as "numpy" raised AttributeError deep inside); else an error naming the argument."""
+    try:
+        name = B.dtype_name(dtype)
+    except TypeError:
+        name = None
+    if name not in ("float32", "float64"):
+        raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
+    if xp is not None:
+        B.library(xp)
+    return name
+
+
 def _split_seeds(seed):
     """Two independent generators from one seed (an int >= 0, a Generator or None), for a train and a
     validation set; a bad seed is an error naming ``seed``."""
@@ -178,12 +192,7 @@ def sprite_clips(n, *, seed=0, relation="brightness", frames=8, size=32, kinds=8
         raise ValueError(f"size // 2 must be at least 5 + duration - 1 = {_SPRITE + duration - 1} (a 5x5 sprite "
                          f"moving one pixel per frame stays in its quadrant), got size={size}, duration={duration}")
     noise = _check_noise(noise)
-    try:
-        name = B.dtype_name(dtype)
-    except TypeError:
-        name = None
-    if name not in ("float32", "float64"):
-        raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
+    name = _check_target(dtype, xp)
     rng = B.rng(seed)
 
     labels, kind = _paired_kinds(rng, n, kinds)

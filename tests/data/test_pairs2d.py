@@ -127,3 +127,14 @@ def test_seeds_and_channels_are_checked_in_nlrefs_words():
         pair_images(2, channels=3.0)
     a, b = pair_splits(2, 2, seed=np.random.default_rng(1)), pair_splits(2, 2, seed=np.random.default_rng(1))
     np.testing.assert_array_equal(a[1].image, b[1].image)
+
+
+def test_dtype_objects_and_a_bad_xp():
+    """``pair_images(dtype=np.float64)`` was refused where ``sprite_clips`` took it, and ``xp="numpy"`` raised
+    AttributeError in both, after the images were made."""
+    from nlref.data import sprite_clips
+
+    assert np.array_equal(pair_images(4, dtype=np.float64).image, pair_images(4, dtype="float64").image)
+    for make in (pair_images, sprite_clips):
+        with pytest.raises(TypeError, match="xp must be an array library module"):
+            make(4, xp="numpy")
