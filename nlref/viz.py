@@ -206,6 +206,21 @@ def weights_plot(image, positions, weight_maps, *, search_size, title=None):
     return fig
 
 
+class _WeightScale:
+    """One colour scale for attention maps: magma from 0 to the largest weight, or, where a weight is
+    negative (the dot product, the concatenation), a diverging map centred on 0 (on magma's 0..max the
+    negative weights were left clear). Keys under 2 % of the largest magnitude are left clear, so
+    that the image shows through."""
+
+    def __init__(self, maps):
+        self.signed = any(float(m.min()) < 0 for m in maps)
+        self.vmax = max(float(np.abs(m).max()) for m in maps) or 1.0
+        self.cmap, self.vmin = ("RdBu_r", -self.vmax) if self.signed else ("magma", 0.0)
+
+    def masked(self, m):
+        return np.ma.masked_where(np.abs(m) < 0.02 * self.vmax, m)
+
+
 def attention_plot(image, attention, queries, *, query_shape, key_shape, titles=None, title=None):
     """Where each query position attends: the image with the queries marked, then one map per query.
 
@@ -247,7 +262,7 @@ def attention_plot(image, attention, queries, *, query_shape, key_shape, titles=
     h, w = image.shape[:2]
     n = len(queries)
     rows = [a[r * qw + c].reshape(key_shape) for r, c in queries]
-    vmax = max(float(m.max()) for m in rows) or 1.0          # one scale for all queries
+    scale = _WeightScale(rows)                               # one scale for all queries
     fig, axes = plt.subplots(1, n + 1, figsize=(3.0 * (n + 1) + 0.8, 3.4), layout="constrained")
     axes[0].imshow(image, cmap="gray", vmin=0, vmax=1)
     axes[0].set_title("queries", fontsize=9)
@@ -257,14 +272,13 @@ def attention_plot(image, attention, queries, *, query_shape, key_shape, titles=
         colour = colours[i % len(colours)]
         axes[0].plot(x, y, "o", color=colour, ms=6)
         axes[i + 1].imshow(image, cmap="gray", vmin=0, vmax=1)
-        # keys with under 2 % of the largest weight are left clear, so the image shows through
-        shown = axes[i + 1].imshow(np.ma.masked_less(m, 0.02 * vmax), cmap="magma", vmin=0, vmax=vmax, alpha=0.8,
+        shown = axes[i + 1].imshow(scale.masked(m), cmap=scale.cmap, vmin=scale.vmin, vmax=scale.vmax, alpha=0.8,
                                    extent=(-0.5, w - 0.5, h - 0.5, -0.5), interpolation="nearest")
         axes[i + 1].plot(x, y, "o", color=colour, ms=5, mec="white")
         axes[i + 1].set_title(titles[i] if titles else f"query ({r}, {c})", fontsize=9)
     for ax in axes:
         ax.axis("off")
-    _colorbar(fig, shown, list(axes[1:]), "attention weight (one scale)")
+    _colorbar(fig, shown, list(axes[1:]), "attention weight (one scale" + (", 0 at the centre)" if scale.signed else ")"))
     fig.suptitle(title or "where each query attends: its attention weights over the keys", fontsize=10)
     return fig
 
@@ -451,7 +465,7 @@ def spacetime_attention_plot(clip, attention_row, query, *, key_shape, query_sha
     qt, qy, qx = point
     py, px = (qy + 0.5) * h / grid[1] - 0.5, (qx + 0.5) * w / grid[2] - 0.5   # the query's centre in pixels
     maps = a.reshape(key_shape)
-    vmax = float(maps.max()) if maps.max() > 0 else 1.0        # one scale for all frames
+    scale = _WeightScale([maps])                               # one scale for all frames
     fig, axes = plt.subplots(2, t_len, figsize=(size * t_len + 0.9, 2 * size * 1.15 + (0.3 if title else 0)),
                              squeeze=False, layout="constrained")
     extent = (-0.5, w - 0.5, h - 0.5, -0.5)
@@ -464,15 +478,14 @@ def spacetime_attention_plot(clip, attention_row, query, *, key_shape, query_sha
         if t == qt:
             top.plot(px, py, "o", ms=7, mfc="none", mec="tab:red", mew=2)
         bottom.imshow(frame, cmap="gray", norm=_frame_norm(), interpolation="nearest")
-        # keys with under 2 % of the largest weight are left clear, so that the frame shows through
-        shown = bottom.imshow(np.ma.masked_less(maps[key_t], 0.02 * vmax), cmap="magma", vmin=0, vmax=vmax,
+        shown = bottom.imshow(scale.masked(maps[key_t]), cmap=scale.cmap, vmin=scale.vmin, vmax=scale.vmax,
                               alpha=0.8, extent=extent, interpolation="nearest")
         mass = float(maps[key_t].sum()) * key_shape[0] / t_len
         bottom.set_title(f"mass {mass:.2f}", fontsize=8)
         for ax in (top, bottom):
             ax.axis("off")
     _colorbar(fig, bright, list(axes[0]), "brightness (sqrt scale)")
-    _colorbar(fig, shown, list(axes[1]), "attention weight")
+    _colorbar(fig, shown, list(axes[1]), "attention weight" + (" (0 at the centre)" if scale.signed else ""))
     fig.suptitle(title or f"where query (t, y, x) = {(qt, qy, qx)} attends across the frames", fontsize=10)
     return fig
 

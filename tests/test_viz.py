@@ -276,3 +276,25 @@ def test_image_grid_warns_when_a_0_255_image_would_be_drawn_white():
         nlref.viz.image_grid([u8])
     nlref.viz.image_grid([u8], limits=[(0, 255)])   # the caller said how: no warning
     plt.close("all")
+
+
+def test_negative_weights_are_drawn_on_a_scale_centred_on_zero():
+    """The dot product and the concatenation give negative weights; on magma's 0..max scale they were
+    left clear (masked as "under 2 %"), so a key weighted -1 looked like one weighted 0."""
+    import matplotlib.pyplot as plt
+
+    img = nlref.data.camera()[:32, :32]
+    a = np.zeros((16, 4))
+    a[5, 2], a[5, 3] = -1.0, 0.5
+    fig = nlref.viz.attention_plot(img, a, [(1, 1)], query_shape=(4, 4), key_shape=(2, 2))
+    shown = fig.axes[1].images[1]
+    assert shown.norm.vmin == -1.0 and shown.norm.vmax == 1.0
+    np.testing.assert_array_equal(np.ma.getmaskarray(shown.get_array()), [[1, 1], [0, 0]])
+    assert "0 at the centre" in fig.axes[2].get_ylabel()
+    clip = np.random.default_rng(0).random((1, 4, 8, 8))
+    row = np.zeros(2 * 2 * 2)
+    row[1] = -0.25
+    fig = nlref.viz.spacetime_attention_plot(clip, row, (0, 3, 3), key_shape=(2, 2, 2))
+    norms = {(im.norm.vmin, im.norm.vmax) for ax in fig.axes for im in ax.images if im.get_cmap().name == "RdBu_r"}
+    assert norms == {(-0.25, 0.25)}
+    plt.close("all")
