@@ -35,10 +35,15 @@ def _open_chunked(path):
     from nlref.nlmeans.store import Opener, as_source
 
     if path.is_dir():
-        return Opener.zarr(path)
+        return _open_zarr(path)
     suffix = path.suffix.lower()
     if suffix in (".tif", ".tiff"):
-        return Opener.tiff(path)
+        import tifffile
+
+        try:
+            return Opener.tiff(path)
+        except (tifffile.TiffFileError, ValueError, IndexError, OSError) as err:  # not a TIFF, or damaged
+            raise CommandError(f"IMAGE {str(path)!r}: not a TIFF file a chunked run can read ({err})") from None
     if suffix == ".npy":  # a memory map of the file: each task reads its chunk, never the whole
         try:
             mapped = np.load(path, mmap_mode="r")
@@ -50,15 +55,38 @@ def _open_chunked(path):
             import h5py
         except ImportError as err:
             raise CommandError(f"IMAGE {str(path)!r}: reading HDF5 needs h5py: pip install h5py ({err})") from None
-        with h5py.File(path, "r") as f:
-            names = []
-            f.visititems(lambda name, item: names.append(name) if isinstance(item, h5py.Dataset) else None)
+        try:
+            with h5py.File(path, "r") as f:
+                names = []
+                f.visititems(lambda name, item: names.append(name) if isinstance(item, h5py.Dataset) else None)
+        except OSError as err:  # not an HDF5 file, or a damaged one
+            raise CommandError(f"IMAGE {str(path)!r}: not an HDF5 file a chunked run can read ({err})") from None
         if len(names) != 1:
             raise CommandError(f"IMAGE {str(path)!r}: a chunked run reads an HDF5 file holding one dataset; this one "
                                f"holds {len(names)} ({', '.join(names[:5])})")
         return Opener.hdf5(path, names[0])
     raise CommandError(f"IMAGE {str(path)!r}: a chunked run reads a Zarr store (a folder), a TIFF stack (.tif, .tiff), "
                        f"an HDF5 file (.h5, .hdf5) or a NumPy file (.npy)")
+
+
+def _open_zarr(path):
+    """An opener of the Zarr array in the folder ``path``: the store's array, or the one array of a group."""
+    import zarr
+
+    from nlref.nlmeans.store import Opener
+
+    try:
+        node = zarr.open(str(path), mode="r")
+    except (ValueError, OSError) as err:  # no zarr.json / .zarray / .zgroup there, or a damaged one
+        raise CommandError(f"IMAGE {str(path)!r}: a folder that is not a Zarr store a chunked run can read "
+                           f"({err})") from None
+    if isinstance(node, zarr.Array):
+        return Opener.zarr(path)
+    names = sorted(name for name, item in node.members(max_depth=None) if isinstance(item, zarr.Array))
+    if len(names) != 1:  # as for an HDF5 file: which array is meant is not ours to guess
+        raise CommandError(f"IMAGE {str(path)!r}: a chunked run reads a Zarr group holding one array; this one holds "
+                           f"{len(names)} ({', '.join(names[:5])})")
+    return Opener.zarr(path, key=names[0])
 
 
 def _running(names, dask_worker=None):
@@ -108,7 +136,7 @@ def run_denoise_chunked(args):
     import uuid
     from concurrent.futures import ThreadPoolExecutor
 
-    from nlref.nlmeans.store import close_opened, denoise_store, resolve_parameters_store
+    from nlref.nlmeans.store import check_chunk_memory, close_opened, denoise_store, resolve_parameters_store
 
     if args.image is None:
         raise CommandError("a chunked run (--chunks, or a .zarr input or output) needs IMAGE: a Zarr store, TIFF "
@@ -122,6 +150,13 @@ def run_denoise_chunked(args):
     refuse_existing(Path(args.out), args.overwrite)
     if out.exists() and out.samefile(source):
         raise CommandError(f"--out {args.out!r} is IMAGE itself: it would overwrite the input; choose another name")
+    real_source, real_out = source.resolve(), out.resolve()
+    if real_out in real_source.parents:  # --overwrite would remove the folder, and the input with it
+        raise CommandError(f"--out {args.out!r} holds IMAGE {args.image!r}: replacing it would delete the input; "
+                           "choose another name")
+    if real_source in real_out.parents:
+        raise CommandError(f"--out {args.out!r} lies inside IMAGE {args.image!r}: it would change the input store; "
+                           "choose a name outside it")
     if out.exists() and not (out.is_dir() and _is_zarr(out)):
         raise CommandError(f"--out {args.out!r} exists and is not a Zarr store; it is never replaced")
     if not out.parent.exists():
@@ -137,17 +172,29 @@ def run_denoise_chunked(args):
     if args.scheduler is not None:
         from distributed import Client
 
+        default = dask.config.get("scheduler", None)
         try:
-            client = Client(args.scheduler)
-        except ValueError as err:  # not an address (the timeout of an unreachable one is an OSError, named below)
+            try:
+                client = Client(args.scheduler)
+            except (ValueError, OSError):
+                # a client that failed to start has already made itself the default scheduler: this process's
+                # next dask.compute would ask for it ("no Client active")
+                dask.config.set(scheduler=default)
+                raise
+        except ValueError as err:  # not an address
             raise CommandError(f"--scheduler {args.scheduler!r}: not a scheduler address such as "
                                f"tcp://HOST:8786 ({err})") from None
+        except OSError as err:  # nothing answers there (a timeout), or the connection was refused
+            raise CommandError(f"--scheduler {args.scheduler!r}: no scheduler could be reached there ({err}); "
+                               "start one with `dask scheduler`, or leave --scheduler out to run on the local "
+                               "threads") from None
     partial = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     pool, future, graph_keys = None, None, ()
     try:
         kwargs = dict(chunks=chunks, channel_axis=channel_axis, aggregation=args.aggregation)
         t0 = time.perf_counter()
         try:
+            check_chunk_memory(image, patch_size=args.patch_size, search_size=args.search_size, **kwargs)
             params = _warned(lambda: resolve_parameters_store(image, sigma=args.sigma, h=args.h,
                                                               patch_size=args.patch_size,
                                                               search_size=args.search_size, **kwargs), set())

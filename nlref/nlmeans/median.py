@@ -30,7 +30,7 @@ import numpy as np
 from ..backend import array_namespace, device, to_numpy
 from .checks import NOT_FINITE
 from .noise import check_filtered, sigma_from_median
-from .params import check_arguments, needs_noise, resolve
+from .params import check_arguments, check_h, check_patch_fits, needs_noise, resolve
 
 __all__ = ["HISTOGRAM_BINS", "GATHER_LIMIT", "bin_edges", "histogram_block", "in_bin_samples", "select",
            "sigma_from_filtered", "resolve_lazy"]
@@ -187,7 +187,9 @@ def resolve_lazy(image, filtered, spatial, *, sigma, h, patch_size, search_size,
                  data_range):
     """The parameters of the lazy (Dask) array ``image``; ``filtered()`` gives its second differences (lazy).
 
-    The arguments are checked first (no pass over the data for a bad one).
+    The arguments are checked first, with what the shape and dtype decide
+    (a patch wider than the image, an ``h`` the working dtype cannot carry):
+    no pass over the data for a bad one.
     Then one pass checks that every value is finite and, in the same pass,
     reads what the parameter rules need: the largest magnitude of a float
     image (its default ``data_range``) unless ``data_range`` is given, and,
@@ -197,8 +199,16 @@ def resolve_lazy(image, filtered, spatial, *, sigma, h, patch_size, search_size,
     """
     import dask
 
-    check_arguments(spatial, sigma=sigma, h=h, patch_size=patch_size, search_size=search_size,
-                    aggregation=aggregation, data_range=data_range)
+    args = check_arguments(spatial, sigma=sigma, h=h, patch_size=patch_size, search_size=search_size,
+                           aggregation=aggregation, data_range=data_range)
+    # what the shape, the dtype and the arguments alone decide, before any pass over the data
+    patch = args["patch_size"]
+    if patch is not None:
+        check_patch_fits(patch, spatial, image.shape)
+    if args["h"] is not None:  # a sigma left out is 0 once h is given (an estimate only picks a preset's size)
+        channels = 1 if channel_axis is None else image.shape[channel_axis]
+        check_h(image.dtype, h=args["h"], sigma=args["sigma"] or 0.0,
+                values_per_patch=None if patch is None else channels * math.prod(patch))
     is_float = np.dtype(image.dtype).kind == "f"
     need_noise = needs_noise(sigma, h, patch_size, search_size)
     # the presets' scale and the units check read it, and params.check_computable (in the same pass)

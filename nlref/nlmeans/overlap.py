@@ -21,7 +21,7 @@ from .chunk import denoise_with_halo
 from .fast import halo
 from .median import resolve_lazy, sigma_from_filtered
 from .noise import filter_dtype, second_difference
-from .params import check_working_memory, run_parameters
+from .params import check_arguments, check_working_memory, run_parameters
 
 __all__ = ["nl_means_dask", "resolve_parameters_dask", "estimate_sigma_dask", "chunks_for_halo", "filtered_dask"]
 
@@ -148,6 +148,18 @@ def chunks_for_halo(chunks, depth):
     return tuple(merged)
 
 
+def _work_chunks(image, channel_axis, depth):
+    """The chunks the denoising runs on: every one at least as large as the halo ``depth`` (one per spatial
+    axis), and the channels in one chunk (patch distances sum over them)."""
+    axes = [i for i in range(image.ndim) if i != channel_axis]
+    work_chunks = list(image.chunks)
+    for a, m in zip(axes, depth):
+        work_chunks[a] = chunks_for_halo(image.chunks[a], m)
+    if channel_axis is not None:
+        work_chunks[channel_axis] = (image.shape[channel_axis],)
+    return tuple(work_chunks)
+
+
 def _denoise_block(block, *, block_info=None, channel_axis, halo_width, params, workers):
     """One chunk with the halo Dask gave it -> its denoised centre (map_overlap's function).
 
@@ -205,24 +217,24 @@ def nl_means_dask(image, *, sigma=None, h=None, patch_size=None, search_size=Non
                          f"got {method!r}")
     workers = check_workers(workers)
     channel_axis, spatial = check_lazy(image, channel_axis)
+    if patch_size is not None and search_size is not None:  # the chunks' memory, known before any pass
+        sizes = check_arguments(spatial, sigma=sigma, h=h, patch_size=patch_size, search_size=search_size,
+                                aggregation=aggregation, data_range=data_range)
+        check_working_memory(_work_chunks(image, channel_axis, halo(sizes["patch_size"], sizes["search_size"],
+                                                                    aggregation)),
+                             channel_axis, sizes, aggregation, np.dtype(image.dtype), workers)
     p = resolve_parameters_dask(image, sigma=sigma, h=h, patch_size=patch_size, search_size=search_size,
                                 channel_axis=channel_axis, aggregation=aggregation, data_range=data_range)
     params = run_parameters(p, aggregation)
     depth = halo(p["patch_size"], p["search_size"], aggregation)
-
-    # every chunk at least as large as the halo; the channels in one chunk (distances sum over them)
-    axes = [i for i in range(image.ndim) if i != channel_axis]
-    work_chunks = list(image.chunks)
-    for a, m in zip(axes, depth):
-        work_chunks[a] = chunks_for_halo(image.chunks[a], m)
-    if channel_axis is not None:
-        work_chunks[channel_axis] = (image.shape[channel_axis],)
-    x = image.rechunk(tuple(work_chunks), method="tasks") if tuple(work_chunks) != image.chunks else image
+    work_chunks = _work_chunks(image, channel_axis, depth)
+    x = image.rechunk(work_chunks, method="tasks") if work_chunks != image.chunks else image
 
     check_working_memory(x.chunks, channel_axis, p, aggregation, np.dtype(image.dtype), workers)
 
     # an axis in one chunk takes nothing from Dask (its halo is all reflection, made in the task);
     # map_overlap refuses a depth larger than an axis
+    axes = [i for i in range(image.ndim) if i != channel_axis]
     overlap = {a: (m if len(x.chunks[a]) > 1 else 0) for a, m in zip(axes, depth)}
     if channel_axis is not None:
         overlap[channel_axis] = 0

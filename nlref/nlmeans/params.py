@@ -21,11 +21,12 @@ from .noise import estimate_checked
 
 __all__ = ["WORKING_MEMORY_LIMIT", "AGGREGATIONS", "is_integer_dtype", "integer_range", "units_doubt", "sizes",
            "positive", "default_data_range", "check_arguments", "needs_noise", "resolve", "to_working",
-           "from_working", "check_working_memory"]
+           "from_working", "check_working_memory", "check_h", "check_patch_fits"]
 
 #: The fast method refuses requests whose working memory (see
 #: :func:`nlref.nlmeans.fast.working_memory`) exceeds this many bytes.
 WORKING_MEMORY_LIMIT = 4 * 2**30
+
 
 def is_integer_dtype(xp, dtype):
     """Whether ``dtype`` (of namespace ``xp``) is an integer type."""
@@ -155,12 +156,7 @@ def resolve(xp, image, spatial, *, sigma, h, patch_size, search_size, channel_ax
                 "cannot choose h: the noise level is 0 (a constant or noise-free image); pass h explicitly"
             )
 
-    for axis, (p, n) in enumerate(zip(patch_size, spatial)):
-        if p > n:
-            raise ValueError(
-                f"patch_size={patch_size} is larger than the image along spatial axis {axis} "
-                f"({p} > {n} samples, image shape {tuple(image.shape)})"
-            )
+    check_patch_fits(patch_size, spatial, image.shape)
     channels = 1 if channel_axis is None else image.shape[channel_axis]
     check_computable(xp, image, channels * math.prod(patch_size), h=h, sigma=sigma, peak=peak)
     return {
@@ -173,9 +169,39 @@ def resolve(xp, image, spatial, *, sigma, h, patch_size, search_size, channel_ax
     }
 
 
+def check_patch_fits(patch_size, spatial, shape):
+    """Refuse a patch (a tuple, one width per spatial axis) wider than the image along any axis."""
+    for axis, (p, n) in enumerate(zip(patch_size, spatial)):
+        if p > n:
+            raise ValueError(
+                f"patch_size={patch_size} is larger than the image along spatial axis {axis} "
+                f"({p} > {n} samples, image shape {tuple(shape)})"
+            )
+
+
 def working_dtype(dtype):
     """The floating-point dtype NL-means computes in (see :func:`to_working`): float64 for float64, else float32."""
     return np.float64 if dtype_name(dtype) == "float64" else np.float32
+
+
+def check_h(dtype, *, h, sigma, values_per_patch=None):
+    """The part of :func:`check_computable` that reads no image value: ``h`` and ``sigma`` against the working dtype.
+
+    ``values_per_patch`` None (the patch still to come from a preset) skips the
+    ``1 / (C P h^2)`` bound, which a wider patch relaxes. The chunked routes call
+    it before their passes over the data, the in-memory route through
+    :func:`check_computable`.
+    """
+    work = working_dtype(dtype)
+    big = float(np.finfo(work).max)
+    hh = h * h
+    what = f"{np.dtype(work).name} (NL-means computes in it for {dtype_name(dtype)} images)"
+    if not hh <= big:
+        raise ValueError(f"h={h:g} is too large: h^2 overflows {what}; rescale the image (and h) to smaller units")
+    if (hh == 0 or (values_per_patch is not None and 1.0 / (values_per_patch * hh) > big)
+            or 2.0 * sigma * sigma / hh > big):
+        raise ValueError(f"h={h:g} is too small for sigma={sigma:g}: 1 / h^2 or 2 sigma^2 / h^2 overflows {what}; "
+                         "rescale the image (and h, sigma) to larger units, or pass a float64 image")
 
 
 def check_computable(xp, image, values_per_patch, *, h, sigma, peak=None):
@@ -189,15 +215,10 @@ def check_computable(xp, image, values_per_patch, *, h, sigma, peak=None):
     has read it (:func:`resolve` does for float images); else the integer dtype's bound, or a
     read of the image's extremes for the integer types whose bound is too wide to tell.
     """
+    check_h(image.dtype, h=h, sigma=sigma, values_per_patch=values_per_patch)
     work = working_dtype(image.dtype)
     big = float(np.finfo(work).max)
-    hh = h * h
     what = f"{np.dtype(work).name} (NL-means computes in it for {dtype_name(image.dtype)} images)"
-    if not hh <= big:
-        raise ValueError(f"h={h:g} is too large: h^2 overflows {what}; rescale the image (and h) to smaller units")
-    if hh == 0 or 1.0 / (values_per_patch * hh) > big or 2.0 * sigma * sigma / hh > big:
-        raise ValueError(f"h={h:g} is too small for sigma={sigma:g}: 1 / h^2 or 2 sigma^2 / h^2 overflows {what}; "
-                         "rescale the image (and h, sigma) to larger units, or pass a float64 image")
     if peak is None:
         if is_integer_dtype(xp, image.dtype):
             peak = max(abs(bound) for bound in integer_range(image.dtype))

@@ -37,10 +37,10 @@ from .chunk import denoise_with_halo
 from .fast import halo
 from .median import resolve_lazy
 from .noise import filter_dtype, second_difference
-from .params import check_working_memory, run_parameters
+from .params import check_arguments, check_working_memory, run_parameters
 
 __all__ = ["Opener", "as_source", "nl_means_store", "resolve_parameters_store", "denoise_store", "close_opened",
-           "read_block"]
+           "read_block", "check_chunk_memory"]
 
 KINDS = ("zarr", "tiff", "hdf5", "memmap")
 
@@ -393,6 +393,22 @@ def denoise_store(source, params, *, chunks=None, channel_axis=None, aggregation
                   depth=tuple(depth), channel_axis=channel_axis, params=run, workers=workers)
 
 
+def check_chunk_memory(source, *, chunks=None, patch_size=None, search_size=None, channel_axis=None,
+                       aggregation="pixel", workers=None):
+    """Refuse chunks whose offset loop would not fit in memory, before any pass over the data.
+
+    Only where both sizes are given (a preset's sizes wait for the noise
+    estimate); :func:`denoise_store` checks again with the resolved ones.
+    """
+    workers = check_workers(workers)
+    if patch_size is None or search_size is None:
+        return
+    source, channel_axis, spatial, grid = _prepare(source, chunks, channel_axis)
+    sizes = check_arguments(spatial, sigma=None, h=None, patch_size=patch_size, search_size=search_size,
+                            aggregation=aggregation, data_range=None)
+    check_working_memory(grid, channel_axis, sizes, aggregation, np.dtype(source.dtype), workers)
+
+
 def nl_means_store(source: Any, *, chunks: int | Sequence[int] | None = None, sigma: float | None = None,
                    h: float | None = None, patch_size: Size | None = None, search_size: Size | None = None,
                    channel_axis: int | None = None, aggregation: str = "pixel", data_range: float | None = None,
@@ -433,7 +449,8 @@ def nl_means_store(source: Any, *, chunks: int | Sequence[int] | None = None, si
         Lazy, NumPy-backed: the source's shape and dtype, the given chunks.
         Write it with ``dask.array.to_zarr`` or ``dask.array.store``.
     """
-    check_workers(workers)
+    check_chunk_memory(source, chunks=chunks, patch_size=patch_size, search_size=search_size,
+                       channel_axis=channel_axis, aggregation=aggregation, workers=workers)
     p = resolve_parameters_store(source, chunks=chunks, sigma=sigma, h=h, patch_size=patch_size,
                                  search_size=search_size, channel_axis=channel_axis, aggregation=aggregation,
                                  data_range=data_range)

@@ -234,3 +234,89 @@ def test_unreadable_npy_and_bad_scheduler_are_the_users_mistakes(tmp_path, capsy
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err and "internal error" not in err
     assert [p.name for p in tmp_path.iterdir()] == ["in.npy"]
+
+
+def test_cli_reads_the_one_array_of_a_zarr_group(tmp_path, capsys, synchronous):
+    """A Zarr group holding one array (here in a subgroup) is read as that array, as an HDF5 file's one dataset
+    is; it raised NodeTypeValidationError, reported as an internal error."""
+    zarr = pytest.importorskip("zarr")
+    volume = _volume((6, 20, 18))
+    group = zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
+    group.create_group("raw").create_array("volume", shape=volume.shape, chunks=(3, 10, 9), dtype=volume.dtype)[...] = volume
+    assert main(["denoise", str(tmp_path / "g.zarr"), "--sigma", "10", "--out", str(tmp_path / "o.zarr"),
+                 "--no-progress"]) == 0
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "o.zarr"), mode="r")[...],
+                                  nlref.nl_means(volume, sigma=10))
+    capsys.readouterr()
+
+
+def _zarr_group_of_two(p):
+    zarr = pytest.importorskip("zarr")
+    group = zarr.open_group(str(p), mode="w")
+    for name in ("a", "b"):
+        group.create_array(name, shape=(4, 16, 16), dtype="uint8")
+
+
+@pytest.mark.parametrize("name, make, message", [
+    ("g.zarr", _zarr_group_of_two, "a chunked run reads a Zarr group holding one array; this one holds 2 (a, b)"),
+    ("folder.zarr", lambda p: p.mkdir(), "a folder that is not a Zarr store a chunked run can read"),
+    ("in.tif", lambda p: p.write_bytes(b"not a tiff at all"), "not a TIFF file a chunked run can read"),
+    ("in.h5", lambda p: p.write_bytes(b"not an hdf5 file"), "not an HDF5 file a chunked run can read"),
+])
+def test_cli_unreadable_chunked_inputs_are_named(tmp_path, capsys, name, make, message):
+    """Each was an "internal error ... a bug in nlref" (a Zarr group, a damaged TIFF) or an error line that did not
+    say which file or what was wrong with it (a folder that is no Zarr store, a damaged HDF5 file)."""
+    pytest.importorskip("zarr")
+    if name.endswith(".h5"):
+        pytest.importorskip("h5py")
+    make(tmp_path / name)
+    assert main(["denoise", str(tmp_path / name), "--sigma", "10", "--out", str(tmp_path / "o.zarr")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and f"IMAGE {str(tmp_path / name)!r}" in err
+    assert "internal error" not in err and not (tmp_path / "o.zarr").exists()
+
+
+def test_cli_unreachable_scheduler_names_the_flag(tmp_path, capsys):
+    """Nothing listening at --scheduler: the connection's timeout said neither which flag nor what to do."""
+    dask = pytest.importorskip("dask")
+    pytest.importorskip("distributed")
+    source = _zarr_input(tmp_path, _volume((4, 16, 16)))
+    with dask.config.set({"distributed.comm.timeouts.connect": "0.5s"}):
+        assert main(["denoise", source, "--sigma", "10", "--out", str(tmp_path / "o.zarr"),
+                     "--scheduler", "tcp://127.0.0.1:1"]) == 2
+    err = capsys.readouterr().err
+    assert "--scheduler 'tcp://127.0.0.1:1': no scheduler could be reached there" in err and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.zarr"]
+
+
+@pytest.mark.parametrize("scheduler", ["notanaddress", "tcp://127.0.0.1:1"])
+def test_cli_bad_scheduler_leaves_this_process_on_its_own_scheduler(tmp_path, capsys, scheduler):
+    """The client that failed to start had made itself Dask's default: the caller's next compute (main() called
+    from a notebook, the next test) asked for a distributed client that was gone ("no Client active")."""
+    dask = pytest.importorskip("dask")
+    pytest.importorskip("distributed")
+    source = _zarr_input(tmp_path, _volume((4, 16, 16)))
+    with dask.config.set({"distributed.comm.timeouts.connect": "0.5s"}):
+        assert main(["denoise", source, "--sigma", "10", "--out", str(tmp_path / "o.zarr"),
+                     "--scheduler", scheduler]) == 2
+    capsys.readouterr()
+    assert dask.config.get("scheduler", None) is None
+
+
+def test_cli_never_replaces_a_folder_holding_the_input(tmp_path, capsys):
+    """IMAGE inside --out: with --overwrite the old --out was removed after the run, and the input with it (the
+    group's other arrays too). --out inside IMAGE wrote the result into the input store."""
+    zarr = pytest.importorskip("zarr")
+    volume = _volume((4, 16, 16))
+    group = zarr.open_group(str(tmp_path / "data.zarr"), mode="w")
+    group.create_array("raw", shape=volume.shape, dtype=volume.dtype)[...] = volume
+    group.create_array("labels", shape=volume.shape, dtype=volume.dtype)[...] = 1
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    assert main(["denoise", str(tmp_path / "data.zarr" / "raw"), "--sigma", "10", "--out",
+                 str(tmp_path / "data.zarr"), "--overwrite"]) == 2
+    assert "holds IMAGE" in capsys.readouterr().err
+    assert main(["denoise", str(tmp_path / "data.zarr" / "raw"), "--sigma", "10", "--out",
+                 str(tmp_path / "data.zarr" / "raw" / "clean.zarr")]) == 2
+    assert "lies inside IMAGE" in capsys.readouterr().err
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "data.zarr"), path="raw", mode="r")[...], volume)

@@ -7,6 +7,7 @@ and result, bit for bit, for every dtype and shape the in-memory call takes.
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import numpy as np
@@ -237,3 +238,60 @@ def test_no_units_warning_on_an_estimated_sigma(route, synchronous):
             store.resolve_parameters_store(image, chunks=10, sigma=params["sigma"])
         else:
             nlref.resolve_parameters(image, sigma=params["sigma"])
+
+
+# ---- what the arguments, the shape and the dtype decide is refused before any pass over the data ----
+
+
+def _lazy_routes(image):
+    """Each chunked entry point, as a function of its keyword arguments."""
+    return {"map_overlap": lambda **kw: nlref.nl_means(da.from_array(image, chunks=8), **kw),
+            "resolve": lambda **kw: nlref.resolve_parameters(da.from_array(image, chunks=8), **kw),
+            "store": lambda **kw: store.nl_means_store(image, chunks=8, **kw)}
+
+
+@pytest.mark.parametrize("route", ["map_overlap", "resolve", "store"])
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(patch_size=41), "is larger than the image along spatial axis 0"),
+    (dict(patch_size=(3, 41), search_size=5, sigma=0.1), "is larger than the image along spatial axis 1"),
+    (dict(h=1e300), "h=1e+300 is too large"),
+    (dict(h=1e-30, sigma=0.1, patch_size=3), "h=1e-30 is too small for sigma=0.1"),
+])
+def test_shape_and_dtype_errors_come_before_any_pass(route, kwargs, message, synchronous):
+    """A patch wider than the image, or an h float32 cannot carry, needs no read of the data: the Dask and store
+    routes made one to three full passes (the noise estimate's) before refusing them."""
+    from dask.callbacks import Callback
+
+    image = _noisy((20, 30)).astype(np.float32)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        nlref.nl_means(image, **kwargs)  # the in-memory call refuses the same
+    passes = []
+
+    class Passes(Callback):
+        def _start(self, dsk):
+            passes.append(len(dsk))
+
+    with Passes(), pytest.raises(ValueError, match=re.escape(message)):
+        _lazy_routes(image)[route](**kwargs)
+    assert passes == []
+
+
+@pytest.mark.parametrize("route", ["map_overlap", "store"])
+def test_chunks_too_large_for_memory_are_refused_before_any_pass(route, monkeypatch, synchronous):
+    """With both sizes given, the memory one chunk needs is known before the data is read: it was checked after
+    the finiteness pass and the noise estimate (three full reads of a volume whose chunks could not run)."""
+    from dask.callbacks import Callback
+
+    from nlref.nlmeans import params
+
+    monkeypatch.setattr(params, "WORKING_MEMORY_LIMIT", 10_000)
+    image = _noisy((20, 30)).astype(np.float32)
+    passes = []
+
+    class Passes(Callback):
+        def _start(self, dsk):
+            passes.append(len(dsk))
+
+    with Passes(), pytest.raises(ValueError, match="working memory"):
+        _lazy_routes(image)[route](patch_size=3, search_size=5)
+    assert passes == []
