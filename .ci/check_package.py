@@ -171,7 +171,16 @@ def main() -> int:
             for f in ("nlref/py.typed", "nlref/__init__.py", "nlref/nn/block.py"):
                 if f not in names:
                     fail(f"the wheel lacks {f}")
-        say("wheel: LICENSE, License-File, version, py.typed present")
+            # nlref course reads the installed notebooks (nlref.course.default_notebooks); nothing else is data
+            notebooks = {f"nlref-{version}.data/data/share/nlref/notebooks/{Path(f).name}"
+                         for f in files if f.startswith("notebooks/") and f.endswith(".ipynb")}
+            if not notebooks or notebooks - names:
+                fail(f"the wheel lacks the notebooks {sorted(notebooks - names)}")
+            strays = sorted(n for n in names if not n.startswith(("nlref/", f"nlref-{version}.dist-info/"))
+                            and n not in notebooks)
+            if strays:
+                fail(f"the wheel carries files that are neither the package nor its notebooks: {strays}")
+        say("wheel: LICENSE, License-File, version, py.typed and the notebooks present, nothing else")
 
         with tarfile.open(sdist) as t:
             prefix = f"nlref-{version}/"

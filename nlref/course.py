@@ -163,11 +163,32 @@ def teacher_display(nb):
 
 
 def default_notebooks() -> Path:
-    """``notebooks/`` of the current folder if it holds notebooks, else the one beside the package."""
+    """``notebooks/`` of the current folder if it holds notebooks, else the one beside the package (a clone),
+    else the notebooks installed with nlref (``share/nlref/notebooks`` of the environment)."""
     here = Path("notebooks")
     if here.is_dir() and any(here.glob("*.ipynb")):
         return here
-    return Path(__file__).resolve().parent.parent / "notebooks"
+    beside = Path(__file__).resolve().parent.parent / "notebooks"
+    if beside.is_dir() and any(beside.glob("*.ipynb")):
+        return beside
+    return _installed_notebooks() or beside
+
+
+def _installed_notebooks():
+    """The folder of the notebooks an installed nlref carries (from the record of its files), or None."""
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution("nlref")
+        files = dist.files or []
+    except metadata.PackageNotFoundError:
+        return None
+    for file in files:
+        if file.suffix == ".ipynb" and file.parent.parts[-3:] == ("share", "nlref", "notebooks"):
+            folder = Path(dist.locate_file(file)).resolve().parent
+            if folder.is_dir():
+                return folder
+    return None
 
 
 def check_destination(dest, source):
@@ -249,7 +270,8 @@ def add_parser(sub, formatter_class):
     course.add_argument("--student", required=True, metavar="DIR",
                         help="folder to write the student edition into (required, no default; it must not exist, unless --overwrite)")
     course.add_argument("--notebooks", metavar="DIR",
-                        help="the teacher edition (default: ./notebooks, else the notebooks of this nlref's checkout)")
+                        help="the teacher edition (default: ./notebooks, else the notebooks of this nlref's checkout, "
+                             "else those installed with it)")
     course.add_argument("--overwrite", action="store_true",
                         help="replace an existing DIR (default: off)")
     return course

@@ -51,7 +51,7 @@ from .nn.models import EXTENTS, MODELS, STAGES, ImageResNet, VideoNet, VideoTran
 from .nn.nonlocal_op import MODES
 from .nn.optim import SGD, Adam, StepSchedule
 
-__all__ = ["TrainConfig", "train", "load_checkpoint", "evaluate", "CheckpointError"]
+__all__ = ["TrainConfig", "train", "load_checkpoint", "evaluate", "CheckpointError", "OutDirError"]
 
 CHECKPOINT = "checkpoint.npz"
 RUN_FILES = (CHECKPOINT, "metrics.json", "metrics.csv")
@@ -227,8 +227,13 @@ class TrainConfig:
         return self
 
     def as_dict(self):
-        d = dataclasses.asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+        """The fields as plain JSON values: tuples as lists, NumPy scalars (``np.int64(3)``) as Python numbers."""
+        def plain(value):
+            if isinstance(value, (tuple, list)):
+                return [plain(v) for v in value]
+            return value.item() if isinstance(value, np.generic) else value
+
+        return {k: plain(v) for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
     def from_dict(cls, d):
@@ -380,6 +385,27 @@ def save_checkpoint(path, *, config, model, optimiser, epoch, history):
 _META_KEYS = ("format", "config", "epoch", "optim_steps", "history", "sha256")  # what save_checkpoint writes
 
 
+def _meta_problem(meta):
+    """What is wrong with a checkpoint's metadata (the types save_checkpoint writes), or None."""
+    def count(value):
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    config = meta["config"]
+    if not isinstance(config, dict):
+        return f"its configuration is a {type(config).__name__}, not a mapping of TrainConfig's fields"
+    unknown = sorted(map(str, set(config) - {f.name for f in dataclasses.fields(TrainConfig)}))
+    if unknown:
+        return f"its configuration has fields this nlref does not know ({', '.join(unknown)})"
+    if not count(meta["epoch"]) or not count(meta["optim_steps"]):
+        return (f"its epoch ({meta['epoch']!r}) and optimiser step count ({meta['optim_steps']!r}) must be "
+                "integers >= 0")
+    history = meta["history"]
+    if not (isinstance(history, list) and len(history) == meta["epoch"]
+            and all(isinstance(row, dict) for row in history)):
+        return f"its history must be one row per epoch done ({meta['epoch']}), got {history!r:.80}"
+    return None
+
+
 def load_checkpoint(path):
     """Read and verify a checkpoint; returns ``(meta, model_state, optimiser_state)``.
 
@@ -389,6 +415,8 @@ def load_checkpoint(path):
         The file is missing, truncated, not an nlref checkpoint, or its contents
         do not match the checksum stored in it.
     """
+    from . import __version__
+
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
@@ -408,16 +436,26 @@ def load_checkpoint(path):
                               f"reading its arrays); " + what_to_do) from None
     try:
         meta = json.loads(arrays.pop("meta").tobytes().decode())
-        assert meta["format"] == _FORMAT
+        tag = meta["format"]
+        if not (isinstance(tag, str) and tag.startswith(_FORMAT.rsplit("-", 1)[0] + "-")):
+            raise ValueError(tag)
     except Exception as err:
         raise CheckpointError(f"{path} is not an nlref checkpoint ({_FORMAT}): it holds no nlref metadata; "
                               "point out_dir (--out) at the folder of an nlref run") from err
+    if tag != _FORMAT:  # an explicit test (an assert is skipped under python -O)
+        raise CheckpointError(f"checkpoint {path} was written by another version of nlref in the format {tag!r}; "
+                              f"this nlref ({__version__}) reads {_FORMAT!r}: resume it with the nlref that "
+                              "started the run")
     missing = [k for k in _META_KEYS if k not in meta]
     if missing or not all(k.count("/") >= (2 if k.startswith("optim/") else 1) for k in arrays):
         raise CheckpointError(f"checkpoint {path} is not one nlref wrote: "
                               + (f"its metadata lacks {', '.join(missing)}" if missing else
                                  "it holds arrays that are neither model/NAME nor optim/SLOT/NAME")
                               + "; " + what_to_do)
+    problem = _meta_problem(meta)
+    if problem:
+        raise CheckpointError(f"checkpoint {path} is not one this nlref ({__version__}) wrote: {problem}; "
+                              "resume it with the nlref that started the run, or " + what_to_do.split(": ", 1)[1])
     if _digest(arrays) != meta["sha256"]:
         raise CheckpointError(f"checkpoint {path} is corrupted: its contents do not match the stored checksum; "
                               + what_to_do)
@@ -470,6 +508,24 @@ def _signals_held():
             signal.raise_signal(signum)
 
 
+class OutDirError(ValueError):
+    """``out_dir`` cannot take the run: it cannot be written, it holds a run (and neither ``resume`` nor
+    ``overwrite`` was given), or another run is writing there."""
+
+
+def _check_out_dir(out_dir, resume, overwrite):
+    """Refuse to resume where there is no checkpoint, and to start where a run is, unless ``overwrite``."""
+    existing = [name for name in RUN_FILES if (Path(out_dir) / name).exists()]
+    if resume and not (Path(out_dir) / CHECKPOINT).is_file():
+        raise CheckpointError(f"nothing to resume in {str(out_dir)!r}: it holds no {CHECKPOINT}; "
+                              "start a new run there without resume (--resume)")
+    if existing and not (resume or overwrite):
+        raise OutDirError(f"{str(out_dir)!r} already holds a training run ({', '.join(existing)}); "
+                          "continue it with resume=True (--resume), start it over with overwrite=True "
+                          "(--overwrite, which replaces those files when the new run's first epoch is "
+                          "written), or choose another out_dir (--out)")
+
+
 def _prepare_out_dir(out_dir):
     out_dir = Path(out_dir)
     try:
@@ -477,8 +533,36 @@ def _prepare_out_dir(out_dir):
         write_atomically(out_dir / ".write-test", lambda f: f.write(b"ok"))
         (out_dir / ".write-test").unlink()
     except OSError as err:
-        raise ValueError(f"out directory {str(out_dir)!r} cannot be written: {err}") from err
+        raise OutDirError(f"out directory {str(out_dir)!r} cannot be written: {err}") from err
     return out_dir
+
+
+@contextlib.contextmanager
+def _run_lock(out_dir):
+    """Hold an exclusive lock on the folder ``out_dir`` while a run writes there; refuse one held by another run.
+
+    Two runs into one folder (the same ``--out`` in two terminals) replaced each other's checkpoint and
+    metrics every epoch, and both ended as if all was well, one of them lost. The lock is ``flock`` on the
+    folder itself: no lock file is left behind, and the system drops it when the process ends, even when it
+    is killed. Where there is no ``fcntl`` (Windows) or the file system has no locks, runs are not locked.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(out_dir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutDirError(f"{str(out_dir)!r} is in use: another training run is writing there now; wait for it "
+                              "to end, or choose another out_dir (--out)") from None
+        except OSError:  # a file system without locks (some network mounts)
+            pass
+        yield
+    finally:
+        os.close(fd)
 
 
 # --------------------------------------------------------------------------- the loop
@@ -494,7 +578,8 @@ def train(config: TrainConfig | None = None, out_dir: PathLike | None = None, *,
         The run (defaults: :class:`TrainConfig`).
     out_dir : str or Path, optional
         Where ``checkpoint.npz``, ``metrics.json`` and ``metrics.csv`` go (nothing is
-        written when omitted).
+        written when omitted). One run at a time: the folder is locked while a run
+        writes there, and a second run into it is refused (where the system has ``flock``).
     xp : module, optional
         Array library for data and weights (numpy by default; ``cupy`` on a GPU).
     device : device, optional
@@ -528,7 +613,8 @@ def train(config: TrainConfig | None = None, out_dir: PathLike | None = None, *,
     ValueError
         A bad configuration; a data set larger than this machine's memory; ``resume`` and
         ``overwrite`` together; ``out_dir`` holds a run and neither ``resume`` nor
-        ``overwrite`` is given; ``out_dir`` cannot be written.
+        ``overwrite`` is given; ``out_dir`` cannot be written; another run is writing in ``out_dir``
+        (these three are :class:`OutDirError`, a ValueError).
     CheckpointError
         ``resume`` without a checkpoint in ``out_dir``, or with one that is corrupted or
         from another configuration.
@@ -548,17 +634,19 @@ def train(config: TrainConfig | None = None, out_dir: PathLike | None = None, *,
         raise ValueError("resume=True needs out_dir (where the checkpoint is)")
     if resume and overwrite:
         raise ValueError("resume=True continues the run in out_dir and overwrite=True discards it: pass one of them")
-    if out_dir is not None:
-        existing = [name for name in RUN_FILES if (Path(out_dir) / name).exists()]
-        if resume and not (Path(out_dir) / CHECKPOINT).is_file():
-            raise CheckpointError(f"nothing to resume in {str(out_dir)!r}: it holds no {CHECKPOINT}; "
-                                  "start a new run there without resume (--resume)")
-        if existing and not (resume or overwrite):
-            raise ValueError(f"{str(out_dir)!r} already holds a training run ({', '.join(existing)}); "
-                             "continue it with resume=True (--resume), start it over with overwrite=True "
-                             "(--overwrite, which replaces those files when the new run's first epoch is "
-                             "written), or choose another out_dir (--out)")
-    out_dir = _prepare_out_dir(out_dir) if out_dir is not None else None
+    if out_dir is None:
+        return _run(config, None, xp=xp, device=device, resume=resume, progress=progress, log=log,
+                    callback=callback)
+    _check_out_dir(out_dir, resume, overwrite)
+    out_dir = _prepare_out_dir(out_dir)
+    with _run_lock(out_dir):
+        _check_out_dir(out_dir, resume, overwrite)  # again, locked: another run may have written since the first check
+        return _run(config, out_dir, xp=xp, device=device, resume=resume, progress=progress, log=log,
+                    callback=callback)
+
+
+def _run(config, out_dir, *, xp, device, resume, progress, log, callback):
+    """The run of :func:`train`, its arguments checked (and ``out_dir`` locked, when given)."""
     # Everything that can refuse the run is built before anything is written: with overwrite=True the
     # old run's files are replaced only by the first epoch's checkpoint and metrics (atomic renames),
     # never deleted beforehand.

@@ -401,3 +401,69 @@ def test_image_receptive_field_is_the_network_s():
         assert T.image_receptive_field(blocks) == T.build_model(config).local_receptive_field
 
 
+
+
+# ---- probe of training, resume and the command line (December 2026) ----
+
+def test_numpy_scalars_in_the_configuration_are_saved_and_resumed(tmp_path):
+    """validate() takes np.int64 and np.float32 fields, but the checkpoint's JSON did not: the run raised
+    TypeError ('Object of type int64 is not JSON serializable') after its first epoch, and saved nothing."""
+    config = TrainConfig(**{**TINY, "epochs": 1, "seed": np.int64(2), "widths": (np.int64(4), 6, 8),
+                            "lr": np.float32(1e-3)})
+    first = train(config, tmp_path, progress=False, log=None)
+    saved = load_checkpoint(tmp_path / "checkpoint.npz")[0]["config"]
+    assert saved["seed"] == 2 and type(saved["seed"]) is int and saved["widths"] == [4, 6, 8]
+    assert saved["lr"] == float(np.float32(1e-3))
+    again = train(config, tmp_path, resume=True, progress=False, log=None)
+    for key, value in first["model"].state_dict().items():
+        np.testing.assert_array_equal(value, again["model"].state_dict()[key])
+
+
+def test_checkpoints_of_another_version_are_named(tmp_path):
+    """A checkpoint written by another nlref: a newer format tag was called "no nlref metadata", and a configuration
+    field this nlref does not know, or an epoch that is not an int, reached the user as an internal error."""
+    tiny_run(tmp_path, epochs=1)
+    arrays = dict(np.load(tmp_path / "checkpoint.npz"))
+    meta = json.loads(arrays["meta"].tobytes().decode())
+
+    def saved(**changes):
+        changed = {**meta, **changes}
+        np.savez(tmp_path / "other.npz", **{**arrays, "meta": np.frombuffer(json.dumps(changed).encode(), np.uint8)})
+        return tmp_path / "other.npz"
+
+    with pytest.raises(CheckpointError, match=r"written by another version of nlref in the format "
+                                              r"'nlref-checkpoint-2'; this nlref \(.*\) reads 'nlref-checkpoint-1'"):
+        load_checkpoint(saved(format="nlref-checkpoint-2"))
+    with pytest.raises(CheckpointError, match=r"fields this nlref does not know \(new_field\)"):
+        load_checkpoint(saved(config={**meta["config"], "new_field": 3}))
+    with pytest.raises(CheckpointError, match="is a list, not a mapping"):
+        load_checkpoint(saved(config=[1, 2]))
+    for change in ({"epoch": "1"}, {"optim_steps": -1}, {"epoch": True}):
+        with pytest.raises(CheckpointError, match="must be integers >= 0"):
+            load_checkpoint(saved(**change))
+    with pytest.raises(CheckpointError, match=r"one row per epoch done \(1\), got \[\]"):
+        load_checkpoint(saved(history=[]))
+    with pytest.raises(CheckpointError, match="not an nlref checkpoint"):
+        load_checkpoint(saved(format="something-else"))
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path):
+    """Two runs into one out_dir (two terminals, the same --out) replaced each other's checkpoint and metrics every
+    epoch, and both ended without a word: one run was lost. The folder is locked while a run writes there."""
+    refused = []
+
+    def second_run(epoch, row, model):
+        if epoch == 1:
+            with pytest.raises(T.OutDirError, match=r"is in use: another training run is writing there now"):
+                train(TrainConfig(**{**TINY, "epochs": 1, "seed": 9}), tmp_path, overwrite=True, progress=False,
+                      log=None)
+            refused.append(epoch)
+
+    first = train(TrainConfig(**{**TINY, "epochs": 2}), tmp_path, progress=False, log=None, callback=second_run)
+    assert refused == [1]
+    meta = load_checkpoint(tmp_path / "checkpoint.npz")[0]
+    assert meta["config"]["seed"] == 0 and meta["history"] == first["history"]
+    assert json.loads((tmp_path / "metrics.json").read_text()) == first["history"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.npz", "metrics.csv", "metrics.json"]
+    # the lock ends with the run: the folder takes the next one
+    train(TrainConfig(**{**TINY, "epochs": 2}), tmp_path, resume=True, progress=False, log=None)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nlref.cli._common import CommandError, say
+from nlref.cli._common import CommandError, say, writable_folder
 
 
 def add_parser(sub, fmt):
@@ -32,10 +32,17 @@ def run(args):
         course.check_destination(student, notebooks)
     except ValueError as err:
         raise CommandError(f"--student: {err}") from None
+    writable_folder(student.parent, "--student", args.student)  # the edition is written beside DIR, then renamed into place
     try:
         written = course.write_student_edition(args.student, notebooks=notebooks, overwrite=args.overwrite)
     except ValueError as err:  # a notebook of --notebooks whose solution markers do not pair up
         raise CommandError(f"--notebooks: {err}") from None
+    except ModuleNotFoundError as err:  # imported before anything is read or written
+        if err.name != "nbformat":
+            raise
+        raise CommandError("nlref course reads and writes the notebooks with nbformat, which is not installed "
+                           "here (it is not a dependency of nlref): pip install nbformat, or pip install "
+                           "\"nlref[notebooks]\", which brings JupyterLab too") from None
     say(f"student edition: {len(written)} notebooks in {args.student}")
     for path in written:
         say(f"  {path.name}")

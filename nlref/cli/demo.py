@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from nlref.cli._common import CommandError, seed_arg
+from nlref.cli._common import CommandError, seed_arg, writable_folder
 
 _DEMO = """\
 The teaching walk, on the bundled images: averaging noisy copies (the variance falls as
@@ -44,4 +44,5 @@ def run(args):
     if present and not args.overwrite:
         raise CommandError(f"--out {args.out!r} already holds {', '.join(present)}: add --overwrite to replace them, "
                            "or choose another --out")
+    writable_folder(out, "--out", args.out)
     run_demo(args.out, quick=args.quick, seed=args.seed)

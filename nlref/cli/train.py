@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from nlref.cli._common import CommandError, _count, _stamp, flag_names, say
+from nlref.cli._common import CommandError, _count, _stamp, flag_names, say, writable_folder
 
 #: The flags of ``nlref train`` in the order added, by destination: (flag, True for an on/off flag).
 _FLAGS = {}
@@ -90,7 +90,8 @@ def _refuse_ignored(args):
 def run_train(args):
     """``nlref train``: the options map one to one onto :class:`nlref.train.TrainConfig`."""
     from nlref.backend import retain_freed_memory
-    from nlref.train import CHECKPOINT, RUN_FILES, TASK_DEFAULTS, CheckpointError, TrainConfig, check_memory, train
+    from nlref.train import (CHECKPOINT, RUN_FILES, TASK_DEFAULTS, CheckpointError, OutDirError, TrainConfig,
+                             check_memory, train)
 
     xp = None
     if args.backend == "cupy":
@@ -135,6 +136,7 @@ def run_train(args):
         raise CommandError(f"--out {str(out)!r} already holds a training run ({', '.join(existing)}): add --resume "
                            "to continue it, --overwrite to start it over (replacing those files), or choose another "
                            "--out")
+    writable_folder(out, "--out", args.out)
     # the checkpoint --overwrite will replace when the new run's first epoch is written: an
     # interruption before that leaves this previous run, which the message must not offer to resume
     args.previous_checkpoint = _stamp(out / CHECKPOINT) if args.overwrite else None
@@ -157,6 +159,8 @@ def run_train(args):
                        progress=not args.no_progress and sys.stderr.isatty(), log=say)
     except CheckpointError as err:  # the checkpoint in --out does not fit the options given
         raise CommandError(f"--resume: {err}") from None
+    except OutDirError as err:  # --out cannot be written, or another run is writing there (checked before any work)
+        raise CommandError(f"--out: {err}") from None
     say(f"val accuracy {result['val_accuracy']:.3f} after {_count(len(result['history']), 'epoch')}; "
         f"{result['seconds']:.0f} s of training at {result['clips_per_second']:.0f} clips/s")
     return result

@@ -68,3 +68,45 @@ def test_the_current_folder_is_never_the_student_folder(tmp_path, capsys, monkey
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and ("current folder" in err or "teacher's notebooks" in err)
     assert list(work.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["nb", "work"]
+
+
+def test_course_without_nbformat_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    """nbformat is not a dependency of nlref: an installed nlref without it said "internal error
+    (ModuleNotFoundError ...): this is a bug in nlref"."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "nbformat", None)   # import nbformat now raises ModuleNotFoundError
+    assert main(["course", "--student", str(tmp_path / "student")]) == 2
+    err = capsys.readouterr().err
+    assert "nlref course reads and writes the notebooks with nbformat, which is not installed" in err
+    assert "internal error" not in err and not (tmp_path / "student").exists()
+
+
+def test_an_installed_nlref_finds_its_notebooks(tmp_path, monkeypatch):
+    """The wheel carried no notebooks, and outside a clone `nlref course` looked in site-packages/notebooks.
+    The notebooks are installed in share/nlref/notebooks and found through the installed files' record."""
+    from importlib import metadata
+
+    from nlref import course
+
+    prefix = tmp_path / "env"
+    site = prefix / "lib" / "python3.11" / "site-packages"
+    (site / "nlref").mkdir(parents=True)
+    share = prefix / "share" / "nlref" / "notebooks"
+    share.mkdir(parents=True)
+    for path in NOTEBOOKS[:2]:
+        (share / path.name).write_bytes(path.read_bytes())
+
+    class Installed:
+        files = [metadata.PackagePath("nlref/__init__.py")] + [
+            metadata.PackagePath(f"../../../share/nlref/notebooks/{p.name}") for p in NOTEBOOKS[:2]]
+
+        def locate_file(self, path):
+            return site / path
+
+    monkeypatch.setattr(metadata, "distribution", lambda name: Installed())
+    monkeypatch.setattr(course, "__file__", str(site / "nlref" / "course.py"))
+    monkeypatch.chdir(tmp_path)
+    assert course.default_notebooks() == share.resolve()
+    assert main(["course", "--student", "student"]) == 0
+    assert sorted(p.name for p in (tmp_path / "student").iterdir()) == [p.name for p in NOTEBOOKS[:2]]

@@ -277,3 +277,34 @@ def test_train_out_must_be_a_folder(tmp_path, capsys, monkeypatch):
     assert main(["train", "--epochs", "1", "--out", ""]) == 2
     assert "--out must name a folder" in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir()] == ["g32.png"]
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["train", "--epochs", "1", "--n-train", "16", "--n-val", "8", "--batch-size", "16", "--out"], "--out"),
+    (["demo", "--quick", "--out"], "--out"),
+    (["course", "--student"], "--student"),
+])
+def test_an_out_folder_under_a_file_is_a_one_line_error(tmp_path, capsys, argv, flag):
+    """nlref train said "internal error ... a bug in nlref"; demo and course exited 1 with an OSError that named no
+    flag (course: "[Errno 17] File exists: 'blocker'")."""
+    (tmp_path / "blocker").write_text("x")
+    target = str(tmp_path / "blocker" / "sub" / "dir")
+    assert main([*argv, target]) == 2
+    err = capsys.readouterr().err
+    assert f"{flag} {target!r}: {str(tmp_path / 'blocker')!r} is a file, not a folder" in err
+    assert "internal error" not in err and len(err.strip().splitlines()) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["blocker"]
+
+
+def test_a_second_train_into_a_busy_out_is_refused(tmp_path, capsys):
+    """Two nlref train runs with one --out both ended with exit status 0, the files of one of them lost."""
+    from nlref.train import _run_lock
+
+    tmp_path.joinpath("run").mkdir()
+    with _run_lock(tmp_path / "run"):
+        code = main(["train", "--epochs", "1", "--n-train", "16", "--n-val", "8", "--batch-size", "16",
+                     "--no-progress", "--out", str(tmp_path / "run")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "is in use: another training run is writing there now" in err and "internal error" not in err
+    assert list((tmp_path / "run").iterdir()) == []
