@@ -35,6 +35,9 @@ import time
 
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # before NumPy loads OpenBLAS: see bench_train.py
 
+from pathlib import Path  # noqa: E402
+
+from nlref._files import write_atomically  # noqa: E402
 from nlref.backend import retain_freed_memory  # noqa: E402
 from nlref.train import TrainConfig, train  # noqa: E402
 
@@ -87,6 +90,7 @@ def main():
     parser.add_argument("--json", help="write the raw results to this file")
     args = parser.parse_args()
     schedule = {**SCHEDULE, "n_train": args.n_train, "epochs": args.epochs, "n_val": args.n_val}
+    check_plan(parser, args, schedule)  # every run's configuration and the --json folder, before an hour of runs
     retain_freed_memory()  # as nlref train does
     print(f"# nlref ablation: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"schedule {schedule}, seeds {args.seeds}")
@@ -106,9 +110,28 @@ def main():
             print(f"| {label} | {statistics.mean(accs):.1f} +- {spread:.1f} | {runs[0]['params']:,} | "
                   f"{seconds:.0f} |", flush=True)
             results.setdefault(table, []).append({"label": label, "overrides": overrides, "runs": runs})
+    if args.json:  # whole or not at all: an interrupted write keeps the file that was there
+        text = json.dumps({"schedule": schedule, "seeds": args.seeds, "tables": results}, indent=1)
+        write_atomically(Path(args.json), lambda f: f.write(text.encode()))
+
+
+def check_plan(parser, args, schedule):
+    """Refuse, before any run, a row selection that runs nothing, a configuration ``train`` would refuse
+    (``--seeds -1`` failed after the first seed's runs), and a ``--json`` that cannot be written there."""
+    planned = [(label, overrides) for table in args.only or sorted(ROWS) for label, overrides in ROWS[table]
+               if not args.rows or label in args.rows]
+    if not planned:
+        parser.error(f"--rows {' '.join(args.rows)}: no such row in the tables chosen ({' '.join(args.only or sorted(ROWS))})")
+    for label, overrides in planned:
+        for seed in args.seeds:
+            try:
+                TrainConfig(**{**schedule, **overrides, "seed": seed}).validate()
+            except (TypeError, ValueError) as err:
+                parser.error(f"row {label!r}, seed {seed}: {err}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"schedule": schedule, "seeds": args.seeds, "tables": results}, f, indent=1)
+        folder = Path(args.json).resolve().parent
+        if Path(args.json).is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK):
+            parser.error(f"--json {args.json!r}: not a file that can be written in an existing folder")
 
 
 if __name__ == "__main__":
