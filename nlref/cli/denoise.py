@@ -40,6 +40,10 @@ def _read_image(path):
         raise CommandError(f"IMAGE {str(path)!r} is not a regular file")
     if path.stat().st_size == 0:
         raise CommandError(f"cannot read IMAGE {str(path)!r}: the file is empty")
+    arrays = {".npy": "a NumPy", ".h5": "an HDF5", ".hdf5": "an HDF5"}.get(path.suffix.lower())
+    if arrays:  # read by the chunked route only (it said "not an image in a format the reader knows")
+        raise CommandError(f"IMAGE {str(path)!r} is {arrays} file, which nlref denoise reads chunk by chunk into a "
+                           "Zarr store: add --chunks N (or give an --out ending in .zarr)")
     try:
         if path.suffix.lower() in (".tif", ".tiff"):
             image = _read_tiff(path)

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from .._typing import Array, Size
 from ..backend import check_flag
-from .checks import check_image, check_workers, is_dask_array
+from .checks import check_image, check_workers, is_dask_array, warn_layout
 from .fast import nl_means_fast, working_memory
 from .naive import nl_means_naive, patch_weights
 from .noise import estimate_sigma as estimate_sigma_in_memory
@@ -71,6 +71,7 @@ def resolve_parameters(image: Array, *, sigma: float | None = None, h: float | N
         (the table row, or None when every size and h were given).
     """
     if is_dask_array(image):
+        warn_layout(image.shape, channel_axis, stacklevel=3)
         return resolve_parameters_dask(image, sigma=sigma, h=h, patch_size=patch_size, search_size=search_size,
                                        channel_axis=channel_axis, aggregation=aggregation, data_range=data_range)
     xp, channel_axis, spatial = check_image(image, channel_axis)
@@ -168,6 +169,7 @@ def nl_means(image: Array, *, sigma: float | None = None, h: float | None = None
     """
     progress = check_flag("progress", progress)
     if is_dask_array(image):  # chunk by chunk, exact: nlref.nlmeans.chunked
+        warn_layout(image.shape, channel_axis, stacklevel=3)
         return nl_means_dask(image, sigma=sigma, h=h, patch_size=patch_size, search_size=search_size,
                              channel_axis=channel_axis, aggregation=aggregation, method=method,
                              data_range=data_range, workers=workers, progress=progress)

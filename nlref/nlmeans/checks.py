@@ -18,7 +18,8 @@ import numpy as np
 from ..backend import array_namespace, check_not_masked, dtype_name, require_real
 
 __all__ = ["MAX_SPATIAL_DIMS", "AGGREGATIONS", "sizes", "positive", "check_kernel", "is_dask_array",
-           "check_not_stored", "check_axes", "check_image", "check_lazy", "check_workers", "sigma_axes", "layout_doubt"]
+           "check_not_stored", "check_axes", "check_image", "check_lazy", "check_workers", "sigma_axes", "layout_doubt",
+           "warn_layout"]
 
 #: The most spatial axes an image may have (plus an optional channel axis).
 MAX_SPATIAL_DIMS = 4
@@ -217,3 +218,14 @@ def sigma_axes(sizes, shape):
         raise ValueError(f"image needs an axis with at least 3 samples to estimate sigma; shape {tuple(shape)}. "
                          "Pass sigma (or h and both sizes), which needs no estimate")
     return axes
+
+
+def warn_layout(shape, channel_axis, stacklevel):
+    """Warn (a UserWarning, ``stacklevel`` as :func:`warnings.warn` counts it from here) where
+    :func:`layout_doubt` doubts ``channel_axis`` for ``shape``: the chunked routes' form of what
+    :func:`check_image` warns in memory (``(H, W, 3)`` on Dask was denoised as a 3-slice volume
+    without a word)."""
+    normal, _ = check_axes(tuple(shape), channel_axis)
+    doubt = layout_doubt(tuple(shape), normal, channel_axis)
+    if doubt:
+        warnings.warn(doubt, UserWarning, stacklevel=stacklevel)

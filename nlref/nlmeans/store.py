@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from .._typing import Size
-from .checks import check_lazy, check_workers, sigma_axes
+from .checks import check_lazy, check_workers, sigma_axes, warn_layout
 from .chunk import denoise_with_halo
 from .fast import halo
 from .median import resolve_lazy
@@ -362,7 +362,16 @@ def resolve_parameters_store(source, *, chunks=None, sigma=None, h=None, patch_s
     Other parameters
         As for :func:`nlref.resolve_parameters`.
     """
+    return _resolve_store(source, chunks=chunks, sigma=sigma, h=h, patch_size=patch_size, search_size=search_size,
+                          channel_axis=channel_axis, aggregation=aggregation, data_range=data_range, stacklevel=4)
+
+
+def _resolve_store(source, *, chunks, sigma, h, patch_size, search_size, channel_axis, aggregation, data_range,
+                   stacklevel):
+    """:func:`resolve_parameters_store`, its layout warning ``stacklevel`` frames up (at the user's call)."""
+    given = channel_axis
     source, channel_axis, spatial, grid = _prepare(source, chunks, channel_axis)
+    warn_layout(source.shape, given, stacklevel=stacklevel)
     image = _tasks(read_block, source, grid, source.dtype, "nlref-source")
     return resolve_lazy(image, lambda: _filtered_store(source, channel_axis, grid), spatial, sigma=sigma, h=h,
                         patch_size=patch_size, search_size=search_size, channel_axis=channel_axis,
@@ -451,8 +460,7 @@ def nl_means_store(source: Any, *, chunks: int | Sequence[int] | None = None, si
     """
     check_chunk_memory(source, chunks=chunks, patch_size=patch_size, search_size=search_size,
                        channel_axis=channel_axis, aggregation=aggregation, workers=workers)
-    p = resolve_parameters_store(source, chunks=chunks, sigma=sigma, h=h, patch_size=patch_size,
-                                 search_size=search_size, channel_axis=channel_axis, aggregation=aggregation,
-                                 data_range=data_range)
+    p = _resolve_store(source, chunks=chunks, sigma=sigma, h=h, patch_size=patch_size, search_size=search_size,
+                       channel_axis=channel_axis, aggregation=aggregation, data_range=data_range, stacklevel=4)
     return denoise_store(source, p, chunks=chunks, channel_axis=channel_axis, aggregation=aggregation,
                          workers=workers)

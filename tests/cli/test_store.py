@@ -320,3 +320,12 @@ def test_cli_never_replaces_a_folder_holding_the_input(tmp_path, capsys):
     assert "lies inside IMAGE" in capsys.readouterr().err
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
     np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "data.zarr"), path="raw", mode="r")[...], volume)
+
+
+@pytest.mark.parametrize("name", ["in.npy", "in.h5", "in.hdf5"])
+def test_an_array_file_without_chunks_points_to_the_chunked_route(tmp_path, capsys, name):
+    """It said "not an image in a format the reader knows (PNG, JPEG, ...), or it is damaged"."""
+    (tmp_path / name).write_bytes(b"\x93NUMPY not read")
+    assert main(["denoise", str(tmp_path / name), "--sigma", "10", "--out", str(tmp_path / "o.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "reads chunk by chunk into a Zarr store: add --chunks N" in err

@@ -295,3 +295,23 @@ def test_chunks_too_large_for_memory_are_refused_before_any_pass(route, monkeypa
     with Passes(), pytest.raises(ValueError, match="working memory"):
         _lazy_routes(image)[route](patch_size=3, search_size=5)
     assert passes == []
+
+
+@pytest.mark.parametrize("call", [
+    lambda a: nlref.nl_means(da.from_array(a, chunks=20), sigma=0.1, patch_size=3, search_size=5),
+    lambda a: nlref.resolve_parameters(da.from_array(a, chunks=20), sigma=0.1),
+    lambda a: nlref.nl_means_store(a, chunks=20, sigma=0.1, patch_size=3, search_size=5),
+    lambda a: store.resolve_parameters_store(a, chunks=20, sigma=0.1),
+], ids=["nl_means", "resolve_parameters", "nl_means_store", "resolve_parameters_store"])
+def test_chunked_routes_warn_of_a_missing_channel_axis_once_at_the_callers_line(call):
+    """In memory, (H, W, 3) without channel_axis warns that it is denoised as a volume of 3 slices; on Dask and
+    in a store it was denoised so without a word."""
+    image = np.random.default_rng(0).random((40, 40, 3)).astype(np.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        call(image)
+    doubts = [w for w in caught if "no channel_axis" in str(w.message)]
+    assert len(doubts) == 1 and doubts[0].filename == __file__, [(w.filename, str(w.message)) for w in caught]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        nlref.nl_means(da.from_array(image, chunks=20), sigma=0.1, patch_size=3, search_size=5, channel_axis=-1)
