@@ -142,7 +142,7 @@ def require_real(x, name="x"):
     if not real:
         kind = str(x.dtype)
         hint = {"bool": f"convert it first, e.g. {name}.astype(float)",
-                "complex": "denoise the real and imaginary parts (or the magnitude) separately",
+                "complex": "pass the real and imaginary parts (or the magnitude) separately",
                 "object": "object arrays often come from lists of unequal length or mixed types; "
                           f"make a numeric array, e.g. numpy.asarray({name}, dtype=float)"}
         advice = next((text for key, text in hint.items() if key in kind),
