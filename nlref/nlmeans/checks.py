@@ -221,7 +221,7 @@ def sigma_axes(sizes, shape):
 
 
 def warn_layout(shape, channel_axis, stacklevel):
-    """Warn (a UserWarning, ``stacklevel`` as :func:`warnings.warn` counts it from here) where
+    """Warn (a UserWarning, ``stacklevel`` as ``warnings.warn`` counts it from here) where
     :func:`layout_doubt` doubts ``channel_axis`` for ``shape``: the chunked routes' form of what
     :func:`check_image` warns in memory (``(H, W, 3)`` on Dask was denoised as a 3-slice volume
     without a word)."""

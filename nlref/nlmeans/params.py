@@ -185,12 +185,12 @@ def working_dtype(dtype):
 
 
 def check_h(dtype, *, h, sigma, values_per_patch=None):
-    """The part of :func:`check_computable` that reads no image value: ``h`` and ``sigma`` against the working dtype.
+    """The part of ``check_computable`` that reads no image value: ``h`` and ``sigma`` against the working dtype.
 
     ``values_per_patch`` None (the patch still to come from a preset) skips the
     ``1 / (C P h^2)`` bound, which a wider patch relaxes. The chunked routes call
     it before their passes over the data, the in-memory route through
-    :func:`check_computable`.
+    ``check_computable``.
     """
     work = working_dtype(dtype)
     big = float(np.finfo(work).max)
