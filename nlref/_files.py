@@ -14,7 +14,7 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["replaced_atomically", "write_atomically"]
+__all__ = ["replaced_atomically", "write_atomically", "folder_problem"]
 
 
 @contextlib.contextmanager
@@ -48,3 +48,23 @@ def write_atomically(path, write):
     """``write(f)`` into a binary file object that becomes ``path`` whole, or not at all (see :func:`replaced_atomically`)."""
     with replaced_atomically(path) as tmp, open(tmp, "wb") as f:
         write(f)
+
+
+def folder_problem(folder):
+    """Make ``folder`` (and its parents) and write a file there atomically; what went wrong, or None.
+
+    A path under a file is named as such (the OSError said only "Not a directory" or "File
+    exists"); any other failure is its OSError's reason. The callers wrap it in their own error
+    (``nlref train``'s ``OutDirError``, a command's one-line error naming its flag).
+    """
+    folder = Path(folder)
+    above = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if above is not None and not above.is_dir():
+        return f"{str(above)!r} is a file, not a folder"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_atomically(folder / ".write-test", lambda f: f.write(b"ok"))
+        (folder / ".write-test").unlink()
+    except OSError as err:
+        return f"the folder {str(folder)!r} cannot be made or written ({err.strerror or err})"
+    return None

@@ -30,11 +30,10 @@ def _float_dtype(xp, x):
     return x.dtype if xp.isdtype(x.dtype, "real floating") else xp.float32
 
 
-def _check_image(xp, x, name):
+def _check_image(x, name):
     """Refuse a masked array and anything but real numbers or bools (a complex image lost its imaginary part)."""
     check_not_masked(x, name)
-    if not xp.isdtype(x.dtype, "bool"):
-        require_real(x, name)
+    require_real(x, name, bools=True)
 
 
 def _check_finite(xp, x, name):
@@ -96,7 +95,7 @@ def noisy_copies(image: Array, sigma: float, n: int, *, seed: Seed = None) -> Ar
 def _noisy_copies(image, sigma, n, seed):
     """noisy_copies, with its warning pointed at the public function's caller."""
     xp = array_namespace(image, names=["image"])
-    _check_image(xp, image, "image")
+    _check_image(image, "image")
     _check_finite(xp, image, "image")
     sigma = _check_sigma(sigma)
     doubt = _units_doubt(xp, image, sigma)
@@ -136,7 +135,7 @@ def average(copies: Array | Sequence[Array], *, axis: int = 0) -> Array:
         names = [f"copies[{i}]" for i in range(len(copies))]
         xp = array_namespace(*copies, names=names)
         for name, c in zip(names, copies):
-            _check_image(xp, c, name)
+            _check_image(c, name)
         shapes = {tuple(c.shape) for c in copies}
         if len(shapes) > 1:
             raise ValueError(f"copies must all have one shape to be averaged; got shapes {sorted(shapes)}")
@@ -146,7 +145,7 @@ def average(copies: Array | Sequence[Array], *, axis: int = 0) -> Array:
         copies = xp.stack(list(copies), axis=axis)
     else:
         xp = array_namespace(copies, names=["copies"])
-        _check_image(xp, copies, "copies")
+        _check_image(copies, "copies")
     if not -copies.ndim <= axis < copies.ndim:
         raise ValueError(f"axis {axis} is out of range for copies with {copies.ndim} axes")
     if copies.shape[axis] == 0:
@@ -164,7 +163,7 @@ def residual_variance(estimate: Array, clean: Array) -> float:
     """
     xp = array_namespace(estimate, clean, names=["estimate", "clean"])
     for name, a in (("estimate", estimate), ("clean", clean)):
-        _check_image(xp, a, name)
+        _check_image(a, name)
     if tuple(estimate.shape) != tuple(clean.shape):
         raise ValueError(f"estimate and clean must have one shape; got {tuple(estimate.shape)} and "
                          f"{tuple(clean.shape)}")

@@ -125,18 +125,19 @@ def check_on_device(a, param, *, name, owner):
                          f"{name} (nlref.backend.asarray({name}, like=...)) or build the {owner} with device=")
 
 
-def require_real(x, name="x"):
-    """The namespace of ``x``, after checking that ``x`` holds real numbers (integers or floats).
+def require_real(x, name="x", *, bools=False):
+    """The namespace of ``x``, after checking that ``x`` holds real numbers (integers or floats; with
+    ``bools``, booleans too, as 0 and 1).
 
     Raises
     ------
     TypeError
-        If ``x`` is not an array, or its dtype is bool, complex, object, string or
-        another non-numeric type; the message names ``name``, the dtype and a way out.
+        If ``x`` is not an array, or its dtype is bool (without ``bools``), complex, object,
+        string or another non-numeric type; the message names ``name``, the dtype and a way out.
     """
     xp = array_namespace(x, names=[name])
     try:
-        real = bool(xp.isdtype(x.dtype, ("integral", "real floating")))
+        real = bool(xp.isdtype(x.dtype, ("integral", "real floating", *(("bool",) if bools else ()))))
     except Exception:  # dtypes outside the standard (object, str, datetime) are not even classified
         real = False
     if not real:

@@ -24,8 +24,7 @@ def _check_pair(reference, estimate):
     xp = array_namespace(reference, estimate, names=["reference", "estimate"])
     for name, a in (("reference", reference), ("estimate", estimate)):
         check_not_masked(a, name)
-        if not xp.isdtype(a.dtype, "bool"):
-            require_real(a, name)
+        require_real(a, name, bools=True)
     if tuple(reference.shape) != tuple(estimate.shape):
         raise ValueError(f"reference and estimate must have one shape; got {reference.shape} and {estimate.shape}")
     if math.prod(reference.shape) == 0:

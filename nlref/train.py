@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from ._files import write_atomically
+from ._files import folder_problem, write_atomically
 from ._typing import PathLike
 from . import backend as B
 from .data.pairs2d import PairImages, pair_splits
@@ -528,12 +528,9 @@ def _check_out_dir(out_dir, resume, overwrite):
 
 def _prepare_out_dir(out_dir):
     out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_atomically(out_dir / ".write-test", lambda f: f.write(b"ok"))
-        (out_dir / ".write-test").unlink()
-    except OSError as err:
-        raise OutDirError(f"out directory {str(out_dir)!r} cannot be written: {err}") from err
+    problem = folder_problem(out_dir)
+    if problem:
+        raise OutDirError(f"out directory {str(out_dir)!r} cannot be written: {problem}")
     return out_dir
 
 

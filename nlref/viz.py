@@ -361,6 +361,7 @@ def training_curves(histories, *, metric="val_accuracy", title=None):
         raise ValueError(f"histories must be a non-empty dict of label -> list of per-epoch dicts, got {histories!r}")
     if not isinstance(metric, str):
         raise ValueError(f"metric must be a str (a key of the history rows, e.g. 'val_accuracy'), got {metric!r}")
+    quantity = metric[len("val_"):] if metric.startswith("val_") else metric
     for label, rows in histories.items():
         if not isinstance(label, str):
             raise ValueError(f"histories must be keyed by str labels (the runs' names), got {label!r}")
@@ -368,7 +369,6 @@ def training_curves(histories, *, metric="val_accuracy", title=None):
             raise ValueError(f"histories[{label!r}] must be a non-empty list of per-epoch dicts")
         if metric not in rows[0]:
             raise ValueError(f"metric {metric!r} is not in the history of {label!r}; it holds {sorted(rows[0])}")
-        quantity = metric[len("val_"):] if metric.startswith("val_") else metric
         drawn = [k for k in ("epoch", "train_loss", "val_loss", f"train_{quantity}", metric) if k in rows[0]]
         if "train_loss" not in drawn and "val_loss" not in drawn:
             raise ValueError(f"the history of {label!r} holds no train_loss or val_loss to draw; it holds "
@@ -379,7 +379,6 @@ def training_curves(histories, *, metric="val_accuracy", title=None):
                     raise ValueError(f"histories[{label!r}][{n}] lacks {k!r}, which its first row holds")
                 if isinstance(row[k], (bool, str)) or not isinstance(row[k], numbers.Real):
                     raise ValueError(f"histories[{label!r}][{n}] must hold numbers; {k!r} is {row[k]!r}")
-    quantity = metric[len("val_"):] if metric.startswith("val_") else metric
     panels = [("loss", ("train_loss", "val_loss"))]
     if quantity != "loss":
         panels.append((metric, (f"train_{quantity}", metric) if metric.startswith("val_") else (metric,)))
@@ -509,7 +508,7 @@ def _positive(name, value):
 
 
 def _picture(name, image):
-    """A host image (H, W) or (H, W, 3 or 4), non-empty; else a ValueError naming ``name`` and its shape."""
+    """A host image (H, W) or (H, W, 3), non-empty, as float64; else a ValueError naming ``name`` and its shape."""
     a = np.asarray(to_numpy(image), dtype=np.float64)
     if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] == 3)) or a.size == 0:
         raise ValueError(f"{name} must be a non-empty grey (H, W) or colour (H, W, 3) image, got shape {a.shape}"

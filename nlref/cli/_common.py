@@ -128,16 +128,8 @@ def writable_folder(folder, flag, given):
     A path under a file or in a place that cannot be written is the user's mistake: one line naming ``flag`` and
     the path ``given`` (not an OSError about a temporary name, after the work, as a failure of the machine).
     """
-    import tempfile
+    from nlref._files import folder_problem
 
-    folder = Path(folder)
-    above = next((p for p in (folder, *folder.parents) if p.exists()), None)
-    if above is not None and not above.is_dir():
-        raise CommandError(f"{flag} {str(given)!r}: {str(above)!r} is a file, not a folder")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as err:
-        raise CommandError(f"{flag} {str(given)!r}: the folder {str(folder)!r} cannot be made or written "
-                           f"({err.strerror or err})") from None
+    problem = folder_problem(folder)
+    if problem:
+        raise CommandError(f"{flag} {str(given)!r}: {problem}")

@@ -174,17 +174,15 @@ def run_denoise_chunked(args):
 
         default = dask.config.get("scheduler", None)
         try:
-            try:
-                client = Client(args.scheduler)
-            except (ValueError, OSError):
-                # a client that failed to start has already made itself the default scheduler: this process's
-                # next dask.compute would ask for it ("no Client active")
-                dask.config.set(scheduler=default)
-                raise
-        except ValueError as err:  # not an address
-            raise CommandError(f"--scheduler {args.scheduler!r}: not a scheduler address such as "
-                               f"tcp://HOST:8786 ({err})") from None
-        except OSError as err:  # nothing answers there (a timeout), or the connection was refused
+            client = Client(args.scheduler)
+        except (ValueError, OSError) as err:
+            # a client that failed to start has already made itself the default scheduler: this process's
+            # next dask.compute would ask for it ("no Client active")
+            dask.config.set(scheduler=default)
+            if isinstance(err, ValueError):  # not an address
+                raise CommandError(f"--scheduler {args.scheduler!r}: not a scheduler address such as "
+                                   f"tcp://HOST:8786 ({err})") from None
+            # nothing answers there (a timeout), or the connection was refused
             raise CommandError(f"--scheduler {args.scheduler!r}: no scheduler could be reached there ({err}); "
                                "start one with `dask scheduler`, or leave --scheduler out to run on the local "
                                "threads") from None

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-import numbers
 import os
 from collections.abc import Sequence
 
 from .._typing import Array, Size
 from ..backend import check_flag
-from .checks import check_image, check_workers, is_dask_array, warn_layout
+from .checks import check_image, check_workers, is_dask_array, pixel_index, warn_layout
 from .fast import nl_means_fast, working_memory
 from .naive import nl_means_naive, patch_weights
 from .noise import estimate_sigma as estimate_sigma_in_memory
@@ -217,23 +216,6 @@ def nl_means(image: Array, *, sigma: float | None = None, h: float | None = None
     return from_working(xp, u, image, channel_axis)
 
 
-def _pixel_index(index, spatial):
-    """``index`` as a tuple of one in-range int per spatial axis (a bare int for a 1-D signal)."""
-    example = "(row, col)" if len(spatial) == 2 else f"a tuple of {len(spatial)} ints"
-    if isinstance(index, numbers.Integral) and not isinstance(index, bool):
-        if len(spatial) != 1:
-            raise ValueError(f"index must give one coordinate per spatial axis of shape {spatial}, e.g. "
-                             f"{example}; got the single int {index!r}")
-        index = (index,)
-    if not isinstance(index, (tuple, list)) or not all(
-            isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in index):
-        raise TypeError(f"index must be {example} (one int per spatial axis of shape {spatial}); got {index!r}")
-    index = tuple(int(i) for i in index)
-    if len(index) != len(spatial) or not all(0 <= i < n for i, n in zip(index, spatial)):
-        raise ValueError(f"index must give one in-range coordinate per spatial axis of shape {spatial}; got {index}")
-    return index
-
-
 def nl_means_weights(image: Array, index: int | Sequence[int], *, sigma: float | None = None,
                      h: float | None = None, patch_size: Size | None = None, search_size: Size | None = None,
                      channel_axis: int | None = None, data_range: float | None = None) -> Array:
@@ -250,7 +232,7 @@ def nl_means_weights(image: Array, index: int | Sequence[int], *, sigma: float |
         ``weights[o + search_size // 2] = w(p, p + o)``; the centre is 1.
     """
     xp, channel_axis, spatial = check_image(image, channel_axis)
-    index = _pixel_index(index, spatial)
+    index = pixel_index(index, spatial)
     params = resolve(xp, image, spatial, sigma=sigma, h=h, patch_size=patch_size, search_size=search_size,
                      channel_axis=channel_axis, aggregation="pixel", data_range=data_range)
     v = to_working(xp, image, channel_axis)

@@ -17,9 +17,9 @@ import numpy as np
 
 from ..backend import array_namespace, check_not_masked, dtype_name, require_real
 
-__all__ = ["MAX_SPATIAL_DIMS", "AGGREGATIONS", "sizes", "positive", "check_kernel", "is_dask_array",
-           "check_not_stored", "check_axes", "check_image", "check_lazy", "check_workers", "sigma_axes", "layout_doubt",
-           "warn_layout"]
+__all__ = ["MAX_SPATIAL_DIMS", "AGGREGATIONS", "sizes", "positive", "pixel_index", "check_kernel",
+           "is_dask_array", "check_not_stored", "check_axes", "check_image", "check_lazy", "check_workers",
+           "sigma_axes", "layout_doubt", "warn_layout"]
 
 #: The most spatial axes an image may have (plus an optional channel axis).
 MAX_SPATIAL_DIMS = 4
@@ -59,15 +59,32 @@ def positive(name, value, allow_zero):
     return value
 
 
+def pixel_index(index, spatial):
+    """``index`` as a tuple of one in-range int per spatial axis (a bare int for a 1-D signal)."""
+    example = "(row, col)" if len(spatial) == 2 else f"a tuple of {len(spatial)} ints"
+    if isinstance(index, numbers.Integral) and not isinstance(index, bool):
+        if len(spatial) != 1:
+            raise ValueError(f"index must give one coordinate per spatial axis of shape {spatial}, e.g. "
+                             f"{example}; got the single int {index!r}")
+        index = (index,)
+    if not isinstance(index, (tuple, list)) or not all(
+            isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in index):
+        raise TypeError(f"index must be {example} (one int per spatial axis of shape {spatial}); got {index!r}")
+    index = tuple(int(i) for i in index)
+    if len(index) != len(spatial) or not all(0 <= i < n for i, n in zip(index, spatial)):
+        raise ValueError(f"index must give one in-range coordinate per spatial axis of shape {spatial}; got {index}")
+    return index
+
+
 def check_kernel(func, v, *, h, sigma, patch_size, search_size, aggregation="pixel", index=None):
     """The arguments of the channel-first kernels (:mod:`.naive`, :func:`.fast.nl_means_fast`), checked.
 
     ``v`` must be a float32 or float64 array of shape (C, n_0, ..., n_{d-1}); ``h`` > 0 and
     ``sigma`` >= 0 finite; ``patch_size`` and ``search_size`` odd widths (an int or one per
-    spatial axis); ``index``, where given, ``d`` ints inside the image (negative ones count
-    from the end). Returns ``(h, sigma, patch_size, search_size, index)`` normalised (tuples of
-    ints), or raises a TypeError or ValueError naming ``func`` and the argument. Shapes and
-    dtypes only: no pass over the data.
+    spatial axis); ``index``, where given, as :func:`pixel_index` takes it. Returns
+    ``(h, sigma, patch_size, search_size, index)`` normalised (tuples of ints), or raises a
+    TypeError or ValueError naming ``func`` and the argument. Shapes and dtypes only: no pass
+    over the data.
     """
     array_namespace(v, names=["v"])  # an array of a known library, or a TypeError naming v
     check_not_masked(v, "v")
@@ -83,13 +100,7 @@ def check_kernel(func, v, *, h, sigma, patch_size, search_size, aggregation="pix
     h, sigma = positive("h", h, allow_zero=False), positive("sigma", sigma, allow_zero=True)
     patch_size, search_size = sizes("patch_size", patch_size, spatial), sizes("search_size", search_size, spatial)
     if index is not None:
-        items = tuple(index) if isinstance(index, (tuple, list)) else (index,)
-        if (len(items) != len(spatial) or not all(isinstance(i, numbers.Integral) and not isinstance(i, bool)
-                                                  for i in items)
-                or not all(-n <= i < n for i, n in zip(items, spatial))):
-            raise ValueError(f"{func}: index must be {len(spatial)} ints inside the image's spatial shape {spatial}, "
-                             f"got {index!r}")
-        index = tuple(int(i) % n for i, n in zip(items, spatial))
+        index = pixel_index(index, spatial)
     return h, sigma, patch_size, search_size, index
 
 
@@ -166,9 +177,7 @@ def check_image(image, channel_axis, *, stacklevel=3):
     channel_axis, spatial = check_axes(tuple(image.shape), channel_axis)
     if not xp.isdtype(image.dtype, "integral") and not bool(xp.all(xp.isfinite(image))):
         raise ValueError(NOT_FINITE)
-    layout = layout_doubt(tuple(image.shape), channel_axis, given)
-    if layout:
-        warnings.warn(layout, UserWarning, stacklevel=stacklevel)
+    warn_layout(image.shape, given, stacklevel=stacklevel + 1)  # one frame deeper than this function
     return xp, channel_axis, spatial
 
 
