@@ -304,7 +304,7 @@ def clip_grid(video, *, titles=None, title=None, size=1.6):
     titles : list of T str, optional
         One title per frame (default ``"t = 0"``, ``"t = 1"``, ...).
     title : str, optional
-        A title for the whole row (the label, say).
+        A title for the whole row (the label, say; default: the clip's frame count and size).
     size : float
         Width and height of one frame in inches.
 
@@ -324,6 +324,8 @@ def clip_grid(video, *, titles=None, title=None, size=1.6):
         raise ValueError(f"titles must hold one title per frame ({t}), got "
                          f"{repr(titles) if isinstance(titles, str) else len(titles)}")
     size = _positive("size", size)
+    if title is None:
+        title = f"a clip of {t} frame{'s' * (t != 1)} of {frames.shape[1]}x{frames.shape[2]} pixels, one per panel"
     fig, axes = plt.subplots(1, t, figsize=(size * t + 0.7, size * 1.1 + (0.3 if title else 0)), squeeze=False,
                              layout="constrained")
     for i, ax in enumerate(axes[0]):

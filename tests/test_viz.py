@@ -60,6 +60,7 @@ def test_clip_grid(xp_cpu):
     rgb = sprite_clips(1, frames=6, size=16, channels=3).video[0]
     fig = nlref.viz.clip_grid(rgb)
     assert fig.axes[0].images[0].get_array().shape == (16, 16, 3)
+    assert fig.get_suptitle() == "a clip of 6 frames of 16x16 pixels, one per panel"   # was none
     fig = nlref.viz.clip_grid(np.zeros((3, 8, 8)), titles=["a", "b", "c"])  # (T, H, W)
     assert [ax.get_title() for ax in fig.axes[:3]] == ["a", "b", "c"]
     with pytest.raises(ValueError, match=r"video must have shape \(C, T, H, W\) with C = 1 or 3.*\(2, 3, 8, 8\)"):

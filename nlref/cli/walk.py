@@ -47,7 +47,8 @@ def run_demo(out_dir, *, quick=False, seed=0):
     _save(viz.averaging_plot(counts, variances, sigma), out / "averaging_curve.png")
     copies = nlref.noisy_copies(camera, sigma, 16, seed=seed)
     shown = [copies[0], nlref.average(copies[:4]), nlref.average(copies)]
-    _save(viz.image_grid([camera] + shown, ["clean", "1 noisy copy", "mean of 4", "mean of 16"]),
+    _save(viz.image_grid([camera] + shown, ["clean", "1 noisy copy", "mean of 4", "mean of 16"],
+                         title="averaging N noisy copies of the camera image (noise sigma = 20/255)"),
           out / "averaging_images.png")
     for n, var in zip(counts, variances):
         if n in (4, 16):
@@ -86,7 +87,10 @@ def run_demo(out_dir, *, quick=False, seed=0):
         ("noisy (one copy)", "astronaut", nlref.psnr(astro, noisy_rgb), None),
         ("NL-means, pixel-wise", "astronaut", nlref.psnr(astro, rgb), t_rgb),
     ]
-    _save(viz.image_grid([astro, noisy_rgb, rgb], ["clean", "noisy", "NL-means"]), out / "nlmeans_astronaut.png")
+    _save(viz.image_grid([astro, noisy_rgb, rgb], ["clean", "noisy", "NL-means"],
+                         title="NL-means on a colour image: one weight per pair of pixels, from all three "
+                               "channels (noise sigma = 20/255)"),
+          out / "nlmeans_astronaut.png")
 
     block_lines = _demo_block(out, nlref.data.camera(), seed=seed)
     training_lines = _demo_training(out, quick=quick, seed=seed)

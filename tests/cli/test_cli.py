@@ -12,16 +12,56 @@ import nlref
 from nlref.cli import main
 
 
+DEMO_FIGURES = {}  # file name -> what a reader sees of the figure (filled by demo_run)
+
+
+def _what_a_reader_sees(fig):
+    """A figure's title and, per axis that draws something, its title, axis labels and images."""
+    panels = [dict(title=ax.get_title(), xlabel=ax.get_xlabel(), ylabel=ax.get_ylabel(), images=len(ax.images),
+                   lines=len(ax.lines), colorbar=ax.get_label() == "<colorbar>")
+              for ax in fig.axes if ax.images or ax.lines or ax.collections]
+    return dict(title=fig.get_suptitle(), panels=panels)
+
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    """``nlref demo --quick`` run once for the module: (its folder, what it printed)."""
+    """``nlref demo --quick`` run once for the module: (its folder, what it printed); what each saved figure
+    shows is recorded in ``DEMO_FIGURES``."""
     import contextlib
     import io as text_io
 
+    from nlref.cli import walk
+
     folder, printed = tmp_path_factory.mktemp("demo"), text_io.StringIO()
-    with contextlib.redirect_stdout(printed):
+    save = walk._save
+
+    def recording_save(fig, path):
+        DEMO_FIGURES[Path(path).name] = _what_a_reader_sees(fig)
+        save(fig, path)
+
+    with contextlib.redirect_stdout(printed), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(walk, "_save", recording_save)
         assert main(["demo", "--quick", "--out", str(folder)]) == 0
     return folder, printed.getvalue()
+
+
+def test_every_demo_figure_has_a_title_and_labels(demo_run):
+    """Every figure the demo writes says what it shows: a title over it, a title on each picture, axis labels
+    on each plot; ``averaging_images.png`` and ``nlmeans_astronaut.png`` had no figure title."""
+    from nlref.cli import walk
+
+    assert sorted(DEMO_FIGURES) == sorted(walk.FIGURES)
+    for name, seen in DEMO_FIGURES.items():
+        plots = [panel for panel in seen["panels"] if not panel["colorbar"]]
+        single = plots[0]["title"] if len(plots) == 1 else ""
+        assert (seen["title"] or single).strip(), f"{name} has no figure title"
+        for panel in seen["panels"]:
+            if panel["colorbar"]:
+                assert panel["ylabel"] or panel["xlabel"], f"{name}: a colour bar without a label"
+            elif panel["images"]:
+                assert panel["title"].strip(), f"{name}: a picture without a title"
+            elif panel["lines"]:
+                assert panel["xlabel"] and panel["ylabel"], f"{name}: a plot without axis labels"
 
 
 def test_demo_quick_writes_figures_and_table(demo_run):
