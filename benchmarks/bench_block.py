@@ -49,6 +49,8 @@ import numpy as np
 
 import ceiling
 import nlref
+from _args import figure_path, whole
+from nlref._files import replaced_atomically
 from nlref.nn import NonLocalBlock
 from nlref.nn.engine import nonlocal_op as nonlocal_engine
 
@@ -295,8 +297,11 @@ def plot_memory(ns, full, chunked, path, chunk=PLOT_CHUNK):
     ax.set_title("Non-local block memory against N\n(embedded Gaussian, B = 1, C = 64, d = 32, float32)")
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize="small")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        with replaced_atomically(path) as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def header(torch):
@@ -330,12 +335,12 @@ def header(torch):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=whole(1), default=5)
     parser.add_argument("--quick", action="store_true", help="small shape only, 2 repeats, no memory section")
     parser.add_argument("--only", choices=("speed", "memory"), help="run one section")
     parser.add_argument("--matrix-route", action="store_true",
                         help="nlref's dot product and concatenation build the (B, N, N') matrix too (no factored route)")
-    parser.add_argument("--plot", metavar="PATH",
+    parser.add_argument("--plot", metavar="PATH", type=figure_path,
                         help="measure only peak memory against N and save its log-log figure to PATH (a .png)")
     args = parser.parse_args(argv)
     if args.plot:

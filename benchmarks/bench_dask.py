@@ -30,13 +30,16 @@ import math
 import os
 import platform
 import shutil
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 import nlref
+from _args import positive, whole, wholes
 from nlref.nlmeans.fast import halo
 
 from ceiling import median_seconds
@@ -217,31 +220,48 @@ def volume_run(path, out_path, shape, chunk, workers, patch, search, sigma, rout
                 grow=grow, block=block, tasks=tasks, chunks=out.npartitions)
 
 
+def check_plan(parser, args, shape, piece):
+    """Refuse, before the volume is written, a piece or patch that does not fit, or a folder without room."""
+    if not args.dir.is_dir():
+        parser.error(f"--dir {str(args.dir)!r} is not an existing folder")
+    if any(p > s for p, s in zip(piece, shape)):
+        parser.error(f"--piece {','.join(map(str, piece))} does not fit in the volume {shape}")
+    if args.patch > min(piece) or args.search > min(piece):
+        parser.error(f"--patch {args.patch} and --search {args.search} must fit in the piece {piece}")
+    needed = 2 * 4 * math.prod(shape)  # the input and the output store, uncompressed float32
+    free = shutil.disk_usage(args.dir).free
+    if needed > free:
+        parser.error(f"--dir {str(args.dir)!r} has {free / 1e9:.1f} GB free; the input and output stores of "
+                     f"--size-gb {args.size_gb:g} need {needed / 1e9:.1f} GB")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size-gb", type=float, default=2.1, help="volume size on disk, 1e9 bytes (default 2.1)")
-    parser.add_argument("--plane", type=int, default=1024, help="height = width of the volume (default 1024)")
-    parser.add_argument("--chunks", default="64,128", help="chunk sizes to compare (default 64,128)")
-    parser.add_argument("--workers", default="1,2", help="worker counts to compare (default 1,2)")
-    parser.add_argument("--patch", type=int, default=3)
-    parser.add_argument("--search", type=int, default=5)
-    parser.add_argument("--sigma", type=float, default=0.1)
-    parser.add_argument("--piece", default="32,256,256", help="the in-memory piece (default 32,256,256)")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--dir", default="/tmp", help="where the Zarr stores go (deleted at the end)")
+    parser.add_argument("--size-gb", type=positive, default=2.1, help="volume size on disk, 1e9 bytes (default 2.1)")
+    parser.add_argument("--plane", type=whole(1), default=1024, help="height = width of the volume (default 1024)")
+    parser.add_argument("--chunks", type=wholes(1), default=[64, 128], help="chunk sizes to compare (default 64,128)")
+    parser.add_argument("--workers", type=wholes(1), default=[1, 2], help="worker counts to compare (default 1,2)")
+    parser.add_argument("--patch", type=whole(1, odd=True), default=3)
+    parser.add_argument("--search", type=whole(1, odd=True), default=5)
+    parser.add_argument("--sigma", type=positive, default=0.1)
+    parser.add_argument("--piece", type=wholes(1, count=3), default=[32, 256, 256],
+                        help="the in-memory piece (default 32,256,256)")
+    parser.add_argument("--repeats", type=whole(1), default=5)
+    parser.add_argument("--dir", type=Path, default=Path("/tmp"), help="an existing folder where the Zarr stores go "
+                        "(deleted at the end, and on Ctrl-C or SIGTERM)")
     parser.add_argument("--keep", action="store_true", help="keep the generated store")
     parser.add_argument("--no-dask-route", dest="dask_route", action="store_false",
                         help="skip the run through nl_means of a Dask array (map_overlap)")
     args = parser.parse_args(argv)
 
-    chunk_sizes = [int(c) for c in args.chunks.split(",")]
-    worker_counts = [int(w) for w in args.workers.split(",")]
-    piece = tuple(int(n) for n in args.piece.split(","))
+    chunk_sizes, worker_counts, piece = args.chunks, args.workers, tuple(args.piece)
     store_chunk = math.gcd(*chunk_sizes)
     depth_n = math.ceil(args.size_gb * 1e9 / (4 * args.plane**2) / store_chunk) * store_chunk
     shape = (depth_n, args.plane, args.plane)
-    path = Path(args.dir) / "nlref-bench-dask-input.zarr"
-    out_path = Path(args.dir) / "nlref-bench-dask-output.zarr"
+    path = args.dir / "nlref-bench-dask-input.zarr"
+    out_path = args.dir / "nlref-bench-dask-output.zarr"
+    check_plan(parser, args, shape, piece)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # the stores go in `finally` too
 
     import dask
     import distributed

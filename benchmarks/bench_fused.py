@@ -27,6 +27,7 @@ import time
 
 import numpy as np
 
+from _args import whole
 from nlref.nn import NonLocalBlock
 from nlref.nn import functional as F
 from nlref.nn.engine import fused_numba
@@ -122,7 +123,7 @@ def blocks(rounds, shape=(8, 64, 4, 14, 14)):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per engine")
+    parser.add_argument("--rounds", type=whole(1), default=3, help="alternating rounds per engine")
     args = parser.parse_args()
     import numba
 

@@ -66,7 +66,9 @@ from skimage.metrics import structural_similarity
 from skimage.restoration import denoise_nl_means
 
 import nlref
+from _args import figure_path, whole
 from ceiling import copy_gbs, median_seconds
+from nlref._files import replaced_atomically
 
 # ---------------------------------------------------------------------------
 # settings
@@ -752,8 +754,11 @@ def plot_size_sweep(sizes, times, path):
     ax.set_title("NL-means time against image size\n(camera, sigma = 20/255, 7x7 patches, 21x21 search, float32)")
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize="small")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        with replaced_atomically(path) as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def sweep_table(sizes, times):
@@ -766,18 +771,16 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="small crops, one run, tiny sweeps: a smoke test in well under 30 s")
-    parser.add_argument("--repeats", type=int, default=5,
+    parser.add_argument("--repeats", type=whole(1), default=5,
                         help="timed runs in the speed section (median, after 1 warm-up; default 5)")
-    parser.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
-    parser.add_argument("--plot", metavar="PATH",
+    parser.add_argument("--seed", type=whole(0), default=0, help="noise seed (default 0)")
+    parser.add_argument("--plot", metavar="PATH", type=figure_path,
                         help="run only the size sweep and save its log-log figure to PATH (a .png)")
     parser.add_argument("--speed-only", action="store_true",
                         help="only section 1 (speed at 512x512 and the 128x128 crop; the peers in the same run)")
     parser.add_argument("--profile", action="store_true",
                         help="only the profile of the fast method's steps, with a memory-copy probe")
     args = parser.parse_args(argv)
-    if args.repeats < 1:
-        parser.error(f"--repeats must be >= 1; got {args.repeats}")
     cfg = settings_from_args(args)
     cv2 = import_cv2()
     if args.plot:

@@ -46,6 +46,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "nn"))
 
 import ceiling  # noqa: E402
+from _args import whole  # noqa: E402
 import nlref.backend as B  # noqa: E402
 from nlref.data.sprites import sprite_clips  # noqa: E402
 from nlref.nn import functional as F  # noqa: E402
@@ -179,10 +180,10 @@ def layer_table(torch, net, tnet, x, repeats, ceilings):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--blocks", type=int, default=7, help="timed blocks per peer")
-    parser.add_argument("--steps", type=int, default=10, help="training steps per block")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--blocks", type=whole(1), default=7, help="timed blocks per peer")
+    parser.add_argument("--steps", type=whole(1), default=10, help="training steps per block")
+    parser.add_argument("--batch-size", type=whole(1), default=32)
+    parser.add_argument("--threads", type=whole(1), default=os.cpu_count())
     parser.add_argument("--backend", choices=("numpy", "cupy"), default="numpy")
     parser.add_argument("--device", default="cpu", help="PyTorch device (cpu or cuda)")
     parser.add_argument("--per-block", action="store_true", help="also print every block's clips/s")

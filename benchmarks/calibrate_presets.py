@@ -24,6 +24,7 @@ import numpy as np
 from skimage import data
 
 import nlref
+from _args import whole
 from nlref.nlmeans import presets
 
 GREY = {"camera": data.camera, "moon": data.moon, "coins": data.coins, "brick": data.brick}
@@ -33,6 +34,8 @@ GREY_SIGMAS = (10, 20, 35, 60, 90)
 COLOUR_SIGMAS = (15, 40, 70)
 FACTORS = np.round(np.arange(0.30, 1.31, 0.05), 2)
 MULTIPLIERS = np.round(np.arange(0.40, 1.01, 0.05), 2)
+#: The smallest crop: the largest search window of the tables (35 x 35).
+MIN_CROP = 35
 # (name, clean signal, noise levels on the 0..255 scale)
 SIGNALS_3D = (("volume 48x64x64", nlref.data.volume, (10, 25, 40)),
               ("video 8x128x128", nlref.data.video, (10, 20, 35)))
@@ -104,10 +107,13 @@ def calibrate_3d(args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", type=int, default=256, help="central crop size (default 256)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", type=whole(MIN_CROP), default=256, help="central crop size (default 256)")
+    parser.add_argument("--seed", type=whole(0), default=0)
     parser.add_argument("--part", choices=("2d", "3d", "all"), default="all")
     args = parser.parse_args()
+    smallest = min(min(load().shape[:2]) for load in (*GREY.values(), *COLOUR.values()))
+    if args.size > smallest:  # a larger crop was cut short (or wrapped) without a word
+        parser.error(f"--size must be at most {smallest}, the smallest image's side, got {args.size}")
     t0 = time.perf_counter()
     if args.part in ("2d", "all"):
         calibrate_2d(args)
