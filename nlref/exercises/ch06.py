@@ -64,13 +64,14 @@ def _array(name, fn, shape, layout, *args):
 
 def ex2(answer):
     """``dw(x, dout, kernel, stride, padding)``: the weight gradient (O, C, kt, kh, kw), checked
-    against :func:`nlref.nn.functional.conv3d_reference_backward` on two random convolutions."""
+    against :func:`nlref.nn.functional.conv3d_reference_backward` on two random convolutions, one
+    with a 3-tuple stride and padding, one with an int stride and padding (the exercise allows both)."""
     if not_answered("ex2", answer):
         return None
     rng = np.random.default_rng(72)
     got, expected = [], []
     for xs, ws, stride, padding in [((2, 3, 3, 5, 6), (4, 3, 2, 3, 2), (1, 2, 1), (0, 1, 1)),
-                                    ((1, 2, 2, 4, 4), (3, 2, 1, 3, 3), 1, (0, 1, 1))]:
+                                    ((1, 2, 2, 4, 4), (3, 2, 1, 3, 3), 1, 1)]:
         x, w = rng.standard_normal(xs), rng.standard_normal(ws)
         out, cache = F.conv3d_reference(x, w, stride=stride, padding=padding)
         dout = rng.standard_normal(out.shape)
