@@ -229,3 +229,12 @@ def _dw_tuple_padding_only(x, dout, kernel, stride, padding):
 
 def test_the_weight_gradient_must_take_an_int_padding(capsys):
     _false(ch06.ex2, _dw_tuple_padding_only, capsys, "your function raised TypeError")
+
+
+@pytest.mark.parametrize("check", [ch02.ex2, ch04.ex2, ch04.ex4, ch05.ex1, ch05.ex5, ch06.ex2, ch06.ex4, ch08.ex1,
+                                   ch08.ex2, ch08.ex4])
+def test_a_function_still_to_write_is_told_to_write_it(check, capsys):
+    # the student edition's function cells hold no None: "replace None by your answer" pointed nowhere
+    assert check(_not_written) is None
+    out = capsys.readouterr().out
+    assert "write the function" in out and "replace None" not in out, out
