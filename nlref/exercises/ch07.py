@@ -160,7 +160,7 @@ def ex7(answer):
         return F.softmax_cross_entropy_forward(F.linear_forward(h, p["w2"], p["b2"])[0], labels)[0]
 
     def run():
-        got = attempt("ex7", answer, params, x, labels, lr)
+        got = attempt("ch07 ex7", answer, params, x, labels, lr)
         if not isinstance(got, tuple) or len(got) != 2 or not isinstance(got[1], dict):
             raise Wrong(f"expected a tuple (loss, new_params dict), got {type(got).__name__}")
         loss, new = got
@@ -177,4 +177,4 @@ def ex7(answer):
             numeric = numerical_gradient(f, params[k], np.ones(()))
             ok &= compare(f"d{k} implied (vs finite differences)", implied, numeric, rtol=1e-5, atol=1e-7)
         return ok
-    return verdict("ex7", run)
+    return verdict("ch07 ex7", run)

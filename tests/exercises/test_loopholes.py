@@ -4,6 +4,8 @@ Each case failed on the checks before this file: a check said ``correct`` to a w
 a right one, or raised instead of reporting.
 """
 
+import re
+
 import numpy as np
 import pytest
 
@@ -238,3 +240,18 @@ def test_a_function_still_to_write_is_told_to_write_it(check, capsys):
     assert check(_not_written) is None
     out = capsys.readouterr().out
     assert "write the function" in out and "replace None" not in out, out
+
+
+def _every_check():
+    from nlref.exercises import ch03
+
+    return [(m, name) for m in (ch01, ch02, ch03, ch04, ch05, ch06, ch07, ch08)
+            for name in m.__all__ if re.fullmatch(r"ex\d+", name)]
+
+
+@pytest.mark.parametrize("module, name", _every_check(), ids=lambda v: getattr(v, "__name__", v)[-4:])
+def test_every_line_a_check_prints_names_its_chapter(module, name, capsys):
+    # the graded checks and chapter 6's printed "ex6: correct": which chapter's ex6, in an nbgrader log?
+    assert getattr(module, name)(None) is None
+    lines = capsys.readouterr().out.splitlines()
+    assert lines and all(line.startswith(f"ch{module.__name__[-2:]} {name}:") for line in lines), lines
