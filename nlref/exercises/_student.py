@@ -49,8 +49,8 @@ def as_names(name, answer):
     if isinstance(answer, str) or not hasattr(answer, "__iter__"):
         _report(name, False, f"expected a list or set of parameter names, got {type(answer).__name__}")
         return None
-    names = set(answer)
+    names = list(answer)  # checked before set(): a list of lists is unhashable
     if not all(isinstance(n, str) for n in names):
         _report(name, False, "every entry must be a parameter name (a str)")
         return None
-    return names
+    return set(names)

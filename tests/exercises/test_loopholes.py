@@ -255,3 +255,13 @@ def test_every_line_a_check_prints_names_its_chapter(module, name, capsys):
     assert getattr(module, name)(None) is None
     lines = capsys.readouterr().out.splitlines()
     assert lines and all(line.startswith(f"ch{module.__name__[-2:]} {name}:") for line in lines), lines
+
+
+@pytest.mark.parametrize("check, answer, says", [
+    (ch01.ex4, 10**400, "over 10**15 copies"),                  # int - float raised OverflowError
+    (ch01.ex4, 10**5000, "over 10**15 copies"),                 # and str() of it raises ValueError
+    (ch04.ex1, [["phi.bias"], ["g.bias"]], "parameter name"),   # set() raised: a list is unhashable
+    (ch04.ex3, [["bn.beta"]], "parameter name"),
+], ids=["1e400", "1e5000", "ch04.ex1-lists", "ch04.ex3-lists"])
+def test_odd_answers_are_reported_not_raised(check, answer, says, capsys):
+    _false(check, answer, capsys, says)
