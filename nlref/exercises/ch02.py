@@ -163,8 +163,8 @@ def ex6(answer):
     def run():
         ok = True
         for p, sigma, h, patch, search in cases:
-            got = attempt("ex6", answer, v, p, sigma, h, patch, search)
+            got = attempt("ch02 ex6", answer, v, p, sigma, h, patch, search)
             want = nlref.nl_means_weights(v, p, sigma=sigma, h=h, patch_size=patch, search_size=search)
             ok &= compare(f"weights of pixel {p}", got, want, rtol=1e-9, atol=1e-12)
         return ok
-    return verdict("ex6", run)
+    return verdict("ch02 ex6", run)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _report, check_close, check_true, not_answered
+from . import _host, _report, check_close, check_true, not_answered
 from ._graded import Wrong, attempt, compare, verdict
 from ._student import call
 
@@ -51,9 +51,9 @@ def ex1(answer):
         return None
     P, _ = patch_vectors()
     try:
-        a = np.asarray(answer, dtype=np.float64)
+        a = _host(answer)  # real numbers only: np.asarray(..., float64) read a list of str as numbers
     except (TypeError, ValueError):
-        return _report(name, False, f"expected an array of shape ({len(P)},), got {type(answer).__name__}")
+        return _report(name, False, f"expected an array of ({len(P)},) real numbers, got {type(answer).__name__}")
     if a.shape != (len(P),):
         return _report(name, False, f"shape {a.shape}, expected ({len(P)},): one number per key")
     target = -np.sum(P**2, axis=1) / (K * H_FILTER) ** 2

@@ -242,12 +242,12 @@ def ex7(answer):
         for shape in [(2, 4, 5), (6,)]:
             s, dp = 1.5 * rng.standard_normal(shape), rng.standard_normal(shape)
             p, cache = F.softmax_forward(s)
-            ds = attempt("ex7", answer, dp, p)
+            ds = attempt("ch04 ex7", answer, dp, p)
             ok &= compare(f"ds {shape} (vs nlref)", ds, F.softmax_backward(dp, cache))
             numeric = numerical_gradient(lambda v: F.softmax_forward(v)[0], s, dp)
             ok &= compare(f"ds {shape} (vs finite differences)", ds, numeric, rtol=1e-5, atol=1e-8)
         return ok
-    return verdict("ex7", run)
+    return verdict("ch04 ex7", run)
 
 
 def ex8(answer):
@@ -273,7 +273,7 @@ def ex8(answer):
             gamma, beta = rng.standard_normal(shape[1]), rng.standard_normal(shape[1])
             out, cache = forward(x, gamma, beta)
             dout = rng.standard_normal(shape)
-            got = _grads("ex8", answer, 3, dout, x, gamma, eps)
+            got = _grads("ch04 ex8", answer, 3, dout, x, gamma, eps)
             want = F.batchnorm_backward(dout, cache)
             for label, g, w in zip(("dx", "dgamma", "dbeta"), got, want):
                 ok &= compare(f"{label} {shape} (vs nlref)", g, w)
@@ -283,7 +283,7 @@ def ex8(answer):
             for label, g, w in zip(("dx", "dgamma", "dbeta"), got, numeric):
                 ok &= compare(f"{label} {shape} (vs finite differences)", g, w, rtol=1e-5, atol=1e-7)
         return ok
-    return verdict("ex8", run)
+    return verdict("ch04 ex8", run)
 
 
 def ex9(answer):
@@ -298,7 +298,7 @@ def ex9(answer):
         ok = True
         g, A = rng.standard_normal((2, 3, 5)), rng.standard_normal((2, 4, 5))
         dy = rng.standard_normal((2, 3, 4))
-        got = _grads("ex9", answer, 2, dy, g, A)
+        got = _grads("ch04 ex9", answer, 2, dy, g, A)
         want = (dy @ A, np.swapaxes(dy, 1, 2) @ g)
         numeric = (numerical_gradient(lambda v: v @ np.swapaxes(A, 1, 2), g, dy),
                    numerical_gradient(lambda v: g @ np.swapaxes(v, 1, 2), A, dy))
@@ -306,4 +306,4 @@ def ex9(answer):
             ok &= compare(f"{label} (vs the products)", gr, w)
             ok &= compare(f"{label} (vs finite differences)", gr, num, rtol=1e-6, atol=1e-8)
         return ok
-    return verdict("ex9", run)
+    return verdict("ch04 ex9", run)

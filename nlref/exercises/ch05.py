@@ -187,7 +187,7 @@ def ex6(answer):
             theta, phi, g = (rng.standard_normal(s) for s in ((b, d, n), (b, d, m), (b, dg, m)))
             y, cache = nonlocal_forward(theta, phi, g, mode="embedded_gaussian", scale=scale)
             dy = rng.standard_normal(y.shape)
-            got = attempt("ex6", answer, dy, theta, phi, g, scale)
+            got = attempt("ch05 ex6", answer, dy, theta, phi, g, scale)
             if not isinstance(got, tuple) or len(got) != 3:
                 raise Wrong(f"expected a tuple (dtheta, dphi, dg), got {type(got).__name__}")
             want = nonlocal_backward(dy, cache)[:3]
@@ -201,7 +201,7 @@ def ex6(answer):
                 num = numerical_gradient(lambda u: f(**{name: u}), v, dy)
                 ok &= compare(f"{label}, scale {scale} (vs finite differences)", gr, num, rtol=1e-5, atol=1e-8)
         return ok
-    return verdict("ex6", run)
+    return verdict("ch05 ex6", run)
 
 
 def online_reference(m, l, acc, s_block, g_block):
@@ -235,7 +235,7 @@ def ex7(answer):
         state = (np.full(n, -np.inf), np.zeros(n), np.zeros((dg, n)))
         for start, stop in [(0, 4), (4, 8), (8, 10)]:
             want = online_reference(*state, s[:, start:stop], g[:, start:stop])
-            got = attempt("ex7", answer, *state, s[:, start:stop], g[:, start:stop])
+            got = attempt("ch05 ex7", answer, *state, s[:, start:stop], g[:, start:stop])
             if not isinstance(got, tuple) or len(got) != 3:
                 raise Wrong(f"expected a tuple (m, l, acc), got {type(got).__name__}")
             for label, gr, w in zip(("m", "l", "acc"), got, want):
@@ -246,4 +246,4 @@ def ex7(answer):
         full, _ = nonlocal_forward(np.eye(n)[None], s[None], g[None], mode="embedded_gaussian")  # theta = I: logits s
         ok &= compare("acc / l (vs attention in one piece)", y, full[0], rtol=1e-10, atol=1e-12)
         return ok
-    return verdict("ex7", run)
+    return verdict("ch05 ex7", run)

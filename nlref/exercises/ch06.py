@@ -36,14 +36,14 @@ def ex1(answer):
     x = np.zeros(EX1["x"])
     w = np.zeros(EX1["w"])
     out, _ = F.conv3d_reference(x, w, stride=EX1["stride"], padding=EX1["padding"])
-    if not_answered("ex1", answer):
+    if not_answered("ch06 ex1", answer):
         return None
     if (isinstance(answer, (str, bytes)) or not hasattr(answer, "__iter__")
             or not all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) for n in answer)):
         # int() would truncate 5.5 to 5: the floor is the point of the exercise
-        return check_true("ex1", answer, False, f"expected a tuple of 5 ints, got {answer!r}")
+        return check_true("ch06 ex1", answer, False, f"expected a tuple of 5 ints, got {answer!r}")
     shape = tuple(int(n) for n in answer)
-    return check_true("ex1", answer, shape == tuple(out.shape),
+    return check_true("ch06 ex1", answer, shape == tuple(out.shape),
                       f"shape {shape} is not the output's; recall floor((n + 2p - k) / s) + 1 per axis")
 
 
@@ -64,22 +64,23 @@ def _array(name, fn, shape, layout, *args):
 
 def ex2(answer):
     """``dw(x, dout, kernel, stride, padding)``: the weight gradient (O, C, kt, kh, kw), checked
-    against :func:`nlref.nn.functional.conv3d_reference_backward` on two random convolutions."""
-    if not_answered("ex2", answer):
+    against :func:`nlref.nn.functional.conv3d_reference_backward` on two random convolutions, one
+    with a 3-tuple stride and padding, one with an int stride and padding (the exercise allows both)."""
+    if not_answered("ch06 ex2", answer):
         return None
     rng = np.random.default_rng(72)
     got, expected = [], []
     for xs, ws, stride, padding in [((2, 3, 3, 5, 6), (4, 3, 2, 3, 2), (1, 2, 1), (0, 1, 1)),
-                                    ((1, 2, 2, 4, 4), (3, 2, 1, 3, 3), 1, (0, 1, 1))]:
+                                    ((1, 2, 2, 4, 4), (3, 2, 1, 3, 3), 1, 1)]:
         x, w = rng.standard_normal(xs), rng.standard_normal(ws)
         out, cache = F.conv3d_reference(x, w, stride=stride, padding=padding)
         dout = rng.standard_normal(out.shape)
-        ok, dw = _array("ex2", answer, ws, "(O, C, kt, kh, kw)", x, dout, tuple(ws[2:]), stride, padding)
+        ok, dw = _array("ch06 ex2", answer, ws, "(O, C, kt, kh, kw)", x, dout, tuple(ws[2:]), stride, padding)
         if not ok:
             return ok
         got.append(dw.reshape(-1))
         expected.append(F.conv3d_reference_backward(dout, cache)[1].reshape(-1))
-    return check_close("ex2", np.concatenate(got), np.concatenate(expected), rtol=1e-9, atol=1e-9)
+    return check_close("ch06 ex2", np.concatenate(got), np.concatenate(expected), rtol=1e-9, atol=1e-9)
 
 
 def ex3(answer):
@@ -87,13 +88,13 @@ def ex3(answer):
     b, c, t, h, w = EX3["x"]
     kt, kh, kw = EX3["kernel"]
     rows = b * t * h * w  # padding k // 2, stride 1: the maps keep their size
-    return check_close("ex3", answer, rows * kt * kh * kw * c * 4, rtol=0)
+    return check_close("ch06 ex3", answer, rows * kt * kh * kw * c * 4, rtol=0)
 
 
 def ex4(answer):
     """``flip(w)``: the kernel (C, O, kt, kh, kw) with which the stride-1 input gradient is a full
     correlation, ``dx = conv3d_reference(dout, flip(w), padding=k - 1 - p)``, checked on two cases."""
-    if not_answered("ex4", answer):
+    if not_answered("ch06 ex4", answer):
         return None
     rng = np.random.default_rng(74)
     got, expected = [], []
@@ -102,13 +103,13 @@ def ex4(answer):
         x, w = rng.standard_normal(xs), rng.standard_normal(ws)
         out, cache = F.conv3d_reference(x, w, padding=padding)
         dout = rng.standard_normal(out.shape)
-        ok, flipped = _array("ex4", answer, (ws[1], ws[0]) + tuple(ws[2:]), "(C, O, kt, kh, kw)", w)
+        ok, flipped = _array("ch06 ex4", answer, (ws[1], ws[0]) + tuple(ws[2:]), "(C, O, kt, kh, kw)", w)
         if not ok:
             return ok
         full = tuple(k - 1 - p for k, p in zip(ws[2:], padding))
         got.append(F.conv3d_reference(dout, flipped, padding=full)[0].reshape(-1))
         expected.append(F.conv3d_reference_backward(dout, cache)[0].reshape(-1))
-    return check_close("ex4", np.concatenate(got), np.concatenate(expected), rtol=1e-9, atol=1e-9)
+    return check_close("ch06 ex4", np.concatenate(got), np.concatenate(expected), rtol=1e-9, atol=1e-9)
 
 
 #: The convolutions that exercises 6 and 7 are checked on, as (x shape, w shape, stride, padding).
@@ -131,11 +132,11 @@ def ex6(answer):
     def run():
         ok = True
         for x, w, bias, stride, padding in _cases(76):
-            out = attempt("ex6", answer, x, w, bias, stride, padding)
+            out = attempt("ch06 ex6", answer, x, w, bias, stride, padding)
             expected, _ = F.conv3d_reference(x, w, bias, stride=stride, padding=padding)
             ok &= compare(f"out, stride {stride}", out, expected)
         return ok
-    return verdict("ex6", run)
+    return verdict("ch06 ex6", run)
 
 
 def ex7(answer):
@@ -150,7 +151,7 @@ def ex7(answer):
         for n, (x, w, bias, stride, padding) in enumerate(_cases(77)):
             out, cache = F.conv3d_reference(x, w, bias, stride=stride, padding=padding)
             dout = np.random.default_rng(n).standard_normal(out.shape)
-            grads = attempt("ex7", answer, dout, x, w, stride, padding)
+            grads = attempt("ch06 ex7", answer, dout, x, w, stride, padding)
             if not isinstance(grads, tuple) or len(grads) != 3:
                 raise _graded.Wrong(f"expected a tuple (dx, dw, dbias), got {type(grads).__name__}")
             expected = F.conv3d_reference_backward(dout, cache)
@@ -165,4 +166,4 @@ def ex7(answer):
                     numeric = numerical_gradient(lambda v: forward(**{name: v}), value, dout)
                     ok &= compare(f"{label} (vs finite differences)", got, numeric, rtol=1e-5, atol=1e-7)
         return ok
-    return verdict("ex7", run)
+    return verdict("ch06 ex7", run)

@@ -93,12 +93,28 @@ def ex6(answer):
         return None
     if not isinstance(answer, dict) or set(answer) != {"res2", "res4"}:
         return _report(name, False, f"expected a dict with the keys 'res2' and 'res4', got {answer!r}")
+    mine = {}
+    for stage in ("res2", "res4"):
+        counts = _counts(answer[stage])
+        if counts is None:  # int() would pass 512.9 as 512 and "512" as 512
+            return _report(name, False, f"answer[{stage!r}] must be two whole numbers (N, N'), got {answer[stage]!r}")
+        mine[stage] = counts
     expected = {stage: attention_sizes(stage) for stage in ("res2", "res4")}
-    try:
-        mine = {stage: tuple(int(n) for n in answer[stage]) for stage in answer}
-    except (TypeError, ValueError):
-        return _report(name, False, "each value must be two integers (N, N')")
     return check_true(name, answer, mine == expected, f"the network's attention has {expected}")
+
+
+def _counts(value):
+    """``value`` as a tuple of ints when it holds whole numbers only (512 or 512.0, not 512.9, "512" or True)."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        return None
+    counts = []
+    for n in value:
+        if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, float, np.integer, np.floating)):
+            return None
+        if isinstance(n, (float, np.floating)) and not float(n).is_integer():
+            return None
+        counts.append(int(n))
+    return tuple(counts)
 
 
 
@@ -144,7 +160,7 @@ def ex7(answer):
         return F.softmax_cross_entropy_forward(F.linear_forward(h, p["w2"], p["b2"])[0], labels)[0]
 
     def run():
-        got = attempt("ex7", answer, params, x, labels, lr)
+        got = attempt("ch07 ex7", answer, params, x, labels, lr)
         if not isinstance(got, tuple) or len(got) != 2 or not isinstance(got[1], dict):
             raise Wrong(f"expected a tuple (loss, new_params dict), got {type(got).__name__}")
         loss, new = got
@@ -161,4 +177,4 @@ def ex7(answer):
             numeric = numerical_gradient(f, params[k], np.ones(()))
             ok &= compare(f"d{k} implied (vs finite differences)", implied, numeric, rtol=1e-5, atol=1e-7)
         return ok
-    return verdict("ex7", run)
+    return verdict("ch07 ex7", run)

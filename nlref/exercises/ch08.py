@@ -35,9 +35,11 @@ def ex1(answer, *, seed=0):
     """A student's ``layernorm_backward(dout, cache) -> (dx, dgamma, dbeta)``.
 
     ``cache`` is what :func:`nlref.nn.functional.layernorm_forward` returns:
-    ``(x_hat, gamma, inv_std)``, with ``x_hat`` (B, N, D) and ``inv_std`` (B, N, 1). The
-    check runs nlref's forward on random (2, 3, 5) inputs (gamma and beta random too) and
-    compares each gradient with nlref's ``layernorm_backward``, ``rtol=1e-8``, ``atol=1e-10``.
+    ``(x_hat, gamma, inv_std)``, with ``x_hat`` (..., D) and ``inv_std`` (..., 1). The
+    check runs nlref's forward on random (2, 3, 5) inputs (gamma and beta random too), then on
+    (7, 4) inputs (so that a function which sums over axes (0, 1) instead of every axis but the
+    last fails), and compares each gradient with nlref's ``layernorm_backward``, ``rtol=1e-8``,
+    ``atol=1e-10``.
     """
     from ..nn.functional import layernorm_backward, layernorm_forward
 
@@ -45,18 +47,19 @@ def ex1(answer, *, seed=0):
     if not_answered(name, answer):
         return None
     rng = np.random.default_rng(seed)
-    x, gamma, beta, dout = (rng.standard_normal(s) for s in ((2, 3, 5), (5,), (5,), (2, 3, 5)))
-    _, cache = layernorm_forward(x, gamma, beta)
-    state, mine = call(name, answer, dout, cache)
-    if state is not True:
-        return state
-    mine = _parts(name, mine, 3)
-    if mine is None:
-        return False
-    expected = layernorm_backward(dout, cache)
-    for label, ours, theirs in zip(("dx", "dgamma", "dbeta"), mine, expected):
-        if not check_close(f"{name} ({label})", ours, theirs, rtol=1e-8, atol=1e-10):
+    for shape in ((2, 3, 5), (7, 4)):
+        x, gamma, beta, dout = (rng.standard_normal(s) for s in (shape, shape[-1:], shape[-1:], shape))
+        _, cache = layernorm_forward(x, gamma, beta)
+        state, mine = call(name, answer, dout, cache)
+        if state is not True:
+            return state
+        mine = _parts(name, mine, 3)
+        if mine is None:
             return False
+        expected = layernorm_backward(dout, cache)
+        for label, ours, theirs in zip(("dx", "dgamma", "dbeta"), mine, expected):
+            if not check_close(f"{name} ({label}, x of shape {shape})", ours, theirs, rtol=1e-8, atol=1e-10):
+                return False
     return _report(name, True)
 
 

@@ -132,7 +132,7 @@ def test_notebook_has_graded_exercises_with_levels():
     text = "\n".join(src for src, kind in _cells() if kind == "markdown")
     for label in ("ch08-ex1", "ch08-ex2", "ch08-ex3", "ch08-ex4"):
         assert f":label: {label}" in text
-    assert len(re.findall(r"\*\*Level:\*\* (warm-up|core|stretch), about \d+ minutes", text)) >= 4
+    assert len(re.findall(r"\*(?:Graded|Level:?);? (warm-up|core|stretch); about \d+ minutes", text)) >= 4
     assert len(_solution_cells()) >= 2
 
 
@@ -150,7 +150,7 @@ def test_levels_match_the_notebook():
     found = {}
     for src, kind in _cells():
         label = re.search(r":label: ch08-(ex\d+)", src) if kind == "markdown" else None
-        level = re.search(r"\*\*Level:\*\* (warm-up|core|stretch), about (\d+) minutes", src)
+        level = re.search(r"\*(?:Graded|Level:?);? (warm-up|core|stretch); about (\d+) minutes", src)
         if label and level:
             found[label.group(1)] = (level.group(1), int(level.group(2)))
     assert found == ch08.LEVELS

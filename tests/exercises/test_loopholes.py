@@ -4,6 +4,8 @@ Each case failed on the checks before this file: a check said ``correct`` to a w
 a right one, or raised instead of reporting.
 """
 
+import re
+
 import numpy as np
 import pytest
 
@@ -175,7 +177,7 @@ def calls():
 def test_a_student_function_runs_once_per_case(calls, capsys):
     from .test_ch08 import _ln_right
     assert ch08.ex1(calls(_ln_right)) is True
-    assert calls.count == 1   # chapter 8 called it twice, once to look for NotImplementedError
+    assert calls.count == 2   # two cases, (2, 3, 5) and (7, 4); chapter 8 called it twice per case before
 
 
 @pytest.mark.parametrize("check", [ch06.ex2, ch06.ex4])
@@ -183,3 +185,83 @@ def test_chapter_6_function_checks_take_the_shared_route(check, capsys):
     # the function still to write is unanswered, as in the other chapters (chapter 6 called it wrong)
     assert check(_not_written) is None
     assert "not answered yet" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- answers read too loosely
+@pytest.mark.parametrize("answer", [
+    {"res2": (512.9, 128.7), "res4": (32.5, 8.99)},     # int() truncated each to the right count
+    {"res2": ("512", "128"), "res4": ("32", "8")},       # and read the str as numbers
+    {"res2": (512, 128), "res4": (True, 8)},             # a bool is not a count (but True == 1)
+])
+def test_attention_sizes_must_be_whole_numbers(answer, capsys):
+    _false(ch07.ex6, answer, capsys, "must be two whole numbers")
+
+
+def test_attention_sizes_as_whole_floats_or_numpy_ints_are_right(capsys):
+    assert ch07.ex6({"res2": (512.0, 128.0), "res4": np.array([32, 8])}) is True
+
+
+def test_the_missing_factor_must_be_numbers(capsys):
+    from nlref.exercises import ch03
+
+    P, _ = ch03.patch_vectors()
+    right = -np.sum(P**2, axis=1) / (ch03.K * ch03.H_FILTER) ** 2
+    _false(ch03.ex1, [repr(float(v)) for v in right], capsys, "real numbers")   # np.asarray(float64) parsed them
+    assert ch03.ex1(list(right)) is True
+
+
+def _ln_sums_over_axes_0_and_1(dout, cache):
+    """Right for (B, N, D) only: the exercise asks for sums over every axis but the last."""
+    x_hat, gamma, inv_std = cache
+    g = dout * gamma
+    dx = inv_std * (g - g.mean(-1, keepdims=True) - x_hat * (g * x_hat).mean(-1, keepdims=True))
+    return dx, (dout * x_hat).sum((0, 1)), dout.sum((0, 1))
+
+
+def test_layernorm_backward_must_sum_over_every_axis_but_the_last(capsys):
+    _false(ch08.ex1, _ln_sums_over_axes_0_and_1, capsys, "x of shape (7, 4)")
+
+
+def _dw_tuple_padding_only(x, dout, kernel, stride, padding):
+    """Right for a 3-tuple padding only: the exercise allows an int too."""
+    _, cache = F.conv3d_reference(x, np.zeros((dout.shape[1], x.shape[1]) + tuple(kernel)), stride=stride,
+                                  padding=tuple(p for p in padding))
+    return F.conv3d_reference_backward(dout, cache)[1]
+
+
+def test_the_weight_gradient_must_take_an_int_padding(capsys):
+    _false(ch06.ex2, _dw_tuple_padding_only, capsys, "your function raised TypeError")
+
+
+@pytest.mark.parametrize("check", [ch02.ex2, ch04.ex2, ch04.ex4, ch05.ex1, ch05.ex5, ch06.ex2, ch06.ex4, ch08.ex1,
+                                   ch08.ex2, ch08.ex4])
+def test_a_function_still_to_write_is_told_to_write_it(check, capsys):
+    # the student edition's function cells hold no None: "replace None by your answer" pointed nowhere
+    assert check(_not_written) is None
+    out = capsys.readouterr().out
+    assert "write the function" in out and "replace None" not in out, out
+
+
+def _every_check():
+    from nlref.exercises import ch03
+
+    return [(m, name) for m in (ch01, ch02, ch03, ch04, ch05, ch06, ch07, ch08)
+            for name in m.__all__ if re.fullmatch(r"ex\d+", name)]
+
+
+@pytest.mark.parametrize("module, name", _every_check(), ids=lambda v: getattr(v, "__name__", v)[-4:])
+def test_every_line_a_check_prints_names_its_chapter(module, name, capsys):
+    # the graded checks and chapter 6's printed "ex6: correct": which chapter's ex6, in an nbgrader log?
+    assert getattr(module, name)(None) is None
+    lines = capsys.readouterr().out.splitlines()
+    assert lines and all(line.startswith(f"ch{module.__name__[-2:]} {name}:") for line in lines), lines
+
+
+@pytest.mark.parametrize("check, answer, says", [
+    (ch01.ex4, 10**400, "over 10**15 copies"),                  # int - float raised OverflowError
+    (ch01.ex4, 10**5000, "over 10**15 copies"),                 # and str() of it raises ValueError
+    (ch04.ex1, [["phi.bias"], ["g.bias"]], "parameter name"),   # set() raised: a list is unhashable
+    (ch04.ex3, [["bn.beta"]], "parameter name"),
+], ids=["1e400", "1e5000", "ch04.ex1-lists", "ch04.ex3-lists"])
+def test_odd_answers_are_reported_not_raised(check, answer, says, capsys):
+    _false(check, answer, capsys, says)

@@ -1,0 +1,80 @@
+"""The exercises as the notebooks state them agree with the checks that mark them.
+
+The book numbers a chapter's exercises in the order they appear (sphinx-exercise), the code cells
+call ``chNN.exK`` by the label's number, and the teachers' page and the syllabus read ``LEVELS`` and
+``GRADED``: all of these must tell the same story, and a statement that says what the check does
+must say what it does.
+"""
+
+import importlib
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+
+import nlref
+from nlref.exercises import ch02
+
+ROOT = Path(__file__).resolve().parents[2]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+LABEL = re.compile(r":label: ch(\d\d)-ex(\d+)")
+LEVEL = re.compile(r"\*(?:(Graded); |Level: )(warm-up|core|stretch); about (\d+) minutes\.\*")
+
+
+def _exercises(path):
+    """``[(cell index, exercise number, statement)]`` of the notebook's exercise directives, in order."""
+    nb = nbformat.read(path, as_version=4)
+    found = []
+    for n, cell in enumerate(nb.cells):
+        if cell.cell_type == "markdown" and cell.source.lstrip().startswith("```{exercise}"):
+            label = LABEL.search(cell.source)
+            assert label and label.group(1) == path.name[:2], cell.source[:120]
+            found.append((n, int(label.group(2)), cell.source))
+    return nb, found
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_exercises_are_numbered_in_order_at_the_end(path):
+    """The book shows the k-th exercise as "Exercise k": it must be the one ``chNN.exk`` checks."""
+    nb, found = _exercises(path)
+    assert [k for _, k, _ in found] == list(range(1, len(found) + 1))
+    heading = [n for n, cell in enumerate(nb.cells)
+               if cell.cell_type == "markdown" and re.search(r"^## Exercises\s*$", cell.source, re.M)]
+    assert len(heading) == 1 and heading[0] < found[0][0], "the chapter ends with one section of exercises"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_each_exercise_calls_its_own_check(path):
+    nb, found = _exercises(path)
+    bounds = [n for n, _, _ in found] + [len(nb.cells)]
+    for (start, k, _), stop in zip(found, bounds[1:]):
+        calls = {call for cell in nb.cells[start:stop] if cell.cell_type == "code"
+                 for call in re.findall(r"\b(ch\d\d\.ex\d+)\(", cell.source)}
+        assert calls <= {f"ch{path.name[:2]}.ex{k}"}, (k, calls)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_each_statement_gives_the_level_and_graded_mark_of_its_module(path):
+    module = importlib.import_module(f"nlref.exercises.ch{path.name[:2]}")
+    _, found = _exercises(path)
+    for _, k, statement in found:
+        level = LEVEL.search(statement)
+        assert level, statement[:200]
+        assert (level.group(2), int(level.group(3))) == module.LEVELS[f"ex{k}"], k
+        assert (level.group(1) == "Graded") == (f"ex{k}" in module.GRADED), k
+
+
+def test_the_patchwise_statement_names_the_crops_the_check_uses(capsys):
+    shapes = []
+
+    def patchwise(v, *, sigma, h, patch, search):
+        shapes.append(v.shape)
+        return nlref.nl_means(v, sigma=sigma, h=h, patch_size=patch, search_size=search, aggregation="patch")
+
+    assert ch02.ex2(patchwise) is True
+    _, found = _exercises(ROOT / "notebooks" / "02_nl_means.ipynb")
+    (statement,) = [text for _, k, text in found if k == 2]
+    assert len(shapes) == 2
+    for rows, cols in shapes:
+        assert f"{rows}×{cols}" in statement, (rows, cols, statement)
