@@ -69,8 +69,8 @@ from .. import backend as B
 from . import functional as F
 
 __all__ = ["LAYOUTS", "PEER_LAYOUTS", "MODULE_NAMES", "SOURCES", "module_names", "key_map", "counter_key",
-           "problems", "check_expressible", "detect", "layout_of_keys", "slowfast_options", "to_layout",
-           "from_layout"]
+           "problems", "check_expressible", "detect", "layout_of_keys", "parameter_mismatch", "slowfast_options",
+           "to_layout", "from_layout"]
 
 #: Every layout :meth:`NonLocalBlock.state_dict` writes and :meth:`NonLocalBlock.load_state_dict` reads.
 LAYOUTS = ("nlref", "alexhex7", "mmcv", "slowfast", "pytorchvideo", "timm", "keras")
@@ -353,6 +353,67 @@ def layout_of_keys(keys):
     if "W.weight" in keys or "W.0.weight" in keys:
         return "alexhex7"
     return None
+
+
+_PARAMETER_KEY_SETS = {}
+
+
+def _parameter_key_sets(layout):
+    """Every set of parameter keys (no buffers) a module of the peer ``layout`` has: one per combination
+    of the options that name weights (mode, subsampling, BN, the biases) that the peer can express."""
+    if layout not in _PARAMETER_KEY_SETS:
+        import itertools
+
+        from .block import NonLocalBlock
+        from .nonlocal_op import MODES, SOFTMAX_MODES
+
+        found = set()
+        for mode, sub_sample, bn_layer, w_z_bias, projection_bias in itertools.product(MODES, *[(False, True)] * 4):
+            names = None
+            for dims, pool, scale in itertools.product((2, 3, 1), ("after", "before"), (False, True)):
+                if scale and mode not in SOFTMAX_MODES:
+                    continue
+                block = NonLocalBlock(2, mode=mode, dims=dims, sub_sample=sub_sample, bn_layer=bn_layer,
+                                      W_z_bias=w_z_bias, projection_bias=projection_bias, pool=pool, scale=scale,
+                                      dtype="float64")
+                try:
+                    mapping = key_map(block, layout)
+                except ValueError:  # the concatenation mode in a layout without one
+                    break
+                if not problems(block, layout):
+                    names = frozenset(peer_key for key, (peer_key, _) in mapping.items() if key in block.params)
+                    break
+            if names is not None:
+                found.add(names)
+        _PARAMETER_KEY_SETS[layout] = sorted(found, key=sorted)
+    return _PARAMETER_KEY_SETS[layout]
+
+
+def parameter_mismatch(names, layout):
+    """How a module's parameter names (``named_parameters()``, no buffers) miss the peer ``layout``.
+
+    Parameters
+    ----------
+    names : iterable of str
+    layout : one of :data:`PEER_LAYOUTS`
+
+    Returns
+    -------
+    None or (list of str, list of str)
+        None when some block options give exactly these names in ``layout``; else, for the
+        closest such set of names, the module's names it lacks (unmatched) and the names
+        the module lacks (missing).
+    """
+    _check_layout(layout, PEER_LAYOUTS)
+    names = set(names)
+    best = None
+    for wanted in _parameter_key_sets(layout):
+        if names == wanted:
+            return None
+        unmatched, missing = sorted(names - wanted), sorted(wanted - names)
+        if best is None or (len(unmatched) + len(missing), unmatched, missing) < best:
+            best = (len(unmatched) + len(missing), unmatched, missing)
+    return best[1], best[2]
 
 
 def slowfast_options(dim, dim_inner, pool_size=None, instantiation="softmax", zero_init_final_conv=False,
