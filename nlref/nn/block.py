@@ -93,7 +93,8 @@ class NonLocalBlock:
         that number (timm: ``in_channels ** -0.5``), ``False`` by 1 (the paper).
         Only for the softmax modes.
     pool : {"after", "before", "flattened"}
-        Where subsampling happens (see the module docstring). ``"flattened"``
+        Where subsampling happens (see the module docstring); ``"before"`` and
+        ``"flattened"`` only with ``sub_sample``. ``"flattened"``
         max-pools the row-major sequence of the N key positions after phi and g,
         windows of ``pool_kernel`` consecutive positions (N' = N // pool_kernel;
         a window may straddle the end of a row).
@@ -174,6 +175,9 @@ class NonLocalBlock:
             raise ValueError(f"scale={scale!r} applies to the softmax modes {SOFTMAX_MODES}, not mode={mode!r}")
         if pool not in POOLS:
             raise ValueError(f"pool must be 'after', 'before' or 'flattened', got {pool!r}")
+        if not self.sub_sample and pool != "after":  # "after", the default, is what a block without subsampling says
+            raise ValueError(f"pool={pool!r} places the subsampling, but sub_sample=False pools nothing; set "
+                             "sub_sample=True or leave pool= out")
         self.pool = pool
         if not self.sub_sample and (pool_kernel is not None or pool_stride is not None):
             raise ValueError(f"pool_kernel={pool_kernel!r} and pool_stride={pool_stride!r} need sub_sample=True")

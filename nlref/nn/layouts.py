@@ -370,7 +370,8 @@ def _parameter_key_sets(layout):
         found = set()
         for mode, sub_sample, bn_layer, w_z_bias, projection_bias in itertools.product(MODES, *[(False, True)] * 4):
             names = None
-            for dims, pool, scale in itertools.product((2, 3, 1), ("after", "before"), (False, True)):
+            pools = ("after", "before") if sub_sample else ("after",)
+            for dims, pool, scale in itertools.product((2, 3, 1), pools, (False, True)):
                 if scale and mode not in SOFTMAX_MODES:
                     continue
                 block = NonLocalBlock(2, mode=mode, dims=dims, sub_sample=sub_sample, bn_layer=bn_layer,
@@ -450,7 +451,8 @@ def slowfast_options(dim, dim_inner, pool_size=None, instantiation="softmax", ze
     -------
     dict
         ``in_channels``, ``inter_channels``, ``dims=3``, ``mode``, ``scale``,
-        ``sub_sample``, ``pool``, ``pool_kernel``, ``bn_eps``, ``bn_momentum``.
+        ``sub_sample``, ``bn_eps``, ``bn_momentum``; with pooling also ``pool="before"``
+        and ``pool_kernel``.
 
     Raises
     ------
@@ -468,7 +470,7 @@ def slowfast_options(dim, dim_inner, pool_size=None, instantiation="softmax", ze
     for name, value in (("zero_init_final_conv", zero_init_final_conv), ("zero_init_final_norm", zero_init_final_norm)):
         B.check_flag(name, value)
     options = {"in_channels": dim, "inter_channels": dim_inner, "dims": 3, "mode": modes[instantiation],
-               "scale": instantiation == "softmax", "pool": "before", "bn_eps": norm_eps,
+               "scale": instantiation == "softmax", "bn_eps": norm_eps,
                "bn_momentum": norm_momentum, "sub_sample": False}
     if pool_size is not None:
         if isinstance(pool_size, (str, bytes)) or not hasattr(pool_size, "__len__") or len(pool_size) != 3:
@@ -476,5 +478,5 @@ def slowfast_options(dim, dim_inner, pool_size=None, instantiation="softmax", ze
         if any(isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1 for k in pool_size):
             raise ValueError(f"pool_size must hold ints >= 1, got {pool_size!r}")
         if any(k > 1 for k in pool_size):
-            options.update(sub_sample=True, pool_kernel=tuple(int(k) for k in pool_size))
+            options.update(sub_sample=True, pool="before", pool_kernel=tuple(int(k) for k in pool_size))
     return options

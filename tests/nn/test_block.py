@@ -18,8 +18,10 @@ SHAPES = {1: (2, 4, 6), 2: (2, 4, 4, 4), 3: (2, 4, 2, 4, 4)}
 
 
 def _configs():
-    """Every mode x sub_sample x bn_layer x pool x scale (scale only where it applies)."""
+    """Every mode x sub_sample x bn_layer x pool x scale (the pool with sub_sample, scale only where it applies)."""
     for mode, sub, bn, pool in itertools.product(MODES, (True, False), (True, False), ("after", "before")):
+        if not sub and pool != "after":  # nothing is pooled: refused, naming both
+            continue
         for scale in ((False, True) if mode in SOFTMAX_MODES else (False,)):
             yield dict(mode=mode, sub_sample=sub, bn_layer=bn, pool=pool, scale=scale)
 
@@ -282,6 +284,17 @@ def test_top_level_exports():
 def test_constructor_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         NonLocalBlock(4, **kwargs)
+
+
+@pytest.mark.parametrize("pool", ["before", "flattened"])
+def test_a_pool_placement_without_subsampling_is_refused(pool):
+    """NonLocalBlock(4, sub_sample=False, pool="before") was a block that pooled nothing, its repr saying
+    pool='before' (and the Caffe2 placement for the layouts' checks); now an error naming both arguments.
+    pool="after" is what a block without subsampling says, so it stays accepted."""
+    with pytest.raises(ValueError, match=f"pool='{pool}' places the subsampling, but sub_sample=False pools "
+                                         "nothing; set sub_sample=True or leave pool= out"):
+        NonLocalBlock(4, sub_sample=False, pool=pool)
+    assert NonLocalBlock(4, sub_sample=False, pool="after").pool == NonLocalBlock(4, sub_sample=False).pool == "after"
 
 
 def test_constructor_errors_of_channels_and_library():

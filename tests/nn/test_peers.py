@@ -208,6 +208,18 @@ def test_slowfast_options_build_the_block_that_loads_into_nonlocal():
     assert (module.bn.eps, module.bn.momentum) == (block.bn_eps, block.bn_momentum)
 
 
+@pytest.mark.parametrize("pool_size", [None, (1, 1, 1)])
+def test_slowfast_options_without_pooling_place_no_pool(pool_size):
+    """SlowFast's Nonlocal without pooling gave pool="before" with sub_sample=False: a placement of nothing,
+    which the block now refuses; the options leave the placement out, and the block loads the module."""
+    options = layouts.slowfast_options(6, 3, pool_size=pool_size)
+    assert "pool" not in options and options["sub_sample"] is False
+    block = NonLocalBlock(dtype="float64", **options)
+    module = SlowFastNonlocal(6, 3, pool_size=pool_size).double()
+    assert block.load_state_dict(module.state_dict()).loaded_layout == "slowfast"
+    assert layouts.slowfast_options(6, 3, pool_size=(1, 2, 2))["pool"] == "before"
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(norm_module=torch.nn.SyncBatchNorm), "norm_module=SyncBatchNorm has no nlref twin"),
     (dict(norm_module=torch.nn.GroupNorm), "norm_module=GroupNorm has no nlref twin"),
