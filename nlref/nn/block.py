@@ -519,7 +519,8 @@ class NonLocalBlock:
         ----------
         layout : {"nlref", "alexhex7", "mmcv", "slowfast", "pytorchvideo", "timm", "keras"}
             ``"nlref"``: the keys of ``params`` and :attr:`buffers`, nlref's
-            shapes. A PyTorch peer's name: that peer's keys and PyTorch shapes (conv
+            shapes, and with BN ``bn.num_batches_tracked`` (as PyTorch's
+            ``state_dict()`` has it). A PyTorch peer's name: that peer's keys and PyTorch shapes (conv
             weights (out, in, 1, ..., 1), BN's ``num_batches_tracked`` included),
             ready for ``torch.from_numpy`` and the peer's
             ``load_state_dict(..., strict=True)``; the table in
@@ -542,11 +543,13 @@ class NonLocalBlock:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         state = {k: np.array(B.to_numpy(v)) for k, v in {**self.params, **self.buffers}.items()}
         if layout == "nlref":
-            return state
-        _layouts.check_expressible(self, layout)
-        mapping = _layouts.key_map(self, layout)
-        out = {peer_key: _layouts.to_layout(layout, state[key], shape) for key, (peer_key, shape) in mapping.items()}
-        if self.bn_layer:
+            out = state
+        else:
+            _layouts.check_expressible(self, layout)
+            mapping = _layouts.key_map(self, layout)
+            out = {peer_key: _layouts.to_layout(layout, state[key], shape)
+                   for key, (peer_key, shape) in mapping.items()}
+        if _layouts.counter_key(self, layout) is not None:
             out[_layouts.counter_key(self, layout)] = np.asarray(self.num_batches_tracked, dtype=np.int64)
         return out
 

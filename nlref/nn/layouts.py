@@ -13,7 +13,7 @@ A *layout* is the naming of a non-local block's weights in one code base. nlref'
      - source read (file, commit)
    * - ``"nlref"``
      - :class:`~nlref.nn.NonLocalBlock`
-     - the keys of ``block.params`` and ``block.buffers``
+     - the keys of ``block.params`` and ``block.buffers``, and BN's ``bn.num_batches_tracked``
    * - ``"alexhex7"``
      - ``NONLocalBlock{1,2,3}D``
      - ``AlexHex7/Non-local_pytorch`` ``lib/non_local_{gaussian,embedded_gaussian,dot_product,concatenation}.py``
@@ -174,11 +174,12 @@ def key_map(block, layout):
 
 
 def counter_key(block, layout):
-    """The layout's BN ``num_batches_tracked`` key for ``block`` (None for nlref's layout or without BN)."""
+    """The layout's BN ``num_batches_tracked`` key for ``block`` (``"bn.num_batches_tracked"`` in nlref's;
+    None without BN, or in the Keras port's layout, which has no BN)."""
     _check_layout(layout)
-    if layout in ("nlref", "keras") or not block.bn_layer:
+    if layout == "keras" or not block.bn_layer:
         return None
-    return f"{MODULE_NAMES[layout]['bn']}.num_batches_tracked"
+    return f"{'bn' if layout == 'nlref' else MODULE_NAMES[layout]['bn']}.num_batches_tracked"
 
 
 def problems(block, layout):

@@ -332,6 +332,28 @@ def test_forward_backward_errors():
         block.backward(np.zeros_like(z))
 
 
+def test_nlref_layout_keeps_the_batch_counter():
+    """nlref's own layout left BN's num_batches_tracked out, unlike PyTorch's state_dict() and every peer layout:
+    a round trip through it reset the counter to 0, and a state with ``bn.num_batches_tracked`` was refused as
+    fitting no layout. Without the key the block keeps its own counter, as a PyTorch BatchNorm does."""
+    x = np.random.default_rng(0).standard_normal((2, 4, 4, 4))
+    block = NonLocalBlock(4, dims=2, dtype="float64", seed=1)
+    for _ in range(3):
+        block.forward(x)
+    state = block.state_dict()
+    assert state["bn.num_batches_tracked"].dtype == np.int64 and state["bn.num_batches_tracked"].shape == ()
+    assert int(state["bn.num_batches_tracked"]) == 3
+    other = NonLocalBlock(4, dims=2, dtype="float64", seed=2).load_state_dict(state)
+    assert other.num_batches_tracked == 3 and other.loaded_layout == "nlref"
+    assert NonLocalBlock(4, dims=2, dtype="float64").load_state_dict(state, layout="nlref").num_batches_tracked == 3
+    other.num_batches_tracked = 7
+    without = {k: v for k, v in state.items() if k != "bn.num_batches_tracked"}
+    assert other.load_state_dict(without).num_batches_tracked == 7
+    with pytest.raises(ValueError, match=r"state\['bn.num_batches_tracked'\] must be a whole number >= 0"):
+        other.load_state_dict(dict(state, **{"bn.num_batches_tracked": np.array(-1)}))
+    assert "bn.num_batches_tracked" not in NonLocalBlock(4, dims=2, bn_layer=False).state_dict()
+
+
 def test_load_state_dict_errors_leave_block_intact():
     block = NonLocalBlock(4, dims=2, seed=1)
     before = block.state_dict()
