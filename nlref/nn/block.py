@@ -590,6 +590,8 @@ class NonLocalBlock:
             raise TypeError(f"state must be a dict of arrays, got {type(state).__name__}")
         if layout in (None, "auto"):
             layout = _layouts.detect(self, state)
+        # first: a block the layout cannot express fits none of its states (else its keys would be blamed)
+        _layouts.check_expressible(self, layout)
         expected = _layouts.key_map(self, layout)
         counter = _layouts.counter_key(self, layout)
         wanted = {peer_key for peer_key, _ in expected.values()}
@@ -598,7 +600,6 @@ class NonLocalBlock:
         if missing or unexpected:
             raise ValueError(f"state dict ({layout} layout) does not match {self!r}: "
                              f"unmatched keys {unexpected}, missing keys {missing}")
-        _layouts.check_expressible(self, layout)
         new = {}
         for key, (peer_key, shape) in expected.items():
             # a checked copy in the block's dtype, never a view of the caller's memory

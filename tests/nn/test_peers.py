@@ -615,6 +615,17 @@ def test_compare_block_errors():
         nlref.compare_block(SlowFastNonlocal(4, 2), _x((1, 4, 2, 2, 2)), layout="timm")
 
 
+def test_compare_block_names_the_option_a_layout_cannot_express_not_its_keys():
+    """A module with AlexHex7's names that pools x before phi and g (the Caffe2 placement, which the port
+    cannot express) was reported as a key mismatch (g.weight unmatched, g.0.weight missing); now the option."""
+    module = TorchNonLocal(4, mode="dot_product", inter=2, dims=2, sub_sample=True, bn_layer=True, pool="before")
+    with pytest.raises(ValueError, match=r"the alexhex7 layout cannot express this block's options: pool='before'"):
+        nlref.compare_block(module, _x((2, 4, 4, 4)), mode="dot_product", verbose=False)
+    block = NonLocalBlock(4, mode="dot_product", pool="before")
+    with pytest.raises(ValueError, match=r"the alexhex7 layout cannot express this block's options: pool='before'"):
+        block.load_state_dict(module.state_dict(), layout="alexhex7")
+
+
 def _peer_modules():
     """One module per peer and option set whose keys a wrong layout half-matches: (module, its layout, x)."""
     found = [(alexhex7_class("embedded_gaussian", 2)(6), "alexhex7", (1, 6, 4, 4)),
