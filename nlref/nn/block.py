@@ -93,7 +93,8 @@ class NonLocalBlock:
         that number (timm: ``in_channels ** -0.5``), ``False`` by 1 (the paper).
         Only for the softmax modes.
     pool : {"after", "before", "flattened"}
-        Where subsampling happens (see the module docstring). ``"flattened"``
+        Where subsampling happens (see the module docstring); ``"before"`` and
+        ``"flattened"`` only with ``sub_sample``. ``"flattened"``
         max-pools the row-major sequence of the N key positions after phi and g,
         windows of ``pool_kernel`` consecutive positions (N' = N // pool_kernel;
         a window may straddle the end of a row).
@@ -174,6 +175,9 @@ class NonLocalBlock:
             raise ValueError(f"scale={scale!r} applies to the softmax modes {SOFTMAX_MODES}, not mode={mode!r}")
         if pool not in POOLS:
             raise ValueError(f"pool must be 'after', 'before' or 'flattened', got {pool!r}")
+        if not self.sub_sample and pool != "after":  # "after", the default, is what a block without subsampling says
+            raise ValueError(f"pool={pool!r} places the subsampling, but sub_sample=False pools nothing; set "
+                             "sub_sample=True or leave pool= out")
         self.pool = pool
         if not self.sub_sample and (pool_kernel is not None or pool_stride is not None):
             raise ValueError(f"pool_kernel={pool_kernel!r} and pool_stride={pool_stride!r} need sub_sample=True")
@@ -515,7 +519,8 @@ class NonLocalBlock:
         ----------
         layout : {"nlref", "alexhex7", "mmcv", "slowfast", "pytorchvideo", "timm", "keras"}
             ``"nlref"``: the keys of ``params`` and :attr:`buffers`, nlref's
-            shapes. A PyTorch peer's name: that peer's keys and PyTorch shapes (conv
+            shapes, and with BN ``bn.num_batches_tracked`` (as PyTorch's
+            ``state_dict()`` has it). A PyTorch peer's name: that peer's keys and PyTorch shapes (conv
             weights (out, in, 1, ..., 1), BN's ``num_batches_tracked`` included),
             ready for ``torch.from_numpy`` and the peer's
             ``load_state_dict(..., strict=True)``; the table in
@@ -538,11 +543,13 @@ class NonLocalBlock:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         state = {k: np.array(B.to_numpy(v)) for k, v in {**self.params, **self.buffers}.items()}
         if layout == "nlref":
-            return state
-        _layouts.check_expressible(self, layout)
-        mapping = _layouts.key_map(self, layout)
-        out = {peer_key: _layouts.to_layout(layout, state[key], shape) for key, (peer_key, shape) in mapping.items()}
-        if self.bn_layer:
+            out = state
+        else:
+            _layouts.check_expressible(self, layout)
+            mapping = _layouts.key_map(self, layout)
+            out = {peer_key: _layouts.to_layout(layout, state[key], shape)
+                   for key, (peer_key, shape) in mapping.items()}
+        if _layouts.counter_key(self, layout) is not None:
             out[_layouts.counter_key(self, layout)] = np.asarray(self.num_batches_tracked, dtype=np.int64)
         return out
 
@@ -583,6 +590,8 @@ class NonLocalBlock:
             raise TypeError(f"state must be a dict of arrays, got {type(state).__name__}")
         if layout in (None, "auto"):
             layout = _layouts.detect(self, state)
+        # first: a block the layout cannot express fits none of its states (else its keys would be blamed)
+        _layouts.check_expressible(self, layout)
         expected = _layouts.key_map(self, layout)
         counter = _layouts.counter_key(self, layout)
         wanted = {peer_key for peer_key, _ in expected.values()}
@@ -591,7 +600,6 @@ class NonLocalBlock:
         if missing or unexpected:
             raise ValueError(f"state dict ({layout} layout) does not match {self!r}: "
                              f"unmatched keys {unexpected}, missing keys {missing}")
-        _layouts.check_expressible(self, layout)
         new = {}
         for key, (peer_key, shape) in expected.items():
             # a checked copy in the block's dtype, never a view of the caller's memory

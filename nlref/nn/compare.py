@@ -130,6 +130,32 @@ def _check_parts(module):
                              "W_z and, for the concatenation, a ReLU)")
 
 
+def _norm(module, layout):
+    """The module's norm after W_z in ``layout`` (None without one); an error naming it unless it is a batch norm."""
+    import torch.nn as nn
+
+    name = layouts.MODULE_NAMES[layout]["bn"]
+    norm = _submodule(module, name)
+    if norm is not None and not isinstance(norm, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
+        raise ValueError(f"{type(module).__name__}.{name} is a {type(norm).__name__}; nlref's block normalises "
+                         "with one torch.nn.BatchNorm1d/2d/3d (or nothing)")
+    return norm
+
+
+def _check_layout_fits(module, layout):
+    """Refuse a module whose parameter names no module of ``layout`` has, naming the layouts they fit."""
+    _check_parts(module)
+    _norm(module, layout)  # a norm nlref has no twin of is named as such, not as a key mismatch
+    names = [name for name, _ in module.named_parameters()]
+    mismatch = layouts.parameter_mismatch(names, layout)
+    if mismatch is not None:
+        fits = [other for other in layouts.PEER_LAYOUTS if layouts.parameter_mismatch(names, other) is None]
+        hint = (f"they fit the {fits[0]} layout: pass layout={fits[0]!r} or leave layout= out" if fits
+                else f"they fit none of the layouts {layouts.PEER_LAYOUTS}")
+        raise ValueError(f"{type(module).__name__}'s parameters do not fit the {layout} layout; {hint} (against "
+                         f"the closest {layout} module, unmatched parameters {mismatch[0]}, missing {mismatch[1]})")
+
+
 def _read_options(module, state, layout, given):
     """NonLocalBlock keyword arguments that make the block compute ``module``, read from what it has.
 
@@ -164,12 +190,9 @@ def _read_options(module, state, layout, given):
         opts.update(pool="after" if after else "before", pool_kernel=kernel, pool_stride=stride)
     # the norm after W_z
     norm_name = names["bn"]
-    norm = _submodule(module, norm_name)
+    norm = _norm(module, layout)
     opts["bn_layer"] = norm is not None
     if norm is not None:
-        if not isinstance(norm, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
-            raise ValueError(f"{cls}.{norm_name} is a {type(norm).__name__}; nlref's block normalises with one "
-                             "torch.nn.BatchNorm1d/2d/3d (or nothing)")
         if norm.momentum is None or not norm.affine or not norm.track_running_stats:
             raise ValueError(f"{cls}.{norm_name} ({norm}) needs momentum, affine and running statistics")
         opts["bn_eps"], opts["bn_momentum"] = float(norm.eps), float(norm.momentum)
@@ -383,6 +406,7 @@ def compare_block(module: Any, x: Array, layout: str | None = None, *, dz: Array
         if layout is None:
             raise ValueError(f"{type(module).__name__}'s state-dict keys {sorted(state)} fit none of the layouts "
                              f"{layouts.PEER_LAYOUTS}; pass layout= if it is one of them")
+    _check_layout_fits(peer, layout)  # before reading options: a wrong layout failed on an option
     opts = _read_options(peer, state, layout, options)
     opts.update(options)
     if "mode" in options and options["mode"] not in MODES:

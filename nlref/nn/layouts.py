@@ -13,7 +13,7 @@ A *layout* is the naming of a non-local block's weights in one code base. nlref'
      - source read (file, commit)
    * - ``"nlref"``
      - :class:`~nlref.nn.NonLocalBlock`
-     - the keys of ``block.params`` and ``block.buffers``
+     - the keys of ``block.params`` and ``block.buffers``, and BN's ``bn.num_batches_tracked``
    * - ``"alexhex7"``
      - ``NONLocalBlock{1,2,3}D``
      - ``AlexHex7/Non-local_pytorch`` ``lib/non_local_{gaussian,embedded_gaussian,dot_product,concatenation}.py``
@@ -69,8 +69,8 @@ from .. import backend as B
 from . import functional as F
 
 __all__ = ["LAYOUTS", "PEER_LAYOUTS", "MODULE_NAMES", "SOURCES", "module_names", "key_map", "counter_key",
-           "problems", "check_expressible", "detect", "layout_of_keys", "slowfast_options", "to_layout",
-           "from_layout"]
+           "problems", "check_expressible", "detect", "layout_of_keys", "parameter_mismatch", "slowfast_options",
+           "to_layout", "from_layout"]
 
 #: Every layout :meth:`NonLocalBlock.state_dict` writes and :meth:`NonLocalBlock.load_state_dict` reads.
 LAYOUTS = ("nlref", "alexhex7", "mmcv", "slowfast", "pytorchvideo", "timm", "keras")
@@ -174,11 +174,12 @@ def key_map(block, layout):
 
 
 def counter_key(block, layout):
-    """The layout's BN ``num_batches_tracked`` key for ``block`` (None for nlref's layout or without BN)."""
+    """The layout's BN ``num_batches_tracked`` key for ``block`` (``"bn.num_batches_tracked"`` in nlref's;
+    None without BN, or in the Keras port's layout, which has no BN)."""
     _check_layout(layout)
-    if layout in ("nlref", "keras") or not block.bn_layer:
+    if layout == "keras" or not block.bn_layer:
         return None
-    return f"{MODULE_NAMES[layout]['bn']}.num_batches_tracked"
+    return f"{'bn' if layout == 'nlref' else MODULE_NAMES[layout]['bn']}.num_batches_tracked"
 
 
 def problems(block, layout):
@@ -355,6 +356,68 @@ def layout_of_keys(keys):
     return None
 
 
+_PARAMETER_KEY_SETS = {}
+
+
+def _parameter_key_sets(layout):
+    """Every set of parameter keys (no buffers) a module of the peer ``layout`` has: one per combination
+    of the options that name weights (mode, subsampling, BN, the biases) that the peer can express."""
+    if layout not in _PARAMETER_KEY_SETS:
+        import itertools
+
+        from .block import NonLocalBlock
+        from .nonlocal_op import MODES, SOFTMAX_MODES
+
+        found = set()
+        for mode, sub_sample, bn_layer, w_z_bias, projection_bias in itertools.product(MODES, *[(False, True)] * 4):
+            names = None
+            pools = ("after", "before") if sub_sample else ("after",)
+            for dims, pool, scale in itertools.product((2, 3, 1), pools, (False, True)):
+                if scale and mode not in SOFTMAX_MODES:
+                    continue
+                block = NonLocalBlock(2, mode=mode, dims=dims, sub_sample=sub_sample, bn_layer=bn_layer,
+                                      W_z_bias=w_z_bias, projection_bias=projection_bias, pool=pool, scale=scale,
+                                      dtype="float64")
+                try:
+                    mapping = key_map(block, layout)
+                except ValueError:  # the concatenation mode in a layout without one
+                    break
+                if not problems(block, layout):
+                    names = frozenset(peer_key for key, (peer_key, _) in mapping.items() if key in block.params)
+                    break
+            if names is not None:
+                found.add(names)
+        _PARAMETER_KEY_SETS[layout] = sorted(found, key=sorted)
+    return _PARAMETER_KEY_SETS[layout]
+
+
+def parameter_mismatch(names, layout):
+    """How a module's parameter names (``named_parameters()``, no buffers) miss the peer ``layout``.
+
+    Parameters
+    ----------
+    names : iterable of str
+    layout : one of :data:`PEER_LAYOUTS`
+
+    Returns
+    -------
+    None or (list of str, list of str)
+        None when some block options give exactly these names in ``layout``; else, for the
+        closest such set of names, the module's names it lacks (unmatched) and the names
+        the module lacks (missing).
+    """
+    _check_layout(layout, PEER_LAYOUTS)
+    names = set(names)
+    best = None
+    for wanted in _parameter_key_sets(layout):
+        if names == wanted:
+            return None
+        unmatched, missing = sorted(names - wanted), sorted(wanted - names)
+        if best is None or (len(unmatched) + len(missing), unmatched, missing) < best:
+            best = (len(unmatched) + len(missing), unmatched, missing)
+    return best[1], best[2]
+
+
 def slowfast_options(dim, dim_inner, pool_size=None, instantiation="softmax", zero_init_final_conv=False,
                      zero_init_final_norm=True, norm_eps=1e-5, norm_momentum=0.1, norm_module=None):
     """The :class:`~nlref.nn.NonLocalBlock` keyword arguments for SlowFast's ``Nonlocal(...)`` arguments.
@@ -389,7 +452,8 @@ def slowfast_options(dim, dim_inner, pool_size=None, instantiation="softmax", ze
     -------
     dict
         ``in_channels``, ``inter_channels``, ``dims=3``, ``mode``, ``scale``,
-        ``sub_sample``, ``pool``, ``pool_kernel``, ``bn_eps``, ``bn_momentum``.
+        ``sub_sample``, ``bn_eps``, ``bn_momentum``; with pooling also ``pool="before"``
+        and ``pool_kernel``.
 
     Raises
     ------
@@ -407,7 +471,7 @@ def slowfast_options(dim, dim_inner, pool_size=None, instantiation="softmax", ze
     for name, value in (("zero_init_final_conv", zero_init_final_conv), ("zero_init_final_norm", zero_init_final_norm)):
         B.check_flag(name, value)
     options = {"in_channels": dim, "inter_channels": dim_inner, "dims": 3, "mode": modes[instantiation],
-               "scale": instantiation == "softmax", "pool": "before", "bn_eps": norm_eps,
+               "scale": instantiation == "softmax", "bn_eps": norm_eps,
                "bn_momentum": norm_momentum, "sub_sample": False}
     if pool_size is not None:
         if isinstance(pool_size, (str, bytes)) or not hasattr(pool_size, "__len__") or len(pool_size) != 3:
@@ -415,5 +479,5 @@ def slowfast_options(dim, dim_inner, pool_size=None, instantiation="softmax", ze
         if any(isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1 for k in pool_size):
             raise ValueError(f"pool_size must hold ints >= 1, got {pool_size!r}")
         if any(k > 1 for k in pool_size):
-            options.update(sub_sample=True, pool_kernel=tuple(int(k) for k in pool_size))
+            options.update(sub_sample=True, pool="before", pool_kernel=tuple(int(k) for k in pool_size))
     return options

@@ -195,8 +195,9 @@ class NonLocal(Layer):
         self.extent = extent
         dims = {"spacetime": 3, "space": 2, "time": 1}[extent]
         options = dict(options)
-        if extent == "time":
+        if extent == "time":  # one frame's pixel over time: never subsampled, so nothing to place
             options["sub_sample"] = False
+            options.pop("pool", None)
         self.block = NonLocalBlock(channels, dims=dims, seed=seed, xp=make_xp, device=device, **options)
 
     # the block's own dicts (it replaces ``grads`` on every backward)

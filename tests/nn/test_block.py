@@ -18,8 +18,10 @@ SHAPES = {1: (2, 4, 6), 2: (2, 4, 4, 4), 3: (2, 4, 2, 4, 4)}
 
 
 def _configs():
-    """Every mode x sub_sample x bn_layer x pool x scale (scale only where it applies)."""
+    """Every mode x sub_sample x bn_layer x pool x scale (the pool with sub_sample, scale only where it applies)."""
     for mode, sub, bn, pool in itertools.product(MODES, (True, False), (True, False), ("after", "before")):
+        if not sub and pool != "after":  # nothing is pooled: refused, naming both
+            continue
         for scale in ((False, True) if mode in SOFTMAX_MODES else (False,)):
             yield dict(mode=mode, sub_sample=sub, bn_layer=bn, pool=pool, scale=scale)
 
@@ -284,6 +286,17 @@ def test_constructor_errors(kwargs, match):
         NonLocalBlock(4, **kwargs)
 
 
+@pytest.mark.parametrize("pool", ["before", "flattened"])
+def test_a_pool_placement_without_subsampling_is_refused(pool):
+    """NonLocalBlock(4, sub_sample=False, pool="before") was a block that pooled nothing, its repr saying
+    pool='before' (and the Caffe2 placement for the layouts' checks); now an error naming both arguments.
+    pool="after" is what a block without subsampling says, so it stays accepted."""
+    with pytest.raises(ValueError, match=f"pool='{pool}' places the subsampling, but sub_sample=False pools "
+                                         "nothing; set sub_sample=True or leave pool= out"):
+        NonLocalBlock(4, sub_sample=False, pool=pool)
+    assert NonLocalBlock(4, sub_sample=False, pool="after").pool == NonLocalBlock(4, sub_sample=False).pool == "after"
+
+
 def test_constructor_errors_of_channels_and_library():
     with pytest.raises(ValueError, match="in_channels must be an int >= 1"):
         NonLocalBlock(0)
@@ -317,6 +330,28 @@ def test_forward_backward_errors():
     block.backward(np.zeros_like(z))
     with pytest.raises(RuntimeError, match="or twice"):
         block.backward(np.zeros_like(z))
+
+
+def test_nlref_layout_keeps_the_batch_counter():
+    """nlref's own layout left BN's num_batches_tracked out, unlike PyTorch's state_dict() and every peer layout:
+    a round trip through it reset the counter to 0, and a state with ``bn.num_batches_tracked`` was refused as
+    fitting no layout. Without the key the block keeps its own counter, as a PyTorch BatchNorm does."""
+    x = np.random.default_rng(0).standard_normal((2, 4, 4, 4))
+    block = NonLocalBlock(4, dims=2, dtype="float64", seed=1)
+    for _ in range(3):
+        block.forward(x)
+    state = block.state_dict()
+    assert state["bn.num_batches_tracked"].dtype == np.int64 and state["bn.num_batches_tracked"].shape == ()
+    assert int(state["bn.num_batches_tracked"]) == 3
+    other = NonLocalBlock(4, dims=2, dtype="float64", seed=2).load_state_dict(state)
+    assert other.num_batches_tracked == 3 and other.loaded_layout == "nlref"
+    assert NonLocalBlock(4, dims=2, dtype="float64").load_state_dict(state, layout="nlref").num_batches_tracked == 3
+    other.num_batches_tracked = 7
+    without = {k: v for k, v in state.items() if k != "bn.num_batches_tracked"}
+    assert other.load_state_dict(without).num_batches_tracked == 7
+    with pytest.raises(ValueError, match=r"state\['bn.num_batches_tracked'\] must be a whole number >= 0"):
+        other.load_state_dict(dict(state, **{"bn.num_batches_tracked": np.array(-1)}))
+    assert "bn.num_batches_tracked" not in NonLocalBlock(4, dims=2, bn_layer=False).state_dict()
 
 
 def test_load_state_dict_errors_leave_block_intact():

@@ -245,6 +245,16 @@ def test_network_gradcheck_on_strict(monkeypatch):
     assert result.passed, str(result)
 
 
+def test_the_time_extent_takes_a_pool_placement_it_does_not_use():
+    """The time extent never subsamples (its block gets sub_sample=False), so a network's pool="before" for
+    its other blocks is dropped there, not refused by the block as a placement of nothing."""
+    net = VideoNet(**TINY, nonlocal_blocks=1, extent="time", nonlocal_options=dict(pool="before"), seed=2)
+    (block,) = [layer.block for _, layer in net.layers if isinstance(layer, NonLocal)]
+    assert not block.sub_sample and block.pool == "after"
+    space = VideoNet(**TINY, nonlocal_blocks=1, extent="space", nonlocal_options=dict(pool="before"), seed=2)
+    assert [layer.block.pool for _, layer in space.layers if isinstance(layer, NonLocal)] == ["before"]
+
+
 # --------------------------------------------------------------------------- identity at init
 @pytest.mark.parametrize("mode,extent,bn_layer", [
     ("embedded_gaussian", "spacetime", True), ("gaussian", "space", True), ("dot_product", "time", True),

@@ -13,6 +13,7 @@ degenerate all-zero case.
 
 import inspect
 import itertools
+import re
 
 import math
 
@@ -205,6 +206,18 @@ def test_slowfast_options_build_the_block_that_loads_into_nonlocal():
     np.testing.assert_allclose(module(torch.from_numpy(x)).detach().numpy(), block.eval().forward(x), rtol=1e-12,
                                atol=1e-12)
     assert (module.bn.eps, module.bn.momentum) == (block.bn_eps, block.bn_momentum)
+
+
+@pytest.mark.parametrize("pool_size", [None, (1, 1, 1)])
+def test_slowfast_options_without_pooling_place_no_pool(pool_size):
+    """SlowFast's Nonlocal without pooling gave pool="before" with sub_sample=False: a placement of nothing,
+    which the block now refuses; the options leave the placement out, and the block loads the module."""
+    options = layouts.slowfast_options(6, 3, pool_size=pool_size)
+    assert "pool" not in options and options["sub_sample"] is False
+    block = NonLocalBlock(dtype="float64", **options)
+    module = SlowFastNonlocal(6, 3, pool_size=pool_size).double()
+    assert block.load_state_dict(module.state_dict()).loaded_layout == "slowfast"
+    assert layouts.slowfast_options(6, 3, pool_size=(1, 2, 2))["pool"] == "before"
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -597,8 +610,60 @@ def test_compare_block_errors():
     assert nlref.compare_block(module, _x((2, 4, 2, 2)), verbose=False, mode="dot_product").agree
     with pytest.raises(ValueError, match=r"mode must be one of .*, got 'dot'"):  # was "could not read ...; pass mode="
         nlref.compare_block(module, _x((2, 4, 2, 2)), verbose=False, mode="dot")
-    with pytest.raises(ValueError, match=r"none of the timm layout's g weights \['g.weight'\]"):  # listed once
+    with pytest.raises(ValueError, match=r"SlowFastNonlocal's parameters do not fit the timm layout; they fit the "
+                                         r"slowfast layout"):
         nlref.compare_block(SlowFastNonlocal(4, 2), _x((1, 4, 2, 2, 2)), layout="timm")
+
+
+def test_compare_block_names_the_option_a_layout_cannot_express_not_its_keys():
+    """A module with AlexHex7's names that pools x before phi and g (the Caffe2 placement, which the port
+    cannot express) was reported as a key mismatch (g.weight unmatched, g.0.weight missing); now the option."""
+    module = TorchNonLocal(4, mode="dot_product", inter=2, dims=2, sub_sample=True, bn_layer=True, pool="before")
+    with pytest.raises(ValueError, match=r"the alexhex7 layout cannot express this block's options: pool='before'"):
+        nlref.compare_block(module, _x((2, 4, 4, 4)), mode="dot_product", verbose=False)
+    block = NonLocalBlock(4, mode="dot_product", pool="before")
+    with pytest.raises(ValueError, match=r"the alexhex7 layout cannot express this block's options: pool='before'"):
+        block.load_state_dict(module.state_dict(), layout="alexhex7")
+
+
+def _peer_modules():
+    """One module per peer and option set whose keys a wrong layout half-matches: (module, its layout, x)."""
+    found = [(alexhex7_class("embedded_gaussian", 2)(6), "alexhex7", (1, 6, 4, 4)),
+             (alexhex7_class("dot_product", 2)(6, sub_sample=False, bn_layer=False), "alexhex7", (1, 6, 4, 4)),
+             (alexhex7_class("gaussian", 1)(6), "alexhex7", (1, 6, 8)),
+             (SlowFastNonlocal(6, 3, pool_size=(1, 2, 2)), "slowfast", (1, 6, 2, 4, 4)),
+             (MmcvNonLocal(2, 6, norm_cfg=dict(type="BN")), "mmcv", (1, 6, 4, 4)),
+             (TimmNonLocalAttn(16), "timm", (1, 16, 4, 4))]
+    if REAL_MMCV is not None:
+        found += [(REAL_MMCV.NonLocal2d(6, sub_sample=True, norm_cfg=dict(type="BN2d")), "mmcv", (1, 6, 4, 4)),
+                  (REAL_MMCV.NonLocal3d(6, mode="gaussian"), "mmcv", (1, 6, 2, 4, 4))]
+    if REAL_PTV is not None:
+        found += [(_ptv(dim_in=6, dim_inner=3, pool_size=(1, 2, 2)), "pytorchvideo", (1, 6, 2, 4, 4)),
+                  (_ptv(dim_in=6, dim_inner=3, norm=None), "pytorchvideo", (1, 6, 2, 4, 4))]
+    if REAL_TIMM is not None:
+        found.append((REAL_TIMM.NonLocalAttn(16), "timm", (1, 16, 4, 4)))
+    return found
+
+
+def test_compare_block_with_a_wrong_layout_says_which_layout_the_module_has():
+    """A layout forced on a module of another peer failed on an option: pytorchvideo's NonLocal without a norm as
+    "slowfast" with "cannot express bn_layer=False", AlexHex7's port as "timm" with "no attribute 'scale' ... pass
+    scale=", timm's as "alexhex7" with a mismatch against a Gaussian-mode block. Now: the parameters do not fit
+    that layout, and the one they fit is named."""
+    for module, own, shape in _peer_modules():
+        x = _x(shape)
+        assert nlref.compare_block(module, x, verbose=False).layout == own
+        for layout in layouts.PEER_LAYOUTS:
+            if layout == own:
+                assert nlref.compare_block(module, x, layout=layout, verbose=False).agree
+                continue
+            message = (f"{type(module).__name__}'s parameters do not fit the {layout} layout; they fit the {own} "
+                       f"layout: pass layout='{own}'")
+            with pytest.raises(ValueError, match=re.escape(message)):
+                nlref.compare_block(module, x, layout=layout, verbose=False)
+    assert layouts.parameter_mismatch(["conv_g.weight", "conv_out.weight", "conv_out.bias", "conv_g.bias",
+                                       "conv_theta.weight", "conv_theta.bias", "conv_phi.weight", "conv_phi.bias"],
+                                      "slowfast") == ([], ["bn.bias", "bn.weight"])  # SlowFast always has its norm
 
 
 def test_compare_block_and_load_state_dict_take_bfloat16_tensors():
