@@ -158,6 +158,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("sub_sample", "bn_layer", "scale"):
             B.check_flag(name, getattr(self, name))
+        if self.pool == "before" and not self.sub_sample:   # the block refuses it too, but only once built
+            raise ValueError("pool 'before' places the subsampling, and sub_sample turns it off: leave one of them out")
 
         def is_int(value):
             return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))

@@ -303,14 +303,14 @@ _BAD_FIELDS = [
     ("sub_sample", "yes"), ("bn_layer", 1), ("scale", None), ("widths", (4, 6)), ("widths", (4, 0, 8)),
     ("blocks", (1, 2, 2.0)), ("kinds", 1), ("kinds", 9), ("channels", 2), ("frames", 7), ("frames", 4),
     ("size", 8), ("n_val", 0), ("extent", "everywhere"), ("pool", "middle"), ("relation", "colour"),
-    ("dtype", "float16"),
+    ("dtype", "float16"), ("pool", "before"),   # with sub_sample=False below: a subsampling placed and turned off
 ]
 
 
 @pytest.mark.parametrize("field, value", _BAD_FIELDS, ids=[f"{f}={v!r}" for f, v in _BAD_FIELDS])
 def test_validate_checks_every_field(field, value):
     with pytest.raises(ValueError, match=rf"^{field}\b"):
-        TrainConfig(**{**TINY, field: value}).validate()
+        TrainConfig(**{**TINY, field: value, **({"sub_sample": False} if field == "pool" else {})}).validate()
 
 
 def test_validate_accepts_the_edges():

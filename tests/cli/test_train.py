@@ -175,7 +175,9 @@ def test_cli_train_pairs2d(tmp_path, capsys):
     assert config["kinds"] == 2 and config["size"] == 24  # typed, and the task's default where left out
     assert main(args + ["--resume"]) == 0 and "resumed from" in capsys.readouterr().out
     for bad, named in ((["--margin", "2"], "--margin"), (["--model", "i3d"], "--model"),
-                       (["--nonlocal", "2"], "--nonlocal")):
+                       (["--nonlocal", "2"], "--nonlocal"),
+                       (["--pool", "before", "--no-sub-sample"], "--pool 'before' places the subsampling, and "
+                                                                 "--no-sub-sample turns it off")):
         assert main(args[:-2] + bad + ["--out", str(tmp_path / "new")]) == 2
         err = capsys.readouterr().err
         assert named in err and "Traceback" not in err
