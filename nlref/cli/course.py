@@ -18,6 +18,8 @@ def run(args):
     """Write the student edition; a bad ``--student`` or ``--notebooks`` is named by its flag."""
     from nlref import course
 
+    if not args.student:  # Path("") is the current folder: "'' already exists" said nothing useful
+        raise CommandError("--student must name a new folder for the student edition; got ''")
     student = Path(args.student)
     if (student.exists() or student.is_symlink()) and not args.overwrite:
         raise CommandError(f"--student {args.student!r} already exists; add --overwrite to replace it, or choose "

@@ -68,6 +68,10 @@ def test_the_current_folder_is_never_the_student_folder(tmp_path, capsys, monkey
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and ("current folder" in err or "teacher's notebooks" in err)
     assert list(work.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["nb", "work"]
+    for extra in ([], ["--overwrite"]):   # '' is the current folder too; it said "'' already exists"
+        assert main(["course", "--student", "", "--notebooks", str(teacher), *extra]) == 2
+        assert capsys.readouterr().err == "nlref course: error: --student must name a new folder for the student " \
+                                          "edition; got ''\n"
 
 
 def test_course_without_nbformat_is_a_one_line_error(tmp_path, capsys, monkeypatch):
