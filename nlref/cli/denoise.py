@@ -148,6 +148,7 @@ def _write_image(out, image, *, samples):
 def run_denoise(args):
     """``nlref denoise``: read, check everything, then denoise and write the result atomically."""
     import nlref
+    from nlref.nlmeans.api import check_limits
 
     if args.image is not None:  # the bundled image's noise: nothing to do with an IMAGE
         given = [flag for flag, value in (("--noise", args.noise), ("--seed", args.seed)) if value is not None]
@@ -184,6 +185,8 @@ def run_denoise(args):
         params = _warned(lambda: nlref.resolve_parameters(
             work, sigma=args.sigma, h=args.h, patch_size=args.patch_size, search_size=args.search_size,
             channel_axis=channel_axis, aggregation=args.aggregation), shown)
+        # the limits nl_means would refuse after the report lines (an internal error, exit 1, it said)
+        check_limits(work, params, channel_axis=channel_axis, aggregation=args.aggregation, method=args.method)
     except (ValueError, TypeError) as err:  # the values the user typed: the message names their flags
         raise CommandError(flag_names(str(err), FLAGS)) from None
     say(f"sigma {params['sigma']:.3g} ({params['sigma_source']}), h {params['h']:.3g}, "

@@ -509,3 +509,25 @@ def test_a_volume_to_png_is_refused_naming_the_slices(tmp_path, capsys):
     assert main(["denoise", str(tmp_path / "v.tif"), "--sigma", "5", "--out", str(tmp_path / "v.png")]) == 2
     assert "PNG cannot hold a volume of 5 slices (it holds grey, grey + alpha, RGB, RGBA); use .tif" in \
         capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, limit, fragment", [
+    (["--method", "naive"], None, "--method 'naive' would make 57,600 patch comparisons (limit 50,000"),
+    ([], 2**16, "GiB of working memory, above the limit"),
+])
+def test_a_request_above_nl_means_limits_is_one_line_before_the_work(tmp_path, capsys, monkeypatch, no_work, extra,
+                                                                     limit, fragment):
+    """Before: nl_means refused it after the report lines, and the command called its ValueError an internal
+    error, a bug in nlref (exit status 1)."""
+    from nlref.nlmeans import api
+
+    if limit is not None:
+        monkeypatch.setattr(api, "WORKING_MEMORY_LIMIT", limit)
+    monkeypatch.setattr(api, "NAIVE_COMPARISON_LIMIT", 50_000)
+    _, noisy = _noisy_grey(16)
+    src = tmp_path / "in.png"
+    io.imsave(src, noisy, check_contrast=False)
+    argv = ["denoise", str(src), "--sigma", "15", "--search-size", "15", "--out", str(tmp_path / "o.png")]
+    assert main(argv + extra) == 2
+    _one_line_error(capsys, "nlref denoise: error:", fragment)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png"]
