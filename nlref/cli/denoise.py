@@ -15,7 +15,7 @@ from nlref.cli.store import FLAGS, _chunk_size, _is_chunked, run_denoise_chunked
 
 #: What each output format can hold: (name, dtypes, channel counts; None: anything, 0: no channel axis).
 _WRITERS = {
-    ".png": ("PNG", ("uint8", "uint16"), (0, 2, 3, 4)),
+    ".png": ("PNG", ("uint8", "uint16"), (0, 2, 3, 4)),  # uint16: grey only (_check_output)
     ".tif": ("TIFF", None, None),
     ".tiff": ("TIFF", None, None),
     ".jpg": ("JPEG", ("uint8",), (0, 3)),
@@ -44,6 +44,7 @@ def _read_image(path):
     if arrays:  # read by the chunked route only (it said "not an image in a format the reader knows")
         raise CommandError(f"IMAGE {str(path)!r} is {arrays} file, which nlref denoise reads chunk by chunk into a "
                            "Zarr store: add --chunks N (or give an --out ending in .zarr)")
+    _refuse_wide_colour_png(path)
     try:
         if path.suffix.lower() in (".tif", ".tiff"):
             image = _read_tiff(path)
@@ -62,6 +63,27 @@ def _read_image(path):
         raise CommandError(f"cannot denoise IMAGE {str(path)!r}: it holds {image.size} values of dtype {image.dtype}")
     return image
 
+
+_PNG_COLOURS = {4: "grey + alpha", 2: "RGB", 6: "RGBA"}  # PNG colour types (0: grey, 3: palette, 8-bit)
+_PNG_TYPES = {2: 4, 3: 2, 4: 6}                            # channels -> PNG colour type
+
+
+def _refuse_wide_colour_png(path):
+    """Refuse a 16-bit PNG with colour or alpha: the reader (Pillow) gives it as 8 bits, the low byte lost.
+
+    The header says it (bit depth and colour type of the IHDR chunk, bytes 24 and 25); a 16-bit grey PNG
+    is read whole. Whatever the file's name: the header is read, not the extension.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(26)
+    except OSError:
+        return  # the reader says what is wrong
+    if len(head) == 26 and head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR" and head[24] == 16 \
+            and head[25] in _PNG_COLOURS:
+        raise CommandError(f"IMAGE {str(path)!r} is a 16-bit {_PNG_COLOURS[head[25]]} PNG, which the image reader "
+                           "(Pillow) reads only as 8 bits, the low byte of every value lost: convert it to a 16-bit "
+                           "TIFF first (e.g. magick in.png out.tif) and denoise that")
 
 
 def _read_tiff(path):
@@ -114,6 +136,9 @@ def _check_output(out, *, image_path, dtype, shape):
     if dtypes is not None and str(dtype) not in dtypes:
         raise CommandError(f"--out {str(out)!r}: {name} cannot hold {dtype} values (it holds {', '.join(dtypes)}); "
                            "use .tif")
+    if suffix == ".png" and str(dtype) == "uint16" and len(shape) == 3 and n in (2, 3, 4):
+        raise CommandError(f"--out {str(out)!r}: PNG as nlref writes it (with Pillow) holds 16 bits for grey only, "
+                           f"not for {_PNG_COLOURS[_PNG_TYPES[n]]}; use .tif")
     if channels is not None and (len(shape) not in (2, 3) or n not in channels):
         held = {0: "grey", 2: "grey + alpha", 3: "RGB", 4: "RGBA"}
         what = (f"a {len(shape)}-D array" if len(shape) not in (2, 3) else held[n] if n in held

@@ -531,3 +531,58 @@ def test_a_request_above_nl_means_limits_is_one_line_before_the_work(tmp_path, c
     assert main(argv + extra) == 2
     _one_line_error(capsys, "nlref denoise: error:", fragment)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png"]
+
+
+def _png_by_hand(path, array):
+    """A PNG written byte by byte (no filter, one IDAT chunk), whatever the bit depth and channels."""
+    import struct
+    import zlib
+
+    height, width = array.shape[:2]
+    colour_type = {2: 0, 3: {2: 4, 3: 2, 4: 6}.get(array.shape[-1])}[array.ndim]
+    big_endian = array.astype(array.dtype.newbyteorder(">"))
+    raw = b"".join(b"\x00" + big_endian[row].tobytes() for row in range(height))
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8 * array.dtype.itemsize, colour_type, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
+                     + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("channels, what", [(2, "grey + alpha"), (3, "RGB"), (4, "RGBA")])
+def test_a_16_bit_colour_png_is_refused_not_read_as_8_bits(tmp_path, capsys, no_work, channels, what):
+    """Before: read as uint8 (Pillow keeps the high byte only; grey + alpha even came back as RGBA), denoised and
+    written as 8 bits without a word. OpenCV reads such a file as uint16."""
+    values = (np.random.default_rng(channels).random((16, 16, channels)) * 65535).astype(np.uint16)
+    src = tmp_path / "deep.png"
+    _png_by_hand(src, values)
+    assert main(["denoise", str(src), "--sigma", "500", "--out", str(tmp_path / "o.tif")]) == 2
+    _one_line_error(capsys, f"'{src}' is a 16-bit {what} PNG", "reads only as 8 bits", "16-bit TIFF")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["deep.png"]
+
+
+def test_16_bit_grey_and_8_bit_colour_pngs_are_read_whole(tmp_path):
+    rng = np.random.default_rng(0)
+    for name, values in (("grey16.png", (rng.random((16, 16)) * 65535).astype(np.uint16)),
+                         ("rgb8.png", (rng.random((16, 16, 3)) * 255).astype(np.uint8))):
+        _png_by_hand(tmp_path / name, values)
+        out = tmp_path / f"{name}.tif"
+        assert main(["denoise", str(tmp_path / name), "--sigma", "1", "--h", "1e-3", "--out", str(out)]) == 0
+        np.testing.assert_array_equal(io.imread(out), values)  # an h this small keeps every value
+
+
+@pytest.mark.parametrize("samples, photometric, what", [(2, "minisblack", "grey + alpha"), (3, "rgb", "RGB"),
+                                                        (4, "rgb", "RGBA")])
+def test_16_bit_colour_to_png_is_refused_before_the_work(tmp_path, capsys, no_work, samples, photometric, what):
+    """Before: accepted, denoised, then Pillow's TypeError ('Cannot handle this data type') after the work,
+    reported as a bug in nlref (exit status 1)."""
+    tifffile = pytest.importorskip("tifffile")
+    values = (np.random.default_rng(samples).random((16, 16, samples)) * 65535).astype(np.uint16)
+    src = tmp_path / "in.tif"
+    tifffile.imwrite(src, values, photometric=photometric, planarconfig="contig",
+                     **({"extrasamples": ["unassalpha"]} if samples in (2, 4) else {}))
+    assert main(["denoise", str(src), "--sigma", "500", "--out", str(tmp_path / "o.png")]) == 2
+    _one_line_error(capsys, "--out", "holds 16 bits for grey only", f"not for {what}; use .tif")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tif"]
