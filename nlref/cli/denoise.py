@@ -27,7 +27,12 @@ _JPEG = (".jpg", ".jpeg")
 
 
 def _read_image(path):
-    """Read an image file; any failure becomes one CommandError line naming the file and the problem."""
+    """Read an image file: (the array, whether its last axis holds samples: grey + alpha, RGB, RGBA).
+
+    Any failure becomes one CommandError line naming the file and the problem. A TIFF says which
+    axis holds samples (:func:`_read_tiff`); the other formats' reader gives (H, W), (H, W, C) or,
+    for an animation (GIF, APNG), (frames, H, W, C), one frame as (1, H, W, C), taken as (H, W, C).
+    """
     import warnings
 
     from skimage import io
@@ -47,11 +52,14 @@ def _read_image(path):
     _refuse_wide_colour_png(path)
     try:
         if path.suffix.lower() in (".tif", ".tiff"):
-            image = _read_tiff(path)
+            image, samples = _read_tiff(path)
         else:
             with warnings.catch_warnings():  # imageio's plugins, tried one by one on a file no plugin reads
                 warnings.simplefilter("ignore", DeprecationWarning)
                 image = np.asarray(io.imread(path))
+            if image.ndim == 4 and image.shape[0] == 1:  # one frame of a GIF or APNG: an image
+                image = image[0]
+            samples = image.ndim == 4 or (image.ndim == 3 and image.shape[-1] <= 4)
     except PermissionError:
         raise CommandError(f"cannot read IMAGE {str(path)!r}: permission denied") from None
     except Exception as err:  # imageio's plugins raise OSError, ValueError, struct.error, SyntaxError ...
@@ -61,7 +69,7 @@ def _read_image(path):
         raise CommandError(f"cannot read IMAGE {str(path)!r}: {reason}") from None
     if image.dtype.kind not in "uif" or image.size == 0:
         raise CommandError(f"cannot denoise IMAGE {str(path)!r}: it holds {image.size} values of dtype {image.dtype}")
-    return image
+    return image, samples
 
 
 _PNG_COLOURS = {4: "grey + alpha", 2: "RGB", 6: "RGBA"}  # PNG colour types (0: grey, 3: palette, 8-bit)
@@ -87,7 +95,8 @@ def _refuse_wide_colour_png(path):
 
 
 def _read_tiff(path):
-    """A TIFF's first series, with its samples (RGB, RGBA) on the last axis and its pages kept as pages.
+    """A TIFF's first series, with its samples (RGB, RGBA) on the last axis and its pages kept as pages;
+    and whether it has samples.
 
     ``skimage.io.imread`` moves the pages of a 3- or 4-page grey stack to the last axis, where
     they read as RGB or RGBA: a volume was denoised and written as one colour image. The
@@ -98,26 +107,36 @@ def _read_tiff(path):
     with tifffile.TiffFile(path) as tif:
         series = tif.series[0]
         image, axes = np.asarray(series.asarray()), series.axes
-    return np.moveaxis(image, axes.index("S"), -1) if "S" in axes else image
+    return (np.moveaxis(image, axes.index("S"), -1), True) if "S" in axes else (image, False)
 
-def _layout(image):
-    """How an image as read is denoised: (description, the array to denoise, channel_axis, alpha or None)."""
-    if image.ndim == 3 and image.shape[-1] == 1:
-        return "grey (one channel)", image[..., 0], None, None
-    if image.ndim == 3 and image.shape[-1] == 2:
-        return "grey + alpha: the grey channel is denoised, alpha kept as it is", image[..., :1], -1, image[..., 1:]
-    if image.ndim == 3 and image.shape[-1] == 3:
-        return "colour (RGB)", image, -1, None
-    if image.ndim == 3 and image.shape[-1] == 4:
-        return "colour + alpha (RGBA): the colour channels are denoised, alpha kept as it is", image[..., :3], -1, \
-            image[..., 3:]
-    if image.ndim == 2:
-        return "grey", image, None, None
-    return f"{image.ndim}-D, denoised as a volume", image, None, None
+def _layout(image, samples):
+    """How an image as read is denoised: (description, the array to denoise, channel_axis, alpha or None).
+
+    ``samples``: whether the last axis holds samples (:func:`_read_image`); the axes before it are
+    the image's (H, W) or a stack's (frames or slices, H, W): an RGB stack is a colour video, its
+    colours are never a spatial axis.
+    """
+    if not samples:
+        return ("grey", image, None, None) if image.ndim == 2 else \
+            (f"{image.ndim}-D, denoised as a volume", image, None, None)
+    n = image.shape[-1]
+    stack = f", a stack of {image.shape[0]} frames or slices" if image.ndim > 3 else ""
+    if n == 1:
+        return f"grey (one channel){stack}", image[..., 0], None, None
+    if n == 2:
+        return f"grey + alpha{stack}: the grey channel is denoised, alpha kept as it is", image[..., :1], -1, \
+            image[..., 1:]
+    if n == 4:
+        return f"colour + alpha (RGBA){stack}: the colour channels are denoised, alpha kept as it is", \
+            image[..., :3], -1, image[..., 3:]
+    return f"{'colour (RGB)' if n == 3 else f'{n} channels'}{stack}", image, -1, None
 
 
-def _check_output(out, *, image_path, dtype, shape):
-    """Everything about ``--out`` that can be checked before the work: folder, extension, what the format holds."""
+def _check_output(out, *, image_path, dtype, shape, samples):
+    """Everything about ``--out`` that can be checked before the work: folder, extension, what the format holds.
+
+    ``shape``: the result's; ``samples``: whether its last axis holds samples (grey + alpha, RGB, RGBA).
+    """
     if out.is_dir():
         raise CommandError(f"--out {str(out)!r} is a folder; give a file name such as {str(out / 'denoised.png')!r}")
     folder = out.parent
@@ -132,18 +151,19 @@ def _check_output(out, *, image_path, dtype, shape):
     if image_path is not None and out.exists() and out.samefile(image_path):
         raise CommandError(f"--out {str(out)!r} is IMAGE itself: it would overwrite the input; choose another name")
     name, dtypes, channels = _WRITERS[suffix]
-    n = 0 if len(shape) == 2 else shape[-1]
+    n, spatial = (shape[-1], len(shape) - 1) if samples else (0, len(shape))
     if dtypes is not None and str(dtype) not in dtypes:
         raise CommandError(f"--out {str(out)!r}: {name} cannot hold {dtype} values (it holds {', '.join(dtypes)}); "
                            "use .tif")
-    if suffix == ".png" and str(dtype) == "uint16" and len(shape) == 3 and n in (2, 3, 4):
+    if suffix == ".png" and str(dtype) == "uint16" and spatial == 2 and n in (2, 3, 4):
         raise CommandError(f"--out {str(out)!r}: PNG as nlref writes it (with Pillow) holds 16 bits for grey only, "
                            f"not for {_PNG_COLOURS[_PNG_TYPES[n]]}; use .tif")
-    if channels is not None and (len(shape) not in (2, 3) or n not in channels):
+    if channels is not None and (spatial != 2 or n not in channels):
         held = {0: "grey", 2: "grey + alpha", 3: "RGB", 4: "RGBA"}
-        what = (f"a {len(shape)}-D array" if len(shape) not in (2, 3) else held[n] if n in held
-                else f"a volume of {shape[0]} slices")  # as _layout reads a 3-D array
-        instead = ".tif" if suffix == ".png" or n not in held else ".png or .tif"
+        kind = held.get(n, f"{n}-channel")
+        what = (kind if spatial == 2 else f"a stack of {shape[0]} {kind} images" if samples
+                else f"a volume of {shape[0]} slices" if spatial == 3 else f"a {spatial}-D array")
+        instead = ".tif" if suffix == ".png" or spatial != 2 or n not in held else ".png or .tif"
         raise CommandError(f"--out {str(out)!r}: {name} cannot hold {what} (it holds "
                            f"{', '.join(held[c] for c in channels)}); use {instead}")
 
@@ -164,7 +184,8 @@ def _write_image(out, image, *, samples):
             import tifffile
 
             n = image.shape[-1] if samples else 0
-            options = dict(planarconfig="contig", extrasamples=["unassalpha"]) if n in (2, 4) else {}
+            extra = ["unassalpha"] if n in (2, 4) else ["unspecified"] * (n - 1) if n > 4 else []
+            options = dict(planarconfig="contig", extrasamples=extra) if extra else {}
             tifffile.imwrite(tmp, image, photometric="rgb" if n in (3, 4) else "minisblack", **options)
         else:
             io.imsave(tmp, image, check_contrast=False)
@@ -193,16 +214,16 @@ def run_denoise(args):
         clean = data.camera()
         image = np.clip(np.round(clean + noise * np.random.default_rng(seed).standard_normal(clean.shape)),
                         0, 255).astype(np.uint8)
-        path = None
+        path, samples = None, False
         say(f"no IMAGE given: the bundled camera image with Gaussian noise of {noise} grey levels")
     else:
         path = Path(args.image)
-        image = _read_image(path)
+        image, samples = _read_image(path)
         clean = None
-    what, work, channel_axis, alpha = _layout(image)
-    result_shape = image.shape[:2] if image.ndim == 3 and image.shape[-1] == 1 else image.shape
+    what, work, channel_axis, alpha = _layout(image, samples)
+    result_shape = work.shape if alpha is None else work.shape[:-1] + (work.shape[-1] + alpha.shape[-1],)
     out = Path(args.out)
-    _check_output(out, image_path=path, dtype=image.dtype, shape=result_shape)
+    _check_output(out, image_path=path, dtype=image.dtype, shape=result_shape, samples=channel_axis is not None)
     refuse_existing(out, args.overwrite)
     say(f"read {'the camera image' if path is None else path.name}: {tuple(image.shape)} {image.dtype}, {what}")
     shown = set()

@@ -472,6 +472,12 @@ def test_bad_size_is_an_argparse_message(capsys):
     ((2, 3, 16, 16), "minisblack", None, "4-D, denoised as a volume"),
     ((16, 16, 3), "rgb", "contig", "colour (RGB)"),
     ((3, 16, 16), "rgb", "separate", "colour (RGB)"),
+    # before: the colours of an RGB stack were a fourth spatial axis (patches mixed R, G and B), written back as
+    # grey pages; narrow grey volumes were read as RGB (3 columns) or lost their last axis (1 column)
+    ((2, 16, 16, 3), "rgb", "contig", "colour (RGB), a stack of 2 frames or slices"),
+    ((2, 16, 16, 4), "rgb", "contig", "colour + alpha (RGBA), a stack of 2 frames or slices"),
+    ((12, 14, 3), "minisblack", None, "3-D, denoised as a volume"),
+    ((12, 14, 1), "minisblack", None, "3-D, denoised as a volume"),
 ])
 def test_tiff_pages_stay_pages_and_samples_stay_samples(tmp_path, capsys, shape, photometric, planar, shown):
     """A stack of 3 or 4 grey pages was read as RGB or RGBA (skimage moves such pages to the last axis),
@@ -480,7 +486,9 @@ def test_tiff_pages_stay_pages_and_samples_stay_samples(tmp_path, capsys, shape,
     rng = np.random.default_rng(0)
     data = np.clip(np.round(120 + 20 * rng.standard_normal(shape)), 0, 255).astype(np.uint8)
     src, dst = tmp_path / "in.tif", tmp_path / "out.tif"
-    tifffile.imwrite(src, data, photometric=photometric, **({"planarconfig": planar} if planar else {}))
+    alpha = shape[-1] == 4 and photometric == "rgb"
+    tifffile.imwrite(src, data, photometric=photometric, **({"planarconfig": planar} if planar else {}),
+                     **({"extrasamples": ["unassalpha"]} if alpha else {}))
     assert main(["denoise", str(src), "--sigma", "20", "--search-size", "5", "--out", str(dst)]) == 0
     assert shown in capsys.readouterr().out
     with tifffile.TiffFile(dst) as tif:
@@ -489,8 +497,11 @@ def test_tiff_pages_stay_pages_and_samples_stay_samples(tmp_path, capsys, shape,
     colour = photometric == "rgb"
     expected = np.moveaxis(data, 0, -1) if planar == "separate" else data
     assert out.shape == expected.shape and ("S" in axes) == colour and written == ("RGB" if colour else "MINISBLACK")
-    reference = nlref.nl_means(expected, sigma=20, search_size=5, channel_axis=-1 if colour else None)
-    np.testing.assert_array_equal(out, reference)
+    denoised = expected[..., :3] if alpha else expected
+    reference = nlref.nl_means(denoised, sigma=20, search_size=5, channel_axis=-1 if colour else None)
+    np.testing.assert_array_equal(out[..., :3] if alpha else out, reference)
+    if alpha:
+        np.testing.assert_array_equal(out[..., 3], data[..., 3])
 
 
 def test_grey_and_alpha_tiff_round_trips(tmp_path):
@@ -586,3 +597,32 @@ def test_16_bit_colour_to_png_is_refused_before_the_work(tmp_path, capsys, no_wo
     assert main(["denoise", str(src), "--sigma", "500", "--out", str(tmp_path / "o.png")]) == 2
     _one_line_error(capsys, "--out", "holds 16 bits for grey only", f"not for {what}; use .tif")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tif"]
+
+
+def test_gif_frames_are_colour_images_not_a_volume(tmp_path, capsys):
+    """The reader gives a GIF as (frames, H, W, 3), one frame too. Before: a 4-D volume whose colours were a
+    spatial axis, written as grey pages; a one-frame GIF could not be written as PNG ('a 4-D array')."""
+    imageio = pytest.importorskip("imageio.v3")
+    rng = np.random.default_rng(0)
+    frames = np.clip(np.round(120 + 20 * rng.standard_normal((3, 20, 24, 3))), 0, 255).astype(np.uint8)
+    for name, written in (("one.gif", frames[:1]), ("three.gif", frames)):
+        imageio.imwrite(tmp_path / name, written, loop=0)
+    as_read = io.imread(tmp_path / "three.gif")
+    assert as_read.shape == (3, 20, 24, 3) and io.imread(tmp_path / "one.gif").shape == (1, 20, 24, 3)
+
+    assert main(["denoise", str(tmp_path / "one.gif"), "--sigma", "20", "--search-size", "5",
+                 "--out", str(tmp_path / "one.png")]) == 0
+    assert "read one.gif: (20, 24, 3) uint8, colour (RGB)" in capsys.readouterr().out
+    np.testing.assert_array_equal(io.imread(tmp_path / "one.png"), nlref.nl_means(
+        io.imread(tmp_path / "one.gif")[0], sigma=20, search_size=5, channel_axis=-1))
+
+    tifffile = pytest.importorskip("tifffile")
+    assert main(["denoise", str(tmp_path / "three.gif"), "--sigma", "20", "--search-size", "5",
+                 "--out", str(tmp_path / "three.tif")]) == 0
+    assert "colour (RGB), a stack of 3 frames or slices" in capsys.readouterr().out
+    with tifffile.TiffFile(tmp_path / "three.tif") as tif:
+        out, axes = tif.series[0].asarray(), tif.series[0].axes
+    assert axes.endswith("YXS") and tif.pages[0].photometric.name == "RGB"
+    np.testing.assert_array_equal(out, nlref.nl_means(as_read, sigma=20, search_size=5, channel_axis=-1))
+    assert main(["denoise", str(tmp_path / "three.gif"), "--sigma", "20", "--out", str(tmp_path / "three.png")]) == 2
+    assert "PNG cannot hold a stack of 3 RGB images" in capsys.readouterr().err
