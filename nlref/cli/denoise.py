@@ -57,11 +57,14 @@ def _read_image(path):
             with warnings.catch_warnings():  # imageio's plugins, tried one by one on a file no plugin reads
                 warnings.simplefilter("ignore", DeprecationWarning)
                 image = np.asarray(io.imread(path))
+            _refuse_cmyk(path)
             if image.ndim == 4 and image.shape[0] == 1:  # one frame of a GIF or APNG: an image
                 image = image[0]
             samples = image.ndim == 4 or (image.ndim == 3 and image.shape[-1] <= 4)
     except PermissionError:
         raise CommandError(f"cannot read IMAGE {str(path)!r}: permission denied") from None
+    except _ColourModel:
+        raise
     except Exception as err:  # imageio's plugins raise OSError, ValueError, struct.error, SyntaxError ...
         reason = ("the image data is truncated (an incomplete copy or download?)" if "truncated" in str(err).lower()
                   else "it is not an image in a format the reader knows (PNG, JPEG, TIFF, BMP, GIF, WebP, ...), "
@@ -94,6 +97,30 @@ def _refuse_wide_colour_png(path):
                            "TIFF first (e.g. magick in.png out.tif) and denoise that")
 
 
+class _ColourModel(CommandError):
+    """A file whose values are not grey or RGB (CMYK, palette indices, CIELAB, white-is-zero)."""
+
+
+#: TIFF photometric interpretations whose values are not grey (0 black) or RGB: refused.
+_MODELS = {"PALETTE": "indices into a colour table", "SEPARATED": "CMYK", "MINISWHITE": "grey with 0 as white",
+           "CIELAB": "CIELAB colours", "ICCLAB": "CIELAB colours", "ITULAB": "CIELAB colours"}
+
+
+def _refuse_cmyk(path):
+    """A CMYK JPEG (or another file Pillow opens as CMYK) reads as 4 channels, which were taken for RGBA:
+    C, M, Y denoised and written as R, G, B, K kept as alpha."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as opened:
+            mode = opened.mode
+    except Exception:  # noqa: BLE001 -- a format imageio reads without Pillow: not CMYK as far as Pillow can tell
+        return
+    if mode == "CMYK":
+        raise _ColourModel(f"IMAGE {str(path)!r} is a CMYK image, which nlref denoise would denoise and write back "
+                           "as RGBA values: convert it to RGB first")
+
+
 def _read_tiff(path):
     """A TIFF's first series, with its samples (RGB, RGBA) on the last axis and its pages kept as pages;
     and whether it has samples.
@@ -106,6 +133,11 @@ def _read_tiff(path):
 
     with tifffile.TiffFile(path) as tif:
         series = tif.series[0]
+        photometric = getattr(series.keyframe.photometric, "name", str(series.keyframe.photometric))
+        if photometric in _MODELS:
+            raise _ColourModel(f"IMAGE {str(path)!r} is a TIFF of photometric {photometric} ({_MODELS[photometric]}), "
+                               "which nlref denoise would denoise and write back as grey or RGB values: convert it "
+                               "to grey or RGB first")
         image, axes = np.asarray(series.asarray()), series.axes
     return (np.moveaxis(image, axes.index("S"), -1), True) if "S" in axes else (image, False)
 

@@ -626,3 +626,32 @@ def test_gif_frames_are_colour_images_not_a_volume(tmp_path, capsys):
     np.testing.assert_array_equal(out, nlref.nl_means(as_read, sigma=20, search_size=5, channel_axis=-1))
     assert main(["denoise", str(tmp_path / "three.gif"), "--sigma", "20", "--out", str(tmp_path / "three.png")]) == 2
     assert "PNG cannot hold a stack of 3 RGB images" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, photometric, what", [
+    ("in.tif", "palette", "photometric PALETTE (indices into a colour table)"),
+    ("in.tif", "miniswhite", "photometric MINISWHITE (grey with 0 as white)"),
+    ("in.tif", "cielab", "photometric CIELAB (CIELAB colours)"),
+    ("in.tif", "separated", "photometric SEPARATED (CMYK)"),
+    ("in.jpg", "CMYK", "is a CMYK image"),
+])
+def test_values_that_are_not_grey_or_rgb_are_refused(tmp_path, capsys, no_work, name, photometric, what):
+    """Before: palette indices were denoised as grey levels and written as grey, white-is-zero grey was written
+    back inverted (minisblack), CIELAB written as RGB, and CMYK (TIFF or JPEG) taken for RGBA: C, M, Y written
+    as R, G, B and K kept as alpha."""
+    tifffile = pytest.importorskip("tifffile")
+    rng = np.random.default_rng(0)
+    src = tmp_path / name
+    if photometric == "CMYK":
+        from PIL import Image
+
+        Image.fromarray((rng.random((16, 16, 4)) * 255).astype(np.uint8), mode="CMYK").save(src)
+    else:
+        samples = {"cielab": 3, "separated": 4}.get(photometric)
+        values = (rng.random((16, 16, samples) if samples else (16, 16)) * 255).astype(np.uint8)
+        colormap = {"colormap": np.tile(np.arange(256, dtype=np.uint16) * 257, (3, 1))} if photometric == "palette" \
+            else {}
+        tifffile.imwrite(src, values, photometric=photometric, **colormap)
+    assert main(["denoise", str(src), "--sigma", "10", "--out", str(tmp_path / "o.tif")]) == 2
+    _one_line_error(capsys, f"IMAGE '{src}'", what, "convert it to")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
