@@ -15,7 +15,7 @@ from nlref.cli.store import FLAGS, _chunk_size, _is_chunked, run_denoise_chunked
 
 #: What each output format can hold: (name, dtypes, channel counts; None: anything, 0: no channel axis).
 _WRITERS = {
-    ".png": ("PNG", ("uint8", "uint16"), (0, 2, 3, 4)),
+    ".png": ("PNG", ("uint8", "uint16"), (0, 2, 3, 4)),  # uint16: grey only (_check_output)
     ".tif": ("TIFF", None, None),
     ".tiff": ("TIFF", None, None),
     ".jpg": ("JPEG", ("uint8",), (0, 3)),
@@ -27,7 +27,12 @@ _JPEG = (".jpg", ".jpeg")
 
 
 def _read_image(path):
-    """Read an image file; any failure becomes one CommandError line naming the file and the problem."""
+    """Read an image file: (the array, whether its last axis holds samples: grey + alpha, RGB, RGBA).
+
+    Any failure becomes one CommandError line naming the file and the problem. A TIFF says which
+    axis holds samples (:func:`_read_tiff`); the other formats' reader gives (H, W), (H, W, C) or,
+    for an animation (GIF, APNG), (frames, H, W, C), one frame as (1, H, W, C), taken as (H, W, C).
+    """
     import warnings
 
     from skimage import io
@@ -44,15 +49,22 @@ def _read_image(path):
     if arrays:  # read by the chunked route only (it said "not an image in a format the reader knows")
         raise CommandError(f"IMAGE {str(path)!r} is {arrays} file, which nlref denoise reads chunk by chunk into a "
                            "Zarr store: add --chunks N (or give an --out ending in .zarr)")
+    _refuse_wide_colour_png(path)
     try:
         if path.suffix.lower() in (".tif", ".tiff"):
-            image = _read_tiff(path)
+            image, samples = _read_tiff(path)
         else:
             with warnings.catch_warnings():  # imageio's plugins, tried one by one on a file no plugin reads
                 warnings.simplefilter("ignore", DeprecationWarning)
                 image = np.asarray(io.imread(path))
+            _refuse_cmyk(path)
+            if image.ndim == 4 and image.shape[0] == 1:  # one frame of a GIF or APNG: an image
+                image = image[0]
+            samples = image.ndim == 4 or (image.ndim == 3 and image.shape[-1] <= 4)
     except PermissionError:
         raise CommandError(f"cannot read IMAGE {str(path)!r}: permission denied") from None
+    except _ColourModel:
+        raise
     except Exception as err:  # imageio's plugins raise OSError, ValueError, struct.error, SyntaxError ...
         reason = ("the image data is truncated (an incomplete copy or download?)" if "truncated" in str(err).lower()
                   else "it is not an image in a format the reader knows (PNG, JPEG, TIFF, BMP, GIF, WebP, ...), "
@@ -60,12 +72,58 @@ def _read_image(path):
         raise CommandError(f"cannot read IMAGE {str(path)!r}: {reason}") from None
     if image.dtype.kind not in "uif" or image.size == 0:
         raise CommandError(f"cannot denoise IMAGE {str(path)!r}: it holds {image.size} values of dtype {image.dtype}")
-    return image
+    return image, samples
 
+
+_PNG_COLOURS = {4: "grey + alpha", 2: "RGB", 6: "RGBA"}  # PNG colour types (0: grey, 3: palette, 8-bit)
+_PNG_TYPES = {2: 4, 3: 2, 4: 6}                            # channels -> PNG colour type
+
+
+def _refuse_wide_colour_png(path):
+    """Refuse a 16-bit PNG with colour or alpha: the reader (Pillow) gives it as 8 bits, the low byte lost.
+
+    The header says it (bit depth and colour type of the IHDR chunk, bytes 24 and 25); a 16-bit grey PNG
+    is read whole. Whatever the file's name: the header is read, not the extension.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(26)
+    except OSError:
+        return  # the reader says what is wrong
+    if len(head) == 26 and head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR" and head[24] == 16 \
+            and head[25] in _PNG_COLOURS:
+        raise CommandError(f"IMAGE {str(path)!r} is a 16-bit {_PNG_COLOURS[head[25]]} PNG, which the image reader "
+                           "(Pillow) reads only as 8 bits, the low byte of every value lost: convert it to a 16-bit "
+                           "TIFF first (e.g. magick in.png out.tif) and denoise that")
+
+
+class _ColourModel(CommandError):
+    """A file whose values are not grey or RGB (CMYK, palette indices, CIELAB, white-is-zero)."""
+
+
+#: TIFF photometric interpretations whose values are not grey (0 black) or RGB: refused.
+_MODELS = {"PALETTE": "indices into a colour table", "SEPARATED": "CMYK", "MINISWHITE": "grey with 0 as white",
+           "CIELAB": "CIELAB colours", "ICCLAB": "CIELAB colours", "ITULAB": "CIELAB colours"}
+
+
+def _refuse_cmyk(path):
+    """A CMYK JPEG (or another file Pillow opens as CMYK) reads as 4 channels, which were taken for RGBA:
+    C, M, Y denoised and written as R, G, B, K kept as alpha."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as opened:
+            mode = opened.mode
+    except Exception:  # noqa: BLE001 -- a format imageio reads without Pillow: not CMYK as far as Pillow can tell
+        return
+    if mode == "CMYK":
+        raise _ColourModel(f"IMAGE {str(path)!r} is a CMYK image, which nlref denoise would denoise and write back "
+                           "as RGBA values: convert it to RGB first")
 
 
 def _read_tiff(path):
-    """A TIFF's first series, with its samples (RGB, RGBA) on the last axis and its pages kept as pages.
+    """A TIFF's first series, with its samples (RGB, RGBA) on the last axis and its pages kept as pages;
+    and whether it has samples.
 
     ``skimage.io.imread`` moves the pages of a 3- or 4-page grey stack to the last axis, where
     they read as RGB or RGBA: a volume was denoised and written as one colour image. The
@@ -75,27 +133,42 @@ def _read_tiff(path):
 
     with tifffile.TiffFile(path) as tif:
         series = tif.series[0]
+        photometric = getattr(series.keyframe.photometric, "name", str(series.keyframe.photometric))
+        if photometric in _MODELS:
+            raise _ColourModel(f"IMAGE {str(path)!r} is a TIFF of photometric {photometric} ({_MODELS[photometric]}), "
+                               "which nlref denoise would denoise and write back as grey or RGB values: convert it "
+                               "to grey or RGB first")
         image, axes = np.asarray(series.asarray()), series.axes
-    return np.moveaxis(image, axes.index("S"), -1) if "S" in axes else image
+    return (np.moveaxis(image, axes.index("S"), -1), True) if "S" in axes else (image, False)
 
-def _layout(image):
-    """How an image as read is denoised: (description, the array to denoise, channel_axis, alpha or None)."""
-    if image.ndim == 3 and image.shape[-1] == 1:
-        return "grey (one channel)", image[..., 0], None, None
-    if image.ndim == 3 and image.shape[-1] == 2:
-        return "grey + alpha: the grey channel is denoised, alpha kept as it is", image[..., :1], -1, image[..., 1:]
-    if image.ndim == 3 and image.shape[-1] == 3:
-        return "colour (RGB)", image, -1, None
-    if image.ndim == 3 and image.shape[-1] == 4:
-        return "colour + alpha (RGBA): the colour channels are denoised, alpha kept as it is", image[..., :3], -1, \
-            image[..., 3:]
-    if image.ndim == 2:
-        return "grey", image, None, None
-    return f"{image.ndim}-D, denoised as a volume", image, None, None
+def _layout(image, samples):
+    """How an image as read is denoised: (description, the array to denoise, channel_axis, alpha or None).
+
+    ``samples``: whether the last axis holds samples (:func:`_read_image`); the axes before it are
+    the image's (H, W) or a stack's (frames or slices, H, W): an RGB stack is a colour video, its
+    colours are never a spatial axis.
+    """
+    if not samples:
+        return ("grey", image, None, None) if image.ndim == 2 else \
+            (f"{image.ndim}-D, denoised as a volume", image, None, None)
+    n = image.shape[-1]
+    stack = f", a stack of {image.shape[0]} frames or slices" if image.ndim > 3 else ""
+    if n == 1:
+        return f"grey (one channel){stack}", image[..., 0], None, None
+    if n == 2:
+        return f"grey + alpha{stack}: the grey channel is denoised, alpha kept as it is", image[..., :1], -1, \
+            image[..., 1:]
+    if n == 4:
+        return f"colour + alpha (RGBA){stack}: the colour channels are denoised, alpha kept as it is", \
+            image[..., :3], -1, image[..., 3:]
+    return f"{'colour (RGB)' if n == 3 else f'{n} channels'}{stack}", image, -1, None
 
 
-def _check_output(out, *, image_path, dtype, shape):
-    """Everything about ``--out`` that can be checked before the work: folder, extension, what the format holds."""
+def _check_output(out, *, image_path, dtype, shape, samples):
+    """Everything about ``--out`` that can be checked before the work: folder, extension, what the format holds.
+
+    ``shape``: the result's; ``samples``: whether its last axis holds samples (grey + alpha, RGB, RGBA).
+    """
     if out.is_dir():
         raise CommandError(f"--out {str(out)!r} is a folder; give a file name such as {str(out / 'denoised.png')!r}")
     folder = out.parent
@@ -110,15 +183,19 @@ def _check_output(out, *, image_path, dtype, shape):
     if image_path is not None and out.exists() and out.samefile(image_path):
         raise CommandError(f"--out {str(out)!r} is IMAGE itself: it would overwrite the input; choose another name")
     name, dtypes, channels = _WRITERS[suffix]
-    n = 0 if len(shape) == 2 else shape[-1]
+    n, spatial = (shape[-1], len(shape) - 1) if samples else (0, len(shape))
     if dtypes is not None and str(dtype) not in dtypes:
         raise CommandError(f"--out {str(out)!r}: {name} cannot hold {dtype} values (it holds {', '.join(dtypes)}); "
                            "use .tif")
-    if channels is not None and (len(shape) not in (2, 3) or n not in channels):
+    if suffix == ".png" and str(dtype) == "uint16" and spatial == 2 and n in (2, 3, 4):
+        raise CommandError(f"--out {str(out)!r}: PNG as nlref writes it (with Pillow) holds 16 bits for grey only, "
+                           f"not for {_PNG_COLOURS[_PNG_TYPES[n]]}; use .tif")
+    if channels is not None and (spatial != 2 or n not in channels):
         held = {0: "grey", 2: "grey + alpha", 3: "RGB", 4: "RGBA"}
-        what = (f"a {len(shape)}-D array" if len(shape) not in (2, 3) else held[n] if n in held
-                else f"a volume of {shape[0]} slices")  # as _layout reads a 3-D array
-        instead = ".tif" if suffix == ".png" or n not in held else ".png or .tif"
+        kind = held.get(n, f"{n}-channel")
+        what = (kind if spatial == 2 else f"a stack of {shape[0]} {kind} images" if samples
+                else f"a volume of {shape[0]} slices" if spatial == 3 else f"a {spatial}-D array")
+        instead = ".tif" if suffix == ".png" or spatial != 2 or n not in held else ".png or .tif"
         raise CommandError(f"--out {str(out)!r}: {name} cannot hold {what} (it holds "
                            f"{', '.join(held[c] for c in channels)}); use {instead}")
 
@@ -139,7 +216,8 @@ def _write_image(out, image, *, samples):
             import tifffile
 
             n = image.shape[-1] if samples else 0
-            options = dict(planarconfig="contig", extrasamples=["unassalpha"]) if n in (2, 4) else {}
+            extra = ["unassalpha"] if n in (2, 4) else ["unspecified"] * (n - 1) if n > 4 else []
+            options = dict(planarconfig="contig", extrasamples=extra) if extra else {}
             tifffile.imwrite(tmp, image, photometric="rgb" if n in (3, 4) else "minisblack", **options)
         else:
             io.imsave(tmp, image, check_contrast=False)
@@ -148,6 +226,7 @@ def _write_image(out, image, *, samples):
 def run_denoise(args):
     """``nlref denoise``: read, check everything, then denoise and write the result atomically."""
     import nlref
+    from nlref.nlmeans.api import check_limits
 
     if args.image is not None:  # the bundled image's noise: nothing to do with an IMAGE
         given = [flag for flag, value in (("--noise", args.noise), ("--seed", args.seed)) if value is not None]
@@ -167,16 +246,16 @@ def run_denoise(args):
         clean = data.camera()
         image = np.clip(np.round(clean + noise * np.random.default_rng(seed).standard_normal(clean.shape)),
                         0, 255).astype(np.uint8)
-        path = None
+        path, samples = None, False
         say(f"no IMAGE given: the bundled camera image with Gaussian noise of {noise} grey levels")
     else:
         path = Path(args.image)
-        image = _read_image(path)
+        image, samples = _read_image(path)
         clean = None
-    what, work, channel_axis, alpha = _layout(image)
-    result_shape = image.shape[:2] if image.ndim == 3 and image.shape[-1] == 1 else image.shape
+    what, work, channel_axis, alpha = _layout(image, samples)
+    result_shape = work.shape if alpha is None else work.shape[:-1] + (work.shape[-1] + alpha.shape[-1],)
     out = Path(args.out)
-    _check_output(out, image_path=path, dtype=image.dtype, shape=result_shape)
+    _check_output(out, image_path=path, dtype=image.dtype, shape=result_shape, samples=channel_axis is not None)
     refuse_existing(out, args.overwrite)
     say(f"read {'the camera image' if path is None else path.name}: {tuple(image.shape)} {image.dtype}, {what}")
     shown = set()
@@ -184,6 +263,8 @@ def run_denoise(args):
         params = _warned(lambda: nlref.resolve_parameters(
             work, sigma=args.sigma, h=args.h, patch_size=args.patch_size, search_size=args.search_size,
             channel_axis=channel_axis, aggregation=args.aggregation), shown)
+        # the limits nl_means would refuse after the report lines (an internal error, exit 1, it said)
+        check_limits(work, params, channel_axis=channel_axis, aggregation=args.aggregation, method=args.method)
     except (ValueError, TypeError) as err:  # the values the user typed: the message names their flags
         raise CommandError(flag_names(str(err), FLAGS)) from None
     say(f"sigma {params['sigma']:.3g} ({params['sigma_source']}), h {params['h']:.3g}, "

@@ -7,16 +7,16 @@ import os
 from collections.abc import Sequence
 
 from .._typing import Array, Size
-from ..backend import check_flag
-from .checks import check_image, check_workers, is_dask_array, pixel_index, warn_layout
+from ..backend import check_flag, dtype_name
+from .checks import check_axes, check_image, check_workers, is_dask_array, pixel_index, warn_layout
 from .fast import nl_means_fast, working_memory
 from .naive import nl_means_naive, patch_weights
 from .noise import estimate_sigma as estimate_sigma_in_memory
 from .overlap import estimate_sigma_dask, nl_means_dask, resolve_parameters_dask
 from .params import WORKING_MEMORY_LIMIT, from_working, resolve, run_parameters, to_working
 
-__all__ = ["nl_means", "nl_means_weights", "resolve_parameters", "estimate_sigma", "WORKING_MEMORY_LIMIT",
-           "NAIVE_COMPARISON_LIMIT"]
+__all__ = ["nl_means", "nl_means_weights", "resolve_parameters", "estimate_sigma", "check_limits",
+           "WORKING_MEMORY_LIMIT", "NAIVE_COMPARISON_LIMIT"]
 
 #: The naive method refuses more patch comparisons (pixels x offsets) than this:
 #: it is the readable specification, meant for small inputs.
@@ -177,30 +177,15 @@ def nl_means(image: Array, *, sigma: float | None = None, h: float | None = None
     xp, channel_axis, spatial = check_image(image, channel_axis)
     params = resolve(xp, image, spatial, sigma=sigma, h=h, patch_size=patch_size, search_size=search_size,
                       channel_axis=channel_axis, aggregation=aggregation, data_range=data_range)
-    channels = 1 if channel_axis is None else image.shape[channel_axis]
     kwargs = run_parameters(params, aggregation)
     n_offsets = math.prod(params["search_size"])
+    workers = check_limits(image, params, channel_axis=channel_axis, aggregation=aggregation, method=method,
+                           workers=workers)
 
     if method == "naive":
-        comparisons = math.prod(spatial) * n_offsets
-        if comparisons > NAIVE_COMPARISON_LIMIT:
-            raise ValueError(
-                f"method='naive' would make {comparisons:,} patch comparisons (limit "
-                f"{NAIVE_COMPARISON_LIMIT:,}, nlref.nlmeans.api.NAIVE_COMPARISON_LIMIT); it is the readable "
-                "specification for small inputs: crop the image or use method='fast'"
-            )
         u = nl_means_naive(to_working(xp, image, channel_axis), **kwargs)
         return from_working(xp, u, image, channel_axis)
 
-    workers = check_workers(workers, default=min(os.cpu_count() or 1, 8))
-    itemsize = 8 if image.dtype == xp.float64 else 4
-    need = working_memory(spatial, channels, params["patch_size"], params["search_size"], aggregation, itemsize, workers)
-    if need > WORKING_MEMORY_LIMIT:
-        raise ValueError(
-            f"this request needs about {need / 2**30:.2f} GiB of working memory, above the limit of "
-            f"{WORKING_MEMORY_LIMIT / 2**30:.2f} GiB (nlref.nlmeans.api.WORKING_MEMORY_LIMIT); "
-            "use fewer workers, a smaller search window, or process the data in tiles"
-        )
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -214,6 +199,43 @@ def nl_means(image: Array, *, sigma: float | None = None, h: float | None = None
         if bar is not None:
             bar.close()
     return from_working(xp, u, image, channel_axis)
+
+
+def check_limits(image: Array, params: dict, *, channel_axis: int | None = None, aggregation: str = "pixel",
+                 method: str = "fast", workers: int | None = None) -> int | None:
+    """Refuse a request above the size limit of ``method="naive"`` or the working-memory limit of ``"fast"``.
+
+    ``params`` as ``resolve_parameters`` returns them for ``image`` (in memory) and these
+    arguments. :func:`nl_means` calls it before any work; a caller that resolves the
+    parameters itself (``nlref denoise``) calls it to learn before the work whether
+    :func:`nl_means` would refuse. Reads the shape and dtype only. Returns ``workers`` checked
+    (the default filled in) for the fast method, None for the naive one; raises ValueError
+    naming the limit and what to do.
+    """
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {_METHODS}; got {method!r}")
+    channel_axis, spatial = check_axes(tuple(image.shape), channel_axis)
+    n_offsets = math.prod(params["search_size"])
+    if method == "naive":
+        comparisons = math.prod(spatial) * n_offsets
+        if comparisons > NAIVE_COMPARISON_LIMIT:
+            raise ValueError(
+                f"method='naive' would make {comparisons:,} patch comparisons (limit "
+                f"{NAIVE_COMPARISON_LIMIT:,}, nlref.nlmeans.api.NAIVE_COMPARISON_LIMIT); it is the readable "
+                "specification for small inputs: crop the image or use method='fast'"
+            )
+        return None
+    workers = check_workers(workers, default=min(os.cpu_count() or 1, 8))
+    channels = 1 if channel_axis is None else image.shape[channel_axis]
+    itemsize = 8 if dtype_name(image.dtype) == "float64" else 4
+    need = working_memory(spatial, channels, params["patch_size"], params["search_size"], aggregation, itemsize, workers)
+    if need > WORKING_MEMORY_LIMIT:
+        raise ValueError(
+            f"this request needs about {need / 2**30:.2f} GiB of working memory, above the limit of "
+            f"{WORKING_MEMORY_LIMIT / 2**30:.2f} GiB (nlref.nlmeans.api.WORKING_MEMORY_LIMIT); "
+            "use fewer workers, a smaller search window, or process the data in tiles"
+        )
+    return workers
 
 
 def nl_means_weights(image: Array, index: int | Sequence[int], *, sigma: float | None = None,

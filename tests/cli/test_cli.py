@@ -512,6 +512,12 @@ def test_bad_size_is_an_argparse_message(capsys):
     ((2, 3, 16, 16), "minisblack", None, "4-D, denoised as a volume"),
     ((16, 16, 3), "rgb", "contig", "colour (RGB)"),
     ((3, 16, 16), "rgb", "separate", "colour (RGB)"),
+    # before: the colours of an RGB stack were a fourth spatial axis (patches mixed R, G and B), written back as
+    # grey pages; narrow grey volumes were read as RGB (3 columns) or lost their last axis (1 column)
+    ((2, 16, 16, 3), "rgb", "contig", "colour (RGB), a stack of 2 frames or slices"),
+    ((2, 16, 16, 4), "rgb", "contig", "colour + alpha (RGBA), a stack of 2 frames or slices"),
+    ((12, 14, 3), "minisblack", None, "3-D, denoised as a volume"),
+    ((12, 14, 1), "minisblack", None, "3-D, denoised as a volume"),
 ])
 def test_tiff_pages_stay_pages_and_samples_stay_samples(tmp_path, capsys, shape, photometric, planar, shown):
     """A stack of 3 or 4 grey pages was read as RGB or RGBA (skimage moves such pages to the last axis),
@@ -520,7 +526,9 @@ def test_tiff_pages_stay_pages_and_samples_stay_samples(tmp_path, capsys, shape,
     rng = np.random.default_rng(0)
     data = np.clip(np.round(120 + 20 * rng.standard_normal(shape)), 0, 255).astype(np.uint8)
     src, dst = tmp_path / "in.tif", tmp_path / "out.tif"
-    tifffile.imwrite(src, data, photometric=photometric, **({"planarconfig": planar} if planar else {}))
+    alpha = shape[-1] == 4 and photometric == "rgb"
+    tifffile.imwrite(src, data, photometric=photometric, **({"planarconfig": planar} if planar else {}),
+                     **({"extrasamples": ["unassalpha"]} if alpha else {}))
     assert main(["denoise", str(src), "--sigma", "20", "--search-size", "5", "--out", str(dst)]) == 0
     assert shown in capsys.readouterr().out
     with tifffile.TiffFile(dst) as tif:
@@ -529,8 +537,11 @@ def test_tiff_pages_stay_pages_and_samples_stay_samples(tmp_path, capsys, shape,
     colour = photometric == "rgb"
     expected = np.moveaxis(data, 0, -1) if planar == "separate" else data
     assert out.shape == expected.shape and ("S" in axes) == colour and written == ("RGB" if colour else "MINISBLACK")
-    reference = nlref.nl_means(expected, sigma=20, search_size=5, channel_axis=-1 if colour else None)
-    np.testing.assert_array_equal(out, reference)
+    denoised = expected[..., :3] if alpha else expected
+    reference = nlref.nl_means(denoised, sigma=20, search_size=5, channel_axis=-1 if colour else None)
+    np.testing.assert_array_equal(out[..., :3] if alpha else out, reference)
+    if alpha:
+        np.testing.assert_array_equal(out[..., 3], data[..., 3])
 
 
 def test_grey_and_alpha_tiff_round_trips(tmp_path):
@@ -549,3 +560,138 @@ def test_a_volume_to_png_is_refused_naming_the_slices(tmp_path, capsys):
     assert main(["denoise", str(tmp_path / "v.tif"), "--sigma", "5", "--out", str(tmp_path / "v.png")]) == 2
     assert "PNG cannot hold a volume of 5 slices (it holds grey, grey + alpha, RGB, RGBA); use .tif" in \
         capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, limit, fragment", [
+    (["--method", "naive"], None, "--method 'naive' would make 57,600 patch comparisons (limit 50,000"),
+    ([], 2**16, "GiB of working memory, above the limit"),
+])
+def test_a_request_above_nl_means_limits_is_one_line_before_the_work(tmp_path, capsys, monkeypatch, no_work, extra,
+                                                                     limit, fragment):
+    """Before: nl_means refused it after the report lines, and the command called its ValueError an internal
+    error, a bug in nlref (exit status 1)."""
+    from nlref.nlmeans import api
+
+    if limit is not None:
+        monkeypatch.setattr(api, "WORKING_MEMORY_LIMIT", limit)
+    monkeypatch.setattr(api, "NAIVE_COMPARISON_LIMIT", 50_000)
+    _, noisy = _noisy_grey(16)
+    src = tmp_path / "in.png"
+    io.imsave(src, noisy, check_contrast=False)
+    argv = ["denoise", str(src), "--sigma", "15", "--search-size", "15", "--out", str(tmp_path / "o.png")]
+    assert main(argv + extra) == 2
+    _one_line_error(capsys, "nlref denoise: error:", fragment)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png"]
+
+
+def _png_by_hand(path, array):
+    """A PNG written byte by byte (no filter, one IDAT chunk), whatever the bit depth and channels."""
+    import struct
+    import zlib
+
+    height, width = array.shape[:2]
+    colour_type = {2: 0, 3: {2: 4, 3: 2, 4: 6}.get(array.shape[-1])}[array.ndim]
+    big_endian = array.astype(array.dtype.newbyteorder(">"))
+    raw = b"".join(b"\x00" + big_endian[row].tobytes() for row in range(height))
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8 * array.dtype.itemsize, colour_type, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
+                     + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("channels, what", [(2, "grey + alpha"), (3, "RGB"), (4, "RGBA")])
+def test_a_16_bit_colour_png_is_refused_not_read_as_8_bits(tmp_path, capsys, no_work, channels, what):
+    """Before: read as uint8 (Pillow keeps the high byte only; grey + alpha even came back as RGBA), denoised and
+    written as 8 bits without a word. OpenCV reads such a file as uint16."""
+    values = (np.random.default_rng(channels).random((16, 16, channels)) * 65535).astype(np.uint16)
+    src = tmp_path / "deep.png"
+    _png_by_hand(src, values)
+    assert main(["denoise", str(src), "--sigma", "500", "--out", str(tmp_path / "o.tif")]) == 2
+    _one_line_error(capsys, f"'{src}' is a 16-bit {what} PNG", "reads only as 8 bits", "16-bit TIFF")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["deep.png"]
+
+
+def test_16_bit_grey_and_8_bit_colour_pngs_are_read_whole(tmp_path):
+    rng = np.random.default_rng(0)
+    for name, values in (("grey16.png", (rng.random((16, 16)) * 65535).astype(np.uint16)),
+                         ("rgb8.png", (rng.random((16, 16, 3)) * 255).astype(np.uint8))):
+        _png_by_hand(tmp_path / name, values)
+        out = tmp_path / f"{name}.tif"
+        assert main(["denoise", str(tmp_path / name), "--sigma", "1", "--h", "1e-3", "--out", str(out)]) == 0
+        np.testing.assert_array_equal(io.imread(out), values)  # an h this small keeps every value
+
+
+@pytest.mark.parametrize("samples, photometric, what", [(2, "minisblack", "grey + alpha"), (3, "rgb", "RGB"),
+                                                        (4, "rgb", "RGBA")])
+def test_16_bit_colour_to_png_is_refused_before_the_work(tmp_path, capsys, no_work, samples, photometric, what):
+    """Before: accepted, denoised, then Pillow's TypeError ('Cannot handle this data type') after the work,
+    reported as a bug in nlref (exit status 1)."""
+    tifffile = pytest.importorskip("tifffile")
+    values = (np.random.default_rng(samples).random((16, 16, samples)) * 65535).astype(np.uint16)
+    src = tmp_path / "in.tif"
+    tifffile.imwrite(src, values, photometric=photometric, planarconfig="contig",
+                     **({"extrasamples": ["unassalpha"]} if samples in (2, 4) else {}))
+    assert main(["denoise", str(src), "--sigma", "500", "--out", str(tmp_path / "o.png")]) == 2
+    _one_line_error(capsys, "--out", "holds 16 bits for grey only", f"not for {what}; use .tif")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tif"]
+
+
+def test_gif_frames_are_colour_images_not_a_volume(tmp_path, capsys):
+    """The reader gives a GIF as (frames, H, W, 3), one frame too. Before: a 4-D volume whose colours were a
+    spatial axis, written as grey pages; a one-frame GIF could not be written as PNG ('a 4-D array')."""
+    imageio = pytest.importorskip("imageio.v3")
+    rng = np.random.default_rng(0)
+    frames = np.clip(np.round(120 + 20 * rng.standard_normal((3, 20, 24, 3))), 0, 255).astype(np.uint8)
+    for name, written in (("one.gif", frames[:1]), ("three.gif", frames)):
+        imageio.imwrite(tmp_path / name, written, loop=0)
+    as_read = io.imread(tmp_path / "three.gif")
+    assert as_read.shape == (3, 20, 24, 3) and io.imread(tmp_path / "one.gif").shape == (1, 20, 24, 3)
+
+    assert main(["denoise", str(tmp_path / "one.gif"), "--sigma", "20", "--search-size", "5",
+                 "--out", str(tmp_path / "one.png")]) == 0
+    assert "read one.gif: (20, 24, 3) uint8, colour (RGB)" in capsys.readouterr().out
+    np.testing.assert_array_equal(io.imread(tmp_path / "one.png"), nlref.nl_means(
+        io.imread(tmp_path / "one.gif")[0], sigma=20, search_size=5, channel_axis=-1))
+
+    tifffile = pytest.importorskip("tifffile")
+    assert main(["denoise", str(tmp_path / "three.gif"), "--sigma", "20", "--search-size", "5",
+                 "--out", str(tmp_path / "three.tif")]) == 0
+    assert "colour (RGB), a stack of 3 frames or slices" in capsys.readouterr().out
+    with tifffile.TiffFile(tmp_path / "three.tif") as tif:
+        out, axes = tif.series[0].asarray(), tif.series[0].axes
+    assert axes.endswith("YXS") and tif.pages[0].photometric.name == "RGB"
+    np.testing.assert_array_equal(out, nlref.nl_means(as_read, sigma=20, search_size=5, channel_axis=-1))
+    assert main(["denoise", str(tmp_path / "three.gif"), "--sigma", "20", "--out", str(tmp_path / "three.png")]) == 2
+    assert "PNG cannot hold a stack of 3 RGB images" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, photometric, what", [
+    ("in.tif", "palette", "photometric PALETTE (indices into a colour table)"),
+    ("in.tif", "miniswhite", "photometric MINISWHITE (grey with 0 as white)"),
+    ("in.tif", "cielab", "photometric CIELAB (CIELAB colours)"),
+    ("in.tif", "separated", "photometric SEPARATED (CMYK)"),
+    ("in.jpg", "CMYK", "is a CMYK image"),
+])
+def test_values_that_are_not_grey_or_rgb_are_refused(tmp_path, capsys, no_work, name, photometric, what):
+    """Before: palette indices were denoised as grey levels and written as grey, white-is-zero grey was written
+    back inverted (minisblack), CIELAB written as RGB, and CMYK (TIFF or JPEG) taken for RGBA: C, M, Y written
+    as R, G, B and K kept as alpha."""
+    tifffile = pytest.importorskip("tifffile")
+    rng = np.random.default_rng(0)
+    src = tmp_path / name
+    if photometric == "CMYK":
+        from PIL import Image
+
+        Image.fromarray((rng.random((16, 16, 4)) * 255).astype(np.uint8), mode="CMYK").save(src)
+    else:
+        samples = {"cielab": 3, "separated": 4}.get(photometric)
+        values = (rng.random((16, 16, samples) if samples else (16, 16)) * 255).astype(np.uint8)
+        colormap = {"colormap": np.tile(np.arange(256, dtype=np.uint16) * 257, (3, 1))} if photometric == "palette" \
+            else {}
+        tifffile.imwrite(src, values, photometric=photometric, **colormap)
+    assert main(["denoise", str(src), "--sigma", "10", "--out", str(tmp_path / "o.tif")]) == 2
+    _one_line_error(capsys, f"IMAGE '{src}'", what, "convert it to")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
