@@ -152,9 +152,9 @@ def resolve(xp, image, spatial, *, sigma, h, patch_size, search_size, channel_ax
         if h is None:
             h = factor * sigma if sigma > 0 else None
         if h is None:
-            raise ValueError(
-                "cannot choose h: the noise level is 0 (a constant or noise-free image); pass h explicitly"
-            )
+            why = ("sigma=0 was given" if source == "given" else
+                   "the noise level estimated from the image is 0 (a constant or noise-free image)")
+            raise ValueError(f"cannot choose h: h is a multiple of sigma, and {why}; pass h explicitly")
 
     check_patch_fits(patch_size, spatial, image.shape)
     channels = 1 if channel_axis is None else image.shape[channel_axis]

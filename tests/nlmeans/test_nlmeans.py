@@ -304,8 +304,10 @@ def test_estimate_sigma_colour_and_clean_images():
 
 
 def test_zero_noise_without_h_is_an_error():
-    with pytest.raises(ValueError, match="cannot choose h"):
+    with pytest.raises(ValueError, match=r"cannot choose h: .* the noise level estimated from the image is 0"):
         nlref.nl_means(np.full((10, 10), 0.5))
+    with pytest.raises(ValueError, match=r"cannot choose h: .* sigma=0 was given; pass h"):   # not "a constant image"
+        nlref.nl_means(np.random.default_rng(0).random((10, 10)), sigma=0)
 
 
 # ---- the weights of one pixel ----
