@@ -192,3 +192,14 @@ def test_docstring_parameter_parser():
     assert _docstring_parameters("No sections.") is None
     deferring = "x\n\nParameters\n----------\nsource : array\nOther parameters\n    As for nl_means.\n"
     assert _docstring_parameters(deferring) == (["source"], True)
+
+
+# --------------------------------------------------------------------------- the command line
+def test_nlref_help_lists_every_command():
+    """``nlref --help`` opens with one line per command; every command has its line."""
+    from nlref.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    listed = re.findall(r"^  nlref (\w+) ", parser.description, re.M)
+    assert listed == list(commands)
