@@ -203,3 +203,14 @@ def test_nlref_help_lists_every_command():
     commands = next(a for a in parser._actions if a.dest == "command").choices
     listed = re.findall(r"^  nlref (\w+) ", parser.description, re.M)
     assert listed == list(commands)
+
+
+def test_block_check_counts_in_the_book_are_the_tests():
+    """docs/nonlocal_block.md section 7 counts the block's gradient-checked configurations: tests/nn/test_block.py's."""
+    from tests.nn.test_block import CONFIGS
+
+    text = (DOCS / "nonlocal_block.md").read_text()
+    configurations, cases = map(int, re.search(r"That is (\d+) configurations, each in 1, 2 and 3 dims: (\d+) cases",
+                                               " ".join(text.split())).groups())
+    assert (configurations, cases) == (len(CONFIGS), 3 * len(CONFIGS))
+    assert re.search(rf"It is run in the same {cases} cases", " ".join(text.split()))
