@@ -214,3 +214,33 @@ def test_block_check_counts_in_the_book_are_the_tests():
                                                " ".join(text.split())).groups())
     assert (configurations, cases) == (len(CONFIGS), 3 * len(CONFIGS))
     assert re.search(rf"It is run in the same {cases} cases", " ".join(text.split()))
+
+
+def _api_blocks():
+    """(module, the text of its ``eval-rst`` block) for every ``automodule`` of docs/api that documents members."""
+    for page in sorted((DOCS / "api").glob("*.md")):
+        for block in re.findall(r"```\{eval-rst\}\n(.*?)```", page.read_text(), re.S):
+            match = re.search(r"automodule:: ([\w.]+)", block)
+            if match and ":no-members:" not in block:
+                yield match.group(1), block
+
+
+def _is_data(obj):
+    return not (inspect.isclass(obj) or inspect.isroutine(obj) or inspect.ismodule(obj) or callable(obj))
+
+
+@pytest.mark.parametrize("module, block", list(_api_blocks()), ids=lambda value: value if "\n" not in value else "")
+def test_every_exported_constant_is_on_its_api_page(module, block):
+    """autodoc shows a module-level constant only with a ``#:`` comment in the module that exports it; any other
+    needs a ``py:data::`` entry by hand on the API page, or the page silently leaves a name of ``__all__`` out."""
+    mod = importlib.import_module(module)
+    source = inspect.getsource(mod)
+    missing = []
+    for name in getattr(mod, "__all__", []):
+        if not _is_data(getattr(mod, name)):
+            continue
+        commented = re.search(rf"^#:.*\n(?:#:.*\n)*{name}\s*(?::[^=\n]*)?=|^{name}\s*(?::[^=\n]*)?=.*#:", source, re.M)
+        by_hand = re.search(rf"py:data:: {name}\b", block)
+        if not (commented or by_hand):
+            missing.append(name)
+    assert not missing, f"{module}: constants in __all__ that its API page does not show: {missing}"
