@@ -244,3 +244,16 @@ def test_every_exported_constant_is_on_its_api_page(module, block):
         if not (commented or by_hand):
             missing.append(name)
     assert not missing, f"{module}: constants in __all__ that its API page does not show: {missing}"
+
+
+def test_every_extra_a_page_installs_exists():
+    """``pip install "nlref[dask]"``, ``-e ".[notebooks,test]"``: every extra named exists in pyproject.toml."""
+    import tomllib
+
+    extras = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+    pages = [*PAGES, ROOT / "CONTRIBUTING.md"]
+    named = {extra for page in pages
+             for group in re.findall(r"""(?:nlref|["']\.)\[([a-z0-9_,\s-]+)\]""", page.read_text())
+             for extra in group.replace(" ", "").split(",")}
+    assert named, "no extra found: the pattern is wrong"
+    assert named <= extras, f"extras named on the pages but not in pyproject.toml: {sorted(named - extras)}"
