@@ -39,9 +39,13 @@ __all__ = ["SOLUTION_BEGIN", "SOLUTION_END", "SCHEME_BEGIN", "SCHEME_END", "MARK
            "solution_blocks", "student_source", "student_notebook", "teacher_display",
            "write_student_edition", "default_notebooks"]
 
+#: The line that opens solution code in a code cell (nbgrader's marker).
 SOLUTION_BEGIN = "### BEGIN SOLUTION"
+#: The line that closes solution code, at the indentation of its ``SOLUTION_BEGIN``.
 SOLUTION_END = "### END SOLUTION"
+#: The line that opens a written answer (a mark scheme) in a markdown cell.
 SCHEME_BEGIN = "=== BEGIN MARK SCHEME ==="
+#: The line that closes a written answer.
 SCHEME_END = "=== END MARK SCHEME ==="
 #: A markdown cell with this tag in ``metadata["tags"]`` is a written answer, left out of the student edition.
 MARK_SCHEME_TAG = "mark-scheme"

@@ -434,6 +434,8 @@ def spacetime_attention_plot(clip, attention_row, query, *, key_shape, query_sha
     query_shape : (Tq, Hq, Wq), optional
     title : str, optional
         A title over the figure (default: names the query).
+    size : float
+        Width and height of one frame's panel in inches.
 
     Returns
     -------

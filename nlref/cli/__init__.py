@@ -34,6 +34,7 @@ nlref: non-local means denoising and the non-local neural block, a readable refe
   nlref demo      the teaching walk, with figures and tables
   nlref denoise   NL-means on an image file
   nlref train     train a small non-local network on the two-sprite clips or the two-shape images
+  nlref course    write the student edition of the course's notebooks (solutions taken out)
 Run 'nlref COMMAND --help' for the options of a command."""
 
 

@@ -29,6 +29,7 @@ MAX_SPATIAL_DIMS = 4
 NOT_FINITE = ("image contains NaN or Inf values; NL-means needs finite input (replace them first, by interpolation "
               "or numpy.nan_to_num)")
 
+#: The values of ``aggregation``, pixel-wise or patch-wise estimates.
 AGGREGATIONS = ("pixel", "patch")
 
 

@@ -980,6 +980,7 @@ def softmax_cross_entropy_backward(dloss, cache):
     Parameters
     ----------
     dloss : float or 0-d array (1.0 when the loss is the final objective)
+    cache : tuple, from :func:`softmax_cross_entropy_forward`
 
     Returns
     -------
