@@ -78,3 +78,15 @@ def test_the_patchwise_statement_names_the_crops_the_check_uses(capsys):
     assert len(shapes) == 2
     for rows, cols in shapes:
         assert f"{rows}×{cols}" in statement, (rows, cols, statement)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_every_chapter_switches_to_the_gpu_with_the_line_it_names(path):
+    """Each notebook "switches to the GPU by changing one line" (GUIDE): chapter 1 had no switch, and chapter 8
+    told the reader to write ``xp = cupy``, a NameError where ``cupy`` was never imported."""
+    nb = nbformat.read(path, as_version=4)
+    code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    prose = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    tried = re.search(r"try:\n\s+import cupy\n.*\n\s+xp = cupy\nexcept Exception:\n\s+xp = np", code)
+    assert tried or re.search(r"^xp = np\b.*import cupy as xp", code, re.M), "no GPU switch"
+    assert not re.search(r"`xp = cupy`", prose), "`xp = cupy` alone is a NameError: say `import cupy as xp`"
