@@ -21,8 +21,13 @@ is zero in exact arithmetic (a bias followed by batch norm, say) cannot be told
 apart from rounding noise: when both norms lie below the rounding floor of the
 differences, :math:`64\,\epsilon_\text{mach} \sum|\mathrm{out}\odot\mathrm{dout}| / \epsilon`
 per element (or ``atol`` when given), the error is reported as 0 and the input
-is listed in ``zero``. Checks run in float64: with float32 the rounding of ``L``
-swamps the differences.
+is listed in ``zero``. A gradient that is not zero but too small for the step looks
+the same (at inputs of 1e8, the differences of ``x ** 2`` sink below the floor, and a
+wrong or zero backward would pass), so such an input is measured again with a step
+``PROBE_FACTOR`` times larger, whose floor is that much lower while rounding noise stays
+where it was: a real gradient rises above it and is compared (the input is then listed
+in ``coarse``, and the check says to pass a larger ``eps``); a zero one stays below.
+Checks run in float64: with float32 the rounding of ``L`` swamps the differences.
 """
 
 from __future__ import annotations
@@ -43,10 +48,16 @@ __all__ = ["gradcheck", "layer_gradcheck", "GradcheckResult"]
 
 @dataclass
 class GradcheckResult:
-    """Relative error per checked input, with the settings that produced it."""
+    """Relative error per checked input, with the settings that produced it.
+
+    ``zero`` lists the inputs whose gradients are below the rounding floor at both steps
+    (reported as error 0); ``coarse`` those below it at ``eps`` only, compared at the
+    larger step (see the module docstring).
+    """
 
     errors: dict = field(default_factory=dict)
     zero: list = field(default_factory=list)
+    coarse: list = field(default_factory=list)
     method: str = "centred"
     eps: float = 1e-6
     rtol: float = 1e-6
@@ -65,8 +76,25 @@ class GradcheckResult:
                  f"{'passed' if self.passed else 'FAILED'}"]
         for k, v in self.errors.items():
             note = "  (zero gradient)" if k in self.zero else ("" if v <= self.rtol else "  <-- too large")
+            if k in self.coarse:
+                note += (f"  (below the rounding floor at eps={self.eps:g}: measured with a step "
+                         f"{PROBE_FACTOR:g} times larger; pass a larger eps)")
             lines.append(f"  {k:<{width}}  {v:.2e}{note}")
         return "\n".join(lines)
+
+
+#: How much larger the step is when a gradient below the rounding floor is measured again.
+PROBE_FACTOR = 1e3
+
+
+def _norm(v):
+    """The Euclidean norm; scaled first where the squares underflow (NumPy gives 0 for values of 1e-200)."""
+    norm = float(np.linalg.norm(v))
+    if norm == 0:
+        peak = float(np.max(np.abs(v), initial=0.0))
+        if peak > 0:
+            return peak * float(np.linalg.norm(np.asarray(v) / peak))
+    return norm
 
 
 def _rel(num, ana, floor, typical=0.0):
@@ -75,10 +103,10 @@ def _rel(num, ana, floor, typical=0.0):
     ``typical`` (random directions) keeps a projection that happens to be nearly
     orthogonal to the gradient from dividing by almost nothing.
     """
-    scale = max(float(np.linalg.norm(num)), float(np.linalg.norm(ana)))
+    scale = max(_norm(num), _norm(ana))
     if scale <= floor:
         return None
-    return float(np.linalg.norm(num - ana)) / max(scale, typical)
+    return _norm(num - ana) / max(scale, typical)
 
 
 def gradcheck(forward: Callable[..., Array], backward: Callable[[Array], dict], inputs: dict[str, Array], *,
@@ -139,6 +167,7 @@ def gradcheck(forward: Callable[..., Array], backward: Callable[[Array], dict], 
     unknown = [n for n in names if n not in inputs or n not in analytic or analytic[n] is None]
     if unknown:
         raise ValueError(f"wrt names {unknown} are not both inputs and gradients returned by backward")
+    given_atol = atol is not None
     if atol is None:
         atol = 64 * np.finfo(np.float64).eps * float(np.sum(np.abs(B.to_numpy(out) * dout_host))) / eps
     hosts = {n: B.to_numpy(inputs[n]).astype(np.float64, copy=True) for n in names}
@@ -151,34 +180,50 @@ def gradcheck(forward: Callable[..., Array], backward: Callable[[Array], dict], 
         return float(np.sum(B.to_numpy(forward(**args)) * dout_host))
 
     result = GradcheckResult(method=method, eps=eps, rtol=rtol)
-    rng = np.random.default_rng(seed + 1)
     for n in names:
-        base = hosts[n]
-        if ana[n].shape != base.shape:
-            raise ValueError(f"gradient for {n!r} has shape {ana[n].shape}, input has {base.shape}")
-        if method == "centred":
-            num = np.zeros(base.size)
-            for k in range(base.size):
-                step = np.zeros(base.size)
-                step[k] = eps
-                step = step.reshape(base.shape)
-                num[k] = (loss({n: base + step}) - loss({n: base - step})) / (2 * eps)
-            err = _rel(num.reshape(base.shape), ana[n], atol * np.sqrt(base.size))
-        else:
-            errs = []
-            for _ in range(directions):
-                v = rng.standard_normal(base.shape)
-                v /= np.linalg.norm(v)
-                num = (loss({n: base + eps * v}) - loss({n: base - eps * v})) / (2 * eps)
-                projected = np.asarray(np.sum(ana[n] * v))
-                typical = float(np.linalg.norm(ana[n])) / np.sqrt(base.size)  # |<g, v>| for a random unit v
-                errs.append(_rel(np.asarray(num), projected, atol, typical))
-            err = None if all(e is None for e in errs) else max(e for e in errs if e is not None)
+        if ana[n].shape != hosts[n].shape:
+            raise ValueError(f"gradient for {n!r} has shape {ana[n].shape}, input has {hosts[n].shape}")
+        if hosts[n].size == 0:  # an empty input has nothing to check, and must not read as passed
+            raise ValueError(f"input {n!r} has shape {hosts[n].shape}: no element to check")
+    rng, probe_rng = np.random.default_rng(seed + 1), np.random.default_rng(seed + 2)
+    measure = _centred if method == "centred" else _random
+    for n in names:
+        err = measure(loss, n, hosts[n], ana[n], eps, atol, directions, rng)
+        if err is None and not given_atol:
+            # Below the floor a gradient that is zero and one too small for this step look alike; a step
+            # PROBE_FACTOR times larger lifts a real one above its floor (rounding noise does not grow with it).
+            err = measure(loss, n, hosts[n], ana[n], eps * PROBE_FACTOR, atol / PROBE_FACTOR, directions, probe_rng)
+            if err is not None:
+                result.coarse.append(n)
         if err is None:
             result.zero.append(n)
         result.errors[n] = 0.0 if err is None else err
     forward(**inputs)  # leave any layer state as it was at the checked point
     return result
+
+
+def _centred(loss, n, base, ana, eps, atol, directions, rng):
+    """The relative error of ``ana`` against centred differences, one element at a time (None: a zero gradient)."""
+    num = np.zeros(base.size)
+    for k in range(base.size):
+        step = np.zeros(base.size)
+        step[k] = eps
+        step = step.reshape(base.shape)
+        num[k] = (loss({n: base + step}) - loss({n: base - step})) / (2 * eps)
+    return _rel(num.reshape(base.shape), ana, atol * np.sqrt(base.size))
+
+
+def _random(loss, n, base, ana, eps, atol, directions, rng):
+    """The worst relative error of ``ana`` projected on random unit directions (None: a zero gradient)."""
+    errs = []
+    for _ in range(directions):
+        v = rng.standard_normal(base.shape)
+        v /= np.linalg.norm(v)
+        num = (loss({n: base + eps * v}) - loss({n: base - eps * v})) / (2 * eps)
+        projected = np.asarray(np.sum(ana * v))
+        typical = _norm(ana) / np.sqrt(base.size)  # |<g, v>| for a random unit v
+        errs.append(_rel(np.asarray(num), projected, atol, typical))
+    return None if all(e is None for e in errs) else max(e for e in errs if e is not None)
 
 
 def _check_settings(*, eps, rtol, atol, directions, seed, wrt):

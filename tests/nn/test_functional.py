@@ -231,9 +231,31 @@ def test_gradcheck_refuses_settings_under_which_nothing_is_checked(options, erro
         gradcheck(forward, backward, {"x": x}, **options)
 
 
+@pytest.mark.parametrize("method", ["centred", "random"])
+@pytest.mark.parametrize("factor", [1.5, 0.0])
+def test_gradcheck_does_not_pass_a_gradient_too_small_for_its_step(method, factor):
+    """At inputs of 1e8 the differences of x^2 with eps = 1e-6 sink below the rounding floor: a backward 1.5 times
+    too large, or one that returns zeros, passed as a "zero gradient". A step 1000 times larger lifts the real
+    gradient above its floor and the backward is compared; the result says to pass a larger eps."""
+    seen = {}
+
+    def forward(x):
+        seen["x"] = x
+        return x * x
+
+    x = np.linspace(1.0, 2.0, 6) * 1e8
+    result = gradcheck(forward, lambda d: {"x": factor * 2 * seen["x"] * d}, {"x": x}, method=method)
+    assert not result.passed and result.max_error > 0.3 and result.coarse == ["x"] and not result.zero
+    assert "pass a larger eps" in str(result)
+    right = gradcheck(forward, lambda d: {"x": 2 * seen["x"] * d}, {"x": x}, method=method, eps=1.0)
+    assert right.passed and not right.coarse and not right.zero   # a step fit for the scale checks it
+
+
 def test_gradcheck_refuses_a_backward_with_nothing_to_check():
     forward, _ = _wrong_square()
     x = np.linspace(1.0, 2.0, 6)
+    with pytest.raises(ValueError, match=r"input 'x' has shape \(0, 3\): no element to check"):   # passed, checking nothing
+        gradcheck(forward, lambda d: {"x": 2 * d}, {"x": np.zeros((0, 3))})
     with pytest.raises(ValueError, match="no gradient to check"):
         gradcheck(forward, lambda d: {"x": None}, {"x": x})
     with pytest.raises(TypeError, match=r"backward\(dout\) must return a dict .* got ndarray"):
