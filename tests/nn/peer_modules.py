@@ -61,9 +61,11 @@ _POOL = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}
 # --------------------------------------------------------------------------- the real modules
 @contextlib.contextmanager
 def _quiet():
-    """The peers' imports use torch.jit.script, which torch 2.13 deprecates (mmcv: 66 warnings; timm's too)."""
+    """The peers' imports use torch.jit.script, which torch 2.13 deprecates (mmcv: 66 warnings; timm's too), and
+    mmengine 0.10.7's calls re.split(pattern, docstring, 1), which Python 3.13 deprecates (maxsplit by position)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", r"`torch\.jit\.(script|interface)` is deprecated", DeprecationWarning)
+        warnings.filterwarnings("ignore", r"'maxsplit' is passed as positional argument", DeprecationWarning)
         yield
 
 

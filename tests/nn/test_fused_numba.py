@@ -306,6 +306,9 @@ def _softmax_in_child(s, queue):
     queue.put(fused.softmax_rows(s.copy(), normalise=True))
 
 
+# Python 3.12+ warns of any fork() in a process with threads (DeprecationWarning: "This process (pid=...) is
+# multi-threaded, use of fork() may lead to deadlocks in the child"): here the pool's threads run on purpose
+@pytest.mark.filterwarnings(r"ignore:This process \(pid=\d+\) is multi-threaded, use of fork\(\):DeprecationWarning")
 def test_a_forked_child_gets_its_own_thread_pool():
     """A process forked after the pool ran (Dask's and multiprocessing's fork start method)
     finds no pool threads behind the parent's pool object: its calls must start a new one,
