@@ -9,7 +9,9 @@ both forward and backward in float64 and reports the largest absolute and
 relative differences of everything the two compute: the output and the block's
 branch ``z - x``, ``dx``, every parameter gradient and BN's running statistics.
 A module as built (the identity: BN gamma = 0) is compared through a seeded
-random copy unless ``weights="own"``, and no all-zero comparison is called
+random copy unless ``weights="own"``, and no comparison in which a quantity is
+zero in the peer (all zero, or zero up to rounding where the block's equations
+do not make it so: an input the same at every position, say) is called
 agreeing. PyTorch is needed only here (imported when the function runs).
 """
 
@@ -52,8 +54,16 @@ class BlockComparison:
         compared array; the relative error is ``max |nlref - peer| / max |peer|``.
     agree : bool
         Every row has a relative error at most ``rtol`` or an absolute error at
-        most ``atol * scale``, the peer's backward ran, and no row is all zero in
-        the peer (else the verdict is INCONCLUSIVE: zero against zero checks nothing).
+        most ``atol * scale``, the peer's backward ran, and no row is unchecked
+        (else the verdict is INCONCLUSIVE: zero against zero checks nothing).
+    unchecked : list of str
+        The quantities zero in the peer, so that no difference of their own size
+        could show: all zero, or at most ``atol * scale`` where the block's
+        equations do not make them zero (see ``expected_zero``).
+    expected_zero : list of str
+        The quantities the block's equations make zero up to rounding (train
+        mode with BN: W_z's bias, and g's bias where the attention's rows sum
+        to 1; softmax modes: phi's bias); for them only the rounding is compared.
     verdict : str
     peer_error : str or None
         The message of the peer's backward pass if it raised (mmcv's concatenation
@@ -77,6 +87,8 @@ class BlockComparison:
     atol: float = 1e-12
     scale: float = 1.0
     weights: str = "the module's own"
+    unchecked: list = field(default_factory=list)
+    expected_zero: list = field(default_factory=list)
 
     def row_ok(self, row):
         """Whether one row passes: relative error <= rtol or absolute error <= atol * scale."""
@@ -90,7 +102,9 @@ class BlockComparison:
                  f"{'quantity':<{width}}{'max abs err':>12}{'max rel err':>13}"]
         for name, abs_err, rel_err, zero in self.rows:
             note = "  (reference is all zero)" if zero else ""
-            if rel_err > self.rtol and abs_err <= self.atol * self.scale:
+            if not zero and name in self.unchecked:
+                note += "  (reference is 0 up to rounding: not checked)"
+            elif rel_err > self.rtol and abs_err <= self.atol * self.scale:
                 note += "  (ok by atol: the value is 0 up to rounding)"
             lines.append(f"{name:<{width}}{abs_err:>12.1e}{rel_err:>13.1e}{note}")
         lines.append(f"verdict: {self.verdict}")
@@ -270,8 +284,30 @@ def randomize_module(module, seed=0):
     return module
 
 
+def _expected_zeros(opts, training):
+    """nlref's keys whose gradient the block's equations make zero up to rounding, for any input.
+
+    A softmax over keys ignores ``theta_i . b`` added to a row of logits, so phi's
+    bias has none; in train mode BN removes a constant per channel, hence W_z's
+    bias, and g's bias where the rows of the attention sum to 1 (``y_i`` gains
+    ``b``), have none either.
+    """
+    zeros = set()
+    if opts.get("mode") == "embedded_gaussian":
+        zeros.add("phi.bias")
+    if training and opts.get("bn_layer", True):
+        zeros.add("W_z.bias")
+        if opts.get("mode") in ("gaussian", "embedded_gaussian"):
+            zeros.add("g.bias")
+    return zeros
+
+
 def _run(peer, layout, opts, host_x, dz):
-    """Both blocks forward and backward; (nlref block, rows, magnitudes, the peer's backward error)."""
+    """Both blocks forward and backward.
+
+    Returns (nlref block, rows, each row's peer magnitude, the names of the rows the
+    equations make zero, the peer's backward error).
+    """
     import torch
 
     state = peer.state_dict()
@@ -287,11 +323,14 @@ def _run(peer, layout, opts, host_x, dz):
         tz.backward(torch.from_numpy(dz))
     except RuntimeError as err:  # mmcv's concatenation divides its ReLU's output in place
         peer_error = str(err).split("\n")[0]
-    rows, magnitudes = [], [1.0]
+    rows, magnitudes, expected = [], [], []
+    structural = _expected_zeros(opts, peer.training)
 
-    def compare(name, ours, theirs):
+    def compare(name, ours, theirs, key=None):
         rows.append((name, *_rel(ours, theirs)))
         magnitudes.append(float(np.max(np.abs(theirs))) if theirs.size else 0.0)
+        if key in structural:
+            expected.append(name)
 
     mapping = layouts.key_map(block, layout)
     compare("output z", z, tz.detach().numpy())
@@ -305,17 +344,27 @@ def _run(peer, layout, opts, host_x, dz):
             if key in block.params:
                 grad = peer_params[peer_key].grad
                 grad = np.zeros(block.grads[key].shape) if grad is None else grad.reshape(block.grads[key].shape)
-                compare(f"d{key} ({peer_key})", block.grads[key], np.asarray(grad))
+                compare(f"d{key} ({peer_key})", block.grads[key], np.asarray(grad), key)
     after = peer.state_dict()
     for key, (peer_key, _) in mapping.items():
         if key in block.buffers:
             compare(f"{key} ({peer_key})", block.buffers[key], after[peer_key].numpy())
-    return block, rows, magnitudes, peer_error
+    return block, rows, magnitudes, expected, peer_error
 
 
-def _zero_rows(rows):
-    """The quantities that are exactly zero in the peer: comparing them checks nothing."""
-    return [r[0] for r in rows if r[3]]
+def _scale(magnitudes):
+    """The largest magnitude among the peer's compared arrays, at least 1."""
+    return max([1.0, *magnitudes])
+
+
+def _unchecked(rows, magnitudes, expected, atol):
+    """The quantities zero in the peer, so that comparing them checks nothing.
+
+    All zero; or, unless the equations make them zero (``expected``), no larger than
+    the rounding bound ``atol * scale``: a difference of their own size would pass.
+    """
+    bound = atol * _scale(magnitudes)
+    return [r[0] for r, m in zip(rows, magnitudes) if r[3] or (r[0] not in expected and m <= bound)]
 
 
 def compare_block(module: Any, x: Array, layout: str | None = None, *, dz: Array | None = None, seed: int = 0,
@@ -339,7 +388,16 @@ def compare_block(module: Any, x: Array, layout: str | None = None, *, dz: Array
     copy with random weights (:func:`randomize_module`, seeded by ``seed``), and
     the report says so; ``weights="own"`` keeps the module's weights exactly. A
     comparison in which any quantity is all zero in the peer is reported as
-    INCONCLUSIVE, never as agreeing.
+    INCONCLUSIVE, never as agreeing; so is one in which a quantity is zero up to
+    rounding (at most ``atol`` times the scale) where the block's equations do
+    not make it zero: a difference of its own size would pass. The input can do
+    that with any weights: an ``x`` the same at every position makes a softmax's
+    attention uniform whatever its logits (theta's and phi's gradients vanish,
+    and a forgotten scale would not show), and in train mode with BN
+    an ``x`` or ``dz`` the same at every position of every sample leaves BN
+    nothing to pass on. The gradients the equations do make zero (phi's bias in
+    a softmax; in train mode with BN, W_z's bias, and g's bias where the rows of
+    the attention sum to 1) are compared by ``atol`` alone.
 
     Parameters
     ----------
@@ -354,8 +412,8 @@ def compare_block(module: Any, x: Array, layout: str | None = None, *, dz: Array
     seed : int
         Seeds the default ``dz`` and the random weights.
     weights : {"auto", "own", "random"}
-        ``"auto"``: the module's weights, unless a compared quantity is all zero
-        in the peer with them; then a randomised copy. ``"own"``:
+        ``"auto"``: the module's weights, unless a compared quantity is zero
+        in the peer with them (as above); then a randomised copy. ``"own"``:
         the module's weights, always. ``"random"``: a randomised copy, always.
     rtol, atol : float
         A row agrees when its relative error (``max |nlref - peer| / max |peer|``)
@@ -427,25 +485,28 @@ def compare_block(module: Any, x: Array, layout: str | None = None, *, dz: Array
     if weights == "random":
         randomize_module(peer, seed)
         weights_note = f"a copy with random weights (randomize_module, seed={seed}), as asked (weights='random')"
-    block, rows, magnitudes, peer_error = _run(peer, layout, opts, host_x, dz)
-    if weights == "auto" and _zero_rows(rows):
-        zeros = len(_zero_rows(rows))
+    block, rows, magnitudes, expected, peer_error = _run(peer, layout, opts, host_x, dz)
+    own_zeros = _unchecked(rows, magnitudes, expected, atol)
+    if weights == "auto" and own_zeros:
+        exact = all(r[3] for r in rows if r[0] in own_zeros)
+        what = "all zero" if exact else "zero (all zero, or zero up to rounding)"
         peer = randomize_module(copy.deepcopy(module).double().train(module.training), seed)
-        block, rows, magnitudes, peer_error = _run(peer, layout, opts, host_x, dz)
+        block, rows, magnitudes, expected, peer_error = _run(peer, layout, opts, host_x, dz)
         weights_note = (f"a copy with random weights (randomize_module, seed={seed}): with the module's own, "
-                        f"{zeros} of {len(rows)} compared quantities were all zero, as in a module as built "
+                        f"{len(own_zeros)} of {len(rows)} compared quantities were {what}, as in a module as built "
                         "(BN gamma = 0 or W_z = 0; running mean 0); weights='own' keeps them")
-    scale = max(magnitudes)
+    scale = _scale(magnitudes)
+    zeros = _unchecked(rows, magnitudes, expected, atol)
     result = BlockComparison(layout=layout, block=block, options=opts, rows=rows, peer_error=peer_error,
-                             rtol=rtol, atol=atol, scale=scale, weights=weights_note)
-    zeros = _zero_rows(rows)
+                             rtol=rtol, atol=atol, scale=scale, weights=weights_note, unchecked=zeros,
+                             expected_zero=expected)
     inconclusive = bool(zeros)
     result.agree = peer_error is None and not inconclusive and all(result.row_ok(r) for r in rows)
     bad = [r[0] for r in rows if not result.row_ok(r)]
     if peer_error is not None:
         forward = rows[:2]  # z and the branch z - x
-        if any(r[3] for r in forward):
-            state = "forward INCONCLUSIVE (the block's branch z - x is all zero in the peer)"
+        if any(r[0] in zeros for r in forward):
+            state = "forward INCONCLUSIVE (the block's branch z - x is zero in the peer)"
         else:
             state = "forward agrees" if all(result.row_ok(r) for r in forward) else "forward DIFFERS"
         verdict = (f"{state} (max rel err of z - x {rows[1][2]:.1e}); the peer's backward failed, so no "
@@ -454,9 +515,19 @@ def compare_block(module: Any, x: Array, layout: str | None = None, *, dz: Array
         verdict = (f"DIFFER: max rel err above {rtol:g} and max abs err above {atol:g} x {scale:.3g} for "
                    f"{', '.join(bad)}")
     elif inconclusive:
-        verdict = (f"INCONCLUSIVE: the rest agree, but {len(zeros)} of {len(rows)} quantities are all zero in the "
-                   f"peer ({', '.join(zeros)}), so they were not checked; compare with weights='random' (or "
-                   "another seed), or trained weights")
+        exact = all(r[3] for r in rows if r[0] in zeros)
+        what = "all zero" if exact else f"zero (all zero, or at most {atol:g} x {scale:.3g}: rounding)"
+        if weights_note == "the module's own":
+            hint = ("compare with weights='random' (or another seed), or trained weights"
+                    + ("" if exact else ", and a random x and dz"))
+        else:  # random weights did not make them non-zero: the input may have
+            hint = ("they are zero with random weights too, so x or dz may be the cause: an x the same at every "
+                    "position makes a softmax's attention uniform (no gradient reaches theta and phi), and in "
+                    "train mode with BN an x or dz the same at every position of every sample leaves BN nothing "
+                    "(its batch variance is 0, or it passes no gradient back); pass a random x and dz=None, "
+                    "or try another seed")
+        verdict = (f"INCONCLUSIVE: the rest agree, but {len(zeros)} of {len(rows)} quantities are {what} in "
+                   f"the peer ({', '.join(zeros)}), so they were not checked; {hint}")
     else:
         # the largest relative error among the rows the relative test passes (none may: atol can pass them all)
         worst = max((r[2] for r in rows if r[2] <= rtol), default=None)

@@ -440,6 +440,97 @@ def test_compare_block_finds_a_wrong_piece_as_built_and_with_random_weights(name
     assert nlref.compare_block(right(*args, **kwargs), x, verbose=False).agree
 
 
+class _SoftmaxWithAWrongBackward(torch.autograd.Function):
+    """softmax over the last axis whose backward is twice the true one (a hand-written backward with a slip)."""
+
+    @staticmethod
+    def forward(ctx, logits):
+        a = torch.softmax(logits, dim=-1)
+        ctx.save_for_backward(a)
+        return a
+
+    @staticmethod
+    def backward(ctx, da):
+        (a,) = ctx.saved_tensors
+        return 2 * a * (da - (a * da).sum(-1, keepdim=True))
+
+
+class _SlowFastWrongBackward(SlowFastNonlocal):
+    """A SlowFast block whose forward is right and whose gradient into the logits is twice the true one."""
+
+    def forward(self, x):
+        b, _, t, h, w = x.shape
+        theta = self.conv_theta(x).flatten(2)
+        keys = self.pool(x) if self.use_pool else x
+        phi, g = self.conv_phi(keys).flatten(2), self.conv_g(keys).flatten(2)
+        weights = _SoftmaxWithAWrongBackward.apply(theta.transpose(1, 2) @ phi * self.dim_inner ** -0.5)
+        return x + self.bn(self.conv_out((g @ weights.transpose(1, 2)).reshape(b, self.dim_inner, t, h, w)))
+
+
+def _degenerate_x(shape):
+    """Inputs that leave a softmax's attention uniform: the same at every position (per sample and channel),
+    and the same everywhere (in train mode BN's batch variance is then 0 too)."""
+    per_channel = np.broadcast_to(_x(shape[:2] + (1,) * (len(shape) - 2)), shape).copy()
+    return {"same-at-every-position": per_channel, "ones": np.ones(shape)}
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("weights", ["auto", "own", "random"])
+def test_compare_block_does_not_agree_on_an_input_that_makes_the_attention_uniform(weights, train):
+    """x the same at every position: every logit of a row is the same, so the softmax is uniform whatever
+    the logits' scale, and theta's and phi's gradients are zero up to rounding (not exactly zero). A block
+    that forgets the scale used to "agree" (those rows passed by atol, as zero up to rounding); now they are
+    unchecked and the verdict INCONCLUSIVE, for the wrong block and the right one, and names them."""
+    shape = (2, 6, 2, 4, 4)
+    for make in (lambda: _SlowFastForgetsTheScale(6, 3, pool_size=(1, 2, 2)),
+                 lambda: SlowFastNonlocal(6, 3, pool_size=(1, 2, 2))):
+        torch.manual_seed(0)
+        module = make().train(train)
+        if weights == "own":
+            _randomize(module, 3, train=train)
+        for name, x in _degenerate_x(shape).items():
+            result = nlref.compare_block(module, x, verbose=False, weights=weights)
+            assert not result.agree and result.verdict.startswith("INCONCLUSIVE"), (name, str(result))
+            assert "dtheta.weight (conv_theta.weight)" in result.unchecked, (name, result.unchecked)
+            assert "dphi.weight (conv_phi.weight)" in result.unchecked, (name, result.unchecked)
+            assert "(reference is 0 up to rounding: not checked)" in str(result)
+            assert "an x the same at every position" in result.verdict or weights == "own"
+        # a random x: the wrong block differs, the right one agrees
+        result = nlref.compare_block(module, _x(shape), verbose=False, weights=weights)
+        assert result.agree is (type(module) is SlowFastNonlocal), str(result)
+        assert result.unchecked == []
+
+
+def test_compare_block_does_not_agree_on_a_dz_that_bn_passes_nothing_of():
+    """In train mode BN passes no gradient back from a dz the same at every position of every sample
+    (``z.sum().backward()``): every gradient upstream of it is zero up to rounding. A block with a wrong
+    backward and a right forward used to "agree" with dz = 1; a random dz shows it."""
+    x = _x((2, 6, 2, 4, 4))
+    for make in (_SlowFastWrongBackward, SlowFastNonlocal):
+        module = _randomize(make(6, 3, pool_size=(1, 2, 2)), 2)
+        ones = nlref.compare_block(module, x, dz=np.ones_like(x), verbose=False)
+        assert not ones.agree and ones.verdict.startswith("INCONCLUSIVE"), str(ones)
+        assert {"dtheta.weight (conv_theta.weight)", "dg.weight (conv_g.weight)", "dW_z.weight (conv_out.weight)",
+                "dbn.gamma (bn.weight)"} <= set(ones.unchecked)
+        result = nlref.compare_block(module, x, verbose=False)
+        assert result.agree is (make is SlowFastNonlocal), str(result)
+        if make is _SlowFastWrongBackward:
+            assert result.verdict.startswith("DIFFER") and "dtheta.weight (conv_theta.weight)" in result.verdict
+
+
+@pytest.mark.parametrize("instantiation,train,expected", [
+    ("softmax", True, ["dphi.bias (conv_phi.bias)", "dg.bias (conv_g.bias)", "dW_z.bias (conv_out.bias)"]),
+    ("softmax", False, ["dphi.bias (conv_phi.bias)"]),
+    ("dot_product", True, ["dW_z.bias (conv_out.bias)"]),
+    ("dot_product", False, []),
+])
+def test_compare_block_knows_which_gradients_the_equations_make_zero(instantiation, train, expected):
+    """Those are judged by atol and do not make a comparison INCONCLUSIVE; every other row near zero does."""
+    module = _randomize(SlowFastNonlocal(6, 3, pool_size=(1, 2, 2), instantiation=instantiation), 4, train=train)
+    result = nlref.compare_block(module, _x((2, 6, 2, 4, 4)), verbose=False)
+    assert result.expected_zero == expected and result.unchecked == [] and result.agree, str(result)
+
+
 # --------------------------------------------------------------------------- export and load
 def _peer_cases():
     """(id, layout, module factory, block options): the peers' own modules where installed, else their twins."""
