@@ -52,7 +52,9 @@ class GradcheckResult:
 
     ``zero`` lists the inputs whose gradients are below the rounding floor at both steps
     (reported as error 0); ``coarse`` those below it at ``eps`` only, compared at the
-    larger step (see the module docstring).
+    larger step (see the module docstring). ``passed`` covers a zero gradient only as
+    far as the backward gives zero too, which a backward wrong by any factor also
+    does, so the printed result says how many were zero and names them.
     """
 
     errors: dict = field(default_factory=dict)
@@ -72,8 +74,13 @@ class GradcheckResult:
 
     def __str__(self):
         width = max((len(k) for k in self.errors), default=4)
-        lines = [f"gradcheck ({self.method}, eps={self.eps:g}, rtol={self.rtol:g}): "
-                 f"{'passed' if self.passed else 'FAILED'}"]
+        head = f"gradcheck ({self.method}, eps={self.eps:g}, rtol={self.rtol:g}): {'passed' if self.passed else 'FAILED'}"
+        if self.zero:  # "passed" must not read as covering them: a backward wrong by any factor gives 0 there too
+            head += (f"{', but' if self.passed else ';'} {len(self.zero)} of {len(self.errors)} gradients are zero "
+                     f"here and were checked only as zero: {', '.join(self.zero)} (a backward wrong by any factor "
+                     "passes there; where they are zero only at this point, as behind a new block's BN gamma = 0, "
+                     "check at other values)")
+        lines = [head]
         for k, v in self.errors.items():
             note = "  (zero gradient)" if k in self.zero else ("" if v <= self.rtol else "  <-- too large")
             if k in self.coarse:

@@ -206,3 +206,35 @@ def test_what_is_not_a_layer_and_a_string_wrt_are_refused():
         layer_gradcheck(object(), _x(3))
     with pytest.raises(TypeError, match=r"wrt must be a list of names, not a string: wrt=\['x'\]"):
         layer_gradcheck(M.BatchNorm(3, make=_make), _x(3), wrt="x")
+
+
+class _WrongThetaBackward(NonLocalBlock):
+    """A non-local block whose backward doubles theta's weight gradient."""
+
+    def backward(self, dz):
+        dx = super().backward(dz)
+        self.grads["theta.weight"] = 2 * self.grads["theta.weight"]
+        return dx
+
+
+def test_a_new_blocks_zero_gradients_are_not_reported_as_covered_by_passed():
+    """A new block (BN gamma = 0) zeroes every gradient upstream of BN: the doubled theta gradient is 0 = 2 x 0,
+    and the check passes. It used to print a bare "passed"; the headline now says that 8 of 11 gradients were
+    checked only as zero and names them. At random parameters the same backward fails."""
+    x = _x(2, 4, 6)
+    new = layer_gradcheck(_WrongThetaBackward(4, dims=1, dtype="float64", seed=0), x)
+    inner = ["theta.weight", "theta.bias", "phi.weight", "phi.bias", "g.weight", "g.bias", "W_z.weight", "W_z.bias"]
+    assert new.passed and new.zero == inner
+    head = str(new).splitlines()[0]
+    assert head.startswith("gradcheck (centred, eps=1e-06, rtol=1e-06): passed, but 8 of 11 gradients are zero "
+                           "here and were checked only as zero: theta.weight, theta.bias, ")
+    assert "BN gamma = 0" in head
+    block = _WrongThetaBackward(4, dims=1, dtype="float64", seed=0)
+    rng = np.random.default_rng(3)
+    for name, value in block.params.items():
+        block.params[name] = rng.standard_normal(value.shape)
+    wrong = layer_gradcheck(block, x)
+    assert not wrong.passed and wrong.errors["theta.weight"] > 0.3
+    assert wrong.zero == ["phi.bias", "g.bias", "W_z.bias"]  # zero for any values: a softmax, and BN after them
+    assert str(wrong).splitlines()[0].startswith("gradcheck (centred, eps=1e-06, rtol=1e-06): FAILED; 3 of 11 "
+                                                 "gradients are zero here")
