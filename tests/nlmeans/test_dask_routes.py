@@ -316,3 +316,25 @@ def test_chunked_routes_warn_of_a_missing_channel_axis_once_at_the_callers_line(
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         nlref.nl_means(da.from_array(image, chunks=20), sigma=0.1, patch_size=3, search_size=5, channel_axis=-1)
+
+
+# ---- unusual but legal chunkings ----
+
+
+@pytest.mark.parametrize("aggregation", ["pixel", "patch"])
+@pytest.mark.parametrize("chunks, kwargs", [
+    (((0, 20, 0, 45, 0), (30,)), dict(sigma=0.1, patch_size=5, search_size=9)),
+    (((20, 45, 0), (10, 0, 20)), dict()),  # the noise estimated: its passes too
+    (((0, 65), (30,)), dict(sigma=0.1, patch_size=1, search_size=(1, 3))),  # no halo along axis 0
+], ids=["given", "estimated", "no-halo"])
+def test_chunks_of_size_zero(chunks, kwargs, aggregation, synchronous):
+    """Dask allows chunks of size 0 (``da.concatenate`` with an empty piece); its ``max`` of an array whose first
+    chunk along axis 0 is one raised "all the input array dimensions ... must match exactly", so every chunked
+    entry point failed in its first pass. The result keeps the input's chunks, zeros included."""
+    image = _noisy((65, 30)).astype(np.float32)
+    lazy_input = da.from_array(image, chunks=chunks)
+    assert nlref.estimate_sigma(lazy_input) == nlref.estimate_sigma(image)
+    assert nlref.resolve_parameters(lazy_input, **kwargs) == nlref.resolve_parameters(image, **kwargs)
+    lazy = nlref.nl_means(lazy_input, aggregation=aggregation, **kwargs)
+    assert lazy.chunks == lazy_input.chunks
+    np.testing.assert_array_equal(lazy.compute(), nlref.nl_means(image, aggregation=aggregation, workers=1, **kwargs))
