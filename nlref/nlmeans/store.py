@@ -204,15 +204,28 @@ def _opener_of(source):
     return None
 
 
+def _is_lazy(source):
+    """Whether ``source`` is a Dask collection (a Dask array, or an xarray object backed by one)."""
+    graph = getattr(source, "__dask_graph__", None)
+    return callable(graph) and graph() is not None
+
+
 def as_source(source):
     """What the tasks read: an :class:`Opener` where ``source`` is a file (see :class:`Opener`), else ``source``.
 
     Any other object with ``shape``, ``dtype`` and NumPy slicing (a NumPy
     array, a ``zarr.Array`` in a remote store) is placed in the graph once,
-    and every task reads its chunk from that one copy.
+    and every task reads its chunk from that one copy. A Dask array is
+    refused (a TypeError pointing to :func:`nlref.nl_means`): placed in the
+    graph, it would be computed whole in one task.
     """
     if isinstance(source, Opener):
         return source
+    if _is_lazy(source):
+        raise TypeError(f"source is a lazy {type(source).__name__} (a Dask collection): the store route would "
+                        f"compute it whole in one task, for every pass. Denoise it chunk by chunk with "
+                        f"nlref.nl_means(source, ...), or pass the array in its store (zarr.Array, h5py.Dataset, "
+                        f"numpy.memmap)")
     opener = _opener_of(source)
     if opener is not None:
         return opener
@@ -441,7 +454,8 @@ def nl_means_store(source: Any, *, chunks: int | Sequence[int] | None = None, si
         each reads only its chunk and halo, on whichever machine it runs (the
         path must be readable there). A NumPy array, or any object with
         ``shape``, ``dtype`` and NumPy slicing, is placed in the graph once
-        and sliced by the tasks.
+        and sliced by the tasks. A Dask array is refused (TypeError):
+        :func:`nlref.nl_means` denoises it chunk by chunk.
     chunks : int or tuple of int, optional
         Chunk size per spatial axis (one int for all); the channel axis is
         never split. Default: the store's own chunks. Chunks of any size

@@ -338,3 +338,26 @@ def test_chunks_of_size_zero(chunks, kwargs, aggregation, synchronous):
     lazy = nlref.nl_means(lazy_input, aggregation=aggregation, **kwargs)
     assert lazy.chunks == lazy_input.chunks
     np.testing.assert_array_equal(lazy.compute(), nlref.nl_means(image, aggregation=aggregation, workers=1, **kwargs))
+
+
+@pytest.mark.parametrize("call", [
+    lambda a: store.nl_means_store(a, chunks=8, sigma=0.1, patch_size=3, search_size=5),
+    lambda a: store.resolve_parameters_store(a, chunks=8),
+    lambda a: store.denoise_store(a, dict(h=0.1, sigma=0.1, patch_size=(3, 3), search_size=(5, 5)), chunks=8),
+], ids=["nl_means_store", "resolve_parameters_store", "denoise_store"])
+def test_store_route_refuses_a_dask_array(call, synchronous):
+    """A Dask array has shape, dtype and slicing, so the store route took it as an array to place in the graph:
+    every task then depended on the whole array, computed in one task (on one worker) for every pass, the memory
+    the route exists to avoid. It is refused, before any pass, pointing to nl_means (map_overlap)."""
+    from dask.callbacks import Callback
+
+    lazy = da.from_array(_noisy((20, 30)).astype(np.float32), chunks=10)
+    passes = []
+
+    class Passes(Callback):
+        def _start(self, dsk):
+            passes.append(len(dsk))
+
+    with Passes(), pytest.raises(TypeError, match=r"source is a lazy Array .*nlref\.nl_means\(source"):
+        call(lazy)
+    assert passes == []
