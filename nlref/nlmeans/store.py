@@ -199,6 +199,11 @@ def _opener_of(source):
         if not isinstance(source.base, mmap.mmap):
             raise TypeError("source is a view of a numpy.memmap (a slice, a transpose): pass the memmap itself, or "
                             "nlref.nlmeans.store.Opener.memmap(path, dtype, shape, offset, order) for the part to read")
+        if source.mode == "c":  # its changes live in this process only: the tasks would read the file
+            raise TypeError("source is a copy-on-write numpy.memmap (mode 'c'): what was changed in it is in this "
+                            "process only, and the tasks read the file. Map it with mode 'r' "
+                            "(numpy.load(path, mmap_mode='r')), or pass numpy.array(source) to denoise its "
+                            "values in memory")
         order = "F" if source.flags.f_contiguous and not source.flags.c_contiguous else "C"
         return Opener("memmap", source.filename, source.shape, source.dtype, offset=source.offset, order=order)
     return None

@@ -103,6 +103,25 @@ def test_opener_travels_not_the_data(tmp_path):
     np.testing.assert_array_equal(store.read_block(opener, (slice(0, 10), slice(3, 9))), image[:, 3:9])
 
 
+def test_copy_on_write_memmap_is_refused(tmp_path, synchronous):
+    """A memory map in mode "c" keeps what was written to it in this process; the tasks read the file. A changed
+    map gave the file's result, not the in-memory call's on the same array, without a word: it is refused, and
+    the modes whose changes reach the file are read as before."""
+    image = _noisy((20, 18)).astype(np.float32)
+    np.save(tmp_path / "a.npy", image)
+    kwargs = dict(sigma=0.1, patch_size=3, search_size=5)
+    changed = np.load(tmp_path / "a.npy", mmap_mode="c")
+    changed[5:10] = 0.9
+    with pytest.raises(TypeError, match=r"source is a copy-on-write numpy\.memmap \(mode 'c'\).*mmap_mode='r'"):
+        nlref.nl_means_store(changed, chunks=8, **kwargs)
+    expected = nlref.nl_means(np.array(changed), workers=1, **kwargs)
+    np.testing.assert_array_equal(nlref.nl_means_store(np.array(changed), chunks=8, **kwargs).compute(), expected)
+    del changed
+    shared = np.load(tmp_path / "a.npy", mmap_mode="r+")
+    shared[5:10] = 0.9  # a shared map: the file holds it
+    np.testing.assert_array_equal(nlref.nl_means_store(shared, chunks=8, **kwargs).compute(), expected)
+
+
 def test_hdf5_dataset_source(tmp_path):
     h5py = pytest.importorskip("h5py")
     image = _noisy((14, 30, 26), seed=2).astype(np.float32)
