@@ -194,6 +194,10 @@ def _opener_of(source):
             return None
         return Opener("zarr", root, source.shape, source.dtype, key=source.path, chunks=source.chunks)
     if library == "h5py":
+        import h5py
+
+        if not isinstance(source, h5py.Dataset):  # a view that converts on read (dataset.astype, .fields):
+            return None                           # an array-like, placed in the graph
         return Opener("hdf5", source.file.filename, source.shape, source.dtype, key=source.name, chunks=source.chunks)
     if isinstance(source, np.memmap) and source.filename is not None:  # (a copy of a memmap has no file)
         if not isinstance(source.base, mmap.mmap):

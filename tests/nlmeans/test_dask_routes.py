@@ -135,6 +135,21 @@ def test_hdf5_dataset_source(tmp_path):
     np.testing.assert_array_equal(result, nlref.nl_means(image, workers=1, **kwargs))
 
 
+def test_hdf5_view_that_converts_on_read(tmp_path, synchronous):
+    """``dataset.astype("f4")`` is an h5py object with shape, dtype and slicing, but not a dataset: the store
+    route asked it for ``.file`` and failed with an AttributeError. It is read as an array-like (in the graph)."""
+    h5py = pytest.importorskip("h5py")
+    image = _noisy((20, 26)).astype(np.float16)
+    with h5py.File(tmp_path / "a.h5", "w") as f:
+        f.create_dataset("v", data=image, chunks=(10, 13))
+    kwargs = dict(patch_size=3, search_size=5)
+    with h5py.File(tmp_path / "a.h5", "r") as f:
+        view = f["v"].astype("f4")
+        result = nlref.nl_means_store(view, chunks=8, **kwargs).compute()
+    assert result.dtype == np.float32
+    np.testing.assert_array_equal(result, nlref.nl_means(image.astype(np.float32), workers=1, **kwargs))
+
+
 # ---- every dtype: the same estimate and the same result on both routes ----
 
 
