@@ -23,7 +23,22 @@ from .median import resolve_lazy, sigma_from_filtered
 from .noise import filter_dtype, second_difference
 from .params import check_arguments, check_working_memory, run_parameters
 
-__all__ = ["nl_means_dask", "resolve_parameters_dask", "estimate_sigma_dask", "chunks_for_halo", "filtered_dask"]
+__all__ = ["nl_means_dask", "resolve_parameters_dask", "estimate_sigma_dask", "chunks_for_halo", "filtered_dask",
+           "without_empty_chunks"]
+
+
+def without_empty_chunks(image):
+    """``image`` with its chunks of size 0 dropped (the same values, lazily; ``image`` itself when it has none).
+
+    Dask allows a chunk of size 0 (``da.concatenate`` with an empty piece,
+    ``from_array`` with such ``chunks``), but its reductions do not always
+    take one: in dask 2026.8, ``max`` of a 2-D array whose first chunk along
+    axis 0 is empty raises "all the input array dimensions ... must match
+    exactly". Every chunked pass and the denoising run on the chunks that
+    hold samples. The image must not be empty (``check_lazy``).
+    """
+    chunks = tuple(tuple(c for c in axis if c) for axis in image.chunks)
+    return image if chunks == tuple(image.chunks) else image.rechunk(chunks)
 
 
 def _second_differences_block(block, *, axes):
@@ -83,6 +98,7 @@ def estimate_sigma_dask(image, *, channel_axis=None):
     import dask.array as da
 
     channel_axis, _ = check_lazy(image, channel_axis)
+    image = without_empty_chunks(image)
     values, dims = filtered_dask(image, channel_axis)
     lazy = {"extremes": [(v.min(), v.max()) for v in values]}
     if np.dtype(image.dtype).kind == "f":  # in the same pass: NaN or Inf in the image
@@ -108,6 +124,7 @@ def resolve_parameters_dask(image, *, sigma=None, h=None, patch_size=None, searc
         As :func:`nlref.resolve_parameters`.
     """
     channel_axis, spatial = check_lazy(image, channel_axis)
+    image = without_empty_chunks(image)
     return resolve_lazy(image, lambda: filtered_dask(image, channel_axis), spatial, sigma=sigma, h=h,
                         patch_size=patch_size, search_size=search_size, channel_axis=channel_axis,
                         aggregation=aggregation, data_range=data_range)
@@ -217,6 +234,7 @@ def nl_means_dask(image, *, sigma=None, h=None, patch_size=None, search_size=Non
                          f"got {method!r}")
     workers = check_workers(workers)
     channel_axis, spatial = check_lazy(image, channel_axis)
+    given_chunks, image = image.chunks, without_empty_chunks(image)
     if patch_size is not None and search_size is not None:  # the chunks' memory, known before any pass
         sizes = check_arguments(spatial, sigma=sigma, h=h, patch_size=patch_size, search_size=search_size,
                                 aggregation=aggregation, data_range=data_range)
@@ -241,4 +259,4 @@ def nl_means_dask(image, *, sigma=None, h=None, patch_size=None, search_size=Non
     out = da.map_overlap(_denoise_block, x, depth=overlap, boundary="none", trim=False, allow_rechunk=False,
                          chunks=x.chunks, dtype=image.dtype, meta=image._meta, token="nl_means",
                          channel_axis=channel_axis, halo_width=tuple(depth), params=params, workers=workers)
-    return out.rechunk(image.chunks, method="tasks") if out.chunks != image.chunks else out
+    return out.rechunk(given_chunks, method="tasks") if out.chunks != given_chunks else out

@@ -194,14 +194,29 @@ def _opener_of(source):
             return None
         return Opener("zarr", root, source.shape, source.dtype, key=source.path, chunks=source.chunks)
     if library == "h5py":
+        import h5py
+
+        if not isinstance(source, h5py.Dataset):  # a view that converts on read (dataset.astype, .fields):
+            return None                           # an array-like, placed in the graph
         return Opener("hdf5", source.file.filename, source.shape, source.dtype, key=source.name, chunks=source.chunks)
     if isinstance(source, np.memmap) and source.filename is not None:  # (a copy of a memmap has no file)
         if not isinstance(source.base, mmap.mmap):
             raise TypeError("source is a view of a numpy.memmap (a slice, a transpose): pass the memmap itself, or "
                             "nlref.nlmeans.store.Opener.memmap(path, dtype, shape, offset, order) for the part to read")
+        if source.mode == "c":  # its changes live in this process only: the tasks would read the file
+            raise TypeError("source is a copy-on-write numpy.memmap (mode 'c'): what was changed in it is in this "
+                            "process only, and the tasks read the file. Map it with mode 'r' "
+                            "(numpy.load(path, mmap_mode='r')), or pass numpy.array(source) to denoise its "
+                            "values in memory")
         order = "F" if source.flags.f_contiguous and not source.flags.c_contiguous else "C"
         return Opener("memmap", source.filename, source.shape, source.dtype, offset=source.offset, order=order)
     return None
+
+
+def _is_lazy(source):
+    """Whether ``source`` is a Dask collection (a Dask array, or an xarray object backed by one)."""
+    graph = getattr(source, "__dask_graph__", None)
+    return callable(graph) and graph() is not None
 
 
 def as_source(source):
@@ -209,10 +224,17 @@ def as_source(source):
 
     Any other object with ``shape``, ``dtype`` and NumPy slicing (a NumPy
     array, a ``zarr.Array`` in a remote store) is placed in the graph once,
-    and every task reads its chunk from that one copy.
+    and every task reads its chunk from that one copy. A Dask array is
+    refused (a TypeError pointing to :func:`nlref.nl_means`): placed in the
+    graph, it would be computed whole in one task.
     """
     if isinstance(source, Opener):
         return source
+    if _is_lazy(source):
+        raise TypeError(f"source is a lazy {type(source).__name__} (a Dask collection): the store route would "
+                        f"compute it whole in one task, for every pass. Denoise it chunk by chunk with "
+                        f"nlref.nl_means(source, ...), or pass the array in its store (zarr.Array, h5py.Dataset, "
+                        f"numpy.memmap)")
     opener = _opener_of(source)
     if opener is not None:
         return opener
@@ -441,7 +463,8 @@ def nl_means_store(source: Any, *, chunks: int | Sequence[int] | None = None, si
         each reads only its chunk and halo, on whichever machine it runs (the
         path must be readable there). A NumPy array, or any object with
         ``shape``, ``dtype`` and NumPy slicing, is placed in the graph once
-        and sliced by the tasks.
+        and sliced by the tasks. A Dask array is refused (TypeError):
+        :func:`nlref.nl_means` denoises it chunk by chunk.
     chunks : int or tuple of int, optional
         Chunk size per spatial axis (one int for all); the channel axis is
         never split. Default: the store's own chunks. Chunks of any size

@@ -103,6 +103,25 @@ def test_opener_travels_not_the_data(tmp_path):
     np.testing.assert_array_equal(store.read_block(opener, (slice(0, 10), slice(3, 9))), image[:, 3:9])
 
 
+def test_copy_on_write_memmap_is_refused(tmp_path, synchronous):
+    """A memory map in mode "c" keeps what was written to it in this process; the tasks read the file. A changed
+    map gave the file's result, not the in-memory call's on the same array, without a word: it is refused, and
+    the modes whose changes reach the file are read as before."""
+    image = _noisy((20, 18)).astype(np.float32)
+    np.save(tmp_path / "a.npy", image)
+    kwargs = dict(sigma=0.1, patch_size=3, search_size=5)
+    changed = np.load(tmp_path / "a.npy", mmap_mode="c")
+    changed[5:10] = 0.9
+    with pytest.raises(TypeError, match=r"source is a copy-on-write numpy\.memmap \(mode 'c'\).*mmap_mode='r'"):
+        nlref.nl_means_store(changed, chunks=8, **kwargs)
+    expected = nlref.nl_means(np.array(changed), workers=1, **kwargs)
+    np.testing.assert_array_equal(nlref.nl_means_store(np.array(changed), chunks=8, **kwargs).compute(), expected)
+    del changed
+    shared = np.load(tmp_path / "a.npy", mmap_mode="r+")
+    shared[5:10] = 0.9  # a shared map: the file holds it
+    np.testing.assert_array_equal(nlref.nl_means_store(shared, chunks=8, **kwargs).compute(), expected)
+
+
 def test_hdf5_dataset_source(tmp_path):
     h5py = pytest.importorskip("h5py")
     image = _noisy((14, 30, 26), seed=2).astype(np.float32)
@@ -114,6 +133,21 @@ def test_hdf5_dataset_source(tmp_path):
         assert lazy.chunksize == (7, 15, 13)
         result = lazy.compute()
     np.testing.assert_array_equal(result, nlref.nl_means(image, workers=1, **kwargs))
+
+
+def test_hdf5_view_that_converts_on_read(tmp_path, synchronous):
+    """``dataset.astype("f4")`` is an h5py object with shape, dtype and slicing, but not a dataset: the store
+    route asked it for ``.file`` and failed with an AttributeError. It is read as an array-like (in the graph)."""
+    h5py = pytest.importorskip("h5py")
+    image = _noisy((20, 26)).astype(np.float16)
+    with h5py.File(tmp_path / "a.h5", "w") as f:
+        f.create_dataset("v", data=image, chunks=(10, 13))
+    kwargs = dict(patch_size=3, search_size=5)
+    with h5py.File(tmp_path / "a.h5", "r") as f:
+        view = f["v"].astype("f4")
+        result = nlref.nl_means_store(view, chunks=8, **kwargs).compute()
+    assert result.dtype == np.float32
+    np.testing.assert_array_equal(result, nlref.nl_means(image.astype(np.float32), workers=1, **kwargs))
 
 
 # ---- every dtype: the same estimate and the same result on both routes ----
@@ -316,3 +350,48 @@ def test_chunked_routes_warn_of_a_missing_channel_axis_once_at_the_callers_line(
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         nlref.nl_means(da.from_array(image, chunks=20), sigma=0.1, patch_size=3, search_size=5, channel_axis=-1)
+
+
+# ---- unusual but legal chunkings ----
+
+
+@pytest.mark.parametrize("aggregation", ["pixel", "patch"])
+@pytest.mark.parametrize("chunks, kwargs", [
+    (((0, 20, 0, 45, 0), (30,)), dict(sigma=0.1, patch_size=5, search_size=9)),
+    (((20, 45, 0), (10, 0, 20)), dict()),  # the noise estimated: its passes too
+    (((0, 65), (30,)), dict(sigma=0.1, patch_size=1, search_size=(1, 3))),  # no halo along axis 0
+], ids=["given", "estimated", "no-halo"])
+def test_chunks_of_size_zero(chunks, kwargs, aggregation, synchronous):
+    """Dask allows chunks of size 0 (``da.concatenate`` with an empty piece); its ``max`` of an array whose first
+    chunk along axis 0 is one raised "all the input array dimensions ... must match exactly", so every chunked
+    entry point failed in its first pass. The result keeps the input's chunks, zeros included."""
+    image = _noisy((65, 30)).astype(np.float32)
+    lazy_input = da.from_array(image, chunks=chunks)
+    assert nlref.estimate_sigma(lazy_input) == nlref.estimate_sigma(image)
+    assert nlref.resolve_parameters(lazy_input, **kwargs) == nlref.resolve_parameters(image, **kwargs)
+    lazy = nlref.nl_means(lazy_input, aggregation=aggregation, **kwargs)
+    assert lazy.chunks == lazy_input.chunks
+    np.testing.assert_array_equal(lazy.compute(), nlref.nl_means(image, aggregation=aggregation, workers=1, **kwargs))
+
+
+@pytest.mark.parametrize("call", [
+    lambda a: store.nl_means_store(a, chunks=8, sigma=0.1, patch_size=3, search_size=5),
+    lambda a: store.resolve_parameters_store(a, chunks=8),
+    lambda a: store.denoise_store(a, dict(h=0.1, sigma=0.1, patch_size=(3, 3), search_size=(5, 5)), chunks=8),
+], ids=["nl_means_store", "resolve_parameters_store", "denoise_store"])
+def test_store_route_refuses_a_dask_array(call, synchronous):
+    """A Dask array has shape, dtype and slicing, so the store route took it as an array to place in the graph:
+    every task then depended on the whole array, computed in one task (on one worker) for every pass, the memory
+    the route exists to avoid. It is refused, before any pass, pointing to nl_means (map_overlap)."""
+    from dask.callbacks import Callback
+
+    lazy = da.from_array(_noisy((20, 30)).astype(np.float32), chunks=10)
+    passes = []
+
+    class Passes(Callback):
+        def _start(self, dsk):
+            passes.append(len(dsk))
+
+    with Passes(), pytest.raises(TypeError, match=r"source is a lazy Array .*nlref\.nl_means\(source"):
+        call(lazy)
+    assert passes == []
