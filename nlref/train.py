@@ -48,7 +48,7 @@ from .data.pairs2d import PairImages, pair_splits
 from .data.sprites import GLYPHS, RELATIONS, sprite_clips, sprite_splits
 from .nn import functional as F
 from .nn.models import EXTENTS, MODELS, STAGES, ImageResNet, VideoNet, VideoTransformer, nonlocal_slots
-from .nn.nonlocal_op import MODES
+from .nn.nonlocal_op import MODES, SOFTMAX_MODES
 from .nn.optim import SGD, Adam, StepSchedule
 
 __all__ = ["TrainConfig", "train", "load_checkpoint", "evaluate", "CheckpointError", "OutDirError"]
@@ -133,7 +133,8 @@ class TrainConfig:
 
         ``task``, ``model`` (one that applies to the task), ``mode``, ``stage``, ``extent``,
         ``optimizer``, ``pool``, ``relation`` and ``dtype`` are one of their choices;
-        ``sub_sample``, ``bn_layer`` and ``scale`` are booleans; ``epochs``, ``batch_size`` (at
+        ``sub_sample``, ``bn_layer`` and ``scale`` are booleans (``scale`` only with a softmax ``mode``
+        where non-local blocks are built, ``pool="before"`` only with ``sub_sample``); ``epochs``, ``batch_size`` (at
         most ``n_train``), ``n_train``, ``n_val`` are positive integers; ``widths`` and
         ``blocks`` are 3 positive integers; ``nonlocal_blocks`` is an integer >= 0 that fits the
         network's slots; ``kinds`` is 2 to 8, ``channels`` 1 or 3, ``frames`` even and >= 6,
@@ -202,6 +203,10 @@ class TrainConfig:
                 nonlocal_slots(self.nonlocal_blocks, stage=self.stage, blocks=tuple(self.blocks))
             except ValueError as err:
                 raise ValueError(f"nonlocal_blocks: {err}") from None
+        builds_blocks = self.nonlocal_blocks > 0 and (self.task == "pairs2d" or self.model != "transformer")
+        if self.scale and builds_blocks and self.mode not in SOFTMAX_MODES:  # the block refused it once built
+            raise ValueError(f"scale applies to the softmax modes {SOFTMAX_MODES}, not mode {self.mode!r}: leave "
+                             "scale out, or choose one of those modes")
         if not is_number(self.lr) or self.lr <= 0:
             raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
         if not is_number(self.weight_decay) or self.weight_decay < 0:

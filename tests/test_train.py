@@ -467,3 +467,21 @@ def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.npz", "metrics.csv", "metrics.json"]
     # the lock ends with the run: the folder takes the next one
     train(TrainConfig(**{**TINY, "epochs": 2}), tmp_path, resume=True, progress=False, log=None)
+
+
+@pytest.mark.parametrize("changes", [dict(mode="dot_product"), dict(mode="concatenation", nonlocal_blocks=2),
+                                     dict(task="pairs2d", size=24, kinds=4, mode="dot_product")])
+def test_scale_with_a_mode_without_softmax_is_refused_by_validate(changes):
+    """scale=True with the dot-product or concatenation mode passed validate and failed when the network was
+    built, which ``nlref train`` reported as an internal error of nlref."""
+    config = TrainConfig(**{**TINY, "scale": True, **changes})
+    with pytest.raises(ValueError, match=r"^scale applies to the softmax modes .* not mode '(dot_product|concat)"):
+        config.validate()
+
+
+@pytest.mark.parametrize("changes", [dict(mode="dot_product", nonlocal_blocks=0),
+                                     dict(mode="concatenation", model="transformer"),
+                                     dict(mode="gaussian"), dict(mode="embedded_gaussian")])
+def test_scale_is_accepted_where_it_builds(changes):
+    """Where no block is built (no block, or the transformer) scale has nothing to refuse, and the softmax modes take it."""
+    T.build_model(TrainConfig(**{**TINY, "scale": True, **changes}).validate())

@@ -217,3 +217,13 @@ def test_cli_train_transformer(tmp_path, capsys):
     assert main(["train", "--model", "transformer", "--embed-dim", "10", "--heads", "4", "--out",
                  str(tmp_path / "bad")]) == 2
     assert "--heads (4) must divide --embed-dim (10)" in capsys.readouterr().err   # the flags typed
+
+
+def test_scale_with_a_mode_without_softmax_is_a_one_line_error_naming_the_flags(tmp_path, capsys):
+    """``--mode dot_product --scale`` was reported as an internal error of nlref (the block refused it when built)."""
+    assert main(["train", "--mode", "dot_product", "--scale", "--no-progress", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "internal error" not in err
+    assert err.startswith("nlref train: error: --scale applies to the softmax modes ('gaussian', 'embedded_gaussian'), "
+                          "not --mode 'dot_product': leave --scale out")
+    assert not (tmp_path / "run").exists()
