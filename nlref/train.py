@@ -609,8 +609,10 @@ def train(config: TrainConfig | None = None, out_dir: PathLike | None = None, *,
     -------
     dict
         ``history`` (one dict per epoch, whose ``lr`` is the learning rate of the
-        epoch's first step), ``model`` (the trained :class:`VideoNet`),
-        ``val_accuracy``, ``seconds`` and ``clips_per_second`` (training throughput).
+        epoch's first step; the rows of ``metrics.json``), ``model`` (the network after
+        the last epoch, the one in ``checkpoint.npz``, in eval mode: ready to predict),
+        ``config`` (the validated :class:`TrainConfig`), ``val_accuracy`` (the last
+        epoch's), ``seconds`` and ``clips_per_second`` (training throughput).
 
     Raises
     ------
@@ -730,6 +732,7 @@ def _run(config, out_dir, *, xp, device, resume, progress, log, callback):
         if callback is not None:
             callback(epoch + 1, row, model)
     seen = len(history) * steps_per_epoch * config.batch_size
+    model.eval()  # as evaluate leaves it; a resumed finished run never reached evaluate and was in training mode
     return {"history": history, "model": model, "config": config,
             "val_accuracy": history[-1]["val_accuracy"] if history else float("nan"),
             "seconds": train_seconds, "clips_per_second": seen / train_seconds if train_seconds else float("nan")}

@@ -485,3 +485,14 @@ def test_scale_with_a_mode_without_softmax_is_refused_by_validate(changes):
 def test_scale_is_accepted_where_it_builds(changes):
     """Where no block is built (no block, or the transformer) scale has nothing to refuse, and the softmax modes take it."""
     T.build_model(TrainConfig(**{**TINY, "scale": True, **changes}).validate())
+
+
+def test_the_returned_model_is_in_eval_mode_also_when_a_finished_run_is_resumed(tmp_path):
+    """Resuming a finished run returned its network in training mode (batch statistics, dropout on), so it
+    predicted other logits on the same clips than the network the run itself returned."""
+    first = tiny_run(tmp_path, epochs=1)
+    again = train(TrainConfig(**{**TINY, "epochs": 1}), tmp_path, resume=True, progress=False, log=None)
+    assert not first["model"].training and not again["model"].training
+    clips = T.build_data(first["config"])[1].video[:8]
+    np.testing.assert_array_equal(again["model"].forward(clips), first["model"].forward(clips))
+    assert again["config"] == first["config"] and again["history"] == first["history"]
