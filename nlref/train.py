@@ -45,7 +45,7 @@ from ._files import folder_problem, write_atomically
 from ._typing import PathLike
 from . import backend as B
 from .data.pairs2d import PairImages, pair_splits
-from .data.sprites import GLYPHS, RELATIONS, sprite_clips, sprite_splits
+from .data.sprites import GLYPHS, RELATIONS, SpriteClips, sprite_clips, sprite_splits
 from .nn import functional as F
 from .nn.models import EXTENTS, MODELS, STAGES, ImageResNet, VideoNet, VideoTransformer, nonlocal_slots
 from .nn.nonlocal_op import MODES, SOFTMAX_MODES
@@ -352,10 +352,24 @@ def _correct(xp, logits, labels):
 
 
 def evaluate(model, clips, *, batch_size=100):
-    """Mean loss and accuracy of ``model`` (in eval mode) on ``clips``; the model is left in eval mode."""
+    """Mean loss and accuracy of ``model`` (in eval mode) on ``clips``; the model is left in eval mode.
+
+    ``clips`` is a :class:`~nlref.data.sprites.SpriteClips` (or, for the 2-D network, a
+    :class:`~nlref.data.pairs2d.PairImages`) of at least one example, with one label per example;
+    ``batch_size`` (an integer >= 1) sets how many go through the network at a time and changes
+    nothing but the rounding.
+    """
+    if not isinstance(clips, (SpriteClips, PairImages)):
+        raise TypeError(f"clips must be a SpriteClips or PairImages (a split of build_data, or one made from "
+                        f"your own arrays and labels), got {type(clips).__name__}")
+    if isinstance(batch_size, (bool, np.bool_)) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    n = len(clips)
+    if n < 1 or _inputs(clips).shape[0] != n:
+        raise ValueError(f"clips must hold at least one example and one label per example, got "
+                         f"{_inputs(clips).shape[0]} examples and {n} labels")
     model.eval()
     xp = B.array_namespace(_inputs(clips))
-    n = len(clips)
     total_loss, correct = 0.0, 0
     for lo in range(0, n, batch_size):
         idx = np.arange(lo, min(lo + batch_size, n))

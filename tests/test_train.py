@@ -496,3 +496,24 @@ def test_the_returned_model_is_in_eval_mode_also_when_a_finished_run_is_resumed(
     clips = T.build_data(first["config"])[1].video[:8]
     np.testing.assert_array_equal(again["model"].forward(clips), first["model"].forward(clips))
     assert again["config"] == first["config"] and again["history"] == first["history"]
+
+
+def test_evaluate_refuses_what_it_cannot_measure():
+    """evaluate(batch_size=-1) returned a loss and an accuracy of 0.0 without looking at a clip; batch_size=0,
+    an empty split and a tuple failed with messages about range(), a division by zero and a missing attribute."""
+    from nlref.data.sprites import SpriteClips
+
+    config = TrainConfig(**TINY)
+    net, val = T.build_model(config), T.build_data(config)[1]
+    for bad in (-1, 0, 2.5, True, None):
+        with pytest.raises(ValueError, match=rf"^batch_size must be an integer >= 1, got {bad!r}$"):
+            T.evaluate(net, val, batch_size=bad)
+    with pytest.raises(TypeError, match=r"^clips must be a SpriteClips or PairImages .* got tuple$"):
+        T.evaluate(net, (val.video, val.labels))
+    for video, labels, counts in ((val.video[:0], val.labels[:0], "0 examples and 0 labels"),
+                                  (val.video, val.labels[:5], f"{len(val)} examples and 5 labels")):
+        with pytest.raises(ValueError, match=f"^clips must hold at least one example .* got {counts}$"):
+            T.evaluate(net, SpriteClips(video, labels))
+    whole = T.evaluate(net, val)
+    assert T.evaluate(net, val, batch_size=np.int64(7)) == pytest.approx(whole, rel=1e-6)
+    assert T.evaluate(net, SpriteClips(val.video, val.labels), batch_size=1) == pytest.approx(whole, rel=1e-6)
