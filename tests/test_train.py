@@ -517,3 +517,24 @@ def test_evaluate_refuses_what_it_cannot_measure():
     whole = T.evaluate(net, val)
     assert T.evaluate(net, val, batch_size=np.int64(7)) == pytest.approx(whole, rel=1e-6)
     assert T.evaluate(net, SpriteClips(val.video, val.labels), batch_size=1) == pytest.approx(whole, rel=1e-6)
+
+
+def test_the_documented_way_to_use_a_trained_network(tmp_path, monkeypatch):
+    """docs/training.md's "Using the trained network" snippet, run on a tiny run: it gives the last epoch's
+    validation loss and accuracy and the logits of the network train() returned."""
+    import contextlib
+    import io
+    import re
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
+    code = re.search(r"\*\*Using the trained network\.\*\*.*?```python\n(.*?)```", page, re.S).group(1)
+    result = tiny_run(tmp_path / "run1", epochs=2)
+    monkeypatch.chdir(tmp_path)
+    scope, printed = {}, io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(code, scope)
+    last = result["history"][-1]
+    assert printed.getvalue().strip() == str((last["val_loss"], last["val_accuracy"]))
+    np.testing.assert_array_equal(scope["logits"], result["model"].forward(scope["val"].video[:4]))
+    assert not scope["net"].training
