@@ -45,10 +45,10 @@ from ._files import folder_problem, write_atomically
 from ._typing import PathLike
 from . import backend as B
 from .data.pairs2d import PairImages, pair_splits
-from .data.sprites import GLYPHS, RELATIONS, sprite_clips, sprite_splits
+from .data.sprites import GLYPHS, RELATIONS, SpriteClips, sprite_clips, sprite_splits
 from .nn import functional as F
 from .nn.models import EXTENTS, MODELS, STAGES, ImageResNet, VideoNet, VideoTransformer, nonlocal_slots
-from .nn.nonlocal_op import MODES
+from .nn.nonlocal_op import MODES, SOFTMAX_MODES
 from .nn.optim import SGD, Adam, StepSchedule
 
 __all__ = ["TrainConfig", "train", "load_checkpoint", "evaluate", "CheckpointError", "OutDirError"]
@@ -133,7 +133,8 @@ class TrainConfig:
 
         ``task``, ``model`` (one that applies to the task), ``mode``, ``stage``, ``extent``,
         ``optimizer``, ``pool``, ``relation`` and ``dtype`` are one of their choices;
-        ``sub_sample``, ``bn_layer`` and ``scale`` are booleans; ``epochs``, ``batch_size`` (at
+        ``sub_sample``, ``bn_layer`` and ``scale`` are booleans (``scale`` only with a softmax ``mode``
+        where non-local blocks are built, ``pool="before"`` only with ``sub_sample``); ``epochs``, ``batch_size`` (at
         most ``n_train``), ``n_train``, ``n_val`` are positive integers; ``widths`` and
         ``blocks`` are 3 positive integers; ``nonlocal_blocks`` is an integer >= 0 that fits the
         network's slots; ``kinds`` is 2 to 8, ``channels`` 1 or 3, ``frames`` even and >= 6,
@@ -202,6 +203,10 @@ class TrainConfig:
                 nonlocal_slots(self.nonlocal_blocks, stage=self.stage, blocks=tuple(self.blocks))
             except ValueError as err:
                 raise ValueError(f"nonlocal_blocks: {err}") from None
+        builds_blocks = self.nonlocal_blocks > 0 and (self.task == "pairs2d" or self.model != "transformer")
+        if self.scale and builds_blocks and self.mode not in SOFTMAX_MODES:  # the block refused it once built
+            raise ValueError(f"scale applies to the softmax modes {SOFTMAX_MODES}, not mode {self.mode!r}: leave "
+                             "scale out, or choose one of those modes")
         if not is_number(self.lr) or self.lr <= 0:
             raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
         if not is_number(self.weight_decay) or self.weight_decay < 0:
@@ -347,10 +352,24 @@ def _correct(xp, logits, labels):
 
 
 def evaluate(model, clips, *, batch_size=100):
-    """Mean loss and accuracy of ``model`` (in eval mode) on ``clips``; the model is left in eval mode."""
+    """Mean loss and accuracy of ``model`` (in eval mode) on ``clips``; the model is left in eval mode.
+
+    ``clips`` is a :class:`~nlref.data.sprites.SpriteClips` (or, for the 2-D network, a
+    :class:`~nlref.data.pairs2d.PairImages`) of at least one example, with one label per example;
+    ``batch_size`` (an integer >= 1) sets how many go through the network at a time and changes
+    nothing but the rounding.
+    """
+    if not isinstance(clips, (SpriteClips, PairImages)):
+        raise TypeError(f"clips must be a SpriteClips or PairImages (a split of build_data, or one made from "
+                        f"your own arrays and labels), got {type(clips).__name__}")
+    if isinstance(batch_size, (bool, np.bool_)) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    n = len(clips)
+    if n < 1 or _inputs(clips).shape[0] != n:
+        raise ValueError(f"clips must hold at least one example and one label per example, got "
+                         f"{_inputs(clips).shape[0]} examples and {n} labels")
     model.eval()
     xp = B.array_namespace(_inputs(clips))
-    n = len(clips)
     total_loss, correct = 0.0, 0
     for lo in range(0, n, batch_size):
         idx = np.arange(lo, min(lo + batch_size, n))
@@ -604,8 +623,10 @@ def train(config: TrainConfig | None = None, out_dir: PathLike | None = None, *,
     -------
     dict
         ``history`` (one dict per epoch, whose ``lr`` is the learning rate of the
-        epoch's first step), ``model`` (the trained :class:`VideoNet`),
-        ``val_accuracy``, ``seconds`` and ``clips_per_second`` (training throughput).
+        epoch's first step; the rows of ``metrics.json``), ``model`` (the network after
+        the last epoch, the one in ``checkpoint.npz``, in eval mode: ready to predict),
+        ``config`` (the validated :class:`TrainConfig`), ``val_accuracy`` (the last
+        epoch's), ``seconds`` and ``clips_per_second`` (training throughput).
 
     Raises
     ------
@@ -725,6 +746,7 @@ def _run(config, out_dir, *, xp, device, resume, progress, log, callback):
         if callback is not None:
             callback(epoch + 1, row, model)
     seen = len(history) * steps_per_epoch * config.batch_size
+    model.eval()  # as evaluate leaves it; a resumed finished run never reached evaluate and was in training mode
     return {"history": history, "model": model, "config": config,
             "val_accuracy": history[-1]["val_accuracy"] if history else float("nan"),
             "seconds": train_seconds, "clips_per_second": seen / train_seconds if train_seconds else float("nan")}

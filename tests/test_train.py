@@ -467,3 +467,74 @@ def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.npz", "metrics.csv", "metrics.json"]
     # the lock ends with the run: the folder takes the next one
     train(TrainConfig(**{**TINY, "epochs": 2}), tmp_path, resume=True, progress=False, log=None)
+
+
+@pytest.mark.parametrize("changes", [dict(mode="dot_product"), dict(mode="concatenation", nonlocal_blocks=2),
+                                     dict(task="pairs2d", size=24, kinds=4, mode="dot_product")])
+def test_scale_with_a_mode_without_softmax_is_refused_by_validate(changes):
+    """scale=True with the dot-product or concatenation mode passed validate and failed when the network was
+    built, which ``nlref train`` reported as an internal error of nlref."""
+    config = TrainConfig(**{**TINY, "scale": True, **changes})
+    with pytest.raises(ValueError, match=r"^scale applies to the softmax modes .* not mode '(dot_product|concat)"):
+        config.validate()
+
+
+@pytest.mark.parametrize("changes", [dict(mode="dot_product", nonlocal_blocks=0),
+                                     dict(mode="concatenation", model="transformer"),
+                                     dict(mode="gaussian"), dict(mode="embedded_gaussian")])
+def test_scale_is_accepted_where_it_builds(changes):
+    """Where no block is built (no block, or the transformer) scale has nothing to refuse, and the softmax modes take it."""
+    T.build_model(TrainConfig(**{**TINY, "scale": True, **changes}).validate())
+
+
+def test_the_returned_model_is_in_eval_mode_also_when_a_finished_run_is_resumed(tmp_path):
+    """Resuming a finished run returned its network in training mode (batch statistics, dropout on), so it
+    predicted other logits on the same clips than the network the run itself returned."""
+    first = tiny_run(tmp_path, epochs=1)
+    again = train(TrainConfig(**{**TINY, "epochs": 1}), tmp_path, resume=True, progress=False, log=None)
+    assert not first["model"].training and not again["model"].training
+    clips = T.build_data(first["config"])[1].video[:8]
+    np.testing.assert_array_equal(again["model"].forward(clips), first["model"].forward(clips))
+    assert again["config"] == first["config"] and again["history"] == first["history"]
+
+
+def test_evaluate_refuses_what_it_cannot_measure():
+    """evaluate(batch_size=-1) returned a loss and an accuracy of 0.0 without looking at a clip; batch_size=0,
+    an empty split and a tuple failed with messages about range(), a division by zero and a missing attribute."""
+    from nlref.data.sprites import SpriteClips
+
+    config = TrainConfig(**TINY)
+    net, val = T.build_model(config), T.build_data(config)[1]
+    for bad in (-1, 0, 2.5, True, None):
+        with pytest.raises(ValueError, match=rf"^batch_size must be an integer >= 1, got {bad!r}$"):
+            T.evaluate(net, val, batch_size=bad)
+    with pytest.raises(TypeError, match=r"^clips must be a SpriteClips or PairImages .* got tuple$"):
+        T.evaluate(net, (val.video, val.labels))
+    for video, labels, counts in ((val.video[:0], val.labels[:0], "0 examples and 0 labels"),
+                                  (val.video, val.labels[:5], f"{len(val)} examples and 5 labels")):
+        with pytest.raises(ValueError, match=f"^clips must hold at least one example .* got {counts}$"):
+            T.evaluate(net, SpriteClips(video, labels))
+    whole = T.evaluate(net, val)
+    assert T.evaluate(net, val, batch_size=np.int64(7)) == pytest.approx(whole, rel=1e-6)
+    assert T.evaluate(net, SpriteClips(val.video, val.labels), batch_size=1) == pytest.approx(whole, rel=1e-6)
+
+
+def test_the_documented_way_to_use_a_trained_network(tmp_path, monkeypatch):
+    """docs/training.md's "Using the trained network" snippet, run on a tiny run: it gives the last epoch's
+    validation loss and accuracy and the logits of the network train() returned."""
+    import contextlib
+    import io
+    import re
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
+    code = re.search(r"\*\*Using the trained network\.\*\*.*?```python\n(.*?)```", page, re.S).group(1)
+    result = tiny_run(tmp_path / "run1", epochs=2)
+    monkeypatch.chdir(tmp_path)
+    scope, printed = {}, io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(code, scope)
+    last = result["history"][-1]
+    assert printed.getvalue().strip() == str((last["val_loss"], last["val_accuracy"]))
+    np.testing.assert_array_equal(scope["logits"], result["model"].forward(scope["val"].video[:4]))
+    assert not scope["net"].training

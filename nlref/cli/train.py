@@ -85,6 +85,13 @@ def _refuse_ignored(args):
     if args.model != "transformer" and transformer:
         raise CommandError(f"{', '.join(transformer)}: not used by --model {args.model}; they apply only to --model "
                            "transformer")
+    if args.model == "transformer":
+        blocks = typed("stage", "extent") + [flag for flag, on in (("--no-sub-sample", args.no_sub_sample),
+                                                                   ("--no-bn", args.no_bn), ("--scale", args.scale))
+                                             if on]
+        if blocks:
+            raise CommandError(f"{', '.join(blocks)}: not used by --model transformer (it has no non-local blocks); "
+                               "they apply to the non-local blocks of --model c2d, i3d and i3d_3x1x1")
 
 
 def run_train(args):

@@ -481,6 +481,9 @@ class VideoNet:
         c = self.config["in_channels"]
         if x.ndim != 5 or x.shape[1] != c:
             raise ValueError(f"x must have shape (B, {c}, T, H, W), got {tuple(x.shape)}")
+        if min(x.shape) < 1:
+            raise ValueError(f"x must hold at least one clip of at least one frame of 1 x 1 pixels, got shape "
+                             f"{tuple(x.shape)}")
         return _like_network(self, x, "x", self.stem.conv.params["weight"])
 
     def forward(self, x, *, dropout_seed=None, return_attention=False):
@@ -970,6 +973,8 @@ class ImageResNet(VideoNet):
         c = self.config["in_channels"]
         if x.ndim != 4 or x.shape[1] != c:
             raise ValueError(f"x must have shape (B, {c}, H, W), got {tuple(x.shape)}")
+        if min(x.shape) < 1:
+            raise ValueError(f"x must hold at least one image of at least 1 x 1 pixels, got shape {tuple(x.shape)}")
         return xp
 
     def forward(self, x, *, dropout_seed=None, return_attention=False):

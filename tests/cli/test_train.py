@@ -217,3 +217,27 @@ def test_cli_train_transformer(tmp_path, capsys):
     assert main(["train", "--model", "transformer", "--embed-dim", "10", "--heads", "4", "--out",
                  str(tmp_path / "bad")]) == 2
     assert "--heads (4) must divide --embed-dim (10)" in capsys.readouterr().err   # the flags typed
+
+
+def test_scale_with_a_mode_without_softmax_is_a_one_line_error_naming_the_flags(tmp_path, capsys):
+    """``--mode dot_product --scale`` was reported as an internal error of nlref (the block refused it when built)."""
+    assert main(["train", "--mode", "dot_product", "--scale", "--no-progress", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "internal error" not in err
+    assert err.startswith("nlref train: error: --scale applies to the softmax modes ('gaussian', 'embedded_gaussian'), "
+                          "not --mode 'dot_product': leave --scale out")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("typed", [["--extent", "time"], ["--stage", "res4"], ["--no-sub-sample"], ["--no-bn"],
+                                   ["--scale"], ["--stage", "res2", "--extent", "space"]])
+def test_block_options_typed_for_the_transformer_are_refused(tmp_path, capsys, typed):
+    """``--model transformer --extent time`` trained the transformer as if the option had not been typed (it has no
+    non-local block), while the same options with --task pairs2d were refused."""
+    tiny = ["--epochs", "1", "--n-train", "16", "--n-val", "8", "--batch-size", "8", "--no-progress"]  # were it run
+    assert main(["train", "--model", "transformer", *typed, *tiny, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    flags = ", ".join(word for word in typed if word.startswith("--"))
+    assert err == (f"nlref train: error: {flags}: not used by --model transformer (it has no non-local blocks); they "
+                   "apply to the non-local blocks of --model c2d, i3d and i3d_3x1x1\n")
+    assert not (tmp_path / "run").exists()

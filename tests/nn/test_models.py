@@ -4,6 +4,7 @@ state dicts, bad input, and libraries."""
 
 import importlib
 import itertools
+import re
 
 import numpy as np
 import pytest
@@ -545,6 +546,18 @@ def test_forward_backward_errors():
         net.backward(np.zeros_like(logits))
     with pytest.raises(KeyError):
         net.set_param("res9.0.conv1.conv.weight", logits)
+
+
+
+@pytest.mark.parametrize("shape", [(0, 1, 4, 12, 12), (3, 1, 0, 12, 12), (3, 1, 4, 0, 12), (3, 1, 4, 12, 0)])
+@pytest.mark.parametrize("training", [True, False])
+def test_an_empty_batch_or_axis_is_refused_by_name(shape, training):
+    """An empty batch failed deep inside with "cannot reshape array of size 0", an empty frame axis with a
+    message about a padded input; neither said that x was empty."""
+    net = _net(nonlocal_blocks=1)
+    net.train() if training else net.eval()
+    with pytest.raises(ValueError, match=rf"^x must hold at least one clip .* got shape {re.escape(str(shape))}$"):
+        net.forward(np.zeros(shape))
 
 
 # --------------------------------------------------------------------------- libraries

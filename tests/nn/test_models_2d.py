@@ -98,6 +98,10 @@ def test_bad_input_is_named():
         net.forward(np.zeros((2, 3, 1, 8, 8), np.float32))
     with pytest.raises(TypeError, match="float32"):
         net.forward(np.zeros((2, 3, 8, 8)))
+    for shape in ((0, 3, 8, 8), (2, 3, 0, 8), (2, 3, 8, 0)):  # an empty batch: "cannot reshape array of size 0"
+        with pytest.raises(ValueError, match=r"^x must hold at least one image .* got shape \({}\)$".format(
+                ", ".join(map(str, shape)))):
+            net.eval().forward(np.zeros(shape, np.float32))
 
 
 def test_same_logits_and_gradients_on_every_cpu_library(xp_cpu):
