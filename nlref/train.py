@@ -51,7 +51,8 @@ from .nn.models import EXTENTS, MODELS, STAGES, ImageResNet, VideoNet, VideoTran
 from .nn.nonlocal_op import MODES, SOFTMAX_MODES
 from .nn.optim import SGD, Adam, StepSchedule
 
-__all__ = ["TrainConfig", "train", "load_checkpoint", "evaluate", "CheckpointError", "OutDirError"]
+__all__ = ["TrainConfig", "train", "load_checkpoint", "evaluate", "build_model", "build_data", "CheckpointError",
+           "OutDirError"]
 
 CHECKPOINT = "checkpoint.npz"
 RUN_FILES = (CHECKPOINT, "metrics.json", "metrics.csv")
@@ -263,9 +264,24 @@ def image_receptive_field(blocks):
 
 
 def build_model(config, xp=None, device=None):
-    """The network a configuration describes (weights from ``config.seed``): a :class:`VideoNet`, a
-    :class:`VideoTransformer`, or with ``task="pairs2d"`` an :class:`ImageResNet`; parameters in ``xp``
-    (NumPy by default) on ``device`` (``xp``'s default when None)."""
+    """The network a configuration describes, with its initial weights (from ``config.seed``).
+
+    Parameters
+    ----------
+    config : TrainConfig
+    xp : array namespace, optional
+        Where the parameters live (NumPy by default).
+    device : optional
+        ``xp``'s device (its default when None).
+
+    Returns
+    -------
+    VideoNet, VideoTransformer or ImageResNet
+        A :class:`~nlref.nn.models.VideoNet`, the ``"transformer"`` model's
+        :class:`~nlref.nn.models.VideoTransformer`, or with ``task="pairs2d"`` an
+        :class:`~nlref.nn.models.ImageResNet`, in training mode; ``load_state_dict`` of a
+        checkpoint's ``model`` and ``eval()`` make it the trained network (docs/training.md).
+    """
     if config.model == "transformer":
         return VideoTransformer(frames=config.frames, size=config.size, in_channels=config.channels, num_classes=2,
                                 tubelet=config.tubelet, embed_dim=config.embed_dim, depth=config.depth,
@@ -316,7 +332,22 @@ def check_memory(config):
 
 
 def build_data(config, xp=None, device=None):
-    """(train, val) :class:`~nlref.data.sprites.SpriteClips` (or :class:`~nlref.data.pairs2d.PairImages`)."""
+    """The (train, val) splits a configuration describes, the same for the same ``config`` on any machine.
+
+    Parameters
+    ----------
+    config : TrainConfig
+    xp : array namespace, optional
+        Where the arrays live (NumPy by default).
+    device : optional
+        ``xp``'s device (its default when None).
+
+    Returns
+    -------
+    tuple
+        Two :class:`~nlref.data.sprites.SpriteClips`, or with ``task="pairs2d"`` two
+        :class:`~nlref.data.pairs2d.PairImages`.
+    """
     if config.task == "pairs2d":
         return pair_splits(config.n_train, config.n_val, seed=config.seed, relation=config.relation,
                            size=config.size, margin=config.margin, kinds=config.kinds, channels=config.channels,
