@@ -62,6 +62,7 @@ def _train_interrupted(args, signame):
 #: Options that apply to one task or network only, by destination: (flag, TrainConfig field). Their default is
 #: None on the command line, so that one the user typed is told from one left out.
 _SPECIFIC = {"stage": ("--stage", "stage"), "extent": ("--extent", "extent"), "margin": ("--margin", "margin"),
+             "nonlocal_blocks": ("--nonlocal", "nonlocal_blocks"), "mode": ("--mode", "mode"), "pool": ("--pool", "pool"),
              "embed_dim": ("--embed-dim", "embed_dim"), "depth": ("--depth", "depth"),
              "heads": ("--heads", "num_heads"), "mlp_dim": ("--mlp-dim", "mlp_dim")}
 
@@ -86,7 +87,7 @@ def _refuse_ignored(args):
         raise CommandError(f"{', '.join(transformer)}: not used by --model {args.model}; they apply only to --model "
                            "transformer")
     if args.model == "transformer":
-        blocks = typed("stage", "extent") + [flag for flag, on in (("--no-sub-sample", args.no_sub_sample),
+        blocks = typed("nonlocal_blocks", "stage", "mode", "extent", "pool") + [flag for flag, on in (("--no-sub-sample", args.no_sub_sample),
                                                                    ("--no-bn", args.no_bn), ("--scale", args.scale))
                                              if on]
         if blocks:
@@ -114,9 +115,9 @@ def run_train(args):
     given = {name: left_out[_SPECIFIC[name][1] if name in _SPECIFIC else name] if value is None else value
              for name, value in given.items()}
     fields = {"task": args.task, "margin": given["margin"], "model": args.model,
-              "nonlocal_blocks": args.nonlocal_blocks, "stage": given["stage"], "mode": args.mode,
+              "nonlocal_blocks": given["nonlocal_blocks"], "stage": given["stage"], "mode": given["mode"],
               "extent": given["extent"], "sub_sample": not args.no_sub_sample, "bn_layer": not args.no_bn,
-              "scale": args.scale, "pool": args.pool, "dropout": given["dropout"],
+              "scale": args.scale, "pool": given["pool"], "dropout": given["dropout"],
               "epochs": args.epochs, "batch_size": args.batch_size, "optimizer": args.optimizer,
               "n_train": args.n_train, "n_val": args.n_val, "seed": args.seed, "relation": args.relation,
               "kinds": given["kinds"], "size": given["size"], "dtype": args.dtype, "embed_dim": given["embed_dim"],
@@ -215,18 +216,18 @@ def add_parser(sub, fmt):
     opt("--depth", type=int, default=None, help=f"transformer: blocks (default: {d.depth})")
     opt("--heads", type=int, default=None, help=f"transformer: attention heads (default: {d.num_heads})")
     opt("--mlp-dim", type=int, default=None, help=f"transformer: MLP width (default: {d.mlp_dim})")
-    opt("--nonlocal", dest="nonlocal_blocks", type=int, default=d.nonlocal_blocks,
-                    help="number of non-local blocks, 0 for the baseline" + dflt)
+    opt("--nonlocal", dest="nonlocal_blocks", type=int, default=None,
+                    help=f"number of non-local blocks, 0 for the baseline (default: {d.nonlocal_blocks})")
     opt("--stage", choices=STAGES, default=None, help=f"stage of a single block (default: {d.stage})")
-    opt("--mode", choices=MODES, default=d.mode, help="pairwise function of the blocks" + dflt)
+    opt("--mode", choices=MODES, default=None, help=f"pairwise function of the blocks (default: {d.mode})")
     opt("--extent", choices=EXTENTS, default=None, help=f"what a block attends over (default: {d.extent})")
     opt("--no-sub-sample", action="store_true",
                     help="no max-pooling of the keys and values (default: off, they are pooled)")
     opt("--no-bn", action="store_true",
                     help="no BN after W_z, W_z starts at 0 instead (default: off, BN with gamma 0)")
     opt("--scale", action="store_true", help="1/sqrt(d) on the softmax logits (default: off)")
-    opt("--pool", choices=("after", "before"), default=d.pool,
-                    help="max-pool after phi and g, or x before them" + dflt)
+    opt("--pool", choices=("after", "before"), default=None,
+                    help=f"max-pool after phi and g, or x before them (default: {d.pool})")
     opt("--dropout", type=float, default=None,
                     help="dropout probability before the classifier" + per_task("dropout"))
     opt("--epochs", type=int, default=d.epochs, help="passes over the training clips" + dflt)

@@ -230,7 +230,10 @@ def test_scale_with_a_mode_without_softmax_is_a_one_line_error_naming_the_flags(
 
 
 @pytest.mark.parametrize("typed", [["--extent", "time"], ["--stage", "res4"], ["--no-sub-sample"], ["--no-bn"],
-                                   ["--scale"], ["--stage", "res2", "--extent", "space"]])
+                                   ["--scale"], ["--stage", "res2", "--extent", "space"],
+                                   # these three had defaults on the command line, so typed ones went unseen
+                                   ["--nonlocal", "2"], ["--mode", "gaussian"], ["--pool", "before"],
+                                   ["--nonlocal", "0", "--mode", "dot_product"]])
 def test_block_options_typed_for_the_transformer_are_refused(tmp_path, capsys, typed):
     """``--model transformer --extent time`` trained the transformer as if the option had not been typed (it has no
     non-local block), while the same options with --task pairs2d were refused."""
