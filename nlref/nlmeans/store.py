@@ -198,6 +198,8 @@ def _opener_of(source):
 
         if not isinstance(source, h5py.Dataset):  # a view that converts on read (dataset.astype, .fields):
             return None                           # an array-like, placed in the graph
+        if source.file.mode != "r":  # the tasks open the file by name: what HDF5 still caches here must be in it
+            source.file.flush()
         return Opener("hdf5", source.file.filename, source.shape, source.dtype, key=source.name, chunks=source.chunks)
     if isinstance(source, np.memmap) and source.filename is not None:  # (a copy of a memmap has no file)
         if not isinstance(source.base, mmap.mmap):
@@ -208,6 +210,8 @@ def _opener_of(source):
                             "process only, and the tasks read the file. Map it with mode 'r' "
                             "(numpy.load(path, mmap_mode='r')), or pass numpy.array(source) to denoise its "
                             "values in memory")
+        if source.mode in ("r+", "w+"):  # the same for a writable map's pages (another machine reads the file)
+            source.flush()
         order = "F" if source.flags.f_contiguous and not source.flags.c_contiguous else "C"
         return Opener("memmap", source.filename, source.shape, source.dtype, offset=source.offset, order=order)
     return None

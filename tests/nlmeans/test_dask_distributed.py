@@ -148,6 +148,26 @@ def test_store_route_with_h5py_dataset_on_a_worker(scheduler, tmp_path, monkeypa
                                                          search_size=5))
 
 
+def test_store_route_reads_what_a_file_open_for_writing_holds(tmp_path, monkeypatch):
+    """A dataset written in a file still open for writing: the worker process opens the file by name, and what HDF5
+    held in this process's cache was not in it. With file locking off (HDF5_USE_FILE_LOCKING=FALSE, common on
+    cluster file systems) the worker read the zeros written first and the run denoised them, without an error."""
+    h5py = pytest.importorskip("h5py")
+    monkeypatch.setenv("HDF5_USE_FILE_LOCKING", "FALSE")  # before the worker starts: it inherits the setting
+    monkeypatch.chdir(tmp_path)
+    volume = _volume(seed=6).astype(np.float32) / 255
+    options = dict(sigma=0.04, patch_size=3, search_size=5)
+    with h5py.File("in.h5", "w") as f, distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                                                                dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client:
+        dataset = f.create_dataset("volume", data=np.zeros_like(volume), chunks=(6, 20, 18))
+        f.flush()
+        dataset[...] = volume  # after the last flush: in this process's HDF5 cache
+        lazy = nlref.nl_means_store(dataset, chunks=(6, 20, 18), **options)
+        result = client.compute(lazy).result()
+    np.testing.assert_array_equal(result, nlref.nl_means(volume, workers=1, **options))
+
+
 def test_cluster_example_streams_into_a_store(scheduler, tmp_path, monkeypatch, capsys):
     """examples/dask_cluster.py on the cluster: the result goes into --out (relative), equal to nl_means in memory."""
     import importlib.util
