@@ -198,6 +198,11 @@ def _opener_of(source):
 
         if not isinstance(source, h5py.Dataset):  # a view that converts on read (dataset.astype, .fields):
             return None                           # an array-like, placed in the graph
+        if source.file.driver == "core":
+            raise TypeError("source is a dataset of an HDF5 file held in memory (driver 'core'): the tasks open the "
+                            "file by name, and would find none or one they cannot open while this process holds it. "
+                            "Pass numpy.array(source) to denoise its values in memory, or close the file and "
+                            "open it from disk")
         if source.file.mode != "r":  # the tasks open the file by name: what HDF5 still caches here must be in it
             source.file.flush()
         return Opener("hdf5", source.file.filename, source.shape, source.dtype, key=source.name, chunks=source.chunks)

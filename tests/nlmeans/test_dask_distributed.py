@@ -158,7 +158,7 @@ def test_store_route_reads_what_a_file_open_for_writing_holds(tmp_path, monkeypa
     volume = _volume(seed=6).astype(np.float32) / 255
     options = dict(sigma=0.04, patch_size=3, search_size=5)
     with h5py.File("in.h5", "w") as f, distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
-                                                                dashboard_address=None) as cluster, \
+                                                                dashboard_address=":0") as cluster, \
             distributed.Client(cluster) as client:
         dataset = f.create_dataset("volume", data=np.zeros_like(volume), chunks=(6, 20, 18))
         f.flush()

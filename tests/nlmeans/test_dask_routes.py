@@ -150,6 +150,17 @@ def test_hdf5_view_that_converts_on_read(tmp_path, synchronous):
     np.testing.assert_array_equal(result, nlref.nl_means(image.astype(np.float32), workers=1, **kwargs))
 
 
+def test_hdf5_file_held_in_memory_is_refused_naming_why(tmp_path):
+    """A dataset of an in-memory HDF5 file (driver "core", no backing store) was refused as "does not exist on this
+    machine (every worker of a cluster must see it at this path)", which sent the user looking for a path."""
+    h5py = pytest.importorskip("h5py")
+    for backing_store in (False, True):  # with one, the file is written only when closed, and locked until then
+        with h5py.File(tmp_path / f"{backing_store}.h5", "w", driver="core", backing_store=backing_store) as f:
+            dataset = f.create_dataset("v", data=_noisy((20, 26)))
+            with pytest.raises(TypeError, match=r"held in memory \(driver 'core'\).*numpy.array\(source\)"):
+                nlref.nl_means_store(dataset, chunks=8, patch_size=3, search_size=5)
+
+
 # ---- every dtype: the same estimate and the same result on both routes ----
 
 
