@@ -445,8 +445,12 @@ def test_peer_options_gradcheck(dims, options):
 
 @needs_torch
 @pytest.mark.parametrize("dims,kernel,stride", [(1, (3,), (2,)), (2, (3, 2), (1, 2)), (3, (1, 3, 3), (1, 2, 2)),
-                                                (3, (2, 2, 2), (2, 2, 2))])
-def test_pool_kernel_and_stride_match_torch(dims, kernel, stride):
+                                                (3, (2, 2, 2), (2, 2, 2)),
+                                                # stride == kernel takes the windowed pool: non-square kernels
+                                                (2, (3, 2), (3, 2)), (3, (1, 2, 3), (1, 2, 3))])
+@pytest.mark.parametrize("engine", ["auto", "numpy"])  # the windowed pool runs in Numba where it is installed
+def test_pool_kernel_and_stride_match_torch(dims, kernel, stride, engine, monkeypatch):
+    monkeypatch.setenv("NLREF_NN_ENGINE", engine)
     block = NonLocalBlock(4, dims=dims, pool_kernel=kernel, pool_stride=stride, dtype="float64")
     x = np.random.default_rng(1).standard_normal((2, 4) + (7,) * dims)
     out, cache = block._pool(x)
