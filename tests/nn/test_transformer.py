@@ -20,8 +20,13 @@ SMALL = dict(frames=4, size=8, in_channels=2, num_classes=3, tubelet=(2, 4, 4), 
              mlp_dim=10)
 
 
-def _clips(b=2, seed=0, xp=np, dtype="float64", device=None):
-    x = np.random.default_rng(seed).standard_normal((b, 2, 4, 8, 8))
+# SMALL's token grid is 2 x 2 x 2 and its tubelet 4 x 4 in space, where mixing up time, rows and columns in
+# the tubelet reshapes changes nothing; the twin runs on a clip whose grid (3, 4, 2) and tubelet (3, 2, 4) differ
+TWIN = dict(SMALL, frames=9, tubelet=(3, 2, 4))
+
+
+def _clips(b=2, seed=0, xp=np, dtype="float64", device=None, frames=4):
+    x = np.random.default_rng(seed).standard_normal((b, 2, frames, 8, 8))
     return B.asarray(x, xp=xp, dtype=getattr(B.compat_namespace(xp), dtype), device=device)
 
 
@@ -73,10 +78,11 @@ class TorchTwin(torch.nn.Module):
 
 @pytest.mark.parametrize("pool", ["mean", "cls"])
 def test_transformer_matches_torch_twin(pool):
-    net = _perturb(VideoTransformer(**SMALL, pool=pool, dtype="float64", seed=3))
+    net = _perturb(VideoTransformer(**TWIN, pool=pool, dtype="float64", seed=3))
     twin = TorchTwin(net)
-    x = _clips(3)
-    labels = np.array([0, 2, 1])
+    assert net.grid == (3, 4, 2)
+    x = _clips(4, frames=9)  # 4 clips: not the 3 heads
+    labels = np.array([0, 2, 1, 2])
     logits = net.forward(x)
     loss, cache = F.softmax_cross_entropy_forward(logits, labels)
     dx = net.backward(F.softmax_cross_entropy_backward(1.0, cache))
