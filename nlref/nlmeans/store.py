@@ -222,12 +222,6 @@ def _opener_of(source):
     return None
 
 
-def _is_lazy(source):
-    """Whether ``source`` is a Dask collection (a Dask array, or an xarray object backed by one)."""
-    graph = getattr(source, "__dask_graph__", None)
-    return callable(graph) and graph() is not None
-
-
 def as_source(source):
     """What the tasks read: an :class:`Opener` where ``source`` is a file (see :class:`Opener`), else ``source``.
 
@@ -239,7 +233,9 @@ def as_source(source):
     """
     if isinstance(source, Opener):
         return source
-    if _is_lazy(source):
+    from dask import is_dask_collection  # a Dask array, or an xarray object backed by one
+
+    if is_dask_collection(source):
         raise TypeError(f"source is a lazy {type(source).__name__} (a Dask collection): the store route would "
                         f"compute it whole in one task, for every pass. Denoise it chunk by chunk with "
                         f"nlref.nl_means(source, ...), or pass the array in its store (zarr.Array, h5py.Dataset, "
