@@ -48,7 +48,8 @@ from .data.pairs2d import PairImages, pair_splits
 from .data.sprites import GLYPHS, RELATIONS, SpriteClips, sprite_clips, sprite_splits
 from .nn import functional as F
 from .nn.models import EXTENTS, MODELS, STAGES, ImageResNet, VideoNet, VideoTransformer, nonlocal_slots
-from .nn.nonlocal_op import MODES, SOFTMAX_MODES
+from .nn.block import check_options as check_block_options
+from .nn.nonlocal_op import MODES
 from .nn.optim import SGD, Adam, StepSchedule
 
 __all__ = ["TrainConfig", "train", "load_checkpoint", "evaluate", "build_model", "build_data", "CheckpointError",
@@ -160,8 +161,6 @@ class TrainConfig:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("sub_sample", "bn_layer", "scale"):
             B.check_flag(name, getattr(self, name))
-        if self.pool == "before" and not self.sub_sample:   # the block refuses it too, but only once built
-            raise ValueError("pool 'before' places the subsampling, and sub_sample turns it off: leave one of them out")
 
         def is_int(value):
             return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
@@ -204,10 +203,9 @@ class TrainConfig:
                 nonlocal_slots(self.nonlocal_blocks, stage=self.stage, blocks=tuple(self.blocks))
             except ValueError as err:
                 raise ValueError(f"nonlocal_blocks: {err}") from None
-        builds_blocks = self.nonlocal_blocks > 0 and (self.task == "pairs2d" or self.model != "transformer")
-        if self.scale and builds_blocks and self.mode not in SOFTMAX_MODES:  # the block refused it once built
-            raise ValueError(f"scale applies to the softmax modes {SOFTMAX_MODES}, not mode {self.mode!r}: leave "
-                             "scale out, or choose one of those modes")
+        if self.nonlocal_blocks > 0 and (self.task == "pairs2d" or self.model != "transformer"):
+            # the blocks' own check, before the network is built (a refusal there was an internal error of nlref)
+            check_block_options(mode=self.mode, sub_sample=self.sub_sample, scale=self.scale, pool=self.pool)
         if not is_number(self.lr) or self.lr <= 0:
             raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
         if not is_number(self.weight_decay) or self.weight_decay < 0:

@@ -62,6 +62,20 @@ def _scale_option(value):
     raise ValueError(f"scale must be True, False or a positive finite number, got {value!r}")
 
 
+def check_options(*, mode, sub_sample, scale, pool):
+    """Refuse block options that contradict each other; ``nlref.train.TrainConfig`` asks before any block is built.
+
+    The messages name the arguments without ``=`` so that a command line can put its flags in
+    their place (``nlref train``'s ``--scale``, ``--no-sub-sample``).
+    """
+    if scale is not False and mode not in SOFTMAX_MODES:
+        shown = "" if scale is True else f" {scale!r}"
+        raise ValueError(f"scale{shown} applies to the softmax modes {SOFTMAX_MODES}, not mode {mode!r}: leave scale "
+                         "out, or choose one of those modes")
+    if not sub_sample and pool != "after":  # "after", the default, is what a block without subsampling says
+        raise ValueError(f"pool {pool!r} places the subsampling, and sub_sample turns it off: leave one of them out")
+
+
 def _kernel_option(name, value, dims):
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         value = (value,) * dims
@@ -171,13 +185,9 @@ class NonLocalBlock:
         self.sub_sample = B.check_flag("sub_sample", sub_sample)
         self.bn_layer = B.check_flag("bn_layer", bn_layer)
         self.scale = _scale_option(scale)
-        if self.scale is not False and mode not in SOFTMAX_MODES:
-            raise ValueError(f"scale={scale!r} applies to the softmax modes {SOFTMAX_MODES}, not mode={mode!r}")
         if pool not in POOLS:
             raise ValueError(f"pool must be 'after', 'before' or 'flattened', got {pool!r}")
-        if not self.sub_sample and pool != "after":  # "after", the default, is what a block without subsampling says
-            raise ValueError(f"pool={pool!r} places the subsampling, but sub_sample=False pools nothing; set "
-                             "sub_sample=True or leave pool= out")
+        check_options(mode=mode, sub_sample=self.sub_sample, scale=self.scale, pool=pool)
         self.pool = pool
         if not self.sub_sample and (pool_kernel is not None or pool_stride is not None):
             raise ValueError(f"pool_kernel={pool_kernel!r} and pool_stride={pool_stride!r} need sub_sample=True")

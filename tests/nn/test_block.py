@@ -272,12 +272,12 @@ def test_top_level_exports():
     (dict(inter_channels=0), "inter_channels must be an int >= 1"),
     (dict(dims=4), "dims must be 1, 2 or 3"),
     (dict(chunk_size=0), "chunk_size must be an int >= 1"),
-    (dict(mode="dot_product", scale=True), "scale=True applies to the softmax modes"),
+    (dict(mode="dot_product", scale=True), "scale applies to the softmax modes .* not mode 'dot_product'"),
     (dict(dtype="float16"), "dtype must be 'float32' or 'float64'"),
     (dict(sub_sample="yes"), "sub_sample must be True or False"),
     (dict(scale=-1.0), "scale must be True, False or a positive finite number"),
     (dict(scale="yes"), "scale must be True, False or a positive finite number"),
-    (dict(mode="concatenation", scale=0.5), "scale=0.5 applies to the softmax modes"),
+    (dict(mode="concatenation", scale=0.5), "scale 0.5 applies to the softmax modes"),
     (dict(pool_kernel=(2, 2, 2)), r"pool_kernel must be an int or a tuple of 2 ints"),
     (dict(pool_stride=(0, 1)), "pool_stride must be an int >= 1"),
     (dict(sub_sample=False, pool_kernel=2), "need sub_sample=True"),
@@ -295,8 +295,8 @@ def test_a_pool_placement_without_subsampling_is_refused(pool):
     """NonLocalBlock(4, sub_sample=False, pool="before") was a block that pooled nothing, its repr saying
     pool='before' (and the Caffe2 placement for the layouts' checks); now an error naming both arguments.
     pool="after" is what a block without subsampling says, so it stays accepted."""
-    with pytest.raises(ValueError, match=f"pool='{pool}' places the subsampling, but sub_sample=False pools "
-                                         "nothing; set sub_sample=True or leave pool= out"):
+    with pytest.raises(ValueError, match=f"pool '{pool}' places the subsampling, and sub_sample turns it off: "
+                                         "leave one of them out"):
         NonLocalBlock(4, sub_sample=False, pool=pool)
     assert NonLocalBlock(4, sub_sample=False, pool="after").pool == NonLocalBlock(4, sub_sample=False).pool == "after"
 

@@ -487,7 +487,7 @@ def test_bad_state_dict_raises_and_leaves_the_net_unchanged():
     (dict(nonlocal_options={"sub_sampling": False}), r"nonlocal_options may hold .*unknown \['sub_sampling'\]"),
     (dict(nonlocal_options={"mode": "gaussian"}), r"unknown \['mode'\]"),
     (dict(nonlocal_blocks=1, nonlocal_options={"sub_sample": "yes"}), "sub_sample must be True or False"),
-    (dict(nonlocal_blocks=1, mode="dot_product", nonlocal_options={"scale": True}), "scale=True applies to"),
+    (dict(nonlocal_blocks=1, mode="dot_product", nonlocal_options={"scale": True}), "scale applies to the softmax modes"),
 ])
 def test_constructor_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
