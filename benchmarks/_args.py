@@ -1,8 +1,10 @@
 """Argument types for the benchmark scripts: a bad value is refused by argparse, before any work.
 
 Each is given to ``parser.add_argument(..., type=...)``; argparse then prints
-``argument --blocks: must be a whole number >= 1, got '0'`` and exits with status 2,
-so a typo never costs minutes of measurements (or a 2 GB store) before a traceback.
+``argument --blocks: 0 is not a whole number >= 1`` and exits with status 2, so a typo
+never costs minutes of measurements (or a 2 GB store) before a traceback. They are the
+commands' own argument type (``nlref.cli._common``) with the benchmarks' rules; seeds take
+the commands' ``seed_arg``.
 """
 
 from __future__ import annotations
@@ -11,45 +13,30 @@ import argparse
 import math
 from pathlib import Path
 
+from nlref.cli._common import _argument, seed_arg
+
+__all__ = ["whole", "wholes", "positive", "seed_arg", "figure_path"]
+
 
 def whole(minimum=1, *, odd=False):
     """An int at least ``minimum`` (and odd, if asked)."""
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < minimum or (odd and value % 2 == 0):
-            raise argparse.ArgumentTypeError(f"must be {'an odd' if odd else 'a'} whole number >= {minimum}, "
-                                             f"got {text!r}")
-        return value
-    return parse
+    what = f"{'an odd' if odd else 'a'} whole number >= {minimum}"
+    return lambda text: _argument(text, int, "a whole number", lambda v: v >= minimum and (v % 2 or not odd),
+                                  f"is not {what}")
 
 
 def wholes(minimum=1, *, count=None):
     """A comma-separated list of ints, each at least ``minimum`` (``count`` of them, if given)."""
-    def parse(text):
-        try:
-            values = [int(part) for part in text.split(",")]
-        except ValueError:
-            values = []
-        if not values or min(values) < minimum or (count is not None and len(values) != count):
-            size = f"{count} " if count is not None else ""
-            raise argparse.ArgumentTypeError(f"must be {size}whole numbers >= {minimum} separated by commas, "
-                                             f"e.g. {','.join([str(max(minimum, 64))] * (count or 2))}; got {text!r}")
-        return values
-    return parse
+    what = f"a list of {f'{count} ' if count else ''}whole numbers >= {minimum} separated by commas"
+    example = ",".join([str(max(minimum, 64))] * (count or 2))
+    return lambda text: _argument(text, lambda t: [int(part) for part in t.split(",")], f"{what}, e.g. {example}",
+                                  lambda v: min(v) >= minimum and len(v) == (count or len(v)),
+                                  f"is not {what}, e.g. {example}")
 
 
 def positive(text):
     """A finite float above 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text!r}")
-    return value
+    return _argument(text, float, "a number", lambda v: math.isfinite(v) and v > 0, "is not a number above 0")
 
 
 def figure_path(text):
@@ -61,8 +48,8 @@ def figure_path(text):
     path = Path(text)
     formats = FigureCanvasAgg.get_supported_filetypes()
     if path.suffix.lstrip(".").lower() not in formats:
-        raise argparse.ArgumentTypeError(f"must end in a figure format ({', '.join('.' + f for f in sorted(formats))}), "
-                                         f"got {text!r}")
+        suffixes = ", ".join("." + f for f in sorted(formats))
+        raise argparse.ArgumentTypeError(f"must end in a figure format ({suffixes}), got {text!r}")
     if not path.parent.is_dir():
         raise argparse.ArgumentTypeError(f"{str(path.parent)!r} is not an existing folder (from {text!r})")
     return path

@@ -66,7 +66,7 @@ from skimage.metrics import structural_similarity
 from skimage.restoration import denoise_nl_means
 
 import nlref
-from _args import figure_path, whole
+from _args import figure_path, seed_arg, whole
 from ceiling import copy_gbs, median_seconds
 from nlref._files import replaced_atomically
 
@@ -773,7 +773,7 @@ def main(argv=None):
                         help="small crops, one run, tiny sweeps: a smoke test in well under 30 s")
     parser.add_argument("--repeats", type=whole(1), default=5,
                         help="timed runs in the speed section (median, after 1 warm-up; default 5)")
-    parser.add_argument("--seed", type=whole(0), default=0, help="noise seed (default 0)")
+    parser.add_argument("--seed", type=seed_arg, default=0, help="noise seed (default 0)")
     parser.add_argument("--plot", metavar="PATH", type=figure_path,
                         help="run only the size sweep and save its log-log figure to PATH (a .png)")
     parser.add_argument("--speed-only", action="store_true",

@@ -24,7 +24,7 @@ import numpy as np
 from skimage import data
 
 import nlref
-from _args import whole
+from _args import seed_arg, whole
 from nlref.nlmeans import presets
 
 GREY = {"camera": data.camera, "moon": data.moon, "coins": data.coins, "brick": data.brick}
@@ -108,7 +108,7 @@ def calibrate_3d(args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=whole(MIN_CROP), default=256, help="central crop size (default 256)")
-    parser.add_argument("--seed", type=whole(0), default=0)
+    parser.add_argument("--seed", type=seed_arg, default=0)
     parser.add_argument("--part", choices=("2d", "3d", "all"), default="all")
     args = parser.parse_args()
     smallest = min(min(load().shape[:2]) for load in (*GREY.values(), *COLOUR.values()))

@@ -26,25 +26,28 @@ def _run(script, *args, cwd, timeout=120):
 
 
 @pytest.mark.parametrize("script,args,message", [
-    ("bench_train.py", ["--blocks", "0"], r"argument --blocks: must be a whole number >= 1, got '0'"),
-    ("bench_train.py", ["--steps", "-1"], r"argument --steps: must be a whole number >= 1"),
-    ("bench_train.py", ["--batch-size", "0"], r"argument --batch-size: must be a whole number >= 1"),
-    ("bench_train.py", ["--threads", "two"], r"argument --threads: must be a whole number >= 1, got 'two'"),
-    ("bench_block.py", ["--repeats", "0"], r"argument --repeats: must be a whole number >= 1"),
+    ("bench_train.py", ["--blocks", "0"], r"argument --blocks: 0 is not a whole number >= 1"),
+    ("bench_train.py", ["--steps", "-1"], r"argument --steps: -1 is not a whole number >= 1"),
+    ("bench_train.py", ["--batch-size", "0"], r"argument --batch-size: 0 is not a whole number >= 1"),
+    ("bench_train.py", ["--threads", "two"], r"argument --threads: 'two' is not a whole number"),
+    ("bench_block.py", ["--repeats", "0"], r"argument --repeats: 0 is not a whole number >= 1"),
     ("bench_block.py", ["--plot", "/nonexistent-folder/m.png"], r"argument --plot: '/nonexistent-folder' is not an"),
     ("bench_block.py", ["--plot", "memory.xyz"], r"argument --plot: must end in a figure format \(.*\.png"),
     ("bench_nlmeans.py", ["--plot", "/nonexistent-folder/t.png"], r"argument --plot: '/nonexistent-folder' is not"),
-    ("bench_nlmeans.py", ["--repeats", "0"], r"argument --repeats: must be a whole number >= 1"),
-    ("bench_nlmeans.py", ["--seed", "-3"], r"argument --seed: must be a whole number >= 0"),
-    ("bench_fused.py", ["--rounds", "0"], r"argument --rounds: must be a whole number >= 1"),
+    ("bench_nlmeans.py", ["--repeats", "0"], r"argument --repeats: 0 is not a whole number >= 1"),
+    ("bench_nlmeans.py", ["--seed", "-3"], r"argument --seed: -3 is negative; a seed is an int >= 0"),
+    ("bench_fused.py", ["--rounds", "0"], r"argument --rounds: 0 is not a whole number >= 1"),
     ("calibrate_presets.py", ["--size", "100000"], r"--size must be at most 300, the smallest image's side"),
-    ("calibrate_presets.py", ["--size", "3"], r"argument --size: must be a whole number >= 35"),
-    ("bench_dask.py", ["--workers", "0"], r"argument --workers: must be whole numbers >= 1 separated by commas"),
-    ("bench_dask.py", ["--chunks", "abc"], r"argument --chunks: must be whole numbers >= 1"),
-    ("bench_dask.py", ["--piece", "1,2"], r"argument --piece: must be 3 whole numbers >= 1"),
-    ("bench_dask.py", ["--repeats", "0"], r"argument --repeats: must be a whole number >= 1"),
-    ("bench_dask.py", ["--size-gb", "-1"], r"argument --size-gb: must be a number above 0"),
-    ("bench_dask.py", ["--patch", "4"], r"argument --patch: must be an odd whole number >= 1"),
+    ("calibrate_presets.py", ["--size", "3"], r"argument --size: 3 is not a whole number >= 35"),
+    ("bench_dask.py", ["--workers", "0"], r"argument --workers: 0 is not a list of whole numbers >= 1 separated by "
+                                          r"commas"),
+    ("bench_dask.py", ["--chunks", "abc"], r"argument --chunks: 'abc' is not a list of whole numbers >= 1 separated "
+                                           r"by commas, e.g. 64,64"),
+    ("bench_dask.py", ["--piece", "1,2"], r"argument --piece: 1,2 is not a list of 3 whole numbers >= 1 separated "
+                                          r"by commas, e.g. 64,64,64"),
+    ("bench_dask.py", ["--repeats", "0"], r"argument --repeats: 0 is not a whole number >= 1"),
+    ("bench_dask.py", ["--size-gb", "-1"], r"argument --size-gb: -1 is not a number above 0"),
+    ("bench_dask.py", ["--patch", "4"], r"argument --patch: 4 is not an odd whole number >= 1"),
     ("bench_dask.py", ["--piece", "32,256,2048"], r"--piece 32,256,2048 does not fit in the volume"),
     ("bench_dask.py", ["--size-gb", "1e6"], r"--dir '.*' has .* GB free; the input and output stores"),
 ])
