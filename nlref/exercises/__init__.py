@@ -52,10 +52,10 @@ def rel_error(a, b) -> float:
     return float(np.max(np.abs(a - b) / np.maximum(np.abs(a) + np.abs(b), 1e-300)))
 
 
-def not_answered(name: str, answer) -> bool:
-    """True (and one line printed) while ``answer`` is still the placeholder ``None``."""
+def not_answered(name: str, answer, *, todo: str = "replace None by your answer") -> bool:
+    """True (and one line printed, saying what is ``todo``) while ``answer`` is still the placeholder ``None``."""
     if answer is None:
-        print(f"{name}: not answered yet (replace None by your answer and run the cell again)")
+        print(f"{name}: not answered yet ({todo} and run the cell again)")
         return True
     return False
 

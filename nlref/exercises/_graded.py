@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _report
+from . import _report, not_answered
 from ._student import RETURNED_NONE, fresh
 
 __all__ = ["LEVELS", "attempt", "compare", "numerical_gradient", "verdict"]
@@ -108,7 +108,7 @@ def verdict(name, run):
     try:
         ok = bool(run())
     except Unanswered:
-        print(f"{name}: not answered yet (write the function, then run the cell again)")
+        not_answered(name, None, todo="write the function")
         return None
     except Wrong as why:
         return _report(name, False, str(why))

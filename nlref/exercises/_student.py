@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 
-from . import _report
+from . import _report, not_answered
 
 #: What a check says of a function that returned None: most often a missing ``return``.
 RETURNED_NONE = "your function returned None (is its return statement missing?)"
@@ -33,7 +33,7 @@ def call(name, func, *args, **kwargs):
     try:
         result = func(*fresh(args), **fresh(kwargs))
     except NotImplementedError:  # there is no None to replace: the body is still to write
-        print(f"{name}: not answered yet (write the function, then run the cell again)")
+        not_answered(name, None, todo="write the function")
         return None, None
     except Exception as err:  # the student's code may fail in any way; say how
         _report(name, False, f"your function raised {type(err).__name__}: {err}")
