@@ -308,12 +308,17 @@ class NonLocalBlock:
             raise ValueError(f"x has {x.shape[1]} channels (axis 1); the block expects in_channels={self.in_channels}")
         if x.shape[0] < 1 or math.prod(x.shape[2:]) < 1:
             raise ValueError(f"x must hold at least one sample and one position, got shape {tuple(x.shape)}")
-        if self.sub_sample and self.pool == "flattened" and math.prod(x.shape[2:]) < self.kernel[0]:
-            raise ValueError(f"x has {math.prod(x.shape[2:])} positions, fewer than pool_kernel={self.kernel[0]} "
-                             "(pool='flattened'); use sub_sample=False or a larger input")
-        if self.sub_sample and self.pool != "flattened" and any(n < k for n, k in zip(x.shape[2:], self.kernel)):
-            raise ValueError(f"x's spatial shape {tuple(x.shape[2:])} is smaller than the sub-sampling kernel "
-                             f"{self.kernel}; use sub_sample=False or a larger input")
+        problem = self._too_small(tuple(x.shape[2:]))
+        if problem:
+            raise ValueError(f"x {problem}; use sub_sample=False or a larger input")
+
+    def _too_small(self, spatial):
+        """Why positions of shape ``spatial`` are too few to subsample, or None when they are not."""
+        if self.sub_sample and self.pool == "flattened" and math.prod(spatial) < self.kernel[0]:
+            return f"has {math.prod(spatial)} positions, fewer than pool_kernel={self.kernel[0]} (pool='flattened')"
+        if self.sub_sample and self.pool != "flattened" and any(n < k for n, k in zip(spatial, self.kernel)):
+            return f"has spatial shape {spatial}, smaller than the sub-sampling kernel {self.kernel}"
+        return None
 
     def _check_device(self, name, a):
         B.check_on_device(a, next(iter(self.params.values())), name=name, owner="block")

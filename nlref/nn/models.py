@@ -223,6 +223,14 @@ class NonLocal(Layer):
             return xp.permute_dims(xp.reshape(y, (b, h, w, c, t)), (0, 3, 4, 1, 2))
         return y
 
+    def positions(self, size):
+        """The spatial shape the block sees for (T, H, W) maps: (T, H, W), a frame's (H, W), or (T,)."""
+        return tuple({"spacetime": size, "space": size[1:], "time": size[:1]}[self.extent])
+
+    def too_small(self, size):
+        """Why (T, H, W) maps are too small for this block's subsampling (a str), or None when they are not."""
+        return self.block._too_small(self.positions(size))
+
     def forward(self, x, *, return_attention=False):
         self.block.training = self.training
         channels_last = engine.stored_channels_last(x)
@@ -235,6 +243,14 @@ class NonLocal(Layer):
     def backward(self, dout):
         shape, channels_last = self._pop_cache()
         return _store_like(self._unfold(self.block.backward(self._fold(_contiguous(dout))), shape), channels_last)
+
+
+def _conv_size(size, conv):
+    """(T, H, W) after ``conv``: ``(n + 2 p - k) // s + 1`` per axis."""
+    def triple(v):
+        return (int(v),) * 3 if isinstance(v, (int, np.integer)) else tuple(int(u) for u in v)
+    kernel = conv.params["weight"].shape[2:]
+    return tuple((n + 2 * p - k) // s + 1 for n, k, s, p in zip(size, kernel, triple(conv.stride), triple(conv.padding)))
 
 
 def _contiguous(x):
@@ -484,7 +500,32 @@ class VideoNet:
         if min(x.shape) < 1:
             raise ValueError(f"x must hold at least one clip of at least one frame of 1 x 1 pixels, got shape "
                              f"{tuple(x.shape)}")
+        self._check_size(tuple(x.shape[2:]))
         return _like_network(self, x, "x", self.stem.conv.params["weight"])
+
+    def _block_inputs(self, size):
+        """(name, non-local layer, (T, H, W) of the maps it gets) for input frames of (T, H, W) ``size``."""
+        for name, layer in self.layers[:-1]:
+            if isinstance(layer, NonLocal):
+                yield name, layer, size
+            elif isinstance(layer, ConvBN):
+                size = _conv_size(size, layer.conv)
+            elif isinstance(layer, ResidualBlock):
+                size = _conv_size(_conv_size(size, layer.unit1.conv), layer.unit2.conv)
+
+    def _check_size(self, size):
+        """Refuse, before any work, input too small for a non-local block's subsampling, in the input's terms."""
+        for name, layer, maps in self._block_inputs(size):
+            if layer.too_small(maps):
+                t, h, w = size
+                smallest = next((n for n in range(1, 4097)
+                                 if all(not nl.too_small(m) for _, nl, m in self._block_inputs((t, n, n)))), None)
+                frames = f"{t} frame(s) of {h}x{w} pixels" if type(self) is VideoNet else f"{h}x{w} pixels"
+                takes = f" (its smallest square input is {smallest}x{smallest} pixels)" if smallest else ""
+                raise ValueError(f"x of {frames} is too small for this network{takes}: its non-local block {name!r} "
+                                 f"would get {'x'.join(map(str, layer.positions(maps)))} positions, too few for its "
+                                 f"sub-sampling kernel {layer.block.kernel}; use larger "
+                                 "input or nonlocal_options={'sub_sample': False}")
 
     def forward(self, x, *, dropout_seed=None, return_attention=False):
         """Logits for a batch of clips.

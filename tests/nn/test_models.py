@@ -531,7 +531,7 @@ def test_forward_backward_errors():
         net.forward(xs.zeros(X_SHAPE, dtype=xs.float64))
     with pytest.raises(TypeError, match="x must be an array"):
         net.forward(np.zeros(X_SHAPE).tolist())
-    with pytest.raises(ValueError, match="smaller than the sub-sampling kernel"):
+    with pytest.raises(ValueError, match="too few for its sub-sampling kernel"):
         net.forward(np.zeros((3, 1, 4, 4, 4)))  # res3 at 1x1: too small to pool
     stem_calls = []
     real_stem = net.stem.forward
@@ -603,3 +603,28 @@ def test_return_attention():
     # space: one map per frame, (B*T, H*W, H*W/4): res3 at 3x3 pools to 1x1, res4 at 2x2 to 1x1
     assert attention["res3.nl1"].shape == (12, 9, 1)
     np.testing.assert_array_equal(logits, net.forward(_x()))
+
+
+@pytest.mark.parametrize("extent, options, stage, smallest, size", [
+    ("spacetime", {}, "res3", 5, (4, 9)),                  # res3's maps are a quarter of the frames, rounded up
+    ("space", {"pool": "flattened"}, "res3", 5, (4, 4)),   # one frame's 1x1 map: 1 position for a kernel of 2
+    ("spacetime", {"pool": "after"}, "res4", 9, (12, 8)),  # res4's maps are an eighth
+])
+def test_input_too_small_for_a_block_is_refused_in_the_input_terms_before_any_work(extent, options, stage,
+                                                                                    smallest, size):
+    """The error names the input's size and the smallest square size the network takes, not the block's maps."""
+    net = _net(nonlocal_blocks=1, stage=stage, extent=extent, nonlocal_options=options)
+    stem_calls = []
+    real_stem = net.stem.forward
+    net.stem.forward = lambda h: stem_calls.append(h.shape) or real_stem(h)
+    too_small = (2, 1, 3) + size
+    message = (rf"x of 3 frame\(s\) of {size[0]}x{size[1]} pixels is too small for this network \(its smallest "
+               rf"square input is {smallest}x{smallest} pixels\): its non-local block '{stage}\.nl\d' would get ")
+    with pytest.raises(ValueError, match=message):
+        net.forward(_x(shape=too_small))
+    assert stem_calls == []  # refused before the first layer ran
+    assert net.forward(_x(shape=(2, 1, 3, smallest, smallest))).shape == (2, 2)  # the size it names works
+    with pytest.raises(ValueError, match="too small for this network"):
+        net.forward(_x(shape=(2, 1, 3, smallest - 1, smallest - 1)))  # and is the smallest
+    free = _net(nonlocal_blocks=1, stage=stage, extent=extent, nonlocal_options={"sub_sample": False})
+    assert free.forward(_x(shape=too_small)).shape == (2, 2)  # the way out it names works too

@@ -118,3 +118,11 @@ def test_same_logits_and_gradients_on_every_cpu_library(xp_cpu):
     np.testing.assert_allclose(B.to_numpy(dx), dx_ref, rtol=1e-10, atol=1e-12)
     for key, value in ref.grads.items():
         np.testing.assert_allclose(B.to_numpy(net.grads[key]), value, rtol=1e-10, atol=1e-12, err_msg=key)
+
+
+def test_an_image_too_small_for_the_block_is_refused_in_its_own_terms():
+    net = ImageResNet(nonlocal_blocks=1, width=4, blocks=1, dtype="float64", seed=3)
+    with pytest.raises(ValueError, match=r"x of 1x5 pixels is too small for this network \(its smallest square input is "
+                                         r"2x2 pixels\): its non-local block 'res2\.nl0' would get 1x5 positions"):
+        net.forward(np.zeros((2, 1, 1, 5)))
+    assert net.forward(np.zeros((2, 1, 2, 2))).shape == (2, 2)
