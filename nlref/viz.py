@@ -65,7 +65,8 @@ def image_grid(images, titles=None, *, ncols=None, size=3.0, cmap="gray", limits
     colorbars : list of str or None, optional
         Per image: the label of a colour bar to draw beside it, or None for none.
     title : str, optional
-        A title over the whole grid.
+        A title over the whole grid (default, when no ``titles`` are given either: the
+        number of images, so that no figure goes untitled; ``""`` for none).
 
     Returns
     -------
@@ -87,6 +88,8 @@ def image_grid(images, titles=None, *, ncols=None, size=3.0, cmap="gray", limits
     if ncols is not None and (isinstance(ncols, bool) or not isinstance(ncols, numbers.Integral) or ncols < 1):
         raise ValueError(f"ncols must be a positive int (images per row) or None, got {ncols!r}")
     size = _positive("size", size)
+    if title is None and titles is None:
+        title = f"{len(images)} image{'s' * (len(images) != 1)}, one per panel"
     ncols = min(int(ncols or len(images)), len(images))
     nrows = -(-len(images) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols + 0.6 * bool(colorbars), size * nrows + 0.3 * bool(title)),

@@ -299,3 +299,14 @@ def test_negative_weights_are_drawn_on_a_scale_centred_on_zero():
     norms = {(im.norm.vmin, im.norm.vmax) for ax in fig.axes for im in ax.images if im.get_cmap().name == "RdBu_r"}
     assert norms == {(-0.25, 0.25)}
     plt.close("all")
+
+
+def test_image_grid_is_never_untitled():
+    import matplotlib.pyplot as plt
+
+    img = nlref.data.camera()[:16, :16]
+    assert nlref.viz.image_grid([img, img])._suptitle.get_text() == "2 images, one per panel"
+    assert nlref.viz.image_grid([img], title="")._suptitle is None                # asked for none
+    assert nlref.viz.image_grid([img], ["clean"])._suptitle is None              # its panel is titled
+    assert nlref.viz.image_grid([img], title="mine")._suptitle.get_text() == "mine"
+    plt.close("all")
