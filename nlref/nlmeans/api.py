@@ -110,7 +110,9 @@ def nl_means(image: Array, *, sigma: float | None = None, h: float | None = None
         the preset table.
     patch_size, search_size : int or tuple of int, optional
         Full odd widths (``7`` is a 7x7 patch; ``(5, 21, 21)`` is 5 frames by
-        21x21 pixels). Default from the preset table.
+        21x21 pixels). Default from the preset table. A patch is at most as wide as
+        the image; a search window has at most as many offsets as one ``2 n - 1`` wide
+        along each axis of ``n`` samples, which reaches every sample from every sample.
     channel_axis : int, optional
         Axis of the channels; patch distances average over channels.
     aggregation : {"pixel", "patch"}

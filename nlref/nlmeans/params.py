@@ -84,6 +84,25 @@ def default_data_range(xp, image, peak=None):
     return 1.0 if peak <= 4.0 else 255.0
 
 
+def within_image(name, value, spatial):
+    """:func:`sizes` for a search window, refused where it has more offsets than the whole image can use.
+
+    A window ``2 n - 1`` wide along an axis of ``n`` samples, centred on any sample, already
+    covers the axis; a wider one adds only mirrored copies of the padding. Wider along a short
+    axis is harmless (``search_size=5`` on a stack of 2 frames), but a window with more offsets
+    than ``prod(2 n - 1)`` compares mostly copies, at the cost of every offset: a typo such as
+    ``search_size=1001`` on a 64 x 64 image (a million offsets, an hour) is refused before any work.
+    """
+    widths = sizes(name, value, spatial)
+    whole = tuple(2 * n - 1 for n in spatial)
+    if math.prod(widths) > math.prod(whole):
+        shape = "x".join(map(str, spatial))
+        raise ValueError(f"{name}={value!r} makes {math.prod(widths):,} offsets, more than the {math.prod(whole):,} "
+                         f"that already reach every sample of the {shape} image from every sample "
+                         f"({'x'.join(map(str, whole))}, 2 n - 1 per axis); choose at most that")
+    return widths
+
+
 def check_arguments(spatial, *, sigma, h, patch_size, search_size, aggregation, data_range):
     """The arguments of :func:`resolve`, checked and normalised before any pass over the data.
 
@@ -96,7 +115,7 @@ def check_arguments(spatial, *, sigma, h, patch_size, search_size, aggregation, 
     return dict(sigma=None if sigma is None else positive("sigma", sigma, allow_zero=True),
                 h=None if h is None else positive("h", h, allow_zero=False),
                 patch_size=None if patch_size is None else sizes("patch_size", patch_size, spatial),
-                search_size=None if search_size is None else sizes("search_size", search_size, spatial),
+                search_size=None if search_size is None else within_image("search_size", search_size, spatial),
                 aggregation=aggregation,
                 data_range=None if data_range is None else positive("data_range", data_range, allow_zero=False))
 

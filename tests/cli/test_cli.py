@@ -135,6 +135,12 @@ def test_denoise_bad_arguments(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "error: --patch-size 4: sizes are full odd widths" in err and "patch_size" not in err  # the flag typed
     assert list(tmp_path.iterdir()) == []
+    # a typo that would have run a million offsets on the 512 x 512 camera (about an hour): refused at once
+    assert main(["denoise", "--search-size", "100001", "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert "error: --search-size 100001 makes 10,000,200,001 offsets, more than the 1,046,529 that already reach " \
+           "every sample of the 512x512 image" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
 
 
 def _console_script():

@@ -2,11 +2,12 @@
 
 Leaving a thread pool's block waits for every task it was given, so a
 KeyboardInterrupt used to come out only when the running tiles were done: for a
-48x48 image with a 401-wide search window, 14 to 18 s after the signal (the
-Numba engine gives each tile all its offsets in one compiled call). Each case
-here runs in a child process (a signal must not reach pytest), which sends SIGINT
-to its own main thread, from another thread, 20 ms after the first step starts,
-and counts the offsets the engine processes after that. Counted, not timed: the
+48x48 image with a 401-wide search window (now refused: more offsets than 95 x 95), 14
+to 18 s after the signal (the Numba engine gives each tile all its offsets in one
+compiled call). Each case here runs in a child process (a signal must not reach
+pytest), on a 256x256 image with that 501-wide window, which sends SIGINT to its own
+main thread, from another thread, 20 ms after the first step starts, and counts the
+offsets the engine processes after that. Counted, not timed: the
 old code went on to the end of every started tile (Numba) or part (NumPy) of the
 offsets, and the case of one worker on the Numba engine to the end of the tile
 its compiled call was given.
@@ -33,7 +34,7 @@ from nlref.nlmeans import fast, fast_numba
 
 engine, workers, aggregation = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 os.environ[fast.ENGINE_VARIABLE] = engine
-image = np.random.default_rng(0).random((48, 48)).astype(np.float32)
+image = np.random.default_rng(0).random((256, 256)).astype(np.float32)  # a search window of 501 needs >= 251
 # every kernel compiled or loaded from Numba's cache before the signal, which that Python code could swallow
 nlref.nl_means(image[:20, :20], sigma=0.1, h=0.1, workers=workers, aggregation=aggregation)
 lock = threading.Lock()

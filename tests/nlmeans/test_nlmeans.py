@@ -353,6 +353,11 @@ def test_progress_bar_runs(capsys, rng):
         (np.zeros((9, 9)), {"h": 1, "search_size": (3, 3, 3)}, ValueError, "one size per spatial axis"),
         (np.zeros((9, 9)), {"h": 1, "patch_size": 2.5}, TypeError, "patch_size must be an odd int"),
         (np.zeros((4, 9)), {"h": 1, "patch_size": 5, "search_size": 3}, ValueError, "larger than the image"),
+        # a window with more offsets than 2 n - 1 per axis only adds mirrored copies of the padding, at their cost
+        (np.zeros((9, 9)), {"h": 1, "patch_size": 3, "search_size": 1001}, ValueError,
+         r"search_size=1001 makes 1,002,001 offsets, more than the 289 that already reach every sample of the 9x9 "
+         r"image from every sample \(17x17, 2 n - 1 per axis\)"),
+        (np.zeros((4, 9)), {"h": 1, "patch_size": 3, "search_size": (9, 15)}, ValueError, "135 offsets, more than the 119"),
         (np.zeros((9, 9)), {"h": 0}, ValueError, "h must be finite and > 0"),
         (np.zeros((9, 9)), {"h": -1}, ValueError, "h must be finite and > 0"),
         (np.zeros((9, 9)), {"h": float("nan")}, ValueError, "h must be finite"),
@@ -478,3 +483,10 @@ def test_numpy_engine_with_a_patch_axis_of_width_one(monkeypatch, patch, aggrega
     kw = dict(sigma=0.1, h=0.3, patch_size=patch, search_size=(3, 3, 3), aggregation=aggregation)
     np.testing.assert_allclose(nlref.nl_means(x, workers=1, **kw), nlref.nl_means(x, method="naive", **kw),
                                rtol=1e-12, atol=1e-13)
+
+
+def test_a_search_window_wider_than_a_short_axis_is_taken():
+    """Only the count of offsets is bounded: 5 along a stack of 2 frames (at most 3 reach it) is a usual request."""
+    image = np.random.default_rng(0).random((2, 9, 9))
+    assert nlref.nl_means(image, h=1, patch_size=(1, 3, 3), search_size=5).shape == image.shape
+    assert nlref.nl_means(image, h=1, patch_size=(1, 3, 3), search_size=(7, 9, 9)).shape == image.shape  # 567 <= 867
