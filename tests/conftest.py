@@ -16,11 +16,18 @@ builders are in ``tests/helpers.py`` (``from tests.helpers import ...``), not he
 from __future__ import annotations
 
 import importlib
+import signal
 
 import numpy as np
 import pytest
 
 import nlref.backend as B
+
+# A shell without job control starts a background command (``pytest ... &``, a CI step sent to the background)
+# with SIGINT ignored; Python then installs no KeyboardInterrupt handler, and every child process inherits the
+# ignore. The tests of Ctrl-C send SIGINT to nlref in this process and in children, as a terminal would.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _cupy_usable():
