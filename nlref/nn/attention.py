@@ -65,7 +65,7 @@ def _host(a):
     return np.array(B.to_numpy(a))
 
 
-class _Params:
+class _Params(B.KeepsNamespace):
     """What every layer here shares: parameters made in one library and dtype, checked inputs."""
 
     def _setup(self, dtype, xp, device=None):

@@ -84,7 +84,7 @@ def _kernel_option(name, value, dims):
     return tuple(_positive_int(name, v) for v in value)
 
 
-class NonLocalBlock:
+class NonLocalBlock(B.KeepsNamespace):
     """A non-local block with hand-written forward and backward passes.
 
     Parameters

@@ -305,7 +305,7 @@ def _check_dlogits(net, dlogits, shape, weight):
         raise ValueError(f"dlogits must have the logits' shape {tuple(shape)}, got {tuple(dlogits.shape)}")
 
 
-class VideoNet:
+class VideoNet(B.KeepsNamespace):
     """A small ResNet video classifier (C2D or I3D) with optional non-local blocks.
 
     Parameters
@@ -582,7 +582,7 @@ class VideoNet:
 
 
 # =========================================================================== a small space-time transformer
-class _Collected:
+class _Collected(B.KeepsNamespace):
     """``params``, ``grads`` and ``buffers`` as :class:`VideoNet` has them, gathered from ``_leaves``.
 
     (A base class, so that the API pages keep one documented target for each of the three names.)
