@@ -334,3 +334,42 @@ def test_a_forked_child_gets_its_own_thread_pool():
         if child.is_alive():
             child.kill()
     np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("failing", ["caller", "pool"])
+def test_no_run_goes_on_after_a_call_that_raised(monkeypatch, failing):
+    """A call interrupted (Ctrl-C arrives in the calling thread) or failing in one of its runs comes out
+    only once no run writes into its arrays any more: they may be a block's workspace, which the next
+    call reuses at once. The pool's runs went on writing after the error had come out."""
+    import threading
+    import time
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setattr(fused, "threads", lambda: 3)
+    monkeypatch.setattr(fused, "MIN_VALUES_PER_THREAD", 1)
+    pool = ThreadPoolExecutor(2)  # one thread per run, whatever the machine
+    monkeypatch.setattr(fused, "_pool", pool)
+    out = np.zeros(3)
+    slow_run = threading.Event()
+
+    def kernel(out, start, stop):
+        if start == {"caller": 0, "pool": 1}[failing]:
+            slow_run.wait(5)  # a run is under way when this one fails
+            raise KeyboardInterrupt if failing == "caller" else ValueError("a run failed")
+        if start == 2:
+            slow_run.set()
+            time.sleep(0.3)
+        out[start:stop] = 1
+
+    with pytest.raises(KeyboardInterrupt if failing == "caller" else ValueError):
+        fused._run(kernel, 3, 3, out)
+    seen = out.copy()
+    time.sleep(0.5)
+    np.testing.assert_array_equal(out, seen)  # nothing written after the call came out
+    assert seen[2] == 1  # the run under way was waited for, not dropped
+    s = np.random.default_rng(0).standard_normal((4, 6))
+    monkeypatch.setattr(fused, "threads", lambda: 2)
+    np.testing.assert_array_equal(fused.softmax_rows(s.copy(), normalise=True),
+                                  fused.softmax_rows(s.copy(), normalise=True))  # the pool still works
+    pool.shutdown()
