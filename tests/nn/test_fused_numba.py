@@ -302,6 +302,23 @@ def test_block_same_bits_for_any_threads(engine, mode, monkeypatch):
         np.testing.assert_array_equal(a, b)
 
 
+def test_different_blocks_in_threads_at_once_give_the_bits_of_one_by_one(engine, monkeypatch):
+    """Two blocks (an inference server's, two models trained side by side) stepping at once in two
+    threads share the pool of the fused passes, every call split (2 threads): each gets its own bits."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    engine("numba")
+    monkeypatch.setattr(fused, "MIN_VALUES_PER_THREAD", 1)
+    monkeypatch.setattr(fused, "threads", lambda: 2)
+    steps = [(mode, sub) for mode in ("embedded_gaussian", "concatenation") for sub in (True, False)]
+    alone = [_block_step(mode, sub, np.float32, (4, 8, 2, 6, 10)) for mode, sub in steps]
+    with ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(lambda k: _block_step(*steps[k % 4], np.float32, (4, 8, 2, 6, 10)), range(12)))
+    for k, results in enumerate(together):
+        for a, b in zip(results, alone[k % 4]):
+            np.testing.assert_array_equal(a, b)
+
+
 def _softmax_in_child(s, queue):
     queue.put(fused.softmax_rows(s.copy(), normalise=True))
 
