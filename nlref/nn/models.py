@@ -340,6 +340,13 @@ class VideoNet(B.KeepsNamespace):
     device : device, optional
         Device of the parameters (a ``cupy.cuda.Device``, ``array_api_strict.Device(...)``);
         None: ``xp``'s default. Inputs must be on it (nothing is moved silently).
+
+    Notes
+    -----
+    One network object is not meant to run in several threads at once: its layers keep the
+    cache of their last forward pass for the backward pass. Different objects, copies included,
+    are independent in any threads; ``copy.deepcopy`` and ``pickle`` copy one whole (its array
+    library by name), also between a forward pass and its backward pass.
     """
 
     def __init__(self, flavour: str = "c2d", *, nonlocal_blocks: int = 0, stage: str = "res3",
@@ -636,6 +643,10 @@ class VideoTransformer(_Collected):
     pool : {"mean", "cls"}
     dtype, seed, xp, device :
         As :class:`VideoNet`.
+
+    Notes
+    -----
+    Threads and copies: as :class:`VideoNet`.
     """
 
     POOLS = ("mean", "cls")
