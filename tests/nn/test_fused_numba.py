@@ -353,11 +353,13 @@ def test_a_forked_child_gets_its_own_thread_pool():
     np.testing.assert_array_equal(got, expected)
 
 
-@pytest.mark.parametrize("failing", ["caller", "pool"])
+@pytest.mark.parametrize("failing", ["caller", "waiting", "pool"])
 def test_no_run_goes_on_after_a_call_that_raised(monkeypatch, failing):
-    """A call interrupted (Ctrl-C arrives in the calling thread) or failing in one of its runs comes out
-    only once no run writes into its arrays any more: they may be a block's workspace, which the next
-    call reuses at once. The pool's runs went on writing after the error had come out."""
+    """A call interrupted (Ctrl-C arrives in the calling thread, during its own run or while it waits for
+    the pool's) or failing in one of its runs comes out only once no run writes into its arrays any more:
+    they may be a block's workspace, which the next call reuses at once. The pool's runs went on writing
+    after the error had come out."""
+    import signal
     import threading
     import time
 
@@ -371,15 +373,19 @@ def test_no_run_goes_on_after_a_call_that_raised(monkeypatch, failing):
     slow_run = threading.Event()
 
     def kernel(out, start, stop):
-        if start == {"caller": 0, "pool": 1}[failing]:
+        if start == {"caller": 0, "pool": 1}.get(failing):
             slow_run.wait(5)  # a run is under way when this one fails
             raise KeyboardInterrupt if failing == "caller" else ValueError("a run failed")
         if start == 2:
             slow_run.set()
+            if failing == "waiting":  # Ctrl-C while the calling thread, its own run done, waits for this one
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
             time.sleep(0.3)
         out[start:stop] = 1
 
-    with pytest.raises(KeyboardInterrupt if failing == "caller" else ValueError):
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("a signal reaches the main thread only")
+    with pytest.raises(ValueError if failing == "pool" else KeyboardInterrupt):
         fused._run(kernel, 3, 3, out)
     seen = out.copy()
     time.sleep(0.5)

@@ -604,15 +604,15 @@ def _run(kernel, items, values, *args):
         for k in range(1, parts):
             futures.append(_pool.submit(kernel, *args, bounds[k], bounds[k + 1]))
         kernel(*args, bounds[0], bounds[1])  # the calling thread takes the first run
+        wait(futures)  # all of them, before an error of one comes out
     except BaseException:
         # The runs write into the caller's arrays (a block's workspace, reused by its next call): none
-        # may go on after this call is over, also when it raises (Ctrl-C arrives here). Those not yet
-        # started are dropped; the others take one pass over their rows.
+        # may go on after this call is over, also when it raises (Ctrl-C arrives in this thread, most
+        # often while it waits). Those not yet started are dropped; the others take one pass over their rows.
         for future in futures:
             future.cancel()
         wait(futures)
         raise
-    wait(futures)  # all of them, before an error of one comes out
     for future in futures:
         future.result()
 
