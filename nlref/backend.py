@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import numbers
+import types
 
 import numpy as np
 import array_api_compat
@@ -36,6 +37,7 @@ __all__ = [
     "check_on_device",
     "compat_namespace",
     "library",
+    "KeepsNamespace",
     "asarray",
     "device",
     "dtype_name",
@@ -259,6 +261,35 @@ def library(xp):
     if not all(hasattr(ns, f) for f in ("asarray", "matmul", "float32")):
         raise TypeError(f"xp must be an array library module (numpy, cupy, array_api_strict, torch), got {xp!r}")
     return ns
+
+
+class _NamespaceByName:
+    """What a pickled or copied :class:`KeepsNamespace` holds in place of a module: its name."""
+
+    def __init__(self, name):
+        self.name = name
+
+
+class KeepsNamespace:
+    """A base class for objects that keep their array namespace (a module) in an attribute (``self.xp``).
+
+    ``pickle`` and ``copy.deepcopy`` cannot copy a module ("cannot pickle 'module' object"),
+    so a layer or a network that keeps ``xp`` could be neither saved with pickle, nor sent to
+    a process (``multiprocessing``, Dask's ``processes`` scheduler), nor copied (an EMA copy
+    of a network). Here every module-valued attribute travels as its name and is imported
+    again, the same module, on the other side; everything else is copied as usual.
+    """
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        for key, value in state.items():
+            if isinstance(value, types.ModuleType):
+                state[key] = _NamespaceByName(value.__name__)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update({key: importlib.import_module(value.name) if isinstance(value, _NamespaceByName)
+                              else value for key, value in state.items()})
 
 
 def _reflect_indices(n: int, before: int, after: int) -> np.ndarray:

@@ -65,7 +65,7 @@ def _host(a):
     return np.array(B.to_numpy(a))
 
 
-class _Params:
+class _Params(B.KeepsNamespace):
     """What every layer here shares: parameters made in one library and dtype, checked inputs."""
 
     def _setup(self, dtype, xp, device=None):
@@ -317,6 +317,13 @@ class MultiHeadAttention(_Params):
         (3E,), ``out_proj.weight`` (E, E), ``out_proj.bias`` (E,): PyTorch's names.
     grads : dict of arrays
         Same keys, set by :meth:`backward`.
+
+    Notes
+    -----
+    One layer object is not meant to run in several threads at once: it keeps the
+    cache of its last forward pass for the backward pass. Different objects, copies included,
+    are independent in any threads; ``copy.deepcopy`` and ``pickle`` copy one whole (its array
+    library by name), also between a forward pass and its backward pass.
     """
 
     def __init__(self, embed_dim, num_heads, *, bias=True, dtype="float32", seed=0, xp=None, device=None):
@@ -460,6 +467,10 @@ class TransformerBlock(_Params):
     dtype, seed, xp, device :
         As :class:`MultiHeadAttention` (linear layers drawn as PyTorch's: uniform
         +-1/sqrt(fan_in); LayerNorm gamma = 1, beta = 0).
+
+    Notes
+    -----
+    Threads and copies: as :class:`MultiHeadAttention`.
     """
 
     def __init__(self, embed_dim, num_heads, mlp_dim, *, activation="gelu", eps=1e-5, dtype="float32", seed=0,

@@ -84,7 +84,7 @@ def _kernel_option(name, value, dims):
     return tuple(_positive_int(name, v) for v in value)
 
 
-class NonLocalBlock:
+class NonLocalBlock(B.KeepsNamespace):
     """A non-local block with hand-written forward and backward passes.
 
     Parameters
@@ -164,7 +164,11 @@ class NonLocalBlock:
     On NumPy the block keeps its (B, N, N') scratch buffers between calls (an
     :class:`nlref.nn.engine.NonLocalWorkspace`, ``nonlocal_forward``'s ``workspace``);
     :meth:`free_scratch` returns them.
-    Like a PyTorch module, one block is not meant to run in several threads at once.
+    Like a PyTorch module, one block is not meant to run in several threads at once: it keeps
+    the cache of its last forward pass for its backward pass, and its scratch buffers. Different
+    blocks, copies included, are independent in any threads. ``copy.deepcopy`` and ``pickle``
+    copy a block whole, also between a forward pass and its backward pass, without its scratch
+    buffers (the copy makes its own).
     """
 
     def __init__(self, in_channels: int, *, mode: str = "embedded_gaussian", inter_channels: int | None = None,

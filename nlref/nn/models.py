@@ -321,7 +321,7 @@ def _check_dlogits(net, dlogits, shape, weight):
         raise ValueError(f"dlogits must have the logits' shape {tuple(shape)}, got {tuple(dlogits.shape)}")
 
 
-class VideoNet:
+class VideoNet(B.KeepsNamespace):
     """A small ResNet video classifier (C2D or I3D) with optional non-local blocks.
 
     Parameters
@@ -356,6 +356,13 @@ class VideoNet:
     device : device, optional
         Device of the parameters (a ``cupy.cuda.Device``, ``array_api_strict.Device(...)``);
         None: ``xp``'s default. Inputs must be on it (nothing is moved silently).
+
+    Notes
+    -----
+    One network object is not meant to run in several threads at once: its layers keep the
+    cache of their last forward pass for the backward pass. Different objects, copies included,
+    are independent in any threads; ``copy.deepcopy`` and ``pickle`` copy one whole (its array
+    library by name), also between a forward pass and its backward pass.
     """
 
     def __init__(self, flavour: str = "c2d", *, nonlocal_blocks: int = 0, stage: str = "res3",
@@ -623,7 +630,7 @@ class VideoNet:
 
 
 # =========================================================================== a small space-time transformer
-class _Collected:
+class _Collected(B.KeepsNamespace):
     """``params``, ``grads`` and ``buffers`` as :class:`VideoNet` has them, gathered from ``_leaves``.
 
     (A base class, so that the API pages keep one documented target for each of the three names.)
@@ -677,6 +684,10 @@ class VideoTransformer(_Collected):
     pool : {"mean", "cls"}
     dtype, seed, xp, device :
         As :class:`VideoNet`.
+
+    Notes
+    -----
+    Threads and copies: as :class:`VideoNet`.
     """
 
     POOLS = ("mean", "cls")

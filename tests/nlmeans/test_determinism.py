@@ -59,6 +59,21 @@ def test_any_number_of_workers_gives_the_same_bits(name, shape, kwargs, aggregat
     np.testing.assert_allclose(results[0], naive, **tol)
 
 
+@pytest.mark.parametrize("aggregation", ["pixel", "patch"])
+def test_calls_at_once_in_threads_give_the_bits_of_calls_one_by_one(aggregation, engine):
+    """Several calls at once in threads of one process (Dask's threaded scheduler, a distributed worker
+    with several threads), each with its own threads (workers=2): no state is shared between calls."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    images = [_noisy((24, 27), np.float32, seed=k) for k in range(3)]
+    kwargs = dict(sigma=0.1, h=0.1, patch_size=5, search_size=9, aggregation=aggregation)
+    alone = [nlref.nl_means(image, workers=1, **kwargs) for image in images]
+    with ThreadPoolExecutor(3) as pool:
+        together = list(pool.map(lambda k: nlref.nl_means(images[k % 3], workers=2, **kwargs), range(9)))
+    for k, out in enumerate(together):
+        np.testing.assert_array_equal(out, alone[k % 3])
+
+
 def test_the_camera_case_of_the_issue():
     """float32 camera 128x128 with the presets: workers=2 differed from 1 in 15,417 pixels before."""
     clean = nlref.data.camera()[192:320, 192:320]

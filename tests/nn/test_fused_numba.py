@@ -302,6 +302,23 @@ def test_block_same_bits_for_any_threads(engine, mode, monkeypatch):
         np.testing.assert_array_equal(a, b)
 
 
+def test_different_blocks_in_threads_at_once_give_the_bits_of_one_by_one(engine, monkeypatch):
+    """Two blocks (an inference server's, two models trained side by side) stepping at once in two
+    threads share the pool of the fused passes, every call split (2 threads): each gets its own bits."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    engine("numba")
+    monkeypatch.setattr(fused, "MIN_VALUES_PER_THREAD", 1)
+    monkeypatch.setattr(fused, "threads", lambda: 2)
+    steps = [(mode, sub) for mode in ("embedded_gaussian", "concatenation") for sub in (True, False)]
+    alone = [_block_step(mode, sub, np.float32, (4, 8, 2, 6, 10)) for mode, sub in steps]
+    with ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(lambda k: _block_step(*steps[k % 4], np.float32, (4, 8, 2, 6, 10)), range(12)))
+    for k, results in enumerate(together):
+        for a, b in zip(results, alone[k % 4]):
+            np.testing.assert_array_equal(a, b)
+
+
 def _softmax_in_child(s, queue):
     queue.put(fused.softmax_rows(s.copy(), normalise=True))
 
@@ -334,3 +351,48 @@ def test_a_forked_child_gets_its_own_thread_pool():
         if child.is_alive():
             child.kill()
     np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("failing", ["caller", "waiting", "pool"])
+def test_no_run_goes_on_after_a_call_that_raised(monkeypatch, failing):
+    """A call interrupted (Ctrl-C arrives in the calling thread, during its own run or while it waits for
+    the pool's) or failing in one of its runs comes out only once no run writes into its arrays any more:
+    they may be a block's workspace, which the next call reuses at once. The pool's runs went on writing
+    after the error had come out."""
+    import signal
+    import threading
+    import time
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setattr(fused, "threads", lambda: 3)
+    monkeypatch.setattr(fused, "MIN_VALUES_PER_THREAD", 1)
+    pool = ThreadPoolExecutor(2)  # one thread per run, whatever the machine
+    monkeypatch.setattr(fused, "_pool", pool)
+    out = np.zeros(3)
+    slow_run = threading.Event()
+
+    def kernel(out, start, stop):
+        if start == {"caller": 0, "pool": 1}.get(failing):
+            slow_run.wait(5)  # a run is under way when this one fails
+            raise KeyboardInterrupt if failing == "caller" else ValueError("a run failed")
+        if start == 2:
+            slow_run.set()
+            if failing == "waiting":  # Ctrl-C while the calling thread, its own run done, waits for this one
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+            time.sleep(0.3)
+        out[start:stop] = 1
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("a signal reaches the main thread only")
+    with pytest.raises(ValueError if failing == "pool" else KeyboardInterrupt):
+        fused._run(kernel, 3, 3, out)
+    seen = out.copy()
+    time.sleep(0.5)
+    np.testing.assert_array_equal(out, seen)  # nothing written after the call came out
+    assert seen[2] == 1  # the run under way was waited for, not dropped
+    s = np.random.default_rng(0).standard_normal((4, 6))
+    monkeypatch.setattr(fused, "threads", lambda: 2)
+    np.testing.assert_array_equal(fused.softmax_rows(s.copy(), normalise=True),
+                                  fused.softmax_rows(s.copy(), normalise=True))  # the pool still works
+    pool.shutdown()

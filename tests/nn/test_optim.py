@@ -167,6 +167,38 @@ def test_adam_flat_update_equals_the_per_parameter_update(monkeypatch):
                 np.testing.assert_array_equal(opts[0].state[k][slot], opts[1].state[k][slot])
 
 
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("make", [lambda net: Adam(net, lr=1e-2, weight_decay=1e-3),
+                                  lambda net: SGD(net, lr=1e-2)], ids=["Adam", "SGD"])
+def test_a_copied_optimiser_keeps_its_own_state(make, how):
+    """(network, optimiser) copied after two steps, as an EMA copy or a pickle is made: each trains on
+    as a twin that was never copied does, and the copy's state_dict (what a checkpoint saves) holds its
+    own moments. Adam's state held views of its flat buffers; in a copy they became arrays of their
+    own, and the copy's state_dict kept the moments of the step it was copied at."""
+    import copy
+    import pickle
+
+    copies = {"deepcopy": copy.deepcopy, "pickle": lambda obj: pickle.loads(pickle.dumps(obj))}
+    runs = [(net, make(net)) for net in (_net(), _net())]
+    for step in range(2):
+        for net, opt in runs:
+            _backward(net, step)
+            opt.step()
+    runs.append(copies[how](runs[0]))
+    assert runs[2][1].model is runs[2][0]
+    for step in range(2, 4):
+        for net, opt in runs:
+            _backward(net, step)
+            opt.step()
+    (net, opt), (twin, twin_opt), (copied, copied_opt) = runs
+    for other, other_opt in ((net, opt), (copied, copied_opt)):
+        for k, v in twin.state_dict().items():
+            np.testing.assert_array_equal(other.state_dict()[k], v, err_msg=k)
+        for k, slots in twin_opt.state_dict()["state"].items():
+            for name, v in slots.items():
+                np.testing.assert_array_equal(other_opt.state_dict()["state"][k][name], v, err_msg=f"{k} {name}")
+
+
 class _ZeroGrads:
     """The network with every gradient zero (what the optimiser sees of a model)."""
 

@@ -33,8 +33,7 @@ def adam_step_flat(opt, params, grads, lr):
     for key in keys:
         opt._check_gradient(key, grads.get(key))
     flat = opt._flat
-    if flat is None or flat["keys"] != keys or any(
-            opt.state.get(k, {}).get("m") is not flat["views"][k] for k in keys):
+    if flat is None or flat["keys"] != keys or not _views_hold_state(opt, flat):
         flat = opt._flat = _flatten(opt, params)
     nat = B.native_namespace(B.array_namespace(*params.values()))
     g = nat.concatenate([grads[k].reshape(-1) for k in flat["order"]])
@@ -51,6 +50,21 @@ def adam_step_flat(opt, params, grads, lr):
     p -= nat.divide(nat.multiply(m, lr / (1 - b1 ** t), out=g), denominator, out=g)
     for key, (start, stop, shape) in flat["spans"].items():
         opt.model.set_param(key, p[start:stop].reshape(shape))
+
+
+def _views_hold_state(opt, flat):
+    """Whether ``opt.state``'s moments are still the views of ``flat``'s buffers that :func:`_flatten` made.
+
+    Not after :meth:`~nlref.nn.optim.Adam.load_state_dict` (new arrays), nor in a copy
+    (``copy.deepcopy``, ``pickle``), where every view became an array of its own (its ``base``
+    is gone): the copy's state would then keep the moments of the step it was copied at while
+    its flat buffers moved on.
+    """
+    for key, (m, v, m_base, v_base) in flat["views"].items():
+        slots = opt.state.get(key, {})
+        if slots.get("m") is not m or slots.get("v") is not v or m.base is not m_base or v.base is not v_base:
+            return False
+    return True
 
 
 def _flatten(opt, params):
@@ -75,5 +89,5 @@ def _flatten(opt, params):
                 view[...] = opt.state[key][name]
             slots[name] = view
         opt.state[key] = slots
-        flat["views"][key] = slots["m"]
+        flat["views"][key] = (slots["m"], slots["v"], slots["m"].base, slots["v"].base)
     return flat

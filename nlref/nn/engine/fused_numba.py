@@ -34,7 +34,7 @@ import importlib.util
 import math
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -599,8 +599,20 @@ def _run(kernel, items, values, *args):
         if _pool is None:
             _pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="nlref-fused")
     bounds = [items * k // parts for k in range(parts + 1)]
-    futures = [_pool.submit(kernel, *args, bounds[k], bounds[k + 1]) for k in range(1, parts)]
-    kernel(*args, bounds[0], bounds[1])  # the calling thread takes the first run
+    futures = []
+    try:
+        for k in range(1, parts):
+            futures.append(_pool.submit(kernel, *args, bounds[k], bounds[k + 1]))
+        kernel(*args, bounds[0], bounds[1])  # the calling thread takes the first run
+        wait(futures)  # all of them, before an error of one comes out
+    except BaseException:
+        # The runs write into the caller's arrays (a block's workspace, reused by its next call): none
+        # may go on after this call is over, also when it raises (Ctrl-C arrives in this thread, most
+        # often while it waits). Those not yet started are dropped; the others take one pass over their rows.
+        for future in futures:
+            future.cancel()
+        wait(futures)
+        raise
     for future in futures:
         future.result()
 

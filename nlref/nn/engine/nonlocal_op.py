@@ -38,6 +38,12 @@ class NonLocalWorkspace:
         """Drop every buffer."""
         self._buffers.clear()
 
+    def __getstate__(self):
+        """A copy (``copy.deepcopy``, ``pickle``) starts empty: the buffers are scratch, rebuilt by its first
+        call, so a pickled block does not carry them (a (B, N, N') float32 buffer can be 150 MiB) and a copy
+        never writes into the original's."""
+        return {"_buffers": {}}
+
     @staticmethod
     def factored(mode, theta, phi, g, w_f):
         """Whether the full form of ``mode`` on these arrays takes :func:`forward_factored`.
