@@ -36,7 +36,7 @@ from .checks import check_lazy, check_workers, sigma_axes, warn_layout
 from .chunk import denoise_with_halo
 from .fast import halo
 from .median import resolve_lazy
-from .noise import filter_dtype, second_difference
+from .noise import filter_dtype, second_differences
 from .params import check_arguments, check_working_memory, run_parameters
 
 __all__ = ["Opener", "as_source", "nl_means_store", "resolve_parameters_store", "denoise_store", "close_opened",
@@ -344,11 +344,8 @@ def _filtered_block(source, key, *, channel_axis, axes):
     else:
         spatial.insert(channel_axis, grown[0])
         x = np.moveaxis(read_block(source, tuple(spatial)), channel_axis, 0)
-    dtype = filter_dtype(x.dtype)
-    x = x if x.dtype == dtype else x.astype(dtype)
-    for axis in axes:
-        x = second_difference(x, axis)
-    return abs(x)
+    filtered = second_differences(x, axes, filter_dtype(x.dtype))  # fresh: its absolute value in place
+    return np.abs(filtered, out=filtered)
 
 
 def _filtered_store(source, channel_axis, grid):
