@@ -37,7 +37,7 @@ from .chunk import denoise_with_halo
 from .fast import halo
 from .median import resolve_lazy
 from .noise import filter_dtype, second_differences
-from .params import check_arguments, check_working_memory, run_parameters
+from .params import check_arguments, check_working_memory, chunk_working_memory, run_parameters
 
 __all__ = ["Opener", "as_source", "nl_means_store", "resolve_parameters_store", "denoise_store", "close_opened",
            "read_block", "check_chunk_memory"]
@@ -444,14 +444,17 @@ def check_chunk_memory(source, *, chunks=None, patch_size=None, search_size=None
 
     Only where both sizes are given (a preset's sizes wait for the noise
     estimate); :func:`denoise_store` checks again with the resolved ones.
+    Returns the bytes of working memory one task needs (the largest chunk's),
+    or None where a size is left to the preset.
     """
     workers = check_workers(workers)
     if patch_size is None or search_size is None:
-        return
+        return None
     source, channel_axis, spatial, grid = _prepare(source, chunks, channel_axis)
     sizes = check_arguments(spatial, sigma=None, h=None, patch_size=patch_size, search_size=search_size,
                             aggregation=aggregation, data_range=None)
     check_working_memory(grid, channel_axis, sizes, aggregation, np.dtype(source.dtype), workers)
+    return chunk_working_memory(grid, channel_axis, sizes, aggregation, np.dtype(source.dtype), workers)
 
 
 def nl_means_store(source: Any, *, chunks: int | Sequence[int] | None = None, sigma: float | None = None,
