@@ -139,6 +139,24 @@ def test_cli_runs_as_many_threads_as_the_memory_holds(tmp_path, monkeypatch, cap
     assert store.check_chunk_memory(store.Opener.zarr(source), chunks=16, patch_size=3, search_size=5) == need
 
 
+@pytest.mark.parametrize("shape,grid", [((1024, 1000), "4 chunks of (512, 512)"),
+                                        ((600, 520, 3), "4 chunks of (512, 512, 3)"),
+                                        ((130, 64, 64), "3 chunks of (64, 64, 64)")])
+def test_cli_default_chunks_hold_about_64_cubed_samples(tmp_path, capsys, shape, grid):
+    """A file without a chunk grid (.npy, TIFF) and no --chunks: about 64^3 samples a chunk. 64 per axis made
+    a 1024 x 1000 image 256 tasks of 64 x 64 (a 4096 x 4096 one 4,096, 4.5 times as slow as 512 x 512)."""
+    zarr = pytest.importorskip("zarr")
+    image = np.random.default_rng(1).integers(0, 255, shape).astype(np.uint8)
+    np.save(tmp_path / "a.npy", image)
+    out = tmp_path / "out.zarr"
+    assert main(["denoise", str(tmp_path / "a.npy"), "--out", str(out), "--sigma", "10", "--h", "8",
+                 "--patch-size", "3", "--search-size", "3", "--no-progress"]) == 0
+    assert f"in {grid}" in capsys.readouterr().out
+    axis = -1 if len(shape) == 3 and shape[-1] == 3 else None
+    np.testing.assert_array_equal(zarr.open_array(str(out), mode="r")[...],
+                                  nlref.nl_means(image, sigma=10, h=8, patch_size=3, search_size=3, channel_axis=axis))
+
+
 @pytest.mark.parametrize("bad", ["0", "-4", "8,x", "2.5"])
 def test_cli_chunks_errors_name_the_flag(tmp_path, capsys, bad):
     with pytest.raises(SystemExit) as stop:
