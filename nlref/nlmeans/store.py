@@ -466,7 +466,7 @@ def nl_means_store(source: Any, *, chunks: int | Sequence[int] | None = None, si
     Each task opens the file, reads its chunk and its halo, pads reflectively
     where the chunk touches the array's edge and denoises it: one task per
     chunk, none depending on another. So a worker holds only the chunks it is
-    computing (its threads times about 11 to 14 (chunk + halo) bytes),
+    computing (its threads times about 10 to 15 (chunk + halo) bytes),
     whatever the size of the array, where a Dask array's ``map_overlap``
     keeps neighbour chunks waiting for each other. The result equals
     :func:`nlref.nl_means` of the whole array in memory, bit for bit,
