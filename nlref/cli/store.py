@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nlref.cli._common import CommandError, _warned, flag_names, refuse_existing, say
+from nlref.cli._common import CommandError, _warned, available_memory, flag_names, refuse_existing, say
 
 #: The parameters of NL-means as the flags of ``nlref denoise`` (for the messages of the library's checks).
 FLAGS = {"sigma": "--sigma", "h": "--h", "patch_size": "--patch-size", "search_size": "--search-size",
@@ -112,15 +112,48 @@ def _wait_for_running_tasks(client, keys, timeout=60.0):
         time.sleep(0.1)
 
 
+#: Without --chunks and without a chunk grid in the file, a chunk holds about this many samples per channel
+#: (64^3: 64 per axis for a volume, 512 x 512 for an image), and at least 64 along every axis.
+DEFAULT_CHUNK_SAMPLES = 64**3
+
+
+def default_chunk(spatial_dims):
+    """The chunk size per spatial axis of a run without --chunks on a file with no chunk grid (TIFF, .npy).
+
+    64 per axis was the default for every file: a 4096 x 4096 image became 4,096 tasks of 64 x 64
+    samples, and ran 4.5 times as long as in 512 x 512 chunks (5.4 s against 1.2 s on 2 cores, patch
+    3, search 7), each task's halo a large share of its read. Volumes keep 64.
+    """
+    return max(64, round(DEFAULT_CHUNK_SAMPLES ** (1 / spatial_dims)))
+
+
+def _threads_that_fit(need, threads):
+    """How many of ``threads`` tasks of ``need`` bytes of working memory each fit in the memory available now.
+
+    Each local thread runs one chunk's task at a time, so a run holds about threads x ``need``.
+    The per-chunk limit (``nlref.nlmeans.WORKING_MEMORY_LIMIT``) does not see the threads: chunks
+    of 3 GiB each passed it, and 16 threads of them needed 48 GiB. A CommandError naming --chunks
+    when not even one task fits; ``threads`` where the available memory is unknown.
+    """
+    available = available_memory()
+    if available is None:
+        return threads
+    if need > available:
+        raise CommandError(f"--chunks: one chunk's task needs about {need / 2**30:.2f} GiB of working memory, more "
+                           f"than the {available / 2**30:.2f} GiB this machine has available; use smaller --chunks")
+    return max(1, min(threads, available // need))
+
+
 def run_denoise_chunked(args):
     """``nlref denoise big.zarr --chunks 64 --out clean.zarr``: chunk by chunk, never the whole volume.
 
     The input (a Zarr store, a TIFF stack, an HDF5 file with one dataset or a
     .npy file) is read by :func:`nlref.nlmeans.store.denoise_store`: one task
-    per chunk of ``--chunks`` (default: the store's own chunks; 64 per axis
-    otherwise), each opening the file by its absolute path and reading its
+    per chunk of ``--chunks`` (default: the store's own chunks; otherwise
+    :func:`default_chunk`, 64 per axis for a volume, 512 for an image), each opening the file by its absolute path and reading its
     chunk and halo (exact: equal to the in-memory result), on the local
-    threads or on the cluster at ``--scheduler``. The result is written chunk
+    threads (as many as the available memory holds tasks of the largest
+    chunk, at most one per core) or on the cluster at ``--scheduler``. The result is written chunk
     by chunk into a hidden Zarr store beside ``--out``, checked to hold every
     chunk, and renamed to ``--out`` (an existing store there is replaced only
     with ``--overwrite``), so an interrupted or failed run leaves no new
@@ -136,6 +169,7 @@ def run_denoise_chunked(args):
     import uuid
     from concurrent.futures import ThreadPoolExecutor
 
+    from nlref.nlmeans.params import chunk_working_memory
     from nlref.nlmeans.store import check_chunk_memory, close_opened, denoise_store, resolve_parameters_store
 
     if args.image is None:
@@ -166,7 +200,8 @@ def run_denoise_chunked(args):
     image = _open_chunked(source)
     channel_axis = -1 if len(image.shape) >= 3 and image.shape[-1] == 3 else None
     # the store route checks --chunks (one place): its message is translated below
-    chunks = args.chunks if args.chunks is not None else (None if image.chunks is not None else 64)
+    chunks = args.chunks if args.chunks is not None else (
+        None if image.chunks is not None else default_chunk(len(image.shape) - (channel_axis is not None)))
 
     client = None
     if args.scheduler is not None:
@@ -187,12 +222,15 @@ def run_denoise_chunked(args):
                                "start one with `dask scheduler`, or leave --scheduler out to run on the local "
                                "threads") from None
     partial = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    threads = os.cpu_count() or 1
     pool, future, graph_keys = None, None, ()
     try:
         kwargs = dict(chunks=chunks, channel_axis=channel_axis, aggregation=args.aggregation)
         t0 = time.perf_counter()
         try:
-            check_chunk_memory(image, patch_size=args.patch_size, search_size=args.search_size, **kwargs)
+            need = check_chunk_memory(image, patch_size=args.patch_size, search_size=args.search_size, **kwargs)
+            if need is not None and client is None:  # before any pass over the data
+                _threads_that_fit(need, threads)
             params = _warned(lambda: resolve_parameters_store(image, sigma=args.sigma, h=args.h,
                                                               patch_size=args.patch_size,
                                                               search_size=args.search_size, **kwargs), set())
@@ -203,6 +241,14 @@ def run_denoise_chunked(args):
               f"(resolved for the whole array in {time.perf_counter() - t0:.1f} s)")
         lazy = denoise_store(image, params, **kwargs)  # the parameters just resolved: no further pass
         say(f"{args.image}: {image.shape} {image.dtype} in {lazy.npartitions} chunks of {lazy.chunksize}")
+        if client is None:  # the local threads, each holding one chunk's task: as many as the memory holds
+            need = chunk_working_memory(lazy.chunks, None if channel_axis is None else channel_axis % lazy.ndim,
+                                        params, args.aggregation, image.dtype, 1)
+            fit = _threads_that_fit(need, threads)
+            if fit < threads:
+                say(f"running {fit} of {threads} threads: each chunk's task needs about {need / 2**20:,.0f} MiB "
+                    f"of working memory, and {available_memory() / 2**20:,.0f} MiB are available")
+                threads = fit
         # every chunk written, also one equal to the fill value, so that a complete store can be told from one
         # whose writes went elsewhere
         target = zarr.create_array(str(partial), shape=lazy.shape, chunks=lazy.chunksize, dtype=lazy.dtype,
@@ -226,7 +272,7 @@ def run_denoise_chunked(args):
 
             from dask.diagnostics import ProgressBar
 
-            pool = ThreadPoolExecutor(os.cpu_count() or 1)  # ours: its running tasks are waited for on the way out
+            pool = ThreadPoolExecutor(threads)  # ours: its running tasks are waited for on the way out
             with ProgressBar(out=sys.stderr) if show else nullcontext():
                 dask.compute(store, scheduler="threads", pool=pool)
         seconds = time.perf_counter() - t0

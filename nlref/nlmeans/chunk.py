@@ -26,6 +26,7 @@ def denoise_with_halo(block, missing, *, channel_axis, params, workers):
     xp = array_namespace(block, names=["image"])
     v = to_working(xp, block, channel_axis)
     padded = reflect_pad(v, [(0, 0), *missing])
+    del v  # the padded block holds it: one block less during the offset loop
     inside = [(before, n - after) for (before, after), n in zip(missing, padded.shape[1:])]
     u = nl_means_fast_padded(padded, inside=inside, workers=workers, **params)
     return from_working(xp, u, block, channel_axis)

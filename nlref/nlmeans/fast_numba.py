@@ -387,11 +387,17 @@ def nl_means_numba_padded(padded, *, inside, geo, h, sigma, aggregation, workers
     _run(_tiles(z_lo, z_hi, row, K, workers), z_task, workers)
     done()
 
+    # each float64 array of the padded size dropped once read: the peak of this step held Z, 1/Z, the mask
+    # and three buffers of _box_flat at once, 18 copies of a float32 image (512 x 512, traced)
     mask = _image_mask(geo, inside)
     inv_z64 = mask[z_lo:z_hi] / den
+    den = None  # (z_task, done, still refers to the name)
     inv_z = inv_z64.astype(dtype)
+    centre = _box_flat(inv_z64, geo)
+    del inv_z64
+    count = _box_flat(mask[a - 2 * K : b + 2 * K], geo)[K : K + b - a]
+    del mask
     out = np.empty((channels, b - a), dtype=dtype)
-    centre, count = _box_flat(inv_z64, geo), _box_flat(mask[a - 2 * K : b + 2 * K], geo)[K : K + b - a]
 
     def patch_task(lo, hi, stop):
         n = hi - lo
@@ -423,4 +429,4 @@ def _box_flat(src, geo):
     steps = np.asarray(geo.strides, dtype=np.int64)
     src = np.ascontiguousarray(src)
     out, n = _box(src, src.shape[0], widths, steps, np.empty_like(src), np.empty_like(src))
-    return out[:n].copy()
+    return out[:n]  # a view: its buffer is kept, the other one freed (a copy was a third array)

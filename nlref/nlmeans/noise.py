@@ -23,10 +23,10 @@ import math
 import numpy as np
 
 from .._typing import Array
-from ..backend import dtype_name, require_real
+from ..backend import dtype_name, is_numpy, require_real
 from .checks import NOT_FINITE, check_axes, check_not_stored, is_dask_array, sigma_axes
 
-__all__ = ["estimate_sigma", "MAD_TO_SIGMA", "second_difference", "sigma_from_median"]
+__all__ = ["estimate_sigma", "MAD_TO_SIGMA", "second_difference", "second_differences", "sigma_from_median"]
 
 #: The median of the absolute value of a standard normal variable (the normal quantile at 3/4).
 MAD_TO_SIGMA = 0.6744897501960817
@@ -47,6 +47,33 @@ def second_difference(x, axis):
 
     with np.errstate(over="ignore", invalid="ignore"):
         return part(0, n - 2) - 2.0 * part(1, n - 1) + part(2, n)
+
+
+def second_differences(x, axes, dtype):
+    """:func:`second_difference` along each of ``axes`` in turn, of a NumPy array ``x`` converted to ``dtype``.
+
+    The same numbers, bit for bit, as ``x.astype(dtype)`` filtered axis by axis
+    (a cast of each sample, then the same three ufuncs in the same order), with
+    two arrays of the result's size alive at a time instead of five: the image is
+    never copied to ``dtype`` (an 8-bit image filtered in float64 took 8 bytes a
+    pixel for the copy alone), and ``2 x[i]``, the difference and the sum share
+    one buffer. Returns a fresh array, which the caller may overwrite.
+    """
+    dtype = np.dtype(dtype)
+    for axis in axes:
+        n = x.shape[axis]
+
+        def part(start, stop, x=x, axis=axis):
+            idx = [slice(None)] * x.ndim
+            idx[axis] = slice(start, stop)
+            return x[tuple(idx)]
+
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = np.multiply(part(1, n - 1), 2.0, dtype=dtype)
+            np.subtract(part(0, n - 2), out, out=out)
+            np.add(out, part(2, n), out=out)
+        x = out
+    return x
 
 
 def filter_dtype(dtype):
@@ -119,6 +146,8 @@ def estimate_checked(xp, image, channel_axis):
     """:func:`estimate_sigma` of an image the caller has checked (``check_image``: axes, finite values),
     ``channel_axis`` normalised; ``nl_means`` calls it after its own checks, so they are not made twice."""
     dtype = filter_dtype(image.dtype)
+    if is_numpy(xp):
+        return _estimate_numpy(image, channel_axis, dtype)
     x = image if dtype_name(image.dtype) == dtype.name else xp.astype(image, getattr(xp, dtype.name))
     if channel_axis is not None:
         x = xp.moveaxis(x, channel_axis, 0)
@@ -130,4 +159,28 @@ def estimate_checked(xp, image, channel_axis):
         filtered = second_difference(filtered, 1 + a)
     check_filtered(bool(xp.all(xp.isfinite(filtered))), dtype)
     per_channel = [sigma_from_median(_median(xp, xp.abs(filtered[c, ...])), dims) for c in range(filtered.shape[0])]
+    return sum(per_channel) / len(per_channel)
+
+
+def _estimate_numpy(image, channel_axis, dtype):
+    """:func:`estimate_checked` of a NumPy image: the same number, in at most two filtered arrays' memory.
+
+    The filter writes into fresh buffers (:func:`second_differences`), the
+    absolute value is taken in place, and each channel's two middle values are
+    found by ``partition`` in place (exact order statistics, as a sort gives).
+    Measured on a 2048 x 2048 uint8 image: a peak of 64 MiB above the image,
+    against 144 MiB with a float64 copy of the image, a fresh array per step and
+    a sorted copy.
+    """
+    x = image[None, ...] if channel_axis is None else np.moveaxis(image, channel_axis, 0)
+    axes = sigma_axes(x.shape[1:], image.shape)
+    filtered = second_differences(x, [1 + a for a in axes], dtype)
+    check_filtered(bool(np.isfinite(filtered).all()), dtype)
+    np.abs(filtered, out=filtered)
+    per_channel = []
+    for c in range(filtered.shape[0]):
+        flat = filtered[c, ...].reshape(-1)  # a view where the channel is contiguous, else a copy of one channel
+        n = flat.shape[0]
+        flat.partition(sorted({(n - 1) // 2, n // 2}))
+        per_channel.append(sigma_from_median((flat[(n - 1) // 2] + flat[n // 2]) / 2.0, len(axes)))
     return sum(per_channel) / len(per_channel)

@@ -21,7 +21,7 @@ from .noise import estimate_checked
 
 __all__ = ["WORKING_MEMORY_LIMIT", "AGGREGATIONS", "is_integer_dtype", "integer_range", "units_doubt", "sizes",
            "positive", "default_data_range", "check_arguments", "needs_noise", "resolve", "to_working",
-           "from_working", "check_working_memory", "check_h", "check_patch_fits"]
+           "from_working", "chunk_working_memory", "check_working_memory", "check_h", "check_patch_fits"]
 
 #: The fast method refuses requests whose working memory (see
 #: :func:`nlref.nlmeans.fast.working_memory`) exceeds this many bytes.
@@ -289,16 +289,27 @@ def _representable(bound, dtype, toward):
 
 
 
+def chunk_working_memory(chunks, channel_axis, params, aggregation, dtype, workers):
+    """Bytes of working memory of one task on the largest chunk of ``chunks`` (:func:`.fast.working_memory`).
+
+    ``chunks``: the chunk grid, one tuple of sizes per axis (the channel axis
+    is one chunk); ``params``: ``patch_size`` and ``search_size``; ``dtype``:
+    the array's.
+    """
+    channels = 1 if channel_axis is None else sum(chunks[channel_axis])
+    largest = [max(c) for a, c in enumerate(chunks) if a != channel_axis]
+    return working_memory(largest, channels, params["patch_size"], params["search_size"], aggregation,
+                          8 if np.dtype(dtype) == np.float64 else 4, workers)
+
+
 def check_working_memory(chunks, channel_axis, params, aggregation, dtype, workers):
     """Refuse, before any work, chunks whose offset loop would not fit in :data:`WORKING_MEMORY_LIMIT`.
 
     ``chunks``: the chunk grid, one tuple of sizes per axis (the channel axis
     is one chunk).
     """
-    channels = 1 if channel_axis is None else sum(chunks[channel_axis])
     largest = [max(c) for a, c in enumerate(chunks) if a != channel_axis]
-    need = working_memory(largest, channels, params["patch_size"], params["search_size"], aggregation,
-                          8 if np.dtype(dtype) == np.float64 else 4, workers)
+    need = chunk_working_memory(chunks, channel_axis, params, aggregation, dtype, workers)
     if need > WORKING_MEMORY_LIMIT:
         raise ValueError(
             f"one chunk of {tuple(largest)} needs about {need / 2**30:.2f} GiB of working memory, above the limit of "

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import sys
+
 import numpy as np
 import pytest
 
@@ -72,6 +75,86 @@ def test_cli_refuses_a_result_missing_chunks(tmp_path, capsys, monkeypatch):
                  "--search-size", "5", "--no-progress"]) == 1
     assert "holds 0 of its 8 chunks" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.zarr"]
+
+
+def _memory(psutil, available):
+    """psutil.virtual_memory as on a machine with ``available`` bytes free (the other fields as they are)."""
+    real = psutil.virtual_memory
+    return lambda: real()._replace(available=available)
+
+
+def test_cli_refuses_chunks_whose_task_exceeds_the_available_memory(tmp_path, monkeypatch, capsys):
+    """A chunk whose task needs more memory than the machine has is refused naming --chunks, before any read.
+
+    The only limit was a fixed 4 GiB per chunk (nlref.nlmeans.WORKING_MEMORY_LIMIT), whatever the machine:
+    the run started, and was killed for memory. Here the machine says it has 64 KiB."""
+    psutil = pytest.importorskip("psutil")
+    from nlref.nlmeans import store
+
+    source = _zarr_input(tmp_path, _volume())
+    reads = []
+    real = store.read_block
+    monkeypatch.setattr(store, "read_block", lambda s, key: reads.append(key) or real(s, key))
+    monkeypatch.setattr(psutil, "virtual_memory", _memory(psutil, 2**16))
+    assert main(["denoise", source, "--out", str(tmp_path / "out.zarr"), "--chunks", "16", "--sigma", "10",
+                 "--patch-size", "3", "--search-size", "5", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"--chunks: one chunk's task needs about 0\.\d+ GiB of working memory, more than the 0\.00 GiB "
+                     r"this machine has available; use smaller --chunks", err), err
+    assert reads == [] and not (tmp_path / "out.zarr").exists()
+
+
+def test_cli_runs_as_many_threads_as_the_memory_holds(tmp_path, monkeypatch, capsys):
+    """Every local thread holds one chunk's task: with memory for one task, the run takes one thread (and says
+    so) instead of one per core, which a per-chunk limit let through at cores x the memory."""
+    psutil = pytest.importorskip("psutil")
+    zarr = pytest.importorskip("zarr")
+    import concurrent.futures
+
+    from nlref.nlmeans import store
+    from nlref.nlmeans.fast import working_memory
+
+    volume = _volume()
+    source = _zarr_input(tmp_path, volume)
+    kwargs = dict(sigma=10, h=8, patch_size=3, search_size=5)
+    need = working_memory((12, 16, 16), 1, (3, 3, 3), (5, 5, 5), "pixel", 4, 1)  # the largest chunk's task
+    monkeypatch.setattr(psutil, "virtual_memory", _memory(psutil, need * 3 // 2))
+    monkeypatch.setattr("nlref.cli.store.os.cpu_count", lambda: 4)
+    pools = []
+    real_pool = concurrent.futures.ThreadPoolExecutor
+
+    class Pool(real_pool):  # records the threads of the pool the command makes
+        def __init__(self, max_workers=None, *args, **kwargs):
+            if sys._getframe(1).f_globals.get("__name__") == "nlref.cli.store":
+                pools.append(max_workers)
+            super().__init__(max_workers, *args, **kwargs)
+
+    monkeypatch.setattr(concurrent.futures, "ThreadPoolExecutor", Pool)
+    out = tmp_path / "out.zarr"
+    assert main(["denoise", source, "--out", str(out), "--chunks", "16", "--sigma", "10", "--h", "8",
+                 "--patch-size", "3", "--search-size", "5", "--no-progress"]) == 0
+    assert pools == [1]
+    assert re.search(r"running 1 of 4 threads: each chunk's task needs about \d+ MiB", capsys.readouterr().out)
+    np.testing.assert_array_equal(zarr.open_array(str(out), mode="r")[...], nlref.nl_means(volume, **kwargs))
+    assert store.check_chunk_memory(store.Opener.zarr(source), chunks=16, patch_size=3, search_size=5) == need
+
+
+@pytest.mark.parametrize("shape,grid", [((1024, 1000), "4 chunks of (512, 512)"),
+                                        ((600, 520, 3), "4 chunks of (512, 512, 3)"),
+                                        ((130, 64, 64), "3 chunks of (64, 64, 64)")])
+def test_cli_default_chunks_hold_about_64_cubed_samples(tmp_path, capsys, shape, grid):
+    """A file without a chunk grid (.npy, TIFF) and no --chunks: about 64^3 samples a chunk. 64 per axis made
+    a 1024 x 1000 image 256 tasks of 64 x 64 (a 4096 x 4096 one 4,096, 4.5 times as slow as 512 x 512)."""
+    zarr = pytest.importorskip("zarr")
+    image = np.random.default_rng(1).integers(0, 255, shape).astype(np.uint8)
+    np.save(tmp_path / "a.npy", image)
+    out = tmp_path / "out.zarr"
+    assert main(["denoise", str(tmp_path / "a.npy"), "--out", str(out), "--sigma", "10", "--h", "8",
+                 "--patch-size", "3", "--search-size", "3", "--no-progress"]) == 0
+    assert f"in {grid}" in capsys.readouterr().out
+    axis = -1 if len(shape) == 3 and shape[-1] == 3 else None
+    np.testing.assert_array_equal(zarr.open_array(str(out), mode="r")[...],
+                                  nlref.nl_means(image, sigma=10, h=8, patch_size=3, search_size=3, channel_axis=axis))
 
 
 @pytest.mark.parametrize("bad", ["0", "-4", "8,x", "2.5"])

@@ -303,6 +303,33 @@ def test_estimate_sigma_colour_and_clean_images():
         nlref.estimate_sigma(np.zeros((2, 2)))
 
 
+@pytest.mark.parametrize("dtype,shape,channel_axis", [("uint8", (512, 480), None), ("uint16", (3, 256, 250), 0),
+                                                      ("float32", (512, 480), None), ("float16", (96, 90, 40), None)])
+def test_estimate_sigma_holds_at_most_two_filtered_arrays(dtype, shape, channel_axis):
+    """The in-memory noise estimate's peak: two arrays of second differences (in the filter's float), nothing of
+    the image's size more. It made a float64 copy of an 8-bit image, a fresh array per step and a sorted copy:
+    4.5 such arrays, more than NL-means' own offset loop needs. The same number as a sort of the copy."""
+    from nlref.nlmeans import noise
+    from tests.helpers import traced_peak
+
+    rng = np.random.default_rng(3)
+    x = (rng.random(shape) * (200 if dtype[0] == "u" else 1)).astype(dtype)
+    work = noise.filter_dtype(x.dtype)
+    v = np.moveaxis(x, channel_axis, 0) if channel_axis is not None else x[None]
+    filtered = v.astype(work)
+    for axis in range(1, v.ndim):
+        filtered = noise.second_difference(filtered, axis)
+    expected = []
+    for c in range(filtered.shape[0]):  # the definition: sort everything
+        flat = np.sort(np.abs(filtered[c]).reshape(-1))
+        n = flat.size
+        expected.append(noise.sigma_from_median((flat[(n - 1) // 2] + flat[n // 2]) / 2.0, v.ndim - 1))
+    got = []
+    peak = traced_peak(lambda: got.append(nlref.estimate_sigma(x, channel_axis=channel_axis)))
+    assert got[0] == sum(expected) / len(expected)
+    assert peak <= 2.2 * filtered.nbytes, peak / filtered.nbytes
+
+
 def test_zero_noise_without_h_is_an_error():
     with pytest.raises(ValueError, match=r"cannot choose h: .* the noise level estimated from the image is 0"):
         nlref.nl_means(np.full((10, 10), 0.5))
