@@ -162,6 +162,21 @@ def test_even_template_means_the_next_odd_width_and_multi_refuses_even_sizes():
             cv2.fastNlMeansDenoisingMulti(frames, 1, temporal, None, 12, template, search)
 
 
+def test_defaults_are_h_3_template_7_search_21():
+    rng = np.random.default_rng(4)
+    image = np.rint(120 + 3 * rng.standard_normal((30, 34))).astype(np.uint8)  # noise near h = 3: h matters
+    default = cv2.fastNlMeansDenoising(image)
+    assert np.array_equal(default, cv2.fastNlMeansDenoising(image, None, 3, 7, 21))
+    for other in [(4, 7, 21), (3, 5, 21), (3, 7, 19)]:
+        assert not np.array_equal(default, cv2.fastNlMeansDenoising(image, None, *other))
+    bgr = np.rint(np.array([60, 120, 180]) + 10 * rng.standard_normal((30, 34, 3))).astype(np.uint8)
+    assert np.array_equal(cv2.fastNlMeansDenoisingColored(bgr),
+                          cv2.fastNlMeansDenoisingColored(bgr, None, 3, 3, 7, 21))
+    for other in [(4, 3), (3, 4)]:
+        assert not np.array_equal(cv2.fastNlMeansDenoisingColored(bgr),
+                                  cv2.fastNlMeansDenoisingColored(bgr, None, *other, 7, 21))
+
+
 # --- the weight function ---------------------------------------------------------------------------
 
 SINGLE_CASES = [  # (shape, h, template, search)
