@@ -338,3 +338,26 @@ def test_only_8_bit_with_l2_and_8_or_16_bit_with_l1():
         cv2.fastNlMeansDenoising(image16, h=[3000.0], templateWindowSize=5, searchWindowSize=9)
     with pytest.raises(cv2.error, match="Only CV_8U is supported"):
         cv2.fastNlMeansDenoising(image16.astype(np.float32), None, 10.0, 5, 9)
+
+
+def main():
+    """The agreement quoted in docs/nlmeans.md section 7: camera 512x512, noise 20, 7x7 / 21x21.
+
+    Run from the repository root: ``python tests/nlmeans/test_opencv_conventions.py`` (about 10 s).
+    """
+    clean = np.rint(camera().astype(np.float64) * 255)
+    rng = np.random.default_rng(0)
+    noisy = np.clip(np.rint(clean + 20 * rng.standard_normal(clean.shape)), 0, 255).astype(np.uint8)
+    print(f"OpenCV {cv2.__version__}, camera 512x512, noise 20 grey levels, template 7, search 21")
+    for h in (10, 18, 30):
+        opencv = cv2.fastNlMeansDenoising(noisy, None, h, 7, 21).astype(int)
+        ours = nlref.nl_means(noisy, h=h, sigma=0, patch_size=7, search_size=21).astype(int)
+        with_cut_off = np.floor(_opencv_model_2d(noisy, h, 7, 21, integer=False, cutoff=True) + 0.5)
+        for name, result in (("nlref (h, sigma=0)", ours), ("nlref's float weights + OpenCV's cut-off", with_cut_off)):
+            diff = np.abs(result - opencv)
+            print(f"h = {h}: {name}: max |diff| {diff.max():.0f}, equal {100 * (diff == 0).mean():.1f} %, "
+                  f"within 1 {100 * (diff <= 1).mean():.2f} %")
+
+
+if __name__ == "__main__":
+    main()
