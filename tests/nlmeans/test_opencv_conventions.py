@@ -2,7 +2,8 @@
 
 Read from OpenCV's ``modules/photo/src`` (opencv/opencv: ``fast_nlmeans_denoising_invoker.hpp`` at
 commit 38cbe9873a8076116ec450f204ad93ef05293352, ``fast_nlmeans_denoising_invoker_commons.hpp`` at
-6b6cfa893d43bc24fb15b690b9400aad71ddf298, ``denoising.cpp`` at f99be6bda6064f20658149babaf95e68c6536266;
+6b6cfa893d43bc24fb15b690b9400aad71ddf298, ``fast_nlmeans_multi_denoising_invoker.hpp`` at
+581923fa57108751f54a60f6204754d17d63b599, ``denoising.cpp`` at f99be6bda6064f20658149babaf95e68c6536266;
 the templated 3.x/4.x form with ``DistSquared``/``DistAbs``, per-channel ``h`` and 16-bit input from the
 forks hwdh/opencv 22bbe27592fd9cee87e7bcb28c3efd7a8efe92b7 (commons) and propel-gtm/opencv
 3963286d00f0e337219d301f4348d6e7edcfaa91 (``denoising.cpp``)) and tested here on the installed cv2:
