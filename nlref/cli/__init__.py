@@ -20,7 +20,7 @@ from nlref.cli import course as _course
 from nlref.cli import demo as _demo
 from nlref.cli import denoise as _denoise
 from nlref.cli import train as _train
-from nlref.cli._common import CommandError, _Output, _Terminated, silence_stdout
+from nlref.cli._common import CommandError, _Output, _Terminated, machine_failure_line, silence_stdout
 from nlref.cli.denoise import run_denoise
 from nlref.cli.store import run_denoise_chunked
 from nlref.cli.train import run_train
@@ -87,7 +87,8 @@ def main(argv=None):
         print(f"nlref {args.command}: error: {err}", file=sys.stderr)
         return 2
     except (OSError, FloatingPointError) as err:  # the machine (a full disk, a lost worker) or a diverged training
-        print(f"nlref {args.command}: error: {err}", file=sys.stderr)
+        after = _train._train_failed(args) if args.command == "train" and isinstance(err, OSError) else ""
+        print(machine_failure_line(args.command, err, after), file=sys.stderr)
         return 1
     except (KeyboardInterrupt, _Terminated) as err:
         signum = err.args[0] if isinstance(err, _Terminated) else signal.SIGINT

@@ -135,6 +135,19 @@ def grey_levels_arg(text):
                      "is not a noise level in grey levels: allowed 0 to 255")
 
 
+def machine_failure_line(command, err, after=""):
+    """The one line of a failure of the machine during the work: the OSError, and for a full disk what to do.
+
+    ``after``: what the command left (``nlref train``: the checkpoint to continue from).
+    """
+    import errno
+
+    line = f"nlref {command}: error: {err}"
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        line += "; the disk is full: free some space there, or write elsewhere, then run the command again"
+    return line + (f"; {after}" if after else "")
+
+
 def refuse_existing(out, overwrite):
     """One rule for every command's ``--out``: an existing one is replaced only with ``--overwrite``."""
     if (out.exists() or out.is_symlink()) and not overwrite:

@@ -171,7 +171,9 @@ def _check_output(out, *, image_path, dtype, shape, samples):
     """
     if out.is_dir():
         raise CommandError(f"--out {str(out)!r} is a folder; give a file name such as {str(out / 'denoised.png')!r}")
-    folder = out.parent
+    from nlref._files import writing_target
+
+    folder = writing_target(out).parent  # a link is written through: its target's folder
     if not folder.is_dir():
         raise CommandError(f"the folder of --out ({str(folder)!r}) does not exist; create it first")
     if not os.access(folder, os.W_OK):
@@ -207,20 +209,24 @@ def _write_image(out, image, *, samples):
     TIFF is written with the photometric tag that says so, minisblack otherwise (a volume of 3
     slices written as RGB planes would read back as one colour image).
     """
-    from skimage import io
+    from nlref._files import replaced_atomically, write_atomically
 
-    from nlref._files import replaced_atomically
+    if out.suffix.lower() not in (".tif", ".tiff"):
+        # encoded in memory (by imageio, as skimage.io.imsave does), then written by us: imageio's plugin
+        # wrote to the file itself and closed it again when collected, and on a full disk that second close
+        # printed "Exception ignored in: PluginV3.__del__" with a traceback after the error line
+        import imageio.v3 as iio
 
+        encoded = iio.imwrite("<bytes>", image, extension=out.suffix.lower())
+        write_atomically(out, lambda f: f.write(encoded))
+        return
     with replaced_atomically(out) as tmp:
-        if out.suffix.lower() in (".tif", ".tiff"):
-            import tifffile
+        import tifffile
 
-            n = image.shape[-1] if samples else 0
-            extra = ["unassalpha"] if n in (2, 4) else ["unspecified"] * (n - 1) if n > 4 else []
-            options = dict(planarconfig="contig", extrasamples=extra) if extra else {}
-            tifffile.imwrite(tmp, image, photometric="rgb" if n in (3, 4) else "minisblack", **options)
-        else:
-            io.imsave(tmp, image, check_contrast=False)
+        n = image.shape[-1] if samples else 0
+        extra = ["unassalpha"] if n in (2, 4) else ["unspecified"] * (n - 1) if n > 4 else []
+        options = dict(planarconfig="contig", extrasamples=extra) if extra else {}
+        tifffile.imwrite(tmp, image, photometric="rgb" if n in (3, 4) else "minisblack", **options)
 
 
 def run_denoise(args):

@@ -59,6 +59,23 @@ def _train_interrupted(args, signame):
             f"complete); to continue: {_train_command(args)}")
 
 
+def _train_failed(args):
+    """What a run that failed on the machine (a full disk) left: the epoch whose checkpoint is intact, and how to go on."""
+    from nlref.train import CHECKPOINT, CheckpointError, load_checkpoint
+
+    path = Path(args.out) / CHECKPOINT
+    previous = getattr(args, "previous_checkpoint", None)
+    if previous is not None and _stamp(path) == previous:
+        return f"no epoch of the new run was saved, and {args.out} still holds the previous run"
+    try:
+        epoch = load_checkpoint(path)[0]["epoch"] if path.is_file() else 0
+    except CheckpointError:
+        return f"the checkpoint {path} cannot be read"
+    if epoch == 0:
+        return "no epoch was saved"
+    return f"the checkpoint {path} of epoch {epoch} of {args.epochs} is complete; to continue: {_train_command(args)}"
+
+
 #: Options that apply to one task or network only, by destination: (flag, TrainConfig field). Their default is
 #: None on the command line, so that one the user typed is told from one left out.
 _SPECIFIC = {"stage": ("--stage", "stage"), "extent": ("--extent", "extent"), "margin": ("--margin", "margin"),
