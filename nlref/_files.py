@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 __all__ = ["replaced_atomically", "write_atomically", "folder_problem", "WriteError", "machine_failure",
-           "absolute", "writing_target"]
+           "absolute", "writing_target", "numba_kernel"]
 
 #: The errors that are the machine's, not the user's: no space, no quota left, an input/output error.
 MACHINE_ERRNOS = frozenset(getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EIO") if hasattr(errno, name))
@@ -126,3 +126,48 @@ def folder_problem(folder):
         return f"the folder {str(folder)!r} cannot be made or written ({err.strerror or err})"
     return None
 
+
+_cache_warned = []
+
+
+def _cache_warning(reason):
+    """Warn once per process that Numba's on-disk cache of nlref's kernels is not written."""
+    if _cache_warned:
+        return
+    _cache_warned.append(reason)
+    import warnings
+
+    warnings.warn(f"Numba cannot keep nlref's compiled kernels on disk ({reason}): they work, but are compiled "
+                  "again in every new process (seconds); point the environment variable NUMBA_CACHE_DIR at a "
+                  "writable folder with free space", UserWarning, stacklevel=3)
+
+
+def numba_kernel(numba, fn, options):
+    """``numba.njit(**options)(fn)``, whose on-disk cache (``cache=True``) cannot fail the computation.
+
+    The cache is a speed-up only. Numba refused to compile a function whose folder and the user's
+    cache folder are both read-only (an installed package, a container's HOME): "RuntimeError:
+    cannot cache function '_box': no locator available", an internal error of ``nlref denoise``;
+    and a full disk where the cache is written failed the first call with "No space left on
+    device", whatever the output's disk. Both now compile without writing the cache, with one
+    warning per process (numba 0.68: ``CacheImpl.__init__`` raises the first, ``Cache.save_overload``
+    lets the second through, in ``numba/core/caching.py``).
+    """
+    try:
+        dispatcher = numba.njit(**options)(fn)
+    except RuntimeError as err:
+        if not options.get("cache") or "no locator available" not in str(err):
+            raise
+        _cache_warning("no folder to write it in: nlref's own folder and the user's cache folder are read-only")
+        return numba.njit(**{**options, "cache": False})(fn)
+    cache = getattr(dispatcher, "_cache", None)
+    save = getattr(cache, "save_overload", None)
+    if save is not None:
+        def save_overload(sig, data):
+            try:
+                save(sig, data)
+            except OSError as err:  # a full disk, a folder made read-only since: the kernel is compiled all the same
+                _cache_warning(f"{err.strerror or err} in {getattr(cache, 'cache_path', 'its cache folder')}")
+
+        cache.save_overload = save_overload
+    return dispatcher

@@ -6,8 +6,11 @@ real tmpfs mounts (a full one, a read-only one) when these tests were written.
 """
 
 import errno
+import importlib.util
 import os
 import stat
+import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -137,3 +140,50 @@ def test_an_opener_keeps_the_dotdot_after_a_link(tmp_path, monkeypatch):
     opener = Opener.zarr("link/../x.zarr")
     assert opener.shape == (4, 4) and os.path.samefile(opener.path, tmp_path / "data" / "x.zarr")
 
+
+def _fast_numba_copy():
+    """A fresh copy of nlref.nlmeans.fast_numba (its kernels not yet handed to Numba), beside the original."""
+    import nlref.nlmeans.fast_numba as original
+
+    spec = importlib.util.spec_from_file_location("nlref.nlmeans._fast_numba_copy", original.__file__)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _box_axis_works(module):
+    out = np.zeros(8)
+    module._box_axis(np.arange(10.0), out, 8, 3, 1)
+    return np.array_equal(out, 3 * np.arange(8.0) + 3)
+
+
+def test_kernels_compile_where_numba_has_no_folder_for_its_cache(monkeypatch):
+    """A read-only install and a read-only HOME: "RuntimeError: cannot cache function '_box': no locator
+    available", an internal error of nlref denoise. Now compiled without the cache, with one warning."""
+    caching = pytest.importorskip("numba.core.caching")
+    monkeypatch.setattr(caching.CacheImpl, "_locator_classes", [])  # what Numba finds there: no folder at all
+    monkeypatch.setattr(files, "_cache_warned", [])
+    module = _fast_numba_copy()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        module.compile_kernels()
+        assert _box_axis_works(module)
+    assert [str(w.message) for w in caught if "NUMBA_CACHE_DIR" in str(w.message)][:1]
+    sys.modules.pop("nlref.nlmeans._fast_numba_copy", None)
+
+
+def test_kernels_run_when_their_cache_cannot_be_written(tmp_path, monkeypatch):
+    """A full disk where Numba writes its cache failed the first call with ENOSPC, whatever the output's disk."""
+    caching = pytest.importorskip("numba.core.caching")
+    import numba.core.config
+
+    monkeypatch.setattr(numba.core.config, "CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(caching.IndexDataCacheFile, "_open_for_write", _full)
+    monkeypatch.setattr(files, "_cache_warned", [])
+    module = _fast_numba_copy()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        module.compile_kernels()
+        assert _box_axis_works(module)
+    assert any("No space left on device" in str(w.message) for w in caught)
+    sys.modules.pop("nlref.nlmeans._fast_numba_copy", None)
