@@ -276,9 +276,11 @@ def add_parser(sub, formatter_class):
     """The ``nlref course`` subcommand, added to the command's subparsers."""
     course = sub.add_parser("course", help="write the student edition of the course's notebooks",
                             description=_HELP, formatter_class=formatter_class)
-    course.add_argument("--student", required=True, metavar="DIR",
+    from nlref.cli._common import path_arg
+
+    course.add_argument("--student", required=True, metavar="DIR", type=path_arg,
                         help="folder to write the student edition into (required, no default; it must not exist, unless --overwrite)")
-    course.add_argument("--notebooks", metavar="DIR",
+    course.add_argument("--notebooks", metavar="DIR", type=path_arg,
                         help="the teacher edition (default: ./notebooks, else the notebooks of this nlref's checkout, "
                              "else those installed with it)")
     course.add_argument("--overwrite", action="store_true",

@@ -45,11 +45,26 @@ def _global_flags(parser, default):
                         help="on a bug in nlref, show the Python traceback (also NLREF_TRACEBACK=1) (default: off)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, whose two errors about a word starting with '-' say how to give such a file name."""
+
+    def error(self, message):
+        import re
+
+        flag = re.match(r"argument (--out|--student|--notebooks): expected one argument$", message)
+        stray = re.match(r"unrecognized arguments: (-\S*)", message)
+        if flag or stray:  # a value or IMAGE starting with '-' reads as a flag to argparse
+            name = "-name" if flag else stray.group(1)
+            message += (f" (a file name that starts with '-' is written ./{name}" +
+                        (f", or {flag.group(1)}=-name)" if flag else ")"))
+        super().error(message)
+
+
 def build_parser():
     from nlref import __version__
 
     fmt = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(prog="nlref", description=_DESCRIPTION, formatter_class=fmt, allow_abbrev=False)
+    parser = _Parser(prog="nlref", description=_DESCRIPTION, formatter_class=fmt, allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"nlref {__version__}")
     _global_flags(parser, False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -124,6 +124,18 @@ def _argument(text, convert, kind, allowed, rule):
     return value
 
 
+def path_arg(text):
+    """argparse type of a file or folder flag: a leading ``~`` is the home folder, as the shell would make it.
+
+    The shell expands ``~`` only at the start of a word: zsh leaves ``--out=~/runs`` as it is, as
+    every shell leaves a quoted ``"~/runs"``, and nlref made a folder named ``~`` in the current
+    one. A file or folder really named ``~`` is still ``./~``.
+    """
+    import os
+
+    return os.path.expanduser(text)
+
+
 def seed_arg(text):
     """argparse type of ``--seed``: an int >= 0 (NumPy's generators take no negative seed)."""
     return _argument(text, int, "an int", lambda v: v >= 0, "is negative; a seed is an int >= 0")

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from nlref.cli._common import (CommandError, _timed, _warned, flag_names, grey_levels_arg, refuse_existing, say,
-                               seed_arg)
+from nlref.cli._common import (CommandError, _timed, _warned, flag_names, grey_levels_arg, path_arg, refuse_existing,
+                               say, seed_arg)
 from nlref.cli.store import FLAGS, _chunk_size, _is_chunked, run_denoise_chunked
 
 #: What each output format can hold: (name, dtypes, channel counts; None: anything, 0: no channel axis).
@@ -313,7 +313,7 @@ done, through a temporary file, so a failed or interrupted run never leaves half
 def add_parser(sub, fmt):
     """The ``nlref denoise`` subcommand."""
     den = sub.add_parser("denoise", help="NL-means denoise an image file", description=_DENOISE, formatter_class=fmt)
-    den.add_argument("image", nargs="?", metavar="IMAGE",
+    den.add_argument("image", nargs="?", metavar="IMAGE", type=path_arg,
                      help="image file: PNG, TIFF, JPEG, BMP, ... (default: the bundled camera image, with added noise)")
     den.add_argument("--sigma", type=float,
                      help="noise std in the image's units (0..255 for 8-bit files) (default: estimated; reads low "
@@ -332,7 +332,7 @@ def add_parser(sub, fmt):
                      help="noise added to the bundled image when no IMAGE is given, in grey levels (default: "
                           "20.0)")
     den.add_argument("--seed", type=seed_arg, help="seed of that noise, an int >= 0 (default: 0)")
-    den.add_argument("--out", default="denoised.png",
+    den.add_argument("--out", default="denoised.png", type=path_arg,
                      help="output file; its extension picks the format: .png, .tif, .jpg, .bmp, .webp "
                           "(default: %(default)s)")
     den.add_argument("--overwrite", action="store_true",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from nlref.cli._common import CommandError, _count, _stamp, flag_names, say, writable_folder
+from nlref.cli._common import CommandError, _count, _stamp, flag_names, path_arg, say, writable_folder
 
 #: The flags of ``nlref train`` in the order added, by destination: (flag, True for an on/off flag).
 _FLAGS = {}
@@ -264,7 +264,7 @@ def add_parser(sub, fmt):
     opt("--dtype", choices=("float32", "float64"), default=d.dtype, help="floating-point type" + dflt)
     opt("--seed", type=int, default=d.seed, help="seed of the data, weights and shuffles" + dflt)
     opt("--backend", choices=("numpy", "cupy"), default="numpy", help="array library" + dflt)
-    opt("--out", default="nlref-train", help="folder for checkpoint and metrics" + dflt)
+    opt("--out", default="nlref-train", type=path_arg, help="folder for checkpoint and metrics" + dflt)
     again = tr.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
                        help="continue the run in OUT from its checkpoint (default: off)")

@@ -1,4 +1,4 @@
-"""The commands on a full disk, a read-only folder, and the paths users type (``link/..``, a link to the output).
+"""The commands on a full disk, a read-only folder, and the paths users type (``~``, ``link/..``, a link, ``-name``).
 
 A full disk is the machine's failure: one line naming the file, exit status 1; a folder that cannot
 be written is the user's mistake: one line naming the flag, exit status 2, before the work. The
@@ -167,3 +167,24 @@ def test_overwriting_a_linked_store_replaces_its_target_and_leaves_nothing(tmp_p
     assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["o.zarr"]
     assert not np.array_equal(zarr.open_array(str(tmp_path / "results" / "o.zarr"), mode="r")[:], before)
 
+
+def test_a_tilde_the_shell_left_is_the_home_folder(tmp_path, capsys, monkeypatch):
+    """zsh leaves --out=~/x as it is (so does any shell, quoted): nlref made a folder named '~' (train) or
+    refused its missing folder (denoise)."""
+    src = _png(tmp_path)
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    assert main(["denoise", str(src), "--sigma", "20", "--search-size", "5", "--out=~/o.png", "-q"]) == 0
+    assert (home / "o.png").is_file() and not (tmp_path / "~").exists()
+
+
+def test_a_file_name_starting_with_a_dash_is_explained(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["denoise", str(_png(tmp_path)), "--out", "-o.png"])
+    assert stop.value.code == 2
+    assert "--out=-name" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["denoise", "-noisy.png"])
+    assert "./-noisy.png" in capsys.readouterr().err
