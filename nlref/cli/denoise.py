@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from nlref.cli._common import (CommandError, _timed, _warned, flag_names, grey_levels_arg, path_arg, refuse_existing,
-                               say, seed_arg)
+                               say, seed_arg, writable_folder)
 from nlref.cli.store import FLAGS, _chunk_size, _is_chunked, run_denoise_chunked
 
 #: What each output format can hold: (name, dtypes, channel counts; None: anything, 0: no channel axis).
@@ -178,6 +178,7 @@ def _check_output(out, *, image_path, dtype, shape, samples):
         raise CommandError(f"the folder of --out ({str(folder)!r}) does not exist; create it first")
     if not os.access(folder, os.W_OK):
         raise CommandError(f"the folder of --out ({str(folder)!r}) is not writable")
+    writable_folder(folder, "--out", str(out))  # what os.access cannot see: a full disk (raised: exit 1), before the work
     suffix = out.suffix.lower()
     if suffix not in _WRITERS:
         raise CommandError(f"--out {str(out)!r}: the extension {suffix or '(none)'!r} names no image format nlref "

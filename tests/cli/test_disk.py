@@ -67,6 +67,19 @@ def test_a_full_disk_before_the_work_is_the_machines_failure(tmp_path, capsys, m
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.npy"]
 
 
+def test_a_full_disk_is_said_before_an_image_is_denoised(tmp_path, capsys, monkeypatch):
+    """os.access passes a full disk: NL-means ran in full, then the write failed."""
+    import nlref
+
+    src = _png(tmp_path)
+    monkeypatch.setattr(files, "write_atomically", _full)
+    monkeypatch.setattr(nlref, "nl_means", lambda *a, **k: pytest.fail("denoised before --out was checked"))
+    assert main(["denoise", str(src), "--sigma", "20", "--out", str(tmp_path / "o.png")]) == 1
+    err = _one_line(capsys)
+    assert f"cannot write {str(tmp_path)!r}: No space left on device" in err and "the disk is full" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png"]
+
+
 def test_a_read_only_folder_for_a_chunked_run_is_refused_before_the_work(tmp_path, capsys, monkeypatch):
     """No check before the work: a pass over the data, then exit 1 naming the hidden partial store."""
     import nlref.nlmeans.store as store
