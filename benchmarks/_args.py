@@ -52,4 +52,12 @@ def figure_path(text):
         raise argparse.ArgumentTypeError(f"must end in a figure format ({suffixes}), got {text!r}")
     if not path.parent.is_dir():
         raise argparse.ArgumentTypeError(f"{str(path.parent)!r} is not an existing folder (from {text!r})")
+    from nlref._files import folder_problem
+
+    try:  # a read-only folder or a full disk, said now rather than after minutes of measurements
+        problem = folder_problem(path.parent)
+    except OSError as err:
+        problem = str(err)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{text!r}: {problem}")
     return path

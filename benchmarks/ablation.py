@@ -37,7 +37,7 @@ os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # before NumPy loads Open
 
 from pathlib import Path  # noqa: E402
 
-from nlref._files import write_atomically  # noqa: E402
+from nlref._files import folder_problem, write_atomically  # noqa: E402
 from nlref.backend import retain_freed_memory  # noqa: E402
 from nlref.train import TrainConfig, train  # noqa: E402
 
@@ -132,6 +132,12 @@ def check_plan(parser, args, schedule):
         folder = Path(args.json).resolve().parent
         if Path(args.json).is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK):
             parser.error(f"--json {args.json!r}: not a file that can be written in an existing folder")
+        try:  # os.access passes a full disk: the results of an hour would be lost at the end
+            problem = folder_problem(folder)
+        except OSError as err:
+            problem = str(err)
+        if problem:
+            parser.error(f"--json {args.json!r}: {problem}")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ._files import writing_target
 from .backend import check_flag
 
 __all__ = ["SOLUTION_BEGIN", "SOLUTION_END", "SCHEME_BEGIN", "SCHEME_END", "MARK_SCHEME_TAG",
@@ -240,9 +241,13 @@ def write_student_edition(dest, *, notebooks=None, overwrite=False):
             editions.append((path.name, student_notebook(nbformat.read(path, as_version=4))))
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from None
+    asked, dest = dest, writing_target(dest)  # a link to an edition: the edition it points to is replaced, the link kept
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes 0700: the edition is for others to read, as mkdir makes it
         for name, nb in editions:
             nbformat.write(nb, staging / name)
         if dest.exists():
@@ -255,7 +260,7 @@ def write_student_edition(dest, *, notebooks=None, overwrite=False):
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-    return [dest / name for name, _ in editions]
+    return [asked / name for name, _ in editions]
 
 
 _HELP = """Write the course's student edition: the notebooks with solutions taken out.
@@ -271,9 +276,11 @@ def add_parser(sub, formatter_class):
     """The ``nlref course`` subcommand, added to the command's subparsers."""
     course = sub.add_parser("course", help="write the student edition of the course's notebooks",
                             description=_HELP, formatter_class=formatter_class)
-    course.add_argument("--student", required=True, metavar="DIR",
+    from nlref.cli._common import path_arg
+
+    course.add_argument("--student", required=True, metavar="DIR", type=path_arg,
                         help="folder to write the student edition into (required, no default; it must not exist, unless --overwrite)")
-    course.add_argument("--notebooks", metavar="DIR",
+    course.add_argument("--notebooks", metavar="DIR", type=path_arg,
                         help="the teacher edition (default: ./notebooks, else the notebooks of this nlref's checkout, "
                              "else those installed with it)")
     course.add_argument("--overwrite", action="store_true",

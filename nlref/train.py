@@ -667,6 +667,10 @@ def train(config: TrainConfig | None = None, out_dir: PathLike | None = None, *,
     CheckpointError
         ``resume`` without a checkpoint in ``out_dir``, or with one that is corrupted or
         from another configuration.
+    OSError
+        The disk of ``out_dir`` is full (before the run, or at an epoch's checkpoint: the one of
+        the epoch before stays complete, and ``resume=True`` continues from it once there is
+        space); the error names the file that could not be written.
     """
     if config is not None and not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig (TrainConfig(**fields), or TrainConfig.from_dict(d)), "

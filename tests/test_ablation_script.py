@@ -24,3 +24,25 @@ def test_refused_before_any_run(args, message, tmp_path):
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr and "## Table" not in done.stdout
     assert re.search(message, done.stderr), done.stderr
+
+
+def test_a_json_on_a_full_disk_is_refused_before_any_run(tmp_path, monkeypatch, capsys):
+    """os.access passed a folder on a full disk: an hour of runs, then the results lost at the --json write."""
+    import argparse
+    import errno
+
+    import nlref._files as files
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import ablation
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files, "write_atomically", full)
+    args = argparse.Namespace(only=["2a"], rows=None, seeds=[0], json=str(tmp_path / "x.json"))
+    with pytest.raises(SystemExit) as stop:
+        ablation.check_plan(argparse.ArgumentParser(prog="ablation.py"), args, ablation.SCHEDULE)
+    assert stop.value.code == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -8,6 +8,7 @@ crops smaller than the patches; ``bench_dask.py`` wrote its 2 GB volume before r
 ``--repeats 0`` or ``--piece 1,2``, created a missing ``--dir``, and left the store behind on SIGTERM.
 """
 
+import os
 import re
 import signal
 import subprocess
@@ -81,4 +82,24 @@ def test_bench_dask_removes_its_stores_on_sigterm(tmp_path):
     process.send_signal(signal.SIGTERM)
     process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("code", ["EROFS", "ENOSPC"])
+def test_a_plot_that_cannot_be_written_is_refused_before_any_work(tmp_path, monkeypatch, code):
+    """--plot into a read-only folder (or on a full disk) was taken, and the figure failed after the measurements."""
+    import argparse
+    import errno
+
+    import nlref._files as files
+
+    def fails(*args, **kwargs):
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from _args import figure_path
+
+    monkeypatch.setattr(files, "write_atomically", fails)
+    with pytest.raises(argparse.ArgumentTypeError, match=os.strerror(getattr(errno, code))):
+        figure_path(str(tmp_path / "t.png"))
     assert list(tmp_path.iterdir()) == []

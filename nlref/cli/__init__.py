@@ -20,7 +20,7 @@ from nlref.cli import course as _course
 from nlref.cli import demo as _demo
 from nlref.cli import denoise as _denoise
 from nlref.cli import train as _train
-from nlref.cli._common import CommandError, _Output, _Terminated, silence_stdout
+from nlref.cli._common import CommandError, _Output, _Terminated, machine_failure_line, silence_stdout
 from nlref.cli.denoise import run_denoise
 from nlref.cli.store import run_denoise_chunked
 from nlref.cli.train import run_train
@@ -45,11 +45,26 @@ def _global_flags(parser, default):
                         help="on a bug in nlref, show the Python traceback (also NLREF_TRACEBACK=1) (default: off)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, whose two errors about a word starting with '-' say how to give such a file name."""
+
+    def error(self, message):
+        import re
+
+        flag = re.match(r"argument (--out|--student|--notebooks): expected one argument$", message)
+        stray = re.match(r"unrecognized arguments: (-\S*)", message)
+        if flag or stray:  # a value or IMAGE starting with '-' reads as a flag to argparse
+            name = "-name" if flag else stray.group(1)
+            message += (f" (a file name that starts with '-' is written ./{name}" +
+                        (f", or {flag.group(1)}=-name)" if flag else ")"))
+        super().error(message)
+
+
 def build_parser():
     from nlref import __version__
 
     fmt = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(prog="nlref", description=_DESCRIPTION, formatter_class=fmt, allow_abbrev=False)
+    parser = _Parser(prog="nlref", description=_DESCRIPTION, formatter_class=fmt, allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"nlref {__version__}")
     _global_flags(parser, False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -87,7 +102,8 @@ def main(argv=None):
         print(f"nlref {args.command}: error: {err}", file=sys.stderr)
         return 2
     except (OSError, FloatingPointError) as err:  # the machine (a full disk, a lost worker) or a diverged training
-        print(f"nlref {args.command}: error: {err}", file=sys.stderr)
+        after = _train._train_failed(args) if args.command == "train" and isinstance(err, OSError) else ""
+        print(machine_failure_line(args.command, err, after), file=sys.stderr)
         return 1
     except (KeyboardInterrupt, _Terminated) as err:
         signum = err.args[0] if isinstance(err, _Terminated) else signal.SIGINT

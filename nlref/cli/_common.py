@@ -124,6 +124,18 @@ def _argument(text, convert, kind, allowed, rule):
     return value
 
 
+def path_arg(text):
+    """argparse type of a file or folder flag: a leading ``~`` is the home folder, as the shell would make it.
+
+    The shell expands ``~`` only at the start of a word: zsh leaves ``--out=~/runs`` as it is, as
+    every shell leaves a quoted ``"~/runs"``, and nlref made a folder named ``~`` in the current
+    one. A file or folder really named ``~`` is still ``./~``.
+    """
+    import os
+
+    return os.path.expanduser(text)
+
+
 def seed_arg(text):
     """argparse type of ``--seed``: an int >= 0 (NumPy's generators take no negative seed)."""
     return _argument(text, int, "an int", lambda v: v >= 0, "is negative; a seed is an int >= 0")
@@ -133,6 +145,19 @@ def grey_levels_arg(text):
     """argparse type of a noise level in grey levels: a finite number in [0, 255] (NaN fails the comparison)."""
     return _argument(text, float, "a number", lambda v: 0 <= v <= 255,
                      "is not a noise level in grey levels: allowed 0 to 255")
+
+
+def machine_failure_line(command, err, after=""):
+    """The one line of a failure of the machine during the work: the OSError, and for a full disk what to do.
+
+    ``after``: what the command left (``nlref train``: the checkpoint to continue from).
+    """
+    import errno
+
+    line = f"nlref {command}: error: {err}"
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        line += "; the disk is full: free some space there, or write elsewhere, then run the command again"
+    return line + (f"; {after}" if after else "")
 
 
 def refuse_existing(out, overwrite):

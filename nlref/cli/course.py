@@ -34,7 +34,9 @@ def run(args):
         course.check_destination(student, notebooks)
     except ValueError as err:
         raise CommandError(f"--student: {err}") from None
-    writable_folder(student.parent, "--student", args.student)  # the edition is written beside DIR, then renamed into place
+    from nlref._files import writing_target
+
+    writable_folder(writing_target(student).parent, "--student", args.student)  # the edition is written beside DIR, then renamed into place
     try:
         written = course.write_student_edition(args.student, notebooks=notebooks, overwrite=args.overwrite)
     except ValueError as err:  # a notebook of --notebooks whose solution markers do not pair up

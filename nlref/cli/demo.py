@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from nlref.cli._common import CommandError, seed_arg, writable_folder
+from nlref.cli._common import CommandError, path_arg, seed_arg, writable_folder
 
 _DEMO = """\
 The teaching walk, on the bundled images: averaging noisy copies (the variance falls as
@@ -19,7 +19,7 @@ def add_parser(sub, fmt):
     """The ``nlref demo`` subcommand."""
     demo = sub.add_parser("demo", help="the teaching walk: averaging, NL-means, the non-local block, a short training",
                           description=_DEMO, formatter_class=fmt)
-    demo.add_argument("--out", default="nlref-demo", help="folder for the figures (default: %(default)s)")
+    demo.add_argument("--out", default="nlref-demo", type=path_arg, help="folder for the figures (default: %(default)s)")
     demo.add_argument("--overwrite", action="store_true",
                       help="replace the figures of an earlier demo in --out (default: off, they are refused)")
     demo.add_argument("--quick", action="store_true",

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from nlref.cli._common import (CommandError, _timed, _warned, flag_names, grey_levels_arg, refuse_existing, say,
-                               seed_arg)
+from nlref.cli._common import (CommandError, _timed, _warned, flag_names, grey_levels_arg, path_arg, refuse_existing,
+                               say, seed_arg, writable_folder)
 from nlref.cli.store import FLAGS, _chunk_size, _is_chunked, run_denoise_chunked
 
 #: What each output format can hold: (name, dtypes, channel counts; None: anything, 0: no channel axis).
@@ -171,11 +171,14 @@ def _check_output(out, *, image_path, dtype, shape, samples):
     """
     if out.is_dir():
         raise CommandError(f"--out {str(out)!r} is a folder; give a file name such as {str(out / 'denoised.png')!r}")
-    folder = out.parent
+    from nlref._files import writing_target
+
+    folder = writing_target(out).parent  # a link is written through: its target's folder
     if not folder.is_dir():
         raise CommandError(f"the folder of --out ({str(folder)!r}) does not exist; create it first")
     if not os.access(folder, os.W_OK):
         raise CommandError(f"the folder of --out ({str(folder)!r}) is not writable")
+    writable_folder(folder, "--out", str(out))  # what os.access cannot see: a full disk (raised: exit 1), before the work
     suffix = out.suffix.lower()
     if suffix not in _WRITERS:
         raise CommandError(f"--out {str(out)!r}: the extension {suffix or '(none)'!r} names no image format nlref "
@@ -207,20 +210,24 @@ def _write_image(out, image, *, samples):
     TIFF is written with the photometric tag that says so, minisblack otherwise (a volume of 3
     slices written as RGB planes would read back as one colour image).
     """
-    from skimage import io
+    from nlref._files import replaced_atomically, write_atomically
 
-    from nlref._files import replaced_atomically
+    if out.suffix.lower() not in (".tif", ".tiff"):
+        # encoded in memory (by imageio, as skimage.io.imsave does), then written by us: imageio's plugin
+        # wrote to the file itself and closed it again when collected, and on a full disk that second close
+        # printed "Exception ignored in: PluginV3.__del__" with a traceback after the error line
+        import imageio.v3 as iio
 
+        encoded = iio.imwrite("<bytes>", image, extension=out.suffix.lower())
+        write_atomically(out, lambda f: f.write(encoded))
+        return
     with replaced_atomically(out) as tmp:
-        if out.suffix.lower() in (".tif", ".tiff"):
-            import tifffile
+        import tifffile
 
-            n = image.shape[-1] if samples else 0
-            extra = ["unassalpha"] if n in (2, 4) else ["unspecified"] * (n - 1) if n > 4 else []
-            options = dict(planarconfig="contig", extrasamples=extra) if extra else {}
-            tifffile.imwrite(tmp, image, photometric="rgb" if n in (3, 4) else "minisblack", **options)
-        else:
-            io.imsave(tmp, image, check_contrast=False)
+        n = image.shape[-1] if samples else 0
+        extra = ["unassalpha"] if n in (2, 4) else ["unspecified"] * (n - 1) if n > 4 else []
+        options = dict(planarconfig="contig", extrasamples=extra) if extra else {}
+        tifffile.imwrite(tmp, image, photometric="rgb" if n in (3, 4) else "minisblack", **options)
 
 
 def run_denoise(args):
@@ -307,7 +314,7 @@ done, through a temporary file, so a failed or interrupted run never leaves half
 def add_parser(sub, fmt):
     """The ``nlref denoise`` subcommand."""
     den = sub.add_parser("denoise", help="NL-means denoise an image file", description=_DENOISE, formatter_class=fmt)
-    den.add_argument("image", nargs="?", metavar="IMAGE",
+    den.add_argument("image", nargs="?", metavar="IMAGE", type=path_arg,
                      help="image file: PNG, TIFF, JPEG, BMP, ... (default: the bundled camera image, with added noise)")
     den.add_argument("--sigma", type=float,
                      help="noise std in the image's units (0..255 for 8-bit files) (default: estimated; reads low "
@@ -326,7 +333,7 @@ def add_parser(sub, fmt):
                      help="noise added to the bundled image when no IMAGE is given, in grey levels (default: "
                           "20.0)")
     den.add_argument("--seed", type=seed_arg, help="seed of that noise, an int >= 0 (default: 0)")
-    den.add_argument("--out", default="denoised.png",
+    den.add_argument("--out", default="denoised.png", type=path_arg,
                      help="output file; its extension picks the format: .png, .tif, .jpg, .bmp, .webp "
                           "(default: %(default)s)")
     den.add_argument("--overwrite", action="store_true",

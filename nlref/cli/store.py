@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import os
 import sys
@@ -11,7 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from nlref.cli._common import CommandError, _warned, available_memory, flag_names, refuse_existing, say
+from nlref._files import WriteError, absolute, writing_target
+from nlref.cli._common import (CommandError, _warned, available_memory, flag_names, refuse_existing, say,
+                               writable_folder)
 
 #: The parameters of NL-means as the flags of ``nlref denoise`` (for the messages of the library's checks).
 FLAGS = {"sigma": "--sigma", "h": "--h", "patch_size": "--patch-size", "search_size": "--search-size",
@@ -175,8 +178,9 @@ def run_denoise_chunked(args):
     if args.image is None:
         raise CommandError("a chunked run (--chunks, or a .zarr input or output) needs IMAGE: a Zarr store, TIFF "
                            "stack, HDF5 or .npy file")
-    # absolute here, where the paths are parsed: a worker of a cluster runs in another folder
-    source, out = Path(os.path.abspath(args.image)), Path(os.path.abspath(str(args.out).rstrip("/")))
+    # absolute here, where the paths are parsed: a worker of a cluster runs in another folder (with their
+    # "link/.." kept: os.path.abspath dropped it as text, and read and wrote beside the link, not its target)
+    source, out = Path(absolute(args.image)), Path(absolute(str(args.out).rstrip("/")))
     if not source.exists():
         raise CommandError(f"IMAGE {args.image!r} does not exist")
     if out.suffix != ".zarr":
@@ -197,6 +201,11 @@ def run_denoise_chunked(args):
         raise CommandError(f"the folder of --out ({out.parent}) does not exist")
     if args.method != "fast":
         raise CommandError("a chunked run uses --method fast")
+    # a store that --out links to is replaced where it is (the link kept, as for a file), not the link by a folder
+    out = writing_target(out)
+    # the result is written beside --out: a folder that cannot be written is the user's mistake, said now, not
+    # after a pass over the data as an error about a hidden store (a full disk raises: the machine's failure)
+    writable_folder(out.parent, "--out", args.out)
     image = _open_chunked(source)
     channel_axis = -1 if len(image.shape) >= 3 and image.shape[-1] == 3 else None
     # the store route checks --chunks (one place): its message is translated below
@@ -287,6 +296,10 @@ def run_denoise_chunked(args):
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(partial, out)  # a folder: fails rather than replace an --out made meanwhile
+    except OSError as err:  # a full disk while the chunks are written: Zarr's error names no file, say which
+        if err.errno not in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)) or isinstance(err, WriteError):
+            raise
+        raise WriteError(err.errno, err.strerror or str(err), str(args.out)) from err
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)  # tasks still running finish before the clean-up

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from nlref.cli._common import CommandError, _count, _stamp, flag_names, say, writable_folder
+from nlref.cli._common import CommandError, _count, _stamp, flag_names, path_arg, say, writable_folder
 
 #: The flags of ``nlref train`` in the order added, by destination: (flag, True for an on/off flag).
 _FLAGS = {}
@@ -57,6 +57,23 @@ def _train_interrupted(args, signame):
                 f"run the same command again to start")
     return (f"nlref train: stopped by {signame} after epoch {epoch} of {args.epochs} (checkpoint {path} is "
             f"complete); to continue: {_train_command(args)}")
+
+
+def _train_failed(args):
+    """What a run that failed on the machine (a full disk) left: the epoch whose checkpoint is intact, and how to go on."""
+    from nlref.train import CHECKPOINT, CheckpointError, load_checkpoint
+
+    path = Path(args.out) / CHECKPOINT
+    previous = getattr(args, "previous_checkpoint", None)
+    if previous is not None and _stamp(path) == previous:
+        return f"no epoch of the new run was saved, and {args.out} still holds the previous run"
+    try:
+        epoch = load_checkpoint(path)[0]["epoch"] if path.is_file() else 0
+    except CheckpointError:
+        return f"the checkpoint {path} cannot be read"
+    if epoch == 0:
+        return "no epoch was saved"
+    return f"the checkpoint {path} of epoch {epoch} of {args.epochs} is complete; to continue: {_train_command(args)}"
 
 
 #: Options that apply to one task or network only, by destination: (flag, TrainConfig field). Their default is
@@ -247,7 +264,7 @@ def add_parser(sub, fmt):
     opt("--dtype", choices=("float32", "float64"), default=d.dtype, help="floating-point type" + dflt)
     opt("--seed", type=int, default=d.seed, help="seed of the data, weights and shuffles" + dflt)
     opt("--backend", choices=("numpy", "cupy"), default="numpy", help="array library" + dflt)
-    opt("--out", default="nlref-train", help="folder for checkpoint and metrics" + dflt)
+    opt("--out", default="nlref-train", type=path_arg, help="folder for checkpoint and metrics" + dflt)
     again = tr.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
                        help="continue the run in OUT from its checkpoint (default: off)")

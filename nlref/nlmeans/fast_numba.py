@@ -43,6 +43,7 @@ import threading
 
 import numpy as np
 
+from .._files import numba_kernel
 from ._pool import NEVER, stoppable_pool
 
 __all__ = ["nl_means_numba_padded", "compile_kernels", "TILE_ELEMENTS", "TILE_REACHES", "STEP_ELEMENTS"]
@@ -91,7 +92,7 @@ def compile_kernels():
 
         names = globals()
         for name in _KERNELS:
-            names[name] = numba.njit(**_KERNEL)(names[name])
+            names[name] = numba_kernel(numba, names[name], _KERNEL)
         _KERNELS.clear()
 
 

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from .._files import absolute
 from .._typing import Size
 from .checks import check_lazy, check_workers, sigma_axes, warn_layout
 from .chunk import denoise_with_halo
@@ -87,7 +88,7 @@ class Opener:
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"Opener kind must be one of {KINDS}; got {self.kind!r}")
-        object.__setattr__(self, "path", os.path.abspath(os.fspath(self.path)))
+        object.__setattr__(self, "path", absolute(self.path))  # link/.. kept: where the system goes
         object.__setattr__(self, "shape", tuple(int(n) for n in self.shape))
         object.__setattr__(self, "dtype", np.dtype(self.dtype))
         if self.chunks is not None:
@@ -104,7 +105,7 @@ class Opener:
         """The Zarr array at ``path`` (``key``: its path inside a group)."""
         import zarr
 
-        array = zarr.open_array(os.path.abspath(path), mode="r", path=key or None)
+        array = zarr.open_array(absolute(path), mode="r", path=key or None)
         return cls("zarr", path, array.shape, array.dtype, key=key, chunks=array.chunks)
 
     @classmethod
@@ -113,7 +114,7 @@ class Opener:
         uncompressed in one piece (``tifffile.memmap``), else read through tifffile's Zarr view."""
         import tifffile
 
-        with tifffile.TiffFile(os.path.abspath(path)) as tif:
+        with tifffile.TiffFile(absolute(path)) as tif:
             s = tif.series[series]
             return cls("tiff", path, s.shape, s.dtype, key=str(series))
 
@@ -122,7 +123,7 @@ class Opener:
         """The dataset named ``dataset`` in the HDF5 file at ``path``."""
         import h5py
 
-        with h5py.File(os.path.abspath(path), "r") as f:
+        with h5py.File(absolute(path), "r") as f:
             d = f[dataset]
             return cls("hdf5", path, d.shape, d.dtype, key=d.name, chunks=d.chunks)
 

@@ -312,24 +312,31 @@ def test_every_accepted_extension_is_written_in_its_format(tmp_path, suffix):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["in.png", dst.name])   # no temporary left
 
 
-def test_a_failed_write_leaves_the_old_output_and_no_temporary(tmp_path, capsys, monkeypatch):
-    from skimage import io as skio
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_a_failed_write_leaves_the_old_output_and_no_temporary(tmp_path, capsys, monkeypatch, suffix):
+    import errno
+
+    import nlref._files as files
 
     _, noisy = _noisy_grey(16)
-    src, dst = tmp_path / "in.png", tmp_path / "out.png"
+    src, dst = tmp_path / "in.png", tmp_path / f"out{suffix}"
     io.imsave(src, noisy, check_contrast=False)
     dst.write_bytes(b"yesterday's result")
 
-    def half_write(path, image, **kwargs):
-        with open(path, "wb") as f:
-            f.write(b"\x89PNG half")
-        raise OSError("No space left on device")
+    calls, fsync = [], os.fsync
 
-    monkeypatch.setattr(skio, "imsave", half_write)
+    def full(fd):  # the file written, the disk full when its blocks are allocated (as ext4 and XFS report it)
+        calls.append(fd)
+        if len(calls) == 1:  # the folder's check before the work: the disk had room then
+            return fsync(fd)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files.os, "fsync", full)
     assert main(["denoise", str(src), "--sigma", "15", "--search-size", "3", "--out", str(dst), "--overwrite"]) == 1
-    _one_line_error(capsys, "nlref denoise: error: No space left on device")
+    _one_line_error(capsys, f"nlref denoise: error: cannot write {str(dst)!r}: No space left on device; the disk is "
+                            "full: free some space there, or write elsewhere")
     assert dst.read_bytes() == b"yesterday's result"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png", "out.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png", dst.name]
 
 
 def test_ctrl_c_during_denoise_writes_nothing(tmp_path, capsys, monkeypatch):

@@ -39,6 +39,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from nlref._files import numba_kernel
+
 __all__ = ["ENGINES", "ENGINE_VARIABLE", "resolve_engine", "numba_applies", "softmax_rows", "softmax_backward_rows",
            "softmax_rows_grad", "concat_scores", "concat_relu_sums", "relu_sweep", "Sweep", "batchnorm_forward_numba", "BN_ROWS",
            "batchnorm_backward_numba", "BatchNormCache", "BN_CHANNELS_LAST", "maxpool_numba", "maxpool_backward_numba"]
@@ -127,7 +129,7 @@ def compile_kernels():
 
         names = globals()
         for name, (fn, options) in list(_KERNELS.items()):
-            names[name] = numba.njit(**options)(fn)
+            names[name] = numba_kernel(numba, fn, options)
         _KERNELS.clear()
 
 
