@@ -235,6 +235,15 @@ def check_plan(parser, args, shape, piece):
                      f"--size-gb {args.size_gb:g} need {needed / 1e9:.1f} GB")
 
 
+_TERMINATED = []
+
+
+def _terminate(*_):
+    """SIGTERM (a timeout, a job scheduler): leave through ``finally``, which removes the stores."""
+    _TERMINATED.append(True)
+    sys.exit(128 + signal.SIGTERM)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-gb", type=positive, default=2.1, help="volume size on disk, 1e9 bytes (default 2.1)")
@@ -261,7 +270,7 @@ def main(argv=None):
     path = args.dir / "nlref-bench-dask-input.zarr"
     out_path = args.dir / "nlref-bench-dask-output.zarr"
     check_plan(parser, args, shape, piece)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # the stores go in `finally` too
+    signal.signal(signal.SIGTERM, _terminate)  # the stores go in `finally` too
 
     import dask
     import distributed
@@ -304,4 +313,12 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except BaseException as err:
+        # SystemExit can land inside Dask's cluster start or close, whose clean-up may raise another error in its
+        # place (once, on a loaded machine, the script then ended with status 1); a SIGTERM is reported as one
+        if _TERMINATED and not (isinstance(err, SystemExit) and err.code == 128 + signal.SIGTERM):
+            print(f"bench_dask: stopped by SIGTERM (then {type(err).__name__}: {err})", file=sys.stderr)
+            sys.exit(128 + signal.SIGTERM)
+        raise

@@ -80,9 +80,9 @@ def test_bench_dask_removes_its_stores_on_sigterm(tmp_path):
         time.sleep(0.05)
     assert store.exists(), "the volume was never started"
     process.send_signal(signal.SIGTERM)
-    process.communicate(timeout=120)
-    assert process.returncode == 128 + signal.SIGTERM
-    assert list(tmp_path.iterdir()) == []
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, err
+    assert list(tmp_path.iterdir()) == [], err
 
 
 @pytest.mark.parametrize("code", ["EROFS", "ENOSPC"])
