@@ -708,3 +708,34 @@ def test_values_that_are_not_grey_or_rgb_are_refused(tmp_path, capsys, no_work, 
     assert main(["denoise", str(src), "--sigma", "10", "--out", str(tmp_path / "o.tif")]) == 2
     _one_line_error(capsys, f"IMAGE '{src}'", what, "convert it to")
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+@pytest.mark.parametrize("name, written_as, fourcc, kind", [
+    ("clip.mp4", "clip.mp4", "mp4v", "MP4"),
+    ("clip.avi", "clip.avi", "MJPG", "AVI"),
+    ("frames", "frames.avi", "MJPG", "AVI"),      # no extension: the header says it
+    ("clip.mov", "clip.mp4", "mp4v", "MP4"),      # the header, not the name
+])
+def test_a_video_file_without_a_video_plugin_names_what_to_install(tmp_path, capsys, monkeypatch, no_work, name,
+                                                                    written_as, fourcc, kind):
+    """An MP4 or AVI (written by OpenCV) when imageio has no video plugin (PyAV, imageio-ffmpeg). Before: "it is
+    not an image in a format the reader knows (PNG, JPEG, TIFF, BMP, GIF, WebP, ...), or it is damaged"."""
+    cv2 = pytest.importorskip("cv2")
+    import nlref.cli.denoise as denoise
+
+    monkeypatch.setattr(denoise, "_video_plugin", lambda: False, raising=False)  # as here, where neither is installed
+    frames = np.random.default_rng(0).integers(0, 256, (4, 32, 48, 3), dtype=np.uint8)
+    writer = cv2.VideoWriter(str(tmp_path / written_as), cv2.VideoWriter_fourcc(*fourcc), 10, (48, 32))
+    for frame in frames:
+        writer.write(frame)
+    writer.release()
+    src = tmp_path / name
+    (tmp_path / written_as).rename(src)
+    assert src.stat().st_size > 0
+    assert main(["denoise", str(src), "--out", str(tmp_path / "o.tif")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [f"nlref denoise: error: IMAGE {str(src)!r} is a video file ({kind}), which the reader (imageio) "
+                     "reads only with a video plugin, and none is installed: pip install av (or imageio-ffmpeg); or "
+                     "save its frames as an animated GIF, a multi-page TIFF or a .npy of (frames, H, W, 3) and "
+                     "denoise that"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
