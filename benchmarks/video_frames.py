@@ -13,7 +13,8 @@ frames get ``T = 5``, frames 1 and 6 ``T = 3``, frames 0 and 7 ``fastNlMeansDeno
 as an OpenCV user shortens the window at the ends. OpenCV's and scikit-image's h are the best of a
 sweep (mean PSNR over the frames); nlref's h is its preset's.
 
-    python benchmarks/video_frames.py     # about two minutes on 2 cores
+    python benchmarks/video_frames.py                # about two minutes on 2 cores
+    python benchmarks/video_frames.py --part short   # only the clips of 1 to 4 frames, 20 s
 """
 
 from __future__ import annotations
@@ -121,7 +122,36 @@ def colour_table():
         print(f"| {name} | " + " | ".join(f"{v:.2f}" for v in values) + f" | {np.mean(values):.2f} |", flush=True)
 
 
+def short_clips():
+    """Clips of 1 to 4 frames (the first frames of the grey clip): where every frame is near an end."""
+    clean = np.round(255 * nlref.data.video(4, 128)).astype(np.uint8)
+    rng = np.random.default_rng(1)
+    noisy = np.clip(np.round(clean + SIGMA * rng.standard_normal(clean.shape)), 0, 255).astype(np.uint8)
+    print("\nshort clips (the first T frames of the grey clip, noise 20): PSNR (dB) per frame\n")
+    print("| T | preset: patch, search | preset | patch_size=(1, 5, 5), search (2T - 1 at most 5) x 21 x 21 | "
+          "each frame alone |")
+    print("|---|---|---|---|---|")
+    for frames in (1, 2, 3, 4):
+        clip, cleans = noisy[:frames], clean[:frames]
+        p = nlref.resolve_parameters(clip, sigma=SIGMA)
+        window = min(5, 2 * frames - 1)
+        runs = [nlref.nl_means(clip, sigma=SIGMA),
+                nlref.nl_means(clip, sigma=SIGMA, patch_size=(1, 5, 5), search_size=(window, 21, 21)),
+                np.stack([nlref.nl_means(f, sigma=SIGMA) for f in clip])]
+        cells = [" ".join(f"{v:.2f}" for v in psnr_per_frame(cleans, r)) for r in runs]
+        print(f"| {frames} | {'x'.join(map(str, p['patch_size']))}, {'x'.join(map(str, p['search_size']))} | "
+              + " | ".join(cells) + " |", flush=True)
+
+
 def main():
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=("all", "short"), default="all",
+                        help="all tables, or only the clips of 1 to 4 frames (default: all)")
+    if parser.parse_args().part == "short":
+        short_clips()
+        return
     clean = np.round(255 * nlref.data.video(8, 128)).astype(np.uint8)
     rng = np.random.default_rng(0)
     noisy = np.clip(np.round(clean + SIGMA * rng.standard_normal(clean.shape)), 0, 255).astype(np.uint8)
@@ -141,6 +171,7 @@ def main():
           " ".join(f"{v:.2f}" for v in psnr_per_frame(cut, np.concatenate(
               [nlref.nl_means(noisy_cut[:4], sigma=SIGMA), nlref.nl_means(noisy_cut[4:], sigma=SIGMA)]))))
     colour_table()
+    short_clips()
 
 
 if __name__ == "__main__":
