@@ -82,7 +82,7 @@ def preset_for(sigma_255, *, colour, aggregation, shape, search_size=None):
         Spatial shape of the image (sizes are clipped to it).
     search_size : tuple of int, optional
         The search window that will be used, where it is not the preset's (given by the
-        caller). The leading-axis multiplier of h (:data:`LEADING_AXES_H_SCALE`) applies only
+        caller). The leading-axis multiplier of h (``LEADING_AXES_H_SCALE``) applies only
         when this window reaches along a leading axis: a window one sample wide there (a
         clip of one or two frames, or ``search_size=(1, 21, 21)``) holds the candidates of
         the 2-D window, and takes the 2-D factor.
