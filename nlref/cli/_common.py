@@ -59,6 +59,26 @@ def _warned(f, shown):
     return result
 
 
+def stack_note(params):
+    """What the search does along the first axis of a volume or video (three or more spatial axes), for the
+    parameter line: "" for an image.
+
+    The sizes alone, ``patch (3, 5, 5), search (5, 21, 21)``, left a video's user to work out that the
+    first number is frames, and a clip of two frames, whose window is clipped to one frame, said nothing
+    of being denoised frame by frame.
+    """
+    patch, search = params["patch_size"], params["search_size"]
+    if len(search) < 3:
+        return ""
+    if all(width == 1 for width in search[:-2]):
+        return "; each frame or slice searched alone (a window 1 wide along the first axis)"
+    if len(search) > 3:
+        return (f"; the {len(search) - 2} leading axes: windows {search[:-2]}, patches {patch[:-2]}, reflected at "
+                "their ends")
+    return (f"; the first axis (frames or slices): a window of {search[0]} around each, "
+            f"{'2-D patches' if patch[0] == 1 else f'patches {patch[0]} deep'}, reflected at its ends")
+
+
 def _stamp(path):
     """(size, modification time in ns, inode) of a file, or None: tells whether it was rewritten."""
     try:

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from nlref.cli._common import (CommandError, _timed, _warned, flag_names, grey_levels_arg, path_arg, refuse_existing,
-                               say, seed_arg, writable_folder)
+                               say, seed_arg, stack_note, writable_folder)
+from nlref.cli._formats import _PNG_COLOURS, _refuse_unreadable_video, _refuse_wide_colour_png
 from nlref.cli.store import FLAGS, _chunk_size, _is_chunked, run_denoise_chunked
 
 #: What each output format can hold: (name, dtypes, channel counts; None: anything, 0: no channel axis).
@@ -50,6 +51,7 @@ def _read_image(path):
         raise CommandError(f"IMAGE {str(path)!r} is {arrays} file, which nlref denoise reads chunk by chunk into a "
                            "Zarr store: add --chunks N (or give an --out ending in .zarr)")
     _refuse_wide_colour_png(path)
+    _refuse_unreadable_video(path)
     try:
         if path.suffix.lower() in (".tif", ".tiff"):
             image, samples = _read_tiff(path)
@@ -75,26 +77,7 @@ def _read_image(path):
     return image, samples
 
 
-_PNG_COLOURS = {4: "grey + alpha", 2: "RGB", 6: "RGBA"}  # PNG colour types (0: grey, 3: palette, 8-bit)
 _PNG_TYPES = {2: 4, 3: 2, 4: 6}                            # channels -> PNG colour type
-
-
-def _refuse_wide_colour_png(path):
-    """Refuse a 16-bit PNG with colour or alpha: the reader (Pillow) gives it as 8 bits, the low byte lost.
-
-    The header says it (bit depth and colour type of the IHDR chunk, bytes 24 and 25); a 16-bit grey PNG
-    is read whole. Whatever the file's name: the header is read, not the extension.
-    """
-    try:
-        with open(path, "rb") as f:
-            head = f.read(26)
-    except OSError:
-        return  # the reader says what is wrong
-    if len(head) == 26 and head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR" and head[24] == 16 \
-            and head[25] in _PNG_COLOURS:
-        raise CommandError(f"IMAGE {str(path)!r} is a 16-bit {_PNG_COLOURS[head[25]]} PNG, which the image reader "
-                           "(Pillow) reads only as 8 bits, the low byte of every value lost: convert it to a 16-bit "
-                           "TIFF first (e.g. magick in.png out.tif) and denoise that")
 
 
 class _ColourModel(CommandError):
@@ -275,7 +258,7 @@ def run_denoise(args):
     except (ValueError, TypeError) as err:  # the values the user typed: the message names their flags
         raise CommandError(flag_names(str(err), FLAGS)) from None
     say(f"sigma {params['sigma']:.3g} ({params['sigma_source']}), h {params['h']:.3g}, "
-        f"patch {params['patch_size']}, search {params['search_size']}, {args.aggregation}-wise")
+        f"patch {params['patch_size']}, search {params['search_size']}, {args.aggregation}-wise{stack_note(params)}")
     if path is not None and path.suffix.lower() in _JPEG and args.sigma is None:
         say("note: JPEG compression removes part of the noise, so this estimate is unreliable and mostly low; "
             "if you know the noise level, pass it with --sigma (in grey levels for 8-bit files)")

@@ -14,7 +14,7 @@ import numpy as np
 
 from nlref._files import WriteError, absolute, writing_target
 from nlref.cli._common import (CommandError, _warned, available_memory, flag_names, refuse_existing, say,
-                               writable_folder)
+                               stack_note, writable_folder)
 
 #: The parameters of NL-means as the flags of ``nlref denoise`` (for the messages of the library's checks).
 FLAGS = {"sigma": "--sigma", "h": "--h", "patch_size": "--patch-size", "search_size": "--search-size",
@@ -247,7 +247,7 @@ def run_denoise_chunked(args):
             raise CommandError(flag_names(str(err), FLAGS)) from None
         say(f"sigma {params['sigma']:.3g} ({params['sigma_source']}), h {params['h']:.3g}, "
             f"patch {params['patch_size']}, search {params['search_size']}, {args.aggregation}-wise "
-              f"(resolved for the whole array in {time.perf_counter() - t0:.1f} s)")
+            f"(resolved for the whole array in {time.perf_counter() - t0:.1f} s){stack_note(params)}")
         lazy = denoise_store(image, params, **kwargs)  # the parameters just resolved: no further pass
         say(f"{args.image}: {image.shape} {image.dtype} in {lazy.npartitions} chunks of {lazy.chunksize}")
         if client is None:  # the local threads, each holding one chunk's task: as many as the memory holds

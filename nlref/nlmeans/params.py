@@ -164,7 +164,7 @@ def resolve(xp, image, spatial, *, sigma, h, patch_size, search_size, channel_ax
         scale = 255.0 / (data_range if data_range is not None else default_data_range(xp, image, peak))
         p, s, factor, row = presets.preset_for(
             noise * scale, colour=channel_axis is not None and image.shape[channel_axis] > 1,
-            aggregation=aggregation, shape=spatial
+            aggregation=aggregation, shape=spatial, search_size=search_size
         )
         patch_size = patch_size or p
         search_size = search_size or s

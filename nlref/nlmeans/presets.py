@@ -10,7 +10,8 @@ comparison.
 
 For volumes and videos (more than two spatial axes) the table applies to the
 last two axes (the image plane); every leading axis (depth or time) gets a
-3-sample patch and a 5-sample search window. All sizes are clipped to the
+3-sample patch and a 5-sample search window, and h a smaller factor where the
+window reaches along a leading axis. All sizes are clipped to the
 image: at most the largest odd number not above the axis length.
 """
 
@@ -67,7 +68,7 @@ def _largest_odd_at_most(n: int, value: int) -> int:
     return max(1, min(value, n if n % 2 else n - 1))
 
 
-def preset_for(sigma_255, *, colour, aggregation, shape):
+def preset_for(sigma_255, *, colour, aggregation, shape, search_size=None):
     """Patch size, search size and h factor for a noise level.
 
     Parameters
@@ -79,6 +80,12 @@ def preset_for(sigma_255, *, colour, aggregation, shape):
     aggregation : {"pixel", "patch"}
     shape : tuple of int
         Spatial shape of the image (sizes are clipped to it).
+    search_size : tuple of int, optional
+        The search window that will be used, where it is not the preset's (given by the
+        caller). The leading-axis multiplier of h (``LEADING_AXES_H_SCALE``) applies only
+        when this window reaches along a leading axis: a window one sample wide there (a
+        clip of one or two frames, or ``search_size=(1, 21, 21)``) holds the candidates of
+        the 2-D window, and takes the 2-D factor.
 
     Returns
     -------
@@ -108,6 +115,7 @@ def preset_for(sigma_255, *, colour, aggregation, shape):
         patch.append(_largest_odd_at_most(n, LEADING_AXIS_PATCH if leading else row.patch))
         search.append(_largest_odd_at_most(n, LEADING_AXIS_SEARCH if leading else row.search))
     factor = H_FACTORS[(colour, aggregation)][index]
-    if plane > 0:
+    window = tuple(search) if search_size is None else tuple(search_size)
+    if any(width > 1 for width in window[:plane]):  # more candidates than the 2-D window: less h each
         factor *= LEADING_AXES_H_SCALE[aggregation]
     return tuple(patch), tuple(search), factor, row

@@ -708,3 +708,60 @@ def test_values_that_are_not_grey_or_rgb_are_refused(tmp_path, capsys, no_work, 
     assert main(["denoise", str(src), "--sigma", "10", "--out", str(tmp_path / "o.tif")]) == 2
     _one_line_error(capsys, f"IMAGE '{src}'", what, "convert it to")
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+@pytest.mark.parametrize("name, written_as, fourcc, kind", [
+    ("clip.mp4", "clip.mp4", "mp4v", "MP4"),
+    ("clip.avi", "clip.avi", "MJPG", "AVI"),
+    ("frames", "frames.avi", "MJPG", "AVI"),      # no extension: the header says it
+    ("clip.mov", "clip.mp4", "mp4v", "MP4"),      # the header, not the name
+])
+def test_a_video_file_without_a_video_plugin_names_what_to_install(tmp_path, capsys, monkeypatch, no_work, name,
+                                                                    written_as, fourcc, kind):
+    """An MP4 or AVI (written by OpenCV) when imageio has no video plugin (PyAV, imageio-ffmpeg). Before: "it is
+    not an image in a format the reader knows (PNG, JPEG, TIFF, BMP, GIF, WebP, ...), or it is damaged"."""
+    cv2 = pytest.importorskip("cv2")
+    import nlref.cli as cli
+
+    # the module of the check, where there is one (none before it was written)
+    monkeypatch.setattr(getattr(cli, "_formats", cli), "_video_plugin", lambda: False, raising=False)  # as here, where neither is installed
+    frames = np.random.default_rng(0).integers(0, 256, (4, 32, 48, 3), dtype=np.uint8)
+    writer = cv2.VideoWriter(str(tmp_path / written_as), cv2.VideoWriter_fourcc(*fourcc), 10, (48, 32))
+    for frame in frames:
+        writer.write(frame)
+    writer.release()
+    src = tmp_path / name
+    (tmp_path / written_as).rename(src)
+    assert src.stat().st_size > 0
+    assert main(["denoise", str(src), "--out", str(tmp_path / "o.tif")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [f"nlref denoise: error: IMAGE {str(src)!r} is a video file ({kind}), which the reader (imageio) "
+                     "reads only with a video plugin, and none is installed: pip install av (or imageio-ffmpeg); or "
+                     "save its frames as an animated GIF, a multi-page TIFF or a .npy of (frames, H, W, 3) and "
+                     "denoise that"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+def test_the_parameter_line_says_what_the_search_does_along_the_frames(tmp_path, capsys):
+    """A video's report said ``patch (3, 5, 5), search (5, 21, 21)`` and left the reader to work out that the
+    first number is frames; a clip of two frames (its window clipped to one frame) said nothing of being
+    denoised frame by frame. In memory and chunked alike."""
+    tifffile = pytest.importorskip("tifffile")
+    clip = np.round(255 * nlref.data.video(4, 24)).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "clip.tif", clip, photometric="minisblack")  # 4 pages, not planar RGBA
+    tifffile.imwrite(tmp_path / "two.tif", clip[:2], photometric="minisblack")
+    np.save(tmp_path / "clip.npy", np.stack([clip] * 3, axis=-1))
+    runs = [("clip.tif", "a.tif", [], "; the first axis (frames or slices): a window of 3 around each, patches 3 "
+                                      "deep, reflected at its ends"),
+            ("clip.tif", "b.tif", ["--patch-size", "1,5,5"], "a window of 3 around each, 2-D patches"),
+            ("two.tif", "c.tif", [], "; each frame or slice searched alone (a window 1 wide along the first axis)"),
+            ("clip.npy", "d.zarr", ["--chunks", "2,24,24"], "; the first axis (frames or slices): a window of 3 "
+                                                            "around each, patches 3 deep")]
+    for source, out, flags, expected in runs:
+        assert main(["denoise", str(tmp_path / source), "--sigma", "20", *flags, "--out", str(tmp_path / out)]) == 0
+        line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("sigma "))
+        assert expected in line, line
+    image = np.round(255 * nlref.data.camera()[:24, :24]).astype(np.uint8)
+    io.imsave(tmp_path / "grey.png", image, check_contrast=False)
+    assert main(["denoise", str(tmp_path / "grey.png"), "--sigma", "20", "--out", str(tmp_path / "e.png")]) == 0
+    assert "frames" not in capsys.readouterr().out

@@ -270,6 +270,23 @@ def test_video_presets_use_the_table_in_the_plane_only():
     assert small["patch_size"] == (1, 9, 9) and small["search_size"] == (1, 9, 11)
 
 
+@pytest.mark.parametrize("aggregation", ["pixel", "patch"])
+def test_a_clip_without_a_search_along_time_takes_the_2d_h(aggregation):
+    # the leading-axis multiplier of h is for a window with more candidates than the 2-D one; a clip of one
+    # or two frames (whose window is clipped to one frame) or an explicit (1, s, s) window has none: it took
+    # 0.9 x the 2-D h all the same, and a (1, H, W) clip came out unlike the same image denoised as 2-D
+    frame = nlref.add_gaussian_noise(nlref.data.camera()[200:248, 200:248], 20 / 255, seed=0)
+    two_d = api.resolve_parameters(frame, sigma=20 / 255, aggregation=aggregation)
+    clip = np.stack([frame, frame[::-1]])
+    for x, search in ((frame[None], None), (clip, None), (np.concatenate([clip] * 4), (1, 21, 21))):
+        p = api.resolve_parameters(x, sigma=20 / 255, search_size=search, aggregation=aggregation)
+        assert p["search_size"][0] == 1 and p["h"] == two_d["h"]
+    eight = api.resolve_parameters(np.concatenate([clip] * 4), sigma=20 / 255, aggregation=aggregation)
+    assert eight["h"] == pytest.approx(presets.LEADING_AXES_H_SCALE[aggregation] * two_d["h"])
+    one = api.nl_means(frame[None], sigma=20 / 255, aggregation=aggregation)[0]
+    np.testing.assert_allclose(one, api.nl_means(frame, sigma=20 / 255, aggregation=aggregation), atol=1e-6)
+
+
 def test_explicit_arguments_win_over_presets():
     x = np.zeros((30, 30), dtype=np.float32)
     p = api.resolve_parameters(x, sigma=0.1, h=0.3, patch_size=(3, 5), search_size=9)
