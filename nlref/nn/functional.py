@@ -35,7 +35,7 @@ import numpy as np
 
 from ..backend import array_namespace, asarray, check_flag, device, supports_out
 from . import engine
-from ._shapes import (check_batchnorm, check_dropout, check_float, check_grad, check_labels, check_linear,
+from ._shapes import (check_batchnorm, check_variance_overflow, check_dropout, check_float, check_grad, check_labels, check_linear,
                       check_pool_kernel, check_spatial, conv_params, dtype_of, output_size, pad, pool_params, strided,
                       window_offsets)
 from .engine import exp_inplace as _exp_inplace  # noqa: F401  (nlref.nn.nonlocal_op imports it from here)
@@ -168,6 +168,7 @@ def batchnorm_forward(x, gamma, beta, state, *, training, momentum=0.1, eps=1e-5
     if engine.numba_applies(x, gamma, beta, *stats):  # the same equations, three fused passes
         fused = engine.batchnorm_forward_numba(x, gamma, beta, state, training=training, momentum=momentum, eps=eps)
         if fused is not None:
+            check_variance_overflow("batchnorm_forward", xp, fused[1].inv_std, "a channel")
             return fused
     rows = engine.ChannelRows(x)
     x2 = rows.matrix(x)
@@ -182,6 +183,7 @@ def batchnorm_forward(x, gamma, beta, state, *, training, momentum=0.1, eps=1e-5
         mean, var = state["running_mean"], state["running_var"]
         centred = x2 - rows.spread(mean)
     inv_std = 1.0 / xp.sqrt(var + eps)
+    check_variance_overflow("batchnorm_forward", xp, inv_std, "a channel")  # var = inf made x_hat = 0
     out = rows.scaled(centred, gamma * inv_std)
     out += rows.spread(beta)
     return rows.restore(out), (centred, gamma, inv_std, training, rows)
@@ -1041,6 +1043,7 @@ def layernorm_forward(x, gamma, beta, eps=1e-5):
     xc = x - mu
     var = xp.mean(xc * xc, axis=-1, keepdims=True)
     inv_std = 1.0 / xp.sqrt(var + eps)
+    check_variance_overflow("layernorm_forward", xp, inv_std, "a row")  # var = inf made x_hat = 0
     x_hat = xc * inv_std
     return gamma * x_hat + beta, (x_hat, gamma, inv_std)
 

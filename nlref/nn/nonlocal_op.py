@@ -53,6 +53,7 @@ import numbers
 from typing import Any, NamedTuple
 
 from ..backend import array_namespace, device, dtype_name, is_numpy
+from ._shapes import check_scores_overflow
 from .engine import NonLocalWorkspace
 from .functional import (
     _exp_inplace,
@@ -271,6 +272,7 @@ def _forward_full(theta, phi, g, mode, scale, w_f, steps):
     f, f_cache = steps.scores(theta, phi, mode, scale, w_f)
     if mode in SOFTMAX_MODES:
         e, norm = steps.exp_rows(f)  # e = exp(f - max_j f), C_i = sum_j e_ij
+        check_scores_overflow("nonlocal_forward", xp, norm, theta=theta, phi=phi)  # C_i NaN: an overflowed f
         norm = norm[:, None, :]  # C_i, shaped (B, 1, N) to scale y's columns
     else:
         e = f
@@ -324,6 +326,7 @@ def _forward_chunked(theta, phi, g, mode, scale, w_f, chunk_size, steps):
         else:
             acc += xp.matmul(_keys(g, block), xp.matrix_transpose(f))
     if mode in SOFTMAX_MODES:
+        check_scores_overflow("nonlocal_forward", xp, run_sum, theta=theta, phi=phi)  # l_i NaN: an overflowed f
         y = acc / run_sum[:, None, :]
         rows = (run_max, run_sum)  # m_i and l_i: A_ij = exp(s_ij - m_i) / l_i
     else:

@@ -1,0 +1,100 @@
+"""Finite inputs whose intermediate numbers overflow: said so, not answered with NaN or zeros.
+
+Softmax scores ``q . k`` (``theta . phi``) beyond float32's 3.4e38 from finite q and k of about
+1e20 made every attention row NaN without a word (PyTorch's ``scaled_dot_product_attention`` does
+the same); a variance ``(x - mean)^2`` beyond it made layer norm and batch norm return ``beta``
+(``x_hat = 0``) without a word, where PyTorch's layer norm gives NaN and its batch norm the same
+zeros. The definition, in float64, is finite and scale-free in every case; the layers now refuse
+and say why, and stay as they were where nothing overflows (and where the input itself is NaN).
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from nlref import backend as B
+from nlref.nn import functional as F
+from nlref.nn import nonlocal_op
+from nlref.nn.attention import attention_forward
+from nlref.nn.engine import NonLocalWorkspace
+
+RNG = np.random.default_rng(7)
+Q, K, V = (RNG.standard_normal((2, 4, 8)) for _ in range(3))
+
+
+def test_attention_scores_that_overflow_float32_are_refused_where_torch_gives_nan():
+    q, k, v = (a.astype(np.float32) for a in (Q * 1e20, K * 1e20, V))
+    peer = torch.nn.functional.scaled_dot_product_attention(*map(torch.tensor, (q, k, v)))
+    assert torch.isnan(peer).all()  # the peer's answer: NaN, silently
+    match = r"attention_forward: the softmax scores of the finite q and k overflow float32 \(a score beyond 3.4e\+38"
+    with np.errstate(over="ignore"), pytest.raises(ValueError, match=match + r".*scale q and k down, or compute in float64"):
+        attention_forward(q, k, v)
+    # the same numbers in float64 are finite, and agree with the peer there
+    out, _ = attention_forward(Q * 1e20, K * 1e20, V)
+    want = torch.nn.functional.scaled_dot_product_attention(*map(torch.tensor, (Q * 1e20, K * 1e20, V)))
+    np.testing.assert_allclose(out, want.numpy(), rtol=1e-12, atol=1e-12)
+
+
+def test_attention_at_large_but_representable_scores_and_nan_inputs_are_unchanged():
+    q, k, v = (a.astype(np.float32) for a in (Q * 1e15, K * 1e15, V))  # scores ~1e30: finite
+    out, _ = attention_forward(q, k, v)
+    want = torch.nn.functional.scaled_dot_product_attention(*map(torch.tensor, (q, k, v)))
+    np.testing.assert_allclose(out, want.numpy(), rtol=1e-6, atol=1e-6)
+    bad = Q.copy()
+    bad[0, 1, 2] = np.nan  # NaN in, NaN out, as in PyTorch: not an overflow
+    with np.errstate(invalid="ignore"):
+        out, _ = attention_forward(bad, K, V)
+    assert np.isnan(out[0, 1]).all() and np.isfinite(out[1]).all()
+
+
+@pytest.mark.parametrize("route", ["full", "chunked", "workspace"])
+@pytest.mark.parametrize("mode", nonlocal_op.SOFTMAX_MODES)
+def test_nonlocal_scores_that_overflow_are_refused(mode, route):
+    theta, phi = (np.float32(1e20) * a.transpose(0, 2, 1).astype(np.float32) for a in (Q, K))
+    g = V.transpose(0, 2, 1).astype(np.float32)
+    kw = {"full": {}, "chunked": {"chunk_size": 3}, "workspace": {"workspace": NonLocalWorkspace()}}[route]
+    with np.errstate(all="ignore"), pytest.raises(ValueError, match=r"nonlocal_forward: the softmax scores of the "
+                                                                    r"finite theta and phi overflow float32"):
+        nonlocal_op.nonlocal_forward(theta, phi, g, mode=mode, **kw)
+    # float64: finite, and the chunked form equals the full one
+    y, _ = nonlocal_op.nonlocal_forward(1e20 * Q.transpose(0, 2, 1), 1e20 * K.transpose(0, 2, 1), V.transpose(0, 2, 1),
+                                        mode=mode, **kw)
+    ref = nonlocal_op.nonlocal_reference(1e20 * Q.transpose(0, 2, 1), 1e20 * K.transpose(0, 2, 1),
+                                         V.transpose(0, 2, 1), mode=mode)
+    np.testing.assert_allclose(y, ref, rtol=1e-12, atol=1e-12)
+
+
+def _normalised(x, axes):
+    """The definition in float64: (x - mean) / sqrt(var + 1e-5)."""
+    x = x.astype(np.float64)
+    return (x - x.mean(axes, keepdims=True)) / np.sqrt(x.var(axes, keepdims=True) + 1e-5)
+
+
+def test_layernorm_variance_that_overflows_is_refused():
+    x = (RNG.standard_normal((3, 8)) * 1e20).astype(np.float32)
+    ones, zeros = np.ones(8, np.float32), np.zeros(8, np.float32)
+    peer = torch.nn.functional.layer_norm(torch.tensor(x), (8,))
+    assert torch.isnan(peer).all()  # the peer's answer
+    with np.errstate(over="ignore"), pytest.raises(
+            ValueError, match=r"layernorm_forward: the variance of a row of x overflows float32 .*x_hat would be 0"):
+        F.layernorm_forward(x, ones, zeros)
+    x = (RNG.standard_normal((3, 8)) * 1e18).astype(np.float32)  # var ~1e36: finite, and right
+    out, _ = F.layernorm_forward(x, ones, zeros)
+    np.testing.assert_allclose(out, _normalised(x, -1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("lib", ["numpy", "array_api_strict"])  # the fused passes and the textbook
+def test_batchnorm_variance_that_overflows_is_refused(lib):
+    xp = pytest.importorskip(lib)
+    host = (RNG.standard_normal((4, 3, 5)) * 1e20).astype(np.float32)
+    peer = torch.nn.functional.batch_norm(torch.tensor(host), torch.zeros(3), torch.ones(3), training=True)
+    assert not peer.any() and np.abs(_normalised(host, (0, 2))).max() > 0.5  # the peer's zeros are not the definition
+    x, gamma, beta = (B.asarray(a, xp=xp) for a in (host, np.ones(3, np.float32), np.zeros(3, np.float32)))
+    state = {"running_mean": B.asarray(np.zeros(3, np.float32), xp=xp),
+             "running_var": B.asarray(np.ones(3, np.float32), xp=xp)}
+    with np.errstate(over="ignore"), pytest.raises(
+            ValueError, match=r"batchnorm_forward: the variance of a channel of x overflows float32"):
+        F.batchnorm_forward(x, gamma, beta, state, training=True)
+    host = host * np.float32(1e-2)  # var ~1e36: finite, and right
+    out, _ = F.batchnorm_forward(B.asarray(host, xp=xp), gamma, beta, dict(state), training=True)
+    np.testing.assert_allclose(np.asarray(out), _normalised(host, (0, 2)), rtol=1e-5, atol=1e-5)
