@@ -123,6 +123,18 @@ def conv1x1_backward(dout, cache):
 
 
 # --------------------------------------------------------------------------- batch norm
+def _mean_exact_if_constant(xp, x, mean, axis, keepdims=False):
+    r"""``mean``, except that a constant row's mean is its value, exactly.
+
+    :math:`\sum x / M` rounds: for twelve float32 copies of 10000.3 it is off by half a unit in
+    the last place, and :math:`(x - \mu)/\sqrt{\sigma^2 + \epsilon}` of the rounding came out
+    0.3 with ``eps=1e-5`` and 1.0 with ``eps=1e-30``, where the definition (and PyTorch's layer
+    norm) gives exactly 0. Rows that are not constant keep ``mean`` unchanged.
+    """
+    top = xp.max(x, axis=axis, keepdims=keepdims)
+    return xp.where(top == xp.min(x, axis=axis, keepdims=keepdims), top, mean)
+
+
 def batchnorm_forward(x, gamma, beta, state, *, training, momentum=0.1, eps=1e-5):
     r"""Batch normalisation over all axes but the channel axis.
 
@@ -174,7 +186,7 @@ def batchnorm_forward(x, gamma, beta, state, *, training, momentum=0.1, eps=1e-5
     x2 = rows.matrix(x)
     if training:
         m = rows.count
-        mean = rows.sums(x2) / m
+        mean = _mean_exact_if_constant(xp, x, rows.sums(x2) / m, axis=(0, *range(2, x.ndim)))
         centred = x2 - rows.spread(mean)
         var = rows.sums_of_products(centred, centred) / m
         state["running_mean"] = (1 - momentum) * state["running_mean"] + momentum * mean
@@ -1039,7 +1051,7 @@ def layernorm_forward(x, gamma, beta, eps=1e-5):
                              f"got shape {tuple(a.shape)}")
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps <= 0:
         raise ValueError(f"{func}: eps must be a positive finite number, got {eps!r}")
-    mu = xp.mean(x, axis=-1, keepdims=True)
+    mu = _mean_exact_if_constant(xp, x, xp.mean(x, axis=-1, keepdims=True), axis=-1, keepdims=True)
     xc = x - mu
     var = xp.mean(xc * xc, axis=-1, keepdims=True)
     inv_std = 1.0 / xp.sqrt(var + eps)

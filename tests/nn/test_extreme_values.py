@@ -98,3 +98,33 @@ def test_batchnorm_variance_that_overflows_is_refused(lib):
     host = host * np.float32(1e-2)  # var ~1e36: finite, and right
     out, _ = F.batchnorm_forward(B.asarray(host, xp=xp), gamma, beta, dict(state), training=True)
     np.testing.assert_allclose(np.asarray(out), _normalised(host, (0, 2)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("eps", [1e-5, 1e-30])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("lib", ["numpy", "array_api_strict"])
+def test_a_constant_row_or_channel_is_normalised_to_beta_exactly(lib, dtype, eps):
+    """sum(x) / M of twelve float32 copies of 10000.3 rounds by half an ulp; x_hat of that rounding came
+    out 0.3 (eps 1e-5) or 1.0 (eps 1e-30) instead of 0. The gradient is the definition's,
+    gamma / sqrt(eps) * (dout - mean(dout)), and a second channel that is not constant is unchanged."""
+    xp = pytest.importorskip(lib)
+    host = np.full((4, 2, 3), 10000.3, dtype)
+    host[:, 1] = RNG.standard_normal((4, 3))
+    dout = RNG.standard_normal(host.shape).astype(dtype)
+    gamma, beta = np.array([1.5, 0.5], dtype), np.array([0.25, -1.0], dtype)
+    a = lambda v: B.asarray(v, xp=xp)  # noqa: E731
+    state = {"running_mean": a(np.zeros(2, dtype)), "running_var": a(np.ones(2, dtype))}
+    out, cache = F.batchnorm_forward(a(host), a(gamma), a(beta), state, training=True, eps=eps)
+    dx = np.asarray(F.batchnorm_backward(a(dout), cache)[0])
+    out = np.asarray(out)
+    assert np.array_equal(out[:, 0], np.full((4, 3), beta[0]))
+    d0 = dout[:, 0].astype(np.float64)
+    np.testing.assert_allclose(dx[:, 0], gamma[0] / np.sqrt(eps) * (d0 - d0.mean()), rtol=1e-5)
+    np.testing.assert_allclose(out[:, 1], gamma[1] * _normalised(host, (0, 2))[:, 1] + beta[1], rtol=1e-5, atol=1e-5)
+    # layer norm: the same rows, as PyTorch computes them (exactly beta)
+    rows = np.stack([np.full(12, 10000.3, dtype), RNG.standard_normal(12).astype(dtype)])
+    g12, b12 = np.full(12, 1.5, dtype), np.full(12, 0.25, dtype)
+    out, cache = F.layernorm_forward(a(rows), a(g12), a(b12), eps=eps)
+    peer = torch.nn.functional.layer_norm(torch.tensor(rows), (12,), torch.tensor(g12), torch.tensor(b12), eps)
+    assert np.array_equal(np.asarray(out)[0], peer.numpy()[0]) and np.all(np.asarray(out)[0] == np.float32(0.25))
+    np.testing.assert_allclose(np.asarray(out)[1], peer.numpy()[1], rtol=1e-5, atol=1e-5)
