@@ -17,6 +17,7 @@ from nlref.nn import functional as F
 from nlref.nn import nonlocal_op
 from nlref.nn.attention import attention_forward
 from nlref.nn.engine import NonLocalWorkspace
+from nlref.nn.gradcheck import gradcheck
 
 RNG = np.random.default_rng(7)
 Q, K, V = (RNG.standard_normal((2, 4, 8)) for _ in range(3))
@@ -128,3 +129,27 @@ def test_a_constant_row_or_channel_is_normalised_to_beta_exactly(lib, dtype, eps
     peer = torch.nn.functional.layer_norm(torch.tensor(rows), (12,), torch.tensor(g12), torch.tensor(b12), eps)
     assert np.array_equal(np.asarray(out)[0], peer.numpy()[0]) and np.all(np.asarray(out)[0] == np.float32(0.25))
     np.testing.assert_allclose(np.asarray(out)[1], peer.numpy()[1], rtol=1e-5, atol=1e-5)
+
+
+def _layernorm_check(x, **options):
+    cache = {}
+
+    def forward(x):
+        out, cache["c"] = F.layernorm_forward(x, np.ones(x.shape[-1]), np.zeros(x.shape[-1]))
+        return out
+
+    return gradcheck(forward, lambda dout: {"x": F.layernorm_backward(dout, cache["c"])[0]}, {"x": x}, **options)
+
+
+@pytest.mark.parametrize("method", ["centred", "random"])
+def test_gradcheck_refuses_a_step_that_rounds_away(method):
+    """At 1e12 float64 values are 1.2e-4 apart: x +- 1e-6 is x, no step is taken, and a right
+    backward was reported FAILED (relative error 0.09). The check now says so; a step the
+    values can carry checks the same layer and passes."""
+    x = RNG.standard_normal((3, 6)) * 1e8 + 1e12
+    with pytest.raises(ValueError, match=r"eps=1e-06 is below the spacing of the float64 values of input 'x' "
+                                         r"\(x reaches 1e\+12, where neighbouring floats are 0.000122 apart\)"):
+        _layernorm_check(x, method=method)
+    assert _layernorm_check(x, method="centred", eps=1e3).passed
+    with np.errstate(invalid="ignore"):  # an inf is not a rounded-away step: checked as before
+        _layernorm_check(np.array([[0.5, np.inf, 1.0]]), method=method)
