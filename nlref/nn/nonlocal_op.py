@@ -154,6 +154,7 @@ def attention_map(theta, phi, *, mode, scale=1.0, w_f=None):
     _check(theta, phi, None, mode, scale, w_f, None)
     f, _ = _Steps.scores(theta, phi, mode, scale, w_f)
     if mode in SOFTMAX_MODES:
+        check_scores_overflow("attention_map", array_namespace(f), array_namespace(f).max(f, axis=2), theta=theta, phi=phi)
         return softmax_forward(f)[0]
     f /= phi.shape[2]
     return f
@@ -402,6 +403,7 @@ def nonlocal_reference(theta, phi, g, *, mode, scale=1.0, w_f=None):
         if mode in SOFTMAX_MODES:
             f = xp.exp(f - xp.max(f, axis=1, keepdims=True))  # exp(s_ij) up to a factor that C cancels
             c = xp.sum(f, axis=1, keepdims=True)
+            check_scores_overflow("nonlocal_reference", xp, c, theta=theta, phi=phi)  # C NaN: an overflowed f
         else:
             c = m
         columns.append(xp.sum((f / c)[:, None, :] * g, axis=2))  # (B, d_g)

@@ -48,6 +48,17 @@ def test_attention_at_large_but_representable_scores_and_nan_inputs_are_unchange
     assert np.isnan(out[0, 1]).all() and np.isfinite(out[1]).all()
 
 
+@pytest.mark.parametrize("mode", nonlocal_op.SOFTMAX_MODES)
+def test_the_attention_map_and_the_definition_refuse_overflowed_scores_too(mode):
+    theta, phi = (np.float32(1e20) * a.transpose(0, 2, 1).astype(np.float32) for a in (Q, K))
+    with np.errstate(all="ignore"), pytest.raises(ValueError, match="attention_map: the softmax scores of the finite"):
+        nonlocal_op.attention_map(theta, phi, mode=mode)
+    with np.errstate(all="ignore"), pytest.raises(ValueError, match="nonlocal_reference: the softmax scores of the "):
+        nonlocal_op.nonlocal_reference(theta, phi, V.transpose(0, 2, 1).astype(np.float32), mode=mode)
+    a = nonlocal_op.attention_map(theta / np.float32(1e5), phi, mode=mode)  # scores ~1e35: finite, rows sum to 1
+    np.testing.assert_allclose(a.sum(axis=2), 1, rtol=1e-6)
+
+
 @pytest.mark.parametrize("route", ["full", "chunked", "workspace"])
 @pytest.mark.parametrize("mode", nonlocal_op.SOFTMAX_MODES)
 def test_nonlocal_scores_that_overflow_are_refused(mode, route):
