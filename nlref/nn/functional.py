@@ -1171,7 +1171,11 @@ def gelu_backward(dout, cache):
     xp = array_namespace(dout, x, names=["dout", "x"])
     if approximate == "tanh":
         t = aux
+        sech2 = 1.0 - t * t  # 1 - tanh^2 u: exactly 0 once |u| > ~9 (float32) or ~19 (float64)
+        # there the second term is 0 (sech^2 u falls faster than x du grows); with x itself, x du overflowed
+        # to inf beyond |x| ~ 1e19 (float32) and 0 * inf made dx NaN, as PyTorch's is
+        x = xp.where(sech2 == 0, xp.zeros_like(x), x)
         du = math.sqrt(2.0 / math.pi) * (1.0 + 3 * 0.044715 * x * x)
-        return dout * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du)
+        return dout * (0.5 * (1.0 + t) + 0.5 * x * sech2 * du)
     pdf = xp.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))
     return dout * (aux + x * pdf)

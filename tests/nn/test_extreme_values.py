@@ -164,3 +164,21 @@ def test_gradcheck_refuses_a_step_that_rounds_away(method):
     assert _layernorm_check(x, method="centred", eps=1e3).passed
     with np.errstate(invalid="ignore"):  # an inf is not a rounded-away step: checked as before
         _layernorm_check(np.array([[0.5, np.inf, 1.0]]), method=method)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gelu_tanh_gradient_at_huge_inputs_is_its_limit(dtype):
+    """d/dx of x (1 + tanh u) / 2 tends to 1 (x -> +inf) and 0 (x -> -inf); beyond |x| ~ 1e19 in float32
+    (1e154 in float64) x du overflowed and sech^2 u = 0 times it gave NaN, as PyTorch's does."""
+    big = 1e30 if dtype == np.float32 else 1e200
+    x = np.array([-big, -1e4, -3.0, -0.5, 0.0, 0.5, 3.0, 1e4, big], dtype)
+    with np.errstate(over="ignore"):  # the forward's x^3 overflows to inf; tanh(inf) = 1
+        out, cache = F.gelu_forward(x, approximate="tanh")
+    dout = np.linspace(0.5, 2.0, x.size).astype(dtype)
+    with np.errstate(all="raise"):
+        dx = F.gelu_backward(dout, cache)
+    assert dx[0] == 0 and dx[-1] == dout[-1]
+    tx = torch.tensor(x[1:-1], requires_grad=True)  # where the peer is finite, it agrees
+    torch.nn.functional.gelu(tx, approximate="tanh").backward(torch.tensor(dout[1:-1]))
+    # (float32: the two sum terms of size 1 that cancel to 0.01 at x = -3, each rounded: 3e-7 apart)
+    np.testing.assert_allclose(dx[1:-1], tx.grad.numpy(), rtol=1e-6, atol=1e-6 if dtype == np.float32 else 1e-15)
