@@ -203,6 +203,11 @@ def working_dtype(dtype):
     return np.float64 if dtype_name(dtype) == "float64" else np.float32
 
 
+def _or_float64(work):
+    """The way out a float64 image offers, where it does: not to a float64 image already (it computes in float64)."""
+    return ", or pass a float64 image" if work != np.float64 else ""
+
+
 def check_h(dtype, *, h, sigma, values_per_patch=None):
     """The part of ``check_computable`` that reads no image value: ``h`` and ``sigma`` against the working dtype.
 
@@ -220,7 +225,7 @@ def check_h(dtype, *, h, sigma, values_per_patch=None):
     if (hh == 0 or (values_per_patch is not None and 1.0 / (values_per_patch * hh) > big)
             or 2.0 * sigma * sigma / hh > big):
         raise ValueError(f"h={h:g} is too small for sigma={sigma:g}: 1 / h^2 or 2 sigma^2 / h^2 overflows {what}; "
-                         "rescale the image (and h, sigma) to larger units, or pass a float64 image")
+                         f"rescale the image (and h, sigma) to larger units{_or_float64(work)}")
 
 
 def check_computable(xp, image, values_per_patch, *, h, sigma, peak=None):
@@ -246,7 +251,7 @@ def check_computable(xp, image, values_per_patch, *, h, sigma, peak=None):
     if 4.0 * values_per_patch * peak * peak > big / 16:
         limit = math.sqrt(big / 64 / values_per_patch)
         raise ValueError(f"image values reach {peak:.3g}, above about {limit:.2g}, where the sums of squared differences "
-                         f"of a patch overflow {what}; rescale the image (and h, sigma), or pass a float64 image")
+                         f"of a patch overflow {what}; rescale the image (and h, sigma){_or_float64(work)}")
 
 
 def run_parameters(params, aggregation):

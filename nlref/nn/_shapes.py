@@ -47,6 +47,39 @@ def check_float(func, xp, **arrays):
         raise TypeError(f"{func}: arrays must share one dtype ({described}); convert them first")
 
 
+_LARGEST = {"float16": 65504.0, "float32": 3.4028234663852886e38, "float64": 1.7976931348623157e308}
+
+
+def _largest(a):
+    """The largest finite value of ``a``'s dtype, for the messages below."""
+    return _LARGEST.get(dtype_of(a), math.inf)
+
+
+def check_scores_overflow(func, xp, rows, **inputs):
+    """ValueError where a per-row statistic of softmax scores (their maximum, or the sum of
+    ``exp(s - max)``) is not finite although every array in ``inputs`` is: the products
+    ``theta . phi`` (``q . k``) overflowed the dtype, and each such row would be NaN without a
+    word. Non-finite inputs are left to spread as they do in PyTorch (NaN in, NaN out).
+    """
+    if bool(xp.all(xp.isfinite(rows))) or not all(bool(xp.all(xp.isfinite(a))) for a in inputs.values()):
+        return
+    names = " and ".join(inputs)
+    raise ValueError(f"{func}: the softmax scores of the finite {names} overflow {dtype_of(rows)} (a score beyond "
+                     f"{_largest(rows):.3g} in magnitude), so a row of the attention would be NaN; scale {names} "
+                     f"down, or compute in float64")
+
+
+def check_variance_overflow(func, xp, inv_std, of):
+    """ValueError where ``inv_std = 1 / sqrt(var + eps)`` is exactly 0: the variance overflowed the
+    dtype (``(x - mean)^2`` beyond its largest value, from finite ``x``), and ``x_hat`` would be 0
+    without a word. (An inf or NaN in ``x`` makes the variance NaN, not infinite, and spreads as NaN.)
+    """
+    if bool(xp.any(inv_std == 0)):
+        raise ValueError(f"{func}: the variance of {of} of x overflows {dtype_of(inv_std)} ((x - mean)^2 beyond "
+                         f"{_largest(inv_std):.3g}), so x_hat would be 0 instead of x's normalised values; scale x "
+                         f"down (the normalised values do not depend on x's scale), or compute in float64")
+
+
 def triple(value, name, func, *, minimum):
     """An int or a 3-sequence of ints, each >= ``minimum`` -> a tuple of 3 Python ints."""
     items = (value,) * 3 if not isinstance(value, (tuple, list)) else tuple(value)

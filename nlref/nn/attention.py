@@ -31,7 +31,7 @@ import numpy as np
 
 from .. import backend as B
 from . import functional as F
-from ._shapes import check_float, check_grad
+from ._shapes import check_float, check_grad, check_scores_overflow
 from ._state import state_entry
 
 __all__ = ["attention_forward", "attention_backward", "split_heads", "merge_heads", "MultiHeadAttention",
@@ -251,6 +251,8 @@ def attention_forward(q, k, v, *, scale=None, bias=None):
     if bias is not None and bool(xp.any(m == -math.inf)):
         raise ValueError("attention_forward: bias masks every key of a query (a row of -inf); every row must "
                          "keep at least one finite entry")
+    if bias is None or bool(xp.all(bias < math.inf)):  # no +inf or NaN given in the mask
+        check_scores_overflow("attention_forward", xp, m, q=q, k=k)
     p = xp.exp(s - m)  # exp(-inf) = 0: masked keys get exactly no weight
     p = p / xp.sum(p, axis=-1, keepdims=True)
     return xp.matmul(p, v), AttentionCache(q, k, v, p, scale)

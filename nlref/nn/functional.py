@@ -35,7 +35,7 @@ import numpy as np
 
 from ..backend import array_namespace, asarray, check_flag, device, supports_out
 from . import engine
-from ._shapes import (check_batchnorm, check_dropout, check_float, check_grad, check_labels, check_linear,
+from ._shapes import (check_batchnorm, check_variance_overflow, check_dropout, check_float, check_grad, check_labels, check_linear,
                       check_pool_kernel, check_spatial, conv_params, dtype_of, output_size, pad, pool_params, strided,
                       window_offsets)
 from .engine import exp_inplace as _exp_inplace  # noqa: F401  (nlref.nn.nonlocal_op imports it from here)
@@ -123,6 +123,18 @@ def conv1x1_backward(dout, cache):
 
 
 # --------------------------------------------------------------------------- batch norm
+def _mean_exact_if_constant(xp, x, mean, axis, keepdims=False):
+    r"""``mean``, except that a constant row's mean is its value, exactly.
+
+    :math:`\sum x / M` rounds: for twelve float32 copies of 10000.3 it is off by half a unit in
+    the last place, and :math:`(x - \mu)/\sqrt{\sigma^2 + \epsilon}` of the rounding came out
+    0.3 with ``eps=1e-5`` and 1.0 with ``eps=1e-30``, where the definition (and PyTorch's layer
+    norm) gives exactly 0. Rows that are not constant keep ``mean`` unchanged.
+    """
+    top = xp.max(x, axis=axis, keepdims=keepdims)
+    return xp.where(top == xp.min(x, axis=axis, keepdims=keepdims), top, mean)
+
+
 def batchnorm_forward(x, gamma, beta, state, *, training, momentum=0.1, eps=1e-5):
     r"""Batch normalisation over all axes but the channel axis.
 
@@ -168,12 +180,13 @@ def batchnorm_forward(x, gamma, beta, state, *, training, momentum=0.1, eps=1e-5
     if engine.numba_applies(x, gamma, beta, *stats):  # the same equations, three fused passes
         fused = engine.batchnorm_forward_numba(x, gamma, beta, state, training=training, momentum=momentum, eps=eps)
         if fused is not None:
+            check_variance_overflow("batchnorm_forward", xp, fused[1].inv_std, "a channel")
             return fused
     rows = engine.ChannelRows(x)
     x2 = rows.matrix(x)
     if training:
         m = rows.count
-        mean = rows.sums(x2) / m
+        mean = _mean_exact_if_constant(xp, x, rows.sums(x2) / m, axis=(0, *range(2, x.ndim)))
         centred = x2 - rows.spread(mean)
         var = rows.sums_of_products(centred, centred) / m
         state["running_mean"] = (1 - momentum) * state["running_mean"] + momentum * mean
@@ -182,6 +195,7 @@ def batchnorm_forward(x, gamma, beta, state, *, training, momentum=0.1, eps=1e-5
         mean, var = state["running_mean"], state["running_var"]
         centred = x2 - rows.spread(mean)
     inv_std = 1.0 / xp.sqrt(var + eps)
+    check_variance_overflow("batchnorm_forward", xp, inv_std, "a channel")  # var = inf made x_hat = 0
     out = rows.scaled(centred, gamma * inv_std)
     out += rows.spread(beta)
     return rows.restore(out), (centred, gamma, inv_std, training, rows)
@@ -1037,10 +1051,11 @@ def layernorm_forward(x, gamma, beta, eps=1e-5):
                              f"got shape {tuple(a.shape)}")
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps <= 0:
         raise ValueError(f"{func}: eps must be a positive finite number, got {eps!r}")
-    mu = xp.mean(x, axis=-1, keepdims=True)
+    mu = _mean_exact_if_constant(xp, x, xp.mean(x, axis=-1, keepdims=True), axis=-1, keepdims=True)
     xc = x - mu
     var = xp.mean(xc * xc, axis=-1, keepdims=True)
     inv_std = 1.0 / xp.sqrt(var + eps)
+    check_variance_overflow("layernorm_forward", xp, inv_std, "a row")  # var = inf made x_hat = 0
     x_hat = xc * inv_std
     return gamma * x_hat + beta, (x_hat, gamma, inv_std)
 
@@ -1156,7 +1171,11 @@ def gelu_backward(dout, cache):
     xp = array_namespace(dout, x, names=["dout", "x"])
     if approximate == "tanh":
         t = aux
+        sech2 = 1.0 - t * t  # 1 - tanh^2 u: exactly 0 once |u| > ~9 (float32) or ~19 (float64)
+        # there the second term is 0 (sech^2 u falls faster than x du grows); with x itself, x du overflowed
+        # to inf beyond |x| ~ 1e19 (float32) and 0 * inf made dx NaN, as PyTorch's is
+        x = xp.where(sech2 == 0, xp.zeros_like(x), x)
         du = math.sqrt(2.0 / math.pi) * (1.0 + 3 * 0.044715 * x * x)
-        return dout * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du)
+        return dout * (0.5 * (1.0 + t) + 0.5 * x * sech2 * du)
     pdf = xp.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))
     return dout * (aux + x * pdf)

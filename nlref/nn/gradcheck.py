@@ -192,6 +192,7 @@ def gradcheck(forward: Callable[..., Array], backward: Callable[[Array], dict], 
             raise ValueError(f"gradient for {n!r} has shape {ana[n].shape}, input has {hosts[n].shape}")
         if hosts[n].size == 0:  # an empty input has nothing to check, and must not read as passed
             raise ValueError(f"input {n!r} has shape {hosts[n].shape}: no element to check")
+        _check_step(n, hosts[n], eps)
     rng, probe_rng = np.random.default_rng(seed + 1), np.random.default_rng(seed + 2)
     measure = _centred if method == "centred" else _random
     for n in names:
@@ -231,6 +232,17 @@ def _random(loss, n, base, ana, eps, atol, directions, rng):
         typical = _norm(ana) / np.sqrt(base.size)  # |<g, v>| for a random unit v
         errs.append(_rel(np.asarray(num), projected, atol, typical))
     return None if all(e is None for e in errs) else max(e for e in errs if e is not None)
+
+
+def _check_step(name, x, eps):
+    """ValueError where ``x + eps`` rounds back to ``x`` for some element: no step is taken there, and
+    the differences (0) would read as a wrong backward. At 1e12 the float64 values are 1.2e-4 apart."""
+    peak = float(np.max(np.abs(x), initial=0.0))
+    if np.any(np.isfinite(x) & (x + eps == x - eps)):
+        raise ValueError(f"eps={eps:g} is below the spacing of the float64 values of input {name!r} ({name} reaches "
+                         f"{peak:.3g}, where neighbouring floats are {float(np.spacing(peak)):.3g} apart): x + eps "
+                         f"rounds back to x and no step is taken; pass eps of at least {float(np.spacing(peak)):.2g} "
+                         f"(about 1e-6 times {name}'s scale is a good step), or check at a smaller scale")
 
 
 def _check_settings(*, eps, rtol, atol, directions, seed, wrt):

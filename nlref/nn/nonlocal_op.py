@@ -53,6 +53,7 @@ import numbers
 from typing import Any, NamedTuple
 
 from ..backend import array_namespace, device, dtype_name, is_numpy
+from ._shapes import check_scores_overflow
 from .engine import NonLocalWorkspace
 from .functional import (
     _exp_inplace,
@@ -153,6 +154,7 @@ def attention_map(theta, phi, *, mode, scale=1.0, w_f=None):
     _check(theta, phi, None, mode, scale, w_f, None)
     f, _ = _Steps.scores(theta, phi, mode, scale, w_f)
     if mode in SOFTMAX_MODES:
+        check_scores_overflow("attention_map", array_namespace(f), array_namespace(f).max(f, axis=2), theta=theta, phi=phi)
         return softmax_forward(f)[0]
     f /= phi.shape[2]
     return f
@@ -271,6 +273,7 @@ def _forward_full(theta, phi, g, mode, scale, w_f, steps):
     f, f_cache = steps.scores(theta, phi, mode, scale, w_f)
     if mode in SOFTMAX_MODES:
         e, norm = steps.exp_rows(f)  # e = exp(f - max_j f), C_i = sum_j e_ij
+        check_scores_overflow("nonlocal_forward", xp, norm, theta=theta, phi=phi)  # C_i NaN: an overflowed f
         norm = norm[:, None, :]  # C_i, shaped (B, 1, N) to scale y's columns
     else:
         e = f
@@ -324,6 +327,7 @@ def _forward_chunked(theta, phi, g, mode, scale, w_f, chunk_size, steps):
         else:
             acc += xp.matmul(_keys(g, block), xp.matrix_transpose(f))
     if mode in SOFTMAX_MODES:
+        check_scores_overflow("nonlocal_forward", xp, run_sum, theta=theta, phi=phi)  # l_i NaN: an overflowed f
         y = acc / run_sum[:, None, :]
         rows = (run_max, run_sum)  # m_i and l_i: A_ij = exp(s_ij - m_i) / l_i
     else:
@@ -399,6 +403,7 @@ def nonlocal_reference(theta, phi, g, *, mode, scale=1.0, w_f=None):
         if mode in SOFTMAX_MODES:
             f = xp.exp(f - xp.max(f, axis=1, keepdims=True))  # exp(s_ij) up to a factor that C cancels
             c = xp.sum(f, axis=1, keepdims=True)
+            check_scores_overflow("nonlocal_reference", xp, c, theta=theta, phi=phi)  # C NaN: an overflowed f
         else:
             c = m
         columns.append(xp.sum((f / c)[:, None, :] * g, axis=2))  # (B, d_g)

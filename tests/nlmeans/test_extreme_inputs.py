@@ -110,3 +110,16 @@ def test_preset_for_names_a_bad_argument(kw, match):
     sigma = args.pop("sigma_255")
     with pytest.raises(ValueError, match=match):
         presets.preset_for(sigma, **args)
+
+
+@pytest.mark.parametrize("dtype, offers", [(np.float64, False), (np.float32, True)])
+def test_nl_means_offers_float64_only_to_an_image_that_is_not(dtype, offers):
+    """An h that float64 cannot square told a float64 image to 'pass a float64 image'."""
+    x = np.random.default_rng(3).random((12, 12)).astype(dtype)
+    tiny = 1e-170 if dtype == np.float64 else 1e-25
+    with pytest.raises(ValueError, match="is too small for sigma") as err:
+        nlref.nl_means(x, sigma=0.0, h=tiny, patch_size=3, search_size=5)
+    assert ("pass a float64 image" in str(err.value)) == offers
+    with pytest.raises(ValueError, match="sums of squared differences of a patch overflow") as err:
+        nlref.nl_means(x * (1e160 if dtype == np.float64 else 1e19), sigma=0.0, h=1.0, patch_size=3, search_size=5)
+    assert ("pass a float64 image" in str(err.value)) == offers
