@@ -123,14 +123,21 @@ def conv1x1_backward(dout, cache):
 
 
 # --------------------------------------------------------------------------- batch norm
-def _mean_exact_if_constant(xp, x, mean, axis, keepdims=False):
-    r"""``mean``, except that a constant row's mean is its value, exactly.
+def _mean_exact_if_constant(xp, x, mean, var, count, axis, keepdims=False):
+    r"""``mean`` with a constant row's mean made its value, exactly; None where no row can be constant.
 
     :math:`\sum x / M` rounds: for twelve float32 copies of 10000.3 it is off by half a unit in
     the last place, and :math:`(x - \mu)/\sqrt{\sigma^2 + \epsilon}` of the rounding came out
     0.3 with ``eps=1e-5`` and 1.0 with ``eps=1e-30``, where the definition (and PyTorch's layer
-    norm) gives exactly 0. Rows that are not constant keep ``mean`` unchanged.
+    norm) gives exactly 0. A sum of ``count`` values is off by at most ``count`` units of
+    rounding, so only a row whose variance is within that of 0, :math:`\sigma^2 \le (2 M u
+    \mu)^2`, can be constant: only then are its maximum and minimum read (two more passes
+    over ``x``, which would otherwise cost every call). Rows that are not constant keep
+    ``mean`` unchanged.
     """
+    u = float(xp.finfo(mean.dtype).eps)
+    if not bool(xp.any(var <= (2.0 * count * u * mean) ** 2)):
+        return None
     top = xp.max(x, axis=axis, keepdims=keepdims)
     return xp.where(top == xp.min(x, axis=axis, keepdims=keepdims), top, mean)
 
@@ -186,9 +193,14 @@ def batchnorm_forward(x, gamma, beta, state, *, training, momentum=0.1, eps=1e-5
     x2 = rows.matrix(x)
     if training:
         m = rows.count
-        mean = _mean_exact_if_constant(xp, x, rows.sums(x2) / m, axis=(0, *range(2, x.ndim)))
+        mean = rows.sums(x2) / m
         centred = x2 - rows.spread(mean)
         var = rows.sums_of_products(centred, centred) / m
+        exact = _mean_exact_if_constant(xp, x, mean, var, m, axis=(0, *range(2, x.ndim)))
+        if exact is not None:  # a channel within rounding of constant: its mean made exact, then as above
+            mean = exact
+            centred = x2 - rows.spread(mean)
+            var = rows.sums_of_products(centred, centred) / m
         state["running_mean"] = (1 - momentum) * state["running_mean"] + momentum * mean
         state["running_var"] = (1 - momentum) * state["running_var"] + momentum * (var * (m / (m - 1)))
     else:
@@ -1051,9 +1063,14 @@ def layernorm_forward(x, gamma, beta, eps=1e-5):
                              f"got shape {tuple(a.shape)}")
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps <= 0:
         raise ValueError(f"{func}: eps must be a positive finite number, got {eps!r}")
-    mu = _mean_exact_if_constant(xp, x, xp.mean(x, axis=-1, keepdims=True), axis=-1, keepdims=True)
+    mu = xp.mean(x, axis=-1, keepdims=True)
     xc = x - mu
     var = xp.mean(xc * xc, axis=-1, keepdims=True)
+    exact = _mean_exact_if_constant(xp, x, mu, var, d, axis=-1, keepdims=True)
+    if exact is not None:  # a row within rounding of constant: its mean made exact, then as above
+        mu = exact
+        xc = x - mu
+        var = xp.mean(xc * xc, axis=-1, keepdims=True)
     inv_std = 1.0 / xp.sqrt(var + eps)
     check_variance_overflow("layernorm_forward", xp, inv_std, "a row")  # var = inf made x_hat = 0
     x_hat = xc * inv_std

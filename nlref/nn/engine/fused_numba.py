@@ -830,11 +830,14 @@ def batchnorm_forward_numba(x, gamma, beta, state, *, training, momentum, eps):
         m = x.shape[0] * math.prod(x.shape[2:])
         zero = np.zeros(x.shape[1], dtype=x.dtype)
         mean = (_channel_sums(x2, zero, last, 1) / m).astype(x.dtype)
-        if x.dtype == np.float64:  # a constant channel's mean is its value (float32 ones are summed exactly)
-            axes = (0, *range(2, x.ndim))
-            top = np.max(x, axis=axes)
-            mean = np.where(top == np.min(x, axis=axes), top, mean)
         var = (_channel_sums(x2, mean, last, 2) / m).astype(x.dtype)
+        if x.dtype == np.float64:  # a constant channel's mean is its value (float32 ones are summed exactly)
+            u = np.finfo(np.float64).eps
+            if np.any(var <= (2.0 * m * u * mean) ** 2):  # only a channel within rounding of 0 can be constant
+                axes = (0, *range(2, x.ndim))
+                top = np.max(x, axis=axes)
+                mean = np.where(top == np.min(x, axis=axes), top, mean)
+                var = (_channel_sums(x2, mean, last, 2) / m).astype(x.dtype)
         state["running_mean"] = (1 - momentum) * state["running_mean"] + momentum * mean
         state["running_var"] = (1 - momentum) * state["running_var"] + momentum * (var * (m / (m - 1)))
     else:
