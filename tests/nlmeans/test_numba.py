@@ -15,6 +15,7 @@ import pytest
 import nlref
 import nlref.backend as B
 from nlref.nlmeans import fast
+from tests.helpers import traced_peak
 
 numba = pytest.importorskip("numba", reason="the Numba engine needs numba (pip install 'nlref[fast]')")
 fast_numba = pytest.importorskip("nlref.nlmeans.fast_numba")
@@ -148,18 +149,11 @@ def test_patch_wise_holds_few_float64_copies_of_the_image(monkeypatch, shape, ch
     counts, float64 arrays of the padded image's size: each is dropped once read, and the box sums
     return a view instead of a third copy. The peak reached 20 float32 copies of the image (13.3 now,
     the tiles' scratch and the working copies included), grey or colour."""
-    import tracemalloc
-
     monkeypatch.setenv(VAR, "numba")
     x = np.random.default_rng(0).random(shape).astype(np.float32)
     kwargs = dict(sigma=0.08, channel_axis=channel_axis, aggregation="patch", workers=1)
     nlref.nl_means(x[:12, :40], **kwargs)  # compiled or loaded outside the trace
-    tracemalloc.start()
-    try:
-        nlref.nl_means(x, **kwargs)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    peak = traced_peak(lambda: nlref.nl_means(x, **kwargs))
     assert peak <= 14 * x.nbytes, peak / x.nbytes
 
 
@@ -167,18 +161,11 @@ def test_pixel_wise_in_memory_peak_of_a_grey_image(monkeypatch):
     """Pixel-wise, in memory: the working copy, the padded image, the flat estimate and the result, and the
     tiles' scratch: 4.5 float32 copies of a 512 x 480 image. The result was built through a zero-padded
     array per channel, sliced and stacked: one image-sized array more at the peak (5.3 copies)."""
-    import tracemalloc
-
     monkeypatch.setenv(VAR, "numba")
     x = np.random.default_rng(0).random((512, 480)).astype(np.float32)
     kwargs = dict(sigma=0.08, workers=1)
     nlref.nl_means(x[:12, :40], **kwargs)  # compiled or loaded outside the trace
-    tracemalloc.start()
-    try:
-        nlref.nl_means(x, **kwargs)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    peak = traced_peak(lambda: nlref.nl_means(x, **kwargs))
     assert peak <= 4.8 * x.nbytes, peak / x.nbytes
 
 
