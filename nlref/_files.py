@@ -16,7 +16,7 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["replaced_atomically", "write_atomically", "folder_problem", "WriteError", "machine_failure",
+__all__ = ["replaced_atomically", "write_atomically", "sync_folder", "folder_problem", "WriteError", "machine_failure",
            "absolute", "writing_target", "numba_kernel"]
 
 #: The errors that are the machine's, not the user's: no space, no quota left, an input/output error.
@@ -91,6 +91,27 @@ def replaced_atomically(path):
         if isinstance(err, OSError) and not isinstance(err, WriteError):
             raise WriteError(err.errno, err.strerror or str(err), str(asked)) from err
         raise
+    sync_folder(path.parent)
+
+
+def sync_folder(folder):
+    """Flush ``folder``'s entries to disk (``fsync`` of the folder), after a rename into it.
+
+    Syncing the file makes its bytes durable, not its new name: after a power cut right after
+    ``os.replace``, a file system may come back with the old name or none (POSIX leaves it to the
+    folder's own ``fsync``). The rename has happened either way, so a folder that cannot be
+    opened or synced (Windows, some network file systems) is left as it is, without an error.
+    """
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_atomically(path, write):

@@ -26,6 +26,21 @@ def test_a_write_replaces_the_file_with_the_usual_mode(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
 
 
+def test_the_new_name_is_synced_with_its_folder(tmp_path, monkeypatch):
+    """The file's bytes were synced, not the rename: a power cut right after could lose the new name."""
+    synced = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        info = os.fstat(fd)
+        synced.append(("folder" if stat.S_ISDIR(info.st_mode) else "file", info.st_ino))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    write_atomically(tmp_path / "out.bin", lambda f: f.write(b"new"))
+    assert synced == [("file", (tmp_path / "out.bin").stat().st_ino), ("folder", tmp_path.stat().st_ino)]
+
+
 @pytest.mark.parametrize("error", [OSError("No space left on device"), KeyboardInterrupt()])
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, error):
     path = tmp_path / "out.bin"
