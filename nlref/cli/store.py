@@ -136,15 +136,16 @@ def _threads_that_fit(need, threads):
     Each local thread runs one chunk's task at a time, so a run holds about threads x ``need``.
     The per-chunk limit (``nlref.nlmeans.WORKING_MEMORY_LIMIT``) does not see the threads: chunks
     of 3 GiB each passed it, and 16 threads of them needed 48 GiB. A CommandError naming --chunks
-    when not even one task fits; ``threads`` where the available memory is unknown.
+    when not even one task fits; ``threads`` where the available memory is unknown. Returns the
+    count and the bytes available (None: unknown).
     """
     available = available_memory()
     if available is None:
-        return threads
+        return threads, None
     if need > available:
         raise CommandError(f"--chunks: one chunk's task needs about {need / 2**30:.2f} GiB of working memory, more "
                            f"than the {available / 2**30:.2f} GiB this machine has available; use smaller --chunks")
-    return max(1, min(threads, available // need))
+    return max(1, min(threads, available // need)), available
 
 
 def run_denoise_chunked(args):
@@ -253,10 +254,10 @@ def run_denoise_chunked(args):
         if client is None:  # the local threads, each holding one chunk's task: as many as the memory holds
             need = chunk_working_memory(lazy.chunks, None if channel_axis is None else channel_axis % lazy.ndim,
                                         params, args.aggregation, image.dtype, 1)
-            fit = _threads_that_fit(need, threads)
+            fit, available = _threads_that_fit(need, threads)
             if fit < threads:
                 say(f"running {fit} of {threads} threads: each chunk's task needs about {need / 2**20:,.0f} MiB "
-                    f"of working memory, and {available_memory() / 2**20:,.0f} MiB are available")
+                    f"of working memory, and {available / 2**20:,.0f} MiB are available")
                 threads = fit
         # every chunk written, also one equal to the fill value, so that a complete store can be told from one
         # whose writes went elsewhere

@@ -2,7 +2,9 @@
 
 Nothing here computes a layer: it checks what a layer is given (raising ``TypeError`` /
 ``ValueError`` that name the argument, the value and what is allowed, before any heavy
-work) and builds the slices that pick one offset of every window out of a padded array.
+work) and builds the slices that pick one offset of every window out of a padded array. One
+numerical rule is here too, because both normalisations' textbook passes and the fused ones
+apply it: ``mean_exact_if_constant``.
 """
 
 from __future__ import annotations
@@ -67,6 +69,25 @@ def check_scores_overflow(func, xp, rows, **inputs):
     raise ValueError(f"{func}: the softmax scores of the finite {names} overflow {dtype_of(rows)} (a score beyond "
                      f"{_largest(rows):.3g} in magnitude), so a row of the attention would be NaN; scale {names} "
                      f"down, or compute in float64")
+
+
+def mean_exact_if_constant(xp, x, mean, var, count, axis, keepdims=False):
+    r"""``mean`` with a constant row's mean made its value, exactly; None where no row can be constant.
+
+    :math:`\sum x / M` rounds: for twelve float32 copies of 10000.3 it is off by half a unit in
+    the last place, and :math:`(x - \mu)/\sqrt{\sigma^2 + \epsilon}` of the rounding came out
+    0.3 with ``eps=1e-5`` and 1.0 with ``eps=1e-30``, where the definition (and PyTorch's layer
+    norm) gives exactly 0. A sum of ``count`` values is off by at most ``count`` units of
+    rounding, so only a row whose variance is within that of 0, :math:`\sigma^2 \le (2 M u
+    \mu)^2`, can be constant: only then are its maximum and minimum read (two more passes
+    over ``x``, which would otherwise cost every call). Rows that are not constant keep
+    ``mean`` unchanged.
+    """
+    u = float(xp.finfo(mean.dtype).eps)
+    if not bool(xp.any(var <= (2.0 * count * u * mean) ** 2)):
+        return None
+    top = xp.max(x, axis=axis, keepdims=keepdims)
+    return xp.where(top == xp.min(x, axis=axis, keepdims=keepdims), top, mean)
 
 
 def check_variance_overflow(func, xp, inv_std, of):

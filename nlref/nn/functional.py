@@ -35,9 +35,9 @@ import numpy as np
 
 from ..backend import array_namespace, asarray, check_flag, device, supports_out
 from . import engine
-from ._shapes import (check_batchnorm, check_variance_overflow, check_dropout, check_float, check_grad, check_labels, check_linear,
-                      check_pool_kernel, check_spatial, conv_params, dtype_of, output_size, pad, pool_params, strided,
-                      window_offsets)
+from ._shapes import (check_batchnorm, check_dropout, check_float, check_grad, check_labels, check_linear,
+                      check_pool_kernel, check_spatial, check_variance_overflow, conv_params, dtype_of,
+                      mean_exact_if_constant, output_size, pad, pool_params, strided, window_offsets)
 from .engine import exp_inplace as _exp_inplace  # noqa: F401  (nlref.nn.nonlocal_op imports it from here)
 
 __all__ = [
@@ -123,25 +123,6 @@ def conv1x1_backward(dout, cache):
 
 
 # --------------------------------------------------------------------------- batch norm
-def _mean_exact_if_constant(xp, x, mean, var, count, axis, keepdims=False):
-    r"""``mean`` with a constant row's mean made its value, exactly; None where no row can be constant.
-
-    :math:`\sum x / M` rounds: for twelve float32 copies of 10000.3 it is off by half a unit in
-    the last place, and :math:`(x - \mu)/\sqrt{\sigma^2 + \epsilon}` of the rounding came out
-    0.3 with ``eps=1e-5`` and 1.0 with ``eps=1e-30``, where the definition (and PyTorch's layer
-    norm) gives exactly 0. A sum of ``count`` values is off by at most ``count`` units of
-    rounding, so only a row whose variance is within that of 0, :math:`\sigma^2 \le (2 M u
-    \mu)^2`, can be constant: only then are its maximum and minimum read (two more passes
-    over ``x``, which would otherwise cost every call). Rows that are not constant keep
-    ``mean`` unchanged.
-    """
-    u = float(xp.finfo(mean.dtype).eps)
-    if not bool(xp.any(var <= (2.0 * count * u * mean) ** 2)):
-        return None
-    top = xp.max(x, axis=axis, keepdims=keepdims)
-    return xp.where(top == xp.min(x, axis=axis, keepdims=keepdims), top, mean)
-
-
 def batchnorm_forward(x, gamma, beta, state, *, training, momentum=0.1, eps=1e-5):
     r"""Batch normalisation over all axes but the channel axis.
 
@@ -196,7 +177,7 @@ def batchnorm_forward(x, gamma, beta, state, *, training, momentum=0.1, eps=1e-5
         mean = rows.sums(x2) / m
         centred = x2 - rows.spread(mean)
         var = rows.sums_of_products(centred, centred) / m
-        exact = _mean_exact_if_constant(xp, x, mean, var, m, axis=(0, *range(2, x.ndim)))
+        exact = mean_exact_if_constant(xp, x, mean, var, m, axis=(0, *range(2, x.ndim)))
         if exact is not None:  # a channel within rounding of constant: its mean made exact, then as above
             mean = exact
             centred = x2 - rows.spread(mean)
@@ -1066,7 +1047,7 @@ def layernorm_forward(x, gamma, beta, eps=1e-5):
     mu = xp.mean(x, axis=-1, keepdims=True)
     xc = x - mu
     var = xp.mean(xc * xc, axis=-1, keepdims=True)
-    exact = _mean_exact_if_constant(xp, x, mu, var, d, axis=-1, keepdims=True)
+    exact = mean_exact_if_constant(xp, x, mu, var, d, axis=-1, keepdims=True)
     if exact is not None:  # a row within rounding of constant: its mean made exact, then as above
         mu = exact
         xc = x - mu

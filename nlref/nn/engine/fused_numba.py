@@ -41,6 +41,8 @@ import numpy as np
 
 from nlref._files import numba_kernel
 
+from .._shapes import mean_exact_if_constant
+
 __all__ = ["ENGINES", "ENGINE_VARIABLE", "resolve_engine", "numba_applies", "softmax_rows", "softmax_backward_rows",
            "softmax_rows_grad", "concat_scores", "concat_relu_sums", "relu_sweep", "Sweep", "batchnorm_forward_numba", "BN_ROWS",
            "batchnorm_backward_numba", "BatchNormCache", "BN_CHANNELS_LAST", "maxpool_numba", "maxpool_backward_numba"]
@@ -831,13 +833,11 @@ def batchnorm_forward_numba(x, gamma, beta, state, *, training, momentum, eps):
         zero = np.zeros(x.shape[1], dtype=x.dtype)
         mean = (_channel_sums(x2, zero, last, 1) / m).astype(x.dtype)
         var = (_channel_sums(x2, mean, last, 2) / m).astype(x.dtype)
-        if x.dtype == np.float64:  # a constant channel's mean is its value (float32 ones are summed exactly)
-            u = np.finfo(np.float64).eps
-            if np.any(var <= (2.0 * m * u * mean) ** 2):  # only a channel within rounding of 0 can be constant
-                axes = (0, *range(2, x.ndim))
-                top = np.max(x, axis=axes)
-                mean = np.where(top == np.min(x, axis=axes), top, mean)
-                var = (_channel_sums(x2, mean, last, 2) / m).astype(x.dtype)
+        exact = mean_exact_if_constant(np, x, mean, var, m, axis=(0, *range(2, x.ndim))) \
+            if x.dtype == np.float64 else None  # float32 channels are summed in float64: a constant one exactly
+        if exact is not None:  # a constant channel's mean is its value
+            mean = exact
+            var = (_channel_sums(x2, mean, last, 2) / m).astype(x.dtype)
         state["running_mean"] = (1 - momentum) * state["running_mean"] + momentum * mean
         state["running_var"] = (1 - momentum) * state["running_var"] + momentum * (var * (m / (m - 1)))
     else:
