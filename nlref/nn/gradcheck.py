@@ -28,6 +28,27 @@ wrong or zero backward would pass), so such an input is measured again with a st
 where it was: a real gradient rises above it and is compared (the input is then listed
 in ``coarse``, and the check says to pass a larger ``eps``); a zero one stays below.
 Checks run in float64: with float32 the rounding of ``L`` swamps the differences.
+
+**Kinks.** At a ReLU input of exactly 0, or a max-pool tie, the function has no derivative: its
+left and right slopes differ, the centred difference is their mean, and a right backward, which
+returns one of them, reads as wrong. Where the check fails, each failing element (centred) or
+direction (random) is measured again with steps ``KINK_FACTOR`` (4), 16 and 64 times smaller,
+watching the gap between the one-sided differences. Along a smooth function the gap shrinks with
+the step (by that factor); across a kink at the point itself it stays; across a kink off the point
+but within ``eps`` it vanishes once the step no longer reaches it. An element whose gap stays and
+whose backward value lies between its one-sided slopes is *at a kink*; one whose gap vanishes has
+a kink *within eps*, and its centred difference at the step where it vanished is kept. A smooth
+function measured with too large a step is neither, and neither is a backward value outside the
+one-sided slopes. A direction whose gap stays is at a kink whatever its projection: it may cross
+several kinks at once, and then a right projection need not lie between its one-sided slopes.
+
+By default (``kinks="report"``) this changes no verdict: a check that fails still fails, and the
+result counts the failing elements or directions at a kink (``kinks``) and within eps of one
+(``near_kinks``) and says so, as PyTorch's ``gradcheck`` fails there too. With ``kinks="skip"``
+the elements at a kink are left out of the comparison, those within eps are compared at the
+smaller step, and a direction at a kink is replaced by a fresh one (up to ``directions`` times);
+an input with nothing left to compare is ``inconclusive``, and so is the check unless another
+input failed.
 """
 
 from __future__ import annotations
@@ -63,6 +84,11 @@ class GradcheckResult:
     method: str = "centred"
     eps: float = 1e-6
     rtol: float = 1e-6
+    kinks: dict = field(default_factory=dict)
+    near_kinks: dict = field(default_factory=dict)
+    failing: dict = field(default_factory=dict)
+    inconclusive: list = field(default_factory=list)
+    kinks_rule: str = "report"
 
     @property
     def max_error(self) -> float:
@@ -70,11 +96,19 @@ class GradcheckResult:
 
     @property
     def passed(self) -> bool:
-        return self.max_error <= self.rtol
+        return self.max_error <= self.rtol and not self.inconclusive
+
+    @property
+    def verdict(self) -> str:
+        """``"passed"``, ``"FAILED"`` or ``"INCONCLUSIVE"`` (with ``kinks="skip"``: nothing failed, but
+        some input had every element or direction at a kink, so nothing of it was compared)."""
+        if self.max_error > self.rtol:
+            return "FAILED"
+        return "INCONCLUSIVE" if self.inconclusive else "passed"
 
     def __str__(self):
         width = max((len(k) for k in self.errors), default=4)
-        head = f"gradcheck ({self.method}, eps={self.eps:g}, rtol={self.rtol:g}): {'passed' if self.passed else 'FAILED'}"
+        head = f"gradcheck ({self.method}, eps={self.eps:g}, rtol={self.rtol:g}): {self.verdict}"
         if self.zero:  # "passed" must not read as covering them: a backward wrong by any factor gives 0 there too
             head += (f"{', but' if self.passed else ';'} {len(self.zero)} of {len(self.errors)} gradients are zero "
                      f"here and were checked only as zero: {', '.join(self.zero)} (a backward wrong by any factor "
@@ -86,12 +120,42 @@ class GradcheckResult:
             if k in self.coarse:
                 note += (f"  (below the rounding floor at eps={self.eps:g}: measured with a step "
                          f"{PROBE_FACTOR:g} times larger; pass a larger eps)")
-            lines.append(f"  {k:<{width}}  {v:.2e}{note}")
+            lines.append(f"  {k:<{width}}  {v:.2e}{note}{self._kink_note(k)}")
         return "\n".join(lines)
+
+    def _kink_note(self, name):
+        """What the kinks did to input ``name``'s line ("" where there were none)."""
+        unit = "element" if self.method == "centred" else "direction"
+
+        def count(n):
+            return f"{n} {unit}{'' if n == 1 else 's'}"
+
+        at, near, failing = self.kinks.get(name, 0), self.near_kinks.get(name, 0), self.failing.get(name, 0)
+        # one-sided: the left and right differences differ there, and (centred) the backward's value lies between
+        between = "one-sided slopes differ" + (", the backward's value between them" if unit == "element" else "")
+        if name in self.inconclusive:
+            drawn = " drawn" if unit == "direction" else ""
+            return f"  (not compared: every {unit}{drawn} is at a kink ({between}); check at another point)"
+        notes = []
+        if at and self.kinks_rule == "skip":
+            notes.append(f"{count(at)} at a kink not compared ({between})")
+        elif at:
+            notes.append(f"{at} of {count(failing)} failing at a kink ({between}), where no derivative exists; "
+                         "pass kinks='skip' to leave them out, or check away from kinks")
+        if near and self.kinks_rule == "skip":
+            notes.append(f"{count(near)} with a kink within eps compared at a smaller step")
+        elif near:
+            notes.append(f"{near} of {count(failing)} failing with a kink within eps, gone at a smaller step: "
+                         "pass a smaller eps")
+        return "".join(f"  ({n})" for n in notes)
 
 
 #: How much larger the step is when a gradient below the rounding floor is measured again.
 PROBE_FACTOR = 1e3
+#: How much smaller the step is, at each of ``KINK_LEVELS`` levels, when a failing element or direction is
+#: measured again for a kink.
+KINK_FACTOR = 4.0
+KINK_LEVELS = 3
 
 
 def _norm(v):
@@ -118,7 +182,7 @@ def _rel(num, ana, floor, typical=0.0):
 
 def gradcheck(forward: Callable[..., Array], backward: Callable[[Array], dict], inputs: dict[str, Array], *,
               wrt: Sequence[str] | None = None, method: str = "centred", eps: float = 1e-6, rtol: float = 1e-6,
-              atol: float | None = None, directions: int = 3, seed: int = 0) -> GradcheckResult:
+              atol: float | None = None, directions: int = 3, seed: int = 0, kinks: str = "report") -> GradcheckResult:
     """Compare ``backward`` with finite differences of ``forward``.
 
     Parameters
@@ -145,6 +209,11 @@ def gradcheck(forward: Callable[..., Array], backward: Callable[[Array], dict], 
         Random directions per input (``method="random"``).
     seed : int
         Seeds ``dout`` and the directions.
+    kinks : {"report", "skip"}
+        Where a check fails at a kink of the function (a ReLU input of 0, a max-pool tie), no
+        derivative exists there. ``"report"`` keeps the verdict and says which failing elements or
+        directions are at a kink or within ``eps`` of one; ``"skip"`` leaves them out of the
+        comparison (see the module docstring).
 
     Returns
     -------
@@ -154,6 +223,8 @@ def gradcheck(forward: Callable[..., Array], backward: Callable[[Array], dict], 
     if method not in ("centred", "random"):
         raise ValueError(f"method must be 'centred' or 'random', got {method!r}")
     _check_settings(eps=eps, rtol=rtol, atol=atol, directions=directions, seed=seed, wrt=wrt)
+    if kinks not in ("report", "skip"):
+        raise ValueError(f"kinks must be 'report' or 'skip', got {kinks!r}")
     if not isinstance(inputs, dict) or not inputs:
         raise TypeError("inputs must be a non-empty dict of name -> array")
     for name, value in inputs.items():
@@ -186,7 +257,8 @@ def gradcheck(forward: Callable[..., Array], backward: Callable[[Array], dict], 
             args[n] = B.asarray(h, like=inputs[n])
         return float(np.sum(B.to_numpy(forward(**args)) * dout_host))
 
-    result = GradcheckResult(method=method, eps=eps, rtol=rtol)
+    result = GradcheckResult(method=method, eps=eps, rtol=rtol, kinks_rule=kinks)
+    seen = _Kinks(kinks == "skip")
     for n in names:
         if ana[n].shape != hosts[n].shape:
             raise ValueError(f"gradient for {n!r} has shape {ana[n].shape}, input has {hosts[n].shape}")
@@ -196,41 +268,145 @@ def gradcheck(forward: Callable[..., Array], backward: Callable[[Array], dict], 
     rng, probe_rng = np.random.default_rng(seed + 1), np.random.default_rng(seed + 2)
     measure = _centred if method == "centred" else _random
     for n in names:
-        err = measure(loss, n, hosts[n], ana[n], eps, atol, directions, rng)
+        err = measure(loss, n, hosts[n], ana[n], eps, atol, directions, rng, rtol, seen)
         if err is None and not given_atol:
             # Below the floor a gradient that is zero and one too small for this step look alike; a step
             # PROBE_FACTOR times larger lifts a real one above its floor (rounding noise does not grow with it).
-            err = measure(loss, n, hosts[n], ana[n], eps * PROBE_FACTOR, atol / PROBE_FACTOR, directions, probe_rng)
+            err = measure(loss, n, hosts[n], ana[n], eps * PROBE_FACTOR, atol / PROBE_FACTOR, directions, probe_rng,
+                          rtol, seen)
             if err is not None:
                 result.coarse.append(n)
-        if err is None:
+        if err is _AT_KINKS:
+            result.inconclusive.append(n)
+            err = 0.0
+        elif err is None:
             result.zero.append(n)
         result.errors[n] = 0.0 if err is None else err
+    if seen.at or seen.near:  # the failing count is read only beside them
+        result.kinks, result.near_kinks, result.failing = dict(seen.at), dict(seen.near), dict(seen.failing)
     forward(**inputs)  # leave any layer state as it was at the checked point
     return result
 
 
-def _centred(loss, n, base, ana, eps, atol, directions, rng):
-    """The relative error of ``ana`` against centred differences, one element at a time (None: a zero gradient)."""
-    num = np.zeros(base.size)
+#: What a measure returns when every element or direction of an input is at a kink (nothing compared).
+_AT_KINKS = object()
+
+
+class _Kinks:
+    """What the measures found at kinks, per input: ``at`` a kink, ``near`` (within eps); ``skip``: whether
+    those are left out of the comparison (else only counted)."""
+
+    def __init__(self, skip):
+        self.skip, self.at, self.near, self.failing = skip, {}, {}, {}
+
+    def count(self, kind, name):
+        """One failing element or direction of input ``name``, of ``kind`` "kink", "near" or None."""
+        self.failing[name] = self.failing.get(name, 0) + 1
+        if kind is not None:
+            table = self.at if kind == "kink" else self.near
+            table[name] = table.get(name, 0) + 1
+
+
+def _centred(loss, n, base, ana, eps, atol, directions, rng, rtol, kinks):
+    """The relative error of ``ana`` against centred differences, one element at a time (None: a zero gradient;
+    ``_AT_KINKS``: every element at a kink, with ``kinks.skip``). Failing elements at or near a kink are
+    counted in ``kinks``."""
+    plus, minus = np.zeros(base.size), np.zeros(base.size)
     for k in range(base.size):
-        step = np.zeros(base.size)
-        step[k] = eps
-        step = step.reshape(base.shape)
-        num[k] = (loss({n: base + step}) - loss({n: base - step})) / (2 * eps)
-    return _rel(num.reshape(base.shape), ana, atol * np.sqrt(base.size))
+        plus[k], minus[k] = (loss({n: base + sign * _unit_step(base, k, eps)}) for sign in (1, -1))
+    num = (plus - minus) / (2 * eps)
+    floor = atol * np.sqrt(base.size)
+    err = _rel(num.reshape(base.shape), ana, floor)
+    if err is None or err <= rtol:
+        return err
+    flat_ana, at_kink, smaller = ana.reshape(-1), np.zeros(base.size, dtype=bool), num.copy()
+    middle = loss({n: base})
+    for k in np.flatnonzero(np.abs(num - flat_ana) > rtol * np.maximum(np.abs(num), np.abs(flat_ana))):
+        def at(h, k=k):
+            return tuple(loss({n: base + sign * _unit_step(base, k, h)}) for sign in (1, -1))
+
+        kind, value = _kink(at, plus[k], minus[k], middle, eps, flat_ana[k], atol)
+        kinks.count(kind, n)
+        if kind == "kink":
+            at_kink[k] = True
+        elif kind == "near":
+            smaller[k] = value
+    if not kinks.skip:
+        return err
+    kept = ~at_kink
+    if not kept.any():
+        return _AT_KINKS
+    return _rel(smaller[kept], flat_ana[kept], atol * np.sqrt(kept.sum()))
 
 
-def _random(loss, n, base, ana, eps, atol, directions, rng):
-    """The worst relative error of ``ana`` projected on random unit directions (None: a zero gradient)."""
-    errs = []
-    for _ in range(directions):
+def _unit_step(base, k, eps):
+    step = np.zeros(base.size)
+    step[k] = eps
+    return step.reshape(base.shape)
+
+
+def _kink(at, plus, minus, middle, eps, value, atol):
+    """Where the centred difference at ``eps`` disagrees with the backward's ``value``: ``("kink", None)`` if
+    the function has a kink at the point and ``value`` is a one-sided slope (between the two; any value when
+    ``value`` is None); ``("near", d)`` if the kink lies off the point, within ``eps``, ``d`` the centred difference at a step that no longer
+    reaches it; ``(None, None)`` otherwise (a smooth function, or a wrong value). ``at(h)`` gives the loss at
+    ``+h`` and ``-h`` along the element or direction; ``plus``, ``minus`` and ``middle`` are the losses at
+    ``+eps``, ``-eps`` and the point.
+
+    One-sided differences have a gap ``right - left`` of about ``h f''`` along a smooth function, shrinking with
+    the step ``h``; across a kink at the point it is the jump of the slope at every step, and across a kink at
+    a distance from the point it vanishes once the step is shorter than that distance. Each level divides
+    the step by ``KINK_FACTOR`` and asks which of the three the gap does.
+    """
+    step, gap = eps, abs(plus + minus - 2 * middle) / eps
+    for _ in range(KINK_LEVELS):
+        if gap <= 4 * atol * eps / step:  # within the one-sided differences' rounding at this step
+            return None, None
+        step /= KINK_FACTOR
+        plus_s, minus_s = at(step)
+        right, left = (plus_s - middle) / step, (middle - minus_s) / step
+        gap_s = abs(right - left)
+        if gap_s >= (1 + 1 / KINK_FACTOR) / 2 * gap:  # the gap stays: a kink at the point
+            slack = 0.01 * gap_s + 4 * atol * eps / step
+            if value is None or min(right, left) - slack <= value <= max(right, left) + slack:
+                return "kink", None
+            return None, None
+        if gap_s <= 0.1 * gap / KINK_FACTOR:  # gone, far below a smooth function's gap / KINK_FACTOR
+            return "near", (plus_s - minus_s) / (2 * step)
+        gap = gap_s
+    return None, None
+
+
+def _random(loss, n, base, ana, eps, atol, directions, rng, rtol, kinks):
+    """The worst relative error of ``ana`` projected on random unit directions (None: a zero gradient;
+    ``_AT_KINKS``: every direction drawn at a kink, with ``kinks.skip``). Failing directions at or near a
+    kink are counted in ``kinks``; with ``kinks.skip`` one at a kink is replaced by a fresh one, up to
+    ``directions`` times in all."""
+    errs, middle, spare = [], None, directions
+    typical = _norm(ana) / np.sqrt(base.size)  # |<g, v>| for a random unit v
+    while len(errs) < directions:
         v = rng.standard_normal(base.shape)
         v /= np.linalg.norm(v)
-        num = (loss({n: base + eps * v}) - loss({n: base - eps * v})) / (2 * eps)
+        plus, minus = loss({n: base + eps * v}), loss({n: base - eps * v})
         projected = np.asarray(np.sum(ana * v))
-        typical = _norm(ana) / np.sqrt(base.size)  # |<g, v>| for a random unit v
-        errs.append(_rel(np.asarray(num), projected, atol, typical))
+        err = _rel(np.asarray((plus - minus) / (2 * eps)), projected, atol, typical)
+        if err is not None and err > rtol:
+            middle = loss({n: base}) if middle is None else middle
+            # value None: a direction may cross several kinks at once, and then a right projection need not lie
+            # between its two one-sided slopes (each kink adds its jump on one side only)
+            kind, value = _kink(lambda h, v=v: (loss({n: base + h * v}), loss({n: base - h * v})), plus, minus,
+                                middle, eps, None, atol)
+            kinks.count(kind, n)
+            if kinks.skip and kind == "kink":
+                if spare == 0:
+                    break
+                spare -= 1
+                continue
+            if kinks.skip and kind == "near":
+                err = _rel(np.asarray(value), projected, atol, typical)
+        errs.append(err)
+    if not errs:
+        return _AT_KINKS
     return None if all(e is None for e in errs) else max(e for e in errs if e is not None)
 
 

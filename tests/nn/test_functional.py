@@ -519,3 +519,119 @@ def test_batchnorm_forward_checks_its_state_and_settings(change, error, message)
         F.batchnorm_forward(args.pop("x"), args.pop("gamma"), args.pop("beta"), state, training=True, **args)
     if before is not None:  # training replaces the running statistics: a refusal must come before that
         assert state.keys() == before.keys() and all(state[k] is before[k] for k in before)
+
+
+def _relu_pair(factor=1.0, at_zero=0.0):
+    """ReLU and a backward giving ``factor`` times its derivative, and ``at_zero`` times dout where x == 0."""
+    cache = {}
+
+    def forward(x):
+        out, cache["c"] = F.relu_forward(x)
+        cache["x"] = x
+        return out
+
+    def backward(d):
+        x = cache["x"]
+        return {"x": factor * F.relu_backward(d, cache["c"]) + at_zero * d * (x == 0)}
+
+    return forward, backward
+
+
+_AT_ZEROS = np.array([-1.0, 0.0, 0.5, 0.0, 2.0, -0.3])  # two ReLU inputs exactly at the kink
+
+
+@pytest.mark.parametrize("method", ["centred", "random"])
+def test_gradcheck_says_when_it_fails_at_a_kink(method):
+    """At a ReLU input of 0 the centred difference is the mean of the one-sided slopes (dout / 2), and a right
+    backward, which returns one of them, failed with nothing said of why. By default the verdict stays (as in
+    PyTorch), and the result says which failing elements or directions are at a kink."""
+    forward, backward = _relu_pair()
+    result = gradcheck(forward, backward, {"x": _AT_ZEROS}, method=method)
+    assert not result.passed and result.verdict == "FAILED"
+    failing = 2 if method == "centred" else 3  # the two zeros; every random direction crosses them
+    assert result.kinks == {"x": failing} and result.failing == {"x": failing} and not result.near_kinks
+    assert f"{failing} of {failing} {'elements' if method == 'centred' else 'directions'} failing at a kink" in str(result)
+    assert "kinks='skip'" in str(result)
+    away = gradcheck(forward, backward, {"x": _AT_ZEROS + 0.05}, method=method)  # no kink within eps: as before
+    assert away.passed and not away.kinks and "kink" not in str(away)
+
+
+def test_gradcheck_skips_elements_at_a_kink_and_still_catches_a_wrong_backward():
+    forward, right = _relu_pair()
+    result = gradcheck(forward, right, {"x": _AT_ZEROS}, kinks="skip")
+    assert result.passed and result.kinks == {"x": 2} and result.max_error < 1e-8
+    assert "2 elements at a kink not compared" in str(result)
+    # wrong by 1.5 away from the kink: the four other elements still fail, the two at the kink are set aside
+    wrong = gradcheck(*_relu_pair(factor=1.5), {"x": _AT_ZEROS}, kinks="skip")
+    assert not wrong.passed and wrong.max_error > 0.3 and wrong.kinks == {"x": 2} and wrong.failing == {"x": 4}
+    # a value at the kink outside both one-sided slopes (0 and dout) is not a subgradient: compared, and it fails
+    outside = gradcheck(*_relu_pair(at_zero=2.0), {"x": _AT_ZEROS}, kinks="skip")
+    assert not outside.passed and not outside.kinks and outside.max_error > 0.1
+    # one of the slopes, 1 x dout, is as right as 0
+    assert gradcheck(*_relu_pair(at_zero=1.0), {"x": _AT_ZEROS}, kinks="skip").passed
+
+
+def test_gradcheck_at_max_pool_ties():
+    """Chapter 4's three-way tie: the backward routes the gradient to the first maximum (1, 0, 0), the centred
+    differences see 1/2 each."""
+    x = np.array([[1., 5., 2., 0.], [3., 4., 8., 1.], [0., 2., 6., 6.], [7., 1., 6., 3.]])[None, None]
+    cache = {}
+
+    def forward(x):
+        out, cache["c"] = F.maxpool_forward(x, (2, 2))
+        return out
+
+    def backward(d):
+        return {"x": F.maxpool_backward(d, cache["c"])}
+
+    report = gradcheck(forward, backward, {"x": x})
+    assert not report.passed and report.kinks == {"x": 3}
+    skip = gradcheck(forward, backward, {"x": x}, kinks="skip")
+    assert skip.passed and skip.kinks == {"x": 3}
+
+
+def test_gradcheck_is_inconclusive_with_nothing_but_kinks():
+    forward, backward = _relu_pair()
+    for method in ("centred", "random"):
+        result = gradcheck(forward, backward, {"x": np.zeros(4)}, method=method, kinks="skip")
+        assert not result.passed and result.verdict == "INCONCLUSIVE" and result.inconclusive == ["x"]
+        assert "INCONCLUSIVE" in str(result) and "check at another point" in str(result)
+    # with a failure elsewhere the verdict is FAILED
+    seen = {}
+
+    def forward2(x, y):
+        seen["y"] = y
+        return forward(x) + y * y
+
+    def backward2(d):
+        return {**backward(d), "y": 3 * seen["y"] * d}
+
+    both = gradcheck(forward2, backward2, {"x": np.zeros(4), "y": np.linspace(1, 2, 4)}, kinks="skip")
+    assert both.verdict == "FAILED" and both.inconclusive == ["x"]
+
+
+def test_gradcheck_kink_within_eps_and_smooth_functions_with_a_large_step():
+    """A kink off the point but within eps vanishes at a smaller step; a smooth function measured with too large
+    a step has a gap between its one-sided differences that shrinks with the step, and is no kink."""
+    forward, backward = _relu_pair()
+    x = np.array([2e-7, -1.5e-7, 1.0])  # kinks 2e-7 and 1.5e-7 away, within eps = 1e-6
+    report = gradcheck(forward, backward, {"x": x})
+    assert not report.passed and report.near_kinks == {"x": 2} and not report.kinks
+    assert "pass a smaller eps" in str(report)
+    assert gradcheck(forward, backward, {"x": x}, kinks="skip").passed
+    seen = {}
+
+    def wave(x):
+        seen["x"] = x
+        return np.sin(5 * x)
+
+    for rule in ("report", "skip"):
+        smooth = gradcheck(wave, lambda d: {"x": 5 * np.cos(5 * seen["x"]) * d}, {"x": np.linspace(0.1, 1, 5)},
+                           eps=1e-2, kinks=rule)
+        assert not smooth.passed and smooth.max_error > 1e-4 and not smooth.kinks and not smooth.near_kinks
+
+
+def test_gradcheck_refuses_an_unknown_kinks_rule():
+    forward, backward = _relu_pair()
+    with pytest.raises(ValueError, match="kinks must be 'report' or 'skip', got 'ignore'"):
+        gradcheck(forward, backward, {"x": _AT_ZEROS}, kinks="ignore")
