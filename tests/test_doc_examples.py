@@ -144,12 +144,16 @@ def _inline_code(page):
 
 
 def _shell_lines():
-    """Every shell line of a page's bash blocks, and every inline code span, as (page, text)."""
+    """Every shell line of a page's bash blocks and sessions, and every inline code span, as (page, text)."""
     for page in PAGES:
         for language, _, code in _fenced(page):
-            if language in ("bash", "sh", "console", ""):
+            if language in ("bash", "sh", ""):
                 for line in code.replace("\\\n", " ").splitlines():
                     yield page, line
+            elif language in ("text", "console"):  # a session: the commands are the lines after a prompt
+                for line in code.splitlines():
+                    if line.startswith("$ "):
+                        yield page, line
         for span in _inline_code(page):
             yield page, span
 
@@ -191,6 +195,13 @@ def test_nlref_command_lines_parse(command, capsys):
             pytest.fail(f"{command!r}: {capsys.readouterr().err.strip().splitlines()[-1]}")
 
 
+@pytest.mark.parametrize("command", ["nlref train --epoch 2", "nlref train --mode dot", "nlref denoise --sigma x",
+                                     "nlref denoize a.png"])
+def test_the_command_check_refuses_a_wrong_command(command, capsys):
+    with pytest.raises((AssertionError, pytest.fail.Exception)):
+        test_nlref_command_lines_parse(command, capsys)
+
+
 def test_the_pages_show_nlref_commands():
     commands = {command.split()[1] for command in sorted(_commands("nlref")) if len(command.split()) > 1}
     assert {"demo", "denoise", "train", "course"} <= commands, commands
@@ -224,6 +235,7 @@ def test_the_command_scan_finds_the_commands_it_should():
     commands = _commands("nlref")
     assert "nlref train --model c2d --nonlocal 1 --mode embedded_gaussian --out run1" in commands  # across a line break
     assert any(c.startswith("nlref denoise big.zarr --sigma 10 --chunks 64") for c in commands)  # a bash block
+    assert "nlref denoise in.png --sigma 10 --out /mnt/small/o.png --overwrite" in commands  # a session, indented
     scripts = [p.values[0] for p in _script_commands()]
     assert ["benchmarks/bench_block.py", "--only", "memory"] in scripts
 
