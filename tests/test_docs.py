@@ -174,6 +174,31 @@ def test_docstring_parameters_match_signatures():
     assert not wrong, "\n".join(wrong)
 
 
+def _optional_parameters(doc):
+    """Names whose numpydoc type line ends in ``optional`` (``sigma : float, optional``)."""
+    names = []
+    for line in inspect.cleandoc(doc or "").splitlines():
+        head, sep, kind = line.partition(" : ")
+        if sep and not line.startswith(" ") and re.search(r"\boptional\s*$", kind):
+            names += [entry.strip().lstrip("*") for entry in head.split(",")]
+    return names
+
+
+def test_optional_parameters_have_defaults():
+    """A parameter the docstring calls ``optional`` can be left out: the signature gives it a default."""
+    wrong = []
+    for qualname, func, doc in _callables():
+        try:
+            parameters = inspect.signature(func).parameters
+        except (TypeError, ValueError):
+            continue
+        wrong += [f"{qualname}({name})" for name in _optional_parameters(doc)
+                  if name in parameters and parameters[name].default is inspect.Parameter.empty
+                  and parameters[name].kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
+    assert not wrong, f"documented as optional but required: {wrong}"
+    assert _optional_parameters("x\n\nParameters\n----------\na, b : int, optional\nc : int\n") == ["a", "b"]
+
+
 def test_docstring_parameter_parser():
     doc = """One line.
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from nlref._files import WriteError, absolute, writing_target
-from nlref.cli._common import (CommandError, _warned, available_memory, flag_names, refuse_existing, say,
+from nlref.cli._common import (CommandError, _count, _warned, available_memory, flag_names, refuse_existing, say,
                                stack_note, writable_folder)
 
 #: The parameters of NL-means as the flags of ``nlref denoise`` (for the messages of the library's checks).
@@ -250,7 +250,7 @@ def run_denoise_chunked(args):
             f"patch {params['patch_size']}, search {params['search_size']}, {args.aggregation}-wise "
             f"(resolved for the whole array in {time.perf_counter() - t0:.1f} s){stack_note(params)}")
         lazy = denoise_store(image, params, **kwargs)  # the parameters just resolved: no further pass
-        say(f"{args.image}: {image.shape} {image.dtype} in {lazy.npartitions} chunks of {lazy.chunksize}")
+        say(f"{args.image}: {image.shape} {image.dtype} in {_count(lazy.npartitions, 'chunk')} of {lazy.chunksize}")
         if client is None:  # the local threads, each holding one chunk's task: as many as the memory holds
             need = chunk_working_memory(lazy.chunks, None if channel_axis is None else channel_axis % lazy.ndim,
                                         params, args.aggregation, image.dtype, 1)

@@ -141,7 +141,8 @@ def test_cli_runs_as_many_threads_as_the_memory_holds(tmp_path, monkeypatch, cap
 
 @pytest.mark.parametrize("shape,grid", [((1024, 1000), "4 chunks of (512, 512)"),
                                         ((600, 520, 3), "4 chunks of (512, 512, 3)"),
-                                        ((130, 64, 64), "3 chunks of (64, 64, 64)")])
+                                        ((130, 64, 64), "3 chunks of (64, 64, 64)"),
+                                        ((40, 50), "1 chunk of (40, 50)")])
 def test_cli_default_chunks_hold_about_64_cubed_samples(tmp_path, capsys, shape, grid):
     """A file without a chunk grid (.npy, TIFF) and no --chunks: about 64^3 samples a chunk. 64 per axis made
     a 1024 x 1000 image 256 tasks of 64 x 64 (a 4096 x 4096 one 4,096, 4.5 times as slow as 512 x 512)."""
