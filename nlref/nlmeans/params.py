@@ -23,8 +23,9 @@ __all__ = ["WORKING_MEMORY_LIMIT", "AGGREGATIONS", "is_integer_dtype", "integer_
            "positive", "default_data_range", "check_arguments", "needs_noise", "resolve", "to_working",
            "from_working", "chunk_working_memory", "check_working_memory", "check_h", "check_patch_fits"]
 
-#: The fast method refuses requests whose working memory (see
-#: :func:`nlref.nlmeans.fast.working_memory`) exceeds this many bytes.
+#: A Dask or store chunk whose working memory (see :func:`nlref.nlmeans.fast.working_memory`)
+#: exceeds this many bytes is refused; in memory, the limit where the machine's available
+#: memory is not known, or the array is on a GPU (``nlref.nlmeans.api.memory_available``).
 WORKING_MEMORY_LIMIT = 4 * 2**30
 
 
