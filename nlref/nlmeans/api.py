@@ -15,7 +15,7 @@ from .fast import nl_means_fast, resolve_engine, working_memory
 from .naive import nl_means_naive, patch_weights
 from .noise import estimate_sigma as estimate_sigma_in_memory
 from .overlap import estimate_sigma_dask, nl_means_dask, resolve_parameters_dask
-from .params import WORKING_MEMORY_LIMIT, from_working, resolve, run_parameters, to_working
+from .params import WORKING_MEMORY_LIMIT, from_working, resolve, run_parameters, to_working, working_itemsize
 
 __all__ = ["nl_means", "nl_means_weights", "resolve_parameters", "estimate_sigma", "check_limits", "memory_available",
            "WORKING_MEMORY_LIMIT", "NAIVE_COMPARISON_LIMIT"]
@@ -147,7 +147,9 @@ def nl_means(image: Array, *, sigma: float | None = None, h: float | None = None
 
     Notes
     -----
-    Computation is in float32, or float64 for float64 input. Integer images
+    Computation is in float32, or in float64 for float64, longdouble and 32-
+    or 64-bit integer input (a dtype whose every value float32 does not hold;
+    int64 and uint64 values from 2^53 on are refused). Integer images
     are denoised in their own units (a uint8 image with noise of 20 grey
     levels takes ``sigma=20``), with no rescaling; the result is rounded to the
     nearest integer, clipped to the dtype's range and returned in the input
@@ -235,7 +237,7 @@ def check_limits(image: Array, params: dict, *, channel_axis: int | None = None,
     given = workers
     workers = check_workers(workers, default=min(os.cpu_count() or 1, 8))
     channels = 1 if channel_axis is None else image.shape[channel_axis]
-    itemsize = 8 if dtype_name(image.dtype) == "float64" else 4
+    itemsize = working_itemsize(image.dtype)
     engine = resolve_engine(array_namespace(image, names=["image"]))
 
     def need(threads):
