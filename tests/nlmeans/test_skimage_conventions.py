@@ -108,6 +108,10 @@ def test_inputs_scikit_image_runs_and_nlref_refuses_by_design():
         assert np.isfinite(_sk(image, **kw, **args)).all()
         with pytest.raises(ValueError, match=r"(h|sigma) must be finite and"):
             nlref.nl_means(image, **nl, **args)
+    # a patch wider than the image
+    assert _sk(image[:3, :3], h=0.1, patch_size=5, patch_distance=2).shape == (3, 3)
+    with pytest.raises(ValueError, match=r"patch_size=\(5, 5\) is larger than the image"):
+        nlref.nl_means(image[:3, :3], h=0.1, patch_size=5, search_size=5)
     # an even or non-positive patch: scikit-image runs it
     assert _sk(image, h=0.1, patch_size=4, patch_distance=2).shape == image.shape
     with pytest.raises(ValueError, match="patch_size=4: sizes are full odd widths"):
@@ -133,3 +137,6 @@ def test_inputs_nlref_runs_and_scikit_image_refuses():
     assert nlref.nl_means(image[0], h=0.1, patch_size=3, search_size=5).shape == (22,)
     with pytest.raises(TypeError):
         _sk(image, h=0.1, patch_size=(3, 5), patch_distance=2)
+    with pytest.raises(TypeError):
+        _sk(image.astype(np.longdouble), h=0.1, patch_size=3, patch_distance=2)
+    assert nlref.nl_means(image.astype(np.longdouble), h=0.1, patch_size=3, search_size=5).dtype == np.longdouble
