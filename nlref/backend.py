@@ -49,6 +49,7 @@ __all__ = [
     "reflect_pad",
     "normal",
     "retain_freed_memory",
+    "available_memory",
 ]
 
 
@@ -424,6 +425,26 @@ def _find_dtype_name(dtype):
         if text.endswith(name):
             return name
     return np.dtype(dtype).name
+
+
+def available_memory():
+    """Bytes of host memory the machine can give now (psutil's ``available``, else /proc/meminfo's
+    ``MemAvailable``); None where neither tells. The in-memory :func:`nlref.nl_means` and the chunked
+    ``nlref denoise`` measure their working memory against it."""
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        return int(psutil.virtual_memory().available)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def retain_freed_memory() -> bool:

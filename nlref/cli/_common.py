@@ -15,25 +15,6 @@ class _Terminated(BaseException):
     """Raised in the main thread when SIGTERM arrives (as KeyboardInterrupt is for SIGINT)."""
 
 
-def available_memory():
-    """Bytes of memory the machine can give now (psutil's ``available``, else /proc/meminfo's ``MemAvailable``);
-    None where neither tells."""
-    try:
-        import psutil
-    except ImportError:
-        psutil = None
-    if psutil is not None:
-        return int(psutil.virtual_memory().available)
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def _timed(f):
     t0 = time.perf_counter()
     out = f()

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from nlref._files import WriteError, absolute, writing_target
-from nlref.cli._common import (CommandError, _count, _warned, available_memory, flag_names, refuse_existing, say,
+from nlref.backend import available_memory
+from nlref.cli._common import (CommandError, _count, _warned, flag_names, refuse_existing, say,
                                stack_note, writable_folder)
 
 #: The parameters of NL-means as the flags of ``nlref denoise`` (for the messages of the library's checks).

@@ -7,15 +7,17 @@ import os
 from collections.abc import Sequence
 
 from .._typing import Array, Size
-from ..backend import check_flag, dtype_name
+import numpy as np
+
+from ..backend import array_namespace, available_memory, check_flag, device, dtype_name
 from .checks import check_axes, check_image, check_workers, is_dask_array, pixel_index, warn_layout
-from .fast import nl_means_fast, working_memory
+from .fast import nl_means_fast, resolve_engine, working_memory
 from .naive import nl_means_naive, patch_weights
 from .noise import estimate_sigma as estimate_sigma_in_memory
 from .overlap import estimate_sigma_dask, nl_means_dask, resolve_parameters_dask
-from .params import WORKING_MEMORY_LIMIT, from_working, resolve, run_parameters, to_working
+from .params import WORKING_MEMORY_LIMIT, from_working, resolve, run_parameters, to_working, working_itemsize
 
-__all__ = ["nl_means", "nl_means_weights", "resolve_parameters", "estimate_sigma", "check_limits",
+__all__ = ["nl_means", "nl_means_weights", "resolve_parameters", "estimate_sigma", "check_limits", "memory_available",
            "WORKING_MEMORY_LIMIT", "NAIVE_COMPARISON_LIMIT"]
 
 #: The naive method refuses more patch comparisons (pixels x offsets) than this:
@@ -129,9 +131,9 @@ def nl_means(image: Array, *, sigma: float | None = None, h: float | None = None
         maximum for integer images (255 for uint8); for floats 1.0 when every
         value lies within [-4, 4], else 255.
     workers : int, optional
-        Threads for the fast method on NumPy (default: the CPU count, at most 8;
-        for a Dask array, threads per chunk, default 1). The result is the same
-        to the bit for any value.
+        Threads for the fast method on NumPy (default: the CPU count, at most 8,
+        fewer where the available memory holds fewer; for a Dask array, threads
+        per chunk, default 1). The result is the same to the bit for any value.
     progress : bool
         Show a progress bar over the offsets (fast method; for a Dask array use
         Dask's progress bars).
@@ -145,7 +147,9 @@ def nl_means(image: Array, *, sigma: float | None = None, h: float | None = None
 
     Notes
     -----
-    Computation is in float32, or float64 for float64 input. Integer images
+    Computation is in float32, or in float64 for float64, longdouble and 32-
+    or 64-bit integer input (a dtype whose every value float32 does not hold;
+    int64 and uint64 values from 2^53 on are refused). Integer images
     are denoised in their own units (a uint8 image with noise of 20 grey
     levels takes ``sigma=20``), with no rescaling; the result is rounded to the
     nearest integer, clipped to the dtype's range and returned in the input
@@ -159,7 +163,7 @@ def nl_means(image: Array, *, sigma: float | None = None, h: float | None = None
         NaN/Inf, empty images, wrong number of axes, bad channel_axis, even or
         non-positive sizes, a patch larger than the image, ``h <= 0``,
         ``sigma < 0``, unknown method or aggregation, and requests above the
-        memory (fast) or size (naive) limits.
+        memory the machine has available (fast) or the size limit (naive).
 
     Warns
     -----
@@ -205,14 +209,17 @@ def nl_means(image: Array, *, sigma: float | None = None, h: float | None = None
 
 def check_limits(image: Array, params: dict, *, channel_axis: int | None = None, aggregation: str = "pixel",
                  method: str = "fast", workers: int | None = None) -> int | None:
-    """Refuse a request above the size limit of ``method="naive"`` or the working-memory limit of ``"fast"``.
+    """Refuse a request above the size limit of ``method="naive"`` or the memory available to ``"fast"``.
 
     ``params`` as ``resolve_parameters`` returns them for ``image`` (in memory) and these
     arguments. :func:`nl_means` calls it before any work; a caller that resolves the
     parameters itself (``nlref denoise``) calls it to learn before the work whether
-    :func:`nl_means` would refuse. Reads the shape and dtype only. Returns ``workers`` checked
-    (the default filled in) for the fast method, None for the naive one; raises ValueError
-    naming the limit and what to do.
+    :func:`nl_means` would refuse. Reads the shape and dtype only. The fast method's working
+    memory, estimated for the engine that will run (:func:`nlref.nlmeans.fast.working_memory`), is
+    measured against :func:`memory_available`: the memory the machine has available now, for an
+    array on the host. Returns ``workers`` checked for the fast method (the default: the CPU count,
+    at most 8, lowered to as many as fit), None for the naive one; raises ValueError naming the
+    image's size, the need, the memory available and what to do.
     """
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}; got {method!r}")
@@ -227,17 +234,65 @@ def check_limits(image: Array, params: dict, *, channel_axis: int | None = None,
                 "specification for small inputs: crop the image or use method='fast'"
             )
         return None
+    given = workers
     workers = check_workers(workers, default=min(os.cpu_count() or 1, 8))
     channels = 1 if channel_axis is None else image.shape[channel_axis]
-    itemsize = 8 if dtype_name(image.dtype) == "float64" else 4
-    need = working_memory(spatial, channels, params["patch_size"], params["search_size"], aggregation, itemsize, workers)
-    if need > WORKING_MEMORY_LIMIT:
-        raise ValueError(
-            f"this request needs about {need / 2**30:.2f} GiB of working memory, above the limit of "
-            f"{WORKING_MEMORY_LIMIT / 2**30:.2f} GiB (nlref.nlmeans.api.WORKING_MEMORY_LIMIT); "
-            "use fewer workers, a smaller search window, or process the data in tiles"
-        )
-    return workers
+    itemsize = working_itemsize(image.dtype)
+    engine = resolve_engine(array_namespace(image, names=["image"]))
+
+    def need(threads):
+        return working_memory(spatial, channels, params["patch_size"], params["search_size"], aggregation, itemsize,
+                              threads, engine=engine)
+
+    available, source = memory_available(image)
+    if need(workers) <= available:
+        return workers
+    if given is None and need(1) <= available:  # the default: as many threads as fit (the same bits for any)
+        return max(t for t in range(1, workers + 1) if need(t) <= available)
+    if given is None:  # not even one thread fits: its need is the figure to beat
+        workers = 1
+    fewer = ", or fewer workers" if workers > 1 and need(1) <= available else ""
+    threads = f"{workers} thread{'s' if workers > 1 else ''}"
+    raise ValueError(
+        f"an image of shape {tuple(image.shape)} ({dtype_name(image.dtype)}, "
+        f"{_size(math.prod(image.shape) * _itemsize(image))}) needs about {_size(need(workers))} of working memory "
+        f"here (patch_size={params['patch_size']}, search_size={params['search_size']}, {aggregation}-wise, "
+        f"the {engine} engine, {threads}), more than the {_size(available)} {source}. Denoise it chunk by chunk "
+        "(as a Dask array, with nlref.nl_means_store, or nlref denoise --chunks for a file), or use a smaller "
+        f"search_size{fewer}"
+    )
+
+
+def memory_available(image: Array) -> tuple[int, str]:
+    """The bytes the fast method may use for ``image``, and where the figure comes from.
+
+    On the host (NumPy, PyTorch on the CPU, array-api-strict): the memory this machine has
+    available now (:func:`nlref.backend.available_memory`). On a GPU, or where the machine
+    does not tell: :data:`WORKING_MEMORY_LIMIT`.
+    """
+    if _on_host(image):
+        available = available_memory()
+        if available is not None:
+            return available, "available on this machine"
+    return WORKING_MEMORY_LIMIT, "allowed where the free memory is not known (nlref.nlmeans.WORKING_MEMORY_LIMIT)"
+
+
+def _on_host(image):
+    name = str(device(image))
+    return name == "cpu" or "CPU_DEVICE" in name
+
+
+def _itemsize(image):
+    try:
+        return np.dtype(dtype_name(image.dtype)).itemsize
+    except TypeError:
+        return 8
+
+
+def _size(n):
+    """``4.00 GiB``, ``12.3 MiB``, ``96.0 KiB``."""
+    return (f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB" if n >= 2**20 else
+            f"{n / 2**10:.1f} KiB")
 
 
 def nl_means_weights(image: Array, index: int | Sequence[int], *, sigma: float | None = None,

@@ -53,7 +53,7 @@ from numpy.lib.stride_tricks import as_strided as _as_strided
 from ..backend import array_namespace, device, is_numpy, native_namespace, reflect_pad, supports_out
 from ._pool import NEVER, stoppable_pool
 from .checks import check_kernel
-from .fast_numba import nl_means_numba_padded  # imports Numba only when it first runs
+from .fast_numba import nl_means_numba_padded, working_memory_numba  # imports Numba only when it first runs
 
 __all__ = ["nl_means_fast", "nl_means_fast_padded", "halo", "working_memory", "resolve_engine", "ENGINES",
            "ENGINE_VARIABLE"]
@@ -286,13 +286,21 @@ class _Geometry:
         return [d for d in flat if d > 0]
 
 
-def working_memory(shape, channels, patch_size, search_size, aggregation, itemsize, workers=1):
+def working_memory(shape, channels, patch_size, search_size, aggregation, itemsize, workers=1, engine="numpy"):
     """Bytes of working memory the fast method needs (an upper estimate).
 
     Counts the padded image, the accumulators of every worker and its scratch
     buffers; used to refuse requests that would not fit before any work starts.
+    ``engine`` "numpy" (the default) is the estimate of this module's array
+    steps, which also bounds the Numba engine; "numba" is the Numba engine's
+    own, about a quarter of it
+    (``nlref.nlmeans.fast_numba.working_memory_numba``).
     """
+    if engine not in ("numpy", "numba"):
+        raise ValueError(f"working_memory: engine must be 'numpy' or 'numba'; got {engine!r}")
     geo = _Geometry(shape, patch_size, search_size, aggregation)
+    if engine == "numba":
+        return working_memory_numba(geo, channels, aggregation, itemsize, workers)
     # one part's sums + scratch (batches of offsets: see _batch_rows)
     per_worker = (channels + 1) + _batch_rows(geo.length) * len(_scratch_names(channels, aggregation, patch_size))
     # padded image and working copy; patch-wise adds mask, 1/Z, counts, centre term, estimate;

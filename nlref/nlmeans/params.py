@@ -21,10 +21,12 @@ from .noise import estimate_checked
 
 __all__ = ["WORKING_MEMORY_LIMIT", "AGGREGATIONS", "is_integer_dtype", "integer_range", "units_doubt", "sizes",
            "positive", "default_data_range", "check_arguments", "needs_noise", "resolve", "to_working",
-           "from_working", "chunk_working_memory", "check_working_memory", "check_h", "check_patch_fits"]
+           "from_working", "working_dtype", "working_itemsize", "chunk_working_memory", "check_working_memory", "check_h",
+           "check_patch_fits"]
 
-#: The fast method refuses requests whose working memory (see
-#: :func:`nlref.nlmeans.fast.working_memory`) exceeds this many bytes.
+#: A Dask or store chunk whose working memory (see :func:`nlref.nlmeans.fast.working_memory`)
+#: exceeds this many bytes is refused; in memory, the limit where the machine's available
+#: memory is not known, or the array is on a GPU (``nlref.nlmeans.api.memory_available``).
 WORKING_MEMORY_LIMIT = 4 * 2**30
 
 
@@ -199,8 +201,22 @@ def check_patch_fits(patch_size, spatial, shape):
 
 
 def working_dtype(dtype):
-    """The floating-point dtype NL-means computes in (see :func:`to_working`): float64 for float64, else float32."""
-    return np.float64 if dtype_name(dtype) == "float64" else np.float32
+    """The floating-point dtype NL-means computes in (see :func:`to_working`).
+
+    float32 for float16, float32 and the 8- and 16-bit integers, whose every value it holds
+    exactly; float64 for float64, longdouble and the 32- and 64-bit integers. int32 and uint32
+    images were computed in float32, which holds integers exactly only up to 2^24: a constant
+    uint32 image of 16,777,217 came back as 16,777,216, and one around 4e9 with 100 grey levels
+    of detail came back flat. float64 holds every int32 and uint32 value, and int64 and uint64
+    values up to 2^53 (larger ones are refused: :func:`check_computable`).
+    """
+    d = np.dtype(dtype_name(dtype))
+    return np.float64 if (d.kind == "f" and d.itemsize >= 8) or (d.kind in "iu" and d.itemsize >= 4) else np.float32
+
+
+def working_itemsize(dtype):
+    """Bytes per sample of :func:`working_dtype` (what the working-memory estimates count)."""
+    return np.dtype(working_dtype(dtype)).itemsize
 
 
 def _or_float64(work):
@@ -248,6 +264,16 @@ def check_computable(xp, image, values_per_patch, *, h, sigma, peak=None):
             peak = max(abs(bound) for bound in integer_range(image.dtype))
         if peak is None or 4.0 * values_per_patch * peak * peak > big / 16:  # a wide integer type: read it
             peak = max(abs(float(xp.max(image))), abs(float(xp.min(image))))  # (abs of int64's minimum wraps)
+    # the working dtype holds every integer below 2^24 (float32) or 2^53 (float64), not every one above: refused from
+    # there (a float peak, read from an int64, may have been rounded down to it)
+    bits = np.finfo(work).nmant + 1
+    if is_integer_dtype(xp, image.dtype) and max(abs(bound) for bound in integer_range(image.dtype)) >= 2.0**bits:
+        if peak is None or peak >= 2.0**bits:  # the bound says nothing: read the image's extremes
+            peak = max(abs(float(xp.max(image))), abs(float(xp.min(image))))
+        if peak >= 2.0**bits:
+            raise ValueError(f"image values reach {peak:.3g}, at or above 2^{bits} = {2**bits:,}, beyond which {what} "
+                             "does not hold every integer: the result would not keep the image's values (a constant "
+                             "image would change); subtract an offset or rescale the image first")
     if 4.0 * values_per_patch * peak * peak > big / 16:
         limit = math.sqrt(big / 64 / values_per_patch)
         raise ValueError(f"image values reach {peak:.3g}, above about {limit:.2g}, where the sums of squared differences "
@@ -304,7 +330,7 @@ def chunk_working_memory(chunks, channel_axis, params, aggregation, dtype, worke
     channels = 1 if channel_axis is None else sum(chunks[channel_axis])
     largest = [max(c) for a, c in enumerate(chunks) if a != channel_axis]
     return working_memory(largest, channels, params["patch_size"], params["search_size"], aggregation,
-                          8 if np.dtype(dtype) == np.float64 else 4, workers)
+                          working_itemsize(dtype), workers)
 
 
 def check_working_memory(chunks, channel_axis, params, aggregation, dtype, workers):

@@ -46,6 +46,12 @@ __all__ = ["Opener", "as_source", "nl_means_store", "resolve_parameters_store", 
 KINDS = ("zarr", "tiff", "hdf5", "memmap")
 
 
+
+def _native(dtype):
+    """``dtype`` in the machine's byte order (the values a reader hands back, whatever the order on disk)."""
+    return np.dtype(dtype).newbyteorder("=")
+
+
 @dataclass(frozen=True)
 class Opener:
     """Opens an array in a file, in whichever process reads it: a kind, an absolute path, and its place there.
@@ -144,7 +150,8 @@ class Opener:
             array = _OPENED.get(stamp)
         if array is None:
             array = self._open()
-            if tuple(array.shape) != self.shape or np.dtype(array.dtype) != np.dtype(self.dtype):
+            # the byte order aside: Zarr 3 hands back a big-endian array, reopened, in the machine's order
+            if tuple(array.shape) != self.shape or _native(array.dtype) != _native(self.dtype):
                 raise ValueError(f"{self.kind} source {self.path!r} holds {tuple(array.shape)} "
                                  f"{np.dtype(array.dtype)}, not the {self.shape} {np.dtype(self.dtype)} it held when "
                                  f"the run was planned")

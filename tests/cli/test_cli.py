@@ -577,7 +577,7 @@ def test_a_volume_to_png_is_refused_naming_the_slices(tmp_path, capsys):
 
 @pytest.mark.parametrize("extra, limit, fragment", [
     (["--method", "naive"], None, "--method 'naive' would make 57,600 patch comparisons (limit 50,000"),
-    ([], 2**16, "GiB of working memory, above the limit"),
+    ([], 2**16, "KiB of working memory here (--patch-size (3, 3), --search-size (15, 15), pixel-wise"),
 ])
 def test_a_request_above_nl_means_limits_is_one_line_before_the_work(tmp_path, capsys, monkeypatch, no_work, extra,
                                                                      limit, fragment):
@@ -586,7 +586,7 @@ def test_a_request_above_nl_means_limits_is_one_line_before_the_work(tmp_path, c
     from nlref.nlmeans import api
 
     if limit is not None:
-        monkeypatch.setattr(api, "WORKING_MEMORY_LIMIT", limit)
+        monkeypatch.setattr(api, "available_memory", lambda: limit)
     monkeypatch.setattr(api, "NAIVE_COMPARISON_LIMIT", 50_000)
     _, noisy = _noisy_grey(16)
     src = tmp_path / "in.png"

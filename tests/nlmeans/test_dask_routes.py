@@ -438,3 +438,24 @@ def test_store_route_refuses_a_dask_array(call, synchronous):
     with Passes(), pytest.raises(TypeError, match=r"source is a lazy Array .*nlref\.nl_means\(source"):
         call(lazy)
     assert passes == []
+
+
+@pytest.mark.parametrize("kind", ["zarr", "memmap"])
+def test_a_big_endian_store_is_denoised_as_in_memory(tmp_path, kind):
+    """A big-endian array in a store gives the in-memory result of the same values. Zarr 3 hands a '>f4' array back
+    as native float32 when a worker reopens it, and every chunk was refused: "holds (23, 19) float32, not the
+    (23, 19) >f4 it held when the run was planned"."""
+    zarr = pytest.importorskip("zarr")
+    x = _noisy((23, 19)).astype(">f4")
+    if kind == "zarr":
+        source = zarr.create_array(str(tmp_path / "big.zarr"), shape=x.shape, chunks=(6, 5), dtype=x.dtype)
+        source[...] = x
+    else:
+        np.save(tmp_path / "big.npy", x)
+        source = np.load(tmp_path / "big.npy", mmap_mode="r")
+    kw = dict(h=0.2, sigma=0.1, patch_size=3, search_size=5)
+    expected = nlref.nl_means(x, workers=1, **kw)
+    with dask.config.set(scheduler="synchronous"):
+        got = nlref.nl_means_store(source, chunks=(7, 8), **kw).compute()
+    assert got.dtype.newbyteorder("=") == np.float32
+    np.testing.assert_array_equal(got, expected)

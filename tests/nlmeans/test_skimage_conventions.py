@@ -77,3 +77,66 @@ def test_skimage_fast_mode_sums_an_s_minus_1_box_over_s_squared():
     np.testing.assert_allclose(full, ours, atol=1e-12)  # the full s x s box is nlref's definition
     assert np.abs(shrunk - fast).max() < 5e-3  # fast_exp's approximation
     assert np.abs(full - fast).max() > 5 * np.abs(shrunk - fast).max()
+
+
+def _sk(image, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return restoration.denoise_nl_means(image, **kwargs)
+
+
+def test_inputs_scikit_image_runs_and_nlref_refuses_by_design():
+    """The rows of docs/nlmeans.md's "Inputs the two treat differently": what scikit-image does with each
+    (it runs them), and that nlref refuses them with an error naming the argument."""
+    rng = np.random.default_rng(0)
+    image = rng.random((20, 22))
+    kw = dict(patch_size=3, patch_distance=2)
+    nl = dict(patch_size=3, search_size=5)
+    # a singleton axis: scikit-image drops it, nlref keeps the shape or refuses a patch wider than the axis
+    assert _sk(image[:1], h=0.1, **kw).shape == (22,)
+    assert nlref.nl_means(image[:1], h=0.1, patch_size=(1, 3), search_size=(1, 5)).shape == (1, 22)
+    with pytest.raises(ValueError, match=r"patch_size=\(3, 3\) is larger than the image along spatial axis 0"):
+        nlref.nl_means(image[:1], h=0.1, **nl)
+    # a NaN or an inf pixel: scikit-image spreads it over its neighbourhood
+    bad = image.copy()
+    bad[5, 5] = np.nan
+    assert np.isnan(_sk(bad, h=0.1, **kw)).sum() > 1
+    with pytest.raises(ValueError, match="image contains NaN or Inf"):
+        nlref.nl_means(bad, h=0.1, **nl)
+    # h = 0 or negative, sigma negative or NaN: scikit-image computes something
+    for args in (dict(h=0.0), dict(h=-1.0), dict(h=0.1, sigma=-1.0), dict(h=0.1, sigma=float("nan"))):
+        assert np.isfinite(_sk(image, **kw, **args)).all()
+        with pytest.raises(ValueError, match=r"(h|sigma) must be finite and"):
+            nlref.nl_means(image, **nl, **args)
+    # a patch wider than the image
+    assert _sk(image[:3, :3], h=0.1, patch_size=5, patch_distance=2).shape == (3, 3)
+    with pytest.raises(ValueError, match=r"patch_size=\(5, 5\) is larger than the image"):
+        nlref.nl_means(image[:3, :3], h=0.1, patch_size=5, search_size=5)
+    # an even or non-positive patch: scikit-image runs it
+    assert _sk(image, h=0.1, patch_size=4, patch_distance=2).shape == image.shape
+    with pytest.raises(ValueError, match="patch_size=4: sizes are full odd widths"):
+        nlref.nl_means(image, h=0.1, patch_size=4, search_size=5)
+    # a masked array: scikit-image denoises the values under the mask and returns a plain array
+    masked = np.ma.masked_array(image, mask=image > 0.9)
+    assert not isinstance(_sk(masked, h=0.1, **kw), np.ma.MaskedArray)
+    with pytest.raises(TypeError, match="image is a NumPy masked array"):
+        nlref.nl_means(masked, h=0.1, **nl)
+
+
+def test_inputs_nlref_runs_and_scikit_image_refuses():
+    """Big-endian arrays, 1-D signals and per-axis sizes: nlref takes them (the big-endian result equal to the
+    native one), scikit-image raises."""
+    rng = np.random.default_rng(1)
+    image = rng.random((20, 22))
+    with pytest.raises(ValueError, match="Big-endian buffer not supported"):
+        _sk(image.astype(">f8"), h=0.1, patch_size=3, patch_distance=2)
+    big = nlref.nl_means(image.astype(">f8"), h=0.1, patch_size=3, search_size=5)
+    np.testing.assert_array_equal(big, nlref.nl_means(image, h=0.1, patch_size=3, search_size=5))
+    with pytest.raises(NotImplementedError):
+        _sk(image[0], h=0.1, patch_size=3, patch_distance=2)
+    assert nlref.nl_means(image[0], h=0.1, patch_size=3, search_size=5).shape == (22,)
+    with pytest.raises(TypeError):
+        _sk(image, h=0.1, patch_size=(3, 5), patch_distance=2)
+    with pytest.raises(TypeError):
+        _sk(image.astype(np.longdouble), h=0.1, patch_size=3, patch_distance=2)
+    assert nlref.nl_means(image.astype(np.longdouble), h=0.1, patch_size=3, search_size=5).dtype == np.longdouble
