@@ -412,7 +412,9 @@ def compare_block(module: Any, x: Array, layout: str | None = None, *, dz: Array
     Parameters
     ----------
     module : torch.nn.Module
-        A non-local block with one of the layouts of :data:`nlref.nn.layouts.PEER_LAYOUTS`.
+        A non-local block with one of the layouts of :data:`nlref.nn.layouts.PEER_LAYOUTS`
+        (``DataParallel`` or ``DistributedDataParallel`` around one is unwrapped; a
+        model that holds one is refused, naming the submodule to pass).
     x : array or torch.Tensor, shape (B, C, *S)
         The input; converted to float64 on the host.
     layout : str, optional
@@ -466,14 +468,23 @@ def compare_block(module: Any, x: Array, layout: str | None = None, *, dz: Array
         raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    # DataParallel and DistributedDataParallel run their .module (on the host: that module itself)
+    while isinstance(module, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+        module = module.module
     peer = copy.deepcopy(module).double()
     peer.train(module.training)
     state = peer.state_dict()
     if layout is None:
         layout = layouts.layout_of_keys(state)
         if layout is None:
-            raise ValueError(f"{type(module).__name__}'s state-dict keys {sorted(state)} fit none of the layouts "
-                             f"{layouts.PEER_LAYOUTS}; pass layout= if it is one of them")
+            inner = [(name, found) for name, part in module.named_modules() if name
+                     for found in [layouts.layout_of_keys(part.state_dict())] if found is not None]
+            inner = [(name, found) for name, found in inner if not any(  # the outermost: not a part of one
+                name.startswith(other + ".") for other, _ in inner)]
+            hint = ("; its submodules " + ", ".join(f"{name!r} ({found} layout)" for name, found in inner[:4])
+                    + f" have a peer's keys: pass module.get_submodule({inner[0][0]!r})") if inner else ""
+            raise ValueError(f"{type(module).__name__}'s state-dict keys {sorted(state)[:12]} fit none of the "
+                             f"layouts {layouts.PEER_LAYOUTS}; pass layout= if it is one of them{hint}")
     _check_layout_fits(peer, layout)  # before reading options: a wrong layout failed on an option
     opts = _read_options(peer, state, layout, options)
     opts.update(options)

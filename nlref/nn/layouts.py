@@ -337,6 +337,33 @@ def detect(block, keys):
                      f"with unmatched keys {unmatched} and missing keys {missing}")
 
 
+def _prefix_hint(block, state, layout=None):
+    """``"; ..."`` naming the key prefixes under which ``state`` fits ``block`` (in ``layout``, or any), else ``""``.
+
+    A state dict saved from ``DataParallel``/``DistributedDataParallel`` has every key
+    under ``module.``; a whole model's has the block's keys under its submodule's name.
+    """
+    keys = [k for k in state if isinstance(k, str)]
+    prefixes = sorted({key[:i + 1] for key in keys for i, ch in enumerate(key) if ch == "."}, key=len)
+    found = []
+    for prefix in prefixes:
+        sub = [key[len(prefix):] for key in keys if key.startswith(prefix)]
+        try:
+            fits = detect(block, sub) if layout is None else layout
+            if layout is not None:
+                wanted = {peer_key for peer_key, _ in key_map(block, layout).values()}
+                if set(sub) - {counter_key(block, layout)} != wanted:
+                    continue
+        except ValueError:
+            continue
+        found.append(f"{prefix!r} ({fits} layout)")
+    if not found:
+        return ""
+    return (f"; the keys under {', '.join(found[:4])} fit this block: pass prefix={found[0].split(' ')[0]} "
+            "(a DataParallel/DistributedDataParallel state dict has every key under 'module.'; a whole model's "
+            "has the block's under its name)")
+
+
 def layout_of_keys(keys):
     """The peer layout a module's state-dict keys belong to, without a block (None if none fits).
 

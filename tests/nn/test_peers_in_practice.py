@@ -99,3 +99,97 @@ def test_a_gradient_the_equations_make_zero_may_be_exactly_zero_in_the_peer():
     for seed in range(40):
         result = nlref.compare_block(module, _x((1, 7, 4), seed), verbose=False, weights="random")
         assert result.agree and result.unchecked == [], (seed, str(result))
+
+
+# --------------------------------------------------------------------------- state dicts as they arrive
+def _trained_mmcv():
+    """mmcv's real NonLocal2d after three SGD steps: BN's running statistics and counter are not their start."""
+    torch.manual_seed(0)
+    module = MMCV.NonLocal2d(8, sub_sample=True, norm_cfg=dict(type="BN2d")).train()
+    opt = torch.optim.SGD(module.parameters(), lr=0.01)
+    x = torch.randn(3, 8, 5, 6)
+    for _ in range(3):
+        opt.zero_grad()
+        (module(x) - x).pow(2).mean().backward()
+        opt.step()
+    assert int(module.conv_out.bn.num_batches_tracked) == 3
+    return module.eval()
+
+
+def _block():
+    return NonLocalBlock(8, dims=2, sub_sample=True, W_z_bias=False, scale=True, dtype="float64")
+
+
+def _against(block, module, x):
+    block.eval()
+    return float(np.abs(block.forward(x) - module.double()(torch.from_numpy(x)).detach().numpy()).max())
+
+
+@needs_mmcv
+def test_a_trained_state_dict_saved_to_disk_loads_under_its_prefix(tmp_path):
+    """torch.save / torch.load of a DataParallel's and of a whole model's state dict: every key has a prefix
+    ('module.', '1.1.'). They used to be refused with "the closest is 'nlref'" and nothing about the prefix;
+    now the error names the prefix that fits, and prefix= selects the block's keys."""
+    module = _trained_mmcv()
+    x = _x((2, 8, 5, 7))
+    wrapped = {"dataparallel": (torch.nn.DataParallel(module), "module."),
+               "model": (torch.nn.Sequential(torch.nn.Conv2d(8, 8, 1), torch.nn.Sequential(torch.nn.ReLU(), module)),
+                         "1.1.")}
+    for name, (holder, prefix) in wrapped.items():
+        torch.save(holder.state_dict(), tmp_path / f"{name}.pt")
+        state = torch.load(tmp_path / f"{name}.pt")
+        with pytest.raises(ValueError, match=f"the keys under '{prefix}' \\(mmcv layout\\) fit this block: "
+                                             f"pass prefix='{prefix}'"):
+            _block().load_state_dict(state)
+        with pytest.raises(ValueError, match=f"pass prefix='{prefix}'"):
+            _block().load_state_dict(state, layout="mmcv")
+        block = _block().load_state_dict(state, prefix=prefix)
+        assert block.loaded_layout == "mmcv" and block.num_batches_tracked == 3
+        assert _against(block, module, x) < 1e-12
+        np.testing.assert_array_equal(block.buffers["bn.running_var"],
+                                      module.conv_out.bn.running_var.detach().double().numpy())
+    with pytest.raises(ValueError, match=r"prefix='2\.': no key of the state dict starts with it"):
+        _block().load_state_dict(wrapped["model"][0].state_dict(), prefix="2.")
+    with pytest.raises(TypeError, match="prefix must be a str"):
+        _block().load_state_dict(module.state_dict(), prefix=1)
+
+
+@needs_mmcv
+def test_compare_block_unwraps_dataparallel_and_names_the_submodule_of_a_model():
+    module = _trained_mmcv().train()
+    x = _x((2, 8, 5, 7))
+    result = nlref.compare_block(torch.nn.DataParallel(module), x, verbose=False)
+    assert result.agree and result.layout == "mmcv", str(result)
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 1), torch.nn.Sequential(torch.nn.ReLU(), module))
+    with pytest.raises(ValueError, match=r"its submodules '1\.1' \(mmcv layout\) have a peer's keys: pass "
+                                         r"module.get_submodule\('1\.1'\)"):
+        nlref.compare_block(model, x, verbose=False)
+
+
+@needs_mmcv
+@pytest.mark.parametrize("variant", ["float64", "float16", "bfloat16", "channels_last", "non_contiguous",
+                                     "requires_grad"])
+def test_state_dict_tensors_in_any_dtype_and_memory_layout_load_as_their_values(variant):
+    """What loads is the tensors' values (cast to the block's dtype), whatever their dtype, strides or
+    autograd flag; the reference is the same values cast by torch."""
+    module = _trained_mmcv()
+    state = module.state_dict()
+    if variant == "requires_grad":
+        state = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+    else:
+        def convert(t):
+            if not t.is_floating_point():
+                return t
+            if variant in ("float64", "float16", "bfloat16"):
+                return t.to(getattr(torch, variant))
+            if variant == "channels_last" and t.ndim == 4:
+                return t.contiguous(memory_format=torch.channels_last)
+            if variant == "non_contiguous" and t.ndim >= 2:
+                return t.transpose(0, 1).contiguous().transpose(0, 1)
+            return t
+        state = {k: convert(v) for k, v in state.items()}
+        assert variant != "non_contiguous" or not state["theta.conv.weight"].is_contiguous()
+    block = _block().load_state_dict(state)
+    for key, (peer_key, _) in nlref.nn.layouts.key_map(block, "mmcv").items():
+        expected = state[peer_key].detach().double().numpy().reshape(block._native_shape(key))
+        np.testing.assert_array_equal({**block.params, **block.buffers}[key], expected, err_msg=key)
