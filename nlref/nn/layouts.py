@@ -38,7 +38,9 @@ A *layout* is the naming of a non-local block's weights in one code base. nlref'
      - ``non_local_block(ip, ...)`` (a function building Keras layers)
      - ``titu1994/keras-non-local-nets`` ``non_local.py`` at
        ``ea0108aadb3d3ccca8b44932896a37119ae6a8f1``; its layers are named automatically
-       (``conv2d_3``...), so the keys are the roles ``theta``, ``phi``, ``g``, ``W_z``
+       (``conv2d_3``...), so the keys are the roles ``theta``, ``phi``, ``g``, ``W_z``; the port run
+       channels-last (Keras's default): channels-first, its ``Reshape`` reads the branches' memory
+       as other positions, a function no layout can express, with kernels of the same shapes
 
 :data:`MODULE_NAMES` is the public mapping: for each peer layout, the name of the
 submodule that holds each of nlref's pieces. ``{pool}`` stands for ``".0"`` when the
