@@ -258,6 +258,16 @@ def _read_options(module, state, layout, given):
     return opts
 
 
+def _key_count(block, x_shape):
+    """How many keys each query attends over: the positions of ``x``, after the block's pooling."""
+    spatial = tuple(x_shape[2:])
+    if not block.sub_sample:
+        return int(np.prod(spatial))
+    if block.pool == "flattened":  # windows over the flattened sequence of positions
+        spatial = (int(np.prod(spatial)),)
+    return int(np.prod([(n - k) // s + 1 for n, k, s in zip(spatial, block.kernel, block.stride)]))
+
+
 def _rel(a, b):
     err = float(np.max(np.abs(a - b))) if a.size else 0.0
     ref = float(np.max(np.abs(b))) if b.size else 0.0
@@ -538,7 +548,13 @@ def compare_block(module: Any, x: Array, layout: str | None = None, *, dz: Array
     elif inconclusive:
         exact = all(r[3] for r in rows if r[0] in zeros)
         what = "all zero" if exact else f"zero (all zero, or at most {atol:g} x {scale:.3g}: rounding)"
-        if weights_note == "the module's own":
+        if (opts["mode"] in ("gaussian", "embedded_gaussian") and _key_count(block, host_x.shape) == 1
+                and all(name.startswith(("dtheta.", "dphi.")) for name in zeros)):
+            # one key: the softmax is 1 whatever its logits (and only theta and phi are left unchecked)
+            hint = (f"x of shape {host_x.shape} leaves each query one key to attend to (after any pooling), so "
+                    "the attention is 1 whatever the logits and no gradient reaches theta and phi; pass an x "
+                    "with more positions")
+        elif weights_note == "the module's own":
             hint = ("compare with weights='random' (or another seed), or trained weights"
                     + ("" if exact else ", and a random x and dz"))
         else:  # random weights did not make them non-zero: the input may have

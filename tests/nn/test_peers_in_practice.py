@@ -193,3 +193,22 @@ def test_state_dict_tensors_in_any_dtype_and_memory_layout_load_as_their_values(
     for key, (peer_key, _) in nlref.nn.layouts.key_map(block, "mmcv").items():
         expected = state[peer_key].detach().double().numpy().reshape(block._native_shape(key))
         np.testing.assert_array_equal({**block.params, **block.buffers}[key], expected, err_msg=key)
+
+
+@needs_mmcv
+@pytest.mark.parametrize("shape,sub_sample", [((2, 8, 1, 1), False), ((2, 8, 2, 3), True), ((1, 8, 1, 1), False)])
+def test_one_key_per_query_is_named_as_the_reason_for_an_inconclusive_verdict(shape, sub_sample):
+    """One position (or one pooled key): the softmax is 1 whatever its logits, so theta's and phi's gradients
+    are zero with any weights. The verdict is INCONCLUSIVE and used to suggest another seed or "an x the same
+    at every position"; it now says that each query has one key."""
+    torch.manual_seed(0)
+    module = MMCV.NonLocal2d(8, sub_sample=sub_sample).train()
+    for weights in ("random", "own"):
+        peer = nlref.nn.compare.randomize_module(module, 1) if weights == "own" else module
+        result = nlref.compare_block(peer, _x(shape), verbose=False, weights=weights)
+        assert result.verdict.startswith("INCONCLUSIVE") and "dtheta.weight (theta.conv.weight)" in result.unchecked
+        assert f"x of shape {shape} leaves each query one key to attend to" in result.verdict, result.verdict
+    as_built = nlref.compare_block(MMCV.NonLocal2d(8), _x(shape), verbose=False, weights="own")
+    assert "one key" not in as_built.verdict and "weights='random'" in as_built.verdict  # W_z = 0 is a cause too
+    more = nlref.compare_block(module, _x((2, 8, 4, 5)), verbose=False, weights="random")
+    assert more.agree, str(more)
