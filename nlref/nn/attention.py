@@ -178,6 +178,12 @@ class _Params(B.KeepsNamespace):
         missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         if missing or extra:
             hints = [hint for key, hint in _TORCH_KEY_HINTS.items() if any(k.endswith(key) for k in extra)]
+            if missing and not extra and all(k.endswith("bias") for k in missing):
+                hints.append("the state has no biases, as a torch module built with bias=False; " + (
+                    "build this layer with bias=False" if isinstance(self, MultiHeadAttention)
+                    else "nlref's TransformerBlock has biases"))
+            elif extra and not missing and all(k.endswith("bias") for k in extra):
+                hints.append("the state has biases: build this layer with bias=True")
             raise ValueError(f"state dict does not fit {type(self).__name__}: missing {missing[:6]}, "
                              f"unexpected {extra[:6]}" + "".join(f"; {hint}" for hint in hints))
         host = {key: state_entry(f"state dict entry {key!r}", state[key], ref.shape, self.dtype_name)

@@ -212,3 +212,51 @@ def test_one_key_per_query_is_named_as_the_reason_for_an_inconclusive_verdict(sh
     assert "one key" not in as_built.verdict and "weights='random'" in as_built.verdict  # W_z = 0 is a cause too
     more = nlref.compare_block(module, _x((2, 8, 4, 5)), verbose=False, weights="random")
     assert more.agree, str(more)
+
+
+class _KerasMomentumBN(torch.nn.BatchNorm2d):
+    """A batch norm that reads momentum as Keras does: running = m * running + (1 - m) * batch."""
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        mean, var = x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=True)
+        with torch.no_grad():
+            self.running_mean.mul_(self.momentum).add_((1 - self.momentum) * mean)
+            self.running_var.mul_(self.momentum).add_((1 - self.momentum) * var)
+            self.num_batches_tracked += 1
+        return torch.nn.functional.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+
+
+class _BiasedRunningVarBN(torch.nn.BatchNorm2d):
+    """A batch norm that keeps the biased batch variance in running_var (PyTorch keeps the unbiased one)."""
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        mean, var = x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=False)
+        with torch.no_grad():
+            self.running_mean.mul_(1 - self.momentum).add_(self.momentum * mean)
+            self.running_var.mul_(1 - self.momentum).add_(self.momentum * var)
+            self.num_batches_tracked += 1
+        return torch.nn.functional.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+
+
+@needs_mmcv
+@pytest.mark.parametrize("norm", [None, _KerasMomentumBN, _BiasedRunningVarBN])
+def test_compare_block_catches_a_batch_norm_with_another_running_statistics_convention(norm):
+    """Forward and every gradient agree (the batch statistics are right); only the running statistics, which
+    eval mode will use, differ: compare_block compares them after the step and names them."""
+    torch.manual_seed(0)
+    module = MMCV.NonLocal2d(8, sub_sample=True, norm_cfg=dict(type="BN2d")).train()
+    if norm is not None:
+        right = module.conv_out.bn
+        module.conv_out.bn = norm(8, eps=right.eps, momentum=right.momentum)
+    result = nlref.compare_block(module, _x((2, 8, 4, 5)), verbose=False, weights="random")
+    if norm is None:
+        assert result.agree, str(result)
+        return
+    assert result.verdict.startswith("DIFFER"), str(result)
+    assert "bn.running_var (conv_out.bn.running_var)" in result.verdict
+    assert ("bn.running_mean (conv_out.bn.running_mean)" in result.verdict) is (norm is _KerasMomentumBN)
+    assert "dx" not in result.verdict and "output z" not in result.verdict

@@ -148,3 +148,14 @@ def test_load_state_dict_keyword_errors():
         TransformerBlock(E, H, 16).load_state_dict(TransformerBlock(E, H, 16).state_dict(), norm_first="yes")
     with pytest.raises(TypeError, match="or the torch module, got int"):
         TransformerBlock(E, H, 16).load_state_dict(3)
+
+
+def test_a_state_without_biases_names_bias_false():
+    state = torch.nn.MultiheadAttention(E, H, bias=False).state_dict()
+    with pytest.raises(ValueError, match="as a torch module built with bias=False; build this layer with bias=False"):
+        MultiHeadAttention(E, H).load_state_dict(state)
+    with pytest.raises(ValueError, match="the state has biases: build this layer with bias=True"):
+        MultiHeadAttention(E, H, bias=False).load_state_dict(torch.nn.MultiheadAttention(E, H).state_dict())
+    layer = torch.nn.TransformerEncoderLayer(E, H, 16, dropout=0.0, batch_first=True, norm_first=True, bias=False)
+    with pytest.raises(ValueError, match="bias=False; nlref's TransformerBlock has biases"):
+        TransformerBlock(E, H, 16).load_state_dict(layer.state_dict())
