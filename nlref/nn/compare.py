@@ -424,7 +424,10 @@ def compare_block(module: Any, x: Array, layout: str | None = None, *, dz: Array
     module : torch.nn.Module
         A non-local block with one of the layouts of :data:`nlref.nn.layouts.PEER_LAYOUTS`
         (``DataParallel`` or ``DistributedDataParallel`` around one is unwrapped; a
-        model that holds one is refused, naming the submodule to pass).
+        model that holds one is refused, naming the submodule to pass). Its parameters
+        need not require gradients (frozen ones are unfrozen in the copy), and the call
+        may sit inside ``torch.no_grad()`` or ``torch.inference_mode()``: the peer
+        runs with gradients enabled.
     x : array or torch.Tensor, shape (B, C, *S)
         The input; converted to float64 on the host.
     layout : str, optional
@@ -468,6 +471,16 @@ def compare_block(module: Any, x: Array, layout: str | None = None, *, dz: Array
     """
     import torch
 
+    # the caller's torch.no_grad() or inference_mode() would stop the peer's backward: blame no module for it
+    with torch.inference_mode(False), torch.enable_grad():
+        return _compare_block(module, x, layout, dz=dz, seed=seed, weights=weights, rtol=rtol, atol=atol,
+                              verbose=verbose, **options)
+
+
+def _compare_block(module, x, layout, *, dz, seed, weights, rtol, atol, verbose, **options):
+    """compare_block's work, with gradients enabled."""
+    import torch
+
     check_number("rtol", rtol, low=0)
     check_number("atol", atol, low=0)
     check_int("seed", seed, low=0)  # randomize_module seeds torch with it
@@ -483,6 +496,7 @@ def compare_block(module: Any, x: Array, layout: str | None = None, *, dz: Array
         module = module.module
     peer = copy.deepcopy(module).double()
     peer.train(module.training)
+    peer.requires_grad_(True)  # frozen parameters (requires_grad=False) would have no gradient to compare
     state = peer.state_dict()
     if layout is None:
         layout = layouts.layout_of_keys(state)
@@ -521,7 +535,7 @@ def compare_block(module: Any, x: Array, layout: str | None = None, *, dz: Array
     if weights == "auto" and own_zeros:
         exact = all(r[3] for r in rows if r[0] in own_zeros)
         what = "all zero" if exact else "zero (all zero, or zero up to rounding)"
-        peer = randomize_module(copy.deepcopy(module).double().train(module.training), seed)
+        peer = randomize_module(copy.deepcopy(module).double().train(module.training).requires_grad_(True), seed)
         block, rows, magnitudes, expected, peer_error = _run(peer, layout, opts, host_x, dz)
         weights_note = (f"a copy with random weights (randomize_module, seed={seed}): with the module's own, "
                         f"{len(own_zeros)} of {len(rows)} compared quantities were {what}, as in a module as built "

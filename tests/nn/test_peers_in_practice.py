@@ -260,3 +260,30 @@ def test_compare_block_catches_a_batch_norm_with_another_running_statistics_conv
     assert "bn.running_var (conv_out.bn.running_var)" in result.verdict
     assert ("bn.running_mean (conv_out.bn.running_mean)" in result.verdict) is (norm is _KerasMomentumBN)
     assert "dx" not in result.verdict and "output z" not in result.verdict
+
+
+@needs_mmcv
+@pytest.mark.parametrize("how", ["frozen", "one-frozen", "no_grad", "inference_mode"])
+def test_compare_block_on_a_frozen_module_or_under_no_grad_agrees(how):
+    """A module loaded for inference (requires_grad_(False)), or a call inside torch.no_grad() /
+    inference_mode(), is the same function. They used to DIFFER on every frozen parameter's gradient (the
+    peer's were None, compared as zeros) or report that the peer's backward failed; the module is right."""
+    torch.manual_seed(0)
+    x = _x((2, 8, 4, 5))
+    if how == "inference_mode":
+        with torch.inference_mode():
+            module = MMCV.NonLocal2d(8, norm_cfg=dict(type="BN2d")).train()
+            result = nlref.compare_block(module, x, verbose=False, weights="random")
+    else:
+        module = MMCV.NonLocal2d(8, norm_cfg=dict(type="BN2d")).train()
+        if how == "frozen":
+            module.requires_grad_(False)
+        elif how == "one-frozen":
+            module.theta.conv.weight.requires_grad_(False)
+        if how == "no_grad":
+            with torch.no_grad():
+                result = nlref.compare_block(module, x, verbose=False, weights="random")
+        else:
+            result = nlref.compare_block(module, x, verbose=False, weights="random")
+    assert result.agree and result.peer_error is None, str(result)
+    assert all(not p.requires_grad for p in module.parameters()) is (how == "frozen")  # the caller's, untouched
