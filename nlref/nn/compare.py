@@ -146,6 +146,34 @@ def _check_parts(module):
                              "W_z and, for the concatenation, a ReLU)")
 
 
+def _ndim(x):
+    """The number of axes of ``x`` (an array, a tensor or nested lists), or 0 where it has none."""
+    shape = getattr(x, "shape", None)
+    try:
+        return len(shape) if shape is not None else np.ndim(x)
+    except Exception:  # not array-like: real_host names the problem later
+        return 0
+
+
+def _plain_batch_norms(module, dims):
+    """``module`` with each ``torch.nn.SyncBatchNorm`` replaced, in place, by the ``BatchNorm{dims}d`` it is
+    on one process (same options, parameters, statistics and mode); ``dims`` outside 1..3: unchanged."""
+    import torch.nn as nn
+
+    if dims not in (1, 2, 3):
+        return module
+    for name, part in list(module.named_modules()):
+        if isinstance(part, nn.SyncBatchNorm):
+            plain = getattr(nn, f"BatchNorm{dims}d")(part.num_features, eps=part.eps, momentum=part.momentum,
+                                                     affine=part.affine,
+                                                     track_running_stats=part.track_running_stats)
+            plain.load_state_dict(part.state_dict())
+            plain = plain.to(dtype=next(iter(part.state_dict().values())).dtype).train(part.training)
+            parent, _, leaf = name.rpartition(".")
+            setattr(module.get_submodule(parent) if parent else module, leaf, plain)
+    return module
+
+
 def _norm(module, layout):
     """The module's norm after W_z in ``layout`` (None without one); an error naming it unless it is a batch norm."""
     import torch.nn as nn
@@ -424,7 +452,9 @@ def compare_block(module: Any, x: Array, layout: str | None = None, *, dz: Array
     module : torch.nn.Module
         A non-local block with one of the layouts of :data:`nlref.nn.layouts.PEER_LAYOUTS`
         (``DataParallel`` or ``DistributedDataParallel`` around one is unwrapped; a
-        model that holds one is refused, naming the submodule to pass). Its parameters
+        model that holds one is refused, naming the submodule to pass). A
+        ``torch.nn.SyncBatchNorm`` (mmcv's ``SyncBN``) is compared as the batch norm
+        it is on one process. Its parameters
         need not require gradients (frozen ones are unfrozen in the copy), and the call
         may sit inside ``torch.no_grad()`` or ``torch.inference_mode()``: the peer
         runs with gradients enabled.
@@ -494,7 +524,7 @@ def _compare_block(module, x, layout, *, dz, seed, weights, rtol, atol, verbose,
     # DataParallel and DistributedDataParallel run their .module (on the host: that module itself)
     while isinstance(module, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
         module = module.module
-    peer = copy.deepcopy(module).double()
+    peer = _plain_batch_norms(copy.deepcopy(module).double(), _ndim(x) - 2)
     peer.train(module.training)
     peer.requires_grad_(True)  # frozen parameters (requires_grad=False) would have no gradient to compare
     state = peer.state_dict()
@@ -535,7 +565,8 @@ def _compare_block(module, x, layout, *, dz, seed, weights, rtol, atol, verbose,
     if weights == "auto" and own_zeros:
         exact = all(r[3] for r in rows if r[0] in own_zeros)
         what = "all zero" if exact else "zero (all zero, or zero up to rounding)"
-        peer = randomize_module(copy.deepcopy(module).double().train(module.training).requires_grad_(True), seed)
+        peer = _plain_batch_norms(copy.deepcopy(module).double(), _ndim(x) - 2).train(module.training)
+        peer = randomize_module(peer.requires_grad_(True), seed)
         block, rows, magnitudes, expected, peer_error = _run(peer, layout, opts, host_x, dz)
         weights_note = (f"a copy with random weights (randomize_module, seed={seed}): with the module's own, "
                         f"{len(own_zeros)} of {len(rows)} compared quantities were {what}, as in a module as built "

@@ -4,6 +4,8 @@ to disk, wrapped in DataParallel or held inside a larger model, in half precisio
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 
@@ -287,3 +289,26 @@ def test_compare_block_on_a_frozen_module_or_under_no_grad_agrees(how):
             result = nlref.compare_block(module, x, verbose=False, weights="random")
     assert result.agree and result.peer_error is None, str(result)
     assert all(not p.requires_grad for p in module.parameters()) is (how == "frozen")  # the caller's, untouched
+
+
+@needs_mmcv
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_mmcv_with_sync_bn_is_compared_as_the_batch_norm_it_is_on_one_process(train):
+    """norm_cfg=dict(type="SyncBN"), common in mmcv configs, builds a torch.nn.SyncBatchNorm, which compare_block
+    refused ("no twin"). On one process it is a batch norm: its own forward (run here, no process group) gives
+    the output and running statistics of the BatchNorm2d compare_block puts in its copy, and the verdict agrees."""
+    torch.manual_seed(0)
+    module = MMCV.NonLocal2d(8, norm_cfg=dict(type="SyncBN", momentum=0.05)).train(train)
+    nlref.nn.compare.randomize_module(module, 2)
+    assert isinstance(module.conv_out.bn, torch.nn.SyncBatchNorm)
+    x = _x((2, 8, 4, 5))
+    result = nlref.compare_block(module, x, verbose=False)
+    assert result.agree and result.options["bn_momentum"] == 0.05, str(result)
+    assert isinstance(module.conv_out.bn, torch.nn.SyncBatchNorm)  # the caller's module is untouched
+    plain = nlref.nn.compare._plain_batch_norms(copy.deepcopy(module), 2)
+    assert type(plain.conv_out.bn) is torch.nn.BatchNorm2d and plain.conv_out.bn.momentum == 0.05
+    ours, theirs = module(torch.from_numpy(x).float()), plain(torch.from_numpy(x).float())
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    for key in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(module.conv_out.bn.state_dict()[key], plain.conv_out.bn.state_dict()[key],
+                                   rtol=0, atol=0)
