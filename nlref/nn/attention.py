@@ -18,7 +18,12 @@ The layers' parameters carry PyTorch's names, so a state dict of
 ``torch.nn.MultiheadAttention(E, h, batch_first=True)`` or of
 ``torch.nn.TransformerEncoderLayer(E, h, mlp_dim, dropout=0.0, activation="gelu",
 batch_first=True, norm_first=True)`` loads as it is (``load_state_dict``) and
-``state_dict(layout="torch")`` writes one back.
+``state_dict(layout="torch")`` writes one back. Some of those modules' options leave
+no trace in the keys or shapes: the number of heads, ``add_zero_attn``, and the
+encoder layer's ``norm_first``, ``activation`` and ``layer_norm_eps`` (a post-norm
+layer builds the same submodules as a pre-norm one; only its forward differs). Give
+``load_state_dict`` the module itself and they are checked; a plain state dict
+cannot be (``TransformerBlock.load_state_dict(state, norm_first=False)`` is refused).
 """
 
 from __future__ import annotations
@@ -127,28 +132,101 @@ class _Params(B.KeepsNamespace):
             raise ValueError(f"layout must be 'torch' (PyTorch's parameter names), got {layout!r}")
         return {k: np.array(B.to_numpy(v)) for k, v in self.params.items()}
 
-    def load_state_dict(self, state, layout="torch"):
+    def load_state_dict(self, state, layout="torch", **options):
         """Load a state dict under PyTorch's names (NumPy arrays or torch tensors); checked whole first.
+
+        Parameters
+        ----------
+        state : dict of arrays, or the torch module itself
+            A ``state_dict()``; or the ``torch.nn.MultiheadAttention`` /
+            ``torch.nn.TransformerEncoderLayer`` it comes from, whose options that
+            leave no trace in the keys (the number of heads, ``add_zero_attn``;
+            ``norm_first``, the activation, ``layer_norm_eps``) are then checked
+            against this layer's too. A plain dict cannot be checked for them: a
+            module built with other values of these options has exactly the same
+            keys and shapes and computes another function.
+        layout : {"torch"}
+        **options
+            :class:`TransformerBlock` only: ``norm_first=`` (bool), what the saved
+            layer was built with; False is refused (this block is pre-norm).
 
         Raises
         ------
         ValueError
-            Missing or unexpected keys, a wrong shape, or non-finite values (the key is named).
+            Missing or unexpected keys (the PyTorch option that makes them is named
+            where it is known), a wrong shape, non-finite values (the key is named),
+            or a module option this layer does not compute.
+        TypeError
+            ``state`` is neither a dict nor a torch module.
         """
         if layout != "torch":
             raise ValueError(f"layout must be 'torch' (PyTorch's parameter names), got {layout!r}")
+        allowed = ("norm_first",) if isinstance(self, TransformerBlock) else ()
+        unknown = sorted(set(options) - set(allowed))
+        if unknown:
+            raise TypeError(f"{type(self).__name__}.load_state_dict got unexpected keyword arguments {unknown}; "
+                            f"allowed: {list(allowed)}")
+        if "norm_first" in options:
+            _check_norm_first(B.check_flag("norm_first", options["norm_first"]), "norm_first=False")
+        if _is_torch_module(state):
+            self._check_torch_module(state)
+            state = state.state_dict()
         if not hasattr(state, "keys"):
-            raise TypeError(f"state must be a dict of arrays (a state_dict()), got {type(state).__name__}")
+            raise TypeError(f"state must be a dict of arrays (a state_dict()) or the torch module, got "
+                            f"{type(state).__name__}")
         own = self.params
         missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         if missing or extra:
+            hints = [hint for key, hint in _TORCH_KEY_HINTS.items() if any(k.endswith(key) for k in extra)]
+            if missing and not extra and all(k.endswith("bias") for k in missing):
+                hints.append("the state has no biases, as a torch module built with bias=False; " + (
+                    "build this layer with bias=False" if isinstance(self, MultiHeadAttention)
+                    else "nlref's TransformerBlock has biases"))
+            elif extra and not missing and all(k.endswith("bias") for k in extra):
+                hints.append("the state has biases: build this layer with bias=True")
             raise ValueError(f"state dict does not fit {type(self).__name__}: missing {missing[:6]}, "
-                             f"unexpected {extra[:6]}")
+                             f"unexpected {extra[:6]}" + "".join(f"; {hint}" for hint in hints))
         host = {key: state_entry(f"state dict entry {key!r}", state[key], ref.shape, self.dtype_name)
                 for key, ref in own.items()}  # checked copies in the layer's dtype
         for key, value in host.items():
             self.params[key] = self._array(value)
         return self
+
+
+#: Keys of torch.nn.MultiheadAttention options nlref's self-attention has no twin for, and why.
+_TORCH_KEY_HINTS = {
+    "q_proj_weight": "q_proj_weight/k_proj_weight/v_proj_weight come from kdim or vdim other than embed_dim; "
+                     "nlref's attention is self-attention with one in_proj_weight (kdim = vdim = embed_dim)",
+    "bias_k": "bias_k/bias_v come from add_bias_kv=True, which nlref's attention does not have",
+}
+
+
+def _is_torch_module(obj):
+    """Whether ``obj`` is a torch.nn.Module (without importing torch when it is not loaded)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(obj, torch.nn.Module)
+
+
+def _check_norm_first(norm_first, where):
+    if not norm_first:
+        raise ValueError(f"{where}: a post-norm layer (x = LN1(x + MHA(x)); out = LN2(x + MLP(x))) has the same "
+                         "keys as a pre-norm one but computes another function; nlref's TransformerBlock is "
+                         "pre-norm (norm_first=True), so its weights would mean something else here")
+
+
+def _torch_activation(fn):
+    """A TransformerEncoderLayer's activation as one of :data:`ACTIVATIONS`, or None."""
+    import torch
+
+    if fn is torch.nn.functional.relu or isinstance(fn, torch.nn.ReLU):
+        return "relu"
+    if fn is torch.nn.functional.gelu:
+        return "gelu"
+    if isinstance(fn, torch.nn.GELU):
+        return "gelu_tanh" if fn.approximate == "tanh" else "gelu"
+    return None
 
 
 # --------------------------------------------------------------------------- the attention core
@@ -352,6 +430,22 @@ class MultiHeadAttention(_Params):
         return (f"MultiHeadAttention({self.embed_dim}, {self.num_heads}, bias={self.bias}, "
                 f"dtype={self.dtype_name!r})")
 
+    def _check_torch_module(self, module, where="module"):
+        """Refuse a torch module whose options (not all in its keys) give another function than this layer."""
+        import torch
+
+        if not isinstance(module, torch.nn.MultiheadAttention):
+            raise TypeError(f"{where} must be a torch.nn.MultiheadAttention, got {type(module).__name__}")
+        if module.embed_dim != self.embed_dim or module.num_heads != self.num_heads:
+            raise ValueError(f"{where} has embed_dim={module.embed_dim}, num_heads={module.num_heads}; this layer "
+                             f"has embed_dim={self.embed_dim}, num_heads={self.num_heads} (the number of heads is "
+                             "not in the state dict's keys or shapes, but splits the channels differently)")
+        if module.add_zero_attn:
+            raise ValueError(f"{where}.add_zero_attn=True (a key of zeros added to every sequence) has no nlref twin")
+        if module.bias_k is not None or not module._qkv_same_embed_dim:
+            raise ValueError(f"{where} has add_bias_kv=True or kdim/vdim other than embed_dim; nlref's attention is "
+                             "self-attention with one in_proj_weight and neither")
+
     def mask_bias(self, x, mask=None, causal=False):
         """The additive mask for ``x`` (0 where a query may look at a key, -inf elsewhere), or None.
 
@@ -503,6 +597,23 @@ class TransformerBlock(_Params):
     def __repr__(self):
         return (f"TransformerBlock({self.embed_dim}, {self.num_heads}, {self.mlp_dim}, "
                 f"activation={self.activation!r}, dtype={self.dtype_name!r})")
+
+    def _check_torch_module(self, module):
+        """Refuse a TransformerEncoderLayer whose options (not in its keys) give another function than this block."""
+        import torch
+
+        if not isinstance(module, torch.nn.TransformerEncoderLayer):
+            raise TypeError(f"module must be a torch.nn.TransformerEncoderLayer, got {type(module).__name__}")
+        _check_norm_first(module.norm_first, "module.norm_first=False")
+        activation = _torch_activation(module.activation)
+        if activation != self.activation:
+            raise ValueError(f"module.activation is {module.activation!r} ({activation or 'no nlref twin'}); this "
+                             f"block has activation={self.activation!r}")
+        for name in ("norm1", "norm2"):
+            eps = float(getattr(module, name).eps)
+            if eps != self.eps:
+                raise ValueError(f"module.{name}.eps is {eps!r} (layer_norm_eps); this block has eps={self.eps!r}")
+        self.attn._check_torch_module(module.self_attn, "module.self_attn")
 
     def _act_forward(self, h):
         if self.activation == "relu":

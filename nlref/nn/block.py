@@ -572,7 +572,7 @@ class NonLocalBlock(B.KeepsNamespace):
             out[_layouts.counter_key(self, layout)] = np.asarray(self.num_batches_tracked, dtype=np.int64)
         return out
 
-    def load_state_dict(self, state, layout=None):
+    def load_state_dict(self, state, layout=None, *, prefix=""):
         """Load parameters and running statistics, in nlref's or a peer's layout; the values are copied.
 
         Parameters
@@ -587,6 +587,12 @@ class NonLocalBlock(B.KeepsNamespace):
         layout : {None, "nlref", "alexhex7", "mmcv", "slowfast", "pytorchvideo", "timm", "keras"}
             None (or ``"auto"``): the layout whose keys for this block's options
             match ``state`` exactly; ``block.loaded_layout`` says which was read.
+        prefix : str
+            Read only the keys that start with ``prefix``, without it: ``"module."``
+            for a state dict saved from ``DataParallel`` or ``DistributedDataParallel``,
+            ``"layer3.1.nl."`` for the block inside a whole model's state dict (the
+            other keys are ignored). A state that fits no layout as it is, but does
+            under some prefix, is refused with that prefix named.
 
         Returns
         -------
@@ -607,8 +613,21 @@ class NonLocalBlock(B.KeepsNamespace):
             raise ValueError(f"layout must be None (detect) or one of {LAYOUTS}, got {layout!r}")
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict of arrays, got {type(state).__name__}")
+        if not isinstance(prefix, str):
+            raise TypeError(f"prefix must be a str (e.g. 'module.'), got {type(prefix).__name__}")
+        if prefix:
+            selected = {key[len(prefix):]: value for key, value in state.items()
+                        if isinstance(key, str) and key.startswith(prefix)}
+            if not selected:
+                raise ValueError(f"prefix={prefix!r}: no key of the state dict starts with it (its keys start with "
+                                 f"{sorted({str(k).split('.')[0] + '.' for k in state})[:8]})")
+            state = selected
         if layout in (None, "auto"):
-            layout = _layouts.detect(self, state)
+            try:
+                layout = _layouts.detect(self, state)
+            except ValueError as err:
+                hint = _layouts._prefix_hint(self, state)
+                raise ValueError(f"{err}{hint}") from None
         # first: a block the layout cannot express fits none of its states (else its keys would be blamed)
         _layouts.check_expressible(self, layout)
         expected = _layouts.key_map(self, layout)
@@ -618,7 +637,8 @@ class NonLocalBlock(B.KeepsNamespace):
         unexpected = sorted(set(state) - wanted - {counter})
         if missing or unexpected:
             raise ValueError(f"state dict ({layout} layout) does not match {self!r}: "
-                             f"unmatched keys {unexpected}, missing keys {missing}")
+                             f"unmatched keys {unexpected}, missing keys {missing}"
+                             f"{_layouts._prefix_hint(self, state, layout)}")
         new = {}
         for key, (peer_key, shape) in expected.items():
             # a checked copy in the block's dtype, never a view of the caller's memory

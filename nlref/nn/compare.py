@@ -62,8 +62,10 @@ class BlockComparison:
         equations do not make them zero (see ``expected_zero``).
     expected_zero : list of str
         The quantities the block's equations make zero up to rounding (train
-        mode with BN: W_z's bias, and g's bias where the attention's rows sum
-        to 1; softmax modes: phi's bias); for them only the rounding is compared.
+        mode with BN: W_z's bias, g's bias where the attention's rows sum
+        to 1, and with a batch of one theta's bias in the dot-product mode;
+        softmax modes: phi's bias); for them only the rounding is compared, and
+        their being exactly zero in the peer leaves nothing unchecked.
     verdict : str
     peer_error : str or None
         The message of the peer's backward pass if it raised (mmcv's concatenation
@@ -142,6 +144,34 @@ def _check_parts(module):
             raise ValueError(f"{type(module).__name__}.{name} is a {type(part).__name__}, which nlref's block has no "
                              "twin of (it has 1x1 convolutions, max-pooling, one torch.nn.BatchNorm1d/2d/3d after "
                              "W_z and, for the concatenation, a ReLU)")
+
+
+def _ndim(x):
+    """The number of axes of ``x`` (an array, a tensor or nested lists), or 0 where it has none."""
+    shape = getattr(x, "shape", None)
+    try:
+        return len(shape) if shape is not None else np.ndim(x)
+    except Exception:  # not array-like: real_host names the problem later
+        return 0
+
+
+def _plain_batch_norms(module, dims):
+    """``module`` with each ``torch.nn.SyncBatchNorm`` replaced, in place, by the ``BatchNorm{dims}d`` it is
+    on one process (same options, parameters, statistics and mode); ``dims`` outside 1..3: unchanged."""
+    import torch.nn as nn
+
+    if dims not in (1, 2, 3):
+        return module
+    for name, part in list(module.named_modules()):
+        if isinstance(part, nn.SyncBatchNorm):
+            plain = getattr(nn, f"BatchNorm{dims}d")(part.num_features, eps=part.eps, momentum=part.momentum,
+                                                     affine=part.affine,
+                                                     track_running_stats=part.track_running_stats)
+            plain.load_state_dict(part.state_dict())
+            plain = plain.to(dtype=next(iter(part.state_dict().values())).dtype).train(part.training)
+            parent, _, leaf = name.rpartition(".")
+            setattr(module.get_submodule(parent) if parent else module, leaf, plain)
+    return module
 
 
 def _norm(module, layout):
@@ -256,6 +286,16 @@ def _read_options(module, state, layout, given):
     return opts
 
 
+def _key_count(block, x_shape):
+    """How many keys each query attends over: the positions of ``x``, after the block's pooling."""
+    spatial = tuple(x_shape[2:])
+    if not block.sub_sample:
+        return int(np.prod(spatial))
+    if block.pool == "flattened":  # windows over the flattened sequence of positions
+        spatial = (int(np.prod(spatial)),)
+    return int(np.prod([(n - k) // s + 1 for n, k, s in zip(spatial, block.kernel, block.stride)]))
+
+
 def _rel(a, b):
     err = float(np.max(np.abs(a - b))) if a.size else 0.0
     ref = float(np.max(np.abs(b))) if b.size else 0.0
@@ -284,13 +324,16 @@ def randomize_module(module, seed=0):
     return module
 
 
-def _expected_zeros(opts, training):
+def _expected_zeros(opts, training, batch):
     """nlref's keys whose gradient the block's equations make zero up to rounding, for any input.
 
     A softmax over keys ignores ``theta_i . b`` added to a row of logits, so phi's
     bias has none; in train mode BN removes a constant per channel, hence W_z's
     bias, and g's bias where the rows of the attention sum to 1 (``y_i`` gains
-    ``b``), have none either.
+    ``b``), have none either. With one sample (``batch`` 1) BN's mean is over that
+    sample alone, so whatever adds the same to every position of it has none: in
+    the dot-product mode theta's bias (``y_i`` gains ``sum_j (b . phi_j) g_j / N``,
+    the same for every ``i``).
     """
     zeros = set()
     if opts.get("mode") == "embedded_gaussian":
@@ -299,6 +342,8 @@ def _expected_zeros(opts, training):
         zeros.add("W_z.bias")
         if opts.get("mode") in ("gaussian", "embedded_gaussian"):
             zeros.add("g.bias")
+        if batch == 1 and opts.get("mode") == "dot_product":
+            zeros.add("theta.bias")
     return zeros
 
 
@@ -324,7 +369,7 @@ def _run(peer, layout, opts, host_x, dz):
     except RuntimeError as err:  # mmcv's concatenation divides its ReLU's output in place
         peer_error = str(err).split("\n")[0]
     rows, magnitudes, expected = [], [], []
-    structural = _expected_zeros(opts, peer.training)
+    structural = _expected_zeros(opts, peer.training, host_x.shape[0])
 
     def compare(name, ours, theirs, key=None):
         rows.append((name, *_rel(ours, theirs)))
@@ -360,11 +405,13 @@ def _scale(magnitudes):
 def _unchecked(rows, magnitudes, expected, atol):
     """The quantities zero in the peer, so that comparing them checks nothing.
 
-    All zero; or, unless the equations make them zero (``expected``), no larger than
-    the rounding bound ``atol * scale``: a difference of their own size would pass.
+    All zero, or no larger than the rounding bound ``atol * scale`` (a difference of
+    their own size would pass); except those the equations make zero (``expected``),
+    which are zero or rounding in any right peer (exactly zero, too, by luck of the
+    rounding: with two keys, say) and are judged by ``atol``.
     """
     bound = atol * _scale(magnitudes)
-    return [r[0] for r, m in zip(rows, magnitudes) if r[3] or (r[0] not in expected and m <= bound)]
+    return [r[0] for r, m in zip(rows, magnitudes) if r[0] not in expected and (r[3] or m <= bound)]
 
 
 def compare_block(module: Any, x: Array, layout: str | None = None, *, dz: Array | None = None, seed: int = 0,
@@ -396,13 +443,21 @@ def compare_block(module: Any, x: Array, layout: str | None = None, *, dz: Array
     and a forgotten scale would not show), and in train mode with BN
     an ``x`` or ``dz`` the same at every position of every sample leaves BN
     nothing to pass on. The gradients the equations do make zero (phi's bias in
-    a softmax; in train mode with BN, W_z's bias, and g's bias where the rows of
-    the attention sum to 1) are compared by ``atol`` alone.
+    a softmax; in train mode with BN, W_z's bias, g's bias where the rows of
+    the attention sum to 1, and with a batch of one theta's bias in the
+    dot-product mode) are compared by ``atol`` alone.
 
     Parameters
     ----------
     module : torch.nn.Module
-        A non-local block with one of the layouts of :data:`nlref.nn.layouts.PEER_LAYOUTS`.
+        A non-local block with one of the layouts of :data:`nlref.nn.layouts.PEER_LAYOUTS`
+        (``DataParallel`` or ``DistributedDataParallel`` around one is unwrapped; a
+        model that holds one is refused, naming the submodule to pass). A
+        ``torch.nn.SyncBatchNorm`` (mmcv's ``SyncBN``) is compared as the batch norm
+        it is on one process. Its parameters
+        need not require gradients (frozen ones are unfrozen in the copy), and the call
+        may sit inside ``torch.no_grad()`` or ``torch.inference_mode()``: the peer
+        runs with gradients enabled.
     x : array or torch.Tensor, shape (B, C, *S)
         The input; converted to float64 on the host.
     layout : str, optional
@@ -446,6 +501,16 @@ def compare_block(module: Any, x: Array, layout: str | None = None, *, dz: Array
     """
     import torch
 
+    # the caller's torch.no_grad() or inference_mode() would stop the peer's backward: blame no module for it
+    with torch.inference_mode(False), torch.enable_grad():
+        return _compare_block(module, x, layout, dz=dz, seed=seed, weights=weights, rtol=rtol, atol=atol,
+                              verbose=verbose, **options)
+
+
+def _compare_block(module, x, layout, *, dz, seed, weights, rtol, atol, verbose, **options):
+    """compare_block's work, with gradients enabled."""
+    import torch
+
     check_number("rtol", rtol, low=0)
     check_number("atol", atol, low=0)
     check_int("seed", seed, low=0)  # randomize_module seeds torch with it
@@ -456,14 +521,24 @@ def compare_block(module: Any, x: Array, layout: str | None = None, *, dz: Array
         raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
-    peer = copy.deepcopy(module).double()
+    # DataParallel and DistributedDataParallel run their .module (on the host: that module itself)
+    while isinstance(module, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+        module = module.module
+    peer = _plain_batch_norms(copy.deepcopy(module).double(), _ndim(x) - 2)
     peer.train(module.training)
+    peer.requires_grad_(True)  # frozen parameters (requires_grad=False) would have no gradient to compare
     state = peer.state_dict()
     if layout is None:
         layout = layouts.layout_of_keys(state)
         if layout is None:
-            raise ValueError(f"{type(module).__name__}'s state-dict keys {sorted(state)} fit none of the layouts "
-                             f"{layouts.PEER_LAYOUTS}; pass layout= if it is one of them")
+            inner = [(name, found) for name, part in module.named_modules() if name
+                     for found in [layouts.layout_of_keys(part.state_dict())] if found is not None]
+            inner = [(name, found) for name, found in inner if not any(  # the outermost: not a part of one
+                name.startswith(other + ".") for other, _ in inner)]
+            hint = ("; its submodules " + ", ".join(f"{name!r} ({found} layout)" for name, found in inner[:4])
+                    + f" have a peer's keys: pass module.get_submodule({inner[0][0]!r})") if inner else ""
+            raise ValueError(f"{type(module).__name__}'s state-dict keys {sorted(state)[:12]} fit none of the "
+                             f"layouts {layouts.PEER_LAYOUTS}; pass layout= if it is one of them{hint}")
     _check_layout_fits(peer, layout)  # before reading options: a wrong layout failed on an option
     opts = _read_options(peer, state, layout, options)
     opts.update(options)
@@ -490,7 +565,8 @@ def compare_block(module: Any, x: Array, layout: str | None = None, *, dz: Array
     if weights == "auto" and own_zeros:
         exact = all(r[3] for r in rows if r[0] in own_zeros)
         what = "all zero" if exact else "zero (all zero, or zero up to rounding)"
-        peer = randomize_module(copy.deepcopy(module).double().train(module.training), seed)
+        peer = _plain_batch_norms(copy.deepcopy(module).double(), _ndim(x) - 2).train(module.training)
+        peer = randomize_module(peer.requires_grad_(True), seed)
         block, rows, magnitudes, expected, peer_error = _run(peer, layout, opts, host_x, dz)
         weights_note = (f"a copy with random weights (randomize_module, seed={seed}): with the module's own, "
                         f"{len(own_zeros)} of {len(rows)} compared quantities were {what}, as in a module as built "
@@ -517,7 +593,13 @@ def compare_block(module: Any, x: Array, layout: str | None = None, *, dz: Array
     elif inconclusive:
         exact = all(r[3] for r in rows if r[0] in zeros)
         what = "all zero" if exact else f"zero (all zero, or at most {atol:g} x {scale:.3g}: rounding)"
-        if weights_note == "the module's own":
+        if (opts["mode"] in ("gaussian", "embedded_gaussian") and _key_count(block, host_x.shape) == 1
+                and all(name.startswith(("dtheta.", "dphi.")) for name in zeros)):
+            # one key: the softmax is 1 whatever its logits (and only theta and phi are left unchecked)
+            hint = (f"x of shape {host_x.shape} leaves each query one key to attend to (after any pooling), so "
+                    "the attention is 1 whatever the logits and no gradient reaches theta and phi; pass an x "
+                    "with more positions")
+        elif weights_note == "the module's own":
             hint = ("compare with weights='random' (or another seed), or trained weights"
                     + ("" if exact else ", and a random x and dz"))
         else:  # random weights did not make them non-zero: the input may have

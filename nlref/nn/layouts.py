@@ -38,7 +38,9 @@ A *layout* is the naming of a non-local block's weights in one code base. nlref'
      - ``non_local_block(ip, ...)`` (a function building Keras layers)
      - ``titu1994/keras-non-local-nets`` ``non_local.py`` at
        ``ea0108aadb3d3ccca8b44932896a37119ae6a8f1``; its layers are named automatically
-       (``conv2d_3``...), so the keys are the roles ``theta``, ``phi``, ``g``, ``W_z``
+       (``conv2d_3``...), so the keys are the roles ``theta``, ``phi``, ``g``, ``W_z``; the port run
+       channels-last (Keras's default): channels-first, its ``Reshape`` reads the branches' memory
+       as other positions, a function no layout can express, with kernels of the same shapes
 
 :data:`MODULE_NAMES` is the public mapping: for each peer layout, the name of the
 submodule that holds each of nlref's pieces. ``{pool}`` stands for ``".0"`` when the
@@ -335,6 +337,33 @@ def detect(block, keys):
     _, layout, unmatched, missing = best
     raise ValueError(f"state dict fits none of the layouts {LAYOUTS} for {block!r}; the closest is {layout!r}, "
                      f"with unmatched keys {unmatched} and missing keys {missing}")
+
+
+def _prefix_hint(block, state, layout=None):
+    """``"; ..."`` naming the key prefixes under which ``state`` fits ``block`` (in ``layout``, or any), else ``""``.
+
+    A state dict saved from ``DataParallel``/``DistributedDataParallel`` has every key
+    under ``module.``; a whole model's has the block's keys under its submodule's name.
+    """
+    keys = [k for k in state if isinstance(k, str)]
+    prefixes = sorted({key[:i + 1] for key in keys for i, ch in enumerate(key) if ch == "."}, key=len)
+    found = []
+    for prefix in prefixes:
+        sub = [key[len(prefix):] for key in keys if key.startswith(prefix)]
+        try:
+            fits = detect(block, sub) if layout is None else layout
+            if layout is not None:
+                wanted = {peer_key for peer_key, _ in key_map(block, layout).values()}
+                if set(sub) - {counter_key(block, layout)} != wanted:
+                    continue
+        except ValueError:
+            continue
+        found.append(f"{prefix!r} ({fits} layout)")
+    if not found:
+        return ""
+    return (f"; the keys under {', '.join(found[:4])} fit this block: pass prefix={found[0].split(' ')[0]} "
+            "(a DataParallel/DistributedDataParallel state dict has every key under 'module.'; a whole model's "
+            "has the block's under its name)")
 
 
 def layout_of_keys(keys):

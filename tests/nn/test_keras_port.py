@@ -158,3 +158,43 @@ def test_the_paper_defaults_differ_from_the_port():
     spatial = NonLocalBlock(4, dims=2, dtype="float64", pool_kernel=(2, 2), **KERAS_OPTIONS)  # also 6 keys
     spatial.params = dict(port.params)
     assert np.abs(spatial.forward(_channels_first(x)) - expected).max() > 1e-3
+
+
+def _keras_port_channels_first(channels, spatial, inter):
+    """The port's embedded mode (no compression) run with image_data_format "channels_first": its convolutions
+    are channels-first, but each branch is still flattened with Reshape((-1, inter)) and the output reshaped
+    back with Reshape((inter, *spatial)) (non_local.py's channel_dim == 1 branch)."""
+    rank = len(spatial)
+    ip = keras.Input(shape=(channels,) + tuple(spatial))
+    layer = {1: keras.layers.Conv1D, 2: keras.layers.Conv2D, 3: keras.layers.Conv3D}[rank]
+    layers = {role: layer(inter if role != "W_z" else channels, (1,) * rank, padding="same", use_bias=False,
+                          kernel_initializer="he_normal", data_format="channels_first")
+              for role in ("theta", "phi", "g", "W_z")}
+    theta = keras.layers.Reshape((-1, inter))(layers["theta"](ip))
+    phi = keras.layers.Reshape((-1, inter))(layers["phi"](ip))
+    f = keras.layers.Activation("softmax")(keras.layers.Dot(axes=2)([theta, phi]))
+    g = keras.layers.Reshape((-1, inter))(layers["g"](ip))
+    y = keras.layers.Reshape((inter,) + tuple(spatial))(keras.layers.Dot(axes=[2, 1])([f, g]))
+    return keras.Model(ip, keras.layers.Add()([ip, layers["W_z"](y)])), layers
+
+
+@pytest.mark.parametrize("rank", [2, 3])
+def test_a_channels_first_port_has_the_same_kernels_but_another_function(rank):
+    """What docs/nonlocal_block.md says of the layout and channels-first Keras: the kernels have the shapes of
+    the channels-last port's (so nothing in them can tell), the port computes nlref's block only where its
+    Reshape reads memory the same way (intermediate_dim 1), and another function otherwise."""
+    channels, spatial = 6, SPATIAL[rank]
+    x = np.random.default_rng(rank).standard_normal((2, channels) + spatial)
+    for inter in (1, 3):
+        keras.utils.set_random_seed(rank)
+        model, layers = _keras_port_channels_first(channels, spatial, inter)
+        _, last = _keras_port(spatial + (channels,), "embedded", 1, inter)
+        kernels = _kernels(layers)
+        assert {r: k.shape for r, k in kernels.items()} == {r: k.shape for r, k in _kernels(last).items()}
+        block = _nlref_for(rank, channels, "embedded", 1, inter).load_state_dict(kernels, layout="keras")
+        port, ours = keras.ops.convert_to_numpy(model(x)), block.forward(x)
+        assert np.abs(ours - x).max() > 1  # the branch is not small
+        if inter == 1:
+            np.testing.assert_allclose(port, ours, rtol=1e-5, atol=1e-5)
+        else:
+            assert np.abs(port - ours).max() > 1
