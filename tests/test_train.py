@@ -538,3 +538,100 @@ def test_the_documented_way_to_use_a_trained_network(tmp_path, monkeypatch):
     assert printed.getvalue().strip() == str((last["val_loss"], last["val_accuracy"]))
     np.testing.assert_array_equal(scope["logits"], result["model"].forward(scope["val"].video[:4]))
     assert not scope["net"].training
+
+
+# --------------------------------------------------------------------------- extending a run (resume with more epochs)
+def _same_weights(a, b):
+    a, b = a.state_dict(), b.state_dict()
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def _weights(path):
+    meta, state, _ = load_checkpoint(path)
+    model = T.build_model(TrainConfig.from_dict(meta["config"]))
+    model.load_state_dict(state)
+    return model
+
+
+def test_extending_a_finished_run_equals_the_run_on_its_schedule_and_keeps_the_finished_one(tmp_path):
+    """`--resume --epochs N+k` was refused (epochs differed from the checkpoint's). It extends the run now: the
+    schedule stays that of N epochs, so the result equals, to the bit, the uninterrupted run of N+k epochs with
+    schedule_epochs=N (and not the run of N+k epochs, whose milestones fall later); the N-epoch checkpoint is kept."""
+    tiny_run(tmp_path / "ext", epochs=1)
+    finished = (tmp_path / "ext" / "checkpoint.npz").read_bytes()
+    extended = train(TrainConfig(**{**TINY, "epochs": 3}), tmp_path / "ext", resume=True, progress=False, log=None)
+    straight = tiny_run(tmp_path / "straight", epochs=3, schedule_epochs=1)
+    assert _same_weights(extended["model"], straight["model"])
+    assert _same_weights(_weights(tmp_path / "ext" / "checkpoint.npz"), straight["model"])
+    assert not _same_weights(extended["model"], tiny_run(None, epochs=3)["model"])  # the schedule matters here
+    assert extended["config"].schedule_epochs == 1 and extended["config"].epochs == 3
+    # the learning rates of the epochs: 1 epoch of 3 steps has its milestones at steps 1 and 2 (0.6 x 3, 0.85 x 3)
+    assert [row["lr"] for row in extended["history"]] == [1e-3, 1e-5, 1e-5]
+    assert json.loads((tmp_path / "ext" / "metrics.json").read_text()) == extended["history"]
+    assert (tmp_path / "ext" / "checkpoint-epoch1.npz").read_bytes() == finished
+    assert sorted(p.name for p in (tmp_path / "ext").iterdir()) == [
+        "checkpoint-epoch1.npz", "checkpoint.npz", "metrics.csv", "metrics.json"]
+    # the extended run resumes as itself, without restating its schedule
+    again = train(TrainConfig(**{**TINY, "epochs": 3}), tmp_path / "ext", resume=True, progress=False, log=None)
+    assert _same_weights(again["model"], straight["model"])
+
+
+def test_extending_an_interrupted_run_keeps_its_schedule(tmp_path):
+    with pytest.raises(_Stop):
+        train(TrainConfig(**TINY), tmp_path, progress=False, log=None, callback=_stop_after(1))
+    lines = []
+    extended = train(TrainConfig(**{**TINY, "epochs": 4}), tmp_path, resume=True, progress=False, log=lines.append)
+    assert _same_weights(extended["model"], tiny_run(None, epochs=4, schedule_epochs=TINY["epochs"])["model"])
+    assert "the learning-rate schedule stays that of 3 epochs" in lines[1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.npz", "metrics.csv", "metrics.json"]
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"epochs": 1}, r"holds 2 epochs already, more than epochs=1 \(--epochs\): give epochs >= 2"),
+    ({"epochs": 4, "schedule_epochs": 4}, r"its 2 epochs followed the learning-rate schedule of 2 epochs, and a "
+                                          r"resumed run keeps it: leave schedule_epochs \(--schedule-epochs\) out"),
+    ({"epochs": 4, "lr": 2e-3}, r"different configuration \(lr: checkpoint 0.001, requested 0.002\); resume with "
+                                r"the options the run was started with \(only epochs may change\)"),
+])
+def test_resume_refuses_what_would_not_continue_the_run(tmp_path, changes, match):
+    tiny_run(tmp_path, epochs=2)
+    before = folder_bytes(tmp_path)
+    with pytest.raises(CheckpointError, match=match):
+        train(TrainConfig(**{**TINY, **changes}), tmp_path, resume=True, progress=False, log=None)
+    assert folder_bytes(tmp_path) == before
+
+
+def test_a_schedule_restated_on_resume_is_accepted(tmp_path):
+    tiny_run(tmp_path, epochs=1)
+    a = train(TrainConfig(**{**TINY, "epochs": 2, "schedule_epochs": 1}), tmp_path, resume=True, progress=False,
+              log=None)
+    assert _same_weights(a["model"], tiny_run(None, epochs=2, schedule_epochs=1)["model"])
+
+
+def test_a_kept_checkpoint_of_other_bytes_is_never_replaced(tmp_path):
+    tiny_run(tmp_path, epochs=1)
+    (tmp_path / "checkpoint-epoch1.npz").write_bytes(b"the user's")
+    before = folder_bytes(tmp_path)
+    with pytest.raises(T.OutDirError, match="checkpoint-epoch1.npz' exists and is not the checkpoint of this finished"):
+        train(TrainConfig(**{**TINY, "epochs": 2}), tmp_path, resume=True, progress=False, log=None)
+    assert folder_bytes(tmp_path) == before
+
+
+def test_a_checkpoint_written_before_schedule_epochs_existed_resumes_and_extends(tmp_path):
+    """Checkpoints of nlref before this field hold no schedule_epochs: their schedule is their epochs."""
+    tiny_run(tmp_path, epochs=1)
+    path = tmp_path / "checkpoint.npz"
+    with np.load(path) as data:
+        arrays = {k: data[k] for k in data.files}
+    meta = json.loads(arrays["meta"].tobytes())
+    del meta["config"]["schedule_epochs"]
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    np.savez(path, **arrays)
+    extended = train(TrainConfig(**{**TINY, "epochs": 2}), tmp_path, resume=True, progress=False, log=None)
+    assert _same_weights(extended["model"], tiny_run(None, epochs=2, schedule_epochs=1)["model"])
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, True, "2", float("nan")])
+def test_schedule_epochs_is_none_or_a_positive_integer(value):
+    with pytest.raises(ValueError, match=r"schedule_epochs must be a positive integer \(or None: that of epochs\)"):
+        TrainConfig(**{**TINY, "schedule_epochs": value}).validate()
