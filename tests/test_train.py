@@ -635,3 +635,24 @@ def test_a_checkpoint_written_before_schedule_epochs_existed_resumes_and_extends
 def test_schedule_epochs_is_none_or_a_positive_integer(value):
     with pytest.raises(ValueError, match=r"schedule_epochs must be a positive integer \(or None: that of epochs\)"):
         TrainConfig(**{**TINY, "schedule_epochs": value}).validate()
+
+
+def test_the_thread_count_does_not_change_a_bit_of_training(tmp_path):
+    """docs/training.md: on one machine and installation, 1 and 2 threads (BLAS, OpenMP, Numba) train the same
+    weights. Each run is a fresh process, since the thread counts are read when the libraries load."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from nlref.train import TrainConfig, train; from tests.helpers import TINY; "
+            "train(TrainConfig(**{**TINY, 'epochs': 2}), sys.argv[1], progress=False, log=None)")
+    for threads in (1, 2):
+        env = {**os.environ, **{name: str(threads) for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                                                                "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")}}
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        done = subprocess.run([sys.executable, "-c", code, str(tmp_path / str(threads))], env=env,
+                              capture_output=True, text=True, timeout=300, cwd=root)
+        assert done.returncode == 0, done.stderr
+    one, two = (load_checkpoint(tmp_path / str(t) / "checkpoint.npz")[1] for t in (1, 2))
+    assert one.keys() == two.keys()
+    for key in one:
+        np.testing.assert_array_equal(one[key], two[key], err_msg=key)
