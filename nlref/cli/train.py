@@ -116,7 +116,7 @@ def run_train(args):
     """``nlref train``: the options map one to one onto :class:`nlref.train.TrainConfig`."""
     from nlref.backend import retain_freed_memory
     from nlref.train import (CHECKPOINT, RUN_FILES, TASK_DEFAULTS, CheckpointError, OutDirError, TrainConfig,
-                             check_memory, train)
+                             check_memory, load_checkpoint, train)
 
     xp = None
     if args.backend == "cupy":
@@ -178,7 +178,14 @@ def run_train(args):
     else:
         network = (f"transformer ({_count(config.depth, 'block')} of {config.embed_dim} channels, "
                    f"{_count(config.num_heads, 'head')})")
-    of = "the steps" if config.schedule_epochs is None else f"the steps of {_count(config.schedule_epochs, 'epoch')}"
+    schedule = config.schedule_epochs
+    if args.resume and schedule is None:  # the run's own schedule, which an extended run keeps (train checks the rest)
+        try:
+            saved = TrainConfig.from_dict(load_checkpoint(out / CHECKPOINT)[0]["config"])
+            schedule = saved.epochs if saved.schedule_epochs is None else saved.schedule_epochs
+        except (CheckpointError, ValueError, TypeError):
+            pass
+    of = "the steps" if schedule in (None, config.epochs) else f"the steps of {_count(schedule, 'epoch')}"
     say(f"nlref train: {network}, {_count(config.epochs, 'epoch')}, {config.optimizer} lr "
         f"{config.lr:.12g} (x0.1 after {steps} of {of}), {config.n_train} {data} -> {args.out}")
     try:

@@ -255,6 +255,7 @@ def test_cli_resume_with_more_epochs_extends_the_run_as_the_printed_schedule_say
     capsys.readouterr()
     assert main(["train", "--epochs", "2", *common, "--out", str(tmp_path / "ext"), "--resume"]) == 0
     out = capsys.readouterr().out
+    assert "2 epochs, adam lr 0.001 (x0.1 after 60% and 85% of the steps of 1 epoch)" in out  # the banner too
     assert "the learning-rate schedule stays that of 1 epoch (milestones at steps 1, 1): epochs 2 to 2 start at " \
            "lr 1e-05; the finished run is kept as checkpoint-epoch1.npz" in out
     assert main(["train", "--epochs", "2", "--schedule-epochs", "1", *common, "--out", str(tmp_path / "straight")]) == 0
