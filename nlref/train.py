@@ -668,8 +668,10 @@ def train(config: TrainConfig | None = None, out_dir: PathLike | None = None, *,
 
     Raises
     ------
+    TypeError
+        ``config`` not a :class:`TrainConfig`, ``out_dir`` not a path, ``log`` or ``callback`` not callable.
     ValueError
-        A bad configuration; a data set larger than this machine's memory; ``resume`` and
+        A bad configuration; an empty ``out_dir``; a data set larger than this machine's memory; ``resume`` and
         ``overwrite`` together; ``out_dir`` holds a run and neither ``resume`` nor
         ``overwrite`` is given; ``out_dir`` cannot be written; another run is writing in ``out_dir``
         (these three are :class:`OutDirError`, a ValueError).
@@ -691,6 +693,11 @@ def train(config: TrainConfig | None = None, out_dir: PathLike | None = None, *,
         if value is not None and not callable(value):
             raise TypeError(f"{name} must be a callable or None, got {type(value).__name__}")
     B.library(xp)  # an xp that is no array library is refused before out_dir is touched
+    if out_dir is not None:
+        if isinstance(out_dir, bytes) or not isinstance(out_dir, (str, os.PathLike)):
+            raise TypeError(f"out_dir must be a folder's path (a str or Path) or None, got {type(out_dir).__name__}")
+        if not os.fspath(out_dir):  # Path("") is the current folder: an empty name is a mistake (--out '' is refused)
+            raise ValueError("out_dir must name a folder for the run (or be None: nothing written), got ''")
     config = (config or TrainConfig()).validate()
     check_memory(config)
     if resume and out_dir is None:

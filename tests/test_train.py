@@ -656,3 +656,16 @@ def test_the_thread_count_does_not_change_a_bit_of_training(tmp_path):
     assert one.keys() == two.keys()
     for key in one:
         np.testing.assert_array_equal(one[key], two[key], err_msg=key)
+
+
+@pytest.mark.parametrize("out_dir, error, message", [
+    ("", ValueError, r"out_dir must name a folder for the run \(or be None: nothing written\), got ''"),
+    (5, TypeError, "out_dir must be a folder's path \\(a str or Path\\) or None, got int"),
+    (b"run", TypeError, "out_dir must be a folder's path .* got bytes"),
+])
+def test_an_out_dir_that_names_no_folder_is_refused(tmp_path, monkeypatch, out_dir, error, message):
+    """train(config, "") wrote the run into the current folder (Path("") is "."), where --out '' is refused."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(error, match=message):
+        train(TrainConfig(**{**TINY, "epochs": 1}), out_dir, progress=False, log=None)
+    assert list(tmp_path.iterdir()) == []
