@@ -259,7 +259,7 @@ def add_parser(sub, fmt):
     opt("--epochs", type=int, default=d.epochs, help="passes over the training clips" + dflt)
     opt("--schedule-epochs", type=int, default=None,
                     help="epochs whose steps the milestones (60%%, 85%%) are fractions of (default: --epochs; with "
-                         "--resume, the run's: --epochs above it extends the run at its last learning rate)")
+                         "--resume, the run's own, which it keeps when a larger --epochs extends it)")
     opt("--batch-size", type=int, default=d.batch_size, help="clips per step" + dflt)
     opt("--optimizer", choices=OPTIMISERS, default=d.optimizer, help="optimiser" + dflt)
     opt("--lr", type=float,
