@@ -143,6 +143,9 @@ def check_plan(parser, args, schedule):
     (``--seeds -1`` failed after the first seed's runs), and a ``--json`` that cannot be written there."""
     planned = [(label, overrides) for table in args.only or sorted(ROWS) for label, overrides in ROWS[table]
                if not args.rows or label in args.rows]
+    repeated = sorted({seed for seed in args.seeds if args.seeds.count(seed) > 1})
+    if repeated:  # a seed run twice gives the same accuracy twice: a mean +- std over fewer seeds than it says
+        parser.error(f"--seeds: {' '.join(map(str, repeated))} given more than once; give each seed once")
     if not planned:
         parser.error(f"--rows {' '.join(args.rows)}: no such row in the tables chosen ({' '.join(args.only or sorted(ROWS))})")
     for label, overrides in planned:

@@ -34,7 +34,7 @@ import signal
 import threading
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -248,6 +248,13 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d):
+        """The configuration of a mapping of field names (``as_dict``'s, a checkpoint's ``meta["config"]``).
+
+        Lists become tuples; fields left out take their defaults. Not validated (call ``validate``).
+        """
+        if not isinstance(d, Mapping):
+            raise TypeError(f"d must be a mapping of TrainConfig's field names to values (as as_dict gives), "
+                            f"got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

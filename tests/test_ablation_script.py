@@ -17,6 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
     (["--only", "2a", "--rows", "res2"], r"--rows res2: no such row in the tables chosen \(2a\)"),
     (["--only", "2a", "--json", "/nonexistent-folder/x.json"], "--json '/nonexistent-folder/x.json': not a file"),
     (["--only", "2b", "--epochs", "0"], "row 'res2', seed 0: epochs must be a positive integer"),
+    (["--only", "2b", "--rows", "res2", "--seeds", "0", "1", "0", "--n-train", "32", "--n-val", "16", "--epochs", "1"],
+     "--seeds: 0 given more than once; give each seed once"),
 ])
 def test_refused_before_any_run(args, message, tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ablation.py"), *args], cwd=tmp_path,

@@ -669,3 +669,10 @@ def test_an_out_dir_that_names_no_folder_is_refused(tmp_path, monkeypatch, out_d
     with pytest.raises(error, match=message):
         train(TrainConfig(**{**TINY, "epochs": 1}), out_dir, progress=False, log=None)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("d", [5, None, [("epochs", 3)]])
+def test_from_dict_refuses_what_is_no_mapping(d):
+    """It failed with "'int' object is not iterable", or called a list of pairs "unknown configuration keys"."""
+    with pytest.raises(TypeError, match="d must be a mapping of TrainConfig's field names to values"):
+        TrainConfig.from_dict(d)
