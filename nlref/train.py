@@ -438,7 +438,10 @@ def save_checkpoint(path, *, config, model, optimiser, epoch, history):
     for key, slots in opt["state"].items():
         for name, value in slots.items():
             arrays[f"optim/{name}/{key}"] = value
-    meta = {"format": _FORMAT, "config": config.as_dict(), "epoch": epoch, "optim_steps": opt["steps"],
+    saved = config.as_dict()
+    if saved["schedule_epochs"] is None:  # left out unless set: nlref before the field reads such checkpoints
+        del saved["schedule_epochs"]
+    meta = {"format": _FORMAT, "config": saved, "epoch": epoch, "optim_steps": opt["steps"],
             "history": history, "sha256": _digest(arrays)}
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     write_atomically(path, lambda f: np.savez(f, **arrays))

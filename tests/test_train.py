@@ -617,6 +617,15 @@ def test_a_kept_checkpoint_of_other_bytes_is_never_replaced(tmp_path):
     assert folder_bytes(tmp_path) == before
 
 
+def test_schedule_epochs_is_saved_only_where_it_is_set(tmp_path):
+    """A checkpoint of a run on its own schedule holds no schedule_epochs, so that nlref before the field (which
+    refuses fields it does not know) still resumes it; an extended run's holds it, and that nlref refuses it."""
+    tiny_run(tmp_path, epochs=1)
+    assert "schedule_epochs" not in load_checkpoint(tmp_path / "checkpoint.npz")[0]["config"]
+    train(TrainConfig(**{**TINY, "epochs": 2}), tmp_path, resume=True, progress=False, log=None)
+    assert load_checkpoint(tmp_path / "checkpoint.npz")[0]["config"]["schedule_epochs"] == 1
+
+
 def test_a_checkpoint_written_before_schedule_epochs_existed_resumes_and_extends(tmp_path):
     """Checkpoints of nlref before this field hold no schedule_epochs: their schedule is their epochs."""
     tiny_run(tmp_path, epochs=1)
@@ -624,7 +633,8 @@ def test_a_checkpoint_written_before_schedule_epochs_existed_resumes_and_extends
     with np.load(path) as data:
         arrays = {k: data[k] for k in data.files}
     meta = json.loads(arrays["meta"].tobytes())
-    del meta["config"]["schedule_epochs"]
+    meta["config"].pop("schedule_epochs", None)
+    assert set(meta["config"]) == set(json.loads(json.dumps(TrainConfig().as_dict()))) - {"schedule_epochs"}
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     np.savez(path, **arrays)
     extended = train(TrainConfig(**{**TINY, "epochs": 2}), tmp_path, resume=True, progress=False, log=None)
