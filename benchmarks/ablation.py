@@ -16,7 +16,7 @@ Usage::
     python benchmarks/ablation.py                     # 3 seeds, nlref train's default schedule
     python benchmarks/ablation.py --seeds 0 --only 2a # a quick look
     python benchmarks/ablation.py --n-train 1500 --epochs 5 --n-val 400   # a shorter schedule
-    python benchmarks/ablation.py --json results.json # also keep the raw numbers
+    python benchmarks/ablation.py --json results.json # also keep the raw numbers (after every row)
 
 Every run uses ``nlref train``'s default schedule (4000 training clips, 1000
 validation clips, 10 epochs), so the "NL C2D, 1 block" row is the default run
@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # before NumPy loads OpenBLAS: see bench_train.py
@@ -87,14 +88,38 @@ def main():
     parser.add_argument("--n-train", type=int, default=SCHEDULE["n_train"])
     parser.add_argument("--epochs", type=int, default=SCHEDULE["epochs"])
     parser.add_argument("--n-val", type=int, default=SCHEDULE["n_val"])
-    parser.add_argument("--json", help="write the raw results to this file")
+    parser.add_argument("--json", help="write the raw results to this file, rewritten (atomically) after every row, "
+                                       "so that an interrupted ablation keeps the rows it finished")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     args = parser.parse_args()
     schedule = {**SCHEDULE, "n_train": args.n_train, "epochs": args.epochs, "n_val": args.n_val}
     check_plan(parser, args, schedule)  # every run's configuration and the --json folder, before an hour of runs
     retain_freed_memory()  # as nlref train does
     print(f"# nlref ablation: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"schedule {schedule}, seeds {args.seeds}")
-    cache, results = {}, {}
+    cache, results, saved = {}, {}, []
+    try:
+        ablate(args, schedule, cache, results, saved)
+    except KeyboardInterrupt:
+        rows = saved[-1] if saved else 0
+        kept = f"; the {rows} rows finished are in {args.json}" if args.json and rows else ""
+        print(f"ablation.py: stopped by Ctrl-C{kept}", file=sys.stderr)
+        raise SystemExit(130) from None
+    save(args, schedule, results, saved, complete=True)
+
+
+def save(args, schedule, results, saved, *, complete):
+    """The raw results so far into ``--json`` (whole or not at all: an interrupted write keeps the file that was
+    there); ``complete`` is False until the last row is in."""
+    if args.json:
+        text = json.dumps({"schedule": schedule, "seeds": args.seeds, "complete": complete, "tables": results},
+                          indent=1)
+        write_atomically(Path(args.json), lambda f: f.write(text.encode()))
+        saved.append(sum(len(rows) for rows in results.values()))
+
+
+def ablate(args, schedule, cache, results, saved):
+    """Train and print every row chosen; each row's results are saved (``--json``) as soon as they are in."""
     for table in args.only or sorted(ROWS):
         print(f"\n## Table {table}\n\n| model | val accuracy (%) | params | s / run |\n|---|---|---|---|")
         for label, overrides in ROWS[table]:
@@ -107,12 +132,10 @@ def main():
             accs = [100 * r["val_accuracy"] for r in runs]
             spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
             seconds = statistics.median(r["seconds"] for r in runs)
+            results.setdefault(table, []).append({"label": label, "overrides": overrides, "runs": runs})
+            save(args, schedule, results, saved, complete=False)  # before the row's line: it says the row is in
             print(f"| {label} | {statistics.mean(accs):.1f} +- {spread:.1f} | {runs[0]['params']:,} | "
                   f"{seconds:.0f} |", flush=True)
-            results.setdefault(table, []).append({"label": label, "overrides": overrides, "runs": runs})
-    if args.json:  # whole or not at all: an interrupted write keeps the file that was there
-        text = json.dumps({"schedule": schedule, "seeds": args.seeds, "tables": results}, indent=1)
-        write_atomically(Path(args.json), lambda f: f.write(text.encode()))
 
 
 def check_plan(parser, args, schedule):
@@ -120,6 +143,9 @@ def check_plan(parser, args, schedule):
     (``--seeds -1`` failed after the first seed's runs), and a ``--json`` that cannot be written there."""
     planned = [(label, overrides) for table in args.only or sorted(ROWS) for label, overrides in ROWS[table]
                if not args.rows or label in args.rows]
+    repeated = sorted({seed for seed in args.seeds if args.seeds.count(seed) > 1})
+    if repeated:  # a seed run twice gives the same accuracy twice: a mean +- std over fewer seeds than it says
+        parser.error(f"--seeds: {' '.join(map(str, repeated))} given more than once; give each seed once")
     if not planned:
         parser.error(f"--rows {' '.join(args.rows)}: no such row in the tables chosen ({' '.join(args.only or sorted(ROWS))})")
     for label, overrides in planned:
@@ -132,6 +158,8 @@ def check_plan(parser, args, schedule):
         folder = Path(args.json).resolve().parent
         if Path(args.json).is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK):
             parser.error(f"--json {args.json!r}: not a file that can be written in an existing folder")
+        if (Path(args.json).exists() or Path(args.json).is_symlink()) and not getattr(args, "overwrite", False):
+            parser.error(f"--json {args.json!r} already exists: add --overwrite to replace it, or choose another name")
         try:  # os.access passes a full disk: the results of an hour would be lost at the end
             problem = folder_problem(folder)
         except OSError as err:

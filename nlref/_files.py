@@ -136,8 +136,14 @@ def folder_problem(folder):
     made = [p for p in (folder, *folder.parents) if not p.exists() and not p.is_symlink()]
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        write_atomically(folder / ".write-test", lambda f: f.write(b"ok"))
-        (folder / ".write-test").unlink()
+        # a name of its own: a fixed ".write-test" replaced and deleted a user's file of that name
+        fd, probe = tempfile.mkstemp(prefix=".nlref-write-test-", dir=folder)
+        os.close(fd)
+        try:
+            write_atomically(probe, lambda f: f.write(b"ok"))
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(probe)
     except OSError as err:
         for p in made:  # deepest first: a failed check leaves no empty folders behind
             with contextlib.suppress(OSError):

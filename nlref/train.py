@@ -34,7 +34,7 @@ import signal
 import threading
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,6 +111,9 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     milestones: tuple = (0.6, 0.85)
+    # the epochs whose steps the milestones are fractions of (None: epochs); a run extended by resume=True
+    # with more epochs keeps the schedule it started with, and equals the run with schedule_epochs set so
+    schedule_epochs: int | None = None
     warmup: int = 0
     n_train: int = 4000
     n_val: int = 1000
@@ -133,20 +136,19 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         """Check every field; raise ValueError naming the first bad one (before any heavy work).
 
-        ``task``, ``model`` (one that applies to the task), ``mode``, ``stage``, ``extent``,
-        ``optimizer``, ``pool``, ``relation`` and ``dtype`` are one of their choices;
-        ``sub_sample``, ``bn_layer`` and ``scale`` are booleans (``scale`` only with a softmax ``mode``
-        where non-local blocks are built, ``pool="before"`` only with ``sub_sample``); ``epochs``, ``batch_size`` (at
-        most ``n_train``), ``n_train``, ``n_val`` are positive integers; ``widths`` and
-        ``blocks`` are 3 positive integers; ``nonlocal_blocks`` is an integer >= 0 that fits the
-        network's slots; ``kinds`` is 2 to 8, ``channels`` 1 or 3, ``frames`` even and >= 6,
-        ``size`` >= 16; ``lr`` > 0; ``weight_decay`` >= 0; ``momentum``, ``dropout`` and
-        ``noise`` in [0, 1); ``milestones`` is a sequence of fractions in (0, 1); ``warmup``
-        and ``seed`` are integers >= 0. With ``task="pairs2d"``, ``margin`` is an integer >= 0
-        with ``size // 2 >= 5 + margin``, ``nonlocal_blocks`` is at most ``blocks[0]`` and the
-        network's local receptive field is at most ``2 * margin + 1``. With
-        ``model="transformer"``, ``embed_dim``, ``depth``, ``num_heads``, ``mlp_dim`` and
-        ``tubelet`` are checked by building the (small) network.
+        ``task``, ``model`` (one that applies to the task), ``mode``, ``stage``, ``extent``, ``optimizer``,
+        ``pool``, ``relation`` and ``dtype`` are one of their choices; ``sub_sample``, ``bn_layer`` and
+        ``scale`` are booleans (``scale`` only with a softmax ``mode`` where non-local blocks are built,
+        ``pool="before"`` only with ``sub_sample``); ``epochs``, ``batch_size`` (at most ``n_train``),
+        ``n_train``, ``n_val`` are positive integers; ``widths`` and ``blocks`` are 3 positive integers;
+        ``nonlocal_blocks`` is an integer >= 0 that fits the network's slots; ``kinds`` is 2 to 8,
+        ``channels`` 1 or 3, ``frames`` even and >= 6, ``size`` >= 16; ``lr`` > 0; ``weight_decay`` >= 0;
+        ``momentum``, ``dropout`` and ``noise`` in [0, 1); ``milestones`` is a sequence of fractions in (0,
+        1); ``schedule_epochs`` is None or a positive integer; ``warmup`` and ``seed`` are integers >= 0.
+        With ``task="pairs2d"``, ``margin`` is an integer >= 0 with ``size // 2 >= 5 + margin``,
+        ``nonlocal_blocks`` is at most ``blocks[0]`` and the network's local receptive field is at most ``2
+        * margin + 1``. With ``model="transformer"``, ``embed_dim``, ``depth``, ``num_heads``, ``mlp_dim``
+        and ``tubelet`` are checked by building the (small) network.
         """
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS} (--task), got {self.task!r}")
@@ -176,6 +178,9 @@ class TrainConfig:
             if not is_int(value) or value < low:
                 what = "a positive integer" if low == 1 else f"an integer >= {low}"
                 raise ValueError(f"{name} must be {what}, got {value!r}")
+        if self.schedule_epochs is not None and (not is_int(self.schedule_epochs) or self.schedule_epochs < 1):
+            raise ValueError(f"schedule_epochs must be a positive integer (or None: that of epochs), "
+                             f"got {self.schedule_epochs!r}")
         if self.batch_size > self.n_train:
             raise ValueError(f"batch_size ({self.batch_size}) must not exceed n_train ({self.n_train})")
         if self.kinds > len(GLYPHS):
@@ -243,6 +248,13 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d):
+        """The configuration of a mapping of field names (``as_dict``'s, a checkpoint's ``meta["config"]``).
+
+        Lists become tuples; fields left out take their defaults. Not validated (call ``validate``).
+        """
+        if not isinstance(d, Mapping):
+            raise TypeError(f"d must be a mapping of TrainConfig's field names to values (as as_dict gives), "
+                            f"got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -426,7 +438,10 @@ def save_checkpoint(path, *, config, model, optimiser, epoch, history):
     for key, slots in opt["state"].items():
         for name, value in slots.items():
             arrays[f"optim/{name}/{key}"] = value
-    meta = {"format": _FORMAT, "config": config.as_dict(), "epoch": epoch, "optim_steps": opt["steps"],
+    saved = config.as_dict()
+    if saved["schedule_epochs"] is None:  # left out unless set: nlref before the field reads such checkpoints
+        del saved["schedule_epochs"]
+    meta = {"format": _FORMAT, "config": saved, "epoch": epoch, "optim_steps": opt["steps"],
             "history": history, "sha256": _digest(arrays)}
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     write_atomically(path, lambda f: np.savez(f, **arrays))
@@ -632,8 +647,12 @@ def train(config: TrainConfig | None = None, out_dir: PathLike | None = None, *,
     device : device, optional
         Device for data and weights (with ``xp``): a ``cupy.cuda.Device``; ``xp``'s default when None.
     resume : bool
-        Continue from ``out_dir/checkpoint.npz``; its configuration must equal ``config``.
-        An ``out_dir`` without a checkpoint is an error (nothing to resume).
+        Continue from ``out_dir/checkpoint.npz``; its configuration must equal ``config``, but
+        for ``epochs``: more epochs than the checkpoint's extend the run, on the learning-rate
+        schedule it started with (the returned ``config`` has ``schedule_epochs`` set to it),
+        so that the result equals, to the bit, the uninterrupted run of that ``config``; the
+        checkpoint of a finished run is first copied to ``checkpoint-epochN.npz``. An
+        ``out_dir`` without a checkpoint is an error (nothing to resume).
     overwrite : bool
         Start from scratch in an ``out_dir`` that holds a run. Nothing of the old run is
         deleted first: every check passes, the network, the optimiser, the schedule and the
@@ -659,14 +678,17 @@ def train(config: TrainConfig | None = None, out_dir: PathLike | None = None, *,
 
     Raises
     ------
+    TypeError
+        ``config`` not a :class:`TrainConfig`, ``out_dir`` not a path, ``log`` or ``callback`` not callable.
     ValueError
-        A bad configuration; a data set larger than this machine's memory; ``resume`` and
+        A bad configuration; an empty ``out_dir``; a data set larger than this machine's memory; ``resume`` and
         ``overwrite`` together; ``out_dir`` holds a run and neither ``resume`` nor
         ``overwrite`` is given; ``out_dir`` cannot be written; another run is writing in ``out_dir``
         (these three are :class:`OutDirError`, a ValueError).
     CheckpointError
         ``resume`` without a checkpoint in ``out_dir``, or with one that is corrupted or
-        from another configuration.
+        from another configuration, or that holds more epochs than ``config.epochs``, or
+        whose schedule is not ``config.schedule_epochs`` (when given).
     OSError
         The disk of ``out_dir`` is full (before the run, or at an epoch's checkpoint: the one of
         the epoch before stays complete, and ``resume=True`` continues from it once there is
@@ -681,6 +703,11 @@ def train(config: TrainConfig | None = None, out_dir: PathLike | None = None, *,
         if value is not None and not callable(value):
             raise TypeError(f"{name} must be a callable or None, got {type(value).__name__}")
     B.library(xp)  # an xp that is no array library is refused before out_dir is touched
+    if out_dir is not None:
+        if isinstance(out_dir, bytes) or not isinstance(out_dir, (str, os.PathLike)):
+            raise TypeError(f"out_dir must be a folder's path (a str or Path) or None, got {type(out_dir).__name__}")
+        if not os.fspath(out_dir):  # Path("") is the current folder: an empty name is a mistake (--out '' is refused)
+            raise ValueError("out_dir must name a folder for the run (or be None: nothing written), got ''")
     config = (config or TrainConfig()).validate()
     check_memory(config)
     if resume and out_dir is None:
@@ -698,6 +725,66 @@ def train(config: TrainConfig | None = None, out_dir: PathLike | None = None, *,
                     callback=callback)
 
 
+def _schedule_length(config):
+    """The epochs whose steps ``config.milestones`` are fractions of: ``config.schedule_epochs``, else ``epochs``."""
+    return config.epochs if config.schedule_epochs is None else config.schedule_epochs
+
+
+#: The fields a resumed run may change: ``epochs`` (to extend or end a run), and ``schedule_epochs`` only
+#: to restate the schedule the run has.
+_RESUME_MAY_CHANGE = ("epochs", "schedule_epochs")
+
+
+def _resumed_config(config, meta, path):
+    """The configuration a run resumed from ``path`` (its ``meta``) goes on with, and the path of the finished
+    run's copy to keep (None when the run was not finished or is not extended).
+
+    Every field but ``epochs`` must equal the checkpoint's. ``epochs`` may change: the schedule stays
+    the one the run started with (``schedule_epochs``, else its ``epochs``), so the run equals, to the bit,
+    the uninterrupted run of the returned configuration. A ``schedule_epochs`` given must be that one.
+    """
+    saved = TrainConfig.from_dict(meta["config"])
+    done = meta["epoch"]
+    requested = config.as_dict()
+    diffs = [f"{k}: checkpoint {v!r}, requested {requested[k]!r}" for k, v in saved.as_dict().items()
+             if k not in _RESUME_MAY_CHANGE and requested[k] != v]
+    if diffs:
+        raise CheckpointError(f"checkpoint {path} is from a different configuration (" + "; ".join(diffs)
+                              + "); resume with the options the run was started with (only epochs may change)")
+    started = _schedule_length(saved)
+    if config.schedule_epochs is not None and config.schedule_epochs != started:
+        raise CheckpointError(f"checkpoint {path}: its {_epochs(done)} followed the learning-rate schedule of "
+                              f"{_epochs(started)}, and a resumed run keeps it: leave schedule_epochs "
+                              f"(--schedule-epochs) out or give {started}, not {config.schedule_epochs}; to train "
+                              f"on the schedule of {config.schedule_epochs} epochs start a new run (another out_dir)")
+    if config.epochs < done:
+        raise CheckpointError(f"checkpoint {path} holds {_epochs(done)} already, more than epochs={config.epochs} "
+                              f"(--epochs): give epochs >= {done} (more epochs extend the run)")
+    resumed = dataclasses.replace(config, schedule_epochs=None if started == config.epochs else started)
+    finished = done == saved.epochs
+    kept = path.with_name(f"{path.stem}-epoch{done}{path.suffix}") if finished and config.epochs > done else None
+    return resumed, kept
+
+
+def _epochs(n):
+    return f"{n} epoch{'' if n == 1 else 's'}"
+
+
+def _keep_finished(path, kept):
+    """Copy the checkpoint ``path`` of a finished run to ``kept`` (atomically) before the run is extended.
+
+    An existing ``kept`` with the same bytes (an extension stopped before its first epoch) is left; one
+    with other bytes is never replaced: OutDirError.
+    """
+    data = path.read_bytes()
+    if kept.exists() or kept.is_symlink():
+        if kept.is_file() and kept.read_bytes() == data:
+            return
+        raise OutDirError(f"{str(kept)!r} exists and is not the checkpoint of this finished run, which the "
+                          f"extended run would keep there: move it away, or extend a copy of the folder")
+    write_atomically(kept, lambda f: f.write(data))
+
+
 def _run(config, out_dir, *, xp, device, resume, progress, log, callback):
     """The run of :func:`train`, its arguments checked (and ``out_dir`` locked, when given)."""
     # Everything that can refuse the run is built before anything is written: with overwrite=True the
@@ -706,29 +793,32 @@ def _run(config, out_dir, *, xp, device, resume, progress, log, callback):
     model = build_model(config, xp, device)
     optimiser = _optimiser(config, model)
     steps_per_epoch = config.n_train // config.batch_size
-    schedule = StepSchedule(config.lr, config.epochs * steps_per_epoch, milestones=config.milestones,
-                            warmup=config.warmup)
     train_set, val_set = build_data(config, xp, device)
     data_xp = B.array_namespace(_inputs(train_set))
-    history, first_epoch = [], 0
+    history, first_epoch, kept = [], 0, None
     if resume:
         meta, model_state, opt_state = load_checkpoint(out_dir / CHECKPOINT)
-        saved = TrainConfig.from_dict(meta["config"]).as_dict()
-        diffs = [f"{k}: checkpoint {saved[k]!r}, requested {v!r}" for k, v in config.as_dict().items()
-                 if saved.get(k) != v]
-        if diffs:
-            raise CheckpointError(f"checkpoint {out_dir / CHECKPOINT} is from a different configuration ("
-                                  + "; ".join(diffs) + "); resume with the options the run was started with")
+        config, kept = _resumed_config(config, meta, out_dir / CHECKPOINT)
         try:
             model.load_state_dict(model_state)
             optimiser.load_state_dict(opt_state)
         except ValueError as err:
             raise CheckpointError(f"checkpoint {out_dir / CHECKPOINT} does not fit the network: {err}") from err
         history, first_epoch = meta["history"], meta["epoch"]
+    schedule = StepSchedule(config.lr, _schedule_length(config) * steps_per_epoch, milestones=config.milestones,
+                            warmup=config.warmup)
+    if resume:
         with _signals_held():  # metrics written by a run stopped between its two writes catch up
+            if kept is not None:  # the finished run being extended stays whole beside the new one
+                _keep_finished(out_dir / CHECKPOINT, kept)
             _write_metrics(out_dir, history)
         if log:
             log(f"resumed from {out_dir / CHECKPOINT} after epoch {first_epoch}")
+            if config.schedule_epochs is not None and config.epochs > first_epoch:
+                log(f"the learning-rate schedule stays that of {_epochs(config.schedule_epochs)} "
+                    f"(milestones at steps {', '.join(map(str, schedule.milestone_steps)) or 'none'}): epochs "
+                    f"{first_epoch + 1} to {config.epochs} start at lr {schedule(first_epoch * steps_per_epoch):.12g}"
+                    + (f"; the finished run is kept as {kept.name}" if kept is not None else ""))
 
     bar_factory = None
     if progress:

@@ -94,3 +94,14 @@ def test_a_demo_figure_that_fails_to_save_leaves_the_old_one_and_is_closed(tmp_p
     assert path.read_bytes() == first
     assert [p.name for p in tmp_path.iterdir()] == ["averaging_curve.png"]
     assert not plt.fignum_exists(fig.number)
+
+
+def test_the_folder_check_never_touches_a_users_file(tmp_path):
+    """folder_problem wrote and deleted a file named ``.write-test``: a user's file of that name in an --out
+    folder (nlref train, denoise, demo) was replaced and removed. It now writes a name of its own."""
+    from nlref._files import folder_problem
+
+    (tmp_path / ".write-test").write_bytes(b"the user's notes")
+    assert folder_problem(tmp_path) is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".write-test"]
+    assert (tmp_path / ".write-test").read_bytes() == b"the user's notes"

@@ -538,3 +538,151 @@ def test_the_documented_way_to_use_a_trained_network(tmp_path, monkeypatch):
     assert printed.getvalue().strip() == str((last["val_loss"], last["val_accuracy"]))
     np.testing.assert_array_equal(scope["logits"], result["model"].forward(scope["val"].video[:4]))
     assert not scope["net"].training
+
+
+# --------------------------------------------------------------------------- extending a run (resume with more epochs)
+def _same_weights(a, b):
+    a, b = a.state_dict(), b.state_dict()
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def _weights(path):
+    meta, state, _ = load_checkpoint(path)
+    model = T.build_model(TrainConfig.from_dict(meta["config"]))
+    model.load_state_dict(state)
+    return model
+
+
+def test_extending_a_finished_run_equals_the_run_on_its_schedule_and_keeps_the_finished_one(tmp_path):
+    """`--resume --epochs N+k` was refused (epochs differed from the checkpoint's). It extends the run now: the
+    schedule stays that of N epochs, so the result equals, to the bit, the uninterrupted run of N+k epochs with
+    schedule_epochs=N (and not the run of N+k epochs, whose milestones fall later); the N-epoch checkpoint is kept."""
+    tiny_run(tmp_path / "ext", epochs=1)
+    finished = (tmp_path / "ext" / "checkpoint.npz").read_bytes()
+    extended = train(TrainConfig(**{**TINY, "epochs": 3}), tmp_path / "ext", resume=True, progress=False, log=None)
+    straight = tiny_run(tmp_path / "straight", epochs=3, schedule_epochs=1)
+    assert _same_weights(extended["model"], straight["model"])
+    assert _same_weights(_weights(tmp_path / "ext" / "checkpoint.npz"), straight["model"])
+    assert not _same_weights(extended["model"], tiny_run(None, epochs=3)["model"])  # the schedule matters here
+    assert extended["config"].schedule_epochs == 1 and extended["config"].epochs == 3
+    # the learning rates of the epochs: 1 epoch of 3 steps has its milestones at steps 1 and 2 (0.6 x 3, 0.85 x 3)
+    assert [row["lr"] for row in extended["history"]] == [1e-3, 1e-5, 1e-5]
+    assert json.loads((tmp_path / "ext" / "metrics.json").read_text()) == extended["history"]
+    assert (tmp_path / "ext" / "checkpoint-epoch1.npz").read_bytes() == finished
+    assert sorted(p.name for p in (tmp_path / "ext").iterdir()) == [
+        "checkpoint-epoch1.npz", "checkpoint.npz", "metrics.csv", "metrics.json"]
+    # the extended run resumes as itself, without restating its schedule
+    again = train(TrainConfig(**{**TINY, "epochs": 3}), tmp_path / "ext", resume=True, progress=False, log=None)
+    assert _same_weights(again["model"], straight["model"])
+
+
+def test_extending_an_interrupted_run_keeps_its_schedule(tmp_path):
+    with pytest.raises(_Stop):
+        train(TrainConfig(**TINY), tmp_path, progress=False, log=None, callback=_stop_after(1))
+    lines = []
+    extended = train(TrainConfig(**{**TINY, "epochs": 4}), tmp_path, resume=True, progress=False, log=lines.append)
+    assert _same_weights(extended["model"], tiny_run(None, epochs=4, schedule_epochs=TINY["epochs"])["model"])
+    assert "the learning-rate schedule stays that of 3 epochs" in lines[1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.npz", "metrics.csv", "metrics.json"]
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"epochs": 1}, r"holds 2 epochs already, more than epochs=1 \(--epochs\): give epochs >= 2"),
+    ({"epochs": 4, "schedule_epochs": 4}, r"its 2 epochs followed the learning-rate schedule of 2 epochs, and a "
+                                          r"resumed run keeps it: leave schedule_epochs \(--schedule-epochs\) out"),
+    ({"epochs": 4, "lr": 2e-3}, r"different configuration \(lr: checkpoint 0.001, requested 0.002\); resume with "
+                                r"the options the run was started with \(only epochs may change\)"),
+])
+def test_resume_refuses_what_would_not_continue_the_run(tmp_path, changes, match):
+    tiny_run(tmp_path, epochs=2)
+    before = folder_bytes(tmp_path)
+    with pytest.raises(CheckpointError, match=match):
+        train(TrainConfig(**{**TINY, **changes}), tmp_path, resume=True, progress=False, log=None)
+    assert folder_bytes(tmp_path) == before
+
+
+def test_a_schedule_restated_on_resume_is_accepted(tmp_path):
+    tiny_run(tmp_path, epochs=1)
+    a = train(TrainConfig(**{**TINY, "epochs": 2, "schedule_epochs": 1}), tmp_path, resume=True, progress=False,
+              log=None)
+    assert _same_weights(a["model"], tiny_run(None, epochs=2, schedule_epochs=1)["model"])
+
+
+def test_a_kept_checkpoint_of_other_bytes_is_never_replaced(tmp_path):
+    tiny_run(tmp_path, epochs=1)
+    (tmp_path / "checkpoint-epoch1.npz").write_bytes(b"the user's")
+    before = folder_bytes(tmp_path)
+    with pytest.raises(T.OutDirError, match="checkpoint-epoch1.npz' exists and is not the checkpoint of this finished"):
+        train(TrainConfig(**{**TINY, "epochs": 2}), tmp_path, resume=True, progress=False, log=None)
+    assert folder_bytes(tmp_path) == before
+
+
+def test_schedule_epochs_is_saved_only_where_it_is_set(tmp_path):
+    """A checkpoint of a run on its own schedule holds no schedule_epochs, so that nlref before the field (which
+    refuses fields it does not know) still resumes it; an extended run's holds it, and that nlref refuses it."""
+    tiny_run(tmp_path, epochs=1)
+    assert "schedule_epochs" not in load_checkpoint(tmp_path / "checkpoint.npz")[0]["config"]
+    train(TrainConfig(**{**TINY, "epochs": 2}), tmp_path, resume=True, progress=False, log=None)
+    assert load_checkpoint(tmp_path / "checkpoint.npz")[0]["config"]["schedule_epochs"] == 1
+
+
+def test_a_checkpoint_written_before_schedule_epochs_existed_resumes_and_extends(tmp_path):
+    """Checkpoints of nlref before this field hold no schedule_epochs: their schedule is their epochs."""
+    tiny_run(tmp_path, epochs=1)
+    path = tmp_path / "checkpoint.npz"
+    with np.load(path) as data:
+        arrays = {k: data[k] for k in data.files}
+    meta = json.loads(arrays["meta"].tobytes())
+    meta["config"].pop("schedule_epochs", None)
+    assert set(meta["config"]) == set(json.loads(json.dumps(TrainConfig().as_dict()))) - {"schedule_epochs"}
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    np.savez(path, **arrays)
+    extended = train(TrainConfig(**{**TINY, "epochs": 2}), tmp_path, resume=True, progress=False, log=None)
+    assert _same_weights(extended["model"], tiny_run(None, epochs=2, schedule_epochs=1)["model"])
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, True, "2", float("nan")])
+def test_schedule_epochs_is_none_or_a_positive_integer(value):
+    with pytest.raises(ValueError, match=r"schedule_epochs must be a positive integer \(or None: that of epochs\)"):
+        TrainConfig(**{**TINY, "schedule_epochs": value}).validate()
+
+
+def test_the_thread_count_does_not_change_a_bit_of_training(tmp_path):
+    """docs/training.md: on one machine and installation, 1 and 2 threads (BLAS, OpenMP, Numba) train the same
+    weights. Each run is a fresh process, since the thread counts are read when the libraries load."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from nlref.train import TrainConfig, train; from tests.helpers import TINY; "
+            "train(TrainConfig(**{**TINY, 'epochs': 2}), sys.argv[1], progress=False, log=None)")
+    for threads in (1, 2):
+        env = {**os.environ, **{name: str(threads) for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                                                                "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")}}
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        done = subprocess.run([sys.executable, "-c", code, str(tmp_path / str(threads))], env=env,
+                              capture_output=True, text=True, timeout=300, cwd=root)
+        assert done.returncode == 0, done.stderr
+    one, two = (load_checkpoint(tmp_path / str(t) / "checkpoint.npz")[1] for t in (1, 2))
+    assert one.keys() == two.keys()
+    for key in one:
+        np.testing.assert_array_equal(one[key], two[key], err_msg=key)
+
+
+@pytest.mark.parametrize("out_dir, error, message", [
+    ("", ValueError, r"out_dir must name a folder for the run \(or be None: nothing written\), got ''"),
+    (5, TypeError, "out_dir must be a folder's path \\(a str or Path\\) or None, got int"),
+    (b"run", TypeError, "out_dir must be a folder's path .* got bytes"),
+])
+def test_an_out_dir_that_names_no_folder_is_refused(tmp_path, monkeypatch, out_dir, error, message):
+    """train(config, "") wrote the run into the current folder (Path("") is "."), where --out '' is refused."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(error, match=message):
+        train(TrainConfig(**{**TINY, "epochs": 1}), out_dir, progress=False, log=None)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("d", [5, None, [("epochs", 3)]])
+def test_from_dict_refuses_what_is_no_mapping(d):
+    """It failed with "'int' object is not iterable", or called a list of pairs "unknown configuration keys"."""
+    with pytest.raises(TypeError, match="d must be a mapping of TrainConfig's field names to values"):
+        TrainConfig.from_dict(d)

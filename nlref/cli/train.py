@@ -13,7 +13,7 @@ _FLAGS = {}
 #: TrainConfig's field names, as the flags the user types (for the messages of TrainConfig.validate).
 _FIELD_FLAGS = {"nonlocal_blocks": "--nonlocal", "batch_size": "--batch-size", "n_train": "--n-train",
                 "n_val": "--n-val", "embed_dim": "--embed-dim", "num_heads": "--heads", "mlp_dim": "--mlp-dim",
-                "sub_sample": "--no-sub-sample", "bn_layer": "--no-bn"}
+                "sub_sample": "--no-sub-sample", "bn_layer": "--no-bn", "schedule_epochs": "--schedule-epochs"}
 _FIELD_FLAGS.update({name: f"--{name}" for name in ("task", "margin", "model", "stage", "mode", "extent", "scale",
                                                       "pool", "dropout", "epochs", "optimizer", "lr", "seed",
                                                       "relation", "kinds", "size", "dtype", "depth")})
@@ -116,7 +116,7 @@ def run_train(args):
     """``nlref train``: the options map one to one onto :class:`nlref.train.TrainConfig`."""
     from nlref.backend import retain_freed_memory
     from nlref.train import (CHECKPOINT, RUN_FILES, TASK_DEFAULTS, CheckpointError, OutDirError, TrainConfig,
-                             check_memory, train)
+                             check_memory, load_checkpoint, train)
 
     xp = None
     if args.backend == "cupy":
@@ -135,7 +135,8 @@ def run_train(args):
               "nonlocal_blocks": given["nonlocal_blocks"], "stage": given["stage"], "mode": given["mode"],
               "extent": given["extent"], "sub_sample": not args.no_sub_sample, "bn_layer": not args.no_bn,
               "scale": args.scale, "pool": given["pool"], "dropout": given["dropout"],
-              "epochs": args.epochs, "batch_size": args.batch_size, "optimizer": args.optimizer,
+              "epochs": args.epochs, "schedule_epochs": args.schedule_epochs, "batch_size": args.batch_size,
+              "optimizer": args.optimizer,
               "n_train": args.n_train, "n_val": args.n_val, "seed": args.seed, "relation": args.relation,
               "kinds": given["kinds"], "size": given["size"], "dtype": args.dtype, "embed_dim": given["embed_dim"],
               "depth": given["depth"], "num_heads": given["heads"], "mlp_dim": given["mlp_dim"]}
@@ -177,8 +178,16 @@ def run_train(args):
     else:
         network = (f"transformer ({_count(config.depth, 'block')} of {config.embed_dim} channels, "
                    f"{_count(config.num_heads, 'head')})")
+    schedule = config.schedule_epochs
+    if args.resume and schedule is None:  # the run's own schedule, which an extended run keeps (train checks the rest)
+        try:
+            saved = TrainConfig.from_dict(load_checkpoint(out / CHECKPOINT)[0]["config"])
+            schedule = saved.epochs if saved.schedule_epochs is None else saved.schedule_epochs
+        except (CheckpointError, ValueError, TypeError):
+            pass
+    of = "the steps" if schedule in (None, config.epochs) else f"the steps of {_count(schedule, 'epoch')}"
     say(f"nlref train: {network}, {_count(config.epochs, 'epoch')}, {config.optimizer} lr "
-        f"{config.lr:.12g} (x0.1 after {steps} of the steps), {config.n_train} {data} -> {args.out}")
+        f"{config.lr:.12g} (x0.1 after {steps} of {of}), {config.n_train} {data} -> {args.out}")
     try:
         result = train(config, args.out, xp=xp, resume=args.resume, overwrite=args.overwrite,
                        progress=not args.no_progress and sys.stderr.isatty(), log=say)
@@ -248,6 +257,9 @@ def add_parser(sub, fmt):
     opt("--dropout", type=float, default=None,
                     help="dropout probability before the classifier" + per_task("dropout"))
     opt("--epochs", type=int, default=d.epochs, help="passes over the training clips" + dflt)
+    opt("--schedule-epochs", type=int, default=None,
+                    help="epochs whose steps the milestones (60%%, 85%%) are fractions of (default: --epochs; with "
+                         "--resume, the run's own, which it keeps when a larger --epochs extends it)")
     opt("--batch-size", type=int, default=d.batch_size, help="clips per step" + dflt)
     opt("--optimizer", choices=OPTIMISERS, default=d.optimizer, help="optimiser" + dflt)
     opt("--lr", type=float,

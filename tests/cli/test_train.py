@@ -244,3 +244,34 @@ def test_block_options_typed_for_the_transformer_are_refused(tmp_path, capsys, t
     assert err == (f"nlref train: error: {flags}: not used by --model transformer (it has no non-local blocks); they "
                    "apply to the non-local blocks of --model c2d, i3d and i3d_3x1x1\n")
     assert not (tmp_path / "run").exists()
+
+
+def test_cli_resume_with_more_epochs_extends_the_run_as_the_printed_schedule_says(tmp_path, capsys):
+    """`nlref train --resume --epochs N+1` was refused ("epochs: checkpoint N, requested N+1"): PyTorch users
+    train a finished run longer. It now goes on at the schedule of N epochs, says so, keeps the finished
+    checkpoint, and ends with the weights of `nlref train --epochs N+1 --schedule-epochs N`."""
+    common = ["--n-train", "32", "--n-val", "16", "--batch-size", "16", "--no-progress"]
+    assert main(["train", "--epochs", "1", *common, "--out", str(tmp_path / "ext")]) == 0
+    capsys.readouterr()
+    assert main(["train", "--epochs", "2", *common, "--out", str(tmp_path / "ext"), "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "2 epochs, adam lr 0.001 (x0.1 after 60% and 85% of the steps of 1 epoch)" in out  # the banner too
+    assert "the learning-rate schedule stays that of 1 epoch (milestones at steps 1, 1): epochs 2 to 2 start at " \
+           "lr 1e-05; the finished run is kept as checkpoint-epoch1.npz" in out
+    assert main(["train", "--epochs", "2", "--schedule-epochs", "1", *common, "--out", str(tmp_path / "straight")]) == 0
+    assert "adam lr 0.001 (x0.1 after 60% and 85% of the steps of 1 epoch)" in capsys.readouterr().out
+    a, b = (load_checkpoint(tmp_path / name / "checkpoint.npz")[1] for name in ("ext", "straight"))
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    assert (tmp_path / "ext" / "checkpoint-epoch1.npz").is_file()
+    # fewer epochs than the checkpoint holds, or another schedule: one line each, nothing written
+    before = folder_bytes(tmp_path / "ext")
+    for extra, message in ((["--epochs", "1"], "holds 2 epochs already, more than epochs=1 (--epochs)"),
+                           (["--epochs", "3", "--schedule-epochs", "3"], "leave schedule_epochs (--schedule-epochs) "
+                                                                          "out or give 1, not 3")):
+        assert main(["train", *extra, *common, "--out", str(tmp_path / "ext"), "--resume"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err and "Traceback" not in err
+    assert folder_bytes(tmp_path / "ext") == before
+    assert main(["train", "--epochs", "2", "--schedule-epochs", "0", *common, "--out", str(tmp_path / "z")]) == 2
+    assert "--schedule-epochs must be a positive integer" in capsys.readouterr().err
