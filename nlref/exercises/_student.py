@@ -44,12 +44,25 @@ def call(name, func, *args, **kwargs):
     return True, result
 
 
+def entries(value, *, ordered=False):
+    """The entries of a list-like ``value`` as a list, or None when it is not list-like: a str, bytes, a
+    number, or a 0-d array or tensor (which has ``__iter__`` and raises TypeError in it); with ``ordered``,
+    also a set or a dict, whose order says nothing."""
+    if (isinstance(value, (str, bytes)) or not hasattr(value, "__iter__")
+            or ordered and isinstance(value, (set, frozenset, dict))):
+        return None
+    try:
+        return list(value)
+    except TypeError:
+        return None
+
+
 def as_names(name, answer):
     """A student's collection of parameter names as a set of str, or None (reported) when it is not one."""
-    if isinstance(answer, str) or not hasattr(answer, "__iter__"):
+    names = entries(answer)  # a list first: set() of a list of lists raises (unhashable)
+    if names is None:
         _report(name, False, f"expected a list or set of parameter names, got {type(answer).__name__}")
         return None
-    names = list(answer)  # checked before set(): a list of lists is unhashable
     if not all(isinstance(n, str) for n in names):
         _report(name, False, "every entry must be a parameter name (a str)")
         return None

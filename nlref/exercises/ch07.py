@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _report, check_close, check_true, not_answered
+from . import _host, _report, check_close, check_true, not_answered
+from ._student import entries
 from ._graded import Wrong, attempt, compare, numerical_gradient, verdict
 
 __all__ = ["LEVELS", "GRADED", "ex1", "ex2", "ex6", "fit_logistic", "squared_feature_accuracy", "attention_sizes", "ex7", "step_reference"]
@@ -105,10 +106,11 @@ def ex6(answer):
 
 def _counts(value):
     """``value`` as a tuple of ints when it holds whole numbers only (512 or 512.0, not 512.9, "512" or True)."""
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+    items = entries(value, ordered=True)  # None for a str or a 0-d array (whose iteration raises)
+    if items is None:
         return None
     counts = []
-    for n in value:
+    for n in items:
         if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, float, np.integer, np.floating)):
             return None
         if isinstance(n, (float, np.floating)) and not float(n).is_integer():
@@ -170,7 +172,7 @@ def ex7(answer):
         ok = compare("loss", loss, want_loss)
         for k in ("w1", "b1", "w2", "b2"):
             ok &= compare(f"{k} after the step (vs nlref)", new[k], want[k])
-            implied = (params[k] - np.asarray(new[k], dtype=np.float64)) / lr
+            implied = (params[k] - _host(new[k])) / lr   # np.asarray raised on a tensor needing grad
 
             def f(v, k=k):
                 return np.asarray(loss_of({**params, k: v}))
