@@ -78,7 +78,7 @@ def ex2(answer):
         return None
     rng = np.random.default_rng(72)
     got, expected = [], []
-    for xs, ws, stride, padding in [((2, 3, 3, 5, 6), (4, 3, 2, 3, 2), (1, 2, 1), (0, 1, 1)),
+    for xs, ws, stride, padding in [((2, 3, 3, 5, 6), (4, 3, 2, 3, 2), (1, 2, 3), (1, 2, 0)),
                                     ((1, 2, 2, 4, 4), (3, 2, 1, 3, 3), 1, 1)]:
         x, w = rng.standard_normal(xs), rng.standard_normal(ws)
         out, cache = F.conv3d_reference(x, w, stride=stride, padding=padding)
@@ -121,8 +121,10 @@ def ex4(answer):
     return check_close("ch06 ex4", np.concatenate(got), np.concatenate(expected), rtol=1e-9, atol=1e-9)
 
 
-#: The convolutions that exercises 6 and 7 are checked on, as (x shape, w shape, stride, padding).
-CASES = [((2, 3, 3, 5, 6), (4, 3, 2, 3, 2), (1, 2, 1), (0, 1, 1)),
+#: The convolutions that exercises 6 and 7 are checked on, as (x shape, w shape, stride, padding). The
+#: first has a different stride and a different padding on each axis, so that a function reading them
+#: in another order (W, H, T, or H and W swapped) fails: (1, 2, 1) and (0, 1, 1) read backwards were the same.
+CASES = [((2, 3, 3, 5, 6), (4, 3, 2, 3, 2), (1, 2, 3), (1, 2, 0)),
          ((1, 2, 4, 4, 4), (3, 2, 3, 3, 3), 1, 1)]
 
 

@@ -17,7 +17,7 @@ from nlref.nn.attention import sinusoidal_encoding
 from .test_ch06 import _dw_im2col, _flip
 from .test_ch08 import _ln_right
 from .test_exercises import _add_positions, _bn_jacobian, _causal_attention, _euclid_attention, _multi_head
-from .test_graded import (matmul_backward, mean_field_update, online_update, pixel_weights, softmax_backward,
+from .test_graded import (conv3d_naive, matmul_backward, mean_field_update, online_update, pixel_weights, softmax_backward,
                           train_step)
 
 # the checks that run in well under a second; the slow ones (finite differences of a convolution,
@@ -154,3 +154,33 @@ def test_a_missing_factor_with_nan_says_so(capsys):
 def test_a_transposed_shape_is_pointed_out(capsys):
     assert check_close("q", np.zeros((4, 3)), np.zeros((3, 4))) is False
     assert "axes swapped?" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- inputs that separate the axes
+def _axes_reversed(fn, arg):
+    """``fn`` with its stride and padding read in reverse order (W, H, T), a slip the checks must catch."""
+    def wrong(*args):
+        args = list(args)
+        for i in arg:
+            args[i] = tuple(np.broadcast_to(args[i], 3))[::-1]
+        return fn(*args)
+    return wrong
+
+
+def _hw_padding_swapped(fn, i):
+    def wrong(*args):
+        args = list(args)
+        t, h, w = np.broadcast_to(args[i], 3)
+        args[i] = (int(t), int(w), int(h))
+        return fn(*args)
+    return wrong
+
+
+@pytest.mark.parametrize("check, wrong", [
+    (ch06.ex6, _axes_reversed(conv3d_naive, [3])),           # the stride (1, 2, 1) read backwards is the same
+    (ch06.ex6, _hw_padding_swapped(conv3d_naive, 4)),        # so is the padding (0, 1, 1) with H and W swapped
+    (ch06.ex2, _axes_reversed(_dw_im2col, [3])),
+    (ch06.ex2, _hw_padding_swapped(_dw_im2col, 4)),
+], ids=["ex6-stride", "ex6-padding", "ex2-stride", "ex2-padding"])
+def test_a_convolution_that_mixes_up_the_axes_is_wrong(check, wrong, capsys):
+    assert check(wrong) is False
