@@ -66,7 +66,7 @@ def ex2(answer, *, a=0.05, b=0.1):
     Expected: the variance measured with ``N = 256`` correlated copies of the
     256x256 crop. The floor is ``a**2`` times the variance of one common noise
     image; the measurement adds ``b**2 / 256`` (1.6 % of ``a**2`` here) and a
-    sampling error of about 1 % (``sqrt(2 / 65536)`` relative), so ``rtol=0.05``.
+    sampling error of about 0.6 % (``sqrt(2 / 65536)`` relative), so ``rtol=0.05``.
     Answers that forget the square (``a``) or keep the fresh part (``a**2 + b**2``)
     are off by a factor of at least 5.
     """
@@ -90,7 +90,7 @@ def ex3(answer, *, n=63, sigma=0.1, seed=3):
 
     Expected: :func:`median_loss_db` on the chapter's crop (the same draws as the
     exercise). It is a measurement, so ``atol=0.01`` dB: enough for float32 against
-    float64 arithmetic, far below the 0.06 dB between it and the large-N limit
+    float64 arithmetic, far below the 0.04 dB between it and the large-N limit
     ``10 log10(pi/2)``.
     """
     if not_answered("ch01 ex3", answer):

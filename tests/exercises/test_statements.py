@@ -113,3 +113,15 @@ def test_the_h_sweep_mark_scheme_states_what_the_sweep_measures():
     far = np.array(ch02.FACTORS) >= start
     assert np.all(np.abs(plain - corrected)[far] <= within)
     assert np.abs(plain - corrected)[~far].min() > within          # and not from a smaller h already
+
+
+def test_the_median_checks_docstring_gives_the_measured_distance_to_the_limit():
+    """``ch01.ex3`` says how far the measured loss lies from ``10 log10(pi/2)``, to justify its atol: it said
+    0.06 dB, the chapter's measurement is 0.042 dB."""
+    import math
+
+    from nlref.exercises import ch01
+
+    said = re.search(r"the ([\d.]+) dB between it and the large-N limit", " ".join(ch01.ex3.__doc__.split()))
+    assert said, ch01.ex3.__doc__
+    assert float(said.group(1)) == round(10 * math.log10(math.pi / 2) - ch01.median_loss_db(), 2)
