@@ -125,3 +125,39 @@ def test_the_median_checks_docstring_gives_the_measured_distance_to_the_limit():
     said = re.search(r"the ([\d.]+) dB between it and the large-N limit", " ".join(ch01.ex3.__doc__.split()))
     assert said, ch01.ex3.__doc__
     assert float(said.group(1)) == round(10 * math.log10(math.pi / 2) - ch01.median_loss_db(), 2)
+
+
+def _teachers_kinds():
+    """``{(chapter, exercise): kind}`` from the tables of docs/teachers.md."""
+    kinds, chapter = {}, None
+    for line in (ROOT / "docs" / "teachers.md").read_text().splitlines():
+        heading = re.match(r"### Chapter (\d)", line)
+        chapter = int(heading.group(1)) if heading else chapter
+        row = re.match(r"\| (\d+)\. [^|]+\|[^|]+\|[^|]+\| (.+) \|$", line)
+        if row and chapter:
+            kinds[chapter, int(row.group(1))] = row.group(2)
+    return kinds
+
+
+#: What the check of a number exercise takes, as the teachers' page must name it (it named the
+#: timings, the chunk size and the epochs that the statements also ask about, but no check reads).
+CHECKED_NUMBER = {(1, 2): "the floor", (2, 4): "distance maps", (5, 3): "the slope", (7, 2): "the ceiling"}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_the_teachers_page_says_what_each_check_takes(path):
+    """A kind "number (...)" is a value the check reads (the page's definition): a check that takes a
+    function is "code", and one that takes one number says so, naming what it is."""
+    kinds = _teachers_kinds()
+    chapter = int(path.name[:2])
+    for _, k, statement in _exercises(path)[1]:
+        answer = re.search(r"\*\*Answer:\*\*(.*?)(?:```|$)", statement, re.S)
+        if not answer:
+            continue
+        answer, kind = " ".join(answer.group(1).split()), kinds[chapter, k]
+        if re.match(r"(the|a|the broken) function", answer):
+            assert "number" not in kind, (chapter, k, kind, answer)
+        if "(one number)" in answer:
+            assert "number" in kind, (chapter, k, kind, answer)
+        if (chapter, k) in CHECKED_NUMBER:
+            assert re.match(rf"number \([^)]*{CHECKED_NUMBER[chapter, k]}", kind), (chapter, k, kind)
