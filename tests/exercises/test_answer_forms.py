@@ -103,6 +103,14 @@ def test_a_float32_answer_gets_float32s_tolerance_and_no_more(capsys):
     assert "float16" in capsys.readouterr().out.splitlines()[-1]
 
 
+def test_float32_does_not_hide_a_forgotten_eps(capsys):
+    from .test_graded import batchnorm_backward_train
+
+    assert ch04.ex2(lambda x: _bn_jacobian(x, eps=0.0).astype(np.float32)) is False
+    assert ch04.ex8(lambda d, x, g, e: tuple(a.astype(np.float32) for a in batchnorm_backward_train(d, x, g, 0.0))) is False
+    assert ch04.ex8(lambda d, x, g, e: tuple(a.astype(np.float32) for a in batchnorm_backward_train(d, x, g, e))) is True
+
+
 def test_a_count_in_float32_stays_exact(capsys):
     right = 4 * (8 * 56 * 56) ** 2
     assert ch03.ex4(np.float32(right)) is True                                 # 2517630976 is a float32
