@@ -161,3 +161,20 @@ def test_the_teachers_page_says_what_each_check_takes(path):
             assert "number" in kind, (chapter, k, kind, answer)
         if (chapter, k) in CHECKED_NUMBER:
             assert re.match(rf"number \([^)]*{CHECKED_NUMBER[chapter, k]}", kind), (chapter, k, kind)
+
+
+def test_chapter_2s_summary_says_how_equal_the_fast_method_is():
+    """Section 3 measures the fast loop against the definition; the summary said "exactly equal", and the two
+    differ by about 1e-15 (float64 rounding: the same terms summed in another order)."""
+    nb = nbformat.read(ROOT / "notebooks" / "02_nl_means.ipynb", as_version=4)
+    (summary,) = [c.source for c in nb.cells if c.cell_type == "markdown" and c.source.startswith("## Summary")]
+    (line,) = [s for s in summary.splitlines() if "fast method" in s]
+    clean, noisy = ch02._noisy()
+    small = np.asarray(noisy, dtype=np.float64)[140:164, 60:84]
+    kw = dict(sigma=ch02.SIGMA, h=0.4 * ch02.SIGMA, patch_size=5, search_size=11)
+    naive, fast = (nlref.nl_means(small, method=m, **kw) for m in ("naive", "fast"))
+    if "exactly" in line:
+        assert np.array_equal(naive, fast), line
+    else:
+        said = re.search(r"about (1e-\d+) in float64", line)
+        assert said and 0 < np.max(np.abs(naive - fast)) < 10 * float(said.group(1)), line
