@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
+
 from . import _report, not_answered
 
 #: What a check says of a function that returned None: most often a missing ``return``.
@@ -52,9 +54,18 @@ def entries(value, *, ordered=False):
             or ordered and isinstance(value, (set, frozenset, dict))):
         return None
     try:
-        return list(value)
+        items = list(value)
     except TypeError:
         return None
+    return [_plain(n) for n in items]
+
+
+def _plain(n):
+    """An entry that is a 0-d array or tensor as the Python number it holds (a torch tensor iterates into
+    0-d tensors, which are no int); NumPy scalars and everything else as they are."""
+    if not isinstance(n, np.generic) and getattr(n, "ndim", None) == 0 and hasattr(n, "item"):
+        return n.item()
+    return n
 
 
 def as_names(name, answer):

@@ -139,6 +139,7 @@ def test_the_broken_softmax_backward_may_return_a_list(capsys):
 
 def test_two_bools_may_come_as_an_array_but_not_as_a_set(capsys):
     assert ch04.ex6(np.array([False, True])) is True
+    assert ch04.ex6(torch.tensor([False, True])) is True
     assert ch04.ex6({False, True}) is False                                    # a set has no order
 
 
@@ -192,3 +193,10 @@ def _hw_padding_swapped(fn, i):
 ], ids=["ex6-stride", "ex6-padding", "ex2-stride", "ex2-padding"])
 def test_a_convolution_that_mixes_up_the_axes_is_wrong(check, wrong, capsys):
     assert check(wrong) is False
+
+
+def test_counts_may_come_as_a_tensor_but_not_as_floats(capsys):
+    # a torch tensor iterates into 0-d tensors, which are no int: the right shape was refused
+    assert ch06.ex1(torch.tensor([2, 4, 5, 5, 4])) is True
+    assert ch06.ex1(torch.tensor([2.0, 4.0, 5.0, 5.5, 4.0])) is False
+    assert ch07.ex6({"res2": torch.tensor([512, 128]), "res4": (32, 8)}) is True
