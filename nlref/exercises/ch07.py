@@ -167,7 +167,7 @@ def ex7(answer):
             raise Wrong(f"expected a tuple (loss, new_params dict), got {type(got).__name__}")
         loss, new = got
         if set(new) != set(params):
-            raise Wrong(f"new_params must have the keys {sorted(params)}, got {sorted(new)}")
+            raise Wrong(f"new_params must have the keys {sorted(params)}, got {sorted(new, key=repr)}")
         want_loss, want = step_reference(params, x, labels, lr)
         ok = compare("loss", loss, want_loss)
         for k in ("w1", "b1", "w2", "b2"):

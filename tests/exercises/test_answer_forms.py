@@ -200,3 +200,13 @@ def test_counts_may_come_as_a_tensor_but_not_as_floats(capsys):
     assert ch06.ex1(torch.tensor([2, 4, 5, 5, 4])) is True
     assert ch06.ex1(torch.tensor([2.0, 4.0, 5.0, 5.5, 4.0])) is False
     assert ch07.ex6({"res2": torch.tensor([512, 128]), "res4": (32, 8)}) is True
+
+
+@pytest.mark.parametrize("check, answer", [
+    (ch07.ex7, lambda prm, x, y, lr: (0.5, {1: 0.0, "w1": prm["w1"]})),
+    (ch08.ex2, lambda x, prm, heads, dout: {0: x, "x": x}),
+], ids=["ch07.ex7", "ch08.ex2"])
+def test_a_dict_with_keys_of_two_types_is_reported(check, answer, capsys):
+    # sorted() of its keys, for the message, raised TypeError ('<' between str and int)
+    assert check(answer) is False
+    assert "keys" in capsys.readouterr().out
