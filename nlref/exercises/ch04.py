@@ -226,7 +226,7 @@ def ex6(answer):
 def _grads(name, answer, n, *args):
     """The student's tuple of ``n`` gradients, or Wrong."""
     grads = attempt(name, answer, *args)
-    if not isinstance(grads, tuple) or len(grads) != n:
+    if not isinstance(grads, (tuple, list)) or len(grads) != n:
         raise Wrong(f"expected a tuple of {n} arrays, got {type(grads).__name__}")
     return grads
 

@@ -190,7 +190,7 @@ def ex6(answer):
             y, cache = nonlocal_forward(theta, phi, g, mode="embedded_gaussian", scale=scale)
             dy = rng.standard_normal(y.shape)
             got = attempt("ch05 ex6", answer, dy, theta, phi, g, scale)
-            if not isinstance(got, tuple) or len(got) != 3:
+            if not isinstance(got, (tuple, list)) or len(got) != 3:
                 raise Wrong(f"expected a tuple (dtheta, dphi, dg), got {type(got).__name__}")
             want = nonlocal_backward(dy, cache)[:3]
 
@@ -238,7 +238,7 @@ def ex7(answer):
         for start, stop in [(0, 4), (4, 8), (8, 10)]:
             want = online_reference(*state, s[:, start:stop], g[:, start:stop])
             got = attempt("ch05 ex7", answer, *state, s[:, start:stop], g[:, start:stop])
-            if not isinstance(got, tuple) or len(got) != 3:
+            if not isinstance(got, (tuple, list)) or len(got) != 3:
                 raise Wrong(f"expected a tuple (m, l, acc), got {type(got).__name__}")
             for label, gr, w in zip(("m", "l", "acc"), got, want):
                 ok &= compare(f"{label} after keys {start}..{stop - 1}", gr, w, rtol=1e-10, atol=1e-300)

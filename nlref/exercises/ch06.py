@@ -163,7 +163,7 @@ def ex7(answer):
             out, cache = F.conv3d_reference(x, w, bias, stride=stride, padding=padding)
             dout = np.random.default_rng(n).standard_normal(out.shape)
             grads = attempt("ch06 ex7", answer, dout, x, w, stride, padding)
-            if not isinstance(grads, tuple) or len(grads) != 3:
+            if not isinstance(grads, (tuple, list)) or len(grads) != 3:
                 raise _graded.Wrong(f"expected a tuple (dx, dw, dbias), got {type(grads).__name__}")
             expected = F.conv3d_reference_backward(dout, cache)
             for label, got, want in zip(("dx", "dw", "dbias"), grads, expected):

@@ -163,7 +163,7 @@ def ex7(answer):
 
     def run():
         got = attempt("ch07 ex7", answer, params, x, labels, lr)
-        if not isinstance(got, tuple) or len(got) != 2 or not isinstance(got[1], dict):
+        if not isinstance(got, (tuple, list)) or len(got) != 2 or not isinstance(got[1], dict):
             raise Wrong(f"expected a tuple (loss, new_params dict), got {type(got).__name__}")
         loss, new = got
         if set(new) != set(params):
