@@ -39,22 +39,27 @@ def _real(x):
     """
     from ..backend import to_numpy
 
-    if not isinstance(x, (np.ndarray, np.generic, list, tuple)) and hasattr(x, "__dlpack__"):
-        x = to_numpy(x)
+    def host(v):  # a tensor moved to NumPy, in a list too (np.asarray raised on one that requires grad)
+        if isinstance(v, (list, tuple)):
+            return [host(e) for e in v]
+        return to_numpy(v) if not isinstance(v, (np.ndarray, np.generic)) and hasattr(v, "__dlpack__") else v
+
+    given = x
+    x = host(x)
     try:
         a = np.asarray(x)
-    except (TypeError, ValueError):  # a ragged list, say
-        raise ValueError(f"expected real numbers, got a {type(x).__name__} that is not a regular array") from None
+    except Exception:  # a ragged list, or an element whose __array__ raises
+        raise ValueError(f"expected real numbers, got a {type(given).__name__} that is not a regular array") from None
     if a.dtype.kind not in "iuf":
         if a.dtype == object and all(type(v) is int for v in a.flat):
             what = "whole numbers too large for float64"
         elif isinstance(x, np.ndarray):
             what = f"an array of {a.dtype}"
         elif a.ndim == 0:
-            what = type(x).__name__                        # a str, a bool, a complex, a dict ...
+            what = type(given).__name__                    # a str, a bool, a complex, a dict ...
         else:
             first = next(iter(a.flat), None)
-            what = f"a {type(x).__name__} of {type(getattr(first, 'item', lambda: first)()).__name__}"
+            what = f"a {type(given).__name__} of {type(getattr(first, 'item', lambda: first)()).__name__}"
         raise TypeError(f"expected real numbers, got {what}")
     return a.astype(np.float64), a.dtype
 

@@ -218,3 +218,12 @@ def test_the_arrays_of_a_backward_may_come_in_a_list(key, capsys):
     check, right = RIGHT[key]
     assert check(lambda *args: list(right(*args))) is True
     assert check(lambda *args: list(right(*args))[:-1]) is False
+
+
+def test_a_list_of_tensors_that_require_grad_is_read(capsys):
+    # np.asarray raised RuntimeError on the first of them
+    t = [torch.tensor(v, requires_grad=True) for v in (1.0, 2.0)]
+    assert check_close("q", t, [1.0, 2.0]) is True
+    assert check_close("q", t, [1.0, 2.5]) is False
+    assert check_close("q", ("a", "b"), [1.0, 2.0]) is False
+    assert "got a tuple of str" in capsys.readouterr().out
