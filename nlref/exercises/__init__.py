@@ -69,6 +69,16 @@ def _got(why) -> str:
     return str(why).removeprefix("expected real numbers, ")
 
 
+def _shown(x, limit: int = 80) -> str:
+    """``repr(x)`` for a message, cut to ``limit`` characters (a list of 10**5 counts printed them all), or
+    ``a <type>`` when the repr raises (an int of 5000 digits does, and so may a student's object)."""
+    try:
+        text = repr(x)
+    except Exception:
+        return f"a {type(x).__name__}"
+    return text if len(text) <= limit else text[:limit - 5] + " ..." + text[-1:]
+
+
 def _shape_hint(got, want) -> str:
     """A few words on how shape ``got`` may have come about when ``want`` was asked for ("" if no guess)."""
     if len(got) == len(want) > 1 and sorted(got) == sorted(want):

@@ -48,14 +48,15 @@ def call(name, func, *args, **kwargs):
 
 def entries(value, *, ordered=False):
     """The entries of a list-like ``value`` as a list, or None when it is not list-like: a str, bytes, a
-    number, or a 0-d array or tensor (which has ``__iter__`` and raises TypeError in it); with ``ordered``,
+    number, a 0-d array or tensor (which has ``__iter__`` and raises TypeError in it) or anything whose
+    iteration raises; with ``ordered``,
     also a set or a dict, whose order says nothing."""
     if (isinstance(value, (str, bytes)) or not hasattr(value, "__iter__")
             or ordered and isinstance(value, (set, frozenset, dict))):
         return None
     try:
         items = list(value)
-    except TypeError:
+    except Exception:  # a 0-d array's TypeError, or a generator of the student's that fails on the way
         return None
     return [_plain(n) for n in items]
 

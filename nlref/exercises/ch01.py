@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from . import _report, check_close, check_true, not_answered
+from . import _report, _shown, check_close, check_true, not_answered
 
 __all__ = ["LEVELS", "GRADED", "ex1", "ex2", "ex3", "ex4", "ex5", "correlated_variance", "median_loss_db", "noisy_oracle", "noisy_oracle_psnr"]
 
@@ -111,7 +111,7 @@ def ex4(answer, *, sigma=0.1, target_db=40.0):
     if not_answered("ch01 ex4", answer):
         return None
     if isinstance(answer, bool) or not isinstance(answer, (int, np.integer)) or answer < 1:
-        return _report("ch01 ex4", False, f"expected a positive int (a number of copies), got {answer!r}")
+        return _report("ch01 ex4", False, f"expected a positive int (a number of copies), got {_shown(answer)}")
     law = 10 ** (target_db / 10) * sigma**2
     if not 0.95 * law <= answer <= 1.05 * law:  # before measuring: 10**6 copies of the crop would need 122 GiB
         # (compared, not subtracted: int - float overflows for an int beyond 1e308)

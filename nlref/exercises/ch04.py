@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _host, _report, check_close, check_true, not_answered
+from . import _host, _report, _shown, check_close, check_true, not_answered
 from ._student import as_names, call, entries, fresh
 from ._graded import Wrong, attempt, compare, numerical_gradient, verdict
 
@@ -216,7 +216,7 @@ def ex6(answer):
         return None
     flags = entries(answer, ordered=True)  # a tuple, a list or a NumPy array of two bools
     if not (flags is not None and len(flags) == 2 and all(isinstance(a, (bool, np.bool_)) for a in flags)):
-        return _report(name, False, f"expected two bools (passed at 1e-6, passed at 1e-8), got {answer!r}")
+        return _report(name, False, f"expected two bools (passed at 1e-6, passed at 1e-8), got {_shown(answer)}")
     expected = near_tie_results()
     return check_true(name, answer, tuple(bool(a) for a in flags) == expected,
                       f"gradcheck says {expected}")

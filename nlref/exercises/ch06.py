@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _got, _real, _report, _shape_hint, check_close, check_true, not_answered
+from . import _got, _real, _report, _shown, _shape_hint, check_close, check_true, not_answered
 from . import _graded
 from ._graded import attempt, compare, numerical_gradient, verdict
 from ._student import call, entries
@@ -41,10 +41,10 @@ def ex1(answer):
     counts = entries(answer, ordered=True)  # None for a str or a 0-d array (whose iteration raises)
     if counts is None or not all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) for n in counts):
         # int() would truncate 5.5 to 5: the floor is the point of the exercise
-        return check_true("ch06 ex1", answer, False, f"expected a tuple of 5 ints, got {answer!r}")
+        return check_true("ch06 ex1", answer, False, f"expected a tuple of 5 ints, got {_shown(answer)}")
     shape = tuple(int(n) for n in counts)
     return check_true("ch06 ex1", answer, shape == tuple(out.shape),
-                      f"shape {shape} is not the output's; recall floor((n + 2p - k) / s) + 1 per axis")
+                      f"shape {_shown(shape)} is not the output's; recall floor((n + 2p - k) / s) + 1 per axis")
 
 
 def _array(name, fn, shape, layout, *args):

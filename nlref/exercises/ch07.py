@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _host, _report, check_close, check_true, not_answered
+from . import _host, _report, _shown, check_close, check_true, not_answered
 from ._student import entries
 from ._graded import Wrong, attempt, compare, numerical_gradient, verdict
 
@@ -93,12 +93,12 @@ def ex6(answer):
     if not_answered(name, answer):
         return None
     if not isinstance(answer, dict) or set(answer) != {"res2", "res4"}:
-        return _report(name, False, f"expected a dict with the keys 'res2' and 'res4', got {answer!r}")
+        return _report(name, False, f"expected a dict with the keys 'res2' and 'res4', got {_shown(answer)}")
     mine = {}
     for stage in ("res2", "res4"):
         counts = _counts(answer[stage])
         if counts is None:  # int() would pass 512.9 as 512 and "512" as 512
-            return _report(name, False, f"answer[{stage!r}] must be two whole numbers (N, N'), got {answer[stage]!r}")
+            return _report(name, False, f"answer[{stage!r}] must be two whole numbers (N, N'), got {_shown(answer[stage])}")
         mine[stage] = counts
     expected = {stage: attention_sizes(stage) for stage in ("res2", "res4")}
     return check_true(name, answer, mine == expected, f"the network's attention has {expected}")

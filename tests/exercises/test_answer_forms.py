@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from nlref.exercises import FLOAT32_RTOL, ch02, ch03, ch04, ch05, ch06, ch07, ch08, check_close
+from nlref.exercises import FLOAT32_RTOL, ch01, ch02, ch03, ch04, ch05, ch06, ch07, ch08, check_close
 from nlref.nn.attention import sinusoidal_encoding
 
 from .test_ch06 import _dw_im2col, _flip
@@ -227,3 +227,28 @@ def test_a_list_of_tensors_that_require_grad_is_read(capsys):
     assert check_close("q", t, [1.0, 2.5]) is False
     assert check_close("q", ("a", "b"), [1.0, 2.0]) is False
     assert "got a tuple of str" in capsys.readouterr().out
+
+
+def _failing_names():
+    yield "phi.bias"
+    raise KeyError("g.bias")          # a student's generator with a bug, run by the check
+
+
+class _NoRepr:
+    def __repr__(self):
+        raise RuntimeError("a student's class")
+
+
+@pytest.mark.parametrize("check, answer, says", [
+    (ch04.ex1, _failing_names(), "expected a list or set of parameter names"),
+    (ch01.ex4, _NoRepr(), "got a _NoRepr"),
+    (ch06.ex1, [_NoRepr()] * 5, "got a list"),
+], ids=["generator", "repr-ch01", "repr-ch06"])
+def test_an_answer_that_fails_when_read_is_reported(check, answer, says, capsys):
+    assert check(answer) is False
+    assert says in capsys.readouterr().out
+
+
+def test_a_long_answer_is_shown_short(capsys):
+    assert ch06.ex1(list(range(100_000))) is False
+    assert len(capsys.readouterr().out) < 300      # it printed all 100 000 of them
