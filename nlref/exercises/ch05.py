@@ -12,7 +12,7 @@ import tracemalloc
 
 import numpy as np
 
-from . import _host, _real, _tolerances, check_close, not_answered
+from . import _host, _real, _report, _tolerances, check_close, not_answered
 from ._student import call
 from ._graded import Wrong, attempt, compare, numerical_gradient, verdict
 
@@ -66,7 +66,8 @@ def ex2(answer, *, seed=0, chunk_size=3):
     """A student's ``causal_attention(theta, phi, g, chunk_size)``: the online-softmax loop with a causal mask.
 
     Query ``i`` attends to keys ``j <= i`` only (``N = M``). The check calls it on
-    random inputs with ``N = 10`` and ``chunk_size = 3`` and compares with the
+    random inputs with ``N = 10`` and ``chunk_size = 3``, then with ``N = 7`` and ``chunk_size = 4``
+    (so that a mask or a loop built for one size fails), and compares with the
     masked full softmax: nlref's ``dot_pairwise_forward`` logits, ``-inf`` above the
     diagonal, ``softmax_forward``, times ``g`` (``rtol=1e-10``, ``atol=1e-12``).
     """
@@ -76,14 +77,18 @@ def ex2(answer, *, seed=0, chunk_size=3):
     if not_answered(name, answer):
         return None
     rng = np.random.default_rng(seed)
-    theta, phi, g = rng.standard_normal((2, 4, 10)), rng.standard_normal((2, 4, 10)), rng.standard_normal((2, 3, 10))
-    ok, mine = call(name, answer, theta, phi, g, chunk_size)
-    if not ok:
-        return ok
-    s, _ = dot_pairwise_forward(theta, phi)                      # (B, N, M)
-    s = np.where(np.tril(np.ones((10, 10), dtype=bool)), s, -np.inf)
-    a, _ = softmax_forward(s)
-    return check_close(name, mine, g @ a.transpose(0, 2, 1), rtol=1e-10, atol=1e-12)
+    for n, chunk in ((10, chunk_size), (7, chunk_size + 1)):
+        theta, phi, g = rng.standard_normal((2, 4, n)), rng.standard_normal((2, 4, n)), rng.standard_normal((2, 3, n))
+        ok, mine = call(name, answer, theta, phi, g, chunk)
+        if not ok:
+            return ok
+        s, _ = dot_pairwise_forward(theta, phi)                      # (B, N, M)
+        s = np.where(np.tril(np.ones((n, n), dtype=bool)), s, -np.inf)
+        a, _ = softmax_forward(s)
+        if not check_close(f"{name} (N = {n}, chunk_size = {chunk})", mine, g @ a.transpose(0, 2, 1),
+                           rtol=1e-10, atol=1e-12):
+            return False
+    return _report(name, True)
 
 
 def peak_mib(n, chunk_size, *, d=16, seed=0):
@@ -156,18 +161,24 @@ def ex5(answer):
 
     The two new channels are ``linspace(-1, 1, H)`` down the rows and
     ``linspace(-1, 1, W)`` along the columns, the same for every batch element,
-    after the C channels of ``x`` (unchanged). Checked on a (2, 3, 4, 5) input, ``rtol=1e-12``.
+    after the C channels of ``x`` (unchanged). Checked on a (2, 3, 4, 5) and a (1, 2, 6, 3) input
+    (so that a grid of one size written in fails), ``rtol=1e-12``.
     """
     name = "ch05 ex5"
     if not_answered(name, answer):
         return None
-    x = np.random.default_rng(0).standard_normal((2, 3, 4, 5))
-    ok, mine = call(name, answer, x)
-    if not ok:
-        return ok
-    rows = np.broadcast_to(np.linspace(-1, 1, 4)[:, None], (2, 1, 4, 5))
-    cols = np.broadcast_to(np.linspace(-1, 1, 5)[None, :], (2, 1, 4, 5))
-    return check_close(name, mine, np.concatenate([x, rows, cols], axis=1), rtol=1e-12, atol=1e-15)
+    rng = np.random.default_rng(0)
+    for b, c, h, w in ((2, 3, 4, 5), (1, 2, 6, 3)):
+        x = rng.standard_normal((b, c, h, w))
+        ok, mine = call(name, answer, x)
+        if not ok:
+            return ok
+        rows = np.broadcast_to(np.linspace(-1, 1, h)[:, None], (b, 1, h, w))
+        cols = np.broadcast_to(np.linspace(-1, 1, w)[None, :], (b, 1, h, w))
+        if not check_close(f"{name} (x of shape {x.shape})", mine, np.concatenate([x, rows, cols], axis=1),
+                           rtol=1e-12, atol=1e-15):
+            return False
+    return _report(name, True)
 
 
 

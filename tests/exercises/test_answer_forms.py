@@ -252,3 +252,28 @@ def test_an_answer_that_fails_when_read_is_reported(check, answer, says, capsys)
 def test_a_long_answer_is_shown_short(capsys):
     assert ch06.ex1(list(range(100_000))) is False
     assert len(capsys.readouterr().out) < 300      # it printed all 100 000 of them
+
+
+# --------------------------------------------------------------------------- functions right only on the check's own input
+def _positions_for_4x5(x):
+    """Right for the check's (2, 3, 4, 5) input only: the grid's sizes written in."""
+    rows = np.broadcast_to(np.linspace(-1, 1, 4)[:, None], (2, 1, 4, 5))
+    cols = np.broadcast_to(np.linspace(-1, 1, 5)[None, :], (2, 1, 4, 5))
+    return np.concatenate([x, rows, cols], axis=1)
+
+
+def _causal_for_10_keys(theta, phi, g, chunk_size):
+    """Right for N = 10 only: the mask built for the check's size."""
+    s = np.swapaxes(theta, 1, 2) @ phi
+    s = np.where(np.tril(np.ones((10, 10), dtype=bool)), s, -np.inf)
+    a = np.exp(s - s.max(axis=2, keepdims=True))
+    return g @ np.swapaxes(a / a.sum(axis=2, keepdims=True), 1, 2)
+
+
+@pytest.mark.parametrize("check, wrong, right", [
+    (ch05.ex5, _positions_for_4x5, _add_positions),
+    (ch05.ex2, _causal_for_10_keys, _causal_attention),
+], ids=["ch05.ex5", "ch05.ex2"])
+def test_a_function_with_the_checks_sizes_written_in_is_wrong(check, wrong, right, capsys):
+    assert check(wrong) is False
+    assert check(right) is True
