@@ -49,7 +49,8 @@ def _real(x):
     try:
         a = np.asarray(x)
     except Exception:  # a ragged list, or an element whose __array__ raises
-        raise ValueError(f"expected real numbers, got a {type(given).__name__} that is not a regular array") from None
+        raise ValueError(f"expected real numbers, got a {type(given).__name__} that is not a regular array"
+                         ) from None
     if a.dtype.kind not in "iuf":
         if a.dtype == object and all(type(v) is int for v in a.flat):
             what = "whole numbers too large for float64"
@@ -102,8 +103,9 @@ FLOAT32_RTOL = 1e-6
 
 def _tolerances(dtype, expected, rtol, atol):
     """``(rtol, atol, note)`` for an answer of ``dtype`` against ``expected`` (float64): a float32 answer
-    gets :data:`FLOAT32_RTOL` where the check's own tolerances are tighter; ``note`` says so, or says that a
-    float16 or an integer array has lost what the comparison needs ("" otherwise)."""
+    gets :data:`FLOAT32_RTOL` where the check's own tolerances are tighter; ``note`` (added to the message
+    of a wrong answer) says that a float16 or an integer array has lost what the comparison needs, else "".
+    """
     if dtype == np.float32 and rtol > 0 and not np.all(expected == np.round(expected)):
         scale = float(np.max(np.abs(expected))) if expected.size else 0.0
         return max(rtol, FLOAT32_RTOL), max(atol, FLOAT32_RTOL * scale), ""

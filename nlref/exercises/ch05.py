@@ -54,7 +54,8 @@ def ex1(answer, *, seed=0):
             try:  # check_close's rule, silently (np.allclose raised on a torch tensor that requires grad)
                 got, dtype = _real(mine)
                 rtol, atol, _ = _tolerances(dtype, expected, 1e-10, 1e-12)
-                close = got.shape == expected.shape and bool(np.all(np.abs(got - expected) <= atol + rtol * np.abs(expected)))
+                close = got.shape == expected.shape and bool(np.all(np.abs(got - expected)
+                                                                    <= atol + rtol * np.abs(expected)))
             except (TypeError, ValueError):  # not an array: (y, cache), say; check_close says what it is
                 close = False
             if not close:
