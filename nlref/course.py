@@ -26,6 +26,7 @@ The student edition also has every output and execution count cleared. The check
 
 from __future__ import annotations
 
+import ast
 import copy
 import os
 import re
@@ -74,6 +75,27 @@ def _regions(lines, begin, end, where):
     return regions
 
 
+def _assigned(body):
+    """The names a top-level solution ``body`` (lines) binds, in order: ``x = ``, ``x: int = ``,
+    ``a, b = ``, ``x += ``, a ``for`` or ``with`` target, also inside a top-level ``if`` or ``for``
+    (not inside a function, a class or a comprehension). From the parsed statements; a body that
+    does not parse on its own falls back to the lines that start with ``name =``."""
+    try:
+        tree = ast.parse("\n".join(body))
+    except SyntaxError:
+        return [m.group(1) for m in map(_ASSIGNED.match, body) if m]
+    names, todo = [], list(tree.body)
+    while todo:
+        node = todo.pop(0)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda, ast.ListComp,
+                             ast.SetComp, ast.DictComp, ast.GeneratorExp)):
+            continue  # their own scope (a comprehension's variable does not leak)
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.append(node.id)
+        todo[:0] = list(ast.iter_child_nodes(node))  # depth first: the names in the order they are written
+    return names
+
+
 def student_source(source: str, *, where: str = "cell") -> str:
     """A code cell's source with every marked solution replaced by its placeholder (see the module)."""
     lines = source.split("\n")
@@ -81,7 +103,7 @@ def student_source(source: str, *, where: str = "cell") -> str:
     for start, stop, indent in _regions(lines, SOLUTION_BEGIN, SOLUTION_END, where):
         out += lines[done:start]
         body = lines[start + 1:stop]
-        names = [] if indent else [m.group(1) for m in map(_ASSIGNED.match, body) if m]
+        names = [] if indent else _assigned(body)
         if names:
             out += [f"{name} = None  # your answer" for name in dict.fromkeys(names)]
         else:

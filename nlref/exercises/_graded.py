@@ -56,33 +56,38 @@ def attempt(name, func, *args):
 
 
 def _array(label, value, shape):
-    """``value`` as float64 NumPy of ``shape``, or :class:`Wrong`."""
-    from . import _host
+    """``(value as float64 NumPy of shape, the dtype it came in)``, or :class:`Wrong`."""
+    from . import _got, _real, _shape_hint
 
     try:
-        a = _host(value)
-    except (TypeError, ValueError):
-        raise Wrong(f"{label}: expected an array, got {type(value).__name__}") from None
+        a, dtype = _real(value)
+    except (TypeError, ValueError) as why:
+        raise Wrong(f"{label}: expected an array, {_got(why)}") from None
     if a.shape != tuple(shape):
-        raise Wrong(f"{label}: shape {a.shape}, expected {tuple(shape)}")
-    return a
+        raise Wrong(f"{label}: shape {a.shape}, expected {tuple(shape)}{_shape_hint(a.shape, tuple(shape))}")
+    return a, dtype
 
 
 def compare(label, got, expected, *, rtol=1e-7, atol=1e-9):
     """One makemore line for ``got`` against ``expected``; True when approximately equal.
 
     ``exact`` is bitwise equality; ``approximate`` is
-    ``|got - expected| <= atol + rtol * |expected|`` element-wise; ``maxdiff`` the largest
+    ``|got - expected| <= atol + rtol * |expected|`` element-wise (a float32 answer gets at least
+    float32's tolerances, :data:`nlref.exercises.FLOAT32_RTOL`); ``maxdiff`` the largest
     absolute difference. A wrong shape, a non-array or a NaN raises :class:`Wrong`.
     """
+    from . import _tolerances
+
     e = np.asarray(expected, dtype=np.float64)
-    a = _array(label, got, e.shape)
+    a, dtype = _array(label, got, e.shape)
     if not np.all(np.isfinite(a)):
         raise Wrong(f"{label}: your result holds NaN or infinity")
+    rtol, atol, note = _tolerances(dtype, e, rtol, atol)
     exact = bool(np.array_equal(a, e))
     approx = bool(np.all(np.abs(a - e) <= atol + rtol * np.abs(e)))
     maxdiff = float(np.max(np.abs(a - e))) if a.size else 0.0
-    print(f"  {label:<30s} exact: {exact!s:5} | approximate: {approx!s:5} | maxdiff: {maxdiff:.1e}")
+    print(f"  {label:<30s} exact: {exact!s:5} | approximate: {approx!s:5} | maxdiff: {maxdiff:.1e}"
+          + (note if not approx else ""))
     return approx
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
+
 from . import _report, not_answered
 
 #: What a check says of a function that returned None: most often a missing ``return``.
@@ -44,12 +46,35 @@ def call(name, func, *args, **kwargs):
     return True, result
 
 
+def entries(value, *, ordered=False):
+    """The entries of a list-like ``value`` as a list, or None when it is not list-like: a str, bytes, a
+    number, a 0-d array or tensor (which has ``__iter__`` and raises TypeError in it) or anything whose
+    iteration raises; with ``ordered``,
+    also a set or a dict, whose order says nothing."""
+    if (isinstance(value, (str, bytes)) or not hasattr(value, "__iter__")
+            or ordered and isinstance(value, (set, frozenset, dict))):
+        return None
+    try:
+        items = list(value)
+    except Exception:  # a 0-d array's TypeError, or a generator of the student's that fails on the way
+        return None
+    return [_plain(n) for n in items]
+
+
+def _plain(n):
+    """An entry that is a 0-d array or tensor as the Python number it holds (a torch tensor iterates into
+    0-d tensors, which are no int); NumPy scalars and everything else as they are."""
+    if not isinstance(n, np.generic) and getattr(n, "ndim", None) == 0 and hasattr(n, "item"):
+        return n.item()
+    return n
+
+
 def as_names(name, answer):
     """A student's collection of parameter names as a set of str, or None (reported) when it is not one."""
-    if isinstance(answer, str) or not hasattr(answer, "__iter__"):
+    names = entries(answer)  # a list first: set() of a list of lists raises (unhashable)
+    if names is None:
         _report(name, False, f"expected a list or set of parameter names, got {type(answer).__name__}")
         return None
-    names = list(answer)  # checked before set(): a list of lists is unhashable
     if not all(isinstance(n, str) for n in names):
         _report(name, False, "every entry must be a parameter name (a str)")
         return None

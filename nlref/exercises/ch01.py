@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from . import _report, check_close, check_true, not_answered
+from . import _report, _shown, check_close, check_true, not_answered
 
 __all__ = ["LEVELS", "GRADED", "ex1", "ex2", "ex3", "ex4", "ex5", "correlated_variance", "median_loss_db", "noisy_oracle", "noisy_oracle_psnr"]
 
@@ -66,7 +66,7 @@ def ex2(answer, *, a=0.05, b=0.1):
     Expected: the variance measured with ``N = 256`` correlated copies of the
     256x256 crop. The floor is ``a**2`` times the variance of one common noise
     image; the measurement adds ``b**2 / 256`` (1.6 % of ``a**2`` here) and a
-    sampling error of about 1 % (``sqrt(2 / 65536)`` relative), so ``rtol=0.05``.
+    sampling error of about 0.6 % (``sqrt(2 / 65536)`` relative), so ``rtol=0.05``.
     Answers that forget the square (``a``) or keep the fresh part (``a**2 + b**2``)
     are off by a factor of at least 5.
     """
@@ -90,7 +90,7 @@ def ex3(answer, *, n=63, sigma=0.1, seed=3):
 
     Expected: :func:`median_loss_db` on the chapter's crop (the same draws as the
     exercise). It is a measurement, so ``atol=0.01`` dB: enough for float32 against
-    float64 arithmetic, far below the 0.06 dB between it and the large-N limit
+    float64 arithmetic, far below the 0.04 dB between it and the large-N limit
     ``10 log10(pi/2)``.
     """
     if not_answered("ch01 ex3", answer):
@@ -111,7 +111,7 @@ def ex4(answer, *, sigma=0.1, target_db=40.0):
     if not_answered("ch01 ex4", answer):
         return None
     if isinstance(answer, bool) or not isinstance(answer, (int, np.integer)) or answer < 1:
-        return _report("ch01 ex4", False, f"expected a positive int (a number of copies), got {answer!r}")
+        return _report("ch01 ex4", False, f"expected a positive int (a number of copies), got {_shown(answer)}")
     law = 10 ** (target_db / 10) * sigma**2
     if not 0.95 * law <= answer <= 1.05 * law:  # before measuring: 10**6 copies of the crop would need 122 GiB
         # (compared, not subtracted: int - float overflows for an int beyond 1e308)

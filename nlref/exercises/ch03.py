@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _host, _report, check_close, check_true, not_answered
+from . import _got, _host, _report, check_close, check_true, not_answered
 from ._graded import Wrong, attempt, compare, verdict
 from ._student import call
 
@@ -52,12 +52,14 @@ def ex1(answer):
     P, _ = patch_vectors()
     try:
         a = _host(answer)  # real numbers only: np.asarray(..., float64) read a list of str as numbers
-    except (TypeError, ValueError):
-        return _report(name, False, f"expected an array of ({len(P)},) real numbers, got {type(answer).__name__}")
+    except (TypeError, ValueError) as why:
+        return _report(name, False, f"expected an array of ({len(P)},) real numbers, {_got(why)}")
     if a.shape != (len(P),):
         return _report(name, False, f"shape {a.shape}, expected ({len(P)},): one number per key")
+    if not np.all(np.isfinite(a)):
+        return _report(name, False, "the answer holds NaN or infinity")
     target = -np.sum(P**2, axis=1) / (K * H_FILTER) ** 2
-    spread = float(np.ptp(a - target)) if np.all(np.isfinite(a)) else np.inf
+    spread = float(np.ptp(a - target))
     return check_true(name, answer, spread <= 1e-9 * np.abs(target).max(),
                       f"answer - (-|P_j|^2 / (k h)^2) varies by {spread:.3g} over j (it must be a constant)")
 

@@ -12,7 +12,7 @@ import tracemalloc
 
 import numpy as np
 
-from . import check_close, not_answered
+from . import _host, _real, _report, _tolerances, check_close, not_answered
 from ._student import call
 from ._graded import Wrong, attempt, compare, numerical_gradient, verdict
 
@@ -51,8 +51,11 @@ def ex1(answer, *, seed=0):
         if not ok:
             return ok
         if heads == 2:
-            try:
-                close = np.shape(mine) == expected.shape and np.allclose(mine, expected, rtol=1e-10, atol=1e-12)
+            try:  # check_close's rule, silently (np.allclose raised on a torch tensor that requires grad)
+                got, dtype = _real(mine)
+                rtol, atol, _ = _tolerances(dtype, expected, 1e-10, 1e-12)
+                close = got.shape == expected.shape and bool(np.all(np.abs(got - expected)
+                                                                    <= atol + rtol * np.abs(expected)))
             except (TypeError, ValueError):  # not an array: (y, cache), say; check_close says what it is
                 close = False
             if not close:
@@ -64,7 +67,8 @@ def ex2(answer, *, seed=0, chunk_size=3):
     """A student's ``causal_attention(theta, phi, g, chunk_size)``: the online-softmax loop with a causal mask.
 
     Query ``i`` attends to keys ``j <= i`` only (``N = M``). The check calls it on
-    random inputs with ``N = 10`` and ``chunk_size = 3`` and compares with the
+    random inputs with ``N = 10`` and ``chunk_size = 3``, then with ``N = 7`` and ``chunk_size = 4``
+    (so that a mask or a loop built for one size fails), and compares with the
     masked full softmax: nlref's ``dot_pairwise_forward`` logits, ``-inf`` above the
     diagonal, ``softmax_forward``, times ``g`` (``rtol=1e-10``, ``atol=1e-12``).
     """
@@ -74,14 +78,18 @@ def ex2(answer, *, seed=0, chunk_size=3):
     if not_answered(name, answer):
         return None
     rng = np.random.default_rng(seed)
-    theta, phi, g = rng.standard_normal((2, 4, 10)), rng.standard_normal((2, 4, 10)), rng.standard_normal((2, 3, 10))
-    ok, mine = call(name, answer, theta, phi, g, chunk_size)
-    if not ok:
-        return ok
-    s, _ = dot_pairwise_forward(theta, phi)                      # (B, N, M)
-    s = np.where(np.tril(np.ones((10, 10), dtype=bool)), s, -np.inf)
-    a, _ = softmax_forward(s)
-    return check_close(name, mine, g @ a.transpose(0, 2, 1), rtol=1e-10, atol=1e-12)
+    for n, chunk in ((10, chunk_size), (7, chunk_size + 1)):
+        theta, phi, g = rng.standard_normal((2, 4, n)), rng.standard_normal((2, 4, n)), rng.standard_normal((2, 3, n))
+        ok, mine = call(name, answer, theta, phi, g, chunk)
+        if not ok:
+            return ok
+        s, _ = dot_pairwise_forward(theta, phi)                      # (B, N, M)
+        s = np.where(np.tril(np.ones((n, n), dtype=bool)), s, -np.inf)
+        a, _ = softmax_forward(s)
+        if not check_close(f"{name} (N = {n}, chunk_size = {chunk})", mine, g @ a.transpose(0, 2, 1),
+                           rtol=1e-10, atol=1e-12):
+            return False
+    return _report(name, True)
 
 
 def peak_mib(n, chunk_size, *, d=16, seed=0):
@@ -154,18 +162,24 @@ def ex5(answer):
 
     The two new channels are ``linspace(-1, 1, H)`` down the rows and
     ``linspace(-1, 1, W)`` along the columns, the same for every batch element,
-    after the C channels of ``x`` (unchanged). Checked on a (2, 3, 4, 5) input, ``rtol=1e-12``.
+    after the C channels of ``x`` (unchanged). Checked on a (2, 3, 4, 5) and a (1, 2, 6, 3) input
+    (so that a grid of one size written in fails), ``rtol=1e-12``.
     """
     name = "ch05 ex5"
     if not_answered(name, answer):
         return None
-    x = np.random.default_rng(0).standard_normal((2, 3, 4, 5))
-    ok, mine = call(name, answer, x)
-    if not ok:
-        return ok
-    rows = np.broadcast_to(np.linspace(-1, 1, 4)[:, None], (2, 1, 4, 5))
-    cols = np.broadcast_to(np.linspace(-1, 1, 5)[None, :], (2, 1, 4, 5))
-    return check_close(name, mine, np.concatenate([x, rows, cols], axis=1), rtol=1e-12, atol=1e-15)
+    rng = np.random.default_rng(0)
+    for b, c, h, w in ((2, 3, 4, 5), (1, 2, 6, 3)):
+        x = rng.standard_normal((b, c, h, w))
+        ok, mine = call(name, answer, x)
+        if not ok:
+            return ok
+        rows = np.broadcast_to(np.linspace(-1, 1, h)[:, None], (b, 1, h, w))
+        cols = np.broadcast_to(np.linspace(-1, 1, w)[None, :], (b, 1, h, w))
+        if not check_close(f"{name} (x of shape {x.shape})", mine, np.concatenate([x, rows, cols], axis=1),
+                           rtol=1e-12, atol=1e-15):
+            return False
+    return _report(name, True)
 
 
 
@@ -188,7 +202,7 @@ def ex6(answer):
             y, cache = nonlocal_forward(theta, phi, g, mode="embedded_gaussian", scale=scale)
             dy = rng.standard_normal(y.shape)
             got = attempt("ch05 ex6", answer, dy, theta, phi, g, scale)
-            if not isinstance(got, tuple) or len(got) != 3:
+            if not isinstance(got, (tuple, list)) or len(got) != 3:
                 raise Wrong(f"expected a tuple (dtheta, dphi, dg), got {type(got).__name__}")
             want = nonlocal_backward(dy, cache)[:3]
 
@@ -236,13 +250,16 @@ def ex7(answer):
         for start, stop in [(0, 4), (4, 8), (8, 10)]:
             want = online_reference(*state, s[:, start:stop], g[:, start:stop])
             got = attempt("ch05 ex7", answer, *state, s[:, start:stop], g[:, start:stop])
-            if not isinstance(got, tuple) or len(got) != 3:
+            if not isinstance(got, (tuple, list)) or len(got) != 3:
                 raise Wrong(f"expected a tuple (m, l, acc), got {type(got).__name__}")
             for label, gr, w in zip(("m", "l", "acc"), got, want):
                 ok &= compare(f"{label} after keys {start}..{stop - 1}", gr, w, rtol=1e-10, atol=1e-300)
-            state = tuple(np.asarray(a, dtype=np.float64) for a in got) if ok else want
+            # _host: np.asarray raised on a torch tensor that requires grad
+            single = ok and all(_real(a)[1] == np.float32 for a in got)
+            state = tuple(_host(a) for a in got) if ok else want
         _, total, acc = state  # (m, l, acc)
         y = acc / total[None, :]
+        y = y.astype(np.float32) if single else y  # compared as the float32 it would be in the student's hands
         full, _ = nonlocal_forward(np.eye(n)[None], s[None], g[None], mode="embedded_gaussian")  # theta = I: logits s
         ok &= compare("acc / l (vs attention in one piece)", y, full[0], rtol=1e-10, atol=1e-12)
         return ok

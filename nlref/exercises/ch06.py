@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _host, _report, check_close, check_true, not_answered
+from . import _got, _real, _report, _shown, _shape_hint, check_close, check_true, not_answered
 from . import _graded
 from ._graded import attempt, compare, numerical_gradient, verdict
-from ._student import call
+from ._student import call, entries
 from ..nn import functional as F
 
 __all__ = ["LEVELS", "GRADED", "EX1", "EX3", "CASES", "ex1", "ex2", "ex3", "ex4", "ex6", "ex7"]
@@ -38,28 +38,36 @@ def ex1(answer):
     out, _ = F.conv3d_reference(x, w, stride=EX1["stride"], padding=EX1["padding"])
     if not_answered("ch06 ex1", answer):
         return None
-    if (isinstance(answer, (str, bytes)) or not hasattr(answer, "__iter__")
-            or not all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) for n in answer)):
+    counts = entries(answer, ordered=True)  # None for a str or a 0-d array (whose iteration raises)
+    if counts is None or not all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) for n in counts):
         # int() would truncate 5.5 to 5: the floor is the point of the exercise
-        return check_true("ch06 ex1", answer, False, f"expected a tuple of 5 ints, got {answer!r}")
-    shape = tuple(int(n) for n in answer)
+        return check_true("ch06 ex1", answer, False, f"expected a tuple of 5 ints, got {_shown(answer)}")
+    shape = tuple(int(n) for n in counts)
     return check_true("ch06 ex1", answer, shape == tuple(out.shape),
-                      f"shape {shape} is not the output's; recall floor((n + 2p - k) / s) + 1 per axis")
+                      f"shape {_shown(shape)} is not the output's; recall floor((n + 2p - k) / s) + 1 per axis")
 
 
 def _array(name, fn, shape, layout, *args):
-    """``fn`` called on ``args`` through ``_student.call`` (copies, never raising), as a
-    float64 NumPy array of ``shape``: ``(True, array)``, or ``(False or None, None)`` once reported."""
+    """``fn`` called on ``args`` through ``_student.call`` (copies, never raising), as a float64 NumPy
+    array of ``shape``: ``(True, array, the dtype it came in)``, or ``(False or None, None, None)`` once
+    reported."""
     ok, result = call(name, fn, *args)
     if not ok:
-        return ok, None
+        return ok, None, None
     try:
-        a = _host(result)
-    except (TypeError, ValueError):
-        return _report(name, False, f"expected an array, got {type(result).__name__}"), None
+        a, dtype = _real(result)
+    except (TypeError, ValueError) as why:
+        return _report(name, False, f"expected an array, {_got(why)}"), None, None
     if a.shape != tuple(shape):
-        return _report(name, False, f"shape {a.shape}, expected {layout} = {tuple(shape)}"), None
-    return True, a
+        return _report(name, False, f"shape {a.shape}, expected {layout} = {tuple(shape)}"
+                                    f"{_shape_hint(a.shape, tuple(shape))}"), None, None
+    return True, a, dtype
+
+
+def _in(dtype, values):
+    """``values`` (float64) in the student's float ``dtype``, so that check_close allows a float32 answer
+    float32's rounding (nothing else changes: float64 stays, any other dtype is compared as float64)."""
+    return values.astype(np.float32) if dtype == np.float32 else values
 
 
 def ex2(answer):
@@ -70,15 +78,16 @@ def ex2(answer):
         return None
     rng = np.random.default_rng(72)
     got, expected = [], []
-    for xs, ws, stride, padding in [((2, 3, 3, 5, 6), (4, 3, 2, 3, 2), (1, 2, 1), (0, 1, 1)),
+    for xs, ws, stride, padding in [((2, 3, 3, 5, 6), (4, 3, 2, 3, 2), (1, 2, 3), (1, 2, 0)),
                                     ((1, 2, 2, 4, 4), (3, 2, 1, 3, 3), 1, 1)]:
         x, w = rng.standard_normal(xs), rng.standard_normal(ws)
         out, cache = F.conv3d_reference(x, w, stride=stride, padding=padding)
         dout = rng.standard_normal(out.shape)
-        ok, dw = _array("ch06 ex2", answer, ws, "(O, C, kt, kh, kw)", x, dout, tuple(ws[2:]), stride, padding)
+        ok, dw, dtype = _array("ch06 ex2", answer, ws, "(O, C, kt, kh, kw)", x, dout, tuple(ws[2:]), stride,
+                               padding)
         if not ok:
             return ok
-        got.append(dw.reshape(-1))
+        got.append(_in(dtype, dw.reshape(-1)))
         expected.append(F.conv3d_reference_backward(dout, cache)[1].reshape(-1))
     return check_close("ch06 ex2", np.concatenate(got), np.concatenate(expected), rtol=1e-9, atol=1e-9)
 
@@ -103,17 +112,19 @@ def ex4(answer):
         x, w = rng.standard_normal(xs), rng.standard_normal(ws)
         out, cache = F.conv3d_reference(x, w, padding=padding)
         dout = rng.standard_normal(out.shape)
-        ok, flipped = _array("ch06 ex4", answer, (ws[1], ws[0]) + tuple(ws[2:]), "(C, O, kt, kh, kw)", w)
+        ok, flipped, dtype = _array("ch06 ex4", answer, (ws[1], ws[0]) + tuple(ws[2:]), "(C, O, kt, kh, kw)", w)
         if not ok:
             return ok
         full = tuple(k - 1 - p for k, p in zip(ws[2:], padding))
-        got.append(F.conv3d_reference(dout, flipped, padding=full)[0].reshape(-1))
+        got.append(_in(dtype, F.conv3d_reference(dout, flipped, padding=full)[0].reshape(-1)))
         expected.append(F.conv3d_reference_backward(dout, cache)[0].reshape(-1))
     return check_close("ch06 ex4", np.concatenate(got), np.concatenate(expected), rtol=1e-9, atol=1e-9)
 
 
-#: The convolutions that exercises 6 and 7 are checked on, as (x shape, w shape, stride, padding).
-CASES = [((2, 3, 3, 5, 6), (4, 3, 2, 3, 2), (1, 2, 1), (0, 1, 1)),
+#: The convolutions that exercises 6 and 7 are checked on, as (x shape, w shape, stride, padding). The
+#: first has a different stride and a different padding on each axis, so that a function reading them
+#: in another order (W, H, T, or H and W swapped) fails: (1, 2, 1) and (0, 1, 1) read backwards were the same.
+CASES = [((2, 3, 3, 5, 6), (4, 3, 2, 3, 2), (1, 2, 3), (1, 2, 0)),
          ((1, 2, 4, 4, 4), (3, 2, 3, 3, 3), 1, 1)]
 
 
@@ -152,7 +163,7 @@ def ex7(answer):
             out, cache = F.conv3d_reference(x, w, bias, stride=stride, padding=padding)
             dout = np.random.default_rng(n).standard_normal(out.shape)
             grads = attempt("ch06 ex7", answer, dout, x, w, stride, padding)
-            if not isinstance(grads, tuple) or len(grads) != 3:
+            if not isinstance(grads, (tuple, list)) or len(grads) != 3:
                 raise _graded.Wrong(f"expected a tuple (dx, dw, dbias), got {type(grads).__name__}")
             expected = F.conv3d_reference_backward(dout, cache)
             for label, got, want in zip(("dx", "dw", "dbias"), grads, expected):

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _report, check_close, check_true, not_answered
+from . import _host, _report, _shown, check_close, check_true, not_answered
+from ._student import entries
 from ._graded import Wrong, attempt, compare, numerical_gradient, verdict
 
 __all__ = ["LEVELS", "GRADED", "ex1", "ex2", "ex6", "fit_logistic", "squared_feature_accuracy", "attention_sizes", "ex7", "step_reference"]
@@ -92,12 +93,12 @@ def ex6(answer):
     if not_answered(name, answer):
         return None
     if not isinstance(answer, dict) or set(answer) != {"res2", "res4"}:
-        return _report(name, False, f"expected a dict with the keys 'res2' and 'res4', got {answer!r}")
+        return _report(name, False, f"expected a dict with the keys 'res2' and 'res4', got {_shown(answer)}")
     mine = {}
     for stage in ("res2", "res4"):
         counts = _counts(answer[stage])
         if counts is None:  # int() would pass 512.9 as 512 and "512" as 512
-            return _report(name, False, f"answer[{stage!r}] must be two whole numbers (N, N'), got {answer[stage]!r}")
+            return _report(name, False, f"answer[{stage!r}] must be two whole numbers (N, N'), got {_shown(answer[stage])}")
         mine[stage] = counts
     expected = {stage: attention_sizes(stage) for stage in ("res2", "res4")}
     return check_true(name, answer, mine == expected, f"the network's attention has {expected}")
@@ -105,10 +106,11 @@ def ex6(answer):
 
 def _counts(value):
     """``value`` as a tuple of ints when it holds whole numbers only (512 or 512.0, not 512.9, "512" or True)."""
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+    items = entries(value, ordered=True)  # None for a str or a 0-d array (whose iteration raises)
+    if items is None:
         return None
     counts = []
-    for n in value:
+    for n in items:
         if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, float, np.integer, np.floating)):
             return None
         if isinstance(n, (float, np.floating)) and not float(n).is_integer():
@@ -161,16 +163,16 @@ def ex7(answer):
 
     def run():
         got = attempt("ch07 ex7", answer, params, x, labels, lr)
-        if not isinstance(got, tuple) or len(got) != 2 or not isinstance(got[1], dict):
+        if not isinstance(got, (tuple, list)) or len(got) != 2 or not isinstance(got[1], dict):
             raise Wrong(f"expected a tuple (loss, new_params dict), got {type(got).__name__}")
         loss, new = got
         if set(new) != set(params):
-            raise Wrong(f"new_params must have the keys {sorted(params)}, got {sorted(new)}")
+            raise Wrong(f"new_params must have the keys {sorted(params)}, got {sorted(new, key=repr)}")
         want_loss, want = step_reference(params, x, labels, lr)
         ok = compare("loss", loss, want_loss)
         for k in ("w1", "b1", "w2", "b2"):
             ok &= compare(f"{k} after the step (vs nlref)", new[k], want[k])
-            implied = (params[k] - np.asarray(new[k], dtype=np.float64)) / lr
+            implied = (params[k] - _host(new[k])) / lr   # np.asarray raised on a tensor needing grad
 
             def f(v, k=k):
                 return np.asarray(loss_of({**params, k: v}))

@@ -91,7 +91,7 @@ def ex2(answer, *, seed=0, num_heads=2):
         mha.forward(x)
         expected = {"x": mha.backward(dout), **mha.grads}
         if not isinstance(mine, dict) or set(mine) != set(expected):
-            got = sorted(mine) if isinstance(mine, dict) else type(mine).__name__
+            got = sorted(mine, key=repr) if isinstance(mine, dict) else type(mine).__name__
             return _report(name, False, f"expected a dict with the keys {sorted(expected)}, got {got}")
         for key, value in expected.items():
             if not check_close(f"{name} ({key}, {heads} heads)", mine[key], value, rtol=1e-8, atol=1e-10):

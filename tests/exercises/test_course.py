@@ -105,3 +105,14 @@ def test_student_edition_runs_and_every_check_is_unanswered(student_edition, ind
         text = "".join(out.get("text", "") for out in cell.outputs)
         assert "not answered yet" in text, (cell.source, text)
         assert ": correct" not in text and "not yet:" not in text, (cell.source, text)
+
+
+@pytest.mark.parametrize("body, placeholders", [
+    ("a, b = 1, 2", "a = None  # your answer\nb = None  # your answer"),     # was raise NotImplementedError
+    ("if True:\n    x = 1\nelse: x = 2", "x = None  # your answer"),        # was "else = None", a SyntaxError
+    ("sq = [k * k for k in range(3)]\nans: int = 2\nans += 1", "sq = None  # your answer\nans = None  # your answer"),
+], ids=["tuple", "if-else", "comprehension"])
+def test_every_name_a_top_level_solution_binds_becomes_a_placeholder(body, placeholders):
+    # a top-level raise would stop the student's notebook with a traceback before the check runs
+    source = f"{course.SOLUTION_BEGIN}\n{body}\n{course.SOLUTION_END}\ncheck(x)"
+    assert course.student_source(source) == placeholders + "\ncheck(x)"
