@@ -219,15 +219,20 @@ def _installed_notebooks():
 
 
 def check_destination(dest, source):
-    """Refuse a ``dest`` that is ``source`` or holds it, or that is the current folder or holds it.
+    """Refuse a ``dest`` that is ``source``, holds it or lies inside it, or that is the current folder or holds it.
 
     Replacing it would replace the teacher's notebooks (with their solutions) by the student
-    edition, or try to rename the folder a process is running in.
+    edition, or try to rename the folder a process is running in; inside ``source`` the student
+    edition would sit among the teacher's notebooks, easy to hand out or run in their place.
     """
     dest_r, source_r, cwd = Path(dest).resolve(), Path(source).resolve(), Path.cwd().resolve()
     if dest_r == source_r or dest_r in source_r.parents:
         raise ValueError(f"{str(dest)!r} is the notebooks folder {str(source)!r} or holds it: the student edition "
                          "would replace the teacher's notebooks and their solutions; choose another folder")
+    if source_r in dest_r.parents:  # the two editions side by side, one copied or run for the other
+        raise ValueError(f"{str(dest)!r} is inside the notebooks folder {str(source)!r}: the student edition would "
+                         "sit among the teacher's notebooks and their solutions (and run with them as the course's "
+                         "notebooks); choose a folder outside it")
     if dest_r == cwd or dest_r in cwd.parents:
         raise ValueError(f"{str(dest)!r} is the current folder or holds it; choose a new folder for the student "
                          "edition")

@@ -55,6 +55,19 @@ def test_the_student_edition_never_replaces_the_teachers_notebooks(tmp_path, cap
         assert {p.name: p.read_bytes() for p in teacher.iterdir()} == before
 
 
+def test_the_student_edition_is_never_written_among_the_teachers_notebooks(tmp_path, capsys):
+    """--student notebooks/sub wrote the student edition inside the teacher's folder, beside the solutions (and
+    collected with them wherever that folder's notebooks are run, as the suite runs notebooks/)."""
+    teacher = tmp_path / "nb"
+    before = _teacher_copy(teacher)
+    for student in (teacher / "student", teacher / "a" / "b", tmp_path / "nb" / "." / "x"):
+        assert main(["course", "--student", str(student), "--notebooks", str(teacher)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "--student:" in err and "inside the notebooks folder" in err
+        assert {p.name: p.read_bytes() for p in teacher.iterdir()} == before   # nothing made there
+    assert main(["course", "--student", str(tmp_path / "student"), "--notebooks", str(teacher)]) == 0   # beside it
+
+
 def test_the_current_folder_is_never_the_student_folder(tmp_path, capsys, monkeypatch):
     """--student . tried to rename the folder the process runs in: a raw "Device or resource busy", and
     hidden folders left behind."""
