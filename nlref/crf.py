@@ -175,6 +175,17 @@ def _check_step(q, unary, kernels, compat):
     dtypes = {dtype_name(a.dtype) for a in [q, unary, compat] + [f for _, f in kernels]}
     if len(dtypes) > 1:
         raise TypeError(f"q, unary, compat and the kernels' features must share one dtype, got {sorted(dtypes)}")
+    # Q_i(l) = exp(-psi_u - ...) / Z_i: psi_u = +inf is a label of probability 0, but NaN, -inf, or +inf for every
+    # label of a pixel (Z_i = 0) define no distribution; a NaN q or mu would spread to every pixel it reaches
+    xp = array_namespace(q, unary, compat)
+    for name, a in [("q", q), ("compat", compat)] + [("each kernel's features", f) for _, f in kernels]:
+        if not bool(xp.all(xp.isfinite(a))):
+            raise ValueError(f"{name} must be finite (no NaN or inf)")
+    if bool(xp.any(xp.isnan(unary))) or bool(xp.any(unary == -math.inf)):
+        raise ValueError("unary must hold numbers or +inf (a label of probability 0), got NaN or -inf")
+    if not bool(xp.all(xp.any(xp.isfinite(unary), axis=0))):
+        raise ValueError("unary must be finite for at least one label of every pixel (+inf for all labels leaves "
+                         "Z_i = 0)")
     return [(float(w), f) for w, f in kernels]  # a NumPy float64 weight would make float32 marginals float64
 
 

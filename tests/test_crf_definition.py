@@ -139,3 +139,37 @@ def test_tiny_bandwidths_give_the_unaries_or_are_refused(theta, dtype):
     tol = 1e-13 + 10 * np.finfo(dtype).eps * spread               # logits off by about eps max|f|^2, weights 1 + 2
     np.testing.assert_allclose(got, np.exp(-unary) / np.exp(-unary).sum(axis=0), rtol=0, atol=tol)
     assert tol < 1e-2                                               # not a vacuous pass: a large spread is refused
+
+
+def test_a_label_of_probability_zero_is_kept_out():
+    """psi_u = +inf (a classifier's probability 0): that label's Q is 0, the others as the definition says."""
+    rng = np.random.default_rng(4)
+    image, unary = rng.uniform(0, 1, (3, 3, 3)), rng.standard_normal((3, 9))
+    unary[0, 4] = np.inf
+    setting = SETTINGS[0]
+    want = _definition(image, unary, crf.potts(3), iterations=2, **setting)
+    got = _nlref(image, unary, crf.potts(3), iterations=2, **setting)
+    assert got[0, 4] == 0.0 and np.all(np.isfinite(got))
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("where, value, match", [
+    ("unary_all", np.inf, "at least one label of every pixel"),
+    ("unary", np.nan, "NaN or -inf"), ("unary", -np.inf, "NaN or -inf"),
+    ("q", np.nan, "q must be finite"), ("compat", np.inf, "compat must be finite"),
+    ("features", np.nan, "features must be finite")])
+@pytest.mark.parametrize("step", [crf.mean_field_step, crf.mean_field_reference])
+def test_undefined_distributions_are_refused(where, value, match, step):
+    """+inf for every label of a pixel leaves Z_i = 0; NaN and -inf define no distribution. These gave NaN
+    (with a RuntimeWarning in NumPy) instead of an error."""
+    rng = np.random.default_rng(5)
+    bil, smooth = crf.crf_features(rng.uniform(0, 1, (3, 3, 3)), theta_alpha=2.0, theta_beta=0.5, theta_gamma=1.0)
+    unary = rng.standard_normal((3, 9))
+    q = np.exp(-unary) / np.exp(-unary).sum(axis=0)
+    mu = crf.potts(3)
+    if where == "unary_all":
+        unary[:, 4] = value
+    else:
+        {"unary": unary, "q": q, "compat": mu, "features": bil}[where][1, 2] = value
+    with pytest.raises(ValueError, match=match):
+        step(q, unary, [(1.0, bil), (1.0, smooth)], mu)
