@@ -112,6 +112,10 @@ def gaussian_message(features, q):
     makes that channel's output ``1 / (C_i + 1)`` and the others
     ``sum_j f_ij q_j / (C_i + 1)``: their ratio is the unnormalised sum (``C(x) = 1``).
     The self term ``f_ii q_i = q_i`` is then subtracted (``j != i``).
+
+    Each logit is off by about ``eps * max_i |f_i|^2`` (features centred): features with
+    ``eps * max_i |f_i|^2 > 1e-3`` (thetas too small for the positions or colours, or
+    non-finite features) raise a ValueError.
     """
     from .nn.nonlocal_op import nonlocal_forward
 
@@ -126,6 +130,8 @@ def gaussian_message(features, q):
     xp = array_namespace(features, q)
     n_labels, n = q.shape
     on = device(q)
+    if n == 0:                                                   # no pixels, no messages (and no mean to centre by)
+        return xp.zeros_like(q)
     # |f_i - f_j| is the same for centred features, and the logits' three terms then cancel less: with the
     # paper's thetas on 0..255 colours |f|^2 is about 10^3, and a float32 step was 1.9e-4 off (3.7e-5 centred)
     with np.errstate(over="ignore", invalid="ignore"):             # inf and NaN are refused just below
@@ -134,7 +140,7 @@ def gaussian_message(features, q):
     # the logits' terms are up to R = max |f_i|^2 (centred), so each logit is off by about eps R: the self pair's
     # weight exp(0) came out exp(+-10) at theta = 1e-8 (float64), a step 0.1 off. Refuse where eps R > 1e-3
     # (kernel weights off by more than about 0.1%); at the paper's settings a float32 R is about 330
-    spread = 2 * float(xp.max(half)) if n else 0.0
+    spread = 2 * float(xp.max(half))
     eps = float(np.finfo(np.float32 if dtype_name(q.dtype) == "float32" else np.float64).eps)
     if not eps * spread <= _SPREAD_BUDGET:
         raise ValueError(f"features must be finite with max |f_i - mean f|^2 <= {_SPREAD_BUDGET / eps:.3g} in "

@@ -11,6 +11,7 @@ Positions are (row, column) pixel indices.
 """
 
 import itertools
+import warnings
 
 import numpy as np
 import pytest
@@ -173,3 +174,14 @@ def test_undefined_distributions_are_refused(where, value, match, step):
         {"unary": unary, "q": q, "compat": mu, "features": bil}[where][1, 2] = value
     with pytest.raises(ValueError, match=match):
         step(q, unary, [(1.0, bil), (1.0, smooth)], mu)
+
+
+def test_no_pixels_no_messages():
+    """An empty image: the step (like the loop) returns (L, 0); it warned "Mean of empty slice"."""
+    q = np.zeros((2, 0))
+    bil, smooth = crf.crf_features(np.zeros((0, 3, 3)), theta_alpha=1.0, theta_beta=1.0, theta_gamma=1.0)
+    assert bil.shape == (5, 0) and smooth.shape == (2, 0)
+    for step in (crf.mean_field_step, crf.mean_field_reference):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert step(q, q, [(1.0, bil), (1.0, smooth)], crf.potts(2)).shape == (2, 0)
