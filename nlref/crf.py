@@ -133,13 +133,13 @@ def gaussian_message(features, q):
     if n == 0:                                                   # no pixels, no messages (and no mean to centre by)
         return xp.zeros_like(q)
     # |f_i - f_j| is the same for centred features, and the logits' three terms then cancel less: with the
-    # paper's thetas on 0..255 colours |f|^2 is about 10^3, and a float32 step was 1.9e-4 off (3.7e-5 centred)
+    # DenseCRF example's thetas (80, 13, 3) on 0..255 colours |f|^2 is about 10^3, and a float32 step was 1.9e-4 off (3.7e-5 centred)
     with np.errstate(over="ignore", invalid="ignore"):             # inf and NaN are refused just below
         features = features - xp.mean(features, axis=1, keepdims=True)
         half = xp.sum(features**2, axis=0, keepdims=True) / 2   # (1, N)
     # the logits' terms are up to R = max |f_i|^2 (centred), so each logit is off by about eps R: the self pair's
     # weight exp(0) came out exp(+-10) at theta = 1e-8 (float64), a step 0.1 off. Refuse where eps R > 1e-3
-    # (kernel weights off by more than about 0.1%); at the paper's settings a float32 R is about 330
+    # (kernel weights off by more than about 0.1%); at DenseCRF's example thetas (80, 13, 3) a float32 R is about 330
     spread = 2 * float(xp.max(half))
     eps = float(np.finfo(np.float32 if dtype_name(q.dtype) == "float32" else np.float64).eps)
     if not eps * spread <= _SPREAD_BUDGET:

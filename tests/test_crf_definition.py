@@ -185,3 +185,17 @@ def test_no_pixels_no_messages():
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             assert step(q, q, [(1.0, bil), (1.0, smooth)], crf.potts(2)).shape == (2, 0)
+
+
+def test_densecrfs_potts_is_the_same_update():
+    """DenseCRF 2.x (src/labelcompatibility.cpp) applies PottsCompatibility(w) as -w Q: mu = -w [l = l'].
+    It differs from the paper's w [l != l'] by w sum_l' m_i(l'), equal for all labels of a pixel."""
+    rng = np.random.default_rng(6)
+    image, unary = rng.uniform(0, 1, (4, 4, 3)), rng.standard_normal((4, 16))
+    bil, smooth = crf.crf_features(image, theta_alpha=3.0, theta_beta=0.3, theta_gamma=1.0)
+    q = np.exp(-unary) / np.exp(-unary).sum(axis=0)
+    for w in (0.5, 3.0):
+        paper = crf.mean_field_step(q, unary, [(1.0, bil), (0.4, smooth)], w * crf.potts(4))
+        released = crf.mean_field_step(q, unary, [(1.0, bil), (0.4, smooth)], -w * np.eye(4))
+        np.testing.assert_allclose(released, paper, rtol=1e-12, atol=1e-14)
+        assert np.abs(paper - crf.mean_field_step(q, unary, [], w * crf.potts(4))).max() > 1e-3   # not vacuous
