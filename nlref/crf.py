@@ -86,7 +86,7 @@ def crf_features(image, *, theta_alpha, theta_beta, theta_gamma):
         raise ValueError(f"image and thetas must give finite features in {dtype_name(image.dtype)}, got "
                          f"theta_alpha={theta_alpha!r}, theta_beta={theta_beta!r}, theta_gamma={theta_gamma!r} "
                          "and an image with values up to "
-                         f"{float(xp.max(xp.abs(image))) if image.size else 0.0!r}")
+                         f"{float(xp.max(xp.abs(image))) if math.prod(image.shape) else 0.0!r}")
     return bilateral, smoothness
 
 

@@ -199,3 +199,19 @@ def test_densecrfs_potts_is_the_same_update():
         released = crf.mean_field_step(q, unary, [(1.0, bil), (0.4, smooth)], -w * np.eye(4))
         np.testing.assert_allclose(released, paper, rtol=1e-12, atol=1e-14)
         assert np.abs(paper - crf.mean_field_step(q, unary, [], w * crf.potts(4))).max() > 1e-3   # not vacuous
+
+
+def test_refusals_on_every_library(xp, to_xp):
+    rng = np.random.default_rng(8)
+    image = to_xp(rng.uniform(0, 1, (3, 3, 3)).astype(np.float32))
+    with pytest.raises(ValueError, match="finite features in float32"):
+        crf.crf_features(image, theta_alpha=1e-50, theta_beta=1.0, theta_gamma=1.0)
+    bil, _ = crf.crf_features(to_xp(rng.uniform(0, 1, (3, 3, 3))), theta_alpha=1e-7, theta_beta=1.0,
+                              theta_gamma=1.0)
+    unary = rng.standard_normal((2, 9))
+    q = to_xp(np.exp(-unary) / np.exp(-unary).sum(axis=0))
+    with pytest.raises(ValueError, match="larger thetas or float64"):
+        crf.mean_field_step(q, to_xp(unary), [(1.0, bil)], to_xp(crf.potts(2)))
+    unary[:, 3] = np.inf
+    with pytest.raises(ValueError, match="at least one label of every pixel"):
+        crf.mean_field_step(q, to_xp(unary), [], to_xp(crf.potts(2)))
