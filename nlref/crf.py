@@ -45,6 +45,9 @@ from .backend import array_namespace, device, dtype_name
 __all__ = ["crf_features", "potts", "gaussian_message", "mean_field_step", "mean_field_reference"]
 
 
+_SPREAD_BUDGET = 1e-3   # eps * max |f|^2 above which gaussian_message refuses the features
+
+
 def _float(name, a):
     array_namespace(a, names=[name])  # an array (a list has no dtype), named
     if dtype_name(a.dtype) not in ("float32", "float64"):
@@ -77,7 +80,14 @@ def crf_features(image, *, theta_alpha, theta_beta, theta_gamma):
     idx = xp.arange(h * w, dtype=image.dtype, device=device(image))
     rows = xp.floor(idx / w)
     pos = xp.stack([rows, idx - rows * w])                       # (2, N): row, column
-    return xp.concat([pos / theta_alpha, colours / theta_beta]), pos / theta_gamma
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):   # a float32 theta of 1e-50 is 0
+        bilateral, smoothness = xp.concat([pos / theta_alpha, colours / theta_beta]), pos / theta_gamma
+    if not (bool(xp.all(xp.isfinite(bilateral))) and bool(xp.all(xp.isfinite(smoothness)))):
+        raise ValueError(f"image and thetas must give finite features in {dtype_name(image.dtype)}, got "
+                         f"theta_alpha={theta_alpha!r}, theta_beta={theta_beta!r}, theta_gamma={theta_gamma!r} "
+                         "and an image with values up to "
+                         f"{float(xp.max(xp.abs(image))) if math.prod(image.shape) else 0.0!r}")
+    return bilateral, smoothness
 
 
 def potts(n_labels, *, like=None):
@@ -102,6 +112,10 @@ def gaussian_message(features, q):
     makes that channel's output ``1 / (C_i + 1)`` and the others
     ``sum_j f_ij q_j / (C_i + 1)``: their ratio is the unnormalised sum (``C(x) = 1``).
     The self term ``f_ii q_i = q_i`` is then subtracted (``j != i``).
+
+    Each logit is off by about ``eps * max_i |f_i|^2`` (features centred): features with
+    ``eps * max_i |f_i|^2 > 1e-3`` (thetas too small for the positions or colours, or
+    non-finite features) raise a ValueError.
     """
     from .nn.nonlocal_op import nonlocal_forward
 
@@ -116,10 +130,22 @@ def gaussian_message(features, q):
     xp = array_namespace(features, q)
     n_labels, n = q.shape
     on = device(q)
+    if n == 0:                                                   # no pixels, no messages (and no mean to centre by)
+        return xp.zeros_like(q)
     # |f_i - f_j| is the same for centred features, and the logits' three terms then cancel less: with the
-    # paper's thetas on 0..255 colours |f|^2 is about 10^3, and a float32 step was 1.9e-4 off (3.7e-5 centred)
-    features = features - xp.mean(features, axis=1, keepdims=True)
-    half = xp.sum(features**2, axis=0, keepdims=True) / 2       # (1, N)
+    # DenseCRF example's thetas (80, 13, 3) on 0..255 colours |f|^2 is about 10^3, and a float32 step was 1.9e-4 off (3.7e-5 centred)
+    with np.errstate(over="ignore", invalid="ignore"):             # inf and NaN are refused just below
+        features = features - xp.mean(features, axis=1, keepdims=True)
+        half = xp.sum(features**2, axis=0, keepdims=True) / 2   # (1, N)
+    # the logits' terms are up to R = max |f_i|^2 (centred), so each logit is off by about eps R: the self pair's
+    # weight exp(0) came out exp(+-10) at theta = 1e-8 (float64), a step 0.1 off. Refuse where eps R > 1e-3
+    # (kernel weights off by more than about 0.1%); at DenseCRF's example thetas (80, 13, 3) a float32 R is about 330
+    spread = 2 * float(xp.max(half))
+    eps = float(np.finfo(np.float32 if dtype_name(q.dtype) == "float32" else np.float64).eps)
+    if not eps * spread <= _SPREAD_BUDGET:
+        raise ValueError(f"features must be finite with max |f_i - mean f|^2 <= {_SPREAD_BUDGET / eps:.3g} in "
+                         f"{dtype_name(q.dtype)} (the Gaussian kernel from dot products loses about eps |f|^2 to "
+                         f"rounding), got {spread:.3g}: use larger thetas or float64")
     ones = xp.ones((1, n), dtype=q.dtype, device=on)
     theta = xp.concat([features, -half, ones])[None, ...]             # (1, d + 2, N)
     phi = xp.concat([xp.concat([features, ones, -half]),
@@ -155,6 +181,17 @@ def _check_step(q, unary, kernels, compat):
     dtypes = {dtype_name(a.dtype) for a in [q, unary, compat] + [f for _, f in kernels]}
     if len(dtypes) > 1:
         raise TypeError(f"q, unary, compat and the kernels' features must share one dtype, got {sorted(dtypes)}")
+    # Q_i(l) = exp(-psi_u - ...) / Z_i: psi_u = +inf is a label of probability 0, but NaN, -inf, or +inf for every
+    # label of a pixel (Z_i = 0) define no distribution; a NaN q or mu would spread to every pixel it reaches
+    xp = array_namespace(q, unary, compat)
+    for name, a in [("q", q), ("compat", compat)] + [("each kernel's features", f) for _, f in kernels]:
+        if not bool(xp.all(xp.isfinite(a))):
+            raise ValueError(f"{name} must be finite (no NaN or inf)")
+    if bool(xp.any(xp.isnan(unary))) or bool(xp.any(unary == -math.inf)):
+        raise ValueError("unary must hold numbers or +inf (a label of probability 0), got NaN or -inf")
+    if not bool(xp.all(xp.any(xp.isfinite(unary), axis=0))):
+        raise ValueError("unary must be finite for at least one label of every pixel (+inf for all labels leaves "
+                         "Z_i = 0)")
     return [(float(w), f) for w, f in kernels]  # a NumPy float64 weight would make float32 marginals float64
 
 
