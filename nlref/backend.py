@@ -14,6 +14,12 @@ The standard has a few gaps that this module fills, each with one small helper:
   seed gives the same numbers on every backend.
 * :func:`to_numpy` / :func:`asarray` -- explicit moves to and from the host
   (nlref never moves an array silently).
+
+A PyTorch tensor with ``requires_grad=True`` is refused wherever nlref computes
+with it (:func:`array_namespace` raises a TypeError naming the argument): nlref's
+gradients are written by hand, and such a tensor would silently build an autograd
+graph through every step. Pass ``x.detach()``. The plotting helpers of
+``nlref.viz``, which only copy their arrays to the host to draw them, accept it.
 """
 
 from __future__ import annotations
@@ -77,17 +83,30 @@ def array_namespace(*arrays, names=None):
     Raises
     ------
     TypeError
-        If an argument is not an array (a list, a scalar, ``None``), or if the
-        arrays come from different libraries.
+        If an argument is not an array (a list, a Python scalar, ``None``; a
+        NumPy scalar such as ``numpy.float64(1.0)`` counts as a 0-d array), if the
+        arrays come from different libraries, or if an argument is a PyTorch
+        tensor with ``requires_grad=True`` (nlref's gradients are written by
+        hand; a tensor that records an autograd graph is refused, not detached
+        behind the caller's back: pass ``x.detach()``).
     """
     if arrays and all(type(x) is np.ndarray for x in arrays):  # the common case, without the checks below
         return _compat_numpy
     names = list(names) if names is not None else [f"argument {i}" for i in range(len(arrays))]
     for name, x in zip(names, arrays):
-        if not array_api_compat.is_array_api_obj(x) or isinstance(x, (bool, int, float, complex)):
+        # A NumPy scalar (what NumPy's own reductions return) is a 0-d array like any other; numpy.float64
+        # also subclasses Python's float, and was refused while numpy.float32 was taken.
+        python_scalar = isinstance(x, (bool, int, float, complex)) and not isinstance(x, np.generic)
+        if not array_api_compat.is_array_api_obj(x) or python_scalar:
             raise TypeError(
                 f"{name} must be an array (NumPy, CuPy, PyTorch or any array-API library); "
                 f"got {type(x).__name__}. Convert it first, e.g. numpy.asarray({name})."
+            )
+    for name, x in zip(names, arrays):
+        if getattr(x, "requires_grad", False) is True:
+            raise TypeError(
+                f"{name} is a PyTorch tensor with requires_grad=True; nlref computes its gradients by hand and "
+                f"records no autograd graph, so it takes data, not graph nodes: pass {name}.detach()"
             )
     libraries = {_library(x) for x in arrays}
     if len(libraries) > 1:

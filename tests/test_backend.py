@@ -159,3 +159,105 @@ def test_rng_gives_numpys_generator_for_the_same_seed():
     assert B.rng(7).random() == np.random.default_rng(7).random()
     g = np.random.default_rng(1)
     assert B.rng(g) is g and isinstance(B.rng(None), np.random.Generator)
+
+
+# ------------------------------------------------------------------ PyTorch tensors, NumPy scalars, mixed inputs
+def _requires_grad_calls(torch):
+    """(the argument name in the message, a call of a public function with that argument requiring grad)."""
+    import nlref
+    import nlref.nn.functional as F
+    from nlref.nn import nonlocal_op
+
+    def grad(shape, dtype=torch.float64):
+        return torch.rand(*shape, dtype=dtype, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+
+    def plain(shape):
+        return torch.rand(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    block = nlref.NonLocalBlock(4, dims=2, dtype="float64", seed=0, xp=torch)
+    return [
+        ("image", lambda: nlref.nl_means(grad((10, 12)), sigma=0.1, patch_size=3, search_size=5)),
+        ("image", lambda: nlref.nl_means(grad((10, 12)), sigma=0.1, patch_size=3, search_size=5, method="naive")),
+        ("image", lambda: nlref.nl_means_weights(grad((10, 12)), (4, 4), sigma=0.1, patch_size=3, search_size=5)),
+        ("image", lambda: nlref.estimate_sigma(grad((10, 12)))),
+        ("image", lambda: nlref.add_gaussian_noise(grad((10, 12)), 0.1, seed=0)),
+        ("copies", lambda: nlref.average(grad((3, 10, 12)))),
+        ("estimate", lambda: nlref.psnr(plain((10, 12)), grad((10, 12)), data_range=1.0)),
+        ("w", lambda: F.conv1x1_forward(plain((2, 3, 4, 4)), grad((5, 3)))),
+        ("x", lambda: F.relu_forward(grad((2, 3)))),
+        ("s", lambda: F.softmax_forward(grad((2, 3)))),
+        ("theta", lambda: nonlocal_op.nonlocal_forward(grad((1, 2, 6)), plain((1, 2, 6)), plain((1, 2, 6)),
+                                                       mode="embedded_gaussian")),
+        ("x", lambda: block.forward(grad((2, 4, 4, 4)))),
+    ]
+
+
+def test_a_tensor_that_requires_grad_is_refused_by_name():
+    """A PyTorch tensor with requires_grad=True used to run through every function, silently recording an
+    autograd graph through NL-means and the hand-written layers (and warning from deep inside, where a
+    parameter was read with float()). It is refused now, by its argument's name, with the way out."""
+    torch = pytest.importorskip("torch")
+    for name, call in _requires_grad_calls(torch):
+        with pytest.raises(TypeError, match=rf"^{name} is a PyTorch tensor with requires_grad=True.*"
+                                            rf"pass {name}\.detach\(\)"):
+            call()
+
+
+def test_a_detached_tensor_runs_and_viz_accepts_one_that_requires_grad():
+    """The way out the message gives works, and the plotting helpers (which copy to the host to draw) take
+    a tensor that requires grad as it is."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import nlref
+
+    host = np.random.default_rng(0).random((10, 12))
+    t = torch.tensor(host, requires_grad=True)
+    out = nlref.nl_means(t.detach(), sigma=0.1, patch_size=3, search_size=5, method="naive")
+    expected = nlref.nl_means(host, sigma=0.1, patch_size=3, search_size=5, method="naive")
+    assert type(out) is torch.Tensor and out.dtype == torch.float64 and not out.requires_grad
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-12, atol=1e-12)
+    fig = nlref.viz.image_grid([t])
+    plt.close(fig)
+
+
+@pytest.mark.parametrize("scalar", [np.float64(0.25), np.float32(0.25), np.int64(3), np.float16(0.25)])
+def test_numpy_scalars_are_0d_arrays(scalar):
+    """numpy.float64 subclasses Python's float and was refused as "not an array", while numpy.float32
+    and numpy.int64 were taken as 0-d arrays."""
+    assert B.array_namespace(scalar, names=["x"]) is B.array_namespace(np.asarray(scalar))
+
+
+def test_a_numpy_reduction_result_goes_back_in():
+    """NumPy's full reductions return a NumPy scalar: the average of float64 copies of one sample is a
+    numpy.float64, which mse and residual_variance refused ("reference must be an array")."""
+    import nlref
+    from nlref.averaging import residual_variance
+
+    copies = np.array([0.5, 1.0, 2.0])                    # three float64 copies of a 0-d sample
+    estimate = nlref.average(copies)                       # (0.5 + 1 + 2) / 3 = 7/6
+    clean = np.asarray(1.0)
+    assert nlref.mse(estimate, clean) == pytest.approx((7 / 6 - 1) ** 2, rel=1e-12)
+    assert residual_variance(estimate, clean) == pytest.approx((7 / 6 - 1) ** 2, rel=1e-12)
+    assert nlref.psnr(np.float64(1.0), np.float64(0.5), data_range=1.0) == pytest.approx(10 * np.log10(4))
+
+
+def test_mixed_libraries_in_a_layer_are_named():
+    """The functional layers named the arguments of a mixed-library call "argument 0", "argument 1"."""
+    import array_api_strict as xs
+    import nlref.nn.functional as F
+    from nlref.nn import nonlocal_op
+
+    x = B.asarray(np.ones((2, 3, 4, 4)), xp=xs)
+    with pytest.raises(TypeError, match=r"different libraries .*\(x: array-api-strict, w: numpy\)"):
+        F.conv1x1_forward(x, np.ones((5, 3)))
+    with pytest.raises(TypeError, match=r"different libraries .*\(x: array-api-strict, gamma: numpy, beta: numpy\)"):
+        F.batchnorm_forward(x, np.ones(3), np.zeros(3), {"mean": np.zeros(3), "var": np.ones(3)}, training=True)
+    theta = B.asarray(np.ones((1, 2, 6)), xp=xs)
+    with pytest.raises(TypeError, match=r"different libraries .*\(theta: array-api-strict, phi: numpy, g: numpy\)"):
+        nonlocal_op.nonlocal_forward(theta, np.ones((1, 2, 6)), np.ones((1, 2, 6)), mode="dot_product")
+    with pytest.raises(TypeError, match=r"different libraries .*\(dp: array-api-strict, p: numpy\)"):
+        F.softmax_backward(B.asarray(np.ones((2, 3)), xp=xs), F.softmax_forward(np.ones((2, 3)))[1])

@@ -65,7 +65,7 @@ def _namespace_xwb(x, w, b):
 
 def _flat(x):
     """(B, C, *S) -> (B, C, N), a view for contiguous arrays."""
-    return array_namespace(x).reshape(x, (x.shape[0], x.shape[1], math.prod(x.shape[2:])))
+    return array_namespace(x, names=["x"]).reshape(x, (x.shape[0], x.shape[1], math.prod(x.shape[2:])))
 
 
 # --------------------------------------------------------------------------- 1x1 conv
@@ -85,7 +85,7 @@ def conv1x1_forward(x, w, b=None):
     out : array, shape (B, C_out, *S)
     cache : tuple
     """
-    xp = array_namespace(x, w)
+    xp = array_namespace(x, w, names=["x", "w"])
     check_float("conv1x1_forward", xp, x=x, w=w, b=b)
     if x.ndim < 3 or w.ndim != 2 or w.shape[1] != x.shape[1] or (b is not None and tuple(b.shape) != (w.shape[0],)):
         raise ValueError(f"conv1x1_forward: needs x (B, C_in, *S), w (C_out, C_in) and b (C_out,) with matching "
@@ -114,7 +114,7 @@ def conv1x1_backward(dout, cache):
     """
     x, w, has_bias = cache
     check_grad("conv1x1_backward", dout, (x.shape[0], w.shape[0], *x.shape[2:]))
-    xp = array_namespace(dout, w)
+    xp = array_namespace(dout, w, names=["dout", "w"])
     d3 = _flat(dout)
     dx = xp.reshape(xp.matmul(xp.matrix_transpose(w), d3), x.shape)
     dw = xp.sum(xp.matmul(d3, xp.matrix_transpose(_flat(x))), axis=0)  # B small products, then a sum
@@ -156,7 +156,7 @@ def batchnorm_forward(x, gamma, beta, state, *, training, momentum=0.1, eps=1e-5
     out : array, shape (B, C, *S)
     cache : tuple
     """
-    xp = array_namespace(x, gamma, beta)
+    xp = array_namespace(x, gamma, beta, names=["x", "gamma", "beta"])
     training = check_flag("batchnorm_forward: training", training)
     check_batchnorm(x, gamma, beta, state, momentum, eps)
     check_float("batchnorm_forward", xp, x=x, gamma=gamma, beta=beta, **{
@@ -223,7 +223,7 @@ def batchnorm_backward(dout, cache):
     if isinstance(cache, engine.BatchNormCache):  # from the fused passes: the same equations, two passes
         return engine.batchnorm_backward_numba(dout, cache)
     centred, gamma, inv_std, training, rows = cache
-    array_namespace(dout, centred)  # one library for both
+    array_namespace(dout, centred, names=["dout", "centred"])  # one library for both
     d2 = rows.matrix(dout)
     m = rows.count
     dbeta = rows.sums(d2)
@@ -239,7 +239,7 @@ def batchnorm_backward(dout, cache):
 # --------------------------------------------------------------------------- ReLU
 def relu_forward(x):
     r"""Rectified linear unit, :math:`\max(x, 0)`, elementwise. Any shape; NaN stays NaN, as in PyTorch."""
-    xp = array_namespace(x)
+    xp = array_namespace(x, names=["x"])
     return xp.maximum(x, xp.zeros((), dtype=x.dtype, device=device(x))), x
 
 
@@ -252,7 +252,7 @@ def relu_backward(dout, cache):
     """
     x = cache
     check_grad("relu_backward", dout, x.shape)
-    xp = array_namespace(dout, x)
+    xp = array_namespace(dout, x, names=["dout", "x"])
     return dout * xp.astype(x > 0, dout.dtype)
 
 
@@ -296,7 +296,7 @@ def maxpool_forward(x, kernel):
     out : array, shape (B, C, *(S // kernel))
     cache : tuple
     """
-    xp = array_namespace(x)
+    xp = array_namespace(x, names=["x"])
     check_float("maxpool_forward", xp, x=x)
     kernel = check_pool_kernel(x, kernel)
     out = engine.maxpool_numba(x, kernel) if engine.numba_applies(x) else None  # the same maxima, one pass
@@ -323,7 +323,7 @@ def maxpool_backward(dout, cache):
     """
     x, out, kernel = cache
     check_grad("maxpool_backward", dout, out.shape)
-    xp = array_namespace(dout, x)
+    xp = array_namespace(dout, x, names=["dout", "x"])
     if engine.numba_applies(dout, x):  # the same routing, one pass
         dx = engine.maxpool_backward_numba(dout, x, out, kernel)
         if dx is not None:
@@ -362,7 +362,7 @@ def softmax_forward(s, axis=-1):
     p : array, the shape of ``s``
     cache : tuple
     """
-    xp = array_namespace(s)
+    xp = array_namespace(s, names=["s"])
     check_float("softmax_forward", xp, s=s)
     if engine.numba_applies(s) and axis in (-1, s.ndim - 1):  # the same steps, one pass per row
         p = np.array(s, order="C")
@@ -381,7 +381,7 @@ def softmax_backward(dp, cache):
     """
     p, axis = cache
     check_grad("softmax_backward", dp, p.shape, name="dp")
-    xp = array_namespace(dp, p)
+    xp = array_namespace(dp, p, names=["dp", "p"])
     if engine.numba_applies(dp, p) and axis in (-1, p.ndim - 1):  # one pass per row
         return engine.softmax_backward_rows(dp, p)
     ds = dp * p
@@ -409,7 +409,7 @@ def dot_pairwise_forward(theta, phi, scale=1.0):
     s : array, shape (B, N, M)
     cache : tuple
     """
-    xp = array_namespace(theta, phi)
+    xp = array_namespace(theta, phi, names=["theta", "phi"])
     check_float("dot_pairwise_forward", xp, theta=theta, phi=phi)
     s = xp.matmul(xp.matrix_transpose(theta), phi)
     if scale != 1.0:
@@ -426,7 +426,7 @@ def dot_pairwise_backward(ds, cache):
     """
     theta, phi, scale = cache
     check_grad("dot_pairwise_backward", ds, (theta.shape[0], theta.shape[2], phi.shape[2]), name="ds")
-    xp = array_namespace(ds, theta)
+    xp = array_namespace(ds, theta, names=["ds", "theta"])
     dtheta = xp.matmul(phi, xp.matrix_transpose(ds))
     dphi = xp.matmul(theta, ds)
     if scale != 1.0:  # on the small results, not on the (B, N, M) ds
@@ -461,7 +461,7 @@ def concat_pairwise_forward(theta, phi, w_f):
         by a positive number, as the non-local operation's ``1/M`` does, keeps
         that true.)
     """
-    xp = array_namespace(theta, phi, w_f)
+    xp = array_namespace(theta, phi, w_f, names=["theta", "phi", "w_f"])
     check_float("concat_pairwise_forward", xp, theta=theta, phi=phi, w_f=w_f)
     d = theta.shape[1]
     if w_f.shape != (2 * d,):
@@ -489,13 +489,13 @@ def concat_pairwise_backward(df, cache):
 
 def _concat_linear_backward(dpre, theta, phi, w_f):
     """dtheta, dphi, dw_f of :func:`concat_pairwise_forward` from ``dpre``, the gradient before the ReLU."""
-    xp = array_namespace(dpre, theta)
+    xp = array_namespace(dpre, theta, names=["dpre", "theta"])
     return _concat_sums_backward(xp.sum(dpre, axis=2), xp.sum(dpre, axis=1), theta, phi, w_f)
 
 
 def _concat_sums_backward(da, db, theta, phi, w_f):
     """The same from ``da`` (B, N) and ``db`` (B, M), the row and column sums of ``dpre``."""
-    xp = array_namespace(da, theta)
+    xp = array_namespace(da, theta, names=["da", "theta"])
     d = theta.shape[1]
     dtheta = w_f[:d][None, :, None] * da[:, None, :]
     dphi = w_f[d:][None, :, None] * db[:, None, :]

@@ -79,10 +79,11 @@ def check_mode(mode):
 
 def _check(theta, phi, g, mode, scale, w_f, chunk_size):
     check_mode(mode)
+    named = [(k, a) for k, a in (("theta", theta), ("phi", phi), ("g", g), ("w_f", w_f)) if a is not None]
+    array_namespace(*(a for _, a in named), names=[k for k, _ in named])  # arrays of one library, named in errors
     for name, a in (("theta", theta), ("phi", phi), ("g", g)):
         if a is not None and a.ndim != 3:
             raise ValueError(f"{name} must have shape (B, channels, positions), got {tuple(a.shape)}")
-    named = [(k, a) for k, a in (("theta", theta), ("phi", phi), ("g", g), ("w_f", w_f)) if a is not None]
     dtypes = {k: dtype_name(a.dtype) for k, a in named}
     for k, a in named:  # integers would fail deep inside (softmax's in-place exp, the 1/M division)
         if dtypes[k] not in ("float32", "float64") and not array_namespace(a).isdtype(a.dtype, "real floating"):
