@@ -408,14 +408,24 @@ def normal(shape, *, seed=None, like=None, xp=None, dtype=None, device=None):
     ``xp=``) places the samples as :func:`asarray` does.
     """
     generator = rng(seed)
-    host_dtype = np.float64 if dtype is None else np.dtype(dtype_name(dtype))
+    name = None if dtype is None else dtype_name(dtype)
+    if name == "bfloat16":  # NumPy has no bfloat16: float32 on the host, rounded to bfloat16 on the way in
+        target = array_namespace(like, names=["like"]) if like is not None else compat_namespace(xp)
+        if isinstance(dtype, str):
+            dtype = getattr(target, "bfloat16", None)
+            if dtype is None:
+                raise TypeError(f"dtype='bfloat16' is not a dtype of {getattr(target, '__name__', target)}")
+        samples = generator.standard_normal(tuple(shape), dtype=np.float64).astype(np.float32)
+        return asarray(samples, like=like, xp=xp, device=device, dtype=dtype)
+    host_dtype = np.float64 if dtype is None else np.dtype(name)
     samples = generator.standard_normal(tuple(shape), dtype=np.float64).astype(host_dtype)
     return asarray(samples, like=like, xp=xp, device=device)
 
 
 def dtype_name(dtype) -> str:
     """The standard name of a dtype of any library: ``'float32'`` for NumPy's, CuPy's,
-    PyTorch's and array-api-strict's float32 alike (and for the string)."""
+    PyTorch's and array-api-strict's float32 alike (and for the string); ``'bfloat16'``
+    for PyTorch's bfloat16 (not ``'float16'``, another format)."""
     if isinstance(dtype, str):
         return dtype
     # Remembered: a layer asks this on every call, and ``str`` of a NumPy dtype is slow
@@ -438,7 +448,8 @@ _DTYPE_NAMES = {}
 
 def _find_dtype_name(dtype):
     text = str(dtype)
-    for name in ("float16", "float32", "float64", "uint8", "uint16", "uint32", "uint64",
+    # bfloat16 before float16, the end of its name ("torch.bfloat16" is not a float16)
+    for name in ("bfloat16", "float16", "float32", "float64", "uint8", "uint16", "uint32", "uint64",
                  "int8", "int16", "int32", "int64", "bool", "complex64", "complex128"):
         if text.endswith(name):
             return name

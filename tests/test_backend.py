@@ -261,3 +261,36 @@ def test_mixed_libraries_in_a_layer_are_named():
         nonlocal_op.nonlocal_forward(theta, np.ones((1, 2, 6)), np.ones((1, 2, 6)), mode="dot_product")
     with pytest.raises(TypeError, match=r"different libraries .*\(dp: array-api-strict, p: numpy\)"):
         F.softmax_backward(B.asarray(np.ones((2, 3)), xp=xs), F.softmax_forward(np.ones((2, 3)))[1])
+
+
+def test_bfloat16_is_not_named_float16():
+    """dtype_name read PyTorch's bfloat16 as "float16" (its name ends so): a bfloat16 input and float16
+    weights passed the layers' one-dtype checks and failed inside PyTorch ("expected scalar type Half but
+    found BFloat16"), messages called bfloat16 float16, and normal(dtype=torch.bfloat16) gave float16."""
+    torch = pytest.importorskip("torch")
+    import nlref
+    import nlref.nn.functional as F
+    from nlref.nn import nonlocal_op
+
+    assert B.dtype_name(torch.bfloat16) == "bfloat16"
+    assert B.dtype_name(torch.float16) == "float16"
+    x = torch.ones(2, 4, 3, 3, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match=r"arrays must share one dtype \(x: bfloat16, w: float16\)"):
+        F.conv1x1_forward(x, torch.ones(5, 4, dtype=torch.float16))
+    with pytest.raises(TypeError, match=r"arrays must share one dtype \(x: bfloat16, w: float16\)"):
+        F.conv3d_forward(torch.ones(1, 2, 3, 3, 3, dtype=torch.bfloat16), torch.ones(2, 2, 1, 1, 1, dtype=torch.float16))
+    half = torch.ones(1, 2, 4, dtype=torch.float16)
+    with pytest.raises(TypeError, match="must share one dtype, got .*'theta': 'bfloat16', 'phi': 'float16'"):
+        nonlocal_op.nonlocal_forward(torch.ones(1, 2, 4, dtype=torch.bfloat16), half, half, mode="dot_product")
+    like = torch.zeros(3, dtype=torch.bfloat16)
+    for dtype in (torch.bfloat16, "bfloat16"):
+        samples = B.normal((4,), seed=5, like=like, dtype=dtype)
+        assert samples.dtype == torch.bfloat16
+        # float32 holds every bfloat16 value: the same samples rounded once, float32 -> bfloat16
+        expected = torch.from_numpy(B.to_numpy(B.normal((4,), seed=5, xp=np, dtype="float32"))).bfloat16()
+        assert torch.equal(samples, expected)
+    with pytest.raises(TypeError, match="dtype='bfloat16' is not a dtype of"):
+        B.normal((2,), seed=0, xp=np, dtype="bfloat16")
+    # the noise estimate filters bfloat16 in float32, as it did: the same as the float32 copy of the values
+    image = torch.from_numpy(np.random.default_rng(3).random((12, 14))).bfloat16()
+    assert nlref.estimate_sigma(image) == nlref.estimate_sigma(image.float())

@@ -49,7 +49,7 @@ def check_float(func, xp, **arrays):
         raise TypeError(f"{func}: arrays must share one dtype ({described}); convert them first")
 
 
-_LARGEST = {"float16": 65504.0, "float32": 3.4028234663852886e38, "float64": 1.7976931348623157e308}
+_LARGEST = {"float16": 65504.0, "bfloat16": 3.3895313892515355e38, "float32": 3.4028234663852886e38, "float64": 1.7976931348623157e308}
 
 
 def _largest(a):
