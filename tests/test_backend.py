@@ -294,3 +294,77 @@ def test_bfloat16_is_not_named_float16():
     # the noise estimate filters bfloat16 in float32, as it did: the same as the float32 copy of the values
     image = torch.from_numpy(np.random.default_rng(3).random((12, 14))).bfloat16()
     assert nlref.estimate_sigma(image) == nlref.estimate_sigma(image.float())
+
+
+def _backward_cases():
+    """(name, forward thunk, backward) of the layers whose backward pass keeps an array of the forward's dtype."""
+    import nlref.nn.functional as F
+    from nlref.nn import nonlocal_op
+
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((2, 3, 4, 4))
+    v = rng.standard_normal((2, 3, 6))
+    x5 = rng.standard_normal((1, 2, 3, 4, 4))
+    state = {"running_mean": np.zeros(3), "running_var": np.ones(3)}
+    return [
+        ("conv1x1", lambda: F.conv1x1_forward(x, rng.standard_normal((5, 3))), F.conv1x1_backward),
+        ("batchnorm", lambda: F.batchnorm_forward(x, np.ones(3), np.zeros(3), dict(state), training=True),
+         F.batchnorm_backward),
+        ("relu", lambda: F.relu_forward(x), F.relu_backward),
+        ("maxpool", lambda: F.maxpool_forward(x, (2, 2)), F.maxpool_backward),
+        ("softmax", lambda: F.softmax_forward(x), F.softmax_backward),
+        ("dot_pairwise", lambda: F.dot_pairwise_forward(v, v), F.dot_pairwise_backward),
+        ("concat_pairwise", lambda: F.concat_pairwise_forward(v, v, rng.standard_normal(6)), F.concat_pairwise_backward),
+        ("conv3d", lambda: F.conv3d_forward(x5, rng.standard_normal((3, 2, 1, 3, 3)), padding=(0, 1, 1)),
+         F.conv3d_backward),
+        ("conv3d_reference", lambda: F.conv3d_reference(x5, rng.standard_normal((3, 2, 1, 3, 3))),
+         F.conv3d_reference_backward),
+        ("dropout", lambda: F.dropout_forward(x, 0.5, training=True, seed=0), F.dropout_backward),
+        ("linear", lambda: F.linear_forward(x[:, :, 0, 0], rng.standard_normal((5, 3))), F.linear_backward),
+        ("layernorm", lambda: F.layernorm_forward(x, np.ones(4), np.zeros(4)), F.layernorm_backward),
+        ("gelu", lambda: F.gelu_forward(x), F.gelu_backward),
+        ("nonlocal", lambda: nonlocal_op.nonlocal_forward(v, v, v, mode="embedded_gaussian"),
+         nonlocal_op.nonlocal_backward),
+        ("nonlocal chunked", lambda: nonlocal_op.nonlocal_forward(v, v, v, mode="dot_product", chunk_size=2),
+         nonlocal_op.nonlocal_backward),
+    ]
+
+
+_BACKWARD_NAMES = ["conv1x1", "batchnorm", "relu", "maxpool", "softmax", "dot_pairwise", "concat_pairwise", "conv3d",
+                   "conv3d_reference", "dropout", "linear", "layernorm", "gelu", "nonlocal", "nonlocal chunked"]
+
+
+@pytest.mark.parametrize("case", range(len(_BACKWARD_NAMES)), ids=_BACKWARD_NAMES)
+def test_a_backward_pass_refuses_an_upstream_gradient_of_another_dtype_or_library(case):
+    """The backward passes took a float32 upstream gradient for a float64 forward (and the reverse) and mixed
+    them: relu_backward gave float32 gradients of a float64 layer, the others float64 ones of a float32 layer
+    (attention_backward alone refused). A torch gradient for a NumPy forward got into the fused batch norm
+    (converted to NumPy without a word). Each is now a TypeError naming the gradient, before any work."""
+    torch = pytest.importorskip("torch")
+    name, forward, backward = _backward_cases()[case]
+    assert name == _BACKWARD_NAMES[case]
+    out, cache = forward()
+    out = out if isinstance(out, np.ndarray) else np.asarray(out)
+    assert out.dtype == np.float64
+    grad_name = "dy" if name.startswith("nonlocal") else {"softmax": "dp", "dot_pairwise": "ds",
+                                                          "concat_pairwise": "df"}.get(name, "dout")
+    with pytest.raises(TypeError, match=rf"{grad_name} must have the forward's dtype, float64; got float32"):
+        backward(np.ones(out.shape, dtype=np.float32), cache)
+    with pytest.raises(TypeError, match=rf"different libraries .*\({grad_name}: torch, "):
+        backward(torch.ones(tuple(out.shape), dtype=torch.float64), cache)
+    got = backward(np.ones(out.shape), cache)                         # the right one still runs
+    first = got[0] if isinstance(got, tuple) else got
+    assert first.dtype == np.float64
+
+
+def test_nonlocal_backward_names_a_gradient_of_the_wrong_shape():
+    """nonlocal_backward broadcast a dy of the wrong shape into NumPy's "operands could not be broadcast"."""
+    from nlref.nn import nonlocal_op
+
+    v = np.random.default_rng(12).standard_normal((1, 2, 5))
+    _, cache = nonlocal_op.nonlocal_forward(v, v, v, mode="gaussian")
+    with pytest.raises(ValueError, match=r"nonlocal_backward: dy must have the forward output's shape \(1, 2, 5\), "
+                                         r"got \(1, 2, 4\)"):
+        nonlocal_op.nonlocal_backward(np.ones((1, 2, 4)), cache)
+    with pytest.raises(TypeError, match="dy must be an array"):
+        nonlocal_op.nonlocal_backward(np.ones((1, 2, 5)).tolist(), cache)

@@ -113,7 +113,7 @@ def conv1x1_backward(dout, cache):
     db : array, shape (C_out,) or None when the layer has no bias
     """
     x, w, has_bias = cache
-    check_grad("conv1x1_backward", dout, (x.shape[0], w.shape[0], *x.shape[2:]))
+    check_grad("conv1x1_backward", dout, (x.shape[0], w.shape[0], *x.shape[2:]), like=x)
     xp = array_namespace(dout, w, names=["dout", "w"])
     d3 = _flat(dout)
     dx = xp.reshape(xp.matmul(xp.matrix_transpose(w), d3), x.shape)
@@ -219,8 +219,11 @@ def batchnorm_backward(dout, cache):
     dx : array, shape (B, C, *S)
     dgamma, dbeta : arrays, shape (C,)
     """
-    check_grad("batchnorm_backward", dout, cache.shape if isinstance(cache, engine.BatchNormCache) else cache[-1].shape)
-    if isinstance(cache, engine.BatchNormCache):  # from the fused passes: the same equations, two passes
+    fused = isinstance(cache, engine.BatchNormCache)
+    check_grad("batchnorm_backward", dout, cache.shape if fused else cache[-1].shape,
+               like=cache.x if fused else cache[0])
+    if fused:  # from the fused passes: the same equations, two passes
+        array_namespace(dout, cache.x, names=["dout", "x"])  # one library for both
         return engine.batchnorm_backward_numba(dout, cache)
     centred, gamma, inv_std, training, rows = cache
     array_namespace(dout, centred, names=["dout", "centred"])  # one library for both
@@ -251,7 +254,7 @@ def relu_backward(dout, cache):
     infinite ``dout`` where ``x <= 0`` gives NaN, not 0.)
     """
     x = cache
-    check_grad("relu_backward", dout, x.shape)
+    check_grad("relu_backward", dout, x.shape, like=x)
     xp = array_namespace(dout, x, names=["dout", "x"])
     return dout * xp.astype(x > 0, dout.dtype)
 
@@ -322,7 +325,7 @@ def maxpool_backward(dout, cache):
         on trailing samples that fell outside every window).
     """
     x, out, kernel = cache
-    check_grad("maxpool_backward", dout, out.shape)
+    check_grad("maxpool_backward", dout, out.shape, like=out)
     xp = array_namespace(dout, x, names=["dout", "x"])
     if engine.numba_applies(dout, x):  # the same routing, one pass
         dx = engine.maxpool_backward_numba(dout, x, out, kernel)
@@ -380,7 +383,7 @@ def softmax_backward(dp, cache):
     .. math:: ds_{ij} = p_{ij}\Big(dp_{ij} - \sum_k dp_{ik}\, p_{ik}\Big)
     """
     p, axis = cache
-    check_grad("softmax_backward", dp, p.shape, name="dp")
+    check_grad("softmax_backward", dp, p.shape, name="dp", like=p)
     xp = array_namespace(dp, p, names=["dp", "p"])
     if engine.numba_applies(dp, p) and axis in (-1, p.ndim - 1):  # one pass per row
         return engine.softmax_backward_rows(dp, p)
@@ -425,7 +428,7 @@ def dot_pairwise_backward(ds, cache):
     Returns ``dtheta`` (B, d, N) and ``dphi`` (B, d, M).
     """
     theta, phi, scale = cache
-    check_grad("dot_pairwise_backward", ds, (theta.shape[0], theta.shape[2], phi.shape[2]), name="ds")
+    check_grad("dot_pairwise_backward", ds, (theta.shape[0], theta.shape[2], phi.shape[2]), name="ds", like=theta)
     xp = array_namespace(ds, theta, names=["ds", "theta"])
     dtheta = xp.matmul(phi, xp.matrix_transpose(ds))
     dphi = xp.matmul(theta, ds)
@@ -483,7 +486,8 @@ def concat_pairwise_backward(df, cache):
     Returns ``dtheta`` (B, d, N), ``dphi`` (B, d, M), ``dw_f`` (2d,).
     """
     theta, phi, w_f, f = cache
-    check_grad("concat_pairwise_backward", df, f.shape, name="df")
+    check_grad("concat_pairwise_backward", df, f.shape, name="df", like=f)
+    array_namespace(df, f, names=["df", "f"])  # one library for both
     return _concat_linear_backward(relu_backward(df, f), theta, phi, w_f)
 
 
@@ -578,7 +582,7 @@ def conv3d_reference_backward(dout, cache):
     """
     x, w, has_bias, stride, padding = cache
     check_grad("conv3d_reference_backward", dout, (x.shape[0], w.shape[0], *output_size(
-        "conv3d_reference_backward", x.shape[2:], w.shape[2:], stride, padding)))
+        "conv3d_reference_backward", x.shape[2:], w.shape[2:], stride, padding)), like=x)
     xp = array_namespace(dout, x, names=["dout", "x"])
     out_size, batch = tuple(dout.shape[2:]), x.shape[0]
     d3 = xp.reshape(dout, (batch, w.shape[0], -1))  # (B, O, T' H' W')
@@ -663,7 +667,7 @@ def conv3d_backward(dout, cache, *, input_grad=True):
     input_grad = check_flag("conv3d_backward: input_grad", input_grad)
     x_shape, w = context.x_cl.shape, context.w
     check_grad("conv3d_backward", dout, (x_shape[0], w.shape[0], *output_size(
-        "conv3d_backward", x_shape[1:4], w.shape[2:], context.stride, context.padding)))
+        "conv3d_backward", x_shape[1:4], w.shape[2:], context.stride, context.padding)), like=w)
     xp = array_namespace(dout, context.w, names=["dout", "w"])
     return engine.conv3d_backward(xp, dout, context, input_grad=input_grad, bias=has_bias)
 
@@ -892,7 +896,8 @@ def dropout_backward(dout, cache):
     mask = cache
     if mask is None:  # the identity: any shape
         return dout
-    check_grad("dropout_backward", dout, mask.shape)
+    check_grad("dropout_backward", dout, mask.shape, like=mask)
+    array_namespace(dout, mask, names=["dout", "mask"])  # one library for both
     return dout * mask
 
 
@@ -933,7 +938,7 @@ def linear_backward(dout, cache):
     db : array, shape (O,), or None when the layer has no bias
     """
     x, w, has_bias = cache
-    check_grad("linear_backward", dout, (*x.shape[:-1], w.shape[0]))
+    check_grad("linear_backward", dout, (*x.shape[:-1], w.shape[0]), like=x)
     xp = array_namespace(dout, x, names=["dout", "x"])
     dx = xp.matmul(dout, w)
     dw = xp.matmul(xp.matrix_transpose(dout), x)
@@ -1078,7 +1083,7 @@ def layernorm_backward(dout, cache):
     dgamma, dbeta : arrays, shape (D,)
     """
     x_hat, gamma, inv_std = cache
-    check_grad("layernorm_backward", dout, x_hat.shape)
+    check_grad("layernorm_backward", dout, x_hat.shape, like=x_hat)
     xp = array_namespace(dout, x_hat, names=["dout", "x_hat"])
     axes = tuple(range(dout.ndim - 1))
     dgamma = xp.sum(dout * x_hat, axis=axes) if axes else dout * x_hat
@@ -1165,7 +1170,7 @@ def gelu_backward(dout, cache):
     dx : array, the shape of ``x``
     """
     x, approximate, aux = cache
-    check_grad("gelu_backward", dout, x.shape)
+    check_grad("gelu_backward", dout, x.shape, like=x)
     xp = array_namespace(dout, x, names=["dout", "x"])
     if approximate == "tanh":
         t = aux

@@ -53,7 +53,7 @@ import numbers
 from typing import Any, NamedTuple
 
 from ..backend import array_namespace, device, dtype_name, is_numpy
-from ._shapes import check_scores_overflow
+from ._shapes import check_grad, check_scores_overflow
 from .engine import NonLocalWorkspace
 from .functional import (
     _exp_inplace,
@@ -255,6 +255,10 @@ def nonlocal_backward(dy, cache):
     dg : array, shape (B, d_g, M)
     dw_f : array, shape (2d,), or None unless ``mode="concatenation"``
     """
+    # every form keeps g (B, d_g, M), and y (B, d_g, N) or theta (B, d, N): dy is checked against them
+    positions = cache.y.shape[2] if hasattr(cache, "y") else cache.theta.shape[2]
+    array_namespace(dy, cache.g, names=["dy", "g"])
+    check_grad("nonlocal_backward", dy, (*cache.g.shape[:2], positions), name="dy", like=cache.g)
     if isinstance(cache, FullCache):
         return _backward_full(dy, cache)
     if isinstance(cache, ChunkedCache):
