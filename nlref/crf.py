@@ -88,7 +88,7 @@ def potts(n_labels, *, like=None):
     n_labels = int(n_labels)
     if like is None:
         return np.ones((n_labels, n_labels)) - np.eye(n_labels)
-    xp, on = array_namespace(like), device(like)
+    xp, on = array_namespace(like, names=["like"]), device(like)
     return xp.ones((n_labels, n_labels), dtype=like.dtype, device=on) - xp.eye(n_labels, dtype=like.dtype, device=on)
 
 

@@ -117,6 +117,12 @@ def test_the_loop_stays_in_the_callers_library(xp, to_xp, dtype):
     np.testing.assert_allclose(B.to_numpy(got), expected, rtol=1e-12, atol=1e-15)
 
 
+def test_potts_names_like():
+    """potts(3, like=[...]) said "argument 0 must be an array"."""
+    with pytest.raises(TypeError, match=r"like must be an array .* got list"):
+        crf.potts(3, like=[0.0, 1.0])
+
+
 def test_the_loop_refuses_mixed_libraries_by_name():
     import array_api_strict as xs
 
