@@ -84,8 +84,9 @@ def array_namespace(*arrays, names=None):
     ------
     TypeError
         If an argument is not an array (a list, a Python scalar, ``None``; a
-        NumPy scalar such as ``numpy.float64(1.0)`` counts as a 0-d array), if the
-        arrays come from different libraries, or if an argument is a PyTorch
+        NumPy scalar such as ``numpy.float64(1.0)`` counts as a 0-d array), is a
+        NumPy masked array (:func:`check_not_masked`), if the arrays come from
+        different libraries, or if an argument is a PyTorch
         tensor with ``requires_grad=True`` (nlref's gradients are written by
         hand; a tensor that records an autograd graph is refused, not detached
         behind the caller's back: pass ``x.detach()``).
@@ -94,6 +95,7 @@ def array_namespace(*arrays, names=None):
         return _compat_numpy
     names = list(names) if names is not None else [f"argument {i}" for i in range(len(arrays))]
     for name, x in zip(names, arrays):
+        check_not_masked(x, name)  # a MaskedArray passes for an array, and its mask would be mixed in or dropped
         # A NumPy scalar (what NumPy's own reductions return) is a 0-d array like any other; numpy.float64
         # also subclasses Python's float, and was refused while numpy.float32 was taken.
         python_scalar = isinstance(x, (bool, int, float, complex)) and not isinstance(x, np.generic)

@@ -368,3 +368,22 @@ def test_nonlocal_backward_names_a_gradient_of_the_wrong_shape():
         nonlocal_op.nonlocal_backward(np.ones((1, 2, 4)), cache)
     with pytest.raises(TypeError, match="dy must be an array"):
         nonlocal_op.nonlocal_backward(np.ones((1, 2, 5)).tolist(), cache)
+
+
+def test_a_masked_array_is_refused_by_the_layers_too():
+    """nl_means, the metrics and the block refused NumPy masked arrays, but the functional layers and the
+    non-local operation took them: relu_forward returned a MaskedArray, conv1x1_forward and nonlocal_forward
+    failed inside NumPy ("operands could not be broadcast together"). array_namespace refuses them now."""
+    import nlref.nn.functional as F
+    from nlref.nn import nonlocal_op
+
+    masked = np.ma.masked_array(np.ones((2, 3, 4, 4)), mask=False)
+    message = "is a NumPy masked array: nlref would read the values under the mask and drop the mask"
+    with pytest.raises(TypeError, match="x " + message):
+        F.relu_forward(masked)
+    with pytest.raises(TypeError, match="w " + message):
+        F.conv1x1_forward(np.ones((2, 3, 4, 4)), np.ma.masked_array(np.ones((5, 3))))
+    with pytest.raises(TypeError, match="theta " + message):
+        nonlocal_op.nonlocal_forward(masked[:, :, 0], masked[:, :, 0], masked[:, :, 0], mode="dot_product")
+    with pytest.raises(TypeError, match="x " + message):
+        B.array_namespace(np.ma.masked_array(np.zeros(3)), names=["x"])
