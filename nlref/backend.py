@@ -226,12 +226,20 @@ def to_numpy(x) -> np.ndarray:
 
 
 def asarray(a, *, like=None, xp=None, dtype=None, device=None):
-    """Move host data ``a`` into the library (and onto the device) of ``like``.
+    """Move ``a`` into the library (and onto the device) of ``like``.
+
+    This is the explicit move nlref's errors point to when arrays of two
+    libraries or devices meet (``asarray(x, like=y)``).
 
     Parameters
     ----------
     a : array_like
-        Host data (a NumPy array, a list, a scalar).
+        Host data (a NumPy array, a list, a scalar), or an array of any library
+        and device: one bound for NumPy is copied to the host first (a CuPy
+        array, one on array-api-strict's second device); PyTorch's bfloat16,
+        which only PyTorch has, arrives in another library as float32 (which
+        holds each of its values). A NumPy masked array and a PyTorch tensor
+        with ``requires_grad=True`` are refused, as everywhere in nlref.
     like : array, optional
         An array whose library and device the result should share.
     xp : namespace or module, optional
@@ -249,12 +257,31 @@ def asarray(a, *, like=None, xp=None, dtype=None, device=None):
     if like is not None:
         if device is not None:
             raise TypeError("asarray takes device= only with xp= (with like=, the result goes to like's device)")
-        xp = array_namespace(like, names=["like"])
-        return xp.asarray(a, dtype=dtype, device=_device(like))
-    namespace = compat_namespace(xp)
+        namespace = array_namespace(like, names=["like"])
+    else:
+        namespace = compat_namespace(xp)
+    a = _movable(a, namespace)
+    if like is not None:
+        return namespace.asarray(a, dtype=dtype, device=_device(like))
     if device is None:
         return namespace.asarray(a, dtype=dtype)
     return namespace.asarray(a, dtype=dtype, device=device)
+
+
+def _movable(a, namespace):
+    """``a`` as ``namespace.asarray`` can take it: an array of another library bound for the host, or a
+    bfloat16 tensor bound for a library without bfloat16, copied to the host first (CuPy and other
+    devices refuse an implicit copy); masked arrays and tensors that require grad refused by name."""
+    check_not_masked(a, "a")
+    if isinstance(a, (np.ndarray, np.generic, bool, int, float, complex)) or not array_api_compat.is_array_api_obj(a):
+        return a  # host data
+    array_namespace(a, names=["a"])
+    source = _library(a)
+    if is_numpy(namespace) and source != "numpy":
+        return to_numpy(a)
+    if source == "torch" and str(a.dtype) == "torch.bfloat16" and not array_api_compat.is_torch_namespace(namespace):
+        return to_numpy(a)
+    return a
 
 
 _device = device  # asarray's argument of the same name hides the function there

@@ -387,3 +387,36 @@ def test_a_masked_array_is_refused_by_the_layers_too():
         nonlocal_op.nonlocal_forward(masked[:, :, 0], masked[:, :, 0], masked[:, :, 0], mode="dot_product")
     with pytest.raises(TypeError, match="x " + message):
         B.array_namespace(np.ma.masked_array(np.zeros(3)), names=["x"])
+
+
+def test_asarray_is_the_move_the_errors_advise(xp, device):
+    """The errors for mixed libraries and devices say "move them ... (nlref.backend.asarray(x, like=y))", but
+    asarray took host data only: an array on another device bound for NumPy (array-api-strict's device1 here;
+    a CuPy array likewise) failed ("Can't convert array on the ... device to a NumPy array"), and a bfloat16
+    tensor bound for any library but PyTorch failed ("Got unsupported ScalarType BFloat16"). Both move now."""
+    import array_api_strict as xs
+
+    host = np.arange(6.0).reshape(2, 3)
+    x = B.asarray(host, xp=xp, device=device)
+    for like in (np.zeros(1), xs.zeros(1), xs.zeros(1, device=xs.Device("device1"))):
+        moved = B.asarray(x, like=like)
+        assert_same_library(moved, like)
+        np.testing.assert_array_equal(B.to_numpy(moved), host)
+    torch = pytest.importorskip("torch")
+    half = torch.tensor(host, dtype=torch.bfloat16)     # small integers: exact in bfloat16
+    moved = B.asarray(half, like=x)
+    assert_same_library(moved, x)
+    if type(x) is not torch.Tensor:
+        assert B.dtype_name(moved.dtype) == "float32"   # float32 holds every bfloat16 value
+    np.testing.assert_array_equal(B.to_numpy(moved).astype(np.float64), host)
+
+
+def test_asarray_refuses_what_every_function_refuses():
+    """asarray dropped a masked array's mask without a word, and a tensor that requires grad failed inside
+    PyTorch ("Can't call numpy() on Tensor that requires grad") or kept its graph."""
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match="a is a NumPy masked array"):
+        B.asarray(np.ma.masked_array(np.zeros(3), mask=[True, False, False]), xp=np)
+    for target in (dict(xp=np), dict(like=torch.zeros(1))):
+        with pytest.raises(TypeError, match=r"a is a PyTorch tensor with requires_grad=True.*a\.detach\(\)"):
+            B.asarray(torch.zeros(3, requires_grad=True), **target)
