@@ -14,6 +14,12 @@ The standard has a few gaps that this module fills, each with one small helper:
   seed gives the same numbers on every backend.
 * :func:`to_numpy` / :func:`asarray` -- explicit moves to and from the host
   (nlref never moves an array silently).
+
+A PyTorch tensor with ``requires_grad=True`` is refused wherever nlref computes
+with it (:func:`array_namespace` raises a TypeError naming the argument): nlref's
+gradients are written by hand, and such a tensor would silently build an autograd
+graph through every step. Pass ``x.detach()``. The plotting helpers of
+``nlref.viz``, which only copy their arrays to the host to draw them, accept it.
 """
 
 from __future__ import annotations
@@ -78,17 +84,32 @@ def array_namespace(*arrays, names=None):
     Raises
     ------
     TypeError
-        If an argument is not an array (a list, a scalar, ``None``), or if the
-        arrays come from different libraries.
+        If an argument is not an array (a list, a Python scalar, ``None``; a
+        NumPy scalar such as ``numpy.float64(1.0)`` counts as a 0-d array), is a
+        NumPy masked array (:func:`check_not_masked`), if the arrays come from
+        different libraries, or if an argument is a PyTorch
+        tensor with ``requires_grad=True`` (nlref's gradients are written by
+        hand; a tensor that records an autograd graph is refused, not detached
+        behind the caller's back: pass ``x.detach()``).
     """
     if arrays and all(type(x) is np.ndarray for x in arrays):  # the common case, without the checks below
         return _compat_numpy
     names = list(names) if names is not None else [f"argument {i}" for i in range(len(arrays))]
     for name, x in zip(names, arrays):
-        if not array_api_compat.is_array_api_obj(x) or isinstance(x, (bool, int, float, complex)):
+        check_not_masked(x, name)  # a MaskedArray passes for an array, and its mask would be mixed in or dropped
+        # A NumPy scalar (what NumPy's own reductions return) is a 0-d array like any other; numpy.float64
+        # also subclasses Python's float, and was refused while numpy.float32 was taken.
+        python_scalar = isinstance(x, (bool, int, float, complex)) and not isinstance(x, np.generic)
+        if not array_api_compat.is_array_api_obj(x) or python_scalar:
             raise TypeError(
                 f"{name} must be an array (NumPy, CuPy, PyTorch or any array-API library); "
                 f"got {type(x).__name__}. Convert it first, e.g. numpy.asarray({name})."
+            )
+    for name, x in zip(names, arrays):
+        if getattr(x, "requires_grad", False) is True:
+            raise TypeError(
+                f"{name} is a PyTorch tensor with requires_grad=True; nlref computes its gradients by hand and "
+                f"records no autograd graph, so it takes data, not graph nodes: pass {name}.detach()"
             )
     libraries = {_library(x) for x in arrays}
     if len(libraries) > 1:
@@ -206,12 +227,20 @@ def to_numpy(x) -> np.ndarray:
 
 
 def asarray(a, *, like=None, xp=None, dtype=None, device=None):
-    """Move host data ``a`` into the library (and onto the device) of ``like``.
+    """Move ``a`` into the library (and onto the device) of ``like``.
+
+    This is the explicit move nlref's errors point to when arrays of two
+    libraries or devices meet (``asarray(x, like=y)``).
 
     Parameters
     ----------
     a : array_like
-        Host data (a NumPy array, a list, a scalar).
+        Host data (a NumPy array, a list, a scalar), or an array of any library
+        and device: one bound for NumPy is copied to the host first (a CuPy
+        array, one on array-api-strict's second device); PyTorch's bfloat16,
+        which only PyTorch has, arrives in another library as float32 (which
+        holds each of its values). A NumPy masked array and a PyTorch tensor
+        with ``requires_grad=True`` are refused, as everywhere in nlref.
     like : array, optional
         An array whose library and device the result should share.
     xp : namespace or module, optional
@@ -229,12 +258,31 @@ def asarray(a, *, like=None, xp=None, dtype=None, device=None):
     if like is not None:
         if device is not None:
             raise TypeError("asarray takes device= only with xp= (with like=, the result goes to like's device)")
-        xp = array_namespace(like, names=["like"])
-        return xp.asarray(a, dtype=dtype, device=_device(like))
-    namespace = compat_namespace(xp)
+        namespace = array_namespace(like, names=["like"])
+    else:
+        namespace = compat_namespace(xp)
+    a = _movable(a, namespace)
+    if like is not None:
+        return namespace.asarray(a, dtype=dtype, device=_device(like))
     if device is None:
         return namespace.asarray(a, dtype=dtype)
     return namespace.asarray(a, dtype=dtype, device=device)
+
+
+def _movable(a, namespace):
+    """``a`` as ``namespace.asarray`` can take it: an array of another library bound for the host, or a
+    bfloat16 tensor bound for a library without bfloat16, copied to the host first (CuPy and other
+    devices refuse an implicit copy); masked arrays and tensors that require grad refused by name."""
+    check_not_masked(a, "a")
+    if isinstance(a, (np.ndarray, np.generic, bool, int, float, complex)) or not array_api_compat.is_array_api_obj(a):
+        return a  # host data
+    array_namespace(a, names=["a"])
+    source = _library(a)
+    if is_numpy(namespace) and source != "numpy":
+        return to_numpy(a)
+    if source == "torch" and str(a.dtype) == "torch.bfloat16" and not array_api_compat.is_torch_namespace(namespace):
+        return to_numpy(a)
+    return a
 
 
 _device = device  # asarray's argument of the same name hides the function there
@@ -390,14 +438,24 @@ def normal(shape, *, seed=None, like=None, xp=None, dtype=None, device=None):
     ``xp=``) places the samples as :func:`asarray` does.
     """
     generator = rng(seed)
-    host_dtype = np.float64 if dtype is None else np.dtype(dtype_name(dtype))
+    name = None if dtype is None else dtype_name(dtype)
+    if name == "bfloat16":  # NumPy has no bfloat16: float32 on the host, rounded to bfloat16 on the way in
+        target = array_namespace(like, names=["like"]) if like is not None else compat_namespace(xp)
+        if isinstance(dtype, str):
+            dtype = getattr(target, "bfloat16", None)
+            if dtype is None:
+                raise TypeError(f"dtype='bfloat16' is not a dtype of {getattr(target, '__name__', target)}")
+        samples = generator.standard_normal(tuple(shape), dtype=np.float64).astype(np.float32)
+        return asarray(samples, like=like, xp=xp, device=device, dtype=dtype)
+    host_dtype = np.float64 if dtype is None else np.dtype(name)
     samples = generator.standard_normal(tuple(shape), dtype=np.float64).astype(host_dtype)
     return asarray(samples, like=like, xp=xp, device=device)
 
 
 def dtype_name(dtype) -> str:
     """The standard name of a dtype of any library: ``'float32'`` for NumPy's, CuPy's,
-    PyTorch's and array-api-strict's float32 alike (and for the string)."""
+    PyTorch's and array-api-strict's float32 alike (and for the string); ``'bfloat16'``
+    for PyTorch's bfloat16 (not ``'float16'``, another format)."""
     if isinstance(dtype, str):
         return dtype
     # Remembered: a layer asks this on every call, and ``str`` of a NumPy dtype is slow
@@ -420,7 +478,8 @@ _DTYPE_NAMES = {}
 
 def _find_dtype_name(dtype):
     text = str(dtype)
-    for name in ("float16", "float32", "float64", "uint8", "uint16", "uint32", "uint64",
+    # bfloat16 before float16, the end of its name ("torch.bfloat16" is not a float16)
+    for name in ("bfloat16", "float16", "float32", "float64", "uint8", "uint16", "uint32", "uint64",
                  "int8", "int16", "int32", "int64", "bool", "complex64", "complex128"):
         if text.endswith(name):
             return name

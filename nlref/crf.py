@@ -30,7 +30,8 @@ with :func:`nlref.nn.nonlocal_op.nonlocal_forward`; :func:`mean_field_reference`
 loop over pixels it is checked against.
 
 Arrays: features ``(d, N)``, marginals and unaries ``(L, N)`` (``N`` pixels, row-major),
-the compatibility ``mu`` ``(L, L)``. NumPy, array-api-strict, CuPy.
+the compatibility ``mu`` ``(L, L)``. NumPy, array-api-strict, CuPy, PyTorch; the loop
+:func:`mean_field_reference` too, in float64.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def potts(n_labels, *, like=None):
     n_labels = int(n_labels)
     if like is None:
         return np.ones((n_labels, n_labels)) - np.eye(n_labels)
-    xp, on = array_namespace(like), device(like)
+    xp, on = array_namespace(like, names=["like"]), device(like)
     return xp.ones((n_labels, n_labels), dtype=like.dtype, device=on) - xp.eye(n_labels, dtype=like.dtype, device=on)
 
 
@@ -219,18 +220,25 @@ def mean_field_step(q, unary, kernels, compat):
 
 
 def mean_field_reference(q, unary, kernels, compat):
-    """The same update pixel by pixel, as Algorithm 1 of Krähenbühl and Koltun reads (NumPy, slow)."""
+    """The same update pixel by pixel, as Algorithm 1 of Krähenbühl and Koltun reads (slow).
+
+    It computes in float64, whatever the inputs' float dtype (a reference for float32
+    steps too), and returns float64 marginals ``(L, N)`` in the library and on the device
+    of ``q``; every array must come from that library.
+    """
     kernels = _check_step(q, unary, kernels, compat)
-    q, unary, compat = (np.asarray(a, dtype=np.float64) for a in (q, unary, compat))
-    feats = [(w, np.asarray(f, dtype=np.float64)) for w, f in kernels]
-    out = np.empty_like(q)
+    xp = array_namespace(q, unary, compat, *(f for _, f in kernels),
+                         names=["q", "unary", "compat", *(f"kernels[{m}] features" for m in range(len(kernels)))])
+    q, unary, compat = (xp.astype(a, xp.float64) for a in (q, unary, compat))
+    feats = [(w, xp.astype(f, xp.float64)) for w, f in kernels]
+    out = xp.empty_like(q)
     for i in range(q.shape[1]):
-        message = np.zeros(q.shape[0])                            # sum_m w_m sum_{j != i} k_m(f_i, f_j) Q_j
+        message = xp.zeros(q.shape[0], dtype=xp.float64, device=device(q))  # sum_m w_m sum_{j != i} k_m(f_i, f_j) Q_j
         for w, f in feats:
-            k = np.exp(-np.sum((f - f[:, i:i + 1]) ** 2, axis=0) / 2)
+            k = xp.exp(-xp.sum((f - f[:, i:i + 1]) ** 2, axis=0) / 2)
             k[i] = 0.0                                            # j != i
-            message += w * (q @ k)
+            message = message + w * (q @ k)
         logits = -unary[:, i] - compat @ message
-        e = np.exp(logits - logits.max())
-        out[:, i] = e / e.sum()
+        e = xp.exp(logits - xp.max(logits))
+        out[:, i] = e / xp.sum(e)
     return out

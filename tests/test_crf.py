@@ -102,6 +102,36 @@ def test_backends(xp, to_xp):
     assert_same_library(crf.potts(3, like=to_xp(q)), to_xp(q))
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_the_loop_stays_in_the_callers_library(xp, to_xp, dtype):
+    """mean_field_reference converted its inputs with numpy.asarray: a PyTorch or array-api-strict problem
+    came back as NumPy, and one on another device (array-api-strict's device1, CuPy) failed inside NumPy.
+    It now runs in the caller's library and device, in float64 as it did, and equals the NumPy loop."""
+    _, q, unary, kernels, mu = _problem(7, shape=(3, 4), labels=3)
+    q, unary, mu = (a.astype(dtype) for a in (q, unary, mu))
+    kernels = [(w, f.astype(dtype)) for w, f in kernels]
+    expected = crf.mean_field_reference(q, unary, kernels, mu)
+    got = crf.mean_field_reference(to_xp(q), to_xp(unary), [(w, to_xp(f)) for w, f in kernels], to_xp(mu))
+    assert_same_library(got, to_xp(q))
+    assert B.dtype_name(got.dtype) == "float64"
+    np.testing.assert_allclose(B.to_numpy(got), expected, rtol=1e-12, atol=1e-15)
+
+
+def test_potts_names_like():
+    """potts(3, like=[...]) said "argument 0 must be an array"."""
+    with pytest.raises(TypeError, match=r"like must be an array .* got list"):
+        crf.potts(3, like=[0.0, 1.0])
+
+
+def test_the_loop_refuses_mixed_libraries_by_name():
+    import array_api_strict as xs
+
+    _, q, unary, kernels, mu = _problem(8, shape=(3, 4), labels=2)
+    with pytest.raises(TypeError, match=r"different libraries .*q: array-api-strict, unary: array-api-strict, "
+                                        r"compat: numpy"):
+        crf.mean_field_reference(B.asarray(q, xp=xs), B.asarray(unary, xp=xs), kernels, mu)
+
+
 @pytest.mark.parametrize("call, match", [
     (lambda: crf.crf_features(np.zeros((4, 4)), theta_alpha=0.0, theta_beta=1.0, theta_gamma=1.0), "theta_alpha"),
     (lambda: crf.crf_features(np.zeros((4, 4)), theta_alpha=1.0, theta_beta=np.nan, theta_gamma=1.0), "theta_beta"),

@@ -308,7 +308,10 @@ def nl_means_weights(image: Array, index: int | Sequence[int], *, sigma: float |
     Returns
     -------
     weights : array, shape search_size
-        ``weights[o + search_size // 2] = w(p, p + o)``; the centre is 1.
+        ``weights[o + search_size // 2] = w(p, p + o)``; the centre is 1. In the
+        image's library and on its device, in the dtype NL-means computes in:
+        float64 for a float64 image, float32 for any other (integers, float16,
+        PyTorch's bfloat16).
     """
     xp, channel_axis, spatial = check_image(image, channel_axis)
     index = pixel_index(index, spatial)

@@ -79,11 +79,14 @@ def second_differences(x, axes, dtype):
 def filter_dtype(dtype):
     """The NumPy float the noise estimate filters an image of ``dtype`` (any library's, or its name) in.
 
-    The image's own float, but float16 widened to float32: a second difference of float16 values
+    The image's own float, but float16 (and PyTorch's bfloat16) widened to float32: a second difference of float16 values
     above 16376 overflows it, and the estimate came back NaN. Integers are filtered in float64.
     In memory, on Dask and in a store alike, so that the three give the same bits.
     """
-    d = np.dtype(dtype_name(dtype))
+    name = dtype_name(dtype)
+    if name == "bfloat16":  # PyTorch's; NumPy has no such dtype
+        return np.dtype(np.float32)
+    d = np.dtype(name)
     if d.kind != "f":
         return np.dtype(np.float64)
     return np.dtype(np.float32) if d.itemsize < 4 else d

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import array_api_compat
 import numpy as np
 
 from .._files import absolute
@@ -260,6 +261,12 @@ def as_source(source):
                         f"compute it whole in one task, for every pass. Denoise it chunk by chunk with "
                         f"nlref.nl_means(source, ...), or pass the array in its store (zarr.Array, h5py.Dataset, "
                         f"numpy.memmap)")
+    if not isinstance(source, np.ndarray) and array_api_compat.is_array_api_obj(source):
+        # a PyTorch, CuPy or array-api-strict array: its dtype is not NumPy's, and its chunks would be
+        # copied to the host one by one (a GPU array moved behind the caller's back)
+        raise TypeError(f"source is an in-memory {type(source).__module__.split('.')[0]} {type(source).__name__}, "
+                        f"not an array in a store: denoise it with nlref.nl_means(source, ...), which keeps its "
+                        f"library, device and dtype, or write it to a store (zarr, HDF5, numpy.memmap) first")
     opener = _opener_of(source)
     if opener is not None:
         return opener

@@ -49,7 +49,7 @@ def check_float(func, xp, **arrays):
         raise TypeError(f"{func}: arrays must share one dtype ({described}); convert them first")
 
 
-_LARGEST = {"float16": 65504.0, "float32": 3.4028234663852886e38, "float64": 1.7976931348623157e308}
+_LARGEST = {"float16": 65504.0, "bfloat16": 3.3895313892515355e38, "float32": 3.4028234663852886e38, "float64": 1.7976931348623157e308}
 
 
 def _largest(a):
@@ -112,11 +112,14 @@ def triple(value, name, func, *, minimum):
     return tuple(operator.index(v) for v in items)
 
 
-def check_grad(func, grad, shape, name="dout"):
-    """Error unless the upstream gradient ``grad`` is an array of ``shape``, the forward's output shape.
+def check_grad(func, grad, shape, name="dout", *, like=None):
+    """Error unless the upstream gradient ``grad`` is an array of ``shape``, the forward's output shape,
+    and (given ``like``, an array the forward kept) of ``like``'s dtype.
 
     No broadcasting: a (1, ...) gradient against a (B, ...) output would give a
-    gradient of the right shape and the wrong value.
+    gradient of the right shape and the wrong value. No mixing of dtypes: a float64
+    gradient would make a float32 layer's gradients float64, and a float32 one would
+    round a float64 layer's.
     """
     got = getattr(grad, "shape", None)
     if got is None:
@@ -124,6 +127,9 @@ def check_grad(func, grad, shape, name="dout"):
                         f"got {type(grad).__name__}")
     if tuple(got) != tuple(shape):
         raise ValueError(f"{func}: {name} must have the forward output's shape {tuple(shape)}, got {tuple(got)}")
+    if like is not None and dtype_of(grad) != dtype_of(like):
+        raise TypeError(f"{func}: {name} must have the forward's dtype, {dtype_of(like)}; got {dtype_of(grad)} "
+                        "(it would change the dtype of the gradients); convert it first")
 
 
 def check_batchnorm(x, gamma, beta, state, momentum, eps):

@@ -65,7 +65,7 @@ def _namespace_xwb(x, w, b):
 
 def _flat(x):
     """(B, C, *S) -> (B, C, N), a view for contiguous arrays."""
-    return array_namespace(x).reshape(x, (x.shape[0], x.shape[1], math.prod(x.shape[2:])))
+    return array_namespace(x, names=["x"]).reshape(x, (x.shape[0], x.shape[1], math.prod(x.shape[2:])))
 
 
 # --------------------------------------------------------------------------- 1x1 conv
@@ -85,7 +85,7 @@ def conv1x1_forward(x, w, b=None):
     out : array, shape (B, C_out, *S)
     cache : tuple
     """
-    xp = array_namespace(x, w)
+    xp = array_namespace(x, w, names=["x", "w"])
     check_float("conv1x1_forward", xp, x=x, w=w, b=b)
     if x.ndim < 3 or w.ndim != 2 or w.shape[1] != x.shape[1] or (b is not None and tuple(b.shape) != (w.shape[0],)):
         raise ValueError(f"conv1x1_forward: needs x (B, C_in, *S), w (C_out, C_in) and b (C_out,) with matching "
@@ -113,8 +113,8 @@ def conv1x1_backward(dout, cache):
     db : array, shape (C_out,) or None when the layer has no bias
     """
     x, w, has_bias = cache
-    check_grad("conv1x1_backward", dout, (x.shape[0], w.shape[0], *x.shape[2:]))
-    xp = array_namespace(dout, w)
+    check_grad("conv1x1_backward", dout, (x.shape[0], w.shape[0], *x.shape[2:]), like=x)
+    xp = array_namespace(dout, w, names=["dout", "w"])
     d3 = _flat(dout)
     dx = xp.reshape(xp.matmul(xp.matrix_transpose(w), d3), x.shape)
     dw = xp.sum(xp.matmul(d3, xp.matrix_transpose(_flat(x))), axis=0)  # B small products, then a sum
@@ -156,7 +156,7 @@ def batchnorm_forward(x, gamma, beta, state, *, training, momentum=0.1, eps=1e-5
     out : array, shape (B, C, *S)
     cache : tuple
     """
-    xp = array_namespace(x, gamma, beta)
+    xp = array_namespace(x, gamma, beta, names=["x", "gamma", "beta"])
     training = check_flag("batchnorm_forward: training", training)
     check_batchnorm(x, gamma, beta, state, momentum, eps)
     check_float("batchnorm_forward", xp, x=x, gamma=gamma, beta=beta, **{
@@ -219,11 +219,14 @@ def batchnorm_backward(dout, cache):
     dx : array, shape (B, C, *S)
     dgamma, dbeta : arrays, shape (C,)
     """
-    check_grad("batchnorm_backward", dout, cache.shape if isinstance(cache, engine.BatchNormCache) else cache[-1].shape)
-    if isinstance(cache, engine.BatchNormCache):  # from the fused passes: the same equations, two passes
+    fused = isinstance(cache, engine.BatchNormCache)
+    check_grad("batchnorm_backward", dout, cache.shape if fused else cache[-1].shape,
+               like=cache.x if fused else cache[0])
+    if fused:  # from the fused passes: the same equations, two passes
+        array_namespace(dout, cache.x, names=["dout", "x"])  # one library for both
         return engine.batchnorm_backward_numba(dout, cache)
     centred, gamma, inv_std, training, rows = cache
-    array_namespace(dout, centred)  # one library for both
+    array_namespace(dout, centred, names=["dout", "centred"])  # one library for both
     d2 = rows.matrix(dout)
     m = rows.count
     dbeta = rows.sums(d2)
@@ -239,7 +242,7 @@ def batchnorm_backward(dout, cache):
 # --------------------------------------------------------------------------- ReLU
 def relu_forward(x):
     r"""Rectified linear unit, :math:`\max(x, 0)`, elementwise. Any shape; NaN stays NaN, as in PyTorch."""
-    xp = array_namespace(x)
+    xp = array_namespace(x, names=["x"])
     return xp.maximum(x, xp.zeros((), dtype=x.dtype, device=device(x))), x
 
 
@@ -251,8 +254,8 @@ def relu_backward(dout, cache):
     infinite ``dout`` where ``x <= 0`` gives NaN, not 0.)
     """
     x = cache
-    check_grad("relu_backward", dout, x.shape)
-    xp = array_namespace(dout, x)
+    check_grad("relu_backward", dout, x.shape, like=x)
+    xp = array_namespace(dout, x, names=["dout", "x"])
     return dout * xp.astype(x > 0, dout.dtype)
 
 
@@ -296,7 +299,7 @@ def maxpool_forward(x, kernel):
     out : array, shape (B, C, *(S // kernel))
     cache : tuple
     """
-    xp = array_namespace(x)
+    xp = array_namespace(x, names=["x"])
     check_float("maxpool_forward", xp, x=x)
     kernel = check_pool_kernel(x, kernel)
     out = engine.maxpool_numba(x, kernel) if engine.numba_applies(x) else None  # the same maxima, one pass
@@ -322,8 +325,8 @@ def maxpool_backward(dout, cache):
         on trailing samples that fell outside every window).
     """
     x, out, kernel = cache
-    check_grad("maxpool_backward", dout, out.shape)
-    xp = array_namespace(dout, x)
+    check_grad("maxpool_backward", dout, out.shape, like=out)
+    xp = array_namespace(dout, x, names=["dout", "x"])
     if engine.numba_applies(dout, x):  # the same routing, one pass
         dx = engine.maxpool_backward_numba(dout, x, out, kernel)
         if dx is not None:
@@ -362,7 +365,7 @@ def softmax_forward(s, axis=-1):
     p : array, the shape of ``s``
     cache : tuple
     """
-    xp = array_namespace(s)
+    xp = array_namespace(s, names=["s"])
     check_float("softmax_forward", xp, s=s)
     if engine.numba_applies(s) and axis in (-1, s.ndim - 1):  # the same steps, one pass per row
         p = np.array(s, order="C")
@@ -380,8 +383,8 @@ def softmax_backward(dp, cache):
     .. math:: ds_{ij} = p_{ij}\Big(dp_{ij} - \sum_k dp_{ik}\, p_{ik}\Big)
     """
     p, axis = cache
-    check_grad("softmax_backward", dp, p.shape, name="dp")
-    xp = array_namespace(dp, p)
+    check_grad("softmax_backward", dp, p.shape, name="dp", like=p)
+    xp = array_namespace(dp, p, names=["dp", "p"])
     if engine.numba_applies(dp, p) and axis in (-1, p.ndim - 1):  # one pass per row
         return engine.softmax_backward_rows(dp, p)
     ds = dp * p
@@ -409,7 +412,7 @@ def dot_pairwise_forward(theta, phi, scale=1.0):
     s : array, shape (B, N, M)
     cache : tuple
     """
-    xp = array_namespace(theta, phi)
+    xp = array_namespace(theta, phi, names=["theta", "phi"])
     check_float("dot_pairwise_forward", xp, theta=theta, phi=phi)
     s = xp.matmul(xp.matrix_transpose(theta), phi)
     if scale != 1.0:
@@ -425,8 +428,8 @@ def dot_pairwise_backward(ds, cache):
     Returns ``dtheta`` (B, d, N) and ``dphi`` (B, d, M).
     """
     theta, phi, scale = cache
-    check_grad("dot_pairwise_backward", ds, (theta.shape[0], theta.shape[2], phi.shape[2]), name="ds")
-    xp = array_namespace(ds, theta)
+    check_grad("dot_pairwise_backward", ds, (theta.shape[0], theta.shape[2], phi.shape[2]), name="ds", like=theta)
+    xp = array_namespace(ds, theta, names=["ds", "theta"])
     dtheta = xp.matmul(phi, xp.matrix_transpose(ds))
     dphi = xp.matmul(theta, ds)
     if scale != 1.0:  # on the small results, not on the (B, N, M) ds
@@ -461,7 +464,7 @@ def concat_pairwise_forward(theta, phi, w_f):
         by a positive number, as the non-local operation's ``1/M`` does, keeps
         that true.)
     """
-    xp = array_namespace(theta, phi, w_f)
+    xp = array_namespace(theta, phi, w_f, names=["theta", "phi", "w_f"])
     check_float("concat_pairwise_forward", xp, theta=theta, phi=phi, w_f=w_f)
     d = theta.shape[1]
     if w_f.shape != (2 * d,):
@@ -483,19 +486,20 @@ def concat_pairwise_backward(df, cache):
     Returns ``dtheta`` (B, d, N), ``dphi`` (B, d, M), ``dw_f`` (2d,).
     """
     theta, phi, w_f, f = cache
-    check_grad("concat_pairwise_backward", df, f.shape, name="df")
+    check_grad("concat_pairwise_backward", df, f.shape, name="df", like=f)
+    array_namespace(df, f, names=["df", "f"])  # one library for both
     return _concat_linear_backward(relu_backward(df, f), theta, phi, w_f)
 
 
 def _concat_linear_backward(dpre, theta, phi, w_f):
     """dtheta, dphi, dw_f of :func:`concat_pairwise_forward` from ``dpre``, the gradient before the ReLU."""
-    xp = array_namespace(dpre, theta)
+    xp = array_namespace(dpre, theta, names=["dpre", "theta"])
     return _concat_sums_backward(xp.sum(dpre, axis=2), xp.sum(dpre, axis=1), theta, phi, w_f)
 
 
 def _concat_sums_backward(da, db, theta, phi, w_f):
     """The same from ``da`` (B, N) and ``db`` (B, M), the row and column sums of ``dpre``."""
-    xp = array_namespace(da, theta)
+    xp = array_namespace(da, theta, names=["da", "theta"])
     d = theta.shape[1]
     dtheta = w_f[:d][None, :, None] * da[:, None, :]
     dphi = w_f[d:][None, :, None] * db[:, None, :]
@@ -578,7 +582,7 @@ def conv3d_reference_backward(dout, cache):
     """
     x, w, has_bias, stride, padding = cache
     check_grad("conv3d_reference_backward", dout, (x.shape[0], w.shape[0], *output_size(
-        "conv3d_reference_backward", x.shape[2:], w.shape[2:], stride, padding)))
+        "conv3d_reference_backward", x.shape[2:], w.shape[2:], stride, padding)), like=x)
     xp = array_namespace(dout, x, names=["dout", "x"])
     out_size, batch = tuple(dout.shape[2:]), x.shape[0]
     d3 = xp.reshape(dout, (batch, w.shape[0], -1))  # (B, O, T' H' W')
@@ -663,7 +667,7 @@ def conv3d_backward(dout, cache, *, input_grad=True):
     input_grad = check_flag("conv3d_backward: input_grad", input_grad)
     x_shape, w = context.x_cl.shape, context.w
     check_grad("conv3d_backward", dout, (x_shape[0], w.shape[0], *output_size(
-        "conv3d_backward", x_shape[1:4], w.shape[2:], context.stride, context.padding)))
+        "conv3d_backward", x_shape[1:4], w.shape[2:], context.stride, context.padding)), like=w)
     xp = array_namespace(dout, context.w, names=["dout", "w"])
     return engine.conv3d_backward(xp, dout, context, input_grad=input_grad, bias=has_bias)
 
@@ -892,7 +896,8 @@ def dropout_backward(dout, cache):
     mask = cache
     if mask is None:  # the identity: any shape
         return dout
-    check_grad("dropout_backward", dout, mask.shape)
+    check_grad("dropout_backward", dout, mask.shape, like=mask)
+    array_namespace(dout, mask, names=["dout", "mask"])  # one library for both
     return dout * mask
 
 
@@ -933,7 +938,7 @@ def linear_backward(dout, cache):
     db : array, shape (O,), or None when the layer has no bias
     """
     x, w, has_bias = cache
-    check_grad("linear_backward", dout, (*x.shape[:-1], w.shape[0]))
+    check_grad("linear_backward", dout, (*x.shape[:-1], w.shape[0]), like=x)
     xp = array_namespace(dout, x, names=["dout", "x"])
     dx = xp.matmul(dout, w)
     dw = xp.matmul(xp.matrix_transpose(dout), x)
@@ -1078,7 +1083,7 @@ def layernorm_backward(dout, cache):
     dgamma, dbeta : arrays, shape (D,)
     """
     x_hat, gamma, inv_std = cache
-    check_grad("layernorm_backward", dout, x_hat.shape)
+    check_grad("layernorm_backward", dout, x_hat.shape, like=x_hat)
     xp = array_namespace(dout, x_hat, names=["dout", "x_hat"])
     axes = tuple(range(dout.ndim - 1))
     dgamma = xp.sum(dout * x_hat, axis=axes) if axes else dout * x_hat
@@ -1165,7 +1170,7 @@ def gelu_backward(dout, cache):
     dx : array, the shape of ``x``
     """
     x, approximate, aux = cache
-    check_grad("gelu_backward", dout, x.shape)
+    check_grad("gelu_backward", dout, x.shape, like=x)
     xp = array_namespace(dout, x, names=["dout", "x"])
     if approximate == "tanh":
         t = aux

@@ -53,7 +53,7 @@ import numbers
 from typing import Any, NamedTuple
 
 from ..backend import array_namespace, device, dtype_name, is_numpy
-from ._shapes import check_scores_overflow
+from ._shapes import check_grad, check_scores_overflow
 from .engine import NonLocalWorkspace
 from .functional import (
     _exp_inplace,
@@ -79,10 +79,11 @@ def check_mode(mode):
 
 def _check(theta, phi, g, mode, scale, w_f, chunk_size):
     check_mode(mode)
+    named = [(k, a) for k, a in (("theta", theta), ("phi", phi), ("g", g), ("w_f", w_f)) if a is not None]
+    array_namespace(*(a for _, a in named), names=[k for k, _ in named])  # arrays of one library, named in errors
     for name, a in (("theta", theta), ("phi", phi), ("g", g)):
         if a is not None and a.ndim != 3:
             raise ValueError(f"{name} must have shape (B, channels, positions), got {tuple(a.shape)}")
-    named = [(k, a) for k, a in (("theta", theta), ("phi", phi), ("g", g), ("w_f", w_f)) if a is not None]
     dtypes = {k: dtype_name(a.dtype) for k, a in named}
     for k, a in named:  # integers would fail deep inside (softmax's in-place exp, the 1/M division)
         if dtypes[k] not in ("float32", "float64") and not array_namespace(a).isdtype(a.dtype, "real floating"):
@@ -254,6 +255,10 @@ def nonlocal_backward(dy, cache):
     dg : array, shape (B, d_g, M)
     dw_f : array, shape (2d,), or None unless ``mode="concatenation"``
     """
+    # every form keeps g (B, d_g, M), and y (B, d_g, N) or theta (B, d, N): dy is checked against them
+    positions = cache.y.shape[2] if hasattr(cache, "y") else cache.theta.shape[2]
+    array_namespace(dy, cache.g, names=["dy", "g"])
+    check_grad("nonlocal_backward", dy, (*cache.g.shape[:2], positions), name="dy", like=cache.g)
     if isinstance(cache, FullCache):
         return _backward_full(dy, cache)
     if isinstance(cache, ChunkedCache):

@@ -393,6 +393,21 @@ def test_the_units_check_of_given_parameters_still_speaks(route):
             chunked.nl_means_store(image, chunks=10, sigma=20.0, patch_size=3, search_size=5)
 
 
+def test_store_refuses_an_in_memory_array_of_another_library(xp, device):
+    """A PyTorch or array-api-strict array given to nl_means_store failed deep inside NumPy ("Cannot interpret
+    'torch.float64' as a data type"); a CuPy one would have been copied to the host chunk by chunk. It is
+    refused by name, pointing to nlref.nl_means, before any pass. A NumPy array is still a source."""
+    image = _noisy((12, 12))
+    source = nlref.backend.asarray(image, xp=xp, device=device)
+    if isinstance(source, np.ndarray):
+        out = chunked.nl_means_store(source, chunks=6, sigma=0.1, patch_size=3, search_size=5)
+        np.testing.assert_array_equal(out.compute(), nlref.nl_means(image, sigma=0.1, patch_size=3, search_size=5))
+        return
+    with pytest.raises(TypeError, match=r"source is an in-memory .* not an array in a store: denoise it with "
+                                        r"nlref\.nl_means\(source"):
+        chunked.nl_means_store(source, chunks=6, sigma=0.1, patch_size=3, search_size=5)
+
+
 def test_store_errors(tmp_path):
     image = _noisy((20, 20))
     with pytest.raises(TypeError, match="source must be an array in a store"):

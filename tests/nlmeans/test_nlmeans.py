@@ -372,6 +372,25 @@ def test_weights_of_one_pixel(xp_cpu, rng):
         nlref.nl_means_weights(x, (12, 0), sigma=0.1)
 
 
+@pytest.mark.parametrize("dtype, expected", [("float64", "float64"), ("float32", "float32"), ("float16", "float32"),
+                                             ("bfloat16", "float32"), ("uint8", "float32"), ("int16", "float32")])
+def test_weights_come_in_the_working_dtype_of_the_images_library(dtype, expected, rng):
+    """As documented: the weights keep the image's library (PyTorch here) and come in the dtype NL-means
+    computes in, float64 for float64 images and float32 for every other, the same numbers as NumPy's."""
+    torch = pytest.importorskip("torch")
+    host = _noisy(rng, (10, 12), np.float64)
+    scale = 200.0 if dtype.startswith(("uint", "int")) else 1.0
+    image = torch.from_numpy(host * scale).to(getattr(torch, dtype))
+    options = dict(sigma=0.1 * scale, patch_size=3, search_size=5)
+    w = nlref.nl_means_weights(image, (4, 5), **options)
+    assert type(w) is torch.Tensor and B.dtype_name(w.dtype) == expected
+    if dtype != "bfloat16":  # NumPy has no bfloat16
+        same = nlref.nl_means_weights(image.numpy(), (4, 5), **options)
+        assert same.dtype == np.dtype(expected)
+        np.testing.assert_allclose(w.numpy(), same, rtol=1e-5 if expected == "float32" else 1e-12,
+                                   atol=1e-37)  # a weight below float32's normal range has fewer digits
+
+
 def test_progress_bar_runs(capsys, rng):
     x = _noisy(rng, (20, 20), np.float32)
     out = nlref.nl_means(x, sigma=0.1, progress=True, aggregation="patch")
