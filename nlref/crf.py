@@ -160,6 +160,7 @@ def gaussian_message(features, q):
 
 
 def _check_step(q, unary, kernels, compat):
+    """The checked kernels (weights as floats) and the inputs' namespace, or an error naming the input."""
     for name, a in (("q", q), ("unary", unary), ("compat", compat)):
         _float(name, a)
     if q.ndim != 2 or unary.shape != q.shape:
@@ -184,7 +185,8 @@ def _check_step(q, unary, kernels, compat):
         raise TypeError(f"q, unary, compat and the kernels' features must share one dtype, got {sorted(dtypes)}")
     # Q_i(l) = exp(-psi_u - ...) / Z_i: psi_u = +inf is a label of probability 0, but NaN, -inf, or +inf for every
     # label of a pixel (Z_i = 0) define no distribution; a NaN q or mu would spread to every pixel it reaches
-    xp = array_namespace(q, unary, compat)
+    xp = array_namespace(q, unary, compat, *(f for _, f in kernels),
+                         names=["q", "unary", "compat", *(f"kernels[{m}] features" for m in range(len(kernels)))])
     for name, a in [("q", q), ("compat", compat)] + [("each kernel's features", f) for _, f in kernels]:
         if not bool(xp.all(xp.isfinite(a))):
             raise ValueError(f"{name} must be finite (no NaN or inf)")
@@ -193,7 +195,7 @@ def _check_step(q, unary, kernels, compat):
     if not bool(xp.all(xp.any(xp.isfinite(unary), axis=0))):
         raise ValueError("unary must be finite for at least one label of every pixel (+inf for all labels leaves "
                          "Z_i = 0)")
-    return [(float(w), f) for w, f in kernels]  # a NumPy float64 weight would make float32 marginals float64
+    return [(float(w), f) for w, f in kernels], xp  # a NumPy float64 weight would make float32 marginals float64
 
 
 def _softmax_labels(xp, logits):
@@ -211,8 +213,7 @@ def mean_field_step(q, unary, kernels, compat):
     (:func:`potts`). The messages are :func:`gaussian_message`; the softmax runs over
     the labels of each pixel.
     """
-    kernels = _check_step(q, unary, kernels, compat)
-    xp = array_namespace(q, unary, compat)
+    kernels, xp = _check_step(q, unary, kernels, compat)
     total = xp.zeros_like(q)
     for w, f in kernels:
         total = total + w * gaussian_message(f, q)
@@ -226,9 +227,7 @@ def mean_field_reference(q, unary, kernels, compat):
     steps too), and returns float64 marginals ``(L, N)`` in the library and on the device
     of ``q``; every array must come from that library.
     """
-    kernels = _check_step(q, unary, kernels, compat)
-    xp = array_namespace(q, unary, compat, *(f for _, f in kernels),
-                         names=["q", "unary", "compat", *(f"kernels[{m}] features" for m in range(len(kernels)))])
+    kernels, xp = _check_step(q, unary, kernels, compat)
     q, unary, compat = (xp.astype(a, xp.float64) for a in (q, unary, compat))
     feats = [(w, xp.astype(f, xp.float64)) for w, f in kernels]
     out = xp.empty_like(q)
