@@ -153,3 +153,29 @@ def test_what_needs_no_label_or_bar():
     fig.colorbar(first, ax=list(axes[1]), label="weight")
     fig.suptitle("one title for all")
     assert figure_problems(fig) == []
+
+
+def test_the_benchmarks_figures_meet_the_standard(tmp_path, monkeypatch):
+    """The --plot figures of the benchmarks (docs/images/block_memory_vs_n.png, nlmeans_time_vs_size.png),
+    drawn from made-up measurements of the documented shape."""
+    from pathlib import Path
+
+    from matplotlib.figure import Figure
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_block
+    import bench_nlmeans
+
+    found, save = {}, Figure.savefig
+
+    def checked_save(fig, path, *args, **kwargs):
+        found[Path(path).suffix] = figure_problems(fig)
+        return save(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", checked_save)
+    ns = [256, 1024, 4096, 16384]
+    bench_block.plot_memory(ns, [0.9, 9.0, 130.0, 2050.0], [0.8, 2.5, 9.5, 37.0], tmp_path / "memory.png")
+    sizes = [128, 256, 512, 1024]
+    bench_nlmeans.plot_size_sweep(sizes, {"nlref": [0.02, 0.08, 0.3, 1.2], "scikit-image": [0.05, 0.2, 0.8, 3.2],
+                                          "OpenCV": [0.01, 0.04, 0.15, 0.6]}, tmp_path / "time.svg")
+    assert found == {".png": [], ".svg": []}
