@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
-GREYS = {"gray", "grey", "greys", "gist_gray", "gist_grey", "gist_yarg", "gist_gray", "binary", "bone"}
+GREYS = {"gray", "grey", "greys", "gist_gray", "gist_grey", "gist_yarg", "binary", "bone"}
 
 
 def _is_grey(cmap):
@@ -166,3 +166,59 @@ def assert_figure_readable(fig, what="the figure"):
     """Raise AssertionError listing every problem of ``fig`` (see the module docstring)."""
     problems = figure_problems(fig)
     assert not problems, f"{what} misses the figure standard:\n  " + "\n  ".join(problems)
+
+
+# --------------------------------------------------------------------------- notebooks
+def check_open_figures():
+    """Raise AssertionError naming every open pyplot figure that misses the standard (none open: nothing)."""
+    import sys
+
+    if "matplotlib.pyplot" not in sys.modules:
+        return
+    plt = sys.modules["matplotlib.pyplot"]
+    found = {num: figure_problems(plt.figure(num)) for num in plt.get_fignums()}
+    found = {num: problems for num, problems in found.items() if problems}
+    if found:
+        raise AssertionError("a figure misses the figure standard (tests/figcheck.py):\n" + "\n".join(
+            f"  figure {num}: " + "\n    ".join(problems) for num, problems in found.items()))
+
+
+def install_in_ipython(shell):
+    """Check the figures each cell leaves open, at its end, so that a figure missing the standard fails the cell
+    (and so the notebook's test; root conftest.py installs this in the kernels nbmake starts).
+
+    The cell's code gets a last statement that calls :func:`check_open_figures` (a cell ending with an
+    expression still shows its value), and ``pyplot.show`` checks before it shows (the inline backend
+    closes what it shows).
+    """
+    import ast
+
+    class _AppendCheck(ast.NodeTransformer):
+        def visit_Module(self, node):
+            call = ast.parse("__import__('tests.figcheck').figcheck.check_open_figures()").body
+            body = list(node.body)
+            if body and isinstance(body[-1], ast.Expr):
+                last = body.pop()
+                body += [ast.Assign(targets=[ast.Name("_figcheck_last", ast.Store())], value=last.value),
+                         *call, ast.Expr(ast.Name("_figcheck_last", ast.Load()))]
+            else:
+                body += call
+            node.body = body
+            return ast.fix_missing_locations(node)
+
+    def _wrap_show(*args, **kwargs):
+        import sys
+
+        plt = sys.modules.get("matplotlib.pyplot")
+        if plt is not None and not getattr(plt.show, "_figcheck", False):
+            show = plt.show
+
+            def checked_show(*a, **k):
+                check_open_figures()
+                return show(*a, **k)
+
+            checked_show._figcheck = True
+            plt.show = checked_show
+
+    shell.ast_transformers.append(_AppendCheck())
+    shell.events.register("pre_run_cell", _wrap_show)

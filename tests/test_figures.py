@@ -179,3 +179,17 @@ def test_the_benchmarks_figures_meet_the_standard(tmp_path, monkeypatch):
     bench_nlmeans.plot_size_sweep(sizes, {"nlref": [0.02, 0.08, 0.3, 1.2], "scikit-image": [0.05, 0.2, 0.8, 3.2],
                                           "OpenCV": [0.01, 0.04, 0.15, 0.6]}, tmp_path / "time.svg")
     assert found == {".png": [], ".svg": []}
+
+
+def test_check_open_figures_names_the_figure_that_fails():
+    """What the notebooks' cells run at their end (conftest.py installs it in nbmake's kernels)."""
+    from tests.figcheck import check_open_figures
+
+    fig, ax = _figure()
+    ax.plot([1, 2], [3, 4])
+    ax.set(title="t", xlabel="x", ylabel="y")
+    check_open_figures()                                    # a complete figure: nothing said
+    fig, ax = _figure()
+    ax.plot([1, 2], [3, 4])
+    with pytest.raises(AssertionError, match=rf"figure {fig.number}: axes 0 has no title"):
+        check_open_figures()
