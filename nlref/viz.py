@@ -184,7 +184,9 @@ def weights_plot(image, positions, weight_maps, *, search_size, title=None):
         raise ValueError("weight_maps must hold NL-means weights, in [0, 1] (nl_means_weights' output); got "
                          "values outside it or NaN")
     n = len(positions)
-    fig, axes = plt.subplots(1, n + 1, figsize=(3.2 * (n + 1) + 0.8, 3.7), layout="constrained")
+    # "compressed" and 4 inches tall: with square maps sharing one colour bar, the constrained layout in
+    # 3.7 inches left the maps' x labels partly below the figure's edge (their descenders cut off)
+    fig, axes = plt.subplots(1, n + 1, figsize=(3.2 * (n + 1) + 0.8, 4.0), layout="compressed")
     axes[0].imshow(image, cmap="gray", vmin=0, vmax=1)
     axes[0].set_title("query pixels (dots) and\ntheir search windows (squares)", fontsize=9)
     axes[0].axis("off")
@@ -491,7 +493,8 @@ def spacetime_attention_plot(clip, attention_row, query, *, key_shape, query_sha
         for ax in (top, bottom):
             ax.axis("off")
     _colorbar(fig, bright, list(axes[0]), "brightness (sqrt scale)")
-    _colorbar(fig, shown, list(axes[1]), "attention weight" + (" (0 at the centre)" if scale.signed else ""))
+    # signed: a shorter label, as the longer one ran past the bar, off the figure's bottom edge
+    _colorbar(fig, shown, list(axes[1]), "attention (0 at the centre)" if scale.signed else "attention weight")
     fig.suptitle(title or f"where query (t, y, x) = {(qt, qy, qx)} attends across the frames", fontsize=10)
     return fig
 

@@ -13,6 +13,7 @@ from nlref.cli import main
 
 
 DEMO_FIGURES = {}  # file name -> what a reader sees of the figure (filled by demo_run)
+DEMO_PROBLEMS = {}  # file name -> what the figure misses of the figure standard (tests/figcheck.py)
 
 
 def _what_a_reader_sees(fig):
@@ -36,7 +37,10 @@ def demo_run(tmp_path_factory):
     save = walk._save
 
     def recording_save(fig, path):
+        from tests.figcheck import figure_problems
+
         DEMO_FIGURES[Path(path).name] = _what_a_reader_sees(fig)
+        DEMO_PROBLEMS[Path(path).name] = figure_problems(fig)
         save(fig, path)
 
     with contextlib.redirect_stdout(printed), pytest.MonkeyPatch.context() as patch:
@@ -62,6 +66,14 @@ def test_every_demo_figure_has_a_title_and_labels(demo_run):
                 assert panel["title"].strip(), f"{name}: a picture without a title"
             elif panel["lines"]:
                 assert panel["xlabel"] and panel["ylabel"], f"{name}: a plot without axis labels"
+
+
+def test_every_demo_figure_meets_the_figure_standard(demo_run):
+    """Titles, axis labels, colour bars and legends where needed, no text off the figure (tests/figcheck.py)."""
+    from nlref.cli import walk
+
+    assert sorted(DEMO_PROBLEMS) == sorted(walk.FIGURES)
+    assert {name: problems for name, problems in DEMO_PROBLEMS.items() if problems} == {}
 
 
 def test_demo_quick_writes_figures_and_table(demo_run):
