@@ -396,3 +396,29 @@ def test_no_run_goes_on_after_a_call_that_raised(monkeypatch, failing):
     np.testing.assert_array_equal(fused.softmax_rows(s.copy(), normalise=True),
                                   fused.softmax_rows(s.copy(), normalise=True))  # the pool still works
     pool.shutdown()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("old", [np.inf, np.nan])
+def test_concat_scores_read_nothing_from_the_reused_buffer(engine, dtype, old):
+    """The concatenation's scores go into a workspace buffer that keeps the last call's values (or
+    np.empty's): an inf or NaN left there (a call on non-finite inputs) must not change the next call.
+    The kernel once took its 0 as ``out[0, 0, 0] - out[0, 0, 0]``: NaN after such a call."""
+    from nlref.nn.engine import NonLocalWorkspace
+    from nlref.nn.nonlocal_op import nonlocal_forward
+
+    engine("numba")
+    rng = np.random.default_rng(4)
+    theta, phi, g = (rng.standard_normal(s).astype(dtype) for s in ((2, 3, 5), (2, 3, 7), (2, 2, 7)))
+    w_f = rng.standard_normal(6).astype(dtype)
+    args = dict(mode="concatenation", w_f=w_f, chunk_size=4)  # chunked: the scores go through the buffer
+    fresh, _ = nonlocal_forward(theta, phi, g, **args)
+    out = np.full(2 * 5 * 4, old, dtype=dtype)  # as a call on non-finite inputs leaves it
+    fused.concat_scores(np.zeros((2, 5), dtype), np.full((2, 4), -1, dtype), out.reshape(2, 5, 4))
+    np.testing.assert_array_equal(out, 0)  # ReLU(0 - 1)
+    workspace = NonLocalWorkspace()
+    bad = np.full_like(theta, old)
+    with np.errstate(invalid="ignore", over="ignore"):
+        nonlocal_forward(bad, phi, g, workspace=workspace, **args)
+    y, _ = nonlocal_forward(theta, phi, g, workspace=workspace, **args)
+    np.testing.assert_array_equal(y, fresh)

@@ -275,10 +275,10 @@ def _softmax_rows_grad(de, e, c, start, stop):
 
 
 @_kernel(**_PARALLEL)
-def _concat_scores(a, b, out, start, stop):
-    """out (B, N, M) <- max(a[:, :, None] + b[:, None, :], 0)."""
+def _concat_scores(a, b, out, zero, start, stop):
+    """out (B, N, M) <- max(a[:, :, None] + b[:, None, :], 0); ``zero`` is 0 in out's dtype (passed in:
+    ``out`` is a reused buffer, whose old values may be inf or NaN, so none of them may be read)."""
     nb, n, m = out.shape
-    zero = out[0, 0, 0] - out[0, 0, 0]
     for r in range(start, stop):
         k, i = r // n, r % n
         ai = a[k, i]
@@ -663,7 +663,7 @@ def concat_scores(a, b, out):
     compile_kernels()
     if out.size:
         _run(_concat_scores, out.shape[0] * out.shape[1], out.size, np.ascontiguousarray(a), np.ascontiguousarray(b),
-             out)
+             out, out.dtype.type(0))
     return out
 
 
