@@ -288,14 +288,15 @@ def _concat_scores(a, b, out, zero, start, stop):
 
 @_kernel(**_PARALLEL)
 def _concat_relu_sums(df, f, da, db, start, stop):
-    """da (B, N) and db (B, M) <- row and column sums of df * [f > 0] (batch elements start..stop)."""
+    """da (B, N) and db (B, M) <- row and column sums of df * [f > 0] (batch elements start..stop), the
+    product taken as written (an infinite df where f <= 0 gives NaN, as functional.relu_backward)."""
     nb, n, m = df.shape
     for k in range(start, stop):
         col = np.zeros(m, dtype=np.float64)
         for i in range(n):
             s = 0.0
             for j in range(m):
-                v = df[k, i, j] if f[k, i, j] > 0 else 0.0
+                v = df[k, i, j] if f[k, i, j] > 0 else df[k, i, j] * 0.0  # as relu_backward's 0/1 mask: inf * 0 is NaN
                 s += v
                 col[j] += v
             da[k, i] = s
