@@ -422,3 +422,17 @@ def test_concat_scores_read_nothing_from_the_reused_buffer(engine, dtype, old):
         nonlocal_forward(bad, phi, g, workspace=workspace, **args)
     y, _ = nonlocal_forward(theta, phi, g, workspace=workspace, **args)
     np.testing.assert_array_equal(y, fresh)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("first", [np.inf, -np.inf])
+def test_softmax_backward_infinite_gradient_as_numpy(engine, dtype, first):
+    """An infinite dp spreads as NumPy's p * (dp - sum(dp p)) spreads it: -inf (or inf) at the row's other
+    samples, NaN at its own. The kernel once took the row's 0 as dp[i, 0] - dp[i, 0], NaN there: the
+    whole row came out NaN when its first sample was infinite."""
+    p, cache = F.softmax_forward(np.array([[0.1, 0.5, -0.2], [0.3, 0.0, 1.0]], dtype))
+    dp = np.array([[first, 1.0, 2.0], [1.0, first, 2.0]], dtype)
+    with np.errstate(invalid="ignore"):
+        ref, ours = _both(engine, lambda: F.softmax_backward(dp, cache))
+    np.testing.assert_array_equal(ours, ref)
+    assert np.isnan(ref).sum() == 2

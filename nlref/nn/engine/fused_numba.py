@@ -246,12 +246,13 @@ def _softmax_rows(s, sums, single, normalise, start, stop):
 
 
 @_kernel(**_PARALLEL)
-def _softmax_backward_rows(dp, p, out, start, stop):
-    """out (R, M) <- p * (dp - sum_j dp p), the softmax's backward pass row by row."""
+def _softmax_backward_rows(dp, p, out, zero, start, stop):
+    """out (R, M) <- p * (dp - sum_j dp p), the softmax's backward pass row by row; ``zero``: 0 in the
+    rows' dtype (not dp[i, 0] - dp[i, 0], which is NaN where dp[i, 0] is infinite)."""
     rows, n = dp.shape
     for i in range(start, stop):
         c = _row_dot(dp[i], p[i], n)
-        c = dp[i, 0] - dp[i, 0] + c  # in the rows' dtype
+        c = zero + c  # in the rows' dtype
         for j in range(n):
             out[i, j] = p[i, j] * (dp[i, j] - c)
 
@@ -645,7 +646,7 @@ def softmax_backward_rows(dp, p):
     if out.size:
         out2 = out.reshape(-1, m)
         _run(_softmax_backward_rows, out2.shape[0], out2.size, np.ascontiguousarray(dp).reshape(-1, m),
-             np.ascontiguousarray(p).reshape(-1, m), out2)
+             np.ascontiguousarray(p).reshape(-1, m), out2, out.dtype.type(0))
     return out
 
 
