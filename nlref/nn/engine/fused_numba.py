@@ -874,11 +874,10 @@ def batchnorm_backward_numba(dout, cache):
     dbeta = _add_in_order(parts_d).astype(x2.dtype)
     dgamma = _add_in_order(parts_dx).astype(x2.dtype) * inv_std
     k1 = gamma * inv_std
-    if training:
-        k2 = -k1 * inv_std * dgamma / m
-        k3 = -k1 * dbeta / m
-    else:
-        k2 = k3 = np.zeros_like(k1)
+    if not training:  # dx = dout k1, as the textbook: k2 = k3 = 0 in the pass below would take (x - mean) 0,
+        return _restore(d2 * (k1 if last else k1[:, None]), shape, last), dgamma, dbeta  # NaN where x is inf
+    k2 = -k1 * inv_std * dgamma / m
+    k3 = -k1 * dbeta / m
     out = np.empty_like(x2)
     rows = x2.shape[0] if last else x2.shape[0] * x2.shape[1]
     _run(_last_grad if last else _mid_grad, rows, x2.size, d2, x2, mean, k1, k2, k3, out)
