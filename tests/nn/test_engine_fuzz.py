@@ -363,3 +363,106 @@ def test_concat_matrix_route_routes_like_relu_backward(knobs, engine, chunk_size
             results.append((y,) + nonlocal_backward(dy, cache))
     for ours, textbook in zip(*reversed(results)):
         np.testing.assert_allclose(ours, textbook, rtol=1e-12, atol=1e-14, equal_nan=True)
+
+
+def _sprinkle(rng, a):
+    """``a`` with one or two samples made inf, -inf or NaN."""
+    a = a.copy()
+    flat = a.reshape(-1)
+    for _ in range(int(rng.integers(1, 3))):
+        flat[rng.integers(flat.size)] = rng.choice([np.inf, -np.inf, np.nan])
+    return a
+
+
+def _same_non_finite(ours, ref, dtype, what):
+    """The same NaN and infinite samples (infinities of one sign), the finite ones close."""
+    assert ours.shape == ref.shape and ours.dtype == ref.dtype, what
+    np.testing.assert_array_equal(np.isnan(ours), np.isnan(ref), err_msg=what)
+    np.testing.assert_array_equal(np.where(np.isinf(ours), ours, 0), np.where(np.isinf(ref), ref, 0), err_msg=what)
+    finite = np.isfinite(ref)
+    tol = dict(rtol=1e-4, atol=1e-6) if dtype == np.float32 else dict(rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(ours[finite], ref[finite], err_msg=what, **tol)
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_non_finite_values_spread_as_in_the_textbook(knobs, monkeypatch, seed):
+    """inf and NaN in an input or a gradient: the engine's NaN and infinities fall where the textbook's do
+    (the non-local operation against its textbook steps; softmax, max pool, batch norm against NumPy)."""
+    rng = np.random.default_rng(600 + seed)
+    workspace = NonLocalWorkspace()
+    for _ in range(60):
+        dtype = (np.float32, np.float64)[rng.integers(2)]
+        which = int(rng.integers(4))
+        if which == 0:
+            mode = MODES[rng.integers(4)]
+            b, d, dg, n, m = (int(v) for v in rng.integers(1, 6, size=5))
+            arrays = [rng.standard_normal(s).astype(dtype) for s in ((b, d, n), (b, d, m), (b, dg, m), (2 * d,), (b, dg, n))]
+            targets = [0, 1, 2, 4] + ([3] if mode == "concatenation" else [])  # theta, phi, g, dy (w_f)
+            k = targets[rng.integers(len(targets))]
+            arrays[k] = _sprinkle(rng, arrays[k])
+            w_f = arrays[3] if mode == "concatenation" else None
+            chunk = None if rng.random() < 0.6 else int(rng.integers(1, m + 2))
+
+            def step(ws=None):
+                y, cache = nonlocal_forward(*arrays[:3], mode=mode, w_f=w_f, chunk_size=chunk, workspace=ws)
+                y = y.copy()
+                return (y,) + tuple(a for a in nonlocal_backward(arrays[4], cache) if a is not None)
+            engine, factored = ("numpy", "numba")[rng.integers(2)], bool(rng.random() < 0.7)
+            outcomes = []
+            for setting, ws in ((("numpy", False), None), ((engine, factored), workspace)):
+                knobs(*setting)
+                try:
+                    with np.errstate(all="ignore"):
+                        outcomes.append(step(ws))
+                except ValueError as error:  # an overflowed softmax: both refuse
+                    outcomes.append(type(error))
+            what = f"op {mode} {dtype.__name__} {engine} factored={factored} chunk={chunk}"
+        else:
+            if which == 1:
+                shape = tuple(int(v) for v in rng.integers(1, 6, size=int(rng.integers(1, 4))))
+                s, dp = (rng.standard_normal(shape).astype(dtype) for _ in range(2))
+                s, dp = (_sprinkle(rng, s), dp) if rng.random() < 0.5 else (s, _sprinkle(rng, dp))
+
+                def step():
+                    p, cache = F.softmax_forward(s)
+                    return p.copy(), F.softmax_backward(dp, cache)
+            elif which == 2:
+                kernel = tuple(int(v) for v in rng.integers(1, 4, size=int(rng.integers(1, 4))))
+                shape = (2, 2) + tuple(v + int(rng.integers(0, 3)) for v in kernel)
+                x = rng.standard_normal(shape).astype(dtype)
+                dout = rng.standard_normal(shape[:2] + tuple(v // k for v, k in zip(shape[2:], kernel))).astype(dtype)
+                x, dout = (_sprinkle(rng, x), dout) if rng.random() < 0.6 else (x, _sprinkle(rng, dout))
+
+                def step():
+                    out, cache = F.maxpool_forward(x, kernel)
+                    return out.copy(), F.maxpool_backward(dout, cache)
+            else:
+                shape = (2, 3) + tuple(int(v) for v in rng.integers(1, 4, size=int(rng.integers(0, 3))))
+                x, dout = (rng.standard_normal(shape).astype(dtype) for _ in range(2))
+                x, dout = (_sprinkle(rng, x), dout) if rng.random() < 0.5 else (x, _sprinkle(rng, dout))
+                training = bool(rng.random() < 0.6)
+                monkeypatch.setattr(fused, "BN_CHANNELS_LAST", True)
+                if rng.random() < 0.5 and x.ndim > 2:
+                    x = np.moveaxis(np.ascontiguousarray(np.moveaxis(x, 1, -1)), -1, 1)
+                gamma = np.linspace(0.5, 2, 3).astype(dtype)
+
+                def step():
+                    state = {"running_mean": np.zeros(3, dtype), "running_var": np.ones(3, dtype)}
+                    out, cache = F.batchnorm_forward(x, gamma, gamma / 4, state, training=training)
+                    return (out.copy(),) + F.batchnorm_backward(dout, cache) + (state["running_mean"], state["running_var"])
+            outcomes = []
+            split = bool(rng.random() < 0.5)
+            for engine in ("numpy", "numba"):
+                knobs(engine, split=split)
+                try:
+                    with np.errstate(all="ignore"):
+                        outcomes.append(step())
+                except ValueError as error:
+                    outcomes.append(type(error))
+            what = f"layer {which} {dtype.__name__} split={split}"
+        ref, ours = outcomes
+        if not isinstance(ref, tuple) or not isinstance(ours, tuple):
+            assert ours == ref, what
+            continue
+        for k, (a, r) in enumerate(zip(ours, ref)):
+            _same_non_finite(a, r, dtype, f"{what}, output {k}")
