@@ -396,3 +396,65 @@ def test_no_run_goes_on_after_a_call_that_raised(monkeypatch, failing):
     np.testing.assert_array_equal(fused.softmax_rows(s.copy(), normalise=True),
                                   fused.softmax_rows(s.copy(), normalise=True))  # the pool still works
     pool.shutdown()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("old", [np.inf, np.nan])
+def test_concat_scores_read_nothing_from_the_reused_buffer(engine, dtype, old):
+    """The concatenation's scores go into a workspace buffer that keeps the last call's values (or
+    np.empty's): an inf or NaN left there (a call on non-finite inputs) must not change the next call.
+    The kernel once took its 0 as ``out[0, 0, 0] - out[0, 0, 0]``: NaN after such a call."""
+    from nlref.nn.engine import NonLocalWorkspace
+    from nlref.nn.nonlocal_op import nonlocal_forward
+
+    engine("numba")
+    rng = np.random.default_rng(4)
+    theta, phi, g = (rng.standard_normal(s).astype(dtype) for s in ((2, 3, 5), (2, 3, 7), (2, 2, 7)))
+    w_f = rng.standard_normal(6).astype(dtype)
+    args = dict(mode="concatenation", w_f=w_f, chunk_size=4)  # chunked: the scores go through the buffer
+    fresh, _ = nonlocal_forward(theta, phi, g, **args)
+    out = np.full(2 * 5 * 4, old, dtype=dtype)  # as a call on non-finite inputs leaves it
+    fused.concat_scores(np.zeros((2, 5), dtype), np.full((2, 4), -1, dtype), out.reshape(2, 5, 4))
+    np.testing.assert_array_equal(out, 0)  # ReLU(0 - 1)
+    workspace = NonLocalWorkspace()
+    bad = np.full_like(theta, old)
+    with np.errstate(invalid="ignore", over="ignore"):
+        nonlocal_forward(bad, phi, g, workspace=workspace, **args)
+    y, _ = nonlocal_forward(theta, phi, g, workspace=workspace, **args)
+    np.testing.assert_array_equal(y, fresh)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("first", [np.inf, -np.inf])
+def test_softmax_backward_infinite_gradient_as_numpy(engine, dtype, first):
+    """An infinite dp spreads as NumPy's p * (dp - sum(dp p)) spreads it: -inf (or inf) at the row's other
+    samples, NaN at its own. The kernel once took the row's 0 as dp[i, 0] - dp[i, 0], NaN there: the
+    whole row came out NaN when its first sample was infinite."""
+    p, cache = F.softmax_forward(np.array([[0.1, 0.5, -0.2], [0.3, 0.0, 1.0]], dtype))
+    dp = np.array([[first, 1.0, 2.0], [1.0, first, 2.0]], dtype)
+    with np.errstate(invalid="ignore"):
+        ref, ours = _both(engine, lambda: F.softmax_backward(dp, cache))
+    np.testing.assert_array_equal(ours, ref)
+    assert np.isnan(ref).sum() == 2
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("last", [False, True])
+def test_batchnorm_eval_backward_does_not_read_x(engine, dtype, last):
+    """In eval mode dx = dout gamma / sqrt(var + eps), x out of it (the textbook's formula): an infinite
+    or NaN input sample leaves its dx finite. The fused pass once computed k1 dout + (x - mean) 0 + 0,
+    NaN there."""
+    x = _bn_input((2, 3, 4, 5), dtype, last)
+    x[0, 1, 2, 3], x[1, 2, 0, 0] = np.inf, np.nan
+    dout = np.random.default_rng(7).standard_normal(x.shape).astype(dtype)
+    gamma, beta = np.linspace(0.5, 2, 3).astype(dtype), np.zeros(3, dtype)
+
+    def step():
+        state = {"running_mean": np.full(3, 0.1, dtype), "running_var": np.full(3, 2.0, dtype)}
+        with np.errstate(invalid="ignore"):
+            _, cache = F.batchnorm_forward(x, gamma, beta, state, training=False)
+        return F.batchnorm_backward(dout, cache)[0]
+
+    ref, ours = _both(engine, step)
+    assert np.isfinite(ref).all()
+    np.testing.assert_array_equal(ours, ref)

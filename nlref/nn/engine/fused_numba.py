@@ -246,12 +246,13 @@ def _softmax_rows(s, sums, single, normalise, start, stop):
 
 
 @_kernel(**_PARALLEL)
-def _softmax_backward_rows(dp, p, out, start, stop):
-    """out (R, M) <- p * (dp - sum_j dp p), the softmax's backward pass row by row."""
+def _softmax_backward_rows(dp, p, out, zero, start, stop):
+    """out (R, M) <- p * (dp - sum_j dp p), the softmax's backward pass row by row; ``zero``: 0 in the
+    rows' dtype (not dp[i, 0] - dp[i, 0], which is NaN where dp[i, 0] is infinite)."""
     rows, n = dp.shape
     for i in range(start, stop):
         c = _row_dot(dp[i], p[i], n)
-        c = dp[i, 0] - dp[i, 0] + c  # in the rows' dtype
+        c = zero + c  # in the rows' dtype
         for j in range(n):
             out[i, j] = p[i, j] * (dp[i, j] - c)
 
@@ -275,10 +276,10 @@ def _softmax_rows_grad(de, e, c, start, stop):
 
 
 @_kernel(**_PARALLEL)
-def _concat_scores(a, b, out, start, stop):
-    """out (B, N, M) <- max(a[:, :, None] + b[:, None, :], 0)."""
+def _concat_scores(a, b, out, zero, start, stop):
+    """out (B, N, M) <- max(a[:, :, None] + b[:, None, :], 0); ``zero`` is 0 in out's dtype (passed in:
+    ``out`` is a reused buffer, whose old values may be inf or NaN, so none of them may be read)."""
     nb, n, m = out.shape
-    zero = out[0, 0, 0] - out[0, 0, 0]
     for r in range(start, stop):
         k, i = r // n, r % n
         ai = a[k, i]
@@ -288,14 +289,15 @@ def _concat_scores(a, b, out, start, stop):
 
 @_kernel(**_PARALLEL)
 def _concat_relu_sums(df, f, da, db, start, stop):
-    """da (B, N) and db (B, M) <- row and column sums of df * [f > 0] (batch elements start..stop)."""
+    """da (B, N) and db (B, M) <- row and column sums of df * [f > 0] (batch elements start..stop), the
+    product taken as written (an infinite df where f <= 0 gives NaN, as functional.relu_backward)."""
     nb, n, m = df.shape
     for k in range(start, stop):
         col = np.zeros(m, dtype=np.float64)
         for i in range(n):
             s = 0.0
             for j in range(m):
-                v = df[k, i, j] if f[k, i, j] > 0 else 0.0
+                v = df[k, i, j] if f[k, i, j] > 0 else df[k, i, j] * 0.0  # as relu_backward's 0/1 mask: inf * 0 is NaN
                 s += v
                 col[j] += v
             da[k, i] = s
@@ -644,7 +646,7 @@ def softmax_backward_rows(dp, p):
     if out.size:
         out2 = out.reshape(-1, m)
         _run(_softmax_backward_rows, out2.shape[0], out2.size, np.ascontiguousarray(dp).reshape(-1, m),
-             np.ascontiguousarray(p).reshape(-1, m), out2)
+             np.ascontiguousarray(p).reshape(-1, m), out2, out.dtype.type(0))
     return out
 
 
@@ -663,7 +665,7 @@ def concat_scores(a, b, out):
     compile_kernels()
     if out.size:
         _run(_concat_scores, out.shape[0] * out.shape[1], out.size, np.ascontiguousarray(a), np.ascontiguousarray(b),
-             out)
+             out, out.dtype.type(0))
     return out
 
 
@@ -872,11 +874,10 @@ def batchnorm_backward_numba(dout, cache):
     dbeta = _add_in_order(parts_d).astype(x2.dtype)
     dgamma = _add_in_order(parts_dx).astype(x2.dtype) * inv_std
     k1 = gamma * inv_std
-    if training:
-        k2 = -k1 * inv_std * dgamma / m
-        k3 = -k1 * dbeta / m
-    else:
-        k2 = k3 = np.zeros_like(k1)
+    if not training:  # dx = dout k1, as the textbook: k2 = k3 = 0 in the pass below would take (x - mean) 0,
+        return _restore(d2 * (k1 if last else k1[:, None]), shape, last), dgamma, dbeta  # NaN where x is inf
+    k2 = -k1 * inv_std * dgamma / m
+    k3 = -k1 * dbeta / m
     out = np.empty_like(x2)
     rows = x2.shape[0] if last else x2.shape[0] * x2.shape[1]
     _run(_last_grad if last else _mid_grad, rows, x2.size, d2, x2, mean, k1, k2, k3, out)

@@ -117,7 +117,9 @@ class NonLocalWorkspace:
             theta, phi, w_f, f = cache
             if numba_applies(df, f):  # the ReLU's routing and both sums in one pass, nothing written
                 return _concat_sums_backward(*concat_relu_sums(df, f), theta, phi, w_f)
-            df[f <= 0] = 0  # the ReLU's routing, in place
+            # the ReLU's routing in place, as a product with the 0/1 mask like functional.relu_backward (an
+            # infinite df where f <= 0 gives NaN there, and a NaN f routes nothing), not df[f <= 0] = 0
+            np.multiply(df, f > 0, out=df)
             return _concat_linear_backward(df, theta, phi, w_f)
         return dot_pairwise_backward(df, cache) + (None,)
 
