@@ -208,7 +208,7 @@ def working_dtype(dtype):
     images were computed in float32, which holds integers exactly only up to 2^24: a constant
     uint32 image of 16,777,217 came back as 16,777,216, and one around 4e9 with 100 grey levels
     of detail came back flat. float64 holds every int32 and uint32 value, and int64 and uint64
-    values up to 2^53 (larger ones are refused: :func:`check_computable`).
+    values up to 2^53 (larger ones are refused: ``check_computable``).
     """
     d = np.dtype(dtype_name(dtype))
     return np.float64 if (d.kind == "f" and d.itemsize >= 8) or (d.kind in "iu" and d.itemsize >= 4) else np.float32
