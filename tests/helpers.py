@@ -78,3 +78,17 @@ def traced_peak(run):
         return tracemalloc.get_traced_memory()[1] - start
     finally:
         tracemalloc.stop()
+
+
+def random_layout(rng, a):
+    """The values of NumPy array ``a`` in a random storage order: C, negative strides, Fortran, a strided slice."""
+    k = int(rng.integers(4))
+    if k == 0:
+        return a.copy()
+    if k == 1:
+        return np.ascontiguousarray(a[..., ::-1])[..., ::-1]
+    if k == 2:
+        return np.asfortranarray(a)
+    big = np.zeros(a.shape[:-1] + (2 * a.shape[-1] + 1,), a.dtype)
+    big[..., 0:2 * a.shape[-1]:2] = a
+    return big[..., 0:2 * a.shape[-1]:2]

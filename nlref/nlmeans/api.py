@@ -283,10 +283,9 @@ def _on_host(image):
 
 
 def _itemsize(image):
-    try:
-        return np.dtype(dtype_name(image.dtype)).itemsize
-    except TypeError:
-        return 8
+    """Bytes per sample of ``image`` (of any library; PyTorch's bfloat16, which NumPy may not know, is 2)."""
+    name = dtype_name(image.dtype)
+    return 2 if name == "bfloat16" else np.dtype(name).itemsize
 
 
 def _size(n):

@@ -210,7 +210,10 @@ def working_dtype(dtype):
     of detail came back flat. float64 holds every int32 and uint32 value, and int64 and uint64
     values up to 2^53 (larger ones are refused: ``check_computable``).
     """
-    d = np.dtype(dtype_name(dtype))
+    name = dtype_name(dtype)
+    if name == "bfloat16":  # PyTorch's 16-bit float, which NumPy knows only where ml_dtypes registered it
+        return np.float32
+    d = np.dtype(name)
     return np.float64 if (d.kind == "f" and d.itemsize >= 8) or (d.kind in "iu" and d.itemsize >= 4) else np.float32
 
 

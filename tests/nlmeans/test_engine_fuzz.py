@@ -16,23 +16,11 @@ import pytest
 from nlref.nlmeans import fast
 from nlref.nlmeans.fast import nl_means_fast
 from nlref.nlmeans.naive import nl_means_naive
+from tests.helpers import random_layout
 
 fast_numba = pytest.importorskip("nlref.nlmeans.fast_numba")
 
 TOL = {np.float32: 2e-4, np.float64: 1e-10}
-
-
-def _layout(rng, a):
-    k = int(rng.integers(4))
-    if k == 0:
-        return a.copy()
-    if k == 1:
-        return np.ascontiguousarray(a[..., ::-1])[..., ::-1]
-    if k == 2:
-        return np.asfortranarray(a)
-    big = np.zeros(a.shape[:-1] + (2 * a.shape[-1] + 1,), a.dtype)
-    big[..., 0:2 * a.shape[-1]:2] = a
-    return big[..., 0:2 * a.shape[-1]:2]
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -54,7 +42,7 @@ def test_fast_engines_equal_the_definition(monkeypatch, seed):
         v = (rng.random(shape) * (100 if rng.random() < 0.3 else 1)).astype(dtype)
         info = dict(args, shape=shape, dtype=dtype.__name__, engine=engine, workers=workers)
         ref = nl_means_naive(v.astype(np.float64), **args)
-        vl = _layout(rng, v)
+        vl = random_layout(rng, v)
         out = nl_means_fast(vl, workers=workers, engine=engine, **args)
         assert np.array_equal(vl, v), f"the input was written to: {info}"
         assert out.dtype == dtype and out.shape == v.shape, info

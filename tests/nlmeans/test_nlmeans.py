@@ -446,37 +446,6 @@ def test_mixed_libraries_are_rejected_in_metrics():
         nlref.psnr(np.zeros(3), B.asarray(np.zeros(3), xp=xs))
 
 
-def test_memory_limit_is_checked_before_work(monkeypatch):
-    """Above the memory available: the error, and neither the working copy nor the offset loop started; within it,
-    both run."""
-    class Reached(Exception):
-        pass
-
-    work = []
-    real_to_working = api.to_working
-
-    def to_working(*args, **kwargs):
-        work.append("working copy")
-        return real_to_working(*args, **kwargs)
-
-    def offset_loop(*args, **kwargs):
-        work.append("offset loop")
-        raise Reached
-
-    monkeypatch.setattr(api, "to_working", to_working)
-    monkeypatch.setattr(api, "nl_means_fast", offset_loop)
-    image = np.zeros((512, 512), dtype=np.float32)
-    monkeypatch.setattr(api, "available_memory", lambda: 2**20)
-    with pytest.raises(ValueError, match=r"needs about .* MiB of working memory here .* more than the 1\.0 MiB "
-                                         r"available on this machine"):
-        nlref.nl_means(image, h=0.1)
-    assert work == []
-    monkeypatch.setattr(api, "available_memory", lambda: 2**40)
-    with pytest.raises(Reached):
-        nlref.nl_means(image, h=0.1)
-    assert work == ["working copy", "offset loop"]
-
-
 def test_naive_refuses_large_inputs():
     with pytest.raises(ValueError, match="method='naive' would make .* patch comparisons"):
         nlref.nl_means(np.zeros((512, 512), dtype=np.float32), h=0.1, method="naive")

@@ -8,6 +8,11 @@ are refused before any work.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -85,3 +90,23 @@ def test_the_memory_check_counts_float64_for_wide_integers(monkeypatch):
     seen = []
     api.check_limits(image, p, workers=1)
     assert seen == [8]
+
+
+def test_a_bfloat16_tensor_runs_where_numpy_does_not_know_bfloat16():
+    """PyTorch's bfloat16 has no NumPy dtype unless ml_dtypes (brought by Keras or JAX) registered one: the
+    working dtype and the memory check's sizes read ``np.dtype('bfloat16')`` and raised "data type 'bfloat16' not
+    understood" in a process that had not imported it (the suite passed only where an earlier test had). A fresh
+    process, so that nothing else registered it."""
+    pytest.importorskip("torch")
+    code = (
+        "import sys, torch, nlref\n"
+        "x = torch.linspace(0, 1, 24 * 24).reshape(24, 24).to(torch.bfloat16)\n"
+        "assert 'ml_dtypes' not in sys.modules, 'ml_dtypes is loaded: the test would not test it'\n"
+        "y = nlref.nl_means(x, h=0.1)\n"
+        "w = nlref.nl_means_weights(x, (5, 5), h=0.1)\n"
+        "print(y.dtype, w.dtype, tuple(y.shape))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["torch.bfloat16", "torch.float32", "(24,", "24)"]

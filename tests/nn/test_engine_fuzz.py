@@ -29,6 +29,7 @@ from nlref.nn.engine import NonLocalWorkspace
 from nlref.nn.engine import conv as conv_engine
 from nlref.nn.engine import nonlocal_op as engine_op
 from nlref.nn.nonlocal_op import nonlocal_backward, nonlocal_forward
+from tests.helpers import random_layout
 
 pytest.importorskip("numba", reason="the fuzzer compares the NumPy engine with the Numba one")
 fused = pytest.importorskip("nlref.nn.engine.fused_numba")
@@ -47,20 +48,6 @@ def knobs(monkeypatch):
         monkeypatch.setattr(engine_op, "FACTORED_MODES", ("dot_product", "concatenation") if factored else ())
         monkeypatch.setattr(fused, "MIN_VALUES_PER_THREAD", 1 if split else 2**20)
     return set_
-
-
-def _layout(rng, a):
-    """The values of ``a`` in a random storage order: C, negative strides, Fortran, a strided slice."""
-    k = int(rng.integers(4))
-    if k == 0:
-        return a.copy()
-    if k == 1:
-        return np.ascontiguousarray(a[..., ::-1])[..., ::-1]
-    if k == 2:
-        return np.asfortranarray(a)
-    big = np.zeros(a.shape[:-1] + (2 * a.shape[-1] + 1,), a.dtype)
-    big[..., 0:2 * a.shape[-1]:2] = a
-    return big[..., 0:2 * a.shape[-1]:2]
 
 
 def _close(a, b, dtype, what, *, floor=0.0, same=None, tol=TOL):
@@ -101,7 +88,7 @@ def _op_case(rng, workspace, knobs):
     ys, cs = nonlocal_forward(theta, phi, g, mode=mode, scale=scale, w_f=w_f)
     gs = nonlocal_backward(dy, cs)
     knobs(engine, factored, split)
-    ins = [None if a is None else _layout(rng, a) for a in (theta, phi, g, w_f, dy)]
+    ins = [None if a is None else random_layout(rng, a) for a in (theta, phi, g, w_f, dy)]
     copies = [None if a is None else a.copy() for a in ins]
     ws = workspace if rng.random() < 0.8 else None
     y, cache = nonlocal_forward(*ins[:3], mode=mode, scale=scale, w_f=ins[3], chunk_size=chunk, workspace=ws)
@@ -195,7 +182,7 @@ def _block_calls(rng, knobs):
                 block.forward(x)
             continue
         knobs(engine, factored, split)
-        xl, dzl = _layout(rng, x), _layout(rng, dz)
+        xl, dzl = random_layout(rng, x), random_layout(rng, dz)
         z = block.forward(xl, return_attention=attention)
         dx = block.backward(dzl)
         with pytest.raises(RuntimeError):
@@ -238,8 +225,8 @@ def _maxpool_case(rng, dtype):
     x = rng.standard_normal(shape)
     if rng.random() < 0.3:
         x = np.round(x)  # ties
-    x = _layout(rng, x.astype(dtype))
-    dout = _layout(rng, rng.standard_normal(shape[:2] + tuple(n // k for n, k in zip(spatial, kernel))).astype(dtype))
+    x = random_layout(rng, x.astype(dtype))
+    dout = random_layout(rng, rng.standard_normal(shape[:2] + tuple(n // k for n, k in zip(spatial, kernel))).astype(dtype))
 
     def step():
         out, cache = F.maxpool_forward(x, kernel)
@@ -249,8 +236,8 @@ def _maxpool_case(rng, dtype):
 
 def _softmax_case(rng, dtype):
     shape = tuple(int(n) for n in rng.integers(1, 7, size=int(rng.integers(1, 4))))
-    s = _layout(rng, (3 * rng.standard_normal(shape)).astype(dtype))
-    dp = _layout(rng, rng.standard_normal(shape).astype(dtype))
+    s = random_layout(rng, (3 * rng.standard_normal(shape)).astype(dtype))
+    dp = random_layout(rng, rng.standard_normal(shape).astype(dtype))
 
     def step():
         p, cache = F.softmax_forward(s)
@@ -261,13 +248,13 @@ def _softmax_case(rng, dtype):
 def _batchnorm_case(rng, dtype, monkeypatch):
     nd = int(rng.integers(0, 4))
     shape = (int(rng.integers(2, 4)), int(rng.integers(1, 5))) + tuple(int(n) for n in rng.integers(1, 5, size=nd))
-    x = _layout(rng, (rng.standard_normal(shape) + rng.standard_normal((1, shape[1]) + (1,) * nd)).astype(dtype))
+    x = random_layout(rng, (rng.standard_normal(shape) + rng.standard_normal((1, shape[1]) + (1,) * nd)).astype(dtype))
     monkeypatch.setattr(fused, "BN_CHANNELS_LAST", bool(rng.random() < 0.5))
     c = shape[1]
     gamma, beta, mean = (rng.standard_normal(c).astype(dtype) for _ in range(3))
     var = (rng.random(c) + 0.5).astype(dtype)
     training = bool(rng.random() < 0.7)
-    dout = _layout(rng, rng.standard_normal(shape).astype(dtype))
+    dout = random_layout(rng, rng.standard_normal(shape).astype(dtype))
 
     def step():
         state = {"running_mean": mean.copy(), "running_var": var.copy()}
@@ -314,14 +301,14 @@ def test_conv_engine_equals_conv3d_reference(monkeypatch, seed):
         stride = tuple(int(s) for s in rng.integers(1, 3, size=3)) if rng.random() < 0.5 else (1, 1, 1)
         padding = tuple(int(p) for p in rng.integers(0, 2, size=3)) if rng.random() < 0.5 else (0, 0, 0)
         spatial = tuple(k + int(rng.integers(0, 5)) for k in kernel)
-        x = _layout(rng, rng.standard_normal((b, c) + spatial).astype(dtype))
-        w = _layout(rng, rng.standard_normal((o, c) + kernel).astype(dtype))
+        x = random_layout(rng, rng.standard_normal((b, c) + spatial).astype(dtype))
+        w = random_layout(rng, rng.standard_normal((o, c) + kernel).astype(dtype))
         bias = rng.standard_normal(o).astype(dtype) if rng.random() < 0.5 else None
         for name, values in (("CONV_CHUNK_BYTES", [2 << 20, 64]), ("CONV_KEEP_BYTES", [64 << 20, 0]),
                              ("CONV_PAIR_CHANNELS", [16, 0]), ("DENSE_MAX_RATIO", [1, 0, 100])):
             monkeypatch.setattr(conv_engine, name, values[rng.integers(len(values))])
         out_spatial = tuple((n + 2 * p - k) // s + 1 for n, k, s, p in zip(spatial, kernel, stride, padding))
-        dout = _layout(rng, rng.standard_normal((b, o) + out_spatial).astype(dtype))
+        dout = random_layout(rng, rng.standard_normal((b, o) + out_spatial).astype(dtype))
         copies = [x.copy(), w.copy(), dout.copy()]
         ref, ref_cache = F.conv3d_reference(x, w, bias, stride=stride, padding=padding)
         ref_grads = F.conv3d_reference_backward(dout, ref_cache)
