@@ -174,6 +174,14 @@ def _plain_batch_norms(module, dims):
     return module
 
 
+def _peer_copy(module, x):
+    """The copy of ``module`` that is compared: float64, a SyncBatchNorm as the batch norm it is on one
+    process, in ``module``'s mode, and every parameter requiring a gradient (a frozen one would have none
+    to compare); ``module`` itself is left as it is."""
+    peer = _plain_batch_norms(copy.deepcopy(module).double(), _ndim(x) - 2)
+    return peer.train(module.training).requires_grad_(True)
+
+
 def _norm(module, layout):
     """The module's norm after W_z in ``layout`` (None without one); an error naming it unless it is a batch norm."""
     import torch.nn as nn
@@ -524,9 +532,7 @@ def _compare_block(module, x, layout, *, dz, seed, weights, rtol, atol, verbose,
     # DataParallel and DistributedDataParallel run their .module (on the host: that module itself)
     while isinstance(module, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
         module = module.module
-    peer = _plain_batch_norms(copy.deepcopy(module).double(), _ndim(x) - 2)
-    peer.train(module.training)
-    peer.requires_grad_(True)  # frozen parameters (requires_grad=False) would have no gradient to compare
+    peer = _peer_copy(module, x)
     state = peer.state_dict()
     if layout is None:
         layout = layouts.layout_of_keys(state)
@@ -565,8 +571,7 @@ def _compare_block(module, x, layout, *, dz, seed, weights, rtol, atol, verbose,
     if weights == "auto" and own_zeros:
         exact = all(r[3] for r in rows if r[0] in own_zeros)
         what = "all zero" if exact else "zero (all zero, or zero up to rounding)"
-        peer = _plain_batch_norms(copy.deepcopy(module).double(), _ndim(x) - 2).train(module.training)
-        peer = randomize_module(peer.requires_grad_(True), seed)
+        peer = randomize_module(_peer_copy(module, x), seed)
         block, rows, magnitudes, expected, peer_error = _run(peer, layout, opts, host_x, dz)
         weights_note = (f"a copy with random weights (randomize_module, seed={seed}): with the module's own, "
                         f"{len(own_zeros)} of {len(rows)} compared quantities were {what}, as in a module as built "
